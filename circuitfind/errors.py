@@ -1,0 +1,40 @@
+"""The circuitfind exception tree.
+
+Every error circuitfind raises on purpose derives from :class:`CircuitFindError`, with dual
+inheritance from the matching built-in exception so that ``except ValueError`` keeps working
+(the convention optuna and networkx follow). Messages say what was wrong, the value received
+and how to fix it; the CLI prints them without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CircuitFindError(Exception):
+    """Base class of every error circuitfind raises deliberately."""
+
+
+class ConfigError(CircuitFindError, ValueError):
+    """A parameter or argument has an invalid value."""
+
+
+class UnknownNameError(CircuitFindError, KeyError):
+    """A registry lookup (task, algorithm, zoo model, node, edge) failed."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskDataError(CircuitFindError, ValueError):
+    """A task's data do not fit the tokenizer or are inconsistent (lengths, answers)."""
+
+
+class ModelLoadError(CircuitFindError, OSError):
+    """A model could not be loaded (not found, offline, not a causal LM)."""
+
+
+class HookError(CircuitFindError, RuntimeError):
+    """The model lacks a hook the engine needs, or a hook failed while running."""
+
+
+class OutputExistsError(CircuitFindError, FileExistsError):
+    """An output directory already holds a run and overwriting was not asked for."""

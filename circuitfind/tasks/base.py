@@ -1,0 +1,199 @@
+"""Task protocol, the tokenized data it builds (:class:`TaskData`) and the task registry.
+
+A task turns a tokenizer, a size ``n`` and a ``seed`` into a deterministic batch of clean and
+corrupted prompts plus everything a metric needs. A task never loads a model.
+
+Conventions (all tasks):
+
+- Token tensors are ``[N, T]`` int64, **right-padded** with ``pad_id``. Because every model
+  here is causal, right padding never changes the logits at real positions, so no attention
+  mask has to be passed to the model; ``attention_mask`` is kept for reference and for users.
+- Clean and corrupted prompts of one example have the same number of tokens (so that sender
+  activations can be swapped position by position); :meth:`TaskData.validate` checks it.
+- ``positions`` ``[N, P]`` are the token positions whose next-token logits the metric reads
+  (``P = 1`` for single-answer tasks such as IOI). The engine gathers logits there, so metrics
+  receive ``[N, P, V]`` logits, not the full sequence.
+- ``answers`` ``[N, A]`` and ``wrong_answers`` ``[N, W]`` are token ids; their meaning is the
+  task's (for IOI: column 0 is the indirect object, the wrong answer the subject).
+- A metric returns one value per example ``[N]``; ``Task.higher_is_better`` says which way is
+  better; circuitfind averages over examples.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from circuitfind.errors import TaskDataError
+from circuitfind.registry import Registry
+
+
+@dataclass(frozen=True, eq=False)
+class TaskData:
+    """A tokenized batch of clean/corrupted prompt pairs for one task.
+
+    Attributes:
+        task: The task that built the data (its ``metric`` is used by :meth:`metric`).
+        clean: Clean token ids, ``[N, T]`` int64, right-padded.
+        corrupted: Corrupted token ids, ``[N, T]`` int64, aligned with ``clean``.
+        positions: Metric positions, ``[N, P]`` int64 (the logits at ``positions[n, p]``
+            predict the token after it).
+        answers: Correct answer token ids, ``[N, A]`` int64.
+        wrong_answers: Wrong/counterfactual answer token ids, ``[N, W]`` int64.
+        attention_mask: ``[N, T]`` int64, 1 for real tokens and 0 for padding.
+        clean_prompts: The clean prompt strings (without BOS), length N.
+        corrupted_prompts: The corrupted prompt strings, length N.
+        seed: The seed the data were built with.
+        info: Free-form, JSON-serialisable details (template ids, names used ...).
+    """
+
+    task: Task
+    clean: Tensor
+    corrupted: Tensor
+    positions: Tensor
+    answers: Tensor
+    wrong_answers: Tensor
+    attention_mask: Tensor
+    clean_prompts: list[str]
+    corrupted_prompts: list[str]
+    seed: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def n(self) -> int:
+        """Number of examples N."""
+        return int(self.clean.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        """Padded sequence length T."""
+        return int(self.clean.shape[1])
+
+    def validate(self) -> None:
+        """Check shapes, dtypes and alignment.
+
+        Raises:
+            TaskDataError: shapes disagree, tokens are not int64, clean and corrupted examples
+                have different lengths, or a metric position is outside the real tokens.
+        """
+        name = getattr(self.task, "name", "?")
+        if self.clean.ndim != 2 or self.clean.dtype != torch.long:
+            raise TaskDataError(f"Task {name!r}: clean tokens must be an int64 [N, T] tensor; "
+                                f"got {self.clean.dtype} of shape {tuple(self.clean.shape)}.")
+        if self.corrupted.shape != self.clean.shape:
+            raise TaskDataError(
+                f"Task {name!r}: clean and corrupted tokens must have the same shape; got "
+                f"{tuple(self.clean.shape)} and {tuple(self.corrupted.shape)}. Corrupted prompts "
+                "must tokenize to as many tokens as their clean prompt.")
+        n, t = self.clean.shape
+        if n == 0:
+            raise TaskDataError(f"Task {name!r}: the data set is empty (N = 0).")
+        for label, tensor in (("positions", self.positions), ("answers", self.answers),
+                              ("wrong_answers", self.wrong_answers)):
+            if tensor.ndim != 2 or tensor.shape[0] != n or tensor.dtype != torch.long:
+                raise TaskDataError(f"Task {name!r}: {label} must be an int64 [N, k] tensor with "
+                                    f"N = {n}; got {tensor.dtype} of shape {tuple(tensor.shape)}.")
+        if self.attention_mask.shape != self.clean.shape:
+            raise TaskDataError(f"Task {name!r}: attention_mask must have shape {(n, t)}.")
+        lengths = self.attention_mask.sum(1)
+        if len(self.clean_prompts) != n or len(self.corrupted_prompts) != n:
+            raise TaskDataError(f"Task {name!r}: expected {n} clean and corrupted prompt strings.")
+        if (self.positions < 0).any() or (self.positions >= lengths[:, None]).any():
+            raise TaskDataError(f"Task {name!r}: a metric position lies outside its prompt's "
+                                "real (unpadded) tokens.")
+
+    def metric(self, logits: Tensor) -> Tensor:
+        """The task metric per example.
+
+        Args:
+            logits: ``[N, P, V]`` logits gathered at ``positions`` (or ``[K, N, P, V]``).
+
+        Returns:
+            ``[N]`` (or ``[K, N]``) metric values, in the task's unit (see ``task.metric_unit``).
+        """
+        return self.task.metric(logits, self)
+
+    def to(self, device: torch.device | str) -> TaskData:
+        """A copy with every tensor moved to ``device``."""
+        kwargs = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        for key in ("clean", "corrupted", "positions", "answers", "wrong_answers", "attention_mask"):
+            kwargs[key] = kwargs[key].to(device)
+        return TaskData(**kwargs)
+
+    def subset(self, index: slice | Tensor | list[int]) -> TaskData:
+        """A TaskData restricted to the examples ``index`` selects (prompts included)."""
+        idx = torch.arange(self.n)[index] if isinstance(index, slice) else torch.as_tensor(index)
+        kwargs = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        for key in ("clean", "corrupted", "positions", "answers", "wrong_answers", "attention_mask"):
+            kwargs[key] = kwargs[key][idx.to(kwargs[key].device)]
+        kwargs["clean_prompts"] = [self.clean_prompts[i] for i in idx.tolist()]
+        kwargs["corrupted_prompts"] = [self.corrupted_prompts[i] for i in idx.tolist()]
+        return TaskData(**kwargs)
+
+
+class Task(ABC):
+    """A circuit-discovery task: builds :class:`TaskData` and defines the metric.
+
+    Subclasses set the class attributes and implement :meth:`build` and :meth:`metric`, then
+    register themselves with ``@TASKS.register("name")``.
+
+    Attributes:
+        name: Registry key (an identifier).
+        description: One line shown by ``circuitfind tasks``.
+        metric_name: Field term for the metric ("logit difference", "probability difference").
+        metric_unit: "logits", "probability" or "nats".
+        higher_is_better: Direction of the metric.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    metric_name: ClassVar[str] = ""
+    metric_unit: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def build(self, tokenizer: Any, n: int, seed: int = 0) -> TaskData:
+        """Build ``n`` clean/corrupted examples deterministically from ``seed``.
+
+        Args:
+            tokenizer: A Hugging Face tokenizer (``PreTrainedTokenizerBase``).
+            n: Number of examples, >= 1.
+            seed: Seed of the example sampler.
+
+        Raises:
+            ConfigError: ``n`` < 1 or more examples than the task can make.
+            TaskDataError: the tokenizer does not make the task's words single tokens, or
+                clean and corrupted prompts tokenize to different lengths.
+        """
+
+    @abstractmethod
+    def metric(self, logits: Tensor, data: TaskData) -> Tensor:
+        """Per-example metric from logits ``[..., N, P, V]`` gathered at ``data.positions``.
+
+        Returns:
+            ``[..., N]`` values in ``metric_unit``.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+TASKS: Registry[type[Task]] = Registry("task", entry_point_group="circuitfind.tasks")
+
+
+def get_task(name: str | Task) -> Task:
+    """Return an instance of the registered task ``name`` (dashes accepted), or ``name`` itself.
+
+    Raises:
+        UnknownNameError: no such task; the message lists the registered tasks.
+    """
+    if isinstance(name, Task):
+        return name
+    return TASKS.get(name)()

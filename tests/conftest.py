@@ -1,0 +1,50 @@
+"""Shared test fixtures.
+
+``shared_path(*parts)`` is the one place tests find ``../shared`` (the models and tokenizers that
+sit beside the checkout). Without it the test is skipped with a clear reason, except under CI
+(``CI=true``), where a missing ``../shared`` is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("CIRCUITFIND_SHARED", REPO.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ``../shared``; skip (or fail under CI) when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = (f"{path} not found: the acceptance data live in ../shared beside the checkout "
+                   "(set CIRCUITFIND_SHARED to point elsewhere).")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer from ../shared/tokenizers/gpt2."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "gpt2")))
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """../shared/models/stories260k (a real pretrained Llama-architecture model)."""
+    return shared_path("models", "stories260k")
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories_dir):
+    """stories260k's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(stories_dir))
