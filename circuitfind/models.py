@@ -1,0 +1,148 @@
+"""Loading models as transformer-lens 4.x ``TransformerBridge`` objects with the hooks we need.
+
+circuitfind patches edges between *senders* (the embedding, each attention head's output, each
+MLP's output) and *receivers* (each head's q/k/v input, each MLP's input, the final residual).
+That needs three transformer-lens switches: ``use_split_qkv_input`` (a separate residual copy per
+head and per q/k/v), ``use_attn_result`` (per-head outputs) and ``use_hook_mlp_in``.
+:func:`load_model` boots the model through ``TransformerBridge.boot_transformers`` and turns
+them on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from circuitfind.errors import ConfigError, ModelLoadError
+
+ZOO_PREFIX = "zoo:"
+
+
+def _is_bridge(obj: Any) -> bool:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # pragma: no cover - transformer-lens is a hard dependency
+        return False
+    return isinstance(obj, TransformerBridge)
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+             "fp64": torch.float64, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ConfigError(f"Unknown dtype {dtype!r}; use one of {', '.join(sorted(table))}.")
+    return table[dtype]
+
+
+def enable_patching_hooks(model: Any) -> Any:
+    """Switch on split q/k/v inputs, per-head results and MLP-input hooks on a bridge.
+
+    Args:
+        model: A ``TransformerBridge``.
+
+    Returns:
+        The same model (modified in place).
+
+    Raises:
+        HookError: the bridge cannot expose one of those hooks for this architecture.
+    """
+    from circuitfind.errors import HookError
+
+    for setter in ("set_use_split_qkv_input", "set_use_attn_result", "set_use_hook_mlp_in"):
+        fn = getattr(model, setter, None)
+        if fn is None:
+            raise HookError(f"This model object has no {setter}(); circuitfind needs a "
+                            "transformer-lens 4.x TransformerBridge (use circuitfind.load_model).")
+        try:
+            fn(True)
+        except Exception as err:
+            raise HookError(f"{setter}(True) failed on this {type(model).__name__} "
+                            f"({getattr(model.cfg, 'architecture', '?')}): {err}. The engine "
+                            "needs split q/k/v inputs, per-head results and MLP-input hooks."
+                            ) from err
+    return model
+
+
+def load_model(name_or_path: Any, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None) -> Any:
+    """Load a causal LM as a ``TransformerBridge`` ready for edge patching.
+
+    Args:
+        name_or_path: A Hugging Face hub name (``"gpt2"``; needs internet or the HF cache), a
+            local Hugging Face model directory (``config.json`` + weights + tokenizer), a zoo
+            organism (``"zoo:induction-2l"``, see :mod:`circuitfind.zoo`) or an existing
+            ``TransformerBridge`` (its hook switches are turned on and it is returned).
+        device: Torch device (default: CUDA if available, else CPU).
+        dtype: Parameter dtype (default float32); a ``torch.dtype`` or a name like "float64".
+
+    Returns:
+        A ``transformer_lens.model_bridge.TransformerBridge`` in eval mode with
+        ``use_split_qkv_input``, ``use_attn_result`` and ``use_hook_mlp_in`` on.
+
+    Raises:
+        ModelLoadError: the path is not a model directory, the name is not on the hub, or the
+            hub cannot be reached and no local copy exists (the message says how to pass a
+            local directory).
+        HookError: the architecture does not expose the hooks circuitfind needs.
+    """
+    if _is_bridge(name_or_path):
+        model = enable_patching_hooks(name_or_path)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=_parse_dtype(dtype) if dtype is not None else None)
+        return model
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ConfigError(f"load_model expects a model name, a directory or a TransformerBridge; "
+                          f"got {type(name_or_path).__name__}.")
+    name = str(name_or_path)
+    if name.startswith(ZOO_PREFIX):
+        from circuitfind.zoo import zoo_model_dir  # lazy: zoo is optional data
+
+        name = str(zoo_model_dir(name[len(ZOO_PREFIX):]))
+    torch_dtype = _parse_dtype(dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") \
+        and not _looks_like_hub_id(name)
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"{name!r} is not a directory. Pass a Hugging Face model "
+                                 "directory (with config.json, weights and tokenizer files) or a "
+                                 "hub name such as 'gpt2'.")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{str(path)!r} is not a Hugging Face model directory: it has no "
+                                 "config.json. Save one with model.save_pretrained(dir) and "
+                                 "tokenizer.save_pretrained(dir).")
+        name = str(path.resolve())
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype)
+    except Exception as err:  # translate the many hub / IO failures into one message
+        raise ModelLoadError(_load_failure_message(name, looks_local, err)) from err
+    model.eval()
+    return enable_patching_hooks(model)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def _load_failure_message(name: str, local: bool, err: Exception) -> str:
+    text = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    if local:
+        return (f"Could not load the model in {name!r} ({text}). The directory must hold a "
+                "Hugging Face causal LM (config.json, model weights) and its tokenizer files.")
+    return (f"Could not load the model {name!r} from the Hugging Face hub or its local cache "
+            f"({text}). If this machine is offline, download the model elsewhere "
+            f"(`huggingface-cli download {name} --local-dir DIR`) and pass that directory, "
+            "e.g. `--model DIR` or `cf.load_model('DIR')`.")
