@@ -117,8 +117,8 @@ class Induction(Task):
                              for _ in range(n)])
         a, b = pool[picks[:, :h]], pool[picks[:, h:]]  # [N, h] each, disjoint per row
         bos = bos_id(tokenizer)
-        prefix = torch.full((n, 1 if bos is not None else 0), bos if bos is not None else 0,
-                            dtype=torch.long)
+        prefix = (torch.full((n, 1), bos, dtype=torch.long) if bos is not None
+                  else torch.zeros((n, 0), dtype=torch.long))
         clean = torch.cat([prefix, a, a], dim=1)
         corrupted = torch.cat([prefix, b, a], dim=1)
         o = prefix.shape[1]

@@ -329,6 +329,20 @@ def test_induction_layout(which, stories_tokenizer, gpt2_tokenizer, char_tokeniz
         assert torch.equal(data.clean[:, data.positions[0, p] - h + 1], data.answers[:, p])
 
 
+def test_induction_without_bos():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(string.ascii_letters)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])))
+    assert tok.bos_token_id is None
+    data = Induction(half_len=4).build(tok, 5, seed=0)
+    assert data.clean.shape == (5, 8)
+    assert torch.equal(data.clean[:, :4], data.clean[:, 4:])
+    assert torch.equal(data.positions[0], torch.tensor([4, 5, 6]))
+    assert torch.equal(data.clean.gather(1, data.positions + 1), data.answers)
+
+
 def test_induction_token_pool_excludes_special_and_byte_tokens(stories_tokenizer, gpt2_tokenizer):
     for tok in (stories_tokenizer, gpt2_tokenizer):
         pool = token_pool(tok).tolist()
