@@ -1,5 +1,8 @@
 """Computational graphs and circuits."""
 
+from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold, select_top_n
 from circuitfind.graphs.graph import ComputeGraph, Node, Receiver
+from circuitfind.graphs.render import render
 
-__all__ = ["ComputeGraph", "Node", "Receiver"]
+__all__ = ["Circuit", "ComputeGraph", "Node", "Receiver", "prune_dangling", "render",
+           "select_threshold", "select_top_n"]
