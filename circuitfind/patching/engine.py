@@ -1,0 +1,417 @@
+"""The batched edge-patching engine: the only code that installs hooks on a model.
+
+Method. A receiver's input is the sum of its upstream senders' outputs (plus constant biases).
+With sender outputs ``a_u`` in the current run, ``a'_u`` in the corrupted run and a keep-mask
+``M[u, r]`` (1 = the edge carries the current value, 0 = it carries the corrupted value), the
+patched receiver input is
+
+    x_r = x_r(current run) - sum_u (1 - M[u, r]) * (a_u(current run) - a'_u)        (1)
+
+evaluated with one batched matmul per receiver group (q, k, v inputs of a layer, an MLP input,
+the final residual) over a buffer of sender-output differences ``[K, S, N, T, d_model]``. K masks
+are evaluated in one forward pass by stacking K copies of the clean batch; masks may be
+fractional (0 < M < 1 interpolates, which is what derivatives with respect to an edge need).
+
+Edge attribution patching (EAP; Syed, Rager & Conmy 2023, "Attribution Patching Outperforms
+Automated Circuit Discovery", eq. 2) is the first-order Taylor estimate of the metric change when
+an edge is corrupted:
+
+    score(u -> r) = sum_{batch, pos} (a'_u - a_u) . d metric / d x_r   (clean run)          (2)
+
+computed from one corrupted forward pass (caching ``a'``) and one clean forward + backward pass,
+accumulating (2) inside backward hooks with one matmul per receiver group. By (1),
+``score(e) = -d metric / d M_e`` at ``M = 1``, which the tests check by finite differences.
+
+Cost. ``evaluate`` on K masks costs one forward pass of K x N rows plus, per receiver group, a
+``[R', U] x [U, N*T*d]`` matmul; ``edge_attribution`` costs one corrupted forward, one clean
+forward and one backward plus one ``[U, N*T*d] x [N*T*d, R']`` matmul per receiver group.
+
+The metric is the batch mean of the task's per-example metric (so scores are in the task's
+unit, e.g. logits for a logit difference). Work is split into chunks of examples and masks to
+stay within ``memory_budget`` bytes; results do not depend on the split.
+
+Not implemented yet: resuming a forward pass from the first layer a mask changes (ACDC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitfind.errors import CircuitFindError, ConfigError, HookError
+from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.patching.hooks import HookTable
+from circuitfind.tasks.base import TaskData
+
+HookFn = Callable[[Tensor, Any], Tensor | None]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A contiguous block of receivers read through one hook, all with the same upstream."""
+
+    hook: str
+    start: int  # first receiver index
+    stop: int
+    n_up: int  # number of upstream senders
+    per_head: bool  # hook tensor has a head axis [batch, pos, heads, d]
+
+
+class PatchingEngine:
+    """Masked and batched forward passes and edge attributions over a ComputeGraph.
+
+    Args:
+        model: A ``TransformerBridge`` from :func:`circuitfind.load_model` (split q/k/v inputs,
+            per-head results and MLP-input hooks on).
+        graph: The model's graph (default: ``ComputeGraph.from_model(model)``).
+        memory_budget: Bytes the engine may use for one pass's activations (sizes the chunks
+            of examples and masks; default 2 GiB).
+
+    Raises:
+        HookError: the model lacks a hook the engine needs.
+        ConfigError: ``graph`` does not match the model.
+    """
+
+    def __init__(self, model: Any, graph: ComputeGraph | None = None,
+                 memory_budget: int = 2 * 2**30) -> None:
+        self.model = model
+        self.graph = graph if graph is not None else ComputeGraph.from_model(model)
+        self.table = HookTable(self.graph)
+        self.table.check(model)
+        cfg = model.cfg
+        if (cfg.n_layers, cfg.n_heads) != (self.graph.n_layers, self.graph.n_heads):
+            raise ConfigError(f"The graph ({self.graph}) does not match the model "
+                              f"({cfg.n_layers} layers, {cfg.n_heads} heads).")
+        if memory_budget < 2**20:
+            raise ConfigError(f"memory_budget must be at least 1 MiB; got {memory_budget} bytes.")
+        self.memory_budget = int(memory_budget)
+        self.d_model = int(cfg.d_model)
+        self.groups = self._receiver_groups()
+        self._corrupted_memo: tuple[tuple[int, int, tuple[int, ...]], Tensor] | None = None
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the model's parameters."""
+        return next(self.model.parameters()).dtype
+
+    def _receiver_groups(self) -> list[_Group]:
+        g, t = self.graph, self.table
+        up = g.n_upstream.tolist()
+        groups = []
+        for layer in range(g.n_layers):
+            for kind, start, size in (("q", g.q_start[layer], g.n_heads),
+                                      ("k", g.k_start[layer], g.n_kv_heads),
+                                      ("v", g.v_start[layer], g.n_kv_heads)):
+                groups.append(_Group(t.qkv_input(layer, kind), start, start + size, up[start], True))
+            r = g.mlp_receiver[layer]
+            if r is not None:
+                groups.append(_Group(t.mlp_in(layer), r, r + 1, up[r], False))
+        r = g.n_receivers - 1
+        groups.append(_Group(t.final, r, r + 1, up[r], False))
+        return groups
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def hooked(self, fwd_hooks: list[tuple[str, HookFn]]) -> Iterator[None]:
+        """Install forward hooks for the duration of the block; always removes them.
+
+        Errors raised inside a hook are re-raised as :class:`HookError` naming the hook.
+        """
+        wrapped = [(name, self._wrap(name, fn)) for name, fn in fwd_hooks]
+        with self.model.hooks(fwd_hooks=wrapped, reset_hooks_end=True):
+            yield
+
+    @staticmethod
+    def _wrap(name: str, fn: HookFn) -> HookFn:
+        def hook(tensor: Tensor, hook: Any) -> Tensor | None:
+            try:
+                return fn(tensor, hook)
+            except CircuitFindError:
+                raise
+            except Exception as err:
+                raise HookError(f"The patching hook at {name!r} failed on a tensor of shape "
+                                f"{tuple(tensor.shape)}: {type(err).__name__}: {err}") from err
+
+        return hook
+
+    def _sender_hooks(self, buf: Tensor, n: int, mode: str,
+                      make_leaf: bool = False) -> list[tuple[str, HookFn]]:
+        """Hooks writing sender outputs into ``buf [G, S, n, T, d]`` (``mode`` "set" or "add").
+
+        With ``make_leaf`` the input hook returns a detached tensor that requires grad, so that
+        a backward pass reaches every receiver without computing parameter gradients.
+        """
+        g, t = self.graph, self.table
+
+        def write(index: slice | int, value: Tensor) -> None:
+            value = value.detach()
+            if mode == "set":
+                buf[:, index] = value
+            else:
+                buf[:, index] += value
+
+        def input_hook(x: Tensor, hook: Any) -> Tensor:
+            write(0, x.view(-1, n, *x.shape[1:]))
+            return x.detach().requires_grad_(True) if make_leaf else x
+
+        hooks: list[tuple[str, HookFn]] = [(t.input, input_hook)]
+        for layer in range(g.n_layers):
+            h0 = g.head_start[layer]
+
+            def head_hook(x: Tensor, hook: Any, h0: int = h0) -> Tensor:
+                heads = x.view(-1, n, *x.shape[1:]).permute(0, 3, 1, 2, 4)  # [G, H, n, T, d]
+                write(slice(h0, h0 + g.n_heads), heads)
+                return x
+
+            hooks.append((t.head_result(layer), head_hook))
+            m = g.mlp_index[layer]
+            if m is not None:
+                def mlp_hook(x: Tensor, hook: Any, m: int = m) -> Tensor:
+                    write(m, x.view(-1, n, *x.shape[1:]))
+                    return x
+
+                hooks.append((t.mlp_out(layer), mlp_hook))
+        return hooks
+
+    # ------------------------------------------------------------------ sender outputs
+    @torch.no_grad()
+    def sender_outputs(self, tokens: Tensor) -> Tensor:
+        """Run the model on ``tokens`` and return every sender's output.
+
+        Args:
+            tokens: ``[N, T]`` int64 token ids.
+
+        Returns:
+            ``[S, N, T, d_model]`` sender outputs in the model's dtype (S = graph.n_senders).
+        """
+        tokens = self._tokens(tokens)
+        n, t = tokens.shape
+        buf = torch.empty(1, self.graph.n_senders, n, t, self.d_model, device=self.device,
+                          dtype=self.dtype)
+        with self.hooked(self._sender_hooks(buf, n, "set")):
+            self.model(tokens)
+        return buf[0]
+
+    def corrupted_outputs(self, data: TaskData) -> Tensor:
+        """``sender_outputs(data.corrupted)``, memoised for the last TaskData seen."""
+        key = (id(data.corrupted), data.corrupted._version, tuple(data.corrupted.shape))
+        if self._corrupted_memo is None or self._corrupted_memo[0] != key:
+            self._corrupted_memo = (key, self.sender_outputs(data.corrupted))
+        return self._corrupted_memo[1]
+
+    def _tokens(self, tokens: Tensor) -> Tensor:
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise ConfigError("Tokens must be an int64 tensor of shape [N, T]; got "
+                              f"{getattr(tokens, 'dtype', type(tokens))} "
+                              f"{tuple(getattr(tokens, 'shape', ()))}.")
+        vocab = int(self.model.cfg.d_vocab)
+        if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+            raise ConfigError(f"Token ids must lie in [0, {vocab}) for this model; got ids up to "
+                              f"{int(tokens.max())}. Was the data built with this model's "
+                              "tokenizer?")
+        return tokens.to(self.device)
+
+    # ------------------------------------------------------------------ masks
+    def _masks(self, masks: Tensor) -> Tensor:
+        s, r = self.graph.n_senders, self.graph.n_receivers
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.ndim != 3 or tuple(masks.shape[1:]) != (s, r):
+            raise ConfigError(f"Masks must have shape [S, R] or [K, S, R] with S={s}, R={r} "
+                              f"(graph senders x receivers); got {tuple(masks.shape)}.")
+        return masks.to(device=self.device, dtype=self.dtype)
+
+    def _receiver_hooks(self, buf: Tensor, removed: Tensor, n: int) -> list[tuple[str, HookFn]]:
+        """Hooks applying eq. (1) with ``removed = 1 - M`` ``[G, S, R]`` and ``buf = a - a'``."""
+        hooks: list[tuple[str, HookFn]] = []
+        groups_g = buf.shape[0]
+        for grp in self.groups:
+            w = removed[:, : grp.n_up, grp.start: grp.stop]  # [G, U, R']
+            if not bool(w.any()):
+                continue  # every edge into this group is kept: nothing to patch
+
+            def hook(x: Tensor, hook: Any, grp: _Group = grp, w: Tensor = w) -> Tensor:
+                t = x.shape[1]
+                diff = buf[:, : grp.n_up].reshape(groups_g, grp.n_up, -1)  # [G, U, n*T*d]
+                delta = torch.bmm(w.transpose(1, 2), diff)  # [G, R', n*T*d]
+                width = grp.stop - grp.start
+                delta = delta.view(groups_g, width, n, t, -1).permute(0, 2, 3, 1, 4)
+                delta = delta.reshape(groups_g * n, t, width, -1)
+                return x - (delta if grp.per_head else delta[:, :, 0])
+
+            hooks.append((grp.hook, hook))
+        return hooks
+
+    # ------------------------------------------------------------------ chunking
+    def _rows_per_pass(self, seq_len: int) -> int:
+        cfg = self.model.cfg
+        per_token = (self.graph.n_senders * self.d_model + int(cfg.d_vocab)
+                     + 12 * int(cfg.n_heads) * self.d_model + 4 * int(getattr(cfg, "d_mlp", 0) or 0))
+        row = max(1, seq_len * per_token * torch.finfo(self.dtype).bits // 8)
+        return max(1, self.memory_budget // row)
+
+    def _chunks(self, n_masks: int, n_examples: int, seq_len: int,
+                batch_size: int | None) -> Iterator[tuple[slice, slice]]:
+        rows = self._rows_per_pass(seq_len)
+        n = min(n_examples, batch_size or n_examples, rows)
+        k = max(1, min(n_masks, rows // n))
+        for e0 in range(0, n_examples, n):
+            for k0 in range(0, n_masks, k):
+                yield slice(k0, min(n_masks, k0 + k)), slice(e0, min(n_examples, e0 + n))
+
+    # ------------------------------------------------------------------ masked runs
+    def run(self, data: TaskData, masks: Tensor, batch_size: int | None = None) -> Tensor:
+        """Logits of the circuits ``masks`` at the metric positions.
+
+        Args:
+            data: Task data (clean input; corrupted sender outputs are cached).
+            masks: ``[S, R]`` or ``[K, S, R]`` keep-masks in [0, 1] (1 = edge kept; entries off
+                real edges are ignored).
+            batch_size: Examples per forward pass (default: as many as ``memory_budget`` allows).
+
+        Returns:
+            ``[K, N, P, V]`` logits gathered at ``data.positions`` (model dtype).
+
+        Raises:
+            ConfigError: masks of the wrong shape, or tokens outside the model's vocabulary.
+        """
+        masks = self._masks(masks)
+        out: Tensor | None = None
+        for ks, es, logits in self._iter_runs(data, masks, batch_size):
+            if out is None:
+                out = logits.new_empty(masks.shape[0], data.n, *logits.shape[2:])
+            out[ks, es] = logits
+        assert out is not None
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, data: TaskData, masks: Tensor, batch_size: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> Tensor:
+        """Mean task metric of each circuit.
+
+        Args:
+            data: Task data.
+            masks: ``[S, R]`` or ``[K, S, R]`` keep-masks (see :meth:`run`).
+            batch_size: Examples per forward pass (default: from ``memory_budget``).
+            progress: Called with the number of masks finished after each chunk (for progress
+                bars).
+
+        Returns:
+            ``[K]`` float64 metric means over the N examples, in the task's metric unit.
+        """
+        masks = self._masks(masks)
+        totals = torch.zeros(masks.shape[0], dtype=torch.float64, device=self.device)
+        for ks, es, logits in self._iter_runs(data, masks, batch_size):
+            values = data.task.metric(logits, data.subset(es)
+                                      if (es.start, es.stop) != (0, data.n) else data)
+            totals[ks] += values.double().sum(-1)
+            if progress is not None and es.stop == data.n:
+                progress(ks.stop - ks.start)
+        return (totals / data.n).cpu()
+
+    @torch.no_grad()
+    def _iter_runs(self, data: TaskData, masks: Tensor,
+                   batch_size: int | None) -> Iterator[tuple[slice, slice, Tensor]]:
+        corrupted = self.corrupted_outputs(data)  # [S, N, T, d]
+        clean = self._tokens(data.clean)
+        positions = data.positions.to(self.device)
+        removed = (1 - masks) * self.graph.edge_mask.to(masks)
+        for ks, es in self._chunks(masks.shape[0], data.n, data.seq_len, batch_size):
+            g, n = ks.stop - ks.start, es.stop - es.start
+            buf = (-corrupted[:, es]).unsqueeze(0).repeat(g, 1, 1, 1, 1)  # [G, S, n, T, d]
+            hooks = self._sender_hooks(buf, n, "add") + self._receiver_hooks(buf, removed[ks], n)
+            tokens = clean[es].repeat(g, 1)
+            with self.hooked(hooks):
+                logits = self.model(tokens)
+            logits = logits.view(g, n, *logits.shape[1:])
+            pos = positions[es]  # [n, P]
+            idx = pos[None, :, :, None].expand(g, n, pos.shape[1], logits.shape[-1])
+            yield ks, es, logits.gather(2, idx)
+
+    # ------------------------------------------------------------------ attribution
+    def edge_attribution(self, data: TaskData, batch_size: int | None = None) -> Tensor:
+        """EAP scores of every edge, eq. (2): ``sum (a'_u - a_u) . d metric / d x_r``.
+
+        Args:
+            data: Task data; the metric is ``data.metric`` averaged over the N examples.
+            batch_size: Examples per pass (default: from ``memory_budget``); the result does not
+                depend on it beyond floating-point rounding.
+
+        Returns:
+            ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: the
+            first-order estimate of ``metric(all edges but e) - metric(full model)``.
+
+        References:
+            Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
+            Discovery", eq. 2; Nanda (2023), "Attribution Patching".
+        """
+        g = self.graph
+        scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=self.device)
+        corrupted = self.corrupted_outputs(data)
+        clean = self._tokens(data.clean)
+        rows = self._rows_per_pass(data.seq_len) // 2  # activations are kept for backward
+        n_chunk = max(1, min(data.n, batch_size or data.n, rows))
+        with _frozen_parameters(self.model), torch.enable_grad():
+            for e0 in range(0, data.n, n_chunk):
+                es = slice(e0, min(data.n, e0 + n_chunk))
+                n = es.stop - es.start
+                buf = (-corrupted[:, es]).unsqueeze(0).clone()  # becomes a - a' [1, S, n, T, d]
+                hooks = self._sender_hooks(buf, n, "add", make_leaf=True)
+                hooks += self._gradient_hooks(buf, scores, n)
+                sub = data if n == data.n else data.subset(es)
+                with self.hooked(hooks):
+                    logits = self.model(clean[es])
+                    pos = sub.positions.to(self.device)
+                    idx = pos[:, :, None].expand(n, pos.shape[1], logits.shape[-1])
+                    metric = sub.metric(logits.gather(1, idx)).sum() / data.n
+                    metric.backward()
+        return (scores * g.edge_mask.to(scores.device)).float().cpu()
+
+    def _gradient_hooks(self, buf: Tensor, scores: Tensor, n: int) -> list[tuple[str, HookFn]]:
+        hooks: list[tuple[str, HookFn]] = []
+        for grp in self.groups:
+            def hook(x: Tensor, hook: Any, grp: _Group = grp) -> Tensor:
+                if not x.requires_grad:
+                    raise HookError("No gradient reaches the receivers; is the model frozen "
+                                    "in an unusual way?")
+
+                def accumulate(grad: Tensor) -> None:
+                    width = grp.stop - grp.start
+                    gr = grad if grp.per_head else grad.unsqueeze(2)  # [n, T, R', d]
+                    gr = gr.permute(2, 0, 1, 3).reshape(width, -1)  # [R', n*T*d]
+                    diff = buf[0, : grp.n_up].reshape(grp.n_up, -1)  # [U, n*T*d] = a - a'
+                    scores[: grp.n_up, grp.start: grp.stop] -= (diff @ gr.T).to(scores.dtype)
+
+                # A fresh tensor: the hook may receive the residual stream itself (hook_mlp_in
+                # fires on ln2's input), whose gradient also flows down the skip connection.
+                y = x.view_as(x)
+                y.register_hook(accumulate)
+                return y
+
+            hooks.append((grp.hook, hook))
+        return hooks
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: Any) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on every parameter; restore the flags after."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
