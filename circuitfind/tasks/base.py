@@ -23,13 +23,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from circuitfind.errors import TaskDataError
 from circuitfind.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from circuitfind.graphs.circuit import Circuit
+    from circuitfind.graphs.graph import ComputeGraph
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,6 +184,36 @@ class Task(ABC):
         Returns:
             ``[..., N]`` values in ``metric_unit``.
         """
+
+    def reference_circuit(self, model: str | ComputeGraph) -> Circuit:
+        """The reference circuit of this task on a named model, where the literature has one.
+
+        The default looks the pair (``self.name``, model) up in the registry of
+        :mod:`circuitfind.tasks.references` (built in: ``ioi`` and ``greater_than`` on GPT-2
+        small); a task with its own reference may override this. Nothing is loaded: the
+        circuit is built from the model's ComputeGraph configuration.
+
+        Args:
+            model: A model name (``"gpt2"``, ``"openai-community/gpt2"``, ``"gpt2-small"``) or a
+                ComputeGraph whose ``model_name`` is set.
+
+        Returns:
+            The reference :class:`~circuitfind.graphs.circuit.Circuit` (node classes in
+            ``metadata["node_classes"]`` where the source gives them).
+
+        Raises:
+            NoReferenceError: no reference for this task on ``model`` (a ConfigError listing
+                the models that have one).
+            ConfigError: a graph without ``model_name`` or of another shape than the model's.
+
+        References:
+            Conmy et al. 2023, arXiv:2304.14997 (reference circuits as ground truth for ROC
+            evaluation); the sources of each reference are given in
+            :mod:`circuitfind.tasks.references`.
+        """
+        from circuitfind.tasks.references import reference_circuit
+
+        return reference_circuit(self.name, model)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
