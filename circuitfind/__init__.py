@@ -1,0 +1,23 @@
+"""circuitfind: automated circuit discovery for transformer language models.
+
+>>> import circuitfind as cf
+>>> model = cf.load_model("gpt2")                      # or a local Hugging Face directory
+>>> circuit = cf.discover(model, "ioi", algorithm="eap", n_edges=200)
+>>> circuit.metadata["faithfulness"]["faithfulness"]
+>>> circuit.render("ioi.svg"); circuit.save("ioi.json")
+"""
+
+from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
+from circuitfind.api import build_data, discover, score_edges
+from circuitfind.errors import CircuitFindError
+from circuitfind.evaluation import evaluate, faithfulness_curve
+from circuitfind.graphs import Circuit, ComputeGraph
+from circuitfind.models import load_model
+from circuitfind.patching import PatchingEngine
+from circuitfind.tasks import TASKS, Task, TaskData, get_task
+
+__version__ = "0.1.0"
+
+__all__ = ["ALGORITHMS", "TASKS", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
+           "PatchingEngine", "Task", "TaskData", "build_data", "discover", "evaluate",
+           "faithfulness_curve", "get_algorithm", "get_task", "load_model", "score_edges"]

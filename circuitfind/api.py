@@ -1,0 +1,154 @@
+"""The Python entry points: score every edge, or discover a circuit, in one call.
+
+``discover`` = load the model (if given a name) → build the task's data from the model's
+tokenizer → score edges with an algorithm → select the top-n edges (or those over a threshold)
+→ prune dangling edges → evaluate faithfulness → a :class:`Circuit` with full provenance.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitfind.algorithms.base import Algorithm, get_algorithm
+from circuitfind.errors import ConfigError
+from circuitfind.evaluation.faithfulness import evaluate
+from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold, select_top_n
+from circuitfind.models import load_model
+from circuitfind.patching.engine import PatchingEngine
+from circuitfind.tasks.base import Task, TaskData, get_task
+
+
+def _model(model: Any, device: str | None) -> Any:
+    return load_model(model, device=device) if not hasattr(model, "hook_dict") else model
+
+
+def _model_name(model: Any) -> str:
+    cfg = getattr(model, "cfg", None)
+    return str(getattr(cfg, "model_name", None) or getattr(cfg, "tokenizer_name", None) or "?")
+
+
+def build_data(model: Any, task: str | Task, n: int = 64, seed: int = 0) -> TaskData:
+    """Build ``task``'s data with the model's tokenizer.
+
+    Raises:
+        UnknownNameError: unknown task. TaskDataError: the task does not fit the tokenizer.
+        ConfigError: the model has no tokenizer.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("The model has no tokenizer; load it from a directory that includes "
+                          "the tokenizer files, or build TaskData yourself and pass data=.")
+    return get_task(task).build(tokenizer, n=n, seed=seed)
+
+
+def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
+                data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
+                algorithm_params: dict[str, Any] | None = None,
+                device: str | None = None) -> Tensor:
+    """Score every edge of the model's graph with an algorithm.
+
+    Args:
+        model: A model name, local directory, ``zoo:NAME`` or a loaded ``TransformerBridge``.
+        task: Task name (or instance); ignored when ``data`` is given.
+        algorithm: Algorithm name (``eap``, ``exact``, ...) or instance.
+        data: Prebuilt task data (default: built from ``task`` with ``n_examples``, ``seed``).
+        algorithm_params: Hyperparameters of the algorithm.
+        device: Device for a model loaded here.
+
+    Returns:
+        ``[S, R]`` float32 scores in the task's metric unit (estimated metric change when the
+        edge is corrupted).
+
+    Raises:
+        ConfigError: neither ``task`` nor ``data``; bad parameters.
+    """
+    model = _model(model, device)
+    if data is None:
+        if task is None:
+            raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        data = build_data(model, task, n_examples, seed)
+    algo = get_algorithm(algorithm, **(algorithm_params or {}))
+    return algo.score(PatchingEngine(model), data)
+
+
+def discover(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
+             n_edges: int | None = None, threshold: float | None = None,
+             data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
+             absolute: bool = True, prune: bool = True,
+             algorithm_params: dict[str, Any] | None = None,
+             device: str | None = None) -> Circuit:
+    """Discover a circuit: score edges, select, prune dangling edges, evaluate.
+
+    Args:
+        model: A model name, local directory, ``zoo:NAME`` or a loaded ``TransformerBridge``.
+        task: Task name or instance (ignored when ``data`` is given).
+        algorithm: Algorithm name or instance.
+        n_edges: Keep the top ``n_edges`` edges (exclusive with ``threshold``; default 100).
+        threshold: Keep edges with score (|score| if ``absolute``) >= threshold.
+        data: Prebuilt task data (default: built with the model's tokenizer).
+        n_examples: Examples to build when ``data`` is None.
+        seed: Data seed.
+        absolute: Rank by |score| (True) or by signed score (False).
+        prune: Remove dangling edges after selection (never changes the circuit's output).
+        algorithm_params: Hyperparameters of the algorithm.
+        device: Device for a model loaded here.
+
+    Returns:
+        A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, seed,
+        selection, faithfulness report, wall time and versions.
+
+    Raises:
+        ConfigError: both or invalid ``n_edges``/``threshold``; no task and no data.
+        UnknownNameError: unknown task or algorithm.
+        TaskDataError: the task's words are not single tokens under the model's tokenizer.
+    """
+    if n_edges is not None and threshold is not None:
+        raise ConfigError("Pass either n_edges or threshold, not both.")
+    if n_edges is None and threshold is None:
+        n_edges = 100
+    start = time.perf_counter()
+    model_name = model if isinstance(model, str) else _model_name(model)
+    model = _model(model, device)
+    if data is None:
+        if task is None:
+            raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        data = build_data(model, task, n_examples, seed)
+    algo = get_algorithm(algorithm, **(algorithm_params or {}))
+    engine = PatchingEngine(model)
+    scores = algo.score(engine, data)
+    g = engine.graph
+    if n_edges is not None:
+        if not isinstance(n_edges, int) or not 0 <= n_edges <= g.n_edges:
+            raise ConfigError(f"n_edges must be an integer between 0 and {g.n_edges} (the "
+                              f"graph's edge count); got {n_edges!r}.")
+        circuit = select_top_n(g, scores, n_edges, absolute=absolute)
+    else:
+        circuit = select_threshold(g, scores, float(threshold), absolute=absolute)  # type: ignore[arg-type]
+    selected = circuit.n_edges
+    if prune:
+        circuit = prune_dangling(circuit)
+    report = evaluate(engine, circuit, data)
+    return circuit.with_metadata(
+        model=str(model_name), task=data.task.name, metric=data.task.metric_name,
+        metric_unit=data.task.metric_unit, algorithm=algo.name, algorithm_params=algo.get_params(),
+        seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
+        faithfulness=report.to_dict(), wall_time_s=round(time.perf_counter() - start, 3),
+        versions=versions())
+
+
+def versions() -> dict[str, str]:
+    """Versions of circuitfind and its main dependencies, for provenance."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("circuitfind", "transformer-lens", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
