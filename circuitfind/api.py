@@ -67,12 +67,13 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
     Raises:
         ConfigError: neither ``task`` nor ``data``; bad parameters.
     """
+    if data is None and task is None:
+        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+    algo = get_algorithm(algorithm, **(algorithm_params or {}))
+    task_obj = get_task(task) if data is None else data.task
     model = _model(model, device)
     if data is None:
-        if task is None:
-            raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
-        data = build_data(model, task, n_examples, seed)
-    algo = get_algorithm(algorithm, **(algorithm_params or {}))
+        data = build_data(model, task_obj, n_examples, seed)
     return algo.score(PatchingEngine(model), data)
 
 
@@ -112,13 +113,14 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     if n_edges is None and threshold is None:
         n_edges = 100
     start = time.perf_counter()
+    if data is None and task is None:
+        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+    algo = get_algorithm(algorithm, **(algorithm_params or {}))  # fail fast, before loading
+    task_obj = get_task(task) if data is None else data.task
     model_name = model if isinstance(model, str) else _model_name(model)
     model = _model(model, device)
     if data is None:
-        if task is None:
-            raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
-        data = build_data(model, task, n_examples, seed)
-    algo = get_algorithm(algorithm, **(algorithm_params or {}))
+        data = build_data(model, task_obj, n_examples, seed)
     engine = PatchingEngine(model)
     scores = algo.score(engine, data)
     g = engine.graph

@@ -8,7 +8,8 @@ forward pass (receiver input = clean input minus the sender's clean-minus-corrup
 score(e) = metric(all edges but e) - metric(full model), in the task's unit.
 
 Cost. ``E`` masked forward passes of N examples, batched ``K`` masks per pass (K chosen from the
-engine's memory budget, or ``masks_per_pass``); GPT-2 small has 32,491 edges, so this is for
+engine's memory budget, or ``masks_per_pass``); edges are taken sender by sender so that a pass
+buffers the outputs of one or two senders only; GPT-2 small has 32,491 edges, so this is for
 small models or a subset of edges. Progress is shown with tqdm, and with ``checkpoint`` the
 scores computed so far are saved after every pass, so an interrupted run resumes where it
 stopped with the same result.
@@ -65,14 +66,16 @@ class ExactPatching(Algorithm):
         from tqdm.auto import tqdm
 
         g = engine.graph
-        pairs = g.edge_pairs
+        # edges grouped by sender: a pass over edges of few senders buffers only those senders
+        order = torch.argsort(g.edge_pairs[:, 0], stable=True)
+        pairs = g.edge_pairs[order]
         n_edges = g.n_edges
         key = _fingerprint(engine, data)
         done, effects = self._resume(key, n_edges)
         full = g.full_mask(engine.dtype)
         baseline = engine.evaluate(data, full, batch_size=self.batch_size)[0]
-        step = self.masks_per_pass or max(1, min(256, engine._rows_per_pass(data.seq_len)
-                                                 // max(1, min(data.n, self.batch_size or data.n))))
+        rows = engine._rows_per_pass(data.seq_len, n_buffer=2)
+        step = self.masks_per_pass or max(1, min(256, rows // min(data.n, self.batch_size or data.n)))
         bar = tqdm(total=n_edges, initial=done, desc="exact patching", unit="edge",
                    disable=not self.progress, leave=False)
         with bar:
@@ -82,7 +85,7 @@ class ExactPatching(Algorithm):
                 idx = torch.arange(stop - start)
                 masks[idx, pairs[start:stop, 0], pairs[start:stop, 1]] = 0
                 values = engine.evaluate(data, masks, batch_size=self.batch_size)
-                effects[start:stop] = values - baseline
+                effects[order[start:stop]] = values - baseline
                 bar.update(stop - start)
                 if self.checkpoint is not None:
                     self._save(key, stop, effects)
@@ -97,9 +100,7 @@ class ExactPatching(Algorithm):
             raise ConfigError(f"The checkpoint {self.checkpoint!r} belongs to a different run "
                               "(model, task data or graph differ); delete it or pass another "
                               "path.")
-        done = int(state["done"])
-        effects[:done] = state["effects"][:done]
-        return done, effects
+        return int(state["done"]), state["effects"].to(torch.float64)
 
     def _save(self, key: str, done: int, effects: Tensor) -> None:
         path = Path(self.checkpoint)  # type: ignore[arg-type]

@@ -145,40 +145,57 @@ class PatchingEngine:
 
         return hook
 
-    def _sender_hooks(self, buf: Tensor, n: int, mode: str,
-                      make_leaf: bool = False) -> list[tuple[str, HookFn]]:
-        """Hooks writing sender outputs into ``buf [G, S, n, T, d]`` (``mode`` "set" or "add").
+    def _sender_hooks(self, buf: Tensor, n: int, mode: str, make_leaf: bool = False,
+                      active: Tensor | None = None) -> list[tuple[str, HookFn]]:
+        """Hooks writing sender outputs into ``buf [G, A, n, T, d]`` (``mode`` "set" or "add").
 
-        With ``make_leaf`` the input hook returns a detached tensor that requires grad, so that
-        a backward pass reaches every receiver without computing parameter gradients.
+        ``active`` (sorted sender indices, default all S senders) says which senders the buffer
+        holds: slot ``i`` of ``buf`` is sender ``active[i]``. With ``make_leaf`` the input hook
+        returns a detached tensor that requires grad, so that a backward pass reaches every
+        receiver without computing parameter gradients.
         """
         g, t = self.graph, self.table
+        slot = torch.full((g.n_senders,), -1, dtype=torch.long)
+        senders = torch.arange(g.n_senders) if active is None else active.cpu()
+        slot[senders] = torch.arange(len(senders))
 
-        def write(index: slice | int, value: Tensor) -> None:
+        def write(index: slice | int | Tensor, value: Tensor) -> None:
             value = value.detach()
             if mode == "set":
                 buf[:, index] = value
             else:
                 buf[:, index] += value
 
-        def input_hook(x: Tensor, hook: Any) -> Tensor:
-            write(0, x.view(-1, n, *x.shape[1:]))
-            return x.detach().requires_grad_(True) if make_leaf else x
+        hooks: list[tuple[str, HookFn]] = []
+        if slot[0] >= 0 or make_leaf:
+            def input_hook(x: Tensor, hook: Any) -> Tensor:
+                if slot[0] >= 0:
+                    write(int(slot[0]), x.view(-1, n, *x.shape[1:]))
+                return x.detach().requires_grad_(True) if make_leaf else x
 
-        hooks: list[tuple[str, HookFn]] = [(t.input, input_hook)]
+            hooks.append((t.input, input_hook))
         for layer in range(g.n_layers):
             h0 = g.head_start[layer]
+            slots = slot[h0: h0 + g.n_heads]
+            if (slots >= 0).any():
+                heads_on = (slots >= 0).nonzero()[:, 0]
+                contiguous = bool((slots[heads_on] == slots[heads_on[0]] + torch.arange(
+                    len(heads_on))).all())
+                target: slice | Tensor = (slice(int(slots[heads_on[0]]), int(slots[heads_on[-1]]) + 1)
+                                          if contiguous else slots[heads_on].to(buf.device))
+                select = None if len(heads_on) == g.n_heads else heads_on.to(buf.device)
 
-            def head_hook(x: Tensor, hook: Any, h0: int = h0) -> Tensor:
-                heads = x.view(-1, n, *x.shape[1:]).permute(0, 3, 1, 2, 4)  # [G, H, n, T, d]
-                write(slice(h0, h0 + g.n_heads), heads)
-                return x
+                def head_hook(x: Tensor, hook: Any, target: slice | Tensor = target,
+                              select: Tensor | None = select) -> Tensor:
+                    heads = x.view(-1, n, *x.shape[1:]).permute(0, 3, 1, 2, 4)  # [G, H, n, T, d]
+                    write(target, heads if select is None else heads[:, select])
+                    return x
 
-            hooks.append((t.head_result(layer), head_hook))
+                hooks.append((t.head_result(layer), head_hook))
             m = g.mlp_index[layer]
-            if m is not None:
-                def mlp_hook(x: Tensor, hook: Any, m: int = m) -> Tensor:
-                    write(m, x.view(-1, n, *x.shape[1:]))
+            if m is not None and slot[m] >= 0:
+                def mlp_hook(x: Tensor, hook: Any, i: int = int(slot[m])) -> Tensor:
+                    write(i, x.view(-1, n, *x.shape[1:]))
                     return x
 
                 hooks.append((t.mlp_out(layer), mlp_hook))
@@ -232,18 +249,26 @@ class PatchingEngine:
                               f"(graph senders x receivers); got {tuple(masks.shape)}.")
         return masks.to(device=self.device, dtype=self.dtype)
 
-    def _receiver_hooks(self, buf: Tensor, removed: Tensor, n: int) -> list[tuple[str, HookFn]]:
-        """Hooks applying eq. (1) with ``removed = 1 - M`` ``[G, S, R]`` and ``buf = a - a'``."""
+    def _receiver_hooks(self, buf: Tensor, removed: Tensor, n: int,
+                        active: Tensor) -> list[tuple[str, HookFn]]:
+        """Hooks applying eq. (1) with ``removed = 1 - M`` ``[G, S, R]``.
+
+        ``buf [G, A, n, T, d]`` holds ``a - a'`` of the senders ``active`` (sorted indices).
+        """
         hooks: list[tuple[str, HookFn]] = []
         groups_g = buf.shape[0]
+        active_cpu = active.cpu()
         for grp in self.groups:
-            w = removed[:, : grp.n_up, grp.start: grp.stop]  # [G, U, R']
+            k = int((active_cpu < grp.n_up).sum())  # active senders upstream of the group
+            if k == 0:
+                continue
+            w = removed[:, active[:k], grp.start: grp.stop]  # [G, k, R']
             if not bool(w.any()):
                 continue  # every edge into this group is kept: nothing to patch
 
-            def hook(x: Tensor, hook: Any, grp: _Group = grp, w: Tensor = w) -> Tensor:
+            def hook(x: Tensor, hook: Any, grp: _Group = grp, w: Tensor = w, k: int = k) -> Tensor:
                 t = x.shape[1]
-                diff = buf[:, : grp.n_up].reshape(groups_g, grp.n_up, -1)  # [G, U, n*T*d]
+                diff = buf[:, :k].reshape(groups_g, k, -1)  # [G, k, n*T*d]
                 delta = torch.bmm(w.transpose(1, 2), diff)  # [G, R', n*T*d]
                 width = grp.stop - grp.start
                 delta = delta.view(groups_g, width, n, t, -1).permute(0, 2, 3, 1, 4)
@@ -254,16 +279,18 @@ class PatchingEngine:
         return hooks
 
     # ------------------------------------------------------------------ chunking
-    def _rows_per_pass(self, seq_len: int) -> int:
+    def _rows_per_pass(self, seq_len: int, n_buffer: int | None = None) -> int:
+        """Model-batch rows one pass may use: ``n_buffer`` senders are buffered (default S)."""
         cfg = self.model.cfg
-        per_token = (self.graph.n_senders * self.d_model + int(cfg.d_vocab)
+        n_buffer = self.graph.n_senders if n_buffer is None else n_buffer
+        per_token = (n_buffer * self.d_model + int(cfg.d_vocab)
                      + 12 * int(cfg.n_heads) * self.d_model + 4 * int(getattr(cfg, "d_mlp", 0) or 0))
         row = max(1, seq_len * per_token * torch.finfo(self.dtype).bits // 8)
         return max(1, self.memory_budget // row)
 
-    def _chunks(self, n_masks: int, n_examples: int, seq_len: int,
-                batch_size: int | None) -> Iterator[tuple[slice, slice]]:
-        rows = self._rows_per_pass(seq_len)
+    def _chunks(self, n_masks: int, n_examples: int, seq_len: int, batch_size: int | None,
+                n_buffer: int | None = None) -> Iterator[tuple[slice, slice]]:
+        rows = self._rows_per_pass(seq_len, n_buffer)
         n = min(n_examples, batch_size or n_examples, rows)
         k = max(1, min(n_masks, rows // n))
         for e0 in range(0, n_examples, n):
@@ -327,10 +354,14 @@ class PatchingEngine:
         clean = self._tokens(data.clean)
         positions = data.positions.to(self.device)
         removed = (1 - masks) * self.graph.edge_mask.to(masks)
-        for ks, es in self._chunks(masks.shape[0], data.n, data.seq_len, batch_size):
+        # only senders with a removed (or fractional) outgoing edge need buffering
+        n_active = int(removed.ne(0).any(2).any(0).sum())
+        for ks, es in self._chunks(masks.shape[0], data.n, data.seq_len, batch_size, n_active):
             g, n = ks.stop - ks.start, es.stop - es.start
-            buf = (-corrupted[:, es]).unsqueeze(0).repeat(g, 1, 1, 1, 1)  # [G, S, n, T, d]
-            hooks = self._sender_hooks(buf, n, "add") + self._receiver_hooks(buf, removed[ks], n)
+            active = removed[ks].ne(0).any(2).any(0).nonzero()[:, 0]  # sorted sender indices
+            buf = (-corrupted[active][:, es]).unsqueeze(0).repeat(g, 1, 1, 1, 1)  # [G, A, n, T, d]
+            hooks = (self._sender_hooks(buf, n, "add", active=active)
+                     + self._receiver_hooks(buf, removed[ks], n, active))
             tokens = clean[es].repeat(g, 1)
             with self.hooked(hooks):
                 logits = self.model(tokens)
