@@ -1,0 +1,176 @@
+"""Measurements the zoo reports and tests: head scores, exact edge effects, AUROC, accuracy.
+
+These functions read a loaded model (a ``TransformerBridge`` from :func:`circuitfind.load_model`)
+through :class:`~circuitfind.patching.engine.PatchingEngine` (every patched run) or
+``run_with_cache`` (attention patterns only; nothing is patched). They are used by
+:mod:`circuitfind.zoo.train` to write each organism's ``metrics.json`` and reference circuit,
+and by the integration tests to check the shipped numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from circuitfind.errors import ConfigError
+from circuitfind.graphs.circuit import Circuit, prune_dangling
+from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.patching.engine import PatchingEngine
+from circuitfind.tasks.base import TaskData
+
+
+def auroc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the binary ``labels`` (Mann-Whitney U).
+
+    Ties get average ranks (``scipy.stats.rankdata``), so a constant score gives 0.5.
+
+    Args:
+        scores: ``[E]`` real scores (higher = more likely positive).
+        labels: ``[E]`` bool labels.
+
+    Returns:
+        AUROC in [0, 1].
+
+    Raises:
+        ConfigError: shapes differ, or one class is empty.
+
+    References:
+        Mann & Whitney (1947); Hanley & McNeil (1982), "The meaning and use of the area under
+        a ROC curve", eq. 2 (AUROC = U / (n_pos n_neg)).
+    """
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores.detach().cpu().double().numpy()).ravel()
+    y = np.asarray(labels.detach().cpu().numpy()).ravel().astype(bool)
+    if s.shape != y.shape:
+        raise ConfigError(f"scores and labels must have the same length; got {s.shape} and "
+                          f"{y.shape}.")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ConfigError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} "
+                          "negatives.")
+    ranks = rankdata(s)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def edge_auroc(graph: ComputeGraph, scores: Tensor, reference: Circuit) -> float:
+    """AUROC of ``|scores|`` over the graph's real edges against the reference's kept edges.
+
+    Args:
+        graph: The graph the ``[S, R]`` scores belong to (same structure as the reference's).
+        scores: ``[S, R]`` per-edge scores (any unit; only their absolute order matters).
+        reference: The reference circuit.
+
+    Returns:
+        AUROC in [0, 1].
+    """
+    return auroc(graph.to_edges(scores.abs().float()), graph.to_edges(reference.kept))
+
+
+def single_edge_effects(engine: PatchingEngine, data: TaskData, chunk: int = 64) -> Tensor:
+    """Exact effect of corrupting each edge alone: ``m(full) - m(full without e)``.
+
+    Args:
+        engine: The patching engine.
+        data: Task data (the metric is averaged over its examples).
+        chunk: Masks evaluated per ``engine.evaluate`` call.
+
+    Returns:
+        ``[S, R]`` float32 effects in the task's metric unit (0 off real edges); positive when
+        corrupting the edge lowers the metric.
+    """
+    g = engine.graph
+    pairs = g.edge_pairs
+    full = g.full_mask()
+    base = float(engine.evaluate(data, full)[0])
+    effects = torch.zeros(pairs.shape[0], dtype=torch.float64)
+    for e0 in range(0, pairs.shape[0], chunk):
+        ids = torch.arange(e0, min(pairs.shape[0], e0 + chunk))
+        masks = full.repeat(len(ids), 1, 1)
+        masks[torch.arange(len(ids)), pairs[ids, 0], pairs[ids, 1]] = 0
+        effects[ids] = base - engine.evaluate(data, masks)
+    return g.to_dense(effects.float())
+
+
+def circuit_metric(engine: PatchingEngine, data: TaskData, kept: Tensor) -> float:
+    """Mean task metric of the circuit keeping ``kept`` (``[S, R]`` bool), others corrupted."""
+    return float(engine.evaluate(data, kept.to(torch.float32))[0])
+
+
+def faithfulness(engine: PatchingEngine, data: TaskData, kept: Tensor) -> dict[str, float]:
+    """Clean, corrupted and circuit metrics and the normalized faithfulness of ``kept``.
+
+    Returns:
+        ``{"clean", "corrupted", "circuit", "faithfulness"}``; faithfulness is
+        ``(m(C) - m(empty)) / (m(full) - m(empty))`` (DESIGN.md section 4).
+    """
+    g = engine.graph
+    masks = torch.stack([g.full_mask(), torch.zeros_like(g.full_mask()),
+                         kept.to(torch.float32)])
+    clean, corrupted, circ = (float(v) for v in engine.evaluate(data, masks))
+    return {"clean": clean, "corrupted": corrupted, "circuit": circ,
+            "faithfulness": (circ - corrupted) / (clean - corrupted)}
+
+
+def reference_from_effects(graph: ComputeGraph, effects: Tensor, gap: float,
+                           fraction: float) -> Tensor:
+    """Edges whose single-edge effect is at least ``fraction`` of the gap, dangling ones pruned.
+
+    Args:
+        graph: The graph.
+        effects: ``[S, R]`` exact single-edge effects (:func:`single_edge_effects`).
+        gap: ``m(full) - m(empty)`` in the same unit.
+        fraction: Threshold as a fraction of ``|gap|`` (e.g. 0.05).
+
+    Returns:
+        ``[S, R]`` bool kept mask.
+    """
+    kept = (effects.abs() >= fraction * abs(gap)) & graph.edge_mask
+    return prune_dangling(Circuit(graph, kept)).kept
+
+
+def metric_logits(engine: PatchingEngine, data: TaskData) -> Tensor:
+    """Full-model logits at the metric positions, ``[N, P, V]``."""
+    return engine.run(data, engine.graph.full_mask())[0]
+
+
+def attention_patterns(model: Any, tokens: Tensor) -> Tensor:
+    """Attention patterns of every layer, ``[L, N, H, T, T]`` (query, key), via the bridge."""
+    n_layers = int(model.cfg.n_layers)
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return torch.stack([cache[n].detach().float().cpu() for n in names])
+
+
+def induction_head_scores(model: Any, data: TaskData) -> dict[str, Tensor]:
+    """Previous-token and induction scores of every head on ``[BOS] A A`` induction data.
+
+    Previous-token score of a head: its mean attention from position t to t-1 over every
+    position t >= 1 of the clean sequences. Induction score: its mean attention from each
+    position t of the second copy of ``A`` to the position right after the previous occurrence
+    of the token at t, i.e. ``t - h + 1``.
+
+    Args:
+        model: The bridge.
+        data: ``induction`` task data (``info["half_len"]`` = h).
+
+    Returns:
+        ``{"previous_token": [L, H], "induction": [L, H]}`` mean attention weights (0..1).
+
+    References:
+        Olsson et al. 2022, "In-context Learning and Induction Heads" (prefix-matching score).
+    """
+    h = int(data.info["half_len"])
+    pat = attention_patterns(model, data.clean)  # [L, N, H, T, T]
+    t = data.clean.shape[1]
+    o = t - 2 * h
+    q = torch.arange(1, t)
+    prev = pat[..., q, q - 1].mean(dim=(1, 3))
+    q2 = torch.arange(o + h, o + 2 * h)
+    ind = pat[..., q2, q2 - h + 1].mean(dim=(1, 3))
+    return {"previous_token": prev, "induction": ind}

@@ -1,0 +1,253 @@
+"""Definitions of the zoo's model organisms: architecture, vocabulary, training data.
+
+An :class:`Organism` is a frozen description of one small model the project trains itself:
+its GPT-2-layout architecture (Hugging Face ``GPT2LMHeadModel``, so that
+``TransformerBridge.boot_transformers`` loads it like any GPT-2), its word-level vocabulary,
+the training distribution and the optimiser settings. :mod:`circuitfind.zoo.train` turns a
+definition into the shipped files; nothing here trains or loads a model.
+
+Tokenizers. Every organism uses a word-level tokenizer (``tokenizers.models.WordLevel``) with a
+GPT-2-like pre-tokenizer: a piece is an optional leading space followed by two digits, a word
+(a letter then letters/digits) or one punctuation character (regex :data:`PIECE_PATTERN`), and
+the decoder concatenates the pieces (``decoders.Fuse``), so ``decode(encode(text)) == text``
+for text made of vocabulary pieces. Words therefore carry their leading space, like GPT-2's
+(``" Mary"``), and years split as GPT-2 splits them (``" 1732"`` -> ``" 17"`` + ``"32"``), which
+is what the ``ioi`` and ``greater_than`` tasks check. Specials: ``<bos>`` (id 0, also EOS),
+``<pad>`` (1), ``<unk>`` (2); the tasks prepend ``<bos>`` themselves.
+
+Attention-only models. Hugging Face's GPT-2 has no attention-only switch. An organism with
+``attn_only=True`` is a GPT-2 whose MLPs have exactly zero weights and biases (``c_fc`` and
+``c_proj``), frozen during training: every MLP outputs exactly 0, so the MLP nodes ``m{L}``
+exist in circuitfind's graph but every edge into or out of them has exactly zero effect
+(their clean and corrupted outputs are both 0). The MLP width is the minimum (``n_inner=1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitfind.errors import ConfigError
+
+#: The pre-tokenizer regex of every zoo tokenizer (see the module docstring).
+PIECE_PATTERN = r"\s?\d\d|\s?[A-Za-z][A-Za-z0-9]*|\s?[^\sA-Za-z0-9]"
+SPECIALS: tuple[str, ...] = ("<bos>", "<pad>", "<unk>")
+
+#: A batch sampler: (tokenizer, n, seed) -> (tokens [n, T] int64, positions [n, P] int64,
+#: targets [n, P, V] float, a weighted probability distribution over the vocabulary per
+#: position; the loss is sum(-targets * log p) / sum(targets)).
+BatchFn = Callable[[Any, int, int], tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Organism:
+    """One model organism: what it is, how it is built and how it is trained.
+
+    Attributes:
+        name: Zoo name (``"induction-2l"``); the files live in ``zoo/models/<name>/``.
+        description: One line for listings.
+        task: Name of its circuitfind task (``"induction"``).
+        task_kwargs: Keyword arguments of the task's constructor used for evaluation.
+        mechanism: A short statement of the verified mechanism (details in the README).
+        n_layers: Transformer blocks.
+        n_heads: Attention heads per block.
+        d_model: Residual width.
+        d_mlp: MLP width (ignored when ``attn_only``).
+        n_ctx: Learned positions.
+        attn_only: MLPs held at exactly zero (see the module docstring).
+        seed: Seed of initialisation and of the training data.
+        steps: Optimiser steps.
+        batch_size: Sequences per step.
+        lr: Peak AdamW learning rate (linear warm-up over ``warmup`` steps, constant, then linear
+            decay to 10% over the last 20% of the steps).
+        warmup: Warm-up steps.
+        weight_decay: AdamW weight decay (matrices only).
+        eval_n: Examples of held-out task data used for the measured numbers.
+        eval_seed: Seed of that held-out data (training batches use seeds >= 1_000_000).
+        vocab: Builds the vocabulary pieces (specials excluded), in id order.
+        batch: Training batch sampler (see :data:`BatchFn`).
+    """
+
+    name: str
+    description: str
+    task: str
+    mechanism: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    n_ctx: int
+    attn_only: bool
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    eval_n: int
+    eval_seed: int
+    vocab: Callable[[], list[str]] = field(repr=False)
+    batch: BatchFn = field(repr=False)
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+def build_tokenizer(pieces: list[str]) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over ``SPECIALS + pieces``.
+
+    Args:
+        pieces: Vocabulary pieces (with their leading space where they follow a space), in
+            id order after the specials; duplicates are an error.
+
+    Returns:
+        The tokenizer (``<bos>`` = 0 is BOS and EOS, ``<pad>`` = 1, ``<unk>`` = 2).
+
+    Raises:
+        ConfigError: a duplicated piece, or a piece the pre-tokenizer would split.
+    """
+    import re
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(SPECIALS) + list(pieces)
+    if len(set(words)) != len(words):
+        raise ConfigError("Zoo vocabulary pieces must be distinct.")
+    bad = [p for p in pieces if re.fullmatch(PIECE_PATTERN, p) is None]
+    if bad:
+        raise ConfigError(f"Zoo vocabulary pieces must each match {PIECE_PATTERN!r}; got {bad[:5]}.")
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def _pieces_of(texts: list[str]) -> list[str]:
+    """Distinct pre-tokenizer pieces of ``texts``, in order of first appearance."""
+    import re
+
+    seen: dict[str, None] = {}
+    for text in texts:
+        for piece in re.findall(PIECE_PATTERN, text):
+            seen.setdefault(piece, None)
+    return list(seen)
+
+
+def _one_hot_targets(tokens: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
+    """``[n, P, V]`` one-hot distributions of the tokens after ``positions``."""
+    nxt = tokens.gather(1, positions + 1)
+    return torch.nn.functional.one_hot(nxt, vocab_size).float()
+
+
+# ---------------------------------------------------------------------------------- induction
+INDUCTION_WORDS = 60  # pieces " w0" ... " w59"
+INDUCTION_LEN = 40  # tokens after BOS in every training sequence
+
+
+def _induction_vocab() -> list[str]:
+    return [f" w{i}" for i in range(INDUCTION_WORDS)]
+
+
+def _induction_batch(tokenizer: Any, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Random-token sequences with one repeated segment; next-token loss, weighted.
+
+    Each row is ``<bos>`` followed by 40 tokens ``R1 A A R2``: ``A`` holds ``h`` distinct tokens
+    (``h`` uniform in 3..20), ``R1`` (length uniform in 0..40-2h) and ``R2`` are i.i.d. uniform
+    tokens. The random offset and length leave no positional shortcut (an earlier version with
+    ``R1`` empty in half of the rows learned position-based attention instead of induction). Targets: the next
+    token at every position, with weight 1 where it is predictable by induction (the second
+    copy's tokens 1..h-1) and 0.1 elsewhere (the targets are weighted one-hot rows).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v, length, h_max = INDUCTION_WORDS, INDUCTION_LEN, 20
+    h = torch.randint(3, h_max + 1, (n,), generator=gen)[:, None]  # [n, 1]
+    tokens = torch.randint(v, (n, length), generator=gen)
+    segment = torch.rand(n, v, generator=gen).argsort(-1)[:, :h_max]  # distinct per row
+    r1 = (torch.rand(n, generator=gen) * (length - 2 * h[:, 0] + 1)).long()[:, None]
+    pos = torch.arange(length)[None, :]
+    first = (pos >= r1) & (pos < r1 + h)
+    second = (pos >= r1 + h) & (pos < r1 + 2 * h)
+    tokens = torch.where(first, segment.gather(1, (pos - r1).clamp(0, h_max - 1)), tokens)
+    tokens = torch.where(second, segment.gather(1, (pos - r1 - h).clamp(0, h_max - 1)), tokens)
+    tokens = torch.cat([torch.full((n, 1), int(tokenizer.bos_token_id)),
+                        tokens + len(SPECIALS)], 1)  # [n, 41]
+    positions = torch.arange(length).expand(n, -1).clone()  # predicts tokens[:, 1:]
+    weight = 0.1 + 0.9 * (second & (pos > r1 + h)).float()  # [n, 40], by predicted token
+    return tokens, positions, _one_hot_targets(tokens, positions, len(tokenizer)) * weight[..., None]
+
+
+# ---------------------------------------------------------------------------------- IOI
+IOI_NAMES = 40  # the first 40 names of the ioi task's list
+
+
+def _ioi_vocab() -> list[str]:
+    from circuitfind.tasks.ioi import BABA_TEMPLATES, NAMES, OBJECTS, PLACES
+
+    texts = [t.replace("[A]", "Mary").replace("[B]", "John").replace("[PLACE]", p)
+             .replace("[OBJECT]", o) for t in BABA_TEMPLATES for p in PLACES for o in OBJECTS]
+    words = [p for p in _pieces_of(texts) if p not in (" Mary", " John", "Mary", "John")]
+    return words + [" " + w for w in NAMES[:IOI_NAMES]]
+
+
+def _ioi_batch(tokenizer: Any, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Clean prompts of the ``ioi`` task; target: the indirect object at the last position."""
+    from circuitfind.tasks import get_task
+
+    data = get_task("ioi").build(tokenizer, n, seed)
+    targets = torch.nn.functional.one_hot(data.answers, len(tokenizer)).float()  # [n, 1, V]
+    return data.clean, data.positions, targets
+
+
+# ---------------------------------------------------------------------------------- greater-than
+def _greater_than_vocab() -> list[str]:
+    from circuitfind.tasks.greater_than import CENTURIES, NOUNS, TEMPLATE
+
+    words = _pieces_of([TEMPLATE.format(noun=w, xx=17, yy=32) for w in NOUNS])
+    words = [w for w in words if not any(c.isdigit() for c in w)]
+    return words + [f" {xx}" for xx in CENTURIES] + [f"{yy:02d}" for yy in range(100)]
+
+
+def _greater_than_batch(tokenizer: Any, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Clean ``greater_than`` prompts; target: uniform over the years after the start year."""
+    from circuitfind.tasks import get_task
+    from circuitfind.tasks.greater_than import year_masks
+
+    data = get_task("greater_than").build(tokenizer, n, seed)
+    good, _ = year_masks(data, len(tokenizer), "cpu")  # [n, V]
+    targets = good.float() / good.float().sum(-1, keepdim=True)
+    return data.clean, data.positions, targets[:, None, :]
+
+
+# ---------------------------------------------------------------------------------- the zoo
+ORGANISMS: dict[str, Organism] = {o.name: o for o in (
+    Organism(
+        name="induction-2l",
+        description="2-layer attention-only transformer with a previous-token head and an "
+                    "induction head",
+        task="induction",
+        mechanism="a0 previous-token head -> (K-composition) a1 induction head -> logits",
+        n_layers=2, n_heads=4, d_model=32, d_mlp=1, n_ctx=64, attn_only=True,
+        seed=0, steps=8000, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01,
+        eval_n=200, eval_seed=0, vocab=_induction_vocab, batch=_induction_batch),
+    Organism(
+        name="ioi-small",
+        description="2-layer GPT-2-layout transformer trained on the IOI templates",
+        task="ioi",
+        mechanism="derived by exact patching (see README)",
+        n_layers=2, n_heads=4, d_model=64, d_mlp=256, n_ctx=64, attn_only=False,
+        seed=0, steps=3000, batch_size=128, lr=3e-3, warmup=100, weight_decay=0.01,
+        eval_n=200, eval_seed=0, vocab=_ioi_vocab, batch=_ioi_batch),
+    Organism(
+        name="greater-than-small",
+        description="2-layer GPT-2-layout transformer trained on greater-than year spans",
+        task="greater_than",
+        mechanism="derived by exact patching (see README)",
+        n_layers=2, n_heads=4, d_model=64, d_mlp=256, n_ctx=32, attn_only=False,
+        seed=0, steps=2000, batch_size=128, lr=3e-3, warmup=100, weight_decay=0.01,
+        eval_n=200, eval_seed=0, vocab=_greater_than_vocab, batch=_greater_than_batch),
+)}
