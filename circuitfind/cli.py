@@ -27,11 +27,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 RUN_FILES = ("circuit.json", "circuit.graphml", "circuit.svg", "report.md")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
 def _default_model(task: str) -> str:
     """The zoo organism of ``task`` (for offline runs without --model)."""
     try:
@@ -70,7 +65,7 @@ def discover(
     from circuitfind.graphs.render import render
 
     if edges is not None and threshold is not None:
-        _fail("pass either --edges or --threshold, not both.")
+        raise ConfigError("pass either --edges or --threshold, not both.")
     _check_out(out, overwrite)
     model_name = model or _default_model(task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
@@ -181,7 +176,7 @@ def algorithms() -> None:
 def main() -> None:
     """Console entry point: run the app, turning circuitfind errors into one-line messages."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except CircuitFindError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         sys.exit(2)
@@ -200,6 +195,7 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
