@@ -10,14 +10,15 @@
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from circuitfind.api import build_data, discover, score_edges
 from circuitfind.errors import CircuitFindError
-from circuitfind.evaluation import evaluate, faithfulness_curve
+from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
 from circuitfind.graphs import Circuit, ComputeGraph
 from circuitfind.models import load_model
 from circuitfind.patching import PatchingEngine
-from circuitfind.tasks import TASKS, Task, TaskData, get_task
+from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
 
 __version__ = "0.1.0"
 
 __all__ = ["ALGORITHMS", "TASKS", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
-           "PatchingEngine", "Task", "TaskData", "build_data", "discover", "evaluate",
-           "faithfulness_curve", "get_algorithm", "get_task", "load_model", "score_edges"]
+           "PatchingEngine", "Task", "TaskData", "build_data", "discover", "edge_roc", "evaluate",
+           "faithfulness_curve", "get_algorithm", "get_task", "load_model", "node_roc",
+           "reference_circuit", "score_edges"]

@@ -8,6 +8,14 @@ from circuitfind.evaluation.faithfulness import (
     faithfulness_curve,
     normalized_faithfulness,
 )
+from circuitfind.evaluation.roc import (
+    RocResult,
+    circuit_confusion,
+    edge_roc,
+    node_roc,
+    sweep_auc,
+)
 
 __all__ = ["DEFAULT_FRACTIONS", "FaithfulnessCurve", "FaithfulnessReport", "evaluate",
-           "faithfulness_curve", "normalized_faithfulness"]
+           "faithfulness_curve", "normalized_faithfulness", "RocResult", "circuit_confusion",
+           "edge_roc", "node_roc", "sweep_auc"]
