@@ -92,7 +92,7 @@ class PatchingEngine:
         self.memory_budget = int(memory_budget)
         self.d_model = int(cfg.d_model)
         self.groups = self._receiver_groups()
-        self._corrupted_memo: tuple[tuple[int, int, tuple[int, ...]], Tensor] | None = None
+        self._corrupted_memo: tuple[Tensor, int, Tensor] | None = None
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -221,11 +221,16 @@ class PatchingEngine:
         return buf[0]
 
     def corrupted_outputs(self, data: TaskData) -> Tensor:
-        """``sender_outputs(data.corrupted)``, memoised for the last TaskData seen."""
-        key = (id(data.corrupted), data.corrupted._version, tuple(data.corrupted.shape))
-        if self._corrupted_memo is None or self._corrupted_memo[0] != key:
-            self._corrupted_memo = (key, self.sender_outputs(data.corrupted))
-        return self._corrupted_memo[1]
+        """``sender_outputs(data.corrupted)``, memoised for the last corrupted tensor seen.
+
+        The memo holds a reference to that tensor (so its identity cannot be reused by a new
+        tensor) and its in-place version counter.
+        """
+        tokens = data.corrupted
+        memo = self._corrupted_memo
+        if memo is None or memo[0] is not tokens or memo[1] != tokens._version:
+            self._corrupted_memo = memo = (tokens, tokens._version, self.sender_outputs(tokens))
+        return memo[2]
 
     def _tokens(self, tokens: Tensor) -> Tensor:
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
