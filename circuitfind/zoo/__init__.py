@@ -60,6 +60,16 @@ class ZooEntry:
         """The organism's model directory inside the package."""
         return MODELS_DIR / self.name
 
+    @property
+    def shipped(self) -> bool:
+        """Whether this installation holds the organism's trained files.
+
+        An organism can be defined (and trainable with ``python -m circuitfind.zoo.train``)
+        before a trained model that passes its checks is shipped; see ``zoo/README.md``.
+        """
+        return (self.path / "config.json").is_file() and (
+            self.path / "model.safetensors").is_file()
+
 
 def _entries() -> dict[str, ZooEntry]:
     from circuitfind.zoo.organisms import ORGANISMS
@@ -110,7 +120,7 @@ def zoo_model_dir(name: str) -> Path:
     """
     entry = _entry(name)
     path = entry.path
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+    if not entry.shipped:
         raise ConfigError(f"The files of zoo organism {entry.name!r} are missing from "
                           f"{str(path)!r}. Reinstall circuitfind or retrain it with "
                           f"`python -m circuitfind.zoo.train {entry.name}`.")
@@ -158,6 +168,8 @@ def default_organism(task_name: str) -> str | None:
 
     Returns:
         ``"induction-2l"`` for ``induction``, ``"ioi-small"`` for ``ioi``,
-        ``"greater-than-small"`` for ``greater_than``; ``None`` otherwise.
+        ``"greater-than-small"`` for ``greater_than`` -- each only where its trained files
+        are shipped (:attr:`ZooEntry.shipped`); ``None`` otherwise.
     """
-    return _DEFAULT_FOR_TASK.get(normalize_name(task_name))
+    name = _DEFAULT_FOR_TASK.get(normalize_name(task_name))
+    return name if name is not None and ZOO[name].shipped else None

@@ -65,9 +65,10 @@ class Organism:
         lr: Peak AdamW learning rate (linear warm-up over ``warmup`` steps, constant, then linear
             decay to 10% over the last 20% of the steps).
         warmup: Warm-up steps.
-        weight_decay: AdamW weight decay (matrices only).
+        weight_decay: AdamW weight decay (every trainable parameter).
         eval_n: Examples of held-out task data used for the measured numbers.
-        eval_seed: Seed of that held-out data (training batches use seeds >= 1_000_000).
+        eval_seed: Seed of that held-out data (training batch ``i`` uses seed
+            ``1000 + 1_000_000 * seed + i``).
         vocab: Builds the vocabulary pieces (specials excluded), in id order.
         batch: Training batch sampler (see :data:`BatchFn`).
     """
@@ -230,13 +231,16 @@ ORGANISMS: dict[str, Organism] = {o.name: o for o in (
         description="2-layer attention-only transformer with a previous-token head and an "
                     "induction head",
         task="induction",
-        mechanism="a0 previous-token head -> (K-composition) a1 induction head -> logits",
+        mechanism="previous-token heads a0.h0, a0.h2 -> K-composition -> induction heads "
+                  "a1.h0 (main), a1.h2, a1.h3 -> logits; a0.h1, a0.h3 carry the copied token "
+                  "(V-composition)",
         n_layers=2, n_heads=4, d_model=32, d_mlp=1, n_ctx=64, attn_only=True,
-        seed=0, steps=8000, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01,
+        seed=0, steps=6000, batch_size=64, lr=3e-3, warmup=0, weight_decay=0.01,
         eval_n=200, eval_seed=0, vocab=_induction_vocab, batch=_induction_batch),
     Organism(
         name="ioi-small",
-        description="2-layer GPT-2-layout transformer trained on the IOI templates",
+        description="2-layer GPT-2-layout transformer trained on the IOI templates "
+                    "(not shipped yet: this recipe did not learn the task)",
         task="ioi",
         mechanism="derived by exact patching (see README)",
         n_layers=2, n_heads=4, d_model=64, d_mlp=256, n_ctx=64, attn_only=False,
@@ -244,7 +248,8 @@ ORGANISMS: dict[str, Organism] = {o.name: o for o in (
         eval_n=200, eval_seed=0, vocab=_ioi_vocab, batch=_ioi_batch),
     Organism(
         name="greater-than-small",
-        description="2-layer GPT-2-layout transformer trained on greater-than year spans",
+        description="2-layer GPT-2-layout transformer trained on greater-than year spans "
+                    "(not shipped yet: not trained)",
         task="greater_than",
         mechanism="derived by exact patching (see README)",
         n_layers=2, n_heads=4, d_model=64, d_mlp=256, n_ctx=32, attn_only=False,

@@ -44,7 +44,7 @@ from circuitfind.zoo.organisms import ORGANISMS, Organism, build_tokenizer
 
 #: Single-edge effect threshold (fraction of the clean - corrupted gap) for derived references.
 EFFECT_FRACTION = 0.05
-_TRAIN_SEED_OFFSET = 1_000_000
+_TRAIN_SEED_OFFSET = 1000
 
 
 def _organism(name: str) -> Organism:
@@ -103,15 +103,13 @@ def train_model(org: Organism, log_every: int = 250, threads: int = 1
         tokenizer = build_tokenizer(org.vocab())
         model = build_model(org, len(tokenizer))
         model.train()
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": org.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=org.lr,
-                                betas=(0.9, 0.98))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=org.lr, betas=(0.9, 0.98),
+                                weight_decay=org.weight_decay)
 
         def lr_at(step: int) -> float:
             # linear warm-up, constant, then linear decay to 10% over the last 20% of steps
-            if step < org.warmup:
+            if step < org.warmup:  # warmup 0: none
                 return org.lr * (step + 1) / org.warmup
             decay_from = int(0.8 * org.steps)
             if step < decay_from:
@@ -122,7 +120,7 @@ def train_model(org: Organism, log_every: int = 250, threads: int = 1
         loss_value = float("nan")
         for step in range(org.steps):
             tokens, positions, targets = org.batch(tokenizer, org.batch_size,
-                                                   _TRAIN_SEED_OFFSET + org.seed * 100_000 + step)
+                                                   _TRAIN_SEED_OFFSET + org.seed * 1_000_000 + step)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             logits = model(tokens).logits  # [B, T, V]
@@ -159,49 +157,35 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
         (out_dir / extra).unlink(missing_ok=True)
 
 
-def derive_reference(org: Organism, model: Any, engine: Any, data: Any,
-                     effects: torch.Tensor, head_scores: dict[str, torch.Tensor] | None
+def derive_reference(engine: Any, data: Any, effects: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The reference circuit's kept mask and how it was derived.
 
-    ``induction-2l``: the mechanism's edges, read off the head scores: P = the layer-0 head with
-    the highest previous-token score, I = the layer-1 head with the highest induction score; the
-    circuit is ``input->a0.hP<v>`` (P copies the previous token), ``a0.hP->a1.hI<k>``
-    (K-composition: I's keys carry the previous token), ``input->a1.hI<v>`` (I copies the
-    token it attends to) and ``a1.hI->logits``, plus each other mechanism edge
-    (``input->a0.hP<q|k>``, ``input->a1.hI<q>``) whose exact single-edge effect reaches
-    :data:`EFFECT_FRACTION` of the gap (under the task's corruption, which only changes the
-    first half, some of them carry nothing; see the README).
+    Every edge whose exact single-edge effect ``|m(full) - m(full without e)|`` (the metric
+    change when that edge alone carries its corrupted value) is at least
+    :data:`EFFECT_FRACTION` of ``|m(full) - m(empty)|`` is kept; then dangling edges are pruned
+    (:func:`~circuitfind.graphs.circuit.prune_dangling`). The README checks the result against
+    each organism's mechanism (head scores, head ablations).
 
-    Other organisms: every edge whose exact single-edge effect ``|m(full) - m(full - e)|`` is at
-    least :data:`EFFECT_FRACTION` of ``|m(full) - m(empty)|``, then dangling edges pruned
-    (:func:`~circuitfind.graphs.circuit.prune_dangling`).
+    Args:
+        engine: Patching engine of the organism.
+        data: Held-out task data.
+        effects: ``[S, R]`` exact single-edge effects on ``data``.
+
+    Returns:
+        ``(kept [S, R] bool, provenance dict)``.
     """
     from circuitfind.zoo.analysis import reference_from_effects
 
     g = engine.graph
-    gap = float(engine.evaluate(data, torch.stack([g.full_mask(), 0 * g.full_mask()]))
-                .diff().neg()[0])
-    if org.name == "induction-2l":
-        if head_scores is None:
-            raise ConfigError("induction-2l's reference needs its head scores.")
-        p = int(head_scores["previous_token"][0].argmax())
-        i = int(head_scores["induction"][1].argmax())
-        core = [f"input->a0.h{p}<v>", f"a0.h{p}->a1.h{i}<k>", f"input->a1.h{i}<v>",
-                f"a1.h{i}->logits"]
-        optional = [f"input->a0.h{p}<q>", f"input->a0.h{p}<k>", f"input->a1.h{i}<q>"]
-        eff = {e: float(effects[g.edge_index(e)]) for e in core + optional}
-        kept_names = core + [e for e in optional if abs(eff[e]) >= EFFECT_FRACTION * abs(gap)]
-        kept = g.mask_from_edges(kept_names, dtype=torch.bool)
-        how = {"method": "mechanism", "previous_token_head": f"a0.h{p}",
-               "induction_head": f"a1.h{i}", "mechanism_edges": core + optional,
-               "mechanism_edge_effects": eff, "effect_fraction": EFFECT_FRACTION}
-    else:
-        kept = reference_from_effects(g, effects, gap, EFFECT_FRACTION)
-        how = {"method": "single-edge exact patching threshold, then prune_dangling",
-               "effect_fraction": EFFECT_FRACTION,
-               "threshold": EFFECT_FRACTION * abs(gap)}
-    how["gap"] = gap
+    clean, corrupted = (float(v) for v in engine.evaluate(
+        data, torch.stack([g.full_mask(), torch.zeros_like(g.full_mask())])))
+    gap = clean - corrupted
+    kept = reference_from_effects(g, effects, gap, EFFECT_FRACTION)
+    how = {"method": "single-edge exact patching: keep |m(full) - m(full without e)| >= "
+                     "effect_fraction * |m(full) - m(empty)|, then prune_dangling",
+           "effect_fraction": EFFECT_FRACTION, "gap": gap,
+           "threshold": EFFECT_FRACTION * abs(gap)}
     return kept, how
 
 
@@ -241,7 +225,7 @@ def measure(org: Organism, model_dir: Path) -> tuple[dict[str, Any], Any]:
         pred = logits[:, 0].argmax(-1)
         out["accuracy"] = float(good[torch.arange(data.n), pred].float().mean())
     effects = analysis.single_edge_effects(engine, data)
-    kept, how = derive_reference(org, model, engine, data, effects, head_scores)
+    kept, how = derive_reference(engine, data, effects)
     faith = analysis.faithfulness(engine, data, kept)
     out.update({"clean_metric": faith["clean"], "corrupted_metric": faith["corrupted"],
                 "reference_metric": faith["circuit"],
@@ -261,7 +245,7 @@ def measure(org: Organism, model_dir: Path) -> tuple[dict[str, Any], Any]:
     out["auroc_exact"] = analysis.edge_auroc(g, effects, reference)
     out["derivation"] = how
     if org.task == "induction":
-        for head in (how["previous_token_head"], how["induction_head"]):
+        for head in [n.name for n in g.senders if n.kind == "attention"]:
             mask = g.full_mask()
             mask[g.node_index(head)] = 0  # every outgoing edge of the head carries corrupted
             out[f"metric_without_{head}"] = float(engine.evaluate(data, mask)[0])
