@@ -102,9 +102,11 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
         raise ConfigError(f"load_model expects a model name, a directory or a TransformerBridge; "
                           f"got {type(name_or_path).__name__}.")
     name = str(name_or_path)
+    display_name = None
     if name.startswith(ZOO_PREFIX):
         from circuitfind.zoo import zoo_model_dir  # lazy: zoo is optional data
 
+        display_name = name
         name = str(zoo_model_dir(name[len(ZOO_PREFIX):]))
     torch_dtype = _parse_dtype(dtype)
     if device is None:
@@ -129,6 +131,8 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
     except Exception as err:  # translate the many hub / IO failures into one message
         raise ModelLoadError(_load_failure_message(name, looks_local, err)) from err
     model.eval()
+    if display_name is not None:
+        model.cfg.model_name = display_name  # provenance: "zoo:NAME" rather than a site path
     return enable_patching_hooks(model)
 
 

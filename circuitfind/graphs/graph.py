@@ -358,11 +358,16 @@ class ComputeGraph:
         hint = f" Closest: {', '.join(close)}." if close else ""
         return f"Unknown {what} {name!r} in this {self.n_layers}-layer graph.{hint}"
 
+    def _structure(self) -> tuple[int, int, int, bool, bool]:
+        return (self.n_layers, self.n_heads, self.n_kv_heads, self.attn_only,
+                self.parallel_attn_mlp)
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ComputeGraph) and self.config() == other.config()
+        """Graphs are equal when their structure is (``model_name`` is provenance only)."""
+        return isinstance(other, ComputeGraph) and self._structure() == other._structure()
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self.config().items())))
+        return hash(self._structure())
 
     def __repr__(self) -> str:
         return (f"ComputeGraph(n_layers={self.n_layers}, n_heads={self.n_heads}, "
