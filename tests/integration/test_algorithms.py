@@ -1,0 +1,82 @@
+"""Every registered algorithm passes the conformance suite; exact patching is exact and resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circuitfind as cf
+from circuitfind.algorithms import ExactPatching
+from circuitfind.errors import ConfigError
+from circuitfind.testing import ToyTask
+from circuitfind.testing.conformance import check_algorithm
+
+
+@pytest.mark.parametrize("algorithm", sorted(cf.ALGORITHMS.names()))
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_conformance(tiny_models, name, algorithm):
+    model = tiny_models(name)
+    data = ToyTask().build(model.tokenizer, 3, seed=0)
+    params = {"progress": False} if algorithm == "exact" else {}
+    check_algorithm(lambda: cf.get_algorithm(algorithm, **params), model, data)
+
+
+def test_exact_equals_one_edge_at_a_time_and_resumes(tiny_models, tmp_path):
+    model = tiny_models("llama_gqa")
+    data = ToyTask().build(model.tokenizer, 3, seed=4)
+    engine = cf.PatchingEngine(model)
+    g = engine.graph
+    scores = ExactPatching(masks_per_pass=7, progress=False).score(engine, data)
+    full = g.full_mask(torch.float64)
+    base = engine.evaluate(data, full)[0]
+    for e in (0, 41, g.n_edges - 1):
+        s, r = g.edge_pairs[e].tolist()
+        mask = full.clone()
+        mask[s, r] = 0
+        assert scores[s, r].item() == pytest.approx((engine.evaluate(data, mask)[0] - base).item(),
+                                                    abs=1e-6)
+    # an interrupted run resumes from its checkpoint with the same result
+    ckpt = tmp_path / "exact.pt"
+    algo = ExactPatching(masks_per_pass=7, progress=False, checkpoint=str(ckpt))
+    calls = {"n": 0}
+    original = engine.evaluate
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    engine.evaluate = flaky
+    with pytest.raises(KeyboardInterrupt):
+        algo.score(engine, data)
+    engine.evaluate = original
+    state = torch.load(ckpt, weights_only=True)
+    assert 0 < state["done"] < g.n_edges
+    torch.testing.assert_close(algo.score(engine, data), scores)
+    other = ToyTask().build(model.tokenizer, 3, seed=5)
+    with pytest.raises(ConfigError, match="different run"):
+        algo.score(engine, other)
+
+
+def test_discover_and_score_edges_api(tiny_models):
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 4, seed=2)
+    circuit = cf.discover(model, data=data, algorithm="eap", n_edges=30)
+    meta = circuit.metadata
+    assert meta["algorithm"] == "eap" and meta["selected_edges"] == 30
+    assert circuit.n_edges <= 30 and 0 <= meta["faithfulness"]["n_edges"] == circuit.n_edges
+    report = cf.evaluate(model, circuit, data)
+    assert report.faithfulness == pytest.approx(meta["faithfulness"]["faithfulness"])
+    scores = cf.score_edges(model, data=data, algorithm="eap")
+    assert scores.shape == (cf.ComputeGraph.from_model(model).n_senders,
+                            cf.ComputeGraph.from_model(model).n_receivers)
+    with pytest.raises(ConfigError):
+        cf.discover(model, data=data, n_edges=5, threshold=0.1)
+    curve = cf.faithfulness_curve(model, scores, data)
+    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-9)
+    x, f = curve.fractions, curve.faithfulness
+    trapezoid = sum((x[i + 1] - x[i]) * (f[i + 1] + f[i]) / 2 for i in range(len(x) - 1))
+    assert curve.cpr == pytest.approx(trapezoid)
+    assert curve.cmd == pytest.approx(sum((x[i + 1] - x[i]) * (abs(1 - f[i + 1]) + abs(1 - f[i])) / 2
+                                          for i in range(len(x) - 1)))
