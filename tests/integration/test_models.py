@@ -28,7 +28,10 @@ def test_not_a_model_directory(tmp_path):
 
 
 def test_offline_hub_name_gives_one_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read once at import time
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     with pytest.raises(ModelLoadError) as err:
         cf.load_model("circuitfind-test/not-a-cached-model")
