@@ -174,3 +174,44 @@ def induction_head_scores(model: Any, data: TaskData) -> dict[str, Tensor]:
     q2 = torch.arange(o + h, o + 2 * h)
     ind = pat[..., q2, q2 - h + 1].mean(dim=(1, 3))
     return {"previous_token": prev, "induction": ind}
+
+
+def attention_to_token(model: Any, data: TaskData, token_ids: Tensor,
+                       occurrence: str = "all") -> Tensor:
+    """Mean attention of every head from the metric position to the positions of a token.
+
+    For example ``n``, the query is ``data.positions[n, 0]`` and the keys are the earlier
+    positions whose clean token is ``token_ids[n]`` (all of them, or only the first or the last
+    occurrence); the head's attention weights on those keys are summed, then averaged over
+    the examples. Used for the greater-than organism (attention to the start year ``YY``) and
+    the IOI organism (attention to the indirect object and to the two subject mentions).
+
+    Args:
+        model: The bridge.
+        data: Task data (clean prompts are used; nothing is patched).
+        token_ids: ``[N]`` token id per example.
+        occurrence: ``"all"``, ``"first"`` or ``"last"``.
+
+    Returns:
+        ``[L, H]`` mean attention weight (0..1).
+
+    Raises:
+        ConfigError: an unknown ``occurrence``, or an example without the token before its
+            metric position.
+    """
+    if occurrence not in ("all", "first", "last"):
+        raise ConfigError(f"occurrence must be 'all', 'first' or 'last'; got {occurrence!r}.")
+    pat = attention_patterns(model, data.clean)  # [L, N, H, T, T]
+    n, t = data.clean.shape
+    q = data.positions[:, 0].long()  # [N]
+    pos = torch.arange(t)[None, :]
+    hit = (data.clean == token_ids[:, None]) & (pos < q[:, None])  # [N, T]
+    if not bool(hit.any(-1).all()):
+        raise ConfigError("attention_to_token: some example lacks the token before its metric "
+                          "position.")
+    if occurrence != "all":
+        idx = torch.where(hit, pos, -1 if occurrence == "last" else t)
+        at = idx.max(-1).values if occurrence == "last" else idx.min(-1).values
+        hit = pos == at[:, None]
+    rows = pat.permute(1, 3, 0, 2, 4)[torch.arange(n), q]  # [N, L, H, T] from the query
+    return (rows * hit[:, None, None, :].float()).sum(-1).mean(0)

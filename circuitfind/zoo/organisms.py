@@ -195,13 +195,34 @@ def _ioi_vocab() -> list[str]:
     return words + [" " + w for w in NAMES[:IOI_NAMES]]
 
 
+IOI_LM_WEIGHT = 0.3  # weight of the next-token loss on the prompt text (the IO target has 1)
+
+
 def _ioi_batch(tokenizer: Any, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Clean prompts of the ``ioi`` task; target: the indirect object at the last position."""
+    """Clean ``ioi`` prompts: the indirect object at the last position, plus the template text.
+
+    Targets: at the last prompt position, the indirect object (weight 1); at every earlier
+    position, the next token of the prompt (weight :data:`IOI_LM_WEIGHT`; padding gets 0).
+    The language-model part is what makes IOI learnable here: trained on the IO target alone,
+    the model stalls at about ln 2 (mass split between the two names, see ``zoo/README.md``);
+    with it, it solves the task within a few hundred steps. It teaches the model to predict
+    names from the context (the name after ``"and"`` or at the start of the second clause is
+    one of the names already seen) and where in the template each word stands.
+    """
     from circuitfind.tasks import get_task
 
     data = get_task("ioi").build(tokenizer, n, seed)
-    targets = torch.nn.functional.one_hot(data.answers, len(tokenizer)).float()  # [n, 1, V]
-    return data.clean, data.positions, targets
+    tokens = data.clean  # [n, T], right-padded
+    t = tokens.shape[1]
+    end = data.positions[:, 0]  # [n]
+    pos = torch.arange(t)[None, :]
+    nxt = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)  # next token; last column unused
+    nxt = torch.where(pos == end[:, None], data.answers, nxt)  # [n, T]
+    weight = torch.where(pos < end[:, None], IOI_LM_WEIGHT, 0.0)
+    weight = torch.where(pos == end[:, None], 1.0, weight)  # [n, T]
+    positions = pos.expand(n, -1).clone()
+    targets = torch.nn.functional.one_hot(nxt, len(tokenizer)).float() * weight[..., None]
+    return tokens, positions, targets
 
 
 # ---------------------------------------------------------------------------------- greater-than
@@ -239,19 +260,20 @@ ORGANISMS: dict[str, Organism] = {o.name: o for o in (
         eval_n=200, eval_seed=0, vocab=_induction_vocab, batch=_induction_batch),
     Organism(
         name="ioi-small",
-        description="2-layer GPT-2-layout transformer trained on the IOI templates "
-                    "(not shipped yet: this recipe did not learn the task)",
+        description="2-layer GPT-2-layout transformer trained on the IOI templates",
         task="ioi",
-        mechanism="derived by exact patching (see README)",
+        mechanism="a0.h2 attends to the subject's second mention (the last name) -> MLPs "
+                  "suppress S in the logits and steer name movers a1.h1, a1.h2 (queries) "
+                  "to the indirect object",
         n_layers=2, n_heads=4, d_model=64, d_mlp=256, n_ctx=64, attn_only=False,
-        seed=0, steps=3000, batch_size=128, lr=3e-3, warmup=100, weight_decay=0.01,
+        seed=0, steps=2000, batch_size=64, lr=2e-3, warmup=200, weight_decay=0.01,
         eval_n=200, eval_seed=0, vocab=_ioi_vocab, batch=_ioi_batch),
     Organism(
         name="greater-than-small",
-        description="2-layer GPT-2-layout transformer trained on greater-than year spans "
-                    "(not shipped yet: not trained)",
+        description="2-layer GPT-2-layout transformer trained on greater-than year spans",
         task="greater_than",
-        mechanism="derived by exact patching (see README)",
+        mechanism="layer-0 heads a0.h2, a0.h1 attend to the start year YY -> MLP 0 -> logits "
+                  "(directly and via MLP 1); layer 1 nearly unused",
         n_layers=2, n_heads=4, d_model=64, d_mlp=256, n_ctx=32, attn_only=False,
         seed=0, steps=2000, batch_size=128, lr=3e-3, warmup=100, weight_decay=0.01,
         eval_n=200, eval_seed=0, vocab=_greater_than_vocab, batch=_greater_than_batch),

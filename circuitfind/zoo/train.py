@@ -218,12 +218,21 @@ def measure(org: Organism, model_dir: Path) -> tuple[dict[str, Any], Any]:
         out["accuracy"] = float((pred == data.answers[:, 0]).float().mean())
         ld = task.metric(logits[None], data)[0]
         out["fraction_logit_diff_positive"] = float((ld > 0).float().mean())
+        io, s = data.answers[:, 0], data.wrong_answers[:, 0]
+        out["attention_to_io"] = analysis.attention_to_token(model, data, io).tolist()
+        out["attention_to_s1"] = analysis.attention_to_token(model, data, s, "first").tolist()
+        out["attention_to_s2"] = analysis.attention_to_token(model, data, s, "last").tolist()
     elif org.task == "greater_than":
         from circuitfind.tasks.greater_than import year_masks
 
         good, _ = year_masks(data, logits.shape[-1], logits.device)
         pred = logits[:, 0].argmax(-1)
         out["accuracy"] = float(good[torch.arange(data.n), pred].float().mean())
+        probs = torch.softmax(logits[:, 0].float(), -1)
+        out["probability_mass_on_years"] = float(
+            probs[:, data.info["year_token_ids"]].sum(-1).mean())
+        out["attention_to_start_year"] = analysis.attention_to_token(
+            model, data, data.answers[:, 0]).tolist()
     effects = analysis.single_edge_effects(engine, data)
     kept, how = derive_reference(engine, data, effects)
     faith = analysis.faithfulness(engine, data, kept)
@@ -244,11 +253,10 @@ def measure(org: Organism, model_dir: Path) -> tuple[dict[str, Any], Any]:
     out["auroc_eap"] = analysis.edge_auroc(g, eap, reference)
     out["auroc_exact"] = analysis.edge_auroc(g, effects, reference)
     out["derivation"] = how
-    if org.task == "induction":
-        for head in [n.name for n in g.senders if n.kind == "attention"]:
-            mask = g.full_mask()
-            mask[g.node_index(head)] = 0  # every outgoing edge of the head carries corrupted
-            out[f"metric_without_{head}"] = float(engine.evaluate(data, mask)[0])
+    for node in [n.name for n in g.senders if n.kind in ("attention", "mlp")]:
+        mask = g.full_mask()
+        mask[g.node_index(node)] = 0  # every outgoing edge of the node carries corrupted
+        out[f"metric_without_{node}"] = float(engine.evaluate(data, mask)[0])
     return out, reference
 
 

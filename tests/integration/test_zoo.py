@@ -16,6 +16,7 @@ from circuitfind.errors import UnknownNameError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks import TASKS, get_task
+from circuitfind.tasks.greater_than import year_masks
 from circuitfind.zoo import analysis
 
 N_EXAMPLES = 100
@@ -27,6 +28,9 @@ EXPECTED = {
     # measured on 200 examples (seed 0): clean -0.155 nats, corrupted -4.10, EAP AUROC 0.987,
     # faithfulness of the reference 0.943
     "induction-2l": dict(clean=-0.3, corrupted=-3.5, auroc_eap=0.95, faithfulness=0.85),
+    # measured on 100 examples (seed 0): probability difference clean 0.998, corrupted 0.051,
+    # EAP AUROC 0.843, faithfulness 0.624 (200 examples: 0.998, 0.031, 0.870, 0.630)
+    "greater-than-small": dict(clean=0.95, corrupted=0.2, auroc_eap=0.78, faithfulness=0.5),
 }
 
 
@@ -64,6 +68,7 @@ def test_registry_lists_organisms_and_default_tasks():
         assert entry.task in TASKS
         assert zoo.default_organism(entry.task) == (name if entry.shipped else None)
     assert zoo.default_organism("induction") == "induction-2l"
+    assert zoo.default_organism("greater-than") == "greater-than-small"
     assert zoo.default_organism("gendered_pronoun") is None
     for name in EXPECTED:
         assert zoo.ZOO[name].shipped
@@ -122,12 +127,33 @@ def test_induction_heads(organism):
         assert edge in reference
 
 
+def test_greater_than_mechanism(organism):
+    model, engine, data = organism("greater-than-small")
+    logits = analysis.metric_logits(engine, data)[:, 0]  # [N, V]
+    good, _ = year_masks(data, logits.shape[-1], logits.device)
+    assert bool(good[torch.arange(data.n), logits.argmax(-1)].all())  # always a later year
+    # layer-0 heads read the start year YY (measured attention 0.98 and 0.87 on 200 examples)
+    attn = analysis.attention_to_token(model, data, data.answers[:, 0])
+    assert float(attn[0, 2]) >= 0.9
+    assert float(attn[0, 1]) >= 0.7
+    g = engine.graph
+    # corrupting a0.h2 or m0 removes most of the effect (measured 0.064 and 0.258; clean 0.998)
+    for node, most in (("a0.h2", 0.2), ("m0", 0.45)):
+        mask = g.full_mask()
+        mask[g.node_index(node)] = 0
+        assert float(engine.evaluate(data, mask)[0]) <= most
+    reference = zoo.reference_circuit("greater-than-small")
+    for edge in ("input->a0.h2<k>", "a0.h2->m0", "m0->logits"):
+        assert edge in reference
+
+
 def test_auroc_helper():
     assert analysis.auroc(torch.tensor([0.1, 0.2, 0.9, 0.8]),
                           torch.tensor([False, False, True, True])) == 1.0
     assert analysis.auroc(torch.ones(4), torch.tensor([False, True, False, True])) == 0.5
 
 
-def test_graph_of_zoo_model_matches_reference_structure(organism):
-    model, engine, _ = organism("induction-2l")
-    assert ComputeGraph.from_model(model).n_edges == zoo.reference_circuit("induction-2l").graph.n_edges
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_graph_of_zoo_model_matches_reference_structure(organism, name):
+    model, engine, _ = organism(name)
+    assert ComputeGraph.from_model(model).n_edges == zoo.reference_circuit(name).graph.n_edges
