@@ -17,9 +17,12 @@ from torch import Tensor
 from circuitfind.algorithms.base import Algorithm, get_algorithm
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import evaluate
+from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold, select_top_n
+from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.models import load_model
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.registry import normalize_name
 from circuitfind.tasks.base import Task, TaskData, get_task
 
 
@@ -101,7 +104,9 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
 
     Returns:
         A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, seed,
-        selection, faithfulness report, wall time and versions.
+        selection, faithfulness report, wall time and versions; where a reference circuit
+        exists for (task, model) (see :func:`find_reference`), also the edge and node ROC AUC
+        of the scores against it and its node classes (used to colour the rendering).
 
     Raises:
         ConfigError: both or invalid ``n_edges``/``threshold``; no task and no data.
@@ -135,12 +140,47 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     if prune:
         circuit = prune_dangling(circuit)
     report = evaluate(engine, circuit, data)
-    return circuit.with_metadata(
+    extra: dict[str, Any] = {}
+    reference = find_reference(data.task.name, str(model_name), g)
+    if reference is not None:
+        extra["reference"] = {
+            "source": reference.metadata.get("source") or reference.metadata.get("reference"),
+            "n_edges": reference.n_edges,
+            "edge_auc": edge_roc(scores, reference).auc,
+            "node_auc": node_roc(scores, reference).auc}
+        if reference.metadata.get("node_classes"):
+            extra["node_classes"] = reference.metadata["node_classes"]
+    return circuit.with_metadata(**extra,
         model=str(model_name), task=data.task.name, metric=data.task.metric_name,
         metric_unit=data.task.metric_unit, algorithm=algo.name, algorithm_params=algo.get_params(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
         faithfulness=report.to_dict(), wall_time_s=round(time.perf_counter() - start, 3),
         versions=versions())
+
+
+def find_reference(task: str, model_name: str, graph: ComputeGraph) -> Circuit | None:
+    """The reference circuit for ``task`` on the named model, or ``None`` if there is none.
+
+    Zoo organisms (``zoo:NAME``) use their shipped reference when ``task`` is their task;
+    other models use the task's literature references (``circuitfind.tasks.references``).
+    """
+    from circuitfind.tasks.references import NoReferenceError, reference_circuit
+
+    if model_name.startswith("zoo:"):
+        from circuitfind import zoo
+
+        name = model_name[len("zoo:"):]
+        entry = zoo.ZOO.get(name)
+        if entry is None or normalize_name(entry.task) != normalize_name(task):
+            return None
+        return zoo.reference_circuit(name)
+    named = ComputeGraph.from_config({**graph.config(), "model_name": model_name})
+    try:
+        return reference_circuit(task, named)
+    except NoReferenceError:
+        return None
+    except ConfigError:  # a model of the same name but another shape
+        return None
 
 
 def versions() -> dict[str, str]:

@@ -124,6 +124,14 @@ def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
               f"| m(M), full model | {_fmt(f.get('metric_full'))} {f.get('metric_unit', '')} |",
               f"| m(∅), empty circuit | {_fmt(f.get('metric_empty'))} {f.get('metric_unit', '')} |",
               f"| KL(full ‖ circuit) at metric positions | {_fmt(f.get('kl_div'))} nats |", ""]
+    ref = md.get("reference")
+    if ref:
+        lines += ["## Against the reference circuit", "",
+                  f"Reference: {ref.get('source')} ({ref.get('n_edges')} edges). ROC AUC of the "
+                  "algorithm's |scores| over all edges (Conmy et al. 2023; ties count one half):",
+                  "", "| level | ROC AUC |", "| --- | ---: |",
+                  f"| edges | {_fmt(ref.get('edge_auc'))} |",
+                  f"| nodes (max |score| of incident edges) | {_fmt(ref.get('node_auc'))} |", ""]
     if circuit.scores is not None and circuit.n_edges:
         scores = circuit.edge_scores()
         top = sorted(scores.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:25]
