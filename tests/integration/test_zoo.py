@@ -31,6 +31,9 @@ EXPECTED = {
     # measured on 100 examples (seed 0): probability difference clean 0.998, corrupted 0.051,
     # EAP AUROC 0.843, faithfulness 0.624 (200 examples: 0.998, 0.031, 0.870, 0.630)
     "greater-than-small": dict(clean=0.95, corrupted=0.2, auroc_eap=0.78, faithfulness=0.5),
+    # measured on 100 examples (seed 0): logit difference clean 15.02, corrupted -0.59,
+    # EAP AUROC 0.947, faithfulness 0.932 (200 examples: 15.06, 0.12, 0.948, 0.929)
+    "ioi-small": dict(clean=12.0, corrupted=2.0, auroc_eap=0.9, faithfulness=0.85),
 }
 
 
@@ -69,6 +72,7 @@ def test_registry_lists_organisms_and_default_tasks():
         assert zoo.default_organism(entry.task) == (name if entry.shipped else None)
     assert zoo.default_organism("induction") == "induction-2l"
     assert zoo.default_organism("greater-than") == "greater-than-small"
+    assert zoo.default_organism("ioi") == "ioi-small"
     assert zoo.default_organism("gendered_pronoun") is None
     for name in EXPECTED:
         assert zoo.ZOO[name].shipped
@@ -144,6 +148,29 @@ def test_greater_than_mechanism(organism):
         assert float(engine.evaluate(data, mask)[0]) <= most
     reference = zoo.reference_circuit("greater-than-small")
     for edge in ("input->a0.h2<k>", "a0.h2->m0", "m0->logits"):
+        assert edge in reference
+
+
+def test_ioi_mechanism(organism):
+    model, engine, data = organism("ioi-small")
+    logits = analysis.metric_logits(engine, data)[:, 0]  # [N, V]
+    assert bool((logits.argmax(-1) == data.answers[:, 0]).all())  # always the IO
+    io, s = data.answers[:, 0], data.wrong_answers[:, 0]
+    # a0.h2 attends to the subject's second mention (measured 0.99 on 200 examples); the name
+    # movers a1.h1, a1.h2 attend to the IO, not to the first subject mention (0.56 vs 0.06,
+    # 0.32 vs 0.05)
+    assert float(analysis.attention_to_token(model, data, s, "last")[0, 2]) >= 0.9
+    to_io = analysis.attention_to_token(model, data, io)
+    to_s1 = analysis.attention_to_token(model, data, s, "first")
+    for head in (1, 2):
+        assert float(to_io[1, head]) >= 2 * float(to_s1[1, head]) + 0.1
+    g = engine.graph
+    # corrupting a0.h2 removes the whole effect (measured -0.35 logits against 15.06 clean)
+    mask = g.full_mask()
+    mask[g.node_index("a0.h2")] = 0
+    assert float(engine.evaluate(data, mask)[0]) <= 2.0
+    reference = zoo.reference_circuit("ioi-small")
+    for edge in ("input->a0.h2<v>", "a0.h2->a1.h1<q>", "a1.h1->logits", "m1->logits"):
         assert edge in reference
 
 
