@@ -67,6 +67,8 @@ from typing import Any
 
 import torch
 
+from circuitfind.patching.engine import frozen_parameters
+
 PHASES = ("eap", "bare", "bare_plain", "masked_forward", "forward", "forward_plain")
 SWITCHES = ("set_use_split_qkv_input", "set_use_attn_result", "set_use_hook_mlp_in")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "eap_speed.json"
@@ -128,20 +130,6 @@ def set_up(model_dir: Path, batch: int, seq_len: int, threads: int, seed: int = 
 
 
 # ---------------------------------------------------------------------- the phases
-@contextlib.contextmanager
-def frozen(model: Any) -> Iterator[None]:
-    """Parameters frozen for the block (as the engine's ``_frozen_parameters``)."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 def bare_passes(b: Bench) -> None:
     """Corrupted forward + clean forward + backward of the mean metric, no patching hooks."""
     model, data = b.model, b.data
@@ -151,7 +139,7 @@ def bare_passes(b: Bench) -> None:
     def make_leaf(x: torch.Tensor, hook: Any) -> torch.Tensor:
         return x.detach().requires_grad_(True)
 
-    with frozen(model), torch.enable_grad(), model.hooks(
+    with frozen_parameters(model), torch.enable_grad(), model.hooks(
             fwd_hooks=[(b.engine.table.input, make_leaf)], reset_hooks_end=True):
         logits = model(data.clean)
         pos = data.positions

@@ -398,7 +398,7 @@ class PatchingEngine:
         clean = self._tokens(data.clean)
         rows = self._rows_per_pass(data.seq_len) // 2  # activations are kept for backward
         n_chunk = max(1, min(data.n, batch_size or data.n, rows))
-        with _frozen_parameters(self.model), torch.enable_grad():
+        with frozen_parameters(self.model), torch.enable_grad():
             for e0 in range(0, data.n, n_chunk):
                 es = slice(e0, min(data.n, e0 + n_chunk))
                 n = es.stop - es.start
@@ -440,7 +440,7 @@ class PatchingEngine:
 
 
 @contextlib.contextmanager
-def _frozen_parameters(model: Any) -> Iterator[None]:
+def frozen_parameters(model: Any) -> Iterator[None]:
     """Temporarily set ``requires_grad=False`` on every parameter; restore the flags after."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
