@@ -415,19 +415,47 @@ class PatchingEngine:
         return (scores * g.edge_mask.to(scores.device)).float().cpu()
 
     def _gradient_hooks(self, buf: Tensor, scores: Tensor, n: int) -> list[tuple[str, HookFn]]:
+        """Backward hooks accumulating eq. (2) into ``scores [S, R]``.
+
+        The q, k and v groups of a layer share their upstream senders and are contiguous
+        receivers, so their gradients are collected and contracted with the sender differences
+        in one matmul per layer (one read of the ``[U, n*T*d]`` buffer instead of three).
+        """
         hooks: list[tuple[str, HookFn]] = []
+        pending: dict[int, list[Tensor | None]] = {}  # first receiver of a layer -> q, k, v grads
+        layers: dict[int, list[_Group]] = {}
         for grp in self.groups:
-            def hook(x: Tensor, hook: Any, grp: _Group = grp) -> Tensor:
+            if grp.per_head:
+                layers.setdefault(grp.n_up, []).append(grp)
+
+        def contract(groups: list[_Group], grads: list[Tensor]) -> None:
+            n_up, start, stop = groups[0].n_up, groups[0].start, groups[-1].stop
+            diff = buf[0, :n_up].reshape(n_up, -1)  # [U, n*T*d] = a - a'
+            grad = torch.cat(grads, 0) if len(grads) > 1 else grads[0]  # [R', n*T*d]
+            scores[:n_up, start:stop] -= (diff @ grad.T).to(scores.dtype)
+
+        for grp in self.groups:
+            siblings = layers.get(grp.n_up, [grp]) if grp.per_head else [grp]
+            slot = siblings.index(grp)
+
+            def hook(x: Tensor, hook: Any, grp: _Group = grp, siblings: list[_Group] = siblings,
+                     slot: int = slot) -> Tensor:
                 if not x.requires_grad:
                     raise HookError("No gradient reaches the receivers; is the model frozen "
                                     "in an unusual way?")
 
                 def accumulate(grad: Tensor) -> None:
                     width = grp.stop - grp.start
-                    gr = grad if grp.per_head else grad.unsqueeze(2)  # [n, T, R', d]
-                    gr = gr.permute(2, 0, 1, 3).reshape(width, -1)  # [R', n*T*d]
-                    diff = buf[0, : grp.n_up].reshape(grp.n_up, -1)  # [U, n*T*d] = a - a'
-                    scores[: grp.n_up, grp.start: grp.stop] -= (diff @ gr.T).to(scores.dtype)
+                    g = grad if grp.per_head else grad.unsqueeze(2)  # [n, T, R', d]
+                    g = g.permute(2, 0, 1, 3).reshape(width, -1)  # [R', n*T*d]
+                    if len(siblings) == 1:
+                        contract(siblings, [g])
+                        return
+                    got = pending.setdefault(siblings[0].start, [None] * len(siblings))
+                    got[slot] = g
+                    if all(t is not None for t in got):
+                        del pending[siblings[0].start]
+                        contract(siblings, got)  # type: ignore[arg-type]
 
                 # A fresh tensor: the hook may receive the residual stream itself (hook_mlp_in
                 # fires on ln2's input), whose gradient also flows down the skip connection.
