@@ -11,54 +11,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from circuitfind.algorithms.exact import ExactPatching
 from circuitfind.errors import ConfigError
+from circuitfind.evaluation.faithfulness import evaluate
+from circuitfind.evaluation.roc import edge_roc
 from circuitfind.graphs.circuit import Circuit, prune_dangling
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData
 
 
-def auroc(scores: Tensor, labels: Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for the binary ``labels`` (Mann-Whitney U).
-
-    Ties get average ranks (``scipy.stats.rankdata``), so a constant score gives 0.5.
-
-    Args:
-        scores: ``[E]`` real scores (higher = more likely positive).
-        labels: ``[E]`` bool labels.
-
-    Returns:
-        AUROC in [0, 1].
-
-    Raises:
-        ConfigError: shapes differ, or one class is empty.
-
-    References:
-        Mann & Whitney (1947); Hanley & McNeil (1982), "The meaning and use of the area under
-        a ROC curve", eq. 2 (AUROC = U / (n_pos n_neg)).
-    """
-    from scipy.stats import rankdata
-
-    s = np.asarray(scores.detach().cpu().double().numpy()).ravel()
-    y = np.asarray(labels.detach().cpu().numpy()).ravel().astype(bool)
-    if s.shape != y.shape:
-        raise ConfigError(f"scores and labels must have the same length; got {s.shape} and "
-                          f"{y.shape}.")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ConfigError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} "
-                          "negatives.")
-    ranks = rankdata(s)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
-
-
 def edge_auroc(graph: ComputeGraph, scores: Tensor, reference: Circuit) -> float:
-    """AUROC of ``|scores|`` over the graph's real edges against the reference's kept edges.
+    """Edge-level ROC AUC of ``|scores|`` against the reference's kept edges.
+
+    A thin wrapper of :func:`circuitfind.evaluation.roc.edge_roc` (Mann-Whitney U, ties count
+    one half, every real edge a candidate).
 
     Args:
         graph: The graph the ``[S, R]`` scores belong to (same structure as the reference's).
@@ -68,32 +38,26 @@ def edge_auroc(graph: ComputeGraph, scores: Tensor, reference: Circuit) -> float
     Returns:
         AUROC in [0, 1].
     """
-    return auroc(graph.to_edges(scores.abs().float()), graph.to_edges(reference.kept))
+    if graph != reference.graph:
+        raise ConfigError(f"The scores' graph {graph!r} does not match the reference's.")
+    return float(edge_roc(scores, reference).auc)
 
 
 def single_edge_effects(engine: PatchingEngine, data: TaskData, chunk: int = 64) -> Tensor:
     """Exact effect of corrupting each edge alone: ``m(full) - m(full without e)``.
 
+    This is minus :class:`~circuitfind.algorithms.exact.ExactPatching`'s score.
+
     Args:
         engine: The patching engine.
         data: Task data (the metric is averaged over its examples).
-        chunk: Masks evaluated per ``engine.evaluate`` call.
+        chunk: Masks evaluated per batched forward pass.
 
     Returns:
         ``[S, R]`` float32 effects in the task's metric unit (0 off real edges); positive when
         corrupting the edge lowers the metric.
     """
-    g = engine.graph
-    pairs = g.edge_pairs
-    full = g.full_mask()
-    base = float(engine.evaluate(data, full)[0])
-    effects = torch.zeros(pairs.shape[0], dtype=torch.float64)
-    for e0 in range(0, pairs.shape[0], chunk):
-        ids = torch.arange(e0, min(pairs.shape[0], e0 + chunk))
-        masks = full.repeat(len(ids), 1, 1)
-        masks[torch.arange(len(ids)), pairs[ids, 0], pairs[ids, 1]] = 0
-        effects[ids] = base - engine.evaluate(data, masks)
-    return g.to_dense(effects.float())
+    return -ExactPatching(masks_per_pass=chunk, progress=False).score(engine, data)
 
 
 def circuit_metric(engine: PatchingEngine, data: TaskData, kept: Tensor) -> float:
@@ -105,15 +69,13 @@ def faithfulness(engine: PatchingEngine, data: TaskData, kept: Tensor) -> dict[s
     """Clean, corrupted and circuit metrics and the normalized faithfulness of ``kept``.
 
     Returns:
-        ``{"clean", "corrupted", "circuit", "faithfulness"}``; faithfulness is
-        ``(m(C) - m(empty)) / (m(full) - m(empty))`` (DESIGN.md section 4).
+        ``{"clean", "corrupted", "circuit", "faithfulness"}`` from
+        :func:`circuitfind.evaluation.evaluate` (normalized faithfulness
+        ``(m(C) - m(empty)) / (m(full) - m(empty))``, DESIGN.md section 4).
     """
-    g = engine.graph
-    masks = torch.stack([g.full_mask(), torch.zeros_like(g.full_mask()),
-                         kept.to(torch.float32)])
-    clean, corrupted, circ = (float(v) for v in engine.evaluate(data, masks))
-    return {"clean": clean, "corrupted": corrupted, "circuit": circ,
-            "faithfulness": (circ - corrupted) / (clean - corrupted)}
+    report = evaluate(engine, Circuit(engine.graph, kept.bool()), data)
+    return {"clean": report.metric_full, "corrupted": report.metric_empty,
+            "circuit": report.metric_circuit, "faithfulness": report.faithfulness}
 
 
 def reference_from_effects(graph: ComputeGraph, effects: Tensor, gap: float,

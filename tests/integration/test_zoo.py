@@ -174,12 +174,6 @@ def test_ioi_mechanism(organism):
         assert edge in reference
 
 
-def test_auroc_helper():
-    assert analysis.auroc(torch.tensor([0.1, 0.2, 0.9, 0.8]),
-                          torch.tensor([False, False, True, True])) == 1.0
-    assert analysis.auroc(torch.ones(4), torch.tensor([False, True, False, True])) == 0.5
-
-
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_graph_of_zoo_model_matches_reference_structure(organism, name):
     model, engine, _ = organism(name)
