@@ -8,6 +8,7 @@ no traceback.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -19,12 +20,15 @@ from typing import Optional
 
 import typer
 
+from circuitfind.algorithms import ALGORITHMS
 from circuitfind.errors import CircuitFindError, ConfigError, OutputExistsError
+from circuitfind.registry import normalize_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="circuitfind: automated circuit discovery for transformer language models.")
 
 RUN_FILES = ("circuit.json", "circuit.graphml", "circuit.svg", "report.md")
+CHECKPOINT_DIR = ".checkpoint"
 
 
 def _default_model(task: str) -> str:
@@ -69,9 +73,17 @@ def discover(
     _check_out(out, overwrite)
     model_name = model or _default_model(task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
+    params: dict[str, object] = {}
+    checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
+    if "checkpoint" in inspect.signature(ALGORITHMS.get(algorithm).__init__).parameters:
+        # long runs checkpoint inside --out; rerunning the same command resumes
+        params["checkpoint"] = str(checkpoint)
+        if checkpoint.exists():
+            typer.echo(f"resuming from {checkpoint}", err=True)
     circuit = run_discover(model_name, task, algorithm=algorithm, n_edges=edges,
                            threshold=threshold, n_examples=n_examples, seed=seed,
-                           absolute=not signed, prune=not no_prune, device=device)
+                           absolute=not signed, prune=not no_prune, device=device,
+                           algorithm_params=params)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -84,6 +96,7 @@ def discover(
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the run is complete
     faith = circuit.metadata["faithfulness"]
     typer.echo(f"{circuit.n_edges} edges; normalized faithfulness {faith['faithfulness']:.4f} "
                f"(m(C)={faith['metric_circuit']:.4f}, m(M)={faith['metric_full']:.4f}, "
@@ -149,6 +162,38 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return "undefined (m(M) = m(∅))" if math.isnan(value) else f"{value:.4f}"
     return str(value)
+
+
+@app.command()
+def evaluate(
+    circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml."),
+    task: Optional[str] = typer.Option(None, "--task", "-t",
+                                       help="Task (default: the circuit's own task)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model (default: the circuit's own model)."),
+    n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
+    seed: int = typer.Option(1, "--seed", help="Data seed (default 1: fresh prompts)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+) -> None:
+    """Evaluate a saved circuit: normalized faithfulness and KL divergence on fresh data."""
+    from circuitfind.api import build_data
+    from circuitfind.evaluation.faithfulness import evaluate as run_evaluate
+    from circuitfind.graphs.circuit import Circuit
+    from circuitfind.models import load_model
+
+    circuit = Circuit.load(circuit_path)
+    task = task or circuit.metadata.get("task")
+    model = model or circuit.metadata.get("model")
+    if not task or not model:
+        raise ConfigError("The circuit file does not name its task and model; pass --task and "
+                          "--model.")
+    loaded = load_model(model, device=device)
+    data = build_data(loaded, task, n=n_examples, seed=seed)
+    report = run_evaluate(loaded, circuit, data)
+    typer.echo(f"{circuit.n_edges} edges on {task} ({n_examples} examples, seed {seed}): "
+               f"normalized faithfulness {report.faithfulness:.4f}; m(C)={report.metric_circuit:.4f}, "
+               f"m(M)={report.metric_full:.4f}, m(∅)={report.metric_empty:.4f} "
+               f"{report.metric_unit}; KL {report.kl_div:.4f} nats")
 
 
 @app.command()

@@ -90,3 +90,15 @@ def test_bad_input_is_one_clear_message(run, tiny_dir, tmp_path, extra, message)
 def test_path_that_is_not_a_model(run, tmp_path):
     out = run("discover", "--model", str(tmp_path), "--task", "ioi", "--out", str(tmp_path / "x"))
     assert out.returncode != 0 and "config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_evaluate_a_saved_circuit(run, tiny_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    first = run("discover", "--model", str(tiny_dir), "--task", "induction", "--edges", "20",
+                "--examples", "8", "--algorithm", "exact", "--out", str(out_dir))
+    assert first.returncode == 0, first.stderr
+    assert not (out_dir / ".checkpoint").exists()  # removed once the run is complete
+    result = run("evaluate", str(out_dir / "circuit.json"), "--examples", "8", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out_dir / "circuit.json").read_text())["metadata"]["faithfulness"]
+    assert f"normalized faithfulness {saved['faithfulness']:.4f}" in result.stdout
