@@ -104,7 +104,7 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData,
     masks = torch.stack([circuit.kept.to(engine.dtype), g.full_mask(engine.dtype),
                          torch.zeros(g.n_senders, g.n_receivers, dtype=engine.dtype)])
     logits = engine.run(data, masks, batch_size=batch_size)  # [3, N, P, V]
-    metrics = data.metric(logits).double().mean(-1).cpu()
+    metrics = engine.on_device(data).metric(logits).double().mean(-1).cpu()
     kl = float(kl_div(logits[1], logits[0]).double().mean())
     m_c, m_full, m_empty = (float(v) for v in metrics)
     return FaithfulnessReport(

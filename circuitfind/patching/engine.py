@@ -232,6 +232,10 @@ class PatchingEngine:
             self._corrupted_memo = memo = (tokens, tokens._version, self.sender_outputs(tokens))
         return memo[2]
 
+    def on_device(self, data: TaskData) -> TaskData:
+        """``data`` with its tensors on the model's device (itself when they already are)."""
+        return data if data.clean.device == self.device else data.to(self.device)
+
     def _tokens(self, tokens: Tensor) -> Tensor:
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
             raise ConfigError("Tokens must be an int64 tensor of shape [N, T]; got "
@@ -344,9 +348,10 @@ class PatchingEngine:
         """
         masks = self._masks(masks)
         totals = torch.zeros(masks.shape[0], dtype=torch.float64, device=self.device)
+        on_device = self.on_device(data)  # answers etc. beside the logits for the metric
         for ks, es, logits in self._iter_runs(data, masks, batch_size):
-            values = data.task.metric(logits, data.subset(es)
-                                      if (es.start, es.stop) != (0, data.n) else data)
+            values = data.task.metric(logits, on_device.subset(es)
+                                      if (es.start, es.stop) != (0, data.n) else on_device)
             totals[ks] += values.double().sum(-1)
             if progress is not None and es.stop == data.n:
                 progress(ks.stop - ks.start)
@@ -398,6 +403,7 @@ class PatchingEngine:
         clean = self._tokens(data.clean)
         rows = self._rows_per_pass(data.seq_len) // 2  # activations are kept for backward
         n_chunk = max(1, min(data.n, batch_size or data.n, rows))
+        on_device = self.on_device(data)
         with frozen_parameters(self.model), torch.enable_grad():
             for e0 in range(0, data.n, n_chunk):
                 es = slice(e0, min(data.n, e0 + n_chunk))
@@ -405,7 +411,7 @@ class PatchingEngine:
                 buf = (-corrupted[:, es]).unsqueeze(0).clone()  # becomes a - a' [1, S, n, T, d]
                 hooks = self._sender_hooks(buf, n, "add", make_leaf=True)
                 hooks += self._gradient_hooks(buf, scores, n)
-                sub = data if n == data.n else data.subset(es)
+                sub = on_device if n == data.n else on_device.subset(es)
                 with self.hooked(hooks):
                     logits = self.model(clean[es])
                     pos = sub.positions.to(self.device)
