@@ -153,3 +153,29 @@ def test_tokens_outside_vocabulary_are_rejected(tiny_models):
     engine = PatchingEngine(model)
     with pytest.raises(ConfigError, match="tokenizer"):
         engine.sender_outputs(torch.full((1, 3), 10_000))
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arch=st.sampled_from(["gpt2", "llama"]), layers=st.integers(1, 3),
+       kv=st.integers(1, 2), group=st.integers(1, 2), seed=st.integers(0, 1000))
+def test_invariants_on_random_model_shapes(tmp_path_factory, arch, layers, kv, group, seed):
+    """Keep all = clean, keep none = corrupted, batched = single, on freshly drawn shapes."""
+    from circuitfind.testing import tiny_model
+
+    heads = kv * group if arch == "llama" else kv * group + 1
+    model = tiny_model(tmp_path_factory.mktemp("shape"), dtype=torch.float64, arch=arch,
+                       n_layers=layers, n_heads=heads, d_model=8 * heads,
+                       n_kv_heads=kv if arch == "llama" else None, seed=seed)
+    data = ToyTask().build(model.tokenizer, 2, seed=seed)
+    engine = PatchingEngine(model)
+    full = engine.graph.full_mask(torch.float64)
+    masks = torch.stack([full, torch.zeros_like(full),
+                         torch.rand(full.shape, generator=torch.Generator().manual_seed(seed),
+                                    dtype=torch.float64)])
+    out = engine.run(data, masks)
+    torch.testing.assert_close(out[0], _logits_at(model, data.clean, data.positions),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], _logits_at(model, data.corrupted, data.positions),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[2], engine.run(data, masks[2])[0], atol=1e-9, rtol=0)
