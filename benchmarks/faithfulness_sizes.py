@@ -12,7 +12,6 @@ is the normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)); CPR/CMD ov
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 import circuitfind as cf
+from _results import write_results  # benchmarks/_results.py (scripts run from benchmarks/)
 from circuitfind.algorithms import EAP, ExactPatching
 from circuitfind.evaluation import evaluate, faithfulness_curve
 from circuitfind.graphs.circuit import prune_dangling, select_top_n
@@ -67,11 +67,7 @@ def main() -> None:
               "curves": {k: {"cpr": v["cpr"], "cmd": v["cmd"], "fractions": v["fractions"],
                              "faithfulness": v["faithfulness"]} for k, v in curves.items()},
               "versions": cf.api.versions(), "threads": args.threads}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 def markdown(r: dict) -> str:

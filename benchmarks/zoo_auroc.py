@@ -13,13 +13,12 @@ with k = the reference's edge count. Writes ``OUT.md`` and ``OUT.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 import circuitfind as cf
+from _results import write_results  # benchmarks/_results.py (scripts run from benchmarks/)
 from circuitfind import zoo
 from circuitfind.evaluation import edge_roc, node_roc
 from circuitfind.graphs.circuit import prune_dangling, select_top_n
@@ -60,11 +59,7 @@ def main() -> None:
                 "seconds": seconds})
     result = {"examples": args.examples, "seed": args.seed, "threads": args.threads,
               "rows": rows, "versions": cf.api.versions()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 def markdown(r: dict) -> str:

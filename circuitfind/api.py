@@ -26,10 +26,6 @@ from circuitfind.registry import normalize_name
 from circuitfind.tasks.base import Task, TaskData, get_task
 
 
-def _model(model: Any, device: str | None) -> Any:
-    return load_model(model, device=device) if not hasattr(model, "hook_dict") else model
-
-
 def _model_name(model: Any) -> str:
     cfg = getattr(model, "cfg", None)
     return str(getattr(cfg, "model_name", None) or getattr(cfg, "tokenizer_name", None) or "?")
@@ -74,7 +70,7 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = get_task(task) if data is None else data.task
-    model = _model(model, device)
+    model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     return algo.score(PatchingEngine(model), data)
@@ -123,7 +119,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     algo = get_algorithm(algorithm, **(algorithm_params or {}))  # fail fast, before loading
     task_obj = get_task(task) if data is None else data.task
     model_name = model if isinstance(model, str) else _model_name(model)
-    model = _model(model, device)
+    model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     engine = PatchingEngine(model)

@@ -33,11 +33,9 @@ CHECKPOINT_DIR = ".checkpoint"
 
 def _default_model(task: str) -> str:
     """The zoo organism of ``task`` (for offline runs without --model)."""
-    try:
-        from circuitfind.zoo import default_organism
-    except ImportError:
-        default_organism = None  # type: ignore[assignment]
-    name = default_organism(task) if default_organism is not None else None
+    from circuitfind.zoo import default_organism
+
+    name = default_organism(task)
     if name is None:
         raise ConfigError(f"The task {task!r} has no built-in model organism; pass --model "
                           "(a Hugging Face hub name or a local model directory).")

@@ -74,7 +74,7 @@ class ExactPatching(Algorithm):
         done, effects = self._resume(key, n_edges)
         full = g.full_mask(engine.dtype)
         baseline = engine.evaluate(data, full, batch_size=self.batch_size)[0]
-        rows = engine._rows_per_pass(data.seq_len, n_buffer=2)
+        rows = engine.rows_per_pass(data.seq_len, n_buffer=2)
         step = self.masks_per_pass or max(1, min(256, rows // min(data.n, self.batch_size or data.n)))
         bar = tqdm(total=n_edges, initial=done, desc="exact patching", unit="edge",
                    disable=not self.progress, leave=False)

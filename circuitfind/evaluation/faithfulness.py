@@ -18,7 +18,7 @@ Definitions (DESIGN.md §4):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -137,7 +137,6 @@ class FaithfulnessCurve:
     absolute: bool
     metric_full: float
     metric_empty: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable)."""

@@ -337,19 +337,6 @@ class ComputeGraph:
         """``[S, R]`` mask keeping every edge (1 on real edges, 0 elsewhere)."""
         return self.edge_mask.to(dtype)
 
-    def mask_from_edges(self, names: list[str] | tuple[str, ...] | set[str],
-                        dtype: torch.dtype = torch.float32) -> Tensor:
-        """``[S, R]`` mask keeping exactly the named edges.
-
-        Raises:
-            UnknownNameError: an unknown edge name.
-        """
-        mask = torch.zeros(self.n_senders, self.n_receivers, dtype=dtype)
-        for name in names:
-            s, r = self.edge_index(name)
-            mask[s, r] = 1
-        return mask
-
     # ------------------------------------------------------------------ misc
     def _unknown(self, what: str, name: str, table: dict[str, int]) -> str:
         import difflib

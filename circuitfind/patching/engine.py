@@ -309,8 +309,12 @@ class PatchingEngine:
         return hooks
 
     # ------------------------------------------------------------------ chunking
-    def _rows_per_pass(self, seq_len: int, n_buffer: int | None = None) -> int:
-        """Model-batch rows one pass may use: ``n_buffer`` senders are buffered (default S)."""
+    def rows_per_pass(self, seq_len: int, n_buffer: int | None = None) -> int:
+        """Model-batch rows (sequences of ``seq_len`` tokens) one pass may use.
+
+        Estimated from ``memory_budget`` bytes, with ``n_buffer`` senders' outputs buffered
+        (default: all S) plus the logits and the split q/k/v activations of a row.
+        """
         cfg = self.model.cfg
         n_buffer = self.graph.n_senders if n_buffer is None else n_buffer
         per_token = (n_buffer * self.d_model + int(cfg.d_vocab)
@@ -320,7 +324,7 @@ class PatchingEngine:
 
     def _chunks(self, n_masks: int, n_examples: int, seq_len: int, batch_size: int | None,
                 n_buffer: int | None = None) -> Iterator[tuple[slice, slice]]:
-        rows = self._rows_per_pass(seq_len, n_buffer)
+        rows = self.rows_per_pass(seq_len, n_buffer)
         n = min(n_examples, batch_size or n_examples, rows)
         k = max(1, min(n_masks, rows // n))
         for e0 in range(0, n_examples, n):
@@ -353,16 +357,13 @@ class PatchingEngine:
         return out
 
     @torch.no_grad()
-    def evaluate(self, data: TaskData, masks: Tensor, batch_size: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> Tensor:
+    def evaluate(self, data: TaskData, masks: Tensor, batch_size: int | None = None) -> Tensor:
         """Mean task metric of each circuit.
 
         Args:
             data: Task data.
             masks: ``[S, R]`` or ``[K, S, R]`` keep-masks (see :meth:`run`).
             batch_size: Examples per forward pass (default: from ``memory_budget``).
-            progress: Called with the number of masks finished after each chunk (for progress
-                bars).
 
         Returns:
             ``[K]`` float64 metric means over the N examples, in the task's metric unit.
@@ -374,8 +375,6 @@ class PatchingEngine:
             values = data.task.metric(logits, on_device.subset(es)
                                       if (es.start, es.stop) != (0, data.n) else on_device)
             totals[ks] += values.double().sum(-1)
-            if progress is not None and es.stop == data.n:
-                progress(ks.stop - ks.start)
         return (totals / data.n).cpu()
 
     @torch.no_grad()
@@ -422,7 +421,7 @@ class PatchingEngine:
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=self.device)
         corrupted = self.corrupted_outputs(data)
         clean = self._tokens(data.clean)
-        rows = self._rows_per_pass(data.seq_len) // 2  # activations are kept for backward
+        rows = self.rows_per_pass(data.seq_len) // 2  # activations are kept for backward
         n_chunk = max(1, min(data.n, batch_size or data.n, rows))
         on_device = self.on_device(data)
         with frozen_parameters(self.model), torch.enable_grad():

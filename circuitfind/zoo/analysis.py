@@ -60,11 +60,6 @@ def single_edge_effects(engine: PatchingEngine, data: TaskData, chunk: int = 64)
     return -ExactPatching(masks_per_pass=chunk, progress=False).score(engine, data)
 
 
-def circuit_metric(engine: PatchingEngine, data: TaskData, kept: Tensor) -> float:
-    """Mean task metric of the circuit keeping ``kept`` (``[S, R]`` bool), others corrupted."""
-    return float(engine.evaluate(data, kept.to(torch.float32))[0])
-
-
 def faithfulness(engine: PatchingEngine, data: TaskData, kept: Tensor) -> dict[str, float]:
     """Clean, corrupted and circuit metrics and the normalized faithfulness of ``kept``.
 
