@@ -8,9 +8,11 @@ forward pass (receiver input = clean input minus the sender's clean-minus-corrup
 score(e) = metric(all edges but e) - metric(full model), in the task's unit.
 
 Cost. ``E`` masked forward passes of N examples, batched ``K`` masks per pass (K chosen from the
-engine's memory budget, or ``masks_per_pass``); edges are taken sender by sender so that a pass
-buffers the outputs of one or two senders only; GPT-2 small has 32,491 edges, so this is for
-small models or a subset of edges. Progress is shown with tqdm, and with ``checkpoint`` the
+engine's memory budget, or ``masks_per_pass``). Edges are grouped by their receiver's layer
+``L`` and each pass starts at ``L`` from the cached clean run (nothing before ``L`` can change),
+so an edge costs about ``(n_layers - L) / n_layers`` of a forward pass: 0.36-0.40 on average
+for GPT-2 small and stories260k. Within a layer, edges are taken sender by sender, so that a
+pass buffers few senders' outputs. Progress is shown with tqdm, and with ``checkpoint`` the
 scores computed so far are saved after every pass, so an interrupted run resumes where it
 stopped with the same result.
 """
@@ -21,6 +23,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,21 +69,25 @@ class ExactPatching(Algorithm):
         from tqdm.auto import tqdm
 
         g = engine.graph
-        # edges grouped by sender: a pass over edges of few senders buffers only those senders
-        order = torch.argsort(g.edge_pairs[:, 0], stable=True)
-        pairs = g.edge_pairs[order]
+        # edges grouped by receiver layer (a pass starts at its layer), then by sender (a pass
+        # buffers few senders)
+        layer_of = torch.tensor([r.layer for r in g.receivers])[g.edge_pairs[:, 1]]
+        order = torch.from_numpy(np.lexsort((g.edge_pairs[:, 0].numpy(), layer_of.numpy())))
+        pairs, layers = g.edge_pairs[order], layer_of[order]
         n_edges = g.n_edges
         key = _fingerprint(engine, data)
         done, effects = self._resume(key, n_edges)
         full = g.full_mask(engine.dtype)
         baseline = engine.evaluate(data, full, batch_size=self.batch_size)[0]
         rows = engine.rows_per_pass(data.seq_len, n_buffer=2)
-        step = self.masks_per_pass or max(1, min(256, rows // min(data.n, self.batch_size or data.n)))
+        step = self.masks_per_pass or max(1, min(512, rows // min(data.n, self.batch_size or data.n)))
         bar = tqdm(total=n_edges, initial=done, desc="exact patching", unit="edge",
                    disable=not self.progress, leave=False)
         with bar:
-            for start in range(done, n_edges, step):
+            start = done
+            while start < n_edges:
                 stop = min(n_edges, start + step)
+                stop = start + int((layers[start:stop] == layers[start]).sum())  # one layer
                 masks = full.expand(stop - start, -1, -1).clone()
                 idx = torch.arange(stop - start)
                 masks[idx, pairs[start:stop, 0], pairs[start:stop, 1]] = 0
@@ -89,6 +96,7 @@ class ExactPatching(Algorithm):
                 bar.update(stop - start)
                 if self.checkpoint is not None:
                     self._save(key, stop, effects)
+                start = stop
         return g.to_dense(effects.float())
 
     def _resume(self, key: str, n_edges: int) -> tuple[int, Tensor]:
@@ -113,6 +121,7 @@ class ExactPatching(Algorithm):
 def _fingerprint(engine: PatchingEngine, data: TaskData) -> str:
     """A hash of the graph, the model's parameters' shapes and sums, and the task data."""
     h = hashlib.sha256()
+    h.update(b"edge order: receiver layer, then sender (v2)")
     h.update(repr(engine.graph.config()).encode())
     with torch.no_grad():
         for name, p in engine.model.named_parameters():

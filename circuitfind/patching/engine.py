@@ -30,7 +30,12 @@ The metric is the batch mean of the task's per-example metric (so scores are in 
 unit, e.g. logits for a logit difference). Work is split into chunks of examples and masks to
 stay within ``memory_budget`` bytes; results do not depend on the split.
 
-Not implemented yet: resuming a forward pass from the first layer a mask changes (ACDC).
+Resuming. Masked passes run on :mod:`circuitfind.patching.runner` (our own block runner over the
+wrapped Hugging Face model, checked against the bridge and Hugging Face): a pass starts at the
+first layer any mask touches, from the cached clean residual stream, reads only the metric
+positions, and skips positions after the last metric position (the model is causal). Models
+whose architecture the runner does not implement fall back to the bridge's full forward with
+hooks (one warning).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from torch import Tensor
 from circuitfind.errors import CircuitFindError, ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
+from circuitfind.patching.runner import BlockRunner, RunCache, block_runner
+from circuitfind.patching.spec import Ablation
 from circuitfind.tasks.base import TaskData
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -71,14 +78,17 @@ class PatchingEngine:
         graph: The model's graph (default: ``ComputeGraph.from_model(model)``).
         memory_budget: Bytes the engine may use for one pass's activations (sizes the chunks
             of examples and masks; default 2 GiB).
+        use_runner: Run masked passes on the block runner where the architecture has one
+            (default); ``False`` forces the bridge's full forward with hooks (the slow
+            reference the runner is tested against).
 
     Raises:
         HookError: the model lacks a hook the engine needs.
-        ConfigError: ``graph`` does not match the model.
+        ConfigError: ``graph`` does not match the model, or ``memory_budget`` < 1 MiB.
     """
 
     def __init__(self, model: Any, graph: ComputeGraph | None = None,
-                 memory_budget: int = 2 * 2**30) -> None:
+                 memory_budget: int = 2 * 2**30, use_runner: bool = True) -> None:
         self.model = model
         self.graph = graph if graph is not None else ComputeGraph.from_model(model)
         self.table = HookTable(self.graph)
@@ -92,7 +102,8 @@ class PatchingEngine:
         self.memory_budget = int(memory_budget)
         self.d_model = int(cfg.d_model)
         self.groups = self._receiver_groups()
-        self._corrupted_memo: tuple[Tensor, int, Tensor] | None = None
+        self.runner: BlockRunner | None = block_runner(model, self.graph) if use_runner else None
+        self._memo: dict[str, tuple[Tensor, int, Any]] = {}
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -213,6 +224,8 @@ class PatchingEngine:
             ``[S, N, T, d_model]`` sender outputs in the model's dtype (S = graph.n_senders).
         """
         tokens = self._tokens(tokens)
+        if self.runner is not None:
+            return self.runner.cache(tokens).senders
         n, t = tokens.shape
         buf = torch.empty(1, self.graph.n_senders, n, t, self.d_model, device=self.device,
                           dtype=self.dtype)
@@ -220,17 +233,54 @@ class PatchingEngine:
             self.model(tokens)
         return buf[0]
 
-    def corrupted_outputs(self, data: TaskData) -> Tensor:
-        """``sender_outputs(data.corrupted)``, memoised for the last corrupted tensor seen.
+    def _memoised(self, key: str, tokens: Tensor, make: Callable[[Tensor], Any]) -> Any:
+        """``make(tokens)``, memoised for the last tensor seen under ``key``.
 
         The memo holds a reference to that tensor (so its identity cannot be reused by a new
         tensor) and its in-place version counter.
         """
-        tokens = data.corrupted
-        memo = self._corrupted_memo
+        memo = self._memo.get(key)
         if memo is None or memo[0] is not tokens or memo[1] != tokens._version:
-            self._corrupted_memo = memo = (tokens, tokens._version, self.sender_outputs(tokens))
+            memo = self._memo[key] = (tokens, tokens._version, make(tokens))
         return memo[2]
+
+    def corrupted_outputs(self, data: TaskData) -> Tensor:
+        """``sender_outputs(data.corrupted)`` ``[S, N, T, d]``, memoised for the last corrupted
+        tensor seen."""
+        return self._memoised("corrupted", data.corrupted, self.sender_outputs)
+
+    def clean_cache(self, data: TaskData) -> RunCache:
+        """The clean run's residual streams and sender outputs (runner only), memoised.
+
+        Only the first ``max(positions) + 1`` positions are kept: in a causal model later
+        positions cannot change the metric.
+
+        Raises:
+            ConfigError: the model has no block runner.
+        """
+        if self.runner is None:
+            raise ConfigError("This model's architecture has no block runner; clean caches "
+                              "are only used by runner passes.")
+        runner = self.runner
+        t = self._used_len(data)
+        return self._memoised("clean", data.clean,
+                              lambda tokens: runner.cache(self._tokens(tokens)[:, :t]))
+
+    def ablation_values(self, data: TaskData, ablation: Ablation | str | None = None) -> Tensor:
+        """Value each sender's removed edges carry, ``[S, N|1, T|1, d]`` (see :class:`Ablation`).
+
+        Raises:
+            ConfigError: an ablation the data cannot supply (e.g. a mean over one example).
+        """
+        spec = Ablation.parse(ablation)
+        key = f"ablation:{spec.kind}"
+        return self._memoised(key, data.corrupted,
+                              lambda _: spec.values(self.corrupted_outputs(data), data))
+
+    @staticmethod
+    def _used_len(data: TaskData) -> int:
+        """Positions a causal model needs to produce the metric positions' logits."""
+        return int(data.positions.max()) + 1
 
     def on_device(self, data: TaskData) -> TaskData:
         """``data`` with its tensors on the model's device (itself when they already are)."""
@@ -312,15 +362,30 @@ class PatchingEngine:
     def rows_per_pass(self, seq_len: int, n_buffer: int | None = None) -> int:
         """Model-batch rows (sequences of ``seq_len`` tokens) one pass may use.
 
-        Estimated from ``memory_budget`` bytes, with ``n_buffer`` senders' outputs buffered
-        (default: all S) plus the logits and the split q/k/v activations of a row.
+        Estimated from ``memory_budget`` bytes, with ``n_buffer`` senders' outputs buffered per
+        row (default: all S) plus a row's activations (residual, q/k/v, attention pattern, MLP
+        hidden units; the bridge's split q/k/v copies and full-vocabulary logits when there is
+        no block runner).
+
+        Raises:
+            ConfigError: the budget cannot hold a single row (the message gives the minimum).
         """
+        row = self._row_bytes(seq_len, n_buffer)
+        if self.memory_budget < row:
+            raise ConfigError(f"memory_budget={self.memory_budget} bytes is too small for one "
+                              f"example of {seq_len} tokens; this model needs at least {row} "
+                              "bytes per example and pass.")
+        return self.memory_budget // row
+
+    def _row_bytes(self, seq_len: int, n_buffer: int | None) -> int:
         cfg = self.model.cfg
         n_buffer = self.graph.n_senders if n_buffer is None else n_buffer
-        per_token = (n_buffer * self.d_model + int(cfg.d_vocab)
-                     + 12 * int(cfg.n_heads) * self.d_model + 4 * int(getattr(cfg, "d_mlp", 0) or 0))
-        row = max(1, seq_len * per_token * torch.finfo(self.dtype).bits // 8)
-        return max(1, self.memory_budget // row)
+        heads, d, mlp = int(cfg.n_heads), self.d_model, int(getattr(cfg, "d_mlp", 0) or 0)
+        if self.runner is not None:
+            per_token = (n_buffer + 10) * d + 4 * mlp + 2 * heads * seq_len
+        else:
+            per_token = n_buffer * d + int(cfg.d_vocab) + 12 * heads * d + 4 * mlp
+        return max(1, seq_len * per_token * torch.finfo(self.dtype).bits // 8)
 
     def _chunks(self, n_masks: int, n_examples: int, seq_len: int, batch_size: int | None,
                 n_buffer: int | None = None) -> Iterator[tuple[slice, slice]]:
@@ -332,7 +397,9 @@ class PatchingEngine:
                 yield slice(k0, min(n_masks, k0 + k)), slice(e0, min(n_examples, e0 + n))
 
     # ------------------------------------------------------------------ masked runs
-    def run(self, data: TaskData, masks: Tensor, batch_size: int | None = None) -> Tensor:
+    def run(self, data: TaskData, masks: Tensor, batch_size: int | None = None,
+            start: int | None = None, ablation: Ablation | str | None = None,
+            frozen: Tensor | None = None) -> Tensor:
         """Logits of the circuits ``masks`` at the metric positions.
 
         Args:
@@ -340,16 +407,24 @@ class PatchingEngine:
             masks: ``[S, R]`` or ``[K, S, R]`` keep-masks in [0, 1] (1 = edge kept; entries off
                 real edges are ignored).
             batch_size: Examples per forward pass (default: as many as ``memory_budget`` allows).
+            start: First block to run (default: the first layer whose receivers a mask
+                touches; blocks before it are taken from the cached clean run). Runner only.
+            ablation: What removed edges carry: ``"resample"`` (the corrupted run, default),
+                ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`.
+            frozen: Optional ``[S, R]``/``[K, S, R]`` mask of kept edges frozen to their clean
+                values instead of recomputed (path patching). Runner only.
 
         Returns:
             ``[K, N, P, V]`` logits gathered at ``data.positions`` (model dtype).
 
         Raises:
-            ConfigError: masks of the wrong shape, or tokens outside the model's vocabulary.
+            ConfigError: masks of the wrong shape, tokens outside the model's vocabulary, a start
+                layer out of range or after a touched receiver, or ``start``/``frozen`` on a
+                model without a block runner.
         """
         masks = self._masks(masks)
         out: Tensor | None = None
-        for ks, es, logits in self._iter_runs(data, masks, batch_size):
+        for ks, es, logits in self._iter_runs(data, masks, batch_size, start, ablation, frozen):
             if out is None:
                 out = logits.new_empty(masks.shape[0], data.n, *logits.shape[2:])
             out[ks, es] = logits
@@ -357,13 +432,15 @@ class PatchingEngine:
         return out
 
     @torch.no_grad()
-    def evaluate(self, data: TaskData, masks: Tensor, batch_size: int | None = None) -> Tensor:
+    def evaluate(self, data: TaskData, masks: Tensor, batch_size: int | None = None,
+                 start: int | None = None, ablation: Ablation | str | None = None,
+                 frozen: Tensor | None = None) -> Tensor:
         """Mean task metric of each circuit.
 
         Args:
             data: Task data.
             masks: ``[S, R]`` or ``[K, S, R]`` keep-masks (see :meth:`run`).
-            batch_size: Examples per forward pass (default: from ``memory_budget``).
+            batch_size, start, ablation, frozen: As in :meth:`run`.
 
         Returns:
             ``[K]`` float64 metric means over the N examples, in the task's metric unit.
@@ -371,22 +448,50 @@ class PatchingEngine:
         masks = self._masks(masks)
         totals = torch.zeros(masks.shape[0], dtype=torch.float64, device=self.device)
         on_device = self.on_device(data)  # answers etc. beside the logits for the metric
-        for ks, es, logits in self._iter_runs(data, masks, batch_size):
+        for ks, es, logits in self._iter_runs(data, masks, batch_size, start, ablation, frozen):
             values = data.task.metric(logits, on_device.subset(es)
                                       if (es.start, es.stop) != (0, data.n) else on_device)
             totals[ks] += values.double().sum(-1)
         return (totals / data.n).cpu()
 
     @torch.no_grad()
-    def _iter_runs(self, data: TaskData, masks: Tensor,
-                   batch_size: int | None) -> Iterator[tuple[slice, slice, Tensor]]:
-        corrupted = self.corrupted_outputs(data)  # [S, N, T, d]
+    def _iter_runs(self, data: TaskData, masks: Tensor, batch_size: int | None,
+                   start: int | None = None, ablation: Ablation | str | None = None,
+                   frozen: Tensor | None = None) -> Iterator[tuple[slice, slice, Tensor]]:
+        removed = (1 - masks) * self.graph.edge_mask.to(masks)
+        if frozen is not None:
+            frozen = self._masks(frozen).expand_as(removed) * self.graph.edge_mask.to(masks)
+        if self.runner is None:
+            if start is not None or frozen is not None:
+                raise ConfigError("start= and frozen= need the block runner, which this "
+                                  "model's architecture does not have.")
+            yield from self._iter_hooked_runs(data, removed, batch_size, ablation)
+            return
+        cache = self.clean_cache(data)
+        ablated = self.ablation_values(data, ablation)
+        t = self._used_len(data)
+        ablated = ablated[:, :, :t] if ablated.shape[2] > 1 else ablated
+        positions = data.positions.to(self.device)
+        weights = removed if frozen is None else removed + frozen
+        # rows of a pass hold the current values of senders at or after the start layer
+        n_dynamic = int(weights.ne(0).any(2).any(0).sum())
+        for ks, es in self._chunks(masks.shape[0], data.n, t, batch_size, n_dynamic):
+            sub = cache.subset(es)
+            abl = ablated[:, es] if ablated.shape[1] > 1 else ablated
+            yield ks, es, self.runner.run(sub, abl, removed[ks], positions[es], start=start,
+                                          frozen=None if frozen is None else frozen[ks])
+
+    @torch.no_grad()
+    def _iter_hooked_runs(self, data: TaskData, removed: Tensor, batch_size: int | None,
+                          ablation: Ablation | str | None) -> Iterator[tuple[slice, slice, Tensor]]:
+        """The bridge's full forward with eq. (1) applied in hooks (no start layer)."""
+        corrupted = self.ablation_values(data, ablation).expand(
+            -1, data.n, data.seq_len, -1)  # [S, N, T, d]
         clean = self._tokens(data.clean)
         positions = data.positions.to(self.device)
-        removed = (1 - masks) * self.graph.edge_mask.to(masks)
         # only senders with a removed (or fractional) outgoing edge need buffering
         n_active = int(removed.ne(0).any(2).any(0).sum())
-        for ks, es in self._chunks(masks.shape[0], data.n, data.seq_len, batch_size, n_active):
+        for ks, es in self._chunks(removed.shape[0], data.n, data.seq_len, batch_size, n_active):
             g, n = ks.stop - ks.start, es.stop - es.start
             active = removed[ks].ne(0).any(2).any(0).nonzero()[:, 0]  # sorted sender indices
             buf = (-corrupted[active][:, es]).unsqueeze(0).repeat(g, 1, 1, 1, 1)  # [G, A, n, T, d]

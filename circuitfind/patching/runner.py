@@ -1,0 +1,521 @@
+"""Run a model's blocks ``start..stop`` ourselves, with masked receivers, from a cached residual.
+
+Why. Corrupting an edge into a receiver of layer ``L`` changes nothing before layer ``L``, so a
+masked pass may start at ``L`` from the clean run's residual stream. transformer-lens 4.3's
+``forward(start_at_layer=L)`` still runs blocks ``0..L-1``, and the bridge's own forward with
+split q/k/v inputs costs 1.8-2.7 plain Hugging Face forwards; this module therefore runs the
+wrapped Hugging Face model's blocks itself, reading the weights of its modules in place (nothing
+is copied, so a model changed in place stays in sync) and calling its own norm, MLP and rotary
+modules. It installs no hooks.
+
+Method. Equation (1) of :mod:`circuitfind.patching.engine`: the input of receiver ``r`` is
+
+    x_r = x(current run) - sum_u removed[u, r] * (a_u(current run) - a'_u)
+                         - sum_u frozen[u, r]  * (a_u(current run) - a_u(clean run))
+
+with ``a'`` the ablation value of each sender (the corrupted run for resample ablation, zeros,
+means ...). Per layer the shared path is the plain forward (one norm, one q/k/v projection for
+all heads); only receivers that some mask touches are recomputed, for the masks that touch them,
+and written into the shared q/k/v tensors before attention (so the cost of patching one
+receiver is one ``[d_model, d_head]`` projection of its rows, not a per-head copy of the
+residual stream). Senders before ``start`` are clean by construction, so their differences are
+shared by all K masks; senders at or after ``start`` are recomputed per mask.
+
+A per-head output ``a_{L.h} = z_h W_O[h]`` excludes the attention output bias (as in
+transformer-lens' ``hook_result`` of ``HookedTransformer``); the bias is a constant of the
+residual stream, not part of any head. Differences ``a - a'`` do not depend on this choice;
+zero ablation does.
+
+Supported layouts (checked against the bridge and plain Hugging Face in the tests, to 1e-5 in
+float32): ``GPT2LMHeadModel`` (LayerNorm, learned positions, biases) and ``LlamaForCausalLM``
+(RMSNorm, rotary embeddings, gated MLP, grouped-query attention). Any other architecture gets
+``None`` from :func:`block_runner` (the engine then falls back to the bridge's full forward
+with hooks and warns once). Prompts are right-padded (see :mod:`circuitfind.tasks.base`): in a
+causal model padding after the real tokens cannot change the logits at real positions, so no
+attention mask is used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from circuitfind.errors import ConfigError
+from circuitfind.graphs.graph import ComputeGraph
+
+
+@dataclass(frozen=True)
+class RunCache:
+    """Activations of one unpatched run, to start masked passes from any layer.
+
+    Attributes:
+        resid: ``[n_layers + 1, N, T, d_model]``; ``resid[L]`` is the residual stream entering
+            block ``L`` (``resid[n_layers]`` enters the final norm).
+        senders: ``[S, N, T, d_model]`` every sender's output (``input`` = embeddings).
+    """
+
+    resid: Tensor
+    senders: Tensor
+
+    def subset(self, es: slice) -> RunCache:
+        """The cache of examples ``es``."""
+        return RunCache(self.resid[:, es], self.senders[:, es])
+
+
+class _Layout:
+    """Primitives of one Hugging Face layout, reading the modules' weights in place."""
+
+    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
+        self.hf = hf
+        self.n_heads, self.n_kv = n_heads, n_kv
+        # follow the model's own attention implementation, so results match it bit for bit
+        # where possible (Hugging Face's eager Llama attention takes its softmax in float32)
+        self.eager = getattr(hf.config, "_attn_implementation", None) == "eager"
+        self._rotary: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+    # overridden per layout -------------------------------------------------------------
+    def embed(self, tokens: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ln_attn(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
+        raise NotImplementedError
+
+    def final(self, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def scale(self, layer: int) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    softmax_dtype: torch.dtype | None = None  # dtype of the eager softmax (None: the model's)
+
+    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]`` (none here)."""
+        return q, k
+
+    # shared ------------------------------------------------------------------------------
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = self.rotate(q, k)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        if not self.eager or self.softmax_dtype in (None, q.dtype):
+            # the fused kernel: equal to the eager softmax up to float rounding
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
+            return z.transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) * self.scale(layer)
+        t = scores.shape[-1]
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
+        return (pattern @ v).transpose(1, 2)
+
+    def head_results(self, layer: int, z: Tensor, heads: Tensor) -> Tensor:
+        """Per-head outputs ``z_h W_O[h]`` (no bias) of ``heads``: ``[B,T,h,dh]`` -> ``[B,T,h,d]``."""
+        w, _ = self.w_out(layer)  # [H*dh, d]
+        dh = w.shape[0] // self.n_heads
+        return torch.einsum("bthe,hed->bthd", z[:, :, heads],
+                            w.reshape(self.n_heads, dh, -1)[heads])
+
+    def attn_out(self, layer: int, z: Tensor) -> Tensor:
+        """Attention output (all heads, with bias): ``[B,T,H,dh]`` -> ``[B,T,d]``."""
+        w, b = self.w_out(layer)
+        return _conv1d(z.reshape(*z.shape[:2], -1), w, b)
+
+
+def _unwrap(module: Any) -> Any:
+    """The Hugging Face module inside transformer-lens bridge components (itself if plain)."""
+    while hasattr(module, "original_component"):
+        module = module.original_component
+    return module
+
+
+def _weights(module: Any) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` of a (possibly bridge-wrapped) Linear, Conv1D or norm module."""
+    module = _unwrap(module)
+    return module.weight, getattr(module, "bias", None)
+
+
+class _GPT2(_Layout):
+    """``GPT2LMHeadModel``: LayerNorm, learned positions, Conv1D (``x @ W + b``) weights."""
+
+    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
+        super().__init__(hf, n_heads, n_kv)
+        from transformers.activations import ACT2FN
+
+        hf = _unwrap(hf)
+        self.tr = _unwrap(hf.transformer)
+        self.blocks = [_unwrap(b) for b in self.tr.h]
+        self.attn = [_unwrap(b.attn) for b in self.blocks]
+        self.mlps = [_unwrap(b.mlp) for b in self.blocks]
+        cfg = hf.config
+        self.eps = float(cfg.layer_norm_epsilon)
+        self.act = ACT2FN[cfg.activation_function]
+        self.lm_head = hf.lm_head
+        self.d_model = int(cfg.n_embd)
+        self.d_head = self.d_model // n_heads
+        self._scale = [
+            (self.d_head ** -0.5 if cfg.scale_attn_weights else 1.0)
+            / (float(i + 1) if cfg.scale_attn_by_inverse_layer_idx else 1.0)
+            for i in range(int(cfg.n_layer))]
+
+    def _ln(self, module: Any, x: Tensor) -> Tensor:
+        w, b = _weights(module)
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        return (F.embedding(tokens, _weights(self.tr.wte)[0])
+                + F.embedding(pos, _weights(self.tr.wpe)[0])[None])
+
+    def ln_attn(self, layer: int, x: Tensor) -> Tensor:
+        return self._ln(self.blocks[layer].ln_1, x)
+
+    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:
+        return self._ln(self.blocks[layer].ln_2, x)
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        mlp = self.mlps[layer]
+        (w1, b1), (w2, b2) = _weights(mlp.c_fc), _weights(mlp.c_proj)
+        return _conv1d(self.act(_conv1d(x, w1, b1)), w2, b2)
+
+    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        w, b = _weights(self.attn[layer].c_attn)
+        out = _conv1d(x, w, b).view(*x.shape[:-1], 3, self.n_heads, self.d_head)
+        return out[..., 0, :, :], out[..., 1, :, :], out[..., 2, :, :]
+
+    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:
+        w, b = _weights(self.attn[layer].c_attn)
+        col = slice("qkv".index(kind) * self.d_model + head * self.d_head, None)
+        col = slice(col.start, col.start + self.d_head)
+        return _conv1d(x, w[:, col], b[col])
+
+    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        return _weights(self.attn[layer].c_proj)
+
+    def scale(self, layer: int) -> float:
+        return self._scale[layer]
+
+    def final(self, x: Tensor) -> Tensor:
+        w, b = _weights(self.lm_head)
+        return F.linear(self._ln(self.tr.ln_f, x), w, b)
+
+
+def _conv1d(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """GPT-2's Conv1D: ``x @ w + b`` with ``w [in, out]``."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat @ w if b is None else torch.addmm(b, flat, w)
+    return out.view(*x.shape[:-1], w.shape[1])
+
+
+class _Llama(_Layout):
+    """``LlamaForCausalLM``: RMSNorm, rotary embeddings, gated MLP, grouped-query attention."""
+
+    softmax_dtype = torch.float32
+
+    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
+        super().__init__(hf, n_heads, n_kv)
+        from transformers.activations import ACT2FN
+
+        hf = _unwrap(hf)
+        self.body = _unwrap(hf.model)
+        self.blocks = [_unwrap(b) for b in self.body.layers]
+        self.attn = [_unwrap(b.self_attn) for b in self.blocks]
+        self.mlps = [_unwrap(b.mlp) for b in self.blocks]
+        self.rotary = _unwrap(self.body.rotary_emb)
+        self.lm_head = hf.lm_head
+        self.act = ACT2FN[hf.config.hidden_act]
+        self.d_head = int(self.attn[0].head_dim)
+        self._scale = float(self.attn[0].scaling)
+
+    @staticmethod
+    def _rms(module: Any, x: Tensor) -> Tensor:
+        """Hugging Face's ``LlamaRMSNorm`` (statistics in float32, weight in the model's dtype)."""
+        norm = _unwrap(module)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, _weights(self.body.embed_tokens)[0])
+
+    def ln_attn(self, layer: int, x: Tensor) -> Tensor:
+        return self._rms(self.blocks[layer].input_layernorm, x)
+
+    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:
+        return self._rms(self.blocks[layer].post_attention_layernorm, x)
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        mlp = self.mlps[layer]
+        gate, up, down = (_weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
+        return F.linear(self.act(F.linear(x, *gate)) * F.linear(x, *up), *down)
+
+    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = self.attn[layer]
+        shape = (*x.shape[:-1], -1, self.d_head)
+        return tuple(F.linear(x, *_weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
+                     for k in "qkv")
+
+    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:
+        w, b = _weights(getattr(self.attn[layer], f"{kind}_proj"))
+        rows = slice(head * self.d_head, (head + 1) * self.d_head)
+        return F.linear(x, w[rows], None if b is None else b[rows])
+
+    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        w, b = _weights(self.attn[layer].o_proj)
+        return w.T, b
+
+    def scale(self, layer: int) -> float:
+        return self._scale
+
+    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        t = q.shape[2]
+        key = (t, q.dtype, q.device)
+        if key not in self._rotary:
+            pos = torch.arange(t, device=q.device)[None]
+            self._rotary = {key: self.rotary(q, pos)}
+        cos, sin = self._rotary[key]
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    def final(self, x: Tensor) -> Tensor:
+        return F.linear(self._rms(self.body.norm, x), *_weights(self.lm_head))
+
+
+_LAYOUTS: dict[str, type[_Layout]] = {"GPT2LMHeadModel": _GPT2, "LlamaForCausalLM": _Llama}
+
+
+def block_runner(model: Any, graph: ComputeGraph) -> BlockRunner | None:
+    """The :class:`BlockRunner` for ``model``, or ``None`` (with a warning) if its layout is unknown.
+
+    Args:
+        model: A ``TransformerBridge`` (its ``original_model`` is run) or a Hugging Face causal LM.
+        graph: The model's graph.
+
+    Returns:
+        A runner, or ``None`` when the architecture (or a graph feature such as parallel
+        attention/MLP) is not one the runner implements; callers then use the bridge's forward.
+    """
+    hf = _unwrap(getattr(model, "original_model", model))
+    name = type(hf).__name__
+    layout = _LAYOUTS.get(name)
+    if layout is None or graph.parallel_attn_mlp or graph.attn_only:
+        warnings.warn(f"circuitfind's block runner does not implement {name} "
+                      f"(known: {', '.join(sorted(_LAYOUTS))}); masked passes fall back to the "
+                      "bridge's full forward with hooks (correct, but slower and unable to start "
+                      "at a later layer).", RuntimeWarning, stacklevel=2)
+        return None
+    return BlockRunner(layout(hf, graph.n_heads, graph.n_kv_heads), graph)
+
+
+class BlockRunner:
+    """Masked forward passes over a Hugging Face model's blocks, from any start layer.
+
+    Args:
+        layout: The layout adapter (built by :func:`block_runner`).
+        graph: The model's graph (sender and receiver indexing).
+    """
+
+    def __init__(self, layout: _Layout, graph: ComputeGraph) -> None:
+        self.layout = layout
+        self.graph = graph
+        g = graph
+        # receivers of each layer by kind: (kind, first receiver, count) and sender slices
+        self._receiver_layer = torch.tensor([r.layer for r in g.receivers])
+        self._sender_layer = torch.tensor([s.layer for s in g.senders])
+
+    # ------------------------------------------------------------------ plain runs
+    @torch.no_grad()
+    def cache(self, tokens: Tensor) -> RunCache:
+        """Run the unpatched model and keep what a masked pass starting at any layer needs.
+
+        Args:
+            tokens: ``[N, T]`` int64 token ids (right-padded).
+
+        Returns:
+            The :class:`RunCache` of this run.
+        """
+        g, lay = self.graph, self.layout
+        x = lay.embed(tokens)
+        n, t, d = x.shape
+        resid = x.new_empty(g.n_layers + 1, n, t, d)
+        senders = x.new_empty(g.n_senders, n, t, d)
+        senders[0] = x
+        all_heads = torch.arange(g.n_heads, device=x.device)
+        for layer in range(g.n_layers):
+            resid[layer] = x
+            q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+            z = lay.attend(layer, q, k, v)
+            h0 = g.head_start[layer]
+            senders[h0: h0 + g.n_heads] = lay.head_results(layer, z, all_heads).permute(2, 0, 1, 3)
+            x = x + lay.attn_out(layer, z)
+            m = lay.mlp(layer, lay.ln_mlp(layer, x))
+            senders[g.mlp_index[layer]] = m
+            x = x + m
+        resid[g.n_layers] = x
+        return RunCache(resid, senders)
+
+    @torch.no_grad()
+    def logits(self, tokens: Tensor) -> Tensor:
+        """Plain forward: ``[N, T]`` token ids -> ``[N, T, V]`` logits (for checks)."""
+        return self.layout.final(self.cache(tokens).resid[-1])
+
+    def start_layer(self, touched: Tensor) -> int:
+        """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none
+        but the logits; ``n_layers + 1`` if none at all)."""
+        layers = self._receiver_layer[touched.cpu()]
+        return int(layers.min()) if len(layers) else self.graph.n_layers + 1
+
+    # ------------------------------------------------------------------ masked runs
+    @torch.no_grad()
+    def run(self, cache: RunCache, ablated: Tensor, removed: Tensor, positions: Tensor,
+            start: int | None = None, frozen: Tensor | None = None) -> Tensor:
+        """Logits at ``positions`` of K masked runs, starting at layer ``start``.
+
+        Args:
+            cache: The clean run's :class:`RunCache` for these N examples.
+            ablated: ``[S, N, T, d]`` (or broadcastable in N/T) value each sender's edges carry
+                when removed (the corrupted run for resample ablation).
+            removed: ``[K, S, R]`` weights ``1 - M`` (0 = edge kept, 1 = removed; fractional
+                values interpolate). Must be 0 off real edges.
+            positions: ``[N, P]`` metric positions.
+            start: First block to run (default: the first layer with a touched receiver). Every
+                receiver before it must be untouched.
+            frozen: Optional ``[K, S, R]`` weights of kept edges frozen to their clean values
+                (path patching), same rules as ``removed``.
+
+        Returns:
+            ``[K, N, P, V]`` logits.
+
+        Raises:
+            ConfigError: ``start`` out of range, or a mask touches a receiver before ``start``.
+        """
+        g, lay = self.graph, self.layout
+        k_masks = removed.shape[0]
+        weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S or 2S, R]
+        touched_r = weights.ne(0).any(1)  # [K, R]
+        first = self.start_layer(touched_r.any(0))
+        if start is None:
+            start = min(first, g.n_layers)
+        if not 0 <= start <= g.n_layers:
+            raise ConfigError(f"The start layer must lie in [0, {g.n_layers}] for this "
+                              f"{g.n_layers}-layer model; got {start}.")
+        if first < start:
+            raise ConfigError(f"A mask removes or freezes an edge into a receiver of layer "
+                              f"{first}, before the start layer {start}; start at layer "
+                              f"{first} or earlier (or leave start unset).")
+        n, t, d = cache.resid.shape[1:]
+        dev, dtype = cache.resid.device, cache.resid.dtype
+        active = weights.ne(0).any(2).any(0)  # senders with a removed/frozen edge
+        if frozen is not None:
+            active = active[: g.n_senders] | active[g.n_senders:]
+        n_static = g.head_start[start] if start < g.n_layers else g.n_senders
+        static = active[:n_static].nonzero()[:, 0].tolist()
+        dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
+        # Shared-over-masks buffer: static senders' clean - ablated; dynamic senders' ablated
+        # and (for frozen edges) clean values. Dynamic senders' current values are per mask.
+        parts = [cache.senders[static] - ablated[static]] if static else []
+        cols = [removed[:, static]] if static else []
+        if dynamic:
+            parts.append(ablated[dynamic].expand(len(dynamic), n, t, d))
+            cols.append(-removed[:, dynamic])
+            if frozen is not None:
+                parts.append(cache.senders[dynamic])
+                cols.append(-frozen[:, dynamic])
+        shared = torch.cat(parts).reshape(-1, n * t * d) if parts else None
+        w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
+        w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
+        current = None
+        dyn_slot = {u: i for i, u in enumerate(dynamic)}
+        if dynamic:
+            current = torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
+        touched_cpu = touched_r.cpu()
+        all_masks = torch.arange(k_masks)
+
+        def delta(r: int) -> tuple[Tensor | slice, Tensor]:
+            """Masks touching receiver ``r`` and their patch ``[k_r, n, T, d]``."""
+            ks_cpu = all_masks[touched_cpu[:, r]]
+            ks: Tensor | slice = slice(None) if len(ks_cpu) == k_masks else ks_cpu.to(dev)
+            out = None
+            if w_shared is not None:
+                out = w_shared[ks, :, r] @ shared
+            if dynamic:
+                n_up = int(g.n_upstream[r])
+                j = sum(1 for u in dynamic if u < n_up)  # dynamic senders upstream of r
+                if j:
+                    w = w_dyn[ks, :j, r]
+                    cur = current[ks, :j] if isinstance(ks, Tensor) else current[:, :j]
+                    term = torch.bmm(w.unsqueeze(1), cur)[:, 0]
+                    out = term if out is None else out + term
+            assert out is not None
+            return ks, out.view(-1, n, t, d)
+
+        x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
+        for layer in range(start, g.n_layers):
+            xl = lay.ln_attn(layer, x)
+            q, k, v = lay.qkv(layer, xl)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            for kind, first_r, size, target in (("q", g.q_start[layer], g.n_heads, q),
+                                                ("k", g.k_start[layer], g.n_kv_heads, k),
+                                                ("v", g.v_start[layer], g.n_kv_heads, v)):
+                for head in range(size):
+                    r = first_r + head
+                    if not touched_cpu[:, r].any():
+                        continue
+                    ks, dlt = delta(r)
+                    xr = x.view(k_masks, n, t, d)[ks] - dlt
+                    out = lay.project(layer, kind, head, lay.ln_attn(layer, xr))
+                    target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
+            z = lay.attend(layer, q, k, v)
+            h0 = g.head_start[layer]
+            heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
+            if heads:
+                res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T,h,d]
+                res = res.view(k_masks, n, t, len(heads), d).permute(0, 3, 1, 2, 4)
+                for i, hh in enumerate(heads):
+                    current[:, dyn_slot[h0 + hh]] = res[:, i].reshape(k_masks, -1)
+            x = x + lay.attn_out(layer, z)
+            r = g.mlp_receiver[layer]
+            xm = x
+            if touched_cpu[:, r].any():
+                ks, dlt = delta(r)
+                xm = x.clone()
+                xm.view(k_masks, n, t, d)[ks] -= dlt
+            m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+            u = g.mlp_index[layer]
+            if u in dyn_slot:
+                current[:, dyn_slot[u]] = m.reshape(k_masks, -1)
+            x = x + m
+        r = g.n_receivers - 1
+        x = x.view(k_masks, n, t, d)
+        pos = positions.to(dev)
+        idx = pos[None, :, :, None].expand(k_masks, n, pos.shape[1], d)
+        xf = x.gather(2, idx)  # [K, n, P, d]
+        if touched_cpu[:, r].any():
+            ks, dlt = delta(r)
+            dlt = dlt.gather(2, idx[: dlt.shape[0]])
+            xf = xf.clone()
+            xf[ks] -= dlt
+        return lay.final(xf)

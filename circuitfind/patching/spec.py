@@ -1,0 +1,94 @@
+"""What a removed edge carries: the ablation specification, as data.
+
+A masked pass (:meth:`circuitfind.patching.PatchingEngine.run`) is described by data only: a
+keep-mask ``M [K, S, R]``, an :class:`Ablation` saying what value a removed edge carries instead
+of its sender's current output, and optionally a mask of kept edges *frozen* to their clean
+values (path patching). The engine compiles these into one masked pass in one place
+(:mod:`circuitfind.patching.runner`); algorithms only choose a specification.
+
+Ablation kinds (sender outputs ``a'_u`` that removed edges carry):
+
+- ``resample`` (default): the sender's output on the task's corrupted prompt of the same example
+  (interchange intervention; Geiger et al. 2021; Wang et al. 2022 call it resample ablation with
+  a matched counterfactual).
+- ``zero``: zero (the sender's contribution is deleted; per-head outputs exclude the attention
+  output bias, see :mod:`circuitfind.patching.runner`).
+- ``mean``: the sender's output averaged over the task's corrupted examples and their real
+  (unpadded) positions: one vector per sender.
+- ``mean_positional``: the same average taken separately at each position (over the examples
+  whose prompt reaches that position): one vector per sender and position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from circuitfind.errors import ConfigError
+
+ABLATIONS = ("resample", "zero", "mean", "mean_positional")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """What removed edges carry.
+
+    Args:
+        kind: One of ``resample``, ``zero``, ``mean``, ``mean_positional`` (dashes accepted).
+
+    Raises:
+        ConfigError: an unknown kind (the message lists the valid ones).
+    """
+
+    kind: str = "resample"
+
+    def __post_init__(self) -> None:
+        kind = str(self.kind).replace("-", "_")
+        if kind not in ABLATIONS:
+            raise ConfigError(f"Unknown ablation {self.kind!r}; use one of {', '.join(ABLATIONS)}.")
+        object.__setattr__(self, "kind", kind)
+
+    @classmethod
+    def parse(cls, value: Ablation | str | None) -> Ablation:
+        """An :class:`Ablation` from an instance, a kind name or ``None`` (resample)."""
+        if isinstance(value, Ablation):
+            return value
+        return cls() if value is None else cls(str(value))
+
+    def values(self, corrupted: Tensor, data: Any) -> Tensor:
+        """The ablation value of every sender.
+
+        Args:
+            corrupted: ``[S, N, T, d]`` sender outputs on the corrupted prompts.
+            data: The :class:`~circuitfind.tasks.TaskData` (its ``attention_mask`` marks real
+                positions).
+
+        Returns:
+            ``[S, N, T, d]`` (resample), ``[S, 1, 1, d]`` (zero, mean) or ``[S, 1, T, d]``
+            (mean_positional), in the model's dtype.
+
+        Raises:
+            ConfigError: a mean ablation over fewer than two examples.
+        """
+        s, n, t, d = corrupted.shape
+        if self.kind == "resample":
+            return corrupted
+        if self.kind == "zero":
+            return corrupted.new_zeros(s, 1, 1, d)
+        if n < 2:
+            raise ConfigError(f"A {self.kind} ablation averages over the task's corrupted "
+                              f"examples, but there is only {n}; build the data with n >= 2 "
+                              "(more is better) or use the resample ablation.")
+        real = data.attention_mask[:, :t].to(corrupted.device, corrupted.dtype)  # [N, T]
+        weighted = corrupted * real[None, :, :, None]
+        if self.kind == "mean":
+            return weighted.sum((1, 2), keepdim=True) / real.sum().clamp_min(1)
+        per_pos = real.sum(0)  # [T]
+        return weighted.sum(1, keepdim=True) / per_pos.clamp_min(1)[None, None, :, None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (for circuit metadata and reports)."""
+        return {"kind": self.kind}
+
