@@ -94,8 +94,21 @@ class _Layout:
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
+        """Per-head projection ``(W [heads, d, dh], b [heads, dh] | None)`` of ``kind`` (q, k, v)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:
+        """One head's ``kind`` projection of ``x [..., d]`` -> ``[..., dh]``."""
+        w, b = self.head_weights(layer, kind)
+        out = x @ w[head]
+        return out if b is None else out + b[head]
+
+    def project_all(self, layer: int, kind: str, x: Tensor) -> Tensor:
+        """Every head's projection of its own input ``x [..., heads, d]`` -> ``[..., heads, dh]``."""
+        w, b = self.head_weights(layer, kind)
+        out = torch.einsum("...hd,hde->...he", x, w)
+        return out if b is None else out + b
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
         raise NotImplementedError
@@ -205,11 +218,11 @@ class _GPT2(_Layout):
         out = _conv1d(x, w, b).view(*x.shape[:-1], 3, self.n_heads, self.d_head)
         return out[..., 0, :, :], out[..., 1, :, :], out[..., 2, :, :]
 
-    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:
+    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = _weights(self.attn[layer].c_attn)
-        col = slice("qkv".index(kind) * self.d_model + head * self.d_head, None)
-        col = slice(col.start, col.start + self.d_head)
-        return _conv1d(x, w[:, col], b[col])
+        cols = slice("qkv".index(kind) * self.d_model, ("qkv".index(kind) + 1) * self.d_model)
+        return (w[:, cols].reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2),
+                b[cols].view(self.n_heads, self.d_head))
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         return _weights(self.attn[layer].c_proj)
@@ -277,10 +290,10 @@ class _Llama(_Layout):
         return tuple(F.linear(x, *_weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
                      for k in "qkv")
 
-    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:
+    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = _weights(getattr(self.attn[layer], f"{kind}_proj"))
-        rows = slice(head * self.d_head, (head + 1) * self.d_head)
-        return F.linear(x, w[rows], None if b is None else b[rows])
+        w = w.view(-1, self.d_head, w.shape[1]).transpose(1, 2)  # [heads, d, dh]
+        return w, None if b is None else b.view(-1, self.d_head)
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         w, b = _weights(self.attn[layer].o_proj)
@@ -447,60 +460,84 @@ class BlockRunner:
         shared = torch.cat(parts).reshape(-1, n * t * d) if parts else None
         w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
         w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
-        current = None
         dyn_slot = {u: i for i, u in enumerate(dynamic)}
-        if dynamic:
-            current = torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
+        current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
+                   if dynamic else None)
         touched_cpu = touched_r.cpu()
-        all_masks = torch.arange(k_masks)
+        dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
 
-        def delta(r: int) -> tuple[Tensor | slice, Tensor]:
-            """Masks touching receiver ``r`` and their patch ``[k_r, n, T, d]``."""
-            ks_cpu = all_masks[touched_cpu[:, r]]
-            ks: Tensor | slice = slice(None) if len(ks_cpu) == k_masks else ks_cpu.to(dev)
-            out = None
-            if w_shared is not None:
-                out = w_shared[ks, :, r] @ shared
-            if dynamic:
-                n_up = int(g.n_upstream[r])
-                j = sum(1 for u in dynamic if u < n_up)  # dynamic senders upstream of r
-                if j:
-                    w = w_dyn[ks, :j, r]
-                    cur = current[ks, :j] if isinstance(ks, Tensor) else current[:, :j]
-                    term = torch.bmm(w.unsqueeze(1), cur)[:, 0]
-                    out = term if out is None else out + term
+        def deltas(receivers: list[int]) -> list[tuple[int, Tensor | slice, Tensor]]:
+            """``(r, masks touching r, patch [k_r, n, T, d])`` for the touched ``receivers``.
+
+            One matmul over the shared buffer and one batched matmul over the per-mask
+            buffer for all of them (each buffer is read once per layer, not once per receiver).
+            """
+            rs = [r for r in receivers if touched_cpu[:, r].any()]
+            if not rs:
+                return []
+            sub = touched_cpu[:, rs]  # [K, R']
+            jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
+            rr = torch.tensor(rs)[jj]
+            kd, rd = kk.to(dev), rr.to(dev)
+            out = w_shared[kd, :, rd] @ shared if w_shared is not None else None  # [P, X]
+            n_up = int(g.n_upstream[rs].max())
+            j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
+            if j:
+                if bool(sub.all()):  # every mask touches every receiver: one batched matmul
+                    w = w_dyn[:, :j][:, :, torch.tensor(rs, device=dev)]  # [K, j, R']
+                    dyn = torch.bmm(w.transpose(1, 2), current[:, :j])  # [K, R', X]
+                    term = dyn.transpose(0, 1).reshape(-1, n * t * d)  # pairs by receiver
+                else:
+                    term = torch.einsum("pa,pax->px", w_dyn[kd, :j, rd], current[kd, :j])
+                out = term if out is None else out + term
             assert out is not None
-            return ks, out.view(-1, n, t, d)
+            counts = torch.bincount(jj, minlength=len(rs)).tolist()
+            result = []
+            for r, ks_cpu, dlt in zip(rs, kk.split(counts), out.split(counts)):
+                ks: Tensor | slice = slice(None) if len(ks_cpu) == k_masks else ks_cpu.to(dev)
+                result.append((r, ks, dlt.view(-1, n, t, d)))
+            return result
 
         x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
         for layer in range(start, g.n_layers):
-            xl = lay.ln_attn(layer, x)
-            q, k, v = lay.qkv(layer, xl)
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            for kind, first_r, size, target in (("q", g.q_start[layer], g.n_heads, q),
-                                                ("k", g.k_start[layer], g.n_kv_heads, k),
-                                                ("v", g.v_start[layer], g.n_kv_heads, v)):
-                for head in range(size):
-                    r = first_r + head
-                    if not touched_cpu[:, r].any():
-                        continue
-                    ks, dlt = delta(r)
-                    xr = x.view(k_masks, n, t, d)[ks] - dlt
-                    out = lay.project(layer, kind, head, lay.ln_attn(layer, xr))
+            xk = x.view(k_masks, n, t, d)
+            patches = deltas(list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads)))
+            sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
+            by_kind: dict[str, list[tuple[int, Tensor | slice, Tensor]]] = {"q": [], "k": [], "v": []}
+            for patch in patches:
+                by_kind[g.receivers[patch[0]].kind].append(patch)
+            # a kind is dense when every mask touches every one of its receivers
+            dense = {kind: len(p) == sizes[kind] and all(isinstance(ks, slice) for _, ks, _ in p)
+                     for kind, p in by_kind.items()}
+            if all(dense.values()):
+                qkv = {}
+            else:
+                q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+                qkv = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
+            first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+            for kind, kind_patches in by_kind.items():
+                if dense[kind]:  # all heads at once: [K, n, T, heads, d]
+                    split = xk.unsqueeze(3) - torch.stack([p[2] for p in kind_patches], 3)
+                    qkv[kind] = lay.project_all(layer, kind, lay.ln_attn(layer, split)).view(
+                        k_masks * n, t, sizes[kind], -1)
+                    continue
+                target = qkv[kind]
+                for r, ks, dlt in kind_patches:
+                    head = r - first[kind]
+                    out = lay.project(layer, kind, head, lay.ln_attn(layer, xk[ks] - dlt))
                     target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
+            q, k, v = qkv["q"], qkv["k"], qkv["v"]
             z = lay.attend(layer, q, k, v)
             h0 = g.head_start[layer]
             heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
             if heads:
                 res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T,h,d]
                 res = res.view(k_masks, n, t, len(heads), d).permute(0, 3, 1, 2, 4)
-                for i, hh in enumerate(heads):
-                    current[:, dyn_slot[h0 + hh]] = res[:, i].reshape(k_masks, -1)
+                i0 = dyn_slot[h0 + heads[0]]
+                current[:, i0: i0 + len(heads)] = res.reshape(k_masks, len(heads), -1)
             x = x + lay.attn_out(layer, z)
-            r = g.mlp_receiver[layer]
             xm = x
-            if touched_cpu[:, r].any():
-                ks, dlt = delta(r)
+            for _, ks, dlt in deltas([g.mlp_receiver[layer]]):
                 xm = x.clone()
                 xm.view(k_masks, n, t, d)[ks] -= dlt
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
@@ -508,14 +545,11 @@ class BlockRunner:
             if u in dyn_slot:
                 current[:, dyn_slot[u]] = m.reshape(k_masks, -1)
             x = x + m
-        r = g.n_receivers - 1
         x = x.view(k_masks, n, t, d)
         pos = positions.to(dev)
         idx = pos[None, :, :, None].expand(k_masks, n, pos.shape[1], d)
         xf = x.gather(2, idx)  # [K, n, P, d]
-        if touched_cpu[:, r].any():
-            ks, dlt = delta(r)
-            dlt = dlt.gather(2, idx[: dlt.shape[0]])
+        for _, ks, dlt in deltas([g.n_receivers - 1]):
             xf = xf.clone()
-            xf[ks] -= dlt
+            xf[ks] -= dlt.gather(2, idx[: dlt.shape[0]])
         return lay.final(xf)

@@ -1,0 +1,228 @@
+"""The block runner against the bridge, plain Hugging Face and slow one-edge-at-a-time patching.
+
+- the runner's logits equal the bridge's and a separately loaded plain Hugging Face model's;
+- every single edge of the tiny GPT-2 and Llama/GQA models, patched through the runner (passes
+  that start at the receiver's layer), equals the bridge's full forward with the patch applied
+  by a hand-written hook (the slow, obviously correct reference);
+- any start layer at or before the first touched receiver gives the same logits, and the
+  invariants (all kept = clean, none kept = corrupted, batched = one at a time) hold for each;
+- chunking under a tiny memory budget changes nothing; padded data keeps the invariants;
+- zero / mean ablations equal their definitions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitfind.errors import ConfigError
+from circuitfind.patching import PatchingEngine
+from circuitfind.patching.runner import block_runner
+from circuitfind.tasks.base import TaskData
+from circuitfind.testing import ToyTask
+
+MODELS = ["gpt2", "llama", "llama_gqa"]
+
+
+def _logits_at(model, tokens, positions):
+    with torch.no_grad():
+        logits = model(tokens)
+    idx = positions[:, :, None].expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, idx)
+
+
+def _plain_hf(model):
+    """A separately loaded plain Hugging Face model (no bridge components) of ``model``."""
+    from transformers import AutoModelForCausalLM
+
+    path = model.cfg.model_name
+    return AutoModelForCausalLM.from_pretrained(path, dtype=model.cfg.dtype).eval()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_runner_equals_bridge_and_plain_hugging_face(tiny_models, tmp_path, name):
+    from circuitfind.testing import tiny_model
+
+    specs = {"gpt2": dict(arch="gpt2"), "llama": dict(arch="llama"),
+             "llama_gqa": dict(arch="llama", n_layers=3, n_kv_heads=2)}
+    model = tiny_model(tmp_path, dtype=torch.float32, **specs[name])  # float32 here
+    engine = PatchingEngine(model)
+    tokens = torch.randint(3, 64, (3, 11), generator=torch.Generator().manual_seed(0))
+    ours = engine.runner.logits(tokens)
+    with torch.no_grad():
+        bridge = model(tokens)
+        plain = _plain_hf(model)(tokens).logits
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, bridge, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=0)
+    # right padding with an attention mask in Hugging Face: real positions unchanged
+    mask = torch.ones_like(tokens)
+    mask[0, 7:] = 0
+    with torch.no_grad():
+        padded = _plain_hf(model)(tokens, attention_mask=mask).logits
+    torch.testing.assert_close(ours[0, :7], padded[0, :7], atol=1e-5, rtol=0)
+
+
+def test_unknown_architecture_falls_back_with_a_warning(tiny_models):
+    model = tiny_models("gpt2")
+    engine = PatchingEngine(model)
+
+    class Other(torch.nn.Module):
+        pass
+
+    with pytest.warns(RuntimeWarning, match="fall back"):
+        assert block_runner(Other(), engine.graph) is None
+
+
+def _manual_edge_patch(model, engine, data, s, r, clean_out, ablated):
+    """Bridge forward with ``ablated[s] - clean[s]`` added at receiver ``r``'s hook."""
+    rec = engine.graph.receivers[r]
+    delta = ablated[s] - clean_out[s]
+    if rec.kind in ("q", "k", "v"):
+        hook_name = f"blocks.{rec.layer}.hook_{rec.kind}_input"
+
+        def fn(x, hook, head=rec.head):
+            x = x.clone()
+            x[:, :, head] += delta
+            return x
+    else:
+        hook_name = "ln_final.hook_in" if rec.kind == "logits" else f"blocks.{rec.layer}.hook_mlp_in"
+
+        def fn(x, hook):
+            return x + delta
+    with model.hooks(fwd_hooks=[(hook_name, fn)]):
+        return _logits_at(model, data.clean, data.positions)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_every_single_edge_equals_the_slow_reference(tiny_models, name):
+    model = tiny_models(name)
+    data = ToyTask(positions=2).build(model.tokenizer, 3, seed=4)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    clean_out = engine.sender_outputs(data.clean)
+    corr_out = engine.sender_outputs(data.corrupted)
+    full = g.full_mask(torch.float64)
+    masks = full.expand(g.n_edges, -1, -1).clone()
+    pairs = g.edge_pairs
+    masks[torch.arange(g.n_edges), pairs[:, 0], pairs[:, 1]] = 0
+    got = engine.run(data, masks)  # batched, each pass starting at its first touched layer
+    clean = _logits_at(model, data.clean, data.positions)
+    moved = 0
+    for e, (s, r) in enumerate(pairs.tolist()):
+        want = _manual_edge_patch(model, engine, data, s, r, clean_out, corr_out)
+        torch.testing.assert_close(got[e], want, atol=1e-8, rtol=0)
+        moved += bool((want - clean).abs().max() > 1e-6)
+    assert moved > g.n_edges // 2  # most edges change the logits: the check has teeth
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_start_layer_gives_the_same_logits(tiny_models, name):
+    model = tiny_models(name)
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(g.n_layers + 1):
+        # a random mask touching only receivers of layer >= `layer`
+        masks = torch.rand(3, g.n_senders, g.n_receivers, generator=gen, dtype=torch.float64)
+        early = torch.tensor([rec.layer < layer for rec in g.receivers])
+        masks[:, :, early] = 1
+        masks[2] = (masks[2] > 0.5).double()
+        masks[2][:, early] = 1
+        reference = engine.run(data, masks, start=0)
+        for start in range(layer + 1):
+            torch.testing.assert_close(engine.run(data, masks, start=start), reference,
+                                       atol=1e-9, rtol=0)
+        single = torch.stack([engine.run(data, m, start=layer)[0] for m in masks])
+        torch.testing.assert_close(single, reference, atol=1e-9, rtol=0)
+        if layer < g.n_layers:
+            with pytest.raises(ConfigError, match="before the start layer"):
+                engine.run(data, masks, start=layer + 1)
+    full = g.full_mask(torch.float64)
+    for start in range(g.n_layers + 1):
+        torch.testing.assert_close(engine.run(data, full, start=start)[0],
+                                   _logits_at(model, data.clean, data.positions), atol=1e-9, rtol=0)
+    with pytest.raises(ConfigError, match="start layer"):
+        engine.run(data, full, start=g.n_layers + 1)
+    with pytest.raises(ConfigError, match="start layer"):
+        engine.run(data, full, start=-1)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_tiny_memory_budget_chunks_without_changing_results(tiny_models, name):
+    model = tiny_models(name)
+    data = ToyTask(positions=2).build(model.tokenizer, 5, seed=2)
+    big = PatchingEngine(model)
+    g = big.graph
+    masks = torch.rand(4, g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+    row = big._row_bytes(data.seq_len, g.n_senders)
+    small = PatchingEngine(model, memory_budget=max(2**20, row))
+    assert small.rows_per_pass(data.seq_len) < 4 * data.n  # it really chunks
+    torch.testing.assert_close(small.run(data, masks), big.run(data, masks), atol=1e-10, rtol=0)
+    tight = PatchingEngine(model, memory_budget=2**20)
+    with pytest.raises(ConfigError, match="at least"):
+        tight.rows_per_pass(10**6)
+
+
+def _padded(data: TaskData, lengths: list[int], pad: int) -> TaskData:
+    """``data`` with example i cut to ``lengths[i]`` real tokens and right-padded."""
+    clean, corrupted = data.clean.clone(), data.corrupted.clone()
+    mask = torch.ones_like(clean)
+    positions = torch.tensor([[n - 1] for n in lengths])
+    for i, n in enumerate(lengths):
+        clean[i, n:] = pad
+        corrupted[i, n:] = pad
+        mask[i, n:] = 0
+    return TaskData(task=data.task, clean=clean, corrupted=corrupted, positions=positions,
+                    answers=data.answers, wrong_answers=data.wrong_answers, attention_mask=mask,
+                    clean_prompts=data.clean_prompts, corrupted_prompts=data.corrupted_prompts,
+                    seed=data.seed)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_invariants_on_padded_data(tiny_models, name):
+    model = tiny_models(name)
+    data = _padded(ToyTask(seq_len=8).build(model.tokenizer, 3, seed=3), [4, 9, 6],
+                   pad=int(model.tokenizer.pad_token_id))
+    engine = PatchingEngine(model)
+    g = engine.graph
+    full = g.full_mask(torch.float64)
+    rand = torch.rand(full.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = engine.run(data, torch.stack([full, torch.zeros_like(full), rand]))
+    torch.testing.assert_close(out[0], _logits_at(model, data.clean, data.positions),
+                               atol=1e-8, rtol=0)
+    torch.testing.assert_close(out[1], _logits_at(model, data.corrupted, data.positions),
+                               atol=1e-8, rtol=0)
+    one_by_one = torch.cat([engine.run(data.subset([i]), rand)[0] for i in range(data.n)])
+    torch.testing.assert_close(out[2], one_by_one, atol=1e-8, rtol=0)
+    hooked = PatchingEngine(model, use_runner=False)
+    torch.testing.assert_close(hooked.run(data, rand)[0], out[2], atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_ablation_values_follow_their_definitions(tiny_models, name):
+    model = tiny_models(name)
+    data = ToyTask(positions=2).build(model.tokenizer, 4, seed=7)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    clean_out = engine.sender_outputs(data.clean)
+    corr_out = engine.sender_outputs(data.corrupted)
+    definitions = {
+        "zero": torch.zeros_like(corr_out),
+        "mean": corr_out.mean((1, 2), keepdim=True).expand_as(corr_out),
+        "mean_positional": corr_out.mean(1, keepdim=True).expand_as(corr_out),
+    }
+    for e in (0, g.n_edges // 3, g.n_edges - 1):
+        s, r = g.edge_pairs[e].tolist()
+        mask = g.full_mask(torch.float64)
+        mask[s, r] = 0
+        for kind, ablated in definitions.items():
+            want = _manual_edge_patch(model, engine, data, s, r, clean_out, ablated)
+            torch.testing.assert_close(engine.run(data, mask, ablation=kind)[0], want,
+                                       atol=1e-8, rtol=0)
+    with pytest.raises(ConfigError, match="resample"):
+        engine.run(data.subset([0]), g.full_mask(), ablation="mean")
+    with pytest.raises(ConfigError, match="zero"):
+        engine.run(data, g.full_mask(), ablation="gaussian")
