@@ -126,20 +126,32 @@ class _Layout:
         return q, k
 
     # shared ------------------------------------------------------------------------------
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               query_pos: Tensor | None = None) -> Tensor:
+        """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
+
+        With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
+        """
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rotate(q, k)
         rep = self.n_heads // self.n_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        t = k.shape[2]
+        if query_pos is None:
+            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        else:
+            q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+            future = torch.arange(t, device=q.device)[None, None, None, :] > query_pos[:, None, :, None]
         if not self.eager or self.softmax_dtype in (None, q.dtype):
             # the fused kernel: equal to the eager softmax up to float rounding
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
+            if query_pos is None:
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
+            else:
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=~future,
+                                                   scale=self.scale(layer))
             return z.transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)) * self.scale(layer)
-        t = scores.shape[-1]
-        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
         return (pattern @ v).transpose(1, 2)
@@ -461,7 +473,8 @@ class BlockRunner:
         w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
         w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
         dyn_slot = {u: i for i, u in enumerate(dynamic)}
-        current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
+        # zeros: in the last block only the metric positions are written (and read)
+        current = (torch.zeros(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
                    if dynamic else None)
         touched_cpu = touched_r.cpu()
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
@@ -498,6 +511,24 @@ class BlockRunner:
                 result.append((r, ks, dlt.view(-1, n, t, d)))
             return result
 
+        pos = positions.to(dev)
+        n_pos = pos.shape[1]
+        row_pos = pos.repeat(k_masks, 1)  # [K*n, P]
+
+        def at_positions(values: Tensor) -> Tensor:
+            """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions."""
+            idx = pos[None, :, :, None].expand(values.shape[0], n, n_pos, values.shape[-1])
+            return values.gather(2, idx)
+
+        def put(slot: int, values: Tensor) -> None:
+            """Write senders' current values ``[K, h, n, T|P, d]`` into ``current`` from ``slot``."""
+            h = values.shape[1]
+            if values.shape[3] == t:
+                current[:, slot: slot + h] = values.reshape(k_masks, h, -1)
+                return
+            idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
+            current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, values)
+
         x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
         for layer in range(start, g.n_layers):
             xk = x.view(k_masks, n, t, d)
@@ -527,29 +558,32 @@ class BlockRunner:
                     out = lay.project(layer, kind, head, lay.ln_attn(layer, xk[ks] - dlt))
                     target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
-            z = lay.attend(layer, q, k, v)
+            last = layer == g.n_layers - 1
+            # the last block only has to produce the metric positions: queries, attention
+            # output, MLP and residual there only (keys and values still cover every position)
+            z = lay.attend(layer, q, k, v, query_pos=row_pos if last else None)
             h0 = g.head_start[layer]
             heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
             if heads:
-                res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T,h,d]
-                res = res.view(k_masks, n, t, len(heads), d).permute(0, 3, 1, 2, 4)
+                res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T|P,h,d]
+                res = res.view(k_masks, n, -1, len(heads), d).permute(0, 3, 1, 2, 4)
                 i0 = dyn_slot[h0 + heads[0]]
-                current[:, i0: i0 + len(heads)] = res.reshape(k_masks, len(heads), -1)
+                put(i0, res)
+            if last:
+                x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
             x = x + lay.attn_out(layer, z)
             xm = x
             for _, ks, dlt in deltas([g.mlp_receiver[layer]]):
                 xm = x.clone()
-                xm.view(k_masks, n, t, d)[ks] -= dlt
+                xm.view(k_masks, n, -1, d)[ks] -= at_positions(dlt) if last else dlt
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             u = g.mlp_index[layer]
             if u in dyn_slot:
-                current[:, dyn_slot[u]] = m.reshape(k_masks, -1)
+                put(dyn_slot[u], m.view(k_masks, 1, n, -1, d))
             x = x + m
-        x = x.view(k_masks, n, t, d)
-        pos = positions.to(dev)
-        idx = pos[None, :, :, None].expand(k_masks, n, pos.shape[1], d)
-        xf = x.gather(2, idx)  # [K, n, P, d]
+        x = x.view(k_masks, n, -1, d)
+        xf = x if start < g.n_layers else at_positions(x)  # [K, n, P, d]
         for _, ks, dlt in deltas([g.n_receivers - 1]):
             xf = xf.clone()
-            xf[ks] -= dlt.gather(2, idx[: dlt.shape[0]])
+            xf[ks] -= at_positions(dlt)
         return lay.final(xf)
