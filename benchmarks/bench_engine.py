@@ -15,7 +15,9 @@ For each setting this script measures, on one CPU thread (medians of ``--repeats
     ``ExactPatching`` makes (edges of one layer, batched, starting at that layer) and extrapolate
     to all edges as ``sum_L n_edges(L) * seconds_per_edge(L)``; the others run it in full.
 
-and reports per-edge cost = seconds per edge / ``hf_forward``. ``--profile`` adds a
+and reports per-edge cost = seconds per edge / ``hf_forward``. Times are the process's CPU time
+(``time.process_time``, one thread): unlike wall time they are not inflated when other jobs share
+the machine's cores. ``--profile`` adds a
 torch.profiler table of one exact-patching pass. The limit for exact patching is the mean over
 edges of ``(n_layers - L) / n_layers`` (0.36 GPT-2 small, 0.39 the 6-layer network, 0.40
 stories260k): the fraction of the blocks a pass that starts at the receiver's layer runs.
@@ -60,9 +62,9 @@ def _median_time(fn: Any, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return statistics.median(times)
 
 
@@ -123,9 +125,9 @@ def measure(name: str, repeats: int, profile: bool, tmp: Path) -> dict[str, Any]
     masked = _median_time(lambda: engine.run(data, mask), repeats)
     sample = SETTINGS[name]["sample"]
     if sample is None:
-        start = time.perf_counter()
+        start = time.process_time()
         ExactPatching(progress=False).score(engine, data)
-        exact, timed = time.perf_counter() - start, g.n_edges
+        exact, timed = time.process_time() - start, g.n_edges
     else:
         exact, timed = _exact_sampled(engine, data, sample)
     result = {
@@ -160,7 +162,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Engine speed: masked passes in plain Hugging Face forward units", "",
         f"Machine: {result['machine']}; torch {result['torch']}; {result['threads']} thread(s); "
-        f"medians of {result['repeats']}. Written by `benchmarks/bench_engine.py`.", "",
+        f"medians of {result['repeats']}; CPU time of the process. Written by "
+        "`benchmarks/bench_engine.py`.", "",
         "| setting | examples x tokens | edges | HF forward | masked forward (HF) | exact "
         "patching | exact per edge (HF) | limit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -57,14 +57,17 @@ class RunCache:
         resid: ``[n_layers + 1, N, T, d_model]``; ``resid[L]`` is the residual stream entering
             block ``L`` (``resid[n_layers]`` enters the final norm).
         senders: ``[S, N, T, d_model]`` every sender's output (``input`` = embeddings).
+        mid: ``[n_layers, N, T, d_model]``; ``mid[L]`` is the residual stream after block
+            ``L``'s attention (the MLP's input).
     """
 
     resid: Tensor
     senders: Tensor
+    mid: Tensor
 
     def subset(self, es: slice) -> RunCache:
         """The cache of examples ``es``."""
-        return RunCache(self.resid[:, es], self.senders[:, es])
+        return RunCache(self.resid[:, es], self.senders[:, es], self.mid[:, es])
 
 
 class _Layout:
@@ -127,14 +130,16 @@ class _Layout:
 
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               query_pos: Tensor | None = None) -> Tensor:
+               query_pos: Tensor | None = None, grouped: bool = True) -> Tensor:
         """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
 
         With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
+        With ``grouped=False`` key/value head i serves query head i (the caller has already
+        matched them).
         """
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rotate(q, k)
-        rep = self.n_heads // self.n_kv
+        rep = self.n_heads // self.n_kv if grouped else 1
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         t = k.shape[2]
@@ -156,11 +161,15 @@ class _Layout:
         pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
         return (pattern @ v).transpose(1, 2)
 
-    def head_results(self, layer: int, z: Tensor, heads: Tensor) -> Tensor:
-        """Per-head outputs ``z_h W_O[h]`` (no bias) of ``heads``: ``[B,T,h,dh]`` -> ``[B,T,h,d]``."""
+
+    def head_results(self, layer: int, z: Tensor, slots: Tensor,
+                     heads: Tensor | None = None) -> Tensor:
+        """Per-head outputs ``z_h W_O[h]`` (no bias): ``z[:, :, slots]`` ``[B,T,h,dh]`` ->
+        ``[B,T,h,d]``, with ``heads`` the model heads those slots are (default: ``slots``)."""
         w, _ = self.w_out(layer)  # [H*dh, d]
         dh = w.shape[0] // self.n_heads
-        return torch.einsum("bthe,hed->bthd", z[:, :, heads],
+        heads = slots if heads is None else heads
+        return torch.einsum("bthe,hed->bthd", z[:, :, slots],
                             w.reshape(self.n_heads, dh, -1)[heads])
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
@@ -386,6 +395,7 @@ class BlockRunner:
         x = lay.embed(tokens)
         n, t, d = x.shape
         resid = x.new_empty(g.n_layers + 1, n, t, d)
+        mid = x.new_empty(g.n_layers, n, t, d)
         senders = x.new_empty(g.n_senders, n, t, d)
         senders[0] = x
         all_heads = torch.arange(g.n_heads, device=x.device)
@@ -396,11 +406,12 @@ class BlockRunner:
             h0 = g.head_start[layer]
             senders[h0: h0 + g.n_heads] = lay.head_results(layer, z, all_heads).permute(2, 0, 1, 3)
             x = x + lay.attn_out(layer, z)
+            mid[layer] = x
             m = lay.mlp(layer, lay.ln_mlp(layer, x))
             senders[g.mlp_index[layer]] = m
             x = x + m
         resid[g.n_layers] = x
-        return RunCache(resid, senders)
+        return RunCache(resid, senders, mid)
 
     @torch.no_grad()
     def logits(self, tokens: Tensor) -> Tensor:
@@ -529,10 +540,88 @@ class BlockRunner:
             idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
             current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, values)
 
+        def sparse_attention(layer: int, patches: list[tuple[int, Tensor | slice, Tensor]]
+                             ) -> Tensor | None:
+            """Block ``layer``'s residual after attention ``[K*n, T, d]`` from the clean run plus,
+            per mask, the change of only the heads whose q/k/v inputs it touches.
+
+            Used at the start layer, where every other head's output is its clean value; returns
+            ``None`` when most (mask, head) pairs are touched (the dense path is cheaper).
+            """
+            rep = g.n_heads // g.n_kv_heads
+            affected = torch.zeros(k_masks, g.n_heads, dtype=torch.bool)
+            rows: dict[int, Tensor] = {}  # receiver -> row of each mask in its patch, or -1
+            for r, ks, _ in patches:
+                rec = g.receivers[r]
+                heads = [rec.head] if rec.kind == "q" else range(rec.head * rep, (rec.head + 1) * rep)
+                sel = torch.zeros(k_masks, dtype=torch.bool)
+                sel[ks if isinstance(ks, slice) else ks.cpu()] = True
+                affected[:, list(heads)] |= sel[:, None]
+                rows[r] = torch.full((k_masks,), -1, dtype=torch.long)
+                rows[r][sel] = torch.arange(int(sel.sum()))
+            if 2 * int(affected.sum()) > affected.numel():
+                return None
+            patch_of = {r: dlt for r, _, dlt in patches}
+            base = cache.resid[layer]  # [n, T, d]
+            clean_ln = lay.ln_attn(layer, base)
+            x_mid = cache.mid[layer].unsqueeze(0).repeat(k_masks, 1, 1, 1)  # [K, n, T, d]
+            h0 = g.head_start[layer]
+            for head in affected.any(0).nonzero()[:, 0].tolist():
+                ks_h = affected[:, head].nonzero()[:, 0]
+                inputs = []
+                for kind, r in (("q", g.q_start[layer] + head),
+                                ("k", g.k_start[layer] + head // rep),
+                                ("v", g.v_start[layer] + head // rep)):
+                    idx = head if kind == "q" else head // rep
+                    out = lay.project(layer, kind, idx, clean_ln).unsqueeze(0).repeat(
+                        len(ks_h), 1, 1, 1)  # [k_h, n, T, dh]
+                    if r in rows:
+                        row = rows[r][ks_h]
+                        sel = row >= 0
+                        if sel.any():
+                            xr = base - patch_of[r][row[sel].to(dev)]
+                            out[sel.to(dev)] = lay.project(layer, kind, idx, lay.ln_attn(layer, xr))
+                    inputs.append(out.reshape(len(ks_h) * n, t, 1, -1))
+                z = lay.attend(layer, *inputs, grouped=False)  # [k_h*n, T, 1, dh]
+                one = torch.tensor([head], device=dev)
+                change = lay.head_results(layer, z, torch.zeros(1, dtype=torch.long, device=dev),
+                                          heads=one)[:, :, 0].view(len(ks_h), n, t, d)
+                change -= cache.senders[h0 + head]
+                x_mid.index_add_(0, ks_h.to(dev), change)
+                if h0 + head in dyn_slot:
+                    slot = dyn_slot[h0 + head]
+                    current[:, slot] = cache.senders[h0 + head].reshape(-1)
+                    current[ks_h.to(dev), slot] += change.reshape(len(ks_h), -1)
+            for u in dynamic:  # untouched dynamic heads of this layer: clean values
+                if h0 <= u < h0 + g.n_heads and not affected[:, u - h0].any():
+                    current[:, dyn_slot[u]] = cache.senders[u].reshape(-1)
+            return x_mid.view(k_masks * n, t, d)
+
+        def mlp_block(layer: int, x: Tensor, last: bool) -> Tensor:
+            """The MLP of ``layer`` on the residual after attention ``x [K*n, T|P, d]``."""
+            xm = x
+            for _, ks, dlt in deltas([g.mlp_receiver[layer]]):
+                xm = x.clone()
+                xm.view(k_masks, n, -1, d)[ks] -= at_positions(dlt) if last else dlt
+            m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+            u = g.mlp_index[layer]
+            if u in dyn_slot:
+                put(dyn_slot[u], m.view(k_masks, 1, n, -1, d))
+            return x + m
+
         x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
         for layer in range(start, g.n_layers):
             xk = x.view(k_masks, n, t, d)
             patches = deltas(list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads)))
+            last = layer == g.n_layers - 1
+            if layer == start:
+                x_mid = sparse_attention(layer, patches)
+                if x_mid is not None:
+                    x = x_mid
+                    if last:
+                        x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+                    x = mlp_block(layer, x, last)
+                    continue
             sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
             by_kind: dict[str, list[tuple[int, Tensor | slice, Tensor]]] = {"q": [], "k": [], "v": []}
             for patch in patches:
@@ -558,7 +647,6 @@ class BlockRunner:
                     out = lay.project(layer, kind, head, lay.ln_attn(layer, xk[ks] - dlt))
                     target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
-            last = layer == g.n_layers - 1
             # the last block only has to produce the metric positions: queries, attention
             # output, MLP and residual there only (keys and values still cover every position)
             z = lay.attend(layer, q, k, v, query_pos=row_pos if last else None)
@@ -572,15 +660,7 @@ class BlockRunner:
             if last:
                 x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
             x = x + lay.attn_out(layer, z)
-            xm = x
-            for _, ks, dlt in deltas([g.mlp_receiver[layer]]):
-                xm = x.clone()
-                xm.view(k_masks, n, -1, d)[ks] -= at_positions(dlt) if last else dlt
-            m = lay.mlp(layer, lay.ln_mlp(layer, xm))
-            u = g.mlp_index[layer]
-            if u in dyn_slot:
-                put(dyn_slot[u], m.view(k_masks, 1, n, -1, d))
-            x = x + m
+            x = mlp_block(layer, x, last)
         x = x.view(k_masks, n, -1, d)
         xf = x if start < g.n_layers else at_positions(x)  # [K, n, P, d]
         for _, ks, dlt in deltas([g.n_receivers - 1]):

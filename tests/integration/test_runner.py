@@ -226,3 +226,25 @@ def test_ablation_values_follow_their_definitions(tiny_models, name):
         engine.run(data.subset([0]), g.full_mask(), ablation="mean")
     with pytest.raises(ConfigError, match="zero"):
         engine.run(data, g.full_mask(), ablation="gaussian")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_few_receivers_at_the_start_layer_equal_the_hooked_engine(tiny_models, name):
+    """ACDC-like masks: one or two touched receivers in the first layer, random edges later
+    (the start layer recomputes only the touched heads; later layers see per-mask senders)."""
+    model = tiny_models(name)
+    data = ToyTask(positions=2).build(model.tokenizer, 3, seed=8)
+    runner, hooked = PatchingEngine(model), PatchingEngine(model, use_runner=False)
+    g = runner.graph
+    gen = torch.Generator().manual_seed(3)
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    for layer in range(g.n_layers):
+        masks = (torch.rand(4, g.n_senders, g.n_receivers, generator=gen) > 0.3).double()
+        masks[:, :, layer_of <= layer] = 1
+        at_layer = (layer_of == layer).nonzero()[:, 0]
+        for k in range(4):
+            for r in at_layer[torch.randperm(len(at_layer), generator=gen)[: 1 + k % 2]].tolist():
+                masks[k, int(torch.randint(int(g.n_upstream[r]), (1,), generator=gen)), r] = 0
+        got = runner.run(data, masks)
+        torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
+        torch.testing.assert_close(got, runner.run(data, masks, start=0), atol=1e-8, rtol=0)
