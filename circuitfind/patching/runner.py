@@ -470,23 +470,24 @@ class BlockRunner:
         n_static = g.head_start[start] if start < g.n_layers else g.n_senders
         static = active[:n_static].nonzero()[:, 0].tolist()
         dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
-        # Shared-over-masks buffer: static senders' clean - ablated; dynamic senders' ablated
-        # and (for frozen edges) clean values. Dynamic senders' current values are per mask.
+        # Shared-over-masks buffer: static senders' clean - ablated values (and, for frozen
+        # edges, dynamic senders' ablated - clean values). Dynamic senders' per-mask buffer
+        # ``current`` holds a_u(current run) - a'_u, so that eq. (1) for a dynamic sender is
+        # (removed + frozen) * current + frozen * (a' - clean).
         parts = [cache.senders[static] - ablated[static]] if static else []
         cols = [removed[:, static]] if static else []
-        if dynamic:
-            parts.append(ablated[dynamic].expand(len(dynamic), n, t, d))
-            cols.append(-removed[:, dynamic])
-            if frozen is not None:
-                parts.append(cache.senders[dynamic])
-                cols.append(-frozen[:, dynamic])
+        if dynamic and frozen is not None:
+            parts.append((ablated[dynamic] - cache.senders[dynamic]).expand(len(dynamic), n, t, d))
+            cols.append(frozen[:, dynamic])
         shared = torch.cat(parts).reshape(-1, n * t * d) if parts else None
         w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
         w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
         dyn_slot = {u: i for i, u in enumerate(dynamic)}
-        # zeros: in the last block only the metric positions are written (and read)
-        current = (torch.zeros(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
+        # uninitialised: in the last block only the metric positions are written, and every
+        # position of the output depends only on the same position of the buffer
+        current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
                    if dynamic else None)
+        last_out: dict[str, Any] = {}
         touched_cpu = touched_r.cpu()
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
 
@@ -516,6 +517,7 @@ class BlockRunner:
                 out = term if out is None else out + term
             assert out is not None
             counts = torch.bincount(jj, minlength=len(rs)).tolist()
+            last_out.update(out=out, receivers=rs, counts=counts)
             result = []
             for r, ks_cpu, dlt in zip(rs, kk.split(counts), out.split(counts)):
                 ks: Tensor | slice = slice(None) if len(ks_cpu) == k_masks else ks_cpu.to(dev)
@@ -532,13 +534,21 @@ class BlockRunner:
             return values.gather(2, idx)
 
         def put(slot: int, values: Tensor) -> None:
-            """Write senders' current values ``[K, h, n, T|P, d]`` into ``current`` from ``slot``."""
+            """Write senders' current values ``[K, h, n, T|P, d]`` minus their ablation values
+            into ``current`` from ``slot``."""
             h = values.shape[1]
+            abl = ablated[dynamic[slot: slot + h]]  # [h, n|1, T|1, d]
             if values.shape[3] == t:
-                current[:, slot: slot + h] = values.reshape(k_masks, h, -1)
+                current[:, slot: slot + h] = (values - abl).reshape(k_masks, h, -1)
                 return
+            if abl.shape[2] > 1:
+                abl = abl.expand(h, n, t, d).gather(2, pos[None, :, :, None].expand(h, n, n_pos, d))
             idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
-            current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, values)
+            current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, values - abl)
+
+        def clean_minus_ablated(u: int) -> Tensor:
+            """``a_u(clean) - a'_u`` flattened to ``[n*T*d]``."""
+            return (cache.senders[u] - ablated[u]).expand(n, t, d).reshape(-1)
 
         def sparse_attention(layer: int, patches: list[tuple[int, Tensor | slice, Tensor]]
                              ) -> Tensor | None:
@@ -590,11 +600,11 @@ class BlockRunner:
                 x_mid.index_add_(0, ks_h.to(dev), change)
                 if h0 + head in dyn_slot:
                     slot = dyn_slot[h0 + head]
-                    current[:, slot] = cache.senders[h0 + head].reshape(-1)
+                    current[:, slot] = clean_minus_ablated(h0 + head)
                     current[ks_h.to(dev), slot] += change.reshape(len(ks_h), -1)
             for u in dynamic:  # untouched dynamic heads of this layer: clean values
                 if h0 <= u < h0 + g.n_heads and not affected[:, u - h0].any():
-                    current[:, dyn_slot[u]] = cache.senders[u].reshape(-1)
+                    current[:, dyn_slot[u]] = clean_minus_ablated(u)
             return x_mid.view(k_masks * n, t, d)
 
         def mlp_block(layer: int, x: Tensor, last: bool) -> Tensor:
@@ -637,7 +647,11 @@ class BlockRunner:
             first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
             for kind, kind_patches in by_kind.items():
                 if dense[kind]:  # all heads at once: [K, n, T, heads, d]
-                    split = xk.unsqueeze(3) - torch.stack([p[2] for p in kind_patches], 3)
+                    i0 = last_out["receivers"].index(first[kind])  # receivers are consecutive
+                    row0 = sum(last_out["counts"][:i0])
+                    block = last_out["out"][row0: row0 + sizes[kind] * k_masks]
+                    block = block.view(sizes[kind], k_masks, n, t, d).permute(1, 2, 3, 0, 4)
+                    split = xk.unsqueeze(3) - block
                     qkv[kind] = lay.project_all(layer, kind, lay.ln_attn(layer, split)).view(
                         k_masks * n, t, sizes[kind], -1)
                     continue
