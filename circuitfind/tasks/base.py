@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -153,7 +153,7 @@ class TaskData:
 
     def to(self, device: torch.device | str) -> TaskData:
         """A copy with every tensor moved to ``device``."""
-        kwargs = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in self._TENSORS:
             if kwargs[key] is not None:
                 kwargs[key] = kwargs[key].to(device)
@@ -162,7 +162,7 @@ class TaskData:
     def subset(self, index: slice | Tensor | list[int]) -> TaskData:
         """A TaskData restricted to the examples ``index`` selects (prompts included)."""
         idx = torch.arange(self.n)[index] if isinstance(index, slice) else torch.as_tensor(index)
-        kwargs = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in self._TENSORS:
             if kwargs[key] is not None:
                 kwargs[key] = kwargs[key][idx.to(kwargs[key].device)]
