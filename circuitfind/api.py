@@ -173,6 +173,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
             extra["node_classes"] = reference.metadata["node_classes"]
     return circuit.with_metadata(**extra,
         model=str(model_name), task=data.task.name, task_source=data.task.source,
+        task_arguments=data.task.arguments(),
         task_description=data.task.description, metric=data.task.metric_name,
         metric_unit=data.task.metric_unit, algorithm=algo.name, algorithm_params=algo.get_params(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,

@@ -197,16 +197,24 @@ def evaluate(
     from circuitfind.graphs.circuit import Circuit
     from circuitfind.models import load_model
 
+    from circuitfind.tasks import get_task
+
     circuit = Circuit.load(circuit_path)
-    task = task or circuit.metadata.get("task_source") or circuit.metadata.get("task")
-    model = model or circuit.metadata.get("model")
-    if not task or not model:
+    md = circuit.metadata
+    if task:
+        task_obj = get_task(task)
+    elif md.get("task_source"):  # the circuit's own prompt file, read the way discover read it
+        task_obj = get_task(md["task_source"], **md.get("task_arguments", {}))
+    else:
+        task_obj = get_task(md["task"]) if md.get("task") else None
+    model = model or md.get("model")
+    if task_obj is None or not model:
         raise ConfigError("The circuit file does not name its task and model; pass --task and "
                           "--model.")
     loaded = load_model(model, device=device)
-    data = build_data(loaded, task, n=n_examples, seed=seed)
+    data = build_data(loaded, task_obj, n=n_examples, seed=seed)
     report = run_evaluate(loaded, circuit, data)
-    typer.echo(f"{circuit.n_edges} edges on {task} ({data.n} examples, seed {seed}): "
+    typer.echo(f"{circuit.n_edges} edges on {task_obj.name} ({data.n} examples, seed {seed}): "
                f"normalized faithfulness {report.faithfulness:.4f}; m(C)={report.metric_circuit:.4f}, "
                f"m(M)={report.metric_full:.4f}, m(∅)={report.metric_empty:.4f} "
                f"{report.metric_unit}; KL {report.kl_div:.4f} nats")

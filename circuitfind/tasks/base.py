@@ -254,6 +254,15 @@ class Task(ABC):
 
         return reference_circuit(self.name, model)
 
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`get_task` that rebuild this task from ``source``.
+
+        Empty for registered tasks; a prompt file's metric and ``first_token`` otherwise.
+        Recorded with discovered circuits so that ``circuitfind evaluate`` reads the file the
+        same way.
+        """
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

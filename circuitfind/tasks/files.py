@@ -309,6 +309,10 @@ class PromptTask(Task):
         self.source = source
         self.default_n = len(self.rows)
 
+    def arguments(self) -> dict[str, Any]:
+        """``{"metric": ..., "first_token": ...}``: how :func:`get_task` re-reads the file."""
+        return {"metric": self.metric_key, "first_token": self.first_token}
+
     def __repr__(self) -> str:
         return (f"PromptTask(name={self.name!r}, rows={len(self.rows)}, "
                 f"metric={self.metric_key!r}, source={self.source!r})")
