@@ -125,3 +125,13 @@ def test_registered_hub_tasks_are_listed_without_network():
     assert {f"mib_{k}" for k in MIB_TASKS} <= set(cf.TASKS.names())
     task = cf.get_task("mib-arc-easy")
     assert task.metric_name == "logit difference" and "mib-bench/arc_easy" in task.description
+
+
+def test_datasets_is_imported_only_when_mib_data_are_read():
+    import subprocess
+    import sys
+
+    code = ("import sys, circuitfind as cf; cf.get_task('mib_ioi'); "
+            "print('datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
