@@ -275,8 +275,8 @@ def get_task(name: str | os.PathLike[str] | Task, metric: str | None = None,
     """Resolve a task argument: a Task, a registered task name, or a prompt/task file.
 
     This is the one place task arguments are resolved (CLI, :func:`circuitfind.discover`,
-    :func:`circuitfind.build_data`). A string with a ``.jsonl``, ``.csv`` or ``.json`` suffix,
-    or naming an existing file, is a file (:func:`circuitfind.tasks.files.load_task_file`);
+    :func:`circuitfind.build_data`). A path, or a string with a suffix (``.jsonl``, ``.csv``,
+    ``.json``) or a directory part, is a file (:func:`circuitfind.tasks.files.load_task_file`);
     any other string is a registry name (dashes accepted).
 
     Args:
@@ -319,6 +319,6 @@ TASK_FILE_SUFFIXES = (".jsonl", ".csv", ".json")
 
 
 def _looks_like_file(name: str | os.PathLike[str]) -> bool:
+    """Registry names are identifiers: anything with a suffix or a directory part is a path."""
     text = os.fspath(name)
-    return (Path(text).suffix.lower() in TASK_FILE_SUFFIXES or Path(text).is_file()
-            or os.sep in text or "/" in text)
+    return isinstance(name, os.PathLike) or bool(Path(text).suffix) or os.sep in text or "/" in text

@@ -451,11 +451,11 @@ class PromptTask(Task):
         at = logits[..., 0, :]
         if self.metric_key == "logit_diff":
             return _mean_at(at, data.answers) - _mean_at(at, data.wrong_answers)
-        probs = torch.softmax(at.float(), dim=-1)
-        good = _sum_at(probs, data.answers)
         if self.metric_key == "prob_diff":
-            return good - _sum_at(probs, data.wrong_answers)
-        return torch.log(good)
+            probs = torch.softmax(at.float(), dim=-1)
+            return _sum_at(probs, data.answers) - _sum_at(probs, data.wrong_answers)
+        got, valid = _gathered(torch.log_softmax(at.float(), dim=-1), data.answers)
+        return torch.logsumexp(got.masked_fill(~valid, float("-inf")), dim=-1)
 
 
 def _gathered(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
