@@ -371,22 +371,20 @@ class PromptTask(Task):
             before = len(problems)
             ids_c = encode(tokenizer, row.clean)
             ids_x = encode(tokenizer, row.corrupted)
-            ans = [self._continuation(tokenizer, row.clean, ids_c, a, row.where, problems)
-                   for a in row.answers]
-            wrong = [self._continuation(tokenizer, row.clean, ids_c, w, row.where, problems)
-                     for w in row.wrong]
-            if len(problems) == before:
-                same = set(ans) & set(wrong)
-                if same:
-                    pieces = tokenizer.convert_ids_to_tokens(sorted(same))  # type: ignore[arg-type]
-                    problems.append((row.where, f"answer equal to wrong: both give token(s) "
-                                                f"{pieces}"))
+            found = [self._continuation(tokenizer, row.clean, ids_c, text, row.where, problems)
+                     for text in row.answers + row.wrong]
+            ids = [i for i in found if i is not None]
+            ans, wrong = ids[: len(row.answers)], ids[len(row.answers):]
+            same = sorted(set(ans) & set(wrong))
+            if len(problems) == before and same:
+                problems.append((row.where, f"answer equal to wrong: both give token(s) "
+                                            f"{tokenizer.convert_ids_to_tokens(same)}"))
             if len(problems) > before:
                 if self.drop_invalid:
                     dropped.append(row.where)
                     del problems[before:]
                 continue
-            kept.append((row, prefix + ids_c, prefix + ids_x, ans, wrong))  # type: ignore[arg-type]
+            kept.append((row, prefix + ids_c, prefix + ids_x, ans, wrong))
         if problems:
             raise _problems_error(self.source or self.name, problems)
         if not kept:
