@@ -15,6 +15,7 @@ from circuitfind.graphs import Circuit, ComputeGraph
 from circuitfind.models import load_model
 from circuitfind.patching import PatchingEngine
 from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
+from circuitfind import zoo  # noqa: E402  (registers the organisms' reference circuits)
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,7 @@ tokenizer → score edges with an algorithm → select the top-n edges (or those
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from typing import Any
@@ -20,42 +21,62 @@ from circuitfind.evaluation.faithfulness import evaluate
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold, select_top_n
 from circuitfind.graphs.graph import ComputeGraph
-from circuitfind.models import load_model
+from circuitfind.models import load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
-from circuitfind.registry import normalize_name
 from circuitfind.tasks.base import Task, TaskData, get_task
 
 
-def _model_name(model: Any) -> str:
-    cfg = getattr(model, "cfg", None)
-    return str(getattr(cfg, "model_name", None) or getattr(cfg, "tokenizer_name", None) or "?")
-
-
-def build_data(model: Any, task: str | Task, n: int = 64, seed: int = 0) -> TaskData:
+def build_data(model: Any, task: str | Task, n: int | None = None, seed: int = 0) -> TaskData:
     """Build ``task``'s data with the model's tokenizer.
+
+    Args:
+        model: A loaded ``TransformerBridge`` (its tokenizer is used).
+        task: A registered task name, a prompt file (``.jsonl``/``.csv``/``.json``) or a Task.
+        n: Number of examples (default: the task's ``default_n``: 64 for generated tasks,
+            every row of a prompt file).
+        seed: Data seed.
+
+    Returns:
+        The task data; for a metric measured against the full model (``kl``) with
+        ``reference_logits`` ``[N, P, V]`` from one plain forward pass of ``model``.
 
     Raises:
         UnknownNameError: unknown task. TaskDataError: the task does not fit the tokenizer.
-        ConfigError: the model has no tokenizer.
+        ConfigError: the model has no tokenizer; a task file that does not exist.
     """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("The model has no tokenizer; load it from a directory that includes "
                           "the tokenizer files, or build TaskData yourself and pass data=.")
-    return get_task(task).build(tokenizer, n=n, seed=seed)
+    task_obj = get_task(task)
+    data = task_obj.build(tokenizer, n=task_obj.default_n if n is None else n, seed=seed)
+    if task_obj.needs_reference_logits and data.reference_logits is None:
+        data = dataclasses.replace(data, reference_logits=_full_logits(model, data))
+    return data
+
+
+@torch.no_grad()
+def _full_logits(model: Any, data: TaskData) -> Tensor:
+    """The full model's logits ``[N, P, V]`` (float32, CPU) at ``data.positions``."""
+    device = next(model.parameters()).device
+    logits = model(data.clean.to(device))  # right-padded: real positions are unaffected
+    pos = data.positions.to(device)
+    idx = pos[:, :, None].expand(*pos.shape, logits.shape[-1])
+    return logits.gather(1, idx).float().cpu()
 
 
 def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
-                data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
+                data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
                 algorithm_params: dict[str, Any] | None = None,
                 device: str | None = None) -> Tensor:
     """Score every edge of the model's graph with an algorithm.
 
     Args:
         model: A model name, local directory, ``zoo:NAME`` or a loaded ``TransformerBridge``.
-        task: Task name (or instance); ignored when ``data`` is given.
+        task: Task name, prompt file or Task; ignored when ``data`` is given.
         algorithm: Algorithm name (``eap``, ``exact``, ...) or instance.
         data: Prebuilt task data (default: built from ``task`` with ``n_examples``, ``seed``).
+        n_examples: Examples to build (default: the task's ``default_n``).
         algorithm_params: Hyperparameters of the algorithm.
         device: Device for a model loaded here.
 
@@ -78,7 +99,7 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
 
 def discover(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
              n_edges: int | None = None, threshold: float | None = None,
-             data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
+             data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
              absolute: bool = True, prune: bool = True,
              algorithm_params: dict[str, Any] | None = None,
              device: str | None = None) -> Circuit:
@@ -86,12 +107,14 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
 
     Args:
         model: A model name, local directory, ``zoo:NAME`` or a loaded ``TransformerBridge``.
-        task: Task name or instance (ignored when ``data`` is given).
+        task: Task name, prompt file (``.jsonl``/``.csv``/``.json``) or Task (ignored when
+            ``data`` is given).
         algorithm: Algorithm name or instance.
         n_edges: Keep the top ``n_edges`` edges (exclusive with ``threshold``; default 100).
         threshold: Keep edges with score (|score| if ``absolute``) >= threshold.
         data: Prebuilt task data (default: built with the model's tokenizer).
-        n_examples: Examples to build when ``data`` is None.
+        n_examples: Examples to build when ``data`` is None (default: the task's
+            ``default_n``: 64, or every row of a prompt file).
         seed: Data seed.
         absolute: Rank by |score| (True) or by signed score (False).
         prune: Remove dangling edges after selection (never changes the circuit's output).
@@ -118,7 +141,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
     algo = get_algorithm(algorithm, **(algorithm_params or {}))  # fail fast, before loading
     task_obj = get_task(task) if data is None else data.task
-    model_name = model if isinstance(model, str) else _model_name(model)
+    model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
@@ -137,7 +160,9 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         circuit = prune_dangling(circuit)
     report = evaluate(engine, circuit, data)
     extra: dict[str, Any] = {}
-    reference = find_reference(data.task.name, str(model_name), g)
+    # references belong to registered tasks, not to user files that happen to share a name
+    reference = (find_reference(data.task.name, str(model_name), g)
+                 if data.task.source is None else None)
     if reference is not None:
         extra["reference"] = {
             "source": reference.metadata.get("source") or reference.metadata.get("reference"),
@@ -147,7 +172,9 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         if reference.metadata.get("node_classes"):
             extra["node_classes"] = reference.metadata["node_classes"]
     return circuit.with_metadata(**extra,
-        model=str(model_name), task=data.task.name, metric=data.task.metric_name,
+        model=str(model_name), task=data.task.name, task_source=data.task.source,
+        task_arguments=data.task.arguments(),
+        task_description=data.task.description, metric=data.task.metric_name,
         metric_unit=data.task.metric_unit, algorithm=algo.name, algorithm_params=algo.get_params(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
         faithfulness=report.to_dict(), wall_time_s=round(time.perf_counter() - start, 3),
@@ -157,19 +184,12 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
 def find_reference(task: str, model_name: str, graph: ComputeGraph) -> Circuit | None:
     """The reference circuit for ``task`` on the named model, or ``None`` if there is none.
 
-    Zoo organisms (``zoo:NAME``) use their shipped reference when ``task`` is their task;
-    other models use the task's literature references (``circuitfind.tasks.references``).
+    Every reference comes from the registry of :mod:`circuitfind.tasks.references`: the
+    literature's (``ioi``/``greater_than`` on GPT-2 small) and the zoo organisms' (registered
+    as ``zoo:NAME`` by :mod:`circuitfind.zoo`).
     """
     from circuitfind.tasks.references import NoReferenceError, reference_circuit
 
-    if model_name.startswith("zoo:"):
-        from circuitfind import zoo
-
-        name = model_name[len("zoo:"):]
-        entry = zoo.ZOO.get(name)
-        if entry is None or normalize_name(entry.task) != normalize_name(task):
-            return None
-        return zoo.reference_circuit(name)
     named = ComputeGraph.from_config({**graph.config(), "model_name": model_name})
     try:
         return reference_circuit(task, named)

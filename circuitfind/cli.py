@@ -33,18 +33,21 @@ CHECKPOINT_DIR = ".checkpoint"
 
 def _default_model(task: str) -> str:
     """The zoo organism of ``task`` (for offline runs without --model)."""
+    from circuitfind.models import zoo_source
     from circuitfind.zoo import default_organism
 
     name = default_organism(task)
     if name is None:
         raise ConfigError(f"The task {task!r} has no built-in model organism; pass --model "
                           "(a Hugging Face hub name or a local model directory).")
-    return f"zoo:{name}"
+    return zoo_source(name)
 
 
 @app.command()
 def discover(
-    task: str = typer.Option(..., "--task", "-t", help="Task name (see `circuitfind tasks`)."),
+    task: str = typer.Option(..., "--task", "-t",
+                             help="Task name (see `circuitfind tasks`) or a prompt file "
+                                  "(.jsonl, .csv, .json; see the README)."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
         help="Hub name (gpt2), local Hugging Face directory, or zoo:NAME. Default: the task's "
@@ -55,8 +58,15 @@ def discover(
     threshold: Optional[float] = typer.Option(None, "--threshold",
                                               help="Keep edges with |score| >= X."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
-    n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
+    n_examples: Optional[int] = typer.Option(
+        None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
+                                 "prompt file)."),
     seed: int = typer.Option(0, "--seed", help="Data seed."),
+    metric: Optional[str] = typer.Option(
+        None, "--metric", help="Prompt files: logit_diff (default), prob_diff, log_prob or kl."),
+    first_token: bool = typer.Option(
+        False, "--first-token", help="Prompt files: score multi-token answers by their first "
+                                     "token."),
     signed: bool = typer.Option(False, "--signed", help="Rank by signed score, not |score|."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Keep dangling edges."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
@@ -66,10 +76,13 @@ def discover(
     from circuitfind.api import discover as run_discover
     from circuitfind.graphs.render import render
 
+    from circuitfind.tasks import get_task
+
     if edges is not None and threshold is not None:
         raise ConfigError("pass either --edges or --threshold, not both.")
     _check_out(out, overwrite)
-    model_name = model or _default_model(task)
+    task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
+    model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
     params: dict[str, object] = {}
     checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
@@ -78,7 +91,7 @@ def discover(
         params["checkpoint"] = str(checkpoint)
         if checkpoint.exists():
             typer.echo(f"resuming from {checkpoint}", err=True)
-    circuit = run_discover(model_name, task, algorithm=algorithm, n_edges=edges,
+    circuit = run_discover(model_name, task_obj, algorithm=algorithm, n_edges=edges,
                            threshold=threshold, n_examples=n_examples, seed=seed,
                            absolute=not signed, prune=not no_prune, device=device,
                            algorithm_params=params)
@@ -122,6 +135,7 @@ def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
             ("metric", f"{md.get('metric')} ({md.get('metric_unit')})"),
             ("algorithm", md.get("algorithm")),
             ("algorithm parameters", json.dumps(md.get("algorithm_params", {}))),
+            ("task description", md.get("task_description") or ""),
             ("examples / seed", f"{md.get('n_examples')} / {md.get('seed')}"),
             ("selection", json.dumps(md.get("selection", {}))),
             ("edges (selected → after pruning)", f"{md.get('selected_edges')} → {circuit.n_edges}"
@@ -166,11 +180,15 @@ def _fmt(value: object) -> str:
 def evaluate(
     circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml."),
     task: Optional[str] = typer.Option(None, "--task", "-t",
-                                       help="Task (default: the circuit's own task)."),
+                                       help="Task name or prompt file (default: the circuit's "
+                                            "own task)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model (default: the circuit's own model)."),
-    n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
-    seed: int = typer.Option(1, "--seed", help="Data seed (default 1: fresh prompts)."),
+    n_examples: Optional[int] = typer.Option(
+        None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
+                                 "prompt file)."),
+    seed: int = typer.Option(1, "--seed", help="Data seed (default 1: fresh prompts; a prompt "
+                                               "file's rows are used in file order)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
 ) -> None:
     """Evaluate a saved circuit: normalized faithfulness and KL divergence on fresh data."""
@@ -179,16 +197,24 @@ def evaluate(
     from circuitfind.graphs.circuit import Circuit
     from circuitfind.models import load_model
 
+    from circuitfind.tasks import get_task
+
     circuit = Circuit.load(circuit_path)
-    task = task or circuit.metadata.get("task")
-    model = model or circuit.metadata.get("model")
-    if not task or not model:
+    md = circuit.metadata
+    if task:
+        task_obj = get_task(task)
+    elif md.get("task_source"):  # the circuit's own prompt file, read the way discover read it
+        task_obj = get_task(md["task_source"], **md.get("task_arguments", {}))
+    else:
+        task_obj = get_task(md["task"]) if md.get("task") else None
+    model = model or md.get("model")
+    if task_obj is None or not model:
         raise ConfigError("The circuit file does not name its task and model; pass --task and "
                           "--model.")
     loaded = load_model(model, device=device)
-    data = build_data(loaded, task, n=n_examples, seed=seed)
+    data = build_data(loaded, task_obj, n=n_examples, seed=seed)
     report = run_evaluate(loaded, circuit, data)
-    typer.echo(f"{circuit.n_edges} edges on {task} ({n_examples} examples, seed {seed}): "
+    typer.echo(f"{circuit.n_edges} edges on {task_obj.name} ({data.n} examples, seed {seed}): "
                f"normalized faithfulness {report.faithfulness:.4f}; m(C)={report.metric_circuit:.4f}, "
                f"m(M)={report.metric_full:.4f}, m(∅)={report.metric_empty:.4f} "
                f"{report.metric_unit}; KL {report.kl_div:.4f} nats")

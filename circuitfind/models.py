@@ -6,11 +6,17 @@ That needs three transformer-lens switches: ``use_split_qkv_input`` (a separate 
 head and per q/k/v), ``use_attn_result`` (per-head outputs) and ``use_hook_mlp_in``.
 :func:`load_model` boots the model through ``TransformerBridge.boot_transformers`` and turns
 them on.
+
+Model arguments are resolved in one place, :func:`resolve_model_source`: a loaded bridge, a
+zoo organism ``zoo:NAME`` (files shipped inside the package), a local Hugging Face directory
+or a hub name. The ``zoo:`` prefix is parsed only by :func:`zoo_name` and written only by
+:func:`zoo_source`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,78 @@ import torch
 from circuitfind.errors import ConfigError, ModelLoadError
 
 ZOO_PREFIX = "zoo:"
+"""Prefix of zoo organism model names (``zoo:induction-2l``)."""
+
+
+def zoo_name(source: Any) -> str | None:
+    """The organism name of a ``zoo:NAME`` model argument, or ``None`` for any other value."""
+    if isinstance(source, str) and source.strip().startswith(ZOO_PREFIX):
+        return source.strip()[len(ZOO_PREFIX):]
+    return None
+
+
+def zoo_source(name: str) -> str:
+    """The model argument naming a zoo organism: ``zoo_source("ioi-small") == "zoo:ioi-small"``."""
+    return ZOO_PREFIX + (zoo_name(name) or name)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model argument.
+
+    Attributes:
+        kind: ``"bridge"`` (an already loaded model), ``"zoo"``, ``"local"`` or ``"hub"``.
+        location: What to boot: the bridge itself, a directory path, or a hub name.
+        display_name: The name recorded as provenance (``zoo:NAME``, the path, the hub name).
+    """
+
+    kind: str
+    location: Any
+    display_name: str
+
+
+def resolve_model_source(source: Any) -> ModelSource:
+    """Classify a model argument: a bridge, ``zoo:NAME``, a local directory or a hub name.
+
+    Args:
+        source: A ``TransformerBridge``, ``"zoo:NAME"``, a path (``str`` or ``os.PathLike``)
+            or a hub name (``"gpt2"``, ``"org/model"``).
+
+    Returns:
+        The :class:`ModelSource`. Nothing is loaded.
+
+    Raises:
+        ConfigError: an argument of another type.
+        UnknownNameError: an unknown zoo organism (the message lists them).
+        ModelLoadError: a path that is not a Hugging Face model directory.
+    """
+    if _is_bridge(source):
+        cfg = getattr(source, "cfg", None)
+        name = getattr(cfg, "model_name", None) or getattr(cfg, "tokenizer_name", None) or "?"
+        return ModelSource("bridge", source, str(name))
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"A model must be a hub name, a local directory, zoo:NAME or a "
+                          f"TransformerBridge; got {type(source).__name__}.")
+    organism = zoo_name(source)
+    if organism is not None:
+        from circuitfind.zoo import zoo_model_dir  # lazy: zoo is optional data
+
+        return ModelSource("zoo", str(zoo_model_dir(organism)), zoo_source(organism))
+    name = os.fspath(source)
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") \
+        and not _looks_like_hub_id(name)
+    if not looks_local:
+        return ModelSource("hub", name, name)
+    if not path.is_dir():
+        raise ModelLoadError(f"{name!r} is not a directory. Pass a Hugging Face model "
+                             "directory (with config.json, weights and tokenizer files), a "
+                             "hub name such as 'gpt2', or zoo:NAME.")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} is not a Hugging Face model directory: it has no "
+                             "config.json. Save one with model.save_pretrained(dir) and "
+                             "tokenizer.save_pretrained(dir).")
+    return ModelSource("local", str(path.resolve()), name)
 
 
 def _is_bridge(obj: Any) -> bool:
@@ -79,7 +157,8 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
         name_or_path: A Hugging Face hub name (``"gpt2"``; needs internet or the HF cache), a
             local Hugging Face model directory (``config.json`` + weights + tokenizer), a zoo
             organism (``"zoo:induction-2l"``, see :mod:`circuitfind.zoo`) or an existing
-            ``TransformerBridge`` (its hook switches are turned on and it is returned).
+            ``TransformerBridge`` (its hook switches are turned on and it is returned); see
+            :func:`resolve_model_source`.
         device: Torch device (default: CUDA if available, else CPU).
         dtype: Parameter dtype (default float32); a ``torch.dtype`` or a name like "float64".
 
@@ -92,38 +171,18 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
             hub cannot be reached and no local copy exists (the message says how to pass a
             local directory).
         HookError: the architecture does not expose the hooks circuitfind needs.
+        UnknownNameError: an unknown zoo organism.
     """
-    if _is_bridge(name_or_path):
-        model = enable_patching_hooks(name_or_path)
+    source = resolve_model_source(name_or_path)
+    if source.kind == "bridge":
+        model = enable_patching_hooks(source.location)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=_parse_dtype(dtype) if dtype is not None else None)
         return model
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise ConfigError(f"load_model expects a model name, a directory or a TransformerBridge; "
-                          f"got {type(name_or_path).__name__}.")
-    name = str(name_or_path)
-    display_name = None
-    if name.startswith(ZOO_PREFIX):
-        from circuitfind.zoo import zoo_model_dir  # lazy: zoo is optional data
-
-        display_name = name
-        name = str(zoo_model_dir(name[len(ZOO_PREFIX):]))
     torch_dtype = _parse_dtype(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") \
-        and not _looks_like_hub_id(name)
-    if looks_local:
-        if not path.is_dir():
-            raise ModelLoadError(f"{name!r} is not a directory. Pass a Hugging Face model "
-                                 "directory (with config.json, weights and tokenizer files) or a "
-                                 "hub name such as 'gpt2'.")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{str(path)!r} is not a Hugging Face model directory: it has no "
-                                 "config.json. Save one with model.save_pretrained(dir) and "
-                                 "tokenizer.save_pretrained(dir).")
-        name = str(path.resolve())
+    name, looks_local = source.location, source.kind != "hub"
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
@@ -131,8 +190,8 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
     except Exception as err:  # translate the many hub / IO failures into one message
         raise ModelLoadError(_load_failure_message(name, looks_local, err)) from err
     model.eval()
-    if display_name is not None:
-        model.cfg.model_name = display_name  # provenance: "zoo:NAME" rather than a site path
+    if source.kind == "zoo":
+        model.cfg.model_name = source.display_name  # provenance: "zoo:NAME", not a site path
     return enable_patching_hooks(model)
 
 

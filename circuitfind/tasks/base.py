@@ -7,9 +7,14 @@ Conventions (all tasks):
 
 - Token tensors are ``[N, T]`` int64, **right-padded** with ``pad_id``. Because every model
   here is causal, right padding never changes the logits at real positions, so no attention
-  mask has to be passed to the model; ``attention_mask`` is kept for reference and for users.
-- Clean and corrupted prompts of one example have the same number of tokens (so that sender
-  activations can be swapped position by position); :meth:`TaskData.validate` checks it.
+  mask has to be passed to the model; ``attention_mask`` (clean) and
+  ``corrupted_attention_mask`` mark the real tokens, for reference and for users.
+- Clean and corrupted token tensors have the same shape ``[N, T]`` (so that sender activations
+  can be swapped position by position). The built-in tasks make each clean prompt and its
+  corrupted prompt equally long; prompt-file tasks (:mod:`circuitfind.tasks.files`) may not, in
+  which case both are right-padded to a common length and the metric is read at the **clean**
+  prompt's last real token (position ``t`` of the clean run receives the corrupted run's
+  position ``t``, padding included, which cannot reach an earlier position of a causal model).
 - ``positions`` ``[N, P]`` are the token positions whose next-token logits the metric reads
   (``P = 1`` for single-answer tasks such as IOI). The engine gathers logits there, so metrics
   receive ``[N, P, V]`` logits, not the full sequence.
@@ -21,14 +26,16 @@ Conventions (all tasks):
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from circuitfind.errors import TaskDataError
+from circuitfind.errors import ConfigError, TaskDataError
 from circuitfind.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +60,10 @@ class TaskData:
         corrupted_prompts: The corrupted prompt strings, length N.
         seed: The seed the data were built with.
         info: Free-form, JSON-serialisable details (template ids, names used ...).
+        corrupted_attention_mask: ``[N, T]`` int64 real-token mask of the corrupted prompts
+            (``None``: the same as ``attention_mask``).
+        reference_logits: ``[N, P, V]`` float32 logits of the full model at ``positions``, for
+            metrics measured against the full model (KL divergence); ``None`` otherwise.
     """
 
     task: Task
@@ -66,6 +77,12 @@ class TaskData:
     corrupted_prompts: list[str]
     seed: int
     info: dict[str, Any] = field(default_factory=dict)
+    corrupted_attention_mask: Tensor | None = None
+    reference_logits: Tensor | None = None
+
+    _TENSORS: ClassVar[tuple[str, ...]] = (
+        "clean", "corrupted", "positions", "answers", "wrong_answers", "attention_mask",
+        "corrupted_attention_mask", "reference_logits")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +123,16 @@ class TaskData:
                                     f"N = {n}; got {tensor.dtype} of shape {tuple(tensor.shape)}.")
         if self.attention_mask.shape != self.clean.shape:
             raise TaskDataError(f"Task {name!r}: attention_mask must have shape {(n, t)}.")
+        if (self.corrupted_attention_mask is not None
+                and self.corrupted_attention_mask.shape != self.clean.shape):
+            raise TaskDataError(f"Task {name!r}: corrupted_attention_mask must have shape "
+                                f"{(n, t)}.")
+        if self.reference_logits is not None and (
+                self.reference_logits.ndim != 3
+                or tuple(self.reference_logits.shape[:2]) != tuple(self.positions.shape)):
+            raise TaskDataError(f"Task {name!r}: reference_logits must be [N, P, V] with "
+                                f"[N, P] = {tuple(self.positions.shape)}; got "
+                                f"{tuple(self.reference_logits.shape)}.")
         lengths = self.attention_mask.sum(1)
         if len(self.clean_prompts) != n or len(self.corrupted_prompts) != n:
             raise TaskDataError(f"Task {name!r}: expected {n} clean and corrupted prompt strings.")
@@ -126,17 +153,19 @@ class TaskData:
 
     def to(self, device: torch.device | str) -> TaskData:
         """A copy with every tensor moved to ``device``."""
-        kwargs = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        for key in ("clean", "corrupted", "positions", "answers", "wrong_answers", "attention_mask"):
-            kwargs[key] = kwargs[key].to(device)
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in self._TENSORS:
+            if kwargs[key] is not None:
+                kwargs[key] = kwargs[key].to(device)
         return TaskData(**kwargs)
 
     def subset(self, index: slice | Tensor | list[int]) -> TaskData:
         """A TaskData restricted to the examples ``index`` selects (prompts included)."""
         idx = torch.arange(self.n)[index] if isinstance(index, slice) else torch.as_tensor(index)
-        kwargs = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        for key in ("clean", "corrupted", "positions", "answers", "wrong_answers", "attention_mask"):
-            kwargs[key] = kwargs[key][idx.to(kwargs[key].device)]
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in self._TENSORS:
+            if kwargs[key] is not None:
+                kwargs[key] = kwargs[key][idx.to(kwargs[key].device)]
         kwargs["clean_prompts"] = [self.clean_prompts[i] for i in idx.tolist()]
         kwargs["corrupted_prompts"] = [self.corrupted_prompts[i] for i in idx.tolist()]
         return TaskData(**kwargs)
@@ -154,13 +183,23 @@ class Task(ABC):
         metric_name: Field term for the metric ("logit difference", "probability difference").
         metric_unit: "logits", "probability" or "nats".
         higher_is_better: Direction of the metric.
+        default_n: Examples built when the caller does not say (``build_data(..., n=None)``).
+        needs_reference_logits: The metric compares with the full model's logits
+            (``TaskData.reference_logits``, filled by :func:`circuitfind.build_data`).
+        source: Where the task's data come from (a file path), or ``None`` for generated
+            data; recorded with circuits so that they can be re-evaluated.
+
+    Tasks built from data (prompt files, MIB) set these per instance.
     """
 
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    metric_name: ClassVar[str] = ""
-    metric_unit: ClassVar[str] = ""
-    higher_is_better: ClassVar[bool] = True
+    name: str = ""
+    description: str = ""
+    metric_name: str = ""
+    metric_unit: str = ""
+    higher_is_better: bool = True
+    default_n: int = 64
+    needs_reference_logits: bool = False
+    source: str | None = None
 
     @abstractmethod
     def build(self, tokenizer: Any, n: int, seed: int = 0) -> TaskData:
@@ -215,6 +254,15 @@ class Task(ABC):
 
         return reference_circuit(self.name, model)
 
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`get_task` that rebuild this task from ``source``.
+
+        Empty for registered tasks; a prompt file's metric and ``first_token`` otherwise.
+        Recorded with discovered circuits so that ``circuitfind evaluate`` reads the file the
+        same way.
+        """
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -222,12 +270,55 @@ class Task(ABC):
 TASKS: Registry[type[Task]] = Registry("task", entry_point_group="circuitfind.tasks")
 
 
-def get_task(name: str | Task) -> Task:
-    """Return an instance of the registered task ``name`` (dashes accepted), or ``name`` itself.
+def get_task(name: str | os.PathLike[str] | Task, metric: str | None = None,
+             first_token: bool = False) -> Task:
+    """Resolve a task argument: a Task, a registered task name, or a prompt/task file.
+
+    This is the one place task arguments are resolved (CLI, :func:`circuitfind.discover`,
+    :func:`circuitfind.build_data`). A path, or a string with a suffix (``.jsonl``, ``.csv``,
+    ``.json``) or a directory part, is a file (:func:`circuitfind.tasks.files.load_task_file`);
+    any other string is a registry name (dashes accepted).
+
+    Args:
+        name: The task argument.
+        metric: For a prompt file: the metric (``logit_diff``, ``prob_diff``, ``log_prob``,
+            ``kl``), overriding the file's own ``metric``. Rejected for registered tasks,
+            whose metric is part of their definition.
+        first_token: For a prompt file: score multi-token answers by their first token instead
+            of rejecting them.
+
+    Returns:
+        A :class:`Task` instance.
 
     Raises:
-        UnknownNameError: no such task; the message lists the registered tasks.
+        UnknownNameError: no such registered task; the message lists them.
+        ConfigError: a file path that does not exist (the message says that names without a
+            suffix are registry names), an unsupported suffix, or ``metric``/``first_token``
+            given for a registered task.
+        TaskDataError: the file's rows are malformed (every problem is listed).
     """
     if isinstance(name, Task):
-        return name
-    return TASKS.get(name)()
+        task: Task = name
+    elif isinstance(name, (str, os.PathLike)) and _looks_like_file(name):
+        from circuitfind.tasks.files import load_task_file
+
+        return load_task_file(name, metric=metric, first_token=first_token)
+    elif isinstance(name, str):
+        task = TASKS.get(name)()
+    else:
+        raise ConfigError(f"A task must be a task name, a prompt file or a Task; got "
+                          f"{type(name).__name__}.")
+    if metric is not None or first_token:
+        raise ConfigError(f"--metric and --first-token apply to prompt files; the task "
+                          f"{task.name!r} defines its own metric and answers.")
+    return task
+
+
+TASK_FILE_SUFFIXES = (".jsonl", ".csv", ".json")
+"""Suffixes of task files :func:`get_task` reads."""
+
+
+def _looks_like_file(name: str | os.PathLike[str]) -> bool:
+    """Registry names are identifiers: anything with a suffix or a directory part is a path."""
+    text = os.fspath(name)
+    return isinstance(name, os.PathLike) or bool(Path(text).suffix) or os.sep in text or "/" in text

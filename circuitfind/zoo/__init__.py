@@ -14,6 +14,7 @@ Usage::
 
     model = cf.load_model("zoo:induction-2l")           # offline, from the package
     reference = zoo.reference_circuit("induction-2l")  # a Circuit
+    cf.reference_circuit("induction", "zoo:induction-2l")  # the same, through the registry
     zoo.default_organism("ioi")                        # "ioi-small"
 
 Note that the reference circuit's graph is named ``zoo:<name>`` (``graph.model_name``), while
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitfind.errors import ConfigError, UnknownNameError
+from circuitfind.models import zoo_name, zoo_source
 from circuitfind.registry import normalize_name
 
 __all__ = ["ZOO", "ZooEntry", "MODELS_DIR", "zoo_model_dir", "reference_circuit", "metrics",
@@ -93,9 +95,7 @@ def names() -> list[str]:
 def _entry(name: str) -> ZooEntry:
     if not isinstance(name, str):
         raise ConfigError(f"A zoo name must be a string; got {type(name).__name__}.")
-    key = name.strip()
-    if key.startswith("zoo:"):
-        key = key[len("zoo:"):]
+    key = zoo_name(name) or name.strip()
     if key not in ZOO:
         close = difflib.get_close_matches(key, names(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -173,3 +173,27 @@ def default_organism(task_name: str) -> str | None:
     """
     name = _DEFAULT_FOR_TASK.get(normalize_name(task_name))
     return name if name is not None and ZOO[name].shipped else None
+
+
+def _register_references() -> None:
+    """Register each shipped organism's reference circuit as (its task, ``zoo:NAME``).
+
+    :func:`circuitfind.tasks.reference_circuit` and :func:`circuitfind.api.find_reference`
+    then find them like the literature's references. The graph is the organism's
+    architecture (GPT-2 layout; attention-only organisms keep their all-zero MLP nodes).
+    """
+    from circuitfind.graphs.graph import ComputeGraph
+    from circuitfind.tasks.references import register_reference
+    from circuitfind.zoo.organisms import ORGANISMS
+
+    for name, entry in ZOO.items():
+        if not entry.shipped:
+            continue
+        org = ORGANISMS[name]
+        graph = ComputeGraph(org.n_layers, org.n_heads, model_name=zoo_source(name))
+        register_reference(entry.task, zoo_source(name),
+                           lambda _graph, name=name: reference_circuit(name), graph=graph,
+                           replace=True)
+
+
+_register_references()

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from circuitfind.errors import ConfigError, UnknownNameError
+from circuitfind.models import zoo_source
 from circuitfind.zoo.organisms import ORGANISMS, Organism, build_tokenizer
 
 #: Single-edge effect threshold (fraction of the clean - corrupted gap) for derived references.
@@ -241,9 +242,9 @@ def measure(org: Organism, model_dir: Path) -> tuple[dict[str, Any], Any]:
                 "reference_faithfulness": faith["faithfulness"]})
     eap = engine.edge_attribution(data)
     ref_graph = ComputeGraph(g.n_layers, g.n_heads, g.n_kv_heads, attn_only=g.attn_only,
-                             parallel_attn_mlp=g.parallel_attn_mlp, model_name=f"zoo:{org.name}")
+                             parallel_attn_mlp=g.parallel_attn_mlp, model_name=zoo_source(org.name))
     reference = Circuit(ref_graph, kept, effects, metadata={
-        "model": f"zoo:{org.name}", "task": org.task, "data_seed": org.eval_seed,
+        "model": zoo_source(org.name), "task": org.task, "data_seed": org.eval_seed,
         "n_examples": org.eval_n, "derivation": how,
         "scores": "exact single-edge effect m(full) - m(full without e), metric units",
         "faithfulness": faith["faithfulness"], "source": "circuitfind.zoo.train"})

@@ -79,12 +79,34 @@ def test_discover_writes_four_files_and_refuses_to_overwrite(run, tiny_dir, tmp_
     (["--task", "ioi"], "single-token"),
     (["--task", "induction", "--edges", "10", "--threshold", "0.1"], "not both"),
     (["--task", "induction", "--edges", "100000"], "between 0 and"),
+    (["--task", "mine.jsonl"], "does not exist. A task is a registered name without a suffix"),
+    (["--task", "ioi", "--metric", "kl"], "apply to prompt files"),
 ])
 def test_bad_input_is_one_clear_message(run, tiny_dir, tmp_path, extra, message):
     out = run("discover", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), *extra)
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_bad_prompt_file_lists_every_problem(run, tiny_dir, tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("clean,corrupted,answer,wrong\nw1 w2,w3 w4, w5, w5\n,w3, w6, w7\n"
+                    "w1 w2,w3, w5 w6, w7\n")
+    out = run("discover", "--model", str(tiny_dir), "--task", str(path), "--out",
+              str(tmp_path / "x"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "line 2: answer equal to wrong" in out.stderr and "line 3: empty clean" in out.stderr
+    path.write_text("clean,corrupted,answer,wrong\nw1 w2,w3, w5 w6, w7\n")
+    out = run("discover", "--model", str(tiny_dir), "--task", str(path), "--out",
+              str(tmp_path / "x"))
+    assert "line 2: the continuation ' w5 w6' is 2 tokens ['w5', 'w6']" in out.stderr
+    assert "--first-token" in out.stderr
+    out = run("discover", "--model", str(tiny_dir), "--task", str(path), "--first-token",
+              "--edges", "5", "--out", str(tmp_path / "x"))
+    assert out.returncode == 0, out.stderr
+    result = run("evaluate", str(tmp_path / "x" / "circuit.json"))  # finds the file again
+    assert result.returncode == 0 and "(1 examples" in result.stdout, result.stderr
 
 
 def test_path_that_is_not_a_model(run, tmp_path):

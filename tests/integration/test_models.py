@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import circuitfind as cf
-from circuitfind.errors import ModelLoadError
+from circuitfind.errors import ConfigError, ModelLoadError, UnknownNameError
+from circuitfind.models import resolve_model_source, zoo_name, zoo_source
 from circuitfind.testing import make_tiny_model_dir
 
 
@@ -37,3 +38,22 @@ def test_offline_hub_name_gives_one_clear_error(monkeypatch, tmp_path):
         cf.load_model("circuitfind-test/not-a-cached-model")
     text = str(err.value)
     assert "circuitfind-test/not-a-cached-model" in text and "directory" in text
+
+
+def test_one_resolver_for_every_kind_of_model_source(tmp_path):
+    path = make_tiny_model_dir(tmp_path / "m", arch="gpt2")
+    assert resolve_model_source("gpt2").kind == "hub"
+    assert resolve_model_source("openai-community/gpt2").kind == "hub"
+    local = resolve_model_source(path)
+    assert local.kind == "local" and local.location == str(path.resolve())
+    zoo = resolve_model_source("zoo:induction-2l")
+    assert (zoo.kind, zoo.display_name) == ("zoo", "zoo:induction-2l")
+    assert zoo.location.endswith("induction-2l")
+    assert zoo_name("zoo:ioi-small") == "ioi-small" and zoo_name("gpt2") is None
+    assert zoo_source("ioi-small") == zoo_source("zoo:ioi-small") == "zoo:ioi-small"
+    bridge = cf.load_model(path, device="cpu")
+    assert resolve_model_source(bridge).kind == "bridge"
+    with pytest.raises(UnknownNameError, match="Did you mean 'ioi-small'"):
+        resolve_model_source("zoo:ioi-smal")
+    with pytest.raises(ConfigError, match="got int"):
+        resolve_model_source(3)

@@ -151,12 +151,16 @@ def test_unknown_model_is_a_clear_error():
     with pytest.raises(ConfigError) as err:
         get_task("ioi").reference_circuit("pythia-70m")
     message = str(err.value)
-    assert message == "no reference circuit for task 'ioi' on model 'pythia-70m'; available: gpt2."
+    # the zoo organisms register their references in the same registry
+    assert message == ("no reference circuit for task 'ioi' on model 'pythia-70m'; available: "
+                       "gpt2, zoo:ioi-small.")
     assert isinstance(err.value, (CircuitFindError, UnknownNameError, NoReferenceError))
 
 
 def test_task_without_reference_lists_none():
     with pytest.raises(NoReferenceError, match="available: none"):
+        get_task("gendered_pronoun").reference_circuit("gpt2")
+    with pytest.raises(NoReferenceError, match="available: zoo:induction-2l"):
         get_task("induction").reference_circuit("gpt2")
 
 
@@ -183,7 +187,8 @@ def test_register_reference_for_a_zoo_model(tmp_path):
     register_reference("induction", "Organism-X", lambda g: Circuit.from_json(path),
                        graph=graph, aliases=["zoo/organism-x"])
     try:
-        assert available_references("induction") == {"induction": ["organism-x"]}
+        assert available_references("induction") == {"induction": ["organism-x",
+                                                                   "zoo:induction-2l"]}
         assert "gpt2" in available_references()["ioi"]
         c = reference_circuit("induction", "zoo/organism-x")
         assert c.edges == source.edges
@@ -199,6 +204,18 @@ def test_register_reference_for_a_zoo_model(tmp_path):
         unregister_reference("induction", "organism-x")
     with pytest.raises(NoReferenceError):
         reference_circuit("induction", "organism-x")
+
+
+@pytest.mark.parametrize("name", ["induction-2l", "ioi-small", "greater-than-small"])
+def test_zoo_references_come_through_the_registry(name):
+    from circuitfind import zoo
+
+    task = zoo.ZOO[name].task
+    assert f"zoo:{name}" in available_references(task)[task]
+    shipped = zoo.reference_circuit(name)
+    via_registry = reference_circuit(task, f"zoo:{name}")
+    assert via_registry.edges == shipped.edges and via_registry.n_edges > 0
+    assert via_registry.graph.config() == shipped.graph.config()
 
 
 def test_builders_must_return_non_empty_circuits():
