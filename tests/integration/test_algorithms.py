@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy.integrate import trapezoid
 
 import circuitfind as cf
 from circuitfind.algorithms import ExactPatching
 from circuitfind.errors import ConfigError
+from circuitfind.graphs.circuit import select_top_n
 from circuitfind.testing import ToyTask
 from circuitfind.testing.conformance import check_algorithm
 
@@ -73,13 +76,15 @@ def test_discover_and_score_edges_api(tiny_models):
                             cf.ComputeGraph.from_model(model).n_receivers)
     with pytest.raises(ConfigError):
         cf.discover(model, data=data, n_edges=5, threshold=0.1)
-    curve = cf.faithfulness_curve(model, scores, data)
-    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-9)
-    x, f = curve.fractions, curve.faithfulness
-    trapezoid = sum((x[i + 1] - x[i]) * (f[i + 1] + f[i]) / 2 for i in range(len(x) - 1))
-    assert curve.cpr == pytest.approx(trapezoid)
-    assert curve.cmd == pytest.approx(sum((x[i + 1] - x[i]) * (abs(1 - f[i + 1]) + abs(1 - f[i])) / 2
-                                          for i in range(len(x) - 1)))
+    curve = cf.faithfulness_curve(model, scores, data, fractions=(0.05, 0.2, 0.5))
+    # every point of the batched curve equals evaluating that top-n circuit on its own
+    for n_edges, faith in zip(curve.n_edges, curve.faithfulness):
+        alone = cf.evaluate(model, select_top_n(cf.ComputeGraph.from_model(model), scores, n_edges),
+                            data)
+        assert faith == pytest.approx(alone.faithfulness, abs=1e-6)
+    assert curve.cpr == pytest.approx(trapezoid(curve.faithfulness, curve.fractions))
+    assert curve.cmd == pytest.approx(trapezoid(np.abs(1 - np.array(curve.faithfulness)),
+                                                curve.fractions))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])

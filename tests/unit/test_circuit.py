@@ -274,18 +274,17 @@ def test_prune_hand_made_gqa():
     assert prune_dangling(c2) == c2
 
 
-def test_selection_is_fast_on_gpt2_small():
+def test_selection_on_gpt2_small():
     graph = ComputeGraph(12, 12)
     assert graph.n_edges == 32491
     scores = random_scores(graph)
-    start = time.perf_counter()
     c = select_top_n(graph, scores, 1000)
     t = select_threshold(graph, scores, 1.0)
     p = prune_dangling(c)
-    names = p.edges, p.nodes
-    elapsed = time.perf_counter() - start
-    assert c.n_edges == 1000 and p.n_edges <= 1000 and t.n_edges > 0 and names
-    assert elapsed < 10  # generous: only catches per-edge Python loops gone quadratic
+    flat = graph.to_edges(scores).abs()
+    assert c.n_edges == 1000 and p.n_edges <= 1000 and p.edges and p.nodes
+    assert t.n_edges == int((flat >= 1.0).sum())
+    assert float(flat[graph.to_edges(c.kept)].min()) >= float(flat[~graph.to_edges(c.kept)].max())
 
 
 # ---------------------------------------------------------------------------------- networkx
