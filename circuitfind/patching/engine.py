@@ -498,9 +498,11 @@ class PatchingEngine:
                          batch_size: int | None = None) -> tuple[int, int, bool]:
         """How :meth:`edge_attribution` splits its work to stay within ``memory_budget``.
 
-        The estimate counts, per example, the sender buffers (corrupted outputs, clean outputs,
-        their difference: ``3 S T d_model`` values) and, per model-batch row of a gradient pass,
-        the activations autograd keeps for the backward pass (:meth:`gradient_row_bytes`).
+        The estimate counts the cached corrupted sender outputs of all N examples (kept only
+        when they fit in half the budget), per example of a chunk its sender buffers (its
+        corrupted outputs unless cached, and ``a - a'``: ``S T d_model`` values each) and, per
+        model-batch row of a gradient pass, the activations autograd keeps for the backward
+        pass (:meth:`gradient_row_bytes`). The minimum budget is one example with one row.
 
         Args:
             n_examples: N examples to score.
@@ -517,7 +519,8 @@ class PatchingEngine:
                 gives the minimum.
         """
         width = torch.finfo(self.dtype).bits // 8
-        per_example = 3 * self.graph.n_senders * seq_len * self.d_model * width
+        outputs = self.graph.n_senders * seq_len * self.d_model * width  # one example's senders
+        per_example = 2 * outputs  # corrupted outputs (unless cached) and a - a'
         per_row = self.gradient_row_bytes(seq_len)
         minimum = per_example + per_row
         if self.memory_budget < minimum:
@@ -525,10 +528,14 @@ class PatchingEngine:
                               f"of {seq_len} tokens for attribution on this model; it needs at "
                               f"least {minimum} bytes ({minimum / 2**20:.1f} MiB). Raise "
                               "memory_budget or shorten the prompts.")
-        n = max(1, min(n_examples, batch_size or n_examples, self.memory_budget // minimum))
-        p = max(1, min(n_points, (self.memory_budget - n * per_example) // (n * per_row)))
-        cache_bytes = self.graph.n_senders * n_examples * seq_len * self.d_model * width
-        return n, p, 2 * cache_bytes <= self.memory_budget
+        cache = (2 * n_examples * outputs <= self.memory_budget
+                 and self.memory_budget - n_examples * outputs >= minimum)
+        budget = self.memory_budget - (n_examples * outputs if cache else 0)
+        if cache:
+            per_example -= outputs  # the chunk's corrupted outputs are a view of the cache
+        n = max(1, min(n_examples, batch_size or n_examples, budget // (per_example + per_row)))
+        p = max(1, min(n_points, (budget - n * per_example) // (n * per_row)))
+        return n, p, cache
 
     def gradient_row_bytes(self, seq_len: int) -> int:
         """Estimated bytes autograd keeps per model-batch row during a gradient pass.
