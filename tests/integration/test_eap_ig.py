@@ -207,9 +207,11 @@ def test_bad_input(tiny_models):
         PatchingEngine(model).edge_attribution(data, points=[GradientPoint(0.5, "a11")])
 
 
-@pytest.mark.parametrize("algorithm", ["eap-ig", "clean-corrupted"])
-def test_cli_discover(tmp_path, monkeypatch, capsys, algorithm):
-    """``circuitfind discover --algorithm eap-ig|clean-corrupted`` (dashes accepted)."""
+@pytest.mark.parametrize("algorithm, params", [
+    ("eap-ig", ["--param", "steps=2", "--param", "interpolation=activations"]),
+    ("clean-corrupted", [])])
+def test_cli_discover(tmp_path, monkeypatch, capsys, algorithm, params):
+    """``circuitfind discover --algorithm eap-ig|clean-corrupted [--param K=V]``."""
     import json
     import sys
 
@@ -221,7 +223,8 @@ def test_cli_discover(tmp_path, monkeypatch, capsys, algorithm):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(sys, "argv", ["circuitfind", "discover", "--model", str(model_dir),
                                       "--task", "induction", "--algorithm", algorithm,
-                                      "--edges", "15", "--examples", "4", "--out", str(out)])
+                                      "--edges", "15", "--examples", "4", "--out", str(out),
+                                      *params])
     try:
         main()
     except SystemExit as exit_:
@@ -229,3 +232,23 @@ def test_cli_discover(tmp_path, monkeypatch, capsys, algorithm):
     meta = json.loads((out / "circuit.json").read_text())["metadata"]
     assert meta["algorithm"] == algorithm.replace("-", "_")
     assert meta["selected_edges"] == 15
+    if params:
+        assert meta["algorithm_params"] == {"interpolation": "activations", "steps": 2,
+                                            "batch_size": None}
+
+
+def test_cli_param_errors(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from circuitfind.cli import main
+
+    for bad, message in ((["--param", "steps"], "KEY=VALUE"),
+                         (["--param", "steps=0"], "must be an int >= 1. Got 0"),
+                         (["--param", "stepz=3"], "has no parameter(s) stepz")):
+        monkeypatch.setattr(sys, "argv", ["circuitfind", "discover", "--task", "induction",
+                                          "--algorithm", "eap-ig", "--out",
+                                          str(tmp_path / "x"), *bad])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err
+        assert exit_.value.code != 0 and message in err and "Traceback" not in err
