@@ -502,7 +502,9 @@ class PatchingEngine:
         when they fit in half the budget), per example of a chunk its sender buffers (its
         corrupted outputs unless cached, and ``a - a'``: ``S T d_model`` values each) and, per
         model-batch row of a gradient pass, the activations autograd keeps for the backward
-        pass (:meth:`gradient_row_bytes`). The minimum budget is one example with one row.
+        pass (:meth:`gradient_row_bytes`), plus a fixed allowance for the vocabulary-sized
+        temporaries of each pass (``4 d_vocab d_model`` values). The minimum budget is that
+        allowance plus one example with one row.
 
         Args:
             n_examples: N examples to score.
@@ -522,7 +524,10 @@ class PatchingEngine:
         outputs = self.graph.n_senders * seq_len * self.d_model * width  # one example's senders
         per_example = 2 * outputs  # corrupted outputs (unless cached) and a - a'
         per_row = self.gradient_row_bytes(seq_len)
-        minimum = per_example + per_row
+        # vocabulary-sized temporaries of every pass (unembedding, logits' gradient paths):
+        # calibrated on the measurements in benchmarks/results/attribution_memory.md
+        fixed = 4 * int(self.model.cfg.d_vocab) * self.d_model * width
+        minimum = fixed + per_example + per_row
         if self.memory_budget < minimum:
             raise ConfigError(f"memory_budget={self.memory_budget} bytes cannot hold one example "
                               f"of {seq_len} tokens for attribution on this model; it needs at "
@@ -530,7 +535,7 @@ class PatchingEngine:
                               "memory_budget or shorten the prompts.")
         cache = (2 * n_examples * outputs <= self.memory_budget
                  and self.memory_budget - n_examples * outputs >= minimum)
-        budget = self.memory_budget - (n_examples * outputs if cache else 0)
+        budget = self.memory_budget - fixed - (n_examples * outputs if cache else 0)
         if cache:
             per_example -= outputs  # the chunk's corrupted outputs are a view of the cache
         n = max(1, min(n_examples, batch_size or n_examples, budget // (per_example + per_row)))
