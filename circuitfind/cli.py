@@ -71,6 +71,10 @@ def discover(
     no_prune: bool = typer.Option(False, "--no-prune", help="Keep dangling edges."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", "-p",
+        help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. --param steps=10 "
+             "--param interpolation=activations for eap-ig."),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.graphml, circuit.svg and report.md."""
     from circuitfind.api import discover as run_discover
@@ -84,7 +88,7 @@ def discover(
     task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
-    params: dict[str, object] = {}
+    params = parse_params(param or [])
     checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
     if "checkpoint" in inspect.signature(ALGORITHMS.get(algorithm).__init__).parameters:
         # long runs checkpoint inside --out; rerunning the same command resumes
@@ -114,6 +118,26 @@ def discover(
                f"m(∅)={faith['metric_empty']:.4f} {faith['metric_unit']}); "
                f"KL {faith['kl_div']:.4f} nats")
     typer.echo(f"wrote {', '.join(str(out / f) for f in RUN_FILES)}")
+
+
+def parse_params(items: list[str]) -> dict[str, object]:
+    """``["steps=10", "interpolation=inputs"]`` -> ``{"steps": 10, "interpolation": "inputs"}``.
+
+    Values are read as JSON where they parse (numbers, true/false, null), else as strings.
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    params: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param takes KEY=VALUE (e.g. --param steps=10); got {item!r}.")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

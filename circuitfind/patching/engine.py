@@ -41,7 +41,8 @@ hooks (one warning).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import difflib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,26 @@ class _Group:
     stop: int
     n_up: int  # number of upstream senders
     per_head: bool  # hook tensor has a head axis [batch, pos, heads, d]
+
+
+@dataclass(frozen=True)
+class GradientPoint:
+    """One run at which :meth:`PatchingEngine.edge_attribution` takes receiver gradients.
+
+    The run reads the clean tokens, except that the outputs of the node group ``node`` are
+    replaced by ``alpha * clean + (1 - alpha) * corrupted`` (held constant: no gradient flows
+    back through them). ``alpha = 1`` at ``input`` is the clean run (EAP); ``alpha = 0`` at
+    ``input`` is the corrupted run, because the input embedding is all a run takes from the
+    tokens (right-padded causal models need no attention mask).
+
+    Attributes:
+        alpha: Interpolation weight of the clean value, usually in [0, 1].
+        node: ``"input"`` (the embeddings), ``"a{L}"`` (every head of layer L together) or
+            ``"m{L}"`` (the MLP of layer L): the node groups the EAP-IG library interpolates.
+    """
+
+    alpha: float
+    node: str = "input"
 
 
 class PatchingEngine:
@@ -506,47 +527,208 @@ class PatchingEngine:
             yield ks, es, logits.gather(2, idx)
 
     # ------------------------------------------------------------------ attribution
-    def edge_attribution(self, data: TaskData, batch_size: int | None = None) -> Tensor:
-        """EAP scores of every edge, eq. (2): ``sum (a'_u - a_u) . d metric / d x_r``.
+    def edge_attribution(self, data: TaskData, batch_size: int | None = None,
+                         points: Sequence[GradientPoint] | None = None) -> Tensor:
+        """Gradient-based edge scores: ``sum (a'_u - a_u) . mean_p d metric / d x_r (run p)``.
+
+        With ``points=None`` this is EAP, eq. (2): the gradient of the clean run. Otherwise the
+        receiver gradients are averaged over the runs ``points`` describe (EAP-IG,
+        clean-corrupted; see :class:`GradientPoint`), all taking the sender differences
+        ``a' - a`` from the plain clean and corrupted runs.
+
+        Memory. Work is split into chunks of examples (and, for several points, of points
+        stacked on the batch) sized by ``memory_budget`` (see :meth:`attribution_plan`); the
+        corrupted sender outputs are cached for all examples only when they fit in half the
+        budget, and are otherwise recomputed per chunk. Receiver gradients are never held for
+        more than one layer: they are contracted with the sender differences inside the
+        backward pass. The result does not depend on the split beyond floating-point rounding.
 
         Args:
             data: Task data; the metric is ``data.metric`` averaged over the N examples.
-            batch_size: Examples per pass (default: from ``memory_budget``); the result does not
-                depend on it beyond floating-point rounding.
+            batch_size: Examples per pass (default: from ``memory_budget``).
+            points: Runs to average gradients over (default: the clean run only, i.e. EAP).
 
         Returns:
-            ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: the
-            first-order estimate of ``metric(all edges but e) - metric(full model)``.
+            ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
+            estimate of ``metric(all edges but e) - metric(full model)``.
+
+        Raises:
+            ConfigError: an empty ``points``, a point naming no node group of the graph, or a
+                ``memory_budget`` too small for one example (the message gives the minimum).
 
         References:
             Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
-            Discovery", eq. 2; Nanda (2023), "Attribution Patching".
+            Discovery", eq. 2; Hanna, Pezzelle & Belinkov (2024), "Have Faith in
+            Faithfulness", §3 (EAP-IG).
         """
+        if points is not None:
+            points = list(points)
+            if not points:
+                raise ConfigError("points must hold at least one GradientPoint; got none.")
+            for point in points:
+                self._node_group(point.node)
         g = self.graph
+        n_points = 1 if points is None else len(points)
+        n_chunk, p_chunk, cache = self.attribution_plan(data.n, data.seq_len, n_points, batch_size)
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=self.device)
-        corrupted = self.corrupted_outputs(data)
         clean = self._tokens(data.clean)
-        rows = self.rows_per_pass(data.seq_len) // 2  # activations are kept for backward
-        n_chunk = max(1, min(data.n, batch_size or data.n, rows))
         on_device = self.on_device(data)
         with frozen_parameters(self.model), torch.enable_grad():
             for e0 in range(0, data.n, n_chunk):
                 es = slice(e0, min(data.n, e0 + n_chunk))
                 n = es.stop - es.start
-                buf = (-corrupted[:, es]).unsqueeze(0).clone()  # becomes a - a' [1, S, n, T, d]
-                hooks = self._sender_hooks(buf, n, "add", make_leaf=True)
-                hooks += self._gradient_hooks(buf, scores, n)
                 sub = on_device if n == data.n else on_device.subset(es)
-                with self.hooked(hooks):
-                    logits = self.model(clean[es])
-                    pos = sub.positions.to(self.device)
-                    idx = pos[:, :, None].expand(n, pos.shape[1], logits.shape[-1])
-                    metric = sub.metric(logits.gather(1, idx)).sum() / data.n
-                    metric.backward()
+                corrupted = (self.corrupted_outputs(data)[:, es] if cache
+                             else self.sender_outputs(data.corrupted[es]))
+                if points is None:  # EAP: the clean run's sender hooks complete a - a'
+                    buf = (-corrupted).unsqueeze(0).clone()  # [1, S, n, T, d]
+                    del corrupted
+                    hooks = self._sender_hooks(buf, n, "add", make_leaf=True)
+                    hooks += self._gradient_hooks(buf, scores, n)
+                    with self.hooked(hooks):
+                        self._metric(self.model(clean[es]), sub, data.n).backward()
+                    continue
+                diff = self.sender_outputs(clean[es]).sub_(corrupted).unsqueeze(0)  # a - a'
+                del corrupted
+                for p0 in range(0, n_points, p_chunk):
+                    chunk = points[p0: p0 + p_chunk]
+                    hooks = self._interpolation_hooks(diff, chunk, n)
+                    hooks += self._gradient_hooks(diff, scores, n, copies=len(chunk))
+                    with self.hooked(hooks):
+                        logits = self.model(clean[es].repeat(len(chunk), 1))
+                        self._metric(logits, sub, data.n * n_points, len(chunk)).backward()
         return (scores * g.edge_mask.to(scores.device)).float().cpu()
 
-    def _gradient_hooks(self, buf: Tensor, scores: Tensor, n: int) -> list[tuple[str, HookFn]]:
+    def attribution_plan(self, n_examples: int, seq_len: int, n_points: int = 1,
+                         batch_size: int | None = None) -> tuple[int, int, bool]:
+        """How :meth:`edge_attribution` splits its work to stay within ``memory_budget``.
+
+        The estimate counts the cached corrupted sender outputs of all N examples (kept only
+        when they fit in half the budget), per example of a chunk its sender buffers (its
+        corrupted outputs unless cached, and ``a - a'``: ``S T d_model`` values each) and, per
+        model-batch row of a gradient pass, the activations autograd keeps for the backward
+        pass (:meth:`gradient_row_bytes`), plus a fixed allowance for the vocabulary-sized
+        temporaries of each pass (``4 d_vocab d_model`` values). The minimum budget is that
+        allowance plus one example with one row.
+
+        Args:
+            n_examples: N examples to score.
+            seq_len: Tokens per example.
+            n_points: Gradient runs per example (1 for EAP, ``steps`` for EAP-IG).
+            batch_size: Cap on examples per pass (``None``: none).
+
+        Returns:
+            ``(examples per chunk, points per pass, cache)`` where ``cache`` says whether the
+            corrupted sender outputs of all N examples are kept (they fit in half the budget).
+
+        Raises:
+            ConfigError: the budget cannot hold one example with one gradient run; the message
+                gives the minimum.
+        """
+        width = torch.finfo(self.dtype).bits // 8
+        outputs = self.graph.n_senders * seq_len * self.d_model * width  # one example's senders
+        per_example = 2 * outputs  # corrupted outputs (unless cached) and a - a'
+        per_row = self.gradient_row_bytes(seq_len)
+        # vocabulary-sized temporaries of every pass (unembedding, logits' gradient paths):
+        # calibrated on the measurements in benchmarks/results/attribution_memory.md
+        fixed = 4 * int(self.model.cfg.d_vocab) * self.d_model * width
+        minimum = fixed + per_example + per_row
+        if self.memory_budget < minimum:
+            raise ConfigError(f"memory_budget={self.memory_budget} bytes cannot hold one example "
+                              f"of {seq_len} tokens for attribution on this model; it needs at "
+                              f"least {minimum} bytes ({minimum / 2**20:.1f} MiB). Raise "
+                              "memory_budget or shorten the prompts.")
+        cache = (2 * n_examples * outputs <= self.memory_budget
+                 and self.memory_budget - n_examples * outputs >= minimum)
+        budget = self.memory_budget - fixed - (n_examples * outputs if cache else 0)
+        if cache:
+            per_example -= outputs  # the chunk's corrupted outputs are a view of the cache
+        n = max(1, min(n_examples, batch_size or n_examples, budget // (per_example + per_row)))
+        p = max(1, min(n_points, (budget - n * per_example) // (n * per_row)))
+        return n, p, cache
+
+    def gradient_row_bytes(self, seq_len: int) -> int:
+        """Estimated bytes autograd keeps per model-batch row during a gradient pass.
+
+        Per token and layer: the split q/k/v inputs and their normalisation
+        (``6 n_heads d_model``), attention scores and pattern (``3 n_heads seq_len``), the
+        MLP's hidden activations (``2 d_mlp``) and a few residual-sized tensors
+        (``8 d_model``); per token: the logits (``2 d_vocab``).
+        """
+        cfg = self.model.cfg
+        d, heads = self.d_model, int(cfg.n_heads)
+        d_mlp = int(getattr(cfg, "d_mlp", 0) or 0)
+        per_layer = 6 * heads * d + 3 * heads * seq_len + 2 * d_mlp + 8 * d
+        per_token = int(cfg.n_layers) * per_layer + 2 * int(cfg.d_vocab)
+        return seq_len * per_token * (torch.finfo(self.dtype).bits // 8)
+
+    def _metric(self, logits: Tensor, data: TaskData, total: int, copies: int = 1) -> Tensor:
+        """Sum of the metric over ``copies`` stacked copies of ``data``'s rows, over ``total``."""
+        n = data.n
+        pos = data.positions.to(self.device)
+        idx = pos[None, :, :, None].expand(copies, n, pos.shape[1], logits.shape[-1])
+        picked = logits.view(copies, n, *logits.shape[1:]).gather(2, idx)
+        values = data.metric(picked if copies > 1 else picked[0])
+        return values.sum() / total
+
+    def _node_group(self, node: str) -> tuple[str, list[int]]:
+        """Hook name and sender indices of a node group: ``input``, ``a{L}`` or ``m{L}``."""
+        g, t = self.graph, self.table
+        groups = {"input": (t.input, [0])}
+        for layer in range(g.n_layers):
+            h0 = g.head_start[layer]
+            groups[f"a{layer}"] = (t.head_result(layer), list(range(h0, h0 + g.n_heads)))
+            m = g.mlp_index[layer]
+            if m is not None:
+                groups[f"m{layer}"] = (t.mlp_out(layer), [m])
+        if node not in groups:
+            close = difflib.get_close_matches(node, list(groups), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"No node group {node!r} in this graph.{hint} Node groups: input, "
+                              f"a0..a{g.n_layers - 1} (all heads of a layer), and m{{L}} for "
+                              "layers with an MLP.")
+        return groups[node]
+
+    def _interpolation_hooks(self, diff: Tensor, points: Sequence[GradientPoint],
+                             n: int) -> list[tuple[str, HookFn]]:
+        """Forward hooks for ``len(points)`` copies of ``n`` clean rows stacked on the batch.
+
+        In copy ``p``, the outputs of ``points[p].node`` become
+        ``alpha a + (1 - alpha) a' = a - (1 - alpha) (a - a')`` (with ``diff [1, S, n, T, d]`` =
+        ``a - a'``) and are constants: no gradient flows back through them, as in the EAP-IG
+        library's interpolation hooks. The input embedding is always made a leaf that requires
+        grad, so that the backward pass reaches every receiver.
+        """
+        by_hook: dict[str, tuple[list[int], list[tuple[int, float]]]] = {}
+        for p, point in enumerate(points):
+            hook, senders = self._node_group(point.node)
+            by_hook.setdefault(hook, (senders, []))[1].append((p, float(point.alpha)))
+        by_hook.setdefault(self.table.input, ([0], []))
+
+        def make(senders: list[int], targets: list[tuple[int, float]], leaf: bool) -> HookFn:
+            moved = dict(targets)
+            # sender differences laid out like the hook's tensor: [n, T, d] or [n, T, H, d]
+            delta = diff[0, senders[0]] if len(senders) == 1 else diff[0, senders].permute(1, 2, 0, 3)
+
+            def hook(x: Tensor, hook: Any) -> Tensor:
+                rows = x.view(len(points), n, *x.shape[1:])
+                parts = [(rows[p].detach() - (1 - moved[p]) * delta) if p in moved else rows[p]
+                         for p in range(len(points))]
+                out = torch.cat(parts) if len(parts) > 1 else parts[0]
+                return out.detach().requires_grad_(True) if leaf else out
+
+            return hook
+
+        return [(name, make(senders, targets, name == self.table.input))
+                for name, (senders, targets) in by_hook.items()]
+
+    def _gradient_hooks(self, buf: Tensor, scores: Tensor, n: int,
+                        copies: int = 1) -> list[tuple[str, HookFn]]:
         """Backward hooks accumulating eq. (2) into ``scores [S, R]``.
+
+        ``buf [1, S, n, T, d]`` holds ``a - a'``. With ``copies > 1`` the model batch holds that
+        many copies of the ``n`` rows (one per gradient point) and their gradients are summed
+        before the contraction (the metric already weights each copy).
 
         The q, k and v groups of a layer share their upstream senders and are contiguous
         receivers, so their gradients are collected and contracted with the sender differences
@@ -577,6 +759,8 @@ class PatchingEngine:
 
                 def accumulate(grad: Tensor) -> None:
                     width = grp.stop - grp.start
+                    if copies > 1:
+                        grad = grad.view(copies, n, *grad.shape[1:]).sum(0)
                     g = grad if grp.per_head else grad.unsqueeze(2)  # [n, T, R', d]
                     g = g.permute(2, 0, 1, 3).reshape(width, -1)  # [R', n*T*d]
                     if len(siblings) == 1:
