@@ -584,19 +584,24 @@ class PatchingEngine:
                     buf = (-corrupted).unsqueeze(0).clone()  # [1, S, n, T, d]
                     del corrupted
                     hooks = self._sender_hooks(buf, n, "add", make_leaf=True)
-                    hooks += self._gradient_hooks(buf, scores, n)
-                    with self.hooked(hooks):
+                    gradient_hooks, check = self._gradient_hooks(buf, scores, n)
+                    with self.hooked(hooks + gradient_hooks):
                         self._metric(self.model(clean[es]), sub, data.n).backward()
+                    check()
                     continue
                 diff = self.sender_outputs(clean[es]).sub_(corrupted).unsqueeze(0)  # a - a'
                 del corrupted
                 for p0 in range(0, n_points, p_chunk):
                     chunk = points[p0: p0 + p_chunk]
                     hooks = self._interpolation_hooks(diff, chunk, n)
-                    hooks += self._gradient_hooks(diff, scores, n, copies=len(chunk))
-                    with self.hooked(hooks):
+                    # receivers that only feed a node held constant in every copy get no gradient
+                    exempt = frozenset.intersection(*(self._blocked(p.node) for p in chunk))
+                    gradient_hooks, check = self._gradient_hooks(diff, scores, n, copies=len(chunk),
+                                                                 exempt=exempt)
+                    with self.hooked(hooks + gradient_hooks):
                         logits = self.model(clean[es].repeat(len(chunk), 1))
                         self._metric(logits, sub, data.n * n_points, len(chunk)).backward()
+                    check()
         return (scores * g.edge_mask.to(scores.device)).float().cpu()
 
     def attribution_plan(self, n_examples: int, seq_len: int, n_points: int = 1,
@@ -689,6 +694,16 @@ class PatchingEngine:
                               "layers with an MLP.")
         return groups[node]
 
+    def _blocked(self, node: str) -> frozenset[str]:
+        """Receiver hooks whose only reader is the node group ``node`` (``a{L}``: its q/k/v
+        inputs; ``m{L}``: its MLP input; ``input``: none)."""
+        t = self.table
+        if node.startswith("a"):
+            return frozenset(t.qkv_input(int(node[1:]), k) for k in "qkv")
+        if node.startswith("m"):
+            return frozenset({t.mlp_in(int(node[1:]))})
+        return frozenset()
+
     def _interpolation_hooks(self, diff: Tensor, points: Sequence[GradientPoint],
                              n: int) -> list[tuple[str, HookFn]]:
         """Forward hooks for ``len(points)`` copies of ``n`` clean rows stacked on the batch.
@@ -722,9 +737,15 @@ class PatchingEngine:
         return [(name, make(senders, targets, name == self.table.input))
                 for name, (senders, targets) in by_hook.items()]
 
-    def _gradient_hooks(self, buf: Tensor, scores: Tensor, n: int,
-                        copies: int = 1) -> list[tuple[str, HookFn]]:
-        """Backward hooks accumulating eq. (2) into ``scores [S, R]``.
+    def _gradient_hooks(self, buf: Tensor, scores: Tensor, n: int, copies: int = 1,
+                        exempt: frozenset[str] = frozenset()
+                        ) -> tuple[list[tuple[str, HookFn]], Callable[[], None]]:
+        """Backward hooks accumulating eq. (2) into ``scores [S, R]``, and a check to call after
+        the backward pass.
+
+        The check raises :class:`HookError` naming the receiver groups that received no
+        gradient (a silently skipped group would leave its edges' scores at zero), except the
+        hooks in ``exempt`` (receivers that only feed a node held constant in every copy).
 
         ``buf [1, S, n, T, d]`` holds ``a - a'``. With ``copies > 1`` the model batch holds that
         many copies of the ``n`` rows (one per gradient point) and their gradients are summed
@@ -741,7 +762,10 @@ class PatchingEngine:
             if grp.per_head:
                 layers.setdefault(grp.n_up, []).append(grp)
 
+        contracted: list[_Group] = []
+
         def contract(groups: list[_Group], grads: list[Tensor]) -> None:
+            contracted.extend(groups)
             n_up, start, stop = groups[0].n_up, groups[0].start, groups[-1].stop
             diff = buf[0, :n_up].reshape(n_up, -1)  # [U, n*T*d] = a - a'
             grad = torch.cat(grads, 0) if len(grads) > 1 else grads[0]  # [R', n*T*d]
@@ -779,7 +803,16 @@ class PatchingEngine:
                 return y
 
             hooks.append((grp.hook, hook))
-        return hooks
+
+        def check() -> None:
+            missing = [grp.hook for grp in self.groups
+                       if grp not in contracted and grp.hook not in exempt]
+            if missing or pending:
+                raise HookError(f"{len(missing)} receiver group(s) received no gradient in the "
+                                f"backward pass (e.g. {', '.join(missing[:3])}); their edges' "
+                                "scores would silently be zero. Is part of the model detached?")
+
+        return hooks, check
 
 
 @contextlib.contextmanager

@@ -179,3 +179,19 @@ def test_invariants_on_random_model_shapes(tmp_path_factory, arch, layers, kv, g
     torch.testing.assert_close(out[1], _logits_at(model, data.corrupted, data.positions),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(out[2], engine.run(data, masks[2])[0], atol=1e-9, rtol=0)
+
+
+def test_a_receiver_group_without_gradient_is_an_error(tiny_models):
+    """If a receiver group gets no gradient (here: its input is detached after our hook), EAP
+    raises instead of leaving its edges' scores at zero."""
+
+    class Detaching(PatchingEngine):
+        def _gradient_hooks(self, *args, **kwargs):
+            hooks, check = super()._gradient_hooks(*args, **kwargs)
+            return hooks + [("blocks.0.hook_mlp_in", lambda x, hook: x.detach())], check
+
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 2, seed=0)
+    assert PatchingEngine(model).edge_attribution(data).abs().max() > 0
+    with pytest.raises(HookError, match="received no gradient"):
+        Detaching(model).edge_attribution(data)
