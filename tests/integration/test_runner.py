@@ -248,3 +248,16 @@ def test_few_receivers_at_the_start_layer_equal_the_hooked_engine(tiny_models, n
         got = runner.run(data, masks)
         torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
         torch.testing.assert_close(got, runner.run(data, masks, start=0), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_exact_scores_equal_the_hooked_engine(tiny_models, name):
+    """ExactPatching on the runner (layer-grouped passes) = on the bridge's full hooked forward."""
+    from circuitfind.algorithms import ExactPatching
+
+    model = tiny_models(name)
+    data = ToyTask(positions=2).build(model.tokenizer, 4, seed=9)
+    fast = ExactPatching(progress=False).score(PatchingEngine(model), data)
+    slow = ExactPatching(progress=False).score(PatchingEngine(model, use_runner=False), data)
+    assert slow.abs().max() > 1e-2
+    torch.testing.assert_close(fast, slow, atol=1e-7, rtol=1e-5)
