@@ -375,10 +375,7 @@ class BlockRunner:
     def __init__(self, layout: _Layout, graph: ComputeGraph) -> None:
         self.layout = layout
         self.graph = graph
-        g = graph
-        # receivers of each layer by kind: (kind, first receiver, count) and sender slices
-        self._receiver_layer = torch.tensor([r.layer for r in g.receivers])
-        self._sender_layer = torch.tensor([s.layer for s in g.senders])
+        self._receiver_layer = torch.tensor([r.layer for r in graph.receivers])
 
     # ------------------------------------------------------------------ plain runs
     @torch.no_grad()
