@@ -8,7 +8,6 @@ no traceback.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from typing import Optional
 import typer
 
 from circuitfind.algorithms import ALGORITHMS
+from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import CircuitFindError, ConfigError, OutputExistsError
 from circuitfind.registry import normalize_name
 
@@ -52,8 +52,9 @@ def discover(
     algorithm: str = typer.Option("eap", "--algorithm", "-a",
                                   help="Algorithm (see `circuitfind algorithms`)."),
     edges: Optional[int] = typer.Option(None, "--edges", "-n", help="Keep the top N edges."),
-    threshold: Optional[float] = typer.Option(None, "--threshold",
-                                              help="Keep edges with |score| >= X."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold",
+        help="Keep edges with |score| >= X; for acdc, its threshold τ (e.g. 0.01 nats of KL)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
     seed: int = typer.Option(0, "--seed", help="Data seed."),
@@ -61,6 +62,10 @@ def discover(
     no_prune: bool = typer.Option(False, "--no-prune", help="Keep dangling edges."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", "-p",
+        help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. -p mode=batched "
+             "-p objective=metric. Values are read as JSON where they parse, else as strings."),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.graphml, circuit.svg and report.md."""
     from circuitfind.api import discover as run_discover
@@ -71,17 +76,24 @@ def discover(
     _check_out(out, overwrite)
     model_name = model or _default_model(task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
-    params: dict[str, object] = {}
-    checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
-    if "checkpoint" in inspect.signature(ALGORITHMS.get(algorithm).__init__).parameters:
+    params = parse_params(param or [])
+    context = None
+    if ALGORITHMS.get(algorithm).supports_checkpoint:
         # long runs checkpoint inside --out; rerunning the same command resumes
-        params["checkpoint"] = str(checkpoint)
+        checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
+        context = RunContext(checkpoint=checkpoint)
         if checkpoint.exists():
             typer.echo(f"resuming from {checkpoint}", err=True)
-    circuit = run_discover(model_name, task, algorithm=algorithm, n_edges=edges,
-                           threshold=threshold, n_examples=n_examples, seed=seed,
-                           absolute=not signed, prune=not no_prune, device=device,
-                           algorithm_params=params)
+    try:
+        circuit = run_discover(model_name, task, algorithm=algorithm, n_edges=edges,
+                               threshold=threshold, n_examples=n_examples, seed=seed,
+                               absolute=not signed, prune=not no_prune, device=device,
+                               algorithm_params=params, context=context)
+    except KeyboardInterrupt:
+        if context is not None and context.path is not None and context.path.exists():
+            typer.secho(f"interrupted; progress saved in {context.path}: rerun the same "
+                        "command to resume", err=True)
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -101,6 +113,24 @@ def discover(
                f"m(∅)={faith['metric_empty']:.4f} {faith['metric_unit']}); "
                f"KL {faith['kl_div']:.4f} nats")
     typer.echo(f"wrote {', '.join(str(out / f) for f in RUN_FILES)}")
+
+
+def parse_params(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings -> a dict (values parsed as JSON where possible, else strings).
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    params: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param expects KEY=VALUE (e.g. -p mode=batched); got {item!r}.")
+        try:
+            params[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip().replace("-", "_")] = value
+    return params
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -128,6 +158,12 @@ def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
                                                   f" of {f.get('n_total_edges')}"),
             ("wall time", f"{md.get('wall_time_s')} s"),
             ("versions", ", ".join(f"{k} {v}" for k, v in md.get("versions", {}).items()))]
+    acdc = md.get("acdc")
+    if acdc:
+        rows.append(("ACDC", f"τ={acdc.get('threshold')} ({acdc.get('objective')}, "
+                             f"{acdc.get('mode')} mode); {acdc.get('tested_edges')} edges and "
+                             f"{acdc.get('node_tests')} q/k/v nodes tested; objective "
+                             f"{_fmt(acdc.get('value_circuit'))} {acdc.get('objective_unit')}"))
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Faithfulness", "", "| quantity | value |", "| --- | --- |",
               f"| normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) | {_fmt(f.get('faithfulness'))} |",
