@@ -218,3 +218,17 @@ def test_discover_returns_the_algorithms_own_circuit(tiny_models):
     assert "faithfulness" in circuit.metadata
     with pytest.raises(ConfigError, match="selects its own circuit"):
         cf.discover(model, algorithm="acdc", data=data, n_edges=10)
+
+
+@pytest.mark.acceptance
+def test_exact_mode_equals_sequential_acdc_on_stories260k(stories_dir):
+    """A real pretrained Llama/GQA model (float32): the logits, the last MLP, the last layer's
+    q/k/v node tests and one attention receiver (a receiver budget keeps it to seconds)."""
+    model = cf.load_model(stories_dir, device="cpu")
+    data = cf.build_data(model, "gendered_pronoun", n=4, seed=0)
+    engine = cf.PatchingEngine(model)
+    circuit = ACDC(threshold=1e-2, max_receivers=3, progress=False).discover(engine, data)
+    reference = slow_acdc(model, data, 1e-2, max_receivers=3)
+    assert int(reference[1].sum()) > 50 and circuit.metadata["acdc"]["node_tests"] > 0
+    assert 0 < int(reference[0].sum()) < engine.graph.n_edges
+    _check_equal(circuit, reference, 1e-2, atol=1e-5)
