@@ -231,6 +231,44 @@ def evaluate(
 
 
 @app.command()
+def tune(
+    task: str = typer.Option(..., "--task", "-t", help="Task name (see `circuitfind tasks`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model (default: the task's zoo organism)."),
+    algorithm: str = typer.Option("acdc", "--algorithm", "-a", help="A pruning algorithm."),
+    target: float = typer.Option(0.9, "--target", help="Normalized faithfulness to reach."),
+    trials: int = typer.Option(20, "--trials", help="Trials this worker runs (0: create only)."),
+    low: float = typer.Option(1e-4, "--low", help="Smallest threshold tried (log scale)."),
+    high: float = typer.Option(1.0, "--high", help="Largest threshold tried."),
+    storage: str = typer.Option("sqlite:///tune.db", "--storage",
+                                help="Optuna storage URL shared by all workers."),
+    study: str = typer.Option("circuitfind-tune", "--study", help="Study name."),
+    n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
+    seed: int = typer.Option(0, "--seed", help="Data seed."),
+    sampler_seed: Optional[int] = typer.Option(None, "--sampler-seed",
+                                               help="This worker's sampler seed."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p",
+                                              help="Other hyperparameters KEY=VALUE."),
+) -> None:
+    """Search a pruning algorithm's threshold for the smallest circuit reaching a faithfulness
+    target, as an Optuna study (run the same command on several machines to share it)."""
+    from circuitfind.benchmark.tune import tune as run_tune
+
+    result = run_tune(model or _default_model(task), task, algorithm=algorithm, target=target,
+                      n_trials=trials, low=low, high=high, storage=storage, study_name=study,
+                      n_examples=n_examples, seed=seed, algorithm_params=parse_params(param or []),
+                      device=device, sampler_seed=sampler_seed)
+    if result.threshold is None:
+        typer.echo(f"{result.n_trials} trials in study {study!r}; none reached normalized "
+                   f"faithfulness {target}")
+    else:
+        typer.echo(f"{result.n_trials} trials in study {study!r}; best: threshold "
+                   f"{result.threshold:.6g}, {result.n_edges} edges, normalized faithfulness "
+                   f"{result.faithfulness:.4f} (target {target})")
+
+
+@app.command()
 def render(
     circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml."),
     out: Path = typer.Argument(..., help="Output file: .svg, .pdf, .png or .dot."),
