@@ -59,7 +59,7 @@ Faster approximation (``mode="batched"``). All incoming edges of a receiver are 
 the same state in one pass and every edge below τ is removed at once; ``cur`` is then
 re-measured. This ignores interactions between a receiver's edges (removing two edges can
 matter although each alone does not), so circuits differ from exact mode; see
-``benchmarks/results/acdc.md`` for how much.
+``benchmarks/results/acdc_quality.md`` for how much.
 
 Cost. Exact mode: per tested edge about ``(n_layers - L) / n_layers`` of a forward pass from
 the start layer, plus the wasted speculative candidates. Batched mode: one pass of
