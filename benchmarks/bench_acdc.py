@@ -53,7 +53,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "gpt2-6l": dict(arch=dict(arch="gpt2", n_layers=6, n_heads=8, d_model=256, vocab_size=5000,
                               n_ctx=256), budget=None, naive_budget=8),
     "gpt2-small": dict(arch=dict(arch="gpt2", n_layers=12, n_heads=12, d_model=768,
-                                 vocab_size=50257, n_ctx=1024), budget=14, naive_budget=3),
+                                 vocab_size=50257, n_ctx=1024), budget=3, naive_budget=1),
 }
 
 
