@@ -61,8 +61,11 @@ re-measured. This ignores interactions between a receiver's edges (removing two 
 matter although each alone does not), so circuits differ from exact mode; see
 ``benchmarks/results/acdc_quality.md`` for how much.
 
-Cost. Exact mode: per tested edge about ``(n_layers - L) / n_layers`` of a forward pass from
-the start layer, plus the wasted speculative candidates. Batched mode: one pass of
+Cost. Exact mode: per tested edge the blocks from the receiver's layer on (``(n_layers - L) /
+n_layers`` of a forward pass) plus the wasted speculative candidates — but each masked pass
+also patches every receiver the current circuit has pruned, per candidate, which dominates once
+the circuit is sparse (measured in ``benchmarks/results/acdc_speed.md``: 0.27 plain forwards per
+test on the last layers of a 6-layer network, 3.0 over a full run). Batched mode: one pass of
 ``n_incoming`` masks per receiver plus one re-measurement.
 
 Checkpoints (:mod:`circuitfind.algorithms.lifecycle`). The state (group index, kept mask,
