@@ -9,6 +9,7 @@
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from circuitfind.api import build_data, discover, score_edges
+from circuitfind.benchmark import tune
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
 from circuitfind.graphs import Circuit, ComputeGraph
@@ -22,4 +23,4 @@ __version__ = "0.1.0"
 __all__ = ["ALGORITHMS", "TASKS", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
            "PatchingEngine", "Task", "TaskData", "build_data", "discover", "edge_roc", "evaluate",
            "faithfulness_curve", "get_algorithm", "get_task", "load_model", "node_roc",
-           "reference_circuit", "score_edges"]
+           "reference_circuit", "score_edges", "tune"]

@@ -3,6 +3,8 @@
 ``discover`` = load the model (if given a name) → build the task's data from the model's
 tokenizer → score edges with an algorithm → select the top-n edges (or those over a threshold)
 → prune dangling edges → evaluate faithfulness → a :class:`Circuit` with full provenance.
+Pruning algorithms (``returns_circuit``, e.g. ACDC) select their circuit themselves: their
+circuit is kept as is (no re-selection, no pruning), and ``threshold`` is their τ.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuitfind.algorithms.base import Algorithm, get_algorithm
+from circuitfind.algorithms.base import ALGORITHMS, Algorithm, get_algorithm
+from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import evaluate
 from circuitfind.evaluation.roc import edge_roc, node_roc
@@ -97,12 +100,26 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
     return algo.score(PatchingEngine(model), data)
 
 
+def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: float | None,
+            absolute: bool, prune: bool) -> tuple[Circuit, int]:
+    """Select edges from scores (top-n or threshold), then prune; returns (circuit, selected)."""
+    if n_edges is not None:
+        if not isinstance(n_edges, int) or not 0 <= n_edges <= g.n_edges:
+            raise ConfigError(f"n_edges must be an integer between 0 and {g.n_edges} (the "
+                              f"graph's edge count); got {n_edges!r}.")
+        circuit = select_top_n(g, scores, n_edges, absolute=absolute)
+    else:
+        circuit = select_threshold(g, scores, float(threshold), absolute=absolute)  # type: ignore[arg-type]
+    selected = circuit.n_edges
+    return (prune_dangling(circuit) if prune else circuit), selected
+
+
 def discover(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
              n_edges: int | None = None, threshold: float | None = None,
              data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
              absolute: bool = True, prune: bool = True,
              algorithm_params: dict[str, Any] | None = None,
-             device: str | None = None) -> Circuit:
+             device: str | None = None, context: RunContext | None = None) -> Circuit:
     """Discover a circuit: score edges, select, prune dangling edges, evaluate.
 
     Args:
@@ -111,7 +128,9 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
             ``data`` is given).
         algorithm: Algorithm name or instance.
         n_edges: Keep the top ``n_edges`` edges (exclusive with ``threshold``; default 100).
-        threshold: Keep edges with score (|score| if ``absolute``) >= threshold.
+            Not for pruning algorithms.
+        threshold: Keep edges with score (|score| if ``absolute``) >= threshold; for a pruning
+            algorithm (ACDC) its threshold τ.
         data: Prebuilt task data (default: built with the model's tokenizer).
         n_examples: Examples to build when ``data`` is None (default: the task's
             ``default_n``: 64, or every row of a prompt file).
@@ -120,6 +139,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         prune: Remove dangling edges after selection (never changes the circuit's output).
         algorithm_params: Hyperparameters of the algorithm.
         device: Device for a model loaded here.
+        context: Checkpoint/progress lifecycle for long algorithms (see
+            :mod:`circuitfind.algorithms.lifecycle`).
 
     Returns:
         A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, seed,
@@ -134,30 +155,38 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     """
     if n_edges is not None and threshold is not None:
         raise ConfigError("Pass either n_edges or threshold, not both.")
-    if n_edges is None and threshold is None:
-        n_edges = 100
     start = time.perf_counter()
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
-    algo = get_algorithm(algorithm, **(algorithm_params or {}))  # fail fast, before loading
+    params = dict(algorithm_params or {})
+    pruning = (algorithm.returns_circuit if isinstance(algorithm, Algorithm)
+               else ALGORITHMS.get(algorithm).returns_circuit)
+    if pruning:
+        if n_edges is not None:
+            raise ConfigError(f"The {getattr(algorithm, 'name', algorithm)!r} algorithm selects "
+                              "its own circuit; pass threshold= (its τ), not n_edges.")
+        if threshold is not None:
+            if isinstance(algorithm, Algorithm):
+                raise ConfigError("Pass the threshold to the algorithm instance, not discover.")
+            params["threshold"] = threshold
+    elif n_edges is None and threshold is None:
+        n_edges = 100
+    algo = get_algorithm(algorithm, **params)  # fail fast, before loading
     task_obj = get_task(task) if data is None else data.task
     model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     engine = PatchingEngine(model)
-    scores = algo.score(engine, data)
     g = engine.graph
-    if n_edges is not None:
-        if not isinstance(n_edges, int) or not 0 <= n_edges <= g.n_edges:
-            raise ConfigError(f"n_edges must be an integer between 0 and {g.n_edges} (the "
-                              f"graph's edge count); got {n_edges!r}.")
-        circuit = select_top_n(g, scores, n_edges, absolute=absolute)
+    if algo.returns_circuit:
+        circuit = algo.discover(engine, data, context)
+        scores = circuit.scores if circuit.scores is not None else g.full_mask()
+        selected, prune = circuit.n_edges, False
     else:
-        circuit = select_threshold(g, scores, float(threshold), absolute=absolute)  # type: ignore[arg-type]
-    selected = circuit.n_edges
-    if prune:
-        circuit = prune_dangling(circuit)
+        scores = (algo.score(engine, data, context) if algo.supports_checkpoint
+                  else algo.score(engine, data))
+        circuit, selected = _select(g, scores, n_edges, threshold, absolute, prune)
     report = evaluate(engine, circuit, data)
     extra: dict[str, Any] = {}
     # references belong to registered tasks, not to user files that happen to share a name

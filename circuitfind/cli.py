@@ -8,7 +8,6 @@ no traceback.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from typing import Optional
 import typer
 
 from circuitfind.algorithms import ALGORITHMS
+from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import CircuitFindError, ConfigError, OutputExistsError
 from circuitfind.registry import normalize_name
 
@@ -55,8 +55,9 @@ def discover(
     algorithm: str = typer.Option("eap", "--algorithm", "-a",
                                   help="Algorithm (see `circuitfind algorithms`)."),
     edges: Optional[int] = typer.Option(None, "--edges", "-n", help="Keep the top N edges."),
-    threshold: Optional[float] = typer.Option(None, "--threshold",
-                                              help="Keep edges with |score| >= X."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold",
+        help="Keep edges with |score| >= X; for acdc, its threshold τ (e.g. 0.01 nats of KL)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     n_examples: Optional[int] = typer.Option(
         None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
@@ -73,8 +74,9 @@ def discover(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     param: Optional[list[str]] = typer.Option(
         None, "--param", "-p",
-        help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. --param steps=10 "
-             "--param interpolation=activations for eap-ig."),
+        help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. -p steps=10 "
+             "-p interpolation=activations (eap-ig), -p mode=batched -p objective=metric (acdc). "
+             "Values are read as JSON where they parse, else as strings."),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.graphml, circuit.svg and report.md."""
     from circuitfind.api import discover as run_discover
@@ -89,16 +91,23 @@ def discover(
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
     params = parse_params(param or [])
-    checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
-    if "checkpoint" in inspect.signature(ALGORITHMS.get(algorithm).__init__).parameters:
+    context = None
+    if ALGORITHMS.get(algorithm).supports_checkpoint:
         # long runs checkpoint inside --out; rerunning the same command resumes
-        params["checkpoint"] = str(checkpoint)
+        checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
+        context = RunContext(checkpoint=checkpoint)
         if checkpoint.exists():
             typer.echo(f"resuming from {checkpoint}", err=True)
-    circuit = run_discover(model_name, task_obj, algorithm=algorithm, n_edges=edges,
-                           threshold=threshold, n_examples=n_examples, seed=seed,
-                           absolute=not signed, prune=not no_prune, device=device,
-                           algorithm_params=params)
+    try:
+        circuit = run_discover(model_name, task_obj, algorithm=algorithm, n_edges=edges,
+                               threshold=threshold, n_examples=n_examples, seed=seed,
+                               absolute=not signed, prune=not no_prune, device=device,
+                               algorithm_params=params, context=context)
+    except KeyboardInterrupt:
+        if context is not None and context.path is not None and context.path.exists():
+            typer.secho(f"interrupted; progress saved in {context.path}: rerun the same "
+                        "command to resume", err=True)
+        raise
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -131,12 +140,12 @@ def parse_params(items: list[str]) -> dict[str, object]:
     params: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param takes KEY=VALUE (e.g. --param steps=10); got {item!r}.")
+        if not sep or not key:
+            raise ConfigError(f"--param expects KEY=VALUE (e.g. -p mode=batched); got {item!r}.")
         try:
-            params[key.strip()] = json.loads(value)
+            params[key.strip().replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
-            params[key.strip()] = value
+            params[key.strip().replace("-", "_")] = value
     return params
 
 
@@ -166,6 +175,12 @@ def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
                                                   f" of {f.get('n_total_edges')}"),
             ("wall time", f"{md.get('wall_time_s')} s"),
             ("versions", ", ".join(f"{k} {v}" for k, v in md.get("versions", {}).items()))]
+    acdc = md.get("acdc")
+    if acdc:
+        rows.append(("ACDC", f"τ={acdc.get('threshold')} ({acdc.get('objective')}, "
+                             f"{acdc.get('mode')} mode); {acdc.get('tested_edges')} edges and "
+                             f"{acdc.get('node_tests')} q/k/v nodes tested; objective "
+                             f"{_fmt(acdc.get('value_circuit'))} {acdc.get('objective_unit')}"))
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "## Faithfulness", "", "| quantity | value |", "| --- | --- |",
               f"| normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) | {_fmt(f.get('faithfulness'))} |",
@@ -242,6 +257,44 @@ def evaluate(
                f"normalized faithfulness {report.faithfulness:.4f}; m(C)={report.metric_circuit:.4f}, "
                f"m(M)={report.metric_full:.4f}, m(∅)={report.metric_empty:.4f} "
                f"{report.metric_unit}; KL {report.kl_div:.4f} nats")
+
+
+@app.command()
+def tune(
+    task: str = typer.Option(..., "--task", "-t", help="Task name (see `circuitfind tasks`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model (default: the task's zoo organism)."),
+    algorithm: str = typer.Option("acdc", "--algorithm", "-a", help="A pruning algorithm."),
+    target: float = typer.Option(0.9, "--target", help="Normalized faithfulness to reach."),
+    trials: int = typer.Option(20, "--trials", help="Trials this worker runs (0: create only)."),
+    low: float = typer.Option(1e-4, "--low", help="Smallest threshold tried (log scale)."),
+    high: float = typer.Option(1.0, "--high", help="Largest threshold tried."),
+    storage: str = typer.Option("sqlite:///tune.db", "--storage",
+                                help="Optuna storage URL shared by all workers."),
+    study: str = typer.Option("circuitfind-tune", "--study", help="Study name."),
+    n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
+    seed: int = typer.Option(0, "--seed", help="Data seed."),
+    sampler_seed: Optional[int] = typer.Option(None, "--sampler-seed",
+                                               help="This worker's sampler seed."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p",
+                                              help="Other hyperparameters KEY=VALUE."),
+) -> None:
+    """Search a pruning algorithm's threshold for the smallest circuit reaching a faithfulness
+    target, as an Optuna study (run the same command on several machines to share it)."""
+    from circuitfind.benchmark.tune import tune as run_tune
+
+    result = run_tune(model or _default_model(task), task, algorithm=algorithm, target=target,
+                      n_trials=trials, low=low, high=high, storage=storage, study_name=study,
+                      n_examples=n_examples, seed=seed, algorithm_params=parse_params(param or []),
+                      device=device, sampler_seed=sampler_seed)
+    if result.threshold is None:
+        typer.echo(f"{result.n_trials} trials in study {study!r}; none reached normalized "
+                   f"faithfulness {target}")
+    else:
+        typer.echo(f"{result.n_trials} trials in study {study!r}; best: threshold "
+                   f"{result.threshold:.6g}, {result.n_edges} edges, normalized faithfulness "
+                   f"{result.faithfulness:.4f} (target {target})")
 
 
 @app.command()

@@ -38,3 +38,11 @@ class HookError(CircuitFindError, RuntimeError):
 
 class OutputExistsError(CircuitFindError, FileExistsError):
     """An output directory already holds a run and overwriting was not asked for."""
+
+
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint belongs to another run (model, data, threshold or settings differ)."""
+
+
+class NonFiniteMetricError(CircuitFindError, ArithmeticError):
+    """A metric evaluated to NaN or infinity during a search (the message names where)."""

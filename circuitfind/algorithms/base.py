@@ -1,14 +1,31 @@
 """The algorithm protocol and registry.
 
 An algorithm is a class with explicit keyword hyperparameters (readable back with
-:meth:`Algorithm.get_params`, like scikit-learn estimators) and one job: given a
-:class:`~circuitfind.patching.PatchingEngine` and :class:`~circuitfind.tasks.TaskData`, return
-per-edge scores ``[S, R]`` — a signed estimate, in the task's metric unit, of
-``metric(circuit without the edge) - metric(full model)``. Selecting a circuit from scores
-(top-n, threshold) is :func:`circuitfind.discover`'s job, so that every attribution method is
-selected the same way.
+:meth:`Algorithm.get_params`, like scikit-learn estimators) and one of two jobs:
 
-Calling order: ``algo = ALGORITHMS.get(name)(**params)``; ``algo.score(engine, data)``.
+- **attribution** (``returns_circuit = False``; ``eap``, ``exact``): given a
+  :class:`~circuitfind.patching.PatchingEngine` and :class:`~circuitfind.tasks.TaskData`, return
+  per-edge scores ``[S, R]`` — a signed estimate, in the objective's unit, of
+  ``value(circuit without the edge) - value(full model)``. Selecting a circuit from scores
+  (top-n, threshold) is :func:`circuitfind.discover`'s job, so that every attribution method is
+  selected the same way;
+- **pruning** (``returns_circuit = True``; ``acdc``): :meth:`Algorithm.discover` returns a
+  :class:`~circuitfind.graphs.circuit.Circuit` whose edges the algorithm selected itself (its
+  scores are the measured per-edge effects, so it still feeds faithfulness curves and ROC
+  curves); ``discover`` never re-selects them. :meth:`Algorithm.score` of a pruning algorithm
+  returns that circuit's scores.
+
+Objective. Algorithms that can optimise either the task metric or KL divergence to the full
+model take an ``objective`` hyperparameter (``"metric"`` or ``"kl"``; see
+:mod:`circuitfind.algorithms.objective`).
+
+Lifecycle. Long algorithms set ``supports_checkpoint = True`` and take an optional
+:class:`~circuitfind.algorithms.lifecycle.RunContext` (checkpoint file, progress bar,
+interruption) in ``score``/``discover``; the CLI passes one pointing inside ``--out``. See
+:mod:`circuitfind.algorithms.lifecycle` for the calling order inside a run.
+
+Calling order: ``algo = ALGORITHMS.get(name)(**params)``; then ``algo.score(engine, data,
+context)`` (attribution) or ``algo.discover(engine, data, context)`` (pruning).
 
 Plugins register through the entry-point group ``circuitfind.algorithms`` (the entry point
 points at the class); they cannot shadow a built-in name.
@@ -22,6 +39,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from circuitfind.algorithms.lifecycle import RunContext
+from circuitfind.errors import ConfigError
+from circuitfind.graphs.circuit import Circuit
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.registry import Registry
 from circuitfind.tasks.base import TaskData
@@ -31,19 +51,45 @@ class Algorithm(ABC):
     """Base class of edge-scoring algorithms.
 
     Subclasses declare their hyperparameters as keyword arguments of ``__init__`` stored under
-    the same attribute names, set ``name`` and ``description``, and implement :meth:`score`.
+    the same attribute names, set ``name`` and ``description``, and implement :meth:`score`
+    (attribution) or :meth:`discover` with ``returns_circuit = True`` (pruning).
+
+    Attributes:
+        returns_circuit: :meth:`discover` selects the circuit itself.
+        supports_checkpoint: ``score``/``discover`` use a :class:`RunContext` (checkpoint,
+            resume, progress); the CLI then passes one inside ``--out``.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    returns_circuit: ClassVar[bool] = False
+    supports_checkpoint: ClassVar[bool] = False
 
     @abstractmethod
-    def score(self, engine: PatchingEngine, data: TaskData) -> Tensor:
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
         """Score every edge of ``engine.graph``.
 
+        Args:
+            engine: The patching engine over the model.
+            data: Task data.
+            context: Checkpoint/progress lifecycle (used by long algorithms; ignored by others).
+
         Returns:
-            ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit.
+            ``[S, R]`` float32 scores (0 off real edges), in the objective's unit.
         """
+
+    def discover(self, engine: PatchingEngine, data: TaskData,
+                 context: RunContext | None = None) -> Circuit:
+        """The circuit a pruning algorithm selects (with per-edge scores).
+
+        Raises:
+            ConfigError: an attribution algorithm (``returns_circuit`` is False): select from
+                its scores with :func:`circuitfind.discover` instead.
+        """
+        raise ConfigError(f"The {self.name!r} algorithm scores edges and does not select a "
+                          "circuit itself; use circuitfind.discover(..., n_edges=N) or "
+                          "threshold= to select from its scores.")
 
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters given to ``__init__`` (JSON-serialisable), for provenance."""
@@ -65,8 +111,6 @@ def get_algorithm(name: str | Algorithm, **params: Any) -> Algorithm:
         UnknownNameError: no such algorithm (the message lists them).
         ConfigError: a parameter the algorithm does not take, or an invalid value.
     """
-    from circuitfind.errors import ConfigError
-
     if isinstance(name, Algorithm):
         return name
     cls = ALGORITHMS.get(name)

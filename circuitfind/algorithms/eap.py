@@ -26,6 +26,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData
@@ -53,6 +54,10 @@ class EAP(Algorithm):
                               f"Got {batch_size}.")
         self.batch_size = batch_size
 
-    def score(self, engine: PatchingEngine, data: TaskData) -> Tensor:
-        """EAP scores ``[S, R]`` in the task's metric unit (see module docstring)."""
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
+        """EAP scores ``[S, R]`` in the task's metric unit (see module docstring).
+
+        ``context`` is ignored: EAP is two passes, nothing to checkpoint.
+        """
         return engine.edge_attribution(data, batch_size=self.batch_size)

@@ -12,22 +12,20 @@ engine's memory budget, or ``masks_per_pass``). Edges are grouped by their recei
 ``L`` and each pass starts at ``L`` from the cached clean run (nothing before ``L`` can change),
 so an edge costs about ``(n_layers - L) / n_layers`` of a forward pass: 0.36-0.40 on average
 for GPT-2 small and stories260k. Within a layer, edges are taken sender by sender, so that a
-pass buffers few senders' outputs. Progress is shown with tqdm, and with ``checkpoint`` the
-scores computed so far are saved after every pass, so an interrupted run resumes where it
-stopped with the same result.
+pass buffers few senders' outputs. Progress, checkpoints and resumption follow the shared
+lifecycle (:mod:`circuitfind.algorithms.lifecycle`): with a checkpoint in the
+:class:`RunContext`, the scores computed so far are saved as passes complete (and on Ctrl-C),
+so an interrupted run resumes where it stopped with the same result.
 """
 
 from __future__ import annotations
-
-import hashlib
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.lifecycle import RunContext, fingerprint
 from circuitfind.errors import ConfigError
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData
@@ -41,8 +39,7 @@ class ExactPatching(Algorithm):
         masks_per_pass: Edges evaluated per batched forward pass (``None``: from the engine's
             memory budget).
         batch_size: Examples per pass (``None``: all that fit).
-        checkpoint: File to save partial scores to and resume from (``None``: no checkpoint).
-        progress: Show a progress bar.
+        progress: Show a progress bar (when no :class:`RunContext` is given).
 
     References:
         Conmy et al. (2023), "Towards Automated Circuit Discovery for Mechanistic
@@ -52,22 +49,31 @@ class ExactPatching(Algorithm):
 
     name = "exact"
     description = "exact single-edge patching of every edge (one masked forward per edge, batched)"
+    supports_checkpoint = True
 
     def __init__(self, masks_per_pass: int | None = None, batch_size: int | None = None,
-                 checkpoint: str | None = None, progress: bool = True) -> None:
+                 progress: bool = True) -> None:
         for label, value in (("masks_per_pass", masks_per_pass), ("batch_size", batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"The {label!r} parameter of ExactPatching must be None or "
                                   f">= 1. Got {value}.")
         self.masks_per_pass = masks_per_pass
         self.batch_size = batch_size
-        self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.progress = progress
 
-    def score(self, engine: PatchingEngine, data: TaskData) -> Tensor:
-        """Exact effects ``[S, R]``: metric(all edges but e) - metric(full), in metric units."""
-        from tqdm.auto import tqdm
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
+        """Exact effects ``[S, R]``: metric(all edges but e) - metric(full), in metric units.
 
+        Args:
+            engine, data: The engine and task data.
+            context: Checkpoint and progress (default: progress only, no checkpoint). A Ctrl-C
+                saves the checkpoint before the ``KeyboardInterrupt`` propagates.
+
+        Raises:
+            CheckpointMismatchError: the context's checkpoint belongs to another run.
+        """
+        ctx = context if context is not None else RunContext(progress=self.progress)
         g = engine.graph
         # edges grouped by receiver layer (a pass starts at its layer), then by sender (a pass
         # buffers few senders)
@@ -75,16 +81,19 @@ class ExactPatching(Algorithm):
         order = torch.from_numpy(np.lexsort((g.edge_pairs[:, 0].numpy(), layer_of.numpy())))
         pairs, layers = g.edge_pairs[order], layer_of[order]
         n_edges = g.n_edges
-        key = _fingerprint(engine, data)
-        done, effects = self._resume(key, n_edges)
+        key = fingerprint(engine, data, {"batch_size": self.batch_size},
+                          version="exact: edge order receiver layer, then sender (v3)")
+        state = ctx.resume(key)
+        done = 0 if state is None else int(state["done"])
+        effects = (torch.zeros(n_edges, dtype=torch.float64) if state is None
+                   else state["effects"].to(torch.float64))
         full = g.full_mask(engine.dtype)
         baseline = engine.evaluate(data, full, batch_size=self.batch_size)[0]
         rows = engine.rows_per_pass(data.seq_len, n_buffer=2)
         step = self.masks_per_pass or max(1, min(512, rows // min(data.n, self.batch_size or data.n)))
-        bar = tqdm(total=n_edges, initial=done, desc="exact patching", unit="edge",
-                   disable=not self.progress, leave=False)
-        with bar:
-            start = done
+        bar = ctx.bar(total=n_edges, initial=done, desc="exact patching")
+        start = done
+        try:
             while start < n_edges:
                 stop = min(n_edges, start + step)
                 stop = start + int((layers[start:stop] == layers[start]).sum())  # one layer
@@ -94,39 +103,12 @@ class ExactPatching(Algorithm):
                 values = engine.evaluate(data, masks, batch_size=self.batch_size)
                 effects[order[start:stop]] = values - baseline
                 bar.update(stop - start)
-                if self.checkpoint is not None:
-                    self._save(key, stop, effects)
+                ctx.save(key, {"done": stop, "effects": effects}, units=stop - start)
                 start = stop
+        except BaseException:
+            ctx.save(key, {"done": start, "effects": effects}, force=True)
+            raise
+        finally:
+            bar.close()
+        ctx.save(key, {"done": n_edges, "effects": effects}, force=True)
         return g.to_dense(effects.float())
-
-    def _resume(self, key: str, n_edges: int) -> tuple[int, Tensor]:
-        effects = torch.zeros(n_edges, dtype=torch.float64)
-        if self.checkpoint is None or not Path(self.checkpoint).exists():
-            return 0, effects
-        state = torch.load(self.checkpoint, weights_only=True)
-        if state.get("key") != key:
-            raise ConfigError(f"The checkpoint {self.checkpoint!r} belongs to a different run "
-                              "(model, task data or graph differ); delete it or pass another "
-                              "path.")
-        return int(state["done"]), state["effects"].to(torch.float64)
-
-    def _save(self, key: str, done: int, effects: Tensor) -> None:
-        path = Path(self.checkpoint)  # type: ignore[arg-type]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "done": done, "effects": effects}, tmp)
-        os.replace(tmp, path)
-
-
-def _fingerprint(engine: PatchingEngine, data: TaskData) -> str:
-    """A hash of the graph, the model's parameters' shapes and sums, and the task data."""
-    h = hashlib.sha256()
-    h.update(b"edge order: receiver layer, then sender (v2)")
-    h.update(repr(engine.graph.config()).encode())
-    with torch.no_grad():
-        for name, p in engine.model.named_parameters():
-            h.update(name.encode())
-            h.update(f"{tuple(p.shape)}:{float(p.double().sum()):.12e}".encode())
-    for t in (data.clean, data.corrupted, data.positions, data.answers, data.wrong_answers):
-        h.update(t.cpu().numpy().tobytes())
-    return h.hexdigest()

@@ -32,7 +32,11 @@ def check_algorithm(make: Callable[[], Algorithm], model: Any, data: TaskData) -
     the CPU, finite on real edges and zero elsewhere; two runs give identical scores
     (deterministic); no hooks are left on the model; parameters, their ``requires_grad`` flags
     and gradients are untouched; the model's dtype is honoured (scores are computed without
-    casting the model).
+    casting the model). Pruning algorithms (``returns_circuit``): ``discover`` returns a
+    :class:`Circuit` over the engine's graph whose scores are ``score``'s; attribution
+    algorithms' ``discover`` raises a ConfigError. Algorithms with ``supports_checkpoint``: a
+    run writing a checkpoint through a :class:`RunContext` and a run resuming from the finished
+    checkpoint give the same scores as a run without one.
 
     Args:
         make: Builds a fresh algorithm instance.
@@ -80,3 +84,43 @@ def check_algorithm(make: Callable[[], Algorithm], model: Any, data: TaskData) -
     for name, value in model.named_parameters():
         if not torch.equal(value, before[name]):
             raise ConformanceError(f"parameter {name} changed.")
+    _check_lifecycle(make, engine, data, first)
+
+
+def _check_lifecycle(make: Callable[[], Algorithm], engine: PatchingEngine, data: TaskData,
+                     scores: torch.Tensor) -> None:
+    """The circuit-returning and checkpoint parts of the protocol."""
+    import tempfile
+    from pathlib import Path
+
+    from circuitfind.algorithms.lifecycle import RunContext
+    from circuitfind.errors import ConfigError
+    from circuitfind.graphs.circuit import Circuit
+
+    algo = make()
+    if algo.returns_circuit:
+        circuit = algo.discover(engine, data)
+        if not isinstance(circuit, Circuit) or circuit.graph != engine.graph:
+            raise ConformanceError("discover() of a pruning algorithm must return a Circuit over "
+                                   "the engine's graph.")
+        if circuit.scores is None or not torch.equal(circuit.scores, scores):
+            raise ConformanceError("a pruning algorithm's score() must equal its circuit's scores.")
+    else:
+        try:
+            algo.discover(engine, data)
+        except ConfigError:
+            pass
+        else:
+            raise ConformanceError("discover() of an attribution algorithm must raise ConfigError "
+                                   "(discover selects from its scores).")
+    if not algo.supports_checkpoint:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.pt"
+        with_ckpt = make().score(engine, data, RunContext(checkpoint=path, progress=False))
+        if not path.exists():
+            raise ConformanceError("supports_checkpoint is set but no checkpoint was written.")
+        resumed = make().score(engine, data, RunContext(checkpoint=path, progress=False))
+    if not (torch.equal(with_ckpt, scores) and torch.equal(resumed, scores)):
+        raise ConformanceError("a run with a checkpoint, or resumed from a finished one, gave "
+                               "different scores.")

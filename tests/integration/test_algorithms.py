@@ -8,7 +8,7 @@ import torch
 from scipy.integrate import trapezoid
 
 import circuitfind as cf
-from circuitfind.algorithms import ExactPatching
+from circuitfind.algorithms import ExactPatching, RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import select_top_n
 from circuitfind.testing import ToyTask
@@ -20,7 +20,7 @@ from circuitfind.testing.conformance import check_algorithm
 def test_conformance(tiny_models, name, algorithm):
     model = tiny_models(name)
     data = ToyTask().build(model.tokenizer, 3, seed=0)
-    params = {"progress": False} if algorithm == "exact" else {}
+    params = {"progress": False} if algorithm in ("exact", "acdc") else {}
     check_algorithm(lambda: cf.get_algorithm(algorithm, **params), model, data)
 
 
@@ -40,7 +40,8 @@ def test_exact_equals_one_edge_at_a_time_and_resumes(tiny_models, tmp_path):
                                                     abs=1e-6)
     # an interrupted run resumes from its checkpoint with the same result
     ckpt = tmp_path / "exact.pt"
-    algo = ExactPatching(masks_per_pass=7, progress=False, checkpoint=str(ckpt))
+    algo = ExactPatching(masks_per_pass=7, progress=False)
+    ctx = lambda: RunContext(checkpoint=ckpt, progress=False)  # noqa: E731
     calls = {"n": 0}
     original = engine.evaluate
 
@@ -52,14 +53,14 @@ def test_exact_equals_one_edge_at_a_time_and_resumes(tiny_models, tmp_path):
 
     engine.evaluate = flaky
     with pytest.raises(KeyboardInterrupt):
-        algo.score(engine, data)
+        algo.score(engine, data, ctx())
     engine.evaluate = original
-    state = torch.load(ckpt, weights_only=True)
+    state = torch.load(ckpt, weights_only=True)["state"]
     assert 0 < state["done"] < g.n_edges
-    torch.testing.assert_close(algo.score(engine, data), scores)
+    torch.testing.assert_close(algo.score(engine, data, ctx()), scores)
     other = ToyTask().build(model.tokenizer, 3, seed=5)
     with pytest.raises(ConfigError, match="different run"):
-        algo.score(engine, other)
+        algo.score(engine, other, ctx())
 
 
 def test_discover_and_score_edges_api(tiny_models):

@@ -124,3 +124,39 @@ def test_evaluate_a_saved_circuit(run, tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((out_dir / "circuit.json").read_text())["metadata"]["faithfulness"]
     assert f"normalized faithfulness {saved['faithfulness']:.4f}" in result.stdout
+
+
+def test_acdc_discover_is_killed_resumed_and_refuses_a_foreign_checkpoint(run, tiny_dir, tmp_path,
+                                                                         monkeypatch):
+    from circuitfind.patching.engine import PatchingEngine
+
+    base = ["discover", "--model", str(tiny_dir), "--task", "induction", "--examples", "6",
+            "--algorithm", "acdc", "--threshold", "0.001"]
+    whole = run(*base, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    expected = json.loads((tmp_path / "whole" / "circuit.json").read_text())
+    assert expected["metadata"]["acdc"]["threshold"] == 0.001
+    assert "ACDC" in (tmp_path / "whole" / "report.md").read_text()
+
+    original, calls = PatchingEngine.run, {"n": 0}
+
+    def killed(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    out_dir = tmp_path / "resumed"
+    monkeypatch.setattr(PatchingEngine, "run", killed)
+    first = run(*base, "--out", str(out_dir))
+    monkeypatch.setattr(PatchingEngine, "run", original)
+    assert first.returncode == 130 and "rerun the same command" in first.stderr
+    assert (out_dir / ".checkpoint" / "acdc.pt").exists()
+    foreign = run(*base[:-1], "0.002", "--out", str(out_dir))
+    assert foreign.returncode == 2 and "different run" in foreign.stderr
+    second = run(*base, "--out", str(out_dir))
+    assert second.returncode == 0 and "resuming" in second.stderr, second.stderr
+    got = json.loads((out_dir / "circuit.json").read_text())
+    assert got["edges"] == expected["edges"] and got["scores"] == expected["scores"]
+    bad = run(*base[:-1], "-1", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "threshold" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,512 @@
+"""ACDC: automatic circuit discovery by greedy edge pruning, exact and fast.
+
+Background. Conmy et al. (2023), "Towards Automated Circuit Discovery for Mechanistic
+Interpretability" (NeurIPS), Algorithm 1: start from the full graph, visit nodes from the
+logits backwards, and for each incoming edge of the current node tentatively remove it (the
+receiver reads the sender's ablated value); keep the removal if the objective worsens by less
+than a threshold τ, else restore the edge. The reference implementation
+(``ArthurConmy/Automatic-Circuit-Discovery``, ``acdc/TLACDCExperiment.py``) runs one full
+forward pass with hooks per tested edge.
+
+Method (the reference's semantics, which this module reproduces decision for decision):
+
+- Objective. Default: ``KL(p_M || p_C)`` of the current circuit's next-token distribution from
+  the full model's at the metric positions, averaged over examples (the reference's
+  ``kl_divergence``); ``objective="metric"`` uses the task metric (the reference minimises, so a
+  higher-is-better metric is negated inside the test). ``cur`` is the objective of the current
+  circuit; a test measures ``new`` with one more edge removed, records ``effect = new - cur``
+  (in the objective's unit: nats, or the task metric's unit) and removes the edge iff
+  ``worsening < τ`` with ``worsening = effect`` (``-effect`` for a higher-is-better metric;
+  ``|effect|`` with ``abs_value_threshold``), in which case ``cur = new`` (``step`` and
+  ``update_cur_metric`` in the reference).
+- Visiting order (the reference's reverse topological sort of hook points,
+  ``reverse_topologically_sort_corr``): ``logits``; then for each layer from the last: the MLP
+  input ``m{L}``; the q/k/v *node tests* (below) of the layer's heads, v then k then q, heads in
+  descending order; the edges into each head's v, then k, then q input, heads descending.
+  Within a receiver, senders are tested from the latest to the earliest: the previous layer's
+  MLP, its heads (descending: the reference's ``indices_mode="normal"``, the default of its
+  ``main.py``; ``head_order="ascending"`` gives ``indices_mode="reverse"``), the MLP before,
+  ..., and ``input`` last (the insertion order of ``TLACDCCorrespondence.setup_from_model``).
+- q/k/v node tests. The reference graph has a direct-computation edge from each head's
+  ``hook_q_input`` to its ``hook_q`` (and k, v), visited before the edges into ``hook_q_input``;
+  removing it corrupts the head's whole query. circuitfind's graph has no such edge: the same
+  test is "remove every incoming edge of the q receiver at once" (identical values: the q input
+  with every edge ablated is the ablated run's q input). When the node test removes them, the
+  receiver's edges are not tested one by one (in the reference ``hook_q_input`` is then
+  disconnected). Their effect is recorded in ``metadata["acdc"]["node_effects"]``.
+  ``qkv_node_tests=False`` skips them (not the reference's behaviour).
+- Nodes without a path to the logits. Before a receiver's tests, if no node reading it has a
+  kept outgoing edge, all its incoming edges are removed untested (``current_node_connected``);
+  this cannot change the objective (every consumer of such a node reads its ablated value).
+  The reference also re-computes ``cur`` after such removals and at every step; here ``cur``
+  carries over (equal up to floating-point rounding).
+- Scores. Every tested edge's ``effect`` is its score (untested edges score 0), so an ACDC
+  circuit also feeds faithfulness curves and ROC AUC.
+
+Fast without changing decisions (``mode="exact"``, the default). (1) Every test is a masked
+pass through the engine, which starts at the receiver's layer from the cached clean run: the
+current circuit differs from the full model only at receivers already visited, i.e. at that
+layer or later, so nothing before it can change. (2) Speculative batching: tests are taken in
+order in groups whose applicability is fixed at the group's start (one layer's node tests, one
+layer's attention edges, one MLP, the logits); K candidates are evaluated in one batched pass
+with *cumulative* masks (candidate j assumes candidates 1..j-1 were removed, which is what
+usually happens), accepted in order, and the batch is cut at the first kept edge: later
+candidates assumed a state that did not happen and are re-evaluated from the true state. K
+adapts to the keep rate so far (about one kept edge per batch). Decisions equal the
+sequential algorithm's (pinned edge for edge by the tests, against one full forward per edge).
+
+Faster approximation (``mode="batched"``). All incoming edges of a receiver are tested against
+the same state in one pass and every edge below τ is removed at once; ``cur`` is then
+re-measured. This ignores interactions between a receiver's edges (removing two edges can
+matter although each alone does not), so circuits differ from exact mode; see
+``benchmarks/results/acdc_quality.md`` for how much.
+
+Cost. Exact mode: per tested edge the blocks from the receiver's layer on (``(n_layers - L) /
+n_layers`` of a forward pass) plus the wasted speculative candidates — but each masked pass
+also patches every receiver the current circuit has pruned, per candidate, which dominates once
+the circuit is sparse (measured in ``benchmarks/results/acdc_speed.md``: 0.27 plain forwards per
+test on the last layers of a 6-layer network, 3.0 over a full run). Batched mode: one pass of
+``n_incoming`` masks per receiver plus one re-measurement.
+
+Checkpoints (:mod:`circuitfind.algorithms.lifecycle`). The state (group index, kept mask,
+tested masks, effects, ``cur``) is saved atomically after batches (every ``save_every_s``) and on
+Ctrl-C or error, with a fingerprint of model, data, τ and settings; resuming gives the identical
+circuit. A NaN or infinite objective stops the run, saves the checkpoint and names the receiver
+and edge.
+
+Deviations from the reference. Grouped-query attention (Llama, stories260k): k/v receivers are
+per key/value head (``a{L}.kv{G}<k>``) and read by several query heads; such a receiver's node
+counts as connected when any of its query heads is (the reference has no grouped-query
+support). Ablations are the engine's (``resample``: the corrupted prompt of the same example,
+the reference's default with paired ``ref_ds``; ``zero``: sender outputs zeroed, which matches
+the reference's ``zero_ablation`` of ``hook_result``/``hook_mlp_out``/``hook_resid_pre``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.lifecycle import RunContext, fingerprint
+from circuitfind.algorithms.objective import OBJECTIVES, Objective
+from circuitfind.errors import ConfigError, NonFiniteMetricError
+from circuitfind.graphs.circuit import Circuit
+from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.spec import Ablation
+from circuitfind.tasks.base import TaskData
+
+MODES = ("exact", "batched")
+HEAD_ORDERS = ("descending", "ascending")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the visiting plan.
+
+    Attributes:
+        kind: ``"node"`` (q/k/v node test of a receiver) or ``"edges"`` (its incoming edges).
+        receiver: Receiver index.
+        group: Steps of one group have their applicability fixed at the group's start.
+    """
+
+    kind: str
+    receiver: int
+    group: int
+
+
+def visiting_plan(graph: ComputeGraph, node_tests: bool = True,
+                  max_receivers: int | None = None) -> list[Step]:
+    """The reference ACDC's visiting order of receivers (see the module docstring).
+
+    Args:
+        graph: The graph.
+        node_tests: Include the q/k/v node tests.
+        max_receivers: Stop after this many ``"edges"`` steps (``None``: all receivers).
+
+    Returns:
+        The steps in order; group ids increase along the plan.
+    """
+    g = graph
+    plan: list[Step] = [Step("edges", g.n_receivers - 1, 0)]
+    group = 1
+    for layer in reversed(range(g.n_layers)):
+        if g.mlp_receiver[layer] is not None:
+            plan.append(Step("edges", int(g.mlp_receiver[layer]), group))
+            group += 1
+        attn = []
+        for start, size in ((g.v_start[layer], g.n_kv_heads), (g.k_start[layer], g.n_kv_heads),
+                            (g.q_start[layer], g.n_heads)):
+            attn += list(reversed(range(start, start + size)))
+        if node_tests:
+            plan += [Step("node", r, group) for r in attn]
+            group += 1
+        plan += [Step("edges", r, group) for r in attn]
+        group += 1
+    if max_receivers is not None:
+        cut, seen = len(plan), 0
+        for i, step in enumerate(plan):
+            seen += step.kind == "edges"
+            if seen > max_receivers:
+                cut = i
+                break
+        plan = plan[:cut]
+        # a budget ends at a receiver's edges; drop node tests whose edges are not visited
+        while plan and plan[-1].kind == "node":
+            plan.pop()
+    return plan
+
+
+def sender_order(graph: ComputeGraph, receiver: int, head_order: str = "descending") -> list[int]:
+    """Senders of ``receiver`` in the reference's testing order (latest first).
+
+    Args:
+        graph: The graph.
+        receiver: Receiver index.
+        head_order: Heads of one layer ``"descending"`` (reference ``indices_mode="normal"``)
+            or ``"ascending"`` (``indices_mode="reverse"``).
+    """
+    up = int(graph.n_upstream[receiver])
+    order = list(reversed(range(up)))
+    if head_order == "ascending":
+        layers = [graph.senders[s].layer for s in order]
+        kinds = [graph.senders[s].kind for s in order]
+        out: list[int] = []
+        i = 0
+        while i < len(order):
+            j = i
+            while (j < len(order) and kinds[j] == "attention" and kinds[i] == "attention"
+                   and layers[j] == layers[i]):
+                j += 1
+            if j == i:
+                out.append(order[i])
+                i += 1
+            else:
+                out += list(reversed(order[i:j]))
+                i = j
+        order = out
+    return order
+
+
+@dataclass
+class _Item:
+    """A pending test: remove ``edges`` ([(s, r)]) from the current circuit."""
+
+    kind: str  # "edge" or "node"
+    receiver: int
+    sender: int | None
+
+
+@ALGORITHMS.register("acdc")
+class ACDC(Algorithm):
+    """Automatic Circuit DisCovery (Conmy et al. 2023), with the reference's decisions.
+
+    Args:
+        threshold: τ > 0: an edge is removed when removing it worsens the objective by less
+            than τ (nats for ``objective="kl"``, the task metric's unit otherwise).
+        objective: ``"kl"`` (KL divergence to the full model, the reference default) or
+            ``"metric"`` (the task metric).
+        mode: ``"exact"`` (the reference's decisions, speculative batching) or ``"batched"``
+            (every edge of a receiver tested against the same state; faster, approximate).
+        ablation: What removed edges carry: ``"resample"`` (default), ``"zero"``, ``"mean"``,
+            ``"mean_positional"``.
+        abs_value_threshold: Compare ``|effect|`` with τ (the reference's option).
+        qkv_node_tests: Test each head's whole q/k/v input before its edges, as the reference
+            does with its direct-computation edges (default True).
+        head_order: Order of one layer's heads among a receiver's senders: ``"descending"``
+            (reference ``indices_mode="normal"``) or ``"ascending"``.
+        max_receivers: Visit only the first N receivers in the plan (``None``: all); the rest
+            keep their edges untested (for budgets and benchmarks).
+        masks_per_pass: Most candidates per batched pass (``None``: from the engine's memory
+            budget, at most 64).
+        progress: Show a progress bar when no :class:`RunContext` is given.
+
+    Raises:
+        ConfigError: τ not finite or <= 0, or an unknown objective, mode, ablation or order.
+
+    References:
+        Conmy, Mavor-Parker, Lynch, Heimersheim & Garriga-Alonso (2023), "Towards Automated
+        Circuit Discovery for Mechanistic Interpretability", Algorithm 1.
+    """
+
+    name = "acdc"
+    description = "ACDC greedy edge pruning (reference decisions; speculative batching; resumable)"
+    returns_circuit = True
+    supports_checkpoint = True
+
+    def __init__(self, threshold: float = 0.01, objective: str = "kl", mode: str = "exact",
+                 ablation: str = "resample", abs_value_threshold: bool = False,
+                 qkv_node_tests: bool = True, head_order: str = "descending",
+                 max_receivers: int | None = None, masks_per_pass: int | None = None,
+                 progress: bool = True) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+                math.isfinite(threshold) and threshold > 0):
+            raise ConfigError(f"The 'threshold' parameter of ACDC must be a finite number > 0. "
+                              f"Got {threshold!r}.")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"The 'objective' parameter of ACDC must be one of "
+                              f"{', '.join(OBJECTIVES)}. Got {objective!r}.")
+        if mode not in MODES:
+            raise ConfigError(f"The 'mode' parameter of ACDC must be one of {', '.join(MODES)}. "
+                              f"Got {mode!r}.")
+        if head_order not in HEAD_ORDERS:
+            raise ConfigError(f"The 'head_order' parameter of ACDC must be one of "
+                              f"{', '.join(HEAD_ORDERS)}. Got {head_order!r}.")
+        for label, value in (("max_receivers", max_receivers), ("masks_per_pass", masks_per_pass)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"The {label!r} parameter of ACDC must be None or an int >= 1. "
+                                  f"Got {value!r}.")
+        self.threshold = float(threshold)
+        self.objective = objective
+        self.mode = mode
+        self.ablation = Ablation.parse(ablation).kind
+        self.abs_value_threshold = bool(abs_value_threshold)
+        self.qkv_node_tests = bool(qkv_node_tests)
+        self.head_order = head_order
+        self.max_receivers = max_receivers
+        self.masks_per_pass = masks_per_pass
+        self.progress = progress
+
+    # ------------------------------------------------------------------ protocol
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
+        """The measured effect of every tested edge ``[S, R]`` (0 for untested edges)."""
+        scores = self.discover(engine, data, context).scores
+        assert scores is not None
+        return scores
+
+    def discover(self, engine: PatchingEngine, data: TaskData,
+                 context: RunContext | None = None) -> Circuit:
+        """Run ACDC and return the pruned circuit.
+
+        Args:
+            engine: The patching engine over the model.
+            data: Task data (clean prompts; the ablation's values come from the corrupted ones).
+            context: Checkpoint and progress (default: progress only).
+
+        Returns:
+            The circuit of kept edges; its scores are the tested edges' effects (objective
+            unit); ``metadata["acdc"]`` holds the objective value of the circuit, counts of
+            tested and kept edges, and the node tests' effects.
+
+        Raises:
+            NonFiniteMetricError: the objective was NaN or infinite (the checkpoint is saved).
+            CheckpointMismatchError: the context's checkpoint belongs to another run.
+        """
+        return _Run(self, engine, data, context).run()
+
+    def settings(self) -> dict[str, Any]:
+        """Parameters that change the result (for the checkpoint fingerprint)."""
+        params = self.get_params()
+        params.pop("progress")
+        return params
+
+
+class _Run:
+    """State of one ACDC run (see the module docstring)."""
+
+    def __init__(self, algo: ACDC, engine: PatchingEngine, data: TaskData,
+                 context: RunContext | None) -> None:
+        self.algo, self.engine, self.data = algo, engine, data
+        self.ctx = context if context is not None else RunContext(progress=algo.progress)
+        g = self.g = engine.graph
+        self.plan = visiting_plan(g, algo.qkv_node_tests, algo.max_receivers)
+        self.objective = Objective(algo.objective)
+        self.key = fingerprint(engine, data, algo.settings(), version="acdc v1")
+        self.readers = [[g.node_index(n) for n in r.nodes if n != "logits"] for r in g.receivers]
+        self.dtype = torch.float64 if engine.dtype == torch.float64 else torch.float32
+        rows = engine.rows_per_pass(data.seq_len)
+        self.k_max = algo.masks_per_pass or max(1, min(64, rows // data.n))
+        planned = torch.zeros(g.n_receivers, dtype=torch.bool)
+        for step in self.plan:
+            planned[step.receiver] = True
+        self.planned_edges = int((g.edge_mask & planned[None, :]).sum())
+        self.planned = planned
+
+    # ------------------------------------------------------------------ state
+    def _fresh(self) -> dict[str, Any]:
+        g = self.g
+        return {"group": 0, "kept": g.edge_mask.clone(),
+                "tested": torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool),
+                "effects": torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64),
+                "node_tested": torch.zeros(g.n_receivers, dtype=torch.bool),
+                "node_effects": torch.zeros(g.n_receivers, dtype=torch.float64),
+                "cur": float("nan"), "start_value": float("nan")}
+
+    def _save(self, force: bool = False, units: int = 1) -> None:
+        self.ctx.save(self.key, self.state, units=units, force=force,
+                      settings=f"ACDC({self.algo.settings()})")
+
+    # ------------------------------------------------------------------ evaluation
+    def _values(self, masks: Tensor) -> Tensor:
+        return self.objective.evaluate(self.engine, self.data, masks.to(self.dtype),
+                                       ablation=self.algo.ablation)
+
+    def _connected(self, r: int) -> bool:
+        readers = self.readers[r]
+        return not readers or bool(self.state["kept"][readers].any())
+
+    def _items(self, steps: list[Step]) -> list[_Item]:
+        """Pending tests of one group from the current state; drops disconnected receivers."""
+        st, items = self.state, []
+        for step in steps:
+            r = step.receiver
+            if not self._connected(r):
+                st["kept"][:, r] = False  # no path to the logits: removed untested
+                continue
+            if step.kind == "node":
+                if not st["node_tested"][r] and bool(st["kept"][:, r].any()):
+                    items.append(_Item("node", r, None))
+                continue
+            for s in sender_order(self.g, r, self.algo.head_order):
+                if st["kept"][s, r] and not st["tested"][s, r]:
+                    items.append(_Item("edge", r, s))
+        return items
+
+    @staticmethod
+    def _remove(mask: Tensor, item: _Item) -> None:
+        if item.kind == "node":
+            mask[..., :, item.receiver] = False
+        else:
+            mask[..., item.sender, item.receiver] = False
+
+    def _decide(self, item: _Item, value: float) -> bool:
+        """Record the test of ``item`` measured at ``value``; apply it; True if removed."""
+        st = self.state
+        if not math.isfinite(value):
+            g = self.g
+            what = (f"edge {g.edge_name(item.sender, item.receiver)}" if item.kind == "edge"
+                    else f"node test of {g.receivers[item.receiver].name}")
+            self._save(force=True)
+            raise NonFiniteMetricError(
+                f"ACDC's {self.objective.kind} objective was {value} at receiver "
+                f"{g.receivers[item.receiver].name!r} ({what}); the checkpoint is saved. Check "
+                "the task metric and the model's dtype (float16 overflows), or use another "
+                "ablation.")
+        effect = value - st["cur"]
+        worse = self.objective.worsening(effect)
+        if self.algo.abs_value_threshold:
+            worse = abs(worse)
+        removed = worse < self.algo.threshold
+        if item.kind == "node":
+            st["node_tested"][item.receiver] = True
+            st["node_effects"][item.receiver] = effect
+        else:
+            st["tested"][item.sender, item.receiver] = True
+            st["effects"][item.sender, item.receiver] = effect
+        if removed:
+            self._remove(st["kept"], item)
+            st["cur"] = value
+        return removed
+
+    def _k(self) -> int:
+        """Speculation width: about one kept edge per batch, from the keep rate so far."""
+        st = self.state
+        tested = int(st["tested"].sum()) + int(st["node_tested"].sum())
+        kept = int((st["tested"] & st["kept"]).sum())
+        kept += int((st["node_tested"] & st["kept"].any(0)).sum())
+        p_keep = (kept + 1) / (tested + 2)
+        return max(1, min(self.k_max, round(1 / p_keep)))
+
+    def _exact(self, items: list[_Item], bar: Any) -> None:
+        i = 0
+        while i < len(items):
+            batch = items[i: i + self._k()]
+            masks = self.state["kept"][None].repeat(len(batch), 1, 1)
+            for j, item in enumerate(batch):  # cumulative: earlier candidates assumed removed
+                self._remove(masks[j:], item)
+            values = self._values(masks).tolist()
+            done = 0
+            for item, value in zip(batch, values):
+                done += 1
+                if not self._decide(item, value):
+                    break  # later candidates assumed this one removed: re-evaluate them
+            i += done
+            self._progress(bar, items[i - 1].receiver, done)
+
+    def _batched(self, items: list[_Item], bar: Any) -> None:
+        st, g = self.state, self.g
+        by_receiver: dict[tuple[str, int], list[_Item]] = {}
+        for item in items:
+            by_receiver.setdefault((item.kind, item.receiver), []).append(item)
+        for (_, r), group in by_receiver.items():
+            masks = st["kept"][None].repeat(len(group), 1, 1)
+            for j, item in enumerate(group):
+                self._remove(masks[j], item)
+            values = self._values(masks).tolist()
+            cur = st["cur"]
+            removed = []
+            for item, value in zip(group, values):
+                if self._decide(item, value):
+                    removed.append(item)
+                st["cur"] = cur  # every test is against the same state
+            if removed:
+                value = float(self._values(st["kept"][None])[0])
+                if not math.isfinite(value):
+                    self._save(force=True)
+                    raise NonFiniteMetricError(
+                        f"ACDC's {self.objective.kind} objective was {value} after removing "
+                        f"{len(removed)} edges into {g.receivers[r].name!r}; the checkpoint "
+                        "is saved.")
+                st["cur"] = value
+            self._progress(bar, r, len(group))
+
+    def _progress(self, bar: Any, r: int, units: int) -> None:
+        st = self.state
+        decided = (st["tested"] | ~st["kept"]) & self.g.edge_mask & self.planned[None, :]
+        bar.n = int(decided.sum())
+        bar.set_postfix(kept=int((st["kept"] & self.g.edge_mask).sum()),
+                        receiver=self.g.receivers[r].name, refresh=False)
+        bar.refresh()
+        self._save(units=units)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> Circuit:
+        g = self.g
+        self.objective.prepare(self.engine, self.data, self.algo.ablation)
+        saved = self.ctx.resume(self.key)
+        self.state = saved if saved is not None else self._fresh()
+        st = self.state
+        if saved is None:
+            start = float(self._values(g.edge_mask[None])[0])
+            st["cur"] = st["start_value"] = start
+            if not math.isfinite(start):
+                raise NonFiniteMetricError(f"The {self.objective.kind} objective of the full "
+                                           f"model is {start}; check the task metric.")
+        groups: list[list[Step]] = []
+        for step in self.plan:
+            if not groups or groups[-1][0].group != step.group:
+                groups.append([])
+            groups[-1].append(step)
+        bar = self.ctx.bar(total=self.planned_edges, desc=f"ACDC τ={self.algo.threshold:g}")
+        try:
+            while st["group"] < len(groups):
+                items = self._items(groups[st["group"]])
+                if self.algo.mode == "exact":
+                    self._exact(items, bar)
+                else:
+                    self._batched(items, bar)
+                st["group"] += 1
+                self._save(units=0)
+        except BaseException:
+            self._save(force=True)
+            raise
+        finally:
+            bar.close()
+        self._save(force=True)
+        kept = st["kept"] & g.edge_mask
+        node_effects = {g.receivers[r].name: float(st["node_effects"][r])
+                        for r in st["node_tested"].nonzero()[:, 0].tolist()}
+        return Circuit(g, kept, scores=st["effects"].float(), metadata={
+            "acdc": {"threshold": self.algo.threshold, "objective": self.objective.kind,
+                     "objective_unit": self.objective.unit, "mode": self.algo.mode,
+                     "value_full": st["start_value"], "value_circuit": st["cur"],
+                     "tested_edges": int(st["tested"].sum()),
+                     "node_tests": int(st["node_tested"].sum()),
+                     "kept_edges": int(kept.sum()), "planned_edges": self.planned_edges,
+                     "node_effects": node_effects}})

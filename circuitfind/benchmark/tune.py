@@ -1,0 +1,175 @@
+"""Threshold search: the smallest circuit that reaches a target faithfulness, as an Optuna study.
+
+Method. A pruning algorithm's threshold τ (ACDC) trades circuit size for faithfulness. Each
+trial draws τ on a log scale in ``[low, high]`` (Optuna's TPE sampler), runs the algorithm,
+and measures the circuit's size and normalized faithfulness ``f = (m(C) - m(∅)) / (m(M) - m(∅))``
+(:func:`circuitfind.evaluate`). The trial's value (minimised) is the number of edges when
+``f >= target`` and ``E + E * (target - f)`` otherwise (worse than any feasible circuit, and
+less bad the closer it gets), so the best trial is the smallest circuit reaching the target.
+Each trial stores ``n_edges``, ``faithfulness`` and ``threshold`` as user attributes.
+
+Distributed. The study lives in an Optuna storage given as a URL: SQLite by default
+(``sqlite:///tune.db``), any Optuna RDB URL (PostgreSQL, MySQL) so that workers on several
+machines share one study: each worker runs the same command pointed at the same storage and
+study name. Create the study once before starting workers (:func:`create_study`, or
+``circuitfind tune --trials 0``): concurrent creation on a fresh SQLite file races.
+
+References:
+    Akiba et al. (2019), "Optuna: A Next-generation Hyperparameter Optimization Framework";
+    Conmy et al. (2023) sweep ACDC's threshold the same way to trade size for faithfulness.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from circuitfind.algorithms.base import ALGORITHMS, get_algorithm
+from circuitfind.api import build_data
+from circuitfind.errors import ConfigError
+from circuitfind.evaluation.faithfulness import evaluate
+from circuitfind.models import load_model
+from circuitfind.patching.engine import PatchingEngine
+from circuitfind.tasks.base import TaskData
+
+DEFAULT_STORAGE = "sqlite:///tune.db"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Outcome of a threshold search.
+
+    Attributes:
+        study_name: The Optuna study.
+        storage: Its storage URL.
+        n_trials: Finished trials in the study (all workers).
+        threshold: τ of the best trial (``None`` when no trial reached the target).
+        n_edges: Edges of the best circuit.
+        faithfulness: Its normalized faithfulness.
+        target: The target faithfulness.
+    """
+
+    study_name: str
+    storage: str
+    n_trials: int
+    threshold: float | None
+    n_edges: int | None
+    faithfulness: float | None
+    target: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ConfigError("circuitfind tune needs Optuna: pip install optuna") from err
+    return optuna
+
+
+def create_study(storage: str = DEFAULT_STORAGE, study_name: str = "circuitfind-tune",
+                 seed: int = 0) -> Any:
+    """Create (or load) the study: call once before starting several workers.
+
+    Args:
+        storage: An Optuna storage URL (``sqlite:///path.db``, ``postgresql://...``).
+        study_name: The study's name.
+        seed: Seed of the TPE sampler of this process.
+
+    Returns:
+        The ``optuna.Study``.
+    """
+    optuna = _optuna()
+    return optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
+                               load_if_exists=True,
+                               sampler=optuna.samplers.TPESampler(seed=seed))
+
+
+def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: float = 0.9,
+         n_trials: int = 20, low: float = 1e-4, high: float = 1.0,
+         storage: str = DEFAULT_STORAGE, study_name: str = "circuitfind-tune",
+         data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
+         algorithm_params: dict[str, Any] | None = None, device: str | None = None,
+         sampler_seed: int | None = None) -> TuneResult:
+    """Search the threshold τ for the smallest circuit with normalized faithfulness >= target.
+
+    Args:
+        model: Model name, local directory, ``zoo:NAME`` or a loaded bridge.
+        task: Task name (ignored when ``data`` is given).
+        algorithm: A pruning algorithm with a ``threshold`` parameter (``acdc``).
+        target: Normalized faithfulness to reach, in (0, 1] (default 0.9).
+        n_trials: Trials this worker runs (0: only create the study).
+        low, high: Search range of τ (log scale), ``0 < low < high``.
+        storage: Optuna storage URL (default ``sqlite:///tune.db`` in the working directory).
+        study_name: Study name (workers sharing a study use the same one).
+        data, n_examples, seed: Task data, or how to build it.
+        algorithm_params: Other hyperparameters of the algorithm (not ``threshold``).
+        device: Device for a model loaded here.
+        sampler_seed: Seed of this worker's sampler (default: ``seed``; give workers
+            different seeds).
+
+    Returns:
+        A :class:`TuneResult` summarising the whole study (every worker's trials).
+
+    Raises:
+        ConfigError: a bad target, range or trial count, an algorithm without a threshold, or
+            ``threshold`` in ``algorithm_params``.
+    """
+    if not (isinstance(target, (int, float)) and 0 < target <= 1):
+        raise ConfigError(f"target must be a normalized faithfulness in (0, 1]; got {target!r}.")
+    if not (isinstance(n_trials, int) and n_trials >= 0):
+        raise ConfigError(f"n_trials must be an int >= 0; got {n_trials!r}.")
+    if not (0 < low < high and math.isfinite(high)):
+        raise ConfigError(f"The threshold range must satisfy 0 < low < high < inf; got "
+                          f"low={low}, high={high}.")
+    params = dict(algorithm_params or {})
+    if "threshold" in params:
+        raise ConfigError("tune searches the threshold itself; remove it from algorithm_params.")
+    cls = ALGORITHMS.get(algorithm)
+    if not cls.returns_circuit or "threshold" not in cls().get_params():
+        raise ConfigError(f"tune searches the threshold of a pruning algorithm (acdc); "
+                          f"{algorithm!r} has none.")
+    params.setdefault("progress", False)
+    get_algorithm(algorithm, **params)  # validate before loading anything
+    study = create_study(storage, study_name, seed if sampler_seed is None else sampler_seed)
+    if n_trials:
+        if data is None and task is None:
+            raise ConfigError("Pass a task name or prebuilt data.")
+        model = load_model(model, device=device)
+        if data is None:
+            data = build_data(model, task, n_examples, seed)  # type: ignore[arg-type]
+        engine = PatchingEngine(model)
+        total = engine.graph.n_edges
+
+        def objective(trial: Any) -> float:
+            tau = trial.suggest_float("threshold", low, high, log=True)
+            circuit = get_algorithm(algorithm, threshold=tau, **params).discover(engine, data)
+            faith = evaluate(engine, circuit, data).faithfulness
+            trial.set_user_attr("n_edges", circuit.n_edges)
+            trial.set_user_attr("faithfulness", faith)
+            trial.set_user_attr("threshold", tau)
+            if math.isnan(faith):
+                return float(2 * total)
+            return float(circuit.n_edges if faith >= target else total + total * (target - faith))
+
+        study.optimize(objective, n_trials=n_trials)
+    return summarize(study, storage, target)
+
+
+def summarize(study: Any, storage: str, target: float) -> TuneResult:
+    """The smallest circuit reaching ``target`` among the study's finished trials."""
+    optuna = _optuna()
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    ok = [t for t in done if (t.user_attrs.get("faithfulness") or -math.inf) >= target]
+    best = min(ok, key=lambda t: (t.user_attrs["n_edges"], -t.user_attrs["threshold"]),
+               default=None)
+    return TuneResult(study_name=study.study_name, storage=storage, n_trials=len(done),
+                      threshold=None if best is None else best.user_attrs["threshold"],
+                      n_edges=None if best is None else best.user_attrs["n_edges"],
+                      faithfulness=None if best is None else best.user_attrs["faithfulness"],
+                      target=float(target))

@@ -1,0 +1,234 @@
+"""ACDC: exact mode equals a slow sequential ACDC edge for edge; resume; bad input.
+
+The slow reference below is written from the reference implementation's description
+(``TLACDCExperiment.step``): one full forward pass of the bridge with hooks per test (the
+engine's hooked path, ``use_runner=False``: no start layer, no batching, no speculation), the
+visiting order spelled out with explicit loops over layers, kinds and heads by receiver *name*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import circuitfind as cf
+from circuitfind.algorithms import ACDC, RunContext
+from circuitfind.errors import CheckpointMismatchError, ConfigError, NonFiniteMetricError
+from circuitfind.tasks.metrics import kl_div
+from circuitfind.testing import ToyTask
+
+
+def slow_acdc(model, data, tau, objective="kl", node_tests=True, max_receivers=None,
+              ablation="resample"):
+    """Sequential ACDC: one full hooked forward per tested edge. Returns kept, tested, effects."""
+    eng = cf.PatchingEngine(model, use_runner=False)
+    g = eng.graph
+    dtype = eng.dtype
+    full_logits = eng.run(data, g.full_mask(dtype), ablation=ablation)[0]
+    higher_is_better = objective == "metric" and data.task.higher_is_better
+
+    def value(mask):
+        logits = eng.run(data, mask.to(dtype), ablation=ablation)[0]
+        if objective == "kl":  # KL(p_full || p_circuit), float64, mean over positions, examples
+            ref, lp = full_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
+            return float((ref.exp() * (ref - lp)).sum(-1).mean())
+        return float(data.metric(logits).double().mean())
+
+    kept = g.edge_mask.clone()
+    tested = torch.zeros_like(kept)
+    effects = torch.zeros(kept.shape, dtype=torch.float64)
+    cur = value(kept)
+
+    def test(trial):
+        nonlocal cur
+        new = value(trial)
+        effect = new - cur
+        worse = -effect if higher_is_better else effect
+        if worse < tau:
+            cur = new
+            return effect, True
+        return effect, False
+
+    def connected(r):
+        readers = [g.node_index(n) for n in g.receivers[r].nodes if n != "logits"]
+        return not readers or bool(kept[readers].any())
+
+    steps = [("edges", "logits")]
+    for layer in reversed(range(g.n_layers)):
+        steps.append(("edges", f"m{layer}"))
+        attn = []
+        for kind in "vkq":
+            n = g.n_heads if kind == "q" or not g.is_grouped_query else g.n_kv_heads
+            for h in reversed(range(n)):
+                head = f"kv{h}" if kind != "q" and g.is_grouped_query else f"h{h}"
+                attn.append(f"a{layer}.{head}<{kind}>")
+        if node_tests:
+            steps += [("node", name) for name in attn]
+        steps += [("edges", name) for name in attn]
+    n_edge_steps = 0
+    for kind, name in steps:
+        if kind == "edges":
+            n_edge_steps += 1
+            if max_receivers is not None and n_edge_steps > max_receivers:
+                break
+        r = g.receiver_index(name)
+        if not connected(r):
+            kept[:, r] = False
+            continue
+        if kind == "node":
+            trial = kept.clone()
+            trial[:, r] = False
+            _, removed = test(trial)
+            if removed:
+                kept = trial
+            continue
+        for s in reversed(range(int(g.n_upstream[r]))):  # latest sender first, input last
+            if not kept[s, r]:
+                continue
+            trial = kept.clone()
+            trial[s, r] = False
+            effect, removed = test(trial)
+            tested[s, r] = True
+            effects[s, r] = effect
+            if removed:
+                kept = trial
+    return kept, tested, effects
+
+
+def _check_equal(circuit, reference, tau, atol):
+    kept, tested, effects = reference
+    got = circuit.kept
+    scores = circuit.scores.double()
+    margin = (effects[tested].abs() - tau).abs().min() if tested.any() else math.inf
+    assert margin > 10 * atol, "threshold too close to a measured effect for this test"
+    assert torch.equal(got, kept), (
+        f"kept sets differ: {sorted(set(circuit.edges) ^ set(circuit.replace(kept=kept).edges))}")
+    assert int(tested.sum()) == circuit.metadata["acdc"]["tested_edges"]
+    torch.testing.assert_close(scores[tested], effects[tested], atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, objective, tau", [
+    ("gpt2", "kl", 3e-4), ("gpt2", "metric", 3e-3),
+    ("llama_gqa", "kl", 1e-3), ("llama_gqa", "metric", 3e-3)])
+def test_exact_mode_equals_sequential_acdc(tiny_models, name, objective, tau):
+    model = tiny_models(name)
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = cf.PatchingEngine(model)
+    circuit = ACDC(threshold=tau, objective=objective, progress=False).discover(engine, data)
+    reference = slow_acdc(model, data, tau, objective)
+    n_kept, n_tested = int(reference[0].sum()), int(reference[1].sum())
+    assert 0 < n_kept < engine.graph.n_edges and n_tested > 10  # a non-trivial run
+    assert circuit.metadata["acdc"]["node_tests"] > 5
+    _check_equal(circuit, reference, tau, atol=1e-9)
+    if name != "gpt2":
+        return
+    # without node tests, and with a speculation width of 1 (plain sequential) too
+    plain = ACDC(threshold=tau, objective=objective, qkv_node_tests=False, masks_per_pass=1,
+                 progress=False).discover(engine, data)
+    _check_equal(plain, slow_acdc(model, data, tau, objective, node_tests=False), tau, atol=1e-9)
+
+
+def test_batched_mode_tests_against_one_state(tiny_models):
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = cf.PatchingEngine(model)
+    exact = ACDC(threshold=2e-3, progress=False).discover(engine, data)
+    batched = ACDC(threshold=2e-3, mode="batched", progress=False).discover(engine, data)
+    # the logits receiver is visited first: there both modes test against the full model
+    r = engine.graph.n_receivers - 1
+    full = engine.graph.full_mask(torch.float64)
+    logits_full = engine.run(data, full)[0]
+    s = int(engine.graph.n_upstream[r]) - 1  # the first edge tested is the same in both
+    mask = full.clone()
+    mask[s, r] = 0
+    expect = float(kl_div(logits_full, engine.run(data, mask)[0]).mean())
+    assert batched.scores[s, r].item() == pytest.approx(expect, abs=1e-6)
+    assert exact.scores[s, r].item() == pytest.approx(expect, abs=1e-6)
+    assert batched.metadata["acdc"]["mode"] == "batched"
+
+
+def test_killed_and_resumed_run_gives_the_identical_circuit(tiny_models, tmp_path):
+    model = tiny_models("llama_gqa")
+    data = ToyTask().build(model.tokenizer, 3, seed=2)
+    engine = cf.PatchingEngine(model)
+    algo = ACDC(threshold=2e-3, progress=False)
+    whole = algo.discover(engine, data)
+    ckpt = tmp_path / "acdc.pt"
+    original = engine.run
+    for kill_at in (3, 17):
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        engine.run = flaky
+        with pytest.raises(KeyboardInterrupt):
+            algo.discover(engine, data, RunContext(checkpoint=ckpt, progress=False))
+        engine.run = original
+        assert ckpt.exists()
+    resumed = algo.discover(engine, data, RunContext(checkpoint=ckpt, progress=False))
+    assert torch.equal(resumed.kept, whole.kept)
+    assert torch.equal(resumed.scores, whole.scores)
+    # another threshold (or other data) must not resume from this file
+    with pytest.raises(CheckpointMismatchError, match="different run"):
+        ACDC(threshold=3e-3, progress=False).discover(
+            engine, data, RunContext(checkpoint=ckpt, progress=False))
+
+
+@pytest.mark.parametrize("tau", [0, -1.0, float("nan"), float("inf"), "0.1", True])
+def test_bad_threshold_is_refused(tau):
+    with pytest.raises(ConfigError, match="threshold"):
+        ACDC(threshold=tau)
+
+
+def test_non_finite_metric_stops_and_names_the_edge(tiny_models, tmp_path):
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = cf.PatchingEngine(model)
+    original = engine.evaluate
+    calls = {"n": 0}
+
+    def nan_later(data, masks, **kwargs):
+        calls["n"] += 1
+        values = original(data, masks, **kwargs)
+        return values if calls["n"] < 4 else values * float("nan")
+
+    engine.evaluate = nan_later
+    ckpt = tmp_path / "acdc.pt"
+    with pytest.raises(NonFiniteMetricError, match=r"receiver .*edge .*->"):
+        ACDC(threshold=0.05, objective="metric", progress=False).discover(
+            engine, data, RunContext(checkpoint=ckpt, progress=False))
+    assert ckpt.exists()
+
+
+def test_discover_returns_the_algorithms_own_circuit(tiny_models):
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    circuit = cf.discover(model, algorithm="acdc", data=data, threshold=2e-3,
+                          algorithm_params={"progress": False})
+    own = ACDC(threshold=2e-3, progress=False).discover(cf.PatchingEngine(model), data)
+    assert torch.equal(circuit.kept, own.kept)  # not re-selected, not pruned
+    assert circuit.metadata["algorithm"] == "acdc"
+    assert circuit.metadata["algorithm_params"]["threshold"] == 2e-3
+    assert "faithfulness" in circuit.metadata
+    with pytest.raises(ConfigError, match="selects its own circuit"):
+        cf.discover(model, algorithm="acdc", data=data, n_edges=10)
+
+
+@pytest.mark.acceptance
+def test_exact_mode_equals_sequential_acdc_on_stories260k(stories_dir):
+    """A real pretrained Llama/GQA model (float32): the logits, the last MLP, the last layer's
+    q/k/v node tests and one attention receiver (a receiver budget keeps it to seconds)."""
+    model = cf.load_model(stories_dir, device="cpu")
+    data = cf.build_data(model, "gendered_pronoun", n=4, seed=0)
+    engine = cf.PatchingEngine(model)
+    circuit = ACDC(threshold=1e-2, max_receivers=3, progress=False).discover(engine, data)
+    reference = slow_acdc(model, data, 1e-2, max_receivers=3)
+    assert int(reference[1].sum()) > 50 and circuit.metadata["acdc"]["node_tests"] > 0
+    assert 0 < int(reference[0].sum()) < engine.graph.n_edges
+    _check_equal(circuit, reference, 1e-2, atol=1e-5)

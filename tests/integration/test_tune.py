@@ -1,0 +1,70 @@
+"""Threshold search as an Optuna study: in-process, and two worker processes sharing SQLite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import circuitfind as cf
+from circuitfind.benchmark import create_study
+from circuitfind.errors import ConfigError
+from circuitfind.testing import make_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tune") / "model", arch="gpt2")
+
+
+def test_tune_finds_the_smallest_circuit_reaching_the_target(tiny_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    model = cf.load_model(tiny_dir, device="cpu")
+    result = cf.tune(model, "induction", target=0.5, n_trials=4, low=1e-4, high=0.1,
+                     storage=storage, study_name="s", n_examples=6)
+    study = create_study(storage, "s")
+    trials = study.get_trials()
+    assert result.n_trials == len(trials) == 4
+    for t in trials:
+        assert {"n_edges", "faithfulness", "threshold"} <= set(t.user_attrs)
+        assert 1e-4 <= t.user_attrs["threshold"] <= 0.1
+    feasible = [t.user_attrs for t in trials if t.user_attrs["faithfulness"] >= 0.5]
+    if feasible:
+        assert result.n_edges == min(a["n_edges"] for a in feasible)
+        assert result.faithfulness >= 0.5
+    else:
+        assert result.threshold is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target": 0}, "target"), ({"low": 0.1, "high": 0.01}, "0 < low < high"),
+    ({"algorithm": "eap"}, "pruning algorithm"),
+    ({"algorithm_params": {"threshold": 0.1}}, "searches the threshold")])
+def test_tune_bad_input(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        cf.tune("unused", "induction", n_trials=1, storage=f"sqlite:///{tmp_path / 'x.db'}",
+                **kwargs)
+
+
+def test_two_workers_share_one_sqlite_study(tiny_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    create_study(storage, "shared")  # before the workers: creation on fresh SQLite races
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "circuitfind", "tune", "--model", str(tiny_dir), "--task",
+         "induction", "--trials", "2", "--examples", "6", "--storage", storage, "--study",
+         "shared", "--target", "0.5", "--high", "0.1", "--sampler-seed", str(i)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err
+        assert "trials in study 'shared'" in out
+    trials = create_study(storage, "shared").get_trials()
+    assert len(trials) == 4
+    assert all("faithfulness" in t.user_attrs for t in trials)
