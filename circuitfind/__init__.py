@@ -5,6 +5,7 @@
 >>> circuit = cf.discover(model, "ioi", algorithm="eap", n_edges=200)
 >>> circuit.metadata["faithfulness"]["faithfulness"]
 >>> circuit.render("ioi.svg"); circuit.save("ioi.json")
+>>> cf.write_run(circuit, "runs/ioi")                 # circuit.json/.graphml, report.md, then .svg
 """
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
@@ -12,13 +13,15 @@ from circuitfind.api import build_data, discover, score_edges
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
 from circuitfind.graphs import Circuit, ComputeGraph
+from circuitfind.graphs.render import RenderOptions
 from circuitfind.models import load_model
+from circuitfind.outputs import write_run
 from circuitfind.patching import PatchingEngine
 from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
 
 __version__ = "0.1.0"
 
 __all__ = ["ALGORITHMS", "TASKS", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
-           "PatchingEngine", "Task", "TaskData", "build_data", "discover", "edge_roc", "evaluate",
-           "faithfulness_curve", "get_algorithm", "get_task", "load_model", "node_roc",
-           "reference_circuit", "score_edges"]
+           "PatchingEngine", "RenderOptions", "Task", "TaskData", "build_data", "discover",
+           "edge_roc", "evaluate", "faithfulness_curve", "get_algorithm", "get_task",
+           "load_model", "node_roc", "reference_circuit", "score_edges", "write_run"]
