@@ -98,6 +98,7 @@ _EDGE_LABELS = {"q": "q input", "k": "k input", "v": "v input", "qkv": "q/k/v in
                 "mlp": "MLP input", "logits": "logits"}
 _UNCLASSED_FILL = "#EEEEEE"
 _MIN_WIDTH, _MAX_WIDTH = 0.5, 5.0
+_DENSE_EDGES = 80  # drawn edges above which Graphviz packs ranks tighter
 _GRAPHVIZ_HINT = ("Install the `dot` binary with your system's package manager (`apt-get install "
                   "graphviz`, `brew install graphviz`, `conda install -c conda-forge graphviz`)")
 
@@ -409,7 +410,11 @@ def _graphviz_from_scene(sc: Scene) -> graphviz.Digraph:
     gv = _import_graphviz()
     nohtml = gv.nohtml
     graph_attr = {"rankdir": "LR" if sc.landscape else "TB", "newrank": "true",
-                  "nodesep": "0.25", "ranksep": "0.6", "fontname": "Helvetica"}
+                  "fontname": "Helvetica"}
+    # dot gives every edge crossing a rank a virtual node nodesep apart from the next: with
+    # hundreds of long edges the default spacing makes a drawing ~6x wider than tall
+    dense = len(sc.edges) > _DENSE_EDGES
+    graph_attr.update(nodesep="0.05" if dense else "0.25", ranksep="1.0" if dense else "0.6")
     if sc.title is not None:
         graph_attr.update(labelloc="t", label=nohtml(sc.title))
     dot = gv.Digraph(name="circuit", graph_attr=graph_attr)
@@ -427,6 +432,7 @@ def _graphviz_from_scene(sc: Scene) -> graphviz.Digraph:
         for node in sc.nodes:
             by_row.setdefault(node.row, {})[node.slot] = node.name
         width = max((len(n.label) for n in sc.nodes), default=5)
+        columns: list[list[str]] = []
         for row in range(sc.n_rows):
             present = by_row.get(row, {})
             slots: list[int | None] = (list(range(sc.n_slots)) if row in sc.head_rows
@@ -442,6 +448,16 @@ def _graphviz_from_scene(sc: Scene) -> graphviz.Digraph:
                 chain.append(name)
             for left, right in zip(chain, chain[1:]):
                 dot.edge(left, right, style="invis")
+            columns.append(chain)
+        # heavy invisible edges down each head slot (and the middle of lone rows) keep the
+        # columns straight, so that a slot has the same place in every layer
+        heads = [chain for chain in columns if len(chain) > 1]
+        pairs = [pair for upper, lower in zip(heads, heads[1:]) for pair in zip(upper, lower)]
+        pairs += [(upper[(len(upper) - 1) // 2], lower[(len(lower) - 1) // 2])
+                  for upper, lower in zip(columns, columns[1:])
+                  if len(upper) == 1 or len(lower) == 1]
+        for a, b in pairs:
+            dot.edge(a, b, style="invis", weight="100")
     # an invisible spine (one point per rank, chained) keeps later rows strictly below
     # earlier ones even when rows in between are absent
     spine: list[str] = []
@@ -469,7 +485,8 @@ def _graphviz_from_scene(sc: Scene) -> graphviz.Digraph:
         legend.attr(label=nohtml(f"legend ({sc.legend_title})"), fontname="Helvetica",
                     fontsize="10", style="dashed", color="#999999")
         previous = None
-        for i, (label, colour) in enumerate(sc.edge_legend):
+        # dot lays the cluster's components out right to left: emit them in reverse
+        for i, (label, colour) in reversed(list(enumerate(sc.edge_legend))):
             a, b = f"legend.edge.{i}.a", f"legend.edge.{i}.b"
             legend.node(a, label="", shape="point", width="0.05", style="invis")
             legend.node(b, label=nohtml(label), shape="plaintext", style="", fontsize="10")
@@ -607,6 +624,65 @@ def _boundary(centre: tuple[float, float], towards: tuple[float, float], a: floa
     return centre[0] + t * dx, centre[1] + t * dy
 
 
+class _Obstacles:
+    """Chooses how much an edge bends so that it passes no node between its ends.
+
+    Edges are matplotlib ``arc3`` curves: quadratic Béziers whose control point lies ``rad``
+    chord lengths off the chord's midpoint, so the curve's middle lies ``rad / 2`` chord
+    lengths off. Candidate offsets of the middle ``0, ±0.3, ±0.6, ... ±1.8`` slot widths (the
+    side facing away from the middle of the drawing first) are tried in order; the first
+    whose sampled points miss every other node wins, else the one hitting fewest nodes.
+    """
+
+    _STEPS = (0.0, 0.3, 0.6, 0.9, 1.2, 1.5, 1.8)
+
+    def __init__(self, xy: dict[str, tuple[float, float]], half_w: float, half_h: float,
+                 step: float) -> None:
+        import numpy as np
+
+        self.np = np
+        self.names = list(xy)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.centres = np.array([xy[n] for n in self.names], dtype=float).reshape(-1, 2)
+        self.half = np.array([half_w, half_h])
+        self.middle = self.centres.mean(axis=0) if len(self.names) else np.zeros(2)
+        self.step = step
+        self.t = np.linspace(0.0, 1.0, 11)[:, None]
+
+    def curve(self, sender: str, target: str, rad: float) -> Any:
+        """``[11, 2]`` points along the edge's curve (centre to centre)."""
+        np = self.np
+        a, b = self.centres[self.index[sender]], self.centres[self.index[target]]
+        control = (a + b) / 2 + rad * np.array([b[1] - a[1], -(b[0] - a[0])])
+        t = self.t
+        return (1 - t) ** 2 * a + 2 * (1 - t) * t * control + t ** 2 * b
+
+    def bend(self, sender: str, target: str, offset: float) -> float:
+        """The ``rad`` for the edge ``sender -> target`` (``offset`` separates parallel
+        q/k/v edges)."""
+        np = self.np
+        i, j = self.index[sender], self.index[target]
+        a, b = self.centres[i], self.centres[j]
+        direction = b - a
+        length = float(np.hypot(*direction)) or 1.0
+        right = np.array([direction[1], -direction[0]])  # a positive rad bends this way
+        outward = 1.0 if float(right @ ((a + b) / 2 - self.middle)) >= 0 else -1.0
+        best, fewest = offset, None
+        for size in self._STEPS:
+            for sign in ((outward, -outward) if size else (1.0,)):
+                rad = sign * 2 * size * self.step / length + offset
+                points = self.curve(sender, target, rad)[1:-1]
+                inside = (np.abs(points[:, None, :] - self.centres[None]) < self.half)
+                hit = inside.all(-1).any(0)
+                hit[[i, j]] = False
+                hits = int(hit.sum())
+                if hits == 0:
+                    return rad
+                if fewest is None or hits < fewest:
+                    best, fewest = rad, hits
+        return best
+
+
 def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
     mpl = _import_matplotlib()
     from matplotlib.figure import Figure
@@ -623,8 +699,14 @@ def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
     for node in sc.nodes:
         r, s = node.row * step_row, along[node.name] * step_slot
         xy[node.name] = (r, -s) if sc.landscape else (s, -r)
-    xs = [p[0] for p in xy.values()] or [0.0]
-    ys = [p[1] for p in xy.values()] or [0.0]
+    # bends first: the drawing must hold every curve
+    offsets = {"q": -0.12, "k": 0.0, "v": 0.12}
+    avoid = _Obstacles(xy, node_w / 2 + 0.04, _NODE_H / 2 + 0.04, step_slot)
+    rads = [avoid.bend(e.sender, e.target, offsets.get(e.key, 0.0)) for e in sc.edges]
+    points = [p for e, rad in zip(sc.edges, rads)
+              for p in avoid.curve(e.sender, e.target, rad).tolist()] + list(xy.values())
+    xs = [p[0] for p in points] or [0.0]
+    ys = [p[1] for p in points] or [0.0]
     x0, x1 = min(xs) - node_w, max(xs) + node_w
     y0, y1 = min(ys) - _NODE_H * 1.5, max(ys) + _NODE_H * 1.5
     with mpl.rc_context(_MPL_RC):
@@ -647,15 +729,9 @@ def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
             ax.text(x, y, node.label, ha="center", va="center", fontsize=8, zorder=4,
                     gid=f"label.{node.name}")
         # thin edges first so that strong edges are drawn on top
-        offsets = {"q": -0.12, "k": 0.0, "v": 0.12}
         for i, edge in sorted(enumerate(sc.edges), key=lambda ie: (ie[1].width, ie[0])):
             (xa, ya), (xb, yb) = xy[edge.sender], xy[edge.target]
-            skip = abs((xb - xa) if sc.landscape else (yb - ya)) > step_row * 1.5
-            bend = 0.0
-            if skip:  # edges over rows bend away from the straight line through them
-                across = (yb - ya) if sc.landscape else (xb - xa)
-                bend = 0.2 if across >= 0 else -0.2
-            rad = bend + offsets.get(edge.key, 0.0)
+            rad = rads[i]
             # the curve leaves towards the arc's control point: clip it at the node outlines
             # (analytically; matplotlib's patch clipping costs ~15 ms per edge)
             cx, cy = (xa + xb) / 2 + rad * (yb - ya), (ya + yb) / 2 - rad * (xb - xa)
