@@ -225,6 +225,16 @@ def test_fixed_order_gives_every_head_a_slot():
         placeholders = set(re.findall(r"slot\.\d+\.[\dx]+", source))
         slots = MHA.n_layers * MHA.n_heads + MHA.n_layers + 2  # heads, MLPs, input, logits
         assert len(placeholders) == slots - len(sc.nodes)
+        # heavy invisible edges join each head slot to the same slot one layer down
+        columns = re.findall(r'"?([\w.]+)"? -> "?([\w.]+)"? \[style=invis weight=100\]', source)
+        drawn = {n.name for n in sc.nodes}
+
+        def at(layer, head):
+            name = f"a{layer}.h{head}"
+            return name if name in drawn else f"slot.{1 + 2 * layer}.{head}"
+
+        for head in range(MHA.n_heads):
+            assert (at(0, head), at(1, head)) in columns
 
 
 @pytest.mark.parametrize("options, message", [
