@@ -108,7 +108,8 @@ class RunFiles:
 
     Attributes:
         written: Paths written, results first.
-        drawing_error: Why the drawing failed (one line), or ``None`` when it was drawn.
+        drawing_error: Why a drawing failed (one line, ``"circuit.svg: Error: message"``),
+            or ``None`` when both were drawn.
     """
 
     written: tuple[Path, ...]
@@ -150,16 +151,20 @@ def write_run(circuit: Circuit, out: str | os.PathLike[str], *, overwrite: bool 
     written = [out / name for name in DATA_FILES]
     for name in DRAWING_FILES:  # a stale drawing of an earlier run must not survive
         (out / name).unlink(missing_ok=True)
-    try:
-        written.append(render(circuit, out / "circuit.dot", options=options))
-        written.append(render(circuit, out / "circuit.svg", renderer=renderer, options=options))
-    except Exception as err:  # noqa: BLE001 - no drawing failure may cost the run
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
-        LOGGER.warning(f"circuit.svg was not drawn ({reason}); {', '.join(DATA_FILES)} are saved "
-                       f"in {str(out)!r}. Draw it later with: circuitfind render "
-                       f"{out / 'circuit.json'} {out / 'circuit.svg'}")
-        return RunFiles(tuple(written), reason)
-    return RunFiles(tuple(written), None)
+    errors = []
+    for name, name_renderer in (("circuit.dot", None), ("circuit.svg", renderer)):
+        try:  # each drawing on its own: no drawing failure may cost the run or the other file
+            written.append(render(circuit, out / name, renderer=name_renderer, options=options))
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+    if not errors:
+        return RunFiles(tuple(written), None)
+    reason = " ".join("; ".join(errors).split())
+    missing = " and ".join(n for n in DRAWING_FILES if not (out / n).exists())
+    LOGGER.warning(f"{missing} not drawn ({reason}); {', '.join(DATA_FILES)} are saved in "
+                   f"{str(out)!r}. Draw it later with: circuitfind render "
+                   f"{out / 'circuit.json'} {out / 'circuit.svg'}")
+    return RunFiles(tuple(written), reason)
 
 
 def report_markdown(circuit: Circuit) -> str:

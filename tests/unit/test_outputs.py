@@ -46,8 +46,9 @@ def test_a_failed_drawing_costs_nothing(tmp_path, monkeypatch, caplog):
     (tmp_path / "circuit.svg").write_text("a stale drawing of an earlier run")
     with caplog.at_level(logging.WARNING, logger="circuitfind"):
         files = write_run(circuit(), tmp_path, overwrite=True)
-    assert files.drawing_error == "MemoryError: out of memory"
+    assert files.drawing_error == "circuit.svg: MemoryError: out of memory"
     assert not (tmp_path / "circuit.svg").exists()
+    assert (tmp_path / "circuit.dot").exists()  # the other drawing is still made
     assert json.loads((tmp_path / "circuit.json").read_text())["metadata"]["task"] == "ioi"
     lines = [r.getMessage() for r in caplog.records if "circuitfind render" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "report.md" in lines[0]
@@ -64,3 +65,14 @@ def test_output_paths_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="is a directory"):
         check_output_file(tmp_path)
     assert check_output_file(tmp_path / "c.svg") == tmp_path / "c.svg"
+
+
+def test_a_failed_dot_still_draws_the_svg(tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "graphviz", None)  # no Graphviz Python package
+    with caplog.at_level(logging.WARNING, logger="circuitfind"):
+        files = write_run(circuit(), tmp_path, renderer="matplotlib")
+    assert files.drawing_error.startswith("circuit.dot: CircuitFindError")
+    assert (tmp_path / "circuit.svg").read_bytes().startswith(b"<?xml")
+    assert any(r.getMessage().startswith("circuit.dot not drawn") for r in caplog.records)
