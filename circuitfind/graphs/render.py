@@ -21,7 +21,8 @@ Both renderers draw the same picture from one renderer-independent description (
   cycling after seven; unclassified nodes light grey), with a legend;
 - **options** (:class:`RenderOptions`): colour by sign, collapse q/k/v into one edge per sender
   and head (score = the sum of the q, k and v scores, the first-order effect of corrupting
-  all three), hide edges below a |score| or keep the top N drawn edges, label heads ``L.H``,
+  all three), hide edges below a |score| or keep the top N drawn edges (the title then says
+  how many are drawn), label heads ``L.H``,
   portrait or landscape, no title, fixed node order (every head keeps its slot, every row is
   present, so drawings of different circuits of one model line up);
 - **determinism**: the same circuit and options give the same bytes for every renderer and
@@ -368,7 +369,8 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
     else:
         n_rows = row_of(graph.n_layers, "logits") + 1
         head_rows = {row_of(layer, "attention") for layer in range(graph.n_layers)}
-    return Scene(title=_title(circuit) if opts.title else None, nodes=tuple(nodes),
+    title = _title(circuit) + (f" ({len(drawn)} drawn)" if filtering else "")
+    return Scene(title=title if opts.title else None, nodes=tuple(nodes),
                  n_rows=n_rows, head_rows=frozenset(head_rows), n_slots=graph.n_heads,
                  edges=tuple(edges),
                  edge_legend=edge_legend,

@@ -174,7 +174,7 @@ def test_filters_by_score():
     c = circuit(MHA, n=60)
     magnitudes = sorted((abs(v) for v in c.edge_scores().values()), reverse=True)
     top = scene(c, RenderOptions(top_n=10))
-    assert len(top.edges) == 10
+    assert len(top.edges) == 10 and top.title.endswith(f"60/{MHA.n_edges} edges (10 drawn)")
     assert min(abs(e.score) for e in top.edges) == pytest.approx(magnitudes[9])
     cut = magnitudes[20]
     above = scene(c, RenderOptions(min_abs_score=cut))
