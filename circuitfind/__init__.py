@@ -5,6 +5,7 @@
 >>> circuit = cf.discover(model, "ioi", algorithm="eap", n_edges=200)
 >>> circuit.metadata["faithfulness"]["faithfulness"]
 >>> circuit.render("ioi.svg"); circuit.save("ioi.json")
+>>> cf.write_run(circuit, "runs/ioi")                 # circuit.json/.graphml, report.md, then .svg
 """
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
@@ -13,7 +14,9 @@ from circuitfind.benchmark import tune
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
 from circuitfind.graphs import Circuit, ComputeGraph
+from circuitfind.graphs.render import RenderOptions
 from circuitfind.models import load_model
+from circuitfind.outputs import write_run
 from circuitfind.patching import PatchingEngine
 from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
 from circuitfind import zoo  # noqa: E402  (registers the organisms' reference circuits)
@@ -21,6 +24,6 @@ from circuitfind import zoo  # noqa: E402  (registers the organisms' reference c
 __version__ = "0.1.0"
 
 __all__ = ["ALGORITHMS", "TASKS", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
-           "PatchingEngine", "Task", "TaskData", "build_data", "discover", "edge_roc", "evaluate",
-           "faithfulness_curve", "get_algorithm", "get_task", "load_model", "node_roc",
-           "reference_circuit", "score_edges", "tune"]
+           "PatchingEngine", "RenderOptions", "Task", "TaskData", "build_data", "discover",
+           "edge_roc", "evaluate", "faithfulness_curve", "get_algorithm", "get_task",
+           "load_model", "node_roc", "reference_circuit", "score_edges", "tune", "write_run"]

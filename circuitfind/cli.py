@@ -1,19 +1,19 @@
 """The ``circuitfind`` command line (typer).
 
-Commands: ``discover`` (find a circuit, write circuit.json / circuit.graphml / circuit.svg /
-report.md), ``render`` (draw a saved circuit), ``tasks`` and ``algorithms`` (list the
-registries). Errors circuitfind raises on purpose are printed as one line, with exit code 2 and
-no traceback.
+Commands: ``discover`` (find a circuit, write circuit.json / circuit.graphml / report.md, then
+draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``tasks`` and
+``algorithms`` (list the registries). Errors circuitfind raises on purpose are printed as one
+line, with exit code 2 and no traceback; notes (the matplotlib fallback, a drawing that failed
+while the results were saved) are printed as one line on stderr and do not change the exit
+code.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
+import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -21,14 +21,18 @@ import typer
 
 from circuitfind.algorithms import ALGORITHMS
 from circuitfind.algorithms.lifecycle import RunContext
-from circuitfind.errors import CircuitFindError, ConfigError, OutputExistsError
+from circuitfind.errors import CircuitFindError, ConfigError
+from circuitfind.outputs import report_markdown  # noqa: F401  (the run report, re-exported)
 from circuitfind.registry import normalize_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="circuitfind: automated circuit discovery for transformer language models.")
 
-RUN_FILES = ("circuit.json", "circuit.graphml", "circuit.svg", "report.md")
 CHECKPOINT_DIR = ".checkpoint"
+RENDERER_OPTION = typer.Option(
+    None, "--renderer",
+    help="graphviz or matplotlib (default: graphviz when its `dot` binary is on the PATH, "
+         "else matplotlib).")
 
 
 def _default_model(task: str) -> str:
@@ -77,16 +81,19 @@ def discover(
         help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. -p steps=10 "
              "-p interpolation=activations (eap-ig), -p mode=batched -p objective=metric (acdc). "
              "Values are read as JSON where they parse, else as strings."),
+    renderer: Optional[str] = RENDERER_OPTION,
 ) -> None:
-    """Discover a circuit and write circuit.json, circuit.graphml, circuit.svg and report.md."""
+    """Discover a circuit; write circuit.json, circuit.graphml, report.md, then circuit.svg."""
     from circuitfind.api import discover as run_discover
-    from circuitfind.graphs.render import render
+    from circuitfind.graphs.render import resolve_renderer
+    from circuitfind.outputs import check_output_dir, write_run
 
     from circuitfind.tasks import get_task
 
     if edges is not None and threshold is not None:
         raise ConfigError("pass either --edges or --threshold, not both.")
-    _check_out(out, overwrite)
+    check_output_dir(out, overwrite)  # bad output paths and renderers fail before any work
+    renderer = resolve_renderer(renderer)
     task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
@@ -108,25 +115,14 @@ def discover(
             typer.secho(f"interrupted; progress saved in {context.path}: rerun the same "
                         "command to resume", err=True)
         raise
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        circuit.to_json(tmp / "circuit.json", indent=1)
-        circuit.to_graphml(tmp / "circuit.graphml")
-        render(circuit, tmp / "circuit.svg")
-        (tmp / "report.md").write_text(report_markdown(circuit), encoding="utf-8")
-        out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:  # each file replaced atomically; all written before any moves
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files = write_run(circuit, out, overwrite=overwrite, renderer=renderer)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the run is complete
     faith = circuit.metadata["faithfulness"]
     typer.echo(f"{circuit.n_edges} edges; normalized faithfulness {faith['faithfulness']:.4f} "
                f"(m(C)={faith['metric_circuit']:.4f}, m(M)={faith['metric_full']:.4f}, "
                f"m(∅)={faith['metric_empty']:.4f} {faith['metric_unit']}); "
                f"KL {faith['kl_div']:.4f} nats")
-    typer.echo(f"wrote {', '.join(str(out / f) for f in RUN_FILES)}")
+    typer.echo(f"wrote {', '.join(str(path) for path in files.written)}")
 
 
 def parse_params(items: list[str]) -> dict[str, object]:
@@ -147,72 +143,6 @@ def parse_params(items: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             params[key.strip().replace("-", "_")] = value
     return params
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a directory.")
-    existing = [f for f in RUN_FILES if (out / f).exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"{str(out)!r} already holds a run ({', '.join(existing)}); pass "
-                                "--overwrite to replace it or choose another --out.")
-
-
-def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
-    """The run report (Markdown): provenance, faithfulness, and the top edges by |score|."""
-    md = circuit.metadata
-    f = md.get("faithfulness", {})
-    lines = [f"# circuitfind: {md.get('task')} on {md.get('model')}", "",
-             "| field | value |", "| --- | --- |"]
-    rows = [("model", md.get("model")), ("task", md.get("task")),
-            ("metric", f"{md.get('metric')} ({md.get('metric_unit')})"),
-            ("algorithm", md.get("algorithm")),
-            ("algorithm parameters", json.dumps(md.get("algorithm_params", {}))),
-            ("task description", md.get("task_description") or ""),
-            ("examples / seed", f"{md.get('n_examples')} / {md.get('seed')}"),
-            ("selection", json.dumps(md.get("selection", {}))),
-            ("edges (selected → after pruning)", f"{md.get('selected_edges')} → {circuit.n_edges}"
-                                                  f" of {f.get('n_total_edges')}"),
-            ("wall time", f"{md.get('wall_time_s')} s"),
-            ("versions", ", ".join(f"{k} {v}" for k, v in md.get("versions", {}).items()))]
-    acdc = md.get("acdc")
-    if acdc:
-        rows.append(("ACDC", f"τ={acdc.get('threshold')} ({acdc.get('objective')}, "
-                             f"{acdc.get('mode')} mode); {acdc.get('tested_edges')} edges and "
-                             f"{acdc.get('node_tests')} q/k/v nodes tested; objective "
-                             f"{_fmt(acdc.get('value_circuit'))} {acdc.get('objective_unit')}"))
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "## Faithfulness", "", "| quantity | value |", "| --- | --- |",
-              f"| normalized faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) | {_fmt(f.get('faithfulness'))} |",
-              f"| m(C), circuit | {_fmt(f.get('metric_circuit'))} {f.get('metric_unit', '')} |",
-              f"| m(M), full model | {_fmt(f.get('metric_full'))} {f.get('metric_unit', '')} |",
-              f"| m(∅), empty circuit | {_fmt(f.get('metric_empty'))} {f.get('metric_unit', '')} |",
-              f"| KL(full ‖ circuit) at metric positions | {_fmt(f.get('kl_div'))} nats |", ""]
-    ref = md.get("reference")
-    if ref:
-        lines += ["## Against the reference circuit", "",
-                  f"Reference: {ref.get('source')} ({ref.get('n_edges')} edges). ROC AUC of the "
-                  "algorithm's |scores| over all edges (Conmy et al. 2023; ties count one half):",
-                  "", "| level | ROC AUC |", "| --- | ---: |",
-                  f"| edges | {_fmt(ref.get('edge_auc'))} |",
-                  f"| nodes (max |score| of incident edges) | {_fmt(ref.get('node_auc'))} |", ""]
-    if circuit.scores is not None and circuit.n_edges:
-        scores = circuit.edge_scores()
-        top = sorted(scores.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:25]
-        lines += ["## Top edges by |score|", "",
-                  f"Score: estimated change of the metric ({md.get('metric_unit')}) when the edge "
-                  "is corrupted.", "", "| edge | score |", "| --- | ---: |"]
-        lines += [f"| `{name}` | {value:+.5f} |" for name, value in top]
-        lines.append("")
-    lines += ["Files: `circuit.json` (lossless, all edge scores), `circuit.graphml`, "
-              "`circuit.svg`.", ""]
-    return "\n".join(lines)
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return "undefined (m(M) = m(∅))" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
 
 
 @app.command()
@@ -301,11 +231,38 @@ def tune(
 def render(
     circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml."),
     out: Path = typer.Argument(..., help="Output file: .svg, .pdf, .png or .dot."),
+    renderer: Optional[str] = RENDERER_OPTION,
+    edge_colour: str = typer.Option(
+        "receiver", "--edge-colour", "--edge-color",
+        help="Colour edges by 'receiver' kind (q/k/v/MLP/logits) or by score 'sign' (helps or "
+             "hurts the metric)."),
+    collapse_qkv: bool = typer.Option(False, "--collapse-qkv",
+                                      help="One edge per sender and head instead of per q/k/v."),
+    min_score: Optional[float] = typer.Option(None, "--min-score",
+                                              help="Hide edges with |score| below X."),
+    top: Optional[int] = typer.Option(None, "--top", help="Draw only the top N edges by |score|."),
+    head_labels: str = typer.Option("name", "--head-labels",
+                                    help="'name' (a3.h7) or 'layer.head' (3.7)."),
+    landscape: bool = typer.Option(False, "--landscape", help="Layers left to right."),
+    no_title: bool = typer.Option(False, "--no-title", help="Leave out the title line."),
+    fixed_order: bool = typer.Option(
+        False, "--fixed-order",
+        help="Every head keeps its slot and every layer its row (figures of one model line up)."),
 ) -> None:
-    """Draw a saved circuit with Graphviz."""
+    """Draw a saved circuit (Graphviz when `dot` is installed, else matplotlib)."""
     from circuitfind.graphs.circuit import Circuit
+    from circuitfind.graphs.render import RenderOptions, format_of, resolve_renderer
+    from circuitfind.outputs import check_output_file
 
-    path = Circuit.load(circuit_path).render(out)
+    options = RenderOptions(edge_colour=edge_colour, collapse_qkv=collapse_qkv,
+                            min_abs_score=min_score, top_n=top, head_labels=head_labels,
+                            orientation="landscape" if landscape else "portrait",
+                            title=not no_title, fixed_order=fixed_order)
+    fmt = format_of(out, None)
+    check_output_file(out)
+    if fmt != "dot":
+        renderer = resolve_renderer(renderer)
+    path = Circuit.load(circuit_path).render(out, renderer=renderer, options=options)
     typer.echo(f"wrote {path}")
 
 
@@ -327,8 +284,18 @@ def algorithms() -> None:
         typer.echo(f"{name:<18} {cls.description}")
 
 
+class _StderrNotes(logging.Handler):
+    """Prints the ``circuitfind`` logger's notes as one line on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.secho(f"note: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
+
+
 def main() -> None:
     """Console entry point: run the app, turning circuitfind errors into one-line messages."""
+    logger = logging.getLogger("circuitfind")
+    if not any(isinstance(h, _StderrNotes) for h in logger.handlers):
+        logger.addHandler(_StderrNotes(logging.INFO))
     try:
         code = app(standalone_mode=False)
     except CircuitFindError as err:

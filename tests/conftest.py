@@ -2,12 +2,15 @@
 
 ``shared_path(*parts)`` is the one place tests find ``../shared`` (the models and tokenizers that
 sit beside the checkout). Without it the test is skipped with a clear reason, except under CI
-(``CI=true``), where a missing ``../shared`` is a failure.
+(``CI=true``), where a missing ``../shared`` is a failure. The same holds for the Graphviz ``dot``
+binary (``with_dot``); ``without_dot`` removes it from a test's PATH, as on a machine where
+only the pip packages are installed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,28 @@ def stories_tokenizer(stories_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(stories_dir))
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture
+def with_dot() -> str:
+    """The Graphviz ``dot`` binary; skip without it (fail under CI, which installs it)."""
+    found = shutil.which("dot")
+    if found is None:
+        message = "the Graphviz `dot` binary is not on the PATH (CI installs it)"
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture
+def without_dot(monkeypatch) -> None:
+    """Remove every directory holding a ``dot`` executable from this test's PATH."""
+    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not os.access(os.path.join(d, "dot"), os.X_OK)]
+    monkeypatch.setenv("PATH", os.pathsep.join(keep))
+    assert shutil.which("dot") is None

@@ -62,6 +62,8 @@ from circuitfind.graphs.graph import ComputeGraph
 if TYPE_CHECKING:  # pragma: no cover
     import networkx as nx
 
+    from circuitfind.graphs.render import RenderOptions
+
 __all__ = ["Circuit", "FORMAT_NAME", "FORMAT_VERSION", "select_top_n", "select_threshold",
            "prune_dangling"]
 
@@ -709,11 +711,13 @@ class Circuit:
         raise ConfigError(f"Cannot load a circuit from {str(path)!r}: the suffix must be one "
                           f"of {list(_DATA_SUFFIXES)}.")
 
-    def render(self, path: str | os.PathLike[str], format: str | None = None) -> Path:
-        """Draw the circuit with Graphviz; see :func:`circuitfind.graphs.render.render`."""
+    def render(self, path: str | os.PathLike[str], format: str | None = None,
+               renderer: str | None = None, options: RenderOptions | None = None) -> Path:
+        """Draw the circuit (Graphviz when ``dot`` is on the PATH, else matplotlib); see
+        :func:`circuitfind.graphs.render.render`."""
         from circuitfind.graphs.render import render
 
-        return render(self, path, format=format)
+        return render(self, path, format=format, renderer=renderer, options=options)
 
 
 def _graph_from_config(config: Any) -> ComputeGraph:

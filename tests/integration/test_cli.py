@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import pytest
 
 from circuitfind.cli import main
+from circuitfind.graphs.render import _FALLBACK_SAID, RENDERERS
+from circuitfind.outputs import DATA_FILES
 from circuitfind.testing import make_tiny_model_dir
 
 
@@ -59,7 +64,7 @@ def test_discover_writes_four_files_and_refuses_to_overwrite(run, tiny_dir, tmp_
     first = run(*args)
     assert first.returncode == 0, first.stderr
     assert "faithfulness" in first.stdout
-    for name in ("circuit.json", "circuit.graphml", "circuit.svg", "report.md"):
+    for name in ("circuit.json", "circuit.graphml", "circuit.svg", "report.md", "circuit.dot"):
         assert (out_dir / name).stat().st_size > 0
     meta = json.loads((out_dir / "circuit.json").read_text())["metadata"]
     assert meta["algorithm"] == "eap" and meta["task"] == "induction"
@@ -160,3 +165,120 @@ def test_acdc_discover_is_killed_resumed_and_refuses_a_foreign_checkpoint(run, t
     assert got["edges"] == expected["edges"] and got["scores"] == expected["scores"]
     bad = run(*base[:-1], "-1", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "threshold" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ outputs and drawing
+def _small_circuit_file(tmp_path):
+    import torch
+
+    from circuitfind.graphs import ComputeGraph, select_top_n
+
+    graph = ComputeGraph(2, 4)
+    scores = torch.randn(graph.n_senders, graph.n_receivers,
+                         generator=torch.Generator().manual_seed(0))
+    circuit = select_top_n(graph, scores, 25, metadata={"model": "tiny", "task": "ioi"})
+    return circuit.save(tmp_path / "c.json")
+
+
+def test_discover_without_dot_draws_with_matplotlib(run, tiny_dir, tmp_path, without_dot):
+    _FALLBACK_SAID.clear()
+    out_dir = tmp_path / "run"
+    result = run("discover", "--model", str(tiny_dir), "--task", "induction", "--edges", "20",
+                 "--examples", "8", "--out", str(out_dir))
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "matplotlib" in line]
+    assert len(notes) == 1 and "dot" in notes[0]
+    svg = (out_dir / "circuit.svg").read_text()
+    assert 'id="figure_1"' in svg and "input" in svg  # a matplotlib drawing with its text
+    assert (out_dir / "circuit.dot").read_text().startswith("digraph")
+
+
+def test_a_failed_drawing_keeps_the_run(run, tiny_dir, tmp_path, monkeypatch):
+    def broken(scene, fmt):
+        raise RuntimeError("no fonts\nat all")
+
+    originals = {name: RENDERERS.get(name) for name in RENDERERS.names()}
+    for name, renderer in originals.items():
+        monkeypatch.setitem(RENDERERS._items, name, dataclasses.replace(renderer, draw=broken))
+    out_dir = tmp_path / "run"
+    result = run("discover", "--model", str(tiny_dir), "--task", "induction", "--edges", "20",
+                 "--examples", "8", "--out", str(out_dir))
+    assert result.returncode == 0, result.stderr
+    assert "faithfulness" in result.stdout
+    for name in DATA_FILES:
+        assert (out_dir / name).stat().st_size > 0
+    assert not (out_dir / "circuit.svg").exists()
+    assert "Traceback" not in result.stderr
+    notes = [line for line in result.stderr.splitlines() if "circuitfind render" in line]
+    assert len(notes) == 1 and "RuntimeError: no fonts at all" in notes[0]
+    # the command the note gives draws it later
+    for name, renderer in originals.items():
+        monkeypatch.setitem(RENDERERS._items, name, renderer)
+    command = shlex.split(notes[0].split("Draw it later with: ")[1])
+    assert command[:2] == ["circuitfind", "render"]
+    later = run(*command[1:])
+    assert later.returncode == 0, later.stderr
+    assert (out_dir / "circuit.svg").read_bytes().startswith(b"<?xml")
+
+
+def test_render_command_paper_options(run, tmp_path, without_dot):
+    path = _small_circuit_file(tmp_path)
+    for suffix in (".pdf", ".png", ".svg", ".dot"):
+        result = run("render", str(path), str(tmp_path / f"c{suffix}"), "--collapse-qkv",
+                     "--top", "10", "--edge-colour", "sign", "--head-labels", "layer.head",
+                     "--landscape", "--no-title", "--fixed-order")
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
+    svg = (tmp_path / "c.svg").read_text()
+    assert "1.0" in svg and "edges" not in svg  # L.H labels, no title
+    assert "rankdir=LR" in (tmp_path / "c.dot").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--renderer", "graphviz"], "--renderer matplotlib"),
+    (["--renderer", "plotly"], "graphviz, matplotlib"),
+    (["--edge-colour", "rainbow"], "['receiver', 'sign']"),
+    (["--top", "-2"], "top_n"),
+])
+def test_render_command_bad_input(run, tmp_path, without_dot, args, message):
+    path = _small_circuit_file(tmp_path)
+    result = run("render", str(path), str(tmp_path / "c.svg"), *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "c.svg").exists()
+
+
+def test_render_command_bad_paths(run, tmp_path):
+    path = _small_circuit_file(tmp_path)
+    result = run("render", str(path), str(tmp_path / "c.jpeg"))
+    assert result.returncode == 2 and "'.pdf', '.png', '.svg'" in result.stderr
+    result = run("render", str(path), str(tmp_path / "missing" / "c.svg"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("file", "not a directory"),
+    ("unwritable", "not writable"),
+    ("graphviz", "--renderer matplotlib"),
+    ("plotly", "graphviz, matplotlib"),
+])
+def test_discover_rejects_outputs_before_any_work(run, tmp_path, monkeypatch, without_dot,
+                                                  case, message):
+    import circuitfind.api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(circuitfind.api, "load_model", no_work)
+    out_dir, extra = tmp_path / "runs" / "x", []
+    if case == "file":
+        (tmp_path / "runs").write_text("a file")
+    elif case == "unwritable":
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    else:
+        extra = ["--renderer", case]
+    result = run("discover", "--task", "induction", "--out", str(out_dir), *extra)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not out_dir.exists()

@@ -1,57 +1,102 @@
-"""Unit tests of circuitfind.graphs.render (Graphviz output)."""
+"""Unit tests of circuitfind.graphs.render: both renderers, every format, the options."""
 
 from __future__ import annotations
 
-import shutil
+import logging
+import re
 import sys
 import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
-from circuitfind.errors import CircuitFindError, ConfigError
+from circuitfind.errors import CircuitFindError, ConfigError, UnknownNameError
 from circuitfind.graphs import Circuit, ComputeGraph, render, select_top_n
-from circuitfind.graphs.render import EDGE_COLOURS, _deterministic_pdf, to_dot
-
-needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
-                               reason="the Graphviz `dot` binary is not installed")
+from circuitfind.graphs.render import (_FALLBACK_SAID, EDGE_COLOURS, SIGN_COLOURS,
+                                       RenderOptions, _deterministic_pdf, _row_orders,
+                                       resolve_renderer, scene, to_dot)
 
 MHA = ComputeGraph(2, 4)
 GQA = ComputeGraph(3, 4, 2)
+MAGIC = {"svg": b"<?xml", "pdf": b"%PDF", "png": b"\x89PNG"}
 
 
-def circuit(graph: ComputeGraph = MHA, classes: bool = True) -> Circuit:
+def circuit(graph: ComputeGraph = MHA, classes: bool = True, n: int = 30) -> Circuit:
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(graph.n_senders, graph.n_receivers, generator=gen)
     meta = {"model": "tiny", "task": "ioi", "algorithm": "eap"}
     if classes:
         meta["node_classes"] = {"a1.h0": "name mover", "a0.h1": "induction"}
-    return select_top_n(graph, scores, 30, metadata=meta)
+    return select_top_n(graph, scores, n, metadata=meta)
 
 
-@needs_dot
-def test_svg_is_deterministic_and_valid(tmp_path):
+@pytest.fixture(params=["graphviz", "matplotlib"])
+def renderer(request):
+    if request.param == "graphviz":
+        request.getfixturevalue("with_dot")
+    return request.param
+
+
+# ------------------------------------------------------------------ both renderers
+@pytest.mark.parametrize("fmt", ["svg", "pdf", "png"])
+def test_same_circuit_same_bytes(tmp_path, renderer, fmt):
+    c = circuit(GQA)
+    a = render(c, tmp_path / f"a.{fmt}", renderer=renderer).read_bytes()
+    b = render(c, tmp_path / f"b.{fmt}", renderer=renderer).read_bytes()
+    assert a == b and len(a) > 1000
+    assert a.startswith(MAGIC[fmt])
+    if fmt == "pdf":
+        assert b"CreationDate" not in a or b"D:19700101000000Z" in a
+
+
+def test_svg_names_are_searchable_text(tmp_path, renderer):
     c = circuit()
-    first = render(c, tmp_path / "a.svg").read_bytes()
-    second = c.render(tmp_path / "b.svg").read_bytes()
-    assert first == second
-    root = ET.fromstring(first)  # `<q>` in edge names is escaped properly
+    data = c.render(tmp_path / "c.svg", renderer=renderer).read_bytes()
+    root = ET.fromstring(data)  # `<q>` in edge names is escaped properly
     assert root.tag.endswith("svg")
-    text = first.decode()
-    assert "a1.h0" in text and any(f"&lt;{kind}&gt;" in text for kind in "qkv")
+    texts = {"".join(t.itertext()).strip() for t in root.iter() if t.tag.endswith("text")}
+    assert set(c.nodes) <= texts  # node names are <text>, not glyph paths
+    assert any(f"&lt;{kind}&gt;" in data.decode() for kind in "qkv")
     # the same circuit rebuilt from its file draws the same bytes
     c.save(tmp_path / "c.json")
-    assert Circuit.load(tmp_path / "c.json").render(tmp_path / "c.svg").read_bytes() == first
+    again = Circuit.load(tmp_path / "c.json").render(tmp_path / "d.svg", renderer=renderer)
+    assert again.read_bytes() == data
 
 
-@needs_dot
-@pytest.mark.parametrize("suffix", [".pdf", ".png"])
-def test_binary_formats_deterministic(tmp_path, suffix):
-    c = circuit(GQA)
-    a = render(c, tmp_path / f"a{suffix}").read_bytes()
-    b = render(c, tmp_path / f"b{suffix}").read_bytes()
-    assert a == b and len(a) > 100
-    assert a.startswith(b"%PDF" if suffix == ".pdf" else b"\x89PNG")
+def test_renderers_draw_the_same_scene(tmp_path, with_dot):
+    c = circuit(GQA, n=20)
+    drawn = scene(c)
+    svgs = [render(c, tmp_path / f"{r}.svg", renderer=r).read_text()
+            for r in ("graphviz", "matplotlib")]
+    for svg in svgs:
+        attributes = " ".join(v for el in ET.fromstring(svg).iter() for v in el.attrib.values())
+        for edge in drawn.edges:  # every scene edge is named (tooltip / SVG id) in both
+            assert edge.name in attributes
+        for colour in {e.colour for e in drawn.edges}:
+            assert colour.lower() in svg.lower()
+
+
+def test_matplotlib_only_needs_pip_packages(tmp_path, without_dot, caplog):
+    _FALLBACK_SAID.clear()
+    c = circuit()
+    with caplog.at_level(logging.WARNING, logger="circuitfind"):
+        first = render(c, tmp_path / "a.svg").read_bytes()  # automatic choice
+        render(c, tmp_path / "b.png")
+    assert first == render(c, tmp_path / "c.svg", renderer="matplotlib").read_bytes()
+    notes = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert len(notes) == 1 and "not found" in notes[0]  # said once
+    assert resolve_renderer(None) == "matplotlib"
+
+
+def test_graphviz_without_dot_names_the_fallback(tmp_path, without_dot):
+    with pytest.raises(CircuitFindError, match="--renderer matplotlib"):
+        render(circuit(), tmp_path / "c.svg", renderer="graphviz")
+    assert not (tmp_path / "c.svg").exists()
+    assert render(circuit(), tmp_path / "c.dot").exists()  # DOT needs no binary
+
+
+def test_auto_prefers_graphviz(with_dot):
+    assert resolve_renderer(None) == resolve_renderer("auto") == "graphviz"
 
 
 def test_pdf_dates_fixed_in_place():
@@ -61,6 +106,7 @@ def test_pdf_dates_fixed_in_place():
     assert b"/CreationDate (D:19700101000000Z)" in fixed
 
 
+# ------------------------------------------------------------------ the scene and DOT
 def test_dot_source(tmp_path):
     c = circuit(GQA)
     path = render(c, tmp_path / "c.dot")
@@ -78,9 +124,8 @@ def test_dot_source(tmp_path):
     assert "name mover" in source and "legend" in source
     # a GQA k/v edge is drawn to every query head of its group
     kv_edges = [e for e in c.edges if ".kv" in e]
-    if kv_edges:
-        name = kv_edges[0]
-        assert source.count(f'tooltip="{name} ') == GQA.group_size
+    assert kv_edges
+    assert source.count(f'tooltip="{kv_edges[0]} ') == GQA.group_size
 
 
 def test_widths_scale_with_scores_and_no_scores():
@@ -93,35 +138,139 @@ def test_widths_scale_with_scores_and_no_scores():
     assert "edges" in to_dot(Circuit.empty(MHA))  # an empty circuit still renders
 
 
+def test_rows_follow_layers():
+    drawn = scene(circuit(GQA, n=60))
+    rows = {n.name: n.row for n in drawn.nodes}
+    assert rows["input"] == 0 and rows["logits"] == drawn.n_rows - 1
+    for name, row in rows.items():
+        if name.startswith("m"):  # an MLP sits below its own layer's heads
+            heads = [r for n, r in rows.items() if n.startswith(f"a{name[1:]}.")]
+            assert all(r < row for r in heads)
+    for edge in drawn.edges:
+        assert rows[edge.sender] < rows[edge.target]
+
+
 def test_node_fills_by_kind_without_classes():
     source = to_dot(circuit(classes=False))
     assert "#56B4E9" in source  # attention fill
     assert "legend.class" not in source
 
 
-def test_bad_suffix_and_format(tmp_path):
+def test_collapse_qkv_sums_the_scores():
+    c = circuit(MHA, n=80)
+    sc = scene(c, RenderOptions(collapse_qkv=True))
+    scores = c.edge_scores()
+    collapsed = [e for e in sc.edges if e.key == "qkv"]
+    assert collapsed and not any(e.key in ("q", "k", "v") for e in sc.edges)
+    for edge in collapsed:
+        parts = [v for name, v in scores.items()
+                 if name.startswith(f"{edge.sender}->{edge.target}<")]
+        assert edge.score == pytest.approx(sum(parts), abs=1e-6)
+    assert len({(e.sender, e.target) for e in collapsed}) == len(collapsed)
+    assert ("q/k/v input", EDGE_COLOURS["qkv"]) in sc.edge_legend
+
+
+def test_filters_by_score():
+    c = circuit(MHA, n=60)
+    magnitudes = sorted((abs(v) for v in c.edge_scores().values()), reverse=True)
+    top = scene(c, RenderOptions(top_n=10))
+    assert len(top.edges) == 10 and top.title.endswith(f"60/{MHA.n_edges} edges (10 drawn)")
+    assert min(abs(e.score) for e in top.edges) == pytest.approx(magnitudes[9])
+    cut = magnitudes[20]
+    above = scene(c, RenderOptions(min_abs_score=cut))
+    assert len(above.edges) == 21 and all(abs(e.score) >= cut for e in above.edges)
+    # nodes of hidden edges are hidden too; the widest edge keeps the full width
+    assert {n.name for n in top.nodes} == {e.sender for e in top.edges} | {
+        e.target for e in top.edges}
+    assert max(e.width for e in top.edges) == 5.0
+    with pytest.raises(ConfigError, match="scores"):
+        scene(Circuit.from_edges(MHA, ["input->logits"]), RenderOptions(top_n=3))
+
+
+def test_colour_by_sign_follows_the_metric_direction():
+    names = ["input->logits", "m1->logits"]
+    scores = {"input->logits": -2.0, "m1->logits": 1.0}
+    up = Circuit.from_edges(MHA, names, scores=scores, metadata={"task": "ioi"})
+    colours = {e.name: e.colour for e in scene(up, RenderOptions(edge_colour="sign")).edges}
+    # score = metric(without edge) - metric(full): -2 means the edge raises the metric
+    assert colours == {"input->logits": SIGN_COLOURS["helps"], "m1->logits": SIGN_COLOURS["hurts"]}
+    down = up.with_metadata(higher_is_better=False)
+    colours = {e.name: e.colour for e in scene(down, RenderOptions(edge_colour="sign")).edges}
+    assert colours == {"input->logits": SIGN_COLOURS["hurts"], "m1->logits": SIGN_COLOURS["helps"]}
+    unknown = scene(up.with_metadata(task=None), RenderOptions(edge_colour="sign"))
+    assert [label for label, _ in unknown.edge_legend] == ["score < 0", "score > 0"]
+
+
+def test_labels_title_orientation():
+    c = circuit(MHA)
+    plain = to_dot(c)
+    paper = to_dot(c, RenderOptions(head_labels="layer.head", title=False,
+                                    orientation="landscape"))
+    assert "rankdir=TB" in plain and "rankdir=LR" in paper
+    assert "edges" in plain and "/190 edges" not in paper
+    assert re.search(r'"a1\.h0" \[label="?1\.0"?', paper)
+    assert re.search(r'"a1\.h0" \[label="?a1\.h0"?', plain)
+
+
+def test_fixed_order_gives_every_head_a_slot():
+    small, large = circuit(MHA, n=5), circuit(MHA, n=60)
+    for c in (small, large):
+        sc = scene(c, RenderOptions(fixed_order=True))
+        assert sc.n_rows == 2 + 2 * MHA.n_layers
+        pos = _row_orders(sc)
+        for node in sc.nodes:
+            if node.kind == "attention":  # the same place whatever the circuit
+                assert pos[node.name] == node.slot - (MHA.n_heads - 1) / 2
+        source = to_dot(c, RenderOptions(fixed_order=True))
+        placeholders = set(re.findall(r"slot\.\d+\.[\dx]+", source))
+        slots = MHA.n_layers * MHA.n_heads + MHA.n_layers + 2  # heads, MLPs, input, logits
+        assert len(placeholders) == slots - len(sc.nodes)
+        # heavy invisible edges join each head slot to the same slot one layer down
+        columns = re.findall(r'"?([\w.]+)"? -> "?([\w.]+)"? \[style=invis weight=100\]', source)
+        drawn = {n.name for n in sc.nodes}
+
+        def at(layer, head):
+            name = f"a{layer}.h{head}"
+            return name if name in drawn else f"slot.{1 + 2 * layer}.{head}"
+
+        for head in range(MHA.n_heads):
+            assert (at(0, head), at(1, head)) in columns
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(edge_colour="rainbow"), "edge_colour"),
+    (dict(orientation="sideways"), "orientation"),
+    (dict(head_labels="short"), "head_labels"),
+    (dict(top_n=-1), "top_n"),
+    (dict(min_abs_score=-0.5), "min_abs_score"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ConfigError, match=message):
+        RenderOptions(**options)
+
+
+def test_bad_suffix_format_renderer_and_directory(tmp_path):
     c = circuit()
-    with pytest.raises(ConfigError, match="suffix"):
+    with pytest.raises(ConfigError, match=r"suffix.*\.pdf.*\.png.*\.svg"):
         render(c, tmp_path / "c.jpeg")
     with pytest.raises(ConfigError, match="suffix"):
         c.render(tmp_path / "c")
-    with pytest.raises(ConfigError, match="format"):
+    with pytest.raises(ConfigError, match=r"\['dot', 'pdf', 'png', 'svg'\]"):
         render(c, tmp_path / "c.svg", format="bmp")
+    with pytest.raises(UnknownNameError, match="graphviz, matplotlib"):
+        render(c, tmp_path / "c.svg", renderer="plotly")
     with pytest.raises(ConfigError, match="Circuit"):
         render("not a circuit", tmp_path / "c.svg")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="does not exist"):
+        render(c, tmp_path / "missing" / "c.svg")
     out = render(c, tmp_path / "c.txt", format="dot")
     assert out.read_text().startswith("digraph")
 
 
-def test_missing_graphviz_package(tmp_path, monkeypatch):
+def test_missing_packages(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "graphviz", None)
     with pytest.raises(CircuitFindError, match="pip install graphviz"):
         render(circuit(), tmp_path / "c.dot")
-
-
-def test_missing_dot_binary(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(CircuitFindError, match="`dot` binary"):
-        render(circuit(), tmp_path / "c.svg")
-    assert not (tmp_path / "c.svg").exists()
-    assert render(circuit(), tmp_path / "c.dot").exists()  # DOT needs no binary
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(CircuitFindError, match="pip install matplotlib"):
+        render(circuit(), tmp_path / "c.svg", renderer="matplotlib")

@@ -1,0 +1,78 @@
+"""Unit tests of circuitfind.outputs: results are written before the drawing, which may fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+import torch
+
+import circuitfind as cf
+from circuitfind.errors import ConfigError, OutputExistsError
+from circuitfind.graphs import ComputeGraph, select_top_n
+from circuitfind.graphs.render import RENDERERS, RenderOptions
+from circuitfind.outputs import DATA_FILES, check_output_dir, check_output_file, write_run
+
+
+def circuit():
+    graph = ComputeGraph(2, 4)
+    scores = torch.randn(graph.n_senders, graph.n_receivers,
+                         generator=torch.Generator().manual_seed(1))
+    return select_top_n(graph, scores, 12, metadata={"model": "tiny", "task": "ioi"})
+
+
+def test_write_run_writes_results_then_drawing(tmp_path, without_dot):
+    out = tmp_path / "a" / "b"  # missing parents are created
+    files = cf.write_run(circuit(), out, options=RenderOptions(collapse_qkv=True))
+    assert files.drawing_error is None
+    assert [p.name for p in files.written] == [*DATA_FILES, "circuit.dot", "circuit.svg"]
+    assert cf.Circuit.load(out / "circuit.json") == circuit()
+    assert "<qkv>" in (out / "circuit.dot").read_text()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files.written)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        write_run(circuit(), out)
+    assert write_run(circuit(), out, overwrite=True).drawing_error is None
+
+
+def test_a_failed_drawing_costs_nothing(tmp_path, monkeypatch, caplog):
+    def broken(scene, fmt):
+        raise MemoryError("out of memory")
+
+    for name in RENDERERS.names():
+        renderer = dataclasses.replace(RENDERERS.get(name), draw=broken)
+        monkeypatch.setitem(RENDERERS._items, name, renderer)
+    (tmp_path / "circuit.svg").write_text("a stale drawing of an earlier run")
+    with caplog.at_level(logging.WARNING, logger="circuitfind"):
+        files = write_run(circuit(), tmp_path, overwrite=True)
+    assert files.drawing_error == "circuit.svg: MemoryError: out of memory"
+    assert not (tmp_path / "circuit.svg").exists()
+    assert (tmp_path / "circuit.dot").exists()  # the other drawing is still made
+    assert json.loads((tmp_path / "circuit.json").read_text())["metadata"]["task"] == "ioi"
+    lines = [r.getMessage() for r in caplog.records if "circuitfind render" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "report.md" in lines[0]
+
+
+def test_output_paths_are_checked(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(ConfigError, match="not a directory"):
+        check_output_dir(tmp_path / "file" / "run")
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_output_file(tmp_path / "missing" / "c.svg")
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_output_file(tmp_path)
+    assert check_output_file(tmp_path / "c.svg") == tmp_path / "c.svg"
+
+
+def test_a_failed_dot_still_draws_the_svg(tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "graphviz", None)  # no Graphviz Python package
+    with caplog.at_level(logging.WARNING, logger="circuitfind"):
+        files = write_run(circuit(), tmp_path, renderer="matplotlib")
+    assert files.drawing_error.startswith("circuit.dot: CircuitFindError")
+    assert (tmp_path / "circuit.svg").read_bytes().startswith(b"<?xml")
+    assert any(r.getMessage().startswith("circuit.dot not drawn") for r in caplog.records)
