@@ -22,6 +22,7 @@ from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.models import load_model
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.spec import Ablation
 from circuitfind.registry import normalize_name
 from circuitfind.tasks.base import Task, TaskData, get_task
 
@@ -48,7 +49,7 @@ def build_data(model: Any, task: str | Task, n: int = 64, seed: int = 0) -> Task
 def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
                 data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
                 algorithm_params: dict[str, Any] | None = None,
-                device: str | None = None) -> Tensor:
+                device: str | None = None, ablation: Ablation | str | None = None) -> Tensor:
     """Score every edge of the model's graph with an algorithm.
 
     Args:
@@ -58,22 +59,26 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
         data: Prebuilt task data (default: built from ``task`` with ``n_examples``, ``seed``).
         algorithm_params: Hyperparameters of the algorithm.
         device: Device for a model loaded here.
+        ablation: What a removed edge carries: ``"resample"`` (the task's corrupted run,
+            default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`.
 
     Returns:
         ``[S, R]`` float32 scores in the task's metric unit (estimated metric change when the
         edge is corrupted).
 
     Raises:
-        ConfigError: neither ``task`` nor ``data``; bad parameters.
+        ConfigError: neither ``task`` nor ``data``; bad parameters; an unknown ablation or one
+            the data cannot supply.
     """
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+    spec = Ablation.parse(ablation)
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = get_task(task) if data is None else data.task
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
-    return algo.score(PatchingEngine(model), data)
+    return algo.score(PatchingEngine(model, ablation=spec), data)
 
 
 def discover(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
@@ -81,7 +86,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
              data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
              absolute: bool = True, prune: bool = True,
              algorithm_params: dict[str, Any] | None = None,
-             device: str | None = None) -> Circuit:
+             device: str | None = None, ablation: Ablation | str | None = None) -> Circuit:
     """Discover a circuit: score edges, select, prune dangling edges, evaluate.
 
     Args:
@@ -97,10 +102,13 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         prune: Remove dangling edges after selection (never changes the circuit's output).
         algorithm_params: Hyperparameters of the algorithm.
         device: Device for a model loaded here.
+        ablation: What a removed edge carries, in scoring and in evaluation alike:
+            ``"resample"`` (default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an
+            :class:`Ablation`.
 
     Returns:
-        A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, seed,
-        selection, faithfulness report, wall time and versions; where a reference circuit
+        A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, ablation,
+        seed, selection, faithfulness report, wall time and versions; where a reference circuit
         exists for (task, model) (see :func:`find_reference`), also the edge and node ROC AUC
         of the scores against it and its node classes (used to colour the rendering).
 
@@ -116,13 +124,14 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     start = time.perf_counter()
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
-    algo = get_algorithm(algorithm, **(algorithm_params or {}))  # fail fast, before loading
+    spec = Ablation.parse(ablation)  # fail fast, before loading
+    algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = get_task(task) if data is None else data.task
     model_name = model if isinstance(model, str) else _model_name(model)
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
-    engine = PatchingEngine(model)
+    engine = PatchingEngine(model, ablation=spec)
     scores = algo.score(engine, data)
     g = engine.graph
     if n_edges is not None:
@@ -149,6 +158,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     return circuit.with_metadata(**extra,
         model=str(model_name), task=data.task.name, metric=data.task.metric_name,
         metric_unit=data.task.metric_unit, algorithm=algo.name, algorithm_params=algo.get_params(),
+        ablation=spec.to_dict(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
         faithfulness=report.to_dict(), wall_time_s=round(time.perf_counter() - start, 3),
         versions=versions())

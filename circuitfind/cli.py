@@ -60,17 +60,24 @@ def discover(
     signed: bool = typer.Option(False, "--signed", help="Rank by signed score, not |score|."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Keep dangling edges."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    ablation: str = typer.Option(
+        "resample", "--ablation",
+        help="What a removed edge carries: resample (the task's corrupted run), zero, mean or "
+             "mean-positional (means over the corrupted examples)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
 ) -> None:
     """Discover a circuit and write circuit.json, circuit.graphml, circuit.svg and report.md."""
     from circuitfind.api import discover as run_discover
     from circuitfind.graphs.render import render
+    from circuitfind.patching.spec import Ablation
 
     if edges is not None and threshold is not None:
         raise ConfigError("pass either --edges or --threshold, not both.")
+    spec = Ablation.parse(ablation)
     _check_out(out, overwrite)
     model_name = model or _default_model(task)
-    typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
+    typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm} "
+               f"ablation={spec.kind}", err=True)
     params: dict[str, object] = {}
     checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
     if "checkpoint" in inspect.signature(ALGORITHMS.get(algorithm).__init__).parameters:
@@ -81,7 +88,7 @@ def discover(
     circuit = run_discover(model_name, task, algorithm=algorithm, n_edges=edges,
                            threshold=threshold, n_examples=n_examples, seed=seed,
                            absolute=not signed, prune=not no_prune, device=device,
-                           algorithm_params=params)
+                           algorithm_params=params, ablation=spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -122,6 +129,7 @@ def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
             ("metric", f"{md.get('metric')} ({md.get('metric_unit')})"),
             ("algorithm", md.get("algorithm")),
             ("algorithm parameters", json.dumps(md.get("algorithm_params", {}))),
+            ("ablation (what removed edges carry)", _ablation_kind(md)),
             ("examples / seed", f"{md.get('n_examples')} / {md.get('seed')}"),
             ("selection", json.dumps(md.get("selection", {}))),
             ("edges (selected → after pruning)", f"{md.get('selected_edges')} → {circuit.n_edges}"
@@ -156,6 +164,12 @@ def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines)
 
 
+def _ablation_kind(metadata: dict) -> str:  # type: ignore[type-arg]
+    """The ablation a circuit was found with (``resample`` for circuits that predate the field)."""
+    value = metadata.get("ablation") or "resample"
+    return str(value.get("kind", "resample") if isinstance(value, dict) else value)
+
+
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return "undefined (m(M) = m(∅))" if math.isnan(value) else f"{value:.4f}"
@@ -172,14 +186,20 @@ def evaluate(
     n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
     seed: int = typer.Option(1, "--seed", help="Data seed (default 1: fresh prompts)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    ablation: Optional[str] = typer.Option(
+        None, "--ablation",
+        help="resample, zero, mean or mean-positional (default: the ablation the circuit was "
+             "found with)."),
 ) -> None:
     """Evaluate a saved circuit: normalized faithfulness and KL divergence on fresh data."""
     from circuitfind.api import build_data
     from circuitfind.evaluation.faithfulness import evaluate as run_evaluate
     from circuitfind.graphs.circuit import Circuit
     from circuitfind.models import load_model
+    from circuitfind.patching.spec import Ablation
 
     circuit = Circuit.load(circuit_path)
+    spec = Ablation.parse(ablation or _ablation_kind(circuit.metadata))
     task = task or circuit.metadata.get("task")
     model = model or circuit.metadata.get("model")
     if not task or not model:
@@ -187,8 +207,9 @@ def evaluate(
                           "--model.")
     loaded = load_model(model, device=device)
     data = build_data(loaded, task, n=n_examples, seed=seed)
-    report = run_evaluate(loaded, circuit, data)
-    typer.echo(f"{circuit.n_edges} edges on {task} ({n_examples} examples, seed {seed}): "
+    report = run_evaluate(loaded, circuit, data, ablation=spec)
+    typer.echo(f"{circuit.n_edges} edges on {task} ({n_examples} examples, seed {seed}, "
+               f"{spec.kind} ablation): "
                f"normalized faithfulness {report.faithfulness:.4f}; m(C)={report.metric_circuit:.4f}, "
                f"m(M)={report.metric_full:.4f}, m(∅)={report.metric_empty:.4f} "
                f"{report.metric_unit}; KL {report.kl_div:.4f} nats")

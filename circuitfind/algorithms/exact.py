@@ -5,7 +5,9 @@ approximates): the ground truth the attribution methods are judged against.
 
 Method. For each edge e, evaluate the circuit "every edge but e" through the engine's masked
 forward pass (receiver input = clean input minus the sender's clean-minus-corrupted output), and
-score(e) = metric(all edges but e) - metric(full model), in the task's unit.
+score(e) = metric(all edges but e) - metric(full model), in the task's unit. A removed edge
+carries the engine's ablation value (:attr:`PatchingEngine.ablation`: the corrupted run by
+default; zero or mean ablation on request).
 
 Cost. ``E`` masked forward passes of N examples, batched ``K`` masks per pass (K chosen from the
 engine's memory budget, or ``masks_per_pass``). Edges are grouped by their receiver's layer
@@ -119,10 +121,12 @@ class ExactPatching(Algorithm):
 
 
 def _fingerprint(engine: PatchingEngine, data: TaskData) -> str:
-    """A hash of the graph, the model's parameters' shapes and sums, and the task data."""
+    """A hash of the graph, the engine's ablation, the model's parameters' shapes and sums, and
+    the task data."""
     h = hashlib.sha256()
     h.update(b"edge order: receiver layer, then sender (v2)")
     h.update(repr(engine.graph.config()).encode())
+    h.update(repr(engine.ablation.to_dict()).encode())
     with torch.no_grad():
         for name, p in engine.model.named_parameters():
             h.update(name.encode())

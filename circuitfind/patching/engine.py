@@ -81,6 +81,9 @@ class PatchingEngine:
         use_runner: Run masked passes on the block runner where the architecture has one
             (default); ``False`` forces the bridge's full forward with hooks (the slow
             reference the runner is tested against).
+        ablation: What removed edges carry when a call does not say (``"resample"``, the
+            default, ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`).
+            Algorithms run on an engine use its ablation, so one spec reaches every algorithm.
 
     Raises:
         HookError: the model lacks a hook the engine needs.
@@ -88,8 +91,10 @@ class PatchingEngine:
     """
 
     def __init__(self, model: Any, graph: ComputeGraph | None = None,
-                 memory_budget: int = 2 * 2**30, use_runner: bool = True) -> None:
+                 memory_budget: int = 2 * 2**30, use_runner: bool = True,
+                 ablation: Ablation | str | None = None) -> None:
         self.model = model
+        self.ablation = Ablation.parse(ablation)
         self.graph = graph if graph is not None else ComputeGraph.from_model(model)
         self.table = HookTable(self.graph)
         self.table.check(model)
@@ -269,10 +274,12 @@ class PatchingEngine:
     def ablation_values(self, data: TaskData, ablation: Ablation | str | None = None) -> Tensor:
         """Value each sender's removed edges carry, ``[S, N|1, T|1, d]`` (see :class:`Ablation`).
 
+        ``ablation=None`` means the engine's own ablation (:attr:`ablation`).
+
         Raises:
             ConfigError: an ablation the data cannot supply (e.g. a mean over one example).
         """
-        spec = Ablation.parse(ablation)
+        spec = self.ablation if ablation is None else Ablation.parse(ablation)
         key = f"ablation:{spec.kind}"
         return self._memoised(key, data.corrupted,
                               lambda _: spec.values(self.corrupted_outputs(data), data))
@@ -409,8 +416,9 @@ class PatchingEngine:
             batch_size: Examples per forward pass (default: as many as ``memory_budget`` allows).
             start: First block to run (default: the first layer whose receivers a mask
                 touches; blocks before it are taken from the cached clean run). Runner only.
-            ablation: What removed edges carry: ``"resample"`` (the corrupted run, default),
-                ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`.
+            ablation: What removed edges carry: ``"resample"`` (the corrupted run),
+                ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`
+                (default: the engine's :attr:`ablation`).
             frozen: Optional ``[S, R]``/``[K, S, R]`` mask of kept edges frozen to their clean
                 values instead of recomputed (path patching). Runner only.
 
@@ -506,13 +514,18 @@ class PatchingEngine:
             yield ks, es, logits.gather(2, idx)
 
     # ------------------------------------------------------------------ attribution
-    def edge_attribution(self, data: TaskData, batch_size: int | None = None) -> Tensor:
+    def edge_attribution(self, data: TaskData, batch_size: int | None = None,
+                         ablation: Ablation | str | None = None) -> Tensor:
         """EAP scores of every edge, eq. (2): ``sum (a'_u - a_u) . d metric / d x_r``.
+
+        ``a'_u`` is the ablation value (the corrupted run for resample ablation, zero, or a
+        mean over the corrupted examples; see :class:`Ablation`).
 
         Args:
             data: Task data; the metric is ``data.metric`` averaged over the N examples.
             batch_size: Examples per pass (default: from ``memory_budget``); the result does not
                 depend on it beyond floating-point rounding.
+            ablation: What removed edges carry (default: the engine's :attr:`ablation`).
 
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: the
@@ -524,7 +537,8 @@ class PatchingEngine:
         """
         g = self.graph
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=self.device)
-        corrupted = self.corrupted_outputs(data)
+        corrupted = self.ablation_values(data, ablation).expand(
+            -1, data.n, data.seq_len, -1)  # [S, N, T, d]
         clean = self._tokens(data.clean)
         rows = self.rows_per_pass(data.seq_len) // 2  # activations are kept for backward
         n_chunk = max(1, min(data.n, batch_size or data.n, rows))

@@ -102,3 +102,25 @@ def test_evaluate_a_saved_circuit(run, tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((out_dir / "circuit.json").read_text())["metadata"]["faithfulness"]
     assert f"normalized faithfulness {saved['faithfulness']:.4f}" in result.stdout
+
+
+def test_ablation_is_recorded_and_reused(run, tiny_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    found = run("discover", "--model", str(tiny_dir), "--task", "induction", "--edges", "20",
+                "--examples", "8", "--ablation", "mean-positional", "--out", str(out_dir))
+    assert found.returncode == 0, found.stderr
+    meta = json.loads((out_dir / "circuit.json").read_text())["metadata"]
+    assert meta["ablation"] == {"kind": "mean_positional"}
+    assert "| ablation (what removed edges carry) | mean_positional |" in (
+        out_dir / "report.md").read_text()
+    again = run("evaluate", str(out_dir / "circuit.json"), "--examples", "8", "--seed", "0")
+    assert again.returncode == 0, again.stderr  # the recorded ablation by default
+    assert "mean_positional ablation" in again.stdout
+    assert f"normalized faithfulness {meta['faithfulness']['faithfulness']:.4f}" in again.stdout
+    zero = run("evaluate", str(out_dir / "circuit.json"), "--examples", "8", "--seed", "0",
+               "--ablation", "zero")
+    assert zero.returncode == 0 and "zero ablation" in zero.stdout
+    bad = run("discover", "--model", str(tiny_dir), "--task", "induction", "--ablation",
+              "gaussian", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "resample, zero, mean, mean_positional" in bad.stderr
+    assert "Traceback" not in bad.stderr
