@@ -13,12 +13,12 @@ from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
 from circuitfind.graphs import Circuit, ComputeGraph
 from circuitfind.models import load_model
-from circuitfind.patching import PatchingEngine
+from circuitfind.patching import Ablation, PatchingEngine, path_patch
 from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
 
 __version__ = "0.1.0"
 
-__all__ = ["ALGORITHMS", "TASKS", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
+__all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
            "PatchingEngine", "Task", "TaskData", "build_data", "discover", "edge_roc", "evaluate",
            "faithfulness_curve", "get_algorithm", "get_task", "load_model", "node_roc",
-           "reference_circuit", "score_edges"]
+           "path_patch", "reference_circuit", "score_edges"]

@@ -2,5 +2,7 @@
 
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.hooks import HookTable
+from circuitfind.patching.paths import path_patch
+from circuitfind.patching.spec import Ablation
 
-__all__ = ["HookTable", "PatchingEngine"]
+__all__ = ["Ablation", "HookTable", "PatchingEngine", "path_patch"]
