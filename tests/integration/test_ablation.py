@@ -24,18 +24,7 @@ from circuitfind.graphs.circuit import Circuit
 from circuitfind.patching import PatchingEngine
 from circuitfind.testing import ToyTask
 
-def _receiver_hook(rec):
-    if rec.kind in ("q", "k", "v"):
-        return f"blocks.{rec.layer}.hook_{rec.kind}_input"
-    return "ln_final.hook_in" if rec.kind == "logits" else f"blocks.{rec.layer}.hook_mlp_in"
-
-
-def _metric_with_hooks(model, data, hooks):
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(data.clean)
-    idx = data.positions[:, :, None].expand(-1, -1, logits.shape[-1])
-    return float(data.metric(logits.gather(1, idx)).double().mean())
-
+from bridge_reference import add_at_receiver, metric_with_hooks
 
 @pytest.mark.parametrize("kind", ["zero", "mean"])
 def test_exact_under_ablation_equals_manual_hooks(tiny_models, kind):
@@ -48,20 +37,11 @@ def test_exact_under_ablation_equals_manual_hooks(tiny_models, kind):
     corrupted = engine.sender_outputs(data.corrupted)
     ablated = (torch.zeros_like(corrupted) if kind == "zero"
                else corrupted.mean((1, 2), keepdim=True).expand_as(corrupted))
-    base = _metric_with_hooks(model, data, [])
+    base = metric_with_hooks(model, data, [])
     for e in (0, g.n_edges // 2, g.n_edges - 5, g.n_edges - 1):
         s, r = g.edge_pairs[e].tolist()
-        rec = g.receivers[r]
-        delta = ablated[s] - clean[s]
-
-        def fn(x, hook, rec=rec, delta=delta):
-            if rec.kind in ("q", "k", "v"):
-                x = x.clone()
-                x[:, :, rec.head] += delta
-                return x
-            return x + delta
-
-        want = _metric_with_hooks(model, data, [(_receiver_hook(rec), fn)]) - base
+        hook = add_at_receiver(g.receivers[r], ablated[s] - clean[s])
+        want = metric_with_hooks(model, data, [hook]) - base
         assert scores[s, r].item() == pytest.approx(want, abs=1e-8)
     resample = ExactPatching(progress=False).score(PatchingEngine(model), data)
     assert (resample - scores).abs().max() > 1e-3
@@ -86,7 +66,7 @@ def test_empty_circuit_is_the_ablation_definition(tiny_models):
     empty = Circuit.empty(cf.ComputeGraph.from_model(model))
     seen = {}
     for kind, value in definitions.items():
-        want = _metric_with_hooks(model, data, [("ln_final.hook_in", lambda x, hook, v=value: v)])
+        want = metric_with_hooks(model, data, [("ln_final.hook_in", lambda x, hook, v=value: v)])
         report = cf.evaluate(model, empty, data, ablation=kind)
         assert report.ablation == kind
         assert report.metric_empty == pytest.approx(want, abs=1e-9)

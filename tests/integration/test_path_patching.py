@@ -25,6 +25,8 @@ from circuitfind.errors import ConfigError, UnknownNameError
 from circuitfind.patching import PatchingEngine
 from circuitfind.testing import ToyTask
 
+from bridge_reference import metric_with_hooks, receiver_hook
+
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_single_edge_path_patch_equals_exact(tiny_models, name):
@@ -40,19 +42,6 @@ def test_single_edge_path_patch_equals_exact(tiny_models, name):
     torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
 
 
-def _hook_name(rec):
-    if rec.kind in ("q", "k", "v"):
-        return f"blocks.{rec.layer}.hook_{rec.kind}_input"
-    return "ln_final.hook_in" if rec.kind == "logits" else f"blocks.{rec.layer}.hook_mlp_in"
-
-
-def _metric(model, data, hooks):
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(data.clean)
-    idx = data.positions[:, :, None].expand(-1, -1, logits.shape[-1])
-    return float(data.metric(logits.gather(1, idx)).double().mean())
-
-
 def _slow_path_patch(model, engine, data, senders, receivers, ablated):
     """Two passes on the bridge: record receivers' clean inputs, then set them (Wang et al.)."""
     g = engine.graph
@@ -64,16 +53,16 @@ def _slow_path_patch(model, engine, data, senders, receivers, ablated):
         recorded[name] = x.detach().clone()
         return x
 
-    names = sorted({_hook_name(rec) for rec in recs})
-    _metric(model, data, [(n, lambda x, hook, n=n: record(x, hook, n)) for n in names])
+    names = sorted({receiver_hook(rec) for rec in recs})
+    metric_with_hooks(model, data, [(n, lambda x, hook, n=n: record(x, hook, n)) for n in names])
     by_hook: dict[str, list] = {n: [] for n in names}  # hook -> [(head or None, value)]
     for rec in recs:
         r = g.receiver_index(rec.name)
         delta = sum(clean_out[u] - ablated[u] for u in (g.node_index(s) for s in senders)
                     if u < int(g.n_upstream[r]))
-        clean_in = recorded[_hook_name(rec)]
+        clean_in = recorded[receiver_hook(rec)]
         head = rec.head if rec.kind in ("q", "k", "v") else None
-        by_hook[_hook_name(rec)].append(
+        by_hook[receiver_hook(rec)].append(
             (head, (clean_in if head is None else clean_in[:, :, head]) - delta))
 
     def set_inputs(x, hook, items):
@@ -86,7 +75,7 @@ def _slow_path_patch(model, engine, data, senders, receivers, ablated):
         return x
 
     hooks = [(n, lambda x, hook, n=n: set_inputs(x, hook, by_hook[n])) for n in names]
-    return _metric(model, data, hooks) - _metric(model, data, [])
+    return metric_with_hooks(model, data, hooks) - metric_with_hooks(model, data, [])
 
 
 CASES = {
