@@ -94,7 +94,9 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         task: Task name or instance (ignored when ``data`` is given).
         algorithm: Algorithm name or instance.
         n_edges: Keep the top ``n_edges`` edges (exclusive with ``threshold``; default 100).
-        threshold: Keep edges with score (|score| if ``absolute``) >= threshold.
+            Not for algorithms that select their circuit themselves (``path_patching``).
+        threshold: Keep edges with score (|score| if ``absolute``) >= threshold; for an
+            algorithm that selects its circuit itself, its own selection threshold.
         data: Prebuilt task data (default: built with the model's tokenizer).
         n_examples: Examples to build when ``data`` is None.
         seed: Data seed.
@@ -119,27 +121,33 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     """
     if n_edges is not None and threshold is not None:
         raise ConfigError("Pass either n_edges or threshold, not both.")
-    if n_edges is None and threshold is None:
-        n_edges = 100
     start = time.perf_counter()
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
     spec = Ablation.parse(ablation)  # fail fast, before loading
-    algo = get_algorithm(algorithm, **(algorithm_params or {}))
+    algo = _selecting_algorithm(algorithm, algorithm_params, n_edges, threshold)
+    selects = getattr(algo, "selects_edges", False)
+    if n_edges is None and threshold is None:
+        n_edges = 100
     task_obj = get_task(task) if data is None else data.task
     model_name = model if isinstance(model, str) else _model_name(model)
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     engine = PatchingEngine(model, ablation=spec)
-    scores = algo.score(engine, data)
     g = engine.graph
-    if n_edges is not None:
+    if selects:  # the algorithm selects its circuit itself (e.g. path_patching)
+        circuit = algo.find_circuit(engine, data)  # type: ignore[attr-defined]
+        circuit = circuit.with_metadata(selection={"method": algo.name})
+        scores = circuit.scores
+    elif n_edges is not None:
+        scores = algo.score(engine, data)
         if not isinstance(n_edges, int) or not 0 <= n_edges <= g.n_edges:
             raise ConfigError(f"n_edges must be an integer between 0 and {g.n_edges} (the "
                               f"graph's edge count); got {n_edges!r}.")
         circuit = select_top_n(g, scores, n_edges, absolute=absolute)
     else:
+        scores = algo.score(engine, data)
         circuit = select_threshold(g, scores, float(threshold), absolute=absolute)  # type: ignore[arg-type]
     selected = circuit.n_edges
     if prune:
@@ -162,6 +170,31 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
         faithfulness=report.to_dict(), wall_time_s=round(time.perf_counter() - start, 3),
         versions=versions())
+
+
+def _selecting_algorithm(algorithm: str | Algorithm, params: dict[str, Any] | None,
+                         n_edges: int | None, threshold: float | None) -> Algorithm:
+    """The algorithm instance; for one that selects its own circuit (``selects_edges``, e.g.
+    ``path_patching``), ``threshold`` becomes its ``threshold`` parameter and ``n_edges`` is
+    refused.
+
+    Raises:
+        ConfigError: ``n_edges`` for a selecting algorithm, or a ``threshold`` that conflicts
+            with the algorithm's own.
+    """
+    params = dict(params or {})
+    algo = get_algorithm(algorithm, **params)
+    if not getattr(algo, "selects_edges", False):
+        return algo
+    if n_edges is not None:
+        raise ConfigError(f"The {algo.name!r} algorithm selects its circuit itself; pass "
+                          "threshold (its selection threshold) instead of n_edges.")
+    if threshold is None or threshold == getattr(algo, "threshold", None):
+        return algo
+    if isinstance(algorithm, Algorithm) or "threshold" in params:
+        raise ConfigError(f"threshold={threshold} conflicts with the {algo.name!r} algorithm's "
+                          f"own threshold ({getattr(algo, 'threshold', None)}); pass one.")
+    return get_algorithm(algorithm, **{**params, "threshold": threshold})
 
 
 def find_reference(task: str, model_name: str, graph: ComputeGraph) -> Circuit | None:

@@ -53,7 +53,8 @@ def discover(
                                   help="Algorithm (see `circuitfind algorithms`)."),
     edges: Optional[int] = typer.Option(None, "--edges", "-n", help="Keep the top N edges."),
     threshold: Optional[float] = typer.Option(None, "--threshold",
-                                              help="Keep edges with |score| >= X."),
+                                              help="Keep edges with |score| >= X (path-patching: "
+                                                   "its selection threshold)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
     seed: int = typer.Option(0, "--seed", help="Data seed."),

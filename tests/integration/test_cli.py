@@ -124,3 +124,16 @@ def test_ablation_is_recorded_and_reused(run, tiny_dir, tmp_path):
               "gaussian", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "resample, zero, mean, mean_positional" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_path_patching_from_the_cli(run, tiny_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    found = run("discover", "--model", str(tiny_dir), "--task", "induction", "--algorithm",
+                "path-patching", "--threshold", "0.02", "--examples", "8", "--out", str(out_dir))
+    assert found.returncode == 0, found.stderr
+    meta = json.loads((out_dir / "circuit.json").read_text())["metadata"]
+    assert meta["algorithm"] == "path_patching" and meta["algorithm_params"]["threshold"] == 0.02
+    assert meta["path_patching"]["levels"][0]["receivers"] == ["logits"]
+    refused = run("discover", "--model", str(tiny_dir), "--task", "induction", "--algorithm",
+                  "path-patching", "--edges", "10", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "instead of n_edges" in refused.stderr

@@ -142,3 +142,67 @@ def test_bad_names_are_one_clear_error(tiny_models, senders, receivers, kwargs, 
     data = ToyTask().build(model.tokenizer, 2, seed=0)
     with pytest.raises(error, match=message):
         cf.path_patch(model, data, senders, receivers, **kwargs)
+
+
+@pytest.mark.parametrize("name, qkv", [("gpt2", "qkv"), ("llama_gqa", "q")])
+def test_path_patching_algorithm_follows_its_procedure(tiny_models, name, qkv):
+    model = tiny_models(name)
+    data = ToyTask(positions=2).build(model.tokenizer, 4, seed=9)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    algo = cf.get_algorithm("path-patching", threshold=0.03, qkv=qkv)
+    circuit = algo.find_circuit(engine, data)
+    info = circuit.metadata["path_patching"]
+    full, empty = engine.evaluate(data, torch.stack([g.full_mask(), torch.zeros_like(g.full_mask())]))
+    tau = 0.03 * abs(float(full - empty))
+    assert info["threshold_abs"] == pytest.approx(tau)
+    exact = ExactPatching(progress=False).score(engine, data)
+    expanded, frontier, want_kept = {"logits"}, ["logits"], set()
+    assert len(info["levels"]) >= 2
+    for level in info["levels"]:
+        # the receivers: inputs of the previous level's new nodes, as qkv selects
+        want_receivers = [g.receivers[r].name for r in
+                          cf.patching.paths.receiver_indices(g, frontier, qkv)]
+        assert level["receivers"] == want_receivers
+        n_up = max(int(g.n_upstream[g.receiver_index(r)]) for r in want_receivers)
+        senders = [g.senders[u].name for u in range(n_up)]
+        effects = cf.path_patch(engine, data, [[s] for s in senders], [want_receivers])
+        selected = {s: e for s, e in zip(senders, effects.tolist()) if abs(e) > tau}
+        assert level["senders"].keys() == selected.keys()
+        for s, e in selected.items():
+            assert level["senders"][s] == pytest.approx(e, abs=1e-9)
+        for s in selected:
+            u = g.node_index(s)
+            want_kept |= {(u, g.receiver_index(r)) for r in want_receivers
+                          if u < int(g.n_upstream[g.receiver_index(r)])}
+        frontier = [s for s in selected if s != "input" and s not in expanded]
+        expanded.update(frontier)
+    assert not frontier or len(info["levels"]) == algo.max_depth
+    assert {tuple(p) for p in circuit.kept.nonzero().tolist()} == want_kept
+    torch.testing.assert_close(circuit.scores[circuit.kept], exact[circuit.kept], atol=1e-6,
+                               rtol=0)
+    assert (algo.score(engine, data)[~circuit.kept] == 0).all()
+    shallow = cf.get_algorithm("path_patching", threshold=0.03, qkv=qkv, max_depth=1)
+    assert len(shallow.find_circuit(engine, data).metadata["path_patching"]["levels"]) == 1
+
+
+def test_discover_and_cli_run_path_patching(tiny_models, tmp_path, monkeypatch, capsys):
+    model = tiny_models("gpt2")
+    data = ToyTask(positions=2).build(model.tokenizer, 4, seed=9)
+    circuit = cf.discover(model, data=data, algorithm="path_patching", threshold=0.03,
+                          ablation="zero", prune=False)
+    assert circuit.metadata["algorithm_params"]["threshold"] == 0.03
+    assert circuit.metadata["selection"] == {"method": "path_patching"}
+    assert circuit.metadata["ablation"] == {"kind": "zero"}
+    direct = cf.get_algorithm("path_patching", threshold=0.03).find_circuit(
+        PatchingEngine(model, ablation="zero"), data)
+    assert torch.equal(circuit.kept, direct.kept) and circuit.n_edges > 0
+    with pytest.raises(ConfigError, match="instead of n_edges"):
+        cf.discover(model, data=data, algorithm="path_patching", n_edges=10)
+    with pytest.raises(ConfigError, match="conflicts"):
+        cf.discover(model, data=data, algorithm="path_patching", threshold=0.1,
+                    algorithm_params={"threshold": 0.2})
+    with pytest.raises(ConfigError, match="'threshold' parameter"):
+        cf.get_algorithm("path_patching", threshold=0)
+    with pytest.raises(ConfigError, match="distinct letters"):
+        cf.get_algorithm("path_patching", qkv="z")
