@@ -152,6 +152,18 @@ def report_markdown(circuit) -> str:  # type: ignore[no-untyped-def]
                   "", "| level | ROC AUC |", "| --- | ---: |",
                   f"| edges | {_fmt(ref.get('edge_auc'))} |",
                   f"| nodes (max |score| of incident edges) | {_fmt(ref.get('node_auc'))} |", ""]
+    search = md.get("path_patching")
+    if search:
+        lines += ["## Path-patching levels", "",
+                  f"Senders selected where |effect| > {_fmt(search.get('threshold_abs'))} "
+                  f"{md.get('metric_unit', '')} (effect: metric change when the sender is "
+                  "corrupted only along its direct paths into the level's receivers).", "",
+                  "| level | receivers | selected senders (effect) |", "| ---: | --- | --- |"]
+        for i, level in enumerate(search.get("levels", [])):
+            receivers = ", ".join(f"`{r}`" for r in level["receivers"])
+            senders = ", ".join(f"`{s}` ({v:+.4f})" for s, v in level["senders"].items())
+            lines.append(f"| {i} | {receivers} | {senders or 'none'} |")
+        lines.append("")
     if circuit.scores is not None and circuit.n_edges:
         scores = circuit.edge_scores()
         top = sorted(scores.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:25]

@@ -134,6 +134,7 @@ def test_path_patching_from_the_cli(run, tiny_dir, tmp_path):
     meta = json.loads((out_dir / "circuit.json").read_text())["metadata"]
     assert meta["algorithm"] == "path_patching" and meta["algorithm_params"]["threshold"] == 0.02
     assert meta["path_patching"]["levels"][0]["receivers"] == ["logits"]
+    assert "| 0 | `logits` |" in (out_dir / "report.md").read_text()
     refused = run("discover", "--model", str(tiny_dir), "--task", "induction", "--algorithm",
                   "path-patching", "--edges", "10", "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "instead of n_edges" in refused.stderr
