@@ -531,6 +531,10 @@ class PatchingEngine:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: the
             first-order estimate of ``metric(all edges but e) - metric(full model)``.
 
+        Raises:
+            ConfigError: an unknown ablation, or one the data cannot supply (a mean over one
+                example).
+
         References:
             Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
             Discovery", eq. 2; Nanda (2023), "Attribution Patching".
