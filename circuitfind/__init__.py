@@ -17,13 +17,14 @@ from circuitfind.graphs import Circuit, ComputeGraph
 from circuitfind.graphs.render import RenderOptions
 from circuitfind.models import load_model
 from circuitfind.outputs import write_run
-from circuitfind.patching import PatchingEngine
+from circuitfind.patching import Ablation, PatchingEngine, path_patch
 from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
 from circuitfind import zoo  # noqa: E402  (registers the organisms' reference circuits)
 
 __version__ = "0.1.0"
 
-__all__ = ["ALGORITHMS", "TASKS", "Algorithm", "Circuit", "CircuitFindError", "ComputeGraph",
-           "PatchingEngine", "RenderOptions", "Task", "TaskData", "build_data", "discover",
-           "edge_roc", "evaluate", "faithfulness_curve", "get_algorithm", "get_task",
-           "load_model", "node_roc", "reference_circuit", "score_edges", "tune", "write_run"]
+__all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFindError",
+           "ComputeGraph", "PatchingEngine", "RenderOptions", "Task", "TaskData", "build_data",
+           "discover", "edge_roc", "evaluate", "faithfulness_curve", "get_algorithm", "get_task",
+           "load_model", "node_roc", "path_patch", "reference_circuit", "score_edges", "tune",
+           "write_run"]

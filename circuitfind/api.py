@@ -26,6 +26,7 @@ from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.models import load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.spec import Ablation
 from circuitfind.tasks.base import Task, TaskData, get_task
 
 
@@ -71,7 +72,7 @@ def _full_logits(model: Any, data: TaskData) -> Tensor:
 def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
                 data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
                 algorithm_params: dict[str, Any] | None = None,
-                device: str | None = None) -> Tensor:
+                device: str | None = None, ablation: Ablation | str | None = None) -> Tensor:
     """Score every edge of the model's graph with an algorithm.
 
     Args:
@@ -82,22 +83,26 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
         n_examples: Examples to build (default: the task's ``default_n``).
         algorithm_params: Hyperparameters of the algorithm.
         device: Device for a model loaded here.
+        ablation: What a removed edge carries: ``"resample"`` (the task's corrupted run,
+            default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`.
 
     Returns:
         ``[S, R]`` float32 scores in the task's metric unit (estimated metric change when the
         edge is corrupted).
 
     Raises:
-        ConfigError: neither ``task`` nor ``data``; bad parameters.
+        ConfigError: neither ``task`` nor ``data``; bad parameters; an unknown ablation or one
+            the data cannot supply.
     """
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+    spec = Ablation.parse(ablation)
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = get_task(task) if data is None else data.task
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
-    return algo.score(PatchingEngine(model), data)
+    return algo.score(PatchingEngine(model, ablation=spec), data)
 
 
 def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: float | None,
@@ -119,7 +124,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
              data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
              absolute: bool = True, prune: bool = True,
              algorithm_params: dict[str, Any] | None = None,
-             device: str | None = None, context: RunContext | None = None) -> Circuit:
+             device: str | None = None, context: RunContext | None = None,
+             ablation: Ablation | str | None = None) -> Circuit:
     """Discover a circuit: score edges, select, prune dangling edges, evaluate.
 
     Args:
@@ -128,9 +134,10 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
             ``data`` is given).
         algorithm: Algorithm name or instance.
         n_edges: Keep the top ``n_edges`` edges (exclusive with ``threshold``; default 100).
-            Not for pruning algorithms.
-        threshold: Keep edges with score (|score| if ``absolute``) >= threshold; for a pruning
-            algorithm (ACDC) its threshold τ.
+            Not for algorithms that select their circuit themselves (``acdc``,
+            ``path_patching``).
+        threshold: Keep edges with score (|score| if ``absolute``) >= threshold; for an
+            algorithm that selects its circuit itself, its own threshold (ACDC's τ).
         data: Prebuilt task data (default: built with the model's tokenizer).
         n_examples: Examples to build when ``data`` is None (default: the task's
             ``default_n``: 64, or every row of a prompt file).
@@ -141,10 +148,13 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         device: Device for a model loaded here.
         context: Checkpoint/progress lifecycle for long algorithms (see
             :mod:`circuitfind.algorithms.lifecycle`).
+        ablation: What a removed edge carries, in scoring and in evaluation alike:
+            ``"resample"`` (default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an
+            :class:`Ablation`.
 
     Returns:
-        A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, seed,
-        selection, faithfulness report, wall time and versions; where a reference circuit
+        A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, ablation,
+        seed, selection, faithfulness report, wall time and versions; where a reference circuit
         exists for (task, model) (see :func:`find_reference`), also the edge and node ROC AUC
         of the scores against it and its node classes (used to colour the rendering).
 
@@ -158,16 +168,20 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     start = time.perf_counter()
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+    spec = Ablation.parse(ablation)  # fail fast, before loading
     params = dict(algorithm_params or {})
     pruning = (algorithm.returns_circuit if isinstance(algorithm, Algorithm)
                else ALGORITHMS.get(algorithm).returns_circuit)
     if pruning:
         if n_edges is not None:
             raise ConfigError(f"The {getattr(algorithm, 'name', algorithm)!r} algorithm selects "
-                              "its own circuit; pass threshold= (its τ), not n_edges.")
+                              "its own circuit; pass its threshold (ACDC's τ) instead of n_edges.")
         if threshold is not None:
             if isinstance(algorithm, Algorithm):
                 raise ConfigError("Pass the threshold to the algorithm instance, not discover.")
+            if params.get("threshold", threshold) != threshold:
+                raise ConfigError(f"threshold={threshold} conflicts with the algorithm parameter "
+                                  f"threshold={params['threshold']}; pass one.")
             params["threshold"] = threshold
     elif n_edges is None and threshold is None:
         n_edges = 100
@@ -177,10 +191,12 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
-    engine = PatchingEngine(model)
+    engine = PatchingEngine(model, ablation=spec)
     g = engine.graph
     if algo.returns_circuit:
         circuit = algo.discover(engine, data, context)
+        if "selection" not in circuit.metadata:
+            circuit = circuit.with_metadata(selection={"method": algo.name})
         scores = circuit.scores if circuit.scores is not None else g.full_mask()
         selected, prune = circuit.n_edges, False
     else:
@@ -205,6 +221,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         task_arguments=data.task.arguments(),
         task_description=data.task.description, metric=data.task.metric_name,
         metric_unit=data.task.metric_unit, algorithm=algo.name, algorithm_params=algo.get_params(),
+        ablation=spec.to_dict(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
         faithfulness=report.to_dict(), wall_time_s=round(time.perf_counter() - start, 3),
         versions=versions())

@@ -22,7 +22,7 @@ import typer
 from circuitfind.algorithms import ALGORITHMS
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import CircuitFindError, ConfigError
-from circuitfind.outputs import report_markdown  # noqa: F401  (the run report, re-exported)
+from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (report re-exported)
 from circuitfind.registry import normalize_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -61,7 +61,8 @@ def discover(
     edges: Optional[int] = typer.Option(None, "--edges", "-n", help="Keep the top N edges."),
     threshold: Optional[float] = typer.Option(
         None, "--threshold",
-        help="Keep edges with |score| >= X; for acdc, its threshold τ (e.g. 0.01 nats of KL)."),
+        help="Keep edges with |score| >= X; for acdc its threshold τ (e.g. 0.01 nats of KL), for "
+             "path-patching its selection threshold."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     n_examples: Optional[int] = typer.Option(
         None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
@@ -75,6 +76,10 @@ def discover(
     signed: bool = typer.Option(False, "--signed", help="Rank by signed score, not |score|."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Keep dangling edges."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    ablation: str = typer.Option(
+        "resample", "--ablation",
+        help="What a removed edge carries: resample (the task's corrupted run), zero, mean or "
+             "mean-positional (means over the corrupted examples)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     param: Optional[list[str]] = typer.Option(
         None, "--param", "-p",
@@ -88,15 +93,18 @@ def discover(
     from circuitfind.graphs.render import resolve_renderer
     from circuitfind.outputs import check_output_dir, write_run
 
+    from circuitfind.patching.spec import Ablation
     from circuitfind.tasks import get_task
 
     if edges is not None and threshold is not None:
         raise ConfigError("pass either --edges or --threshold, not both.")
+    spec = Ablation.parse(ablation)
     check_output_dir(out, overwrite)  # bad output paths and renderers fail before any work
     renderer = resolve_renderer(renderer)
     task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
-    typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm}", err=True)
+    typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm} "
+               f"ablation={spec.kind}", err=True)
     params = parse_params(param or [])
     context = None
     if ALGORITHMS.get(algorithm).supports_checkpoint:
@@ -109,7 +117,7 @@ def discover(
         circuit = run_discover(model_name, task_obj, algorithm=algorithm, n_edges=edges,
                                threshold=threshold, n_examples=n_examples, seed=seed,
                                absolute=not signed, prune=not no_prune, device=device,
-                               algorithm_params=params, context=context)
+                               algorithm_params=params, context=context, ablation=spec)
     except KeyboardInterrupt:
         if context is not None and context.path is not None and context.path.exists():
             typer.secho(f"interrupted; progress saved in {context.path}: rerun the same "
@@ -159,16 +167,22 @@ def evaluate(
     seed: int = typer.Option(1, "--seed", help="Data seed (default 1: fresh prompts; a prompt "
                                                "file's rows are used in file order)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    ablation: Optional[str] = typer.Option(
+        None, "--ablation",
+        help="resample, zero, mean or mean-positional (default: the ablation the circuit was "
+             "found with)."),
 ) -> None:
     """Evaluate a saved circuit: normalized faithfulness and KL divergence on fresh data."""
     from circuitfind.api import build_data
     from circuitfind.evaluation.faithfulness import evaluate as run_evaluate
     from circuitfind.graphs.circuit import Circuit
     from circuitfind.models import load_model
+    from circuitfind.patching.spec import Ablation
 
     from circuitfind.tasks import get_task
 
     circuit = Circuit.load(circuit_path)
+    spec = Ablation.parse(ablation or ablation_kind(circuit.metadata))
     md = circuit.metadata
     if task:
         task_obj = get_task(task)
@@ -182,8 +196,9 @@ def evaluate(
                           "--model.")
     loaded = load_model(model, device=device)
     data = build_data(loaded, task_obj, n=n_examples, seed=seed)
-    report = run_evaluate(loaded, circuit, data)
-    typer.echo(f"{circuit.n_edges} edges on {task_obj.name} ({data.n} examples, seed {seed}): "
+    report = run_evaluate(loaded, circuit, data, ablation=spec)
+    typer.echo(f"{circuit.n_edges} edges on {task_obj.name} ({data.n} examples, seed {seed}, "
+               f"{spec.kind} ablation): "
                f"normalized faithfulness {report.faithfulness:.4f}; m(C)={report.metric_circuit:.4f}, "
                f"m(M)={report.metric_full:.4f}, m(∅)={report.metric_empty:.4f} "
                f"{report.metric_unit}; KL {report.kl_div:.4f} nats")

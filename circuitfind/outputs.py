@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from circuitfind.errors import ConfigError, OutputExistsError
 from circuitfind.graphs.circuit import Circuit
@@ -177,6 +178,7 @@ def report_markdown(circuit: Circuit) -> str:
             ("metric", f"{md.get('metric')} ({md.get('metric_unit')})"),
             ("algorithm", md.get("algorithm")),
             ("algorithm parameters", json.dumps(md.get("algorithm_params", {}))),
+            ("ablation (what removed edges carry)", ablation_kind(md)),
             ("task description", md.get("task_description") or ""),
             ("examples / seed", f"{md.get('n_examples')} / {md.get('seed')}"),
             ("selection", json.dumps(md.get("selection", {}))),
@@ -205,6 +207,18 @@ def report_markdown(circuit: Circuit) -> str:
                   "", "| level | ROC AUC |", "| --- | ---: |",
                   f"| edges | {_fmt(ref.get('edge_auc'))} |",
                   f"| nodes (max |score| of incident edges) | {_fmt(ref.get('node_auc'))} |", ""]
+    search = md.get("path_patching")
+    if search:
+        lines += ["## Path-patching levels", "",
+                  f"Senders selected where |effect| > {_fmt(search.get('threshold_abs'))} "
+                  f"{md.get('metric_unit', '')} (effect: metric change when the sender is "
+                  "corrupted only along its direct paths into the level's receivers).", "",
+                  "| level | receivers | selected senders (effect) |", "| ---: | --- | --- |"]
+        for i, level in enumerate(search.get("levels", [])):
+            receivers = ", ".join(f"`{r}`" for r in level["receivers"])
+            senders = ", ".join(f"`{s}` ({v:+.4f})" for s, v in level["senders"].items())
+            lines.append(f"| {i} | {receivers} | {senders or 'none'} |")
+        lines.append("")
     if circuit.scores is not None and circuit.n_edges:
         scores = circuit.edge_scores()
         top = sorted(scores.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:25]
@@ -217,6 +231,12 @@ def report_markdown(circuit: Circuit) -> str:
               "`circuit.svg` and its Graphviz source `circuit.dot` (redraw with `circuitfind "
               "render circuit.json OUT.pdf`).", ""]
     return "\n".join(lines)
+
+
+def ablation_kind(metadata: dict[str, Any]) -> str:
+    """The ablation a circuit was found with (``resample`` for circuits that predate the field)."""
+    value = metadata.get("ablation") or "resample"
+    return str(value.get("kind", "resample") if isinstance(value, dict) else value)
 
 
 def _fmt(value: object) -> str:

@@ -2,7 +2,8 @@
 
 Built-ins: ``eap`` (edge attribution patching), ``eap_ig`` (EAP with integrated gradients),
 ``clean_corrupted`` (EAP with the clean and corrupted gradients averaged), ``exact`` (exact
-single-edge patching) and ``acdc`` (ACDC greedy pruning; returns a circuit).
+single-edge patching), ``acdc`` (ACDC greedy pruning) and ``path_patching`` (recursive path
+patching from the logits); the last two select their own circuit.
 """
 
 from circuitfind.algorithms import acdc as _acdc  # noqa: F401  (registers)
@@ -10,6 +11,7 @@ from circuitfind.algorithms import clean_corrupted as _clean_corrupted  # noqa: 
 from circuitfind.algorithms import eap as _eap  # noqa: F401  (registers)
 from circuitfind.algorithms import eap_ig as _eap_ig  # noqa: F401  (registers)
 from circuitfind.algorithms import exact as _exact  # noqa: F401  (registers)
+from circuitfind.algorithms import path_patching as _path_patching  # noqa: F401  (registers)
 from circuitfind.algorithms.acdc import ACDC
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm, get_algorithm
 from circuitfind.algorithms.clean_corrupted import CleanCorrupted
@@ -18,7 +20,7 @@ from circuitfind.algorithms.eap_ig import EAPIG
 from circuitfind.algorithms.exact import ExactPatching
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.algorithms.objective import Objective
+from circuitfind.algorithms.path_patching import PathPatching
 
 __all__ = ["ACDC", "ALGORITHMS", "EAP", "EAPIG", "Algorithm", "CleanCorrupted", "ExactPatching",
-           "Objective", "RunContext",
-           "get_algorithm"]
+           "Objective", "PathPatching", "RunContext", "get_algorithm"]

@@ -9,7 +9,8 @@ Method (Syed et al. 2023, eq. 2). For an edge from sender u to receiver r,
     score(u -> r) = sum over examples and positions of (a'_u - a_u) . d metric / d x_r
 
 with a_u, a'_u the sender's clean and corrupted outputs and x_r the receiver's input in the clean
-run. The metric is the task metric averaged over examples, so the score estimates
+run. ``a'_u`` is the engine's ablation value (:attr:`PatchingEngine.ablation`): the corrupted run
+(resample, default), zero, or a mean over the corrupted examples (overall or per position). The metric is the task metric averaged over examples, so the score estimates
 ``metric(circuit without the edge) - metric(full model)`` in the task's unit (negative scores
 mean the edge helps the metric).
 

@@ -5,7 +5,9 @@ approximates): the ground truth the attribution methods are judged against.
 
 Method. For each edge e, evaluate the circuit "every edge but e" through the engine's masked
 forward pass (receiver input = clean input minus the sender's clean-minus-corrupted output), and
-score(e) = metric(all edges but e) - metric(full model), in the task's unit.
+score(e) = metric(all edges but e) - metric(full model), in the task's unit. A removed edge
+carries the engine's ablation value (:attr:`PatchingEngine.ablation`: the corrupted run by
+default; zero or mean ablation on request).
 
 Cost. ``E`` masked forward passes of N examples, batched ``K`` masks per pass (K chosen from the
 engine's memory budget, or ``masks_per_pass``). Edges are grouped by their receiver's layer

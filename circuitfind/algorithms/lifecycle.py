@@ -126,7 +126,8 @@ class RunContext:
 
 def fingerprint(engine: Any, data: Any, settings: dict[str, Any] | None = None,
                 version: str = "") -> str:
-    """A hash of the graph, the model's parameters (shapes and sums), the task data and settings.
+    """A hash of the graph, the engine's ablation, the model's parameters (shapes and sums), the
+    task data and settings.
 
     Args:
         engine: The :class:`~circuitfind.patching.PatchingEngine` (its model and graph).
@@ -141,6 +142,8 @@ def fingerprint(engine: Any, data: Any, settings: dict[str, Any] | None = None,
     h.update(version.encode())
     h.update(repr(engine.graph.config()).encode())
     h.update(json.dumps(settings or {}, sort_keys=True, default=str).encode())
+    ablation = getattr(engine, "ablation", None)  # what removed edges carry changes every result
+    h.update(repr(None if ablation is None else ablation.to_dict()).encode())
     with torch.no_grad():
         for name, p in engine.model.named_parameters():
             h.update(name.encode())

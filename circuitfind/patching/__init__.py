@@ -2,5 +2,7 @@
 
 from circuitfind.patching.engine import GradientPoint, PatchingEngine
 from circuitfind.patching.hooks import HookTable
+from circuitfind.patching.paths import path_patch
+from circuitfind.patching.spec import Ablation
 
-__all__ = ["GradientPoint", "HookTable", "PatchingEngine"]
+__all__ = ["Ablation", "GradientPoint", "HookTable", "PatchingEngine", "path_patch"]

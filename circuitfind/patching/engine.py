@@ -102,6 +102,9 @@ class PatchingEngine:
         use_runner: Run masked passes on the block runner where the architecture has one
             (default); ``False`` forces the bridge's full forward with hooks (the slow
             reference the runner is tested against).
+        ablation: What removed edges carry when a call does not say (``"resample"``, the
+            default, ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`).
+            Algorithms run on an engine use its ablation, so one spec reaches every algorithm.
 
     Raises:
         HookError: the model lacks a hook the engine needs.
@@ -109,8 +112,10 @@ class PatchingEngine:
     """
 
     def __init__(self, model: Any, graph: ComputeGraph | None = None,
-                 memory_budget: int = 2 * 2**30, use_runner: bool = True) -> None:
+                 memory_budget: int = 2 * 2**30, use_runner: bool = True,
+                 ablation: Ablation | str | None = None) -> None:
         self.model = model
+        self.ablation = Ablation.parse(ablation)
         self.graph = graph if graph is not None else ComputeGraph.from_model(model)
         self.table = HookTable(self.graph)
         self.table.check(model)
@@ -290,10 +295,12 @@ class PatchingEngine:
     def ablation_values(self, data: TaskData, ablation: Ablation | str | None = None) -> Tensor:
         """Value each sender's removed edges carry, ``[S, N|1, T|1, d]`` (see :class:`Ablation`).
 
+        ``ablation=None`` means the engine's own ablation (:attr:`ablation`).
+
         Raises:
             ConfigError: an ablation the data cannot supply (e.g. a mean over one example).
         """
-        spec = Ablation.parse(ablation)
+        spec = self.ablation if ablation is None else Ablation.parse(ablation)
         key = f"ablation:{spec.kind}"
         return self._memoised(key, data.corrupted,
                               lambda _: spec.values(self.corrupted_outputs(data), data))
@@ -430,8 +437,9 @@ class PatchingEngine:
             batch_size: Examples per forward pass (default: as many as ``memory_budget`` allows).
             start: First block to run (default: the first layer whose receivers a mask
                 touches; blocks before it are taken from the cached clean run). Runner only.
-            ablation: What removed edges carry: ``"resample"`` (the corrupted run, default),
-                ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`.
+            ablation: What removed edges carry: ``"resample"`` (the corrupted run),
+                ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`
+                (default: the engine's :attr:`ablation`).
             frozen: Optional ``[S, R]``/``[K, S, R]`` mask of kept edges frozen to their clean
                 values instead of recomputed (path patching). Runner only.
 
@@ -528,7 +536,8 @@ class PatchingEngine:
 
     # ------------------------------------------------------------------ attribution
     def edge_attribution(self, data: TaskData, batch_size: int | None = None,
-                         points: Sequence[GradientPoint] | None = None) -> Tensor:
+                         points: Sequence[GradientPoint] | None = None,
+                         ablation: Ablation | str | None = None) -> Tensor:
         """Gradient-based edge scores: ``sum (a'_u - a_u) . mean_p d metric / d x_r (run p)``.
 
         With ``points=None`` this is EAP, eq. (2): the gradient of the clean run. Otherwise the
@@ -543,10 +552,15 @@ class PatchingEngine:
         more than one layer: they are contracted with the sender differences inside the
         backward pass. The result does not depend on the split beyond floating-point rounding.
 
+        ``a'_u`` is the ablation value (the corrupted run for resample ablation, zero, or a
+        mean over the corrupted examples; see :class:`Ablation`).
+
         Args:
             data: Task data; the metric is ``data.metric`` averaged over the N examples.
             batch_size: Examples per pass (default: from ``memory_budget``).
             points: Runs to average gradients over (default: the clean run only, i.e. EAP).
+            ablation: What removed edges carry (default: the engine's :attr:`ablation`);
+                EAP-IG and clean-corrupted (``points``) support the resample ablation only.
 
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
@@ -555,6 +569,10 @@ class PatchingEngine:
         Raises:
             ConfigError: an empty ``points``, a point naming no node group of the graph, or a
                 ``memory_budget`` too small for one example (the message gives the minimum).
+
+        Raises:
+            ConfigError: an unknown ablation, or one the data cannot supply (a mean over one
+                example).
 
         References:
             Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
@@ -571,6 +589,12 @@ class PatchingEngine:
         n_points = 1 if points is None else len(points)
         n_chunk, p_chunk, cache = self.attribution_plan(data.n, data.seq_len, n_points, batch_size)
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=self.device)
+        spec = self.ablation if ablation is None else Ablation.parse(ablation)
+        if points is not None and spec.kind != "resample":
+            raise ConfigError(f"Gradient points (EAP-IG, clean-corrupted) interpolate towards the "
+                              f"corrupted run; the {spec.kind!r} ablation is not supported for "
+                              "them. Use the resample ablation, or EAP / exact with "
+                              f"{spec.kind!r}.")
         clean = self._tokens(data.clean)
         on_device = self.on_device(data)
         with frozen_parameters(self.model), torch.enable_grad():
@@ -578,8 +602,14 @@ class PatchingEngine:
                 es = slice(e0, min(data.n, e0 + n_chunk))
                 n = es.stop - es.start
                 sub = on_device if n == data.n else on_device.subset(es)
-                corrupted = (self.corrupted_outputs(data)[:, es] if cache
-                             else self.sender_outputs(data.corrupted[es]))
+                if spec.kind != "resample":  # [S, 1|n, 1|T, d] values: no memory to speak of
+                    values = self.ablation_values(data, spec)
+                    corrupted = (values[:, es] if values.shape[1] > 1 else values).expand(
+                        -1, n, data.seq_len, -1)
+                elif cache:
+                    corrupted = self.corrupted_outputs(data)[:, es]
+                else:
+                    corrupted = self.sender_outputs(data.corrupted[es])
                 if points is None:  # EAP: the clean run's sender hooks complete a - a'
                     buf = (-corrupted).unsqueeze(0).clone()  # [1, S, n, T, d]
                     del corrupted

@@ -109,3 +109,36 @@ def test_main_job_command_offline(stories_dir, tmp_path, monkeypatch, request, d
     faith = json.loads((out / "circuit.json").read_text())["metadata"]["faithfulness"]
     assert faith["faithfulness"] > 0.75
     assert torch.equal(saved.kept, Circuit.from_graphml(out / "circuit.graphml").kept)
+
+
+def test_path_patching_on_a_real_model(setup, scores):
+    """Single-edge path patching equals exact on sampled edges; the recursive search finds a
+    circuit that recovers most of the behaviour (measured: 0.81 with 95 edges at threshold 0.02
+    on these 16 examples; asserted with a margin)."""
+    _, data, engine = setup
+    g = engine.graph
+    sample = torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(1))[:60]
+    pairs = g.edge_pairs[sample]
+    got = cf.path_patch(engine, data, [[g.senders[s].name] for s in pairs[:, 0].tolist()],
+                        [[g.receivers[r].name] for r in pairs[:, 1].tolist()])
+    torch.testing.assert_close(got.float(), scores["exact"][pairs[:, 0], pairs[:, 1]],
+                               atol=1e-4, rtol=0)
+    circuit = prune_dangling(
+        cf.get_algorithm("path_patching", threshold=0.02).discover(engine, data))
+    assert 30 < circuit.n_edges < 300
+    assert cf.evaluate(engine, circuit, data).faithfulness > 0.7
+
+
+def test_ablation_kinds_on_a_real_model(setup):
+    """Zero and mean ablation remove the behaviour differently from resample: the empty circuit
+    reads 0 (no bias in this Llama: zero logits) and about 0 (every example sees the same
+    averaged input, and the two genders cancel), not the flipped metric."""
+    _, data, engine = setup
+    g = engine.graph
+    empty = Circuit.empty(g)
+    resample = cf.evaluate(engine, empty, data)
+    zero = cf.evaluate(engine, empty, data, ablation="zero")
+    mean = cf.evaluate(engine, empty, data, ablation="mean")
+    assert resample.metric_empty < -3 and zero.metric_empty == pytest.approx(0, abs=1e-6)
+    assert abs(mean.metric_empty) < 0.5
+    assert zero.metric_full == pytest.approx(resample.metric_full)

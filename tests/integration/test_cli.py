@@ -282,3 +282,39 @@ def test_discover_rejects_outputs_before_any_work(run, tmp_path, monkeypatch, wi
     result = run("discover", "--task", "induction", "--out", str(out_dir), *extra)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not out_dir.exists()
+
+
+def test_ablation_is_recorded_and_reused(run, tiny_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    found = run("discover", "--model", str(tiny_dir), "--task", "induction", "--edges", "20",
+                "--examples", "8", "--ablation", "mean-positional", "--out", str(out_dir))
+    assert found.returncode == 0, found.stderr
+    meta = json.loads((out_dir / "circuit.json").read_text())["metadata"]
+    assert meta["ablation"] == {"kind": "mean_positional"}
+    assert "| ablation (what removed edges carry) | mean_positional |" in (
+        out_dir / "report.md").read_text()
+    again = run("evaluate", str(out_dir / "circuit.json"), "--examples", "8", "--seed", "0")
+    assert again.returncode == 0, again.stderr  # the recorded ablation by default
+    assert "mean_positional ablation" in again.stdout
+    assert f"normalized faithfulness {meta['faithfulness']['faithfulness']:.4f}" in again.stdout
+    zero = run("evaluate", str(out_dir / "circuit.json"), "--examples", "8", "--seed", "0",
+               "--ablation", "zero")
+    assert zero.returncode == 0 and "zero ablation" in zero.stdout
+    bad = run("discover", "--model", str(tiny_dir), "--task", "induction", "--ablation",
+              "gaussian", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "resample, zero, mean, mean_positional" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_path_patching_from_the_cli(run, tiny_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    found = run("discover", "--model", str(tiny_dir), "--task", "induction", "--algorithm",
+                "path-patching", "--threshold", "0.02", "--examples", "8", "--out", str(out_dir))
+    assert found.returncode == 0, found.stderr
+    meta = json.loads((out_dir / "circuit.json").read_text())["metadata"]
+    assert meta["algorithm"] == "path_patching" and meta["algorithm_params"]["threshold"] == 0.02
+    assert meta["path_patching"]["levels"][0]["receivers"] == ["logits"]
+    assert "| 0 | `logits` |" in (out_dir / "report.md").read_text()
+    refused = run("discover", "--model", str(tiny_dir), "--task", "induction", "--algorithm",
+                  "path-patching", "--edges", "10", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "instead of n_edges" in refused.stderr

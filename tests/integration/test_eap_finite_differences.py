@@ -8,6 +8,9 @@ GPT-2 layout in float64: every op runs in float64, so the check is to 1e-4 relat
 Llama RMSNorm and eager softmax compute in float32 whatever the model dtype, which limits finite
 differences there; for Llama (MHA and GQA) we use a larger step and compare to 1e-3 of the largest
 score.
+
+The same holds under zero, mean and mean_positional ablation (``a'_u`` the ablation value), which
+checks that the gradient path and the masked pass agree on what a removed edge carries.
 """
 
 from __future__ import annotations
@@ -57,3 +60,19 @@ def test_eap_matches_finite_differences_llama(tiny_models, name):
     deriv = _fd(engine, data, edges, h=3e-3)
     err = (scores + deriv).abs().max() / scores.abs().max()
     assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean", "mean_positional"])
+def test_eap_under_each_ablation_matches_finite_differences(tiny_models, kind):
+    model = tiny_models("gpt2")
+    data = ToyTask(positions=2).build(model.tokenizer, 4, seed=11)
+    engine = PatchingEngine(model, ablation=kind)
+    g = engine.graph
+    eap = g.to_edges(engine.edge_attribution(data)).double()
+    deriv = _fd(engine, data, list(range(g.n_edges)), h=1e-5)
+    big = deriv.abs() > 1e-6
+    assert big.sum() > g.n_edges // 2
+    assert ((eap + deriv).abs() / deriv.abs())[big].max() < 1e-4
+    # the ablation matters: resample-ablation scores are different
+    resample = g.to_edges(engine.edge_attribution(data, ablation="resample")).double()
+    assert (resample - eap).abs().max() > 1e-3 * eap.abs().max()
