@@ -501,7 +501,18 @@ class BlockRunner:
             jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
             rr = torch.tensor(rs)[jj]
             kd, rd = kk.to(dev), rr.to(dev)
-            out = w_shared[kd, :, rd] @ shared if w_shared is not None else None  # [P, X]
+            out = None
+            if w_shared is not None:
+                weights = w_shared[kd, :, rd]  # [P, A]
+                if k_masks > 1:
+                    # Receivers whose weights are the same in every mask (e.g. the base circuit
+                    # shared by ACDC's candidates) need one row, not K: matmul the distinct
+                    # rows only and gather.
+                    rows, index = torch.unique(weights, dim=0, return_inverse=True)
+                    if rows.shape[0] < weights.shape[0]:
+                        out = (rows @ shared)[index]
+                if out is None:
+                    out = weights @ shared  # [P, X]
             n_up = int(g.n_upstream[rs].max())
             j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
             if j:
