@@ -60,7 +60,8 @@ def main() -> None:
             row[name] = {"faithfulness": rep.faithfulness, "kl_div": rep.kl_div,
                          "edges_after_pruning": circuit.n_edges}
         rows.append(row)
-    curves = {name: faithfulness_curve(engine, scores[name], data).to_dict() for name in scores}
+    curves = {name: faithfulness_curve(engine, scores[name], data, convention="single",
+                                     absolute=True).to_dict() for name in scores}
     result = {"model": args.model, "task": args.task, "examples": args.examples,
               "seed": args.seed, "n_total_edges": g.n_edges, "graph": g.config(),
               "seconds": timings, "agreement": agreement, "sizes": rows,
