@@ -129,8 +129,12 @@ class FaithfulnessCurve:
 
     - ``"mib"`` (Mueller et al. 2025, the MIB circuit track): at each fraction p the circuit is
       the top ``int(p · E)`` edges (floor; 0 edges is the empty circuit), dangling edges pruned.
-      Two curves: ``faithfulness`` ranks edges by **signed** score (CPR is its area),
-      ``faithfulness_cmd`` by **|score|** (CMD is the area of ``|1 - f|`` over it).
+      Two curves: ``faithfulness`` ranks edges by **signed** score in MIB's sign convention
+      (CPR is its area), ``faithfulness_cmd`` by **|score|** (CMD is the area of ``|1 - f|``
+      over it). MIB's scores attribute a loss (the negated logit difference), so a positive
+      score means the edge supports the behaviour: the signed ranking puts first the edges
+      whose corruption most lowers the metric, i.e. ranks by ``-score`` for metrics where
+      higher is better (``task.higher_is_better``) and by ``score`` otherwise (KL).
     - ``"single"`` (circuitfind's earlier curve): one ranking (``absolute``), the top
       ``max(1, round(p · E))`` edges, not pruned; CPR and CMD both come from ``faithfulness``
       (``faithfulness_cmd`` is the same list).
@@ -175,7 +179,8 @@ class FaithfulnessCurve:
         """One line naming the convention, for tables, reports and figure captions."""
         if self.convention == "mib":
             return ("MIB convention: top int(p·E) edges, dangling edges pruned; CPR over the "
-                    "signed-score ranking, CMD over the |score| ranking")
+                    "signed ranking (edges whose corruption lowers the metric most first), CMD "
+                    "over the |score| ranking")
         rank = "|score|" if self.absolute else "signed score"
         return (f"single ranking by {rank}: top max(1, round(p·E)) edges, not pruned; CPR and "
                 "CMD from the same curve")
@@ -201,7 +206,8 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
         fractions: Circuit sizes as fractions of all edges, each in (0, 1] (default: MIB's
             0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100%).
         convention: ``"mib"`` (default): MIB's circuit track exactly — top ``int(p · E)`` edges,
-            dangling edges pruned, CPR over the signed ranking and CMD over the |score| ranking;
+            dangling edges pruned, CPR over the signed ranking (MIB's sign: edges whose
+            corruption lowers the metric most first) and CMD over the |score| ranking;
             ``"single"``: one ranking (``absolute``), top ``max(1, round(p · E))`` edges, no
             pruning, both areas from that curve. See :class:`FaithfulnessCurve`.
         absolute: ``"single"`` only: rank by |score| (True, default) or signed score (False).
@@ -236,15 +242,19 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
                               "ranks by signed score for CPR and by |score| for CMD. Drop "
                               "absolute=, or pass convention='single'.")
         sizes = [int(f * g.n_edges) for f in fr]
-        rankings, prune = (False, True), True
+        # MIB's scores attribute a loss (-logit difference), so positive = the edge supports the
+        # behaviour; circuitfind's estimate metric(without edge) - metric(full) has the opposite
+        # sign for metrics where higher is better
+        importance = -scores if getattr(data.task, "higher_is_better", True) else scores
+        rankings, prune = ((importance, False), (scores, True)), True
     else:
         absolute = True if absolute is None else bool(absolute)
         sizes = [max(1, round(f * g.n_edges)) for f in fr]
-        rankings, prune = (absolute,), False
+        rankings, prune = ((scores, absolute),), False
     kept = []
-    for ranking in rankings:
+    for ranked, by_abs in rankings:
         for k in sizes:
-            circuit = select_top_n(g, scores, k, absolute=ranking)
+            circuit = select_top_n(g, ranked, k, absolute=by_abs)
             kept.append((prune_dangling(circuit) if prune else circuit).kept)
     masks = [m.to(engine.dtype) for m in kept] + [g.full_mask(engine.dtype),
                                                   torch.zeros_like(kept[0], dtype=engine.dtype)]

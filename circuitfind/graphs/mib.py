@@ -36,6 +36,12 @@ Mapping circuitfind's graph to MIB's (documented in ``docs/decisions.md`` too):
 - **Nodes' ``in_graph``** follows EAP-IG's pruning rule: a node is in the graph when it has a
   kept outgoing edge and (it is ``input`` or it has a kept incoming edge); ``logits`` always is.
   Import derives nothing from it (the edges define the circuit).
+- **Score sign.** MIB's scores attribute a loss (the negated logit difference), so a positive
+  score marks an edge the behaviour relies on, and MIB's CPR ranks edges by signed score.
+  circuitfind's score is ``metric(without edge) - metric(full)``, negative for such an edge when
+  higher is better. Export therefore writes ``-score`` for metrics where higher is better
+  (every task metric but KL divergence; ``higher_is_better=``) and ``score`` otherwise, and
+  import undoes it (NaN stays NaN). Files from other tools are read as MIB-signed.
 - **Lossless round trip.** Scores are float32 written as the shortest decimal that reads back to
   the same float32; a top-level ``circuitfind`` object (ignored by ``Graph.from_json``, which
   reads only ``cfg``, ``nodes`` and ``edges``) holds the exact graph config (``n_kv_heads``,
@@ -226,8 +232,23 @@ def resolve_d_model(circuit: Circuit, d_model: int | None = None) -> int:
     raise ConfigError(f"The config of {model!r} has no n_embd/hidden_size/d_model; {hint}")
 
 
+def _mib_sign(circuit: Circuit, higher_is_better: bool | None) -> float:
+    """-1 where MIB's sign is the opposite of circuitfind's (higher-is-better metrics), else 1."""
+    if higher_is_better is None:
+        recorded = circuit.metadata.get("higher_is_better")
+        higher_is_better = (bool(recorded) if recorded is not None
+                            else circuit.metadata.get("metric") != "KL divergence")
+    return -1.0 if higher_is_better else 1.0
+
+
+def _flip(values: Tensor, sign: float) -> Tensor:
+    """``sign * values``, leaving NaN untouched (bit for bit)."""
+    return values if sign > 0 else torch.where(torch.isnan(values), values, -values)
+
+
 def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
-                graph: ComputeGraph | None = None, provenance: bool = True) -> dict[str, Any]:
+                graph: ComputeGraph | None = None, higher_is_better: bool | None = None,
+                provenance: bool = True) -> dict[str, Any]:
     """The MIB / EAP-IG ``Graph.to_json`` dict of a circuit or of edge scores.
 
     Args:
@@ -235,6 +256,9 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
             edge scores (every edge ``in_graph: false``, as EAP-IG writes attribution scores).
         d_model: The model's residual width (MIB's ``cfg`` needs it).
         graph: The graph of a scores tensor (checked against a circuit's).
+        higher_is_better: Direction of the task metric, which sets the sign of the written
+            scores (see the module docstring). Default: ``metadata["higher_is_better"]`` if
+            recorded, else False only for the KL divergence metric.
         provenance: Add the ``circuitfind`` object that makes the round trip lossless (graph
             config, whether scores exist, metadata); ``Graph.from_json`` ignores it.
 
@@ -253,7 +277,8 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
     names, ids = _edge_map(g)
     mapped = ids >= 0
     kept_e = g.to_edges(circuit.kept).numpy()
-    values = (circuit.edge_values if circuit.scores is not None
+    sign = _mib_sign(circuit, higher_is_better)
+    values = (_flip(circuit.edge_values, sign) if circuit.scores is not None
               else torch.from_numpy(kept_e.astype(np.float32)))
     score = np.zeros(len(names), dtype=np.float32)
     score[mapped] = values.numpy()[ids[mapped]]
@@ -277,6 +302,7 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
     if provenance:
         out[_BLOCK] = {"format": _BLOCK_FORMAT, "format_version": _BLOCK_VERSION,
                        "graph": g.config(), "scores": circuit.scores is not None,
+                       "score_sign": sign,
                        "metadata": circuit.metadata}
     return out
 
@@ -284,7 +310,7 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
 def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str], *,
                graph: ComputeGraph | None = None, d_model: int | None = None,
                task: str | None = None, model: str | None = None,
-               provenance: bool = True) -> Path:
+               higher_is_better: bool | None = None, provenance: bool = True) -> Path:
     """Write a circuit or edge scores in MIB's circuit-track JSON (atomically).
 
     Args:
@@ -295,7 +321,7 @@ def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str]
         d_model: The model's residual width (default: see :func:`resolve_d_model`).
         task, model: Names for the folder (default: the circuit's ``metadata["task"]`` and
             ``metadata["model"]``).
-        provenance: See :func:`to_mib_dict`.
+        higher_is_better, provenance: See :func:`to_mib_dict`.
 
     Returns:
         The file written.
@@ -316,7 +342,8 @@ def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str]
                               "path ending in .json.")
         path = path / mib_folder_name(task, model) / MIB_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_mib_dict(circuit, d_model, provenance=provenance)
+    data = to_mib_dict(circuit, d_model, higher_is_better=higher_is_better,
+                       provenance=provenance)
     return _atomic_write(path, (json.dumps(data) + "\n").encode("utf-8"))
 
 
@@ -342,7 +369,7 @@ def _graph_for(cfg: Mapping[str, Any], block: Any, graph: ComputeGraph | None) -
 
 
 def from_mib_dict(data: Mapping[str, Any], *, graph: ComputeGraph | None = None,
-                  gqa: str = "strict") -> Circuit:
+                  gqa: str = "strict", higher_is_better: bool = True) -> Circuit:
     """Inverse of :func:`to_mib_dict`; also reads files written by EAP-IG / MIB.
 
     Edges absent from the file score 0 and are not kept (as ``Graph.from_json`` leaves them).
@@ -355,6 +382,9 @@ def from_mib_dict(data: Mapping[str, Any], *, graph: ComputeGraph | None = None,
             (``cf.ComputeGraph.from_model``) for grouped-query or attention-only models.
         gqa: How the per-query-head k/v edges of one key/value group combine: ``"strict"`` (they
             must agree), ``"sum"`` or ``"mean"`` of the scores (kept if any is kept).
+        higher_is_better: For files without circuitfind's provenance object: the direction of
+            the task metric, to turn MIB-signed scores into circuitfind's (negated when True,
+            MIB's logit-difference tasks). Files written here record their sign.
 
     Returns:
         The circuit (scores ``None`` if it was exported without scores).
@@ -424,20 +454,22 @@ def from_mib_dict(data: Mapping[str, Any], *, graph: ComputeGraph | None = None,
             total /= np.bincount(target, minlength=g.n_edges).clip(min=1)
         values = total.astype(np.float32)
     has_scores = bool(block.get("scores", True)) if isinstance(block, Mapping) else True
+    sign = (float(block.get("score_sign", -1.0)) if isinstance(block, Mapping)
+            else (-1.0 if higher_is_better else 1.0))
     metadata = (dict(block.get("metadata") or {}) if isinstance(block, Mapping)
                 else {"source": "mib"})
     kept = g.to_dense(torch.from_numpy(kept_any))
-    scores = g.to_dense(torch.from_numpy(values)) if has_scores else None
+    scores = g.to_dense(_flip(torch.from_numpy(values), sign)) if has_scores else None
     return Circuit(g, kept, scores, metadata)
 
 
 def import_mib(path: str | os.PathLike[str], *, graph: ComputeGraph | None = None,
-               gqa: str = "strict") -> Circuit:
+               gqa: str = "strict", higher_is_better: bool = True) -> Circuit:
     """Read a MIB circuit-track JSON file (or a ``{task}_{model}`` folder holding one).
 
     Args:
         path: The ``.json`` file, or a folder with ``importances.json`` (or one ``.json`` file).
-        graph, gqa: See :func:`from_mib_dict`.
+        graph, gqa, higher_is_better: See :func:`from_mib_dict`.
 
     Returns:
         The circuit.
@@ -459,6 +491,6 @@ def import_mib(path: str | os.PathLike[str], *, graph: ComputeGraph | None = Non
     except (UnicodeDecodeError, ValueError) as err:
         raise ConfigError(f"{str(path)!r} is not valid JSON: {err}.") from err
     try:
-        return from_mib_dict(data, graph=graph, gqa=gqa)
+        return from_mib_dict(data, graph=graph, gqa=gqa, higher_is_better=higher_is_better)
     except ConfigError as err:
         raise ConfigError(f"{str(path)!r}: {err}") from err

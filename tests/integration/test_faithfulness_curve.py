@@ -33,10 +33,14 @@ def test_mib_curve_matches_pruned_signed_and_absolute_top_k(tiny_models, name):
     assert any(not torch.equal(select_top_n(g, scores, k, absolute=False).kept,
                                select_top_n(g, scores, k, absolute=True).kept)
                for k in curve.n_edges)
+    # ToyTask's metric: higher is better, so MIB's signed ranking is by -score (most negative
+    # circuitfind score = corrupting the edge lowers the metric most)
+    assert data.task.higher_is_better
     for i, k in enumerate(curve.n_edges):
-        for absolute, faith, kept in ((False, curve.faithfulness, curve.n_kept),
-                                      (True, curve.faithfulness_cmd, curve.n_kept_cmd)):
-            circuit = prune_dangling(select_top_n(g, scores, k, absolute=absolute))
+        for ranked, absolute, faith, kept in (
+                (-scores, False, curve.faithfulness, curve.n_kept),
+                (scores, True, curve.faithfulness_cmd, curve.n_kept_cmd)):
+            circuit = prune_dangling(select_top_n(g, ranked, k, absolute=absolute))
             assert kept[i] == circuit.n_edges
             assert faith[i] == pytest.approx(cf.evaluate(engine, circuit, data).faithfulness,
                                              abs=1e-6)

@@ -113,7 +113,8 @@ def test_file_loads_as_eapig_graph_with_our_scores_and_kept_edges(tmp_path, kind
             continue
         s, r = graph.edge_index(ours)
         n_mapped += 1
-        assert np.float32(reader.scores[f, b]) == scores[s, r].item()
+        # MIB's sign: a loss attribution, i.e. minus circuitfind's (higher-is-better metric)
+        assert np.float32(reader.scores[f, b]) == -scores[s, r].item()
         assert reader.in_graph[f, b] == bool(kept[s, r])
     if graph.is_grouped_query:
         assert n_mapped > graph.n_edges  # k/v edges expanded to each query head
@@ -173,6 +174,20 @@ def test_scores_tensor_export_and_d_model_from_zoo_config(tmp_path):
         cf.export_mib(Circuit.empty(graph), tmp_path, d_model=4)
 
 
+def test_score_sign_follows_the_metric_direction():
+    graph = ComputeGraph(1, 1)
+    name = "input->a0.h0<q>"
+    circuit = Circuit.from_edges(graph, [name], scores={name: -2.5},
+                                 metadata={"metric": "logit difference"})
+    assert to_mib_dict(circuit, 4)["edges"][name]["score"] == 2.5
+    kl = circuit.with_metadata(metric="KL divergence")
+    assert to_mib_dict(kl, 4)["edges"][name]["score"] == -2.5
+    assert to_mib_dict(kl, 4, higher_is_better=True)["edges"][name]["score"] == 2.5
+    assert from_mib_dict(to_mib_dict(kl, 4)) == kl
+    # a circuit without scores: 1 on kept edges, so MIB's ranking returns the circuit
+    assert to_mib_dict(Circuit.from_edges(graph, [name]), 4)["edges"][name]["score"] == 1.0
+
+
 def test_folder_names():
     assert mib_folder_name("ioi", "gpt2") == "ioi_gpt2"
     assert mib_folder_name("greater_than", "../shared/models/stories260k/") == \
@@ -192,7 +207,9 @@ def test_grouped_query_heads_that_disagree(tmp_path):
     s, r = graph.edge_index("input->a1.kv0<k>")
     summed = from_mib_dict(data, graph=graph, gqa="sum")
     mean = from_mib_dict(data, graph=graph, gqa="mean")
-    assert summed.scores[s, r] == 4.0 and mean.scores[s, r] == 2.0
+    # MIB-signed scores of a higher-is-better task become circuitfind's by negation
+    assert summed.scores[s, r] == -4.0 and mean.scores[s, r] == -2.0
+    assert from_mib_dict(data, graph=graph, gqa="sum", higher_is_better=False).scores[s, r] == 4.0
     assert summed.edges == mean.edges == ["input->a1.kv0<k>"]
     # without the graph, the cfg alone describes a multi-head model
     assert from_mib_dict(data).graph == ComputeGraph(2, 4)
