@@ -1,9 +1,9 @@
 """The ``circuitfind`` command line (typer).
 
 Commands: ``discover`` (find a circuit, write circuit.json / circuit.graphml / circuit.svg /
-report.md), ``render`` (draw a saved circuit), ``export`` (MIB circuit-track JSON), ``tasks`` and ``algorithms`` (list the
-registries). Errors circuitfind raises on purpose are printed as one line, with exit code 2 and
-no traceback.
+report.md), ``render`` (draw a saved circuit), ``export`` (MIB circuit-track JSON), ``tasks``
+and ``algorithms`` (list the registries). Errors circuitfind raises on purpose are printed as one
+line, with exit code 2 and no traceback.
 """
 
 from __future__ import annotations

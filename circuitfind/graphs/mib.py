@@ -396,7 +396,8 @@ def from_mib_dict(data: Mapping[str, Any], *, graph: ComputeGraph | None = None,
     """
     if gqa not in GQA_MODES:
         raise ConfigError(f"gqa must be one of {list(GQA_MODES)}; got {gqa!r}.")
-    missing = [k for k in ("cfg", "nodes", "edges") if not isinstance(data, Mapping) or k not in data]
+    missing = [k for k in ("cfg", "nodes", "edges")
+               if not isinstance(data, Mapping) or k not in data]
     if missing:
         raise ConfigError(f"Not a MIB circuit file: missing {missing} (expected the keys cfg, "
                           "nodes and edges of EAP-IG's Graph.to_json).")
