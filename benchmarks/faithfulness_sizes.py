@@ -60,12 +60,14 @@ def main() -> None:
             row[name] = {"faithfulness": rep.faithfulness, "kl_div": rep.kl_div,
                          "edges_after_pruning": circuit.n_edges}
         rows.append(row)
-    curves = {name: faithfulness_curve(engine, scores[name], data).to_dict() for name in scores}
+    curves = {name: faithfulness_curve(engine, scores[name], data, convention="single",
+                                     absolute=True).to_dict() for name in scores}
     result = {"model": args.model, "task": args.task, "examples": args.examples,
               "seed": args.seed, "n_total_edges": g.n_edges, "graph": g.config(),
               "seconds": timings, "agreement": agreement, "sizes": rows,
               "curves": {k: {"cpr": v["cpr"], "cmd": v["cmd"], "fractions": v["fractions"],
-                             "faithfulness": v["faithfulness"]} for k, v in curves.items()},
+                             "faithfulness": v["faithfulness"], "convention": v["label"]}
+                         for k, v in curves.items()},
               "versions": cf.api.versions(), "threads": args.threads}
     write_results(args.out, result, markdown)
 
@@ -86,8 +88,9 @@ def markdown(r: dict) -> str:
     lines += ["", f"EAP vs exact over all {r['n_total_edges']} edges: Spearman "
               f"{a['spearman']:.3f} (signed), {a['spearman_abs']:.3f} (|score|); Pearson "
               f"{a['pearson']:.3f}.", "",
-              "CPR / CMD (MIB fractions 0.1%–100%, trapezoid over the fraction of edges, top-k by "
-              "|score|): " + "; ".join(f"{k}: CPR {v['cpr']:.3f}, CMD {v['cmd']:.3f}"
+              "CPR / CMD (MIB fractions 0.1%–100%, trapezoid over the fraction of edges; "
+              + next(iter(r["curves"].values())).get("convention", "single ranking by |score|")
+              + "): " + "; ".join(f"{k}: CPR {v['cpr']:.3f}, CMD {v['cmd']:.3f}"
                                         for k, v in r["curves"].items()) + ".", "",
               f"Scoring time ({r['threads']} CPU threads): " + ", ".join(
                   f"{k} {v:.1f} s" for k, v in r["seconds"].items()) + ".", ""]

@@ -13,7 +13,7 @@ from circuitfind.api import build_data, discover, score_edges
 from circuitfind.benchmark import tune
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
-from circuitfind.graphs import Circuit, ComputeGraph
+from circuitfind.graphs import Circuit, ComputeGraph, export_mib, import_mib
 from circuitfind.graphs.render import RenderOptions
 from circuitfind.models import load_model
 from circuitfind.outputs import write_run
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFindError",
            "ComputeGraph", "PatchingEngine", "RenderOptions", "Task", "TaskData", "build_data",
-           "discover", "edge_roc", "evaluate", "faithfulness_curve", "get_algorithm", "get_task",
-           "load_model", "node_roc", "path_patch", "reference_circuit", "score_edges", "tune",
-           "write_run"]
+           "discover", "edge_roc", "evaluate", "export_mib", "faithfulness_curve",
+           "get_algorithm", "get_task", "import_mib", "load_model", "node_roc", "path_patch",
+           "reference_circuit", "score_edges", "tune", "write_run"]

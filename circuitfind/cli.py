@@ -1,8 +1,8 @@
 """The ``circuitfind`` command line (typer).
 
 Commands: ``discover`` (find a circuit, write circuit.json / circuit.graphml / report.md, then
-draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``tasks`` and
-``algorithms`` (list the registries). Errors circuitfind raises on purpose are printed as one
+draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``export`` (MIB circuit-track JSON),
+``evaluate``, ``tune``, ``tasks`` and ``algorithms`` (list the registries). Errors circuitfind raises on purpose are printed as one
 line, with exit code 2 and no traceback; notes (the matplotlib fallback, a drawing that failed
 while the results were saved) are printed as one line on stderr and do not change the exit
 code.
@@ -279,6 +279,42 @@ def render(
         renderer = resolve_renderer(renderer)
     path = Circuit.load(circuit_path).render(out, renderer=renderer, options=options)
     typer.echo(f"wrote {path}")
+
+
+EXPORT_FORMATS = ("mib",)
+
+
+@app.command()
+def export(
+    circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml of a run."),
+    format: str = typer.Option(..., "--format", "-f",
+                               help="Export format: mib (MIB circuit-track JSON)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o",
+        help="Submission directory (one folder {task}_{model} per cell is written inside it), "
+             "or a .json file. Default: mib/ beside the circuit file."),
+    d_model: Optional[int] = typer.Option(
+        None, "--d-model", help="The model's hidden size (default: read from the model's "
+                                "config)."),
+    task_name: Optional[str] = typer.Option(None, "--task-name",
+                                            help="Task part of the folder name (default: the "
+                                                 "circuit's task)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name",
+                                             help="Model part of the folder name (default: the "
+                                                  "circuit's model)."),
+) -> None:
+    """Export a saved circuit (kept edges and all edge scores) for the MIB circuit track."""
+    from circuitfind.graphs.circuit import Circuit
+    from circuitfind.graphs.mib import export_mib
+
+    fmt = format.strip().lower()
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"Unknown export format {format!r}; choose one of "
+                          f"{list(EXPORT_FORMATS)}.")
+    circuit = Circuit.load(circuit_path)
+    target = out if out is not None else circuit_path.parent / "mib"
+    path = export_mib(circuit, target, d_model=d_model, task=task_name, model=model_name)
+    typer.echo(f"wrote {path} ({circuit.n_edges} kept edges; all edge scores)")
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Evaluation: faithfulness, KL divergence, faithfulness curves (CPR/CMD), AUROC vs a reference."""
 
 from circuitfind.evaluation.faithfulness import (
+    CONVENTIONS,
     DEFAULT_FRACTIONS,
     FaithfulnessCurve,
     FaithfulnessReport,
@@ -16,6 +17,6 @@ from circuitfind.evaluation.roc import (
     sweep_auc,
 )
 
-__all__ = ["DEFAULT_FRACTIONS", "FaithfulnessCurve", "FaithfulnessReport", "evaluate",
+__all__ = ["CONVENTIONS", "DEFAULT_FRACTIONS", "FaithfulnessCurve", "FaithfulnessReport", "evaluate",
            "faithfulness_curve", "normalized_faithfulness", "RocResult", "circuit_confusion",
            "edge_roc", "node_roc", "sweep_auc"]

@@ -8,11 +8,14 @@ Definitions (DESIGN.md §4):
   model's behaviour, ``f = 0`` none of it (Wang et al. 2022 §4; Hanna et al. 2024 eq. 4);
 - ``KL(p_M || p_C)``: KL divergence (nats) of the circuit's next-token distribution from the
   full model's, at the metric positions, averaged over positions and examples;
-- the faithfulness curve over circuit sizes (fractions of all edges, default
+- the faithfulness curve over circuit sizes (fractions of all edges, default MIB's
   {0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100}%), circuits chosen as the top-k edges by score;
-  CPR = area under f, CMD = area under |1 - f| (trapezoid rule over the fraction of edges in
-  [0, 1]) as in MIB (Mueller et al. 2025, §3). Which top-k convention (``absolute=True``: by
-  |score|; ``False``: by signed score, largest first) each figure uses is recorded in the result.
+  CPR = area under f, CMD = area under |1 - f| (trapezoid rule over the fractions) as in MIB
+  (Mueller et al. 2025, §3). Two conventions, recorded in every result (``convention``,
+  ``label``): ``"mib"`` (default) is MIB's circuit track exactly — top ``int(p · E)`` edges,
+  dangling edges pruned, CPR over the signed-score ranking, CMD over the |score| ranking;
+  ``"single"`` is one ranking (by |score| or signed) for both areas, top ``max(1, round(p · E))``
+  edges, unpruned.
 
 Removed edges carry the ablation value (``ablation=``: resample, the default, zero, mean or
 mean_positional; see :class:`~circuitfind.patching.spec.Ablation`); ∅ is the model with every
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 from circuitfind.errors import ConfigError
-from circuitfind.graphs.circuit import Circuit, select_top_n
+from circuitfind.graphs.circuit import Circuit, prune_dangling, select_top_n
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import Ablation
 from circuitfind.tasks.base import TaskData
@@ -129,19 +132,46 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
         ablation=spec.kind)
 
 
+CONVENTIONS: tuple[str, ...] = ("mib", "single")
+"""Faithfulness-curve conventions accepted by :func:`faithfulness_curve`."""
+
+
 @dataclass(frozen=True)
 class FaithfulnessCurve:
-    """Faithfulness of top-k circuits over circuit sizes.
+    """Faithfulness of top-k circuits over circuit sizes, with CPR and CMD.
+
+    Two conventions (``convention``; :attr:`label` says which in words, and ``to_dict`` carries
+    it, so every table or figure made from a curve can state it):
+
+    - ``"mib"`` (Mueller et al. 2025, the MIB circuit track): at each fraction p the circuit is
+      the top ``int(p · E)`` edges (floor; 0 edges is the empty circuit), dangling edges pruned.
+      Two curves: ``faithfulness`` ranks edges by **signed** score in MIB's sign convention
+      (CPR is its area), ``faithfulness_cmd`` by **|score|** (CMD is the area of ``|1 - f|``
+      over it). MIB's scores attribute a loss (the negated logit difference), so a positive
+      score means the edge supports the behaviour: the signed ranking puts first the edges
+      whose corruption most lowers the metric, i.e. ranks by ``-score`` for metrics where
+      higher is better (``task.higher_is_better``) and by ``score`` otherwise (KL).
+    - ``"single"`` (circuitfind's earlier curve): one ranking (``absolute``), the top
+      ``max(1, round(p · E))`` edges, not pruned; CPR and CMD both come from ``faithfulness``
+      (``faithfulness_cmd`` is the same list).
 
     Attributes:
-        fractions: Circuit sizes as fractions of all edges, ascending.
-        n_edges: Edges kept at each size (``round(fraction * E)``, at least 1).
-        faithfulness: Normalized faithfulness at each size.
-        metric: Mean metric m(C) at each size.
-        cpr: Area under ``faithfulness`` over ``fractions`` (trapezoid; higher is better).
-        cmd: Area under ``|1 - faithfulness|`` (trapezoid; lower is better).
-        absolute: Top-k by |score| (True) or by signed score (False).
+        fractions: Circuit sizes as fractions of all edges, ascending (the x axis; the areas are
+            trapezoids over it, from the smallest to the largest fraction, as MIB computes them).
+        n_edges: Edges requested at each size (before pruning).
+        faithfulness: Normalized faithfulness at each size under the CPR ranking.
+        metric: Mean metric m(C) at each size under the CPR ranking (metric units).
+        cpr: Area under ``faithfulness`` over ``fractions`` (higher is better).
+        cmd: Area under ``|1 - faithfulness_cmd|`` over ``fractions`` (lower is better).
+        absolute: ``"single"``: ranking by |score| (True) or signed score (False);
+            ``"mib"``: ``None`` (two rankings, see above).
         metric_full, metric_empty: m(M) and m(∅).
+        convention: ``"mib"`` or ``"single"``.
+        faithfulness_cmd: Normalized faithfulness at each size under the CMD ranking.
+        metric_cmd: m(C) at each size under the CMD ranking.
+        n_kept: Edges left at each size after pruning, CPR ranking (= ``n_edges`` unpruned).
+        n_kept_cmd: The same for the CMD ranking.
+        pruned: Whether dangling edges were pruned before evaluation.
         ablation: What removed edges carried.
     """
 
@@ -151,62 +181,122 @@ class FaithfulnessCurve:
     metric: list[float]
     cpr: float
     cmd: float
-    absolute: bool
+    absolute: bool | None
     metric_full: float
     metric_empty: float
+    convention: str
+    faithfulness_cmd: list[float]
+    metric_cmd: list[float]
+    n_kept: list[int]
+    n_kept_cmd: list[int]
+    pruned: bool
+
+    @property
+    def label(self) -> str:
+        """One line naming the convention, for tables, reports and figure captions."""
+        if self.convention == "mib":
+            return ("MIB convention: top int(p·E) edges, dangling edges pruned; CPR over the "
+                    "signed ranking (edges whose corruption lowers the metric most first), CMD "
+                    "over the |score| ranking")
+        rank = "|score|" if self.absolute else "signed score"
+        return (f"single ranking by {rank}: top max(1, round(p·E)) edges, not pruned; CPR and "
+                "CMD from the same curve")
     ablation: str = "resample"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-serialisable)."""
-        return asdict(self)
+        """Plain dict (JSON-serialisable), with ``label`` added."""
+        return {**asdict(self), "label": self.label}
 
 
 def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
                        fractions: tuple[float, ...] | list[float] = DEFAULT_FRACTIONS,
-                       absolute: bool = True, batch_size: int | None = None,
+                       convention: str = "mib", absolute: bool | None = None,
+                       batch_size: int | None = None,
                        ablation: Ablation | str | None = None) -> FaithfulnessCurve:
     """Faithfulness of the top-k circuits at each size in ``fractions``; CPR and CMD.
 
+    Every circuit of the curve (both rankings under ``"mib"``), the full model and the empty
+    circuit run as one batch of masks through :meth:`PatchingEngine.evaluate`.
+
     Args:
         model: A ``TransformerBridge`` or :class:`PatchingEngine`.
-        scores: ``[S, R]`` edge scores (e.g. from an algorithm).
+        scores: ``[S, R]`` edge scores (e.g. from an algorithm; metric units).
         data: Task data.
-        fractions: Circuit sizes as fractions of all edges, each in (0, 1].
-        absolute: Rank edges by |score| (True, the usual convention for EAP) or by signed score.
+        fractions: Circuit sizes as fractions of all edges, each in (0, 1] (default: MIB's
+            0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100%).
+        convention: ``"mib"`` (default): MIB's circuit track exactly — top ``int(p · E)`` edges,
+            dangling edges pruned, CPR over the signed ranking (MIB's sign: edges whose
+            corruption lowers the metric most first) and CMD over the |score| ranking;
+            ``"single"``: one ranking (``absolute``), top ``max(1, round(p · E))`` edges, no
+            pruning, both areas from that curve. See :class:`FaithfulnessCurve`.
+        absolute: ``"single"`` only: rank by |score| (True, default) or signed score (False).
         batch_size: Examples per pass.
         ablation: What removed edges carry (as in :func:`evaluate`).
 
     Returns:
-        A :class:`FaithfulnessCurve`.
+        A :class:`FaithfulnessCurve` (its ``convention`` and ``label`` say which was used).
 
     Raises:
-        ConfigError: a fraction outside (0, 1], scores of the wrong shape, or a bad ablation.
+        ConfigError: an unknown convention, ``absolute`` given with ``"mib"``, a fraction
+            outside (0, 1], scores of the wrong shape, or NaN scores, or a bad ablation.
 
     References:
-        Mueller et al. (2025), "MIB: A Mechanistic Interpretability Benchmark", §3 (CPR, CMD).
+        Mueller et al. (2025), "MIB: A Mechanistic Interpretability Benchmark", §3 (CPR, CMD),
+        and its circuit-track evaluation code (sizes ``int(p · E)``, ``apply_topn`` with
+        pruning, areas over the fractions).
     """
     engine, spec = _engine(model, ablation)
     g = engine.graph
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"Unknown faithfulness-curve convention {convention!r}; choose one of "
+                          f"{list(CONVENTIONS)}.")
     fr = sorted(float(f) for f in fractions)
     if not fr or fr[0] <= 0 or fr[-1] > 1:
         raise ConfigError(f"Fractions must lie in (0, 1]; got {fractions}.")
     if tuple(scores.shape) != (g.n_senders, g.n_receivers):
         raise ConfigError(f"Scores must have shape {(g.n_senders, g.n_receivers)}; "
                           f"got {tuple(scores.shape)}.")
-    sizes = [max(1, round(f * g.n_edges)) for f in fr]
-    masks = [select_top_n(g, scores, k, absolute=absolute).kept.to(engine.dtype) for k in sizes]
-    masks += [g.full_mask(engine.dtype), torch.zeros_like(masks[0])]
+    if convention == "mib":
+        if absolute is not None:
+            raise ConfigError("absolute applies to convention='single' only; the MIB convention "
+                              "ranks by signed score for CPR and by |score| for CMD. Drop "
+                              "absolute=, or pass convention='single'.")
+        sizes = [int(f * g.n_edges) for f in fr]
+        # MIB's scores attribute a loss (-logit difference), so positive = the edge supports the
+        # behaviour; circuitfind's estimate metric(without edge) - metric(full) has the opposite
+        # sign for metrics where higher is better
+        importance = -scores if getattr(data.task, "higher_is_better", True) else scores
+        rankings, prune = ((importance, False), (scores, True)), True
+    else:
+        absolute = True if absolute is None else bool(absolute)
+        sizes = [max(1, round(f * g.n_edges)) for f in fr]
+        rankings, prune = ((scores, absolute),), False
+    kept = []
+    for ranked, by_abs in rankings:
+        for k in sizes:
+            circuit = select_top_n(g, ranked, k, absolute=by_abs)
+            kept.append((prune_dangling(circuit) if prune else circuit).kept)
+    masks = [m.to(engine.dtype) for m in kept] + [g.full_mask(engine.dtype),
+                                                  torch.zeros_like(kept[0], dtype=engine.dtype)]
     values = engine.evaluate(data, torch.stack(masks), batch_size=batch_size,
                              ablation=spec).tolist()
     m_full, m_empty = values[-2], values[-1]
-    faith = [normalized_faithfulness(v, m_full, m_empty) for v in values[:-2]]
+    n = len(sizes)
+    # one block of n values per ranking; with one ranking CPR and CMD share it
+    metric_cpr, metric_cmd = values[:n], values[(len(rankings) - 1) * n:len(rankings) * n]
+    counts = [int(m.sum()) for m in kept]
+    n_kept, n_kept_cmd = counts[:n], counts[(len(rankings) - 1) * n:]
+    f_cpr = [normalized_faithfulness(v, m_full, m_empty) for v in metric_cpr]
+    f_cmd = [normalized_faithfulness(v, m_full, m_empty) for v in metric_cmd]
     x = np.asarray(fr)
-    f = np.asarray(faith)
-    cpr = float(trapezoid(f, x)) if len(x) > 1 else math.nan
-    cmd = float(trapezoid(np.abs(1 - f), x)) if len(x) > 1 else math.nan
-    return FaithfulnessCurve(fractions=fr, n_edges=sizes, faithfulness=faith, metric=values[:-2],
-                             cpr=cpr, cmd=cmd, absolute=absolute, metric_full=m_full,
-                             metric_empty=m_empty, ablation=spec.kind)
+    cpr = float(trapezoid(np.asarray(f_cpr), x)) if len(x) > 1 else math.nan
+    cmd = float(trapezoid(np.abs(1 - np.asarray(f_cmd)), x)) if len(x) > 1 else math.nan
+    return FaithfulnessCurve(
+        fractions=fr, n_edges=sizes, faithfulness=f_cpr, metric=metric_cpr, cpr=cpr, cmd=cmd,
+        absolute=None if convention == "mib" else absolute, metric_full=m_full,
+        metric_empty=m_empty, convention=convention, faithfulness_cmd=f_cmd,
+        metric_cmd=metric_cmd, n_kept=n_kept, n_kept_cmd=n_kept_cmd, pruned=prune,
+        ablation=spec.kind)
 
 
 def _check_graph(engine: PatchingEngine, circuit: Circuit) -> None:

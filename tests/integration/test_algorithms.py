@@ -77,7 +77,8 @@ def test_discover_and_score_edges_api(tiny_models):
                             cf.ComputeGraph.from_model(model).n_receivers)
     with pytest.raises(ConfigError):
         cf.discover(model, data=data, n_edges=5, threshold=0.1)
-    curve = cf.faithfulness_curve(model, scores, data, fractions=(0.05, 0.2, 0.5))
+    curve = cf.faithfulness_curve(model, scores, data, fractions=(0.05, 0.2, 0.5),
+                                 convention="single")
     # every point of the batched curve equals evaluating that top-n circuit on its own
     for n_edges, faith in zip(curve.n_edges, curve.faithfulness):
         alone = cf.evaluate(model, select_top_n(cf.ComputeGraph.from_model(model), scores, n_edges),

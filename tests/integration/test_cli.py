@@ -318,3 +318,25 @@ def test_path_patching_from_the_cli(run, tiny_dir, tmp_path):
     refused = run("discover", "--model", str(tiny_dir), "--task", "induction", "--algorithm",
                   "path-patching", "--edges", "10", "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "instead of n_edges" in refused.stderr
+
+
+def test_export_mib_folder_per_cell_and_round_trip(run, tiny_dir, tmp_path):
+    import circuitfind as cf
+
+    out_dir = tmp_path / "run"
+    first = run("discover", "--model", str(tiny_dir), "--task", "induction", "--edges", "20",
+                "--examples", "8", "--out", str(out_dir))
+    assert first.returncode == 0, first.stderr
+    result = run("export", str(out_dir / "circuit.json"), "--format", "mib", "--out",
+                 str(tmp_path / "submission"))
+    assert result.returncode == 0, result.stderr
+    written = tmp_path / "submission" / f"induction_{tiny_dir.name.replace('_', '-')}" / \
+        "importances.json"
+    assert written.is_file() and str(written) in result.stdout
+    cfg = json.loads(written.read_text())["cfg"]
+    assert cfg["d_model"] == json.loads((tiny_dir / "config.json").read_text())["n_embd"]
+    assert cf.import_mib(written) == cf.Circuit.load(out_dir / "circuit.json")
+    default = run("export", str(out_dir / "circuit.json"), "--format", "mib")
+    assert default.returncode == 0 and (out_dir / "mib").is_dir()
+    bad = run("export", str(out_dir / "circuit.json"), "--format", "onnx")
+    assert bad.returncode == 2 and "Unknown export format 'onnx'" in bad.stderr
