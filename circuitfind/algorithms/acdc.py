@@ -52,7 +52,7 @@ layer's attention edges, one MLP, the logits); K candidates are evaluated in one
 with *cumulative* masks (candidate j assumes candidates 1..j-1 were removed, which is what
 usually happens), accepted in order, and the batch is cut at the first kept edge: later
 candidates assumed a state that did not happen and are re-evaluated from the true state. K
-adapts to the keep rate so far (about one kept edge per batch). Decisions equal the
+adapts to the keep rate so far (about 0.15 expected kept edges per batch). Decisions equal the
 sequential algorithm's (pinned edge for edge by the tests, against one full forward per edge).
 
 Faster approximation (``mode="batched"``). All incoming edges of a receiver are tested against
@@ -405,13 +405,17 @@ class _Run:
         return removed
 
     def _k(self) -> int:
-        """Speculation width: about one kept edge per batch, from the keep rate so far."""
+        """Speculation width from the keep rate so far: about 0.15 expected kept edges per batch.
+
+        A kept edge wastes the rest of its batch, and a masked pass costs mostly per mask, so
+        narrow batches win: on the 6-layer network (τ = 1e-3) 0.15 kept edges per batch took
+        21 s of CPU against 42 s at one kept edge per batch."""
         st = self.state
         tested = int(st["tested"].sum()) + int(st["node_tested"].sum())
         kept = int((st["tested"] & st["kept"]).sum())
         kept += int((st["node_tested"] & st["kept"].any(0)).sum())
         p_keep = (kept + 1) / (tested + 2)
-        return max(1, min(self.k_max, round(1 / p_keep)))
+        return max(1, min(self.k_max, round(0.15 / p_keep)))
 
     def _exact(self, items: list[_Item], bar: Any) -> None:
         i = 0
