@@ -4,9 +4,10 @@ Why. Corrupting an edge into a receiver of layer ``L`` changes nothing before la
 masked pass may start at ``L`` from the clean run's residual stream. transformer-lens 4.3's
 ``forward(start_at_layer=L)`` still runs blocks ``0..L-1``, and the bridge's own forward with
 split q/k/v inputs costs 1.8-2.7 plain Hugging Face forwards; this module therefore runs the
-wrapped Hugging Face model's blocks itself, reading the weights of its modules in place (nothing
-is copied, so a model changed in place stays in sync) and calling its own norm, MLP and rotary
-modules. It installs no hooks.
+wrapped Hugging Face model's blocks itself with plain tensor functions over the weights of its
+modules, read in place through the bridge's ``original_component`` wrappers (nothing is copied,
+so a model changed in place stays in sync; the wrappers' own forwards would add their
+overhead), plus the model's own rotary module. It installs no hooks.
 
 Method. Equation (1) of :mod:`circuitfind.patching.engine`: the input of receiver ``r`` is
 
@@ -18,8 +19,17 @@ means ...). Per layer the shared path is the plain forward (one norm, one q/k/v 
 all heads); only receivers that some mask touches are recomputed, for the masks that touch them,
 and written into the shared q/k/v tensors before attention (so the cost of patching one
 receiver is one ``[d_model, d_head]`` projection of its rows, not a per-head copy of the
-residual stream). Senders before ``start`` are clean by construction, so their differences are
-shared by all K masks; senders at or after ``start`` are recomputed per mask.
+residual stream); when every mask touches every head of a kind, all heads are computed at once
+from a ``[K, N, T, heads, d]`` input. Senders before ``start`` are clean by construction, so
+their differences are shared by all K masks; senders at or after ``start`` are recomputed per
+mask. What a pass skips: blocks before ``start`` (cached clean residuals), positions after the
+last metric position (causal model), everything but the metric positions' queries, attention
+output and MLP in the last block, and, at the start layer, every head a mask does not touch
+(its output is the cached clean one).
+
+Cost. A pass over K masks and N examples costs ``K N`` rows through blocks ``start..`` (the last
+one at the metric positions only) plus, per layer, one matmul of the touched (mask, receiver)
+pairs' weights with the shared buffer and one batched matmul with the per-mask buffer.
 
 A per-head output ``a_{L.h} = z_h W_O[h]`` excludes the attention output bias (as in
 transformer-lens' ``hook_result`` of ``HookedTransformer``); the bias is a constant of the
