@@ -158,3 +158,24 @@ def test_ablation_kinds_on_a_real_model(setup):
     assert resample.metric_empty < -3 and zero.metric_empty == pytest.approx(0, abs=1e-6)
     assert abs(mean.metric_empty) < 0.5
     assert zero.metric_full == pytest.approx(resample.metric_full)
+
+
+def test_block_runner_equals_bridge_and_plain_hugging_face(setup, stories_dir):
+    """The engine's own block runner on the real GQA model, right-padded rows included."""
+    from transformers import AutoModelForCausalLM
+
+    model, data, engine = setup
+    assert engine.runner is not None
+    tokens = data.clean[:6]
+    ours = engine.runner.logits(tokens)
+    with torch.no_grad():
+        bridge = model(tokens)
+        plain_model = AutoModelForCausalLM.from_pretrained(str(stories_dir)).eval()
+        mask = (tokens != -1).long()
+        mask[0, 20:] = 0  # a right-padded row: its real positions must not change
+        plain = plain_model(tokens, attention_mask=mask).logits
+    scale = float(bridge.abs().max())
+    assert scale > 1
+    torch.testing.assert_close(ours, bridge, atol=2e-6 * scale, rtol=0)
+    torch.testing.assert_close(ours[1:], plain[1:], atol=2e-6 * scale, rtol=0)
+    torch.testing.assert_close(ours[0, :20], plain[0, :20], atol=2e-6 * scale, rtol=0)
