@@ -508,6 +508,10 @@ class BlockRunner:
             if not rs:
                 return []
             sub = touched_cpu[:, rs]  # [K, R']
+            n_up = int(g.n_upstream[rs].max())
+            j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
+            if bool(sub.all()):
+                return dense_deltas(rs, j)
             jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
             rr = torch.tensor(rs)[jj]
             kd, rd = kk.to(dev), rr.to(dev)
@@ -523,24 +527,39 @@ class BlockRunner:
                         out = (rows @ shared)[index]
                 if out is None:
                     out = weights @ shared  # [P, X]
-            n_up = int(g.n_upstream[rs].max())
-            j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
             if j:
-                if bool(sub.all()):  # every mask touches every receiver: one batched matmul
-                    w = w_dyn[:, :j][:, :, torch.tensor(rs, device=dev)]  # [K, j, R']
-                    dyn = torch.bmm(w.transpose(1, 2), current[:, :j])  # [K, R', X]
-                    term = dyn.transpose(0, 1).reshape(-1, n * t * d)  # pairs by receiver
-                else:
-                    term = torch.einsum("pa,pax->px", w_dyn[kd, :j, rd], current[kd, :j])
+                term = torch.einsum("pa,pax->px", w_dyn[kd, :j, rd], current[kd, :j])
                 out = term if out is None else out + term
             assert out is not None
             counts = torch.bincount(jj, minlength=len(rs)).tolist()
-            last_out.update(out=out, receivers=rs, counts=counts)
+            last_out.clear()
             result = []
             for r, ks_cpu, dlt in zip(rs, kk.split(counts), out.split(counts)):
                 ks: Tensor | slice = slice(None) if len(ks_cpu) == k_masks else ks_cpu.to(dev)
                 result.append((r, ks, dlt.view(-1, n, t, d)))
             return result
+
+        def dense_deltas(rs: list[int], j: int) -> list[tuple[int, Tensor | slice, Tensor]]:
+            """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
+            one ``[K, R', n*T*d]`` tensor (kept in ``last_out``), mask-major, no gathers."""
+            idx = torch.tensor(rs, device=dev)
+            out = None
+            if w_shared is not None:
+                weights = w_shared[:, :, idx]  # [K, A, R']
+                if k_masks > 1 and bool((weights == weights[:1]).all()):
+                    # the same weights in every mask (e.g. the base circuit ACDC's candidates
+                    # share): one matmul, broadcast over the masks
+                    out = (weights[0].T @ shared).unsqueeze(0)  # [1, R', X]
+                else:
+                    out = torch.matmul(weights.transpose(1, 2), shared)  # [K, R', X]
+            if j:
+                w = w_dyn[:, :j][:, :, idx].transpose(1, 2)  # [K, R', j]
+                out = (torch.bmm(w, current[:, :j]) if out is None
+                       else torch.baddbmm(out.expand(k_masks, -1, -1), w, current[:, :j]))
+            assert out is not None
+            out = out.expand(k_masks, -1, -1)
+            last_out.update(dense=out, receivers=rs)
+            return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
 
         pos = positions.to(dev)
         n_pos = pos.shape[1]
@@ -665,10 +684,12 @@ class BlockRunner:
             first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
             for kind, kind_patches in by_kind.items():
                 if dense[kind]:  # all heads at once: [K, n, T, heads, d]
-                    i0 = last_out["receivers"].index(first[kind])  # receivers are consecutive
-                    row0 = sum(last_out["counts"][:i0])
-                    block = last_out["out"][row0: row0 + sizes[kind] * k_masks]
-                    block = block.view(sizes[kind], k_masks, n, t, d).permute(1, 2, 3, 0, 4)
+                    if "dense" in last_out:  # [K, R', X], receivers of a kind consecutive
+                        i0 = last_out["receivers"].index(first[kind])
+                        block = last_out["dense"][:, i0: i0 + sizes[kind]]
+                        block = block.reshape(k_masks, sizes[kind], n, t, d).permute(0, 2, 3, 1, 4)
+                    else:
+                        block = torch.stack([p[2] for p in kind_patches], 3)
                     split = xk.unsqueeze(3) - block
                     qkv[kind] = lay.project_all(layer, kind, lay.ln_attn(layer, split)).view(
                         k_masks * n, t, sizes[kind], -1)
