@@ -410,7 +410,9 @@ class PatchingEngine:
         n_buffer = self.graph.n_senders if n_buffer is None else n_buffer
         heads, d, mlp = int(cfg.n_heads), self.d_model, int(getattr(cfg, "d_mlp", 0) or 0)
         if self.runner is not None:
-            per_token = (n_buffer + 10) * d + 4 * mlp + 2 * heads * seq_len
+            # per-head q/k/v inputs and their patches when every receiver is touched
+            split = 2 * (heads + 2 * self.graph.n_kv_heads)
+            per_token = (n_buffer + 10 + split) * d + 4 * mlp + 2 * heads * seq_len
         else:
             per_token = n_buffer * d + int(cfg.d_vocab) + 12 * heads * d + 4 * mlp
         return max(1, seq_len * per_token * torch.finfo(self.dtype).bits // 8)
