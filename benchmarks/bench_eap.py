@@ -69,7 +69,8 @@ import torch
 
 from circuitfind.patching.engine import frozen_parameters
 
-PHASES = ("eap", "bare", "bare_plain", "masked_forward", "forward", "forward_plain")
+PHASES = ("eap", "bare", "bare_plain", "hf_floor", "masked_forward", "forward", "forward_plain",
+          "hf_forward")
 SWITCHES = ("set_use_split_qkv_input", "set_use_attn_result", "set_use_hook_mlp_in")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "eap_speed.json"
 
@@ -91,6 +92,7 @@ class Bench:
     engine: Any
     data: Any
     mask: torch.Tensor
+    plain: Any = None  # the same weights as a plain Hugging Face model (no bridge components)
     keep_alive: list[Any] = dataclasses.field(default_factory=list)
 
     def set_switches(self, on: bool) -> None:
@@ -126,7 +128,12 @@ def set_up(model_dir: Path, batch: int, seq_len: int, threads: int, seed: int = 
     data = ToyTask(seq_len=seq_len).build(model.tokenizer, batch, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     mask = (torch.rand(engine.graph.edge_mask.shape, generator=gen) < 0.5).float()
-    return Bench(model, engine, data, mask)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    return Bench(model, engine, data, mask, plain)
 
 
 # ---------------------------------------------------------------------- the phases
@@ -146,6 +153,18 @@ def bare_passes(b: Bench) -> None:
         idx = pos[:, :, None].expand(data.n, pos.shape[1], logits.shape[-1])
         metric = data.metric(logits.gather(1, idx)).sum() / data.n
         metric.backward()
+
+
+def hf_floor_passes(b: Bench) -> None:
+    """EAP's physical floor in plain Hugging Face: corrupted forward (no grad) + clean forward +
+    backward for activation gradients only (frozen parameters, input embeddings a leaf)."""
+    plain, data = b.plain, b.data
+    with torch.no_grad():
+        plain(data.corrupted)
+    embeds = plain.get_input_embeddings()(data.clean).detach().requires_grad_(True)
+    logits = plain(inputs_embeds=embeds).logits
+    idx = data.positions[:, :, None].expand(data.n, data.positions.shape[1], logits.shape[-1])
+    (data.metric(logits.gather(1, idx)).sum() / data.n).backward()
 
 
 def phase_fns(b: Bench) -> dict[str, Callable[[], Any]]:
@@ -171,8 +190,16 @@ def phase_fns(b: Bench) -> dict[str, Callable[[], Any]]:
         with b.switches(False):
             return b.model(b.data.clean)
 
-    return {"eap": eap, "bare": bare, "bare_plain": bare_plain, "masked_forward": masked_forward,
-            "forward": forward, "forward_plain": forward_plain}
+    def hf_floor() -> None:
+        hf_floor_passes(b)
+
+    @torch.no_grad()
+    def hf_forward() -> Any:
+        return b.plain(b.data.clean)
+
+    return {"eap": eap, "bare": bare, "bare_plain": bare_plain, "hf_floor": hf_floor,
+            "masked_forward": masked_forward, "forward": forward, "forward_plain": forward_plain,
+            "hf_forward": hf_forward}
 
 
 def prepare(b: Bench, name: str) -> None:
@@ -329,6 +356,8 @@ def summarise(times: dict[str, list[float]]) -> dict[str, Any]:
         "ratios": {
             "eap / bare": med["eap"] / med["bare"],
             "eap / bare_plain": med["eap"] / med["bare_plain"],
+            "eap / hf_floor": med["eap"] / med["hf_floor"],
+            "masked_forward / hf_forward": med["masked_forward"] / med["hf_forward"],
             "bare / bare_plain": med["bare"] / med["bare_plain"],
             "masked_forward / forward": med["masked_forward"] / med["forward"],
             "masked_forward / forward_plain": med["masked_forward"] / med["forward_plain"],
@@ -344,6 +373,8 @@ def markdown(result: dict[str, Any]) -> str:
         "eap": "`edge_attribution` (corrupted fwd with sender cache + clean fwd + bwd with hooks)",
         "bare": "corrupted fwd + clean fwd + bwd, switches on, frozen params, leaf input",
         "bare_plain": "as `bare`, switches off (plain forward)",
+        "hf_floor": "plain Hugging Face model: corrupted fwd + clean fwd + bwd (activation grads)",
+        "hf_forward": "plain Hugging Face model: no-grad clean forward",
         "masked_forward": "`engine.run` with one random mask (corrupted outputs cached)",
         "forward": "no-grad clean forward, switches on",
         "forward_plain": "no-grad clean forward, switches off",
@@ -374,7 +405,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| ratio of medians | value |", "|---|---:|"]
     for key, value in s["ratios"].items():
         lines.append(f"| {key} | {value:.2f}x |")
-    lines += ["", f"Target: eap / bare <= 1.3x. Measured: {s['ratios']['eap / bare']:.2f}x.", ""]
+    lines += ["", f"Target: eap / bare <= 1.3x. Measured: {s['ratios']['eap / bare']:.2f}x. "
+              f"Issue 7's target: eap / hf_floor <= 1.15x. Measured: "
+              f"{s['ratios']['eap / hf_floor']:.2f}x.", ""]
     if "profile" in result:
         lines += profile_markdown(result["profile"])
     return "\n".join(lines)
