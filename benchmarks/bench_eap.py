@@ -17,6 +17,10 @@ three passes without any patching hooks. This script times, on a random GPT-2-sm
 ``bare_plain``
     As ``bare`` with the three switches off (a plain, Hugging-Face-like forward): what the
     switches alone cost.
+``hf_floor`` / ``hf_forward``
+    The same three passes (activation gradients only: frozen parameters, input embeddings a
+    leaf) / a no-grad clean forward on a separately loaded plain Hugging Face model with the same
+    weights: issue 7's floor for EAP (target ``eap / hf_floor <= 1.15``).
 ``masked_forward``
     ``engine.run(data, mask)`` with one random keep-mask (half the edges removed); the
     corrupted sender outputs are cached by the engine, as in a search that evaluates many masks.
