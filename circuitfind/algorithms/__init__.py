@@ -13,7 +13,7 @@ from circuitfind.algorithms import eap_ig as _eap_ig  # noqa: F401  (registers)
 from circuitfind.algorithms import exact as _exact  # noqa: F401  (registers)
 from circuitfind.algorithms import path_patching as _path_patching  # noqa: F401  (registers)
 from circuitfind.algorithms.acdc import ACDC
-from circuitfind.algorithms.base import ALGORITHMS, Algorithm, get_algorithm
+from circuitfind.algorithms.base import ALGORITHMS, Algorithm, PruningAlgorithm, get_algorithm
 from circuitfind.algorithms.clean_corrupted import CleanCorrupted
 from circuitfind.algorithms.eap import EAP
 from circuitfind.algorithms.eap_ig import EAPIG
@@ -23,4 +23,4 @@ from circuitfind.algorithms.objective import Objective
 from circuitfind.algorithms.path_patching import PathPatching
 
 __all__ = ["ACDC", "ALGORITHMS", "EAP", "EAPIG", "Algorithm", "CleanCorrupted", "ExactPatching",
-           "Objective", "PathPatching", "RunContext", "get_algorithm"]
+           "Objective", "PathPatching", "PruningAlgorithm", "RunContext", "get_algorithm"]

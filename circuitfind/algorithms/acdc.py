@@ -91,7 +91,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.base import ALGORITHMS, PruningAlgorithm
 from circuitfind.algorithms.lifecycle import RunContext, fingerprint
 from circuitfind.algorithms.objective import OBJECTIVES, Objective
 from circuitfind.errors import ConfigError, NonFiniteMetricError
@@ -203,7 +203,7 @@ class _Item:
 
 
 @ALGORITHMS.register("acdc")
-class ACDC(Algorithm):
+class ACDC(PruningAlgorithm):
     """Automatic Circuit DisCovery (Conmy et al. 2023), with the reference's decisions.
 
     Args:
@@ -236,7 +236,6 @@ class ACDC(Algorithm):
 
     name = "acdc"
     description = "ACDC greedy edge pruning (reference decisions; speculative batching; resumable)"
-    returns_circuit = True
     supports_checkpoint = True
 
     def __init__(self, threshold: float = 0.01, objective: str = "kl", mode: str = "exact",
@@ -273,13 +272,6 @@ class ACDC(Algorithm):
         self.progress = progress
 
     # ------------------------------------------------------------------ protocol
-    def score(self, engine: PatchingEngine, data: TaskData,
-              context: RunContext | None = None) -> Tensor:
-        """The measured effect of every tested edge ``[S, R]`` (0 for untested edges)."""
-        scores = self.discover(engine, data, context).scores
-        assert scores is not None
-        return scores
-
     def discover(self, engine: PatchingEngine, data: TaskData,
                  context: RunContext | None = None) -> Circuit:
         """Run ACDC and return the pruned circuit.

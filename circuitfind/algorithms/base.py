@@ -9,7 +9,8 @@ An algorithm is a class with explicit keyword hyperparameters (readable back wit
   ``value(circuit without the edge) - value(full model)``. Selecting a circuit from scores
   (top-n, threshold) is :func:`circuitfind.discover`'s job, so that every attribution method is
   selected the same way;
-- **pruning** (``returns_circuit = True``; ``acdc``): :meth:`Algorithm.discover` returns a
+- **pruning** (:class:`PruningAlgorithm`, ``returns_circuit = True``; ``acdc``,
+  ``path_patching``): :meth:`Algorithm.discover` returns a
   :class:`~circuitfind.graphs.circuit.Circuit` whose edges the algorithm selected itself (its
   scores are the measured per-edge effects, so it still feeds faithfulness curves and ROC
   curves); ``discover`` never re-selects them. :meth:`Algorithm.score` of a pruning algorithm
@@ -99,6 +100,33 @@ class Algorithm(ABC):
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+class PruningAlgorithm(Algorithm):
+    """Base class of algorithms that select their circuit themselves (``acdc``, ``path_patching``).
+
+    Subclasses implement :meth:`discover`; :meth:`score` returns the per-edge scores of the
+    circuit it finds (the effects the algorithm measured; 0 for edges it never tested).
+    """
+
+    returns_circuit: ClassVar[bool] = True
+
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
+        """``[S, R]`` float32 scores of :meth:`discover`'s circuit, in the objective's unit.
+
+        Raises:
+            ConfigError: the circuit the algorithm returned carries no scores.
+        """
+        scores = self.discover(engine, data, context).scores
+        if scores is None:
+            raise ConfigError(f"The {self.name!r} algorithm returned a circuit without scores.")
+        return scores
+
+    @abstractmethod
+    def discover(self, engine: PatchingEngine, data: TaskData,
+                 context: RunContext | None = None) -> Circuit:
+        """The circuit the algorithm selects, with its per-edge scores."""
 
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", entry_point_group="circuitfind.algorithms")

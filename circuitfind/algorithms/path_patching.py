@@ -40,13 +40,11 @@ prompts, which is the paper's "ABC" distribution for IOI).
 
 from __future__ import annotations
 
-from typing import ClassVar
 
 import torch
-from torch import Tensor
 
 from circuitfind.algorithms.lifecycle import RunContext
-from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.base import ALGORITHMS, PruningAlgorithm
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.patching.engine import PatchingEngine
@@ -55,7 +53,7 @@ from circuitfind.tasks.base import TaskData
 
 
 @ALGORITHMS.register("path_patching")
-class PathPatching(Algorithm):
+class PathPatching(PruningAlgorithm):
     """Recursive path patching from the logits (Wang et al. 2022, automated).
 
     Args:
@@ -74,7 +72,6 @@ class PathPatching(Algorithm):
 
     name = "path_patching"
     description = "recursive path patching from the logits (Wang et al. 2022), threshold on effects"
-    returns_circuit: ClassVar[bool] = True  # selects its circuit; discover does not re-select
 
     def __init__(self, threshold: float = 0.02, relative: bool = True, qkv: str = "qkv",
                  max_depth: int | None = None, batch_size: int | None = None) -> None:
@@ -91,13 +88,6 @@ class PathPatching(Algorithm):
         self.qkv = check_qkv(qkv)
         self.max_depth = max_depth
         self.batch_size = batch_size
-
-    def score(self, engine: PatchingEngine, data: TaskData,
-              context: RunContext | None = None) -> Tensor:
-        """Per-edge path-patching effects ``[S, R]`` of the found circuit's edges (0 elsewhere)."""
-        scores = self.discover(engine, data, context).scores
-        assert scores is not None
-        return scores
 
     def discover(self, engine: PatchingEngine, data: TaskData,
                  context: RunContext | None = None) -> Circuit:

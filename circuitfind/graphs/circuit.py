@@ -258,6 +258,19 @@ def _read_bytes(path: str | os.PathLike[str], what: str) -> bytes:
         raise ConfigError(f"Cannot read {what} file {str(path)!r}: {err}.") from err
 
 
+def _read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The parsed JSON of ``path``.
+
+    Raises:
+        ConfigError: a missing or unreadable file, or invalid UTF-8/JSON (naming ``what``).
+    """
+    raw = _read_bytes(path, what)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{str(path)!r} is not valid JSON: {err}.") from err
+
+
 def _suffix(path: str | os.PathLike[str]) -> str:
     return Path(path).suffix.lower()
 
@@ -538,11 +551,7 @@ class Circuit:
         Raises:
             ConfigError: missing or unreadable file, invalid JSON, or bad content.
         """
-        raw = _read_bytes(path, "circuit JSON")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise ConfigError(f"{str(path)!r} is not valid JSON: {err}.") from err
+        data = _read_json(path, "circuit JSON")
         try:
             return cls.from_dict(data)
         except ConfigError as err:

@@ -70,7 +70,7 @@ from circuitfind.graphs.circuit import (
     _atomic_write,
     _check_dense,
     _floats_for_json,
-    _read_bytes,
+    _read_json,
     _structure,
 )
 from circuitfind.graphs.graph import ComputeGraph
@@ -486,11 +486,7 @@ def import_mib(path: str | os.PathLike[str], *, graph: ComputeGraph | None = Non
             raise ConfigError(f"{str(path)!r} holds {len(candidates)} JSON files and no "
                               f"{MIB_FILE}; name the file.")
         path = candidates[0]
-    raw = _read_bytes(path, "MIB circuit JSON")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"{str(path)!r} is not valid JSON: {err}.") from err
+    data = _read_json(path, "MIB circuit JSON")
     try:
         return from_mib_dict(data, graph=graph, gqa=gqa, higher_is_better=higher_is_better)
     except ConfigError as err:

@@ -281,6 +281,11 @@ class PatchingEngine:
         Only the first ``max(positions) + 1`` positions are kept: in a causal model later
         positions cannot change the metric.
 
+        Returns:
+            A :class:`RunCache`: residual streams ``[n_layers + 1, N, T', d]`` and
+            ``[n_layers, N, T', d]`` (after attention), sender outputs ``[S, N, T', d]``, with
+            ``T' = max(positions) + 1``, in the model's dtype.
+
         Raises:
             ConfigError: the model has no block runner.
         """

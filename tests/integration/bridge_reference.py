@@ -12,6 +12,14 @@ def receiver_hook(rec) -> str:
     return "ln_final.hook_in" if rec.kind == "logits" else f"blocks.{rec.layer}.hook_mlp_in"
 
 
+def logits_at(model, tokens, positions):
+    """The bridge's logits ``[N, P, V]`` at ``positions [N, P]`` (no grad)."""
+    with torch.no_grad():
+        logits = model(tokens)
+    idx = positions[:, :, None].expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, idx)
+
+
 def metric_with_hooks(model, data, hooks) -> float:
     """Mean task metric of the bridge on the clean prompts with ``hooks`` installed."""
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
@@ -31,6 +39,14 @@ def add_at_receiver(rec, delta):
         return x + delta
 
     return receiver_hook(rec), fn
+
+
+def edge_patched_logits(model, graph, data, s, r, clean_out, ablated):
+    """Bridge logits at the metric positions with the single edge ``s -> r`` patched by hand:
+    ``ablated[s] - clean_out[s]`` (``[N, T, d]``) added at receiver ``r``'s hook."""
+    hook = add_at_receiver(graph.receivers[r], ablated[s] - clean_out[s])
+    with model.hooks(fwd_hooks=[hook]):
+        return logits_at(model, data.clean, data.positions)
 
 
 def patched_run(model, graph, data, removed, frozen, ablated, clean_out):

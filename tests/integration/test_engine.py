@@ -17,16 +17,11 @@ from circuitfind.errors import ConfigError, HookError
 from circuitfind.patching import PatchingEngine
 from circuitfind.testing import ToyTask
 
+from bridge_reference import edge_patched_logits, logits_at
+
 MODELS = ["gpt2", "llama", "llama_gqa"]
 SETTINGS = settings(max_examples=8, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def _logits_at(model, tokens, positions):
-    with torch.no_grad():
-        logits = model(tokens)
-    idx = positions[:, :, None].expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, idx)
 
 
 def _hook_count(model) -> int:
@@ -46,8 +41,8 @@ def test_full_and_empty_masks_give_clean_and_corrupted(tiny_models, name, n, see
     engine = PatchingEngine(model)
     full = engine.graph.full_mask()
     out = engine.run(data, torch.stack([full, torch.zeros_like(full)]))
-    clean = _logits_at(model, data.clean, data.positions)
-    corrupted = _logits_at(model, data.corrupted, data.positions)
+    clean = logits_at(model, data.clean, data.positions)
+    corrupted = logits_at(model, data.corrupted, data.positions)
     assert (clean - corrupted).abs().max() > 1e-2  # the test can fail
     torch.testing.assert_close(out[0], clean, atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], corrupted, atol=1e-5, rtol=0)
@@ -84,25 +79,10 @@ def test_single_edge_patch_matches_manual_hooks(tiny_models, name):
     corr_out = engine.sender_outputs(data.corrupted)
     for edge in (g.edge_names[0], g.edge_names[g.n_edges // 2], g.edge_names[-1]):
         s, r = g.edge_index(edge)
-        rec = g.receivers[r]
         mask = g.full_mask(torch.float64)
         mask[s, r] = 0
         got = engine.run(data, mask)[0]
-        delta = corr_out[s] - clean_out[s]  # [N, T, d]
-        if rec.kind in ("q", "k", "v"):
-            hook_name = f"blocks.{rec.layer}.hook_{rec.kind}_input"
-
-            def fn(x, hook, head=rec.head):
-                x = x.clone()
-                x[:, :, head] += delta
-                return x
-        else:
-            hook_name = "ln_final.hook_in" if rec.kind == "logits" else f"blocks.{rec.layer}.hook_mlp_in"
-
-            def fn(x, hook):
-                return x + delta
-        with model.hooks(fwd_hooks=[(hook_name, fn)]):
-            want = _logits_at(model, data.clean, data.positions)
+        want = edge_patched_logits(model, g, data, s, r, clean_out, corr_out)
         torch.testing.assert_close(got, want, atol=1e-8, rtol=0)
 
 
@@ -174,9 +154,9 @@ def test_invariants_on_random_model_shapes(tmp_path_factory, arch, layers, kv, g
                          torch.rand(full.shape, generator=torch.Generator().manual_seed(seed),
                                     dtype=torch.float64)])
     out = engine.run(data, masks)
-    torch.testing.assert_close(out[0], _logits_at(model, data.clean, data.positions),
+    torch.testing.assert_close(out[0], logits_at(model, data.clean, data.positions),
                                atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[1], _logits_at(model, data.corrupted, data.positions),
+    torch.testing.assert_close(out[1], logits_at(model, data.corrupted, data.positions),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(out[2], engine.run(data, masks[2])[0], atol=1e-9, rtol=0)
 

@@ -21,14 +21,9 @@ from circuitfind.patching.runner import block_runner
 from circuitfind.tasks.base import TaskData
 from circuitfind.testing import ToyTask
 
+from bridge_reference import edge_patched_logits, logits_at
+
 MODELS = ["gpt2", "llama", "llama_gqa"]
-
-
-def _logits_at(model, tokens, positions):
-    with torch.no_grad():
-        logits = model(tokens)
-    idx = positions[:, :, None].expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, idx)
 
 
 def _plain_hf(model):
@@ -74,26 +69,6 @@ def test_unknown_architecture_falls_back_with_a_warning(tiny_models):
         assert block_runner(Other(), engine.graph) is None
 
 
-def _manual_edge_patch(model, engine, data, s, r, clean_out, ablated):
-    """Bridge forward with ``ablated[s] - clean[s]`` added at receiver ``r``'s hook."""
-    rec = engine.graph.receivers[r]
-    delta = ablated[s] - clean_out[s]
-    if rec.kind in ("q", "k", "v"):
-        hook_name = f"blocks.{rec.layer}.hook_{rec.kind}_input"
-
-        def fn(x, hook, head=rec.head):
-            x = x.clone()
-            x[:, :, head] += delta
-            return x
-    else:
-        hook_name = "ln_final.hook_in" if rec.kind == "logits" else f"blocks.{rec.layer}.hook_mlp_in"
-
-        def fn(x, hook):
-            return x + delta
-    with model.hooks(fwd_hooks=[(hook_name, fn)]):
-        return _logits_at(model, data.clean, data.positions)
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_every_single_edge_equals_the_slow_reference(tiny_models, name):
     model = tiny_models(name)
@@ -107,10 +82,10 @@ def test_every_single_edge_equals_the_slow_reference(tiny_models, name):
     pairs = g.edge_pairs
     masks[torch.arange(g.n_edges), pairs[:, 0], pairs[:, 1]] = 0
     got = engine.run(data, masks)  # batched, each pass starting at its first touched layer
-    clean = _logits_at(model, data.clean, data.positions)
+    clean = logits_at(model, data.clean, data.positions)
     moved = 0
     for e, (s, r) in enumerate(pairs.tolist()):
-        want = _manual_edge_patch(model, engine, data, s, r, clean_out, corr_out)
+        want = edge_patched_logits(model, engine.graph, data, s, r, clean_out, corr_out)
         torch.testing.assert_close(got[e], want, atol=1e-8, rtol=0)
         moved += bool((want - clean).abs().max() > 1e-6)
     assert moved > g.n_edges // 2  # most edges change the logits: the check has teeth
@@ -142,7 +117,7 @@ def test_every_start_layer_gives_the_same_logits(tiny_models, name):
     full = g.full_mask(torch.float64)
     for start in range(g.n_layers + 1):
         torch.testing.assert_close(engine.run(data, full, start=start)[0],
-                                   _logits_at(model, data.clean, data.positions), atol=1e-9, rtol=0)
+                                   logits_at(model, data.clean, data.positions), atol=1e-9, rtol=0)
     with pytest.raises(ConfigError, match="start layer"):
         engine.run(data, full, start=g.n_layers + 1)
     with pytest.raises(ConfigError, match="start layer"):
@@ -191,9 +166,9 @@ def test_invariants_on_padded_data(tiny_models, name):
     full = g.full_mask(torch.float64)
     rand = torch.rand(full.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out = engine.run(data, torch.stack([full, torch.zeros_like(full), rand]))
-    torch.testing.assert_close(out[0], _logits_at(model, data.clean, data.positions),
+    torch.testing.assert_close(out[0], logits_at(model, data.clean, data.positions),
                                atol=1e-8, rtol=0)
-    torch.testing.assert_close(out[1], _logits_at(model, data.corrupted, data.positions),
+    torch.testing.assert_close(out[1], logits_at(model, data.corrupted, data.positions),
                                atol=1e-8, rtol=0)
     one_by_one = torch.cat([engine.run(data.subset([i]), rand)[0] for i in range(data.n)])
     torch.testing.assert_close(out[2], one_by_one, atol=1e-8, rtol=0)
@@ -219,7 +194,7 @@ def test_ablation_values_follow_their_definitions(tiny_models, name):
         mask = g.full_mask(torch.float64)
         mask[s, r] = 0
         for kind, ablated in definitions.items():
-            want = _manual_edge_patch(model, engine, data, s, r, clean_out, ablated)
+            want = edge_patched_logits(model, engine.graph, data, s, r, clean_out, ablated)
             torch.testing.assert_close(engine.run(data, mask, ablation=kind)[0], want,
                                        atol=1e-8, rtol=0)
     with pytest.raises(ConfigError, match="resample"):
