@@ -201,6 +201,11 @@ class _Item:
     receiver: int
     sender: int | None
 
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """Hashable identity of the test."""
+        return (self.kind, self.receiver, -1 if self.sender is None else self.sender)
+
 
 @ALGORITHMS.register("acdc")
 class ACDC(PruningAlgorithm):
@@ -319,6 +324,10 @@ class _Run:
             planned[step.receiver] = True
         self.planned_edges = int((g.edge_mask & planned[None, :]).sum())
         self.planned = planned
+        # speculation only (never decisions): predicted removals from values measured under a
+        # nearly equal state, and (right, total) predictions without / with such a value
+        self.predictions: dict[tuple[str, int, int], bool] = {}
+        self.pred_stats: dict[bool, tuple[int, int]] = {False: (0, 0), True: (0, 0)}
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> dict[str, Any]:
@@ -381,10 +390,7 @@ class _Run:
                 "the task metric and the model's dtype (float16 overflows), or use another "
                 "ablation.")
         effect = value - st["cur"]
-        worse = self.objective.worsening(effect)
-        if self.algo.abs_value_threshold:
-            worse = abs(worse)
-        removed = worse < self.algo.threshold
+        removed = self._would_remove(effect)
         if item.kind == "node":
             st["node_tested"][item.receiver] = True
             st["node_effects"][item.receiver] = effect
@@ -396,34 +402,64 @@ class _Run:
             st["cur"] = value
         return removed
 
-    def _k(self) -> int:
-        """Speculation width from the keep rate so far: about 0.15 expected kept edges per batch.
-
-        A kept edge wastes the rest of its batch, and a masked pass costs mostly per mask, so
-        narrow batches win: on the 6-layer network (τ = 1e-3) 0.15 kept edges per batch took
-        21 s of CPU against 42 s at one kept edge per batch."""
+    def _predicted(self, item: _Item) -> bool:
+        """Predicted decision for ``item`` (True: removed): from a value measured for it under
+        a nearly equal state, else the majority decision so far."""
+        if item.key in self.predictions:
+            return self.predictions[item.key]
         st = self.state
         tested = int(st["tested"].sum()) + int(st["node_tested"].sum())
         kept = int((st["tested"] & st["kept"]).sum())
         kept += int((st["node_tested"] & st["kept"].any(0)).sum())
-        p_keep = (kept + 1) / (tested + 2)
-        return max(1, min(self.k_max, round(0.15 / p_keep)))
+        return 2 * kept <= tested
+
+    def _miss_rate(self, item: _Item) -> float:
+        """Probability that ``item``'s prediction is wrong (rates so far, Laplace-smoothed)."""
+        hits, total = self.pred_stats[item.key in self.predictions]
+        return (total - hits + 1) / (total + 2)
 
     def _exact(self, items: list[_Item], bar: Any) -> None:
+        """Speculative batches: candidate j's mask removes it and every earlier candidate of
+        the batch *predicted* removed; a batch is cut at the first wrong prediction (later
+        candidates assumed a state that did not happen), and their measured values become
+        their predictions for the next batch. A batch is as long as keeps the expected number
+        of wrong predictions under one (at most ``masks_per_pass``)."""
         i = 0
         while i < len(items):
-            batch = items[i: i + self._k()]
+            expected, end = 0.0, i
+            while end < len(items) and end - i < self.k_max and (
+                    end == i or expected + self._miss_rate(items[end]) <= 1.0):
+                expected += self._miss_rate(items[end])
+                end += 1
+            batch = items[i: end]
+            guesses = [self._predicted(item) for item in batch]
             masks = self.state["kept"][None].repeat(len(batch), 1, 1)
-            for j, item in enumerate(batch):  # cumulative: earlier candidates assumed removed
-                self._remove(masks[j:], item)
+            for j, (item, guess) in enumerate(zip(batch, guesses)):
+                self._remove(masks[j: j + 1] if not guess else masks[j:], item)
             values = self._values(masks).tolist()
             done = 0
-            for item, value in zip(batch, values):
+            for j, (item, guess, value) in enumerate(zip(batch, guesses, values)):
                 done += 1
-                if not self._decide(item, value):
-                    break  # later candidates assumed this one removed: re-evaluate them
+                from_value = item.key in self.predictions
+                removed = self._decide(item, value)
+                stats = self.pred_stats[from_value]
+                self.pred_stats[from_value] = (stats[0] + (removed == guess), stats[1] + 1)
+                self.predictions.pop(item.key, None)
+                if removed != guess:
+                    # later candidates were measured under a state that did not happen; the
+                    # values still predict their decisions well
+                    cur = self.state["cur"]
+                    for later, v in zip(batch[j + 1:], values[j + 1:]):
+                        self.predictions[later.key] = self._would_remove(v - cur)
+                    break
             i += done
             self._progress(bar, items[i - 1].receiver, done)
+
+    def _would_remove(self, effect: float) -> bool:
+        worse = self.objective.worsening(effect)
+        if self.algo.abs_value_threshold:
+            worse = abs(worse)
+        return bool(worse < self.algo.threshold)
 
     def _batched(self, items: list[_Item], bar: Any) -> None:
         st, g = self.state, self.g

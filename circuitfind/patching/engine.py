@@ -504,18 +504,29 @@ class PatchingEngine:
             yield from self._iter_hooked_runs(data, removed, batch_size, ablation)
             return
         cache = self.clean_cache(data)
-        ablated = self.ablation_values(data, ablation)
+        values = self.ablation_values(data, ablation)  # memoised: the key of ``diff``
         t = self._used_len(data)
-        ablated = ablated[:, :, :t] if ablated.shape[2] > 1 else ablated
+        ablated = values[:, :, :t] if values.shape[2] > 1 else values
         positions = data.positions.to(self.device)
         weights = removed if frozen is None else removed + frozen
         # rows of a pass hold the current values of senders at or after the start layer
         n_dynamic = int(weights.ne(0).any(2).any(0).sum())
+        diff = self._clean_minus_ablated(cache, values, ablated)
         for ks, es in self._chunks(masks.shape[0], data.n, t, batch_size, n_dynamic):
             sub = cache.subset(es)
             abl = ablated[:, es] if ablated.shape[1] > 1 else ablated
             yield ks, es, self.runner.run(sub, abl, removed[ks], positions[es], start=start,
-                                          frozen=None if frozen is None else frozen[ks])
+                                          frozen=None if frozen is None else frozen[ks],
+                                          diff=diff[:, es])
+
+    def _clean_minus_ablated(self, cache: RunCache, values: Tensor, ablated: Tensor) -> Tensor:
+        """``cache.senders - ablated`` ``[S, N, T', d]`` (``ablated``: ``values`` cut to the
+        cache's positions), memoised for the last (cache, ``values``) pair: every masked pass
+        over the same data reads it."""
+        memo = self._memo.get("diff")
+        if memo is None or memo[0] is not cache or memo[1] is not values:
+            memo = self._memo["diff"] = (cache, values, cache.senders - ablated)
+        return memo[2]
 
     @torch.no_grad()
     def _iter_hooked_runs(self, data: TaskData, removed: Tensor, batch_size: int | None,

@@ -123,6 +123,13 @@ class _Layout:
         out = torch.einsum("...hd,hde->...he", x, w)
         return out if b is None else out + b
 
+    def project_heads(self, layer: int, kind: str, x: Tensor) -> Tensor:
+        """Every head's projection of its own rows, head-major: ``x [K, heads, rows, d]`` ->
+        ``[K, heads, rows, dh]`` (one batched matmul, no transposes)."""
+        w, b = self.head_weights(layer, kind)
+        out = torch.matmul(x, w)
+        return out if b is None else out + b[:, None]
+
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
         raise NotImplementedError
 
@@ -181,6 +188,14 @@ class _Layout:
         heads = slots if heads is None else heads
         return torch.einsum("bthe,hed->bthd", z[:, :, slots],
                             w.reshape(self.n_heads, dh, -1)[heads])
+
+    def head_results_all(self, layer: int, z: Tensor, k_masks: int) -> Tensor:
+        """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [K*n, T, H, dh]`` ->
+        ``[K, H, n*T, d]``."""
+        w, _ = self.w_out(layer)  # [H*dh, d]
+        b, t, h, dh = z.shape
+        zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
+        return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         """Attention output (all heads, with bias): ``[B,T,H,dh]`` -> ``[B,T,d]``."""
@@ -434,7 +449,8 @@ class BlockRunner:
     # ------------------------------------------------------------------ masked runs
     @torch.no_grad()
     def run(self, cache: RunCache, ablated: Tensor, removed: Tensor, positions: Tensor,
-            start: int | None = None, frozen: Tensor | None = None) -> Tensor:
+            start: int | None = None, frozen: Tensor | None = None,
+            diff: Tensor | None = None) -> Tensor:
         """Logits at ``positions`` of K masked runs, starting at layer ``start``.
 
         Args:
@@ -448,6 +464,8 @@ class BlockRunner:
                 receiver before it must be untouched.
             frozen: Optional ``[K, S, R]`` weights of kept edges frozen to their clean values
                 (path patching), same rules as ``removed``.
+            diff: Optional ``[S, N, T, d]`` ``cache.senders - ablated``, when the caller keeps
+                it across passes (computed here otherwise).
 
         Returns:
             ``[K, N, P, V]`` logits.
@@ -481,13 +499,20 @@ class BlockRunner:
         # edges, dynamic senders' ablated - clean values). Dynamic senders' per-mask buffer
         # ``current`` holds a_u(current run) - a'_u, so that eq. (1) for a dynamic sender is
         # (removed + frozen) * current + frozen * (a' - clean).
-        parts = [cache.senders[static] - ablated[static]] if static else []
-        cols = [removed[:, static]] if static else []
-        if dynamic and frozen is not None:
-            parts.append((ablated[dynamic] - cache.senders[dynamic]).expand(len(dynamic), n, t, d))
-            cols.append(frozen[:, dynamic])
-        shared = torch.cat(parts).reshape(-1, n * t * d) if parts else None
-        w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
+        if diff is None:
+            diff = cache.senders - ablated  # [S, n, T, d]
+        if frozen is None:
+            # every sender before ``start`` (a view; inactive ones have zero weights)
+            shared = diff[:n_static].reshape(n_static, -1) if static else None
+            w_shared = removed[:, :n_static] if static else None  # [K, A, R]
+        else:
+            parts = [diff[static]] if static else []
+            cols = [removed[:, static]] if static else []
+            if dynamic:
+                parts.append(-diff[dynamic])
+                cols.append(frozen[:, dynamic])
+            shared = torch.cat(parts).reshape(-1, n * t * d) if parts else None
+            w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
         w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
         dyn_slot = {u: i for i, u in enumerate(dynamic)}
         # uninitialised: in the last block only the metric positions are written, and every
@@ -496,6 +521,7 @@ class BlockRunner:
                    if dynamic else None)
         last_out: dict[str, Any] = {}
         touched_cpu = touched_r.cpu()
+        touched_any = touched_cpu.any(0).tolist()
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
 
         def deltas(receivers: list[int]) -> list[tuple[int, Tensor | slice, Tensor]]:
@@ -504,7 +530,7 @@ class BlockRunner:
             One matmul over the shared buffer and one batched matmul over the per-mask
             buffer for all of them (each buffer is read once per layer, not once per receiver).
             """
-            rs = [r for r in receivers if touched_cpu[:, r].any()]
+            rs = [r for r in receivers if touched_any[r]]
             if not rs:
                 return []
             sub = touched_cpu[:, rs]  # [K, R']
@@ -585,7 +611,7 @@ class BlockRunner:
 
         def clean_minus_ablated(u: int) -> Tensor:
             """``a_u(clean) - a'_u`` flattened to ``[n*T*d]``."""
-            return (cache.senders[u] - ablated[u]).expand(n, t, d).reshape(-1)
+            return diff[u].reshape(-1)
 
         def sparse_attention(layer: int, patches: list[tuple[int, Tensor | slice, Tensor]]
                              ) -> Tensor | None:
@@ -676,6 +702,37 @@ class BlockRunner:
             # a kind is dense when every mask touches every one of its receivers
             dense = {kind: len(p) == sizes[kind] and all(isinstance(ks, slice) for _, ks, _ in p)
                      for kind, p in by_kind.items()}
+            if all(dense.values()) and "dense" in last_out and not last:
+                # every mask touches every q/k/v receiver: receiver-major inputs
+                # [K, R', n*T, d], one norm, one batched projection per kind
+                i0 = last_out["receivers"].index(g.q_start[layer])
+                n_r = g.n_heads + 2 * g.n_kv_heads
+                block = last_out["dense"][:, i0: i0 + n_r].view(k_masks, n_r, n * t, d)
+                normed = lay.ln_attn(layer, xk.view(k_masks, 1, n * t, d) - block)
+                qkv, s0 = {}, 0
+                for kind in "qkv":
+                    out = lay.project_heads(layer, kind, normed[:, s0: s0 + sizes[kind]])
+                    s0 += sizes[kind]
+                    # attention layout [K*n, T, heads, dh] as a view of [K*n, heads, T, dh]
+                    qkv[kind] = (out.view(k_masks, sizes[kind], n, t, -1).transpose(1, 2)
+                                 .reshape(k_masks * n, sizes[kind], t, -1).transpose(1, 2))
+                q, k, v = qkv["q"], qkv["k"], qkv["v"]
+                z = lay.attend(layer, q, k, v)
+                h0 = g.head_start[layer]
+                res = lay.head_results_all(layer, z, k_masks)  # [K, H, n*T, d]
+                heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
+                if heads:  # consecutive slots of ``current``
+                    i0, nh = dyn_slot[h0 + heads[0]], len(heads)
+                    values = res if nh == g.n_heads else res[:, heads]
+                    torch.sub(values.view(k_masks, nh, n, t, d),
+                              ablated[h0 + heads[0]: h0 + heads[-1] + 1] if nh == g.n_heads
+                              else ablated[[h0 + h for h in heads]],
+                              out=current[:, i0: i0 + nh].view(k_masks, nh, n, t, d))
+                _, b_out = lay.w_out(layer)
+                attn = res.sum(1).view(k_masks * n, t, d)
+                x = x + (attn if b_out is None else attn + b_out)
+                x = mlp_block(layer, x, last)
+                continue
             if all(dense.values()):
                 qkv = {}
             else:
