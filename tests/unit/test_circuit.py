@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from circuitfind.errors import CircuitFindError, ConfigError, UnknownNameError
 from circuitfind.graphs import (Circuit, ComputeGraph, prune_dangling, select_threshold,
                                 select_top_n)
-from circuitfind.graphs.circuit import FORMAT_VERSION, _floats_for_json
+from circuitfind._files import floats_for_json
+from circuitfind.graphs.circuit import FORMAT_VERSION
 
 MHA = ComputeGraph(2, 4)
 GQA = ComputeGraph(3, 4, 2)
@@ -382,7 +383,7 @@ def test_json_layout(tmp_path):
 @given(st.floats(width=32, allow_nan=False, allow_infinity=False))
 def test_float32_json_numbers_exact(x):
     value = torch.tensor([x], dtype=torch.float32)
-    text = json.dumps(_floats_for_json(value))
+    text = json.dumps(floats_for_json(value))
     back = np.asarray(json.loads(text), dtype=np.float64).astype(np.float32)
     assert struct.pack("<f", back[0]) == struct.pack("<f", value.item())
     assert len(text) <= 2 + len(repr(value.item()))
