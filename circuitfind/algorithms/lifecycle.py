@@ -10,8 +10,9 @@ algorithm is always:
 2. ``state = context.resume(key)`` — the saved state dict, ``None`` for a fresh run, or a
    :class:`~circuitfind.errors.CheckpointMismatchError` when the file belongs to another run;
 3. the work loop, calling ``context.save(key, state)`` after each unit of work (the context
-   writes at most every ``save_every_s`` seconds or ``save_every`` units, atomically:
-   a temporary file then ``os.replace``) and updating ``context.bar(...)``;
+   writes at most every ``save_every_s`` seconds or ``save_every`` units, atomically with
+   :func:`circuitfind._files.atomic_write`: a temporary file then ``os.replace``) and
+   updating ``context.bar(...)``;
 4. on ``KeyboardInterrupt`` or an error: ``context.save(key, state, force=True)`` then re-raise,
    so the same call (or CLI command) continues where it stopped with the identical result;
 5. at the end: ``context.save(key, final_state, force=True)`` (a rerun then returns the result
@@ -24,6 +25,7 @@ State dicts hold tensors, numbers, strings and lists (``torch.save`` / ``torch.l
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from circuitfind._files import atomic_write
 from circuitfind.errors import CheckpointMismatchError, ConfigError
 
 
@@ -110,9 +113,9 @@ class RunContext:
         if not due:
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "settings": settings, "state": state}, tmp)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        torch.save({"key": key, "settings": settings, "state": state}, buffer)
+        atomic_write(path, buffer.getvalue())
         self._last_save, self._since_save = now, 0
         return True
 

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from circuitfind.errors import ConfigError
-from circuitfind.graphs.circuit import Circuit, prune_dangling, select_top_n
+from circuitfind.graphs.circuit import Circuit
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import Ablation
 from circuitfind.tasks.base import TaskData
@@ -253,9 +254,7 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
     fr = sorted(float(f) for f in fractions)
     if not fr or fr[0] <= 0 or fr[-1] > 1:
         raise ConfigError(f"Fractions must lie in (0, 1]; got {fractions}.")
-    if tuple(scores.shape) != (g.n_senders, g.n_receivers):
-        raise ConfigError(f"Scores must have shape {(g.n_senders, g.n_receivers)}; "
-                          f"got {tuple(scores.shape)}.")
+    g.check_edge_matrix(scores, "scores")
     if convention == "mib":
         if absolute is not None:
             raise ConfigError("absolute applies to convention='single' only; the MIB convention "

@@ -211,17 +211,11 @@ def roc_from_labels(keys: np.ndarray | Sequence[float], labels: np.ndarray | Seq
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _structure(graph: ComputeGraph) -> dict:
-    config = graph.config()
-    config.pop("model_name", None)
-    return config
-
-
 def _check_reference(reference: object, graph: ComputeGraph | None, where: str) -> Circuit:
     if not isinstance(reference, Circuit):
         raise ConfigError(f"{where} needs the reference as a Circuit; got "
                           f"{type(reference).__name__}.")
-    if graph is not None and _structure(graph) != _structure(reference.graph):
+    if graph is not None and graph != reference.graph:  # equal graphs: same shape
         raise ConfigError(f"{where}: the scores are over {graph!r} but the reference is over "
                           f"{reference.graph!r}; both must be on graphs of the same shape.")
     return reference
@@ -242,13 +236,7 @@ def _edge_keys(scores: Tensor | Circuit, reference: object, absolute: bool,
         if not isinstance(scores, Tensor):
             raise ConfigError(f"{where}: scores must be a [S, R] tensor or a Circuit; got "
                               f"{type(scores).__name__}.")
-        shape = (graph.n_senders, graph.n_receivers)
-        if tuple(scores.shape) != shape:
-            raise ConfigError(f"{where}: scores must have shape [S, R] = {list(shape)} for "
-                              f"{graph!r}; got {list(scores.shape)}.")
-        if scores.is_complex() or scores.dtype == torch.bool:
-            raise ConfigError(f"{where}: scores must be real numbers; got {scores.dtype}.")
-        dense = scores
+        dense = graph.check_edge_matrix(scores, f"{where}: scores", real=True)
     keys = dense.detach().to("cpu", torch.float64).numpy()
     if absolute:
         keys = np.abs(keys)

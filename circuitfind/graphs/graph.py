@@ -35,6 +35,7 @@ real edges. GPT-2 small (12 layers, 12 heads) has 158 nodes and 32,491 edges.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -304,6 +305,23 @@ class ComputeGraph:
             self.edge_index(name)  # raises the precise error
         return self._edge_id[name]
 
+    def edge_ids_of(self, names: Iterable[str]) -> Tensor:
+        """Canonical edge ids of ``names``, in the order given (duplicates repeat).
+
+        Args:
+            names: Edge names such as ``"a0.h1->a3.h7<q>"``.
+
+        Returns:
+            ``[len(names)]`` long tensor of edge ids (rows of :attr:`edge_pairs`).
+
+        Raises:
+            ConfigError: ``names`` is one string instead of a list of names.
+            UnknownNameError: see :meth:`edge_index`.
+        """
+        if isinstance(names, str):
+            raise ConfigError(f"Edge names must be a list of names, not one string ({names!r}).")
+        return torch.tensor([self.edge_id(name) for name in names], dtype=torch.long)
+
     def edge_name(self, sender: int, receiver: int) -> str:
         """Name of the edge from sender index to receiver index.
 
@@ -337,6 +355,83 @@ class ComputeGraph:
         """``[S, R]`` mask keeping every edge (1 on real edges, 0 elsewhere)."""
         return self.edge_mask.to(dtype)
 
+    def mask_of(self, ids: Tensor) -> Tensor:
+        """``[S, R]`` bool mask, True exactly at the edges with canonical ids ``ids`` ``[n]``."""
+        mask = torch.zeros(self.n_senders, self.n_receivers, dtype=torch.bool)
+        pairs = self.edge_pairs[ids]
+        mask[pairs[:, 0], pairs[:, 1]] = True
+        return mask
+
+    def check_edge_matrix(self, value: Any, what: str, *, batched: bool = False,
+                          real: bool = False) -> Tensor:
+        """Check that ``value`` is a dense per-edge tensor of this graph: ``[S, R]``.
+
+        The one shape check for scores and keep-masks wherever they enter circuitfind (a
+        circuit's kept mask and scores, selection, the engine's masks, ROC, faithfulness
+        curves, algorithm conformance).
+
+        Args:
+            value: The tensor to check (any dtype and device unless ``real``).
+            what: How the message names it (``"scores"``, ``"edge_roc: scores"``).
+            batched: Also accept a stack ``[K, S, R]`` (K masks evaluated together).
+            real: Also require real numbers (not complex, not bool).
+
+        Returns:
+            ``value``, unchanged.
+
+        Raises:
+            ConfigError: not a tensor; another shape (per-edge values ``[E]`` get a hint to
+                :meth:`to_dense`); with ``real``, a complex or bool dtype.
+        """
+        s, r = self.n_senders, self.n_receivers
+        want = f"[S, R] = [{s}, {r}]" + (f" or [K, S, R] = [K, {s}, {r}]" if batched else "")
+        if not isinstance(value, Tensor):
+            raise ConfigError(f"{what} must be a torch.Tensor of shape {want}; got "
+                              f"{type(value).__name__}.")
+        shape = tuple(value.shape)
+        if not (shape == (s, r) or (batched and len(shape) == 3 and shape[1:] == (s, r))):
+            hint = (" (per-edge values [E] in canonical order become [S, R] with graph.to_dense)"
+                    if shape == (self.n_edges,) else "")
+            raise ConfigError(f"{what} must have shape {want} for {self!r}; got "
+                              f"{list(shape)}{hint}.")
+        if real and (value.is_complex() or value.dtype == torch.bool):
+            raise ConfigError(f"{what} must be real numbers (a floating tensor); got dtype "
+                              f"{value.dtype}.")
+        return value
+
+    # ------------------------------------------------------------------ who reads what
+    @cached_property
+    def _reads(self) -> Tensor:
+        """``[R, N]`` float32: 1 where node n reads receiver r (a grouped-query k/v receiver is
+        read by every query head sharing it)."""
+        reads = torch.zeros(self.n_receivers, self.n_nodes, dtype=torch.float32)
+        for r, receiver in enumerate(self.receivers):
+            for name in receiver.nodes:
+                reads[r, self._node_index[name]] = 1.0
+        return reads
+
+    def nodes_reading(self, receivers: Tensor) -> Tensor:
+        """The nodes that read at least one of the marked receivers.
+
+        Args:
+            receivers: ``[R]`` bool (or 0/1) mask over :attr:`receivers`.
+
+        Returns:
+            ``[N]`` bool mask over :attr:`nodes`.
+        """
+        return (receivers.to(torch.float32) @ self._reads) > 0
+
+    def receivers_read_by(self, nodes: Tensor) -> Tensor:
+        """The receivers that at least one of the marked nodes reads.
+
+        Args:
+            nodes: ``[N]`` bool (or 0/1) mask over :attr:`nodes`.
+
+        Returns:
+            ``[R]`` bool mask over :attr:`receivers`.
+        """
+        return (self._reads @ nodes.to(torch.float32)) > 0
+
     # ------------------------------------------------------------------ misc
     def _unknown(self, what: str, name: str, table: dict[str, int]) -> str:
         import difflib
@@ -346,11 +441,16 @@ class ComputeGraph:
         return f"Unknown {what} {name!r} in this {self.n_layers}-layer graph.{hint}"
 
     def _structure(self) -> tuple[int, int, int, bool, bool]:
+        # everything the graph's nodes, receivers and edges are built from (not model_name)
         return (self.n_layers, self.n_heads, self.n_kv_heads, self.attn_only,
                 self.parallel_attn_mlp)
 
     def __eq__(self, other: object) -> bool:
-        """Graphs are equal when their structure is (``model_name`` is provenance only)."""
+        """Graphs are equal when their structure is (``model_name`` is provenance only).
+
+        This is the check for "same shape": equal graphs have the same nodes, receivers and
+        edges, so ``[S, R]`` tensors of one fit the other.
+        """
         return isinstance(other, ComputeGraph) and self._structure() == other._structure()
 
     def __hash__(self) -> int:

@@ -64,15 +64,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from circuitfind._files import atomic_write, floats_for_json, read_json
 from circuitfind.errors import ConfigError
-from circuitfind.graphs.circuit import (
-    Circuit,
-    _atomic_write,
-    _check_dense,
-    _floats_for_json,
-    _read_json,
-    _structure,
-)
+from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
 
 __all__ = ["MIB_FILE", "GQA_MODES", "mib_folder_name", "to_mib_dict", "from_mib_dict",
@@ -176,8 +170,7 @@ def _as_circuit(obj: Any, graph: ComputeGraph | None) -> Circuit:
         if not isinstance(graph, ComputeGraph):
             raise ConfigError("Exporting a scores tensor needs its graph: pass graph= (e.g. "
                               "cf.ComputeGraph.from_model(model)).")
-        scores = _check_dense(graph, obj, "scores")
-        return Circuit.empty(graph, scores=scores)
+        return Circuit.empty(graph, scores=obj)  # checks the scores' shape and dtype
     raise ConfigError(f"export_mib takes a Circuit or an [S, R] scores tensor; got "
                       f"{type(obj).__name__}.")
 
@@ -284,11 +277,11 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
     score[mapped] = values.numpy()[ids[mapped]]
     in_graph = np.zeros(len(names), dtype=bool)
     in_graph[mapped] = kept_e[ids[mapped]]
-    floats = _floats_for_json(torch.from_numpy(score))
+    floats = floats_for_json(torch.from_numpy(score))
     edges = {name: {"score": v, "in_graph": bool(k)}
              for name, v, k in zip(names, floats, in_graph.tolist())}
     # EAP-IG's node rule: an outgoing kept edge and (input, or an incoming kept edge)
-    has_in = (circuit.kept.any(0).to(torch.float32) @ _structure(g).reads) > 0  # [N]
+    has_in = g.nodes_reading(circuit.kept.any(0))  # [N]
     has_in[0] = True
     has_out = torch.cat([circuit.kept.any(1), torch.zeros(1, dtype=torch.bool)])
     node_in = {node.name: bool(i and o) for node, i, o in zip(g.nodes, has_in.tolist(),
@@ -344,7 +337,7 @@ def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str]
     path.parent.mkdir(parents=True, exist_ok=True)
     data = to_mib_dict(circuit, d_model, higher_is_better=higher_is_better,
                        provenance=provenance)
-    return _atomic_write(path, (json.dumps(data) + "\n").encode("utf-8"))
+    return atomic_write(path, (json.dumps(data) + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------- import
@@ -486,7 +479,7 @@ def import_mib(path: str | os.PathLike[str], *, graph: ComputeGraph | None = Non
             raise ConfigError(f"{str(path)!r} holds {len(candidates)} JSON files and no "
                               f"{MIB_FILE}; name the file.")
         path = candidates[0]
-    data = _read_json(path, "MIB circuit JSON")
+    data = read_json(path, "MIB circuit JSON")
     try:
         return from_mib_dict(data, graph=graph, gqa=gqa, higher_is_better=higher_is_better)
     except ConfigError as err:

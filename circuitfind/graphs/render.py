@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from circuitfind._files import atomic_write
 from circuitfind.errors import CircuitFindError, ConfigError
 from circuitfind.registry import Registry
 
@@ -252,7 +253,7 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
         ConfigError: ``circuit`` is not a Circuit; a score filter (``min_abs_score``,
             ``top_n``) on a circuit without scores.
     """
-    from circuitfind.graphs.circuit import Circuit, _structure
+    from circuitfind.graphs.circuit import Circuit
 
     if not isinstance(circuit, Circuit):
         raise ConfigError(f"render needs a Circuit; got {type(circuit).__name__}.")
@@ -270,14 +271,13 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
         values = graph.to_edges(circuit.scores)[ids].tolist()
     else:
         values = [None] * len(pairs)
-    qkv = _structure(graph).qkv
     names = graph.edge_names
     # (name, sender, targets, key, score) in canonical order of first appearance
     items: dict[tuple[str, ...], list[Any]] = {}
     for edge_id, (s, r), value in zip(ids.tolist(), pairs, values):
         receiver = graph.receivers[r]
         sender = graph.senders[s].name
-        kind = qkv[r] or receiver.kind
+        kind = receiver.qkv or receiver.kind
         if opts.collapse_qkv and kind in ("q", "k", "v"):
             for target in receiver.nodes:
                 item = items.setdefault(("qkv", sender, target),
@@ -854,8 +854,6 @@ def render(circuit: Circuit, path: str | os.PathLike[str], format: str | None = 
         CircuitFindError: the renderer cannot run here (``graphviz`` without ``dot``), or
             ``dot`` failed.
     """
-    from circuitfind.graphs.circuit import _atomic_write
-
     path = Path(path)
     fmt = format_of(path, format)
     directory = path.parent
@@ -868,6 +866,6 @@ def render(circuit: Circuit, path: str | os.PathLike[str], format: str | None = 
     else:
         data = RENDERERS.get(resolve_renderer(renderer)).draw(sc, fmt)
     try:
-        return _atomic_write(path, data)
+        return atomic_write(path, data)
     except OSError as err:
         raise ConfigError(f"Cannot write {str(path)!r}: {err.strerror or err}.") from err

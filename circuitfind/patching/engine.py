@@ -333,12 +333,9 @@ class PatchingEngine:
 
     # ------------------------------------------------------------------ masks
     def _masks(self, masks: Tensor) -> Tensor:
-        s, r = self.graph.n_senders, self.graph.n_receivers
+        masks = self.graph.check_edge_matrix(masks, "masks", batched=True)
         if masks.ndim == 2:
             masks = masks[None]
-        if masks.ndim != 3 or tuple(masks.shape[1:]) != (s, r):
-            raise ConfigError(f"Masks must have shape [S, R] or [K, S, R] with S={s}, R={r} "
-                              f"(graph senders x receivers); got {tuple(masks.shape)}.")
         return masks.to(device=self.device, dtype=self.dtype)
 
     def _receiver_hooks(self, buf: Tensor, removed: Tensor, n: int,

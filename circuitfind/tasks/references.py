@@ -361,12 +361,6 @@ def _task_key(task: Any) -> str:
     return normalize_name(name)
 
 
-def _structure(graph: ComputeGraph) -> dict[str, Any]:
-    config = graph.config()
-    config.pop("model_name", None)
-    return config
-
-
 def register_reference(task: str, model_name: str, builder: ReferenceBuilder, *,
                        graph: ComputeGraph | None = None, aliases: Iterable[str] = (),
                        replace: bool = False) -> None:
@@ -487,14 +481,14 @@ def reference_circuit(task: Any, model: str | ComputeGraph) -> Circuit:
                               f"{canonical!r} needs the model's graph: pass a ComputeGraph "
                               "(ComputeGraph.from_model(model)) instead of the name.")
         graph = entry.graph
-    elif entry.graph is not None and _structure(graph) != _structure(entry.graph):
+    elif entry.graph is not None and graph != entry.graph:  # equal graphs: same shape
         raise ConfigError(f"The reference circuit for task {task_key!r} on model {canonical!r} "
                           f"is defined on {entry.graph!r}; got {graph!r}, whose shape differs.")
     circuit = entry.builder(graph)
     if not isinstance(circuit, Circuit):
         raise ConfigError(f"The reference builder for ({task_key!r}, {canonical!r}) returned "
                           f"{type(circuit).__name__}, not a Circuit.")
-    if _structure(circuit.graph) != _structure(graph):
+    if circuit.graph != graph:
         raise ConfigError(f"The reference builder for ({task_key!r}, {canonical!r}) returned a "
                           f"circuit over {circuit.graph!r}; expected the shape of {graph!r}.")
     if circuit.n_edges == 0:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from circuitfind.algorithms.base import Algorithm
-from circuitfind.errors import CircuitFindError
+from circuitfind.errors import CircuitFindError, ConfigError
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData
 
@@ -61,10 +61,10 @@ def check_algorithm(make: Callable[[], Algorithm], model: Any, data: TaskData) -
     g = engine.graph
     first = algo.score(engine, data)
     second = make().score(PatchingEngine(model), data)
-    if not isinstance(first, torch.Tensor) or tuple(first.shape) != (g.n_senders, g.n_receivers):
-        raise ConformanceError(f"score() must return a [S, R] = {(g.n_senders, g.n_receivers)} "
-                               f"tensor; got {type(first).__name__} "
-                               f"{tuple(getattr(first, 'shape', ()))}.")
+    try:
+        g.check_edge_matrix(first, "score()'s result")
+    except ConfigError as err:
+        raise ConformanceError(str(err)) from None
     if not first.is_floating_point() or first.device.type != "cpu":
         raise ConformanceError("scores must be a floating-point tensor on the CPU.")
     if not torch.isfinite(first[g.edge_mask]).all():

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from circuitfind.errors import CircuitFindError, ConfigError, UnknownNameError
 from circuitfind.graphs import (Circuit, ComputeGraph, prune_dangling, select_threshold,
                                 select_top_n)
-from circuitfind.graphs.circuit import FORMAT_VERSION, _floats_for_json
+from circuitfind._files import floats_for_json
+from circuitfind.graphs.circuit import FORMAT_VERSION
 
 MHA = ComputeGraph(2, 4)
 GQA = ComputeGraph(3, 4, 2)
@@ -382,7 +383,7 @@ def test_json_layout(tmp_path):
 @given(st.floats(width=32, allow_nan=False, allow_infinity=False))
 def test_float32_json_numbers_exact(x):
     value = torch.tensor([x], dtype=torch.float32)
-    text = json.dumps(_floats_for_json(value))
+    text = json.dumps(floats_for_json(value))
     back = np.asarray(json.loads(text), dtype=np.float64).astype(np.float32)
     assert struct.pack("<f", back[0]) == struct.pack("<f", value.item())
     assert len(text) <= 2 + len(repr(value.item()))
@@ -460,3 +461,32 @@ def test_nan_scores_survive_files(tmp_path):
         back = Circuit.load(c.save(tmp_path / f"c{suffix}"))
         assert math.isnan(back.edge_scores()["m0->m1"])
         assert torch.equal(bits(back.scores), bits(c.scores))
+
+
+def test_moved_names_still_importable_from_circuit():
+    from circuitfind.graphs import circuit, io, selection
+
+    assert circuit.select_top_n is selection.select_top_n
+    assert circuit.prune_dangling is selection.prune_dangling
+    assert circuit.FORMAT_NAME == io.FORMAT_NAME and circuit.FORMAT_VERSION == io.FORMAT_VERSION
+    with pytest.raises(AttributeError):
+        circuit.no_such_name  # noqa: B018
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from circuitfind.algorithms import RunContext
+
+    ctx = RunContext(checkpoint=tmp_path / "run.ckpt", progress=False)
+    assert ctx.save("key", {"done": 1}, force=True)
+    before = (tmp_path / "run.ckpt").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ctx.save("key", {"done": 2}, force=True)
+    assert (tmp_path / "run.ckpt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
+    monkeypatch.undo()
+    assert RunContext(checkpoint=tmp_path / "run.ckpt").resume("key") == {"done": 1}

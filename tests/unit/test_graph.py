@@ -74,3 +74,39 @@ def test_bad_config():
         ComputeGraph(2, 6, 4)
     with pytest.raises(ConfigError):
         ComputeGraph(0, 4)
+
+
+def test_check_edge_matrix():
+    g = ComputeGraph(2, 4, 2)
+    ok = torch.zeros(g.n_senders, g.n_receivers)
+    assert g.check_edge_matrix(ok, "scores") is ok
+    assert g.check_edge_matrix(ok[None].expand(3, -1, -1), "masks", batched=True).shape[0] == 3
+    with pytest.raises(ConfigError, match=r"masks must have shape \[S, R\]"):
+        g.check_edge_matrix(ok[None], "masks")
+    with pytest.raises(ConfigError, match="graph.to_dense"):
+        g.check_edge_matrix(torch.zeros(g.n_edges), "scores")
+    with pytest.raises(ConfigError, match="torch.Tensor"):
+        g.check_edge_matrix(ok.tolist(), "scores")
+    with pytest.raises(ConfigError, match="real numbers"):
+        g.check_edge_matrix(ok.bool(), "scores", real=True)
+    assert g.check_edge_matrix(ok.bool(), "kept").dtype == torch.bool
+
+
+def test_readers_of_receivers_and_ids_to_mask():
+    g = ComputeGraph(2, 4, 2)  # grouped-query: a1.kv0<k> is read by a1.h0 and a1.h1
+    receivers = torch.zeros(g.n_receivers, dtype=torch.bool)
+    receivers[g.receiver_index("a1.kv0<k>")] = True
+    readers = g.nodes_reading(receivers)
+    assert [g.nodes[i].name for i in readers.nonzero().flatten()] == ["a1.h0", "a1.h1"]
+    nodes = torch.zeros(g.n_nodes, dtype=torch.bool)
+    nodes[g.node_index("a1.h1")] = True
+    read = g.receivers_read_by(nodes)
+    assert [g.receivers[i].name for i in read.nonzero().flatten()] == [
+        "a1.h1<q>", "a1.kv0<k>", "a1.kv0<v>"]
+    names = ["m0->m1", "input->a0.h0<q>"]
+    ids = g.edge_ids_of(names)
+    assert ids.tolist() == [g.edge_id(n) for n in names]
+    mask = g.mask_of(ids)
+    assert mask.sum() == 2 and all(bool(mask[g.edge_index(n)]) for n in names)
+    with pytest.raises(ConfigError, match="not one string"):
+        g.edge_ids_of("m0->m1")
