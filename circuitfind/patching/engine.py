@@ -508,21 +508,27 @@ class PatchingEngine:
         weights = removed if frozen is None else removed + frozen
         # rows of a pass hold the current values of senders at or after the start layer
         n_dynamic = int(weights.ne(0).any(2).any(0).sum())
-        diff = self._clean_minus_ablated(cache, values, ablated)
+        diff, pre, mid = self._clean_minus_ablated(cache, values, ablated)
         for ks, es in self._chunks(masks.shape[0], data.n, t, batch_size, n_dynamic):
             sub = cache.subset(es)
             abl = ablated[:, es] if ablated.shape[1] > 1 else ablated
             yield ks, es, self.runner.run(sub, abl, removed[ks], positions[es], start=start,
                                           frozen=None if frozen is None else frozen[ks],
-                                          diff=diff[:, es])
+                                          diff=diff[:, es], abl_resid=(pre[:, es], mid[:, es]))
 
-    def _clean_minus_ablated(self, cache: RunCache, values: Tensor, ablated: Tensor) -> Tensor:
+    def _clean_minus_ablated(self, cache: RunCache, values: Tensor, ablated: Tensor
+                             ) -> tuple[Tensor, Tensor, Tensor]:
         """``cache.senders - ablated`` ``[S, N, T', d]`` (``ablated``: ``values`` cut to the
-        cache's positions), memoised for the last (cache, ``values``) pair: every masked pass
-        over the same data reads it."""
+        cache's positions) and the ablated run's residual streams (``pre [L+1, N, T', d]``,
+        ``mid [L, N, T', d]``, see :meth:`BlockRunner.ablated_residuals`),
+        memoised for the last (cache, ``values``) pair: every masked pass over the same data
+        reads them."""
         memo = self._memo.get("diff")
         if memo is None or memo[0] is not cache or memo[1] is not values:
-            memo = self._memo["diff"] = (cache, values, cache.senders - ablated)
+            diff = cache.senders - ablated
+            n, t = diff.shape[1:3]
+            memo = self._memo["diff"] = (cache, values,
+                                         (diff, *self.runner.ablated_residuals(ablated, n, t)))
         return memo[2]
 
     @torch.no_grad()

@@ -123,6 +123,15 @@ class _Layout:
         out = torch.einsum("...hd,hde->...he", x, w)
         return out if b is None else out + b
 
+    def project_some(self, layer: int, kind: str, x: Tensor, heads: list[int]) -> Tensor:
+        """The projections of ``heads`` of one shared input ``x [..., d]`` -> ``[..., h, dh]``."""
+        w, b = self.head_weights(layer, kind)
+        if len(heads) == w.shape[0]:
+            out = torch.einsum("...d,hde->...he", x, w)
+            return out if b is None else out + b
+        out = torch.einsum("...d,hde->...he", x, w[heads])
+        return out if b is None else out + b[heads]
+
     def project_heads(self, layer: int, kind: str, x: Tensor) -> Tensor:
         """Every head's projection of its own rows, head-major: ``x [K, heads, rows, d]`` ->
         ``[K, heads, rows, dh]`` (one batched matmul, no transposes)."""
@@ -203,6 +212,19 @@ class _Layout:
         return _conv1d(z.reshape(*z.shape[:2], -1), w, b)
 
 
+class _Form:
+    """Weights of one form of eq. (1) for a pass: over the senders before the start layer
+    (``w_shared [K, A, R]`` with their ``shared [A, X]`` clean - ablated values) and the
+    senders computed in the pass (``w_dyn [K, J, R]``), and which receivers they touch
+    (``touched [K, R]``, on the CPU)."""
+
+    def __init__(self, w_shared: Tensor | None, w_dyn: Tensor, shared: Tensor | None,
+                 touched: Tensor) -> None:
+        self.w_shared = None if shared is None else w_shared
+        self.w_dyn, self.shared, self.touched = w_dyn, shared, touched
+        self.touched_any = touched.any(0).tolist()
+
+
 def _unwrap(module: Any) -> Any:
     """The Hugging Face module inside transformer-lens bridge components (itself if plain)."""
     while hasattr(module, "original_component"):
@@ -231,6 +253,9 @@ class _GPT2(_Layout):
         cfg = hf.config
         self.eps = float(cfg.layer_norm_epsilon)
         self.act = ACT2FN[cfg.activation_function]
+        if cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
+            # the same tanh approximation as one fused kernel (HF's gelu_new is five ops)
+            self.act = lambda x: F.gelu(x, approximate="tanh")
         self.lm_head = hf.lm_head
         self.d_model = int(cfg.n_embd)
         self.d_head = self.d_model // n_heads
@@ -440,6 +465,45 @@ class BlockRunner:
         """Plain forward: ``[N, T]`` token ids -> ``[N, T, V]`` logits (for checks)."""
         return self.layout.final(self.cache(tokens).resid[-1])
 
+    def ablated_residuals(self, ablated: Tensor, n: int, t: int) -> tuple[Tensor, Tensor]:
+        """Residual streams of the run in which every edge carries its ablated value.
+
+        The residual stream entering a block is the embedding (sender ``input``) plus every
+        earlier head's and MLP's output plus the attention output biases, so the fully ablated
+        run's is ``x'_L = sum_{u upstream of L} a'_u + sum_{l < L} b_O[l]``: summed directly
+        (not as ``resid - sum (a - a')``, whose cancellation leaves rounding noise that a
+        norm would amplify where the exact value is 0, e.g. zero ablation without biases). For
+        resample ablation this is the corrupted run's residual stream.
+
+        Args:
+            ablated: ``[S, N|1, T|1, d]`` ablated sender values.
+            n, t: Examples and positions of the result.
+
+        Returns:
+            ``(pre [L+1, n, t, d], mid [L, n, t, d])``: entering each block (and the final
+            norm), and after each block's attention (the MLP input).
+        """
+        g, lay = self.graph, self.layout
+        d = ablated.shape[-1]
+        pre = ablated.new_empty(g.n_layers + 1, n, t, d)
+        mid = ablated.new_empty(g.n_layers, n, t, d)
+        acc = ablated.new_zeros(n, t, d)
+        done = 0
+        for layer in range(g.n_layers):
+            acc += ablated[done: g.head_start[layer]].sum(0)
+            done = g.head_start[layer]
+            pre[layer] = acc
+            end = g.mlp_index[layer]
+            acc += ablated[done: end].sum(0)
+            _, bias = lay.w_out(layer)
+            if bias is not None:
+                acc += bias
+            done = end
+            mid[layer] = acc
+        acc += ablated[done:].sum(0)
+        pre[g.n_layers] = acc
+        return pre, mid
+
     def start_layer(self, touched: Tensor) -> int:
         """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none
         but the logits; ``n_layers + 1`` if none at all)."""
@@ -450,7 +514,8 @@ class BlockRunner:
     @torch.no_grad()
     def run(self, cache: RunCache, ablated: Tensor, removed: Tensor, positions: Tensor,
             start: int | None = None, frozen: Tensor | None = None,
-            diff: Tensor | None = None) -> Tensor:
+            diff: Tensor | None = None,
+            abl_resid: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Logits at ``positions`` of K masked runs, starting at layer ``start``.
 
         Args:
@@ -466,6 +531,7 @@ class BlockRunner:
                 (path patching), same rules as ``removed``.
             diff: Optional ``[S, N, T, d]`` ``cache.senders - ablated``, when the caller keeps
                 it across passes (computed here otherwise).
+            abl_resid: Optional :meth:`ablated_residuals` of ``ablated``, likewise.
 
         Returns:
             ``[K, N, P, V]`` logits.
@@ -494,7 +560,24 @@ class BlockRunner:
             active = active[: g.n_senders] | active[g.n_senders:]
         n_static = g.head_start[start] if start < g.n_layers else g.n_senders
         static = active[:n_static].nonzero()[:, 0].tolist()
-        dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
+        # Kept form: after the start layer, a receiver's input is the ablated run's residual
+        # plus its kept edges' differences, x_r = x'_L + sum_u kept[u, r] (a_u - a'_u), which
+        # equals eq. (1); used when the masks keep fewer edges there than they remove (sparse
+        # circuits: ACDC, small faithfulness-curve sizes). Senders then only need computing
+        # if a kept edge leaves them (or a removed edge into a start-layer receiver).
+        kept_w = None
+        if frozen is None and start < g.n_layers:
+            # receivers after the start layer's q/k/v inputs (those read the clean residual)
+            later = (self._receiver_layer > start).to(dev)
+            later[g.mlp_receiver[start]] = True
+            kept_all = g.edge_mask.to(removed) - removed  # [K, S, R]
+            if int(kept_all[:, :, later].ne(0).sum()) < int(removed[:, :, later].ne(0).sum()):
+                kept_w = kept_all
+                needed = (kept_all[:, :, later].ne(0).any(2).any(0)
+                          | removed[:, :, ~later].ne(0).any(2).any(0))
+                dynamic = (needed[n_static:].nonzero()[:, 0] + n_static).tolist()
+        if kept_w is None:
+            dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
         # Shared-over-masks buffer: static senders' clean - ablated values (and, for frozen
         # edges, dynamic senders' ablated - clean values). Dynamic senders' per-mask buffer
         # ``current`` holds a_u(current run) - a'_u, so that eq. (1) for a dynamic sender is
@@ -521,23 +604,32 @@ class BlockRunner:
                    if dynamic else None)
         last_out: dict[str, Any] = {}
         touched_cpu = touched_r.cpu()
-        touched_any = touched_cpu.any(0).tolist()
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
+        # the weights of eq. (1) (removed form) and, in kept form, of the kept edges
+        forms = {"removed": _Form(w_shared, w_dyn, shared, touched_cpu)}
+        if kept_w is not None:
+            forms["kept"] = _Form(kept_w[:, :n_static] if n_static else None, kept_w[:, dynamic],
+                                  diff[:n_static].reshape(n_static, -1) if n_static else None,
+                                  kept_w.ne(0).any(1).cpu())
 
-        def deltas(receivers: list[int]) -> list[tuple[int, Tensor | slice, Tensor]]:
-            """``(r, masks touching r, patch [k_r, n, T, d])`` for the touched ``receivers``.
+        def deltas(receivers: list[int], form: str = "removed"
+                   ) -> list[tuple[int, Tensor | slice, Tensor]]:
+            """``(r, masks touching r, patch [k_r, n, T, d])`` for the touched ``receivers``:
+            ``sum_u w[u, r] (a_u - a'_u)`` with the weights of ``form``.
 
             One matmul over the shared buffer and one batched matmul over the per-mask
             buffer for all of them (each buffer is read once per layer, not once per receiver).
             """
-            rs = [r for r in receivers if touched_any[r]]
+            wf = forms[form]
+            w_shared, w_dyn, shared, touched_cpu = wf.w_shared, wf.w_dyn, wf.shared, wf.touched
+            rs = [r for r in receivers if wf.touched_any[r]]
             if not rs:
                 return []
             sub = touched_cpu[:, rs]  # [K, R']
             n_up = int(g.n_upstream[rs].max())
             j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
             if bool(sub.all()):
-                return dense_deltas(rs, j)
+                return dense_deltas(rs, j, wf)
             jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
             rr = torch.tensor(rs)[jj]
             kd, rd = kk.to(dev), rr.to(dev)
@@ -565,9 +657,11 @@ class BlockRunner:
                 result.append((r, ks, dlt.view(-1, n, t, d)))
             return result
 
-        def dense_deltas(rs: list[int], j: int) -> list[tuple[int, Tensor | slice, Tensor]]:
+        def dense_deltas(rs: list[int], j: int, wf: _Form
+                         ) -> list[tuple[int, Tensor | slice, Tensor]]:
             """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
             one ``[K, R', n*T*d]`` tensor (kept in ``last_out``), mask-major, no gathers."""
+            w_shared, w_dyn, shared = wf.w_shared, wf.w_dyn, wf.shared
             idx = torch.tensor(rs, device=dev)
             out = None
             if w_shared is not None:
@@ -682,7 +776,66 @@ class BlockRunner:
                 put(dyn_slot[u], m.view(k_masks, 1, n, -1, d))
             return x + m
 
+        def kept_layers() -> Tensor:
+            """Blocks ``start..`` and the logits in kept form: only senders in ``dynamic`` are
+            computed; each receiver reads ``x'_L`` plus its kept edges, except the start layer's
+            q/k/v inputs, which read the clean residual minus their removed edges (eq. (1); all
+            their senders are cached). What no mask's patches reach is computed once and
+            broadcast over the masks."""
+            pre, mid = (abl_resid if abl_resid is not None
+                        else self.ablated_residuals(ablated, n, t))
+            rep = g.n_heads // g.n_kv_heads
+            for layer in range(start, g.n_layers):
+                last = layer == g.n_layers - 1
+                base = cache.resid[layer] if layer == start else pre[layer]
+                form, sign = ("removed", -1.0) if layer == start else ("kept", 1.0)
+                h0 = g.head_start[layer]
+                heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
+                if heads:
+                    groups = sorted({hh // rep for hh in heads})
+                    want = {"q": heads, "k": groups, "v": groups}
+                    first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+                    patches = deltas([first[kind] + i for kind in "qkv" for i in want[kind]],
+                                     form)
+                    kk = k_masks if patches else 1
+                    base_in = lay.ln_attn(layer, base)  # [n, T, d]
+                    qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
+                           .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
+                    for r, ks, dlt in patches:
+                        kind = g.receivers[r].kind
+                        i = r - first[kind]
+                        qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
+                            layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
+                    per_head = [groups.index(hh // rep) for hh in heads]
+                    q = qkv["q"].view(kk * n, t, len(heads), -1)
+                    k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(heads), -1)
+                    v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(heads), -1)
+                    z = lay.attend(layer, q, k, v, grouped=False,
+                                   query_pos=pos.repeat(kk, 1) if last else None)
+                    res = lay.head_results(layer, z, torch.arange(len(heads), device=dev),
+                                           heads=torch.tensor(heads, device=dev))
+                    res = res.view(kk, n, -1, len(heads), d).permute(0, 3, 1, 2, 4)
+                    put(dyn_slot[h0 + heads[0]], res.expand(k_masks, -1, -1, -1, -1))
+                u = g.mlp_index[layer]
+                if u in dyn_slot:
+                    patches = deltas([g.mlp_receiver[layer]], "kept")
+                    xm = mid[layer].unsqueeze(0)
+                    if patches:
+                        xm = xm.repeat(k_masks, 1, 1, 1)
+                        for _, ks, dlt in patches:
+                            xm[ks] += dlt
+                    if last:
+                        xm = at_positions(xm)
+                    m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+                    put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1))
+            xf = at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
+            for _, ks, dlt in deltas([g.n_receivers - 1], "kept"):
+                xf[ks] += at_positions(dlt)
+            return lay.final(xf)
+
         x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
+        if kept_w is not None:
+            return kept_layers()
         for layer in range(start, g.n_layers):
             xk = x.view(k_masks, n, t, d)
             patches = deltas(list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads)))
