@@ -166,9 +166,12 @@ class _Layout:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rotate(q, k)
         rep = self.n_heads // self.n_kv if grouped else 1
+        t = k.shape[2]
+        if (q.device.type == "cpu" and t <= 256
+                and (not self.eager or self.softmax_dtype in (None, q.dtype))):
+            return self._attend_small(layer, q, k, v, rep, query_pos)
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        t = k.shape[2]
         if query_pos is None:
             future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
         else:
@@ -187,6 +190,29 @@ class _Layout:
         pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
         return (pattern @ v).transpose(1, 2)
 
+
+    def _attend_small(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
+                      query_pos: Tensor | None) -> Tensor:
+        """:meth:`attend` for short sequences on a CPU: ``q [B,H,T,dh]``, ``k, v [B,G,T,dh]``.
+
+        Scores, softmax and values as three batched kernels, each query head's rows stacked
+        under its key/value head (no repeated keys and values); on a CPU this beats the
+        fused kernel for short rows and small heads (stories260k: ``d_head`` 8)."""
+        b, h, t, dh = q.shape
+        g = k.shape[1]
+        if query_pos is None:
+            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+            mask = future.repeat(rep, 1)  # [rep*T, T]
+            p = t
+        else:
+            p = query_pos.shape[1]
+            q = q.gather(2, query_pos[:, None, :, None].expand(-1, h, -1, dh))
+            future = torch.arange(t, device=q.device)[None, None, :] > query_pos[:, :, None]
+            mask = future[:, None].expand(b, rep, p, t).reshape(b, 1, rep * p, t)
+        scores = torch.matmul(q.reshape(b, g, rep * p, dh), k.transpose(-1, -2))
+        scores = scores.mul_(self.scale(layer)).masked_fill_(mask, float("-inf"))
+        z = torch.matmul(torch.softmax(scores, -1), v)  # [B, G, rep*P, dh]
+        return z.view(b, h, p, dh).transpose(1, 2)
 
     def head_results(self, layer: int, z: Tensor, slots: Tensor,
                      heads: Tensor | None = None) -> Tensor:
