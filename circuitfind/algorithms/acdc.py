@@ -46,14 +46,21 @@ Method (the reference's semantics, which this module reproduces decision for dec
 Fast without changing decisions (``mode="exact"``, the default). (1) Every test is a masked
 pass through the engine, which starts at the receiver's layer from the cached clean run: the
 current circuit differs from the full model only at receivers already visited, i.e. at that
-layer or later, so nothing before it can change. (2) Speculative batching: tests are taken in
-order in groups whose applicability is fixed at the group's start (one layer's node tests, one
-layer's attention edges, one MLP, the logits); K candidates are evaluated in one batched pass
-with *cumulative* masks (candidate j assumes candidates 1..j-1 were removed, which is what
-usually happens), accepted in order, and the batch is cut at the first kept edge: later
-candidates assumed a state that did not happen and are re-evaluated from the true state. K
-adapts to the keep rate so far (about 0.15 expected kept edges per batch). Decisions equal the
-sequential algorithm's (pinned edge for edge by the tests, against one full forward per edge).
+layer or later, so nothing before it can change. Once the visited receivers keep few edges the
+engine runs such passes in kept form (each receiver reads the ablated run's residual plus its
+kept edges, and only nodes a kept edge leaves are computed; see
+:mod:`circuitfind.patching.runner`), so a pass costs what the circuit has left, not the
+whole model. (2) Speculative batching: tests are taken in order in groups whose applicability
+is fixed at the group's start (one layer's node tests, one layer's attention edges, one MLP,
+the logits); K candidates are evaluated in one batched pass, candidate j's mask removing it
+and every earlier candidate of the batch *predicted* removed. Decisions are then made in
+order from these values, and the batch is cut at the first wrong prediction: later candidates
+assumed a state that did not happen and are re-evaluated from the true state, their measured
+values becoming their predictions (a value under a state that differs by one edge predicts the
+decision well). Candidates without such a value are predicted by the majority decision so far.
+K maximises the expected accepted tests per second given the prediction miss rates and a fit
+of this layer's pass time to ``c0 + c1 K``. Decisions equal the sequential algorithm's (pinned
+edge for edge by the tests, against one full forward per edge); batching only changes the cost.
 
 Faster approximation (``mode="batched"``). All incoming edges of a receiver are tested against
 the same state in one pass and every edge below τ is removed at once; ``cur`` is then
@@ -62,11 +69,9 @@ matter although each alone does not), so circuits differ from exact mode; see
 ``benchmarks/results/acdc_quality.md`` for how much.
 
 Cost. Exact mode: per tested edge the blocks from the receiver's layer on (``(n_layers - L) /
-n_layers`` of a forward pass) plus the wasted speculative candidates — but each masked pass
-also patches every receiver the current circuit has pruned, per candidate, which dominates once
-the circuit is sparse (measured in ``benchmarks/results/acdc_speed.md``: 0.27 plain forwards per
-test on the last layers of a 6-layer network, 3.0 over a full run). Batched mode: one pass of
-``n_incoming`` masks per receiver plus one re-measurement.
+n_layers`` of a forward pass), restricted to the circuit's nodes in kept form, plus the wasted
+speculative candidates (measured in ``benchmarks/results/acdc_speed.md``). Batched mode: one
+pass of ``n_incoming`` masks per receiver plus one re-measurement.
 
 Checkpoints (:mod:`circuitfind.algorithms.lifecycle`). The state (group index, kept mask,
 tested masks, effects, ``cur``) is saved atomically after batches (every ``save_every_s``) and on
@@ -85,6 +90,7 @@ the reference's ``zero_ablation`` of ``hook_result``/``hook_mlp_out``/``hook_res
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,6 +334,7 @@ class _Run:
         # nearly equal state, and (right, total) predictions without / with such a value
         self.predictions: dict[tuple[str, int, int], bool] = {}
         self.pred_stats: dict[bool, tuple[int, int]] = {False: (0, 0), True: (0, 0)}
+        self.pass_times: dict[int, list[tuple[int, float]]] = {}  # layer -> (masks, seconds)
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> dict[str, Any]:
@@ -418,25 +425,56 @@ class _Run:
         hits, total = self.pred_stats[item.key in self.predictions]
         return (total - hits + 1) / (total + 2)
 
+    def _batch_end(self, items: list[_Item], i: int) -> int:
+        """End of the next speculative batch from ``items[i]``: the length K maximising the
+        expected accepted tests per second, ``sum_{j<K} prod_{i<j} (1 - p_i) / (c0 + c1 K)``
+        (``p_i`` the miss rates; ``c0`` a pass's fixed cost and ``c1`` its cost per mask,
+        fitted to this layer's passes so far)."""
+        layer = self.g.receivers[items[i].receiver].layer
+        c0, c1 = self._pass_cost(layer)
+        best, best_rate, accepted, reach = i + 1, 0.0, 0.0, 1.0
+        for end in range(i, min(len(items), i + self.k_max)):
+            accepted += reach  # candidate ``end`` is measured under the true state
+            reach *= 1.0 - self._miss_rate(items[end])
+            rate = accepted / (c0 + c1 * (end - i + 1))
+            if rate > best_rate:
+                best, best_rate = end + 1, rate
+        return best
+
+    def _pass_cost(self, layer: int) -> tuple[float, float]:
+        """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes
+        (``(1, 1)`` until two batch sizes were seen)."""
+        obs = self.pass_times.get(layer, [])
+        ks = {k for k, _ in obs}
+        if len(ks) < 2:
+            return 1.0, 1.0
+        n = len(obs)
+        mk = sum(k for k, _ in obs) / n
+        mt = sum(t for _, t in obs) / n
+        var = sum((k - mk) ** 2 for k, _ in obs)
+        c1 = max(sum((k - mk) * (t - mt) for k, t in obs) / var, 1e-9)
+        c0 = max(mt - c1 * mk, 0.0)
+        return c0, c1
+
     def _exact(self, items: list[_Item], bar: Any) -> None:
         """Speculative batches: candidate j's mask removes it and every earlier candidate of
         the batch *predicted* removed; a batch is cut at the first wrong prediction (later
         candidates assumed a state that did not happen), and their measured values become
-        their predictions for the next batch. A batch is as long as keeps the expected number
-        of wrong predictions under one (at most ``masks_per_pass``)."""
+        their predictions for the next batch. Batch lengths follow :meth:`_batch_end` (at most
+        ``masks_per_pass``); they change the cost, never a decision."""
         i = 0
         while i < len(items):
-            expected, end = 0.0, i
-            while end < len(items) and end - i < self.k_max and (
-                    end == i or expected + self._miss_rate(items[end]) <= 1.0):
-                expected += self._miss_rate(items[end])
-                end += 1
+            end = self._batch_end(items, i)
             batch = items[i: end]
             guesses = [self._predicted(item) for item in batch]
             masks = self.state["kept"][None].repeat(len(batch), 1, 1)
             for j, (item, guess) in enumerate(zip(batch, guesses)):
                 self._remove(masks[j: j + 1] if not guess else masks[j:], item)
+            started = time.perf_counter()
             values = self._values(masks).tolist()
+            layer = self.g.receivers[batch[0].receiver].layer
+            self.pass_times.setdefault(layer, []).append(
+                (len(batch), time.perf_counter() - started))
             done = 0
             for j, (item, guess, value) in enumerate(zip(batch, guesses, values)):
                 done += 1
