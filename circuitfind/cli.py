@@ -1,9 +1,10 @@
 """The ``circuitfind`` command line (typer).
 
 Commands: ``discover`` (find a circuit, write circuit.json / circuit.graphml / report.md, then
-draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``export`` (MIB circuit-track JSON),
-``evaluate``, ``tune``, ``bench`` (a benchmark grid on an Optuna storage), ``leaderboard``
-(tables and figures from it), ``tasks`` and ``algorithms`` (list the registries). Errors circuitfind raises on purpose are printed as one
+draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``export`` (MIB
+circuit-track JSON), ``evaluate``, ``tune``, ``bench`` (a benchmark grid on an Optuna
+storage), ``leaderboard`` (tables and figures from it), ``tasks`` and ``algorithms`` (list the
+registries). Errors circuitfind raises on purpose are printed as one
 line, with exit code 2 and no traceback; notes (the matplotlib fallback, a drawing that failed
 while the results were saved) are printed as one line on stderr and do not change the exit
 code.

@@ -81,7 +81,9 @@ References:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import itertools
 import json
 import math
@@ -519,6 +521,13 @@ class _Monitor:
         return self.peak, "process_peak_rss"
 
 
+def _release_memory() -> None:
+    """Collect garbage and return freed heap to the operating system (glibc; else no-op)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _rss() -> int | None:
     """Resident set size of this process in bytes, or ``None`` where it cannot be read."""
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -566,7 +575,11 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         (a pruning algorithm's own circuit: ``n_edges``, ``n_nodes``, normalized
         ``faithfulness``; ``None`` for attribution algorithms), ``metric`` and
         ``metric_unit``, ``score_time_s`` (the algorithm alone) and ``wall_time_s`` (the whole
-        cell, data to AUC), ``peak_memory_bytes`` and ``peak_memory_kind``, ``seed``,
+        cell, data to AUC), ``peak_memory_bytes`` and ``peak_memory_kind`` (the process's peak
+        resident set during the cell, model included, after freed heap is returned to the
+        operating system; on CUDA the peak allocated memory) and ``rss_start_bytes``,
+        ``scores_negated_for_curve`` (True for a KL objective's scores on a task whose metric
+        is higher-is-better: the curve's signed ranking reads them negated), ``seed``,
         ``n_examples``, ``hyperparameters`` (every parameter of the algorithm), ``versions``.
 
     Raises:
@@ -574,6 +587,8 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
+    _release_memory()  # so that the peak below is this cell's, not an earlier cell's heap
+    rss_start = _rss()
     with _Monitor(storage, trial_id, heartbeat_interval, device) as monitor:
         data = build_data(model, cell.task, cell.examples, cell.seed)
         engine = PatchingEngine(model, ablation=cell.ablation)
@@ -587,8 +602,13 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         circuit = algo.discover(engine, data) if algo.returns_circuit else None
         scores = circuit.scores if circuit is not None else algo.score(engine, data)
         score_time = time.perf_counter() - t0
-        curve = faithfulness_curve(engine, scores, data, fractions=config.fractions,
-                                   convention=config.convention)
+        # faithfulness_curve reads a score's sign in the task metric's direction; a KL
+        # objective's scores (ACDC's default) grow when an edge matters, like a loss, so they
+        # are negated for the signed (CPR) ranking. |score| rankings and AUROC are unaffected.
+        kl_scores = (algo.get_params().get("objective") == "kl"
+                     and data.task.higher_is_better)
+        curve = faithfulness_curve(engine, -scores if kl_scores else scores, data,
+                                   fractions=config.fractions, convention=config.convention)
         g = engine.graph
         reference = (find_reference(data.task.name, resolve_model_source(cell.model)
                                     .display_name, g) if data.task.source is None else None)
@@ -609,7 +629,8 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         "metric": data.task.metric_name, "metric_unit": data.task.metric_unit,
         "score_time_s": round(score_time, 4),
         "wall_time_s": round(time.perf_counter() - start, 4),
-        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "rss_start_bytes": rss_start,
+        "scores_negated_for_curve": kl_scores,
         "seed": cell.seed, "n_examples": data.n, "ablation": cell.ablation,
         "hyperparameters": algo.get_params(), "versions": versions(),
         "device": str(device),

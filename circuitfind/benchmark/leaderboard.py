@@ -203,7 +203,8 @@ def markdown(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> str:
         "better). **AUROC**: ROC AUC of the edge (node) scores against the task's reference "
         "circuit (— where the task has none for the model). **time**: wall time of a cell "
         "(data, algorithm, curve, AUROC), seconds; **memory**: peak resident memory of the "
-        "worker process during the cell (model included), MiB. Mean ± sample standard "
+        "worker process during the cell (model included; freed heap returned to the system "
+        "before each cell), MiB. Mean ± sample standard "
         "deviation over seeds. **circuit edges**: the size of the circuit a pruning algorithm "
         "selected itself (— for attribution algorithms, whose scores only rank edges).", "",
         f"Rows sorted by {sort} within each task/model.",
@@ -213,8 +214,8 @@ def markdown(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> str:
                   f"{n} examples, {ablation} ablation, {rs[0]['n_edges']} edges, "
                   f"{rs[0]['n_nodes']} nodes; metric: {rs[0]['metric']} "
                   f"({rs[0]['metric_unit']}).", "",
-                  "| algorithm | CPR ↑ | CMD ↓ | edge AUROC ↑ | node AUROC ↑ | time (s) ↓ "
-                  "| memory (MiB) | circuit edges | seeds |",
+                  "| algorithm | CPR ↑ | CMD ↓ | edge AUROC ↑ | node AUROC ↑ "
+                  "| time (s) ↓ | memory (MiB) | circuit edges | seeds |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rs:
             mem = r["peak_memory_bytes_mean"]
