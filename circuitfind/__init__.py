@@ -10,7 +10,7 @@
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from circuitfind.api import build_data, discover, score_edges
-from circuitfind.benchmark import tune
+from circuitfind.benchmark import bench, leaderboard, tune
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
 from circuitfind.graphs import Circuit, ComputeGraph, export_mib, import_mib
@@ -24,7 +24,8 @@ from circuitfind import zoo  # noqa: E402  (registers the organisms' reference c
 __version__ = "0.1.0"
 
 __all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFindError",
-           "ComputeGraph", "PatchingEngine", "RenderOptions", "Task", "TaskData", "build_data",
+           "ComputeGraph", "PatchingEngine", "RenderOptions", "Task", "TaskData", "bench",
+           "build_data",
            "discover", "edge_roc", "evaluate", "export_mib", "faithfulness_curve",
-           "get_algorithm", "get_task", "import_mib", "load_model", "node_roc", "path_patch",
+           "get_algorithm", "get_task", "import_mib", "leaderboard", "load_model", "node_roc", "path_patch",
            "reference_circuit", "score_edges", "tune", "write_run"]

@@ -1,8 +1,10 @@
 """The ``circuitfind`` command line (typer).
 
 Commands: ``discover`` (find a circuit, write circuit.json / circuit.graphml / report.md, then
-draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``export`` (MIB circuit-track JSON),
-``evaluate``, ``tune``, ``tasks`` and ``algorithms`` (list the registries). Errors circuitfind raises on purpose are printed as one
+draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``export`` (MIB
+circuit-track JSON), ``evaluate``, ``tune``, ``bench`` (a benchmark grid on an Optuna
+storage), ``leaderboard`` (tables and figures from it), ``tasks`` and ``algorithms`` (list the
+registries). Errors circuitfind raises on purpose are printed as one
 line, with exit code 2 and no traceback; notes (the matplotlib fallback, a drawing that failed
 while the results were saved) are printed as one line on stderr and do not change the exit
 code.
@@ -240,6 +242,75 @@ def tune(
         typer.echo(f"{result.n_trials} trials in study {study!r}; best: threshold "
                    f"{result.threshold:.6g}, {result.n_edges} edges, normalized faithfulness "
                    f"{result.faithfulness:.4f} (target {target})")
+
+
+@app.command()
+def bench(
+    config: Path = typer.Argument(..., help="Grid config (TOML; see benchmarks/configs/)."),
+    storage: str = typer.Option("sqlite:///bench.db", "--storage",
+                                help="Optuna storage URL shared by all workers (SQLite, or "
+                                     "PostgreSQL/MySQL across machines)."),
+    study: Optional[str] = typer.Option(None, "--study",
+                                        help="Study name (default: the config's `study`, else "
+                                             "its file name)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="torch CPU threads of this worker."),
+    heartbeat: int = typer.Option(10, "--heartbeat",
+                                  help="Seconds between heartbeats of a running cell."),
+    grace_period: int = typer.Option(
+        60, "--grace-period",
+        help="Seconds without a heartbeat after which a cell's worker counts as dead and the "
+             "cell is run again."),
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="Run again the cells whose last run raised."),
+    create_only: bool = typer.Option(
+        False, "--create-only",
+        help="Create the study and queue its cells, run nothing (once, before starting "
+             "workers on a fresh SQLite file)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Run a benchmark grid (models x tasks x algorithms x seeds); start the same command as
+    often as you like, on one storage, to share the cells. Exit code 1 if any cell failed."""
+    import optuna
+    import torch
+
+    from circuitfind.benchmark.grid import bench as run_bench
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = run_bench(config, storage=storage, study_name=study, device=device,
+                       progress=not no_progress, heartbeat_interval=heartbeat,
+                       grace_period=grace_period, retry_failed=retry_failed,
+                       create_only=create_only)
+    for s in result.skipped:
+        typer.echo(f"skipped: {s['task']} on {s['model']} (seeds "
+                   f"{', '.join(map(str, s['seeds']))}): {s['reason']}", err=True)
+    typer.echo(f"study {result.study_name!r} in {result.storage}: {result.completed} of "
+               f"{result.n_cells} cells done ({result.executed} by this worker), "
+               f"{len(result.failed)} failed, {result.pending} queued, "
+               f"{len(result.skipped)} task/model pairs skipped; {result.wall_time_s:.1f} s")
+    for f in result.failed:
+        typer.secho(f"failed: {f['cell']}: {f['error']}", err=True, fg=typer.colors.RED)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def leaderboard(
+    storage: str = typer.Option(..., "--storage", help="Optuna storage URL of the bench runs."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    study: Optional[list[str]] = typer.Option(
+        None, "--study", help="Study to include (repeatable; default: every bench study)."),
+    sort: str = typer.Option("cpr", "--sort",
+                             help="Order of rows within a task/model: cpr, cmd, auroc or time."),
+) -> None:
+    """Leaderboard tables (Markdown, CSV, JSON) and faithfulness-curve figures (PNG, PDF)."""
+    from circuitfind.benchmark.leaderboard import leaderboard as run_leaderboard
+
+    files = run_leaderboard(storage, out, studies=study or None, sort=sort)
+    typer.echo(f"{len(files.rows)} rows; wrote {', '.join(str(p) for p in files.written)}")
 
 
 @app.command()

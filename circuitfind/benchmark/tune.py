@@ -27,6 +27,7 @@ from typing import Any
 
 from circuitfind.algorithms.base import ALGORITHMS, get_algorithm
 from circuitfind.api import build_data
+from circuitfind.benchmark.storage import open_storage, optuna_module
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import evaluate
 from circuitfind.models import load_model
@@ -63,14 +64,6 @@ class TuneResult:
         return asdict(self)
 
 
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise ConfigError("circuitfind tune needs Optuna: pip install optuna") from err
-    return optuna
-
-
 def create_study(storage: str = DEFAULT_STORAGE, study_name: str = "circuitfind-tune",
                  seed: int = 0) -> Any:
     """Create (or load) the study: call once before starting several workers.
@@ -82,10 +75,13 @@ def create_study(storage: str = DEFAULT_STORAGE, study_name: str = "circuitfind-
 
     Returns:
         The ``optuna.Study``.
+
+    Raises:
+        ConfigError: a storage URL that cannot be opened.
     """
-    optuna = _optuna()
-    return optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
-                               load_if_exists=True,
+    optuna = optuna_module()
+    return optuna.create_study(storage=open_storage(storage), study_name=study_name,
+                               direction="minimize", load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=seed))
 
 
@@ -116,8 +112,8 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
         A :class:`TuneResult` summarising the whole study (every worker's trials).
 
     Raises:
-        ConfigError: a bad target, range or trial count, an algorithm without a threshold, or
-            ``threshold`` in ``algorithm_params``.
+        ConfigError: a bad target, range or trial count, an algorithm without a threshold,
+            ``threshold`` in ``algorithm_params``, or a storage URL that cannot be opened.
     """
     if not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ConfigError(f"target must be a normalized faithfulness in (0, 1]; got {target!r}.")
@@ -162,7 +158,7 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
 
 def summarize(study: Any, storage: str, target: float) -> TuneResult:
     """The smallest circuit reaching ``target`` among the study's finished trials."""
-    optuna = _optuna()
+    optuna = optuna_module()
     done = [t for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.COMPLETE]
     ok = [t for t in done if (t.user_attrs.get("faithfulness") or -math.inf) >= target]

@@ -76,6 +76,8 @@ FORMATS: dict[str, str] = {".svg": "svg", ".pdf": "pdf", ".png": "png", ".dot": 
 _OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9",
               "bluish_green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
               "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
+OKABE_ITO: dict[str, str] = _OKABE_ITO
+"""The Okabe–Ito palette by colour name (also used by the leaderboard's figures)."""
 
 EDGE_COLOURS: dict[str, str] = {"q": _OKABE_ITO["blue"], "k": _OKABE_ITO["bluish_green"],
                                 "v": _OKABE_ITO["vermillion"], "qkv": _OKABE_ITO["blue"],
@@ -556,6 +558,8 @@ _MPL_METADATA = {"svg": {"Date": None, "Creator": None},
                  "pdf": {"CreationDate": None, "ModDate": None, "Creator": None,
                          "Producer": None},
                  "png": {"Software": None}}
+MPL_RC, MPL_METADATA = _MPL_RC, _MPL_METADATA
+"""matplotlib settings and per-format metadata for byte-reproducible figures."""
 _CHAR_W, _NODE_H, _GAP_X, _GAP_Y = 0.075, 0.3, 0.14, 0.62  # inches
 
 

@@ -1,10 +1,18 @@
-"""Tiny random models for integration tests (built once per session, in float64)."""
+"""Tiny random models for integration tests (built once per session, in float64), the
+in-process CLI runner ``run``, and ``cli_workers`` (concurrent ``circuitfind`` processes)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+from circuitfind.cli import main
 from circuitfind.testing import tiny_model
 
 MODEL_SPECS = {
@@ -26,3 +34,50 @@ def tiny_models(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(capsys, monkeypatch):
+    """Run ``circuitfind ARGS`` in-process through the console entry point (fast)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def invoke(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["circuitfind", *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return invoke
+
+
+@pytest.fixture
+def cli_workers():
+    """Run ``python -m circuitfind ARGS`` for each argument list at once (one thread each,
+    offline) from the repository root; returns a :class:`Result` per process."""
+
+    def invoke(*arg_lists: list[str]) -> list[Result]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        workers = [subprocess.Popen([sys.executable, "-m", "circuitfind", *args],
+                                    cwd=Path(__file__).resolve().parents[2], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for args in arg_lists]
+        return [_finish(w) for w in workers]
+
+    return invoke
+
+
+def _finish(worker: subprocess.Popen) -> Result:
+    out, err = worker.communicate(timeout=600)
+    return Result(worker.returncode, out, err)

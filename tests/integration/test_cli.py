@@ -5,42 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import sys
 import tempfile
-from dataclasses import dataclass
 
 import pytest
 
-from circuitfind.cli import main
 from circuitfind.graphs.render import _FALLBACK_SAID, RENDERERS
 from circuitfind.outputs import DATA_FILES
 from circuitfind.testing import make_tiny_model_dir
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def run(capsys, monkeypatch):
-    """Run ``circuitfind ARGS`` in-process through the console entry point (fast)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def invoke(*args: str) -> Result:
-        monkeypatch.setattr(sys, "argv", ["circuitfind", *args])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 import circuitfind as cf
 from circuitfind.benchmark import create_study
 from circuitfind.errors import ConfigError
 from circuitfind.testing import make_tiny_model_dir
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +44,16 @@ def test_tune_bad_input(tmp_path, kwargs, message):
                 **kwargs)
 
 
-def test_two_workers_share_one_sqlite_study(tiny_dir, tmp_path):
+def test_two_workers_share_one_sqlite_study(tiny_dir, tmp_path, cli_workers):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     create_study(storage, "shared")  # before the workers: creation on fresh SQLite races
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "circuitfind", "tune", "--model", str(tiny_dir), "--task",
-         "induction", "--trials", "2", "--examples", "6", "--storage", storage, "--study",
-         "shared", "--target", "0.5", "--high", "0.1", "--sampler-seed", str(i)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    for w, (out, err) in zip(workers, outputs):
-        assert w.returncode == 0, err
-        assert "trials in study 'shared'" in out
+    outputs = cli_workers(*[
+        ["tune", "--model", str(tiny_dir), "--task", "induction", "--trials", "2", "--examples",
+         "6", "--storage", storage, "--study", "shared", "--target", "0.5", "--high", "0.1",
+         "--sampler-seed", str(i)] for i in range(2)])
+    for out in outputs:
+        assert out.returncode == 0, out.stderr
+        assert "trials in study 'shared'" in out.stdout
     trials = create_study(storage, "shared").get_trials()
     assert len(trials) == 4
     assert all("faithfulness" in t.user_attrs for t in trials)

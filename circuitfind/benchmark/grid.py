@@ -1,0 +1,875 @@
+"""Benchmark grids: models × tasks × algorithms (× hyperparameters, seeds) as an Optuna study.
+
+A grid is described by a TOML file (``benchmarks/configs/*.toml``); at its simplest::
+
+    models = ["../shared/models/stories260k", "zoo:ioi-small"]
+    tasks = ["gendered_pronoun"]
+    algorithms = ["eap", "eap_ig", "exact"]
+    seeds = [0, 1]
+
+Schema (every key but ``models``, ``tasks`` and ``algorithms`` is optional):
+
+- ``models``: model arguments as :func:`circuitfind.load_model` takes them (``zoo:NAME``, a
+  local Hugging Face directory, relative paths being relative to the working directory, or a
+  hub name). ``tasks``: registered task names (dashes accepted) or prompt files.
+- ``algorithms``: a list of names (default hyperparameters), or a table with one sub-table per
+  algorithm whose keys are hyperparameters; a list value is a grid axis, anything else a fixed
+  value (write ``[[1, 2]]`` for a list-valued fixed value)::
+
+      [algorithms.eap]
+      [algorithms.eap_ig]
+      steps = [5, 10]                 # two variants: eap_ig(steps=5), eap_ig(steps=10)
+      [algorithms.acdc]
+      threshold = 0.01
+
+- ``seeds``: data seeds (default ``[0]``); the seed also seeds torch before the algorithm runs.
+- ``examples``: clean/corrupted pairs per cell (default: the task's ``default_n``, 64).
+- ``ablation``: ``resample`` (default), ``zero``, ``mean``, ``mean_positional``.
+- ``convention`` (``"mib"``, default, or ``"single"``) and ``fractions`` (default MIB's ten
+  sizes): the faithfulness curve of every cell (:func:`circuitfind.faithfulness_curve`).
+- ``study``: the Optuna study's name (default: the file's stem).
+- ``[[grid]]``: sub-grids. Each is a table with any of ``models``, ``tasks``,
+  ``algorithms``, ``seeds``, ``examples``, ``ablation``, falling back to the top-level value;
+  the grid is the union of their products. Use it to pair each model with its own tasks.
+
+Cells whose task does not fit a model's tokenizer (:class:`~circuitfind.errors.TaskDataError`
+when the task's data are built) are skipped and listed, not failed. Every other problem (an
+unknown key, model, task, algorithm or hyperparameter, a bad value) is found before any work
+starts and reported all at once in one :class:`~circuitfind.errors.ConfigError`.
+
+Each cell runs: load the model (kept loaded for consecutive cells of the same model) → build
+the task data (``examples``, ``seed``) → ``torch.manual_seed(seed)`` → the algorithm's edge
+scores (a pruning algorithm's circuit and its measured per-edge effects) → the faithfulness
+curve, CPR and CMD → edge and node ROC AUC against the task's reference circuit where one
+exists (:func:`circuitfind.api.find_reference`). Its record (the trial's ``record`` user
+attribute, see :func:`run_cell`; the trial's value is the CPR, ``-inf`` where it is NaN) holds
+those numbers, edge and node counts, wall time, peak memory, the seed,
+the versions of circuitfind / torch / transformer-lens and every hyperparameter.
+
+Distribution and resumption (circuitfind's own claim logic on Optuna's storage). The study's
+trials are the cells: each cell is enqueued once as a ``WAITING`` trial carrying its key in
+the ``cell`` user attribute, and workers claim queued trials by moving them to ``RUNNING``
+(atomic under a row lock on PostgreSQL/MySQL; under :func:`~circuitfind.benchmark.storage.
+claim_lock` on SQLite). Optuna's ``GridSampler`` is not used to hand out cells: it draws grid
+points at random and, as its documentation says, can give one point to two workers. Rules:
+
+- a cell with a ``COMPLETE`` trial is finished and never run again;
+- a claimed cell's worker records an Optuna heartbeat every ``heartbeat_interval`` seconds;
+  ``optuna.storages.fail_stale_trials`` moves a ``RUNNING`` trial whose heartbeat is older
+  than ``grace_period`` to ``FAIL`` (its worker died), and the cell is enqueued again, at
+  most ``max_retries`` times;
+- a cell that raises is ``FAIL`` with ``error`` and ``traceback`` user attributes; it is
+  reported, and not rerun unless the next run passes ``retry_failed``;
+- a cell interrupted by Ctrl-C is ``FAIL`` with an ``interrupted`` user attribute and is
+  queued again by the next run (not counted as a death);
+- should a cell be enqueued twice (two workers creating the grid at once on PostgreSQL), the
+  claim of the later trial yields (``PRUNED``, user attribute ``duplicate``) to an earlier
+  queued or running one, or to a completed one;
+- a worker with nothing left to claim waits while other workers' cells run (taking them over
+  if those workers die), and returns when every cell is finished or has failed.
+
+So any number of workers may run ``circuitfind bench CONFIG --storage URL`` at once, and a
+killed run started again finishes the grid with no cell done twice. The grid is enqueued by
+every worker that finds cells missing; create it once (``--create-only``) before starting
+workers on a fresh SQLite file, where concurrent table creation races in Optuna.
+
+References:
+    Mueller et al. (2025), "MIB: A Mechanistic Interpretability Benchmark" (CPR, CMD);
+    Conmy et al. (2023) (ROC AUC against a reference circuit); Akiba et al. (2019), Optuna.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from circuitfind.algorithms.base import ALGORITHMS, get_algorithm
+from circuitfind.api import build_data, find_reference, versions
+from circuitfind.benchmark.storage import claim_lock, open_storage, optuna_module
+from circuitfind.errors import CircuitFindError, ConfigError, TaskDataError
+from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS, evaluate,
+                                                 faithfulness_curve)
+from circuitfind.evaluation.roc import edge_roc, node_roc
+from circuitfind.models import load_model, resolve_model_source
+from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.spec import Ablation
+from circuitfind.tasks.base import get_task
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_STORAGE = "sqlite:///bench.db"
+STUDY_MARKER = "circuitfind_bench"
+"""Study user attribute that marks a study as a benchmark grid (holds the config)."""
+
+CELL_KEYS = ("models", "tasks", "algorithms", "seeds", "examples", "ablation")
+TOP_KEYS = (*CELL_KEYS, "convention", "fractions", "study", "grid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the grid.
+
+    Attributes:
+        model: The model argument as the config writes it (``zoo:ioi-small``, a path).
+        task: The task name (registry key) or prompt file.
+        algorithm: The algorithm's registry key.
+        params: The hyperparameters the config sets (the rest keep their defaults).
+        seed: Data seed (also seeds torch before the algorithm runs).
+        examples: Clean/corrupted pairs (``None``: the task's default).
+        ablation: What removed edges carry.
+    """
+
+    model: str
+    task: str
+    algorithm: str
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    examples: int | None
+    ablation: str
+
+    @property
+    def label(self) -> str:
+        """The algorithm and its configured hyperparameters: ``eap_ig(steps=10)``."""
+        if not self.params:
+            return self.algorithm
+        inner = ", ".join(f"{k}={json.dumps(v)}" for k, v in self.params)
+        return f"{self.algorithm}({inner})"
+
+    @property
+    def key(self) -> str:
+        """Unique, readable identity of the cell in a study."""
+        n = "default" if self.examples is None else self.examples
+        return (f"model={self.model} task={self.task} algorithm={self.label} seed={self.seed} "
+                f"examples={n} ablation={self.ablation}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable), with ``label`` and ``key``."""
+        return {"model": self.model, "task": self.task, "algorithm": self.algorithm,
+                "params": dict(self.params), "seed": self.seed, "examples": self.examples,
+                "ablation": self.ablation, "label": self.label, "key": self.key}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """A validated grid (see the module docstring for the TOML schema).
+
+    Attributes:
+        cells: Every cell of the grid, in config order (models, then tasks, algorithms,
+            hyperparameters, seeds), before the tokenizer check.
+        convention: Faithfulness-curve convention (``"mib"`` or ``"single"``).
+        fractions: Circuit sizes of the curve, as fractions of all edges, ascending.
+        study: Default study name.
+        source: The config as read (for provenance; stored in the study).
+    """
+
+    cells: tuple[Cell, ...]
+    convention: str
+    fractions: tuple[float, ...]
+    study: str
+    source: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPlan:
+    """The cells to run and the cells skipped because the task does not fit the tokenizer.
+
+    Attributes:
+        cells: Runnable cells.
+        skipped: ``{"model", "task", "examples", "seeds", "reason"}`` per (model, task,
+            examples) that does not fit (for the listed seeds); all its algorithms are skipped.
+    """
+
+    cells: tuple[Cell, ...]
+    skipped: tuple[dict[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """State of a grid after a worker's run.
+
+    Attributes:
+        study_name: The Optuna study; ``storage`` its URL.
+        n_cells: Runnable cells in the grid.
+        executed: Cells this worker ran to completion.
+        completed: Cells finished in the study (every worker).
+        failed: ``{"cell", "error"}`` for each cell whose latest trial failed (a crash, or a
+            worker that died ``max_retries + 1`` times).
+        pending: Cells neither finished nor failed (only when ``create_only``).
+        skipped: Cells skipped because their task does not fit the model's tokenizer.
+        wall_time_s: This worker's wall time, seconds.
+    """
+
+    study_name: str
+    storage: str
+    n_cells: int
+    executed: int
+    completed: int
+    failed: tuple[dict[str, str], ...]
+    pending: int
+    skipped: tuple[dict[str, Any], ...]
+    wall_time_s: float
+
+    @property
+    def ok(self) -> bool:
+        """No failed cell."""
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+
+# ----------------------------------------------------------------------------- config
+def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig) -> BenchConfig:
+    """Read and validate a grid config (a TOML file, or the same structure as a dict).
+
+    Args:
+        config: Path of a ``.toml`` file, a dict of its content, or a :class:`BenchConfig`.
+
+    Returns:
+        The :class:`BenchConfig`.
+
+    Raises:
+        ConfigError: a file that cannot be read or parsed; every problem of the content (unknown
+            keys, models, tasks, algorithms or hyperparameters, values of the wrong type),
+            listed in one message.
+    """
+    if isinstance(config, BenchConfig):
+        return config
+    if isinstance(config, Mapping):
+        return _validate(dict(config), "circuitfind-bench")
+    path = Path(config)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"Cannot read the bench config {str(path)!r}: {err.strerror or err}."
+                          ) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"The bench config {str(path)!r} is not valid TOML: {err}.") from err
+    return _validate(raw, path.stem)
+
+
+def _validate(raw: dict[str, Any], default_study: str) -> BenchConfig:
+    problems: list[str] = []
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))}; the keys are "
+                        f"{', '.join(TOP_KEYS)}")
+    convention = raw.get("convention", "mib")
+    if convention not in CONVENTIONS:
+        problems.append(f"convention must be one of {list(CONVENTIONS)}; got {convention!r}")
+    fractions = raw.get("fractions", list(DEFAULT_FRACTIONS))
+    if not (isinstance(fractions, list) and fractions and all(
+            _is_number(f) and 0 < f <= 1 for f in fractions)):
+        problems.append(f"fractions must be a non-empty list of numbers in (0, 1]; "
+                        f"got {fractions!r}")
+        fractions = list(DEFAULT_FRACTIONS)
+    study = raw.get("study", default_study)
+    if not isinstance(study, str) or not study:
+        problems.append(f"study must be a non-empty string; got {study!r}")
+    grids = raw.get("grid", [{}])
+    if not (isinstance(grids, list) and grids and all(isinstance(g, dict) for g in grids)):
+        problems.append("grid must be an array of tables ([[grid]] sections)")
+        grids = [{}]
+    cells: list[Cell] = []
+    checked: dict[str, bool] = {}
+    for i, sub in enumerate(grids):
+        where = f"[[grid]] #{i + 1}: " if "grid" in raw else ""
+        extra = sorted(set(sub) - set(CELL_KEYS))
+        if extra:
+            problems.append(f"{where}unknown key(s) {', '.join(map(repr, extra))}; a sub-grid "
+                            f"takes {', '.join(CELL_KEYS)}")
+        merged = {k: sub.get(k, raw.get(k)) for k in CELL_KEYS}
+        cells += _cells(merged, where, problems, checked)
+    if not problems and not cells:
+        problems.append("the grid has no cells")
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.key in seen:
+            problems.append(f"the cell {cell.key!r} appears twice")
+        seen.add(cell.key)
+    if problems:
+        raise ConfigError("The bench config has {} problem{}:\n".format(
+            len(problems), "s" if len(problems) > 1 else "") + "\n".join(
+            f"  - {p}" for p in problems))
+    return BenchConfig(cells=tuple(cells), convention=convention,
+                       fractions=tuple(sorted(float(f) for f in fractions)), study=study,
+                       source=raw)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _string_list(value: Any, key: str, where: str, problems: list[str]) -> list[str]:
+    if value is None:
+        problems.append(f"{where}{key} is missing (a list of names)")
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+        problems.append(f"{where}{key} must be a non-empty list of strings; got {value!r}")
+        return []
+    return value
+
+
+def _cells(spec: dict[str, Any], where: str, problems: list[str],
+           checked: dict[str, bool]) -> list[Cell]:
+    """The cells of one (sub-)grid; problems are appended, not raised."""
+    models = _string_list(spec["models"], "models", where, problems)
+    tasks = _string_list(spec["tasks"], "tasks", where, problems)
+    for model in models:
+        if model not in checked:
+            checked[model] = _check_model(model, problems)
+    task_names = []
+    for task in tasks:
+        try:
+            task_obj = get_task(task)
+            task_names.append(task if task_obj.source is not None else task_obj.name)
+        except CircuitFindError as err:
+            problems.append(f"{where}task {task!r}: {err}")
+    seeds = spec["seeds"] if spec["seeds"] is not None else [0]
+    if not (isinstance(seeds, list) and seeds and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        problems.append(f"{where}seeds must be a non-empty list of integers; got {seeds!r}")
+        seeds = []
+    examples = spec["examples"]
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int)
+                                 or examples < 1):
+        problems.append(f"{where}examples must be an integer >= 1; got {examples!r}")
+    ablation = spec["ablation"] if spec["ablation"] is not None else "resample"
+    try:
+        ablation = Ablation.parse(ablation).kind
+    except (CircuitFindError, TypeError, AttributeError) as err:
+        problems.append(f"{where}ablation {ablation!r}: {err}")
+    variants = _algorithm_variants(spec["algorithms"], where, problems)
+    return [Cell(model, task, algorithm, params, seed, examples, ablation)
+            for model in models if checked.get(model)
+            for task in task_names
+            for algorithm, params in variants
+            for seed in seeds]
+
+
+def _check_model(model: str, problems: list[str]) -> bool:
+    try:
+        resolve_model_source(model)
+    except CircuitFindError as err:
+        problems.append(f"model {model!r}: {err}")
+        return False
+    return True
+
+
+def _algorithm_variants(value: Any, where: str,
+                        problems: list[str]) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
+    """``[(algorithm key, ((param, value), ...)), ...]``: one per hyperparameter combination."""
+    if value is None:
+        problems.append(f"{where}algorithms is missing (a list of names, or [algorithms.NAME] "
+                        "tables)")
+        return []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value) and value:
+        value = {name: {} for name in value}
+    if not (isinstance(value, dict) and value and all(isinstance(v, dict)
+                                                      for v in value.values())):
+        problems.append(f"{where}algorithms must be a non-empty list of names or a table of "
+                        f"[algorithms.NAME] tables; got {value!r}")
+        return []
+    variants = []
+    for name, grid in value.items():
+        try:
+            cls = ALGORITHMS.get(name)
+        except CircuitFindError as err:
+            problems.append(f"{where}{err}")
+            continue
+        axes = sorted(grid.items())
+        choices = [v if isinstance(v, list) and v else [v] for _, v in axes]
+        for combo in itertools.product(*choices):
+            params = tuple((key, val) for (key, _), val in zip(axes, combo))
+            try:
+                get_algorithm(cls.name, **dict(params))
+            except (CircuitFindError, TypeError, ValueError) as err:
+                problems.append(f"{where}algorithm {cls.name!r} with {dict(params)}: {err}")
+                break  # one message per algorithm is enough
+            variants.append((cls.name, params))
+    return variants
+
+
+# ----------------------------------------------------------------------------- plan
+def plan_grid(config: BenchConfig) -> GridPlan:
+    """Split the grid into runnable cells and cells whose task does not fit the tokenizer.
+
+    Only tokenizers are loaded (one per model); each (model, task, seed, examples) is built
+    once, so a cell is skipped exactly when running it would raise
+    :class:`~circuitfind.errors.TaskDataError` while building its data.
+
+    Args:
+        config: A validated config.
+
+    Returns:
+        The :class:`GridPlan`.
+
+    Raises:
+        ConfigError: a model whose tokenizer cannot be loaded (all such models listed).
+    """
+    tokenizers: dict[str, Any] = {}
+    problems = []
+    for model in dict.fromkeys(c.model for c in config.cells):
+        try:
+            tokenizers[model] = _tokenizer(model)
+        except Exception as err:  # noqa: BLE001 - reported, with the model named
+            problems.append(f"  - model {model!r}: cannot load its tokenizer "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+    if problems:
+        raise ConfigError("The bench config has models without a usable tokenizer:\n"
+                          + "\n".join(problems))
+    fits: dict[tuple[str, str, int, int | None], str | None] = {}
+    cells: list[Cell] = []
+    skipped: dict[tuple[str, str, int | None, str], list[int]] = {}
+    for cell in config.cells:
+        key = (cell.model, cell.task, cell.seed, cell.examples)
+        if key not in fits:
+            task = get_task(cell.task)
+            try:
+                task.build(tokenizers[cell.model],
+                           n=task.default_n if cell.examples is None else cell.examples,
+                           seed=cell.seed)
+                fits[key] = None
+            except TaskDataError as err:
+                fits[key] = str(err)
+                skipped.setdefault((cell.model, cell.task, cell.examples, str(err)),
+                                   []).append(cell.seed)
+        if fits[key] is None:
+            cells.append(cell)
+    return GridPlan(cells=tuple(cells), skipped=tuple(
+        {"model": m, "task": t, "examples": n, "seeds": seeds, "reason": reason}
+        for (m, t, n, reason), seeds in skipped.items()))
+
+
+def _tokenizer(model: str) -> Any:
+    """The tokenizer ``load_model(model)`` would attach, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_source(model).location)
+
+
+# ----------------------------------------------------------------------------- running a cell
+class _Monitor:
+    """Background thread: Optuna heartbeats for the claimed trial, and the process's peak RSS.
+
+    RSS is sampled every 10 ms (from ``/proc/self/statm`` on Linux, else ``psutil`` when it is
+    installed; ``None`` when neither is available). On CUDA the peak allocated memory is read
+    from torch instead (:meth:`peak_bytes`).
+    """
+
+    def __init__(self, storage: Any, trial_id: int | None, interval: float | None,
+                 device: torch.device) -> None:
+        self.storage, self.trial_id, self.interval, self.device = (storage, trial_id, interval,
+                                                                  device)
+        self.peak: int | None = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Monitor:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        rss = _rss()
+        if rss is not None:
+            self.peak = max(self.peak or 0, rss)
+
+    def _run(self) -> None:
+        last_beat = time.monotonic()
+        while not self._stop.wait(0.01):
+            self._sample()
+            if self.interval is not None and time.monotonic() - last_beat >= self.interval:
+                with contextlib.suppress(Exception):  # a missed beat is retried next interval
+                    self.storage.record_heartbeat(self.trial_id)
+                last_beat = time.monotonic()
+
+    def peak_bytes(self) -> tuple[int | None, str]:
+        """(peak bytes, what was measured): CUDA allocations, or the process's resident set."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
+        return self.peak, "process_peak_rss"
+
+
+def _release_memory() -> None:
+    """Collect garbage and return freed heap to the operating system (glibc; else no-op)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss() -> int | None:
+    """Resident set size of this process in bytes, or ``None`` where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+class _Models:
+    """Keeps the last loaded model, so consecutive cells of one model load it once."""
+
+    def __init__(self, device: str | None) -> None:
+        self.device, self.name, self.model = device, None, None
+
+    def get(self, name: str) -> Any:
+        if name != self.name:
+            self.model, self.name = None, None
+            self.model, self.name = load_model(name, device=self.device), name
+        return self.model
+
+
+def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None,
+             trial_id: int | None = None, heartbeat_interval: float | None = None
+             ) -> dict[str, Any]:
+    """Run one cell and return its record.
+
+    Args:
+        cell: The cell.
+        config: Its grid (faithfulness-curve convention and fractions).
+        model: The cell's model, loaded (:func:`circuitfind.load_model`).
+        storage, trial_id, heartbeat_interval: Where to record Optuna heartbeats while the
+            cell runs (all ``None``: none recorded).
+
+    Returns:
+        A JSON-serialisable dict: ``cpr`` and ``cmd`` (dimensionless areas over the edge
+        fraction), ``convention`` and ``convention_label``, ``curve`` (the
+        :class:`~circuitfind.evaluation.faithfulness.FaithfulnessCurve` as a dict: fractions,
+        normalized faithfulness at each size for both rankings, edges requested and kept),
+        ``edge_auc`` / ``node_auc`` (ROC AUC against the reference circuit; ``None`` without
+        one) and ``reference``, ``n_edges`` / ``n_nodes`` (the model's graph), ``circuit``
+        (a pruning algorithm's own circuit: ``n_edges``, ``n_nodes``, normalized
+        ``faithfulness``; ``None`` for attribution algorithms), ``metric`` and
+        ``metric_unit``, ``score_time_s`` (the algorithm alone) and ``wall_time_s`` (the whole
+        cell, data to AUC), ``peak_memory_bytes`` and ``peak_memory_kind`` (the process's peak
+        resident set during the cell, model included, after freed heap is returned to the
+        operating system; on CUDA the peak allocated memory) and ``rss_start_bytes``,
+        ``scores_negated_for_curve`` (True for a KL objective's scores on a task whose metric
+        is higher-is-better: the curve's signed ranking reads them negated), ``seed``,
+        ``n_examples``, ``hyperparameters`` (every parameter of the algorithm), ``versions``.
+
+    Raises:
+        Whatever the cell's model, task or algorithm raises (the worker records it).
+    """
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    _release_memory()  # so that the peak below is this cell's, not an earlier cell's heap
+    rss_start = _rss()
+    with _Monitor(storage, trial_id, heartbeat_interval, device) as monitor:
+        data = build_data(model, cell.task, cell.examples, cell.seed)
+        engine = PatchingEngine(model, ablation=cell.ablation)
+        params = dict(cell.params)
+        cls = ALGORITHMS.get(cell.algorithm)
+        if "progress" in cls().get_params():
+            params.setdefault("progress", False)  # one bar over cells, not one per cell
+        algo = get_algorithm(cell.algorithm, **params)
+        torch.manual_seed(cell.seed)
+        t0 = time.perf_counter()
+        circuit = algo.discover(engine, data) if algo.returns_circuit else None
+        scores = circuit.scores if circuit is not None else algo.score(engine, data)
+        score_time = time.perf_counter() - t0
+        # faithfulness_curve reads a score's sign in the task metric's direction; a KL
+        # objective's scores (ACDC's default) grow when an edge matters, like a loss, so they
+        # are negated for the signed (CPR) ranking. |score| rankings and AUROC are unaffected.
+        kl_scores = (algo.get_params().get("objective") == "kl"
+                     and data.task.higher_is_better)
+        curve = faithfulness_curve(engine, -scores if kl_scores else scores, data,
+                                   fractions=config.fractions, convention=config.convention)
+        g = engine.graph
+        reference = (find_reference(data.task.name, resolve_model_source(cell.model)
+                                    .display_name, g) if data.task.source is None else None)
+        own = None
+        if circuit is not None:
+            own = {"n_edges": circuit.n_edges, "n_nodes": len(circuit.nodes),
+                   "faithfulness": evaluate(engine, circuit, data).faithfulness}
+    peak, peak_kind = monitor.peak_bytes()
+    return {
+        "cpr": curve.cpr, "cmd": curve.cmd, "convention": curve.convention,
+        "convention_label": curve.label, "curve": curve.to_dict(),
+        "edge_auc": None if reference is None else edge_roc(scores, reference).auc,
+        "node_auc": None if reference is None else node_roc(scores, reference).auc,
+        "reference": None if reference is None else {
+            "n_edges": reference.n_edges,
+            "source": reference.metadata.get("source") or reference.metadata.get("reference")},
+        "n_edges": g.n_edges, "n_nodes": g.n_nodes, "circuit": own,
+        "metric": data.task.metric_name, "metric_unit": data.task.metric_unit,
+        "score_time_s": round(score_time, 4),
+        "wall_time_s": round(time.perf_counter() - start, 4),
+        "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "rss_start_bytes": rss_start,
+        "scores_negated_for_curve": kl_scores,
+        "seed": cell.seed, "n_examples": data.n, "ablation": cell.ablation,
+        "hyperparameters": algo.get_params(), "versions": versions(),
+        "device": str(device),
+    }
+
+
+# ----------------------------------------------------------------------------- the worker
+def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
+          storage: str = DEFAULT_STORAGE, study_name: str | None = None,
+          device: str | None = None, progress: bool = True, heartbeat_interval: int = 10,
+          grace_period: int = 60, max_retries: int = 2, retry_failed: bool = False,
+          create_only: bool = False) -> BenchResult:
+    """Run (this worker's share of) a benchmark grid; start as many workers as you like.
+
+    Args:
+        config: A TOML file, a dict with its content, or a :class:`BenchConfig`.
+        storage: Optuna storage URL shared by the workers (SQLite by default; PostgreSQL or
+            MySQL across machines).
+        study_name: The study (default: the config's ``study``, i.e. the file's stem).
+        device: Device to load models on (default: the model's default, CPU here).
+        progress: Show a progress bar over the grid's cells (every worker's).
+        heartbeat_interval: Seconds between heartbeats of a running cell.
+        grace_period: Seconds without a heartbeat after which a running cell is taken as held
+            by a dead worker and queued again.
+        max_retries: How many times a cell whose worker died is queued again.
+        retry_failed: Queue again, once, the cells whose last run raised.
+        create_only: Create the study and queue the cells, run nothing (do this once before
+            starting workers on a fresh SQLite file).
+
+    Returns:
+        A :class:`BenchResult` for the whole grid (every worker's cells).
+
+    Raises:
+        ConfigError: a bad config (every problem listed), a storage URL that cannot be opened,
+            a study of that name made from another convention or fractions, or bad worker
+            settings. Errors inside a cell are recorded in the study, not raised.
+    """
+    began = time.perf_counter()
+    cfg = load_config(config)
+    for label, value, low in (("heartbeat_interval", heartbeat_interval, 1),
+                              ("grace_period", grace_period, 1), ("max_retries", max_retries, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{label} must be an int >= {low}; got {value!r}.")
+    grid = plan_grid(cfg)
+    optuna = optuna_module()
+    store = open_storage(storage, heartbeat_interval=heartbeat_interval,
+                         grace_period=grace_period)
+    name = study_name or cfg.study
+    with claim_lock(storage):
+        study = optuna.create_study(storage=store, study_name=name, direction="maximize",
+                                    load_if_exists=True)
+        _mark(study, cfg, grid)
+    keys = {c.key: c for c in grid.cells}
+    retried = set()
+    if retry_failed:
+        states = _cell_states(study, keys)
+        retried = {k for k, (state, _) in states.items() if state == "failed"}
+    models = _Models(device)
+    study_id = store.get_study_id_from_name(name)
+    executed = 0
+    bar = _progress_bar(len(keys), progress and not create_only)
+    try:
+        while True:
+            with claim_lock(storage), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+                states = _schedule(study, keys, max_retries, retried)
+                retried = set()
+                trial = None if create_only else _claim(store, study_id, keys)
+            if bar is not None:
+                bar.n = sum(s == "complete" for s, _ in states.values())
+                bar.refresh()
+            if trial is None:
+                if create_only or not any(s == "running" for s, _ in states.values()):
+                    break
+                time.sleep(min(1.0, heartbeat_interval))  # others' cells: wait, take over
+                continue
+            cell = keys[trial.user_attrs["cell"]]
+            if bar is not None:
+                bar.set_postfix_str(f"{cell.model} {cell.task} {cell.label} seed={cell.seed}",
+                                    refresh=True)
+            if _run_trial(study, store, trial, cell, cfg, models, heartbeat_interval):
+                executed += 1
+    finally:
+        if bar is not None:
+            bar.close()
+    states = _cell_states(study, keys)
+    return BenchResult(
+        study_name=name, storage=storage, n_cells=len(keys), executed=executed,
+        completed=sum(s == "complete" for s, _ in states.values()),
+        failed=tuple({"cell": k, "error": err or "unknown"}
+                     for k, (s, err) in states.items() if s == "failed"),
+        pending=sum(s in ("waiting", "running") for s, _ in states.values()),
+        skipped=grid.skipped, wall_time_s=round(time.perf_counter() - began, 3))
+
+
+def _progress_bar(total: int, show: bool) -> Any:
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="cells", unit="cell", dynamic_ncols=True)
+
+
+def _mark(study: Any, cfg: BenchConfig, grid: GridPlan) -> None:
+    """Record the grid's config in the study; refuse a study made with another curve."""
+    marker = study.user_attrs.get(STUDY_MARKER)
+    mine = {"convention": cfg.convention, "fractions": list(cfg.fractions)}
+    if marker is not None:
+        theirs = {"convention": marker.get("convention"), "fractions": marker.get("fractions")}
+        if theirs != mine:
+            raise ConfigError(f"The study {study.study_name!r} was made with {theirs}; this "
+                              f"config asks for {mine}. Use another study name (--study).")
+    study.set_user_attr(STUDY_MARKER, {**mine, "config": cfg.source,
+                                       "skipped": list(grid.skipped)})
+
+
+def _trials_by_cell(study: Any, keys: Mapping[str, Cell]) -> dict[str, list[Any]]:
+    by_cell: dict[str, list[Any]] = {k: [] for k in keys}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("cell")
+        if key in by_cell:
+            by_cell[key].append(t)
+    return by_cell
+
+
+def _cell_states(study: Any, keys: Mapping[str, Cell]) -> dict[str, tuple[str, str | None]]:
+    """``key -> (state, error)``, state one of complete/running/waiting/failed/new."""
+    TrialState = optuna_module().trial.TrialState
+    out = {}
+    for key, trials in _trials_by_cell(study, keys).items():
+        states = {t.state for t in trials}
+        if TrialState.COMPLETE in states:
+            out[key] = ("complete", None)
+        elif TrialState.RUNNING in states:
+            out[key] = ("running", None)
+        elif TrialState.WAITING in states:
+            out[key] = ("waiting", None)
+        elif any(t.state == TrialState.FAIL for t in trials):
+            last = max((t for t in trials if t.state == TrialState.FAIL), key=lambda t: t.number)
+            if "error" in last.user_attrs:
+                out[key] = ("failed", last.user_attrs["error"])
+            else:
+                out[key] = ("new" if "interrupted" in last.user_attrs else "died", None)
+        else:
+            out[key] = ("new", None)
+    return out
+
+
+def _schedule(study: Any, keys: Mapping[str, Cell], max_retries: int,
+              retry: set[str]) -> dict[str, tuple[str, str | None]]:
+    """Queue the cells that have no live or finished trial; returns the states after it.
+
+    New cells are queued; a cell whose worker died is queued again up to ``max_retries``
+    times (then it counts as failed); a cell that raised is queued again only if in ``retry``.
+    """
+    TrialState = optuna_module().trial.TrialState
+    states = _cell_states(study, keys)
+    by_cell = _trials_by_cell(study, keys)
+    for key, (state, _) in list(states.items()):
+        deaths = sum(t.state == TrialState.FAIL and not {"error", "interrupted"} & set(
+            t.user_attrs) for t in by_cell[key])
+        if state == "new" or key in retry or (state == "died" and deaths <= max_retries):
+            study.enqueue_trial({}, user_attrs={"cell": key, "spec": keys[key].to_dict()})
+            states[key] = ("waiting", None)
+        elif state == "died":
+            states[key] = ("failed", f"its worker died {deaths} times (killed, out of memory?)")
+    return states
+
+
+def _claim(storage: Any, study_id: int, keys: Mapping[str, Cell]) -> Any:
+    """Move the first queued trial of a grid cell to RUNNING and return it (``None``: none)."""
+    optuna = optuna_module()
+    TrialState = optuna.trial.TrialState
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    for t in trials:
+        if t.state != TrialState.WAITING or t.user_attrs.get("cell") not in keys:
+            continue
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if storage.get_heartbeat_interval() is not None:
+            storage.record_heartbeat(t._trial_id)
+        rivals = [o for o in storage.get_all_trials(study_id, deepcopy=False)
+                  if o.user_attrs.get("cell") == t.user_attrs["cell"] and o.number != t.number]
+        if any(o.state == TrialState.COMPLETE or (o.state in (TrialState.RUNNING,
+               TrialState.WAITING) and o.number < t.number) for o in rivals):
+            storage.set_trial_user_attr(t._trial_id, "duplicate", True)
+            storage.set_trial_state_values(t._trial_id, state=TrialState.PRUNED)
+            continue
+        return storage.get_trial(t._trial_id)
+    return None
+
+
+def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfig,
+               models: _Models, heartbeat_interval: int) -> bool:
+    """Run the claimed trial's cell; record it (or its error). True when it completed."""
+    TrialState = optuna_module().trial.TrialState
+    tid = trial._trial_id
+    storage.set_trial_user_attr(tid, "worker", f"{socket.gethostname()}:{os.getpid()}")
+    try:
+        model = models.get(cell.model)
+        record = run_cell(cell, cfg, model, storage=storage, trial_id=tid,
+                          heartbeat_interval=heartbeat_interval)
+    except KeyboardInterrupt:
+        # the next run queues the cell again at once (a killed worker's waits for grace_period)
+        storage.set_trial_user_attr(tid, "interrupted", True)
+        study.tell(trial.number, state=TrialState.FAIL)
+        raise
+    except Exception as err:  # noqa: BLE001 - a cell's failure is recorded, the grid goes on
+        storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}"[:2000])
+        storage.set_trial_user_attr(tid, "traceback", traceback.format_exc()[-4000:])
+        study.tell(trial.number, state=TrialState.FAIL)
+        return False
+    storage.set_trial_user_attr(tid, "record", record)  # one write: SQLite commits are slow
+    cpr = record["cpr"]
+    study.tell(trial.number, cpr if math.isfinite(cpr) else -math.inf)
+    return True
+
+
+def iter_records(study: Any) -> Iterator[dict[str, Any]]:
+    """The records of a bench study's completed cells: ``spec`` (the cell) merged with results.
+
+    Args:
+        study: An ``optuna.Study`` made by :func:`bench`.
+
+    Yields:
+        One dict per completed cell: the cell's fields (``model``, ``task``, ``algorithm``,
+        ``label``, ``params``, ``seed``, ``examples``, ``ablation``, ``key``) and its record
+        (see :func:`run_cell`), plus ``study`` and ``trial``.
+    """
+    TrialState = optuna_module().trial.TrialState
+    seen = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        attrs = t.user_attrs
+        if not {"cell", "spec", "record"} <= set(attrs) or attrs["cell"] in seen:
+            continue
+        seen.add(attrs["cell"])
+        yield {**attrs["spec"], **attrs["record"], "worker": attrs.get("worker"),
+               "study": study.study_name, "trial": t.number}

@@ -1,0 +1,264 @@
+"""Benchmark grids on the zoo organisms: config validation, skipped cells, records, resumption,
+dead workers, two worker processes on one SQLite file, crashing cells, and the leaderboard."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import circuitfind as cf
+from circuitfind.benchmark.grid import STUDY_MARKER, iter_records, load_config, plan_grid
+from circuitfind.benchmark.leaderboard import aggregate
+from circuitfind.benchmark.storage import open_storage
+from circuitfind.errors import ConfigError
+from circuitfind.zoo import zoo_model_dir
+
+TrialState = optuna.trial.TrialState
+
+# two task/model pairs that fit, one that does not (induction-2l's tokenizer has no names)
+GRID = """
+examples = 4
+seeds = [0, 1]
+algorithms = ["eap", "exact"]
+
+[[grid]]
+models = ["zoo:ioi-small"]
+tasks = ["ioi"]
+
+[[grid]]
+models = ["zoo:induction-2l"]
+tasks = ["induction", "ioi"]
+algorithms = ["eap"]
+"""
+
+
+SMALL = """
+models = ["zoo:induction-2l"]
+tasks = ["induction"]
+algorithms = ["eap"]
+seeds = [0, 1, 2, 3]
+examples = 4
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID)
+    return path
+
+
+@pytest.fixture
+def small(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text(SMALL)
+    return path
+
+
+def storage_url(tmp_path, name="bench.db"):
+    return f"sqlite:///{tmp_path / name}"
+
+
+def trials_by_cell(url, study):
+    out = {}
+    for t in optuna.load_study(study_name=study, storage=url).get_trials():
+        out.setdefault(t.user_attrs["cell"], []).append(t)
+    return out
+
+
+def test_config_problems_are_all_listed_at_once():
+    raw = {"models": ["zoo:ioi-smal", "zoo:induction-2l"], "tasks": ["ioi", "inductoin"],
+           "algorithms": {"eap": {}, "eapp": {}, "eap_ig": {"stepz": [1, 2]},
+                          "acdc": {"threshold": [0.01, -1]}},
+           "seeds": [0, "one"], "colour": "red", "convention": "nope"}
+    with pytest.raises(ConfigError) as err:
+        load_config(raw)
+    text = str(err.value)
+    for needle in ("'colour'", "convention", "zoo:ioi-smal", "'inductoin'", "'eapp'",
+                   "stepz", "'threshold' parameter of ACDC", "seeds must be"):
+        assert needle in text, needle
+    assert "8 problems" in text
+
+
+def test_bad_storage_url_and_missing_config(config, tmp_path):
+    with pytest.raises(ConfigError, match="Cannot open the Optuna storage"):
+        cf.bench(config, storage=f"sqlite:///{tmp_path}/no/such/dir/x.db", progress=False)
+    with pytest.raises(ConfigError, match="SQLAlchemy URL"):
+        cf.bench(config, storage="bench.db", progress=False)
+    with pytest.raises(ConfigError, match="Cannot read the bench config"):
+        cf.bench(tmp_path / "missing.toml", storage=storage_url(tmp_path), progress=False)
+    (tmp_path / "bad.toml").write_text("models = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_hyperparameter_grid_and_skipped_cells(config):
+    cfg = load_config({"models": ["zoo:induction-2l"], "tasks": ["induction", "ioi"],
+                       "algorithms": {"eap_ig": {"steps": [2, 3], "interpolation": "inputs"}},
+                       "seeds": [0], "examples": 4})
+    assert [c.label for c in cfg.cells[:2]] == ['eap_ig(interpolation="inputs", steps=2)',
+                                               'eap_ig(interpolation="inputs", steps=3)']
+    plan = plan_grid(cfg)
+    assert {c.task for c in plan.cells} == {"induction"} and len(plan.cells) == 2
+    assert [(s["model"], s["task"], s["seeds"]) for s in plan.skipped] == [
+        ("zoo:induction-2l", "ioi", [0])]
+    assert "single-token names" in plan.skipped[0]["reason"]
+
+
+def test_grid_end_to_end_then_resume_runs_nothing(config, tmp_path, run):
+    url = storage_url(tmp_path)
+    out = run("bench", str(config), "--storage", url, "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "skipped: ioi on zoo:induction-2l (seeds 0, 1)" in out.stderr
+    assert "6 of 6 cells done (6 by this worker), 0 failed" in out.stdout
+    records = {(r["model"], r["task"], r["algorithm"], r["seed"]): r
+               for r in iter_records(optuna.load_study(study_name="grid", storage=url))}
+    assert len(records) == 6 and ("zoo:induction-2l", "induction", "exact", 0) not in records
+    rec = records[("zoo:ioi-small", "ioi", "exact", 1)]
+    assert rec["convention"] == "mib" and "MIB convention" in rec["convention_label"]
+    assert rec["n_edges"] == 110 and rec["n_nodes"] == 12 and rec["n_examples"] == 4
+    assert rec["edge_auc"] > 0.8 and 0 <= rec["node_auc"] <= 1
+    assert rec["versions"]["torch"] == torch.__version__ and "transformer-lens" in rec["versions"]
+    assert rec["hyperparameters"] == {"masks_per_pass": None, "batch_size": None,
+                                      "progress": False}
+    assert rec["wall_time_s"] >= rec["score_time_s"] > 0 and rec["peak_memory_bytes"] > 2**20
+    assert len(rec["curve"]["faithfulness"]) == 10
+    # the record is the library's own curve on the same data
+    model = cf.load_model("zoo:ioi-small")
+    data = cf.build_data(model, "ioi", 4, seed=1)
+    curve = cf.faithfulness_curve(model, cf.score_edges(model, data=data, algorithm="exact"),
+                                  data)
+    assert rec["cpr"] == pytest.approx(curve.cpr, abs=1e-6)
+    assert rec["cmd"] == pytest.approx(curve.cmd, abs=1e-6)
+    assert records[("zoo:induction-2l", "induction", "eap", 0)]["edge_auc"] is not None
+    # a second run finds every cell done
+    again = cf.bench(config, storage=url, progress=False)
+    assert again.executed == 0 and again.completed == 6 and again.ok
+    assert all(len(ts) == 1 for ts in trials_by_cell(url, "grid").values())
+
+
+def test_dead_workers_cell_is_retried(small, tmp_path):
+    url = storage_url(tmp_path)
+    created = cf.bench(small, storage=url, create_only=True, progress=False)
+    assert created.pending == 4 and created.executed == 0
+    storage = open_storage(url, heartbeat_interval=1)
+    study_id = storage.get_study_id_from_name("grid")
+    waiting = storage.get_all_trials(study_id, states=(TrialState.WAITING,))
+    held = waiting[2]
+    # a worker claims a cell, beats once, then dies
+    assert storage.set_trial_state_values(held._trial_id, TrialState.RUNNING)
+    storage.record_heartbeat(held._trial_id)
+    result = cf.bench(small, storage=url, progress=False, heartbeat_interval=1, grace_period=1)
+    assert result.completed == 4 and result.executed == 4 and result.ok
+    trials = trials_by_cell(url, "grid")[held.user_attrs["cell"]]
+    assert sorted(t.state for t in trials) == sorted([TrialState.FAIL, TrialState.COMPLETE])
+    assert all(len(ts) == 1 for k, ts in trials_by_cell(url, "grid").items()
+               if k != held.user_attrs["cell"])
+
+
+def test_two_worker_processes_share_one_sqlite_file(small, tmp_path, cli_workers):
+    url = storage_url(tmp_path)
+    cf.bench(small, storage=url, create_only=True, progress=False)  # before the workers
+    outputs = cli_workers(*[["bench", str(small), "--storage", url, "--no-progress",
+                             "--threads", "1"]] * 2)
+    for out in outputs:
+        assert out.returncode == 0, out.stderr
+        assert "4 of 4 cells done" in out.stdout
+    by_cell = trials_by_cell(url, "grid")
+    assert len(by_cell) == 4
+    for trials in by_cell.values():  # each cell ran once, by one of the workers
+        assert [t.state for t in trials] == [TrialState.COMPLETE]
+    assert sum(int(out.stdout.split("(")[1].split(" by")[0]) for out in outputs) == 4
+
+
+def test_crashing_cell_is_recorded_and_fails_the_run(tmp_path, run):
+    broken = tmp_path / "broken"
+    shutil.copytree(zoo_model_dir("induction-2l"), broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = tmp_path / "crash.toml"
+    config.write_text(f'models = ["zoo:induction-2l", "{broken}"]\ntasks = ["induction"]\n'
+                      'algorithms = ["eap"]\nexamples = 4\n')
+    url = storage_url(tmp_path)
+    out = run("bench", str(config), "--storage", url, "--no-progress")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "1 of 2 cells done" in out.stdout and "1 failed" in out.stdout
+    assert f"failed: model={broken} task=induction" in out.stderr
+    trials = trials_by_cell(url, "crash")
+    (failed,) = [t for k, ts in trials.items() for t in ts if str(broken) in k]
+    assert failed.state == TrialState.FAIL and "ModelLoadError" in failed.user_attrs["error"]
+    assert "Traceback" in failed.user_attrs["traceback"]
+    # not rerun by default; rerun with --retry-failed once the model is repaired
+    assert run("bench", str(config), "--storage", url, "--no-progress").returncode == 1
+    (broken / "model.safetensors").write_bytes(weights)
+    fixed = run("bench", str(config), "--storage", url, "--no-progress", "--retry-failed")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "2 of 2 cells done (1 by this worker)" in fixed.stdout
+
+
+def fake_record(model, task, label, seed, cpr, cmd, auc, time_s, curve):
+    """A completed cell as bench records it (the leaderboard reads nothing else)."""
+    spec = {"model": model, "task": task, "algorithm": label.split("(")[0], "params": {},
+            "seed": seed, "examples": 4, "ablation": "resample", "label": label,
+            "key": f"{model} {task} {label} {seed}"}
+    fractions = [0.01, 0.1, 1.0]
+    record = {"cpr": cpr, "cmd": cmd, "edge_auc": auc, "node_auc": auc, "wall_time_s": time_s,
+              "score_time_s": time_s / 2, "peak_memory_bytes": 2**20 * (100 + seed),
+              "n_edges": 110, "n_nodes": 12, "n_examples": 4, "ablation": "resample",
+              "circuit": None, "convention": "mib", "convention_label": "MIB convention",
+              "metric": "logit difference", "metric_unit": "logits",
+              "curve": {"fractions": fractions, "faithfulness": curve,
+                        "faithfulness_cmd": [c / 2 for c in curve]}}
+    return {"cell": spec["key"], "spec": spec, "record": record}
+
+
+def test_leaderboard_aggregates_over_seeds(tmp_path, run):
+    url = storage_url(tmp_path)
+    study = optuna.create_study(storage=url, study_name="known", direction="maximize")
+    study.set_user_attr(STUDY_MARKER, {"convention": "mib", "fractions": [0.01, 0.1, 1.0]})
+    rows = [("zoo:ioi-small", "ioi", "eap", 0, 0.5, 0.4, 0.9, 1.0, [0.1, 0.5, 1.0]),
+            ("zoo:ioi-small", "ioi", "eap", 1, 0.7, 0.2, 0.8, 3.0, [0.3, 0.7, 1.0]),
+            ("zoo:ioi-small", "ioi", "exact", 0, 0.9, 0.1, 1.0, 5.0, [0.2, 0.9, 1.0]),
+            ("zoo:ioi-small", "ioi", "exact", 1, 0.8, 0.3, None, 7.0, [0.4, 0.8, 1.0]),
+            ("zoo:induction-2l", "induction", "eap", 0, math.nan, 0.5, None, 2.0,
+             [0.0, 0.2, 1.0])]
+    for row in rows:
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.0,
+                                                  user_attrs=fake_record(*row)))
+    study.add_trial(optuna.trial.create_trial(  # a failed cell is not on the board
+        state=TrialState.FAIL, user_attrs={**fake_record(*rows[0]), "error": "boom"}))
+    out = run("leaderboard", "--storage", url, "--out", str(tmp_path / "lb"), "--sort", "cmd")
+    assert out.returncode == 0, out.stderr
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "faithfulness_cpr.png",
+                 "faithfulness_cpr.pdf", "faithfulness_cmd.png", "faithfulness_cmd.pdf"):
+        assert (tmp_path / "lb" / name).stat().st_size > 0, name
+    board = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())
+    got = {(r["task"], r["algorithm"]): r for r in board["rows"]}
+    assert board["convention"] == "mib" and board["sort"] == "cmd"
+    eap, exact = got[("ioi", "eap")], got[("ioi", "exact")]
+    assert eap["cpr_mean"] == pytest.approx(0.6) and eap["cpr_std"] == pytest.approx(
+        np.std([0.5, 0.7], ddof=1))
+    assert exact["edge_auc_mean"] == 1.0 and exact["edge_auc_std"] is None  # one seed has AUC
+    assert eap["faithfulness_mean"] == pytest.approx([0.2, 0.6, 1.0])
+    assert exact["wall_time_s_mean"] == 6.0 and eap["n_seeds"] == 2 and eap["seeds"] == [0, 1]
+    assert got[("induction", "eap")]["cpr_mean"] is None
+    # sorted by CMD (ascending) within a task/model: exact (0.2) before eap (0.3)
+    ioi_rows = [r["algorithm"] for r in board["rows"] if r["task"] == "ioi"]
+    assert ioi_rows == ["exact", "eap"]
+    assert [r["algorithm"] for r in aggregate(list(iter_records(study)), "time")
+            if r["task"] == "ioi"] == ["eap", "exact"]
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "MIB convention" in md and "| eap | 0.600 ± 0.141 | 0.300 ± 0.141 |" in md
+    assert "## induction on zoo:induction-2l" in md and "| eap | — |" in md
+    csv_lines = (tmp_path / "lb" / "leaderboard.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("task,model,n_examples")
+    with pytest.raises(ConfigError, match="No study 'nope'"):
+        cf.leaderboard(url, tmp_path / "x", studies=["nope"])
+    with pytest.raises(ConfigError, match="Unknown sort key"):
+        cf.leaderboard(url, tmp_path / "x", sort="speed")
