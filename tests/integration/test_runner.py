@@ -203,16 +203,21 @@ def test_ablation_values_follow_their_definitions(tiny_models, name):
         engine.run(data, g.full_mask(), ablation="gaussian")
 
 
+def _runner_and_hooked(model, data_seed: int, seed: int):
+    """Data (3 examples, 2 metric positions), the runner and hooked engines, a generator and
+    each receiver's layer."""
+    data = ToyTask(positions=2).build(model.tokenizer, 3, seed=data_seed)
+    runner, hooked = PatchingEngine(model), PatchingEngine(model, use_runner=False)
+    layer_of = torch.tensor([rec.layer for rec in runner.graph.receivers])
+    return data, runner, hooked, torch.Generator().manual_seed(seed), layer_of
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_few_receivers_at_the_start_layer_equal_the_hooked_engine(tiny_models, name):
     """ACDC-like masks: one or two touched receivers in the first layer, random edges later
     (the start layer recomputes only the touched heads; later layers see per-mask senders)."""
-    model = tiny_models(name)
-    data = ToyTask(positions=2).build(model.tokenizer, 3, seed=8)
-    runner, hooked = PatchingEngine(model), PatchingEngine(model, use_runner=False)
+    data, runner, hooked, gen, layer_of = _runner_and_hooked(tiny_models(name), 8, 3)
     g = runner.graph
-    gen = torch.Generator().manual_seed(3)
-    layer_of = torch.tensor([rec.layer for rec in g.receivers])
     for layer in range(g.n_layers):
         masks = (torch.rand(4, g.n_senders, g.n_receivers, generator=gen) > 0.3).double()
         masks[:, :, layer_of <= layer] = 1
@@ -244,12 +249,8 @@ def test_sparse_circuits_in_kept_form_equal_the_hooked_engine(tiny_models, name,
     """Masks that keep few edges after their first touched layer run in kept form (receivers
     read the ablated residual plus their kept edges; senders no kept edge leaves are skipped):
     equal to the hooked engine's eq. (1) for every start layer, batched or one at a time."""
-    model = tiny_models(name)
-    data = ToyTask(positions=2).build(model.tokenizer, 3, seed=4)
-    runner, hooked = PatchingEngine(model), PatchingEngine(model, use_runner=False)
+    data, runner, hooked, gen, layer_of = _runner_and_hooked(tiny_models(name), 4, 5)
     g = runner.graph
-    gen = torch.Generator().manual_seed(5)
-    layer_of = torch.tensor([rec.layer for rec in g.receivers])
     for layer in range(g.n_layers + 1):
         masks = (torch.rand(4, g.n_senders, g.n_receivers, generator=gen) < 0.15).double()
         masks[1] = 0  # the empty circuit after ``layer``
