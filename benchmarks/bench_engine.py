@@ -4,7 +4,9 @@ For each setting this script measures, on one CPU thread (medians of ``--repeats
 
 ``hf_forward``
     One no-grad forward of the clean batch through a separately loaded, plain Hugging Face model
-    (``AutoModelForCausalLM.from_pretrained``; no transformer-lens components): the unit.
+    (``AutoModelForCausalLM.from_pretrained``; no transformer-lens components): the unit,
+    measured before and after the other phases and averaged (the shared machine's speed drifts
+    by tens of percent within minutes).
 ``masked_forward``
     ``engine.run(data, mask)`` with one random keep-mask (half the edges removed; every receiver
     touched, so the pass starts at layer 0 and recomputes every receiver): the cost of
@@ -130,9 +132,13 @@ def measure(name: str, repeats: int, profile: bool, tmp: Path) -> dict[str, Any]
         exact, timed = time.process_time() - start, g.n_edges
     else:
         exact, timed = _exact_sampled(engine, data, sample)
+    with torch.no_grad():  # the unit again: the machine's speed drifts (mean of both)
+        hf_after = _median_time(lambda: plain(data.clean), repeats)
+    hf_before, hf = hf, (hf + hf_after) / 2
     result = {
         "setting": name, "n_examples": data.n, "seq_len": data.seq_len, "n_edges": g.n_edges,
-        "n_layers": g.n_layers, "hf_forward_s": hf, "masked_forward_s": masked,
+        "n_layers": g.n_layers, "hf_forward_s": hf, "hf_forward_before_after_s": [hf_before, hf_after],
+        "masked_forward_s": masked,
         "masked_forward_hf": masked / hf, "exact_s": exact, "exact_edges_timed": timed,
         "exact_per_edge_hf": exact / g.n_edges / hf, "limit_per_edge": _limit(g),
     }
