@@ -252,6 +252,12 @@ class _Form:
         self.w_shared = None if shared is None else w_shared
         self.w_dyn, self.shared, self.touched = w_dyn, shared, touched
         self.touched_any = touched.any(0).tolist()
+        self.k = int(w_dyn.shape[0])  # masks
+
+    def first_mask(self) -> _Form:
+        """The same form for the first mask only (receivers equal in every mask)."""
+        return _Form(None if self.w_shared is None else self.w_shared[:1], self.w_dyn[:1],
+                     self.shared, self.touched[:1])
 
 
 def _unwrap(module: Any) -> Any:
@@ -651,6 +657,7 @@ class BlockRunner:
             """
             wf = forms[form]
             w_shared, w_dyn, shared, touched_cpu = wf.w_shared, wf.w_dyn, wf.shared, wf.touched
+            k_masks = wf.k
             rs = [r for r in receivers if wf.touched_any[r]]
             if not rs:
                 return []
@@ -690,7 +697,8 @@ class BlockRunner:
                          ) -> list[tuple[int, Tensor | slice, Tensor]]:
             """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
             one ``[K, R', n*T*d]`` tensor (kept in ``last_out``), mask-major, no gathers."""
-            w_shared, w_dyn, shared = wf.w_shared, wf.w_dyn, wf.shared
+            w_shared, w_dyn, shared, k_masks = wf.w_shared, wf.w_dyn, wf.shared, wf.k
+            cur = current[:k_masks] if current is not None else None
             idx = torch.tensor(rs, device=dev)
             out = None
             if w_shared is not None:
@@ -703,8 +711,8 @@ class BlockRunner:
                     out = torch.matmul(weights.transpose(1, 2), shared)  # [K, R', X]
             if j:
                 w = w_dyn[:, :j][:, :, idx].transpose(1, 2)  # [K, R', j]
-                out = (torch.bmm(w, current[:, :j]) if out is None
-                       else torch.baddbmm(out.expand(k_masks, -1, -1), w, current[:, :j]))
+                out = (torch.bmm(w, cur[:, :j]) if out is None
+                       else torch.baddbmm(out.expand(k_masks, -1, -1), w, cur[:, :j]))
             assert out is not None
             out = out.expand(k_masks, -1, -1)
             last_out.update(dense=out, receivers=rs)
@@ -809,11 +817,55 @@ class BlockRunner:
             """Blocks ``start..`` and the logits in kept form: only senders in ``dynamic`` are
             computed; each receiver reads ``x'_L`` plus its kept edges, except the start layer's
             q/k/v inputs, which read the clean residual minus their removed edges (eq. (1); all
-            their senders are cached). What no mask's patches reach is computed once and
-            broadcast over the masks."""
+            their senders are cached). A receiver whose weights are equal in every mask and
+            whose senders are all mask-invariant (cached, or computed once) is computed once
+            and broadcast over the masks; only what depends on a mask's own edges runs K times
+            (ACDC's candidates differ in one receiver)."""
             pre, mid = (abl_resid if abl_resid is not None
                         else self.ablated_residuals(ablated, n, t))
             rep = g.n_heads // g.n_kv_heads
+            for name in list(forms):
+                forms[name + "1"] = forms[name].first_mask()
+            weights = {"removed": removed, "kept": kept_w}
+            equal = {name: (w == w[:1]).all(0).all(0).cpu() for name, w in weights.items()}
+            variant = torch.zeros(g.n_senders, dtype=torch.bool, device=dev)
+
+            def invariant(rs: list[int], form: str) -> list[bool]:
+                """Whether each receiver's input is the same in every mask."""
+                reads = weights[form][0][:, rs].ne(0) & variant[:, None]
+                return (equal[form][rs] & ~reads.any(0).cpu()).tolist()
+
+            def heads_pass(layer: int, subset: list[int], form: str, base: Tensor,
+                           sign: float, last: bool) -> bool:
+                """Compute the heads ``subset`` of ``layer`` (into ``current``); True if they were
+                computed per mask."""
+                h0 = g.head_start[layer]
+                groups = sorted({hh // rep for hh in subset})
+                want = {"q": subset, "k": groups, "v": groups}
+                first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+                patches = deltas([first[kind] + i for kind in "qkv" for i in want[kind]], form)
+                kk = forms[form].k if patches else 1
+                base_in = lay.ln_attn(layer, base)  # [n, T, d]
+                qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
+                       .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
+                for r, ks, dlt in patches:
+                    kind = g.receivers[r].kind
+                    i = r - first[kind]
+                    qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
+                        layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
+                per_head = [groups.index(hh // rep) for hh in subset]
+                q = qkv["q"].view(kk * n, t, len(subset), -1)
+                k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+                v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+                z = lay.attend(layer, q, k, v, grouped=False,
+                               query_pos=pos.repeat(kk, 1) if last else None)
+                res = lay.head_results(layer, z, torch.arange(len(subset), device=dev),
+                                       heads=torch.tensor(subset, device=dev))
+                res = res.view(kk, n, -1, len(subset), d).permute(0, 3, 1, 2, 4)
+                for i, hh in enumerate(subset):
+                    put(dyn_slot[h0 + hh], res[:, i: i + 1].expand(k_masks, -1, -1, -1, -1))
+                return kk > 1
+
             for layer in range(start, g.n_layers):
                 last = layer == g.n_layers - 1
                 base = cache.resid[layer] if layer == start else pre[layer]
@@ -821,38 +873,29 @@ class BlockRunner:
                 h0 = g.head_start[layer]
                 heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
                 if heads:
-                    groups = sorted({hh // rep for hh in heads})
-                    want = {"q": heads, "k": groups, "v": groups}
-                    first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
-                    patches = deltas([first[kind] + i for kind in "qkv" for i in want[kind]],
-                                     form)
-                    kk = k_masks if patches else 1
-                    base_in = lay.ln_attn(layer, base)  # [n, T, d]
-                    qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
-                           .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
-                    for r, ks, dlt in patches:
-                        kind = g.receivers[r].kind
-                        i = r - first[kind]
-                        qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
-                            layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
-                    per_head = [groups.index(hh // rep) for hh in heads]
-                    q = qkv["q"].view(kk * n, t, len(heads), -1)
-                    k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(heads), -1)
-                    v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(heads), -1)
-                    z = lay.attend(layer, q, k, v, grouped=False,
-                                   query_pos=pos.repeat(kk, 1) if last else None)
-                    res = lay.head_results(layer, z, torch.arange(len(heads), device=dev),
-                                           heads=torch.tensor(heads, device=dev))
-                    res = res.view(kk, n, -1, len(heads), d).permute(0, 3, 1, 2, 4)
-                    put(dyn_slot[h0 + heads[0]], res.expand(k_masks, -1, -1, -1, -1))
+                    q0, k0, v0 = g.q_start[layer], g.k_start[layer], g.v_start[layer]
+                    rs = [q0 + hh for hh in heads] + [k0 + hh // rep for hh in heads] + [
+                        v0 + hh // rep for hh in heads]
+                    same = invariant(rs, form)
+                    nh = len(heads)
+                    once = [hh for i, hh in enumerate(heads)
+                            if same[i] and same[nh + i] and same[2 * nh + i]]
+                    per_mask = [hh for hh in heads if hh not in once]
+                    if once:
+                        heads_pass(layer, once, form + "1", base, sign, last)
+                    if per_mask and heads_pass(layer, per_mask, form, base, sign, last):
+                        variant[[h0 + hh for hh in per_mask]] = True
                 u = g.mlp_index[layer]
                 if u in dyn_slot:
-                    patches = deltas([g.mlp_receiver[layer]], "kept")
+                    r = g.mlp_receiver[layer]
+                    mform = "kept1" if invariant([r], "kept")[0] else "kept"
+                    patches = deltas([r], mform)
                     xm = mid[layer].unsqueeze(0)
                     if patches:
-                        xm = xm.repeat(k_masks, 1, 1, 1)
+                        xm = xm.repeat(forms[mform].k, 1, 1, 1)
                         for _, ks, dlt in patches:
                             xm[ks] += dlt
+                        variant[u] = forms[mform].k > 1
                     if last:
                         xm = at_positions(xm)
                     m = lay.mlp(layer, lay.ln_mlp(layer, xm))

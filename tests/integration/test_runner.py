@@ -265,3 +265,12 @@ def test_sparse_circuits_in_kept_form_equal_the_hooked_engine(tiny_models, name,
         if layer < g.n_layers:
             torch.testing.assert_close(got, runner.run(data, masks, start=0, ablation=ablation),
                                        atol=1e-8, rtol=0)
+        # ACDC's candidates: one shared sparse circuit, each mask also removing one edge into
+        # a receiver of ``layer`` (most nodes are then computed once for all masks)
+        at_layer = (layer_of == layer).nonzero()[:, 0]
+        cand = masks[0].expand(4, -1, -1).clone()
+        for k in range(4):
+            r = int(at_layer[torch.randint(len(at_layer), (1,), generator=gen)])
+            cand[k, int(torch.randint(int(g.n_upstream[r]), (1,), generator=gen)), r] = 0
+        torch.testing.assert_close(runner.run(data, cand, ablation=ablation),
+                                   hooked.run(data, cand, ablation=ablation), atol=1e-8, rtol=0)
