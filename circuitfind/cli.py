@@ -269,9 +269,15 @@ def bench(
         help="Create the study and queue its cells, run nothing (once, before starting "
              "workers on a fresh SQLite file)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    out: Optional[Path] = typer.Option(
+        None, "--out",
+        help="When the grid is complete, also write the study's leaderboard (tables and "
+             "figures, as `circuitfind leaderboard`) to this directory."),
 ) -> None:
     """Run a benchmark grid (models x tasks x algorithms x seeds); start the same command as
-    often as you like, on one storage, to share the cells. Exit code 1 if any cell failed."""
+    often as you like, on one storage, to share the cells. Exit code 1 if any cell failed.
+    With --out, the worker that sees the grid complete writes its leaderboard: one command from
+    a config to tables and figures."""
     import optuna
     import torch
 
@@ -293,6 +299,16 @@ def bench(
                f"{len(result.skipped)} task/model pairs skipped; {result.wall_time_s:.1f} s")
     for f in result.failed:
         typer.secho(f"failed: {f['cell']}: {f['error']}", err=True, fg=typer.colors.RED)
+    if out is not None and not create_only:
+        if result.pending:
+            typer.echo(f"leaderboard not written: {result.pending} cells are still queued or "
+                       "running on other workers; run `circuitfind leaderboard` when they end.",
+                       err=True)
+        elif result.completed:
+            from circuitfind.benchmark.leaderboard import leaderboard as write_leaderboard
+
+            files = write_leaderboard(result.storage, out, studies=[result.study_name])
+            typer.echo(f"leaderboard written to {out} ({len(files.written)} files)")
     if not result.ok:
         raise typer.Exit(1)
 

@@ -27,6 +27,13 @@ last metric position (causal model), everything but the metric positions' querie
 output and MLP in the last block, and, at the start layer, every head a mask does not touch
 (its output is the cached clean one).
 
+Kept form. Since the residual stream is the sum of its upstream senders' outputs (plus biases),
+eq. (1) also reads ``x_r = x'_L + sum_u kept[u, r] (a_u(current run) - a'_u)``, with ``x'_L``
+the residual of the run in which every edge is ablated (:meth:`BlockRunner.ablated_residuals`).
+When the masks keep fewer edges after the start layer than they remove (ACDC's circuits, small
+top-n circuits), a pass uses that form: only senders a kept edge leaves are computed, nodes
+nothing reaches are skipped, and receivers equal in every mask are computed once for all K.
+
 Cost. A pass over K masks and N examples costs ``K N`` rows through blocks ``start..`` (the last
 one at the metric positions only) plus, per layer, one matmul of the touched (mask, receiver)
 pairs' weights with the shared buffer and one batched matmul with the per-mask buffer.
@@ -190,7 +197,6 @@ class _Layout:
         scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
         return (pattern @ v).transpose(1, 2)
-
 
     def _attend_small(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
                       query_pos: Tensor | None) -> Tensor:

@@ -113,10 +113,15 @@ def test_hyperparameter_grid_and_skipped_cells(config):
 
 def test_grid_end_to_end_then_resume_runs_nothing(config, tmp_path, run):
     url = storage_url(tmp_path)
-    out = run("bench", str(config), "--storage", url, "--no-progress")
+    board = tmp_path / "board"
+    out = run("bench", str(config), "--storage", url, "--no-progress", "--out", str(board))
     assert out.returncode == 0, out.stderr
     assert "skipped: ioi on zoo:induction-2l (seeds 0, 1)" in out.stderr
     assert "6 of 6 cells done (6 by this worker), 0 failed" in out.stdout
+    # one command from a config to the leaderboard: its tables hold every cell's algorithm
+    assert f"leaderboard written to {board}" in out.stdout
+    table = (board / "leaderboard.md").read_text()
+    assert "zoo:ioi-small" in table and "exact" in table and (board / "leaderboard.csv").exists()
     records = {(r["model"], r["task"], r["algorithm"], r["seed"]): r
                for r in iter_records(optuna.load_study(study_name="grid", storage=url))}
     assert len(records) == 6 and ("zoo:induction-2l", "induction", "exact", 0) not in records
