@@ -33,6 +33,9 @@ the residual of the run in which every edge is ablated (:meth:`BlockRunner.ablat
 When the masks keep fewer edges after the start layer than they remove (ACDC's circuits, small
 top-n circuits), a pass uses that form: only senders a kept edge leaves are computed, nodes
 nothing reaches are skipped, and receivers equal in every mask are computed once for all K.
+Those mask-invariant nodes' outputs are also kept until the next pass, keyed by the content of
+their inputs (weights and the senders' own keys), so consecutive passes over a circuit that
+changed in one place (ACDC) recompute only what the change reaches.
 
 Cost. A pass over K masks and N examples costs ``K N`` rows through blocks ``start..`` (the last
 one at the metric positions only) plus, per layer, one matmul of the touched (mask, receiver)
@@ -467,6 +470,10 @@ class BlockRunner:
         self.layout = layout
         self.graph = graph
         self._receiver_layer = torch.tensor([r.layer for r in graph.receivers])
+        # kept form: outputs of mask-invariant nodes from the last pass, by the content of
+        # their inputs (see ``run``), and the data they belong to
+        self._memo: dict[Any, Tensor] = {}
+        self._memo_data: tuple[Tensor, Any] | None = None
 
     # ------------------------------------------------------------------ plain runs
     @torch.no_grad()
@@ -835,6 +842,19 @@ class BlockRunner:
             weights = {"removed": removed, "kept": kept_w}
             equal = {name: (w == w[:1]).all(0).all(0).cpu() for name, w in weights.items()}
             variant = torch.zeros(g.n_senders, dtype=torch.bool, device=dev)
+            # Outputs of invariant nodes are kept across passes (ACDC tests one receiver after
+            # another against a circuit that changes only there), keyed by the content of
+            # their inputs: the receivers' weights and their senders' own keys, down to the
+            # cached senders. ``memo`` holds this pass's entries and replaces the old memo.
+            # the data: the engine's memoised ``diff`` (the base tensor of this slice, held
+            # here so that its memory cannot be reused under the same address) and the slice
+            owner = diff if diff._base is None else diff._base
+            data_key = (diff.storage_offset(), tuple(diff.shape))
+            if self._memo_data is None or self._memo_data[0] is not owner or (
+                    self._memo_data[1] != data_key):
+                self._memo, self._memo_data = {}, (owner, data_key)
+            keys: dict[int, Any] = {}
+            memo: dict[Any, Tensor] = {}
 
             def invariant(rs: list[int], form: str) -> list[bool]:
                 """Whether each receiver's input is the same in every mask."""
@@ -867,10 +887,21 @@ class BlockRunner:
                                query_pos=pos.repeat(kk, 1) if last else None)
                 res = lay.head_results(layer, z, torch.arange(len(subset), device=dev),
                                        heads=torch.tensor(subset, device=dev))
-                res = res.view(kk, n, -1, len(subset), d).permute(0, 3, 1, 2, 4)
+                return res.view(kk, n, -1, len(subset), d).permute(0, 3, 1, 2, 4)
+
+            def put_heads(layer: int, subset: list[int], res: Tensor) -> None:
+                """Write heads ``subset``'s outputs ``[kk, h, n, T|P, d]`` into ``current``."""
+                h0 = g.head_start[layer]
                 for i, hh in enumerate(subset):
                     put(dyn_slot[h0 + hh], res[:, i: i + 1].expand(k_masks, -1, -1, -1, -1))
-                return kk > 1
+
+            def input_key(r: int, form: str, layer: int) -> tuple[Any, ...]:
+                """What an invariant receiver's input is made of: its weights (mask 0), the
+                content keys of its computed senders, and how it is read (start layer or not)."""
+                col = weights[form][0][:, r]
+                nz = col.nonzero()[:, 0].tolist()
+                return (r, layer == start, col.cpu().numpy().tobytes(),
+                        tuple(keys[u] for u in nz if u >= n_static))
 
             for layer in range(start, g.n_layers):
                 last = layer == g.n_layers - 1
@@ -888,24 +919,47 @@ class BlockRunner:
                             if same[i] and same[nh + i] and same[2 * nh + i]]
                     per_mask = [hh for hh in heads if hh not in once]
                     if once:
-                        heads_pass(layer, once, form + "1", base, sign, last)
-                    if per_mask and heads_pass(layer, per_mask, form, base, sign, last):
-                        variant[[h0 + hh for hh in per_mask]] = True
+                        key = ("heads", layer, tuple(once), tuple(
+                            input_key(r, form, layer) for i, r in enumerate(rs)
+                            if heads[i % nh] in once))
+                        res = self._memo.get(key)
+                        if res is None:
+                            res = heads_pass(layer, once, form + "1", base, sign, last)
+                        memo[key] = res
+                        put_heads(layer, once, res)
+                        for i, hh in enumerate(once):
+                            keys[h0 + hh] = (key, i)
+                    if per_mask:
+                        res = heads_pass(layer, per_mask, form, base, sign, last)
+                        put_heads(layer, per_mask, res)
+                        for hh in per_mask:
+                            if res.shape[0] > 1:
+                                variant[h0 + hh] = True
+                            else:  # no patches: the receivers read the base alone
+                                keys[h0 + hh] = ("base", layer, hh, layer == start)
                 u = g.mlp_index[layer]
                 if u in dyn_slot:
                     r = g.mlp_receiver[layer]
-                    mform = "kept1" if invariant([r], "kept")[0] else "kept"
-                    patches = deltas([r], mform)
-                    xm = mid[layer].unsqueeze(0)
-                    if patches:
-                        xm = xm.repeat(forms[mform].k, 1, 1, 1)
-                        for _, ks, dlt in patches:
-                            xm[ks] += dlt
-                        variant[u] = forms[mform].k > 1
-                    if last:
-                        xm = at_positions(xm)
-                    m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+                    once_m = invariant([r], "kept")[0]
+                    key = ("mlp", input_key(r, "kept", layer)) if once_m else None
+                    m = self._memo.get(key) if once_m else None
+                    if m is None:
+                        mform = "kept1" if once_m else "kept"
+                        patches = deltas([r], mform)
+                        xm = mid[layer].unsqueeze(0)
+                        if patches:
+                            xm = xm.repeat(forms[mform].k, 1, 1, 1)
+                            for _, ks, dlt in patches:
+                                xm[ks] += dlt
+                            variant[u] = forms[mform].k > 1
+                        if last:
+                            xm = at_positions(xm)
+                        m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+                    if once_m:
+                        memo[key] = m
+                        keys[u] = key
                     put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1))
+            self._memo = memo
             xf = at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
             for _, ks, dlt in deltas([g.n_receivers - 1], "kept"):
                 xf[ks] += at_positions(dlt)
