@@ -626,6 +626,7 @@ class BlockRunner:
                 dynamic = (needed[n_static:].nonzero()[:, 0] + n_static).tolist()
         if kept_w is None:
             dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
+            self._memo = {}  # kept-form outputs are only reused by kept-form passes
         # Shared-over-masks buffer: static senders' clean - ablated values (and, for frozen
         # edges, dynamic senders' ablated - clean values). Dynamic senders' per-mask buffer
         # ``current`` holds a_u(current run) - a'_u, so that eq. (1) for a dynamic sender is
