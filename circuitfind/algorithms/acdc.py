@@ -41,7 +41,10 @@ Method (the reference's semantics, which this module reproduces decision for dec
   The reference also re-computes ``cur`` after such removals and at every step; here ``cur``
   carries over (equal up to floating-point rounding).
 - Scores. Every tested edge's ``effect`` is its score (untested edges score 0), so an ACDC
-  circuit also feeds faithfulness curves and ROC AUC.
+  circuit also feeds faithfulness curves and ROC AUC. Under the KL objective an effect grows
+  with the edge's importance: pass ``score_kind="importance"`` to
+  :func:`~circuitfind.evaluation.faithfulness.faithfulness_curve` (the task-metric objective's
+  effects are metric changes, the default reading).
 
 Fast without changing decisions (``mode="exact"``, the default). (1) Every test is a masked
 pass through the engine, which starts at the receiver's layer from the cached clean run: the

@@ -578,8 +578,9 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         cell, data to AUC), ``peak_memory_bytes`` and ``peak_memory_kind`` (the process's peak
         resident set during the cell, model included, after freed heap is returned to the
         operating system; on CUDA the peak allocated memory) and ``rss_start_bytes``,
-        ``scores_negated_for_curve`` (True for a KL objective's scores on a task whose metric
-        is higher-is-better: the curve's signed ranking reads them negated), ``seed``,
+        ``score_kind`` (how the curve's signed ranking read the scores: ``"importance"`` for
+        a KL objective's, ``"metric_change"`` otherwise) and ``scores_negated_for_curve``
+        (whether that differs from the task metric's direction), ``seed``,
         ``n_examples``, ``hyperparameters`` (every parameter of the algorithm), ``versions``.
 
     Raises:
@@ -602,13 +603,13 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         circuit = algo.discover(engine, data) if algo.returns_circuit else None
         scores = circuit.scores if circuit is not None else algo.score(engine, data)
         score_time = time.perf_counter() - t0
-        # faithfulness_curve reads a score's sign in the task metric's direction; a KL
-        # objective's scores (ACDC's default) grow when an edge matters, like a loss, so they
-        # are negated for the signed (CPR) ranking. |score| rankings and AUROC are unaffected.
-        kl_scores = (algo.get_params().get("objective") == "kl"
-                     and data.task.higher_is_better)
-        curve = faithfulness_curve(engine, -scores if kl_scores else scores, data,
-                                   fractions=config.fractions, convention=config.convention)
+        # a KL objective's scores (ACDC's default) grow when an edge matters: the curve's
+        # signed (CPR) ranking reads them as importances. |score| rankings and AUROC do not
+        # depend on the sign.
+        kl_scores = algo.get_params().get("objective") == "kl"
+        curve = faithfulness_curve(engine, scores, data, fractions=config.fractions,
+                                   convention=config.convention,
+                                   score_kind="importance" if kl_scores else "metric_change")
         g = engine.graph
         reference = (find_reference(data.task.name, resolve_model_source(cell.model)
                                     .display_name, g) if data.task.source is None else None)
@@ -630,7 +631,8 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         "score_time_s": round(score_time, 4),
         "wall_time_s": round(time.perf_counter() - start, 4),
         "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "rss_start_bytes": rss_start,
-        "scores_negated_for_curve": kl_scores,
+        "score_kind": curve.score_kind,
+        "scores_negated_for_curve": kl_scores and data.task.higher_is_better,
         "seed": cell.seed, "n_examples": data.n, "ablation": cell.ablation,
         "hyperparameters": algo.get_params(), "versions": versions(),
         "device": str(device),

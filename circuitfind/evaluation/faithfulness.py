@@ -69,6 +69,7 @@ class FaithfulnessReport:
     n_total_edges: int
     metric_unit: str = ""
     ablation: str = "resample"
+    score_kind: str = "metric_change"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable; NaN stays NaN)."""
@@ -134,6 +135,7 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
 
 
 CONVENTIONS: tuple[str, ...] = ("mib", "single")
+SCORE_KINDS: tuple[str, ...] = ("metric_change", "importance")
 """Faithfulness-curve conventions accepted by :func:`faithfulness_curve`."""
 
 
@@ -151,7 +153,9 @@ class FaithfulnessCurve:
       over it). MIB's scores attribute a loss (the negated logit difference), so a positive
       score means the edge supports the behaviour: the signed ranking puts first the edges
       whose corruption most lowers the metric, i.e. ranks by ``-score`` for metrics where
-      higher is better (``task.higher_is_better``) and by ``score`` otherwise (KL).
+      higher is better (``task.higher_is_better``) and by ``score`` otherwise (KL), or by
+      ``score`` for scores that are importances (``score_kind="importance"``, e.g. ACDC's KL
+      effects).
     - ``"single"`` (circuitfind's earlier curve): one ranking (``absolute``), the top
       ``max(1, round(p · E))`` edges, not pruned; CPR and CMD both come from ``faithfulness``
       (``faithfulness_cmd`` is the same list).
@@ -174,6 +178,7 @@ class FaithfulnessCurve:
         n_kept_cmd: The same for the CMD ranking.
         pruned: Whether dangling edges were pruned before evaluation.
         ablation: What removed edges carried.
+        score_kind: How the signed ranking read the scores (see :func:`faithfulness_curve`).
     """
 
     fractions: list[float]
@@ -203,6 +208,7 @@ class FaithfulnessCurve:
         return (f"single ranking by {rank}: top max(1, round(p·E)) edges, not pruned; CPR and "
                 "CMD from the same curve")
     ablation: str = "resample"
+    score_kind: str = "metric_change"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable), with ``label`` added."""
@@ -213,7 +219,8 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
                        fractions: tuple[float, ...] | list[float] = DEFAULT_FRACTIONS,
                        convention: str = "mib", absolute: bool | None = None,
                        batch_size: int | None = None,
-                       ablation: Ablation | str | None = None) -> FaithfulnessCurve:
+                       ablation: Ablation | str | None = None,
+                       score_kind: str = "metric_change") -> FaithfulnessCurve:
     """Faithfulness of the top-k circuits at each size in ``fractions``; CPR and CMD.
 
     Every circuit of the curve (both rankings under ``"mib"``), the full model and the empty
@@ -230,16 +237,24 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
             corruption lowers the metric most first) and CMD over the |score| ranking;
             ``"single"``: one ranking (``absolute``), top ``max(1, round(p · E))`` edges, no
             pruning, both areas from that curve. See :class:`FaithfulnessCurve`.
-        absolute: ``"single"`` only: rank by |score| (True, default) or signed score (False).
+        absolute: ``"single"`` only: rank by |score| (True, default) or signed score (False,
+            most important first as ``score_kind`` reads it, like MIB's CPR ranking).
         batch_size: Examples per pass.
         ablation: What removed edges carry (as in :func:`evaluate`).
+        score_kind: How the signed (CPR) ranking reads a score: ``"metric_change"`` (default:
+            circuitfind's attribution and exact scores, the task metric's change when the edge
+            is removed, so the most important edges are the most negative for a
+            higher-is-better metric) or ``"importance"`` (larger = more important: ACDC's
+            effects under its default KL objective, MIB-sign scores). |score| rankings do not
+            depend on it.
 
     Returns:
         A :class:`FaithfulnessCurve` (its ``convention`` and ``label`` say which was used).
 
     Raises:
-        ConfigError: an unknown convention, ``absolute`` given with ``"mib"``, a fraction
-            outside (0, 1], scores of the wrong shape, or NaN scores, or a bad ablation.
+        ConfigError: an unknown convention or score kind, ``absolute`` given with ``"mib"``, a
+            fraction outside (0, 1], scores of the wrong shape, or NaN scores, or a bad
+            ablation.
 
     References:
         Mueller et al. (2025), "MIB: A Mechanistic Interpretability Benchmark", §3 (CPR, CMD),
@@ -251,25 +266,33 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
     if convention not in CONVENTIONS:
         raise ConfigError(f"Unknown faithfulness-curve convention {convention!r}; choose one of "
                           f"{list(CONVENTIONS)}.")
+    if score_kind not in SCORE_KINDS:
+        raise ConfigError(f"Unknown score_kind {score_kind!r}; choose one of {list(SCORE_KINDS)} "
+                          "('importance' for scores that grow with an edge's importance, such as "
+                          "ACDC's KL effects).")
     fr = sorted(float(f) for f in fractions)
     if not fr or fr[0] <= 0 or fr[-1] > 1:
         raise ConfigError(f"Fractions must lie in (0, 1]; got {fractions}.")
     g.check_edge_matrix(scores, "scores")
+    # The signed ranking puts the most important edges first. MIB's scores attribute a loss
+    # (-logit difference), so positive = the edge supports the behaviour; circuitfind's
+    # metric-change scores, metric(without edge) - metric(full), have the opposite sign for
+    # metrics where higher is better.
+    if score_kind == "importance" or not getattr(data.task, "higher_is_better", True):
+        importance = scores
+    else:
+        importance = -scores
     if convention == "mib":
         if absolute is not None:
             raise ConfigError("absolute applies to convention='single' only; the MIB convention "
                               "ranks by signed score for CPR and by |score| for CMD. Drop "
                               "absolute=, or pass convention='single'.")
         sizes = [int(f * g.n_edges) for f in fr]
-        # MIB's scores attribute a loss (-logit difference), so positive = the edge supports the
-        # behaviour; circuitfind's estimate metric(without edge) - metric(full) has the opposite
-        # sign for metrics where higher is better
-        importance = -scores if getattr(data.task, "higher_is_better", True) else scores
         rankings, prune = ((importance, False), (scores, True)), True
     else:
         absolute = True if absolute is None else bool(absolute)
         sizes = [max(1, round(f * g.n_edges)) for f in fr]
-        rankings, prune = ((scores, absolute),), False
+        rankings, prune = (((scores, True) if absolute else (importance, False)),), False
     kept = []
     for ranked, by_abs in rankings:
         for k in sizes:
@@ -295,7 +318,7 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
         absolute=None if convention == "mib" else absolute, metric_full=m_full,
         metric_empty=m_empty, convention=convention, faithfulness_cmd=f_cmd,
         metric_cmd=metric_cmd, n_kept=n_kept, n_kept_cmd=n_kept_cmd, pruned=prune,
-        ablation=spec.kind)
+        ablation=spec.kind, score_kind=score_kind)
 
 
 def _check_graph(engine: PatchingEngine, circuit: Circuit) -> None:

@@ -63,3 +63,26 @@ def test_single_convention_shares_one_curve_and_bad_arguments(tiny_models):
         cf.faithfulness_curve(model, scores, data, absolute=True)
     with pytest.raises(ConfigError, match="Unknown faithfulness-curve convention"):
         cf.faithfulness_curve(model, scores, data, convention="MIB")
+
+
+def test_score_kind_importance_ranks_scores_that_grow_with_importance(tiny_models):
+    """ACDC-style scores (larger = more important, e.g. KL effects) under
+    score_kind="importance" give the curve that metric-change scores give by default."""
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=4)
+    scores = cf.score_edges(model, data=data, algorithm="exact")
+    default = cf.faithfulness_curve(model, scores, data)
+    as_importance = cf.faithfulness_curve(model, -scores, data, score_kind="importance")
+    assert as_importance.score_kind == "importance"
+    assert as_importance.faithfulness == pytest.approx(default.faithfulness)
+    assert as_importance.cpr == pytest.approx(default.cpr)
+    assert as_importance.cmd == pytest.approx(default.cmd)
+    # read the wrong way, the signed ranking puts the least important edges first
+    wrong = cf.faithfulness_curve(model, -scores, data)
+    assert wrong.cpr < default.cpr - 0.05
+    single = cf.faithfulness_curve(model, scores, data, convention="single", absolute=False)
+    assert single.faithfulness == pytest.approx(
+        cf.faithfulness_curve(model, -scores, data, convention="single", absolute=False,
+                              score_kind="importance").faithfulness)
+    with pytest.raises(ConfigError, match="score_kind"):
+        cf.faithfulness_curve(model, scores, data, score_kind="loss")
