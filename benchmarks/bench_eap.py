@@ -22,8 +22,9 @@ three passes without any patching hooks. This script times, on a random GPT-2-sm
     leaf) / a no-grad clean forward on a separately loaded plain Hugging Face model with the same
     weights: issue 7's floor for EAP (target ``eap / hf_floor <= 1.15``).
 ``masked_forward``
-    ``engine.run(data, mask)`` with one random keep-mask (half the edges removed); the
-    corrupted sender outputs are cached by the engine, as in a search that evaluates many masks.
+    ``engine.run(data, mask)`` with a random keep-mask (half the edges removed), a new one per
+    call; the corrupted sender outputs are cached by the engine, as in a search that evaluates
+    many masks.
 ``forward`` / ``forward_plain``
     A bare no-grad clean forward with the switches on / off.
 
@@ -183,7 +184,10 @@ def phase_fns(b: Bench) -> dict[str, Callable[[], Any]]:
             bare_passes(b)
 
     def masked_forward() -> Any:
-        return b.engine.run(b.data, b.mask)
+        # a fresh random circuit each call (a repeated one would be served by the runner's
+        # memo of the previous pass)
+        mask = (torch.rand(b.mask.shape) < 0.5).float()
+        return b.engine.run(b.data, mask)
 
     @torch.no_grad()
     def forward() -> Any:

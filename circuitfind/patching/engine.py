@@ -566,6 +566,11 @@ class PatchingEngine:
         clean-corrupted; see :class:`GradientPoint`), all taking the sender differences
         ``a' - a`` from the plain clean and corrupted runs.
 
+        Where the model has a block runner, EAP (``points=None``) runs one plain forward and
+        backward pass through it (:meth:`BlockRunner.attribute`: receiver gradients recovered
+        from the q/k/v projections' gradients, no split inputs); EAP-IG and clean-corrupted
+        points use the bridge's hooks.
+
         Memory. Work is split into chunks of examples (and, for several points, of points
         stacked on the batch) sized by ``memory_budget`` (see :meth:`attribution_plan`); the
         corrupted sender outputs are cached for all examples only when they fit in half the
@@ -631,6 +636,19 @@ class PatchingEngine:
                     corrupted = self.corrupted_outputs(data)[:, es]
                 else:
                     corrupted = self.sender_outputs(data.corrupted[es])
+                if points is None and self.runner is not None:
+                    # EAP on the block runner: plain forward, receiver gradients recovered in
+                    # the backward pass (no split q/k/v inputs)
+                    t = self._used_len(data)
+                    ablated = corrupted[:, :, :t] if corrupted.shape[2] > 1 else corrupted
+                    positions = data.positions[es].to(self.device)
+
+                    def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
+                        return sub.metric(logits).sum() / data.n
+
+                    scores += self.runner.attribute(clean[es][:, :t], ablated, positions, metric)
+                    del corrupted, ablated
+                    continue
                 if points is None:  # EAP: the clean run's sender hooks complete a - a'
                     buf = (-corrupted).unsqueeze(0).clone()  # [1, S, n, T, d]
                     del corrupted

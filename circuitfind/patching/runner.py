@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from circuitfind.errors import ConfigError
+from circuitfind.errors import ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
 
 
@@ -110,6 +110,34 @@ class _Layout:
 
     def ln_mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """``(xh, inv, weight, centred)`` of :meth:`ln_attn` at ``x [N, T, d]``: the normalised
+        input, ``1 / sigma`` (``[N, T, 1]``), the norm's weight and whether it subtracts the
+        mean (LayerNorm) or not (RMSNorm)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def projection_input_grads(self, layer: int, kind: str, x: Tensor, grad: Tensor) -> Tensor:
+        """Each head's gradient with respect to its own copy of the residual ``x [N, T, d]``
+        read by :meth:`ln_attn` and its ``kind`` projection, from the gradient of that
+        projection ``grad [N, T, h, dh]``: ``[N, T, h, d]``.
+
+        The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
+        with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm), with ``1/sigma`` and ``w``
+        folded into the small tensors so that the only ``[N, T, h, d]`` work is one batched
+        matmul and one fused update."""
+        xh, inv, w, centred = self.norm_parts(layer, x)
+        dt = xh.dtype  # float32 at least, as the norm computes
+        wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
+        wf = w.to(dt)[None, :, None] * wh.to(dt)  # norm weight folded in
+        dqi = grad.to(dt) * inv[..., None]  # [N, T, h, dh]
+        out = torch.einsum("nthe,hde->nthd", dqi, wf)
+        q = torch.einsum("nthe,nthe->nth", dqi, torch.einsum("ntd,hde->nthe", xh, wf))
+        q = q / x.shape[-1]
+        if centred:
+            out = out - torch.einsum("nthe,he->nth", dqi, wf.mean(1))[..., None]
+        out = torch.addcmul(out, xh[:, :, None, :], q[..., None], value=-1.0)
+        return out.to(grad.dtype)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -323,6 +351,13 @@ class _GPT2(_Layout):
     def ln_mlp(self, layer: int, x: Tensor) -> Tensor:
         return self._ln(self.blocks[layer].ln_2, x)
 
+    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        w, _ = _weights(self.blocks[layer].ln_1)
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean = h.mean(-1, keepdim=True)
+        inv = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + self.eps)
+        return (h - mean) * inv, inv, w, True
+
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
         (w1, b1), (w2, b2) = _weights(mlp.c_fc), _weights(mlp.c_proj)
@@ -393,6 +428,12 @@ class _Llama(_Layout):
 
     def ln_mlp(self, layer: int, x: Tensor) -> Tensor:
         return self._rms(self.blocks[layer].post_attention_layernorm, x)
+
+    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        norm = _unwrap(self.blocks[layer].input_layernorm)
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return h * inv, inv, norm.weight, False
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
@@ -474,6 +515,8 @@ class BlockRunner:
         # their inputs (see ``run``), and the data they belong to
         self._memo: dict[Any, Tensor] = {}
         self._memo_data: tuple[Tensor, Any] | None = None
+        self._ids: dict[Any, int] = {}  # flat keys -> ids (see ``run``)
+        self._next_id = 0
 
     # ------------------------------------------------------------------ plain runs
     @torch.no_grad()
@@ -551,6 +594,92 @@ class BlockRunner:
         acc += ablated[done:].sum(0)
         pre[g.n_layers] = acc
         return pre, mid
+
+    def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor,
+                  metric: Any) -> Tensor:
+        """EAP scores from one clean forward and backward pass through the runner.
+
+        Eq. (2) of :mod:`circuitfind.patching.engine`: ``score[u, r] = sum_{n,t} delta_u .
+        d metric / d x_r``. The forward is the plain one (one norm and one q/k/v projection per
+        layer for all heads); each receiver's gradient is recovered in the backward pass from
+        the gradient of its projection, ``d x_r = J_norm(x)^T (d q_h W_q[h]^T)`` (the norm's
+        backward in closed form, for all heads of a kind at once), and contracted with the
+        sender differences layer by layer, so the per-head q/k/v inputs are never materialised
+        in the forward pass.
+
+        The clean sender outputs ``a_u`` are taken from this same forward pass (the
+        attention output is the sum of the per-head outputs plus its bias), so the pass costs a
+        plain forward and backward, like the physical floor of EAP.
+
+        Args:
+            tokens: ``[N, T]`` clean token ids.
+            ablated: ``[S, N|1, T|1, d]`` ablated sender outputs ``a'_u``.
+            positions: ``[N, P]`` metric positions.
+            metric: ``logits [N, P, V] -> scalar`` to differentiate.
+
+        Returns:
+            ``[S, R]`` float64 scores (0 off real edges).
+        """
+        g, lay = self.graph, self.layout
+        n, t = tokens.shape
+        scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64,
+                             device=ablated.device)
+        # a'_u - a_u, filled during the forward pass (the hooks run in the backward pass)
+        delta = ablated.new_empty(g.n_senders, n, t, ablated.shape[-1])
+        flat = delta.view(g.n_senders, -1)
+
+        def contract(r0: int, n_up: int, grad: Tensor) -> None:
+            """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [N, T, h, d]``."""
+            h = grad.shape[2]
+            gr = grad.permute(0, 1, 3, 2).reshape(-1, h)  # [N*T*d, h]
+            scores[:n_up, r0: r0 + h] += (flat[:n_up] @ gr).double()
+
+        fired: set[int] = set()  # first receiver of each group whose gradient arrived
+
+        def on_receiver(r0: int, n_up: int) -> Any:
+            def hook(grad: Tensor) -> None:
+                fired.add(r0)
+                contract(r0, n_up, grad.unsqueeze(2))
+            return hook
+
+        def on_projection(layer: int, kind: str, r0: int, n_up: int, x: Tensor) -> Any:
+            def hook(grad: Tensor) -> None:  # grad [N, T, h, dh]
+                fired.add(r0)
+                contract(r0, n_up, lay.projection_input_grads(layer, kind, x.detach(), grad))
+            return hook
+
+        x = lay.embed(tokens).detach().requires_grad_(True)  # the weights need no gradient
+        torch.sub(ablated[0], x.detach(), out=delta[0])
+        all_heads = torch.arange(g.n_heads, device=x.device)
+        for layer in range(g.n_layers):
+            n_up = g.head_start[layer]
+            q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+            for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
+                                 ("v", v, g.v_start[layer])):
+                t_.register_hook(on_projection(layer, kind, r0, n_up, x))
+            z = lay.attend(layer, q, k, v)
+            res = lay.head_results(layer, z, all_heads)  # [N, T, H, d]
+            h0 = g.head_start[layer]
+            torch.sub(ablated[h0: h0 + g.n_heads], res.detach().permute(2, 0, 1, 3),
+                      out=delta[h0: h0 + g.n_heads])
+            _, bias = lay.w_out(layer)
+            x = x + (res.sum(2) if bias is None else res.sum(2) + bias)
+            branch = x + 0  # the MLP's own input: its gradient is the MLP receiver's
+            branch.register_hook(on_receiver(g.mlp_receiver[layer], g.mlp_index[layer]))
+            m = lay.mlp(layer, lay.ln_mlp(layer, branch))
+            torch.sub(ablated[g.mlp_index[layer]], m.detach(), out=delta[g.mlp_index[layer]])
+            x = x + m
+        branch = x + 0
+        branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
+        idx = positions[:, :, None].expand(-1, -1, branch.shape[-1])
+        metric(lay.final(branch.gather(1, idx))).backward()
+        groups = [r0 for layer in range(g.n_layers) for r0 in (
+            g.q_start[layer], g.k_start[layer], g.v_start[layer], g.mlp_receiver[layer])]
+        missing = [g.receivers[r].name for r in groups + [g.n_receivers - 1] if r not in fired]
+        if missing:
+            raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
+                            "their edges' scores would silently be 0.")
+        return scores
 
     def start_layer(self, touched: Tensor) -> int:
         """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none
@@ -853,9 +982,20 @@ class BlockRunner:
             data_key = (diff.storage_offset(), tuple(diff.shape))
             if self._memo_data is None or self._memo_data[0] is not owner or (
                     self._memo_data[1] != data_key):
-                self._memo, self._memo_data = {}, (owner, data_key)
+                self._memo, self._memo_data, self._ids = {}, (owner, data_key), {}
             keys: dict[int, Any] = {}
             memo: dict[Any, Tensor] = {}
+            ids: dict[Any, int] = {}
+
+            def intern(key: tuple[Any, ...]) -> int:
+                """A small stable id for a flat key, so that keys nest by id, not by content
+                (nested content would make hashing grow with depth)."""
+                if key not in ids:
+                    ids[key] = self._ids.get(key)
+                    if ids[key] is None:
+                        self._next_id += 1
+                        ids[key] = self._next_id
+                return ids[key]
 
             def invariant(rs: list[int], form: str) -> list[bool]:
                 """Whether each receiver's input is the same in every mask."""
@@ -920,9 +1060,9 @@ class BlockRunner:
                             if same[i] and same[nh + i] and same[2 * nh + i]]
                     per_mask = [hh for hh in heads if hh not in once]
                     if once:
-                        key = ("heads", layer, tuple(once), tuple(
+                        key = intern(("heads", layer, tuple(once), tuple(
                             input_key(r, form, layer) for i, r in enumerate(rs)
-                            if heads[i % nh] in once))
+                            if heads[i % nh] in once)))
                         res = self._memo.get(key)
                         if res is None:
                             res = heads_pass(layer, once, form + "1", base, sign, last)
@@ -942,7 +1082,7 @@ class BlockRunner:
                 if u in dyn_slot:
                     r = g.mlp_receiver[layer]
                     once_m = invariant([r], "kept")[0]
-                    key = ("mlp", input_key(r, "kept", layer)) if once_m else None
+                    key = intern(("mlp", input_key(r, "kept", layer))) if once_m else None
                     m = self._memo.get(key) if once_m else None
                     if m is None:
                         mform = "kept1" if once_m else "kept"
@@ -960,7 +1100,7 @@ class BlockRunner:
                         memo[key] = m
                         keys[u] = key
                     put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1))
-            self._memo = memo
+            self._memo, self._ids = memo, ids
             xf = at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
             for _, ks, dlt in deltas([g.n_receivers - 1], "kept"):
                 xf[ks] += at_positions(dlt)

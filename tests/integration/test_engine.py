@@ -174,4 +174,18 @@ def test_a_receiver_group_without_gradient_is_an_error(tiny_models):
     data = ToyTask().build(model.tokenizer, 2, seed=0)
     assert PatchingEngine(model).edge_attribution(data).abs().max() > 0
     with pytest.raises(HookError, match="received no gradient"):
-        Detaching(model).edge_attribution(data)
+        Detaching(model, use_runner=False).edge_attribution(data)  # the bridge's hooks
+
+
+def test_a_receiver_without_gradient_in_the_runners_attribution_is_an_error(tiny_models,
+                                                                             monkeypatch):
+    """The runner's EAP pass checks that every receiver group's gradient arrived."""
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 2, seed=0)
+    engine = PatchingEngine(model)
+    lay = engine.runner.layout
+    mlp = lay.mlp
+    # the MLP of layer 0 reads a detached input: its receiver gets no gradient
+    monkeypatch.setattr(lay, "mlp", lambda layer, x: mlp(layer, x.detach() if layer == 0 else x))
+    with pytest.raises(HookError, match="received no gradient"):
+        engine.edge_attribution(data)
