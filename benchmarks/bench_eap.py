@@ -378,7 +378,7 @@ def markdown(result: dict[str, Any]) -> str:
     m, s, cfg = result["machine"], result["summary"], result["config"]
     mem = result.get("peak_rss_delta_bytes", {})
     what = {
-        "eap": "`edge_attribution` (corrupted fwd with sender cache + clean fwd + bwd with hooks)",
+        "eap": "`edge_attribution` (corrupted fwd with sender cache + clean fwd + bwd; on the block runner where the model has one)",
         "bare": "corrupted fwd + clean fwd + bwd, switches on, frozen params, leaf input",
         "bare_plain": "as `bare`, switches off (plain forward)",
         "hf_floor": "plain Hugging Face model: corrupted fwd + clean fwd + bwd (activation grads)",
