@@ -508,7 +508,7 @@ class PatchingEngine:
         weights = removed if frozen is None else removed + frozen
         # rows of a pass hold the current values of senders at or after the start layer
         n_dynamic = int(weights.ne(0).any(2).any(0).sum())
-        diff, pre, mid = self._clean_minus_ablated(cache, values, ablated)
+        diff, pre, mid = self._pass_constants(cache, values, ablated)
         for ks, es in self._chunks(masks.shape[0], data.n, t, batch_size, n_dynamic):
             sub = cache.subset(es)
             abl = ablated[:, es] if ablated.shape[1] > 1 else ablated
@@ -516,7 +516,7 @@ class PatchingEngine:
                                           frozen=None if frozen is None else frozen[ks],
                                           diff=diff[:, es], abl_resid=(pre[:, es], mid[:, es]))
 
-    def _clean_minus_ablated(self, cache: RunCache, values: Tensor, ablated: Tensor
+    def _pass_constants(self, cache: RunCache, values: Tensor, ablated: Tensor
                              ) -> tuple[Tensor, Tensor, Tensor]:
         """``cache.senders - ablated`` ``[S, N, T', d]`` (``ablated``: ``values`` cut to the
         cache's positions) and the ablated run's residual streams (``pre [L+1, N, T', d]``,

@@ -272,6 +272,14 @@ class _Layout:
         zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
         return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
 
+    def attn_from_heads(self, layer: int, res: Tensor, dim: int) -> Tensor:
+        """Attention output (with bias) from the per-head outputs ``res`` (heads along
+        ``dim``, model dimension last): their sum plus the output bias (equal to
+        :meth:`attn_out` up to rounding, without a second projection)."""
+        _, bias = self.w_out(layer)
+        out = res.sum(dim)
+        return out if bias is None else out + bias
+
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         """Attention output (all heads, with bias): ``[B,T,H,dh]`` -> ``[B,T,d]``."""
         w, b = self.w_out(layer)
@@ -542,8 +550,9 @@ class BlockRunner:
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
             z = lay.attend(layer, q, k, v)
             h0 = g.head_start[layer]
-            senders[h0: h0 + g.n_heads] = lay.head_results(layer, z, all_heads).permute(2, 0, 1, 3)
-            x = x + lay.attn_out(layer, z)
+            res = lay.head_results(layer, z, all_heads)  # [N, T, H, d]
+            senders[h0: h0 + g.n_heads] = res.permute(2, 0, 1, 3)
+            x = x + lay.attn_from_heads(layer, res, 2)
             mid[layer] = x
             m = lay.mlp(layer, lay.ln_mlp(layer, x))
             senders[g.mlp_index[layer]] = m
@@ -618,7 +627,14 @@ class BlockRunner:
             metric: ``logits [N, P, V] -> scalar`` to differentiate.
 
         Returns:
-            ``[S, R]`` float64 scores (0 off real edges).
+            ``[S, R]`` float64 scores (0 off real edges), in the metric's unit.
+
+        Raises:
+            HookError: a receiver group's gradient did not arrive (its scores would be 0).
+
+        References:
+            Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
+            Discovery", eq. 2.
         """
         g, lay = self.graph, self.layout
         n, t = tokens.shape
@@ -662,8 +678,7 @@ class BlockRunner:
             h0 = g.head_start[layer]
             torch.sub(ablated[h0: h0 + g.n_heads], res.detach().permute(2, 0, 1, 3),
                       out=delta[h0: h0 + g.n_heads])
-            _, bias = lay.w_out(layer)
-            x = x + (res.sum(2) if bias is None else res.sum(2) + bias)
+            x = x + lay.attn_from_heads(layer, res, 2)
             branch = x + 0  # the MLP's own input: its gradient is the MLP receiver's
             branch.register_hook(on_receiver(g.mlp_receiver[layer], g.mlp_index[layer]))
             m = lay.mlp(layer, lay.ln_mlp(layer, branch))
@@ -1154,9 +1169,7 @@ class BlockRunner:
                               ablated[h0 + heads[0]: h0 + heads[-1] + 1] if nh == g.n_heads
                               else ablated[[h0 + h for h in heads]],
                               out=current[:, i0: i0 + nh].view(k_masks, nh, n, t, d))
-                _, b_out = lay.w_out(layer)
-                attn = res.sum(1).view(k_masks * n, t, d)
-                x = x + (attn if b_out is None else attn + b_out)
+                x = x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, t, d)
                 x = mlp_block(layer, x, last)
                 continue
             if all(dense.values()):
