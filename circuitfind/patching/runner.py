@@ -791,13 +791,43 @@ class BlockRunner:
             w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
         w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
         dyn_slot = {u: i for i, u in enumerate(dynamic)}
-        # uninitialised: in the last block only the metric positions are written, and every
-        # position of the output depends only on the same position of the buffer
-        current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
-                   if dynamic else None)
-        last_out: dict[str, Any] = {}
         touched_cpu = touched_r.cpu()
+        qkv_of = [list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads))
+                  for layer in range(g.n_layers)]
+        # Dense layers (every mask touches every q/k/v receiver: random and curve circuits):
+        # one buffer ``buf [K, 1 + A + J, n*T*d]`` holds the residual stream, the active
+        # static senders' clean - ablated values and the dynamic senders' ``current`` values,
+        # so that all of a layer's receiver inputs x - sum_u removed[u, r] (a_u - a'_u)
+        # (eq. (1)) are one batched matmul with the coefficients ``coef [K, 1 + A + J, R]``.
+        dense_layers = ({layer for layer in range(start, g.n_layers - 1)
+                         if bool(touched_cpu[:, qkv_of[layer]].all())}
+                        if frozen is None and kept_w is None else set())
+        buf = coef = None
+        n_pre = 0  # rows of ``buf`` before the dynamic senders
+        if dense_layers:
+            n_pre = 1 + len(static)
+            buf = torch.empty(k_masks, n_pre + len(dynamic), n * t * d, device=dev, dtype=dtype)
+            if static:
+                buf[:, 1:n_pre] = diff[static].reshape(len(static), -1)
+            coef = torch.cat([removed.new_ones(k_masks, 1, g.n_receivers),
+                              -removed[:, static], -removed[:, dynamic]], 1)
+            current = buf[:, n_pre:]
+        else:
+            # uninitialised: in the last block only the metric positions are written, and
+            # every position of the output depends only on the same position of the buffer
+            current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
+                       if dynamic else None)
+        last_out: dict[str, Any] = {}
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
+
+        def dense_inputs(rs: list[int], x: Tensor) -> Tensor:
+            """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (all touched by every mask, all
+            their senders computed) from the residual stream ``x [K*n, T, d]`` (eq. (1))."""
+            assert buf is not None and coef is not None
+            buf[:, 0] = x.view(k_masks, -1)
+            rows = n_pre + int((dyn_cpu < int(g.n_upstream[rs].max())).sum())
+            w = coef[:, :rows][:, :, torch.tensor(rs, device=dev)].transpose(1, 2)
+            return torch.bmm(w, buf[:, :rows])
         # the weights of eq. (1) (removed form) and, in kept form, of the kept edges
         forms = {"removed": _Form(w_shared, w_dyn, shared, touched_cpu)}
         if kept_w is not None:
@@ -961,10 +991,14 @@ class BlockRunner:
 
         def mlp_block(layer: int, x: Tensor, last: bool) -> Tensor:
             """The MLP of ``layer`` on the residual after attention ``x [K*n, T|P, d]``."""
-            xm = x
-            for _, ks, dlt in deltas([g.mlp_receiver[layer]]):
-                xm = x.clone()
-                xm.view(k_masks, n, -1, d)[ks] -= at_positions(dlt) if last else dlt
+            r = g.mlp_receiver[layer]
+            if buf is not None and not last and bool(touched_cpu[:, r].all()):
+                xm = dense_inputs([r], x).view_as(x)
+            else:
+                xm = x
+                for _, ks, dlt in deltas([r]):
+                    xm = x.clone()
+                    xm.view(k_masks, n, -1, d)[ks] -= at_positions(dlt) if last else dlt
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             u = g.mlp_index[layer]
             if u in dyn_slot:
@@ -1126,30 +1160,14 @@ class BlockRunner:
             return kept_layers()
         for layer in range(start, g.n_layers):
             xk = x.view(k_masks, n, t, d)
-            patches = deltas(list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads)))
             last = layer == g.n_layers - 1
-            if layer == start:
-                x_mid = sparse_attention(layer, patches)
-                if x_mid is not None:
-                    x = x_mid
-                    if last:
-                        x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
-                    x = mlp_block(layer, x, last)
-                    continue
             sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-            by_kind: dict[str, list[tuple[int, Tensor | slice, Tensor]]] = {"q": [], "k": [], "v": []}
-            for patch in patches:
-                by_kind[g.receivers[patch[0]].kind].append(patch)
-            # a kind is dense when every mask touches every one of its receivers
-            dense = {kind: len(p) == sizes[kind] and all(isinstance(ks, slice) for _, ks, _ in p)
-                     for kind, p in by_kind.items()}
-            if all(dense.values()) and "dense" in last_out and not last:
-                # every mask touches every q/k/v receiver: receiver-major inputs
-                # [K, R', n*T, d], one norm, one batched projection per kind
-                i0 = last_out["receivers"].index(g.q_start[layer])
-                n_r = g.n_heads + 2 * g.n_kv_heads
-                block = last_out["dense"][:, i0: i0 + n_r].view(k_masks, n_r, n * t, d)
-                normed = lay.ln_attn(layer, xk.view(k_masks, 1, n * t, d) - block)
+            if layer in dense_layers:
+                # receiver-major inputs [K, R', n*T, d]: one norm, one batched projection
+                # per kind
+                n_r = len(qkv_of[layer])
+                inputs = dense_inputs(qkv_of[layer], x).view(k_masks, n_r, n * t, d)
+                normed = lay.ln_attn(layer, inputs)
                 qkv, s0 = {}, 0
                 for kind in "qkv":
                     out = lay.project_heads(layer, kind, normed[:, s0: s0 + sizes[kind]])
@@ -1172,6 +1190,21 @@ class BlockRunner:
                 x = x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, t, d)
                 x = mlp_block(layer, x, last)
                 continue
+            patches = deltas(qkv_of[layer])
+            if layer == start:
+                x_mid = sparse_attention(layer, patches)
+                if x_mid is not None:
+                    x = x_mid
+                    if last:
+                        x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+                    x = mlp_block(layer, x, last)
+                    continue
+            by_kind: dict[str, list[tuple[int, Tensor | slice, Tensor]]] = {"q": [], "k": [], "v": []}
+            for patch in patches:
+                by_kind[g.receivers[patch[0]].kind].append(patch)
+            # a kind is dense when every mask touches every one of its receivers
+            dense = {kind: len(p) == sizes[kind] and all(isinstance(ks, slice) for _, ks, _ in p)
+                     for kind, p in by_kind.items()}
             if all(dense.values()):
                 qkv = {}
             else:
