@@ -117,26 +117,31 @@ class _Layout:
         mean (LayerNorm) or not (RMSNorm)."""
         raise NotImplementedError  # pragma: no cover
 
-    def projection_input_grads(self, layer: int, kind: str, x: Tensor, grad: Tensor) -> Tensor:
-        """Each head's gradient with respect to its own copy of the residual ``x [N, T, d]``
-        read by :meth:`ln_attn` and its ``kind`` projection, from the gradient of that
-        projection ``grad [N, T, h, dh]``: ``[N, T, h, d]``.
+    def projection_input_grads(self, layer: int, kind: str,
+                               parts: tuple[Tensor, Tensor, Tensor, bool], grad: Tensor) -> Tensor:
+        """Each head's gradient with respect to its own copy of the residual read by
+        :meth:`ln_attn` and its ``kind`` projection, from the gradient of that projection
+        ``grad [N, T, h, dh]``: ``[h, N*T, d]``, head-major (``parts`` is :meth:`norm_parts`
+        of the residual).
 
         The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
-        with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm), with ``1/sigma`` and ``w``
-        folded into the small tensors so that the only ``[N, T, h, d]`` work is one batched
-        matmul and one fused update."""
-        xh, inv, w, centred = self.norm_parts(layer, x)
+        with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
+        the small gradient, ``w`` and the mean term into the weights (centred along ``d``), so
+        the only ``[h, N*T, d]`` work is one batched matmul, one reduction and one in-place
+        update."""
+        xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
+        n, t, h, _ = grad.shape
         wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
         wf = w.to(dt)[None, :, None] * wh.to(dt)  # norm weight folded in
-        dqi = grad.to(dt) * inv[..., None]  # [N, T, h, dh]
-        out = torch.einsum("nthe,hde->nthd", dqi, wf)
-        q = torch.einsum("nthe,nthe->nth", dqi, torch.einsum("ntd,hde->nthe", xh, wf))
-        q = q / x.shape[-1]
         if centred:
-            out = out - torch.einsum("nthe,he->nth", dqi, wf.mean(1))[..., None]
-        out = torch.addcmul(out, xh[:, :, None, :], q[..., None], value=-1.0)
+            wf = wf - wf.mean(1, keepdim=True)  # (gh - mean(gh)) from one matmul
+        dqi = (grad.to(dt) * inv[..., None]).permute(2, 0, 1, 3).reshape(h, n * t, -1)
+        out = torch.bmm(dqi, wf.transpose(1, 2))  # [h, N*T, d]
+        flat_xh = xh.reshape(n * t, -1)
+        # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm)
+        q = torch.einsum("hnd,nd->hn", out, flat_xh) / xh.shape[-1]
+        out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
         return out.to(grad.dtype)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
@@ -645,23 +650,27 @@ class BlockRunner:
         flat = delta.view(g.n_senders, -1)
 
         def contract(r0: int, n_up: int, grad: Tensor) -> None:
-            """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [N, T, h, d]``."""
-            h = grad.shape[2]
-            gr = grad.permute(0, 1, 3, 2).reshape(-1, h)  # [N*T*d, h]
-            scores[:n_up, r0: r0 + h] += (flat[:n_up] @ gr).double()
+            """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]``."""
+            h = grad.shape[0]
+            scores[:n_up, r0: r0 + h] += (flat[:n_up] @ grad.reshape(h, -1).T).double()
 
         fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
         def on_receiver(r0: int, n_up: int) -> Any:
             def hook(grad: Tensor) -> None:
                 fired.add(r0)
-                contract(r0, n_up, grad.unsqueeze(2))
+                contract(r0, n_up, grad.unsqueeze(0))
             return hook
+
+        norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}  # per layer, in backward
 
         def on_projection(layer: int, kind: str, r0: int, n_up: int, x: Tensor) -> Any:
             def hook(grad: Tensor) -> None:  # grad [N, T, h, dh]
                 fired.add(r0)
-                contract(r0, n_up, lay.projection_input_grads(layer, kind, x.detach(), grad))
+                if layer not in norms:  # q, k and v share the norm of the residual
+                    norms.clear()
+                    norms[layer] = lay.norm_parts(layer, x.detach())
+                contract(r0, n_up, lay.projection_input_grads(layer, kind, norms[layer], grad))
             return hook
 
         x = lay.embed(tokens).detach().requires_grad_(True)  # the weights need no gradient
