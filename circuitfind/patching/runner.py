@@ -118,11 +118,12 @@ class _Layout:
         raise NotImplementedError  # pragma: no cover
 
     def projection_input_grads(self, layer: int, kind: str,
-                               parts: tuple[Tensor, Tensor, Tensor, bool], grad: Tensor) -> Tensor:
+                               parts: tuple[Tensor, Tensor, Tensor, bool], grad: Tensor,
+                               out: Tensor | None = None) -> Tensor:
         """Each head's gradient with respect to its own copy of the residual read by
         :meth:`ln_attn` and its ``kind`` projection, from the gradient of that projection
-        ``grad [N, T, h, dh]``: ``[h, N*T, d]``, head-major (``parts`` is :meth:`norm_parts`
-        of the residual).
+        ``grad [N, T, h, dh]``: ``[h, N*T, d]``, head-major, in the norm's dtype (``parts`` is
+        :meth:`norm_parts` of the residual), written into ``out`` if given.
 
         The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
         with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
@@ -137,12 +138,11 @@ class _Layout:
         if centred:
             wf = wf - wf.mean(1, keepdim=True)  # (gh - mean(gh)) from one matmul
         dqi = (grad.to(dt) * inv[..., None]).permute(2, 0, 1, 3).reshape(h, n * t, -1)
-        out = torch.bmm(dqi, wf.transpose(1, 2))  # [h, N*T, d]
+        out = torch.bmm(dqi, wf.transpose(1, 2), out=out)  # [h, N*T, d]
         flat_xh = xh.reshape(n * t, -1)
         # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm)
         q = torch.einsum("hnd,nd->hn", out, flat_xh) / xh.shape[-1]
-        out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
-        return out.to(grad.dtype)
+        return out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -652,7 +652,7 @@ class BlockRunner:
         def contract(r0: int, n_up: int, grad: Tensor) -> None:
             """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]``."""
             h = grad.shape[0]
-            scores[:n_up, r0: r0 + h] += (flat[:n_up] @ grad.reshape(h, -1).T).double()
+            scores[:n_up, r0: r0 + h] += (flat[:n_up] @ grad.reshape(h, -1).T.to(flat)).double()
 
         fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
@@ -662,15 +662,29 @@ class BlockRunner:
                 contract(r0, n_up, grad.unsqueeze(0))
             return hook
 
-        norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}  # per layer, in backward
+        # per layer during the backward pass: the norm's parts (q, k and v read one norm of
+        # one residual) and the q/k/v receivers' gradients [H + 2G, N*T, d], contracted in one
+        # matmul once all three kinds arrived (the sender differences are read once a layer)
+        norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}
+        grads: dict[int, tuple[Tensor, list[str]]] = {}
+        offset = {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv_heads}
 
         def on_projection(layer: int, kind: str, r0: int, n_up: int, x: Tensor) -> Any:
             def hook(grad: Tensor) -> None:  # grad [N, T, h, dh]
                 fired.add(r0)
-                if layer not in norms:  # q, k and v share the norm of the residual
-                    norms.clear()
+                if layer not in norms:
                     norms[layer] = lay.norm_parts(layer, x.detach())
-                contract(r0, n_up, lay.projection_input_grads(layer, kind, norms[layer], grad))
+                    xh = norms[layer][0]
+                    grads[layer] = (xh.new_empty(g.n_heads + 2 * g.n_kv_heads, n * t,
+                                                 xh.shape[-1]), [])
+                buf, arrived = grads[layer]
+                s0 = offset[kind]
+                lay.projection_input_grads(layer, kind, norms[layer], grad,
+                                           out=buf[s0: s0 + grad.shape[2]])
+                arrived.append(kind)
+                if len(arrived) == 3:
+                    contract(g.q_start[layer], n_up, buf)
+                    del norms[layer], grads[layer]
             return hook
 
         x = lay.embed(tokens).detach().requires_grad_(True)  # the weights need no gradient
