@@ -277,6 +277,17 @@ class _Layout:
         zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
         return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
 
+    def head_deltas(self, layer: int, z: Tensor, ablated: Tensor, out: Tensor) -> Tensor:
+        """``a'_h - z_h W_O[h]`` for every head ``h`` (ablated minus clean head output, no
+        bias), written into ``out [H, N, T, d]``, from ``z [N, T, H, dh]`` and ``ablated
+        [H, N|1, T|1, d]``: one batched matmul, no per-head output tensor."""
+        w, _ = self.w_out(layer)  # [H*dh, d]
+        n, t, h, dh = z.shape
+        zh = z.permute(2, 0, 1, 3).reshape(h, n * t, dh)
+        abl = ablated.expand(h, n, t, -1).reshape(h, n * t, -1)
+        return torch.baddbmm(abl, zh, w.reshape(h, dh, -1), alpha=-1,
+                             out=out.view(h, n * t, -1))
+
     def attn_from_heads(self, layer: int, res: Tensor, dim: int) -> Tensor:
         """Attention output (with bias) from the per-head outputs ``res`` (heads along
         ``dim``, model dimension last): their sum plus the output bias (equal to
@@ -621,9 +632,9 @@ class BlockRunner:
         sender differences layer by layer, so the per-head q/k/v inputs are never materialised
         in the forward pass.
 
-        The clean sender outputs ``a_u`` are taken from this same forward pass (the
-        attention output is the sum of the per-head outputs plus its bias), so the pass costs a
-        plain forward and backward, like the physical floor of EAP.
+        The clean sender outputs ``a_u`` are taken from this same forward pass (each head's
+        from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``),
+        so the pass costs a plain forward and backward, like the physical floor of EAP.
 
         Args:
             tokens: ``[N, T]`` clean token ids.
@@ -689,7 +700,6 @@ class BlockRunner:
 
         x = lay.embed(tokens).detach().requires_grad_(True)  # the weights need no gradient
         torch.sub(ablated[0], x.detach(), out=delta[0])
-        all_heads = torch.arange(g.n_heads, device=x.device)
         for layer in range(g.n_layers):
             n_up = g.head_start[layer]
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
@@ -697,11 +707,10 @@ class BlockRunner:
                                  ("v", v, g.v_start[layer])):
                 t_.register_hook(on_projection(layer, kind, r0, n_up, x))
             z = lay.attend(layer, q, k, v)
-            res = lay.head_results(layer, z, all_heads)  # [N, T, H, d]
             h0 = g.head_start[layer]
-            torch.sub(ablated[h0: h0 + g.n_heads], res.detach().permute(2, 0, 1, 3),
-                      out=delta[h0: h0 + g.n_heads])
-            x = x + lay.attn_from_heads(layer, res, 2)
+            lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
+                            out=delta[h0: h0 + g.n_heads])
+            x = x + lay.attn_out(layer, z)
             branch = x + 0  # the MLP's own input: its gradient is the MLP receiver's
             branch.register_hook(on_receiver(g.mlp_receiver[layer], g.mlp_index[layer]))
             m = lay.mlp(layer, lay.ln_mlp(layer, branch))
