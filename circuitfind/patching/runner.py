@@ -953,7 +953,11 @@ class BlockRunner:
             h = values.shape[1]
             abl = ablated[dynamic[slot: slot + h]]  # [h, n|1, T|1, d]
             if values.shape[3] == t:
-                current[:, slot: slot + h] = (values - abl).reshape(k_masks, h, -1)
+                dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
+                if values.shape[0] > 1 and values.stride(0) == 0:  # equal in every mask
+                    dst.copy_(values[:1] - abl)
+                else:
+                    torch.sub(values, abl, out=dst)
                 return
             if abl.shape[2] > 1:
                 abl = abl.expand(h, n, t, d).gather(2, pos[None, :, :, None].expand(h, n, n_pos, d))
