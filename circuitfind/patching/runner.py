@@ -826,13 +826,15 @@ class BlockRunner:
         touched_cpu = touched_r.cpu()
         qkv_of = [list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads))
                   for layer in range(g.n_layers)]
-        # Dense layers (every mask touches every q/k/v receiver: random and curve circuits):
-        # one buffer ``buf [K, 1 + A + J, n*T*d]`` holds the residual stream, the active
-        # static senders' clean - ablated values and the dynamic senders' ``current`` values,
-        # so that all of a layer's receiver inputs x - sum_u removed[u, r] (a_u - a'_u)
-        # (eq. (1)) are one batched matmul with the coefficients ``coef [K, 1 + A + J, R]``.
+        # Dense layers (the masks touch at least half of the (mask, q/k/v receiver) pairs:
+        # random and curve circuits): one buffer ``buf [K, 1 + A + J, n*T*d]`` holds the
+        # residual stream, the active static senders' clean - ablated values and the dynamic
+        # senders' ``current`` values, so that all of a layer's receiver inputs
+        # x - sum_u removed[u, r] (a_u - a'_u) (eq. (1); x itself where a mask touches none)
+        # are one batched matmul with the coefficients ``coef [K, 1 + A + J, R]``.
         dense_layers = ({layer for layer in range(start, g.n_layers - 1)
-                         if bool(touched_cpu[:, qkv_of[layer]].all())}
+                         if 2 * int(touched_cpu[:, qkv_of[layer]].sum())
+                         >= touched_cpu[:, qkv_of[layer]].numel()}
                         if frozen is None and kept_w is None else set())
         buf = coef = None
         n_pre = 0  # rows of ``buf`` before the dynamic senders
@@ -853,8 +855,8 @@ class BlockRunner:
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
 
         def dense_inputs(rs: list[int], x: Tensor) -> Tensor:
-            """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (all touched by every mask, all
-            their senders computed) from the residual stream ``x [K*n, T, d]`` (eq. (1))."""
+            """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
+            senders computed) from the residual stream ``x [K*n, T, d]`` (eq. (1))."""
             assert buf is not None and coef is not None
             buf[:, 0] = x.view(k_masks, -1)
             rows = n_pre + int((dyn_cpu < int(g.n_upstream[rs].max())).sum())
@@ -1028,7 +1030,7 @@ class BlockRunner:
         def mlp_block(layer: int, x: Tensor, last: bool) -> Tensor:
             """The MLP of ``layer`` on the residual after attention ``x [K*n, T|P, d]``."""
             r = g.mlp_receiver[layer]
-            if buf is not None and not last and bool(touched_cpu[:, r].all()):
+            if layer in dense_layers and 2 * int(touched_cpu[:, r].sum()) >= k_masks:
                 xm = dense_inputs([r], x).view_as(x)
             else:
                 xm = x
