@@ -832,7 +832,7 @@ class BlockRunner:
         # senders' ``current`` values, so that all of a layer's receiver inputs
         # x - sum_u removed[u, r] (a_u - a'_u) (eq. (1); x itself where a mask touches none)
         # are one batched matmul with the coefficients ``coef [K, 1 + A + J, R]``.
-        dense_layers = ({layer for layer in range(start, g.n_layers - 1)
+        dense_layers = ({layer for layer in range(start, g.n_layers)
                          if 2 * int(touched_cpu[:, qkv_of[layer]].sum())
                          >= touched_cpu[:, qkv_of[layer]].numel()}
                         if frozen is None and kept_w is None else set())
@@ -1030,7 +1030,8 @@ class BlockRunner:
         def mlp_block(layer: int, x: Tensor, last: bool) -> Tensor:
             """The MLP of ``layer`` on the residual after attention ``x [K*n, T|P, d]``."""
             r = g.mlp_receiver[layer]
-            if layer in dense_layers and 2 * int(touched_cpu[:, r].sum()) >= k_masks:
+            if (layer in dense_layers and not last
+                    and 2 * int(touched_cpu[:, r].sum()) >= k_masks):
                 xm = dense_inputs([r], x).view_as(x)
             else:
                 xm = x
@@ -1214,18 +1215,24 @@ class BlockRunner:
                     qkv[kind] = (out.view(k_masks, sizes[kind], n, t, -1).transpose(1, 2)
                                  .reshape(k_masks * n, sizes[kind], t, -1).transpose(1, 2))
                 q, k, v = qkv["q"], qkv["k"], qkv["v"]
-                z = lay.attend(layer, q, k, v)
+                # the last block: queries, head outputs and residual at the metric positions
+                z = lay.attend(layer, q, k, v, query_pos=row_pos if last else None)
                 h0 = g.head_start[layer]
-                res = lay.head_results_all(layer, z, k_masks)  # [K, H, n*T, d]
+                res = lay.head_results_all(layer, z, k_masks)  # [K, H, n*(T|P), d]
                 heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
                 if heads:  # consecutive slots of ``current``
                     i0, nh = dyn_slot[h0 + heads[0]], len(heads)
-                    values = res if nh == g.n_heads else res[:, heads]
-                    torch.sub(values.view(k_masks, nh, n, t, d),
-                              ablated[h0 + heads[0]: h0 + heads[-1] + 1] if nh == g.n_heads
-                              else ablated[[h0 + h for h in heads]],
-                              out=current[:, i0: i0 + nh].view(k_masks, nh, n, t, d))
-                x = x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, t, d)
+                    values = (res if nh == g.n_heads else res[:, heads]).view(
+                        k_masks, nh, n, -1, d)
+                    if last:
+                        put(i0, values)
+                    else:
+                        torch.sub(values, ablated[h0 + heads[0]: h0 + heads[-1] + 1]
+                                  if nh == g.n_heads else ablated[[h0 + h for h in heads]],
+                                  out=current[:, i0: i0 + nh].view(k_masks, nh, n, t, d))
+                if last:
+                    x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+                x = x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, -1, d)
                 x = mlp_block(layer, x, last)
                 continue
             patches = deltas(qkv_of[layer])
