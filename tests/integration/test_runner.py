@@ -231,6 +231,33 @@ def test_few_receivers_at_the_start_layer_equal_the_hooked_engine(tiny_models, n
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_partly_touched_dense_layers_equal_the_hooked_engine(tiny_models, name):
+    """Masks touching a given share of each layer's (mask, q/k/v receiver) pairs, around the
+    runner's dense-layer threshold of one half (a dense layer computes every receiver's input
+    by one batched matmul, untouched ones included; the last block at the metric positions)."""
+    data, runner, hooked, gen, layer_of = _runner_and_hooked(tiny_models(name), 9, 4)
+    g = runner.graph
+    kinds = torch.tensor([rec.kind in "qkv" for rec in g.receivers])
+    for share in (0.25, 0.5, 0.75, 1.0):
+        masks = g.full_mask(torch.float64).expand(4, -1, -1).clone()
+        for layer in range(g.n_layers):
+            qkv = ((layer_of == layer) & kinds).nonzero()[:, 0]
+            for k in range(4):
+                chosen = qkv[torch.randperm(len(qkv), generator=gen)[: round(share * len(qkv))]]
+                for r in chosen.tolist():
+                    ups = torch.randperm(int(g.n_upstream[r]), generator=gen)[:2]
+                    masks[k, ups, r] = 0
+            mlp = g.mlp_receiver[layer]
+            masks[: round(4 * share), torch.randint(int(g.n_upstream[mlp]), (1,), generator=gen),
+                  mlp] = 0
+        masks *= g.edge_mask.double()
+        got = runner.run(data, masks)
+        torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
+        single = torch.cat([runner.run(data, m) for m in masks])
+        torch.testing.assert_close(single, hooked.run(data, masks), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_exact_scores_equal_the_hooked_engine(tiny_models, name):
     """ExactPatching on the runner (layer-grouped passes) = on the bridge's full hooked forward."""
     from circuitfind.algorithms import ExactPatching
