@@ -667,52 +667,88 @@ class BlockRunner:
 
         fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
-        def on_receiver(r0: int, n_up: int) -> Any:
-            def hook(grad: Tensor) -> None:
-                fired.add(r0)
-                contract(r0, n_up, grad.unsqueeze(0))
-            return hook
-
-        # per layer during the backward pass: the norm's parts (q, k and v read one norm of
-        # one residual) and the q/k/v receivers' gradients [H + 2G, N*T, d], contracted in one
-        # matmul once all three kinds arrived (the sender differences are read once a layer)
+        # Per layer during the backward pass: the norm's parts (q, k and v read one norm of
+        # one residual) and the receivers' gradients ``[1 + H + 2G, N*T, d]``: the previous
+        # layer's MLP receiver (row 0; it is the receiver just before this layer's q and its
+        # gradient arrives just after theirs) and this layer's q/k/v receivers, contracted in
+        # one matmul once all have arrived (the sender differences are read once a layer; the
+        # one pair that is no edge, the MLP into its own receiver, is zeroed after).
         norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}
         grads: dict[int, tuple[Tensor, list[str]]] = {}
         offset = {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv_heads}
 
-        def on_projection(layer: int, kind: str, r0: int, n_up: int, x: Tensor) -> Any:
+        def merged(layer: int) -> bool:
+            """Whether the MLP receiver of ``layer - 1`` is contracted with ``layer``'s q/k/v."""
+            if layer == 0 or g.mlp_receiver[layer - 1] is None:
+                return False
+            r, u = g.mlp_receiver[layer - 1], g.mlp_index[layer - 1]
+            return (r + 1 == g.q_start[layer] and int(g.n_upstream[r]) == u
+                    and g.head_start[layer] == u + 1)
+
+        # layers still waiting for the previous MLP receiver's gradient, and layers whose
+        # previous MLP receiver was contracted alone (its gradient came before any q/k/v's)
+        waiting = {layer for layer in range(g.n_layers) if merged(layer)}
+        alone: set[int] = set()
+
+        def flush(layer: int) -> None:
+            """Contract ``layer``'s buffer (all of its receivers have arrived)."""
+            buf, _ = grads.pop(layer)
+            norms.pop(layer, None)
+            if not merged(layer):
+                contract(g.q_start[layer], g.head_start[layer], buf)
+            elif layer in alone:
+                contract(g.q_start[layer], g.head_start[layer], buf[1:])
+            else:
+                contract(g.q_start[layer] - 1, g.head_start[layer], buf)
+                scores[g.mlp_index[layer - 1], g.mlp_receiver[layer - 1]] = 0
+
+        def on_receiver(r0: int, n_up: int, layer: int | None = None) -> Any:
+            def hook(grad: Tensor) -> None:
+                fired.add(r0)
+                if layer is not None and layer + 1 in waiting:
+                    waiting.discard(layer + 1)
+                    if layer + 1 in grads:
+                        buf, arrived = grads[layer + 1]
+                        buf[0] = grad.reshape(buf.shape[1:])
+                        if len(arrived) == 3:
+                            flush(layer + 1)
+                        return
+                    alone.add(layer + 1)
+                contract(r0, n_up, grad.unsqueeze(0))
+            return hook
+
+        def on_projection(layer: int, kind: str, r0: int, x: Tensor) -> Any:
             def hook(grad: Tensor) -> None:  # grad [N, T, h, dh]
                 fired.add(r0)
+                lead = int(merged(layer))
                 if layer not in norms:
                     norms[layer] = lay.norm_parts(layer, x.detach())
                     xh = norms[layer][0]
-                    grads[layer] = (xh.new_empty(g.n_heads + 2 * g.n_kv_heads, n * t,
+                    grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, n * t,
                                                  xh.shape[-1]), [])
                 buf, arrived = grads[layer]
-                s0 = offset[kind]
+                s0 = lead + offset[kind]
                 lay.projection_input_grads(layer, kind, norms[layer], grad,
                                            out=buf[s0: s0 + grad.shape[2]])
                 arrived.append(kind)
-                if len(arrived) == 3:
-                    contract(g.q_start[layer], n_up, buf)
-                    del norms[layer], grads[layer]
+                if len(arrived) == 3 and layer not in waiting:
+                    flush(layer)
             return hook
 
         x = lay.embed(tokens).detach().requires_grad_(True)  # the weights need no gradient
         torch.sub(ablated[0], x.detach(), out=delta[0])
         for layer in range(g.n_layers):
-            n_up = g.head_start[layer]
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
             for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
                                  ("v", v, g.v_start[layer])):
-                t_.register_hook(on_projection(layer, kind, r0, n_up, x))
+                t_.register_hook(on_projection(layer, kind, r0, x))
             z = lay.attend(layer, q, k, v)
             h0 = g.head_start[layer]
             lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
                             out=delta[h0: h0 + g.n_heads])
             x = x + lay.attn_out(layer, z)
             branch = x + 0  # the MLP's own input: its gradient is the MLP receiver's
-            branch.register_hook(on_receiver(g.mlp_receiver[layer], g.mlp_index[layer]))
+            branch.register_hook(on_receiver(g.mlp_receiver[layer], g.mlp_index[layer], layer))
             m = lay.mlp(layer, lay.ln_mlp(layer, branch))
             torch.sub(ablated[g.mlp_index[layer]], m.detach(), out=delta[g.mlp_index[layer]])
             x = x + m
