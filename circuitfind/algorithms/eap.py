@@ -15,7 +15,13 @@ run. ``a'_u`` is the engine's ablation value (:attr:`PatchingEngine.ablation`): 
 mean the edge helps the metric).
 
 Cost. One corrupted forward pass (caching sender outputs), one clean forward and one backward
-pass; the products are accumulated in backward hooks with one matmul per receiver group.
+pass; the products are accumulated in backward hooks (on the block runner, one matmul per
+layer).
+
+Not for metrics that compare with the full model (KL divergence to its logits): they are at
+their minimum in the clean run, so their gradient there, and every EAP score, is 0. EAP
+refuses such tasks; EAP-IG (which integrates the gradient along the path) and exact patching
+handle them.
 
 Deviations from the reference implementation. None in the estimate; the EAP-IG library sums
 over positions the same way. Scores are signed; ranking by |score| is the selection step's
@@ -60,5 +66,16 @@ class EAP(Algorithm):
         """EAP scores ``[S, R]`` in the task's metric unit (see module docstring).
 
         ``context`` is ignored: EAP is two passes, nothing to checkpoint.
+
+        Raises:
+            ConfigError: the task's metric compares with the full model's logits (its gradient
+                in the clean run is 0, so every score would be 0).
         """
+        if data.task.needs_reference_logits:
+            raise ConfigError(
+                f"EAP differentiates the metric in the clean run, where the metric of task "
+                f"{data.task.name!r} (it compares with the full model's logits, like the KL "
+                "divergence) is at its minimum: its gradient there is 0, so every EAP score "
+                "would be 0. Use eap_ig or exact with this task, or give the task a metric "
+                "such as logit_diff.")
         return engine.edge_attribution(data, batch_size=self.batch_size)

@@ -79,6 +79,21 @@ def test_metric_values_equal_plain_hugging_face(tiny_models, metric):
         assert (empty > 1e-4).all()
 
 
+def test_eap_refuses_a_metric_whose_gradient_vanishes_in_the_clean_run(tiny_models):
+    """KL to the full model is 0 at its minimum in the clean run: EAP's gradient would be 0
+    everywhere, so EAP says so; EAP-IG integrates along the path and is not 0."""
+    from circuitfind.algorithms import EAP, EAPIG
+    from circuitfind.errors import ConfigError
+
+    model = tiny_models("llama")
+    data = cf.build_data(model, _task(ROWS, "kl"))
+    engine = PatchingEngine(model)
+    assert engine.edge_attribution(data).abs().max() < 1e-6  # what EAP would return
+    with pytest.raises(ConfigError, match="eap_ig or exact"):
+        EAP().score(engine, data)
+    assert EAPIG(steps=3).score(engine, data).abs().max() > 1e-4
+
+
 def test_cli_discover_on_a_prompt_file(tiny_models, tmp_path, monkeypatch, capsys):
     import sys
 
