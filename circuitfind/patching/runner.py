@@ -19,8 +19,11 @@ means ...). Per layer the shared path is the plain forward (one norm, one q/k/v 
 all heads); only receivers that some mask touches are recomputed, for the masks that touch them,
 and written into the shared q/k/v tensors before attention (so the cost of patching one
 receiver is one ``[d_model, d_head]`` projection of its rows, not a per-head copy of the
-residual stream); when every mask touches every head of a kind, all heads are computed at once
-from a ``[K, N, T, heads, d]`` input. Senders before ``start`` are clean by construction, so
+residual stream). In *dense* layers, where the masks touch at least half of the (mask, q/k/v
+receiver) pairs (random and faithfulness-curve circuits), every receiver's input is built at
+once: one batched matmul of the coefficients ``[1; -removed]`` with a buffer holding the
+residual stream, the static senders' differences and the per-mask senders' values, then one
+norm and one batched projection per kind. Senders before ``start`` are clean by construction, so
 their differences are shared by all K masks; senders at or after ``start`` are recomputed per
 mask. What a pass skips: blocks before ``start`` (cached clean residuals), positions after the
 last metric position (causal model), everything but the metric positions' queries, attention
@@ -39,7 +42,10 @@ changed in one place (ACDC) recompute only what the change reaches.
 
 Cost. A pass over K masks and N examples costs ``K N`` rows through blocks ``start..`` (the last
 one at the metric positions only) plus, per layer, one matmul of the touched (mask, receiver)
-pairs' weights with the shared buffer and one batched matmul with the per-mask buffer.
+pairs' weights with the shared buffer and one batched matmul with the per-mask buffer (in a
+dense layer, one batched matmul with the combined buffer). A dense layer writes, normalises
+and projects one residual-sized stream per receiver, which costs more than a whole plain block
+on a CPU: a dense masked forward costs 1.6-3.3 plain forwards (``benchmarks/results``).
 
 A per-head output ``a_{L.h} = z_h W_O[h]`` excludes the attention output bias (as in
 transformer-lens' ``hook_result`` of ``HookedTransformer``); the bias is a constant of the
@@ -284,9 +290,8 @@ class _Layout:
         w, _ = self.w_out(layer)  # [H*dh, d]
         n, t, h, dh = z.shape
         zh = z.permute(2, 0, 1, 3).reshape(h, n * t, dh)
-        abl = ablated.expand(h, n, t, -1).reshape(h, n * t, -1)
-        return torch.baddbmm(abl, zh, w.reshape(h, dh, -1), alpha=-1,
-                             out=out.view(h, n * t, -1))
+        out.copy_(ablated.expand(h, n, t, -1))  # broadcast in place, no temporary
+        return out.view(h, n * t, -1).baddbmm_(zh, w.reshape(h, dh, -1), alpha=-1)
 
     def attn_from_heads(self, layer: int, res: Tensor, dim: int) -> Tensor:
         """Attention output (with bias) from the per-head outputs ``res`` (heads along
@@ -985,12 +990,13 @@ class BlockRunner:
             idx = pos[None, :, :, None].expand(values.shape[0], n, n_pos, values.shape[-1])
             return values.gather(2, idx)
 
-        def put(slot: int, values: Tensor) -> None:
-            """Write senders' current values ``[K, h, n, T|P, d]`` minus their ablation values
-            into ``current`` from ``slot``."""
+        def put(slot: int, values: Tensor, at_pos: bool) -> None:
+            """Write senders' current values ``[K, h, n, T, d]`` (or ``[K, h, n, P, d]`` at the
+            metric positions when ``at_pos``: the last block) minus their ablation values into
+            ``current`` from ``slot``."""
             h = values.shape[1]
             abl = ablated[dynamic[slot: slot + h]]  # [h, n|1, T|1, d]
-            if values.shape[3] == t:
+            if not at_pos:
                 dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
                 if values.shape[0] > 1 and values.stride(0) == 0:  # equal in every mask
                     dst.copy_(values[:1] - abl)
@@ -1077,7 +1083,7 @@ class BlockRunner:
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             u = g.mlp_index[layer]
             if u in dyn_slot:
-                put(dyn_slot[u], m.view(k_masks, 1, n, -1, d))
+                put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last)
             return x + m
 
         def kept_layers() -> Tensor:
@@ -1154,11 +1160,13 @@ class BlockRunner:
                                        heads=torch.tensor(subset, device=dev))
                 return res.view(kk, n, -1, len(subset), d).permute(0, 3, 1, 2, 4)
 
-            def put_heads(layer: int, subset: list[int], res: Tensor) -> None:
-                """Write heads ``subset``'s outputs ``[kk, h, n, T|P, d]`` into ``current``."""
+            def put_heads(layer: int, subset: list[int], res: Tensor, last: bool) -> None:
+                """Write heads ``subset``'s outputs ``[kk, h, n, T, d]`` (``[kk, h, n, P, d]``
+                in the last block) into ``current``."""
                 h0 = g.head_start[layer]
                 for i, hh in enumerate(subset):
-                    put(dyn_slot[h0 + hh], res[:, i: i + 1].expand(k_masks, -1, -1, -1, -1))
+                    put(dyn_slot[h0 + hh], res[:, i: i + 1].expand(k_masks, -1, -1, -1, -1),
+                        last)
 
             def input_key(r: int, form: str, layer: int) -> tuple[Any, ...]:
                 """What an invariant receiver's input is made of: its weights (mask 0), the
@@ -1191,12 +1199,12 @@ class BlockRunner:
                         if res is None:
                             res = heads_pass(layer, once, form + "1", base, sign, last)
                         memo[key] = res
-                        put_heads(layer, once, res)
+                        put_heads(layer, once, res, last)
                         for i, hh in enumerate(once):
                             keys[h0 + hh] = (key, i)
                     if per_mask:
                         res = heads_pass(layer, per_mask, form, base, sign, last)
-                        put_heads(layer, per_mask, res)
+                        put_heads(layer, per_mask, res, last)
                         for hh in per_mask:
                             if res.shape[0] > 1:
                                 variant[h0 + hh] = True
@@ -1223,7 +1231,7 @@ class BlockRunner:
                     if once_m:
                         memo[key] = m
                         keys[u] = key
-                    put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1))
+                    put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1), last)
             self._memo, self._ids = memo, ids
             xf = at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
             for _, ks, dlt in deltas([g.n_receivers - 1], "kept"):
@@ -1261,7 +1269,7 @@ class BlockRunner:
                     values = (res if nh == g.n_heads else res[:, heads]).view(
                         k_masks, nh, n, -1, d)
                     if last:
-                        put(i0, values)
+                        put(i0, values, True)
                     else:
                         torch.sub(values, ablated[h0 + heads[0]: h0 + heads[-1] + 1]
                                   if nh == g.n_heads else ablated[[h0 + h for h in heads]],
@@ -1319,7 +1327,7 @@ class BlockRunner:
                 res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T|P,h,d]
                 res = res.view(k_masks, n, -1, len(heads), d).permute(0, 3, 1, 2, 4)
                 i0 = dyn_slot[h0 + heads[0]]
-                put(i0, res)
+                put(i0, res, last)
             if last:
                 x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
             x = x + lay.attn_out(layer, z)

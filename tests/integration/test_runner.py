@@ -258,6 +258,30 @@ def test_partly_touched_dense_layers_equal_the_hooked_engine(tiny_models, name):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_as_many_metric_positions_as_tokens_in_any_order(tiny_models, name):
+    """P == T with positions out of order and repeated: the last block's values at the metric
+    positions must not be taken for values at every position (dense, sparse and kept-form
+    masks)."""
+    import dataclasses
+
+    data, runner, hooked, gen, _ = _runner_and_hooked(tiny_models(name), 10, 5)
+    g = runner.graph
+    t = data.clean.shape[1]
+    order = torch.stack([torch.randperm(t, generator=gen) for _ in range(data.n)])
+    order[:, 0] = order[:, 1]  # a repeated position
+    data = dataclasses.replace(data, positions=order)
+    full = g.full_mask(torch.float64)
+    masks = torch.stack([
+        (torch.rand(full.shape, generator=gen, dtype=torch.float64) < 0.5).double(),  # dense
+        (torch.rand(full.shape, generator=gen, dtype=torch.float64) < 0.9).double(),
+        (torch.rand(full.shape, generator=gen, dtype=torch.float64) < 0.05).double(),  # kept form
+    ]) * g.edge_mask.double()
+    got = runner.run(data, masks)
+    assert got.shape[2] == t
+    torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_exact_scores_equal_the_hooked_engine(tiny_models, name):
     """ExactPatching on the runner (layer-grouped passes) = on the bridge's full hooked forward."""
     from circuitfind.algorithms import ExactPatching
