@@ -188,6 +188,13 @@ class _Layout:
         out = torch.matmul(x, w)
         return out if b is None else out + b[:, None]
 
+    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
+        """:meth:`project_heads` of :meth:`ln_attn` of each q, k and v receiver's own input
+        ``x [K, H + 2G, rows, d]`` (q heads, then k and v groups) without writing the
+        normalised inputs, or ``None`` where the layout has no such shortcut for this dtype
+        (the caller then normalises first)."""
+        return None
+
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
         raise NotImplementedError
 
@@ -463,6 +470,27 @@ class _Llama(_Layout):
         h = x.to(torch.promote_types(x.dtype, torch.float32))
         inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return h * inv, inv, norm.weight, False
+
+    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
+        """RMSNorm folded into the projections, ``W (w * x * inv) = ((W diag(w)) x) * inv``:
+        one reduction and one matmul read the receivers' inputs (the norm alone reads and
+        writes them three times). Only in float32, where Hugging Face's norm computes in the
+        model's dtype, so the two differ by rounding order only (in float64 it rounds to
+        float32, which only the unfolded norm reproduces)."""
+        if x.dtype != torch.float32:
+            return None
+        norm = _unwrap(self.blocks[layer].input_layernorm)
+        ms = torch.linalg.vector_norm(x, 2, -1, keepdim=True).square_().div_(x.shape[-1])
+        inv = torch.rsqrt(ms.add_(norm.variance_epsilon))  # [K, R', rows, 1]
+        outs, s0 = [], 0
+        for kind in "qkv":
+            wh, bh = self.head_weights(layer, kind)  # [h, d, dh]
+            h = wh.shape[0]
+            out = torch.matmul(x[:, s0: s0 + h], norm.weight[None, :, None] * wh)
+            out = out.mul_(inv[:, s0: s0 + h])
+            outs.append(out if bh is None else out.add_(bh[:, None]))
+            s0 += h
+        return outs
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
@@ -1250,11 +1278,15 @@ class BlockRunner:
                 # per kind
                 n_r = len(qkv_of[layer])
                 inputs = dense_inputs(qkv_of[layer], x).view(k_masks, n_r, n * t, d)
-                normed = lay.ln_attn(layer, inputs)
-                qkv, s0 = {}, 0
-                for kind in "qkv":
-                    out = lay.project_heads(layer, kind, normed[:, s0: s0 + sizes[kind]])
-                    s0 += sizes[kind]
+                projected = lay.project_heads_normed(layer, inputs)
+                if projected is None:
+                    normed, projected, s0 = lay.ln_attn(layer, inputs), [], 0
+                    for kind in "qkv":
+                        projected.append(lay.project_heads(
+                            layer, kind, normed[:, s0: s0 + sizes[kind]]))
+                        s0 += sizes[kind]
+                qkv = {}
+                for kind, out in zip("qkv", projected):
                     # attention layout [K*n, T, heads, dh] as a view of [K*n, heads, T, dh]
                     qkv[kind] = (out.view(k_masks, sizes[kind], n, t, -1).transpose(1, 2)
                                  .reshape(k_masks * n, sizes[kind], t, -1).transpose(1, 2))

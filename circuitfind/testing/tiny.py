@@ -67,11 +67,17 @@ def make_tiny_model_dir(path: str | Path, arch: str = "gpt2", n_layers: int = 2,
             bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False))
     else:
         raise ConfigError(f"Unknown tiny-model arch {arch!r}; use 'gpt2' or 'llama'.")
-    # random init is small; scale weights up a little so that patching effects are non-trivial
+    # random init is small; scale weights up a little so that patching effects are non-trivial,
+    # and draw the norms' weights and the biases too (initialised to 1 and 0, they would leave
+    # every use of them untested)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim >= 2:
                 p.mul_(3.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            else:  # a norm's weight
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     _word_tokenizer(vocab_size).save_pretrained(path)
     return path

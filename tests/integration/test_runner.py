@@ -281,6 +281,25 @@ def test_as_many_metric_positions_as_tokens_in_any_order(tiny_models, name):
     torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
 
 
+def test_float32_dense_layers_with_the_norm_folded_equal_the_hooked_engine(tmp_path):
+    """In float32 a Llama layout's dense layers fold RMSNorm into the q/k/v projections (the
+    normalised inputs are never written): equal to the hooked engine up to float32 rounding,
+    batched and one at a time (the float64 tests above take the unfolded norm)."""
+    from circuitfind.testing import tiny_model
+
+    model = tiny_model(tmp_path, dtype=torch.float32, arch="llama", n_layers=3, n_heads=4,
+                       n_kv_heads=2, seed=2)
+    data, runner, hooked, gen, _ = _runner_and_hooked(model, 11, 6)
+    g = runner.graph
+    masks = torch.stack([(torch.rand(g.edge_mask.shape, generator=gen) < p).float()
+                         for p in (0.3, 0.5, 0.8)]) * g.edge_mask.float()
+    want = hooked.run(data, masks)
+    assert (want - hooked.run(data, g.full_mask())).abs().max() > 1e-2  # the masks matter
+    torch.testing.assert_close(runner.run(data, masks), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([runner.run(data, m) for m in masks]), want,
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_exact_scores_equal_the_hooked_engine(tiny_models, name):
     """ExactPatching on the runner (layer-grouped passes) = on the bridge's full hooked forward."""
