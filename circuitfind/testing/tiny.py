@@ -38,6 +38,9 @@ def make_tiny_model_dir(path: str | Path, arch: str = "gpt2", n_layers: int = 2,
                         n_ctx: int = 64, seed: int = 0) -> Path:
     """Save a random causal LM and a word-level tokenizer (words ``w0 w1 ...``) to ``path``.
 
+    Weight matrices are Hugging Face's random init scaled by 3; the norms' weights are drawn
+    from U[0.5, 1.5] and the biases from N(0, 0.1), so that code reading them is exercised.
+
     Args:
         path: Directory to create.
         arch: ``"gpt2"`` (LayerNorm, learned positions, biases) or ``"llama"`` (RMSNorm, rotary,
