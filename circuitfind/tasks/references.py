@@ -494,7 +494,8 @@ def reference_circuit(task: Any, model: str | ComputeGraph) -> Circuit:
     if circuit.n_edges == 0:
         raise ConfigError(f"The reference builder for ({task_key!r}, {canonical!r}) returned an "
                           "empty circuit; a reference must keep at least one edge.")
-    if circuit.graph != graph:  # same shape, other model_name: put it on the caller's graph
+    if circuit.graph is not graph:  # same shape (== above), maybe another model_name: use
+        # the caller's graph object, so the circuit carries its model_name
         circuit = Circuit(graph, circuit.kept, circuit.scores, circuit.metadata)
     return circuit
 
