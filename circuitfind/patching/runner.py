@@ -166,12 +166,6 @@ class _Layout:
         out = x @ w[head]
         return out if b is None else out + b[head]
 
-    def project_all(self, layer: int, kind: str, x: Tensor) -> Tensor:
-        """Every head's projection of its own input ``x [..., heads, d]`` -> ``[..., heads, dh]``."""
-        w, b = self.head_weights(layer, kind)
-        out = torch.einsum("...hd,hde->...he", x, w)
-        return out if b is None else out + b
-
     def project_some(self, layer: int, kind: str, x: Tensor, heads: list[int]) -> Tensor:
         """The projections of ``heads`` of one shared input ``x [..., d]`` -> ``[..., h, dh]``."""
         w, b = self.head_weights(layer, kind)
@@ -900,30 +894,34 @@ class BlockRunner:
                   for layer in range(g.n_layers)]
         # Dense layers (the masks touch at least half of the (mask, q/k/v receiver) pairs:
         # random and curve circuits): one buffer ``buf [K, 1 + A + J, n*T*d]`` holds the
-        # residual stream, the active static senders' clean - ablated values and the dynamic
-        # senders' ``current`` values, so that all of a layer's receiver inputs
-        # x - sum_u removed[u, r] (a_u - a'_u) (eq. (1); x itself where a mask touches none)
-        # are one batched matmul with the coefficients ``coef [K, 1 + A + J, R]``.
+        # residual stream, the shared rows of eq. (1) (the active static senders' clean -
+        # ablated values, and for frozen edges the dynamic senders' ablated - clean values)
+        # and the dynamic senders' ``current`` values, so that all of a layer's receiver inputs
+        # (x itself where a mask touches none) are one batched matmul with the coefficients
+        # ``coef [K, 1 + A + J, R] = [1; -w_shared; -w_dyn]``.
         dense_layers = ({layer for layer in range(start, g.n_layers)
                          if 2 * int(touched_cpu[:, qkv_of[layer]].sum())
                          >= touched_cpu[:, qkv_of[layer]].numel()}
-                        if frozen is None and kept_w is None else set())
+                        if kept_w is None else set())
         buf = coef = None
         n_pre = 0  # rows of ``buf`` before the dynamic senders
         if dense_layers:
-            n_pre = 1 + len(static)
+            # without frozen edges ``shared`` is a view of every static sender: copy the
+            # active ones only
+            rows, w_rows = ((diff[static].reshape(len(static), n * t * d), removed[:, static])
+                            if frozen is None else (shared, w_shared))
+            n_pre = 1 + (0 if rows is None else rows.shape[0])
             buf = torch.empty(k_masks, n_pre + len(dynamic), n * t * d, device=dev, dtype=dtype)
-            if static:
-                buf[:, 1:n_pre] = diff[static].reshape(len(static), -1)
-            coef = torch.cat([removed.new_ones(k_masks, 1, g.n_receivers),
-                              -removed[:, static], -removed[:, dynamic]], 1)
+            if rows is not None:
+                buf[:, 1:n_pre] = rows
+            coef = torch.cat([removed.new_ones(k_masks, 1, g.n_receivers)]
+                             + ([] if w_rows is None else [-w_rows]) + [-w_dyn], 1)
             current = buf[:, n_pre:]
         else:
             # uninitialised: in the last block only the metric positions are written, and
             # every position of the output depends only on the same position of the buffer
             current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
                        if dynamic else None)
-        last_out: dict[str, Any] = {}
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
 
         def dense_inputs(rs: list[int], x: Tensor) -> Tensor:
@@ -980,7 +978,6 @@ class BlockRunner:
                 out = term if out is None else out + term
             assert out is not None
             counts = torch.bincount(jj, minlength=len(rs)).tolist()
-            last_out.clear()
             result = []
             for r, ks_cpu, dlt in zip(rs, kk.split(counts), out.split(counts)):
                 ks: Tensor | slice = slice(None) if len(ks_cpu) == k_masks else ks_cpu.to(dev)
@@ -990,7 +987,7 @@ class BlockRunner:
         def dense_deltas(rs: list[int], j: int, wf: _Form
                          ) -> list[tuple[int, Tensor | slice, Tensor]]:
             """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
-            one ``[K, R', n*T*d]`` tensor (kept in ``last_out``), mask-major, no gathers."""
+            one ``[K, R', n*T*d]`` tensor, mask-major, no gathers."""
             w_shared, w_dyn, shared, k_masks = wf.w_shared, wf.w_dyn, wf.shared, wf.k
             cur = current[:k_masks] if current is not None else None
             idx = torch.tensor(rs, device=dev)
@@ -1009,7 +1006,6 @@ class BlockRunner:
                        else torch.baddbmm(out.expand(k_masks, -1, -1), w, cur[:, :j]))
             assert out is not None
             out = out.expand(k_masks, -1, -1)
-            last_out.update(dense=out, receivers=rs)
             return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
 
         pos = positions.to(dev)
@@ -1275,8 +1271,8 @@ class BlockRunner:
         for layer in range(start, g.n_layers):
             xk = x.view(k_masks, n, t, d)
             last = layer == g.n_layers - 1
-            sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
             if layer in dense_layers:
+                sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
                 # receiver-major inputs [K, R', n*T, d]: one norm, one batched projection
                 # per kind
                 n_r = len(qkv_of[layer])
@@ -1323,35 +1319,17 @@ class BlockRunner:
                         x = at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
                     x = mlp_block(layer, x, last)
                     continue
-            by_kind: dict[str, list[tuple[int, Tensor | slice, Tensor]]] = {"q": [], "k": [], "v": []}
-            for patch in patches:
-                by_kind[g.receivers[patch[0]].kind].append(patch)
-            # a kind is dense when every mask touches every one of its receivers
-            dense = {kind: len(p) == sizes[kind] and all(isinstance(ks, slice) for _, ks, _ in p)
-                     for kind, p in by_kind.items()}
-            if all(dense.values()):
-                qkv = {}
-            else:
-                q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
-                qkv = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
+            # the shared path: one norm and projection for all heads; the touched receivers
+            # of each mask recomputed from their own inputs
+            q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+            qkv = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
             first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
-            for kind, kind_patches in by_kind.items():
-                if dense[kind]:  # all heads at once: [K, n, T, heads, d]
-                    if "dense" in last_out:  # [K, R', X], receivers of a kind consecutive
-                        i0 = last_out["receivers"].index(first[kind])
-                        block = last_out["dense"][:, i0: i0 + sizes[kind]]
-                        block = block.reshape(k_masks, sizes[kind], n, t, d).permute(0, 2, 3, 1, 4)
-                    else:
-                        block = torch.stack([p[2] for p in kind_patches], 3)
-                    split = xk.unsqueeze(3) - block
-                    qkv[kind] = lay.project_all(layer, kind, lay.ln_attn(layer, split)).view(
-                        k_masks * n, t, sizes[kind], -1)
-                    continue
+            for r, ks, dlt in patches:
+                kind = g.receivers[r].kind
+                head = r - first[kind]
+                out = lay.project(layer, kind, head, lay.ln_attn(layer, xk[ks] - dlt))
                 target = qkv[kind]
-                for r, ks, dlt in kind_patches:
-                    head = r - first[kind]
-                    out = lay.project(layer, kind, head, lay.ln_attn(layer, xk[ks] - dlt))
-                    target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
+                target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
             # the last block only has to produce the metric positions: queries, attention
             # output, MLP and residual there only (keys and values still cover every position)
