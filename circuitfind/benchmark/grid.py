@@ -104,8 +104,8 @@ from circuitfind.algorithms.base import ALGORITHMS, get_algorithm
 from circuitfind.api import build_data, find_reference, versions
 from circuitfind.benchmark.storage import claim_lock, open_storage, optuna_module
 from circuitfind.errors import CircuitFindError, ConfigError, TaskDataError
-from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS, evaluate,
-                                                 faithfulness_curve)
+from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS,
+                                                 faithfulness_curve, normalized_faithfulness)
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.models import load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
@@ -615,8 +615,11 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
                                     .display_name, g) if data.task.source is None else None)
         own = None
         if circuit is not None:
+            # m(M) and m(∅) are the curve's: only the circuit itself needs a pass
+            m_c = float(engine.evaluate(data, circuit.kept.to(engine.dtype))[0])
             own = {"n_edges": circuit.n_edges, "n_nodes": len(circuit.nodes),
-                   "faithfulness": evaluate(engine, circuit, data).faithfulness}
+                   "faithfulness": normalized_faithfulness(m_c, curve.metric_full,
+                                                           curve.metric_empty)}
     peak, peak_kind = monitor.peak_bytes()
     return {
         "cpr": curve.cpr, "cmd": curve.cmd, "convention": curve.convention,
@@ -708,7 +711,7 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
             if trial is None:
                 if create_only or not any(s == "running" for s, _ in states.values()):
                     break
-                time.sleep(min(1.0, heartbeat_interval))  # others' cells: wait, take over
+                time.sleep(1.0)  # others' cells: wait, take over
                 continue
             cell = keys[trial.user_attrs["cell"]]
             if bar is not None:
@@ -836,7 +839,9 @@ def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfi
     tid = trial._trial_id
     storage.set_trial_user_attr(tid, "worker", f"{socket.gethostname()}:{os.getpid()}")
     try:
-        model = models.get(cell.model)
+        # heartbeats while the model loads too (a slow load must not look like a dead worker)
+        with _Monitor(storage, tid, heartbeat_interval, torch.device("cpu")):
+            model = models.get(cell.model)
         record = run_cell(cell, cfg, model, storage=storage, trial_id=tid,
                           heartbeat_interval=heartbeat_interval)
     except KeyboardInterrupt:

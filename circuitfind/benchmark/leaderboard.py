@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from circuitfind._files import atomic_write
 from circuitfind.benchmark.grid import STUDY_MARKER, iter_records
 from circuitfind.benchmark.storage import open_storage, optuna_module
 from circuitfind.errors import ConfigError
@@ -324,8 +325,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
         fig.tight_layout(rect=(0, legend_h, 1, 0.96))
         fmt = path.suffix.lstrip(".").lower()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format=fmt, dpi=200, metadata=MPL_METADATA.get(fmt))
-    return path
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=200, metadata=MPL_METADATA.get(fmt))
+    return atomic_write(path, buffer.getvalue())  # several workers may write the same board
 
 
 def write_leaderboard(rows: Sequence[dict[str, Any]], out: str | os.PathLike[str],
@@ -347,8 +349,7 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], out: str | os.PathLike[str
                            {"convention": rows[0]["convention"],
                             "convention_label": rows[0]["convention_label"], "sort": sort,
                             "rows": list(rows)}, indent=1) + "\n")):
-        (out / name).write_text(text, encoding="utf-8")
-        written.append(out / name)
+        written.append(atomic_write(out / name, text.encode("utf-8")))
     for which, stem in (("faithfulness", "faithfulness_cpr"),
                         ("faithfulness_cmd", "faithfulness_cmd")):
         for suffix in (".png", ".pdf"):
