@@ -91,12 +91,13 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
 
 @dataclasses.dataclass
 class Bench:
-    """The model, engine, data and a random mask that every phase shares."""
+    """The model, engine and data every phase shares, and the seeded generator of
+    ``masked_forward``'s random masks."""
 
     model: Any
     engine: Any
     data: Any
-    mask: torch.Tensor
+    gen: torch.Generator
     plain: Any = None  # the same weights as a plain Hugging Face model (no bridge components)
     keep_alive: list[Any] = dataclasses.field(default_factory=list)
 
@@ -132,13 +133,12 @@ def set_up(model_dir: Path, batch: int, seq_len: int, threads: int, seed: int = 
     engine = PatchingEngine(model)
     data = ToyTask(seq_len=seq_len).build(model.tokenizer, batch, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(engine.graph.edge_mask.shape, generator=gen) < 0.5).float()
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     for p in plain.parameters():
         p.requires_grad_(False)
-    return Bench(model, engine, data, mask, plain)
+    return Bench(model, engine, data, gen, plain)
 
 
 # ---------------------------------------------------------------------- the phases
@@ -186,7 +186,7 @@ def phase_fns(b: Bench) -> dict[str, Callable[[], Any]]:
     def masked_forward() -> Any:
         # a fresh random circuit each call (a repeated one would be served by the runner's
         # memo of the previous pass)
-        mask = (torch.rand(b.mask.shape) < 0.5).float()
+        mask = (torch.rand(b.engine.graph.edge_mask.shape, generator=b.gen) < 0.5).float()
         return b.engine.run(b.data, mask)
 
     @torch.no_grad()
@@ -383,7 +383,8 @@ def markdown(result: dict[str, Any]) -> str:
         "bare_plain": "as `bare`, switches off (plain forward)",
         "hf_floor": "plain Hugging Face model: corrupted fwd + clean fwd + bwd (activation grads)",
         "hf_forward": "plain Hugging Face model: no-grad clean forward",
-        "masked_forward": "`engine.run` with one random mask (corrupted outputs cached)",
+        "masked_forward": "`engine.run` with a new random mask each call, half the edges "
+                          "removed (corrupted outputs cached)",
         "forward": "no-grad clean forward, switches on",
         "forward_plain": "no-grad clean forward, switches off",
     }

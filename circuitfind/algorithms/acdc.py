@@ -202,18 +202,13 @@ def sender_order(graph: ComputeGraph, receiver: int, head_order: str = "descendi
     return order
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Item:
     """A pending test: remove ``edges`` ([(s, r)]) from the current circuit."""
 
     kind: str  # "edge" or "node"
     receiver: int
     sender: int | None
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        """Hashable identity of the test."""
-        return (self.kind, self.receiver, -1 if self.sender is None else self.sender)
 
 
 @ALGORITHMS.register("acdc")
@@ -335,7 +330,7 @@ class _Run:
         self.planned = planned
         # speculation only (never decisions): predicted removals from values measured under a
         # nearly equal state, and (right, total) predictions without / with such a value
-        self.predictions: dict[tuple[str, int, int], bool] = {}
+        self.predictions: dict[_Item, bool] = {}
         self.pred_stats: dict[bool, tuple[int, int]] = {False: (0, 0), True: (0, 0)}
         self.pass_times: dict[int, list[tuple[int, float]]] = {}  # layer -> (masks, seconds)
 
@@ -412,11 +407,9 @@ class _Run:
             st["cur"] = value
         return removed
 
-    def _predicted(self, item: _Item) -> bool:
-        """Predicted decision for ``item`` (True: removed): from a value measured for it under
-        a nearly equal state, else the majority decision so far."""
-        if item.key in self.predictions:
-            return self.predictions[item.key]
+    def _majority(self) -> bool:
+        """The majority decision so far (True: removed), the prediction of a test without a
+        value measured under a nearly equal state."""
         st = self.state
         tested = int(st["tested"].sum()) + int(st["node_tested"].sum())
         kept = int((st["tested"] & st["kept"]).sum())
@@ -425,15 +418,14 @@ class _Run:
 
     def _miss_rate(self, item: _Item) -> float:
         """Probability that ``item``'s prediction is wrong (rates so far, Laplace-smoothed)."""
-        hits, total = self.pred_stats[item.key in self.predictions]
+        hits, total = self.pred_stats[item in self.predictions]
         return (total - hits + 1) / (total + 2)
 
-    def _batch_end(self, items: list[_Item], i: int) -> int:
+    def _batch_end(self, items: list[_Item], i: int, layer: int) -> int:
         """End of the next speculative batch from ``items[i]``: the length K maximising the
         expected accepted tests per second, ``sum_{j<K} prod_{i<j} (1 - p_i) / (c0 + c1 K)``
         (``p_i`` the miss rates; ``c0`` a pass's fixed cost and ``c1`` its cost per mask,
-        fitted to this layer's passes so far)."""
-        layer = self.g.receivers[items[i].receiver].layer
+        fitted to the passes so far at ``layer``, the receiver's)."""
         c0, c1 = self._pass_cost(layer)
         best, best_rate, accepted, reach = i + 1, 0.0, 0.0, 1.0
         for end in range(i, min(len(items), i + self.k_max)):
@@ -467,31 +459,31 @@ class _Run:
         ``masks_per_pass``); they change the cost, never a decision."""
         i = 0
         while i < len(items):
-            end = self._batch_end(items, i)
-            batch = items[i: end]
-            guesses = [self._predicted(item) for item in batch]
+            layer = self.g.receivers[items[i].receiver].layer
+            batch = items[i: self._batch_end(items, i, layer)]
+            majority = self._majority()
+            guesses = [self.predictions.get(item, majority) for item in batch]
             masks = self.state["kept"][None].repeat(len(batch), 1, 1)
             for j, (item, guess) in enumerate(zip(batch, guesses)):
                 self._remove(masks[j: j + 1] if not guess else masks[j:], item)
             started = time.perf_counter()
             values = self._values(masks).tolist()
-            layer = self.g.receivers[batch[0].receiver].layer
             self.pass_times.setdefault(layer, []).append(
                 (len(batch), time.perf_counter() - started))
             done = 0
             for j, (item, guess, value) in enumerate(zip(batch, guesses, values)):
                 done += 1
-                from_value = item.key in self.predictions
+                from_value = item in self.predictions
                 removed = self._decide(item, value)
                 stats = self.pred_stats[from_value]
                 self.pred_stats[from_value] = (stats[0] + (removed == guess), stats[1] + 1)
-                self.predictions.pop(item.key, None)
+                self.predictions.pop(item, None)
                 if removed != guess:
                     # later candidates were measured under a state that did not happen; the
                     # values still predict their decisions well
                     cur = self.state["cur"]
                     for later, v in zip(batch[j + 1:], values[j + 1:]):
-                        self.predictions[later.key] = self._would_remove(v - cur)
+                        self.predictions[later] = self._would_remove(v - cur)
                     break
             i += done
             self._progress(bar, items[i - 1].receiver, done)

@@ -69,7 +69,6 @@ class FaithfulnessReport:
     n_total_edges: int
     metric_unit: str = ""
     ablation: str = "resample"
-    score_kind: str = "metric_change"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable; NaN stays NaN)."""
@@ -135,8 +134,10 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
 
 
 CONVENTIONS: tuple[str, ...] = ("mib", "single")
-SCORE_KINDS: tuple[str, ...] = ("metric_change", "importance")
 """Faithfulness-curve conventions accepted by :func:`faithfulness_curve`."""
+
+SCORE_KINDS: tuple[str, ...] = ("metric_change", "importance")
+"""How :func:`faithfulness_curve`'s signed ranking reads scores (its ``score_kind``)."""
 
 
 @dataclass(frozen=True)

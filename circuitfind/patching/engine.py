@@ -129,7 +129,7 @@ class PatchingEngine:
         self.d_model = int(cfg.d_model)
         self.groups = self._receiver_groups()
         self.runner: BlockRunner | None = block_runner(model, self.graph) if use_runner else None
-        self._memo: dict[str, tuple[Tensor, int, Any]] = {}
+        self._memo: dict[str, tuple[Any, ...]] = {}  # key -> (what it was made of..., value)
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -517,12 +517,13 @@ class PatchingEngine:
                                           diff=diff[:, es], abl_resid=(pre[:, es], mid[:, es]))
 
     def _pass_constants(self, cache: RunCache, values: Tensor, ablated: Tensor
-                             ) -> tuple[Tensor, Tensor, Tensor]:
+                        ) -> tuple[Tensor, Tensor, Tensor]:
         """``cache.senders - ablated`` ``[S, N, T', d]`` (``ablated``: ``values`` cut to the
         cache's positions) and the ablated run's residual streams (``pre [L+1, N, T', d]``,
         ``mid [L, N, T', d]``, see :meth:`BlockRunner.ablated_residuals`),
         memoised for the last (cache, ``values``) pair: every masked pass over the same data
-        reads them."""
+        reads them. They are held beside the clean cache (about as much memory again) and,
+        like it, are not counted in ``memory_budget``, which sizes one pass's activations."""
         memo = self._memo.get("diff")
         if memo is None or memo[0] is not cache or memo[1] is not values:
             diff = cache.senders - ablated
@@ -641,7 +642,7 @@ class PatchingEngine:
                     # the backward pass (no split q/k/v inputs)
                     t = self._used_len(data)
                     ablated = corrupted[:, :, :t] if corrupted.shape[2] > 1 else corrupted
-                    positions = data.positions[es].to(self.device)
+                    positions = sub.positions  # on the device already
 
                     def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
                         return sub.metric(logits).sum() / data.n

@@ -130,6 +130,29 @@ def test_exact_mode_equals_sequential_acdc(tiny_models, name, objective, tau):
     _check_equal(plain, slow_acdc(model, data, tau, objective, node_tests=False), tau, atol=1e-9)
 
 
+def test_wide_speculative_batches_change_no_decision(tiny_models, monkeypatch):
+    """Batches of up to 8 candidates (wrong predictions cut deep into them; their values
+    predict the next batch) keep the same edges with the same scores as the default sizing,
+    which on these tiny models rarely batches more than two."""
+    from circuitfind.algorithms import acdc
+
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = cf.PatchingEngine(model)
+    default = ACDC(threshold=3e-5, progress=False).discover(engine, data)
+    widths = []
+
+    def wide(self, items, i, layer):
+        widths.append(min(len(items), i + 8) - i)
+        return min(len(items), i + 8)
+
+    monkeypatch.setattr(acdc._Run, "_batch_end", wide)
+    forced = ACDC(threshold=3e-5, progress=False).discover(engine, data)
+    assert max(widths) == 8
+    assert torch.equal(forced.kept, default.kept)
+    torch.testing.assert_close(forced.scores, default.scores, atol=1e-12, rtol=0)
+
+
 def test_batched_mode_tests_against_one_state(tiny_models):
     model = tiny_models("gpt2")
     data = ToyTask().build(model.tokenizer, 3, seed=1)
