@@ -68,11 +68,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from circuitfind.errors import ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 
 
 @dataclass(frozen=True)
@@ -96,218 +96,6 @@ class RunCache:
         return RunCache(self.resid[:, es], self.senders[:, es], self.mid[:, es])
 
 
-class _Layout:
-    """Primitives of one Hugging Face layout, reading the modules' weights in place."""
-
-    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
-        self.hf = hf
-        self.n_heads, self.n_kv = n_heads, n_kv
-        # follow the model's own attention implementation, so results match it bit for bit
-        # where possible (Hugging Face's eager Llama attention takes its softmax in float32)
-        self.eager = getattr(hf.config, "_attn_implementation", None) == "eager"
-        self._rotary: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
-
-    # overridden per layout -------------------------------------------------------------
-    def embed(self, tokens: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def ln_attn(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """``(xh, inv, weight, centred)`` of :meth:`ln_attn` at ``x [N, T, d]``: the normalised
-        input, ``1 / sigma`` (``[N, T, 1]``), the norm's weight and whether it subtracts the
-        mean (LayerNorm) or not (RMSNorm)."""
-        raise NotImplementedError  # pragma: no cover
-
-    def projection_input_grads(self, layer: int, kind: str,
-                               parts: tuple[Tensor, Tensor, Tensor, bool], grad: Tensor,
-                               out: Tensor | None = None) -> Tensor:
-        """Each head's gradient with respect to its own copy of the residual read by
-        :meth:`ln_attn` and its ``kind`` projection, from the gradient of that projection
-        ``grad [N, T, h, dh]``: ``[h, N*T, d]``, head-major, in the norm's dtype (``parts`` is
-        :meth:`norm_parts` of the residual), written into ``out`` if given.
-
-        The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
-        with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
-        the small gradient, ``w`` and the mean term into the weights (centred along ``d``), so
-        the only ``[h, N*T, d]`` work is one batched matmul, one reduction and one in-place
-        update."""
-        xh, inv, w, centred = parts
-        dt = xh.dtype  # float32 at least, as the norm computes
-        n, t, h, _ = grad.shape
-        wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
-        wf = w.to(dt)[None, :, None] * wh.to(dt)  # norm weight folded in
-        if centred:
-            wf = wf - wf.mean(1, keepdim=True)  # (gh - mean(gh)) from one matmul
-        dqi = (grad.to(dt) * inv[..., None]).permute(2, 0, 1, 3).reshape(h, n * t, -1)
-        out = torch.bmm(dqi, wf.transpose(1, 2), out=out)  # [h, N*T, d]
-        flat_xh = xh.reshape(n * t, -1)
-        # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm)
-        q = torch.einsum("hnd,nd->hn", out, flat_xh) / xh.shape[-1]
-        return out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
-
-    def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
-        raise NotImplementedError
-
-    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
-        """Per-head projection ``(W [heads, d, dh], b [heads, dh] | None)`` of ``kind`` (q, k, v)."""
-        raise NotImplementedError  # pragma: no cover
-
-    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:
-        """One head's ``kind`` projection of ``x [..., d]`` -> ``[..., dh]``."""
-        w, b = self.head_weights(layer, kind)
-        out = x @ w[head]
-        return out if b is None else out + b[head]
-
-    def project_some(self, layer: int, kind: str, x: Tensor, heads: list[int]) -> Tensor:
-        """The projections of ``heads`` of one shared input ``x [..., d]`` -> ``[..., h, dh]``."""
-        w, b = self.head_weights(layer, kind)
-        if len(heads) == w.shape[0]:
-            out = torch.einsum("...d,hde->...he", x, w)
-            return out if b is None else out + b
-        out = torch.einsum("...d,hde->...he", x, w[heads])
-        return out if b is None else out + b[heads]
-
-    def project_heads(self, layer: int, kind: str, x: Tensor) -> Tensor:
-        """Every head's projection of its own rows, head-major: ``x [K, heads, rows, d]`` ->
-        ``[K, heads, rows, dh]`` (one batched matmul, no transposes)."""
-        w, b = self.head_weights(layer, kind)
-        out = torch.matmul(x, w)
-        return out if b is None else out + b[:, None]
-
-    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
-        """:meth:`project_heads` of :meth:`ln_attn` of each q, k and v receiver's own input
-        ``x [K, H + 2G, rows, d]`` (q heads, then k and v groups) without writing the
-        normalised inputs, or ``None`` where the layout has no such shortcut for this dtype
-        (the caller then normalises first)."""
-        return None
-
-    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
-        raise NotImplementedError
-
-    def final(self, x: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def scale(self, layer: int) -> float:  # pragma: no cover
-        raise NotImplementedError
-
-    softmax_dtype: torch.dtype | None = None  # dtype of the eager softmax (None: the model's)
-
-    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]`` (none here)."""
-        return q, k
-
-    # shared ------------------------------------------------------------------------------
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               query_pos: Tensor | None = None, grouped: bool = True) -> Tensor:
-        """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
-
-        With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
-        With ``grouped=False`` key/value head i serves query head i (the caller has already
-        matched them).
-        """
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = self.rotate(q, k)
-        rep = self.n_heads // self.n_kv if grouped else 1
-        t = k.shape[2]
-        n_scores = q.shape[0] * q.shape[1] * t * (t if query_pos is None else query_pos.shape[1])
-        if (q.device.type == "cpu" and n_scores <= 1 << 20
-                and (not self.eager or self.softmax_dtype in (None, q.dtype))):
-            return self._attend_small(layer, q, k, v, rep, query_pos)
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        if query_pos is None:
-            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-        else:
-            q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-            future = torch.arange(t, device=q.device)[None, None, None, :] > query_pos[:, None, :, None]
-        if not self.eager or self.softmax_dtype in (None, q.dtype):
-            # the fused kernel: equal to the eager softmax up to float rounding
-            if query_pos is None:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
-            else:
-                z = F.scaled_dot_product_attention(q, k, v, attn_mask=~future,
-                                                   scale=self.scale(layer))
-            return z.transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) * self.scale(layer)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-        pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
-        return (pattern @ v).transpose(1, 2)
-
-    def _attend_small(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
-                      query_pos: Tensor | None) -> Tensor:
-        """:meth:`attend` for short sequences on a CPU: ``q [B,H,T,dh]``, ``k, v [B,G,T,dh]``.
-
-        Scores, softmax and values as three batched kernels, each query head's rows stacked
-        under its key/value head (no repeated keys and values). On a CPU this beats the fused
-        kernel by about a quarter while the scores stay small (up to 2^20 of them, the limit
-        :meth:`attend` applies) and loses by up to half beyond, where materialising them costs
-        more than the kernel's overhead (measured on stories260k's shapes, ``d_head`` 8)."""
-        b, h, t, dh = q.shape
-        g = k.shape[1]
-        if query_pos is None:
-            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-            mask = future.repeat(rep, 1)  # [rep*T, T]
-            p = t
-        else:
-            p = query_pos.shape[1]
-            q = q.gather(2, query_pos[:, None, :, None].expand(-1, h, -1, dh))
-            future = torch.arange(t, device=q.device)[None, None, :] > query_pos[:, :, None]
-            mask = future[:, None].expand(b, rep, p, t).reshape(b, 1, rep * p, t)
-        scores = torch.matmul(q.reshape(b, g, rep * p, dh), k.transpose(-1, -2))
-        scores = scores.mul_(self.scale(layer)).masked_fill_(mask, float("-inf"))
-        z = torch.matmul(torch.softmax(scores, -1), v)  # [B, G, rep*P, dh]
-        return z.view(b, h, p, dh).transpose(1, 2)
-
-    def head_results(self, layer: int, z: Tensor, slots: Tensor,
-                     heads: Tensor | None = None) -> Tensor:
-        """Per-head outputs ``z_h W_O[h]`` (no bias): ``z[:, :, slots]`` ``[B,T,h,dh]`` ->
-        ``[B,T,h,d]``, with ``heads`` the model heads those slots are (default: ``slots``)."""
-        w, _ = self.w_out(layer)  # [H*dh, d]
-        dh = w.shape[0] // self.n_heads
-        heads = slots if heads is None else heads
-        return torch.einsum("bthe,hed->bthd", z[:, :, slots],
-                            w.reshape(self.n_heads, dh, -1)[heads])
-
-    def head_results_all(self, layer: int, z: Tensor, k_masks: int) -> Tensor:
-        """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [K*n, T, H, dh]`` ->
-        ``[K, H, n*T, d]``."""
-        w, _ = self.w_out(layer)  # [H*dh, d]
-        b, t, h, dh = z.shape
-        zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
-        return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
-
-    def head_deltas(self, layer: int, z: Tensor, ablated: Tensor, out: Tensor) -> Tensor:
-        """``a'_h - z_h W_O[h]`` for every head ``h`` (ablated minus clean head output, no
-        bias), written into ``out [H, N, T, d]``, from ``z [N, T, H, dh]`` and ``ablated
-        [H, N|1, T|1, d]``: one batched matmul, no per-head output tensor."""
-        w, _ = self.w_out(layer)  # [H*dh, d]
-        n, t, h, dh = z.shape
-        zh = z.permute(2, 0, 1, 3).reshape(h, n * t, dh)
-        out.copy_(ablated.expand(h, n, t, -1))  # broadcast in place, no temporary
-        return out.view(h, n * t, -1).baddbmm_(zh, w.reshape(h, dh, -1), alpha=-1)
-
-    def attn_from_heads(self, layer: int, res: Tensor, dim: int) -> Tensor:
-        """Attention output (with bias) from the per-head outputs ``res`` (heads along
-        ``dim``, model dimension last): their sum plus the output bias (equal to
-        :meth:`attn_out` up to rounding, without a second projection)."""
-        _, bias = self.w_out(layer)
-        out = res.sum(dim)
-        return out if bias is None else out + bias
-
-    def attn_out(self, layer: int, z: Tensor) -> Tensor:
-        """Attention output (all heads, with bias): ``[B,T,H,dh]`` -> ``[B,T,d]``."""
-        w, b = self.w_out(layer)
-        return _conv1d(z.reshape(*z.shape[:2], -1), w, b)
-
-
 class _Form:
     """Weights of one form of eq. (1) for a pass: over the senders before the start layer
     (``w_shared [K, A, R]`` with their ``shared [A, X]`` clean - ablated values) and the
@@ -327,209 +115,6 @@ class _Form:
                      self.shared, self.touched[:1])
 
 
-def _unwrap(module: Any) -> Any:
-    """The Hugging Face module inside transformer-lens bridge components (itself if plain)."""
-    while hasattr(module, "original_component"):
-        module = module.original_component
-    return module
-
-
-def _weights(module: Any) -> tuple[Tensor, Tensor | None]:
-    """``(weight, bias)`` of a (possibly bridge-wrapped) Linear, Conv1D or norm module."""
-    module = _unwrap(module)
-    return module.weight, getattr(module, "bias", None)
-
-
-class _GPT2(_Layout):
-    """``GPT2LMHeadModel``: LayerNorm, learned positions, Conv1D (``x @ W + b``) weights."""
-
-    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
-        super().__init__(hf, n_heads, n_kv)
-        from transformers.activations import ACT2FN
-
-        hf = _unwrap(hf)
-        self.tr = _unwrap(hf.transformer)
-        self.blocks = [_unwrap(b) for b in self.tr.h]
-        self.attn = [_unwrap(b.attn) for b in self.blocks]
-        self.mlps = [_unwrap(b.mlp) for b in self.blocks]
-        cfg = hf.config
-        self.eps = float(cfg.layer_norm_epsilon)
-        self.act = ACT2FN[cfg.activation_function]
-        if cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
-            # the same tanh approximation as one fused kernel (HF's gelu_new is five ops)
-            self.act = lambda x: F.gelu(x, approximate="tanh")
-        self.lm_head = hf.lm_head
-        self.d_model = int(cfg.n_embd)
-        self.d_head = self.d_model // n_heads
-        self._scale = [
-            (self.d_head ** -0.5 if cfg.scale_attn_weights else 1.0)
-            / (float(i + 1) if cfg.scale_attn_by_inverse_layer_idx else 1.0)
-            for i in range(int(cfg.n_layer))]
-
-    def _ln(self, module: Any, x: Tensor) -> Tensor:
-        w, b = _weights(module)
-        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
-        return (F.embedding(tokens, _weights(self.tr.wte)[0])
-                + F.embedding(pos, _weights(self.tr.wpe)[0])[None])
-
-    def ln_attn(self, layer: int, x: Tensor) -> Tensor:
-        return self._ln(self.blocks[layer].ln_1, x)
-
-    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:
-        return self._ln(self.blocks[layer].ln_2, x)
-
-    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-        w, _ = _weights(self.blocks[layer].ln_1)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean = h.mean(-1, keepdim=True)
-        inv = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + self.eps)
-        return (h - mean) * inv, inv, w, True
-
-    def mlp(self, layer: int, x: Tensor) -> Tensor:
-        mlp = self.mlps[layer]
-        (w1, b1), (w2, b2) = _weights(mlp.c_fc), _weights(mlp.c_proj)
-        return _conv1d(self.act(_conv1d(x, w1, b1)), w2, b2)
-
-    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        w, b = _weights(self.attn[layer].c_attn)
-        out = _conv1d(x, w, b).view(*x.shape[:-1], 3, self.n_heads, self.d_head)
-        return out[..., 0, :, :], out[..., 1, :, :], out[..., 2, :, :]
-
-    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
-        w, b = _weights(self.attn[layer].c_attn)
-        cols = slice("qkv".index(kind) * self.d_model, ("qkv".index(kind) + 1) * self.d_model)
-        return (w[:, cols].reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2),
-                b[cols].view(self.n_heads, self.d_head))
-
-    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
-        return _weights(self.attn[layer].c_proj)
-
-    def scale(self, layer: int) -> float:
-        return self._scale[layer]
-
-    def final(self, x: Tensor) -> Tensor:
-        w, b = _weights(self.lm_head)
-        return F.linear(self._ln(self.tr.ln_f, x), w, b)
-
-
-def _conv1d(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """GPT-2's Conv1D: ``x @ w + b`` with ``w [in, out]``."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = flat @ w if b is None else torch.addmm(b, flat, w)
-    return out.view(*x.shape[:-1], w.shape[1])
-
-
-class _Llama(_Layout):
-    """``LlamaForCausalLM``: RMSNorm, rotary embeddings, gated MLP, grouped-query attention."""
-
-    softmax_dtype = torch.float32
-
-    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
-        super().__init__(hf, n_heads, n_kv)
-        from transformers.activations import ACT2FN
-
-        hf = _unwrap(hf)
-        self.body = _unwrap(hf.model)
-        self.blocks = [_unwrap(b) for b in self.body.layers]
-        self.attn = [_unwrap(b.self_attn) for b in self.blocks]
-        self.mlps = [_unwrap(b.mlp) for b in self.blocks]
-        self.rotary = _unwrap(self.body.rotary_emb)
-        self.lm_head = hf.lm_head
-        self.act = ACT2FN[hf.config.hidden_act]
-        self.d_head = int(self.attn[0].head_dim)
-        self._scale = float(self.attn[0].scaling)
-
-    @staticmethod
-    def _rms(module: Any, x: Tensor) -> Tensor:
-        """Hugging Face's ``LlamaRMSNorm`` (statistics in float32, weight in the model's dtype)."""
-        norm = _unwrap(module)
-        if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-            # the same computation in one kernel (bit for bit, checked on torch 2.13)
-            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * h.to(x.dtype)
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        return F.embedding(tokens, _weights(self.body.embed_tokens)[0])
-
-    def ln_attn(self, layer: int, x: Tensor) -> Tensor:
-        return self._rms(self.blocks[layer].input_layernorm, x)
-
-    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:
-        return self._rms(self.blocks[layer].post_attention_layernorm, x)
-
-    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-        norm = _unwrap(self.blocks[layer].input_layernorm)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return h * inv, inv, norm.weight, False
-
-    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
-        """RMSNorm folded into the projections, ``W (w * x * inv) = ((W diag(w)) x) * inv``:
-        one reduction and one matmul read the receivers' inputs (the norm alone reads and
-        writes them three times). Only in float32, where Hugging Face's norm computes in the
-        model's dtype, so the two differ by rounding order only (in float64 it rounds to
-        float32, which only the unfolded norm reproduces)."""
-        if x.dtype != torch.float32:
-            return None
-        norm = _unwrap(self.blocks[layer].input_layernorm)
-        ms = torch.linalg.vector_norm(x, 2, -1, keepdim=True).square_().div_(x.shape[-1])
-        inv = torch.rsqrt(ms.add_(norm.variance_epsilon))  # [K, R', rows, 1]
-        outs, s0 = [], 0
-        for kind in "qkv":
-            wh, bh = self.head_weights(layer, kind)  # [h, d, dh]
-            h = wh.shape[0]
-            out = torch.matmul(x[:, s0: s0 + h], norm.weight[None, :, None] * wh)
-            out = out.mul_(inv[:, s0: s0 + h])
-            outs.append(out if bh is None else out.add_(bh[:, None]))
-            s0 += h
-        return outs
-
-    def mlp(self, layer: int, x: Tensor) -> Tensor:
-        mlp = self.mlps[layer]
-        gate, up, down = (_weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
-        return F.linear(self.act(F.linear(x, *gate)) * F.linear(x, *up), *down)
-
-    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a = self.attn[layer]
-        shape = (*x.shape[:-1], -1, self.d_head)
-        return tuple(F.linear(x, *_weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
-                     for k in "qkv")
-
-    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
-        w, b = _weights(getattr(self.attn[layer], f"{kind}_proj"))
-        w = w.view(-1, self.d_head, w.shape[1]).transpose(1, 2)  # [heads, d, dh]
-        return w, None if b is None else b.view(-1, self.d_head)
-
-    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
-        w, b = _weights(self.attn[layer].o_proj)
-        return w.T, b
-
-    def scale(self, layer: int) -> float:
-        return self._scale
-
-    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        t = q.shape[2]
-        key = (t, q.dtype, q.device)
-        if key not in self._rotary:
-            pos = torch.arange(t, device=q.device)[None]
-            self._rotary = {key: self.rotary(q, pos)}
-        cos, sin = self._rotary[key]
-        return apply_rotary_pos_emb(q, k, cos, sin)
-
-    def final(self, x: Tensor) -> Tensor:
-        return F.linear(self._rms(self.body.norm, x), *_weights(self.lm_head))
-
-
-_LAYOUTS: dict[str, type[_Layout]] = {"GPT2LMHeadModel": _GPT2, "LlamaForCausalLM": _Llama}
-
-
 def block_runner(model: Any, graph: ComputeGraph) -> BlockRunner | None:
     """The :class:`BlockRunner` for ``model``, or ``None`` (with a warning) if its layout is unknown.
 
@@ -541,28 +126,28 @@ def block_runner(model: Any, graph: ComputeGraph) -> BlockRunner | None:
         A runner, or ``None`` when the architecture (or a graph feature such as parallel
         attention/MLP) is not one the runner implements; callers then use the bridge's forward.
     """
-    hf = _unwrap(getattr(model, "original_model", model))
+    hf = unwrap(getattr(model, "original_model", model))
     name = type(hf).__name__
-    layout = _LAYOUTS.get(name)
-    if layout is None or graph.parallel_attn_mlp or graph.attn_only:
+    arch = architecture_for(name)
+    if arch is None or graph.parallel_attn_mlp or graph.attn_only:
         warnings.warn(f"circuitfind's block runner does not implement {name} "
-                      f"(known: {', '.join(sorted(_LAYOUTS))}); masked passes fall back to the "
+                      f"(known: {', '.join(supported())}); masked passes fall back to the "
                       "bridge's full forward with hooks (correct, but slower and unable to start "
                       "at a later layer).", RuntimeWarning, stacklevel=2)
         return None
-    return BlockRunner(layout(hf, graph.n_heads, graph.n_kv_heads), graph)
+    return BlockRunner(arch(hf, graph.n_heads, graph.n_kv_heads), graph)
 
 
 class BlockRunner:
     """Masked forward passes over a Hugging Face model's blocks, from any start layer.
 
     Args:
-        layout: The layout adapter (built by :func:`block_runner`).
+        arch: The model family's adapter (built by :func:`block_runner`).
         graph: The model's graph (sender and receiver indexing).
     """
 
-    def __init__(self, layout: _Layout, graph: ComputeGraph) -> None:
-        self.layout = layout
+    def __init__(self, arch: Architecture, graph: ComputeGraph) -> None:
+        self.arch = arch
         self.graph = graph
         self._receiver_layer = torch.tensor([r.layer for r in graph.receivers])
         # kept form: outputs of mask-invariant nodes from the last pass, by the content of
@@ -583,7 +168,7 @@ class BlockRunner:
         Returns:
             The :class:`RunCache` of this run.
         """
-        g, lay = self.graph, self.layout
+        g, lay = self.graph, self.arch
         x = lay.embed(tokens)
         n, t, d = x.shape
         resid = x.new_empty(g.n_layers + 1, n, t, d)
@@ -609,7 +194,7 @@ class BlockRunner:
     @torch.no_grad()
     def logits(self, tokens: Tensor) -> Tensor:
         """Plain forward: ``[N, T]`` token ids -> ``[N, T, V]`` logits (for checks)."""
-        return self.layout.final(self.cache(tokens).resid[-1])
+        return self.arch.final(self.cache(tokens).resid[-1])
 
     def ablated_residuals(self, ablated: Tensor, n: int, t: int) -> tuple[Tensor, Tensor]:
         """Residual streams of the run in which every edge carries its ablated value.
@@ -629,7 +214,7 @@ class BlockRunner:
             ``(pre [L+1, n, t, d], mid [L, n, t, d])``: entering each block (and the final
             norm), and after each block's attention (the MLP input).
         """
-        g, lay = self.graph, self.layout
+        g, lay = self.graph, self.arch
         d = ablated.shape[-1]
         pre = ablated.new_empty(g.n_layers + 1, n, t, d)
         mid = ablated.new_empty(g.n_layers, n, t, d)
@@ -682,7 +267,7 @@ class BlockRunner:
             Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
             Discovery", eq. 2.
         """
-        g, lay = self.graph, self.layout
+        g, lay = self.graph, self.arch
         n, t = tokens.shape
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64,
                              device=ablated.device)
@@ -829,7 +414,7 @@ class BlockRunner:
         Raises:
             ConfigError: ``start`` out of range, or a mask touches a receiver before ``start``.
         """
-        g, lay = self.graph, self.layout
+        g, lay = self.graph, self.arch
         k_masks = removed.shape[0]
         weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S or 2S, R]
         touched_r = weights.ne(0).any(1)  # [K, R]
@@ -1163,7 +748,6 @@ class BlockRunner:
                            sign: float, last: bool) -> bool:
                 """Compute the heads ``subset`` of ``layer`` (into ``current``); True if they were
                 computed per mask."""
-                h0 = g.head_start[layer]
                 groups = sorted({hh // rep for hh in subset})
                 want = {"q": subset, "k": groups, "v": groups}
                 first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}

@@ -1,0 +1,15 @@
+"""Model-family adapters for the block runner, one module per family.
+
+Each module describes where a family's weights live and the few functions that differ from
+the shared :class:`Architecture` (norms, positions, attention extras, block wiring), and
+registers itself for its Hugging Face classes. :func:`architecture_for` finds the adapter of a
+model class; classes without one run on the bridge's hooked forward.
+"""
+
+from __future__ import annotations
+
+from circuitfind.patching.architectures import gpt2, llama  # noqa: F401  (they register)
+from circuitfind.patching.architectures.base import Architecture, unwrap
+from circuitfind.patching.architectures.registry import architecture_for, register, supported
+
+__all__ = ["Architecture", "architecture_for", "register", "supported", "unwrap"]

@@ -1,0 +1,259 @@
+"""The shared base of the model-family adapters: attention, per-head outputs, weight access.
+
+Each family's module (``gpt2``, ``llama``, ...) subclasses :class:`Architecture` with the
+functions where that family differs; the block runner (:mod:`circuitfind.patching.runner`)
+runs any registered family through this interface alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Architecture:
+    """Primitives of one Hugging Face model family, reading the modules' weights in place.
+
+    A subclass describes one family: where its weights live (``embed``, ``ln_attn``,
+    ``ln_mlp``, ``qkv``, ``head_weights``, ``w_out``, ``mlp``, ``final``), its attention scale,
+    and the few functions that differ (``rotate`` for positions, ``norm_parts`` for EAP's
+    closed-form norm backward). Everything else (causal attention, per-head outputs) is shared
+    here. Subclasses register themselves for their Hugging Face classes with
+    :func:`circuitfind.patching.architectures.register`.
+
+    Args:
+        hf: The Hugging Face causal LM (possibly wrapped by the bridge).
+        n_heads: Query heads per layer.
+        n_kv: Key/value heads per layer.
+    """
+
+    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
+        self.hf = hf
+        self.n_heads, self.n_kv = n_heads, n_kv
+        # follow the model's own attention implementation, so results match it bit for bit
+        # where possible (Hugging Face's eager Llama attention takes its softmax in float32)
+        self.eager = getattr(hf.config, "_attn_implementation", None) == "eager"
+        self._rotary: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+    # overridden per layout -------------------------------------------------------------
+    def embed(self, tokens: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ln_attn(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """``(xh, inv, weight, centred)`` of :meth:`ln_attn` at ``x [N, T, d]``: the normalised
+        input, ``1 / sigma`` (``[N, T, 1]``), the norm's weight and whether it subtracts the
+        mean (LayerNorm) or not (RMSNorm)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def projection_input_grads(self, layer: int, kind: str,
+                               parts: tuple[Tensor, Tensor, Tensor, bool], grad: Tensor,
+                               out: Tensor | None = None) -> Tensor:
+        """Each head's gradient with respect to its own copy of the residual read by
+        :meth:`ln_attn` and its ``kind`` projection, from the gradient of that projection
+        ``grad [N, T, h, dh]``: ``[h, N*T, d]``, head-major, in the norm's dtype (``parts`` is
+        :meth:`norm_parts` of the residual), written into ``out`` if given.
+
+        The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
+        with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
+        the small gradient, ``w`` and the mean term into the weights (centred along ``d``), so
+        the only ``[h, N*T, d]`` work is one batched matmul, one reduction and one in-place
+        update."""
+        xh, inv, w, centred = parts
+        dt = xh.dtype  # float32 at least, as the norm computes
+        n, t, h, _ = grad.shape
+        wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
+        wf = w.to(dt)[None, :, None] * wh.to(dt)  # norm weight folded in
+        if centred:
+            wf = wf - wf.mean(1, keepdim=True)  # (gh - mean(gh)) from one matmul
+        dqi = (grad.to(dt) * inv[..., None]).permute(2, 0, 1, 3).reshape(h, n * t, -1)
+        out = torch.bmm(dqi, wf.transpose(1, 2), out=out)  # [h, N*T, d]
+        flat_xh = xh.reshape(n * t, -1)
+        # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm)
+        q = torch.einsum("hnd,nd->hn", out, flat_xh) / xh.shape[-1]
+        return out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
+        """Per-head projection ``(W [heads, d, dh], b [heads, dh] | None)`` of ``kind`` (q, k, v)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def project(self, layer: int, kind: str, head: int, x: Tensor) -> Tensor:
+        """One head's ``kind`` projection of ``x [..., d]`` -> ``[..., dh]``."""
+        w, b = self.head_weights(layer, kind)
+        out = x @ w[head]
+        return out if b is None else out + b[head]
+
+    def project_some(self, layer: int, kind: str, x: Tensor, heads: list[int]) -> Tensor:
+        """The projections of ``heads`` of one shared input ``x [..., d]`` -> ``[..., h, dh]``."""
+        w, b = self.head_weights(layer, kind)
+        if len(heads) == w.shape[0]:
+            out = torch.einsum("...d,hde->...he", x, w)
+            return out if b is None else out + b
+        out = torch.einsum("...d,hde->...he", x, w[heads])
+        return out if b is None else out + b[heads]
+
+    def project_heads(self, layer: int, kind: str, x: Tensor) -> Tensor:
+        """Every head's projection of its own rows, head-major: ``x [K, heads, rows, d]`` ->
+        ``[K, heads, rows, dh]`` (one batched matmul, no transposes)."""
+        w, b = self.head_weights(layer, kind)
+        out = torch.matmul(x, w)
+        return out if b is None else out + b[:, None]
+
+    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
+        """:meth:`project_heads` of :meth:`ln_attn` of each q, k and v receiver's own input
+        ``x [K, H + 2G, rows, d]`` (q heads, then k and v groups) without writing the
+        normalised inputs, or ``None`` where the layout has no such shortcut for this dtype
+        (the caller then normalises first)."""
+        return None
+
+    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
+        raise NotImplementedError
+
+    def final(self, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def scale(self, layer: int) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    softmax_dtype: torch.dtype | None = None  # dtype of the eager softmax (None: the model's)
+
+    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]`` (none here)."""
+        return q, k
+
+    # shared ------------------------------------------------------------------------------
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               query_pos: Tensor | None = None, grouped: bool = True) -> Tensor:
+        """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
+
+        With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
+        With ``grouped=False`` key/value head i serves query head i (the caller has already
+        matched them).
+        """
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = self.rotate(q, k)
+        rep = self.n_heads // self.n_kv if grouped else 1
+        t = k.shape[2]
+        n_scores = q.shape[0] * q.shape[1] * t * (t if query_pos is None else query_pos.shape[1])
+        if (q.device.type == "cpu" and n_scores <= 1 << 20
+                and (not self.eager or self.softmax_dtype in (None, q.dtype))):
+            return self._attend_small(layer, q, k, v, rep, query_pos)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        if query_pos is None:
+            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        else:
+            q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+            future = torch.arange(t, device=q.device)[None, None, None, :] > query_pos[:, None, :, None]
+        if not self.eager or self.softmax_dtype in (None, q.dtype):
+            # the fused kernel: equal to the eager softmax up to float rounding
+            if query_pos is None:
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
+            else:
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=~future,
+                                                   scale=self.scale(layer))
+            return z.transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) * self.scale(layer)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
+        return (pattern @ v).transpose(1, 2)
+
+    def _attend_small(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
+                      query_pos: Tensor | None) -> Tensor:
+        """:meth:`attend` for short sequences on a CPU: ``q [B,H,T,dh]``, ``k, v [B,G,T,dh]``.
+
+        Scores, softmax and values as three batched kernels, each query head's rows stacked
+        under its key/value head (no repeated keys and values). On a CPU this beats the fused
+        kernel by about a quarter while the scores stay small (up to 2^20 of them, the limit
+        :meth:`attend` applies) and loses by up to half beyond, where materialising them costs
+        more than the kernel's overhead (measured on stories260k's shapes, ``d_head`` 8)."""
+        b, h, t, dh = q.shape
+        g = k.shape[1]
+        if query_pos is None:
+            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+            mask = future.repeat(rep, 1)  # [rep*T, T]
+            p = t
+        else:
+            p = query_pos.shape[1]
+            q = q.gather(2, query_pos[:, None, :, None].expand(-1, h, -1, dh))
+            future = torch.arange(t, device=q.device)[None, None, :] > query_pos[:, :, None]
+            mask = future[:, None].expand(b, rep, p, t).reshape(b, 1, rep * p, t)
+        scores = torch.matmul(q.reshape(b, g, rep * p, dh), k.transpose(-1, -2))
+        scores = scores.mul_(self.scale(layer)).masked_fill_(mask, float("-inf"))
+        z = torch.matmul(torch.softmax(scores, -1), v)  # [B, G, rep*P, dh]
+        return z.view(b, h, p, dh).transpose(1, 2)
+
+    def head_results(self, layer: int, z: Tensor, slots: Tensor,
+                     heads: Tensor | None = None) -> Tensor:
+        """Per-head outputs ``z_h W_O[h]`` (no bias): ``z[:, :, slots]`` ``[B,T,h,dh]`` ->
+        ``[B,T,h,d]``, with ``heads`` the model heads those slots are (default: ``slots``)."""
+        w, _ = self.w_out(layer)  # [H*dh, d]
+        dh = w.shape[0] // self.n_heads
+        heads = slots if heads is None else heads
+        return torch.einsum("bthe,hed->bthd", z[:, :, slots],
+                            w.reshape(self.n_heads, dh, -1)[heads])
+
+    def head_results_all(self, layer: int, z: Tensor, k_masks: int) -> Tensor:
+        """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [K*n, T, H, dh]`` ->
+        ``[K, H, n*T, d]``."""
+        w, _ = self.w_out(layer)  # [H*dh, d]
+        b, t, h, dh = z.shape
+        zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
+        return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
+
+    def head_deltas(self, layer: int, z: Tensor, ablated: Tensor, out: Tensor) -> Tensor:
+        """``a'_h - z_h W_O[h]`` for every head ``h`` (ablated minus clean head output, no
+        bias), written into ``out [H, N, T, d]``, from ``z [N, T, H, dh]`` and ``ablated
+        [H, N|1, T|1, d]``: one batched matmul, no per-head output tensor."""
+        w, _ = self.w_out(layer)  # [H*dh, d]
+        n, t, h, dh = z.shape
+        zh = z.permute(2, 0, 1, 3).reshape(h, n * t, dh)
+        out.copy_(ablated.expand(h, n, t, -1))  # broadcast in place, no temporary
+        return out.view(h, n * t, -1).baddbmm_(zh, w.reshape(h, dh, -1), alpha=-1)
+
+    def attn_from_heads(self, layer: int, res: Tensor, dim: int) -> Tensor:
+        """Attention output (with bias) from the per-head outputs ``res`` (heads along
+        ``dim``, model dimension last): their sum plus the output bias (equal to
+        :meth:`attn_out` up to rounding, without a second projection)."""
+        _, bias = self.w_out(layer)
+        out = res.sum(dim)
+        return out if bias is None else out + bias
+
+    def attn_out(self, layer: int, z: Tensor) -> Tensor:
+        """Attention output (all heads, with bias): ``[B,T,H,dh]`` -> ``[B,T,d]``."""
+        w, b = self.w_out(layer)
+        return conv1d(z.reshape(*z.shape[:2], -1), w, b)
+
+
+def unwrap(module: Any) -> Any:
+    """The Hugging Face module inside transformer-lens bridge components (itself if plain)."""
+    while hasattr(module, "original_component"):
+        module = module.original_component
+    return module
+
+
+def weights(module: Any) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` of a (possibly bridge-wrapped) Linear, Conv1D or norm module."""
+    module = unwrap(module)
+    return module.weight, getattr(module, "bias", None)
+
+
+def conv1d(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """GPT-2's Conv1D: ``x @ w + b`` with ``w [in, out]``."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat @ w if b is None else torch.addmm(b, flat, w)
+    return out.view(*x.shape[:-1], w.shape[1])

@@ -1,0 +1,119 @@
+"""Llama 1-3 (``LlamaForCausalLM``): RMSNorm, rotary positions (Llama-3 rope scaling through
+the model's own rotary module), gated MLP, grouped-query attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from circuitfind.patching.architectures.base import Architecture, unwrap, weights
+from circuitfind.patching.architectures.registry import register
+
+
+@register("LlamaForCausalLM")
+class Llama(Architecture):
+    """``LlamaForCausalLM``: RMSNorm, rotary embeddings, gated MLP, grouped-query attention."""
+
+    softmax_dtype = torch.float32
+
+    def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
+        super().__init__(hf, n_heads, n_kv)
+        from transformers.activations import ACT2FN
+
+        hf = unwrap(hf)
+        self.body = unwrap(hf.model)
+        self.blocks = [unwrap(b) for b in self.body.layers]
+        self.attn = [unwrap(b.self_attn) for b in self.blocks]
+        self.mlps = [unwrap(b.mlp) for b in self.blocks]
+        self.rotary = unwrap(self.body.rotary_emb)
+        self.lm_head = hf.lm_head
+        self.act = ACT2FN[hf.config.hidden_act]
+        self.d_head = int(self.attn[0].head_dim)
+        self._scale = float(self.attn[0].scaling)
+
+    @staticmethod
+    def _rms(module: Any, x: Tensor) -> Tensor:
+        """Hugging Face's ``LlamaRMSNorm`` (statistics in float32, weight in the model's dtype)."""
+        norm = unwrap(module)
+        if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+            # the same computation in one kernel (bit for bit, checked on torch 2.13)
+            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, weights(self.body.embed_tokens)[0])
+
+    def ln_attn(self, layer: int, x: Tensor) -> Tensor:
+        return self._rms(self.blocks[layer].input_layernorm, x)
+
+    def ln_mlp(self, layer: int, x: Tensor) -> Tensor:
+        return self._rms(self.blocks[layer].post_attention_layernorm, x)
+
+    def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        norm = unwrap(self.blocks[layer].input_layernorm)
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return h * inv, inv, norm.weight, False
+
+    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
+        """RMSNorm folded into the projections, ``W (w * x * inv) = ((W diag(w)) x) * inv``:
+        one reduction and one matmul read the receivers' inputs (the norm alone reads and
+        writes them three times). Only in float32, where Hugging Face's norm computes in the
+        model's dtype, so the two differ by rounding order only (in float64 it rounds to
+        float32, which only the unfolded norm reproduces)."""
+        if x.dtype != torch.float32:
+            return None
+        norm = unwrap(self.blocks[layer].input_layernorm)
+        ms = torch.linalg.vector_norm(x, 2, -1, keepdim=True).square_().div_(x.shape[-1])
+        inv = torch.rsqrt(ms.add_(norm.variance_epsilon))  # [K, R', rows, 1]
+        outs, s0 = [], 0
+        for kind in "qkv":
+            wh, bh = self.head_weights(layer, kind)  # [h, d, dh]
+            h = wh.shape[0]
+            out = torch.matmul(x[:, s0: s0 + h], norm.weight[None, :, None] * wh)
+            out = out.mul_(inv[:, s0: s0 + h])
+            outs.append(out if bh is None else out.add_(bh[:, None]))
+            s0 += h
+        return outs
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        mlp = self.mlps[layer]
+        gate, up, down = (weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
+        return F.linear(self.act(F.linear(x, *gate)) * F.linear(x, *up), *down)
+
+    def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = self.attn[layer]
+        shape = (*x.shape[:-1], -1, self.d_head)
+        return tuple(F.linear(x, *weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
+                     for k in "qkv")
+
+    def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
+        w, b = weights(getattr(self.attn[layer], f"{kind}_proj"))
+        w = w.view(-1, self.d_head, w.shape[1]).transpose(1, 2)  # [heads, d, dh]
+        return w, None if b is None else b.view(-1, self.d_head)
+
+    def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        w, b = weights(self.attn[layer].o_proj)
+        return w.T, b
+
+    def scale(self, layer: int) -> float:
+        return self._scale
+
+    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        t = q.shape[2]
+        key = (t, q.dtype, q.device)
+        if key not in self._rotary:
+            pos = torch.arange(t, device=q.device)[None]
+            self._rotary = {key: self.rotary(q, pos)}
+        cos, sin = self._rotary[key]
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    def final(self, x: Tensor) -> Tensor:
+        return F.linear(self._rms(self.body.norm, x), *weights(self.lm_head))
