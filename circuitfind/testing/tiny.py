@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face models (GPT-2 or Llama layout) and a toy task for tests.
+"""Tiny random Hugging Face models (any supported family) and a toy task for tests.
 
 transformer-lens' ``boot_native`` random models do not expose split q/k/v inputs, so tests build
 a small random ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` with a word-level tokenizer, save both
@@ -33,6 +33,22 @@ def _word_tokenizer(vocab_size: int) -> Any:
                                    unk_token="<unk>", eos_token="<bos>")
 
 
+FAMILY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # arch -> (config class, model class, settings beyond the sizes); each family's own
+    # features are switched on so that tests exercise them
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 {"rotary_pct": 0.5, "use_parallel_residual": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": None}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": None, "sliding_window": 4, "attn_logit_softcapping": 5.0,
+                "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 6}),
+}
+
+
 def make_tiny_model_dir(path: str | Path, arch: str = "gpt2", n_layers: int = 2, n_heads: int = 4,
                         n_kv_heads: int | None = None, d_model: int = 32, vocab_size: int = 64,
                         n_ctx: int = 64, seed: int = 0) -> Path:
@@ -43,8 +59,12 @@ def make_tiny_model_dir(path: str | Path, arch: str = "gpt2", n_layers: int = 2,
 
     Args:
         path: Directory to create.
-        arch: ``"gpt2"`` (LayerNorm, learned positions, biases) or ``"llama"`` (RMSNorm, rotary,
-            gated MLP; ``n_kv_heads < n_heads`` gives grouped-query attention).
+        arch: ``"gpt2"`` (LayerNorm, learned positions, biases), ``"llama"`` (RMSNorm, rotary,
+            gated MLP; ``n_kv_heads < n_heads`` gives grouped-query attention) or another
+            family of :data:`FAMILY_CONFIGS` (``gpt_neox``: parallel attention and MLP, partial
+            rotary; ``mistral``/``qwen2``: sliding windows of 4 tokens (Qwen2 in its first
+            layer); ``qwen3``: q/k norms; ``gemma2``: post-norms, soft-capping, local/global
+            layers).
         n_layers, n_heads, n_kv_heads, d_model, vocab_size, n_ctx: Sizes.
         seed: Weight seed.
 
@@ -54,22 +74,31 @@ def make_tiny_model_dir(path: str | Path, arch: str = "gpt2", n_layers: int = 2,
     Raises:
         ConfigError: unknown ``arch``.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    import transformers
 
     path = Path(path)
     torch.manual_seed(seed)
     if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=n_layers, n_head=n_heads, n_embd=d_model,
-                                           n_positions=n_ctx, vocab_size=vocab_size,
-                                           bos_token_id=0, eos_token_id=0))
-    elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(
-            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads or n_heads, hidden_size=d_model,
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=n_layers, n_head=n_heads, n_embd=d_model, n_positions=n_ctx,
+            vocab_size=vocab_size, bos_token_id=0, eos_token_id=0))
+    elif arch in FAMILY_CONFIGS:
+        config_cls, model_cls, extra = FAMILY_CONFIGS[arch]
+        kwargs: dict[str, Any] = dict(
+            num_hidden_layers=n_layers, num_attention_heads=n_heads, hidden_size=d_model,
             intermediate_size=2 * d_model, vocab_size=vocab_size, max_position_embeddings=n_ctx,
-            bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False))
+            bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
+        if arch != "gpt_neox":
+            kwargs["num_key_value_heads"] = n_kv_heads or n_heads
+        elif n_kv_heads not in (None, n_heads):
+            raise ConfigError("GPT-NeoX has no grouped-query attention; leave n_kv_heads unset.")
+        kwargs.update(extra)
+        if "head_dim" in extra:  # families whose head size is not d_model / n_heads by default
+            kwargs["head_dim"] = d_model // n_heads
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
     else:
-        raise ConfigError(f"Unknown tiny-model arch {arch!r}; use 'gpt2' or 'llama'.")
+        raise ConfigError(f"Unknown tiny-model arch {arch!r}; use 'gpt2' or one of "
+                          f"{sorted(FAMILY_CONFIGS)}.")
     # random init is small; scale weights up a little so that patching effects are non-trivial,
     # and draw the norms' weights and the biases too (initialised to 1 and 0, they would leave
     # every use of them untested)

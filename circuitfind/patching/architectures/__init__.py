@@ -8,7 +8,13 @@ model class; classes without one run on the bridge's hooked forward.
 
 from __future__ import annotations
 
-from circuitfind.patching.architectures import gpt2, llama  # noqa: F401  (they register)
+from circuitfind.patching.architectures import (  # noqa: F401  (each registers itself)
+    gpt2,
+    llama,
+    mistral,
+    qwen2,
+    qwen3,
+)
 from circuitfind.patching.architectures.base import Architecture, unwrap
 from circuitfind.patching.architectures.registry import architecture_for, register, supported
 

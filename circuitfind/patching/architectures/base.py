@@ -135,6 +135,17 @@ class Architecture:
         """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]`` (none here)."""
         return q, k
 
+    attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
+
+    def window(self, layer: int) -> int | None:
+        """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""
+        return None
+
+    def qk_norm(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head norms of ``q [B, T, H, dh]`` and ``k [B, T, G, dh]`` before the rotation
+        (Qwen3, OLMo-2); none here."""
+        return q, k
+
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                query_pos: Tensor | None = None, grouped: bool = True) -> Tensor:
@@ -142,38 +153,58 @@ class Architecture:
 
         With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
         With ``grouped=False`` key/value head i serves query head i (the caller has already
-        matched them).
+        matched them). The family's extras apply here: :meth:`qk_norm` before the rotation,
+        :attr:`attn_softcap` on the scores and :meth:`window` on the keys.
         """
+        q, k = self.qk_norm(layer, q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rotate(q, k)
         rep = self.n_heads // self.n_kv if grouped else 1
         t = k.shape[2]
+        window = self.window(layer)
+        window = window if window is not None and window < t else None
         n_scores = q.shape[0] * q.shape[1] * t * (t if query_pos is None else query_pos.shape[1])
         if (q.device.type == "cpu" and n_scores <= 1 << 20
                 and (not self.eager or self.softmax_dtype in (None, q.dtype))):
-            return self._attend_small(layer, q, k, v, rep, query_pos)
+            return self._attend_small(layer, q, k, v, rep, query_pos, window)
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        if query_pos is None:
-            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-        else:
+        if query_pos is not None:
             q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-            future = torch.arange(t, device=q.device)[None, None, None, :] > query_pos[:, None, :, None]
-        if not self.eager or self.softmax_dtype in (None, q.dtype):
+        hidden = self._hidden(t, query_pos, window, q.device)  # [T, T] or [B, 1, P, T]
+        if self.attn_softcap is None and (not self.eager or self.softmax_dtype in (None, q.dtype)):
             # the fused kernel: equal to the eager softmax up to float rounding
-            if query_pos is None:
+            if query_pos is None and window is None:
                 z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
             else:
-                z = F.scaled_dot_product_attention(q, k, v, attn_mask=~future,
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=~hidden,
                                                    scale=self.scale(layer))
             return z.transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) * self.scale(layer)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        scores = self._capped((q @ k.transpose(-1, -2)) * self.scale(layer))
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
         return (pattern @ v).transpose(1, 2)
 
+    def _capped(self, scores: Tensor) -> Tensor:
+        """Attention scores after the family's soft-capping ``c tanh(s / c)`` (if any)."""
+        cap = self.attn_softcap
+        return scores if cap is None else torch.tanh(scores / cap) * cap
+
+    @staticmethod
+    def _hidden(t: int, query_pos: Tensor | None, window: int | None,
+                device: torch.device) -> Tensor:
+        """Keys a query may not see: later ones, and with a sliding ``window`` those ``window``
+        or more positions back (Hugging Face's ``kv_idx > q_idx - window``). ``[T, T]`` for
+        every query, ``[B, 1, P, T]`` for the queries ``query_pos [B, P]``."""
+        keys = torch.arange(t, device=device)
+        queries = (keys[:, None] if query_pos is None else query_pos[:, None, :, None])
+        hidden = keys > queries
+        if window is not None:
+            hidden = hidden | (keys <= queries - window)
+        return hidden
+
     def _attend_small(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
-                      query_pos: Tensor | None) -> Tensor:
+                      query_pos: Tensor | None, window: int | None = None) -> Tensor:
         """:meth:`attend` for short sequences on a CPU: ``q [B,H,T,dh]``, ``k, v [B,G,T,dh]``.
 
         Scores, softmax and values as three batched kernels, each query head's rows stacked
@@ -183,17 +214,16 @@ class Architecture:
         more than the kernel's overhead (measured on stories260k's shapes, ``d_head`` 8)."""
         b, h, t, dh = q.shape
         g = k.shape[1]
+        hidden = self._hidden(t, query_pos, window, q.device)
         if query_pos is None:
-            future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-            mask = future.repeat(rep, 1)  # [rep*T, T]
+            mask = hidden.repeat(rep, 1)  # [rep*T, T]
             p = t
         else:
             p = query_pos.shape[1]
             q = q.gather(2, query_pos[:, None, :, None].expand(-1, h, -1, dh))
-            future = torch.arange(t, device=q.device)[None, None, :] > query_pos[:, :, None]
-            mask = future[:, None].expand(b, rep, p, t).reshape(b, 1, rep * p, t)
+            mask = hidden.expand(b, rep, p, t).reshape(b, 1, rep * p, t)
         scores = torch.matmul(q.reshape(b, g, rep * p, dh), k.transpose(-1, -2))
-        scores = scores.mul_(self.scale(layer)).masked_fill_(mask, float("-inf"))
+        scores = self._capped(scores.mul_(self.scale(layer))).masked_fill_(mask, float("-inf"))
         z = torch.matmul(torch.softmax(scores, -1), v)  # [B, G, rep*P, dh]
         return z.view(b, h, p, dh).transpose(1, 2)
 

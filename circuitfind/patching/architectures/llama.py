@@ -104,6 +104,11 @@ class Llama(Architecture):
     def scale(self, layer: int) -> float:
         return self._scale
 
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding window where the model has one (Qwen2/3's ``sliding_attention``
+        layers set it on their attention modules), else ``None``."""
+        return getattr(self.attn[layer], "sliding_window", None)
+
     def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
