@@ -183,7 +183,7 @@ def test_a_receiver_without_gradient_in_the_runners_attribution_is_an_error(tiny
     model = tiny_models("gpt2")
     data = ToyTask().build(model.tokenizer, 2, seed=0)
     engine = PatchingEngine(model)
-    lay = engine.runner.layout
+    lay = engine.runner.arch
     mlp = lay.mlp
     # the MLP of layer 0 reads a detached input: its receiver gets no gradient
     monkeypatch.setattr(lay, "mlp", lambda layer, x: mlp(layer, x.detach() if layer == 0 else x))
