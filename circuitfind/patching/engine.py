@@ -569,8 +569,9 @@ class PatchingEngine:
 
         Where the model has a block runner, EAP (``points=None``) runs one plain forward and
         backward pass through it (:meth:`BlockRunner.attribute`: receiver gradients recovered
-        from the q/k/v projections' gradients, no split inputs); EAP-IG and clean-corrupted
-        points use the bridge's hooks.
+        from the q/k/v projections' gradients, no split inputs), and gradient points run as
+        stacked copies of the clean rows in one such pass per chunk of points; other
+        architectures use the bridge's hooks.
 
         Memory. Work is split into chunks of examples (and, for several points, of points
         stacked on the batch) sized by ``memory_budget`` (see :meth:`attribution_plan`); the
@@ -637,17 +638,31 @@ class PatchingEngine:
                     corrupted = self.corrupted_outputs(data)[:, es]
                 else:
                     corrupted = self.sender_outputs(data.corrupted[es])
-                if points is None and self.runner is not None:
-                    # EAP on the block runner: plain forward, receiver gradients recovered in
-                    # the backward pass (no split q/k/v inputs)
+                if self.runner is not None:
+                    # on the block runner: plain forwards, receiver gradients recovered in the
+                    # backward pass (no split q/k/v inputs); gradient points as stacked copies
                     t = self._used_len(data)
                     ablated = corrupted[:, :, :t] if corrupted.shape[2] > 1 else corrupted
-                    positions = sub.positions  # on the device already
+                    tokens = clean[es][:, :t]
+                    if points is None:
+                        def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
+                            return sub.metric(logits).sum() / data.n
 
-                    def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
-                        return sub.metric(logits).sum() / data.n
+                        scores += self.runner.attribute(tokens, ablated, sub.positions, metric)
+                    else:
+                        diff = self.sender_outputs(tokens).sub_(ablated)  # a - a'
+                        for p0 in range(0, n_points, p_chunk):
+                            chunk = points[p0: p0 + p_chunk]
 
-                    scores += self.runner.attribute(clean[es][:, :t], ablated, positions, metric)
+                            def metric(logits: Tensor, sub: TaskData = sub,
+                                       c: int = len(chunk)) -> Tensor:
+                                picked = logits.view(c, n, *logits.shape[1:]) if c > 1 else logits
+                                return sub.metric(picked).sum() / (data.n * n_points)
+
+                            scores += self.runner.attribute(
+                                tokens, ablated, sub.positions, metric,
+                                points=[(p.node, p.alpha) for p in chunk], diff=diff)
+                        del diff
                     del corrupted, ablated
                     continue
                 if points is None:  # EAP: the clean run's sender hooks complete a - a'

@@ -235,9 +235,11 @@ class BlockRunner:
         pre[g.n_layers] = acc
         return pre, mid
 
-    def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor,
-                  metric: Any) -> Tensor:
-        """EAP scores from one clean forward and backward pass through the runner.
+    def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
+                  points: list[tuple[str, float]] | None = None,
+                  diff: Tensor | None = None) -> Tensor:
+        """EAP scores from one clean forward and backward pass through the runner (or, with
+        ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
 
         Eq. (2) of :mod:`circuitfind.patching.engine`: ``score[u, r] = sum_{n,t} delta_u .
         d metric / d x_r``. The forward is the plain one (one norm and one q/k/v projection per
@@ -251,11 +253,24 @@ class BlockRunner:
         from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``),
         so the pass costs a plain forward and backward, like the physical floor of EAP.
 
+        Gradient points (EAP-IG, clean-corrupted; see
+        :class:`circuitfind.patching.engine.GradientPoint`): the batch holds ``C = len(points)``
+        copies of the N clean rows; in copy ``c`` the outputs of the node group ``points[c][0]``
+        (``input``, ``a{L}``: all heads of layer L, ``m{L}``) become ``a - (1 - alpha) (a - a')``
+        and are held constant (no gradient flows back through them). Each receiver's gradient
+        is recovered per copy (the norm's Jacobian differs between copies), summed over the
+        copies and contracted with ``diff``, the sender differences of the plain clean and
+        corrupted runs.
+
         Args:
             tokens: ``[N, T]`` clean token ids.
             ablated: ``[S, N|1, T|1, d]`` ablated sender outputs ``a'_u``.
             positions: ``[N, P]`` metric positions.
-            metric: ``logits [N, P, V] -> scalar`` to differentiate.
+            metric: ``logits [C*N, P, V] -> scalar`` to differentiate (``C = 1`` without
+                points).
+            points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
+            diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
+                ``points`` (unused without).
 
         Returns:
             ``[S, R]`` float64 scores (0 off real edges), in the metric's unit.
@@ -269,11 +284,37 @@ class BlockRunner:
         """
         g, lay = self.graph, self.arch
         n, t = tokens.shape
+        copies = 1 if points is None else len(points)
+        if points is not None and diff is None:
+            raise ConfigError("Gradient points need the sender differences `diff` (clean "
+                              "minus ablated outputs, [S, N, T, d]).")
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64,
                              device=ablated.device)
-        # a'_u - a_u, filled during the forward pass (the hooks run in the backward pass)
-        delta = ablated.new_empty(g.n_senders, n, t, ablated.shape[-1])
-        flat = delta.view(g.n_senders, -1)
+        # a'_u - a_u: filled during the forward pass for EAP (the hooks run in the backward
+        # pass); from the plain clean and corrupted runs for gradient points
+        delta = (ablated.new_empty(g.n_senders, n, t, ablated.shape[-1]) if diff is None
+                 else -diff)
+        flat = delta.reshape(g.n_senders, -1)
+        # gradient points by node group: {copy: alpha}
+        moved: dict[str, dict[int, float]] = {}
+        for c, (node, alpha) in enumerate(points or []):
+            moved.setdefault(node, {})[c] = float(alpha)
+        # node groups held constant in every copy: their receivers get no gradient
+        blocked = {node for node, cs in moved.items() if len(cs) == copies}
+
+        def fold(grad: Tensor) -> Tensor:
+            """A receiver's gradient ``[C*N, ...]`` summed over the copies -> ``[N, ...]``."""
+            return grad if copies == 1 else grad.view(copies, n, *grad.shape[1:]).sum(0)
+
+        def interpolate(value: Tensor, node: str, change: Tensor) -> Tensor:
+            """``value [C*N, T, d]`` with the rows of the copies that move ``node`` replaced by
+            the constants ``value - (1 - alpha) change`` (``change [N, T, d]`` = ``a - a'``)."""
+            if node not in moved:
+                return value
+            rows = value.view(copies, n, *value.shape[1:])
+            parts = [rows[c].detach() - (1 - moved[node][c]) * change if c in moved[node]
+                     else rows[c] for c in range(copies)]
+            return torch.cat(parts) if copies > 1 else parts[0]
 
         def contract(r0: int, n_up: int, grad: Tensor) -> None:
             """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]``."""
@@ -304,6 +345,10 @@ class BlockRunner:
         # previous MLP receiver was contracted alone (its gradient came before any q/k/v's)
         waiting = {layer for layer in range(g.n_layers) if merged(layer)}
         alone: set[int] = set()
+        for layer in list(waiting):  # the MLP before it gets no gradient: contract without it
+            if f"m{layer - 1}" in blocked:
+                waiting.discard(layer)
+                alone.add(layer)
 
         def flush(layer: int) -> None:
             """Contract ``layer``'s buffer (all of its receivers have arrived)."""
@@ -320,6 +365,7 @@ class BlockRunner:
         def on_receiver(r0: int, n_up: int, layer: int | None = None) -> Any:
             def hook(grad: Tensor) -> None:
                 fired.add(r0)
+                grad = fold(grad)
                 if layer is not None and layer + 1 in waiting:
                     waiting.discard(layer + 1)
                     if layer + 1 in grads:
@@ -340,18 +386,28 @@ class BlockRunner:
                     norms[layer] = lay.norm_parts(layer, x.detach())
                     xh = norms[layer][0]
                     grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, n * t,
-                                                 xh.shape[-1]), [])
+                                                 xh.shape[-1]), [])  # summed over copies
                 buf, arrived = grads[layer]
                 s0 = lead + offset[kind]
-                lay.projection_input_grads(layer, kind, norms[layer], grad,
-                                           out=buf[s0: s0 + grad.shape[2]])
+                if copies == 1:
+                    lay.projection_input_grads(layer, kind, norms[layer], grad,
+                                               out=buf[s0: s0 + grad.shape[2]])
+                else:  # per copy (each its own norm Jacobian), then summed
+                    per_copy = lay.projection_input_grads(layer, kind, norms[layer], grad)
+                    torch.sum(per_copy.view(grad.shape[2], copies, n * t, -1), 1,
+                              out=buf[s0: s0 + grad.shape[2]])
                 arrived.append(kind)
                 if len(arrived) == 3 and layer not in waiting:
                     flush(layer)
             return hook
 
-        x = lay.embed(tokens).detach().requires_grad_(True)  # the weights need no gradient
-        torch.sub(ablated[0], x.detach(), out=delta[0])
+        x = lay.embed(tokens).detach()  # the weights need no gradient
+        if diff is None:
+            torch.sub(ablated[0], x, out=delta[0])
+        if copies > 1:
+            x = x.repeat(copies, 1, 1)
+        x = interpolate(x, "input", diff[0] if diff is not None else x)
+        x = x.detach().requires_grad_(True)
         for layer in range(g.n_layers):
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
             for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
@@ -359,20 +415,29 @@ class BlockRunner:
                 t_.register_hook(on_projection(layer, kind, r0, x))
             z = lay.attend(layer, q, k, v)
             h0 = g.head_start[layer]
-            lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
-                            out=delta[h0: h0 + g.n_heads])
-            x = x + lay.attn_out(layer, z)
+            if diff is None:
+                lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
+                                out=delta[h0: h0 + g.n_heads])
+            attn = lay.attn_out(layer, z)
+            if f"a{layer}" in moved:
+                attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+            x = x + attn
             branch = x + 0  # the MLP's own input: its gradient is the MLP receiver's
-            branch.register_hook(on_receiver(g.mlp_receiver[layer], g.mlp_index[layer], layer))
+            u = g.mlp_index[layer]
+            if f"m{layer}" not in blocked:
+                branch.register_hook(on_receiver(g.mlp_receiver[layer], u, layer))
             m = lay.mlp(layer, lay.ln_mlp(layer, branch))
-            torch.sub(ablated[g.mlp_index[layer]], m.detach(), out=delta[g.mlp_index[layer]])
-            x = x + m
+            if diff is None:
+                torch.sub(ablated[u], m.detach(), out=delta[u])
+            x = x + interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved else m)
         branch = x + 0
         branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
-        idx = positions[:, :, None].expand(-1, -1, branch.shape[-1])
+        idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
         metric(lay.final(branch.gather(1, idx))).backward()
         groups = [r0 for layer in range(g.n_layers) for r0 in (
-            g.q_start[layer], g.k_start[layer], g.v_start[layer], g.mlp_receiver[layer])]
+            [] if f"a{layer}" in blocked else [g.q_start[layer], g.k_start[layer],
+                                               g.v_start[layer]])
+            + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]])]
         missing = [g.receivers[r].name for r in groups + [g.n_receivers - 1] if r not in fired]
         if missing:
             raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "

@@ -221,3 +221,27 @@ def test_eap_and_exact_scores_equal_the_hooked_reference(family_models, name):
     slow = ExactPatching(progress=False).score(hooked, data)
     assert slow.abs().max() > 1e-2
     _close(fast, slow)
+
+
+@pytest.mark.parametrize("name", ["gpt2", *sorted(FAMILIES)])
+def test_gradient_points_on_the_runner_equal_the_hooked_reference(family_models, tiny_models,
+                                                                  name):
+    """EAP-IG (inputs and activations, several points per pass and one at a time) and
+    clean-corrupted through the runner's stacked copies = through the bridge's hooks."""
+    from circuitfind.algorithms.eap_ig import activation_points, input_points
+    from circuitfind.patching.engine import GradientPoint
+
+    model = tiny_models("gpt2") if name == "gpt2" else family_models(name)
+    data, runner, hooked, _, _ = _engines(model, 4)
+    g = runner.graph
+    for points in (input_points(g, 3), activation_points(g, 2),
+                   [GradientPoint(1.0), GradientPoint(0.0)]):
+        slow = hooked.edge_attribution(data, points=points)
+        assert slow.abs().max() > 1e-2
+        _close(runner.edge_attribution(data, points=points), slow)
+        _close(runner.edge_attribution(data, points=points, batch_size=1), slow)
+    # one point per pass (as a small memory budget would plan it): chunks of points, each
+    # its own runner pass, summed
+    runner.attribution_plan = lambda n, seq_len, n_points=1, batch_size=None: (n, 1, False)
+    _close(runner.edge_attribution(data, points=input_points(g, 4)),
+           hooked.edge_attribution(data, points=input_points(g, 4)))
