@@ -274,3 +274,40 @@ def test_discover_from_the_cli_runs_on_the_runner(family_models, run, tmp_path, 
     assert not any("fall back" in m for m in messages), messages
     saved = json.loads((tmp_path / "run" / "circuit.json").read_text())
     assert saved["metadata"]["algorithm"] == "eap"
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_acdc_exact_mode_equals_sequential_acdc_and_resumes(family_models, tmp_path, name):
+    """ACDC's exact mode (passes from the receiver's layer, speculative batches, kept form)
+    makes the decisions of a sequential one-hooked-forward-per-test ACDC; a run killed in the
+    middle resumes to the identical circuit."""
+    from test_acdc import _check_equal, slow_acdc
+
+    from circuitfind.algorithms import ACDC, RunContext
+
+    model = family_models(name)
+    data = ToyTask(seq_len=SEQ - 1).build(model.tokenizer, 3, seed=1)
+    engine = PatchingEngine(model)
+    tau = 1.3e-3 if name == "qwen3" else 1e-3  # clear of every measured effect (checked)
+    algo = ACDC(threshold=tau, progress=False)
+    circuit = algo.discover(engine, data)
+    reference = slow_acdc(model, data, tau)
+    assert 0 < int(reference[0].sum()) < engine.graph.n_edges and int(reference[1].sum()) > 10
+    # effects are KL divergences (nats) computed through float32 softmaxes
+    _check_equal(circuit, reference, tau, atol=1e-6)
+    ckpt = tmp_path / "acdc.pt"
+    original, calls = engine.run, {"n": 0}
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    engine.run = killed
+    with pytest.raises(KeyboardInterrupt):
+        algo.discover(engine, data, RunContext(checkpoint=ckpt, progress=False))
+    engine.run = original
+    resumed = algo.discover(engine, data, RunContext(checkpoint=ckpt, progress=False))
+    assert torch.equal(resumed.kept, circuit.kept)
+    torch.testing.assert_close(resumed.scores, circuit.scores, atol=1e-9, rtol=0)
