@@ -1,0 +1,671 @@
+"""One masked forward pass of the block runner: the three strategies and the kept-form memo.
+
+:class:`MaskedPass` evaluates K masks over N examples from a start layer (see
+:mod:`circuitfind.patching.runner` for the method, eq. (1) and the costs). Its constructor
+decides, from the masks, how each layer is computed and fills the buffers of eq. (1); then
+:meth:`MaskedPass.logits` runs one of two forms:
+
+- the *removed form* (:meth:`MaskedPass.removed_form`), eq. (1) itself, layer by layer: a
+  *dense* layer builds every q/k/v receiver's input by one batched matmul
+  (:meth:`MaskedPass.dense_inputs`); the *sparse start layer* recomputes only the heads the
+  masks touch (:meth:`MaskedPass.sparse_attention`); other layers take the *shared path* (one
+  norm and projection for all heads, touched receivers recomputed from
+  :meth:`MaskedPass.deltas`);
+- the *kept form* (:meth:`MaskedPass.kept_form`), for sparse circuits: receivers read the
+  fully ablated run's residual plus their kept edges; mask-invariant nodes are computed once
+  and kept in :class:`KeptFormMemo` until the next pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from circuitfind.errors import ConfigError
+
+if TYPE_CHECKING:
+    from circuitfind.patching.runner import BlockRunner, RunCache
+
+
+@dataclass
+class KeptFormMemo:
+    """Outputs of mask-invariant nodes kept from one kept-form pass to the next.
+
+    ACDC tests one receiver after another against a circuit that changes in one place, so
+    consecutive passes share most nodes. Entries are keyed by the content of their inputs
+    (receiver weights and the senders' own keys, as small interned ids) and belong to one data
+    tensor (``data``: the engine's memoised sender differences and the slice of them in use);
+    a pass over other data starts afresh.
+
+    Attributes:
+        entries: key id -> node outputs of the last kept-form pass.
+        data: ``(owner tensor, slice key)`` the entries belong to, or ``None``.
+        ids: flat key -> small stable id (see :meth:`MaskedPass._intern`).
+        next_id: The last id handed out.
+    """
+
+    entries: dict[Any, Tensor] = field(default_factory=dict)
+    data: tuple[Tensor, Any] | None = None
+    ids: dict[Any, int] = field(default_factory=dict)
+    next_id: int = 0
+
+    def follow(self, owner: Tensor, key: Any) -> None:
+        """Start afresh unless the entries belong to ``owner`` (held, so that its memory cannot
+        be reused under the same address) at the slice ``key``."""
+        if self.data is None or self.data[0] is not owner or self.data[1] != key:
+            self.entries, self.data, self.ids = {}, (owner, key), {}
+
+    def new_id(self) -> int:
+        """A fresh id for an interned key."""
+        self.next_id += 1
+        return self.next_id
+
+
+class _Form:
+    """Weights of one form of eq. (1) for a pass: over the senders before the start layer
+    (``w_shared [K, A, R]`` with their ``shared [A, X]`` clean - ablated values) and the
+    senders computed in the pass (``w_dyn [K, J, R]``), and which receivers they touch
+    (``touched [K, R]``, on the CPU)."""
+
+    def __init__(self, w_shared: Tensor | None, w_dyn: Tensor, shared: Tensor | None,
+                 touched: Tensor) -> None:
+        self.w_shared = None if shared is None else w_shared
+        self.touched_any = touched.any(0).tolist()
+        self.k = int(w_dyn.shape[0])  # masks
+        # what the methods read (the arguments and the buffers above)
+        self.w_dyn, self.shared, self.touched = w_dyn, shared, touched
+
+    def first_mask(self) -> _Form:
+        """The same form for the first mask only (receivers equal in every mask)."""
+        return _Form(None if self.w_shared is None else self.w_shared[:1], self.w_dyn[:1],
+                     self.shared, self.touched[:1])
+
+
+class MaskedPass:
+    """K masked runs over N examples from one start layer (arguments as in
+    :meth:`circuitfind.patching.runner.BlockRunner.run`, plus the runner itself).
+
+    Raises:
+        ConfigError: ``start`` out of range, or a mask touches a receiver before ``start``.
+    """
+
+    def __init__(self, runner: BlockRunner, cache: RunCache, ablated: Tensor, removed: Tensor,
+                 positions: Tensor, start: int | None = None, frozen: Tensor | None = None,
+                 diff: Tensor | None = None,
+                 abl_resid: tuple[Tensor, Tensor] | None = None) -> None:
+        self.runner, self.memo = runner, runner.memo
+        g, lay = runner.graph, runner.arch
+        k_masks = removed.shape[0]
+        weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S or 2S, R]
+        touched_r = weights.ne(0).any(1)  # [K, R]
+        first = runner.start_layer(touched_r.any(0))
+        if start is None:
+            start = min(first, g.n_layers)
+        if not 0 <= start <= g.n_layers:
+            raise ConfigError(f"The start layer must lie in [0, {g.n_layers}] for this "
+                              f"{g.n_layers}-layer model; got {start}.")
+        if first < start:
+            raise ConfigError(f"A mask removes or freezes an edge into a receiver of layer "
+                              f"{first}, before the start layer {start}; start at layer "
+                              f"{first} or earlier (or leave start unset).")
+        n, t, d = cache.resid.shape[1:]
+        dev, dtype = cache.resid.device, cache.resid.dtype
+        active = weights.ne(0).any(2).any(0)  # senders with a removed/frozen edge
+        if frozen is not None:
+            active = active[: g.n_senders] | active[g.n_senders:]
+        n_static = g.head_start[start] if start < g.n_layers else g.n_senders
+        static = active[:n_static].nonzero()[:, 0].tolist()
+        # Kept form: after the start layer, a receiver's input is the ablated run's residual
+        # plus its kept edges' differences, x_r = x'_L + sum_u kept[u, r] (a_u - a'_u), which
+        # equals eq. (1); used when the masks keep fewer edges there than they remove (sparse
+        # circuits: ACDC, small faithfulness-curve sizes). Senders then only need computing
+        # if a kept edge leaves them (or a removed edge into a start-layer receiver).
+        kept_w = None
+        if frozen is None and start < g.n_layers:
+            # receivers after the start layer's q/k/v inputs (those read the clean residual)
+            later = (runner.receiver_layer > start).to(dev)
+            later[g.mlp_receiver[start]] = True
+            kept_all = g.edge_mask.to(removed) - removed  # [K, S, R]
+            if int(kept_all[:, :, later].ne(0).sum()) < int(removed[:, :, later].ne(0).sum()):
+                kept_w = kept_all
+                needed = (kept_all[:, :, later].ne(0).any(2).any(0)
+                          | removed[:, :, ~later].ne(0).any(2).any(0))
+                dynamic = (needed[n_static:].nonzero()[:, 0] + n_static).tolist()
+        if kept_w is None:
+            dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
+            runner.memo.entries = {}  # kept-form outputs are only reused by kept-form passes
+        # Shared-over-masks buffer: static senders' clean - ablated values (and, for frozen
+        # edges, dynamic senders' ablated - clean values). Dynamic senders' per-mask buffer
+        # ``current`` holds a_u(current run) - a'_u, so that eq. (1) for a dynamic sender is
+        # (removed + frozen) * current + frozen * (a' - clean).
+        if diff is None:
+            diff = cache.senders - ablated  # [S, n, T, d]
+        if frozen is None:
+            # every sender before ``start`` (a view; inactive ones have zero weights)
+            shared = diff[:n_static].reshape(n_static, -1) if static else None
+            w_shared = removed[:, :n_static] if static else None  # [K, A, R]
+        else:
+            parts = [diff[static]] if static else []
+            cols = [removed[:, static]] if static else []
+            if dynamic:
+                parts.append(-diff[dynamic])
+                cols.append(frozen[:, dynamic])
+            shared = torch.cat(parts).reshape(-1, n * t * d) if parts else None
+            w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
+        w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
+        dyn_slot = {u: i for i, u in enumerate(dynamic)}
+        touched_cpu = touched_r.cpu()
+        qkv_of = [list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads))
+                  for layer in range(g.n_layers)]
+        # Dense layers (the masks touch at least half of the (mask, q/k/v receiver) pairs:
+        # random and curve circuits): one buffer ``buf [K, 1 + A + J, n*T*d]`` holds the
+        # residual stream, the shared rows of eq. (1) (the active static senders' clean -
+        # ablated values, and for frozen edges the dynamic senders' ablated - clean values)
+        # and the dynamic senders' ``current`` values, so that all of a layer's receiver inputs
+        # (x itself where a mask touches none) are one batched matmul with the coefficients
+        # ``coef [K, 1 + A + J, R] = [1; -w_shared; -w_dyn]``.
+        dense_layers = ({layer for layer in range(start, g.n_layers)
+                         if 2 * int(touched_cpu[:, qkv_of[layer]].sum())
+                         >= touched_cpu[:, qkv_of[layer]].numel()}
+                        if kept_w is None else set())
+        buf = coef = None
+        n_pre = 0  # rows of ``buf`` before the dynamic senders
+        if dense_layers:
+            # without frozen edges ``shared`` is a view of every static sender: copy the
+            # active ones only
+            rows, w_rows = ((diff[static].reshape(len(static), n * t * d), removed[:, static])
+                            if frozen is None else (shared, w_shared))
+            n_pre = 1 + (0 if rows is None else rows.shape[0])
+            buf = torch.empty(k_masks, n_pre + len(dynamic), n * t * d, device=dev, dtype=dtype)
+            if rows is not None:
+                buf[:, 1:n_pre] = rows
+            coef = torch.cat([removed.new_ones(k_masks, 1, g.n_receivers)]
+                             + ([] if w_rows is None else [-w_rows]) + [-w_dyn], 1)
+            current = buf[:, n_pre:]
+        else:
+            # uninitialised: in the last block only the metric positions are written, and
+            # every position of the output depends only on the same position of the buffer
+            current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
+                       if dynamic else None)
+        dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
+
+        # the weights of eq. (1) (removed form) and, in kept form, of the kept edges
+        forms = {"removed": _Form(w_shared, w_dyn, shared, touched_cpu)}
+        if kept_w is not None:
+            forms["kept"] = _Form(kept_w[:, :n_static] if n_static else None, kept_w[:, dynamic],
+                                  diff[:n_static].reshape(n_static, -1) if n_static else None,
+                                  kept_w.ne(0).any(1).cpu())
+
+        pos = positions.to(dev)
+        n_pos = pos.shape[1]
+        row_pos = pos.repeat(k_masks, 1)  # [K*n, P]
+
+        # what the methods read (the arguments and the buffers above)
+        self.abl_resid, self.ablated, self.buf, self.cache = abl_resid, ablated, buf, cache
+        self.coef, self.current, self.d, self.dense_layers = coef, current, d, dense_layers
+        self.dev, self.diff, self.dtype, self.dyn_cpu = dev, diff, dtype, dyn_cpu
+        self.dyn_slot, self.dynamic, self.forms, self.frozen = dyn_slot, dynamic, forms, frozen
+        self.g, self.k_masks, self.kept_w, self.lay, self.n = g, k_masks, kept_w, lay, n
+        self.n_pos, self.n_pre, self.n_static, self.pos = n_pos, n_pre, n_static, pos
+        self.positions, self.qkv_of, self.removed = positions, qkv_of, removed
+        self.row_pos, self.shared, self.start, self.static = row_pos, shared, start, static
+        self.t, self.touched_cpu, self.w_dyn, self.w_shared = t, touched_cpu, w_dyn, w_shared
+
+    def dense_inputs(self, rs: list[int], x: Tensor) -> Tensor:
+        """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
+        senders computed) from the residual stream ``x [K*n, T, d]`` (eq. (1))."""
+        buf, coef, dev, dyn_cpu, g = self.buf, self.coef, self.dev, self.dyn_cpu, self.g
+        k_masks, n_pre = self.k_masks, self.n_pre
+        assert buf is not None and coef is not None
+        buf[:, 0] = x.view(k_masks, -1)
+        rows = n_pre + int((dyn_cpu < int(g.n_upstream[rs].max())).sum())
+        w = coef[:, :rows][:, :, torch.tensor(rs, device=dev)].transpose(1, 2)
+        return torch.bmm(w, buf[:, :rows])
+
+    def deltas(self, receivers: list[int], form: str = "removed"
+               ) -> list[tuple[int, Tensor | slice, Tensor]]:
+        """``(r, masks touching r, patch [k_r, n, T, d])`` for the touched ``receivers``:
+        ``sum_u w[u, r] (a_u - a'_u)`` with the weights of ``form``.
+
+        One matmul over the shared buffer and one batched matmul over the per-mask
+        buffer for all of them (each buffer is read once per layer, not once per receiver).
+        """
+        current, d, dev, dyn_cpu, forms = self.current, self.d, self.dev, self.dyn_cpu, self.forms
+        g, k_masks, n, shared, t = self.g, self.k_masks, self.n, self.shared, self.t
+        touched_cpu, w_dyn, w_shared = self.touched_cpu, self.w_dyn, self.w_shared
+        wf = forms[form]
+        w_shared, w_dyn, shared, touched_cpu = wf.w_shared, wf.w_dyn, wf.shared, wf.touched
+        k_masks = wf.k
+        rs = [r for r in receivers if wf.touched_any[r]]
+        if not rs:
+            return []
+        sub = touched_cpu[:, rs]  # [K, R']
+        n_up = int(g.n_upstream[rs].max())
+        j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
+        if bool(sub.all()):
+            return self.dense_deltas(rs, j, wf)
+        jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
+        rr = torch.tensor(rs)[jj]
+        kd, rd = kk.to(dev), rr.to(dev)
+        out = None
+        if w_shared is not None:
+            weights = w_shared[kd, :, rd]  # [P, A]
+            if k_masks > 1:
+                # Receivers whose weights are the same in every mask (e.g. the base circuit
+                # shared by ACDC's candidates) need one row, not K: matmul the distinct
+                # rows only and gather.
+                rows, index = torch.unique(weights, dim=0, return_inverse=True)
+                if rows.shape[0] < weights.shape[0]:
+                    out = (rows @ shared)[index]
+            if out is None:
+                out = weights @ shared  # [P, X]
+        if j:
+            term = torch.einsum("pa,pax->px", w_dyn[kd, :j, rd], current[kd, :j])
+            out = term if out is None else out + term
+        assert out is not None
+        counts = torch.bincount(jj, minlength=len(rs)).tolist()
+        result = []
+        for r, ks_cpu, dlt in zip(rs, kk.split(counts), out.split(counts)):
+            ks: Tensor | slice = slice(None) if len(ks_cpu) == k_masks else ks_cpu.to(dev)
+            result.append((r, ks, dlt.view(-1, n, t, d)))
+        return result
+
+    def dense_deltas(self, rs: list[int], j: int, wf: _Form
+                     ) -> list[tuple[int, Tensor | slice, Tensor]]:
+        """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
+        one ``[K, R', n*T*d]`` tensor, mask-major, no gathers."""
+        current, d, dev, k_masks, n = self.current, self.d, self.dev, self.k_masks, self.n
+        shared, t, w_dyn, w_shared = self.shared, self.t, self.w_dyn, self.w_shared
+        w_shared, w_dyn, shared, k_masks = wf.w_shared, wf.w_dyn, wf.shared, wf.k
+        cur = current[:k_masks] if current is not None else None
+        idx = torch.tensor(rs, device=dev)
+        out = None
+        if w_shared is not None:
+            weights = w_shared[:, :, idx]  # [K, A, R']
+            if k_masks > 1 and bool((weights == weights[:1]).all()):
+                # the same weights in every mask (e.g. the base circuit ACDC's candidates
+                # share): one matmul, broadcast over the masks
+                out = (weights[0].T @ shared).unsqueeze(0)  # [1, R', X]
+            else:
+                out = torch.matmul(weights.transpose(1, 2), shared)  # [K, R', X]
+        if j:
+            w = w_dyn[:, :j][:, :, idx].transpose(1, 2)  # [K, R', j]
+            out = (torch.bmm(w, cur[:, :j]) if out is None
+                   else torch.baddbmm(out.expand(k_masks, -1, -1), w, cur[:, :j]))
+        assert out is not None
+        out = out.expand(k_masks, -1, -1)
+        return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
+
+    def at_positions(self, values: Tensor) -> Tensor:
+        """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions."""
+        n, n_pos, pos = self.n, self.n_pos, self.pos
+        idx = pos[None, :, :, None].expand(values.shape[0], n, n_pos, values.shape[-1])
+        return values.gather(2, idx)
+
+    def put(self, slot: int, values: Tensor, at_pos: bool) -> None:
+        """Write senders' current values ``[K, h, n, T, d]`` (or ``[K, h, n, P, d]`` at the
+        metric positions when ``at_pos``: the last block) minus their ablation values into
+        ``current`` from ``slot``."""
+        ablated, current, d, dynamic = self.ablated, self.current, self.d, self.dynamic
+        k_masks, n, n_pos, pos, t = self.k_masks, self.n, self.n_pos, self.pos, self.t
+        h = values.shape[1]
+        abl = ablated[dynamic[slot: slot + h]]  # [h, n|1, T|1, d]
+        if not at_pos:
+            dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
+            if values.shape[0] > 1 and values.stride(0) == 0:  # equal in every mask
+                dst.copy_(values[:1] - abl)
+            else:
+                torch.sub(values, abl, out=dst)
+            return
+        if abl.shape[2] > 1:
+            abl = abl.expand(h, n, t, d).gather(2, pos[None, :, :, None].expand(h, n, n_pos, d))
+        idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
+        current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, values - abl)
+
+    def clean_minus_ablated(self, u: int) -> Tensor:
+        """``a_u(clean) - a'_u`` flattened to ``[n*T*d]``."""
+        diff = self.diff
+        return diff[u].reshape(-1)
+
+    def sparse_attention(self, layer: int, patches: list[tuple[int, Tensor | slice, Tensor]]
+                         ) -> Tensor | None:
+        """Block ``layer``'s residual after attention ``[K*n, T, d]`` from the clean run plus,
+        per mask, the change of only the heads whose q/k/v inputs it touches.
+
+        Used at the start layer, where every other head's output is its clean value; returns
+        ``None`` when most (mask, head) pairs are touched (the dense path is cheaper).
+        """
+        cache, current, d, dev = self.cache, self.current, self.d, self.dev
+        dyn_slot, dynamic, g, k_masks = self.dyn_slot, self.dynamic, self.g, self.k_masks
+        lay, n, t = self.lay, self.n, self.t
+        rep = g.n_heads // g.n_kv_heads
+        affected = torch.zeros(k_masks, g.n_heads, dtype=torch.bool)
+        rows: dict[int, Tensor] = {}  # receiver -> row of each mask in its patch, or -1
+        for r, ks, _ in patches:
+            rec = g.receivers[r]
+            heads = [rec.head] if rec.kind == "q" else range(rec.head * rep, (rec.head + 1) * rep)
+            sel = torch.zeros(k_masks, dtype=torch.bool)
+            sel[ks if isinstance(ks, slice) else ks.cpu()] = True
+            affected[:, list(heads)] |= sel[:, None]
+            rows[r] = torch.full((k_masks,), -1, dtype=torch.long)
+            rows[r][sel] = torch.arange(int(sel.sum()))
+        if 2 * int(affected.sum()) > affected.numel():
+            return None
+        patch_of = {r: dlt for r, _, dlt in patches}
+        base = cache.resid[layer]  # [n, T, d]
+        clean_ln = lay.ln_attn(layer, base)
+        x_mid = cache.mid[layer].unsqueeze(0).repeat(k_masks, 1, 1, 1)  # [K, n, T, d]
+        h0 = g.head_start[layer]
+        for head in affected.any(0).nonzero()[:, 0].tolist():
+            ks_h = affected[:, head].nonzero()[:, 0]
+            inputs = []
+            for kind, r in (("q", g.q_start[layer] + head),
+                            ("k", g.k_start[layer] + head // rep),
+                            ("v", g.v_start[layer] + head // rep)):
+                idx = head if kind == "q" else head // rep
+                out = lay.project(layer, kind, idx, clean_ln).unsqueeze(0).repeat(
+                    len(ks_h), 1, 1, 1)  # [k_h, n, T, dh]
+                if r in rows:
+                    row = rows[r][ks_h]
+                    sel = row >= 0
+                    if sel.any():
+                        xr = base - patch_of[r][row[sel].to(dev)]
+                        out[sel.to(dev)] = lay.project(layer, kind, idx, lay.ln_attn(layer, xr))
+                inputs.append(out.reshape(len(ks_h) * n, t, 1, -1))
+            z = lay.attend(layer, *inputs, grouped=False)  # [k_h*n, T, 1, dh]
+            one = torch.tensor([head], device=dev)
+            change = lay.head_results(layer, z, torch.zeros(1, dtype=torch.long, device=dev),
+                                      heads=one)[:, :, 0].view(len(ks_h), n, t, d)
+            change -= cache.senders[h0 + head]
+            x_mid.index_add_(0, ks_h.to(dev), change)
+            if h0 + head in dyn_slot:
+                slot = dyn_slot[h0 + head]
+                current[:, slot] = self.clean_minus_ablated(h0 + head)
+                current[ks_h.to(dev), slot] += change.reshape(len(ks_h), -1)
+        for u in dynamic:  # untouched dynamic heads of this layer: clean values
+            if h0 <= u < h0 + g.n_heads and not affected[:, u - h0].any():
+                current[:, dyn_slot[u]] = self.clean_minus_ablated(u)
+        return x_mid.view(k_masks * n, t, d)
+
+    def mlp_block(self, layer: int, x: Tensor, last: bool) -> Tensor:
+        """The MLP of ``layer`` on the residual after attention ``x [K*n, T|P, d]``."""
+        d, dense_layers, dyn_slot, g = self.d, self.dense_layers, self.dyn_slot, self.g
+        k_masks, lay, n, touched_cpu = self.k_masks, self.lay, self.n, self.touched_cpu
+        r = g.mlp_receiver[layer]
+        if (layer in dense_layers and not last
+                and 2 * int(touched_cpu[:, r].sum()) >= k_masks):
+            xm = self.dense_inputs([r], x).view_as(x)
+        else:
+            xm = x
+            for _, ks, dlt in self.deltas([r]):
+                xm = x.clone()
+                xm.view(k_masks, n, -1, d)[ks] -= self.at_positions(dlt) if last else dlt
+        m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+        u = g.mlp_index[layer]
+        if u in dyn_slot:
+            self.put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last)
+        return x + m
+
+    def kept_form(self) -> Tensor:
+        """Blocks ``start..`` and the logits in kept form: only senders in ``dynamic`` are
+        computed; each receiver reads ``x'_L`` plus its kept edges, except the start layer's
+        q/k/v inputs, which read the clean residual minus their removed edges (eq. (1); all
+        their senders are cached). A receiver whose weights are equal in every mask and
+        whose senders are all mask-invariant (cached, or computed once) is computed once
+        and broadcast over the masks; only what depends on a mask's own edges runs K times
+        (ACDC's candidates differ in one receiver)."""
+        abl_resid, ablated, cache, dev = self.abl_resid, self.ablated, self.cache, self.dev
+        diff, dyn_slot, dynamic = self.diff, self.dyn_slot, self.dynamic
+        forms, g, k_masks, kept_w, lay = self.forms, self.g, self.k_masks, self.kept_w, self.lay
+        n, removed, start, t = self.n, self.removed, self.start, self.t
+        pre, mid = (abl_resid if abl_resid is not None
+                    else self.runner.ablated_residuals(ablated, n, t))
+        rep = g.n_heads // g.n_kv_heads
+        for name in list(forms):
+            forms[name + "1"] = forms[name].first_mask()
+        form_weights = {"removed": removed, "kept": kept_w}
+        equal = {name: (w == w[:1]).all(0).all(0).cpu() for name, w in form_weights.items()}
+        variant = torch.zeros(g.n_senders, dtype=torch.bool, device=dev)
+        # Outputs of invariant nodes are kept across passes (ACDC tests one receiver after
+        # another against a circuit that changes only there), keyed by the content of
+        # their inputs: the receivers' weights and their senders' own keys, down to the
+        # cached senders. ``fresh`` holds this pass's entries and replaces the old memo.
+        # the data: the engine's memoised ``diff`` (the base tensor of this slice, held
+        # here so that its memory cannot be reused under the same address) and the slice
+        owner = diff if diff._base is None else diff._base
+        data_key = (diff.storage_offset(), tuple(diff.shape))
+        self.memo.follow(owner, data_key)
+        keys: dict[int, Any] = {}
+        fresh: dict[Any, Tensor] = {}
+        ids: dict[Any, int] = {}
+
+        # what the methods read (the arguments and the buffers above)
+        self.pre, self.mid, self.rep, self.form_weights = pre, mid, rep, form_weights
+        self.equal, self.variant, self.keys, self.fresh = equal, variant, keys, fresh
+        self.ids = ids
+
+        for layer in range(start, g.n_layers):
+            last = layer == g.n_layers - 1
+            base = cache.resid[layer] if layer == start else pre[layer]
+            form, sign = ("removed", -1.0) if layer == start else ("kept", 1.0)
+            h0 = g.head_start[layer]
+            heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
+            if heads:
+                q0, k0, v0 = g.q_start[layer], g.k_start[layer], g.v_start[layer]
+                rs = [q0 + hh for hh in heads] + [k0 + hh // rep for hh in heads] + [
+                    v0 + hh // rep for hh in heads]
+                same = self._invariant(rs, form)
+                nh = len(heads)
+                once = [hh for i, hh in enumerate(heads)
+                        if same[i] and same[nh + i] and same[2 * nh + i]]
+                per_mask = [hh for hh in heads if hh not in once]
+                if once:
+                    key = self._intern(("heads", layer, tuple(once), tuple(
+                        self._input_key(r, form, layer) for i, r in enumerate(rs)
+                        if heads[i % nh] in once)))
+                    res = self.memo.entries.get(key)
+                    if res is None:
+                        res = self._heads_pass(layer, once, form + "1", base, sign, last)
+                    fresh[key] = res
+                    self._put_heads(layer, once, res, last)
+                    for i, hh in enumerate(once):
+                        keys[h0 + hh] = (key, i)
+                if per_mask:
+                    res = self._heads_pass(layer, per_mask, form, base, sign, last)
+                    self._put_heads(layer, per_mask, res, last)
+                    for hh in per_mask:
+                        if res.shape[0] > 1:
+                            variant[h0 + hh] = True
+                        else:  # no patches: the receivers read the base alone
+                            keys[h0 + hh] = ("base", layer, hh, layer == start)
+            u = g.mlp_index[layer]
+            if u in dyn_slot:
+                r = g.mlp_receiver[layer]
+                once_m = self._invariant([r], "kept")[0]
+                key = self._intern(("mlp", self._input_key(r, "kept", layer))) if once_m else None
+                m = self.memo.entries.get(key) if once_m else None
+                if m is None:
+                    mform = "kept1" if once_m else "kept"
+                    patches = self.deltas([r], mform)
+                    xm = mid[layer].unsqueeze(0)
+                    if patches:
+                        xm = xm.repeat(forms[mform].k, 1, 1, 1)
+                        for _, ks, dlt in patches:
+                            xm[ks] += dlt
+                        variant[u] = forms[mform].k > 1
+                    if last:
+                        xm = self.at_positions(xm)
+                    m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+                if once_m:
+                    fresh[key] = m
+                    keys[u] = key
+                self.put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1), last)
+        xf = self.at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
+        for _, ks, dlt in self.deltas([g.n_receivers - 1], "kept"):
+            xf[ks] += self.at_positions(dlt)
+        return lay.final(xf)
+        # what the methods read (the arguments and the buffers above)
+        self.fresh, self.ids = fresh, ids
+
+    def _intern(self, key: tuple[Any, ...]) -> int:
+        """A small stable id for a flat key, so that keys nest by id, not by content
+        (nested content would make hashing grow with depth)."""
+        ids = self.ids
+        if key not in ids:
+            ids[key] = self.memo.ids.get(key) or self.memo.new_id()
+        return ids[key]
+
+    def _invariant(self, rs: list[int], form: str) -> list[bool]:
+        """Whether each receiver's input is the same in every mask."""
+        equal, form_weights, variant = self.equal, self.form_weights, self.variant
+        reads = form_weights[form][0][:, rs].ne(0) & variant[:, None]
+        return (equal[form][rs] & ~reads.any(0).cpu()).tolist()
+
+    def _heads_pass(self, layer: int, subset: list[int], form: str, base: Tensor,
+                   sign: float, last: bool) -> bool:
+        """Compute the heads ``subset`` of ``layer`` (into ``current``); True if they were
+        computed per mask."""
+        d, dev, forms, g, lay, n = self.d, self.dev, self.forms, self.g, self.lay, self.n
+        pos, rep, t = self.pos, self.rep, self.t
+        groups = sorted({hh // rep for hh in subset})
+        want = {"q": subset, "k": groups, "v": groups}
+        first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+        patches = self.deltas([first[kind] + i for kind in "qkv" for i in want[kind]], form)
+        kk = forms[form].k if patches else 1
+        base_in = lay.ln_attn(layer, base)  # [n, T, d]
+        qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
+               .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
+        for r, ks, dlt in patches:
+            kind = g.receivers[r].kind
+            i = r - first[kind]
+            qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
+                layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
+        per_head = [groups.index(hh // rep) for hh in subset]
+        q = qkv["q"].view(kk * n, t, len(subset), -1)
+        k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+        v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+        z = lay.attend(layer, q, k, v, grouped=False,
+                       query_pos=pos.repeat(kk, 1) if last else None)
+        res = lay.head_results(layer, z, torch.arange(len(subset), device=dev),
+                               heads=torch.tensor(subset, device=dev))
+        return res.view(kk, n, -1, len(subset), d).permute(0, 3, 1, 2, 4)
+
+    def _put_heads(self, layer: int, subset: list[int], res: Tensor, last: bool) -> None:
+        """Write heads ``subset``'s outputs ``[kk, h, n, T, d]`` (``[kk, h, n, P, d]``
+        in the last block) into ``current``."""
+        dyn_slot, g, k_masks = self.dyn_slot, self.g, self.k_masks
+        h0 = g.head_start[layer]
+        for i, hh in enumerate(subset):
+            self.put(dyn_slot[h0 + hh], res[:, i: i + 1].expand(k_masks, -1, -1, -1, -1),
+                last)
+
+    def _input_key(self, r: int, form: str, layer: int) -> tuple[Any, ...]:
+        """What an invariant receiver's input is made of: its weights (mask 0), the
+        content keys of its computed senders, and how it is read (start layer or not)."""
+        form_weights, keys, n_static = self.form_weights, self.keys, self.n_static
+        start = self.start
+        col = form_weights[form][0][:, r]
+        nz = col.nonzero()[:, 0].tolist()
+        return (r, layer == start, col.cpu().numpy().tobytes(),
+                tuple(keys[u] for u in nz if u >= n_static))
+
+    def removed_form(self) -> Tensor:
+        """Blocks ``start..`` and the logits in the removed form of eq. (1): dense layers,
+        the sparse start layer or the shared path (see the module docstring)."""
+        ablated, cache, current, d = self.ablated, self.cache, self.current, self.d
+        dense_layers, dev, dyn_slot = self.dense_layers, self.dev, self.dyn_slot
+        dynamic, g, k_masks = self.dynamic, self.g, self.k_masks
+        lay, n, n_pos, qkv_of, row_pos = self.lay, self.n, self.n_pos, self.qkv_of, self.row_pos
+        start, t = self.start, self.t
+
+        x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
+        for layer in range(start, g.n_layers):
+            xk = x.view(k_masks, n, t, d)
+            last = layer == g.n_layers - 1
+            if layer in dense_layers:
+                sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
+                # receiver-major inputs [K, R', n*T, d]: one norm, one batched projection
+                # per kind
+                n_r = len(qkv_of[layer])
+                inputs = self.dense_inputs(qkv_of[layer], x).view(k_masks, n_r, n * t, d)
+                projected = lay.project_heads_normed(layer, inputs)
+                if projected is None:
+                    normed, projected, s0 = lay.ln_attn(layer, inputs), [], 0
+                    for kind in "qkv":
+                        projected.append(lay.project_heads(
+                            layer, kind, normed[:, s0: s0 + sizes[kind]]))
+                        s0 += sizes[kind]
+                qkv = {}
+                for kind, out in zip("qkv", projected):
+                    # attention layout [K*n, T, heads, dh] as a view of [K*n, heads, T, dh]
+                    qkv[kind] = (out.view(k_masks, sizes[kind], n, t, -1).transpose(1, 2)
+                                 .reshape(k_masks * n, sizes[kind], t, -1).transpose(1, 2))
+                q, k, v = qkv["q"], qkv["k"], qkv["v"]
+                # the last block: queries, head outputs and residual at the metric positions
+                z = lay.attend(layer, q, k, v, query_pos=row_pos if last else None)
+                h0 = g.head_start[layer]
+                res = lay.head_results_all(layer, z, k_masks)  # [K, H, n*(T|P), d]
+                heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
+                if heads:  # consecutive slots of ``current``
+                    i0, nh = dyn_slot[h0 + heads[0]], len(heads)
+                    values = (res if nh == g.n_heads else res[:, heads]).view(
+                        k_masks, nh, n, -1, d)
+                    if last:
+                        self.put(i0, values, True)
+                    else:
+                        torch.sub(values, ablated[h0 + heads[0]: h0 + heads[-1] + 1]
+                                  if nh == g.n_heads else ablated[[h0 + h for h in heads]],
+                                  out=current[:, i0: i0 + nh].view(k_masks, nh, n, t, d))
+                if last:
+                    x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+                x = x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, -1, d)
+                x = self.mlp_block(layer, x, last)
+                continue
+            patches = self.deltas(qkv_of[layer])
+            if layer == start:
+                x_mid = self.sparse_attention(layer, patches)
+                if x_mid is not None:
+                    x = x_mid
+                    if last:
+                        x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+                    x = self.mlp_block(layer, x, last)
+                    continue
+            # the shared path: one norm and projection for all heads; the touched receivers
+            # of each mask recomputed from their own inputs
+            q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+            qkv = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
+            first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+            for r, ks, dlt in patches:
+                kind = g.receivers[r].kind
+                head = r - first[kind]
+                out = lay.project(layer, kind, head, lay.ln_attn(layer, xk[ks] - dlt))
+                target = qkv[kind]
+                target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
+            q, k, v = qkv["q"], qkv["k"], qkv["v"]
+            # the last block only has to produce the metric positions: queries, attention
+            # output, MLP and residual there only (keys and values still cover every position)
+            z = lay.attend(layer, q, k, v, query_pos=row_pos if last else None)
+            h0 = g.head_start[layer]
+            heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
+            if heads:
+                res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T|P,h,d]
+                res = res.view(k_masks, n, -1, len(heads), d).permute(0, 3, 1, 2, 4)
+                i0 = dyn_slot[h0 + heads[0]]
+                self.put(i0, res, last)
+            if last:
+                x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+            x = x + lay.attn_out(layer, z)
+            x = self.mlp_block(layer, x, last)
+        x = x.view(k_masks, n, -1, d)
+        xf = x if start < g.n_layers else self.at_positions(x)  # [K, n, P, d]
+        for _, ks, dlt in self.deltas([g.n_receivers - 1]):
+            xf = xf.clone()
+            xf[ks] -= self.at_positions(dlt)
+        return lay.final(xf)
+
+    def logits(self) -> Tensor:
+        """``[K, N, P, V]`` logits at the metric positions, in the pass's form."""
+        return self.kept_form() if self.kept_w is not None else self.removed_form()
