@@ -52,6 +52,7 @@ from torch import Tensor
 from circuitfind.errors import CircuitFindError, ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
+from circuitfind.patching.attribution import contract_scores
 from circuitfind.patching.runner import BlockRunner, RunCache, block_runner
 from circuitfind.patching.spec import Ablation
 from circuitfind.tasks.base import TaskData
@@ -851,10 +852,10 @@ class PatchingEngine:
 
         def contract(groups: list[_Group], grads: list[Tensor]) -> None:
             contracted.extend(groups)
-            n_up, start, stop = groups[0].n_up, groups[0].start, groups[-1].stop
+            n_up, start = groups[0].n_up, groups[0].start
             diff = buf[0, :n_up].reshape(n_up, -1)  # [U, n*T*d] = a - a'
             grad = torch.cat(grads, 0) if len(grads) > 1 else grads[0]  # [R', n*T*d]
-            scores[:n_up, start:stop] -= (diff @ grad.T).to(scores.dtype)
+            contract_scores(scores, diff, start, grad, sign=-1.0)
 
         for grp in self.groups:
             siblings = layers.get(grp.n_up, [grp]) if grp.per_head else [grp]

@@ -1,0 +1,251 @@
+"""Gradient edge attribution on the block runner: eq. (2) of :mod:`circuitfind.patching.engine`.
+
+:func:`attribute` runs one forward and backward pass through the runner's architecture adapter
+and recovers every receiver's gradient in the backward pass (the per-head q/k/v inputs are
+never materialised); :func:`contract_scores` is the one contraction of sender differences with
+receiver gradients, shared with the engine's hooked path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from circuitfind.errors import ConfigError, HookError
+
+if TYPE_CHECKING:
+    from circuitfind.patching.runner import BlockRunner
+
+
+def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
+                    sign: float = 1.0) -> None:
+    """Eq. (2) for one block of receivers: ``scores[:U, r0:r0+R'] += sign * delta @ grad^T``.
+
+    Args:
+        scores: ``[S, R]`` float64 scores, updated in place.
+        delta: ``[U, X]`` sender differences of the U senders upstream of the receivers
+            (``a' - a`` with ``sign=1``; ``a - a'`` with ``sign=-1``), flattened over examples,
+            positions and ``d_model``.
+        r0: First receiver of the block.
+        grad: ``[R', X]`` the receivers' gradients, flattened the same way.
+
+    References:
+        Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
+        Discovery", eq. 2.
+    """
+    block = (delta @ grad.T.to(delta)).to(scores.dtype)
+    if sign == 1.0:
+        scores[: delta.shape[0], r0: r0 + grad.shape[0]] += block
+    else:
+        scores[: delta.shape[0], r0: r0 + grad.shape[0]] += sign * block
+
+
+def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
+              metric: Any, points: list[tuple[str, float]] | None = None,
+              diff: Tensor | None = None) -> Tensor:
+    """EAP scores from one clean forward and backward pass through the runner (or, with
+    ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
+
+    Eq. (2) of :mod:`circuitfind.patching.engine`: ``score[u, r] = sum_{n,t} delta_u .
+    d metric / d x_r``. The forward is the plain one (one norm and one q/k/v projection per
+    layer for all heads); each receiver's gradient is recovered in the backward pass from
+    the gradient of its projection, ``d x_r = J_norm(x)^T (d q_h W_q[h]^T)`` (the norm's
+    backward in closed form, for all heads of a kind at once), and contracted with the
+    sender differences layer by layer, so the per-head q/k/v inputs are never materialised
+    in the forward pass.
+
+    The clean sender outputs ``a_u`` are taken from this same forward pass (each head's
+    from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``),
+    so the pass costs a plain forward and backward, like the physical floor of EAP.
+
+    Gradient points (EAP-IG, clean-corrupted; see
+    :class:`circuitfind.patching.engine.GradientPoint`): the batch holds ``C = len(points)``
+    copies of the N clean rows; in copy ``c`` the outputs of the node group ``points[c][0]``
+    (``input``, ``a{L}``: all heads of layer L, ``m{L}``) become ``a - (1 - alpha) (a - a')``
+    and are held constant (no gradient flows back through them). Each receiver's gradient
+    is recovered per copy (the norm's Jacobian differs between copies), summed over the
+    copies and contracted with ``diff``, the sender differences of the plain clean and
+    corrupted runs.
+
+    Args:
+        tokens: ``[N, T]`` clean token ids.
+        ablated: ``[S, N|1, T|1, d]`` ablated sender outputs ``a'_u``.
+        positions: ``[N, P]`` metric positions.
+        metric: ``logits [C*N, P, V] -> scalar`` to differentiate (``C = 1`` without
+            points).
+        points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
+        diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
+            ``points`` (unused without).
+
+    Returns:
+        ``[S, R]`` float64 scores (0 off real edges), in the metric's unit.
+
+    Raises:
+        HookError: a receiver group's gradient did not arrive (its scores would be 0).
+
+    References:
+        Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
+        Discovery", eq. 2.
+    """
+    g, lay = runner.graph, runner.arch
+    n, t = tokens.shape
+    copies = 1 if points is None else len(points)
+    if points is not None and diff is None:
+        raise ConfigError("Gradient points need the sender differences `diff` (clean "
+                          "minus ablated outputs, [S, N, T, d]).")
+    scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64,
+                         device=ablated.device)
+    # a'_u - a_u: filled during the forward pass for EAP (the hooks run in the backward
+    # pass); from the plain clean and corrupted runs for gradient points
+    delta = (ablated.new_empty(g.n_senders, n, t, ablated.shape[-1]) if diff is None
+             else -diff)
+    flat = delta.reshape(g.n_senders, -1)
+    # gradient points by node group: {copy: alpha}
+    moved: dict[str, dict[int, float]] = {}
+    for c, (node, alpha) in enumerate(points or []):
+        moved.setdefault(node, {})[c] = float(alpha)
+    # node groups held constant in every copy: their receivers get no gradient
+    blocked = {node for node, cs in moved.items() if len(cs) == copies}
+
+    def fold(grad: Tensor) -> Tensor:
+        """A receiver's gradient ``[C*N, ...]`` summed over the copies -> ``[N, ...]``."""
+        return grad if copies == 1 else grad.view(copies, n, *grad.shape[1:]).sum(0)
+
+    def interpolate(value: Tensor, node: str, change: Tensor) -> Tensor:
+        """``value [C*N, T, d]`` with the rows of the copies that move ``node`` replaced by
+        the constants ``value - (1 - alpha) change`` (``change [N, T, d]`` = ``a - a'``)."""
+        if node not in moved:
+            return value
+        rows = value.view(copies, n, *value.shape[1:])
+        parts = [rows[c].detach() - (1 - moved[node][c]) * change if c in moved[node]
+                 else rows[c] for c in range(copies)]
+        return torch.cat(parts) if copies > 1 else parts[0]
+
+    def contract(r0: int, n_up: int, grad: Tensor) -> None:
+        """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]``."""
+        contract_scores(scores, flat[:n_up], r0, grad.reshape(grad.shape[0], -1))
+
+    fired: set[int] = set()  # first receiver of each group whose gradient arrived
+
+    # Per layer during the backward pass: the norm's parts (q, k and v read one norm of
+    # one residual) and the receivers' gradients ``[1 + H + 2G, N*T, d]``: the previous
+    # layer's MLP receiver (row 0; it is the receiver just before this layer's q and its
+    # gradient arrives just after theirs) and this layer's q/k/v receivers, contracted in
+    # one matmul once all have arrived (the sender differences are read once a layer; the
+    # one pair that is no edge, the MLP into its own receiver, is zeroed after).
+    norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}
+    grads: dict[int, tuple[Tensor, list[str]]] = {}
+    offset = {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv_heads}
+
+    def merged(layer: int) -> bool:
+        """Whether the MLP receiver of ``layer - 1`` is contracted with ``layer``'s q/k/v."""
+        if layer == 0 or g.mlp_receiver[layer - 1] is None:
+            return False
+        r, u = g.mlp_receiver[layer - 1], g.mlp_index[layer - 1]
+        return (r + 1 == g.q_start[layer] and int(g.n_upstream[r]) == u
+                and g.head_start[layer] == u + 1)
+
+    # layers still waiting for the previous MLP receiver's gradient, and layers whose
+    # previous MLP receiver was contracted alone (its gradient came before any q/k/v's)
+    waiting = {layer for layer in range(g.n_layers) if merged(layer)}
+    alone: set[int] = set()
+    for layer in list(waiting):  # the MLP before it gets no gradient: contract without it
+        if f"m{layer - 1}" in blocked:
+            waiting.discard(layer)
+            alone.add(layer)
+
+    def flush(layer: int) -> None:
+        """Contract ``layer``'s buffer (all of its receivers have arrived)."""
+        buf, _ = grads.pop(layer)
+        norms.pop(layer, None)
+        if not merged(layer):
+            contract(g.q_start[layer], g.head_start[layer], buf)
+        elif layer in alone:
+            contract(g.q_start[layer], g.head_start[layer], buf[1:])
+        else:
+            contract(g.q_start[layer] - 1, g.head_start[layer], buf)
+            scores[g.mlp_index[layer - 1], g.mlp_receiver[layer - 1]] = 0
+
+    def on_receiver(r0: int, n_up: int, layer: int | None = None) -> Any:
+        def hook(grad: Tensor) -> None:
+            fired.add(r0)
+            grad = fold(grad)
+            if layer is not None and layer + 1 in waiting:
+                waiting.discard(layer + 1)
+                if layer + 1 in grads:
+                    buf, arrived = grads[layer + 1]
+                    buf[0] = grad.reshape(buf.shape[1:])
+                    if len(arrived) == 3:
+                        flush(layer + 1)
+                    return
+                alone.add(layer + 1)
+            contract(r0, n_up, grad.unsqueeze(0))
+        return hook
+
+    def on_projection(layer: int, kind: str, r0: int, x: Tensor) -> Any:
+        def hook(grad: Tensor) -> None:  # grad [N, T, h, dh]
+            fired.add(r0)
+            lead = int(merged(layer))
+            if layer not in norms:
+                norms[layer] = lay.norm_parts(layer, x.detach())
+                xh = norms[layer][0]
+                grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, n * t,
+                                             xh.shape[-1]), [])  # summed over copies
+            buf, arrived = grads[layer]
+            s0 = lead + offset[kind]
+            if copies == 1:
+                lay.projection_input_grads(layer, kind, norms[layer], grad,
+                                           out=buf[s0: s0 + grad.shape[2]])
+            else:  # per copy (each its own norm Jacobian), then summed
+                per_copy = lay.projection_input_grads(layer, kind, norms[layer], grad)
+                torch.sum(per_copy.view(grad.shape[2], copies, n * t, -1), 1,
+                          out=buf[s0: s0 + grad.shape[2]])
+            arrived.append(kind)
+            if len(arrived) == 3 and layer not in waiting:
+                flush(layer)
+        return hook
+
+    x = lay.embed(tokens).detach()  # the weights need no gradient
+    if diff is None:
+        torch.sub(ablated[0], x, out=delta[0])
+    if copies > 1:
+        x = x.repeat(copies, 1, 1)
+    x = interpolate(x, "input", diff[0] if diff is not None else x)
+    x = x.detach().requires_grad_(True)
+    for layer in range(g.n_layers):
+        q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+        for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
+                             ("v", v, g.v_start[layer])):
+            t_.register_hook(on_projection(layer, kind, r0, x))
+        z = lay.attend(layer, q, k, v)
+        h0 = g.head_start[layer]
+        if diff is None:
+            lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
+                            out=delta[h0: h0 + g.n_heads])
+        attn = lay.attn_out(layer, z)
+        if f"a{layer}" in moved:
+            attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+        x = x + attn
+        branch = x + 0  # the MLP's own input: its gradient is the MLP receiver's
+        u = g.mlp_index[layer]
+        if f"m{layer}" not in blocked:
+            branch.register_hook(on_receiver(g.mlp_receiver[layer], u, layer))
+        m = lay.mlp(layer, lay.ln_mlp(layer, branch))
+        if diff is None:
+            torch.sub(ablated[u], m.detach(), out=delta[u])
+        x = x + interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved else m)
+    branch = x + 0
+    branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
+    idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
+    metric(lay.final(branch.gather(1, idx))).backward()
+    groups = [r0 for layer in range(g.n_layers) for r0 in (
+        [] if f"a{layer}" in blocked else [g.q_start[layer], g.k_start[layer],
+                                           g.v_start[layer]])
+        + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]])]
+    missing = [g.receivers[r].name for r in groups + [g.n_receivers - 1] if r not in fired]
+    if missing:
+        raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
+                        "their edges' scores would silently be 0.")
+    return scores
