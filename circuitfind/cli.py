@@ -25,6 +25,7 @@ from circuitfind.algorithms import ALGORITHMS
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import CircuitFindError, ConfigError
 from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (report re-exported)
+from circuitfind.patching.spec import DEFAULT_ABLATION
 from circuitfind.registry import normalize_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -79,7 +80,7 @@ def discover(
     no_prune: bool = typer.Option(False, "--no-prune", help="Keep dangling edges."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     ablation: str = typer.Option(
-        "resample", "--ablation",
+        DEFAULT_ABLATION, "--ablation",
         help="What a removed edge carries: resample (the task's corrupted run), zero, mean or "
              "mean-positional (means over the corrupted examples)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),

@@ -24,6 +24,7 @@ from typing import Any
 from circuitfind.errors import ConfigError, OutputExistsError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.render import RenderOptions, render
+from circuitfind.patching.spec import DEFAULT_ABLATION
 
 __all__ = ["write_run", "RunFiles", "report_markdown", "check_output_dir", "check_output_file",
            "DATA_FILES", "DRAWING_FILES", "RUN_FILES"]
@@ -235,8 +236,8 @@ def report_markdown(circuit: Circuit) -> str:
 
 def ablation_kind(metadata: dict[str, Any]) -> str:
     """The ablation a circuit was found with (``resample`` for circuits that predate the field)."""
-    value = metadata.get("ablation") or "resample"
-    return str(value.get("kind", "resample") if isinstance(value, dict) else value)
+    value = metadata.get("ablation") or DEFAULT_ABLATION
+    return str(value.get("kind", DEFAULT_ABLATION) if isinstance(value, dict) else value)
 
 
 def _fmt(value: object) -> str:

@@ -109,7 +109,7 @@ from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS,
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.models import load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
-from circuitfind.patching.spec import Ablation
+from circuitfind.patching.spec import DEFAULT_ABLATION, Ablation
 from circuitfind.tasks.base import get_task
 
 if sys.version_info >= (3, 11):
@@ -358,7 +358,7 @@ def _cells(spec: dict[str, Any], where: str, problems: list[str],
     if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int)
                                  or examples < 1):
         problems.append(f"{where}examples must be an integer >= 1; got {examples!r}")
-    ablation = spec["ablation"] if spec["ablation"] is not None else "resample"
+    ablation = spec["ablation"] if spec["ablation"] is not None else DEFAULT_ABLATION
     try:
         ablation = Ablation.parse(ablation).kind
     except (CircuitFindError, TypeError, AttributeError) as err:

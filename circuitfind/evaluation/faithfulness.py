@@ -37,7 +37,7 @@ from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.selection import prune_dangling, select_top_n
 from circuitfind.patching.engine import PatchingEngine
-from circuitfind.patching.spec import Ablation
+from circuitfind.patching.spec import DEFAULT_ABLATION, Ablation
 from circuitfind.tasks.base import TaskData
 from circuitfind.tasks.metrics import kl_div
 
@@ -68,7 +68,7 @@ class FaithfulnessReport:
     n_edges: int
     n_total_edges: int
     metric_unit: str = ""
-    ablation: str = "resample"
+    ablation: str = DEFAULT_ABLATION
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable; NaN stays NaN)."""
@@ -208,7 +208,7 @@ class FaithfulnessCurve:
         rank = "|score|" if self.absolute else "signed score"
         return (f"single ranking by {rank}: top max(1, round(p·E)) edges, not pruned; CPR and "
                 "CMD from the same curve")
-    ablation: str = "resample"
+    ablation: str = DEFAULT_ABLATION
     score_kind: str = "metric_change"
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from torch import Tensor
 from circuitfind.errors import ConfigError
 
 ABLATIONS = ("resample", "zero", "mean", "mean_positional")
+#: The ablation used wherever none is given: the sender's output on the corrupted prompt.
+DEFAULT_ABLATION = "resample"
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Ablation:
         ConfigError: an unknown kind (the message lists the valid ones).
     """
 
-    kind: str = "resample"
+    kind: str = DEFAULT_ABLATION
 
     def __post_init__(self) -> None:
         kind = str(self.kind).replace("-", "_")
@@ -52,7 +54,8 @@ class Ablation:
 
     @classmethod
     def parse(cls, value: Ablation | str | None) -> Ablation:
-        """An :class:`Ablation` from an instance, a kind name or ``None`` (resample)."""
+        """An :class:`Ablation` from an instance, a kind name or ``None`` (the default,
+        :data:`DEFAULT_ABLATION`)."""
         if isinstance(value, Ablation):
             return value
         return cls() if value is None else cls(str(value))
