@@ -26,7 +26,7 @@ from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.models import load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
-from circuitfind.patching.spec import Ablation
+from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import Task, TaskData, get_task
 
 
@@ -72,7 +72,8 @@ def _full_logits(model: Any, data: TaskData) -> Tensor:
 def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
                 data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
                 algorithm_params: dict[str, Any] | None = None,
-                device: str | None = None, ablation: Ablation | str | None = None) -> Tensor:
+                device: str | None = None, ablation: Ablation | str | None = None,
+                memory_budget: int | str | None = None) -> Tensor:
     """Score every edge of the model's graph with an algorithm.
 
     Args:
@@ -85,6 +86,8 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
         device: Device for a model loaded here.
         ablation: What a removed edge carries: ``"resample"`` (the task's corrupted run,
             default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`.
+        memory_budget: Bytes the engine may use for one pass (an int or a size such as
+            ``"4GiB"``; default 2 GiB): examples, masks and gradient runs are chunked to fit.
 
     Returns:
         ``[S, R]`` float32 scores in the task's metric unit (estimated metric change when the
@@ -97,12 +100,13 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
     spec = Ablation.parse(ablation)
+    budget = parse_memory(memory_budget)
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = get_task(task) if data is None else data.task
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
-    return algo.score(PatchingEngine(model, ablation=spec), data)
+    return algo.score(PatchingEngine(model, ablation=spec, memory_budget=budget), data)
 
 
 def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: float | None,
@@ -125,7 +129,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
              absolute: bool = True, prune: bool = True,
              algorithm_params: dict[str, Any] | None = None,
              device: str | None = None, context: RunContext | None = None,
-             ablation: Ablation | str | None = None) -> Circuit:
+             ablation: Ablation | str | None = None,
+             memory_budget: int | str | None = None) -> Circuit:
     """Discover a circuit: score edges, select, prune dangling edges, evaluate.
 
     Args:
@@ -151,6 +156,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         ablation: What a removed edge carries, in scoring and in evaluation alike:
             ``"resample"`` (default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an
             :class:`Ablation`.
+        memory_budget: As in :func:`score_edges`; used for scoring and evaluation.
 
     Returns:
         A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, ablation,
@@ -169,6 +175,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
     spec = Ablation.parse(ablation)  # fail fast, before loading
+    budget = parse_memory(memory_budget)
     params = dict(algorithm_params or {})
     pruning = (algorithm.returns_circuit if isinstance(algorithm, Algorithm)
                else ALGORITHMS.get(algorithm).returns_circuit)
@@ -191,7 +198,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
-    engine = PatchingEngine(model, ablation=spec)
+    engine = PatchingEngine(model, ablation=spec, memory_budget=budget)
     g = engine.graph
     if algo.returns_circuit:
         circuit = algo.discover(engine, data, context)

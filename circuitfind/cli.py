@@ -32,6 +32,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="circuitfind: automated circuit discovery for transformer language models.")
 
 CHECKPOINT_DIR = ".checkpoint"
+MEMORY_OPTION = typer.Option(
+    None, "--memory",
+    help="Memory budget of one pass, e.g. 4GiB or 512MiB (default 2GiB): examples, masks and "
+         "gradient runs are chunked to fit; results do not depend on it.")
 RENDERER_OPTION = typer.Option(
     None, "--renderer",
     help="graphviz or matplotlib (default: graphviz when its `dot` binary is on the PATH, "
@@ -90,18 +94,20 @@ def discover(
              "-p interpolation=activations (eap-ig), -p mode=batched -p objective=metric (acdc). "
              "Values are read as JSON where they parse, else as strings."),
     renderer: Optional[str] = RENDERER_OPTION,
+    memory: Optional[str] = MEMORY_OPTION,
 ) -> None:
     """Discover a circuit; write circuit.json, circuit.graphml, report.md, then circuit.svg."""
     from circuitfind.api import discover as run_discover
     from circuitfind.graphs.render import resolve_renderer
     from circuitfind.outputs import check_output_dir, write_run
 
-    from circuitfind.patching.spec import Ablation
+    from circuitfind.patching.spec import Ablation, parse_memory
     from circuitfind.tasks import get_task
 
     if edges is not None and threshold is not None:
         raise ConfigError("pass either --edges or --threshold, not both.")
     spec = Ablation.parse(ablation)
+    budget = parse_memory(memory)
     check_output_dir(out, overwrite)  # bad output paths and renderers fail before any work
     renderer = resolve_renderer(renderer)
     task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
@@ -120,7 +126,8 @@ def discover(
         circuit = run_discover(model_name, task_obj, algorithm=algorithm, n_edges=edges,
                                threshold=threshold, n_examples=n_examples, seed=seed,
                                absolute=not signed, prune=not no_prune, device=device,
-                               algorithm_params=params, context=context, ablation=spec)
+                               algorithm_params=params, context=context, ablation=spec,
+                               memory_budget=budget)
     except KeyboardInterrupt:
         if context is not None and context.path is not None and context.path.exists():
             typer.secho(f"interrupted; progress saved in {context.path}: rerun the same "
@@ -174,16 +181,17 @@ def evaluate(
         None, "--ablation",
         help="resample, zero, mean or mean-positional (default: the ablation the circuit was "
              "found with)."),
+    memory: Optional[str] = MEMORY_OPTION,
 ) -> None:
     """Evaluate a saved circuit: normalized faithfulness and KL divergence on fresh data."""
     from circuitfind.api import build_data
     from circuitfind.evaluation.faithfulness import evaluate as run_evaluate
     from circuitfind.graphs.circuit import Circuit
     from circuitfind.models import load_model
-    from circuitfind.patching.spec import Ablation
-
+    from circuitfind.patching.spec import Ablation, parse_memory
     from circuitfind.tasks import get_task
 
+    budget = parse_memory(memory)
     circuit = Circuit.load(circuit_path)
     spec = Ablation.parse(ablation or ablation_kind(circuit.metadata))
     md = circuit.metadata
@@ -199,7 +207,7 @@ def evaluate(
                           "--model.")
     loaded = load_model(model, device=device)
     data = build_data(loaded, task_obj, n=n_examples, seed=seed)
-    report = run_evaluate(loaded, circuit, data, ablation=spec)
+    report = run_evaluate(loaded, circuit, data, ablation=spec, memory_budget=budget)
     typer.echo(f"{circuit.n_edges} edges on {task_obj.name} ({data.n} examples, seed {seed}, "
                f"{spec.kind} ablation): "
                f"normalized faithfulness {report.faithfulness:.4f}; m(C)={report.metric_circuit:.4f}, "

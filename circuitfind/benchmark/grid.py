@@ -28,6 +28,8 @@ Schema (every key but ``models``, ``tasks`` and ``algorithms`` is optional):
 - ``convention`` (``"mib"``, default, or ``"single"``) and ``fractions`` (default MIB's ten
   sizes): the faithfulness curve of every cell (:func:`circuitfind.faithfulness_curve`).
 - ``study``: the Optuna study's name (default: the file's stem).
+- ``memory``: each cell's engine's memory budget for one pass, e.g. ``"4GiB"`` (default
+  2 GiB); chunking follows it, results do not.
 - ``[[grid]]``: sub-grids. Each is a table with any of ``models``, ``tasks``,
   ``algorithms``, ``seeds``, ``examples``, ``ablation``, falling back to the top-level value;
   the grid is the union of their products. Use it to pair each model with its own tasks.
@@ -109,7 +111,12 @@ from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS,
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.models import load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
-from circuitfind.patching.spec import DEFAULT_ABLATION, Ablation
+from circuitfind.patching.spec import (
+    DEFAULT_ABLATION,
+    DEFAULT_MEMORY_BUDGET,
+    Ablation,
+    parse_memory,
+)
 from circuitfind.tasks.base import get_task
 
 if sys.version_info >= (3, 11):
@@ -122,7 +129,7 @@ STUDY_MARKER = "circuitfind_bench"
 """Study user attribute that marks a study as a benchmark grid (holds the config)."""
 
 CELL_KEYS = ("models", "tasks", "algorithms", "seeds", "examples", "ablation")
-TOP_KEYS = (*CELL_KEYS, "convention", "fractions", "study", "grid")
+TOP_KEYS = (*CELL_KEYS, "convention", "fractions", "study", "grid", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +187,9 @@ class BenchConfig:
         fractions: Circuit sizes of the curve, as fractions of all edges, ascending.
         study: Default study name.
         source: The config as read (for provenance; stored in the study).
+        memory_budget: Bytes each cell's engine may use for one pass (the config's ``memory``,
+            e.g. ``"4GiB"``; default 2 GiB). Not part of a cell's identity: results do not
+            depend on it.
     """
 
     cells: tuple[Cell, ...]
@@ -187,6 +197,7 @@ class BenchConfig:
     fractions: tuple[float, ...]
     study: str
     source: dict[str, Any]
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +299,11 @@ def _validate(raw: dict[str, Any], default_study: str) -> BenchConfig:
     study = raw.get("study", default_study)
     if not isinstance(study, str) or not study:
         problems.append(f"study must be a non-empty string; got {study!r}")
+    memory = DEFAULT_MEMORY_BUDGET
+    try:
+        memory = parse_memory(raw.get("memory"))
+    except CircuitFindError as err:
+        problems.append(f"memory: {err}")
     grids = raw.get("grid", [{}])
     if not (isinstance(grids, list) and grids and all(isinstance(g, dict) for g in grids)):
         problems.append("grid must be an array of tables ([[grid]] sections)")
@@ -315,7 +331,7 @@ def _validate(raw: dict[str, Any], default_study: str) -> BenchConfig:
             f"  - {p}" for p in problems))
     return BenchConfig(cells=tuple(cells), convention=convention,
                        fractions=tuple(sorted(float(f) for f in fractions)), study=study,
-                       source=raw)
+                       source=raw, memory_budget=memory)
 
 
 def _is_number(value: Any) -> bool:
@@ -592,7 +608,7 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
     rss_start = _rss()
     with _Monitor(storage, trial_id, heartbeat_interval, device) as monitor:
         data = build_data(model, cell.task, cell.examples, cell.seed)
-        engine = PatchingEngine(model, ablation=cell.ablation)
+        engine = PatchingEngine(model, ablation=cell.ablation, memory_budget=config.memory_budget)
         params = dict(cell.params)
         cls = ALGORITHMS.get(cell.algorithm)
         if "progress" in cls().get_params():

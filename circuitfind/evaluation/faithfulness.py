@@ -81,17 +81,20 @@ def normalized_faithfulness(m_circuit: float, m_full: float, m_empty: float) -> 
     return float("nan") if gap == 0 else (m_circuit - m_empty) / gap
 
 
-def _engine(model_or_engine: Any, ablation: Ablation | str | None) -> tuple[PatchingEngine, Ablation]:
-    """The engine to run on and the ablation to use (``None``: the engine's own)."""
+def _engine(model_or_engine: Any, ablation: Ablation | str | None,
+            memory_budget: int | str | None = None) -> tuple[PatchingEngine, Ablation]:
+    """The engine to run on and the ablation to use (``None``: the engine's own); a model gets
+    a new engine with ``memory_budget`` (an engine keeps its own)."""
     if isinstance(model_or_engine, PatchingEngine):
         engine = model_or_engine
     else:
-        engine = PatchingEngine(model_or_engine, ablation=ablation)
+        engine = PatchingEngine(model_or_engine, ablation=ablation, memory_budget=memory_budget)
     return engine, engine.ablation if ablation is None else Ablation.parse(ablation)
 
 
 def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | None = None,
-             ablation: Ablation | str | None = None) -> FaithfulnessReport:
+             ablation: Ablation | str | None = None,
+             memory_budget: int | str | None = None) -> FaithfulnessReport:
     """Evaluate a circuit's faithfulness and KL divergence on task data.
 
     The circuit, the full model and the empty circuit run in one batched masked forward pass.
@@ -105,6 +108,8 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
         ablation: What removed edges carry (``resample``, ``zero``, ``mean``,
             ``mean_positional`` or an :class:`Ablation`; default: the engine's, i.e. resample
             unless an engine built with another ablation is passed).
+        memory_budget: Bytes (or a size such as ``"4GiB"``) for an engine built here from a
+            model (default 2 GiB; an engine passed in keeps its own).
 
     Returns:
         A :class:`FaithfulnessReport`.
@@ -117,7 +122,7 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
         Wang et al. (2022) §4 (faithfulness); Hanna, Pezzelle & Belinkov (2024) eq. 4
         (normalized faithfulness); Conmy et al. (2023) (KL divergence as a metric).
     """
-    engine, spec = _engine(model, ablation)
+    engine, spec = _engine(model, ablation, memory_budget)
     _check_graph(engine, circuit)
     g = engine.graph
     masks = torch.stack([circuit.kept.to(engine.dtype), g.full_mask(engine.dtype),
@@ -221,7 +226,8 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
                        convention: str = "mib", absolute: bool | None = None,
                        batch_size: int | None = None,
                        ablation: Ablation | str | None = None,
-                       score_kind: str = "metric_change") -> FaithfulnessCurve:
+                       score_kind: str = "metric_change",
+                       memory_budget: int | str | None = None) -> FaithfulnessCurve:
     """Faithfulness of the top-k circuits at each size in ``fractions``; CPR and CMD.
 
     Every circuit of the curve (both rankings under ``"mib"``), the full model and the empty
@@ -248,6 +254,7 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
             higher-is-better metric) or ``"importance"`` (larger = more important: ACDC's
             effects under its default KL objective, MIB-sign scores). |score| rankings do not
             depend on it.
+        memory_budget: As in :func:`evaluate`.
 
     Returns:
         A :class:`FaithfulnessCurve` (its ``convention`` and ``label`` say which was used).
@@ -262,7 +269,7 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
         and its circuit-track evaluation code (sizes ``int(p · E)``, ``apply_topn`` with
         pruning, areas over the fractions).
     """
-    engine, spec = _engine(model, ablation)
+    engine, spec = _engine(model, ablation, memory_budget)
     g = engine.graph
     if convention not in CONVENTIONS:
         raise ConfigError(f"Unknown faithfulness-curve convention {convention!r}; choose one of "

@@ -54,7 +54,7 @@ from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
 from circuitfind.patching.runner import BlockRunner, RunCache, block_runner
-from circuitfind.patching.spec import Ablation
+from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import TaskData
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -99,7 +99,8 @@ class PatchingEngine:
             per-head results and MLP-input hooks on).
         graph: The model's graph (default: ``ComputeGraph.from_model(model)``).
         memory_budget: Bytes the engine may use for one pass's activations (sizes the chunks
-            of examples and masks; default 2 GiB).
+            of examples and masks): an int or a size such as ``"4GiB"``
+            (:func:`~circuitfind.patching.spec.parse_memory`); default 2 GiB.
         use_runner: Run masked passes on the block runner where the architecture has one
             (default); ``False`` forces the bridge's full forward with hooks (the slow
             reference the runner is tested against).
@@ -113,7 +114,7 @@ class PatchingEngine:
     """
 
     def __init__(self, model: Any, graph: ComputeGraph | None = None,
-                 memory_budget: int = 2 * 2**30, use_runner: bool = True,
+                 memory_budget: int | str | None = None, use_runner: bool = True,
                  ablation: Ablation | str | None = None) -> None:
         self.model = model
         self.ablation = Ablation.parse(ablation)
@@ -124,9 +125,11 @@ class PatchingEngine:
         if (cfg.n_layers, cfg.n_heads) != (self.graph.n_layers, self.graph.n_heads):
             raise ConfigError(f"The graph ({self.graph}) does not match the model "
                               f"({cfg.n_layers} layers, {cfg.n_heads} heads).")
-        if memory_budget < 2**20:
-            raise ConfigError(f"memory_budget must be at least 1 MiB; got {memory_budget} bytes.")
-        self.memory_budget = int(memory_budget)
+        budget = parse_memory(memory_budget)
+        if budget < 2**20:
+            raise ConfigError(f"memory_budget must be at least 1 MiB; got {memory_budget!r} "
+                              f"({budget} bytes).")
+        self.memory_budget = budget
         self.d_model = int(cfg.d_model)
         self.groups = self._receiver_groups()
         self.runner: BlockRunner | None = block_runner(model, self.graph) if use_runner else None

@@ -31,6 +31,49 @@ from circuitfind.errors import ConfigError
 ABLATIONS = ("resample", "zero", "mean", "mean_positional")
 #: The ablation used wherever none is given: the sender's output on the corrupted prompt.
 DEFAULT_ABLATION = "resample"
+#: Bytes an engine may use for one pass's activations when no budget is given (2 GiB).
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_memory(value: int | float | str | None) -> int:
+    """A memory budget in bytes from ``4GiB``, ``512 MiB``, ``2GB``, ``1.5G`` or a number.
+
+    Binary units (KiB, MiB, GiB, TiB and the bare K, M, G, T) are powers of 1024, decimal
+    ones (kB, MB, GB, TB) powers of 1000; case is ignored. ``None`` gives
+    :data:`DEFAULT_MEMORY_BUDGET`.
+
+    Args:
+        value: Bytes, or a number with a unit.
+
+    Returns:
+        The budget in bytes (int).
+
+    Raises:
+        ConfigError: not a positive size with a known unit.
+    """
+    if value is None:
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(value, bool):
+        raise ConfigError(f"A memory budget must be a size such as 4GiB or 512MiB; got {value!r}.")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace(" ", "").replace("_", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        number_text, unit = digits, text[len(digits):]
+        try:
+            number = float(number_text)
+        except ValueError:
+            number = float("nan")
+        if unit not in _UNITS:
+            number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise ConfigError(f"A memory budget must be a positive size such as 4GiB, 512MiB, 2GB "
+                          f"or a number of bytes; got {value!r}.")
+    return int(number * _UNITS[unit])
 
 
 @dataclass(frozen=True)
