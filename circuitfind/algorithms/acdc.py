@@ -321,8 +321,7 @@ class _Run:
         self.key = fingerprint(engine, data, algo.settings(), version="acdc v1")
         self.readers = [[g.node_index(n) for n in r.nodes if n != "logits"] for r in g.receivers]
         self.dtype = torch.float64 if engine.dtype == torch.float64 else torch.float32
-        rows = engine.rows_per_pass(data.seq_len)
-        self.k_max = algo.masks_per_pass or max(1, min(64, rows // data.n))
+        self.k_max = algo.masks_per_pass or engine.masks_per_pass(data, cap=64)
         planned = torch.zeros(g.n_receivers, dtype=torch.bool)
         for step in self.plan:
             planned[step.receiver] = True

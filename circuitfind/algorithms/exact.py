@@ -91,8 +91,8 @@ class ExactPatching(Algorithm):
                    else state["effects"].to(torch.float64))
         full = g.full_mask(engine.dtype)
         baseline = engine.evaluate(data, full, batch_size=self.batch_size)[0]
-        rows = engine.rows_per_pass(data.seq_len, n_buffer=2)
-        step = self.masks_per_pass or max(1, min(512, rows // min(data.n, self.batch_size or data.n)))
+        step = self.masks_per_pass or engine.masks_per_pass(data, self.batch_size, n_buffer=2,
+                                                            cap=512)
         bar = ctx.bar(total=n_edges, initial=done, desc="exact patching")
         start = done
         try:

@@ -411,6 +411,19 @@ class PatchingEngine:
                               "bytes per example and pass.")
         return self.memory_budget // row
 
+    def masks_per_pass(self, data: TaskData, batch_size: int | None = None,
+                       n_buffer: int | None = None, cap: int | None = None) -> int:
+        """How many masks of ``data`` (its examples, or ``batch_size`` of them) one pass holds
+        within ``memory_budget`` (:meth:`rows_per_pass`), at least 1 and at most ``cap``: the
+        one place algorithms size their batched passes.
+
+        Raises:
+            ConfigError: the budget cannot hold a single row.
+        """
+        rows = self.rows_per_pass(data.seq_len, n_buffer)
+        k = max(1, rows // min(data.n, batch_size or data.n))
+        return k if cap is None else min(cap, k)
+
     def _row_bytes(self, seq_len: int, n_buffer: int | None) -> int:
         cfg = self.model.cfg
         n_buffer = self.graph.n_senders if n_buffer is None else n_buffer
