@@ -18,6 +18,7 @@ from circuitfind.algorithms import ACDC, RunContext
 from circuitfind.errors import CheckpointMismatchError, ConfigError, NonFiniteMetricError
 from circuitfind.tasks.metrics import kl_div
 from circuitfind.testing import ToyTask
+from tolerances import atol_for
 
 
 def slow_acdc(model, data, tau, objective="kl", node_tests=True, max_receivers=None,
@@ -121,7 +122,8 @@ def test_exact_mode_equals_sequential_acdc(tiny_models, name, objective, tau):
     n_kept, n_tested = int(reference[0].sum()), int(reference[1].sum())
     assert 0 < n_kept < engine.graph.n_edges and n_tested > 10  # a non-trivial run
     assert circuit.metadata["acdc"]["node_tests"] > 5
-    _check_equal(circuit, reference, tau, atol=1e-9)
+    # effects (nats of KL, or metric units) through float32 softmaxes on Llama-style models
+    _check_equal(circuit, reference, tau, atol=atol_for(model, reference[2]))
     if name != "gpt2":
         return
     # without node tests, and with a speculation width of 1 (plain sequential) too

@@ -18,6 +18,7 @@ from circuitfind.algorithms import EAPIG, CleanCorrupted
 from circuitfind.errors import ConfigError
 from circuitfind.patching import GradientPoint, PatchingEngine
 from circuitfind.testing import ToyTask
+from tolerances import assert_close
 
 MODELS = ["gpt2", "llama_gqa"]
 
@@ -184,11 +185,11 @@ def test_memory_budget_splits_give_identical_scores(tiny_models):
     small = PatchingEngine(model, memory_budget=2**20)
     n, p, cache = small.attribution_plan(data.n, data.seq_len, 2)
     assert n < data.n and p < 2 and not cache  # the budget forces a split everywhere
-    torch.testing.assert_close(EAPIG(steps=2).score(small, data), whole, atol=1e-9, rtol=1e-7)
-    torch.testing.assert_close(EAPIG(steps=2, batch_size=7).score(PatchingEngine(model), data),
-                               whole, atol=1e-9, rtol=1e-7)
+    assert_close(model, EAPIG(steps=2).score(small, data), whole, 1e-9)
+    assert_close(model, EAPIG(steps=2, batch_size=7).score(PatchingEngine(model), data),
+                               whole, 1e-9)
     eap = PatchingEngine(model).edge_attribution(data)
-    torch.testing.assert_close(small.edge_attribution(data), eap, atol=1e-9, rtol=1e-7)
+    assert_close(model, small.edge_attribution(data), eap, 1e-9)
 
 
 def test_bad_input(tiny_models):

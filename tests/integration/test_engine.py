@@ -18,6 +18,7 @@ from circuitfind.patching import PatchingEngine
 from circuitfind.testing import ToyTask
 
 from bridge_reference import edge_patched_logits, logits_at
+from tolerances import assert_close
 
 MODELS = ["gpt2", "llama", "llama_gqa"]
 SETTINGS = settings(max_examples=8, deadline=None,
@@ -63,9 +64,9 @@ def test_batched_masks_equal_one_at_a_time(tiny_models, name, k, n, seed, binary
         masks = (masks > 0.5).double()
     batched = engine.run(data, masks)
     single = torch.stack([engine.run(data, m, batch_size=batch)[0] for m in masks])
-    torch.testing.assert_close(batched, single, atol=1e-9, rtol=0)
+    assert_close(model, batched, single, 1e-9)
     metric = engine.evaluate(data, masks, batch_size=batch)
-    torch.testing.assert_close(metric, data.metric(batched).mean(-1).cpu(), atol=1e-9, rtol=0)
+    assert_close(model, metric, data.metric(batched).mean(-1).cpu(), 1e-9)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -83,7 +84,7 @@ def test_single_edge_patch_matches_manual_hooks(tiny_models, name):
         mask[s, r] = 0
         got = engine.run(data, mask)[0]
         want = edge_patched_logits(model, g, data, s, r, clean_out, corr_out)
-        torch.testing.assert_close(got, want, atol=1e-8, rtol=0)
+        assert_close(model, got, want, 1e-8)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -158,7 +159,7 @@ def test_invariants_on_random_model_shapes(tmp_path_factory, arch, layers, kv, g
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], logits_at(model, data.corrupted, data.positions),
                                atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[2], engine.run(data, masks[2])[0], atol=1e-9, rtol=0)
+    assert_close(model, out[2], engine.run(data, masks[2])[0], 1e-9)
 
 
 def test_a_receiver_group_without_gradient_is_an_error(tiny_models):

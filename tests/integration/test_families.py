@@ -18,6 +18,7 @@ import torch
 
 from circuitfind.patching import PatchingEngine
 from circuitfind.testing import ToyTask, tiny_model
+from tolerances import EPS32, ULPS, atol_for
 
 # family -> tiny-model settings; adding a family = one entry here and its adapter module
 FAMILIES = {
@@ -52,10 +53,11 @@ def _plain_hf(model):
 
 
 def _precision(dtype: torch.dtype) -> float:
-    """Tolerance of a logit comparison, relative to the largest logit: Hugging Face computes
-    softmaxes and RMSNorm statistics in float32 even for float64 models, so float64 results
-    only agree to float32 rounding (times the depth of a tiny model)."""
-    return 64 * torch.finfo(torch.float32).eps
+    """Tolerance of a logit comparison, relative to the largest logit (see tests/tolerances.py:
+    Hugging Face computes softmaxes and RMSNorm statistics in float32 even for float64 models,
+    so float64 results only agree to float32 rounding; float32 models compound it over the
+    layers and against Hugging Face's own kernels)."""
+    return (64 if dtype == torch.float32 else ULPS) * EPS32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -294,7 +296,7 @@ def test_acdc_exact_mode_equals_sequential_acdc_and_resumes(family_models, tmp_p
     reference = slow_acdc(model, data, tau)
     assert 0 < int(reference[0].sum()) < engine.graph.n_edges and int(reference[1].sum()) > 10
     # effects are KL divergences (nats) computed through float32 softmaxes
-    _check_equal(circuit, reference, tau, atol=1e-6)
+    _check_equal(circuit, reference, tau, atol=atol_for(model, reference[2]))
     ckpt = tmp_path / "acdc.pt"
     original, calls = engine.run, {"n": 0}
 

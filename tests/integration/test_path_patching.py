@@ -26,6 +26,7 @@ from circuitfind.patching import PatchingEngine
 from circuitfind.testing import ToyTask
 
 from bridge_reference import metric_with_hooks, receiver_hook
+from tolerances import assert_close
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
@@ -124,7 +125,7 @@ def test_node_names_qkv_and_batching(tiny_models):
     one = torch.cat([cf.path_patch(engine, data, s, ["a1.h3", "logits"])
                      for s in (["a0.h1"], ["m0"], ["input", "a0.h0"])])
     assert batch.shape == (3,)
-    torch.testing.assert_close(batch, one, atol=1e-10, rtol=0)
+    assert_close(model, batch, one, 1e-10)
 
 
 @pytest.mark.parametrize("senders, receivers, kwargs, error, message", [
@@ -235,7 +236,7 @@ def test_frozen_edges_equal_the_patching_equation_in_hooks(tiny_models, name):
     got = engine.run(data, masks, frozen=frozen_t)
     for k in range(3):
         want = patched_run(model, g, data, removed[k], frozen[k], corrupted, clean_out)
-        torch.testing.assert_close(got[k], want, atol=1e-8, rtol=0)
+        assert_close(model, got[k], want, 1e-8)
     unfrozen = engine.run(data, masks)
     assert (unfrozen - got).abs().max() > 1e-3  # freezing changes the result
     # removed and frozen edges only into the last layer's receivers: every start layer up to
@@ -245,5 +246,5 @@ def test_frozen_edges_equal_the_patching_equation_in_hooks(tiny_models, name):
     reference = engine.run(data, late_masks, frozen=late_frozen, start=0)
     assert (reference - engine.run(data, late_masks, start=0)).abs().max() > 1e-4
     for start in range(1, g.n_layers):
-        torch.testing.assert_close(engine.run(data, late_masks, frozen=late_frozen, start=start),
-                                   reference, atol=1e-9, rtol=0)
+        assert_close(model, engine.run(data, late_masks, frozen=late_frozen, start=start),
+                                   reference, 1e-9)

@@ -22,6 +22,7 @@ from circuitfind.tasks.base import TaskData
 from circuitfind.testing import ToyTask
 
 from bridge_reference import edge_patched_logits, logits_at
+from tolerances import assert_close
 
 MODELS = ["gpt2", "llama", "llama_gqa"]
 
@@ -86,7 +87,7 @@ def test_every_single_edge_equals_the_slow_reference(tiny_models, name):
     moved = 0
     for e, (s, r) in enumerate(pairs.tolist()):
         want = edge_patched_logits(model, engine.graph, data, s, r, clean_out, corr_out)
-        torch.testing.assert_close(got[e], want, atol=1e-8, rtol=0)
+        assert_close(model, got[e], want, 1e-8)
         moved += bool((want - clean).abs().max() > 1e-6)
     assert moved > g.n_edges // 2  # most edges change the logits: the check has teeth
 
@@ -107,17 +108,16 @@ def test_every_start_layer_gives_the_same_logits(tiny_models, name):
         masks[2][:, early] = 1
         reference = engine.run(data, masks, start=0)
         for start in range(layer + 1):
-            torch.testing.assert_close(engine.run(data, masks, start=start), reference,
-                                       atol=1e-9, rtol=0)
+            assert_close(model, engine.run(data, masks, start=start), reference, 1e-9)
         single = torch.stack([engine.run(data, m, start=layer)[0] for m in masks])
-        torch.testing.assert_close(single, reference, atol=1e-9, rtol=0)
+        assert_close(model, single, reference, 1e-9)
         if layer < g.n_layers:
             with pytest.raises(ConfigError, match="before the start layer"):
                 engine.run(data, masks, start=layer + 1)
     full = g.full_mask(torch.float64)
     for start in range(g.n_layers + 1):
-        torch.testing.assert_close(engine.run(data, full, start=start)[0],
-                                   logits_at(model, data.clean, data.positions), atol=1e-9, rtol=0)
+        assert_close(model, engine.run(data, full, start=start)[0],
+                                   logits_at(model, data.clean, data.positions), 1e-9)
     with pytest.raises(ConfigError, match="start layer"):
         engine.run(data, full, start=g.n_layers + 1)
     with pytest.raises(ConfigError, match="start layer"):
@@ -135,7 +135,7 @@ def test_tiny_memory_budget_chunks_without_changing_results(tiny_models, name):
     row = big._row_bytes(data.seq_len, g.n_senders)
     small = PatchingEngine(model, memory_budget=max(2**20, row))
     assert small.rows_per_pass(data.seq_len) < 4 * data.n  # it really chunks
-    torch.testing.assert_close(small.run(data, masks), big.run(data, masks), atol=1e-10, rtol=0)
+    assert_close(model, small.run(data, masks), big.run(data, masks), 1e-10)
     tight = PatchingEngine(model, memory_budget=2**20)
     with pytest.raises(ConfigError, match="at least"):
         tight.rows_per_pass(10**6)
@@ -166,14 +166,12 @@ def test_invariants_on_padded_data(tiny_models, name):
     full = g.full_mask(torch.float64)
     rand = torch.rand(full.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out = engine.run(data, torch.stack([full, torch.zeros_like(full), rand]))
-    torch.testing.assert_close(out[0], logits_at(model, data.clean, data.positions),
-                               atol=1e-8, rtol=0)
-    torch.testing.assert_close(out[1], logits_at(model, data.corrupted, data.positions),
-                               atol=1e-8, rtol=0)
+    assert_close(model, out[0], logits_at(model, data.clean, data.positions), 1e-8)
+    assert_close(model, out[1], logits_at(model, data.corrupted, data.positions), 1e-8)
     one_by_one = torch.cat([engine.run(data.subset([i]), rand)[0] for i in range(data.n)])
-    torch.testing.assert_close(out[2], one_by_one, atol=1e-8, rtol=0)
+    assert_close(model, out[2], one_by_one, 1e-8)
     hooked = PatchingEngine(model, use_runner=False)
-    torch.testing.assert_close(hooked.run(data, rand)[0], out[2], atol=1e-8, rtol=0)
+    assert_close(model, hooked.run(data, rand)[0], out[2], 1e-8)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
@@ -195,8 +193,7 @@ def test_ablation_values_follow_their_definitions(tiny_models, name):
         mask[s, r] = 0
         for kind, ablated in definitions.items():
             want = edge_patched_logits(model, engine.graph, data, s, r, clean_out, ablated)
-            torch.testing.assert_close(engine.run(data, mask, ablation=kind)[0], want,
-                                       atol=1e-8, rtol=0)
+            assert_close(model, engine.run(data, mask, ablation=kind)[0], want, 1e-8)
     with pytest.raises(ConfigError, match="resample"):
         engine.run(data.subset([0]), g.full_mask(), ablation="mean")
     with pytest.raises(ConfigError, match="zero"):
@@ -216,7 +213,8 @@ def _runner_and_hooked(model, data_seed: int, seed: int):
 def test_few_receivers_at_the_start_layer_equal_the_hooked_engine(tiny_models, name):
     """ACDC-like masks: one or two touched receivers in the first layer, random edges later
     (the start layer recomputes only the touched heads; later layers see per-mask senders)."""
-    data, runner, hooked, gen, layer_of = _runner_and_hooked(tiny_models(name), 8, 3)
+    model = tiny_models(name)
+    data, runner, hooked, gen, layer_of = _runner_and_hooked(model, 8, 3)
     g = runner.graph
     for layer in range(g.n_layers):
         masks = (torch.rand(4, g.n_senders, g.n_receivers, generator=gen) > 0.3).double()
@@ -226,8 +224,8 @@ def test_few_receivers_at_the_start_layer_equal_the_hooked_engine(tiny_models, n
             for r in at_layer[torch.randperm(len(at_layer), generator=gen)[: 1 + k % 2]].tolist():
                 masks[k, int(torch.randint(int(g.n_upstream[r]), (1,), generator=gen)), r] = 0
         got = runner.run(data, masks)
-        torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
-        torch.testing.assert_close(got, runner.run(data, masks, start=0), atol=1e-8, rtol=0)
+        assert_close(model, got, hooked.run(data, masks), 1e-8)
+        assert_close(model, got, runner.run(data, masks, start=0), 1e-8)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
@@ -235,7 +233,8 @@ def test_partly_touched_dense_layers_equal_the_hooked_engine(tiny_models, name):
     """Masks touching a given share of each layer's (mask, q/k/v receiver) pairs, around the
     runner's dense-layer threshold of one half (a dense layer computes every receiver's input
     by one batched matmul, untouched ones included; the last block at the metric positions)."""
-    data, runner, hooked, gen, layer_of = _runner_and_hooked(tiny_models(name), 9, 4)
+    model = tiny_models(name)
+    data, runner, hooked, gen, layer_of = _runner_and_hooked(model, 9, 4)
     g = runner.graph
     kinds = torch.tensor([rec.kind in "qkv" for rec in g.receivers])
     for share in (0.25, 0.5, 0.75, 1.0):
@@ -252,9 +251,9 @@ def test_partly_touched_dense_layers_equal_the_hooked_engine(tiny_models, name):
                   mlp] = 0
         masks *= g.edge_mask.double()
         got = runner.run(data, masks)
-        torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
+        assert_close(model, got, hooked.run(data, masks), 1e-8)
         single = torch.cat([runner.run(data, m) for m in masks])
-        torch.testing.assert_close(single, hooked.run(data, masks), atol=1e-8, rtol=0)
+        assert_close(model, single, hooked.run(data, masks), 1e-8)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
@@ -264,7 +263,8 @@ def test_as_many_metric_positions_as_tokens_in_any_order(tiny_models, name):
     masks)."""
     import dataclasses
 
-    data, runner, hooked, gen, _ = _runner_and_hooked(tiny_models(name), 10, 5)
+    model = tiny_models(name)
+    data, runner, hooked, gen, _ = _runner_and_hooked(model, 10, 5)
     g = runner.graph
     t = data.clean.shape[1]
     order = torch.stack([torch.randperm(t, generator=gen) for _ in range(data.n)])
@@ -278,7 +278,7 @@ def test_as_many_metric_positions_as_tokens_in_any_order(tiny_models, name):
     ]) * g.edge_mask.double()
     got = runner.run(data, masks)
     assert got.shape[2] == t
-    torch.testing.assert_close(got, hooked.run(data, masks), atol=1e-8, rtol=0)
+    assert_close(model, got, hooked.run(data, masks), 1e-8)
 
 
 def test_float32_dense_layers_with_the_norm_folded_equal_the_hooked_engine(tmp_path):
@@ -310,7 +310,7 @@ def test_exact_scores_equal_the_hooked_engine(tiny_models, name):
     fast = ExactPatching(progress=False).score(PatchingEngine(model), data)
     slow = ExactPatching(progress=False).score(PatchingEngine(model, use_runner=False), data)
     assert slow.abs().max() > 1e-2
-    torch.testing.assert_close(fast, slow, atol=1e-7, rtol=1e-5)
+    assert_close(model, fast, slow, 1e-7)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
@@ -319,7 +319,8 @@ def test_sparse_circuits_in_kept_form_equal_the_hooked_engine(tiny_models, name,
     """Masks that keep few edges after their first touched layer run in kept form (receivers
     read the ablated residual plus their kept edges; senders no kept edge leaves are skipped):
     equal to the hooked engine's eq. (1) for every start layer, batched or one at a time."""
-    data, runner, hooked, gen, layer_of = _runner_and_hooked(tiny_models(name), 4, 5)
+    model = tiny_models(name)
+    data, runner, hooked, gen, layer_of = _runner_and_hooked(model, 4, 5)
     g = runner.graph
     for layer in range(g.n_layers + 1):
         masks = (torch.rand(4, g.n_senders, g.n_receivers, generator=gen) < 0.15).double()
@@ -328,13 +329,11 @@ def test_sparse_circuits_in_kept_form_equal_the_hooked_engine(tiny_models, name,
         kept_later = masks[:, :, layer_of >= layer] * g.edge_mask[:, layer_of >= layer]
         assert kept_later.sum() < (g.edge_mask[:, layer_of >= layer].sum() * 4) / 2
         got = runner.run(data, masks, ablation=ablation)
-        torch.testing.assert_close(got, hooked.run(data, masks, ablation=ablation),
-                                   atol=1e-8, rtol=0)
+        assert_close(model, got, hooked.run(data, masks, ablation=ablation), 1e-8)
         one = torch.cat([runner.run(data, masks[k: k + 1], ablation=ablation) for k in range(4)])
-        torch.testing.assert_close(got, one, atol=1e-8, rtol=0)
+        assert_close(model, got, one, 1e-8)
         if layer < g.n_layers:
-            torch.testing.assert_close(got, runner.run(data, masks, start=0, ablation=ablation),
-                                       atol=1e-8, rtol=0)
+            assert_close(model, got, runner.run(data, masks, start=0, ablation=ablation), 1e-8)
         # ACDC's candidates: one shared sparse circuit, each mask also removing one edge into
         # a receiver of ``layer`` (most nodes are then computed once for all masks)
         at_layer = (layer_of == layer).nonzero()[:, 0]
@@ -342,17 +341,16 @@ def test_sparse_circuits_in_kept_form_equal_the_hooked_engine(tiny_models, name,
         for k in range(4):
             r = int(at_layer[torch.randint(len(at_layer), (1,), generator=gen)])
             cand[k, int(torch.randint(int(g.n_upstream[r]), (1,), generator=gen)), r] = 0
-        torch.testing.assert_close(runner.run(data, cand, ablation=ablation),
-                                   hooked.run(data, cand, ablation=ablation), atol=1e-8, rtol=0)
+        assert_close(model, runner.run(data, cand, ablation=ablation),
+                                   hooked.run(data, cand, ablation=ablation), 1e-8)
         # the next test's circuit: one more kept edge removed from every mask; nodes it does
         # not reach come from the previous pass's memo, the others must be recomputed
         kept_edges = (cand[0] * g.edge_mask).nonzero()
         if len(kept_edges):
             u, r = kept_edges[int(torch.randint(len(kept_edges), (1,), generator=gen))].tolist()
             cand[:, u, r] = 0
-            torch.testing.assert_close(runner.run(data, cand, ablation=ablation),
-                                       hooked.run(data, cand, ablation=ablation),
-                                       atol=1e-8, rtol=0)
+            assert_close(model, runner.run(data, cand, ablation=ablation),
+                                       hooked.run(data, cand, ablation=ablation), 1e-8)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
