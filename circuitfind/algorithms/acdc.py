@@ -107,7 +107,6 @@ from circuitfind.errors import ConfigError, NonFiniteMetricError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import PatchingEngine
-from circuitfind.patching.spec import Ablation
 from circuitfind.tasks.base import TaskData
 
 MODES = ("exact", "batched")
@@ -222,8 +221,6 @@ class ACDC(PruningAlgorithm):
             ``"metric"`` (the task metric).
         mode: ``"exact"`` (the reference's decisions, speculative batching) or ``"batched"``
             (every edge of a receiver tested against the same state; faster, approximate).
-        ablation: What removed edges carry: ``"resample"`` (default), ``"zero"``, ``"mean"``,
-            ``"mean_positional"``.
         abs_value_threshold: Compare ``|effect|`` with τ (the reference's option).
         qkv_node_tests: Test each head's whole q/k/v input before its edges, as the reference
             does with its direct-computation edges (default True).
@@ -236,7 +233,10 @@ class ACDC(PruningAlgorithm):
         progress: Show a progress bar when no :class:`RunContext` is given.
 
     Raises:
-        ConfigError: τ not finite or <= 0, or an unknown objective, mode, ablation or order.
+        ConfigError: τ not finite or <= 0, or an unknown objective, mode or order.
+
+    What a removed edge carries is the engine's ablation (:attr:`PatchingEngine.ablation`, set
+    by ``discover(ablation=...)``, ``--ablation`` or a bench config), as for every algorithm.
 
     References:
         Conmy, Mavor-Parker, Lynch, Heimersheim & Garriga-Alonso (2023), "Towards Automated
@@ -248,7 +248,7 @@ class ACDC(PruningAlgorithm):
     supports_checkpoint = True
 
     def __init__(self, threshold: float = 0.01, objective: str = "kl", mode: str = "exact",
-                 ablation: str = "resample", abs_value_threshold: bool = False,
+                 abs_value_threshold: bool = False,
                  qkv_node_tests: bool = True, head_order: str = "descending",
                  max_receivers: int | None = None, masks_per_pass: int | None = None,
                  progress: bool = True) -> None:
@@ -272,7 +272,6 @@ class ACDC(PruningAlgorithm):
         self.threshold = float(threshold)
         self.objective = objective
         self.mode = mode
-        self.ablation = Ablation.parse(ablation).kind
         self.abs_value_threshold = bool(abs_value_threshold)
         self.qkv_node_tests = bool(qkv_node_tests)
         self.head_order = head_order
@@ -349,8 +348,7 @@ class _Run:
 
     # ------------------------------------------------------------------ evaluation
     def _values(self, masks: Tensor) -> Tensor:
-        return self.objective.evaluate(self.engine, self.data, masks.to(self.dtype),
-                                       ablation=self.algo.ablation)
+        return self.objective.evaluate(self.engine, self.data, masks.to(self.dtype))
 
     def _connected(self, r: int) -> bool:
         readers = self.readers[r]
@@ -532,7 +530,7 @@ class _Run:
     # ------------------------------------------------------------------ main loop
     def run(self) -> Circuit:
         g = self.g
-        self.objective.prepare(self.engine, self.data, self.algo.ablation)
+        self.objective.prepare(self.engine, self.data)
         saved = self.ctx.resume(self.key)
         self.state = saved if saved is not None else self._fresh()
         st = self.state

@@ -144,6 +144,11 @@ def get_algorithm(name: str | Algorithm, **params: Any) -> Algorithm:
     cls = ALGORITHMS.get(name)
     accepted = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
     unknown = sorted(set(params) - set(accepted))
+    if "ablation" in unknown:
+        raise ConfigError(f"Algorithms follow the engine's ablation; {cls.name!r} takes no "
+                          "'ablation' parameter. Pass it to discover/score_edges "
+                          "(ablation='zero'), to PatchingEngine, as --ablation on the CLI or as "
+                          "a bench config's ablation key.")
     if unknown:
         raise ConfigError(f"The {cls.name!r} algorithm has no parameter(s) {', '.join(unknown)}; "
                           f"it takes: {', '.join(accepted) or 'none'}.")

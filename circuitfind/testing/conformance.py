@@ -36,7 +36,10 @@ def check_algorithm(make: Callable[[], Algorithm], model: Any, data: TaskData) -
     :class:`Circuit` over the engine's graph whose scores are ``score``'s; attribution
     algorithms' ``discover`` raises a ConfigError. Algorithms with ``supports_checkpoint``: a
     run writing a checkpoint through a :class:`RunContext` and a run resuming from the finished
-    checkpoint give the same scores as a run without one.
+    checkpoint give the same scores as a run without one. Every algorithm follows the
+    engine's ablation: on an engine with zero ablation its scores differ from those on a
+    resample engine, unless it refuses that ablation with a ConfigError (EAP-IG interpolates
+    towards the corrupted run, so it takes resample only).
 
     Args:
         make: Builds a fresh algorithm instance.
@@ -85,6 +88,19 @@ def check_algorithm(make: Callable[[], Algorithm], model: Any, data: TaskData) -
         if not torch.equal(value, before[name]):
             raise ConformanceError(f"parameter {name} changed.")
     _check_lifecycle(make, engine, data, first)
+    _check_ablation(make, model, data, first)
+
+
+def _check_ablation(make: Callable[[], Algorithm], model: Any, data: TaskData,
+                    resample: torch.Tensor) -> None:
+    """The algorithm's scores follow the engine's ablation (or it refuses one explicitly)."""
+    try:
+        zero = make().score(PatchingEngine(model, ablation="zero"), data)
+    except ConfigError:
+        return  # refused with a message (e.g. gradient points interpolate to the corrupted run)
+    if torch.equal(zero, resample):
+        raise ConformanceError("scores on an engine with zero ablation equal those with resample "
+                               "ablation: the algorithm ignores the engine's ablation.")
 
 
 def _check_lifecycle(make: Callable[[], Algorithm], engine: PatchingEngine, data: TaskData,

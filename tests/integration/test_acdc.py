@@ -257,3 +257,24 @@ def test_exact_mode_equals_sequential_acdc_on_stories260k(stories_dir):
     assert int(reference[1].sum()) > 50 and circuit.metadata["acdc"]["node_tests"] > 0
     assert 0 < int(reference[0].sum()) < engine.graph.n_edges
     _check_equal(circuit, reference, 1e-2, atol=1e-5)
+
+
+def test_acdc_prunes_under_the_engines_ablation(tiny_models):
+    """The ablation has one owner, the engine: ACDC's passes use it (zero and resample give
+    different effects and circuits, each equal to the sequential reference under that ablation)
+    and discover records it; ACDC itself takes no ablation parameter."""
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    tau = 3e-5
+    resample = ACDC(threshold=tau, progress=False).discover(cf.PatchingEngine(model), data)
+    zero = ACDC(threshold=tau, progress=False).discover(
+        cf.PatchingEngine(model, ablation="zero"), data)
+    assert not torch.equal(zero.scores, resample.scores)
+    kept, tested, effects = slow_acdc(model, data, tau, ablation="zero")
+    assert torch.equal(zero.kept, kept)
+    torch.testing.assert_close(zero.scores.double()[tested], effects[tested], atol=1e-9, rtol=1e-4)
+    found = cf.discover(model, data=data, algorithm="acdc", threshold=tau, ablation="zero")
+    assert found.metadata["ablation"]["kind"] == "zero"
+    assert torch.equal(found.kept, zero.kept)
+    with pytest.raises(ConfigError, match="engine's ablation"):
+        cf.get_algorithm("acdc", ablation="zero")
