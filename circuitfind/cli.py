@@ -17,9 +17,10 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from circuitfind.algorithms import ALGORITHMS
 from circuitfind.algorithms.lifecycle import RunContext
@@ -28,10 +29,23 @@ from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (r
 from circuitfind.patching.spec import DEFAULT_ABLATION
 from circuitfind.registry import normalize_name
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+class _Command(TyperCommand):
+    """A command whose usage line names its arguments plainly (``render [OPTIONS] CIRCUIT
+    OUT``; typer writes required ones as ``{CIRCUIT}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="circuitfind: automated circuit discovery for transformer language models.")
 
 CHECKPOINT_DIR = ".checkpoint"
+NO_PROGRESS_OPTION = typer.Option(
+    False, "--no-progress",
+    help="No progress bars or phase lines (bars are drawn only when stderr is a terminal and "
+         "TQDM_DISABLE is unset; in a log each phase is one line).")
 MEMORY_OPTION = typer.Option(
     None, "--memory",
     help="Memory budget of one pass, e.g. 4GiB or 512MiB (default 2GiB): examples, masks and "
@@ -54,7 +68,7 @@ def _default_model(task: str) -> str:
     return zoo_source(name)
 
 
-@app.command()
+@app.command(cls=_Command)
 def discover(
     task: str = typer.Option(..., "--task", "-t",
                              help="Task name (see `circuitfind tasks`) or a prompt file "
@@ -65,7 +79,8 @@ def discover(
              "zoo organism (offline)."),
     algorithm: str = typer.Option("eap", "--algorithm", "-a",
                                   help="Algorithm (see `circuitfind algorithms`)."),
-    edges: Optional[int] = typer.Option(None, "--edges", "-n", help="Keep the top N edges."),
+    edges: Optional[int] = typer.Option(None, "--edges", "-n", show_default="100, unless "
+                                        "--threshold is given", help="Keep the top N edges."),
     threshold: Optional[float] = typer.Option(
         None, "--threshold",
         help="Keep edges with |score| >= X; for acdc its threshold τ (e.g. 0.01 nats of KL), for "
@@ -89,12 +104,13 @@ def discover(
              "mean-positional (means over the corrupted examples)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     param: Optional[list[str]] = typer.Option(
-        None, "--param", "-p",
+        None, "--param", "-p", metavar="KEY=VALUE",
         help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. -p steps=10 "
              "-p interpolation=activations (eap-ig), -p mode=batched -p objective=metric (acdc). "
              "Values are read as JSON where they parse, else as strings."),
     renderer: Optional[str] = RENDERER_OPTION,
     memory: Optional[str] = MEMORY_OPTION,
+    no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Discover a circuit; write circuit.json, circuit.graphml, report.md, then circuit.svg."""
     from circuitfind.api import discover as run_discover
@@ -109,7 +125,7 @@ def discover(
     spec = Ablation.parse(ablation)
     budget = parse_memory(memory)
     check_output_dir(out, overwrite)  # bad output paths and renderers fail before any work
-    renderer = resolve_renderer(renderer)
+    resolve_renderer(renderer, announce=False)  # the fallback note comes when it draws
     task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm} "
@@ -119,7 +135,7 @@ def discover(
     if ALGORITHMS.get(algorithm).supports_checkpoint:
         # long runs checkpoint inside --out; rerunning the same command resumes
         checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
-        context = RunContext(checkpoint=checkpoint)
+        context = RunContext(checkpoint=checkpoint, progress=not no_progress)
         if checkpoint.exists():
             typer.echo(f"resuming from {checkpoint}", err=True)
     try:
@@ -163,9 +179,10 @@ def parse_params(items: list[str]) -> dict[str, object]:
     return params
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
-    circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml."),
+    circuit_path: Path = typer.Argument(..., metavar="CIRCUIT",
+                                        help="circuit.json or circuit.graphml."),
     task: Optional[str] = typer.Option(None, "--task", "-t",
                                        help="Task name or prompt file (default: the circuit's "
                                             "own task)."),
@@ -215,7 +232,7 @@ def evaluate(
                f"{report.metric_unit}; KL {report.kl_div:.4f} nats")
 
 
-@app.command()
+@app.command(cls=_Command)
 def tune(
     task: str = typer.Option(..., "--task", "-t", help="Task name (see `circuitfind tasks`)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
@@ -233,7 +250,7 @@ def tune(
     sampler_seed: Optional[int] = typer.Option(None, "--sampler-seed",
                                                help="This worker's sampler seed."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p",
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", metavar="KEY=VALUE",
                                               help="Other hyperparameters KEY=VALUE."),
 ) -> None:
     """Search a pruning algorithm's threshold for the smallest circuit reaching a faithfulness
@@ -253,9 +270,10 @@ def tune(
                    f"{result.faithfulness:.4f} (target {target})")
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
-    config: Path = typer.Argument(..., help="Grid config (TOML; see benchmarks/configs/)."),
+    config: Path = typer.Argument(..., metavar="CONFIG",
+                                  help="Grid config (TOML; see benchmarks/configs/)."),
     storage: str = typer.Option("sqlite:///bench.db", "--storage",
                                 help="Optuna storage URL shared by all workers (SQLite, or "
                                      "PostgreSQL/MySQL across machines)."),
@@ -277,7 +295,7 @@ def bench(
         False, "--create-only",
         help="Create the study and queue its cells, run nothing (once, before starting "
              "workers on a fresh SQLite file)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    no_progress: bool = NO_PROGRESS_OPTION,
     out: Optional[Path] = typer.Option(
         None, "--out",
         help="When the grid is complete, also write the study's leaderboard (tables and "
@@ -322,12 +340,12 @@ def bench(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def leaderboard(
     storage: str = typer.Option(..., "--storage", help="Optuna storage URL of the bench runs."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     study: Optional[list[str]] = typer.Option(
-        None, "--study", help="Study to include (repeatable; default: every bench study)."),
+        None, "--study", metavar="NAME", help="Study to include (repeatable; default: every bench study)."),
     sort: str = typer.Option("cpr", "--sort",
                              help="Order of rows within a task/model: cpr, cmd, auroc or time."),
 ) -> None:
@@ -338,10 +356,11 @@ def leaderboard(
     typer.echo(f"{len(files.rows)} rows; wrote {', '.join(str(p) for p in files.written)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def render(
-    circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml."),
-    out: Path = typer.Argument(..., help="Output file: .svg, .pdf, .png or .dot."),
+    circuit_path: Path = typer.Argument(..., metavar="CIRCUIT",
+                                        help="circuit.json or circuit.graphml."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Output file: .svg, .pdf, .png or .dot."),
     renderer: Optional[str] = RENDERER_OPTION,
     edge_colour: str = typer.Option(
         "receiver", "--edge-colour", "--edge-color",
@@ -372,7 +391,7 @@ def render(
     fmt = format_of(out, None)
     check_output_file(out)
     if fmt != "dot":
-        renderer = resolve_renderer(renderer)
+        resolve_renderer(renderer, announce=False)  # fail before loading; the note on drawing
     path = Circuit.load(circuit_path).render(out, renderer=renderer, options=options)
     typer.echo(f"wrote {path}")
 
@@ -380,9 +399,10 @@ def render(
 EXPORT_FORMATS = ("mib",)
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
-    circuit_path: Path = typer.Argument(..., help="circuit.json or circuit.graphml of a run."),
+    circuit_path: Path = typer.Argument(..., metavar="CIRCUIT",
+                                        help="circuit.json or circuit.graphml of a run."),
     format: str = typer.Option(..., "--format", "-f",
                                help="Export format: mib (MIB circuit-track JSON)."),
     out: Optional[Path] = typer.Option(
@@ -398,6 +418,8 @@ def export(
     model_name: Optional[str] = typer.Option(None, "--model-name",
                                              help="Model part of the folder name (default: the "
                                                   "circuit's model)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing export of this task and model."),
 ) -> None:
     """Export a saved circuit (kept edges and all edge scores) for the MIB circuit track."""
     from circuitfind.graphs.circuit import Circuit
@@ -409,11 +431,12 @@ def export(
                           f"{list(EXPORT_FORMATS)}.")
     circuit = Circuit.load(circuit_path)
     target = out if out is not None else circuit_path.parent / "mib"
-    path = export_mib(circuit, target, d_model=d_model, task=task_name, model=model_name)
+    path = export_mib(circuit, target, d_model=d_model, task=task_name, model=model_name,
+                      overwrite=overwrite)
     typer.echo(f"wrote {path} ({circuit.n_edges} kept edges; all edge scores)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def tasks() -> None:
     """List the registered tasks."""
     from circuitfind.tasks import TASKS
@@ -422,7 +445,7 @@ def tasks() -> None:
         typer.echo(f"{name:<18} {cls.description}  [{cls.metric_name}, {cls.metric_unit}]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def algorithms() -> None:
     """List the registered algorithms."""
     from circuitfind.algorithms import ALGORITHMS
@@ -432,21 +455,47 @@ def algorithms() -> None:
 
 
 class _StderrNotes(logging.Handler):
-    """Prints the ``circuitfind`` logger's notes as one line on the current ``sys.stderr``."""
+    """Prints the ``circuitfind`` logger's notes as one line on the current ``sys.stderr``
+    (progress lines of ``circuitfind.progress`` as they are, other notes after ``note:``)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.secho(f"note: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
+        if record.name == "circuitfind.progress":
+            typer.echo(record.getMessage(), err=True)
+        else:
+            typer.secho(f"note: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The click exception classes the app may raise: typer's vendored click (typer >= 0.24)
+    and the click package (older typer)."""
+    classes: list[type[BaseException]] = []
+    try:
+        from typer._click.exceptions import ClickException as Vendored
+        classes.append(Vendored)
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        pass
+    try:
+        import click
+        classes.append(click.ClickException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(classes)
 
 
 def main() -> None:
-    """Console entry point: run the app, turning circuitfind errors into one-line messages."""
+    """Console entry point: run the app, turning circuitfind errors into one-line messages and
+    usage errors (an unknown command or option, a missing or malformed value) into click's
+    short usage message, exit code 2, never a traceback."""
     logger = logging.getLogger("circuitfind")
     if not any(isinstance(h, _StderrNotes) for h in logger.handlers):
         logger.addHandler(_StderrNotes(logging.INFO))
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)  # notes and progress lines
+    usage = _usage_errors()
     try:
         code = app(standalone_mode=False)
     except CircuitFindError as err:
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {err.cli_message}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
@@ -456,13 +505,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except usage as err:
+        err.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(err, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 
 

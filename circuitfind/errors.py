@@ -10,7 +10,17 @@ from __future__ import annotations
 
 
 class CircuitFindError(Exception):
-    """Base class of every error circuitfind raises deliberately."""
+    """Base class of every error circuitfind raises deliberately.
+
+    Args:
+        message: The message, in the Python API's words (``overwrite=True``).
+        cli: The same message in the command line's words (``--overwrite``), where they
+            differ; the CLI prints :attr:`cli_message`.
+    """
+
+    def __init__(self, message: str = "", *args: object, cli: str | None = None) -> None:
+        super().__init__(message, *args)
+        self.cli_message = cli if cli is not None else str(message)
 
 
 class ConfigError(CircuitFindError, ValueError):

@@ -15,13 +15,16 @@ or a hub name. The ``zoo:`` prefix is parsed only by :func:`zoo_name` and writte
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from circuitfind._progress import bars_wanted
 from circuitfind.errors import ConfigError, ModelLoadError
 
 ZOO_PREFIX = "zoo:"
@@ -186,13 +189,35 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype)
+        with _loading_bars(bars_wanted()):
+            model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype)
     except Exception as err:  # translate the many hub / IO failures into one message
         raise ModelLoadError(_load_failure_message(name, looks_local, err)) from err
     model.eval()
     if source.kind == "zoo":
         model.cfg.model_name = source.display_name  # provenance: "zoo:NAME", not a site path
     return enable_patching_hooks(model)
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """Hugging Face's weight-loading and download bars on (a terminal) or off (a log, or
+    ``TQDM_DISABLE``), restored afterwards."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    was_hf = hf_logging.is_progress_bar_enabled()
+    was_hub = not hub_utils.are_progress_bars_disabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and was_hf:
+            hf_logging.enable_progress_bar()
+        if not show and was_hub:
+            hub_utils.enable_progress_bars()
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -72,9 +72,9 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Pa
         raise ConfigError(f"The output directory {str(out)!r} exists and is not a directory.")
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if existing and not overwrite:
-        raise OutputExistsError(f"{str(out)!r} already holds a run ({', '.join(existing)}); pass "
-                                "--overwrite (overwrite=True) to replace it or choose another "
-                                "output directory.")
+        what = f"{str(out)!r} already holds a run ({', '.join(existing)}); pass "
+        how = " to replace it or choose another output directory."
+        raise OutputExistsError(f"{what}overwrite=True{how}", cli=f"{what}--overwrite{how}")
     base = _nearest_existing(out)
     if not base.is_dir():
         raise ConfigError(f"Cannot create the output directory {str(out)!r}: {str(base)!r} is "

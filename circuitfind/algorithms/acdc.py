@@ -545,7 +545,11 @@ class _Run:
             if not groups or groups[-1][0].group != step.group:
                 groups.append([])
             groups[-1].append(step)
-        bar = self.ctx.bar(total=self.planned_edges, desc=f"ACDC τ={self.algo.threshold:g}")
+        decided = (st["tested"] | ~st["kept"]) & g.edge_mask & self.planned[None, :]
+        if saved is not None:
+            self.ctx.resumed("ACDC", int(decided.sum()), self.planned_edges, "edge")
+        bar = self.ctx.bar(total=self.planned_edges, initial=int(decided.sum()),
+                           desc=f"ACDC τ={self.algo.threshold:g}")
         try:
             while st["group"] < len(groups):
                 items = self._items(groups[st["group"]])

@@ -93,6 +93,8 @@ class ExactPatching(Algorithm):
         baseline = engine.evaluate(data, full, batch_size=self.batch_size)[0]
         step = self.masks_per_pass or engine.masks_per_pass(data, self.batch_size, n_buffer=2,
                                                             cap=512)
+        if state is not None:
+            ctx.resumed("exact patching", done, n_edges, "edge")
         bar = ctx.bar(total=n_edges, initial=done, desc="exact patching")
         start = done
         try:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from circuitfind._files import atomic_write
+from circuitfind._progress import progress, resuming
 from circuitfind.errors import CheckpointMismatchError, ConfigError
 
 
@@ -120,11 +121,15 @@ class RunContext:
         return True
 
     def bar(self, total: int, initial: int = 0, desc: str = "", unit: str = "edge") -> Any:
-        """A tqdm progress bar (disabled when ``progress`` is False)."""
-        from tqdm.auto import tqdm
+        """Progress of one phase: a tqdm bar on a terminal, one line when it ends in a log
+        (:func:`circuitfind._progress.progress`); nothing when ``progress`` is False."""
+        return progress(total, initial=initial, desc=desc, unit=unit, show=self.progress)
 
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
-                    disable=not self.progress, dynamic_ncols=True)
+    def resumed(self, what: str, done: int, total: int, unit: str) -> None:
+        """Say that the run resumes from the checkpoint with ``done`` of ``total`` units done
+        (``resuming ACDC: 120 of 1701 edges done``), when progress is shown."""
+        if self.progress:
+            resuming(what, done, total, unit)
 
 
 def fingerprint(engine: Any, data: Any, settings: dict[str, Any] | None = None,

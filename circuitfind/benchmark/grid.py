@@ -110,6 +110,8 @@ from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS,
                                                  faithfulness_curve, normalized_faithfulness)
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.models import load_model, resolve_model_source
+from circuitfind._progress import LOGGER as progress_log
+from circuitfind._progress import PhaseLog, progress
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import (
     DEFAULT_ABLATION,
@@ -735,6 +737,9 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
                                     refresh=True)
             if _run_trial(study, store, trial, cell, cfg, models, heartbeat_interval):
                 executed += 1
+                if isinstance(bar, PhaseLog):  # a log: one line per finished cell
+                    bar.n = sum(s == "complete" for s, _ in _cell_states(study, keys).values())
+                    progress_log.info(f"cell {bar.n} of {len(keys)} done: {cell.key}")
     finally:
         if bar is not None:
             bar.close()
@@ -749,11 +754,10 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
 
 
 def _progress_bar(total: int, show: bool) -> Any:
+    """The grid's progress over cells: a bar on a terminal, one line at the end in a log."""
     if not show:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="cells", unit="cell", dynamic_ncols=True)
+    return progress(total, desc="cells", unit="cell", leave=True)
 
 
 def _mark(study: Any, cfg: BenchConfig, grid: GridPlan) -> None:

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from circuitfind._files import atomic_write, floats_for_json, read_json
-from circuitfind.errors import ConfigError
+from circuitfind.errors import ConfigError, OutputExistsError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
 
@@ -303,7 +303,8 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
 def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str], *,
                graph: ComputeGraph | None = None, d_model: int | None = None,
                task: str | None = None, model: str | None = None,
-               higher_is_better: bool | None = None, provenance: bool = True) -> Path:
+               higher_is_better: bool | None = None, provenance: bool = True,
+               overwrite: bool = False) -> Path:
     """Write a circuit or edge scores in MIB's circuit-track JSON (atomically).
 
     Args:
@@ -315,12 +316,16 @@ def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str]
         task, model: Names for the folder (default: the circuit's ``metadata["task"]`` and
             ``metadata["model"]``).
         higher_is_better, provenance: See :func:`to_mib_dict`.
+        overwrite: Replace an existing file (default: refuse, as three exports of different
+            circuits of one task and model into one folder would otherwise silently keep only
+            the last).
 
     Returns:
         The file written.
 
     Raises:
         ConfigError: see :func:`to_mib_dict`; no task/model for the folder; no ``d_model``.
+        OutputExistsError: the file exists and ``overwrite`` is False.
         OSError: the directory cannot be written.
     """
     circuit = _as_circuit(circuit_or_scores, graph)
@@ -334,6 +339,10 @@ def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str]
                               "lack them: pass task= and model= (--task-name/--model-name), or a "
                               "path ending in .json.")
         path = path / mib_folder_name(task, model) / MIB_FILE
+    if path.exists() and not overwrite:
+        what = f"{str(path)!r} already exists (a MIB export of this task and model); pass "
+        how = " to replace it, or export into another directory or .json file."
+        raise OutputExistsError(f"{what}overwrite=True{how}", cli=f"{what}--overwrite{how}")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = to_mib_dict(circuit, d_model, higher_is_better=higher_is_better,
                        provenance=provenance)

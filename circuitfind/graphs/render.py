@@ -788,13 +788,14 @@ RENDERERS.register("matplotlib")(Renderer("matplotlib", ("svg", "pdf", "png"),
 _FALLBACK_SAID: list[bool] = []  # the automatic fallback is announced once per process
 
 
-def resolve_renderer(renderer: str | None = None) -> str:
+def resolve_renderer(renderer: str | None = None, announce: bool = True) -> str:
     """The renderer to draw with, checked to be usable.
 
     Args:
         renderer: ``"graphviz"``, ``"matplotlib"``, or ``None``/``"auto"``: Graphviz when the
             ``dot`` binary is on the PATH, matplotlib otherwise (logged once per process on the
-            ``circuitfind`` logger).
+            ``circuitfind`` logger when ``announce``: callers that only validate, before
+            anything is drawn, pass ``False``).
 
     Returns:
         The registered name.
@@ -807,7 +808,7 @@ def resolve_renderer(renderer: str | None = None) -> str:
     if renderer is None or renderer == "auto":
         if _graphviz_missing() is None:
             return "graphviz"
-        if not _FALLBACK_SAID:
+        if announce and not _FALLBACK_SAID:
             _FALLBACK_SAID.append(True)
             LOGGER.warning("Graphviz `dot` not found on the PATH: drawing with matplotlib "
                            "(install Graphviz for its layered layout).")
@@ -824,9 +825,10 @@ def format_of(path: Path, format: str | None) -> str:
     if format is None:
         suffix = path.suffix.lower()
         if suffix not in FORMATS:
-            raise ConfigError(f"Cannot tell the image format of {str(path)!r} from its suffix "
-                              f"{suffix or '(none)'!r}; use one of {sorted(FORMATS)} or pass "
-                              f"format= one of {supported}.")
+            what = (f"Cannot tell the image format of {str(path)!r} from its suffix "
+                    f"{suffix or '(none)'!r}; use one of {sorted(FORMATS)}")
+            raise ConfigError(f"{what} or pass format= one of {supported}.",
+                              cli=f"{what}.")
         return FORMATS[suffix]
     fmt = str(format).lower().lstrip(".")
     fmt = "dot" if fmt == "gv" else fmt
