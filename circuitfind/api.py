@@ -22,8 +22,10 @@ from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import evaluate
 from circuitfind.evaluation.roc import edge_roc, node_roc
-from circuitfind.graphs.circuit import Circuit, prune_dangling, select_threshold, select_top_n
+from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.graphs.scores import ScoreMeaning
+from circuitfind.graphs.selection import prune_dangling, select_threshold, select_top_n
 from circuitfind.models import load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import Ablation, parse_memory
@@ -110,15 +112,16 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
 
 
 def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: float | None,
-            absolute: bool, prune: bool) -> tuple[Circuit, int]:
+            absolute: bool, prune: bool, meaning: ScoreMeaning) -> tuple[Circuit, int]:
     """Select edges from scores (top-n or threshold), then prune; returns (circuit, selected)."""
     if n_edges is not None:
         if not isinstance(n_edges, int) or not 0 <= n_edges <= g.n_edges:
             raise ConfigError(f"n_edges must be an integer between 0 and {g.n_edges} (the "
                               f"graph's edge count); got {n_edges!r}.")
-        circuit = select_top_n(g, scores, n_edges, absolute=absolute)
+        circuit = select_top_n(g, scores, n_edges, absolute=absolute, meaning=meaning)
     else:
-        circuit = select_threshold(g, scores, float(threshold), absolute=absolute)  # type: ignore[arg-type]
+        circuit = select_threshold(g, scores, float(threshold),  # type: ignore[arg-type]
+                                   absolute=absolute, meaning=meaning)
     selected = circuit.n_edges
     return (prune_dangling(circuit) if prune else circuit), selected
 
@@ -147,7 +150,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         n_examples: Examples to build when ``data`` is None (default: the task's
             ``default_n``: 64, or every row of a prompt file).
         seed: Data seed.
-        absolute: Rank by |score| (True) or by signed score (False).
+        absolute: Rank by |score| (True) or by signed importance (False: the most important
+            edges first, as the algorithm's scores mean it; see :mod:`circuitfind.graphs.scores`).
         prune: Remove dangling edges after selection (never changes the circuit's output).
         algorithm_params: Hyperparameters of the algorithm.
         device: Device for a model loaded here.
@@ -200,6 +204,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         data = build_data(model, task_obj, n_examples, seed)
     engine = PatchingEngine(model, ablation=spec, memory_budget=budget)
     g = engine.graph
+    meaning = algo.score_meaning(data.task)
     if algo.returns_circuit:
         circuit = algo.discover(engine, data, context)
         if "selection" not in circuit.metadata:
@@ -209,7 +214,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     else:
         scores = (algo.score(engine, data, context) if algo.supports_checkpoint
                   else algo.score(engine, data))
-        circuit, selected = _select(g, scores, n_edges, threshold, absolute, prune)
+        circuit, selected = _select(g, scores, n_edges, threshold, absolute, prune, meaning)
     report = evaluate(engine, circuit, data)
     extra: dict[str, Any] = {}
     # references belong to registered tasks, not to user files that happen to share a name
@@ -227,7 +232,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         model=str(model_name), task=data.task.name, task_source=data.task.source,
         task_arguments=data.task.arguments(),
         task_description=data.task.description, metric=data.task.metric_name,
-        metric_unit=data.task.metric_unit, algorithm=algo.name, algorithm_params=algo.get_params(),
+        metric_unit=data.task.metric_unit, higher_is_better=data.task.higher_is_better,
+        scores=meaning.to_dict(), algorithm=algo.name, algorithm_params=algo.get_params(),
         ablation=spec.to_dict(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
         faithfulness=report.to_dict(), wall_time_s=round(time.perf_counter() - start, 3),

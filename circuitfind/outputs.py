@@ -24,6 +24,7 @@ from typing import Any
 from circuitfind.errors import ConfigError, OutputExistsError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.render import RenderOptions, render
+from circuitfind.graphs.scores import score_meaning
 from circuitfind.patching.spec import DEFAULT_ABLATION
 
 __all__ = ["write_run", "RunFiles", "report_markdown", "check_output_dir", "check_output_file",
@@ -224,8 +225,8 @@ def report_markdown(circuit: Circuit) -> str:
         scores = circuit.edge_scores()
         top = sorted(scores.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:25]
         lines += ["## Top edges by |score|", "",
-                  f"Score: estimated change of the metric ({md.get('metric_unit')}) when the edge "
-                  "is corrupted.", "", "| edge | score |", "| --- | ---: |"]
+                  f"Score: {score_meaning(md).describe()}", "", "| edge | score |",
+                  "| --- | ---: |"]
         lines += [f"| `{name}` | {value:+.5f} |" for name, value in top]
         lines.append("")
     lines += ["Files: `circuit.json` (lossless, all edge scores), `circuit.graphml`, "

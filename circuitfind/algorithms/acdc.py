@@ -42,9 +42,10 @@ Method (the reference's semantics, which this module reproduces decision for dec
   carries over (equal up to floating-point rounding).
 - Scores. Every tested edge's ``effect`` is its score (untested edges score 0), so an ACDC
   circuit also feeds faithfulness curves and ROC AUC. Under the KL objective an effect grows
-  with the edge's importance: pass ``score_kind="importance"`` to
-  :func:`~circuitfind.evaluation.faithfulness.faithfulness_curve` (the task-metric objective's
-  effects are metric changes, the default reading).
+  with the edge's importance: the circuit declares its scores as importances in nats
+  (``metadata["scores"]``, :meth:`ACDC.score_meaning`), which every consumer reads (the
+  faithfulness curve of the circuit, selection, the report, the MIB export); the task-metric
+  objective's effects are metric changes.
 
 Fast without changing decisions (``mode="exact"``, the default). (1) Every test is a masked
 pass through the engine, which starts at the receiver's layer from the cached clean run: the
@@ -106,6 +107,7 @@ from circuitfind.algorithms.objective import OBJECTIVES, Objective
 from circuitfind.errors import ConfigError, NonFiniteMetricError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData
 
@@ -299,6 +301,14 @@ class ACDC(PruningAlgorithm):
             CheckpointMismatchError: the context's checkpoint belongs to another run.
         """
         return _Run(self, engine, data, context).run()
+
+    def score_meaning(self, task: Any) -> ScoreMeaning:
+        """ACDC's scores are the objective's change when an edge is removed: importances in nats
+        under the KL objective (larger is more important), metric changes under the task
+        metric."""
+        if self.objective == "kl":
+            return ScoreMeaning("importance", "nats", True, "the KL divergence to the full model")
+        return super().score_meaning(task)
 
     def settings(self) -> dict[str, Any]:
         """Parameters that change the result (for the checkpoint fingerprint)."""
@@ -569,6 +579,7 @@ class _Run:
         node_effects = {g.receivers[r].name: float(st["node_effects"][r])
                         for r in st["node_tested"].nonzero()[:, 0].tolist()}
         return Circuit(g, kept, scores=st["effects"].float(), metadata={
+            "scores": self.algo.score_meaning(self.data.task).to_dict(),
             "acdc": {"threshold": self.algo.threshold, "objective": self.objective.kind,
                      "objective_unit": self.objective.unit, "mode": self.algo.mode,
                      "value_full": st["start_value"], "value_circuit": st["cur"],

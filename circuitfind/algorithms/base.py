@@ -43,6 +43,7 @@ from torch import Tensor
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit
+from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.registry import Registry
 from circuitfind.tasks.base import TaskData
@@ -91,6 +92,13 @@ class Algorithm(ABC):
         raise ConfigError(f"The {self.name!r} algorithm scores edges and does not select a "
                           "circuit itself; use circuitfind.discover(..., n_edges=N) or "
                           "threshold= to select from its scores.")
+
+    def score_meaning(self, task: Any) -> ScoreMeaning:
+        """What this algorithm's scores mean on ``task`` (stored in ``metadata["scores"]`` of
+        the circuits found with it): by default a metric change in the task metric's unit and
+        direction, :data:`circuitfind.graphs.scores.SCORE_KINDS`."""
+        return ScoreMeaning("metric_change", str(getattr(task, "metric_unit", "") or ""),
+                            bool(getattr(task, "higher_is_better", True)))
 
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters given to ``__init__`` (JSON-serialisable), for provenance."""

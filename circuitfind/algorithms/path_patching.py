@@ -126,6 +126,7 @@ class PathPatching(PruningAlgorithm):
             frontier = [g.senders[u].name for u in selected
                         if u != 0 and g.senders[u].name not in expanded]
             expanded.update(frontier)
-        return Circuit(g, kept, scores, {"path_patching": {
+        return Circuit(g, kept, scores, {"scores": self.score_meaning(data.task).to_dict(),
+                                         "path_patching": {
             "threshold_abs": tau, "metric_full": m_full, "metric_empty": m_empty,
             "levels": levels}})

@@ -596,9 +596,9 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         cell, data to AUC), ``peak_memory_bytes`` and ``peak_memory_kind`` (the process's peak
         resident set during the cell, model included, after freed heap is returned to the
         operating system; on CUDA the peak allocated memory) and ``rss_start_bytes``,
-        ``score_kind`` (how the curve's signed ranking read the scores: ``"importance"`` for
-        a KL objective's, ``"metric_change"`` otherwise) and ``scores_negated_for_curve``
-        (whether that differs from the task metric's direction), ``seed``,
+        ``scores`` (what the algorithm's scores mean: kind, unit, direction;
+        :mod:`circuitfind.graphs.scores`), ``score_kind`` (how the curve's signed ranking read
+        them) and ``scores_negated_for_curve`` (whether that ranking is by ``-score``), ``seed``,
         ``n_examples``, ``hyperparameters`` (every parameter of the algorithm), ``versions``.
 
     Raises:
@@ -621,13 +621,12 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         circuit = algo.discover(engine, data) if algo.returns_circuit else None
         scores = circuit.scores if circuit is not None else algo.score(engine, data)
         score_time = time.perf_counter() - t0
-        # a KL objective's scores (ACDC's default) grow when an edge matters: the curve's
-        # signed (CPR) ranking reads them as importances. |score| rankings and AUROC do not
+        # the algorithm says what its scores mean (ACDC's KL effects are importances): the
+        # curve's signed (CPR) ranking reads them so. |score| rankings and AUROC do not
         # depend on the sign.
-        kl_scores = algo.get_params().get("objective") == "kl"
+        meaning = algo.score_meaning(data.task)
         curve = faithfulness_curve(engine, scores, data, fractions=config.fractions,
-                                   convention=config.convention,
-                                   score_kind="importance" if kl_scores else "metric_change")
+                                   convention=config.convention, score_kind=meaning.kind)
         g = engine.graph
         reference = (find_reference(data.task.name, resolve_model_source(cell.model)
                                     .display_name, g) if data.task.source is None else None)
@@ -652,8 +651,8 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         "score_time_s": round(score_time, 4),
         "wall_time_s": round(time.perf_counter() - start, 4),
         "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "rss_start_bytes": rss_start,
-        "score_kind": curve.score_kind,
-        "scores_negated_for_curve": kl_scores and data.task.higher_is_better,
+        "scores": meaning.to_dict(), "score_kind": curve.score_kind,
+        "scores_negated_for_curve": meaning.sign < 0,
         "seed": cell.seed, "n_examples": data.n, "ablation": cell.ablation,
         "hyperparameters": algo.get_params(), "versions": versions(),
         "device": str(device),

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit
+from circuitfind.graphs.scores import SCORE_KINDS, ScoreMeaning, score_meaning
 from circuitfind.graphs.selection import prune_dangling, select_top_n
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import DEFAULT_ABLATION, Ablation
@@ -141,8 +142,8 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
 CONVENTIONS: tuple[str, ...] = ("mib", "single")
 """Faithfulness-curve conventions accepted by :func:`faithfulness_curve`."""
 
-SCORE_KINDS: tuple[str, ...] = ("metric_change", "importance")
-"""How :func:`faithfulness_curve`'s signed ranking reads scores (its ``score_kind``)."""
+_RANKED = ScoreMeaning("importance")  # keys already ordered most important first
+
 
 
 @dataclass(frozen=True)
@@ -221,12 +222,12 @@ class FaithfulnessCurve:
         return {**asdict(self), "label": self.label}
 
 
-def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
+def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
                        fractions: tuple[float, ...] | list[float] = DEFAULT_FRACTIONS,
                        convention: str = "mib", absolute: bool | None = None,
                        batch_size: int | None = None,
                        ablation: Ablation | str | None = None,
-                       score_kind: str = "metric_change",
+                       score_kind: str | None = None,
                        memory_budget: int | str | None = None) -> FaithfulnessCurve:
     """Faithfulness of the top-k circuits at each size in ``fractions``; CPR and CMD.
 
@@ -235,7 +236,10 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
 
     Args:
         model: A ``TransformerBridge`` or :class:`PatchingEngine`.
-        scores: ``[S, R]`` edge scores (e.g. from an algorithm; metric units).
+        scores: ``[S, R]`` edge scores (e.g. from an algorithm; metric units), or a scored
+            :class:`Circuit` (e.g. from :func:`circuitfind.discover`), whose
+            ``metadata["scores"]`` says how to read its scores
+            (:func:`~circuitfind.graphs.scores.score_meaning`).
         data: Task data.
         fractions: Circuit sizes as fractions of all edges, each in (0, 1] (default: MIB's
             0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100%).
@@ -248,11 +252,12 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
             most important first as ``score_kind`` reads it, like MIB's CPR ranking).
         batch_size: Examples per pass.
         ablation: What removed edges carry (as in :func:`evaluate`).
-        score_kind: How the signed (CPR) ranking reads a score: ``"metric_change"`` (default:
-            circuitfind's attribution and exact scores, the task metric's change when the edge
-            is removed, so the most important edges are the most negative for a
-            higher-is-better metric) or ``"importance"`` (larger = more important: ACDC's
-            effects under its default KL objective, MIB-sign scores). |score| rankings do not
+        score_kind: How the signed (CPR) ranking reads a score: ``"metric_change"`` (the
+            default for a tensor: circuitfind's attribution and exact scores, the task metric's
+            change when the edge is removed, so the most important edges are the most
+            negative for a higher-is-better metric) or ``"importance"`` (larger = more
+            important: ACDC's effects under its default KL objective, MIB-sign scores); for a
+            Circuit, the kind its metadata declares unless given. |score| rankings do not
             depend on it.
         memory_budget: As in :func:`evaluate`.
 
@@ -271,6 +276,15 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
     """
     engine, spec = _engine(model, ablation, memory_budget)
     g = engine.graph
+    if isinstance(scores, Circuit):  # the circuit's scores, read as its metadata says
+        _check_graph(engine, scores)
+        if scores.scores is None:
+            raise ConfigError("The circuit has no scores to rank edges by; pass a scored circuit "
+                              "(e.g. from discover) or a [S, R] scores tensor.")
+        meaning = score_meaning(scores.metadata)
+        score_kind = meaning.kind if score_kind is None else score_kind
+        scores = scores.scores
+    score_kind = "metric_change" if score_kind is None else score_kind
     if convention not in CONVENTIONS:
         raise ConfigError(f"Unknown faithfulness-curve convention {convention!r}; choose one of "
                           f"{list(CONVENTIONS)}.")
@@ -286,10 +300,9 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
     # (-logit difference), so positive = the edge supports the behaviour; circuitfind's
     # metric-change scores, metric(without edge) - metric(full), have the opposite sign for
     # metrics where higher is better.
-    if score_kind == "importance" or not getattr(data.task, "higher_is_better", True):
-        importance = scores
-    else:
-        importance = -scores
+    meaning = ScoreMeaning(score_kind, higher_is_better=bool(
+        getattr(data.task, "higher_is_better", True)))
+    importance = meaning.importance(scores)
     if convention == "mib":
         if absolute is not None:
             raise ConfigError("absolute applies to convention='single' only; the MIB convention "
@@ -304,7 +317,7 @@ def faithfulness_curve(model: Any, scores: Tensor, data: TaskData,
     kept = []
     for ranked, by_abs in rankings:
         for k in sizes:
-            circuit = select_top_n(g, ranked, k, absolute=by_abs)
+            circuit = select_top_n(g, ranked, k, absolute=by_abs, meaning=_RANKED)
             kept.append((prune_dangling(circuit) if prune else circuit).kept)
     masks = [m.to(engine.dtype) for m in kept] + [g.full_mask(engine.dtype),
                                                   torch.zeros_like(kept[0], dtype=engine.dtype)]

@@ -38,10 +38,11 @@ Mapping circuitfind's graph to MIB's (documented in ``docs/decisions.md`` too):
   Import derives nothing from it (the edges define the circuit).
 - **Score sign.** MIB's scores attribute a loss (the negated logit difference), so a positive
   score marks an edge the behaviour relies on, and MIB's CPR ranks edges by signed score.
-  circuitfind's score is ``metric(without edge) - metric(full)``, negative for such an edge when
-  higher is better. Export therefore writes ``-score`` for metrics where higher is better
-  (every task metric but KL divergence; ``higher_is_better=``) and ``score`` otherwise, and
-  import undoes it (NaN stays NaN). Files from other tools are read as MIB-signed.
+  circuitfind's scores declare their meaning (:mod:`circuitfind.graphs.scores`): a metric
+  change ``metric(without edge) - metric(full)`` is negative for such an edge when higher is
+  better, so it is written as ``-score`` (and as ``score`` for lower-is-better metrics such as
+  KL divergence); an importance (ACDC's KL effects) is written as is, so ACDC's kept edges rank
+  first. Import undoes the sign (NaN stays NaN). Files from other tools are read as MIB-signed.
 - **Lossless round trip.** Scores are float32 written as the shortest decimal that reads back to
   the same float32; a top-level ``circuitfind`` object (ignored by ``Graph.from_json``, which
   reads only ``cfg``, ``nodes`` and ``edges``) holds the exact graph config (``n_kv_heads``,
@@ -68,6 +69,7 @@ from circuitfind._files import atomic_write, floats_for_json, read_json
 from circuitfind.errors import ConfigError, OutputExistsError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.graphs.scores import ScoreMeaning, score_meaning
 
 __all__ = ["MIB_FILE", "GQA_MODES", "mib_folder_name", "to_mib_dict", "from_mib_dict",
            "export_mib", "import_mib"]
@@ -226,12 +228,14 @@ def resolve_d_model(circuit: Circuit, d_model: int | None = None) -> int:
 
 
 def _mib_sign(circuit: Circuit, higher_is_better: bool | None) -> float:
-    """-1 where MIB's sign is the opposite of circuitfind's (higher-is-better metrics), else 1."""
-    if higher_is_better is None:
-        recorded = circuit.metadata.get("higher_is_better")
-        higher_is_better = (bool(recorded) if recorded is not None
-                            else circuit.metadata.get("metric") != "KL divergence")
-    return -1.0 if higher_is_better else 1.0
+    """The sign that turns the circuit's scores into MIB's (positive = the behaviour relies on
+    the edge): its score meaning's (:func:`~circuitfind.graphs.scores.score_meaning`; -1 for
+    metric changes of a higher-is-better metric, 1 for importances such as ACDC's KL effects),
+    or, given ``higher_is_better``, that of a metric change in that direction."""
+    meaning = score_meaning(circuit.metadata)
+    if higher_is_better is not None and meaning.kind == "metric_change":
+        meaning = ScoreMeaning("metric_change", meaning.unit, higher_is_better)
+    return meaning.sign
 
 
 def _flip(values: Tensor, sign: float) -> Tensor:
@@ -249,9 +253,9 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
             edge scores (every edge ``in_graph: false``, as EAP-IG writes attribution scores).
         d_model: The model's residual width (MIB's ``cfg`` needs it).
         graph: The graph of a scores tensor (checked against a circuit's).
-        higher_is_better: Direction of the task metric, which sets the sign of the written
-            scores (see the module docstring). Default: ``metadata["higher_is_better"]`` if
-            recorded, else False only for the KL divergence metric.
+        higher_is_better: Direction of the task metric, which sets the sign of written metric
+            changes (see the module docstring). Default: the circuit's score meaning
+            (``metadata["scores"]``, inferred for older circuits).
         provenance: Add the ``circuitfind`` object that makes the round trip lossless (graph
             config, whether scores exist, metadata); ``Graph.from_json`` ignores it.
 

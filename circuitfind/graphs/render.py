@@ -13,9 +13,10 @@ Both renderers draw the same picture from one renderer-independent description (
   :meth:`Circuit.to_networkx`); pen width ``0.5 + 4.5 * |score| / max |score|`` over the drawn
   edges (1.0 for every edge when the circuit has no scores or all scores are 0); colour by
   receiver kind (q blue, k bluish green, v vermillion, MLP reddish purple, logits black) or by
-  the sign of the score (``edge_colour="sign"``: blue where the edge helps the task's metric,
-  i.e. corrupting it moves the metric the wrong way, vermillion where it hurts), all from the
-  colour-blind-safe Okabe–Ito palette;
+  the sign of the score (``edge_colour="sign"``: blue where the score marks an edge the
+  behaviour relies on — one that helps the task's metric, or an important ACDC edge — and
+  vermillion otherwise, as the circuit's score meaning reads it,
+  :mod:`circuitfind.graphs.scores`), all from the colour-blind-safe Okabe–Ito palette;
 - **nodes**: filled by kind (input, attention, MLP, logits; heads are ellipses, the rest boxes),
   or, when ``metadata["node_classes"]`` is set, by class (Okabe–Ito, classes in sorted order,
   cycling after seven; unclassified nodes light grey), with a legend;
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from circuitfind._files import atomic_write
 from circuitfind.errors import CircuitFindError, ConfigError
+from circuitfind.graphs.scores import meaning_known, score_meaning
 from circuitfind.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,22 +223,6 @@ def _title(circuit: Circuit) -> str:
     return " | ".join(parts)
 
 
-def _higher_is_better(circuit: Circuit) -> bool | None:
-    meta = circuit.metadata
-    if isinstance(meta.get("higher_is_better"), bool):
-        return bool(meta["higher_is_better"])
-    task = meta.get("task")
-    if not isinstance(task, str):
-        return None
-    from circuitfind.errors import UnknownNameError
-    from circuitfind.tasks.base import TASKS
-
-    try:
-        return bool(TASKS.get(task).higher_is_better)
-    except UnknownNameError:
-        return None
-
-
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
@@ -301,7 +287,7 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
 
     # ---- widths and colours
     top = max((abs(it[4]) for it in drawn if _finite(it[4])), default=0.0)
-    better = _higher_is_better(circuit) if opts.edge_colour == "sign" else None
+    meaning = score_meaning(circuit.metadata)
     edges: list[SceneEdge] = []
     colour_keys: list[str] = []
     for name, sender, targets, key, value in drawn:
@@ -312,12 +298,12 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
         else:
             width = _MIN_WIDTH + (_MAX_WIDTH - _MIN_WIDTH) * min(abs(value) / top, 1.0)
         if opts.edge_colour == "sign":
-            # score = metric(without the edge) - metric(full): a negative score means the edge
-            # raises the metric, which helps when higher is better
+            # the scores' meaning says which sign marks an edge the behaviour relies on
+            # (metric changes: negative when higher is better; importances: positive)
             if not _finite(value) or value == 0.0:
                 colour_key = "zero"
             else:
-                colour_key = "helps" if (value < 0) == (better is not False) else "hurts"
+                colour_key = "helps" if meaning.sign * value > 0 else "hurts"
             colour = SIGN_COLOURS[colour_key]
         else:
             colour_key, colour = key, EDGE_COLOURS[key]
@@ -325,8 +311,9 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
         for target in targets:
             edges.append(SceneEdge(name, sender, target, key, value, colour, round(width, 3)))
     if opts.edge_colour == "sign":
-        labels = ({"helps": "helps the metric", "hurts": "hurts the metric"} if better is not None
-                  else {"helps": "score < 0", "hurts": "score > 0"})
+        helps, hurts = (meaning.sign_labels() if meaning_known(circuit.metadata)
+                        else ("score < 0", "score > 0"))
+        labels = {"helps": helps, "hurts": hurts}
         labels["zero"] = "score 0 / none"
         edge_legend = tuple((labels[k], SIGN_COLOURS[k]) for k in SIGN_COLOURS
                             if k in colour_keys)

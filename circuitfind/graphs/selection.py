@@ -24,27 +24,33 @@ from torch import Tensor
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit, check_graph, check_scores
 from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.graphs.scores import ScoreMeaning, score_meaning
 
 __all__ = ["select_top_n", "select_threshold", "prune_dangling"]
 
 
 def select_top_n(graph: ComputeGraph, scores: Tensor, n: int, absolute: bool = True,
-                 metadata: Mapping[str, Any] | None = None) -> Circuit:
-    """The circuit of the ``n`` real edges with the highest scores.
+                 metadata: Mapping[str, Any] | None = None,
+                 meaning: ScoreMeaning | None = None) -> Circuit:
+    """The circuit of the ``n`` most important real edges.
 
     Ranks the edges by ``|score|`` (``absolute=True``, the usual convention for attribution
-    scores whose sign says in which direction the edge moves the metric) or by the signed score
-    (``absolute=False``); ties are broken by canonical edge order (lower edge id first), so the
-    result is deterministic.
+    scores whose sign says in which direction the edge moves the metric) or by signed
+    importance (``absolute=False``): the scores as their meaning reads them, most important
+    first — the most negative metric changes of a higher-is-better metric, the largest ACDC
+    importances (:class:`~circuitfind.graphs.scores.ScoreMeaning`). Ties are broken by
+    canonical edge order (lower edge id first), so the result is deterministic.
 
     Args:
         graph: The computational graph.
         scores: ``[S, R]`` per-edge scores (metric units); off-edge entries are ignored. Stored
             (as float32) in the returned circuit.
         n: Number of edges to keep, ``0 <= n <= graph.n_edges``.
-        absolute: Rank by absolute value (True) or signed value (False).
+        absolute: Rank by absolute value (True) or by signed importance (False).
         metadata: Metadata of the result; ``metadata["selection"]`` is set to
             ``{"method": "top_n", "n": n, "absolute": absolute}``.
+        meaning: What the scores mean (default: ``metadata["scores"]``, else a metric change
+            of a higher-is-better metric; see :func:`~circuitfind.graphs.scores.score_meaning`).
 
     Returns:
         A circuit with exactly ``n`` kept edges.
@@ -67,7 +73,7 @@ def select_top_n(graph: ComputeGraph, scores: Tensor, n: int, absolute: bool = T
     if not 0 <= n <= graph.n_edges:
         raise ConfigError(f"n must be between 0 and the graph's number of edges "
                           f"({graph.n_edges}); got {n}.")
-    keys = _edge_keys(graph, scores, absolute)
+    keys = _edge_keys(graph, scores, absolute, meaning or score_meaning(metadata))
     n_nan = int(torch.isnan(keys).sum())
     if n_nan:
         raise ConfigError(f"{n_nan} real edges have NaN scores; their rank is undefined. Fix the "
@@ -78,8 +84,9 @@ def select_top_n(graph: ComputeGraph, scores: Tensor, n: int, absolute: bool = T
 
 
 def select_threshold(graph: ComputeGraph, scores: Tensor, threshold: float,
-                     absolute: bool = True, metadata: Mapping[str, Any] | None = None) -> Circuit:
-    """The circuit of the real edges whose score (or ``|score|``) is ``>= threshold``.
+                     absolute: bool = True, metadata: Mapping[str, Any] | None = None,
+                     meaning: ScoreMeaning | None = None) -> Circuit:
+    """The circuit of the real edges whose ``|score|`` (or signed importance) is ``>= threshold``.
 
     The number of kept edges never increases as ``threshold`` grows. NaN scores are never kept.
 
@@ -87,9 +94,11 @@ def select_threshold(graph: ComputeGraph, scores: Tensor, threshold: float,
         graph: The computational graph.
         scores: ``[S, R]`` per-edge scores (metric units); off-edge entries are ignored.
         threshold: Cut-off in the units of the scores (a real number, not NaN).
-        absolute: Compare ``|score|`` (True) or the signed score (False).
+        absolute: Compare ``|score|`` (True) or the signed importance (False: the score as its
+            meaning reads it, larger is more important).
         metadata: Metadata of the result; ``metadata["selection"]`` is set to
             ``{"method": "threshold", "threshold": threshold, "absolute": absolute}``.
+        meaning: What the scores mean (as in :func:`select_top_n`).
 
     Returns:
         The circuit.
@@ -109,7 +118,7 @@ def select_threshold(graph: ComputeGraph, scores: Tensor, threshold: float,
         raise ConfigError(f"threshold must be a real number; got {threshold!r}.") from None
     if math.isnan(threshold):
         raise ConfigError("threshold must be a real number; got NaN.")
-    keys = _edge_keys(graph, scores, absolute)
+    keys = _edge_keys(graph, scores, absolute, meaning or score_meaning(metadata))
     kept = graph.mask_of((keys >= threshold).nonzero().flatten())
     return Circuit(graph, kept, scores, _selection_metadata(
         metadata, {"method": "threshold", "threshold": threshold, "absolute": bool(absolute)}))
@@ -172,10 +181,12 @@ def prune_dangling(circuit: Circuit) -> Circuit:
     return circuit.replace(kept=kept)
 
 
-def _edge_keys(graph: ComputeGraph, scores: Tensor, absolute: bool) -> Tensor:
-    """``[E]`` float32 ranking keys: the checked scores of the real edges (or their ``|.|``)."""
+def _edge_keys(graph: ComputeGraph, scores: Tensor, absolute: bool,
+               meaning: ScoreMeaning) -> Tensor:
+    """``[E]`` float32 ranking keys of the real edges: ``|score|``, or the signed importance
+    (``meaning.importance``)."""
     values = graph.to_edges(check_scores(graph, scores))
-    return values.abs() if absolute else values
+    return values.abs() if absolute else meaning.importance(values)
 
 
 def _selection_metadata(metadata: Mapping[str, Any] | None, selection: dict[str, Any]

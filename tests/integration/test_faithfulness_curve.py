@@ -34,11 +34,12 @@ def test_mib_curve_matches_pruned_signed_and_absolute_top_k(tiny_models, name):
                                select_top_n(g, scores, k, absolute=True).kept)
                for k in curve.n_edges)
     # ToyTask's metric: higher is better, so MIB's signed ranking is by -score (most negative
-    # circuitfind score = corrupting the edge lowers the metric most)
+    # circuitfind score = corrupting the edge lowers the metric most): select_top_n's signed
+    # ranking of metric changes, most important first
     assert data.task.higher_is_better
     for i, k in enumerate(curve.n_edges):
         for ranked, absolute, faith, kept in (
-                (-scores, False, curve.faithfulness, curve.n_kept),
+                (scores, False, curve.faithfulness, curve.n_kept),
                 (scores, True, curve.faithfulness_cmd, curve.n_kept_cmd)):
             circuit = prune_dangling(select_top_n(g, ranked, k, absolute=absolute))
             assert kept[i] == circuit.n_edges

@@ -20,6 +20,7 @@ from circuitfind.graphs import (Circuit, ComputeGraph, prune_dangling, select_th
                                 select_top_n)
 from circuitfind._files import floats_for_json
 from circuitfind.graphs.circuit import FORMAT_VERSION
+from circuitfind.graphs.scores import ScoreMeaning
 
 MHA = ComputeGraph(2, 4)
 GQA = ComputeGraph(3, 4, 2)
@@ -123,8 +124,10 @@ def test_immutable_values_and_with_metadata():
 
 # ---------------------------------------------------------------------------------- selection
 def _keys(graph, scores, absolute):
+    """|score|, or the signed importance of a metric change of a higher-is-better metric (the
+    meaning of scores without metadata): the most negative score first."""
     values = graph.to_edges(scores)
-    return values.abs() if absolute else values
+    return values.abs() if absolute else -values
 
 
 @pytest.mark.parametrize("name", GRAPHS)
@@ -160,7 +163,14 @@ def test_top_n_signed_vs_absolute():
     scores[a] = -5.0
     scores[b] = 1.0
     assert select_top_n(MHA, scores, 1).edges == ["input->logits"]
-    assert select_top_n(MHA, scores, 1, absolute=False).edges == ["m1->logits"]
+    # signed: the most important edge first, as the scores' meaning reads them
+    assert select_top_n(MHA, scores, 1, absolute=False).edges == ["input->logits"]
+    lower = ScoreMeaning("metric_change", "nats", higher_is_better=False)
+    assert select_top_n(MHA, scores, 1, absolute=False, meaning=lower).edges == ["m1->logits"]
+    acdc = {"scores": ScoreMeaning("importance", "nats").to_dict()}
+    assert select_top_n(MHA, scores, 1, absolute=False, metadata=acdc).edges == ["m1->logits"]
+    assert select_threshold(MHA, scores, 1.0, absolute=False, metadata=acdc).edges == [
+        "m1->logits"]
 
 
 def test_top_n_errors_and_edge_cases():
