@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitfind.errors import ConfigError, OutputExistsError
+from circuitfind.evaluation.faithfulness import ABOVE_ONE
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.render import RenderOptions, render
 from circuitfind.graphs.scores import score_meaning
@@ -201,6 +202,9 @@ def report_markdown(circuit: Circuit) -> str:
               f"| m(M), full model | {_fmt(f.get('metric_full'))} {f.get('metric_unit', '')} |",
               f"| m(∅), empty circuit | {_fmt(f.get('metric_empty'))} {f.get('metric_unit', '')} |",
               f"| KL(full ‖ circuit) at metric positions | {_fmt(f.get('kl_div'))} nats |", ""]
+    value = f.get("faithfulness")
+    if isinstance(value, (int, float)) and (value > 1 or value < 0):
+        lines += [f"Note: {ABOVE_ONE[0].upper()}{ABOVE_ONE[1:]}", ""]
     ref = md.get("reference")
     if ref:
         lines += ["## Against the reference circuit", "",

@@ -36,6 +36,7 @@ from circuitfind._files import atomic_write
 from circuitfind.benchmark.grid import STUDY_MARKER, iter_records
 from circuitfind.benchmark.storage import open_storage, optuna_module
 from circuitfind.errors import ConfigError
+from circuitfind.evaluation.faithfulness import ABOVE_ONE
 
 SORT_KEYS: dict[str, tuple[str, bool]] = {
     "cpr": ("cpr_mean", True), "cmd": ("cmd_mean", False),
@@ -207,7 +208,8 @@ def markdown(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> str:
         "worker process during the cell (model included; freed heap returned to the system "
         "before each cell), MiB. Mean ± sample standard "
         "deviation over seeds. **circuit edges**: the size of the circuit a pruning algorithm "
-        "selected itself (— for attribution algorithms, whose scores only rank edges).", "",
+        "selected itself (— for attribution algorithms, whose scores only rank edges). "
+        f"A CPR (or a curve point) above 1: {ABOVE_ONE}", "",
         f"Rows sorted by {sort} within each task/model.",
     ]
     for (task, model, n, ablation), rs in _sections(rows).items():

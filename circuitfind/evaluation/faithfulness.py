@@ -139,6 +139,14 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
         ablation=spec.kind)
 
 
+ABOVE_ONE = ("normalized faithfulness above 1 means the circuit moves the metric further than "
+             "the full model does (m(C) beyond m(M)): some removed edges worked against the task "
+             "(negative components, such as IOI's negative name movers), so leaving them out "
+             "helps; it happens for small circuits of tasks with such components, and a CPR "
+             "above 1 when they dominate the curve. Below 0: the circuit is further from the "
+             "full model than the empty circuit is.")
+"""What a normalized faithfulness (or CPR) above 1 means, for reports, labels and tables."""
+
 CONVENTIONS: tuple[str, ...] = ("mib", "single")
 """Faithfulness-curve conventions accepted by :func:`faithfulness_curve`."""
 
@@ -206,14 +214,20 @@ class FaithfulnessCurve:
 
     @property
     def label(self) -> str:
-        """One line naming the convention, for tables, reports and figure captions."""
+        """One line naming the convention, for tables, reports and figure captions; when a
+        point of the curve exceeds 1 it also says what that means (:data:`ABOVE_ONE`)."""
         if self.convention == "mib":
-            return ("MIB convention: top int(p·E) edges, dangling edges pruned; CPR over the "
+            text = ("MIB convention: top int(p·E) edges, dangling edges pruned; CPR over the "
                     "signed ranking (edges whose corruption lowers the metric most first), CMD "
                     "over the |score| ranking")
-        rank = "|score|" if self.absolute else "signed score"
-        return (f"single ranking by {rank}: top max(1, round(p·E)) edges, not pruned; CPR and "
-                "CMD from the same curve")
+        else:
+            rank = "|score|" if self.absolute else "signed score"
+            text = (f"single ranking by {rank}: top max(1, round(p·E)) edges, not pruned; CPR "
+                    "and CMD from the same curve")
+        if any(v > 1 for v in [*self.faithfulness, *self.faithfulness_cmd] if math.isfinite(v)):
+            text += ("; points above 1: the circuit moves the metric past the full model (the "
+                     "removed edges worked against the task)")
+        return text
     ablation: str = DEFAULT_ABLATION
     score_kind: str = "metric_change"
 

@@ -76,3 +76,25 @@ def test_a_failed_dot_still_draws_the_svg(tmp_path, monkeypatch, caplog):
     assert files.drawing_error.startswith("circuit.dot: CircuitFindError")
     assert (tmp_path / "circuit.svg").read_bytes().startswith(b"<?xml")
     assert any(r.getMessage().startswith("circuit.dot not drawn") for r in caplog.records)
+
+
+def test_faithfulness_above_one_is_explained_where_users_see_it(circuit):
+    from circuitfind.evaluation.faithfulness import ABOVE_ONE, FaithfulnessCurve
+    from circuitfind.outputs import report_markdown
+
+    report = {"faithfulness": 1.27, "metric_circuit": 3.0, "metric_full": 2.5,
+              "metric_empty": 0.6, "kl_div": 0.1, "metric_unit": "logits"}
+    text = report_markdown(circuit.with_metadata(faithfulness=report))
+    assert "moves the metric further than the full model" in text
+    plain = report_markdown(circuit.with_metadata(faithfulness={**report, "faithfulness": 0.8}))
+    assert ABOVE_ONE[1:40] not in plain
+
+    def curve(values):
+        return FaithfulnessCurve(
+            fractions=[0.1, 1.0], n_edges=[1, 10], faithfulness=values, metric=[0.0, 0.0],
+            cpr=1.0, cmd=0.0, absolute=None, metric_full=1.0, metric_empty=0.0,
+            convention="mib", faithfulness_cmd=values, metric_cmd=[0.0, 0.0], n_kept=[1, 10],
+            n_kept_cmd=[1, 10], pruned=True)
+
+    assert "past the full model" in curve([1.42, 1.0]).label
+    assert "past the full model" not in curve([0.5, 1.0]).label
