@@ -78,15 +78,16 @@ def test_a_failed_dot_still_draws_the_svg(tmp_path, monkeypatch, caplog):
     assert any(r.getMessage().startswith("circuit.dot not drawn") for r in caplog.records)
 
 
-def test_faithfulness_above_one_is_explained_where_users_see_it(circuit):
+def test_faithfulness_above_one_is_explained_where_users_see_it():
     from circuitfind.evaluation.faithfulness import ABOVE_ONE, FaithfulnessCurve
     from circuitfind.outputs import report_markdown
 
+    c = circuit()
     report = {"faithfulness": 1.27, "metric_circuit": 3.0, "metric_full": 2.5,
               "metric_empty": 0.6, "kl_div": 0.1, "metric_unit": "logits"}
-    text = report_markdown(circuit.with_metadata(faithfulness=report))
+    text = report_markdown(c.with_metadata(faithfulness=report))
     assert "moves the metric further than the full model" in text
-    plain = report_markdown(circuit.with_metadata(faithfulness={**report, "faithfulness": 0.8}))
+    plain = report_markdown(c.with_metadata(faithfulness={**report, "faithfulness": 0.8}))
     assert ABOVE_ONE[1:40] not in plain
 
     def curve(values):
