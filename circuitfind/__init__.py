@@ -9,10 +9,11 @@
 """
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from circuitfind.api import build_data, discover, score_edges
+from circuitfind.api import build_data, check, discover, score_edges
 from circuitfind.benchmark import bench, leaderboard, tune
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
+from circuitfind.evaluation.compare import compare
 from circuitfind.graphs import Circuit, ComputeGraph, export_mib, import_mib
 from circuitfind.graphs.render import RenderOptions
 from circuitfind.models import load_model
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFindError",
            "ComputeGraph", "PatchingEngine", "RenderOptions", "Task", "TaskData", "bench",
-           "build_data",
+           "build_data", "check", "compare",
            "discover", "edge_roc", "evaluate", "export_mib", "faithfulness_curve",
            "get_algorithm", "get_task", "import_mib", "leaderboard", "load_model", "node_roc", "path_patch",
            "reference_circuit", "score_edges", "tune", "write_run"]

@@ -20,6 +20,8 @@ from torch import Tensor
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm, get_algorithm
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
+from circuitfind.evaluation.check import CheckResult
+from circuitfind.evaluation.check import check as check_data
 from circuitfind.evaluation.faithfulness import evaluate
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.graphs.circuit import Circuit
@@ -269,3 +271,32 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "unknown"
     return out
+
+
+def check(model: Any, task: str | Task | None = None, data: TaskData | None = None,
+          n_examples: int | None = None, seed: int = 0, per_example: bool = False,
+          device: str | None = None) -> CheckResult:
+    """Whether a model does a task: accuracy and the metric on clean vs corrupted prompts.
+
+    Args:
+        model: A model name, local directory, ``zoo:NAME`` or a loaded ``TransformerBridge``.
+        task: Task name, prompt file or Task (ignored when ``data`` is given).
+        data: Prebuilt task data.
+        n_examples, seed: Data to build (default: the task's ``default_n``).
+        per_example: Also return one row per example.
+        device: Device for a model loaded here.
+
+    Returns:
+        A :class:`~circuitfind.evaluation.check.CheckResult` (``.verdict`` in one line).
+
+    Raises:
+        ConfigError: neither ``task`` nor ``data``.
+    """
+    if data is None and task is None:
+        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+    task_obj = get_task(task) if data is None else data.task
+    model_name = resolve_model_source(model).display_name
+    model = load_model(model, device=device)
+    if data is None:
+        data = build_data(model, task_obj, n_examples, seed)
+    return check_data(model, data, per_example=per_example, model_name=str(model_name))

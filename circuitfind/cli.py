@@ -1,6 +1,7 @@
 """The ``circuitfind`` command line (typer).
 
-Commands: ``discover`` (find a circuit, write circuit.json / circuit.graphml / report.md, then
+Commands: ``check`` (does the model do the task?), ``compare`` (two circuits' overlap),
+``discover`` (find a circuit, write circuit.json / circuit.graphml / report.md, then
 draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``export`` (MIB
 circuit-track JSON), ``evaluate``, ``tune``, ``bench`` (a benchmark grid on an Optuna
 storage), ``leaderboard`` (tables and figures from it), ``tasks`` and ``algorithms`` (list the
@@ -434,6 +435,71 @@ def export(
     path = export_mib(circuit, target, d_model=d_model, task=task_name, model=model_name,
                       overwrite=overwrite)
     typer.echo(f"wrote {path} ({circuit.n_edges} kept edges; all edge scores)")
+
+
+@app.command(cls=_Command)
+def check(
+    task: str = typer.Option(..., "--task", "-t",
+                             help="Task name (see `circuitfind tasks`) or a prompt file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model (default: the task's zoo organism)."),
+    n_examples: Optional[int] = typer.Option(
+        None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
+                                 "prompt file)."),
+    seed: int = typer.Option(0, "--seed", help="Data seed."),
+    metric: Optional[str] = typer.Option(
+        None, "--metric", help="Prompt files: logit_diff (default), prob_diff, log_prob or kl."),
+    per_example: bool = typer.Option(False, "--per-example", help="One row per example."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check that the model does the task: accuracy and the metric, clean vs corrupted."""
+    from circuitfind.api import check as run_check
+    from circuitfind.tasks import get_task
+
+    task_obj = get_task(task, metric=metric)
+    model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
+    result = run_check(model_name, task_obj, n_examples=n_examples, seed=seed,
+                       per_example=per_example, device=device)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1))
+        return
+    typer.echo(f"{result.task} on {result.model}, {result.n_examples} examples: "
+               f"{result.verdict}")
+    for label, values in (("clean", result.clean), ("corrupted", result.corrupted)):
+        typer.echo(f"  {label:9s} mean {values['mean']:.4g}  std {values['std']:.3g}  "
+                   f"min {values['min']:.4g}  max {values['max']:.4g} {result.metric_unit}")
+    for row in result.examples:
+        typer.echo(f"  #{row['example']:<3d} {'ok ' if row['correct'] else 'BAD'} "
+                   f"clean {row['clean']:8.3f}  corrupted {row['corrupted']:8.3f}  "
+                   f"answer {row['answer']} vs {row['wrong']}  {row['prompt']!r}")
+
+
+@app.command(cls=_Command)
+def compare(
+    first: Path = typer.Argument(..., metavar="A", help="circuit.json, circuit.graphml or MIB "
+                                                        "JSON."),
+    second: Path = typer.Argument(..., metavar="B", help="The circuit to compare with."),
+    k: str = typer.Option("10,50,100", "--k", help="Top-k sizes, comma-separated."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Compare two circuits: edge and node Jaccard, top-k overlap, Spearman on shared edges."""
+    from circuitfind.evaluation.compare import compare as run_compare
+    from circuitfind.evaluation.compare import load_any
+
+    try:
+        ks = [int(part) for part in k.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--k takes comma-separated integers such as 10,50,100; got {k!r}.",
+                          cli=f"--k takes comma-separated integers such as 10,50,100; got {k!r}."
+                          ) from None
+    result = run_compare(load_any(first), load_any(second), ks=ks)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1))
+        return
+    typer.echo(f"A = {first}\nB = {second}")
+    for line in result.lines():
+        typer.echo(line)
 
 
 @app.command(cls=_Command)
