@@ -284,10 +284,11 @@ def bench(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     threads: Optional[int] = typer.Option(None, "--threads",
                                           help="torch CPU threads of this worker."),
-    heartbeat: int = typer.Option(10, "--heartbeat",
-                                  help="Seconds between heartbeats of a running cell."),
-    grace_period: int = typer.Option(
-        60, "--grace-period",
+    heartbeat: Optional[int] = typer.Option(
+        None, "--heartbeat", show_default="1",
+        help="Seconds between heartbeats of a running cell."),
+    grace_period: Optional[int] = typer.Option(
+        None, "--grace-period", show_default="twice the median cell time, 5 to 60 s",
         help="Seconds without a heartbeat after which a cell's worker counts as dead and the "
              "cell is run again."),
     retry_failed: bool = typer.Option(False, "--retry-failed",

@@ -59,7 +59,11 @@ points at random and, as its documentation says, can give one point to two worke
 - a claimed cell's worker records an Optuna heartbeat every ``heartbeat_interval`` seconds;
   ``optuna.storages.fail_stale_trials`` moves a ``RUNNING`` trial whose heartbeat is older
   than ``grace_period`` to ``FAIL`` (its worker died), and the cell is enqueued again, at
-  most ``max_retries`` times;
+  most ``max_retries`` times. By default both scale with the grid (:func:`auto_grace`): a
+  heartbeat a second, and a grace period of twice the completed cells' median wall time,
+  between 5 s and 60 s and never under five heartbeats of any running cell's worker (each
+  records its interval), so a grid of small cells takes a killed worker's cell over within
+  seconds while a live worker would have to miss five heartbeats in a row to lose its cell;
 - a cell that raises is ``FAIL`` with ``error`` and ``traceback`` user attributes; it is
   reported, and not rerun unless the next run passes ``retry_failed``;
 - a cell interrupted by Ctrl-C is ``FAIL`` with an ``interrupted`` user attribute and is
@@ -92,11 +96,12 @@ import math
 import os
 import socket
 import sys
+import statistics
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -660,10 +665,38 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
 
 
 # ----------------------------------------------------------------------------- the worker
+AUTO_HEARTBEAT_S = 1
+"""Heartbeat interval (seconds) when none is given: one small write a second per worker."""
+GRACE_BOUNDS_S = (5, 60)
+"""Smallest and largest automatic grace period (seconds)."""
+
+
+def auto_grace(durations: Sequence[float], heartbeats: Sequence[float]) -> int:
+    """The automatic grace period (seconds) after which a silent worker counts as dead.
+
+    Twice the median wall time of the completed cells (10 s before any cell completed),
+    between :data:`GRACE_BOUNDS_S`, and at least five times the longest heartbeat interval of
+    the running cells' workers, so a live worker keeps its cell unless it misses five
+    heartbeats in a row.
+
+    Args:
+        durations: Wall times of completed cells, seconds.
+        heartbeats: Heartbeat intervals of the running cells' workers, seconds.
+
+    Returns:
+        The grace period, whole seconds (Optuna's storage takes an int).
+    """
+    low, high = GRACE_BOUNDS_S
+    base = 2 * statistics.median(durations) if durations else 10.0
+    floor = max([low] + [5 * h for h in heartbeats])
+    return int(math.ceil(max(floor, min(base, high))))
+
+
 def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
           storage: str = DEFAULT_STORAGE, study_name: str | None = None,
-          device: str | None = None, progress: bool = True, heartbeat_interval: int = 10,
-          grace_period: int = 60, max_retries: int = 2, retry_failed: bool = False,
+          device: str | None = None, progress: bool = True,
+          heartbeat_interval: int | None = None, grace_period: int | None = None,
+          max_retries: int = 2, retry_failed: bool = False,
           create_only: bool = False) -> BenchResult:
     """Run (this worker's share of) a benchmark grid; start as many workers as you like.
 
@@ -674,9 +707,11 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
         study_name: The study (default: the config's ``study``, i.e. the file's stem).
         device: Device to load models on (default: the model's default, CPU here).
         progress: Show a progress bar over the grid's cells (every worker's).
-        heartbeat_interval: Seconds between heartbeats of a running cell.
+        heartbeat_interval: Seconds between heartbeats of a running cell (default
+            :data:`AUTO_HEARTBEAT_S`).
         grace_period: Seconds without a heartbeat after which a running cell is taken as held
-            by a dead worker and queued again.
+            by a dead worker and queued again (default: :func:`auto_grace`, from the grid's
+            measured cell durations).
         max_retries: How many times a cell whose worker died is queued again.
         retry_failed: Queue again, once, the cells whose last run raised.
         create_only: Create the study and queue the cells, run nothing (do this once before
@@ -694,12 +729,16 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
     cfg = load_config(config)
     for label, value, low in (("heartbeat_interval", heartbeat_interval, 1),
                               ("grace_period", grace_period, 1), ("max_retries", max_retries, 0)):
+        if value is None and label != "max_retries":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{label} must be an int >= {low}; got {value!r}.")
+    adaptive = grace_period is None
+    heartbeat_interval = heartbeat_interval or AUTO_HEARTBEAT_S
     grid = plan_grid(cfg)
     optuna = optuna_module()
     store = open_storage(storage, heartbeat_interval=heartbeat_interval,
-                         grace_period=grace_period)
+                         grace_period=grace_period or GRACE_BOUNDS_S[1])
     name = study_name or cfg.study
     with claim_lock(storage):
         study = optuna.create_study(storage=store, study_name=name, direction="maximize",
@@ -718,6 +757,8 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
         while True:
             with claim_lock(storage), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if adaptive:
+                    store.grace_period = _grid_grace(study, heartbeat_interval)
                 optuna.storages.fail_stale_trials(study)
                 states = _schedule(study, keys, max_retries, retried)
                 retried = set()
@@ -857,6 +898,7 @@ def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfi
     TrialState = optuna_module().trial.TrialState
     tid = trial._trial_id
     storage.set_trial_user_attr(tid, "worker", f"{socket.gethostname()}:{os.getpid()}")
+    storage.set_trial_user_attr(tid, "heartbeat_s", heartbeat_interval)  # for others' grace
     try:
         # heartbeats while the model loads too (a slow load must not look like a dead worker)
         with _Monitor(storage, tid, heartbeat_interval, torch.device("cpu")):
@@ -877,6 +919,21 @@ def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfi
     cpr = record["cpr"]
     study.tell(trial.number, cpr if math.isfinite(cpr) else -math.inf)
     return True
+
+
+def _grid_grace(study: Any, heartbeat_interval: int) -> int:
+    """:func:`auto_grace` from the study's completed cells and running workers."""
+    TrialState = optuna_module().trial.TrialState
+    durations, beats = [], [float(heartbeat_interval)]
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                      TrialState.RUNNING)):
+        if t.state == TrialState.COMPLETE:
+            wall = (t.user_attrs.get("record") or {}).get("wall_time_s")
+            if isinstance(wall, (int, float)):
+                durations.append(float(wall))
+        elif isinstance(t.user_attrs.get("heartbeat_s"), (int, float)):
+            beats.append(float(t.user_attrs["heartbeat_s"]))
+    return auto_grace(durations, beats)
 
 
 def iter_records(study: Any) -> Iterator[dict[str, Any]]:
