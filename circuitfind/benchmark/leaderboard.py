@@ -275,15 +275,11 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
-    from circuitfind.graphs.render import MPL_METADATA, MPL_RC, OKABE_ITO
+    from circuitfind.graphs.render import MPL_METADATA, MPL_RC
 
     sections = _sections(rows)
     labels = sorted({r["algorithm"] for r in rows})
-    palette = [OKABE_ITO[c] for c in ("blue", "orange", "bluish_green", "vermillion",
-                                      "reddish_purple", "sky_blue", "black", "yellow")]
-    markers = "osD^vP*X"
-    style = {lab: (palette[i % len(palette)], markers[i % len(markers)],
-                   "-" if i < len(palette) else "--") for i, lab in enumerate(labels)}
+    style = algorithm_styles(labels)
     ncols = min(3, len(sections))
     nrows = math.ceil(len(sections) / ncols)
     path = Path(path)
@@ -330,6 +326,37 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
         buffer = io.BytesIO()
         fig.savefig(buffer, format=fmt, dpi=200, metadata=MPL_METADATA.get(fmt))
     return atomic_write(path, buffer.getvalue())  # several workers may write the same board
+
+
+ALGORITHM_COLOURS = {"eap": "blue", "eap_ig": "orange", "exact": "bluish_green",
+                     "acdc": "vermillion", "clean_corrupted": "reddish_purple",
+                     "path_patching": "sky_blue"}
+"""The Okabe-Ito colour of each built-in algorithm in every leaderboard figure."""
+_SPARE_COLOURS = ("black", "yellow")
+
+
+def algorithm_styles(labels: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """``(colour, marker, line style)`` of each algorithm label (``eap_ig(steps=10)``).
+
+    The colour belongs to the algorithm (:data:`ALGORITHM_COLOURS`; other algorithms get one
+    of the spare colours by a stable hash of their name), so it is the same in every figure;
+    variants of one algorithm (hyperparameters) share it and differ in marker and line style.
+    """
+    import zlib
+
+    from circuitfind.graphs.render import OKABE_ITO
+
+    markers, lines = "osD^vP*X", ("-", "--", ":", "-.")
+    seen: dict[str, int] = {}
+    out = {}
+    for label in sorted(labels):
+        base = label.split("(")[0]
+        name = ALGORITHM_COLOURS.get(base) or _SPARE_COLOURS[
+            zlib.crc32(base.encode()) % len(_SPARE_COLOURS)]
+        i = seen.get(base, 0)
+        seen[base] = i + 1
+        out[label] = (OKABE_ITO[name], markers[i % len(markers)], lines[i % len(lines)])
+    return out
 
 
 def write_leaderboard(rows: Sequence[dict[str, Any]], out: str | os.PathLike[str],

@@ -215,12 +215,53 @@ class Scene:
     legend_title: str = field(default="pen width ∝ |score|")
 
 
+def model_display_name(model: str) -> str:
+    """A model's name for titles: a hub id (``gpt2``, ``meta-llama/Llama-3.2-1B``) or zoo name
+    as it is, a local directory by its last part (``../shared/models/stories260k`` ->
+    ``stories260k``), never a machine path."""
+    text = str(model).rstrip("/\\")
+    if text.startswith("zoo:"):
+        return text
+    local = (text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text
+             or (len(text) > 1 and text[1] == ":"))
+    return text.replace("\\", "/").rsplit("/", 1)[-1] if local else text
+
+
 def _title(circuit: Circuit) -> str:
     meta = circuit.metadata
-    parts = [f"{k}: {meta[k]}" for k in ("model", "task", "algorithm")
+    parts = [f"{k}: {model_display_name(meta[k]) if k == 'model' else meta[k]}"
+             for k in ("model", "task", "algorithm")
              if isinstance(meta.get(k), (str, int, float))]
     parts.append(f"{circuit.n_edges}/{circuit.graph.n_edges} edges")
     return " | ".join(parts)
+
+
+def _live_targets(drawn: list[list[Any]], prune: bool) -> list[list[Any]]:
+    """Drawn edges ``[name, sender, targets, key, value]`` with their targets narrowed to the
+    heads that lead on: a grouped-query k/v edge is drawn into the query heads of its group
+    that have a drawn outgoing edge (all of them when none has, so nothing is lost), so no
+    head shows inputs without outputs because of its group. With ``prune`` (after ``top_n`` /
+    ``min_abs_score`` hid edges) the drawing is pruned like :func:`~circuitfind.graphs.
+    selection.prune_dangling`: edges into nodes with no drawn way on to the logits, and out of
+    nodes no drawn edge reaches (``input`` aside), go, until none is left."""
+    items = [[name, sender, tuple(targets), key, value]
+             for name, sender, targets, key, value in drawn]
+    while True:
+        senders = {it[1] for it in items}
+        reached = {t for it in items for t in it[2]}
+        changed = False
+        kept = []
+        for it in items:
+            alive = tuple(t for t in it[2] if t == "logits" or t in senders)
+            if prune and (not alive or (it[1] != "input" and it[1] not in reached)):
+                changed = True
+                continue
+            targets = alive or it[2]
+            changed |= targets != it[2]
+            kept.append([it[0], it[1], targets, it[3], it[4]])
+        items = kept
+        if not changed or not prune:
+            return items
 
 
 def _finite(value: float | None) -> bool:
@@ -284,6 +325,7 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
             -(abs(drawn[i][4]) if _finite(drawn[i][4]) else -1.0), i))
         keep = set(order[: opts.top_n])
         drawn = [it for i, it in enumerate(drawn) if i in keep]
+    drawn = _live_targets(drawn, prune=filtering)
 
     # ---- widths and colours
     top = max((abs(it[4]) for it in drawn if _finite(it[4])), default=0.0)
@@ -449,6 +491,12 @@ def _graphviz_from_scene(sc: Scene) -> graphviz.Digraph:
                   if len(upper) == 1 or len(lower) == 1]
         for a, b in pairs:
             dot.edge(a, b, style="invis", weight="100")
+    else:  # heads in index order within their row (dot would reorder them to cut crossings)
+        for members in rows.values():
+            ordered = sorted((n for n in sc.nodes if n.name in {m for m, _ in members}),
+                             key=lambda n: (n.slot is None, n.slot or 0, n.name))
+            for left, right in zip(ordered, ordered[1:]):
+                dot.edge(left.name, right.name, style="invis")
     # an invisible spine (one point per rank, chained) keeps later rows strictly below
     # earlier ones even when rows in between are absent
     spine: list[str] = []
@@ -565,41 +613,22 @@ def _matplotlib_missing() -> str | None:
 def _row_orders(sc: Scene) -> dict[str, float]:
     """Position of each node along its row (in slots, row centred on 0).
 
-    Fixed order: heads at their index, lone nodes in the middle. Otherwise nodes start in
-    head index order and four barycentre sweeps (down, up, down, up) reorder each row by the
-    mean position of its neighbours, the usual crossing-reduction heuristic of layered
-    drawings (Sugiyama et al. 1981); ties keep head index order, so the result is
-    deterministic.
+    Heads always stand in head index order, as in the Graphviz drawing (a reader looks for
+    ``a3.h7`` right of ``a3.h6``). Fixed order: heads at their index, with a slot for every
+    head of the model, lone nodes in the middle; otherwise the drawn heads side by side.
     """
     if sc.fixed_order:
         middle = (sc.n_slots - 1) / 2
         return {n.name: float(n.slot) - middle if n.slot is not None else 0.0 for n in sc.nodes}
-    rows: dict[int, list[str]] = {}
+    rows: dict[int, list[Any]] = {}
     for node in sc.nodes:
-        rows.setdefault(node.row, []).append(node.name)
-    neighbours: dict[str, list[str]] = {n.name: [] for n in sc.nodes}
-    for edge in sc.edges:
-        neighbours[edge.sender].append(edge.target)
-        neighbours[edge.target].append(edge.sender)
+        rows.setdefault(node.row, []).append(node)
     pos: dict[str, float] = {}
-
-    def place(members: list[str]) -> None:
-        middle = (len(members) - 1) / 2
-        for i, name in enumerate(members):
-            pos[name] = i - middle
-
     for members in rows.values():
-        place(members)
-    order = sorted(rows)
-    for sweep in range(4):
-        for row in (order if sweep % 2 == 0 else order[::-1]):
-            members = rows[row]
-            keys = {}
-            for i, name in enumerate(members):
-                around = [pos[m] for m in neighbours[name]]
-                keys[name] = (sum(around) / len(around) if around else pos[name], i)
-            rows[row] = sorted(members, key=keys.__getitem__)
-            place(rows[row])
+        members = sorted(members, key=lambda n: (n.slot is None, n.slot or 0, n.name))
+        middle = (len(members) - 1) / 2
+        for i, node in enumerate(members):
+            pos[node.name] = i - middle
     return pos
 
 

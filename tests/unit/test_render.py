@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from circuitfind.errors import CircuitFindError, ConfigError, UnknownNameError
-from circuitfind.graphs import Circuit, ComputeGraph, render, select_top_n
+from circuitfind.graphs import Circuit, ComputeGraph, prune_dangling, render, select_top_n
 from circuitfind.graphs.render import (_FALLBACK_SAID, EDGE_COLOURS, SIGN_COLOURS,
                                        RenderOptions, _deterministic_pdf, _row_orders,
                                        resolve_renderer, scene, to_dot)
@@ -122,10 +122,17 @@ def test_dot_source(tmp_path):
             width = float(line.split("penwidth=")[1].split()[0].strip('"'))
             assert 0.5 <= width <= 5.0
     assert "name mover" in source and "legend" in source
-    # a GQA k/v edge is drawn to every query head of its group
+    # a GQA k/v edge is drawn to the query heads of its group that lead on (have a drawn
+    # outgoing edge), or to all of them when none does
     kv_edges = [e for e in c.edges if ".kv" in e]
     assert kv_edges
-    assert source.count(f'tooltip="{kv_edges[0]} ') == GQA.group_size
+    sc = scene(c)
+    senders = {e.sender for e in sc.edges}
+    for name in kv_edges:
+        group = GQA.receivers[GQA.receiver_index(name.split("->")[1])].nodes
+        live = [h for h in group if h in senders]
+        assert sorted(e.target for e in sc.edges if e.name == name) == sorted(live or group)
+        assert source.count(f'tooltip="{name} ') == len(live or group)
 
 
 def test_widths_scale_with_scores_and_no_scores():
@@ -174,11 +181,20 @@ def test_filters_by_score():
     c = circuit(MHA, n=60)
     magnitudes = sorted((abs(v) for v in c.edge_scores().values()), reverse=True)
     top = scene(c, RenderOptions(top_n=10))
-    assert len(top.edges) == 10 and top.title.endswith(f"60/{MHA.n_edges} edges (10 drawn)")
-    assert min(abs(e.score) for e in top.edges) == pytest.approx(magnitudes[9])
+    # the top 10 by |score|, less the edges left dangling once the others are hidden (as
+    # prune_dangling would leave them): no node is drawn without a way in and a way on
+    names = sorted(c.edge_scores(), key=lambda n: -abs(c.edge_scores()[n]))[:10]
+    pruned = prune_dangling(Circuit.from_edges(MHA, names, scores=c.scores))
+    assert {e.name for e in top.edges} == set(pruned.edges) and 0 < len(top.edges) <= 10
+    assert top.title.endswith(f"60/{MHA.n_edges} edges ({len(top.edges)} drawn)")
+    for node in {e.sender for e in top.edges} - {"input"}:
+        assert any(e.target == node for e in top.edges), node
+    for node in {e.target for e in top.edges} - {"logits"}:
+        assert any(e.sender == node for e in top.edges), node
+    assert all(abs(e.score) >= magnitudes[9] - 1e-6 for e in top.edges)
     cut = magnitudes[20]
     above = scene(c, RenderOptions(min_abs_score=cut))
-    assert len(above.edges) == 21 and all(abs(e.score) >= cut for e in above.edges)
+    assert len(above.edges) <= 21 and all(abs(e.score) >= cut for e in above.edges)
     # nodes of hidden edges are hidden too; the widest edge keeps the full width
     assert {n.name for n in top.nodes} == {e.sender for e in top.edges} | {
         e.target for e in top.edges}
@@ -274,3 +290,34 @@ def test_missing_packages(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(CircuitFindError, match="pip install matplotlib"):
         render(circuit(), tmp_path / "c.svg", renderer="matplotlib")
+
+
+def test_heads_stand_in_index_order_and_titles_name_models_not_paths():
+    from circuitfind.graphs.render import _row_orders, model_display_name
+
+    c = circuit(MHA, n=60).with_metadata(model="/work/shared/models/stories260k")
+    sc = scene(c)
+    assert "model: stories260k" in sc.title and "/work" not in sc.title
+    assert model_display_name("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    pos = _row_orders(sc)  # the matplotlib layout
+    for row in {n.row for n in sc.nodes}:
+        heads = sorted((n for n in sc.nodes if n.row == row and n.kind == "attention"),
+                       key=lambda n: pos[n.name])
+        assert [n.slot for n in heads] == sorted(n.slot for n in heads)
+    source = to_dot(c)  # Graphviz: consecutive heads of a row chained left to right
+    for row in {n.row for n in sc.nodes}:
+        heads = sorted((n for n in sc.nodes if n.row == row and n.kind == "attention"),
+                       key=lambda n: n.slot)
+        for left, right in zip(heads, heads[1:]):
+            assert f'"{left.name}" -> "{right.name}" [style=invis]' in source
+
+
+def test_leaderboard_colours_belong_to_algorithms():
+    from circuitfind.benchmark.leaderboard import algorithm_styles
+
+    one = algorithm_styles(["eap", "acdc"])
+    two = algorithm_styles(["acdc", "exact", "eap_ig(steps=5)", "eap_ig(steps=10)", "eap"])
+    assert one["eap"][0] == two["eap"][0] and one["acdc"][0] == two["acdc"][0]
+    assert two["eap_ig(steps=5)"][0] == two["eap_ig(steps=10)"][0]  # one colour, two markers
+    assert two["eap_ig(steps=5)"][1:] != two["eap_ig(steps=10)"][1:]
+    assert len({two[a][0] for a in ("acdc", "exact", "eap", "eap_ig(steps=5)")}) == 4
