@@ -241,8 +241,12 @@ def tune(
     algorithm: str = typer.Option("acdc", "--algorithm", "-a", help="A pruning algorithm."),
     target: float = typer.Option(0.9, "--target", help="Normalized faithfulness to reach."),
     trials: int = typer.Option(20, "--trials", help="Trials this worker runs (0: create only)."),
-    low: float = typer.Option(1e-4, "--low", help="Smallest threshold tried (log scale)."),
-    high: float = typer.Option(1.0, "--high", help="Largest threshold tried."),
+    low: Optional[float] = typer.Option(
+        None, "--low", show_default="from the single-edge effects",
+        help="Smallest threshold tried (log scale); give --high too."),
+    high: Optional[float] = typer.Option(
+        None, "--high", show_default="from the single-edge effects",
+        help="Largest threshold tried."),
     storage: str = typer.Option("sqlite:///tune.db", "--storage",
                                 help="Optuna storage URL shared by all workers."),
     study: str = typer.Option("circuitfind-tune", "--study", help="Study name."),
@@ -266,9 +270,10 @@ def tune(
         typer.echo(f"{result.n_trials} trials in study {study!r}; none reached normalized "
                    f"faithfulness {target}")
     else:
-        typer.echo(f"{result.n_trials} trials in study {study!r}; best: threshold "
-                   f"{result.threshold:.6g}, {result.n_edges} edges, normalized faithfulness "
-                   f"{result.faithfulness:.4f} (target {target})")
+        typer.echo(f"{result.n_trials} trials in study {study!r}; best: τ "
+                   f"{result.threshold:.6g} → {result.n_edges} edges, normalized faithfulness "
+                   f"{result.faithfulness:.4f}: the smallest circuit reaching the target "
+                   f"{target} (ties: the largest τ)")
 
 
 @app.command(cls=_Command)

@@ -8,6 +8,14 @@ and measures the circuit's size and normalized faithfulness ``f = (m(C) - m(∅)
 less bad the closer it gets), so the best trial is the smallest circuit reaching the target.
 Each trial stores ``n_edges``, ``faithfulness`` and ``threshold`` as user attributes.
 
+The range. ACDC removes an edge when removing it worsens its objective by less than τ, so the
+useful τ lie within the spread of single-edge effects: a τ above them all prunes everything, one
+below them all keeps everything. Unless ``low``/``high`` are given, :func:`tau_range` measures
+the objective's change when each of up to 256 sampled edges is removed from the full model (one
+batched masked pass) and searches from a tenth of the median positive effect (most edges kept)
+to the largest (all but the few edges that matter most pruned); each trial is reported as ``τ → edges, faithfulness`` on the
+``circuitfind.progress`` logger (the command line prints it).
+
 Distributed. The study lives in an Optuna storage given as a URL: SQLite by default
 (``sqlite:///tune.db``), any Optuna RDB URL (PostgreSQL, MySQL) so that workers on several
 machines share one study: each worker runs the same command pointed at the same storage and
@@ -25,6 +33,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
+from circuitfind._progress import LOGGER as progress_log
 from circuitfind.algorithms.base import ALGORITHMS, get_algorithm
 from circuitfind.api import build_data
 from circuitfind.benchmark.storage import open_storage, optuna_module
@@ -85,8 +96,49 @@ def create_study(storage: str = DEFAULT_STORAGE, study_name: str = "circuitfind-
                                sampler=optuna.samplers.TPESampler(seed=seed))
 
 
+SAMPLED_EDGES = 256
+"""Edges whose single-edge effects set the automatic τ range."""
+
+
+def tau_range(engine: PatchingEngine, data: TaskData, objective: str = "kl",
+              sample: int = SAMPLED_EDGES, seed: int = 0) -> tuple[float, float, int]:
+    """The τ range worth searching, from single-edge effects (see the module docstring).
+
+    Args:
+        engine: The engine over the model.
+        data: Task data.
+        objective: ACDC's objective (``"kl"`` or ``"metric"``).
+        sample: Edges to measure (all when the graph has fewer).
+        seed: Sampling seed.
+
+    Returns:
+        ``(low, high, measured edges)``; ``(1e-4, 1.0, n)`` when no edge matters at all.
+    """
+    from circuitfind.algorithms.objective import Objective
+
+    g = engine.graph
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(g.n_edges, generator=gen)[:sample]
+    pairs = g.edge_pairs[ids]
+    full = g.full_mask(engine.dtype)
+    masks = full.expand(len(ids), -1, -1).clone()
+    masks[torch.arange(len(ids)), pairs[:, 0], pairs[:, 1]] = 0
+    obj = Objective(objective)
+    obj.prepare(engine, data)
+    values = obj.evaluate(engine, data, torch.cat([full[None], masks]))
+    effects = (values[1:] - values[0]).abs() if objective == "metric" else values[1:] - values[0]
+    positive = effects[effects > 0]
+    if not len(positive):
+        return 1e-4, 1.0, len(ids)
+    # a tenth of the median effect keeps most edges; the largest effect prunes all but the
+    # few that matter most
+    low = float(torch.quantile(positive, 0.5)) / 10
+    high = float(positive.max())
+    return low, max(high, low * 100), len(ids)
+
+
 def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: float = 0.9,
-         n_trials: int = 20, low: float = 1e-4, high: float = 1.0,
+         n_trials: int = 20, low: float | None = None, high: float | None = None,
          storage: str = DEFAULT_STORAGE, study_name: str = "circuitfind-tune",
          data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
          algorithm_params: dict[str, Any] | None = None, device: str | None = None,
@@ -99,7 +151,8 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
         algorithm: A pruning algorithm with a ``threshold`` parameter (``acdc``).
         target: Normalized faithfulness to reach, in (0, 1] (default 0.9).
         n_trials: Trials this worker runs (0: only create the study).
-        low, high: Search range of τ (log scale), ``0 < low < high``.
+        low, high: Search range of τ (log scale), ``0 < low < high`` (default: from the
+            single-edge effects, :func:`tau_range`).
         storage: Optuna storage URL (default ``sqlite:///tune.db`` in the working directory).
         study_name: Study name (workers sharing a study use the same one).
         data, n_examples, seed: Task data, or how to build it.
@@ -119,7 +172,10 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
         raise ConfigError(f"target must be a normalized faithfulness in (0, 1]; got {target!r}.")
     if not (isinstance(n_trials, int) and n_trials >= 0):
         raise ConfigError(f"n_trials must be an int >= 0; got {n_trials!r}.")
-    if not (0 < low < high and math.isfinite(high)):
+    if (low is None) != (high is None):
+        raise ConfigError("Give both ends of the threshold range (low and high), or neither "
+                          "(then it is derived from the single-edge effects).")
+    if low is not None and not (0 < low < high and math.isfinite(high)):  # type: ignore[operator]
         raise ConfigError(f"The threshold range must satisfy 0 < low < high < inf; got "
                           f"low={low}, high={high}.")
     params = dict(algorithm_params or {})
@@ -131,6 +187,21 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
                           f"{algorithm!r} has none.")
     params.setdefault("progress", False)
     get_algorithm(algorithm, **params)  # validate before loading anything
+    optuna = optuna_module()
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our one line per trial instead
+    try:
+        return _tune(model, task, algorithm, target, n_trials, low, high, storage, study_name,
+                     data, n_examples, seed, params, device, sampler_seed)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials: int,
+          low: float | None, high: float | None, storage: str, study_name: str,
+          data: TaskData | None, n_examples: int, seed: int, params: dict[str, Any],
+          device: str | None, sampler_seed: int | None) -> TuneResult:
+    """:func:`tune` after its arguments are checked."""
     study = create_study(storage, study_name, seed if sampler_seed is None else sampler_seed)
     if n_trials:
         if data is None and task is None:
@@ -140,6 +211,10 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
             data = build_data(model, task, n_examples, seed)  # type: ignore[arg-type]
         engine = PatchingEngine(model)
         total = engine.graph.n_edges
+        if low is None:
+            low, high, measured = tau_range(engine, data, params.get("objective", "kl"))
+            progress_log.info(f"τ range {low:.3g} to {high:.3g}, from the effects of "
+                              f"{measured} single edges")
 
         def objective(trial: Any) -> float:
             tau = trial.suggest_float("threshold", low, high, log=True)
@@ -148,6 +223,9 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
             trial.set_user_attr("n_edges", circuit.n_edges)
             trial.set_user_attr("faithfulness", faith)
             trial.set_user_attr("threshold", tau)
+            mark = " (reaches the target)" if faith >= target else ""
+            progress_log.info(f"trial {trial.number}: τ {tau:.4g} → {circuit.n_edges} of "
+                              f"{total} edges, faithfulness {faith:.3f}{mark}")
             if math.isnan(faith):
                 return float(2 * total)
             return float(circuit.n_edges if faith >= target else total + total * (target - faith))

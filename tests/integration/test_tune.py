@@ -34,8 +34,34 @@ def test_tune_finds_the_smallest_circuit_reaching_the_target(tiny_dir, tmp_path)
         assert result.threshold is None
 
 
+def test_the_default_range_comes_from_the_data_and_trials_land_in_it(tmp_path, caplog):
+    """No range given: τ spans the single-edge effects, so the trials give circuits between
+    empty and full (the old fixed range put 8 of 8 outside on stories260k), and each trial is
+    reported as τ → edges, faithfulness."""
+    import logging
+
+    from circuitfind.benchmark.tune import tau_range
+
+    model = cf.load_model("zoo:ioi-small", device="cpu")
+    data = cf.build_data(model, "ioi", n=12)
+    low, high, measured = tau_range(cf.PatchingEngine(model), data)
+    assert 0 < low < high and measured == 110
+    with caplog.at_level(logging.INFO, logger="circuitfind.progress"):
+        result = cf.tune(model, data=data, n_trials=6, storage=f"sqlite:///{tmp_path / 'd.db'}",
+                         study_name="d")
+    trials = create_study(f"sqlite:///{tmp_path / 'd.db'}", "d").get_trials()
+    sizes = [t.user_attrs["n_edges"] for t in trials]
+    assert sum(0 < n < 110 for n in sizes) >= 5, sizes
+    assert all(low <= t.user_attrs["threshold"] <= high for t in trials)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ")]
+    assert len(lines) == 6 and all("τ" in line and "edges, faithfulness" in line
+                                   for line in lines)
+    assert result.n_trials == 6
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": 0}, "target"), ({"low": 0.1, "high": 0.01}, "0 < low < high"),
+    ({"low": 0.1}, "both ends"),
     ({"algorithm": "eap"}, "pruning algorithm"),
     ({"algorithm_params": {"threshold": 0.1}}, "searches the threshold")])
 def test_tune_bad_input(tmp_path, kwargs, message):
@@ -49,7 +75,8 @@ def test_two_workers_share_one_sqlite_study(tiny_dir, tmp_path, cli_workers):
     create_study(storage, "shared")  # before the workers: creation on fresh SQLite races
     outputs = cli_workers(*[
         ["tune", "--model", str(tiny_dir), "--task", "induction", "--trials", "2", "--examples",
-         "6", "--storage", storage, "--study", "shared", "--target", "0.5", "--high", "0.1",
+         "6", "--storage", storage, "--study", "shared", "--target", "0.5", "--low", "1e-4",
+         "--high", "0.1",
          "--sampler-seed", str(i)] for i in range(2)])
     for out in outputs:
         assert out.returncode == 0, out.stderr
