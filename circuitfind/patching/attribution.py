@@ -227,8 +227,10 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         attn = lay.attn_out(layer, z)
         if f"a{layer}" in moved:
             attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
-        x = x + attn
-        branch = x + 0  # the MLP's own input: its gradient is the MLP receiver's
+        x_in, x = x, x + attn
+        # the MLP's own input (the block's input in parallel blocks): its gradient is the
+        # MLP receiver's
+        branch = (x_in if lay.parallel else x) + 0
         u = g.mlp_index[layer]
         if f"m{layer}" not in blocked:
             branch.register_hook(on_receiver(g.mlp_receiver[layer], u, layer))

@@ -390,10 +390,12 @@ class MaskedPass:
                 current[:, dyn_slot[u]] = self.clean_minus_ablated(u)
         return x_mid.view(k_masks * n, t, d)
 
-    def mlp_block(self, layer: int, x: Tensor, last: bool) -> Tensor:
-        """The MLP of ``layer`` on the residual after attention ``x [K*n, T|P, d]``."""
+    def mlp_block(self, layer: int, x: Tensor, last: bool, x_in: Tensor | None = None) -> Tensor:
+        """The MLP of ``layer`` added to the residual after attention ``x [K*n, T|P, d]``; in
+        a parallel block the MLP reads the block's input ``x_in`` (same shape) instead."""
         d, dense_layers, dyn_slot, g = self.d, self.dense_layers, self.dyn_slot, self.g
         k_masks, lay, n, touched_cpu = self.k_masks, self.lay, self.n, self.touched_cpu
+        out, x = x, (x_in if lay.parallel else x)
         r = g.mlp_receiver[layer]
         if (layer in dense_layers and not last
                 and 2 * int(touched_cpu[:, r].sum()) >= k_masks):
@@ -407,7 +409,7 @@ class MaskedPass:
         u = g.mlp_index[layer]
         if u in dyn_slot:
             self.put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last)
-        return x + m
+        return out + m
 
     def kept_form(self) -> Tensor:
         """Blocks ``start..`` and the logits in kept form: only senders in ``dynamic`` are
@@ -621,17 +623,19 @@ class MaskedPass:
                                   out=current[:, i0: i0 + nh].view(k_masks, nh, n, t, d))
                 if last:
                     x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
-                x = x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, -1, d)
-                x = self.mlp_block(layer, x, last)
+                x_in, x = x, x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, -1, d)
+                x = self.mlp_block(layer, x, last, x_in)
                 continue
             patches = self.deltas(qkv_of[layer])
             if layer == start:
                 x_mid = self.sparse_attention(layer, patches)
                 if x_mid is not None:
-                    x = x_mid
+                    x_in, x = x, x_mid  # the block's input: the clean residual, per mask
                     if last:
                         x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
-                    x = self.mlp_block(layer, x, last)
+                        x_in = self.at_positions(x_in.view(k_masks, n, t, d)).view(
+                            k_masks * n, n_pos, d)
+                    x = self.mlp_block(layer, x, last, x_in)
                     continue
             # the shared path: one norm and projection for all heads; the touched receivers
             # of each mask recomputed from their own inputs
@@ -657,8 +661,8 @@ class MaskedPass:
                 self.put(i0, res, last)
             if last:
                 x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
-            x = x + lay.attn_out(layer, z)
-            x = self.mlp_block(layer, x, last)
+            x_in, x = x, x + lay.attn_out(layer, z)
+            x = self.mlp_block(layer, x, last, x_in)
         x = x.view(k_masks, n, -1, d)
         xf = x if start < g.n_layers else self.at_positions(x)  # [K, n, P, d]
         for _, ks, dlt in self.deltas([g.n_receivers - 1]):

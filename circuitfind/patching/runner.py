@@ -73,6 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from circuitfind.errors import ConfigError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 from circuitfind.patching.attribution import attribute
@@ -108,19 +109,32 @@ def block_runner(model: Any, graph: ComputeGraph) -> BlockRunner | None:
         graph: The model's graph.
 
     Returns:
-        A runner, or ``None`` when the architecture (or a graph feature such as parallel
-        attention/MLP) is not one the runner implements; callers then use the bridge's forward.
+        A runner, or ``None`` when no adapter implements the model's class (or the graph is
+        attention-only); callers then use the bridge's forward.
+
+    Raises:
+        ConfigError: the graph's wiring (parallel or sequential attention and MLP) is not the
+            model's.
     """
     hf = unwrap(getattr(model, "original_model", model))
     name = type(hf).__name__
     arch = architecture_for(name)
-    if arch is None or graph.parallel_attn_mlp or graph.attn_only:
-        warnings.warn(f"circuitfind's block runner does not implement {name} "
-                      f"(known: {', '.join(supported())}); masked passes fall back to the "
-                      "bridge's full forward with hooks (correct, but slower and unable to start "
-                      "at a later layer).", RuntimeWarning, stacklevel=2)
-        return None
-    return BlockRunner(arch(hf, graph.n_heads, graph.n_kv_heads), graph)
+    if arch is not None and graph.attn_only:
+        arch = None
+    if arch is not None:
+        adapter = arch(hf, graph.n_heads, graph.n_kv_heads)
+        if adapter.parallel != graph.parallel_attn_mlp:
+            raise ConfigError(f"The graph ({graph}) says attention and MLP run "
+                              f"{'in parallel' if graph.parallel_attn_mlp else 'in sequence'}, "
+                              f"but this {name} runs them "
+                              f"{'in parallel' if adapter.parallel else 'in sequence'}; build "
+                              "the graph from this model (ComputeGraph.from_model).")
+        return BlockRunner(adapter, graph)
+    warnings.warn(f"circuitfind's block runner does not implement {name} "
+                  f"(known: {', '.join(supported())}); masked passes fall back to the "
+                  "bridge's full forward with hooks (correct, but slower and unable to start "
+                  "at a later layer).", RuntimeWarning, stacklevel=2)
+    return None
 
 
 class BlockRunner:
@@ -163,9 +177,9 @@ class BlockRunner:
             h0 = g.head_start[layer]
             res = lay.head_results(layer, z, all_heads)  # [N, T, H, d]
             senders[h0: h0 + g.n_heads] = res.permute(2, 0, 1, 3)
-            x = x + lay.attn_from_heads(layer, res, 2)
+            x_in, x = x, x + lay.attn_from_heads(layer, res, 2)
             mid[layer] = x
-            m = lay.mlp(layer, lay.ln_mlp(layer, x))
+            m = lay.mlp(layer, lay.ln_mlp(layer, x_in if lay.parallel else x))
             senders[g.mlp_index[layer]] = m
             x = x + m
         resid[g.n_layers] = x
@@ -192,7 +206,8 @@ class BlockRunner:
 
         Returns:
             ``(pre [L+1, n, t, d], mid [L, n, t, d])``: entering each block (and the final
-            norm), and after each block's attention (the MLP input).
+            norm), and the MLP input (after each block's attention; the block's input in
+            parallel blocks).
         """
         g, lay = self.graph, self.arch
         d = ablated.shape[-1]
@@ -204,13 +219,16 @@ class BlockRunner:
             acc += ablated[done: g.head_start[layer]].sum(0)
             done = g.head_start[layer]
             pre[layer] = acc
+            if lay.parallel:
+                mid[layer] = acc
             end = g.mlp_index[layer]
             acc += ablated[done: end].sum(0)
             _, bias = lay.w_out(layer)
             if bias is not None:
                 acc += bias
             done = end
-            mid[layer] = acc
+            if not lay.parallel:
+                mid[layer] = acc
         acc += ablated[done:].sum(0)
         pre[g.n_layers] = acc
         return pre, mid

@@ -39,6 +39,8 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  {"rotary_pct": 0.5, "use_parallel_residual": True}),
+    "gpt_neox_seq": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                     {"rotary_pct": 0.5, "use_parallel_residual": False}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
@@ -88,7 +90,7 @@ def make_tiny_model_dir(path: str | Path, arch: str = "gpt2", n_layers: int = 2,
             num_hidden_layers=n_layers, num_attention_heads=n_heads, hidden_size=d_model,
             intermediate_size=2 * d_model, vocab_size=vocab_size, max_position_embeddings=n_ctx,
             bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
-        if arch != "gpt_neox":
+        if not arch.startswith("gpt_neox"):
             kwargs["num_key_value_heads"] = n_kv_heads or n_heads
         elif n_kv_heads not in (None, n_heads):
             raise ConfigError("GPT-NeoX has no grouped-query attention; leave n_kv_heads unset.")

@@ -22,6 +22,8 @@ from tolerances import EPS32, ULPS, atol_for
 
 # family -> tiny-model settings; adding a family = one entry here and its adapter module
 FAMILIES = {
+    "gpt_neox": dict(arch="gpt_neox", n_layers=3, seed=7),  # parallel attention and MLP
+    "gpt_neox_seq": dict(arch="gpt_neox_seq", n_layers=3, seed=8),
     "llama": dict(arch="llama", n_layers=3, n_kv_heads=2, seed=3),
     "mistral": dict(arch="mistral", n_layers=3, n_kv_heads=2, seed=4),
     "qwen2": dict(arch="qwen2", n_layers=3, n_kv_heads=2, seed=5),
@@ -290,7 +292,8 @@ def test_acdc_exact_mode_equals_sequential_acdc_and_resumes(family_models, tmp_p
     model = family_models(name)
     data = ToyTask(seq_len=SEQ - 1).build(model.tokenizer, 3, seed=1)
     engine = PatchingEngine(model)
-    tau = 1.3e-3 if name == "qwen3" else 1e-3  # clear of every measured effect (checked)
+    # τ clear of every measured effect (the test checks it)
+    tau = {"qwen3": 1.3e-3, "gpt_neox": 1.3e-3}.get(name, 1e-3)
     algo = ACDC(threshold=tau, progress=False)
     circuit = algo.discover(engine, data)
     reference = slow_acdc(model, data, tau)
@@ -313,3 +316,22 @@ def test_acdc_exact_mode_equals_sequential_acdc_and_resumes(family_models, tmp_p
     resumed = algo.discover(engine, data, RunContext(checkpoint=ckpt, progress=False))
     assert torch.equal(resumed.kept, circuit.kept)
     torch.testing.assert_close(resumed.scores, circuit.scores, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("name, feature", [
+    ("qwen3", "qk_norm"), ("mistral", "window"), ("qwen2", "window"), ("gpt_neox", "parallel"),
+    ("gpt_neox", "rotate")])
+def test_dropping_a_family_feature_from_its_adapter_is_caught(family_models, name, feature):
+    """Mutation check: an adapter without its q/k norm, sliding window, parallel wiring or
+    (partial) rotary no longer matches Hugging Face, so the tests above would fail."""
+    model = family_models(name)
+    engine = PatchingEngine(model)
+    arch = engine.runner.arch
+    dropped = {"qk_norm": lambda layer, q, k: (q, k), "window": lambda layer: None,
+               "parallel": False, "rotate": lambda q, k: (q, k)}[feature]
+    setattr(arch, feature, dropped)
+    tokens = torch.randint(3, 64, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = _plain_hf(model)(tokens).logits
+    ours = engine.runner.logits(tokens)
+    assert (ours - plain).abs().max() > 100 * _precision(torch.float64) * plain.abs().max()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from circuitfind.patching.architectures import (  # noqa: F401  (each registers itself)
     gpt2,
+    gpt_neox,
     llama,
     mistral,
     qwen2,

@@ -136,6 +136,7 @@ class Architecture:
         return q, k
 
     attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
+    parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
 
     def window(self, layer: int) -> int | None:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""
