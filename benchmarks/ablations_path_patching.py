@@ -25,7 +25,7 @@ import circuitfind as cf
 from _results import write_results  # benchmarks/_results.py (scripts run from benchmarks/)
 from circuitfind.algorithms import EAP, ExactPatching, PathPatching
 from circuitfind.evaluation import evaluate
-from circuitfind.graphs.circuit import prune_dangling, select_top_n
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 
 KINDS = ("resample", "zero", "mean", "mean_positional")
 

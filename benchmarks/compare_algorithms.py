@@ -37,7 +37,7 @@ from _results import write_results  # benchmarks/_results.py (scripts run from b
 from bench_eap import _malloc_trim, peak_rss_delta
 from circuitfind import zoo
 from circuitfind.evaluation import edge_roc, evaluate
-from circuitfind.graphs.circuit import prune_dangling, select_top_n
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 METHODS = [("eap", "eap", {}), ("eap_ig_inputs", "eap_ig", {"interpolation": "inputs"}),

@@ -22,7 +22,7 @@ import circuitfind as cf
 from _results import write_results  # benchmarks/_results.py (scripts run from benchmarks/)
 from circuitfind.algorithms import EAP, ExactPatching
 from circuitfind.evaluation import evaluate, faithfulness_curve
-from circuitfind.graphs.circuit import prune_dangling, select_top_n
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 
 
 def main() -> None:

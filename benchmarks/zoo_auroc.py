@@ -21,7 +21,7 @@ import circuitfind as cf
 from _results import write_results  # benchmarks/_results.py (scripts run from benchmarks/)
 from circuitfind import zoo
 from circuitfind.evaluation import edge_roc, node_roc
-from circuitfind.graphs.circuit import prune_dangling, select_top_n
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 
 
 def main() -> None:

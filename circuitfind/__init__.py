@@ -9,12 +9,12 @@
 """
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from circuitfind.api import build_data, check, discover, score_edges
+from circuitfind.api import build_data, check, discover, export_mib, score_edges
 from circuitfind.benchmark import bench, leaderboard, tune
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
 from circuitfind.evaluation.compare import compare
-from circuitfind.graphs import Circuit, ComputeGraph, export_mib, import_mib
+from circuitfind.graphs import Circuit, ComputeGraph, import_mib
 from circuitfind.graphs.render import RenderOptions
 from circuitfind.models import load_model
 from circuitfind.outputs import write_run

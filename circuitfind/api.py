@@ -10,8 +10,10 @@ circuit is kept as is (no re-selection, no pruning), and ``threshold`` is their 
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +30,12 @@ from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.graphs.selection import prune_dangling, select_threshold, select_top_n
-from circuitfind.models import load_model, resolve_model_source
+from circuitfind.graphs import mib
+from circuitfind.models import config_d_model, load_model, resolve_model_source
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import Ablation, parse_memory
-from circuitfind.tasks.base import Task, TaskData, get_task
+from circuitfind.tasks.base import Task, TaskData
+from circuitfind.tasks.lookup import get_task
 
 
 def build_data(model: Any, task: str | Task, n: int | None = None, seed: int = 0) -> TaskData:
@@ -235,6 +239,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         task_arguments=data.task.arguments(),
         task_description=data.task.description, metric=data.task.metric_name,
         metric_unit=data.task.metric_unit, higher_is_better=data.task.higher_is_better,
+        d_model=engine.d_model,
         scores=meaning.to_dict(), algorithm=algo.name, algorithm_params=algo.get_params(),
         ablation=spec.to_dict(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
@@ -300,3 +305,34 @@ def check(model: Any, task: str | Task | None = None, data: TaskData | None = No
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     return check_data(model, data, per_example=per_example, model_name=str(model_name))
+
+
+def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str], *,
+               graph: ComputeGraph | None = None, d_model: int | None = None,
+               task: str | None = None, model: str | None = None,
+               higher_is_better: bool | None = None, provenance: bool = True,
+               overwrite: bool = False) -> Path:
+    """Write MIB circuit-track JSON: :func:`circuitfind.graphs.mib.export_mib`, reading
+    ``d_model`` from the model's config (:func:`~circuitfind.models.config_d_model`) when
+    neither ``d_model`` nor the circuit's metadata give it (circuits saved before
+    :func:`discover` recorded it).
+
+    Args:
+        circuit_or_scores, path, graph, d_model, task, model, higher_is_better, provenance,
+            overwrite: As in :func:`circuitfind.graphs.mib.export_mib`.
+
+    Returns:
+        The file written.
+
+    Raises:
+        ConfigError: as :func:`circuitfind.graphs.mib.export_mib`; no config to read
+            ``d_model`` from.
+        OutputExistsError: the file exists and ``overwrite`` is False.
+    """
+    if (d_model is None and isinstance(circuit_or_scores, Circuit)
+            and circuit_or_scores.metadata.get("d_model") is None
+            and circuit_or_scores.metadata.get("model")):
+        d_model = config_d_model(str(circuit_or_scores.metadata["model"]))
+    return mib.export_mib(circuit_or_scores, path, graph=graph, d_model=d_model, task=task,
+                          model=model, higher_is_better=higher_is_better,
+                          provenance=provenance, overwrite=overwrite)

@@ -430,7 +430,7 @@ def export(
 ) -> None:
     """Export a saved circuit (kept edges and all edge scores) for the MIB circuit track."""
     from circuitfind.graphs.circuit import Circuit
-    from circuitfind.graphs.mib import export_mib
+    from circuitfind.api import export_mib
 
     fmt = format.strip().lower()
     if fmt not in EXPORT_FORMATS:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from circuitfind._progress import bars_wanted
 from circuitfind.errors import ConfigError, ModelLoadError
 
 ZOO_PREFIX = "zoo:"
-"""Prefix of zoo organism model names (``zoo:induction-2l``)."""
 
 
 def zoo_name(source: Any) -> str | None:
@@ -41,6 +40,35 @@ def zoo_name(source: Any) -> str | None:
 def zoo_source(name: str) -> str:
     """The model argument naming a zoo organism: ``zoo_source("ioi-small") == "zoo:ioi-small"``."""
     return ZOO_PREFIX + (zoo_name(name) or name)
+
+
+_SOURCE_DIRS: dict[str, Callable[[str], Path]] = {}
+
+
+def register_model_source(prefix: str, directory: Callable[[str], Path]) -> None:
+    """Let model arguments ``PREFIX + NAME`` name the directory ``directory(NAME)``.
+
+    The zoo registers ``zoo:`` when :mod:`circuitfind.zoo` is imported (as ``import
+    circuitfind`` does); a package of model organisms can register its own prefix.
+
+    Raises:
+        ConfigError: a prefix that is empty or does not end with ``:``.
+    """
+    if not prefix.endswith(":") or len(prefix) < 2:
+        raise ConfigError(f"A model-source prefix ends with ':' (like 'zoo:'); got {prefix!r}.")
+    _SOURCE_DIRS[prefix] = directory
+
+
+def _source_dir(prefix: str, name: str) -> Path:
+    """The directory ``prefix + name`` names (``import circuitfind`` registers the zoo).
+
+    Raises:
+        ConfigError: nothing registered ``prefix``.
+    """
+    if prefix not in _SOURCE_DIRS:
+        raise ConfigError(f"No model source is registered for {prefix!r}; import circuitfind "
+                          "(its zoo registers 'zoo:').")
+    return _SOURCE_DIRS[prefix](name)
 
 
 @dataclass(frozen=True)
@@ -82,9 +110,7 @@ def resolve_model_source(source: Any) -> ModelSource:
                           f"TransformerBridge; got {type(source).__name__}.")
     organism = zoo_name(source)
     if organism is not None:
-        from circuitfind.zoo import zoo_model_dir  # lazy: zoo is optional data
-
-        return ModelSource("zoo", str(zoo_model_dir(organism)), zoo_source(organism))
+        return ModelSource("zoo", str(_source_dir(ZOO_PREFIX, organism)), zoo_source(organism))
     name = os.fspath(source)
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") \
@@ -234,3 +260,37 @@ def _load_failure_message(name: str, local: bool, err: Exception) -> str:
             f"({text}). If this machine is offline, download the model elsewhere "
             f"(`huggingface-cli download {name} --local-dir DIR`) and pass that directory, "
             "e.g. `--model DIR` or `cf.load_model('DIR')`.")
+
+
+def config_d_model(model: str) -> int:
+    """The residual width (``n_embd``, ``hidden_size`` or ``d_model``) of a model named as
+    :func:`circuitfind.discover` records it: a local directory's or zoo organism's
+    ``config.json``, or a hub model's config in the Hugging Face cache (nothing is downloaded).
+
+    Raises:
+        ConfigError: no config to read, or no width in it.
+    """
+    import json
+
+    hint = "pass d_model= (the model's hidden size; --d-model on the command line)."
+    organism = zoo_name(str(model))
+    if organism is not None:
+        directory: Path | None = _source_dir(ZOO_PREFIX, organism)
+    else:
+        directory = Path(str(model)).expanduser()
+    if directory is not None and (directory / "config.json").is_file():
+        config = json.loads((directory / "config.json").read_text())
+    else:  # a hub name: its config, if the Hugging Face cache holds it
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(model), local_files_only=True).to_dict()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"Cannot read the config of {model!r} (not a local model "
+                              f"directory, not in the Hugging Face cache); {hint}") from err
+    for key in ("n_embd", "hidden_size", "d_model"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    raise ConfigError(f"The config of {model!r} has no n_embd/hidden_size/d_model; {hint}")
+
+

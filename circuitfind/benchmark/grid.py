@@ -124,7 +124,7 @@ from circuitfind.patching.spec import (
     Ablation,
     parse_memory,
 )
-from circuitfind.tasks.base import get_task
+from circuitfind.tasks.lookup import get_task
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,14 +16,12 @@ This module holds the value type and its validation. The other jobs live next to
   (``circuit.to_json``, ``Circuit.load``, ``circuit.to_networkx`` ...);
 - :mod:`circuitfind.graphs.render`: drawings (``circuit.render``).
 
-``select_top_n``, ``select_threshold``, ``prune_dangling``, ``FORMAT_NAME`` and
-``FORMAT_VERSION`` can still be imported from here (they are looked up in their modules on first
-use, so that those modules can import :class:`Circuit` without an import cycle).
+Those modules import :class:`Circuit`; the thin methods import them when called (the one
+place the graphs package imports in both directions, kept to method bodies).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -43,22 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from circuitfind.graphs.render import RenderOptions
 
 __all__ = ["Circuit", "check_graph", "check_scores"]
-
-# names that moved out of this module, still importable from it: name -> module
-_MOVED = {"select_top_n": "circuitfind.graphs.selection",
-          "select_threshold": "circuitfind.graphs.selection",
-          "prune_dangling": "circuitfind.graphs.selection",
-          "FORMAT_NAME": "circuitfind.graphs.io",
-          "FORMAT_VERSION": "circuitfind.graphs.io"}
-
-
-def __getattr__(name: str) -> Any:
-    """The names in ``_MOVED``, from their modules (PEP 562)."""
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
 
 # ---------------------------------------------------------------------------------- validation
 def check_graph(graph: Any, where: str) -> ComputeGraph:

@@ -185,46 +185,22 @@ def _check_d_model(d_model: Any) -> int:
 
 
 def resolve_d_model(circuit: Circuit, d_model: int | None = None) -> int:
-    """The residual width for MIB's ``cfg``: ``d_model``, else the metadata's, else the model's.
+    """The residual width for MIB's ``cfg``: ``d_model``, else ``metadata["d_model"]``.
 
-    A circuit's graph does not record ``d_model``; it is read from ``metadata["d_model"]`` or,
-    for a local or zoo model named in ``metadata["model"]``, from its ``config.json``
-    (``n_embd``, ``hidden_size`` or ``d_model``), or for a hub name from the Hugging Face cache.
+    :func:`circuitfind.discover` records ``d_model``; for an older circuit,
+    :func:`circuitfind.export_mib` reads it from the model's config
+    (:func:`circuitfind.models.config_d_model`).
 
     Raises:
-        ConfigError: no way to find it (pass ``d_model``).
+        ConfigError: neither is given (pass ``d_model``).
     """
     if d_model is not None:
         return _check_d_model(d_model)
     if circuit.metadata.get("d_model") is not None:
         return _check_d_model(circuit.metadata["d_model"])
-    model = circuit.metadata.get("model")
-    hint = "pass d_model= (the model's hidden size; --d-model on the command line)."
-    if not model:
-        raise ConfigError(f"The circuit's metadata name no model to read d_model from; {hint}")
-    from circuitfind.models import zoo_name
-
-    organism = zoo_name(str(model))
-    if organism is not None:
-        from circuitfind.zoo import zoo_model_dir
-
-        directory: Path | None = zoo_model_dir(organism)
-    else:
-        directory = Path(str(model)).expanduser()
-    if directory is not None and (directory / "config.json").is_file():
-        config = json.loads((directory / "config.json").read_text())
-    else:  # a hub name: its config, if the Hugging Face cache holds it
-        try:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(str(model), local_files_only=True).to_dict()
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"Cannot read the config of {model!r} (not a local model "
-                              f"directory, not in the Hugging Face cache); {hint}") from err
-    for key in ("n_embd", "hidden_size", "d_model"):
-        if isinstance(config.get(key), int):
-            return _check_d_model(config[key])
-    raise ConfigError(f"The config of {model!r} has no n_embd/hidden_size/d_model; {hint}")
+    raise ConfigError("The circuit's metadata do not record d_model; pass d_model= (the "
+                      "model's hidden size; --d-model on the command line), or export with "
+                      "circuitfind.export_mib, which reads it from the model's config.")
 
 
 def _mib_sign(circuit: Circuit, higher_is_better: bool | None) -> float:

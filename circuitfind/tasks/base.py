@@ -270,55 +270,5 @@ class Task(ABC):
 TASKS: Registry[type[Task]] = Registry("task", entry_point_group="circuitfind.tasks")
 
 
-def get_task(name: str | os.PathLike[str] | Task, metric: str | None = None,
-             first_token: bool = False) -> Task:
-    """Resolve a task argument: a Task, a registered task name, or a prompt/task file.
-
-    This is the one place task arguments are resolved (CLI, :func:`circuitfind.discover`,
-    :func:`circuitfind.build_data`). A path, or a string with a suffix (``.jsonl``, ``.csv``,
-    ``.json``) or a directory part, is a file (:func:`circuitfind.tasks.files.load_task_file`);
-    any other string is a registry name (dashes accepted).
-
-    Args:
-        name: The task argument.
-        metric: For a prompt file: the metric (``logit_diff``, ``prob_diff``, ``log_prob``,
-            ``kl``), overriding the file's own ``metric``. Rejected for registered tasks,
-            whose metric is part of their definition.
-        first_token: For a prompt file: score multi-token answers by their first token instead
-            of rejecting them.
-
-    Returns:
-        A :class:`Task` instance.
-
-    Raises:
-        UnknownNameError: no such registered task; the message lists them.
-        ConfigError: a file path that does not exist (the message says that names without a
-            suffix are registry names), an unsupported suffix, or ``metric``/``first_token``
-            given for a registered task.
-        TaskDataError: the file's rows are malformed (every problem is listed).
-    """
-    if isinstance(name, Task):
-        task: Task = name
-    elif isinstance(name, (str, os.PathLike)) and _looks_like_file(name):
-        from circuitfind.tasks.files import load_task_file
-
-        return load_task_file(name, metric=metric, first_token=first_token)
-    elif isinstance(name, str):
-        task = TASKS.get(name)()
-    else:
-        raise ConfigError(f"A task must be a task name, a prompt file or a Task; got "
-                          f"{type(name).__name__}.")
-    if metric is not None or first_token:
-        raise ConfigError(f"--metric and --first-token apply to prompt files; the task "
-                          f"{task.name!r} defines its own metric and answers.")
-    return task
-
-
 TASK_FILE_SUFFIXES = (".jsonl", ".csv", ".json")
 """Suffixes of task files :func:`get_task` reads."""
-
-
-def _looks_like_file(name: str | os.PathLike[str]) -> bool:
-    """Registry names are identifiers: anything with a suffix or a directory part is a path."""
-    text = os.fspath(name)
-    return isinstance(name, os.PathLike) or bool(Path(text).suffix) or os.sep in text or "/" in text

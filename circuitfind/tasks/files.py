@@ -63,7 +63,7 @@ from circuitfind.tasks.base import TASK_FILE_SUFFIXES, TASKS, Task, TaskData
 from circuitfind.tasks.metrics import kl_div
 from circuitfind.tasks.tokens import bos_id, encode, pad_id
 
-__all__ = ["METRICS", "PromptRow", "PromptTask", "load_task_file", "read_rows"]
+__all__ = ["METRICS", "PromptRow", "PromptTask", "load_prompt_file", "read_rows"]
 
 METRICS: dict[str, tuple[str, str, bool]] = {
     "logit_diff": ("logit difference", "logits", True),
@@ -265,7 +265,7 @@ def _check_metric(metric: str) -> str:
 class PromptTask(Task):
     """A task whose examples are given as text: clean/corrupted prompts and continuations.
 
-    Built by :func:`load_task_file` (prompt files), :func:`circuitfind.tasks.mib.mib_task`
+    Built by :func:`load_prompt_file` (prompt files), :func:`circuitfind.tasks.mib.mib_task`
     (MIB task data) or directly from :class:`PromptRow` objects.
 
     Args:
@@ -474,9 +474,10 @@ def _sum_at(values: Tensor, ids: Tensor) -> Tensor:
     return (got * valid.to(got.dtype)).sum(-1)
 
 
-def load_task_file(path: str | os.PathLike[str], metric: str | None = None,
-                   first_token: bool = False) -> Task:
-    """A task from a prompt file (or a JSON file describing MIB task data).
+def load_prompt_file(path: str | os.PathLike[str], metric: str | None = None,
+                     first_token: bool = False) -> Task:
+    """A task from a prompt file (:func:`circuitfind.tasks.lookup.load_task_file` also reads
+    MIB task specs).
 
     Args:
         path: ``.jsonl``, ``.csv`` or ``.json`` (see the module docstring).
@@ -497,11 +498,6 @@ def load_task_file(path: str | os.PathLike[str], metric: str | None = None,
             doc = json.loads(_decode(path))
         except json.JSONDecodeError:
             doc = None  # read_rows reports it with its line
-        if isinstance(doc, Mapping) and "mib" in doc:
-            from circuitfind.tasks.mib import mib_task_from_spec
-
-            return mib_task_from_spec(doc, base_dir=path.parent, metric=metric,
-                                      first_token=first_token, source=str(path))
         if isinstance(doc, Mapping):
             header = dict(doc)
     chosen = _check_metric(metric or header.get("metric") or "logit_diff")

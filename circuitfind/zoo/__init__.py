@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitfind.errors import ConfigError, UnknownNameError
-from circuitfind.models import zoo_name, zoo_source
+from circuitfind.models import register_model_source, zoo_name, zoo_source
 from circuitfind.registry import normalize_name
 
 __all__ = ["ZOO", "ZooEntry", "MODELS_DIR", "zoo_model_dir", "reference_circuit", "metrics",
@@ -197,3 +197,6 @@ def _register_references() -> None:
 
 
 _register_references()
+
+
+register_model_source("zoo:", zoo_model_dir)  # zoo:NAME model arguments

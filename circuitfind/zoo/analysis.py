@@ -18,7 +18,8 @@ from circuitfind.algorithms.exact import ExactPatching
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import evaluate
 from circuitfind.evaluation.roc import edge_roc
-from circuitfind.graphs.circuit import Circuit, prune_dangling
+from circuitfind.graphs.circuit import Circuit
+from circuitfind.graphs.selection import prune_dangling
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData

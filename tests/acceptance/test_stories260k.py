@@ -16,7 +16,8 @@ from scipy.stats import spearmanr
 
 import circuitfind as cf
 from circuitfind.algorithms import EAP, ExactPatching
-from circuitfind.graphs.circuit import Circuit, prune_dangling, select_top_n
+from circuitfind.graphs.circuit import Circuit
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 
 pytestmark = pytest.mark.acceptance
 

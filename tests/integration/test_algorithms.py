@@ -10,7 +10,7 @@ from scipy.integrate import trapezoid
 import circuitfind as cf
 from circuitfind.algorithms import ExactPatching, RunContext
 from circuitfind.errors import ConfigError
-from circuitfind.graphs.circuit import select_top_n
+from circuitfind.graphs.selection import select_top_n
 from circuitfind.testing import ToyTask
 from circuitfind.testing.conformance import check_algorithm
 from tolerances import assert_close
@@ -93,7 +93,8 @@ def test_discover_and_score_edges_api(tiny_models):
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_pruning_dangling_edges_never_changes_the_output(tiny_models, name):
     """prune_dangling's docstring claim, checked through the engine on sparse random circuits."""
-    from circuitfind.graphs.circuit import Circuit, prune_dangling
+    from circuitfind.graphs.circuit import Circuit
+    from circuitfind.graphs.selection import prune_dangling
 
     model = tiny_models(name)
     data = ToyTask(positions=2).build(model.tokenizer, 3, seed=6)

@@ -9,7 +9,7 @@ from scipy.integrate import trapezoid
 
 import circuitfind as cf
 from circuitfind.errors import ConfigError
-from circuitfind.graphs.circuit import prune_dangling, select_top_n
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 from circuitfind.testing import ToyTask
 
 FRACTIONS = (0.01, 0.05, 0.2, 0.5, 1.0)

@@ -19,7 +19,7 @@ from circuitfind.errors import CircuitFindError, ConfigError, UnknownNameError
 from circuitfind.graphs import (Circuit, ComputeGraph, prune_dangling, select_threshold,
                                 select_top_n)
 from circuitfind._files import floats_for_json
-from circuitfind.graphs.circuit import FORMAT_VERSION
+from circuitfind.graphs.io import FORMAT_VERSION
 from circuitfind.graphs.scores import ScoreMeaning
 
 MHA = ComputeGraph(2, 4)
@@ -471,16 +471,6 @@ def test_nan_scores_survive_files(tmp_path):
         back = Circuit.load(c.save(tmp_path / f"c{suffix}"))
         assert math.isnan(back.edge_scores()["m0->m1"])
         assert torch.equal(bits(back.scores), bits(c.scores))
-
-
-def test_moved_names_still_importable_from_circuit():
-    from circuitfind.graphs import circuit, io, selection
-
-    assert circuit.select_top_n is selection.select_top_n
-    assert circuit.prune_dangling is selection.prune_dangling
-    assert circuit.FORMAT_NAME == io.FORMAT_NAME and circuit.FORMAT_VERSION == io.FORMAT_VERSION
-    with pytest.raises(AttributeError):
-        circuit.no_such_name  # noqa: B018
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):

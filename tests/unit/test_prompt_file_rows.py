@@ -10,7 +10,8 @@ import torch
 
 import circuitfind as cf
 from circuitfind.errors import ConfigError, TaskDataError, UnknownNameError
-from circuitfind.tasks.files import PromptTask, load_task_file
+from circuitfind.tasks.files import PromptTask
+from circuitfind.tasks.lookup import load_task_file
 
 LILY = "Once upon a time, there was a little girl named Lily. She liked to play. One day,"
 TIM = "Once upon a time, there was a little boy named Tim. He liked to play. One day,"
