@@ -36,6 +36,7 @@ def test_curves_of_a_circuit_read_its_declared_meaning(tiny_models, algorithm, p
     from_circuit = cf.faithfulness_curve(model, circuit, data)
     explicit = cf.faithfulness_curve(model, circuit.scores, data, score_kind=expected)
     assert from_circuit.score_kind == expected
+    assert "most important edges first" in from_circuit.label  # true of either kind
     assert from_circuit.cpr == pytest.approx(explicit.cpr)
     assert from_circuit.cmd == pytest.approx(explicit.cmd)
 
