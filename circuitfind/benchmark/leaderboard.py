@@ -4,7 +4,9 @@ Reads the completed cells of every benchmark study in an Optuna storage (or the 
 named), groups them into one row per algorithm variant per (task, model, examples, ablation),
 aggregates over seeds and writes:
 
-- ``leaderboard.md``: one table per task/model, with the convention stated above the tables;
+- ``leaderboard.md``: one table per task/model, with the convention stated above the tables
+  and, under each table, what each algorithm's scores are (metric changes or importances,
+  :mod:`circuitfind.graphs.scores`: the curve's signed ranking read them so);
 - ``leaderboard.csv`` and ``leaderboard.json``: the same rows, flat (JSON also carries the
   mean faithfulness curves and the convention's label);
 - ``faithfulness_cpr.png`` / ``.pdf``: one panel per task/model, one line per algorithm: the
@@ -37,6 +39,7 @@ from circuitfind.benchmark.grid import STUDY_MARKER, iter_records
 from circuitfind.benchmark.storage import open_storage, optuna_module
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import ABOVE_ONE
+from circuitfind.graphs.scores import ScoreMeaning, score_meaning
 
 SORT_KEYS: dict[str, tuple[str, bool]] = {
     "cpr": ("cpr_mean", True), "cmd": ("cmd_mean", False),
@@ -133,7 +136,9 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
         and ``{metric}_std`` for each of :data:`METRICS`, the pruning algorithms' circuit
         size (``circuit_edges_mean``), ``convention`` and ``convention_label``, and the mean
         curves (``fractions``, ``faithfulness_mean``, ``faithfulness_std``,
-        ``faithfulness_cmd_mean``, ``faithfulness_cmd_std``).
+        ``faithfulness_cmd_mean``, ``faithfulness_cmd_std``), and what the algorithm's scores
+        mean (``scores``: :meth:`ScoreMeaning.to_dict`; ``score_kind``, ``score_unit``), which
+        is how the curve's signed ranking read them (:func:`record_score_meaning`).
 
     Raises:
         ConfigError: an unknown ``sort``.
@@ -151,6 +156,8 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
                    n_edges=rs[0]["n_edges"], n_nodes=rs[0]["n_nodes"],
                    convention=rs[0]["convention"], convention_label=rs[0]["convention_label"],
                    metric=rs[0].get("metric"), metric_unit=rs[0].get("metric_unit"))
+        meaning = record_score_meaning(rs[0])
+        row.update(scores=meaning.to_dict(), score_kind=meaning.kind, score_unit=meaning.unit)
         for name in METRICS:
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(r.get(name) for r in rs)
         row["circuit_edges_mean"], row["circuit_edges_std"] = _mean_std(
@@ -171,6 +178,37 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
                 row["algorithm"])
 
     return sorted(rows, key=order)
+
+
+def record_score_meaning(record: dict[str, Any]) -> ScoreMeaning:
+    """What a bench cell's scores mean (ACDC's KL effects: importances; the others' metric
+    changes).
+
+    Args:
+        record: A cell record (:func:`load_records`): its ``scores`` entry where the grid wrote
+            one, else inferred from its ``algorithm``, ``params`` and ``metric`` as for a
+            circuit saved before circuits declared it
+            (:func:`~circuitfind.graphs.scores.score_meaning`).
+
+    Returns:
+        The :class:`~circuitfind.graphs.scores.ScoreMeaning`.
+    """
+    return score_meaning({"scores": record.get("scores"), "algorithm": record.get("algorithm"),
+                          "algorithm_params": record.get("params"),
+                          "metric": record.get("metric"),
+                          "metric_unit": record.get("metric_unit")})
+
+
+def _scores_line(rows: Sequence[dict[str, Any]]) -> str:
+    """One line saying what each algorithm's scores are, algorithms with the same meaning
+    together."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        text = ScoreMeaning.from_dict(r["scores"]).describe()
+        groups.setdefault(text, []).append(f"**{r['algorithm']}**")
+    return "Scores (the signed ranking puts each algorithm's most important edges first, as "\
+        "its scores say): " + " ".join(f"{', '.join(names)}: {text}"
+                                       for text, names in groups.items())
 
 
 def _fmt(mean: float | None, std: float | None, digits: int = 3) -> str:
@@ -231,12 +269,14 @@ def markdown(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> str:
                 f"| {'—' if mem is None else f'{mem / 2**20:.0f}'} "
                 f"| {_fmt(r['circuit_edges_mean'], None, 1)} "
                 f"| {', '.join(map(str, r['seeds']))} |")
+        lines += ["", _scores_line(rs)]
     return "\n".join(lines) + "\n"
 
 
 CSV_COLUMNS = ("task", "model", "n_examples", "ablation", "algorithm", "n_seeds", "seeds",
                "n_edges", "n_nodes", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
-               "circuit_edges_mean", "circuit_edges_std", "convention")
+               "circuit_edges_mean", "circuit_edges_std", "convention", "score_kind",
+               "score_unit")
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:

@@ -147,6 +147,10 @@ ABOVE_ONE = ("normalized faithfulness above 1 means the circuit moves the metric
              "full model than the empty circuit is.")
 """What a normalized faithfulness (or CPR) above 1 means, for reports, labels and tables."""
 
+SIGNED_RANKING = ("most important edges first: -score for metric changes of a higher-is-better "
+                  "metric, score for importances and lower-is-better metrics")
+"""What the signed ranking puts first, whatever the score kind (for labels and tables)."""
+
 CONVENTIONS: tuple[str, ...] = ("mib", "single")
 """Faithfulness-curve conventions accepted by :func:`faithfulness_curve`."""
 
@@ -218,10 +222,9 @@ class FaithfulnessCurve:
         point of the curve exceeds 1 it also says what that means (:data:`ABOVE_ONE`)."""
         if self.convention == "mib":
             text = ("MIB convention: top int(p·E) edges, dangling edges pruned; CPR over the "
-                    "signed ranking (edges whose corruption lowers the metric most first), CMD "
-                    "over the |score| ranking")
+                    f"signed ranking ({SIGNED_RANKING}), CMD over the |score| ranking")
         else:
-            rank = "|score|" if self.absolute else "signed score"
+            rank = "|score|" if self.absolute else f"signed score ({SIGNED_RANKING})"
             text = (f"single ranking by {rank}: top max(1, round(p·E)) edges, not pruned; CPR "
                     "and CMD from the same curve")
         if any(v > 1 for v in [*self.faithfulness, *self.faithfulness_cmd] if math.isfinite(v)):
@@ -258,8 +261,9 @@ def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
         fractions: Circuit sizes as fractions of all edges, each in (0, 1] (default: MIB's
             0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100%).
         convention: ``"mib"`` (default): MIB's circuit track exactly — top ``int(p · E)`` edges,
-            dangling edges pruned, CPR over the signed ranking (MIB's sign: edges whose
-            corruption lowers the metric most first) and CMD over the |score| ranking;
+            dangling edges pruned, CPR over the signed ranking (MIB's sign: the most
+            important edges first, as ``score_kind`` reads them) and CMD over the |score|
+            ranking;
             ``"single"``: one ranking (``absolute``), top ``max(1, round(p · E))`` edges, no
             pruning, both areas from that curve. See :class:`FaithfulnessCurve`.
         absolute: ``"single"`` only: rank by |score| (True, default) or signed score (False,

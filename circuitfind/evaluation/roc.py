@@ -15,7 +15,12 @@ Definitions used here (all vectorised with numpy/scipy; no scikit-learn):
 - **Labels.** An edge is positive iff the reference keeps it. A node is positive iff it touches
   a reference edge (``reference.node_mask``: the edge's sender, or a node reading its receiver).
 - **Keys.** The ranking key of an edge is ``|score|`` (``absolute=True``, the default: a large
-  effect of either sign counts) or the signed score (``absolute=False``). A node's key is the
+  effect of either sign counts) or the signed importance (``absolute=False``): for a
+  :class:`Circuit`, its score as the circuit's declared meaning reads it
+  (:func:`~circuitfind.graphs.scores.score_meaning`: ``-score`` for metric changes of a
+  higher-is-better metric, ``score`` for importances such as ACDC's KL effects), so the most
+  important edges rank first whatever the algorithm; a bare tensor is ranked as given (larger
+  first: pass importances). A node's key is the
   largest key over its incident real edges, incoming and outgoing (a node is as important as
   its most important edge). NaN scores are rejected.
 - **collapse_qkv** (edge level, head-level comparison as in ACDC's plots): a sender's edges
@@ -66,6 +71,7 @@ from torch import Tensor
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.graphs.scores import score_meaning
 
 __all__ = ["Confusion", "RocResult", "circuit_confusion", "edge_roc", "node_roc", "points_auc",
            "roc_from_labels", "sweep_auc"]
@@ -237,6 +243,8 @@ def _edge_keys(scores: Tensor | Circuit, reference: object, absolute: bool,
             raise ConfigError(f"{where}: scores must be a [S, R] tensor or a Circuit; got "
                               f"{type(scores).__name__}.")
         dense = graph.check_edge_matrix(scores, f"{where}: scores", real=True)
+    if isinstance(scores, Circuit) and not absolute:
+        dense = score_meaning(scores.metadata).importance(dense)
     keys = dense.detach().to("cpu", torch.float64).numpy()
     if absolute:
         keys = np.abs(keys)
@@ -316,7 +324,8 @@ def edge_roc(scores: Tensor | Circuit, reference: Circuit, *, absolute: bool = T
             Circuit with scores (e.g. an attribution result).
         reference: The reference circuit; its kept edges are the positives. Must be on a graph
             of the same shape as the scores.
-        absolute: Rank by ``|score|`` (default) or by the signed score.
+        absolute: Rank by ``|score|`` (default) or by the signed importance (a Circuit's
+            scores as its metadata declares them, most important first; a tensor as given).
         collapse_qkv: Merge each sender's q/k/v edges into one edge per (sender, head), key =
             max key, positive if any merged edge is (GQA k/v receivers count for every query
             head of their group). See the module docstring.
@@ -356,7 +365,8 @@ def node_roc(scores: Tensor | Circuit, reference: Circuit, *,
     Args:
         scores: ``[S, R]`` per-edge scores or a Circuit with scores.
         reference: The reference circuit (same graph shape).
-        absolute: Rank by ``|score|`` (default) or by the signed score.
+        absolute: Rank by ``|score|`` (default) or by the signed importance (as
+            :func:`edge_roc`).
 
     Returns:
         :class:`RocResult` with ``level="node"``.

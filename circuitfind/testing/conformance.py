@@ -13,6 +13,7 @@ import torch
 
 from circuitfind.algorithms.base import Algorithm
 from circuitfind.errors import CircuitFindError, ConfigError
+from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData
 
@@ -36,7 +37,9 @@ def check_algorithm(make: Callable[[], Algorithm], model: Any, data: TaskData) -
     :class:`Circuit` over the engine's graph whose scores are ``score``'s; attribution
     algorithms' ``discover`` raises a ConfigError. Algorithms with ``supports_checkpoint``: a
     run writing a checkpoint through a :class:`RunContext` and a run resuming from the finished
-    checkpoint give the same scores as a run without one. Every algorithm follows the
+    checkpoint give the same scores as a run without one. :meth:`Algorithm.score_meaning`
+    returns a :class:`~circuitfind.graphs.scores.ScoreMeaning`, and a pruning algorithm's
+    circuit declares it in ``metadata["scores"]``. Every algorithm follows the
     engine's ablation: on an engine with zero ablation its scores differ from those on a
     resample engine, unless it refuses that ablation with a ConfigError (EAP-IG interpolates
     towards the corrupted run, so it takes resample only).
@@ -87,6 +90,9 @@ def check_algorithm(make: Callable[[], Algorithm], model: Any, data: TaskData) -
     for name, value in model.named_parameters():
         if not torch.equal(value, before[name]):
             raise ConformanceError(f"parameter {name} changed.")
+    if not isinstance(algo.score_meaning(data.task), ScoreMeaning):
+        raise ConformanceError("score_meaning(task) must return a circuitfind.graphs.scores."
+                               f"ScoreMeaning; got {type(algo.score_meaning(data.task)).__name__}.")
     _check_lifecycle(make, engine, data, first)
     _check_ablation(make, model, data, first)
 
@@ -121,6 +127,13 @@ def _check_lifecycle(make: Callable[[], Algorithm], engine: PatchingEngine, data
                                    "the engine's graph.")
         if circuit.scores is None or not torch.equal(circuit.scores, scores):
             raise ConformanceError("a pruning algorithm's score() must equal its circuit's scores.")
+        declared = algo.score_meaning(data.task).to_dict()
+        if circuit.metadata.get("scores") != declared:
+            raise ConformanceError(
+                "a pruning algorithm's circuit must declare what its scores mean: "
+                f"metadata['scores'] is {circuit.metadata.get('scores')!r}, its "
+                f"score_meaning(task) is {declared!r}. Build the circuit with "
+                "metadata={'scores': self.score_meaning(data.task).to_dict()}.")
     else:
         try:
             algo.discover(engine, data)

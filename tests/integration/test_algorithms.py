@@ -12,7 +12,7 @@ from circuitfind.algorithms import ExactPatching, RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.selection import select_top_n
 from circuitfind.testing import ToyTask
-from circuitfind.testing.conformance import check_algorithm
+from circuitfind.testing.conformance import ConformanceError, check_algorithm
 from tolerances import assert_close
 
 
@@ -23,6 +23,29 @@ def test_conformance(tiny_models, name, algorithm):
     data = ToyTask().build(model.tokenizer, 3, seed=0)
     params = {"progress": False} if algorithm in ("exact", "acdc") else {}
     check_algorithm(lambda: cf.get_algorithm(algorithm, **params), model, data)
+
+
+class _IgnoresEngineAblation(cf.algorithms.EAP):
+    """EAP on a resample engine of its own, whatever engine it is given (the bug of issue 16)."""
+
+    def score(self, engine, data, context=None):
+        return super().score(cf.PatchingEngine(engine.model), data, context)
+
+
+class _UndeclaredScores(cf.algorithms.PathPatching):
+    """Path patching whose circuit does not say what its scores mean."""
+
+    def discover(self, engine, data, context=None):
+        return super().discover(engine, data, context).replace(metadata={})
+
+
+@pytest.mark.parametrize("make, match", [(_IgnoresEngineAblation, "ignores the engine's ablation"),
+                                         (_UndeclaredScores, "declare what its scores mean")])
+def test_conformance_catches_ignored_ablation_and_undeclared_scores(tiny_models, make, match):
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=0)
+    with pytest.raises(ConformanceError, match=match):
+        check_algorithm(make, model, data)
 
 
 def test_exact_equals_one_edge_at_a_time_and_resumes(tiny_models, tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 import circuitfind as cf
 from circuitfind.benchmark.grid import STUDY_MARKER, iter_records, load_config, plan_grid
-from circuitfind.benchmark.leaderboard import aggregate
+from circuitfind.benchmark.leaderboard import aggregate, markdown, to_csv
 from circuitfind.benchmark.storage import open_storage
 from circuitfind.errors import ConfigError
 from circuitfind.zoo import zoo_model_dir
@@ -268,6 +268,34 @@ def test_leaderboard_aggregates_over_seeds(tmp_path, run):
         cf.leaderboard(url, tmp_path / "x", studies=["nope"])
     with pytest.raises(ConfigError, match="Unknown sort key"):
         cf.leaderboard(url, tmp_path / "x", sort="speed")
+
+
+def test_leaderboard_says_what_each_algorithms_scores_are():
+    """ACDC's KL effects are importances, EAP's metric changes: the table says so per algorithm,
+    from the record's declaration or, for records written before it, from the algorithm."""
+    curve = [0.1, 0.5, 1.0]
+    records = [fake_record("zoo:ioi-small", "ioi", label, 0, 0.5, 0.4, None, 1.0, curve)
+               for label in ("eap", "acdc", "acdc(metric)")]
+    records = [{**r["spec"], **r["record"]} for r in records]
+    records[2]["params"] = {"objective": "metric"}
+    declared = {**records[1], "label": "acdc(new)",
+                "scores": {"kind": "importance", "unit": "nats", "higher_is_better": True,
+                           "what": "the KL divergence to the full model"}}
+    rows = {r["algorithm"]: r for r in aggregate([*records, declared])}
+    assert [rows[k]["score_kind"] for k in ("eap", "acdc", "acdc(metric)", "acdc(new)")] == [
+        "metric_change", "importance", "metric_change", "importance"]
+    assert rows["acdc"]["scores"] == rows["acdc(new)"]["scores"]
+    md = markdown(list(rows.values()))
+    line = next(x for x in md.splitlines() if x.startswith("Scores"))
+    assert ("**acdc**, **acdc(new)**: increase of the KL divergence to the full model (nats) "
+            "when the edge is removed" in line)
+    assert "**acdc(metric)**, **eap**: estimated change of the metric (logits)" in line
+    assert "CPR (or a curve point) above 1" in md
+    header, *lines = to_csv(list(rows.values())).splitlines()
+    assert header.endswith(",score_kind,score_unit")
+    assert {line.split(",")[4]: line.split(",")[-2:] for line in lines} == {
+        "eap": ["metric_change", "logits"], "acdc": ["importance", "nats"],
+        "acdc(metric)": ["metric_change", "logits"], "acdc(new)": ["importance", "nats"]}
 
 
 def test_automatic_grace_follows_cell_durations_and_heartbeats():

@@ -36,6 +36,7 @@ def test_curves_of_a_circuit_read_its_declared_meaning(tiny_models, algorithm, p
     from_circuit = cf.faithfulness_curve(model, circuit, data)
     explicit = cf.faithfulness_curve(model, circuit.scores, data, score_kind=expected)
     assert from_circuit.score_kind == expected
+    assert "most important edges first" in from_circuit.label  # true of either kind
     assert from_circuit.cpr == pytest.approx(explicit.cpr)
     assert from_circuit.cmd == pytest.approx(explicit.cmd)
 
@@ -78,3 +79,32 @@ def test_metric_changes_rank_the_most_negative_first_for_higher_is_better(tiny_m
     values = circuit.graph.to_edges(circuit.scores)
     assert set(circuit.edge_ids.tolist()) <= set(torch.topk(-values, 10).indices.tolist())
     assert "most negative" in report_markdown(circuit)
+
+
+def test_an_acdc_circuit_json_from_before_the_declaration_loads_and_reads_the_same(tiny_models,
+                                                                                    tmp_path):
+    """A circuit.json written before circuits declared their scores (no ``scores`` or
+    ``higher_is_better`` in its metadata; ACDC's own ``ablation`` among its parameters, as
+    then) loads, and every consumer reads it as the new file: curve, report, MIB order."""
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 4, seed=2)
+    circuit = cf.discover(model, data=data, algorithm="acdc", threshold=3e-5)
+    path = circuit.save(tmp_path / "new.json")
+    old = json.loads(path.read_text())
+    for key in ("scores", "higher_is_better"):
+        del old["metadata"][key]
+    old["metadata"]["algorithm_params"]["ablation"] = "resample"
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = cf.Circuit.load(tmp_path / "old.json")
+    assert "scores" not in loaded.metadata
+    assert score_meaning(loaded.metadata) == score_meaning(circuit.metadata)
+    assert (cf.faithfulness_curve(model, loaded, data).cpr
+            == pytest.approx(cf.faithfulness_curve(model, circuit, data).cpr))
+    assert report_markdown(loaded).split("## Top edges")[1] == report_markdown(circuit).split(
+        "## Top edges")[1]
+    new_mib = json.loads(cf.export_mib(circuit, tmp_path / "new_mib.json", d_model=32)
+                         .read_text())["edges"]
+    old_mib = json.loads(cf.export_mib(loaded, tmp_path / "old_mib.json", d_model=32)
+                         .read_text())["edges"]
+    assert {k: v["score"] for k, v in old_mib.items()} == {k: v["score"]
+                                                          for k, v in new_mib.items()}

@@ -217,6 +217,35 @@ def test_colour_by_sign_follows_the_metric_direction():
     assert [label for label, _ in unknown.edge_legend] == ["score < 0", "score > 0"]
 
 
+def test_sign_legend_reads_the_scores_meaning():
+    """Importances (ACDC's KL effects): a positive score marks an edge the circuit needs, and the
+    legend names the KL divergence, not the metric; a prompt-file task's metric changes read
+    'helps / hurts the metric' from the circuit's own metadata (no registered task to ask)."""
+    names = ["input->logits", "m1->logits"]
+    scores = {"input->logits": -2.0, "m1->logits": 1.0}
+    acdc = Circuit.from_edges(MHA, names, scores=scores, metadata={
+        "algorithm": "acdc", "scores": {"kind": "importance", "unit": "nats",
+                                        "what": "the KL divergence to the full model"}})
+    sc = scene(acdc, RenderOptions(edge_colour="sign"))
+    assert {e.name: e.colour for e in sc.edges} == {"input->logits": SIGN_COLOURS["hurts"],
+                                                    "m1->logits": SIGN_COLOURS["helps"]}
+    legend = [label for label, _ in sc.edge_legend]
+    assert legend[:2] == ["important (removing it raises the KL divergence to the full model)",
+                          "removing it lowers the KL divergence to the full model"]
+    assert not any("metric" in label for label in legend)
+    # an ACDC circuit saved before circuits declared their scores: inferred from the algorithm
+    old = acdc.replace(metadata={"algorithm": "acdc", "algorithm_params": {"objective": "kl"}})
+    assert [label for label, _ in scene(old, RenderOptions(edge_colour="sign")).edge_legend
+            ] == legend
+    prompts = Circuit.from_edges(MHA, names, scores=scores, metadata={
+        "task": "my_prompts", "task_source": "prompts.jsonl", "metric": "logit difference",
+        "higher_is_better": True})
+    sc = scene(prompts, RenderOptions(edge_colour="sign"))
+    assert [label for label, _ in sc.edge_legend][:2] == ["helps the metric", "hurts the metric"]
+    assert {e.name: e.colour for e in sc.edges} == {"input->logits": SIGN_COLOURS["helps"],
+                                                    "m1->logits": SIGN_COLOURS["hurts"]}
+
+
 def test_labels_title_orientation():
     c = circuit(MHA)
     plain = to_dot(c)

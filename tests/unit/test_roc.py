@@ -162,6 +162,29 @@ def test_edge_roc_accepts_circuit_with_scores(small):
         edge_roc(Circuit(small, small.edge_mask), ref)
 
 
+def test_signed_roc_of_a_circuit_reads_its_declared_score_meaning(small):
+    """absolute=False ranks a circuit's most important edges first, whatever its score kind:
+    metric changes of a higher-is-better metric by -score, importances (ACDC) by score."""
+    ref = _ref(small, ["a0.h1->a1.h0<k>", "a1.h0->logits"])
+    importance = torch.where(ref.kept, 2.0, 0.5)  # reference edges are the important ones
+    acdc = Circuit(small, small.edge_mask, importance,
+                   metadata={"scores": {"kind": "importance", "unit": "nats"}})
+    eap = Circuit(small, small.edge_mask, -importance,
+                  metadata={"scores": {"kind": "metric_change", "unit": "logits",
+                                       "higher_is_better": True}})
+    kl_metric = Circuit(small, small.edge_mask, importance,
+                        metadata={"scores": {"kind": "metric_change", "unit": "nats",
+                                             "higher_is_better": False}})
+    for circuit in (acdc, eap, kl_metric):
+        assert edge_roc(circuit, ref, absolute=False).auc == 1.0
+        assert node_roc(circuit, ref, absolute=False).auc == 1.0
+    # a circuit saved before the field existed: read from its algorithm (ACDC's KL effects)
+    old = Circuit(small, small.edge_mask, importance, metadata={"algorithm": "acdc"})
+    assert edge_roc(old, ref, absolute=False).auc == 1.0
+    # a bare tensor is ranked as given
+    assert edge_roc(-importance, ref, absolute=False).auc == 0.0
+
+
 def test_edge_roc_errors(small):
     ref = _ref(small, ["input->a0.h0<q>"])
     with pytest.raises(ConfigError, match="shape"):
