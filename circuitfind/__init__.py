@@ -20,7 +20,7 @@ from circuitfind.models import load_model
 from circuitfind.outputs import write_run
 from circuitfind.patching import Ablation, PatchingEngine, path_patch
 from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
-from circuitfind import zoo  # noqa: E402  (registers the organisms' reference circuits)
+from circuitfind import zoo  # noqa: E402,F401  (registers the zoo: model source and references)
 
 __version__ = "0.1.0"
 
