@@ -28,13 +28,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from circuitfind.errors import ConfigError, TaskDataError
+from circuitfind.errors import TaskDataError
 from circuitfind.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
