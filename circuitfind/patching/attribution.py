@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from circuitfind.errors import ConfigError, HookError
+from circuitfind.patching.architectures import Architecture
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner
@@ -123,9 +124,21 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
                  else rows[c] for c in range(copies)]
         return torch.cat(parts) if copies > 1 else parts[0]
 
+    # families whose heads' sum passes a norm (Gemma-2): each layer's pre-norm sum S_l, for
+    # the heads' scores through that norm, (a'_h - a_h) . J_l(S_l)^T d metric / d x_r
+    post_sums: dict[int, Tensor] = {}
+
     def contract(r0: int, n_up: int, grad: Tensor) -> None:
-        """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]``."""
-        contract_scores(scores, flat[:n_up], r0, grad.reshape(grad.shape[0], -1))
+        """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (head senders
+        of post-norm layers through the norm's Jacobian)."""
+        h = grad.shape[0]
+        contract_scores(scores, flat[:n_up], r0, grad.reshape(h, -1))
+        for layer, s_l in post_sums.items():
+            heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
+            if heads.stop <= n_up:
+                jt = lay.post_norm_vjp(layer, s_l, grad.reshape(h, -1, s_l.shape[-1]))
+                scores[heads, r0: r0 + h] = (flat[heads] @ jt.reshape(h, -1).T.to(flat)).to(
+                    scores.dtype)
 
     fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
@@ -224,9 +237,19 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         if diff is None:
             lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
                             out=delta[h0: h0 + g.n_heads])
-        attn = lay.attn_out(layer, z)
-        if f"a{layer}" in moved:
-            attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+        if lay.attn_post_norm:  # interpolate the heads' pre-norm sum, then the norm
+            if copies > 1:
+                raise ConfigError("Families with a post-attention norm take one gradient "
+                                  "point per pass (the norm's Jacobian differs per copy).")
+            pre = Architecture.attn_out(lay, layer, z)
+            if f"a{layer}" in moved:
+                pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+            post_sums[layer] = pre.detach().reshape(-1, pre.shape[-1])
+            attn = lay.post_norm(layer, pre)
+        else:
+            attn = lay.attn_out(layer, z)
+            if f"a{layer}" in moved:
+                attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
         x_in, x = x, x + attn
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's

@@ -28,7 +28,12 @@ FAMILIES = {
     "mistral": dict(arch="mistral", n_layers=3, n_kv_heads=2, seed=4),
     "qwen2": dict(arch="qwen2", n_layers=3, n_kv_heads=2, seed=5),
     "qwen3": dict(arch="qwen3", n_layers=3, n_kv_heads=2, seed=6),
+    "gemma2": dict(arch="gemma2", n_layers=3, n_kv_heads=2, seed=9),
 }
+# families whose heads' sum passes a norm: the bridge's hooked path adds head differences
+# linearly after that norm, so it is no reference for their head edges (tests/integration/
+# test_post_norm.py holds theirs, written with plain hooks on the Hugging Face modules)
+POST_NORM = {"gemma2"}
 SEQ = 9  # longer than the sliding windows (4), so that windows are exercised
 
 
@@ -155,6 +160,12 @@ def test_removing_every_out_edge_of_a_node_equals_patching_the_node(family_model
     assert float((want - want.mean()).abs().max()) > 1e-3  # nodes differ: the check has teeth
 
 
+def _linear_only(name: str) -> None:
+    if name in POST_NORM:
+        pytest.skip(f"{name}: the hooked reference is linear in head outputs; see "
+                    "test_post_norm.py")
+
+
 def _engines(model, seed: int, ablation: str = "resample"):
     """Data (3 examples, 2 metric positions), the runner and the bridge's hooked engine (the
     slow reference: receiver inputs patched by transformer-lens hooks), a generator and each
@@ -176,6 +187,7 @@ def _close(got, want, dtype=torch.float64):
 def test_every_single_edge_equals_the_hooked_reference(family_models, name):
     """Each edge removed alone, batched through the runner (each pass starting at its receiver's
     layer), equals the bridge's full forward with that edge patched by a hook."""
+    _linear_only(name)
     data, runner, hooked, _, _ = _engines(family_models(name), 1)
     g = runner.graph
     masks = g.full_mask(torch.float64).expand(g.n_edges, -1, -1).clone()
@@ -192,6 +204,7 @@ def test_every_single_edge_equals_the_hooked_reference(family_models, name):
 def test_random_circuits_equal_the_hooked_reference(family_models, name, ablation):
     """Dense, sparse (kept form) and ACDC-like masks, from every start layer, batched and one at
     a time, under every ablation kind."""
+    _linear_only(name)
     data, runner, hooked, gen, layer_of = _engines(family_models(name), 2, ablation)
     g = runner.graph
     edge = g.edge_mask.double()
@@ -215,6 +228,7 @@ def test_random_circuits_equal_the_hooked_reference(family_models, name, ablatio
 def test_eap_and_exact_scores_equal_the_hooked_reference(family_models, name):
     """EAP through the runner's backward = EAP with the bridge's split inputs; exact patching
     (layer-grouped runner passes) = exact patching on the hooked forward."""
+    _linear_only(name)
     from circuitfind.algorithms import ExactPatching
 
     data, runner, hooked, _, _ = _engines(family_models(name), 3)
@@ -235,6 +249,7 @@ def test_gradient_points_on_the_runner_equal_the_hooked_reference(family_models,
     from circuitfind.algorithms.eap_ig import activation_points, input_points
     from circuitfind.patching.engine import GradientPoint
 
+    _linear_only(name)
     model = tiny_models("gpt2") if name == "gpt2" else family_models(name)
     data, runner, hooked, _, _ = _engines(model, 4)
     g = runner.graph
@@ -285,6 +300,7 @@ def test_acdc_exact_mode_equals_sequential_acdc_and_resumes(family_models, tmp_p
     """ACDC's exact mode (passes from the receiver's layer, speculative batches, kept form)
     makes the decisions of a sequential one-hooked-forward-per-test ACDC; a run killed in the
     middle resumes to the identical circuit."""
+    _linear_only(name)
     from test_acdc import _check_equal, slow_acdc
 
     from circuitfind.algorithms import ACDC, RunContext
@@ -320,15 +336,19 @@ def test_acdc_exact_mode_equals_sequential_acdc_and_resumes(family_models, tmp_p
 
 @pytest.mark.parametrize("name, feature", [
     ("qwen3", "qk_norm"), ("mistral", "window"), ("qwen2", "window"), ("gpt_neox", "parallel"),
-    ("gpt_neox", "rotate")])
+    ("gpt_neox", "rotate"), ("gemma2", "attn_softcap"), ("gemma2", "final_softcap"),
+    ("gemma2", "embed_scale"), ("gemma2", "post_norm"), ("gemma2", "window")])
 def test_dropping_a_family_feature_from_its_adapter_is_caught(family_models, name, feature):
-    """Mutation check: an adapter without its q/k norm, sliding window, parallel wiring or
-    (partial) rotary no longer matches Hugging Face, so the tests above would fail."""
+    """Mutation check: an adapter without its q/k norm, sliding window, parallel wiring,
+    (partial) rotary, soft-caps, embedding scale or post-attention norm no longer matches
+    Hugging Face, so the tests above would fail."""
     model = family_models(name)
     engine = PatchingEngine(model)
     arch = engine.runner.arch
     dropped = {"qk_norm": lambda layer, q, k: (q, k), "window": lambda layer: None,
-               "parallel": False, "rotate": lambda q, k: (q, k)}[feature]
+               "parallel": False, "rotate": lambda q, k: (q, k), "attn_softcap": None,
+               "final_softcap": None, "embed_scale": 1.0,
+               "post_norm": lambda layer, x: x}[feature]
     setattr(arch, feature, dropped)
     tokens = torch.randint(3, 64, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

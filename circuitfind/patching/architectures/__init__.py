@@ -9,6 +9,7 @@ model class; classes without one run on the bridge's hooked forward.
 from __future__ import annotations
 
 from circuitfind.patching.architectures import (  # noqa: F401  (each registers itself)
+    gemma2,
     gpt2,
     gpt_neox,
     llama,

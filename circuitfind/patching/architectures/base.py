@@ -137,6 +137,18 @@ class Architecture:
 
     attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
     parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
+    attn_post_norm: bool = False  # a norm after the heads' sum (Gemma-2): see post_norm
+
+    def post_norm(self, layer: int, x: Tensor) -> Tensor:
+        """The norm applied to the heads' summed output before it joins the residual stream
+        (none here: the identity); families with :attr:`attn_post_norm` override it and
+        :meth:`post_norm_vjp`."""
+        return x
+
+    def post_norm_vjp(self, layer: int, s: Tensor, grad: Tensor) -> Tensor:
+        """``J^T grad`` of :meth:`post_norm` at ``s [X, d]`` for ``grad [h, X, d]`` (the
+        identity here)."""
+        return grad
 
     def window(self, layer: int) -> int | None:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""

@@ -30,7 +30,8 @@ class Llama(Architecture):
         self.mlps = [unwrap(b.mlp) for b in self.blocks]
         self.rotary = unwrap(self.body.rotary_emb)
         self.lm_head = hf.lm_head
-        self.act = ACT2FN[hf.config.hidden_act]
+        cfg = hf.config
+        self.act = ACT2FN[getattr(cfg, "hidden_act", None) or cfg.hidden_activation]
         self.d_head = int(self.attn[0].head_dim)
         self._scale = float(self.attn[0].scaling)
 
