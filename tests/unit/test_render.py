@@ -373,3 +373,23 @@ def test_leaderboard_colours_belong_to_algorithms():
     assert two["eap_ig(steps=5)"][0] == two["eap_ig(steps=10)"][0]  # one colour, two markers
     assert two["eap_ig(steps=5)"][1:] != two["eap_ig(steps=10)"][1:]
     assert len({two[a][0] for a in ("acdc", "exact", "eap", "eap_ig(steps=5)")}) == 4
+
+
+def test_leaderboard_figures_name_models_and_keep_algorithm_colours(tmp_path):
+    from circuitfind.benchmark.leaderboard import ALGORITHM_COLOURS, plot_curves
+    from circuitfind.graphs.render import OKABE_ITO
+
+    def row(algorithm, model):
+        return {"task": "ioi", "model": model, "n_examples": 8, "ablation": "resample",
+                "algorithm": algorithm, "n_edges": 100, "convention": "mib",
+                "fractions": [0.1, 0.5, 1.0], "faithfulness_mean": [0.2, 0.6, 1.0],
+                "faithfulness_std": [None, None, None]}
+
+    svgs = []
+    for algorithms in (["acdc", "eap"], ["eap", "exact", "acdc"]):
+        rows = [row(a, "/work/shared/models/stories260k") for a in algorithms]
+        svgs.append(plot_curves(rows, tmp_path / f"{len(rows)}.svg").read_text())
+    for svg, algorithms in zip(svgs, (["acdc", "eap"], ["eap", "exact", "acdc"])):
+        assert "ioi on stories260k" in svg and "/work/shared" not in svg
+        for algorithm in algorithms:  # the same colour in both figures
+            assert OKABE_ITO[ALGORITHM_COLOURS[algorithm]].lower() in svg.lower()
