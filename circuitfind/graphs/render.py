@@ -242,8 +242,9 @@ def _title(circuit: Circuit) -> str:
 def _live_targets(drawn: list[list[Any]], prune: bool) -> list[list[Any]]:
     """Drawn edges ``[name, sender, targets, key, value]`` with their targets narrowed to the
     heads that lead on: a grouped-query k/v edge is drawn into the query heads of its group
-    that have a drawn outgoing edge (all of them when none has, so nothing is lost), so no
-    head shows inputs without outputs because of its group. With ``prune`` (after ``top_n`` /
+    that have a drawn outgoing edge, so no head shows inputs without outputs because of its
+    group. When none has (an unpruned circuit), into those drawn anyway for their own q input,
+    else into all of them, so that nothing is lost. With ``prune`` (after ``top_n`` /
     ``min_abs_score`` hid edges) the drawing is pruned like :func:`~circuitfind.graphs.
     selection.prune_dangling`: edges into nodes with no drawn way on to the logits, and out of
     nodes no drawn edge reaches (``input`` aside), go, until none is left."""
@@ -252,10 +253,13 @@ def _live_targets(drawn: list[list[Any]], prune: bool) -> list[list[Any]]:
     while True:
         senders = {it[1] for it in items}
         reached = {t for it in items for t in it[2]}
+        own = {it[2][0] for it in items if len(it[2]) == 1}  # reached by an unshared input
         changed = False
         kept = []
         for it in items:
             alive = tuple(t for t in it[2] if t == "logits" or t in senders)
+            if not alive and len(it[2]) > 1:  # no head of the group leads on (unpruned)
+                alive = tuple(t for t in it[2] if t in own)
             if prune and (not alive or (it[1] != "input" and it[1] not in reached)):
                 changed = True
                 continue

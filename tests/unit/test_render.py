@@ -200,6 +200,17 @@ def test_no_head_shows_inputs_without_outputs_because_of_its_group(options):
     assert drawn_kv > 0
 
 
+def test_unpruned_group_without_a_head_leading_on():
+    """A k/v edge whose group has no head leading on (an unpruned circuit) goes into the
+    heads drawn anyway for their own q input, else into the whole group."""
+    names = ["input->a1.h1<q>", "input->a1.kv0<k>", "input->a1.kv1<v>", "m0->logits",
+             "input->m0"]
+    sc = scene(Circuit.from_edges(GQA, names))
+    targets = {name: sorted(e.target for e in sc.edges if e.name == name) for name in names}
+    assert targets["input->a1.kv0<k>"] == ["a1.h1"]  # not a1.h0: it has no input of its own
+    assert targets["input->a1.kv1<v>"] == ["a1.h2", "a1.h3"]  # nothing to prefer: all
+
+
 def test_filters_by_score():
     c = circuit(MHA, n=60)
     magnitudes = sorted((abs(v) for v in c.edge_scores().values()), reverse=True)
