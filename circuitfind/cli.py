@@ -266,14 +266,7 @@ def tune(
                       n_trials=trials, low=low, high=high, storage=storage, study_name=study,
                       n_examples=n_examples, seed=seed, algorithm_params=parse_params(param or []),
                       device=device, sampler_seed=sampler_seed)
-    if result.threshold is None:
-        typer.echo(f"{result.n_trials} trials in study {study!r}; none reached normalized "
-                   f"faithfulness {target}")
-    else:
-        typer.echo(f"{result.n_trials} trials in study {study!r}; best: τ "
-                   f"{result.threshold:.6g} → {result.n_edges} edges, normalized faithfulness "
-                   f"{result.faithfulness:.4f}: the smallest circuit reaching the target "
-                   f"{target} (ties: the largest τ)")
+    typer.echo(f"{result.n_trials} trials in study {study!r}; {result.explanation}")
 
 
 @app.command(cls=_Command)

@@ -62,7 +62,8 @@ points at random and, as its documentation says, can give one point to two worke
   most ``max_retries`` times. By default both scale with the grid (:func:`auto_grace`): a
   heartbeat a second, and a grace period of twice the completed cells' median wall time,
   between 5 s and 60 s and never under five heartbeats of any running cell's worker (each
-  records its interval), so a grid of small cells takes a killed worker's cell over within
+  records its interval as it claims the cell; one recorded by none, from an earlier version,
+  counts as 10 s), so a grid of small cells takes a killed worker's cell over within
   seconds while a live worker would have to miss five heartbeats in a row to lose its cell;
 - a cell that raises is ``FAIL`` with ``error`` and ``traceback`` user attributes; it is
   reported, and not rerun unless the next run passes ``retry_failed``;
@@ -669,6 +670,9 @@ AUTO_HEARTBEAT_S = 1
 """Heartbeat interval (seconds) when none is given: one small write a second per worker."""
 GRACE_BOUNDS_S = (5, 60)
 """Smallest and largest automatic grace period (seconds)."""
+UNRECORDED_HEARTBEAT_S = 10
+"""Heartbeat interval (seconds) assumed for a running cell whose worker did not record one
+(workers of earlier versions beat every 10 s): its cell is never taken over too early."""
 
 
 def auto_grace(durations: Sequence[float], heartbeats: Sequence[float]) -> int:
@@ -681,7 +685,8 @@ def auto_grace(durations: Sequence[float], heartbeats: Sequence[float]) -> int:
 
     Args:
         durations: Wall times of completed cells, seconds.
-        heartbeats: Heartbeat intervals of the running cells' workers, seconds.
+        heartbeats: Heartbeat intervals of the running cells' workers, seconds (a worker
+            that recorded none counts as :data:`UNRECORDED_HEARTBEAT_S`).
 
     Returns:
         The grace period, whole seconds (Optuna's storage takes an int).
@@ -880,6 +885,9 @@ def _claim(storage: Any, study_id: int, keys: Mapping[str, Cell]) -> Any:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         if storage.get_heartbeat_interval() is not None:
+            # the interval first (others' automatic grace reads it), then the first beat
+            storage.set_trial_user_attr(t._trial_id, "heartbeat_s",
+                                        storage.get_heartbeat_interval())
             storage.record_heartbeat(t._trial_id)
         rivals = [o for o in storage.get_all_trials(study_id, deepcopy=False)
                   if o.user_attrs.get("cell") == t.user_attrs["cell"] and o.number != t.number]
@@ -898,7 +906,6 @@ def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfi
     TrialState = optuna_module().trial.TrialState
     tid = trial._trial_id
     storage.set_trial_user_attr(tid, "worker", f"{socket.gethostname()}:{os.getpid()}")
-    storage.set_trial_user_attr(tid, "heartbeat_s", heartbeat_interval)  # for others' grace
     try:
         # heartbeats while the model loads too (a slow load must not look like a dead worker)
         with _Monitor(storage, tid, heartbeat_interval, torch.device("cpu")):
@@ -931,8 +938,10 @@ def _grid_grace(study: Any, heartbeat_interval: int) -> int:
             wall = (t.user_attrs.get("record") or {}).get("wall_time_s")
             if isinstance(wall, (int, float)):
                 durations.append(float(wall))
-        elif isinstance(t.user_attrs.get("heartbeat_s"), (int, float)):
-            beats.append(float(t.user_attrs["heartbeat_s"]))
+        else:
+            beat = t.user_attrs.get("heartbeat_s")
+            beats.append(float(beat) if isinstance(beat, (int, float))
+                         else float(UNRECORDED_HEARTBEAT_S))
     return auto_grace(durations, beats)
 
 

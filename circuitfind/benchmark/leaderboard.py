@@ -315,7 +315,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
-    from circuitfind.graphs.render import MPL_METADATA, MPL_RC
+    from circuitfind.graphs.render import MPL_METADATA, MPL_RC, model_display_name
 
     sections = _sections(rows)
     labels = sorted({r["algorithm"] for r in rows})
@@ -341,8 +341,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle=":")
             ax.axhline(0.0, color="0.6", linewidth=0.8, linestyle=":")
-            ax.set_title(f"{task} on {model}\n({n} examples, {rs[0]['n_edges']} edges, "
-                         f"{ablation})", fontsize=9)
+            ax.set_title(f"{task} on {model_display_name(model)}\n({n} examples, "
+                         f"{rs[0]['n_edges']} edges, {ablation})", fontsize=9)
             ax.set_xlabel("edges kept (% of all edges, log scale)", fontsize=8)
             ax.set_ylabel("normalized faithfulness", fontsize=8)
             ax.tick_params(labelsize=7)

@@ -13,8 +13,11 @@ useful τ lie within the spread of single-edge effects: a τ above them all prun
 below them all keeps everything. Unless ``low``/``high`` are given, :func:`tau_range` measures
 the objective's change when each of up to 256 sampled edges is removed from the full model (one
 batched masked pass) and searches from a tenth of the median positive effect (most edges kept)
-to the largest (all but the few edges that matter most pruned); each trial is reported as ``τ → edges, faithfulness`` on the
-``circuitfind.progress`` logger (the command line prints it).
+to the largest (all but the few edges that matter most pruned). Each trial is reported as
+``trial 3: τ 0.001078 → 97 of 1701 edges, faithfulness 0.910`` on the ``circuitfind.progress``
+logger (the command line prints it), and :attr:`TuneResult.explanation` names the best trial
+and why (the smallest circuit reaching the target) or, when none reached it, the most
+faithful one and where to search next.
 
 Distributed. The study lives in an Optuna storage given as a URL: SQLite by default
 (``sqlite:///tune.db``), any Optuna RDB URL (PostgreSQL, MySQL) so that workers on several
@@ -60,6 +63,10 @@ class TuneResult:
         n_edges: Edges of the best circuit.
         faithfulness: Its normalized faithfulness.
         target: The target faithfulness.
+        trial: Number of the best trial in the study (``None`` when none reached the target).
+        explanation: One sentence saying which trial is best and why (the smallest circuit
+            reaching the target), or, when none reached it, which came closest and what to
+            try; the command line prints it.
     """
 
     study_name: str
@@ -69,6 +76,8 @@ class TuneResult:
     n_edges: int | None
     faithfulness: float | None
     target: float
+    trial: int | None = None
+    explanation: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable)."""
@@ -223,9 +232,9 @@ def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials:
             trial.set_user_attr("n_edges", circuit.n_edges)
             trial.set_user_attr("faithfulness", faith)
             trial.set_user_attr("threshold", tau)
+            trial.set_user_attr("total_edges", total)
             mark = " (reaches the target)" if faith >= target else ""
-            progress_log.info(f"trial {trial.number}: τ {tau:.4g} → {circuit.n_edges} of "
-                              f"{total} edges, faithfulness {faith:.3f}{mark}")
+            progress_log.info(_trial_line(trial) + mark)
             if math.isnan(faith):
                 return float(2 * total)
             return float(circuit.n_edges if faith >= target else total + total * (target - faith))
@@ -235,15 +244,53 @@ def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials:
 
 
 def summarize(study: Any, storage: str, target: float) -> TuneResult:
-    """The smallest circuit reaching ``target`` among the study's finished trials."""
+    """The smallest circuit reaching ``target`` among the study's finished trials.
+
+    Args:
+        study: The ``optuna.Study`` (every worker's trials).
+        storage: Its storage URL (recorded in the result).
+        target: The normalized faithfulness to reach.
+
+    Returns:
+        A :class:`TuneResult`: the best trial (fewest edges among those reaching ``target``;
+        ties: the largest τ) and an explanation naming it, or the most faithful trial when
+        none reached ``target``.
+    """
     optuna = optuna_module()
     done = [t for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE]
-    ok = [t for t in done if (t.user_attrs.get("faithfulness") or -math.inf) >= target]
+            if t.state == optuna.trial.TrialState.COMPLETE and "n_edges" in t.user_attrs]
+    ok = [t for t in done if _faith(t) >= target]
     best = min(ok, key=lambda t: (t.user_attrs["n_edges"], -t.user_attrs["threshold"]),
                default=None)
+    if best is not None:
+        ties = sum(t.user_attrs["n_edges"] == best.user_attrs["n_edges"] for t in ok)
+        why = (f"best: {_trial_line(best)} — the smallest circuit reaching normalized "
+               f"faithfulness {target:g} ({len(ok)} of {len(done)} trials reached it"
+               + ("; of equal sizes, the largest τ" if ties > 1 else "") + ")")
+    elif done:
+        closest = max(done, key=lambda t: (_faith(t), -t.user_attrs["n_edges"]))
+        why = (f"no trial reached normalized faithfulness {target:g}; the most faithful: "
+               f"{_trial_line(closest)}. Smaller τ keep more edges: search below "
+               f"τ {closest.user_attrs['threshold']:.4g}, or lower the target")
+    else:
+        why = "no finished trial yet"
     return TuneResult(study_name=study.study_name, storage=storage, n_trials=len(done),
                       threshold=None if best is None else best.user_attrs["threshold"],
                       n_edges=None if best is None else best.user_attrs["n_edges"],
                       faithfulness=None if best is None else best.user_attrs["faithfulness"],
-                      target=float(target))
+                      target=float(target), trial=None if best is None else best.number,
+                      explanation=why)
+
+
+def _faith(trial: Any) -> float:
+    value = trial.user_attrs.get("faithfulness")
+    return value if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
+
+
+def _trial_line(trial: Any) -> str:
+    """``trial 3: τ 0.001078 → 97 of 1701 edges, faithfulness 0.910`` (as the trials print)."""
+    attrs = trial.user_attrs
+    total = attrs.get("total_edges")
+    of = f" of {total}" if total is not None else ""
+    return (f"trial {trial.number}: τ {attrs['threshold']:.4g} → {attrs['n_edges']}{of} "
+            f"edges, faithfulness {attrs['faithfulness']:.3f}")

@@ -4,13 +4,14 @@
 Both renderers draw the same picture from one renderer-independent description (the *scene*,
 :func:`scene`), so colours, pen widths, labels, filters and the legend are decided once:
 
-- **layout**: one row per layer for the attention heads (head index order left to right
-  unless the renderer reorders them to cut crossings) and, below it, one row for the layer's
-  MLP; ``input`` on top, ``logits`` at the bottom (``orientation="landscape"`` turns the
+- **layout**: one row per layer for the attention heads (always in head index order, left
+  to right, in both renderers) and, below it, one row for the layer's MLP; ``input`` on top, ``logits`` at the bottom (``orientation="landscape"`` turns the
   picture so that layers run left to right);
 - **edges**: one per kept edge from the sender to the node reading the receiver (a
-  grouped-query k/v edge is drawn to every query head sharing the key/value head, as in
-  :meth:`Circuit.to_networkx`); pen width ``0.5 + 4.5 * |score| / max |score|`` over the drawn
+  grouped-query k/v receiver is shared by the query heads of its key/value group: its edge is
+  drawn into the heads of the group that lead on, i.e. have a drawn outgoing edge — all of
+  them only when none does — so that no head shows inputs without outputs because of its
+  group; collapsed q/k/v likewise); pen width ``0.5 + 4.5 * |score| / max |score|`` over the drawn
   edges (1.0 for every edge when the circuit has no scores or all scores are 0); colour by
   receiver kind (q blue, k bluish green, v vermillion, MLP reddish purple, logits black) or by
   the sign of the score (``edge_colour="sign"``: blue where the score marks an edge the
@@ -22,8 +23,9 @@ Both renderers draw the same picture from one renderer-independent description (
   cycling after seven; unclassified nodes light grey), with a legend;
 - **options** (:class:`RenderOptions`): colour by sign, collapse q/k/v into one edge per sender
   and head (score = the sum of the q, k and v scores, the first-order effect of corrupting
-  all three), hide edges below a |score| or keep the top N drawn edges (the title then says
-  how many are drawn), label heads ``L.H``,
+  all three), hide edges below a |score| or keep the top N drawn edges (then what the
+  hidden edges leave dangling is pruned, as :func:`~circuitfind.graphs.selection.
+  prune_dangling` prunes a circuit, and the title says how many edges are drawn), label heads ``L.H``,
   portrait or landscape, no title, fixed node order (every head keeps its slot, every row is
   present, so drawings of different circuits of one model line up);
 - **determinism**: the same circuit and options give the same bytes for every renderer and
@@ -128,8 +130,9 @@ class RenderOptions:
         head_labels: ``"name"`` (``a3.h7``) or ``"layer.head"`` (``3.7``).
         orientation: ``"portrait"`` (layers top to bottom) or ``"landscape"`` (left to right).
         title: Draw the title line (model, task, algorithm, edge count).
-        fixed_order: Heads in index order with one slot per head of the model and every row
-            present, so that drawings of different circuits of one model line up.
+        fixed_order: One slot per head of the model and every row present, so that drawings
+            of different circuits of one model line up (heads are in index order either
+            way; without it the drawn heads of a row stand side by side).
 
     Raises:
         ConfigError: a value outside the lists above, a negative ``min_abs_score`` or a
@@ -239,8 +242,9 @@ def _title(circuit: Circuit) -> str:
 def _live_targets(drawn: list[list[Any]], prune: bool) -> list[list[Any]]:
     """Drawn edges ``[name, sender, targets, key, value]`` with their targets narrowed to the
     heads that lead on: a grouped-query k/v edge is drawn into the query heads of its group
-    that have a drawn outgoing edge (all of them when none has, so nothing is lost), so no
-    head shows inputs without outputs because of its group. With ``prune`` (after ``top_n`` /
+    that have a drawn outgoing edge, so no head shows inputs without outputs because of its
+    group. When none has (an unpruned circuit), into those drawn anyway for their own q input,
+    else into all of them, so that nothing is lost. With ``prune`` (after ``top_n`` /
     ``min_abs_score`` hid edges) the drawing is pruned like :func:`~circuitfind.graphs.
     selection.prune_dangling`: edges into nodes with no drawn way on to the logits, and out of
     nodes no drawn edge reaches (``input`` aside), go, until none is left."""
@@ -249,10 +253,13 @@ def _live_targets(drawn: list[list[Any]], prune: bool) -> list[list[Any]]:
     while True:
         senders = {it[1] for it in items}
         reached = {t for it in items for t in it[2]}
+        own = {it[2][0] for it in items if len(it[2]) == 1}  # reached by an unshared input
         changed = False
         kept = []
         for it in items:
             alive = tuple(t for t in it[2] if t == "logits" or t in senders)
+            if not alive and len(it[2]) > 1:  # no head of the group leads on (unpruned)
+                alive = tuple(t for t in it[2] if t in own)
             if prune and (not alive or (it[1] != "input" and it[1] not in reached)):
                 changed = True
                 continue
@@ -301,6 +308,9 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
     else:
         values = [None] * len(pairs)
     names = graph.edge_names
+    # collapsed, a grouped-query k/v edge counts towards the heads of its group that lead on
+    # in the circuit (all of them when none does), as _live_targets narrows uncollapsed ones
+    leading = {graph.senders[s].name for s, _ in pairs}
     # (name, sender, targets, key, score) in canonical order of first appearance
     items: dict[tuple[str, ...], list[Any]] = {}
     for edge_id, (s, r), value in zip(ids.tolist(), pairs, values):
@@ -308,7 +318,8 @@ def scene(circuit: Circuit, options: RenderOptions | None = None) -> Scene:
         sender = graph.senders[s].name
         kind = receiver.qkv or receiver.kind
         if opts.collapse_qkv and kind in ("q", "k", "v"):
-            for target in receiver.nodes:
+            heads = [t for t in receiver.nodes if t in leading] or receiver.nodes
+            for target in heads:
                 item = items.setdefault(("qkv", sender, target),
                                         [f"{sender}->{target}<qkv>", sender, (target,), "qkv",
                                          None])

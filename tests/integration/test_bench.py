@@ -308,6 +308,24 @@ def test_automatic_grace_follows_cell_durations_and_heartbeats():
     assert auto_grace([0.5], [1, 10]) == 50  # never under five beats of a running worker
 
 
+def test_claimed_cells_record_their_heartbeat_and_unrecorded_ones_count_as_ten_s(small,
+                                                                                 tmp_path):
+    from circuitfind.benchmark.grid import UNRECORDED_HEARTBEAT_S, _claim, _grid_grace
+
+    url = storage_url(tmp_path)
+    cf.bench(small, storage=url, create_only=True, progress=False)
+    storage = open_storage(url, heartbeat_interval=2)
+    study = optuna.load_study(study_name="grid", storage=storage)
+    keys = {c.key: c for c in plan_grid(load_config(small)).cells}
+    claimed = _claim(storage, study._study_id, keys)
+    assert claimed.state == TrialState.RUNNING and claimed.user_attrs["heartbeat_s"] == 2
+    assert _grid_grace(study, 1) == 10  # five of its 2 s beats; nothing measured yet: 10 s
+    # a cell claimed by a worker that recorded no interval (an earlier version's)
+    other = storage.get_all_trials(study._study_id, states=(TrialState.WAITING,))[0]
+    assert storage.set_trial_state_values(other._trial_id, TrialState.RUNNING)
+    assert _grid_grace(study, 1) == 5 * UNRECORDED_HEARTBEAT_S
+
+
 def test_dead_workers_cell_is_taken_over_within_seconds_by_default(small, tmp_path):
     """No heartbeat or grace settings: a cell whose worker died is queued again once its
     heartbeat is older than the automatic grace period, and every cell is done once."""
@@ -328,3 +346,57 @@ def test_dead_workers_cell_is_taken_over_within_seconds_by_default(small, tmp_pa
                if k != held.user_attrs["cell"])
     # reported, not asserted as a timing: the default waited seconds, not the old minute
     print(f"grid with a dead worker's cell finished in {time.monotonic() - started:.1f} s")
+
+
+def test_killed_worker_process_is_taken_over_within_seconds(small, tmp_path):
+    """Two real worker processes, one killed with SIGKILL while it holds a cell: the other
+    takes the cell over once the automatic grace period (seconds for these small cells; it
+    was a fixed minute) has passed since the dead worker's last heartbeat, and every cell is
+    completed exactly once."""
+    import datetime
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url = storage_url(tmp_path)
+    cf.bench(small, storage=url, create_only=True, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "circuitfind", "bench", str(small), "--storage", url,
+               "--no-progress", "--threads", "1"]
+    root = Path(__file__).resolve().parents[2]
+    doomed = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        storage = open_storage(url)
+        study_id = storage.get_study_id_from_name("grid")
+        deadline = time.monotonic() + 120
+        held = None
+        while held is None and time.monotonic() < deadline and doomed.poll() is None:
+            held = next((t for t in storage.get_all_trials(study_id, deepcopy=False,
+                                                           states=(TrialState.RUNNING,))
+                         if str(t.user_attrs.get("worker", "")).endswith(f":{doomed.pid}")),
+                        None)
+            time.sleep(0.02)
+        assert held is not None, "the first worker never ran a cell"
+        os.kill(doomed.pid, signal.SIGKILL)  # it holds a cell (loading the model, or running)
+        killed_at = datetime.datetime.now()
+    finally:
+        if doomed.poll() is None:
+            os.kill(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+    survivor = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert survivor.returncode == 0, survivor.stderr
+    assert "4 of 4 cells done" in survivor.stdout
+    by_cell = trials_by_cell(url, "grid")
+    assert len(by_cell) == 4
+    for key, trials in by_cell.items():  # one completed run per cell; the dead one failed
+        assert [t.state for t in trials].count(TrialState.COMPLETE) == 1, key
+    dead = [t for t in by_cell[held.user_attrs["cell"]] if t.number == held.number][0]
+    assert dead.state == TrialState.FAIL and "error" not in dead.user_attrs
+    waited = (dead.datetime_complete - killed_at).total_seconds()
+    # the grace period is 10 s before any cell completed and 5 s after: never the old 60 s
+    assert waited < 45, waited
+    print(f"killed worker's cell taken over {waited:.1f} s after the kill")

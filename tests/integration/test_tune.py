@@ -54,9 +54,45 @@ def test_the_default_range_comes_from_the_data_and_trials_land_in_it(tmp_path, c
     assert sum(0 < n < 110 for n in sizes) >= 5, sizes
     assert all(low <= t.user_attrs["threshold"] <= high for t in trials)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ")]
-    assert len(lines) == 6 and all("τ" in line and "edges, faithfulness" in line
+    assert len(lines) == 6 and all("τ" in line and "of 110 edges, faithfulness" in line
                                    for line in lines)
     assert result.n_trials == 6
+    if result.trial is not None:  # the explanation names the best trial as it was printed
+        best = [line for line in lines if line.startswith(f"trial {result.trial}:")][0]
+        assert result.explanation.startswith(f"best: {best.split(' (reaches')[0]} — the "
+                                             "smallest circuit reaching")
+    else:
+        assert result.explanation.startswith("no trial reached")
+
+
+def test_the_result_says_which_trial_is_best_and_why(tmp_path):
+    """The smallest circuit reaching the target wins (ties: the largest τ); when none reaches
+    it, the most faithful trial is named with where to search next."""
+    import optuna
+
+    from circuitfind.benchmark.tune import summarize
+
+    study = create_study(f"sqlite:///{tmp_path / 's.db'}", "s")
+    for tau, edges, faith in ((0.1, 10, 0.5), (0.01, 40, 0.92), (0.02, 40, 0.95),
+                              (0.001, 90, 0.99), (0.5, 2, float("nan"))):
+        study.add_trial(optuna.trial.create_trial(
+            params={"threshold": tau}, value=float(edges),
+            distributions={"threshold": optuna.distributions.FloatDistribution(1e-4, 1.0,
+                                                                               log=True)},
+            user_attrs={"threshold": tau, "n_edges": edges, "faithfulness": faith,
+                        "total_edges": 110}))
+    best = summarize(study, "url", 0.9)
+    assert (best.trial, best.threshold, best.n_edges) == (2, 0.02, 40)
+    assert best.explanation == (
+        "best: trial 2: τ 0.02 → 40 of 110 edges, faithfulness 0.950 — the smallest circuit "
+        "reaching normalized faithfulness 0.9 (3 of 5 trials reached it; of equal sizes, the "
+        "largest τ)")
+    none = summarize(study, "url", 0.995)
+    assert none.trial is None and none.threshold is None
+    assert none.explanation == (
+        "no trial reached normalized faithfulness 0.995; the most faithful: trial 3: τ 0.001 "
+        "→ 90 of 110 edges, faithfulness 0.990. Smaller τ keep more edges: search below "
+        "τ 0.001, or lower the target")
 
 
 @pytest.mark.parametrize("kwargs, message", [

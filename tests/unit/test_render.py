@@ -177,6 +177,40 @@ def test_collapse_qkv_sums_the_scores():
     assert ("q/k/v input", EDGE_COLOURS["qkv"]) in sc.edge_legend
 
 
+@pytest.mark.parametrize("options", [RenderOptions(), RenderOptions(collapse_qkv=True),
+                                     RenderOptions(top_n=8),
+                                     RenderOptions(top_n=8, collapse_qkv=True)],
+                         ids=["edges", "collapsed", "top", "top-collapsed"])
+def test_no_head_shows_inputs_without_outputs_because_of_its_group(options):
+    # a pruned circuit has a way on from every receiver it keeps; a grouped-query k/v edge is
+    # shared by the query heads of its group, and drawing it into a head that does not lead
+    # on would show that head with inputs and no outputs (collapsed q/k/v did, 51 of 360)
+    drawn_kv = 0
+    for seed in range(12):
+        scores = torch.randn(GQA.n_senders, GQA.n_receivers,
+                             generator=torch.Generator().manual_seed(seed))
+        for n in (10, 30, 60):
+            c = prune_dangling(select_top_n(GQA, scores, n))
+            sc = scene(c, options)
+            senders = {e.sender for e in sc.edges}
+            assert {e.target for e in sc.edges} - senders <= {"logits"}, (seed, n)
+            drawn_kv += sum(".kv" in e.name or e.key == "qkv" for e in sc.edges)
+            if not options.collapse_qkv and options.top_n is None:  # nothing lost
+                assert {e.name for e in sc.edges} == set(c.edges)
+    assert drawn_kv > 0
+
+
+def test_unpruned_group_without_a_head_leading_on():
+    """A k/v edge whose group has no head leading on (an unpruned circuit) goes into the
+    heads drawn anyway for their own q input, else into the whole group."""
+    names = ["input->a1.h1<q>", "input->a1.kv0<k>", "input->a1.kv1<v>", "m0->logits",
+             "input->m0"]
+    sc = scene(Circuit.from_edges(GQA, names))
+    targets = {name: sorted(e.target for e in sc.edges if e.name == name) for name in names}
+    assert targets["input->a1.kv0<k>"] == ["a1.h1"]  # not a1.h0: it has no input of its own
+    assert targets["input->a1.kv1<v>"] == ["a1.h2", "a1.h3"]  # nothing to prefer: all
+
+
 def test_filters_by_score():
     c = circuit(MHA, n=60)
     magnitudes = sorted((abs(v) for v in c.edge_scores().values()), reverse=True)
@@ -350,3 +384,23 @@ def test_leaderboard_colours_belong_to_algorithms():
     assert two["eap_ig(steps=5)"][0] == two["eap_ig(steps=10)"][0]  # one colour, two markers
     assert two["eap_ig(steps=5)"][1:] != two["eap_ig(steps=10)"][1:]
     assert len({two[a][0] for a in ("acdc", "exact", "eap", "eap_ig(steps=5)")}) == 4
+
+
+def test_leaderboard_figures_name_models_and_keep_algorithm_colours(tmp_path):
+    from circuitfind.benchmark.leaderboard import ALGORITHM_COLOURS, plot_curves
+    from circuitfind.graphs.render import OKABE_ITO
+
+    def row(algorithm, model):
+        return {"task": "ioi", "model": model, "n_examples": 8, "ablation": "resample",
+                "algorithm": algorithm, "n_edges": 100, "convention": "mib",
+                "fractions": [0.1, 0.5, 1.0], "faithfulness_mean": [0.2, 0.6, 1.0],
+                "faithfulness_std": [None, None, None]}
+
+    svgs = []
+    for algorithms in (["acdc", "eap"], ["eap", "exact", "acdc"]):
+        rows = [row(a, "/work/shared/models/stories260k") for a in algorithms]
+        svgs.append(plot_curves(rows, tmp_path / f"{len(rows)}.svg").read_text())
+    for svg, algorithms in zip(svgs, (["acdc", "eap"], ["eap", "exact", "acdc"])):
+        assert "ioi on stories260k" in svg and "/work/shared" not in svg
+        for algorithm in algorithms:  # the same colour in both figures
+            assert OKABE_ITO[ALGORITHM_COLOURS[algorithm]].lower() in svg.lower()
