@@ -37,6 +37,11 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # arch -> (config class, model class, settings beyond the sizes); each family's own
     # features are switched on so that tests exercise them
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM",  # Llama-3's rope scaling, made to bite
+               {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+                                    "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 4}}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  {"rotary_pct": 0.5, "use_parallel_residual": True}),
     "gpt_neox_seq": ("GPTNeoXConfig", "GPTNeoXForCausalLM",

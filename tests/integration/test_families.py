@@ -25,6 +25,7 @@ FAMILIES = {
     "gpt_neox": dict(arch="gpt_neox", n_layers=3, seed=7),  # parallel attention and MLP
     "gpt_neox_seq": dict(arch="gpt_neox_seq", n_layers=3, seed=8),
     "llama": dict(arch="llama", n_layers=3, n_kv_heads=2, seed=3),
+    "llama3": dict(arch="llama3", n_layers=2, n_kv_heads=2, seed=10),  # rope scaling
     "mistral": dict(arch="mistral", n_layers=3, n_kv_heads=2, seed=4),
     "qwen2": dict(arch="qwen2", n_layers=3, n_kv_heads=2, seed=5),
     "qwen3": dict(arch="qwen3", n_layers=3, n_kv_heads=2, seed=6),
@@ -309,7 +310,7 @@ def test_acdc_exact_mode_equals_sequential_acdc_and_resumes(family_models, tmp_p
     data = ToyTask(seq_len=SEQ - 1).build(model.tokenizer, 3, seed=1)
     engine = PatchingEngine(model)
     # τ clear of every measured effect (the test checks it)
-    tau = {"qwen3": 1.3e-3, "gpt_neox": 1.3e-3}.get(name, 1e-3)
+    tau = {"qwen3": 1.3e-3, "gpt_neox": 1.3e-3, "llama3": 1.3e-3}.get(name, 1e-3)
     algo = ACDC(threshold=tau, progress=False)
     circuit = algo.discover(engine, data)
     reference = slow_acdc(model, data, tau)
