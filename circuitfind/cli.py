@@ -463,15 +463,21 @@ def check(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return
-    typer.echo(f"{result.task} on {result.model}, {result.n_examples} examples: "
-               f"{result.verdict}")
+    from circuitfind.graphs.render import model_display_name
+
+    typer.echo(f"{result.task} on {model_display_name(result.model)}, {result.n_examples} "
+               f"examples: {result.verdict}")
     for label, values in (("clean", result.clean), ("corrupted", result.corrupted)):
         typer.echo(f"  {label:9s} mean {values['mean']:.4g}  std {values['std']:.3g}  "
                    f"min {values['min']:.4g}  max {values['max']:.4g} {result.metric_unit}")
+    typer.echo(f"  accuracy  {100 * result.accuracy:.1f}% on clean prompts: "
+               f"{result.accuracy_description}")
     for row in result.examples:
+        answer = "/".join(map(str, row["answer"]))
+        wrong = "/".join(map(str, row["wrong"])) or "-"
         typer.echo(f"  #{row['example']:<3d} {'ok ' if row['correct'] else 'BAD'} "
                    f"clean {row['clean']:8.3f}  corrupted {row['corrupted']:8.3f}  "
-                   f"answer {row['answer']} vs {row['wrong']}  {row['prompt']!r}")
+                   f"{answer!r} vs {wrong!r}  {row['prompt']!r}")
 
 
 @app.command(cls=_Command)

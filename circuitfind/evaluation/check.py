@@ -31,16 +31,19 @@ class CheckResult:
         n_examples: Examples checked.
         metric_name, metric_unit: The task metric and its unit (logits, nats, probability).
         higher_is_better: The metric's direction.
-        accuracy: Fraction of (example, metric position) pairs where the best answer's logit
-            beats every wrong answer's (the answer is the top-1 token where the task has no wrong
-            answers), on the clean prompts.
+        accuracy: Fraction of (example, metric position) pairs the model answers correctly on
+            the clean prompts, as the task's :meth:`~circuitfind.tasks.base.Task.correct`
+            defines it (by default the best answer's logit beats every wrong answer's).
+        accuracy_description: That definition in words.
         clean, corrupted: ``{"mean", "std", "min", "max"}`` of the per-example metric on the
             clean and on the corrupted prompts (the latter read with the clean answers).
         gap: ``mean(clean) − mean(corrupted)``, in the metric's unit.
         noise: The gap is small (below one standard deviation of the clean metric, or in the
             wrong direction): the model does not show the behaviour.
-        examples: Per-example rows (``prompt``, ``answer``, ``wrong``, ``clean``,
-            ``corrupted``, ``correct``) when asked for.
+        examples: Per-example rows when asked for: ``example`` (index), ``prompt`` (the clean
+            prompt, its last 60 characters), ``answer`` and ``wrong`` (token strings, padding
+            dropped), ``clean`` and ``corrupted`` (the metric), ``correct`` (at every metric
+            position).
     """
 
     task: str
@@ -50,6 +53,7 @@ class CheckResult:
     metric_unit: str
     higher_is_better: bool
     accuracy: float
+    accuracy_description: str
     clean: dict[str, float]
     corrupted: dict[str, float]
     gap: float
@@ -80,22 +84,11 @@ def _summary(values: Tensor) -> dict[str, float]:
             "min": float(v.min()), "max": float(v.max())}
 
 
-def _correct(logits: Tensor, data: TaskData) -> Tensor:
-    """``[N, P]`` whether the answer wins at each metric position (see :class:`CheckResult`)."""
-    n, p, _ = logits.shape
-    answers, wrong = data.answers.to(logits.device), data.wrong_answers.to(logits.device)
-    out = torch.zeros(n, p, dtype=torch.bool)
-    for j in range(p):
-        per_position = answers.shape[1] == p and p > 1
-        good = answers[:, j: j + 1] if per_position else answers
-        best = logits[:, j].gather(1, good.clamp(min=0)).max(1).values
-        if wrong.numel():
-            bad = wrong[:, j: j + 1] if per_position and wrong.shape[1] == p else wrong
-            rival = logits[:, j].gather(1, bad.clamp(min=0)).max(1).values
-        else:
-            rival = logits[:, j].scatter(1, good.clamp(min=0), float("-inf")).max(1).values
-        out[:, j] = (best > rival).cpu()
-    return out
+def _tokens(tokenizer: Any, ids: Tensor) -> list[str] | list[int]:
+    """The tokens of ``ids`` (``-1`` padding dropped), as strings where a tokenizer is known."""
+    real = [int(i) for i in ids.reshape(-1).tolist() if i >= 0]
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    return [str(t) for t in convert(real)] if convert is not None else real
 
 
 def check(model: Any, data: TaskData, per_example: bool = False,
@@ -122,7 +115,7 @@ def check(model: Any, data: TaskData, per_example: bool = False,
     on_device = engine.on_device(data)
     clean = data.task.metric(logits[0], on_device).double().cpu()
     corrupted = data.task.metric(logits[1], on_device).double().cpu()
-    correct = _correct(logits[0], data)
+    correct = data.task.correct(logits[0], on_device).cpu()  # [N, P]
     higher = bool(getattr(data.task, "higher_is_better", True))
     gap = float(clean.mean() - corrupted.mean())
     spread = float(clean.std()) if data.n > 1 else 0.0
@@ -130,19 +123,19 @@ def check(model: Any, data: TaskData, per_example: bool = False,
     noise = not (toward > 0 and (math.isnan(spread) or toward > spread))
     rows: list[dict[str, Any]] = []
     if per_example:
-        tok = getattr(getattr(engine.model, "tokenizer", None), "convert_ids_to_tokens", None)
+        tokenizer = getattr(engine.model, "tokenizer", None)
         for i in range(data.n):
             prompt = (data.clean_prompts[i] if data.clean_prompts else "")
             rows.append({
                 "example": i, "prompt": prompt if len(prompt) <= 60 else "…" + prompt[-59:],
-                "answer": tok(data.answers[i].tolist()) if tok else data.answers[i].tolist(),
-                "wrong": tok(data.wrong_answers[i].tolist()) if tok else
-                data.wrong_answers[i].tolist(),
+                "answer": _tokens(tokenizer, data.answers[i]),
+                "wrong": _tokens(tokenizer, data.wrong_answers[i]),
                 "clean": float(clean[i]), "corrupted": float(corrupted[i]),
                 "correct": bool(correct[i].all())})
     name = model_name or str(getattr(getattr(engine.model, "cfg", None), "model_name", "model"))
     return CheckResult(
         task=data.task.name, model=name, n_examples=data.n, metric_name=data.task.metric_name,
         metric_unit=data.task.metric_unit, higher_is_better=higher,
-        accuracy=float(correct.double().mean()), clean=_summary(clean),
-        corrupted=_summary(corrupted), gap=gap, noise=noise, examples=rows)
+        accuracy=float(correct.double().mean()),
+        accuracy_description=str(getattr(data.task, "accuracy_description", "")),
+        clean=_summary(clean), corrupted=_summary(corrupted), gap=gap, noise=noise, examples=rows)

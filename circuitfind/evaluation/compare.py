@@ -5,11 +5,22 @@ tools: circuitfind JSON or MIB JSON) and reports the Jaccard index of their kept
 their nodes, the overlap of their top-k edges at several k, and the Spearman rank correlation of
 their scores on the edges both keep.
 
-Importance order. Each circuit's edges are ranked by how important its scores say they are
-(:mod:`circuitfind.graphs.scores`): ``|score|`` for metric changes (an attribution score's sign
-gives the direction an edge moves the metric; both directions matter, as in top-n selection)
-and the score itself for importances (ACDC's KL effects). So circuits of different score kinds
-compare on one scale.
+Importance order. Each circuit's edges are ranked in the order the circuit itself was chosen
+in, read by :func:`importance_keys` from its metadata: its scores' meaning
+(:func:`circuitfind.graphs.scores.score_meaning`) and its selection record
+(``metadata["selection"]``, written by :func:`~circuitfind.graphs.selection.select_top_n` and
+:func:`~circuitfind.graphs.selection.select_threshold`):
+
+- importances (ACDC's KL effects): the score itself, larger is more important;
+- metric changes selected with ``absolute=False``: the signed importance, ``-score`` for a
+  higher-is-better metric and ``score`` for a lower-is-better one (most important first);
+- other metric changes (selected by ``|score|``, the default of ``discover``, or of unknown
+  selection, such as MIB files from other tools): ``|score|``, since an edge that moves the
+  metric either way matters.
+
+So circuits of different score kinds (an ACDC circuit against an EAP one) compare on one
+scale: the top-k overlap asks whether the two methods put the same edges first, and the rank
+correlation is Spearman's ρ of these keys on the edges both circuits keep.
 """
 
 from __future__ import annotations
@@ -72,13 +83,24 @@ class ComparisonResult:
         return out
 
 
-def _importance(circuit: Circuit) -> Tensor | None:
-    """``[E]`` importance keys of every real edge (larger = more important), or ``None``."""
+def importance_keys(circuit: Circuit) -> Tensor | None:
+    """Every real edge's importance key in the circuit's own order (module docstring).
+
+    Args:
+        circuit: A circuit with or without scores.
+
+    Returns:
+        ``[E]`` float32 keys aligned with ``circuit.graph.edge_names`` (larger = more
+        important), or ``None`` when the circuit has no scores.
+    """
     values = circuit.edge_values
     if values is None:
         return None
     meaning = score_meaning(circuit.metadata)
-    return meaning.importance(values) if meaning.kind == "importance" else values.abs()
+    selection = circuit.metadata.get("selection")
+    signed = meaning.kind == "importance" or (
+        isinstance(selection, dict) and selection.get("absolute") is False)
+    return meaning.importance(values) if signed else values.abs()
 
 
 def _jaccard(a: set[Any], b: set[Any]) -> float:
@@ -106,7 +128,7 @@ def compare(a: Circuit, b: Circuit, ks: Sequence[int] = DEFAULT_KS) -> Compariso
         raise ConfigError(f"Top-k sizes must be integers >= 1; got {list(ks)}.")
     g = a.graph
     ea, eb = set(a.edge_ids.tolist()), set(b.edge_ids.tolist())
-    ka, kb = _importance(a), _importance(b)
+    ka, kb = importance_keys(a), importance_keys(b)
     top: dict[int, float] = {}
     rho = None
     if ka is not None and kb is not None:

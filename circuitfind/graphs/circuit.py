@@ -265,7 +265,23 @@ class Circuit:
 
     @property
     def edge_values(self) -> Tensor | None:
-        """``[E]`` float32 scores of all real edges in canonical order, or ``None``."""
+        """Every real edge's score, without the structural zeros of :attr:`scores`.
+
+        :attr:`scores` is the dense ``[n_senders, n_receivers]`` matrix, whose entries that
+        are not edges (a sender not upstream of the receiver) hold 0; this is the ``[E]`` vector
+        of the ``E = graph.n_edges`` real edges, kept or not, in canonical order:
+        ``edge_values[i]`` is the score of ``graph.edge_names[i]``. A zero in it is a real
+        score of zero. What the scores mean (metric change or importance, unit, direction)
+        is in ``metadata["scores"]``; :meth:`edge_scores` gives the kept edges by name.
+
+        Returns:
+            ``[E]`` tensor in the scores' dtype, or ``None`` for a circuit without
+            scores.
+
+        Example:
+            >>> top = circuit.edge_values.abs().argsort(descending=True)[:10]
+            >>> [circuit.graph.edge_names[i] for i in top]
+        """
         return None if self.scores is None else self.graph.to_edges(self.scores)
 
     def edge_scores(self) -> dict[str, float]:

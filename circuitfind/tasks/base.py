@@ -186,6 +186,8 @@ class Task(ABC):
             (``TaskData.reference_logits``, filled by :func:`circuitfind.build_data`).
         source: Where the task's data come from (a file path), or ``None`` for generated
             data; recorded with circuits so that they can be re-evaluated.
+        accuracy_description: What :meth:`correct` counts as a correct answer (for
+            ``circuitfind check``).
 
     Tasks built from data (prompt files, MIB) set these per instance.
     """
@@ -198,6 +200,8 @@ class Task(ABC):
     default_n: int = 64
     needs_reference_logits: bool = False
     source: str | None = None
+    accuracy_description: str = ("the answer's logit beats every wrong answer's (top-1 where "
+                                 "an example has no wrong answer)")
 
     @abstractmethod
     def build(self, tokenizer: Any, n: int, seed: int = 0) -> TaskData:
@@ -221,6 +225,40 @@ class Task(ABC):
         Returns:
             ``[..., N]`` values in ``metric_unit``.
         """
+
+    def correct(self, logits: Tensor, data: TaskData) -> Tensor:
+        """Whether the model answers correctly at each metric position (for accuracy).
+
+        The default: the best of an example's answers has a higher logit than every one of its
+        wrong answers (``-1`` padding ignored); for an example without wrong answers, the
+        answer is the most likely token (top-1). With ``P > 1`` positions and one answer
+        column per position (induction), position ``p`` reads answer column ``p`` and, where
+        there is one per position, wrong-answer column ``p``. Tasks whose answer is not one
+        token (greater-than's "any later year") override this and
+        :attr:`accuracy_description`.
+
+        Args:
+            logits: ``[N, P, V]`` logits gathered at ``data.positions`` (one model run).
+            data: The TaskData the logits belong to (on the logits' device).
+
+        Returns:
+            ``[N, P]`` bool.
+        """
+        n, p, _ = logits.shape
+        answers, wrong = data.answers.to(logits.device), data.wrong_answers.to(logits.device)
+        per_position = p > 1 and answers.shape[1] == p
+        out = torch.zeros(n, p, dtype=torch.bool, device=logits.device)
+        for j in range(p):
+            at = logits[:, j].float()
+            good = answers[:, j: j + 1] if per_position else answers
+            bad = wrong[:, j: j + 1] if per_position and wrong.shape[1] == p else wrong
+            best = _max_logit(at, good)
+            others = at.scatter(1, torch.where(good >= 0, good, good[:, :1]).clamp(min=0),
+                                float("-inf")).max(1).values
+            rival = (torch.where((bad >= 0).any(1), _max_logit(at, bad), others)
+                     if bad.numel() else others)
+            out[:, j] = best > rival
+        return out
 
     def reference_circuit(self, model: str | ComputeGraph) -> Circuit:
         """The reference circuit of this task on a named model, where the literature has one.
@@ -263,6 +301,18 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _max_logit(logits: Tensor, ids: Tensor) -> Tensor:
+    """``[N]`` the largest of ``logits[n, ids[n, :]]`` over ids >= 0 (``-inf`` if none).
+
+    Args:
+        logits: ``[N, V]``.
+        ids: ``[N, k]`` token ids, ``-1`` for padding.
+    """
+    values = logits.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+    return values.max(1).values if ids.shape[1] else torch.full_like(logits[:, 0],
+                                                                        float("-inf"))
 
 
 TASKS: Registry[type[Task]] = Registry("task", entry_point_group="circuitfind.tasks")

@@ -79,6 +79,8 @@ class GreaterThan(Task):
     metric_name = "probability difference"
     metric_unit = "probability"
     higher_is_better = True
+    accuracy_description = ("the most likely two-digit year token is later than the start "
+                            "year")
 
     def build(self, tokenizer: Any, n: int, seed: int = 0) -> TaskData:
         """Build ``n`` greater-than examples (see :meth:`Task.build`).
@@ -152,6 +154,26 @@ class GreaterThan(Task):
         """
         good, bad = year_masks(data, logits.shape[-1], logits.device)
         return metrics.prob_diff(logits, good, bad)
+
+    def correct(self, logits: Tensor, data: TaskData) -> Tensor:
+        """Whether the most likely of the hundred year tokens is later than ``YY``.
+
+        Args:
+            logits: ``[N, 1, V]`` logits at the last prompt position.
+            data: Greater-than TaskData.
+
+        Returns:
+            ``[N, 1]`` bool.
+
+        References:
+            Hanna et al. 2023, arXiv:2305.00586, Section 2 (a correct completion is a later
+            year).
+        """
+        good, bad = year_masks(data, logits.shape[-1], logits.device)
+        at = logits[:, 0].float()
+        later = at.masked_fill(~good, float("-inf")).max(-1).values
+        earlier = at.masked_fill(~bad, float("-inf")).max(-1).values
+        return (later > earlier)[:, None]
 
 
 def year_masks(data: TaskData, vocab_size: int, device: torch.device | str

@@ -75,6 +75,7 @@ class Induction(Task):
     metric_name = "log probability"
     metric_unit = "nats"
     higher_is_better = True
+    accuracy_description = "the repeated token is the most likely next token (top-1)"
 
     def __init__(self, half_len: int = 10) -> None:
         if isinstance(half_len, bool) or not isinstance(half_len, int) or half_len < 2:
@@ -145,6 +146,22 @@ class Induction(Task):
             Olsson et al. 2022 (in-context loss on repeated tokens).
         """
         return metrics.log_prob(logits, data.answers)
+
+    def correct(self, logits: Tensor, data: TaskData) -> Tensor:
+        """Whether the repeated token is the most likely next token (top-1 accuracy).
+
+        Args:
+            logits: ``[N, h - 1, V]`` logits gathered at ``data.positions``.
+            data: The TaskData the logits belong to.
+
+        Returns:
+            ``[N, h - 1]`` bool.
+
+        References:
+            Olsson et al. 2022 (induction heads predict the repeated token).
+        """
+        answers = data.answers.to(logits.device)
+        return logits.gather(-1, answers[..., None])[..., 0] >= logits.max(-1).values
 
 
 def _decode(tokenizer: Any, rows: Tensor) -> list[str]:
