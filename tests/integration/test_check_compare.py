@@ -86,3 +86,95 @@ def test_cli_check_and_compare(run, tmp_path):
     assert compared.returncode == 0, compared.stderr
     result = json.loads(compared.stdout)
     assert result["edge_jaccard"] == 1.0 and result["spearman"] == pytest.approx(1.0)
+
+
+# clean prompts of different lengths; rows with two answers or two wrong answers pad the others
+# with -1, which accuracy must not read as token 0
+PROMPT_ROWS = [
+    {"clean": "w3 w4 w5", "corrupted": "w6 w7 w8 w9", "answer": " w12", "wrong": " w13"},
+    {"clean": "w20 w21 w22 w23 w24", "corrupted": "w27 w28", "answer": " w29", "wrong": " w30"},
+    {"clean": "w31 w32", "corrupted": "w33 w34", "answer": [" w35", " w36"], "wrong": " w37"},
+    {"clean": "w40 w41 w42 w43", "corrupted": "w45 w46 w47 w48", "answer": " w50",
+     "wrong": [" w51", " w52"]},
+]
+
+
+def _hf_next_logits(model, prompt: str) -> torch.Tensor:
+    """Plain Hugging Face forward on the unpadded clean prompt (BOS first)."""
+    tok = model.tokenizer
+    hf = model.original_model if hasattr(model, "original_model") else (
+        model._driver.underlying_model)
+    ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0, -1].double()
+
+
+def test_check_on_a_prompt_file_reads_every_row_and_ignores_answer_padding(tiny_models,
+                                                                            tmp_path):
+    model = tiny_models("llama")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in PROMPT_ROWS))
+    result = cf.check(model, str(path), per_example=True)
+    tok = model.tokenizer
+    expected_correct, expected_clean = [], []
+    for row in PROMPT_ROWS:
+        logits = _hf_next_logits(model, row["clean"])
+        ids = {key: [tok.convert_tokens_to_ids(t.strip()) for t in
+                     ([row[key]] if isinstance(row[key], str) else row[key])]
+               for key in ("answer", "wrong")}
+        expected_correct.append(bool(logits[ids["answer"]].max() > logits[ids["wrong"]].max()))
+        expected_clean.append(float(logits[ids["answer"]].mean() - logits[ids["wrong"]].mean()))
+    assert result.n_examples == len(PROMPT_ROWS) and result.metric_name == "logit difference"
+    assert [r["correct"] for r in result.examples] == expected_correct
+    assert result.accuracy == pytest.approx(sum(expected_correct) / len(PROMPT_ROWS))
+    assert [r["clean"] for r in result.examples] == pytest.approx(expected_clean, abs=1e-6)
+    assert result.examples[2]["answer"] == ["w35", "w36"] and result.examples[0]["wrong"] == [
+        "w13"]  # padding dropped
+
+
+def test_check_on_mib_task_data_equals_the_same_rows_as_a_prompt_file(tiny_models, tmp_path):
+    """MIB's IOI mapping (clean prompt, s2_io_flip counterfactual, answer the indirect object,
+    wrong the subject) read through a MIB task file gives the prompt file's numbers."""
+    datasets = pytest.importorskip("datasets")
+    model = tiny_models("gpt2")
+
+    def row(io: str, s: str) -> dict:
+        return {"prompt": f"w9 {io} w10 {s} w11 {s} w12", "choices": [io, s], "answerKey": 0,
+                "metadata": {"indirect_object": io, "subject": s, "random_c": "w3"},
+                "s2_io_flip_counterfactual": {"prompt": f"w9 {io} w10 {s} w11 {io} w12",
+                                              "choices": [s, io], "answerKey": 0}}
+
+    names = [("w5", "w6"), ("w7", "w8"), ("w14", "w15")]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(
+        [row(io, s) for io, s in names])}).save_to_disk(str(tmp_path / "mib_ioi"))
+    spec = tmp_path / "mib.json"
+    spec.write_text(json.dumps({"mib": "ioi", "data": "mib_ioi"}))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(json.dumps({
+        "clean": row(io, s)["prompt"], "corrupted": row(io, s)["s2_io_flip_counterfactual"][
+            "prompt"], "answer": f" {io}", "wrong": f" {s}"}) for io, s in names))
+    mib, mine = cf.check(model, str(spec)), cf.check(model, str(plain))
+    assert mib.task == "mib_ioi" and mib.n_examples == 3
+    for key in ("accuracy", "gap", "clean", "corrupted", "noise"):
+        assert getattr(mib, key) == pytest.approx(getattr(mine, key))
+
+
+def test_cli_check_on_a_prompt_file_needs_a_model(run, tmp_path):
+    from circuitfind.testing import make_tiny_model_dir
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in PROMPT_ROWS))
+    refused = run("check", "--task", str(path))
+    assert refused.returncode != 0 and "--model" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    model_dir = make_tiny_model_dir(tmp_path / "tiny", arch="gpt2", n_layers=2, n_heads=2)
+    checked = run("check", "--task", str(path), "--model", str(model_dir), "--per-example")
+    assert checked.returncode == 0, checked.stderr
+    lines = checked.stdout.splitlines()
+    assert lines[0].startswith(f"{path.stem} on tiny, 4 examples: the model ")
+    assert any(line.startswith("  accuracy ") and "wrong answer" in line for line in lines)
+    # rows padded to two answers / two wrong answers show only their own tokens
+    assert "'w35/w36' vs 'w37'" in checked.stdout and "'w12' vs 'w13'" in checked.stdout
+    as_json = json.loads(run("check", "--task", str(path), "--model", str(model_dir),
+                             "--json").stdout)
+    assert as_json["n_examples"] == 4 and as_json["verdict"] in lines[0]
