@@ -54,6 +54,8 @@ class ComparisonResult:
         spearman: Spearman rank correlation of the importance keys on the shared edges
             (``None`` with fewer than 3 shared edges or a circuit without scores).
         score_kinds: The kind of each circuit's scores.
+        n_graph_edges: Edges of the graph (the largest k with a top-k overlap).
+        skipped_k: Requested sizes larger than the graph, without an overlap.
     """
 
     n_edges_a: int
@@ -64,6 +66,8 @@ class ComparisonResult:
     top_k: dict[int, float]
     spearman: float | None
     score_kinds: tuple[str, str]
+    n_graph_edges: int = 0
+    skipped_k: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable)."""
@@ -76,6 +80,9 @@ class ComparisonResult:
         if self.top_k:
             out.append("top-k overlap: " + ", ".join(f"k={k}: {v:.2f}"
                                                      for k, v in self.top_k.items()))
+        if self.skipped_k:
+            out.append(f"top-k overlap not computed for k={', '.join(map(str, self.skipped_k))}: "
+                       f"the graph has {self.n_graph_edges} edges")
         rho = "n/a (fewer than 3 shared scored edges)" if self.spearman is None else (
             f"{self.spearman:.3f}")
         out.append(f"Spearman correlation on shared edges: {rho} (scores: A "
@@ -147,7 +154,8 @@ def compare(a: Circuit, b: Circuit, ks: Sequence[int] = DEFAULT_KS) -> Compariso
     return ComparisonResult(
         n_edges_a=len(ea), n_edges_b=len(eb), shared_edges=len(ea & eb),
         edge_jaccard=_jaccard(ea, eb), node_jaccard=_jaccard(set(a.nodes), set(b.nodes)),
-        top_k=top, spearman=rho,
+        top_k=top, spearman=rho, n_graph_edges=g.n_edges,
+        skipped_k=tuple(k for k in sorted(set(ks)) if k > g.n_edges),
         score_kinds=(score_meaning(a.metadata).kind, score_meaning(b.metadata).kind))
 
 

@@ -178,3 +178,20 @@ def test_cli_check_on_a_prompt_file_needs_a_model(run, tmp_path):
     as_json = json.loads(run("check", "--task", str(path), "--model", str(model_dir),
                              "--json").stdout)
     assert as_json["n_examples"] == 4 and as_json["verdict"] in lines[0]
+
+
+def test_cli_compare_refuses_other_graphs_and_bad_k_without_a_traceback(run, tmp_path):
+    g = ComputeGraph(2, 4)
+    scores = torch.randn(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(3))
+    cf.graphs.select_top_n(g, scores * g.edge_mask, 12).save(tmp_path / "a.json")
+    Circuit.empty(ComputeGraph(3, 4)).save(tmp_path / "b.json")
+    other = run("compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert other.returncode != 0 and "different graphs" in other.stderr
+    bad_k = run("compare", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--k", "5,x")
+    assert bad_k.returncode == 2 and "--k takes comma-separated integers" in bad_k.stderr
+    big_k = run("compare", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--k", "5,1000")
+    assert big_k.returncode == 0, big_k.stderr
+    assert "k=5: 1.00" in big_k.stdout and f"k=1000: the graph has {g.n_edges} edges" in (
+        big_k.stdout)
+    for result in (other, bad_k):
+        assert "Traceback" not in result.stderr
