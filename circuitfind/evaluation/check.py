@@ -4,9 +4,15 @@ Before looking for a circuit, check that there is a behaviour to explain: :func:
 full model on the clean prompts and on the corrupted ones (one batched pass through the engine:
 the full circuit and the empty circuit, whose removed edges carry the corrupted run) and reports
 the task metric on both, read at the clean prompts' metric positions with the clean answers, and
-the accuracy on clean prompts. A gap m(clean) − m(corrupted) that is small next to the spread of
-the metric means the task is noise for this model (stories260k has no induction heads, for
-example), and every faithfulness number on it will be too.
+the accuracy on clean prompts as the task defines a correct answer
+(:meth:`~circuitfind.tasks.base.Task.correct`: by default the answer's logit beats every wrong
+answer's; greater-than asks for a later year, induction for the top-1 token).
+
+Noise. The task is flagged as noise for the model when the gap m(clean) − m(corrupted) does not
+point the metric's way or is smaller than the standard deviation of the clean metric over the
+examples (an effect size below one): stories260k has no induction heads, and its induction gap
+of 0.14 nats against a spread of 1.4 is flagged. Every faithfulness number on such a task
+measures noise too.
 """
 
 from __future__ import annotations
