@@ -129,8 +129,11 @@ def compare(a: Circuit, b: Circuit, ks: Sequence[int] = DEFAULT_KS) -> Compariso
         ConfigError: circuits over different graphs, or a k < 1.
     """
     if a.graph != b.graph:
-        raise ConfigError(f"The circuits are over different graphs ({a.graph} vs {b.graph}); "
-                          "compare circuits of the same model.")
+        def which(c: Circuit) -> str:
+            return f"{c.metadata.get('model') or 'model not recorded'}, {c.graph!r}"
+
+        raise ConfigError(f"The circuits are over different graphs: A ({which(a)}) vs B "
+                          f"({which(b)}); compare circuits of the same model.")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
         raise ConfigError(f"Top-k sizes must be integers >= 1; got {list(ks)}.")
     g = a.graph
