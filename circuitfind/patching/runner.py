@@ -47,6 +47,20 @@ dense layer, one batched matmul with the combined buffer). A dense layer writes,
 and projects one residual-sized stream per receiver, which costs more than a whole plain block
 on a CPU: a dense masked forward costs 1.6-3.3 plain forwards (``benchmarks/results``).
 
+Parallel blocks. Where attention and MLP read the same residual (GPT-NeoX/Pythia with
+``use_parallel_residual``, :attr:`Architecture.parallel`), a block computes
+``x + attn(ln1(x)) + mlp(ln2(x))``: the MLP receiver of layer ``L`` reads the block's input, so
+the graph has no edge from layer ``L``'s heads into ``m{L}`` (``parallel_attn_mlp``) and eq. (1)
+for that receiver runs over the senders before layer ``L`` only. Every place that builds an MLP
+input follows the flag: :meth:`BlockRunner.cache` (``mid`` is still the residual after
+attention, which the sparse start layer continues from; the MLP reads ``resid[L]``),
+:meth:`BlockRunner.ablated_residuals` (the fully ablated run's MLP input excludes layer ``L``'s
+heads and attention bias), every masked strategy (``MaskedPass.mlp_block`` is handed the
+block's input), and EAP, which takes the MLP receiver's gradient on the block's input (its
+merged contraction with the next layer's q/k/v then does not apply). Sequential blocks take
+the same code with no extra work (tests/integration/test_parallel_blocks.py pins both wirings
+to plain Hugging Face hooks).
+
 A per-head output ``a_{L.h} = z_h W_O[h]`` excludes the attention output bias (as in
 transformer-lens' ``hook_result`` of ``HookedTransformer``); the bias is a constant of the
 residual stream, not part of any head. Differences ``a - a'`` do not depend on this choice;
@@ -89,7 +103,8 @@ class RunCache:
             block ``L`` (``resid[n_layers]`` enters the final norm).
         senders: ``[S, N, T, d_model]`` every sender's output (``input`` = embeddings).
         mid: ``[n_layers, N, T, d_model]``; ``mid[L]`` is the residual stream after block
-            ``L``'s attention (the MLP's input).
+            ``L``'s attention (the MLP's input in sequential blocks; a parallel block's MLP
+            reads ``resid[L]``).
     """
 
     resid: Tensor
