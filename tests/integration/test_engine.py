@@ -95,7 +95,7 @@ def test_eap_does_not_depend_on_batch_split(tiny_models, name):
     whole = engine.edge_attribution(data)
     split = engine.edge_attribution(data, batch_size=2)
     assert whole.abs().max() > 0
-    torch.testing.assert_close(whole, split, atol=1e-6, rtol=1e-5)
+    assert_close(model, split, whole)  # float32 steps in Llama; float32 scores
     assert (whole[~engine.graph.edge_mask] == 0).all()
 
 
