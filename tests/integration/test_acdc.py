@@ -201,7 +201,8 @@ def test_killed_and_resumed_run_gives_the_identical_circuit(tiny_models, tmp_pat
         assert ckpt.exists()
     resumed = algo.discover(engine, data, RunContext(checkpoint=ckpt, progress=False))
     assert torch.equal(resumed.kept, whole.kept)
-    assert torch.equal(resumed.scores, whole.scores)
+    # a resumed run batches its passes differently: equal to the float32 steps' rounding
+    assert_close(model, resumed.scores, whole.scores)
     # another threshold (or other data) must not resume from this file
     with pytest.raises(CheckpointMismatchError, match="different run"):
         ACDC(threshold=3e-3, progress=False).discover(
