@@ -18,13 +18,14 @@ The precision classes, and the tolerance of each:
   its statistics in float32 even for a float64 model, so results agree to float32 rounding of
   the values that flow through the model: :data:`ULPS` float32 ulps of the largest compared
   value (at least of 1, the logits' order of magnitude in the tiny test models). Measured worst
-  case over default/AVX2/AVX-512 kernels and 1-2 threads: 1.2 ulps (test_prompt_files'
-  log-probabilities) or 0.06 of the tolerance; an error of 1e-4 of a logit still fails.
+  case over default/AVX2/AVX-512 kernels and 1-2 threads: 0.6 ulps on logits (6.8e-8, the AMD
+  failure), 2.4 ulps on a log-probability (two logits' errors; allowed twice the tolerance),
+  at most 0.072 of a tolerance; an error of 1e-4 of a logit still fails.
 - **float32 models** (stories260k; float32 variants of the tiny models): rounding compounds over
   every op of the forward and the two sides take different kernels (folded norms, one matmul
   for many heads), so :data:`FLOAT32_MODEL_ULPS` ulps of the largest value (of the logits, where
   a metric derived from them is compared). Measured worst case: 7 ulps (stories260k's logits,
-  runner vs plain Hugging Face), 0.06 of the tolerance; an error of 1e-3 of a logit still fails.
+  runner vs plain Hugging Face), 0.057 of the tolerance; an error of 1e-3 of a logit still fails.
 - **results stored in float32** (EAP, EAP-IG, exact and ACDC scores are accumulated in float64
   and returned as float32): two float64 values a rounding apart may round to neighbouring
   float32 values, one ulp apart, so comparisons of float32 results add ``rtol = eps32``.
