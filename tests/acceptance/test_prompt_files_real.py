@@ -12,6 +12,7 @@ import torch
 
 import circuitfind as cf
 from circuitfind.cli import main
+from tolerances import FLOAT32_MODEL_ULPS, float32_atol
 
 pytestmark = pytest.mark.acceptance
 
@@ -39,14 +40,15 @@ def _write(path, fmt: str):
     return path
 
 
-def _plain_hf_logit_diffs(stories_dir) -> torch.Tensor:
+def _plain_hf_logit_diffs(stories_dir) -> tuple[torch.Tensor, float]:
     """Logit difference per row from transformers alone: tokenizer(prompt) (BOS added), no
-    padding, answer token = the token prompt + answer adds after the prompt."""
+    padding, answer token = the token prompt + answer adds after the prompt; and the largest
+    |logit| (the scale of float32 rounding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(stories_dir))
     model = AutoModelForCausalLM.from_pretrained(str(stories_dir)).eval()
-    out = []
+    out, largest = [], 0.0
     for row in ROWS:
         ids = tok(row["clean"]).input_ids
         n = len(tok(row["clean"], add_special_tokens=False).input_ids)
@@ -56,7 +58,8 @@ def _plain_hf_logit_diffs(stories_dir) -> torch.Tensor:
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, -1]
         out.append(logits[ans[0]] - logits[wrong[0]])
-    return torch.stack(out)
+        largest = max(largest, float(logits.abs().max()))
+    return torch.stack(out), largest
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
@@ -71,12 +74,15 @@ def test_discover_on_my_prompts_matches_plain_hugging_face(fmt, stories_dir, tmp
         main()
     assert exit_.value.code == 0, capsys.readouterr().err
     circuit = cf.Circuit.load(tmp_path / "run" / "circuit.json")
-    expected = _plain_hf_logit_diffs(stories_dir)
+    expected, largest = _plain_hf_logit_diffs(stories_dir)
+    # stories260k is a float32 model, padded here and unpadded in plain Hugging Face: a logit
+    # difference to two logits' float32 rounding (measured: 8.1e-6, largest |logit| ~20)
+    atol = 2 * float32_atol(largest, FLOAT32_MODEL_ULPS)
     faith = circuit.metadata["faithfulness"]
     print(f"\nstories260k, {fmt}: m(M) {faith['metric_full']:+.4f} (plain HF "
           f"{float(expected.mean()):+.4f}), m(∅) {faith['metric_empty']:+.4f}, "
           f"faithfulness {faith['faithfulness']:.3f} with {circuit.n_edges} edges")
-    assert faith["metric_full"] == pytest.approx(float(expected.mean()), abs=1e-4)
+    assert faith["metric_full"] == pytest.approx(float(expected.mean()), abs=atol)
     assert (expected > 0).all()  # the model prefers the clean answer on every row
     assert circuit.metadata["n_examples"] == len(ROWS)
     assert faith["metric_empty"] < faith["metric_full"]
@@ -85,4 +91,4 @@ def test_discover_on_my_prompts_matches_plain_hugging_face(fmt, stories_dir, tmp
     data = cf.build_data(model, str(path))
     engine = cf.PatchingEngine(model)
     per_example = data.metric(engine.run(data, engine.graph.full_mask())[0])
-    torch.testing.assert_close(per_example.float(), expected.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_example.float(), expected.float(), atol=atol, rtol=0)

@@ -4,10 +4,12 @@ By the engine's patching identity x_r = x_r - (1 - M[u, r]) (a_u - a'_u), the de
 metric with respect to M[u, r] at M = 1 is (a_u - a'_u) . dm/dx_r = -EAP(u -> r). We take that
 derivative by central finite differences through the (fractional-mask) engine.
 
-GPT-2 layout in float64: every op runs in float64, so the check is to 1e-4 relative. Hugging Face's
-Llama RMSNorm and eager softmax compute in float32 whatever the model dtype, which limits finite
-differences there; for Llama (MHA and GQA) we use a larger step and compare to 1e-3 of the largest
-score.
+GPT-2 layout in float64: every op runs in float64, so the check is to 1e-4 relative (measured:
+5e-6 on default, AVX2 and AVX-512 kernels). Hugging Face's Llama RMSNorm and eager softmax compute
+in float32 whatever the model dtype, so each metric value carries float32 rounding
+(tests/tolerances.py) that central differences divide by 2h; for Llama (MHA and GQA) we use a
+larger step (h = 3e-3: truncation 3e-5 of the largest score) and allow that rounding plus 1e-4
+(measured: 1.2e-4 of the largest score in all, the limit 2e-3 to 4e-3).
 
 The same holds under zero, mean and mean_positional ablation (``a'_u`` the ablation value), which
 checks that the gradient path and the masked pass agree on what a removed edge carries.
@@ -20,6 +22,7 @@ import torch
 
 from circuitfind.patching import PatchingEngine
 from circuitfind.testing import ToyTask
+from tolerances import atol_for
 
 
 def _fd(engine, data, edges, h):
@@ -57,9 +60,12 @@ def test_eap_matches_finite_differences_llama(tiny_models, name):
     engine = PatchingEngine(model)
     scores = engine.graph.to_edges(engine.edge_attribution(data)).double()
     edges = list(range(engine.graph.n_edges))
-    deriv = _fd(engine, data, edges, h=3e-3)
+    h = 3e-3
+    deriv = _fd(engine, data, edges, h=h)
     err = (scores + deriv).abs().max() / scores.abs().max()
-    assert err < 1e-3, err
+    # the two metric values' rounding (logits of order 1) over 2h, plus truncation
+    limit = 1e-4 + 2 * atol_for(model, 1.0) / (2 * h) / scores.abs().max()
+    assert err < limit, (err, limit)
 
 
 @pytest.mark.parametrize("kind", ["zero", "mean", "mean_positional"])

@@ -9,6 +9,7 @@ import circuitfind as cf
 from circuitfind.benchmark.grid import load_config
 from circuitfind.errors import ConfigError
 from circuitfind.testing import ToyTask
+from tolerances import assert_close
 
 
 @pytest.mark.parametrize("algorithm", ["eap", "exact", "eap_ig"])
@@ -18,7 +19,7 @@ def test_score_edges_chunks_within_a_small_budget_with_the_same_scores(tiny_mode
     roomy = cf.score_edges(model, data=data, algorithm=algorithm)
     tight = cf.score_edges(model, data=data, algorithm=algorithm, memory_budget="1MiB")
     assert cf.PatchingEngine(model, memory_budget="1MiB").rows_per_pass(data.seq_len) < 6 * 4
-    torch.testing.assert_close(tight, roomy, atol=1e-6, rtol=1e-6)
+    assert_close(model, tight, roomy)  # chunks round Llama's float32 steps differently
 
 
 def test_discover_and_evaluate_take_a_budget(tiny_models):
