@@ -122,8 +122,9 @@ def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: flo
     """Select edges from scores (top-n or threshold), then prune; returns (circuit, selected)."""
     if n_edges is not None:
         if not isinstance(n_edges, int) or not 0 <= n_edges <= g.n_edges:
-            raise ConfigError(f"n_edges must be an integer between 0 and {g.n_edges} (the "
-                              f"graph's edge count); got {n_edges!r}.")
+            rule = f"an integer between 0 and {g.n_edges} (the graph's edge count)"
+            raise ConfigError(f"n_edges must be {rule}; got {n_edges!r}.",
+                              cli=f"--edges must be {rule}; got {n_edges!r}.")
         circuit = select_top_n(g, scores, n_edges, absolute=absolute, meaning=meaning)
     else:
         circuit = select_threshold(g, scores, float(threshold),  # type: ignore[arg-type]
