@@ -192,14 +192,18 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
                else ALGORITHMS.get(algorithm).returns_circuit)
     if pruning:
         if n_edges is not None:
-            raise ConfigError(f"The {getattr(algorithm, 'name', algorithm)!r} algorithm selects "
-                              "its own circuit; pass its threshold (ACDC's τ) instead of n_edges.")
+            name = getattr(algorithm, "name", algorithm)
+            what = f"The {name!r} algorithm selects its own circuit"
+            raise ConfigError(f"{what}; pass its threshold (ACDC's τ) instead of n_edges.",
+                              cli=f"{what}; pass --threshold (ACDC's τ) instead of --edges.")
         if threshold is not None:
             if isinstance(algorithm, Algorithm):
                 raise ConfigError("Pass the threshold to the algorithm instance, not discover.")
             if params.get("threshold", threshold) != threshold:
                 raise ConfigError(f"threshold={threshold} conflicts with the algorithm parameter "
-                                  f"threshold={params['threshold']}; pass one.")
+                                  f"threshold={params['threshold']}; pass one.",
+                                  cli=f"--threshold {threshold} conflicts with -p threshold="
+                                      f"{params['threshold']}; pass one.")
             params["threshold"] = threshold
     elif n_edges is None and threshold is None:
         n_edges = 100

@@ -110,6 +110,15 @@ def test_errors_found_after_loading_use_cli_wording(run, tmp_path):
               str(tmp_path / "run"), "--no-progress")
     assert out.returncode == 2 and "--edges must be an integer between 0 and 110" in out.stderr
     assert "n_edges" not in out.stderr, out.stderr
+    base = ["discover", "--task", "induction", "--examples", "4", "--out", str(tmp_path / "x")]
+    for args, words, python in (
+            (["--memory", "1KiB"], "--memory must be at least 1 MiB", "memory_budget"),
+            (["-a", "acdc", "--edges", "10"], "pass --threshold (ACDC's τ) instead of --edges",
+             "n_edges"),
+            (["-a", "acdc", "--threshold", "0.1", "-p", "threshold=0.2"],
+             "--threshold 0.1 conflicts with -p threshold=0.2", "threshold=0.1")):
+        out = run(*base, *args)
+        assert out.returncode == 2 and words in out.stderr and python not in out.stderr, args
     for args, words in ((["--low", "0.1"], "got only --low 0.1"),
                         (["--low", "2", "--high", "1"], "--low must be above 0 and below --high"),
                         (["-p", "threshold=0.1"], "leave out -p threshold")):
