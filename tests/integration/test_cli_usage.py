@@ -68,6 +68,37 @@ def _shell(args: list[str], tmp_path: Path, log_name: str = "out.log") -> tuple[
     return code, log.read_text()
 
 
+def _terminal(args: list[str], tmp_path: Path) -> tuple[int, str]:
+    """Run ``python -m circuitfind ARGS`` with stdin, stdout and stderr on a pseudo-terminal of
+    100 columns (what a user at a terminal sees); returns the exit code and the raw output with
+    the terminal's ``\\r\\n`` line ends made ``\\n``."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "100",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TQDM_DISABLE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "circuitfind", *args], cwd=tmp_path, env=env,
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    code = proc.wait(timeout=300)
+    return code, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
 def test_subprocesses_run_this_checkout(tmp_path):
     code = subprocess.run([sys.executable, "-c", "import circuitfind; print(circuitfind.__file__)"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -148,6 +179,20 @@ def test_help_shows_flags_defaults_and_plain_argument_names():
         assert "{" not in text.splitlines()[0] and "}" not in text.splitlines()[0], text
         assert "<bool>" not in text and "[default: (" not in " ".join(text.split()), text
         assert ("--no-progress" in text) == (name in LONG_COMMANDS), name
+
+
+def test_bars_on_a_terminal_and_none_with_no_progress(tmp_path):
+    """At a terminal the ACDC run draws its bar (and the model its loading bar); --no-progress
+    draws none of them, and prints no phase line either."""
+    args = ["discover", "--task", "ioi", "--algorithm", "acdc", "--threshold", "0.01",
+            "--examples", "8", "--renderer", "matplotlib"]
+    code, text = _terminal([*args, "--out", str(tmp_path / "a")], tmp_path)
+    assert code == 0, text
+    assert "\r" in text and "ACDC τ=0.01:" in text and "edge/s" in text, repr(text)
+    code, text = _terminal([*args, "--out", str(tmp_path / "b"), "--no-progress"], tmp_path)
+    assert code == 0, text
+    assert "\r" not in text and "\x1b" not in text and "ACDC τ" not in text, repr(text)
+    assert "Loading" not in text and "normalized faithfulness" in text, repr(text)
 
 
 def test_no_progress_switches_progress_off_for_the_command_only(monkeypatch, tmp_path):
