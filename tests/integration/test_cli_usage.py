@@ -363,3 +363,24 @@ def test_a_resumed_run_says_so(run, tmp_path, monkeypatch):
     assert "exact patching: 110 of 110" not in second.stderr, second.stderr
     done = re.search(r"resuming exact patching: (\d+) of 110 edges done", second.stderr)
     assert done and 0 < int(done.group(1)) < 110, second.stderr
+
+
+def test_graphviz_note_only_when_something_is_drawn(run, tmp_path, without_dot):
+    """Without Graphviz, the matplotlib note comes with a drawing, not with commands that draw
+    nothing (a run refused after loading, a DOT file, evaluate)."""
+    from circuitfind.graphs.render import _FALLBACK_SAID
+
+    _FALLBACK_SAID.clear()
+    out = run("discover", "--task", "induction", "--edges", "500", "--examples", "4", "--out",
+              str(tmp_path / "refused"))
+    assert out.returncode == 2 and "Graphviz" not in out.stderr, out.stderr
+    out = run("discover", "--task", "induction", "--edges", "10", "--examples", "4", "--out",
+              str(tmp_path / "run"))
+    assert out.returncode == 0 and out.stderr.count("Graphviz `dot` not found") == 1, out.stderr
+    _FALLBACK_SAID.clear()
+    for args in (["render", str(tmp_path / "run" / "circuit.json"), str(tmp_path / "c.dot")],
+                 ["evaluate", str(tmp_path / "run" / "circuit.json"), "--examples", "4"]):
+        out = run(*args)
+        assert out.returncode == 0 and "Graphviz" not in out.stderr, (args, out.stderr)
+    out = run("render", str(tmp_path / "run" / "circuit.json"), str(tmp_path / "c.svg"))
+    assert out.returncode == 0 and "Graphviz `dot` not found" in out.stderr, out.stderr
