@@ -108,6 +108,9 @@ MEMORY_OPTION = typer.Option(
     None, "--memory",
     help="Memory budget of one pass, e.g. 4GiB or 512MiB (default 2GiB): examples, masks and "
          "gradient runs are chunked to fit; results do not depend on it.")
+DEVICE_OPTION = typer.Option(None, "--device", show_default="cuda when available, else cpu",
+                             help="cpu, cuda, cuda:1 ...")
+PARAM_DEFAULT = "the algorithm's own"
 RENDERER_OPTION = typer.Option(
     None, "--renderer",
     help="graphviz or matplotlib (default: graphviz when its `dot` binary is on the PATH, "
@@ -140,7 +143,7 @@ def discover(
     edges: Optional[int] = typer.Option(None, "--edges", "-n", min=0, show_default="100, unless "
                                         "--threshold is given", help="Keep the top N edges."),
     threshold: Optional[float] = typer.Option(
-        None, "--threshold",
+        None, "--threshold", show_default="none: --edges decides",
         help="Keep edges with |score| >= X; for acdc its threshold τ (e.g. 0.01 nats of KL), for "
              "path-patching its selection threshold."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
@@ -155,14 +158,14 @@ def discover(
                                      "token."),
     signed: bool = typer.Option(False, "--signed", help="Rank by signed score, not |score|."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Keep dangling edges."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    device: Optional[str] = DEVICE_OPTION,
     ablation: str = typer.Option(
         DEFAULT_ABLATION, "--ablation",
         help="What a removed edge carries: resample (the task's corrupted run), zero, mean or "
              "mean-positional (means over the corrupted examples)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     param: Optional[list[str]] = typer.Option(
-        None, "--param", "-p", metavar="KEY=VALUE",
+        None, "--param", "-p", metavar="KEY=VALUE", show_default=PARAM_DEFAULT,
         help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. -p steps=10 "
              "-p interpolation=activations (eap-ig), -p mode=batched -p objective=metric (acdc). "
              "Values are read as JSON where they parse, else as strings."),
@@ -252,7 +255,7 @@ def evaluate(
                                         "of a prompt file)."),
     seed: int = typer.Option(1, "--seed", help="Data seed (default 1: fresh prompts; a prompt "
                                                "file's rows are used in file order)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    device: Optional[str] = DEVICE_OPTION,
     ablation: Optional[str] = typer.Option(
         None, "--ablation",
         help="resample, zero, mean or mean-positional (default: the ablation the circuit was "
@@ -314,10 +317,11 @@ def tune(
     n_examples: int = typer.Option(64, "--examples", min=1,
                                    help="Clean/corrupted pairs to build."),
     seed: int = typer.Option(0, "--seed", help="Data seed."),
-    sampler_seed: Optional[int] = typer.Option(None, "--sampler-seed",
+    sampler_seed: Optional[int] = typer.Option(None, "--sampler-seed", show_default="--seed",
                                                help="This worker's sampler seed."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    device: Optional[str] = DEVICE_OPTION,
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", metavar="KEY=VALUE",
+                                              show_default=PARAM_DEFAULT,
                                               help="Other hyperparameters KEY=VALUE."),
     no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
@@ -352,7 +356,7 @@ def bench(
     study: Optional[str] = typer.Option(None, "--study",
                                         help="Study name (default: the config's `study`, else "
                                              "its file name)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    device: Optional[str] = DEVICE_OPTION,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, show_default="torch's default",
                                           help="torch CPU threads of this worker."),
     heartbeat: Optional[int] = typer.Option(
@@ -370,7 +374,7 @@ def bench(
              "workers on a fresh SQLite file)."),
     no_progress: bool = NO_PROGRESS_OPTION,
     out: Optional[Path] = typer.Option(
-        None, "--out",
+        None, "--out", show_default="none: no leaderboard",
         help="When the grid is complete, also write the study's leaderboard (tables and "
              "figures, as `circuitfind leaderboard`) to this directory."),
 ) -> None:
@@ -524,7 +528,7 @@ def check(
     metric: Optional[str] = typer.Option(
         None, "--metric", help="Prompt files: logit_diff (default), prob_diff, log_prob or kl."),
     per_example: bool = typer.Option(False, "--per-example", help="One row per example."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    device: Optional[str] = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:

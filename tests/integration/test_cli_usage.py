@@ -181,6 +181,25 @@ def test_help_shows_flags_defaults_and_plain_argument_names():
         assert ("--no-progress" in text) == (name in LONG_COMMANDS), name
 
 
+def test_every_option_shows_its_default():
+    """Each option that takes a value says its default (typer's [default: ...] or in its help
+    text) or that it is required."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    root = group.make_context("circuitfind", ["tasks"], resilient_parsing=True)
+    silent = []
+    for name, command in group.commands.items():
+        ctx = command.make_context(name, [], parent=root, resilient_parsing=True)
+        for param in command.params:
+            if param.param_type_name != "option" or getattr(param, "is_flag", False):
+                continue
+            record = param.get_help_record(ctx)
+            if record and "default" not in record[1].lower() and "[required]" not in record[1]:
+                silent.append(f"{name} {record[0]}")
+    assert not silent, silent
+
+
 def test_bars_on_a_terminal_and_none_with_no_progress(tmp_path):
     """At a terminal the ACDC run draws its bar (and the model its loading bar); --no-progress
     draws none of them, and prints no phase line either."""
