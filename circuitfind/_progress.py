@@ -71,6 +71,8 @@ class PhaseLog:
 
     It takes the bar methods the algorithms use (``update``, ``n``, ``set_postfix``,
     ``set_postfix_str``, ``refresh``, ``close``) and keeps only the count and the last postfix.
+    While the phase runs it also logs a line every :data:`LOG_EVERY_S` seconds (checked on
+    ``update`` and ``refresh``: ACDC sets ``n`` and refreshes).
 
     Args:
         total: Units of work in the phase (``None``: unknown).
@@ -88,15 +90,9 @@ class PhaseLog:
         self.closed = False
 
     def update(self, n: int = 1) -> None:
-        """Count ``n`` more units; log a line when :data:`LOG_EVERY_S` seconds have passed
-        since the last one."""
+        """Count ``n`` more units (see :meth:`refresh` for the line a minute)."""
         self.n += n
-        now = time.monotonic()
-        if not self.quiet and not self.closed and now - self.last_line >= LOG_EVERY_S:
-            self.last_line = now
-            of = f" of {self.total}" if self.total is not None else ""
-            LOGGER.info(f"{self.desc}: {self.n}{of} {self.unit}s, {now - self.started:.0f} s "
-                        "so far")
+        self.refresh()
 
     def set_postfix(self, refresh: bool = True, **values: Any) -> None:
         """Keep ``key=value`` details for the closing line."""
@@ -107,7 +103,16 @@ class PhaseLog:
         self.postfix = text
 
     def refresh(self) -> None:
-        """Nothing to redraw in a log."""
+        """Log where the phase stands when :data:`LOG_EVERY_S` seconds have passed since the
+        phase began or the last such line (nothing to redraw in a log)."""
+        now = time.monotonic()
+        if self.quiet or self.closed or now - self.last_line < LOG_EVERY_S:
+            return
+        self.last_line = now
+        of = f" of {self.total}" if self.total is not None else ""
+        extra = f"; {self.postfix}" if self.postfix else ""
+        LOGGER.info(f"{self.desc}: {self.n}{of} {self.unit}s, {now - self.started:.0f} s so "
+                    f"far{extra}")
 
     def close(self) -> None:
         """Log the phase's one line (once)."""

@@ -273,6 +273,17 @@ def test_a_long_phase_logs_a_line_a_minute(monkeypatch, caplog):
                      "ACDC τ=0.01: 240 of 300 edges, 120 s so far",
                      "ACDC τ=0.01: 300 of 300 edges in 150.0 s"], lines
     caplog.clear()
+    bar = _progress.progress(300, desc="ACDC τ=0.01", unit="edge")  # as ACDC drives it
+    for n in range(0, 300, 10):
+        clock[0] += 5.0
+        bar.n = n
+        bar.set_postfix(kept=n // 2, receiver="m1", refresh=False)
+        bar.refresh()
+    assert [r.getMessage() for r in caplog.records] == [
+        "ACDC τ=0.01: 110 of 300 edges, 60 s so far; kept=55, receiver=m1",
+        "ACDC τ=0.01: 230 of 300 edges, 120 s so far; kept=115, receiver=m1"]
+    bar.close()
+    caplog.clear()
     with _progress.quiet():
         bar = _progress.progress(300, desc="ACDC")
         for _ in range(300):
