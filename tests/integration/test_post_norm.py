@@ -1,7 +1,7 @@
 """Gemma-2's post-attention norm: edges defined through it, checked against plain Hugging Face.
 
 A receiver reads, for each earlier layer, the post-attention norm of its own mixture of kept and
-removed head outputs (``circuitfind/patching/masked_pass.py``, ``MaskedPass.post_norm_form``).
+removed head outputs (``circuitfind/patching/post_norm_pass.py``, ``PostNormPass``).
 The slow reference here implements that definition with plain PyTorch hooks on the Hugging Face
 modules: every receiver's input (each head's q, each key/value head's k and v, each MLP and the
 logits) is rebuilt from the run's own captured values, for any (fractional) removal weights.

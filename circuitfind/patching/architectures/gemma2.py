@@ -23,7 +23,7 @@ class Gemma2(Llama):
     and its output passes ``post_feedforward_layernorm`` (part of the MLP node's output); the
     heads' summed output passes ``post_attention_layernorm`` before it joins the residual stream
     (:attr:`attn_post_norm`: a receiver then reads the post-norm of its own mixture of kept and
-    ablated head outputs, see :mod:`circuitfind.patching.masked_pass`); attention scores and the
+    ablated head outputs, see :mod:`circuitfind.patching.post_norm_pass`); attention scores and the
     final logits are soft-capped (``c tanh(s / c)``); ``sliding_attention`` layers attend within a
     window; the attention scale is ``query_pre_attn_scalar ** -0.5``.
     """
