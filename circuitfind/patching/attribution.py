@@ -124,21 +124,32 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
                  else rows[c] for c in range(copies)]
         return torch.cat(parts) if copies > 1 else parts[0]
 
-    # families whose heads' sum passes a norm (Gemma-2): each layer's pre-norm sum S_l, for
-    # the heads' scores through that norm, (a'_h - a_h) . J_l(S_l)^T d metric / d x_r
-    post_sums: dict[int, Tensor] = {}
+    # Families whose heads' sum passes a norm (Gemma-2): a head's score goes through that
+    # norm's Jacobian at each layer's pre-norm sum S_l of the run the gradient was taken in,
+    # (a'_h - a_h) . J_l(S_l)^T d metric / d x_r. With several gradient points the sums, and
+    # so the Jacobians, differ per copy: receiver gradients are then kept per copy
+    # (``[h, C*N*T, d]``) and summed over the copies after the norm's backward.
+    post = lay.attn_post_norm
+    post_sums: dict[int, Tensor] = {}  # layer -> S_l [C*N*T, d]
+
+    def folded(grad: Tensor) -> Tensor:
+        """``[h, C*N*T, d]`` per-copy gradients summed over the copies -> ``[h, N*T*d]``."""
+        return grad.reshape(grad.shape[0], copies, -1).sum(1)
 
     def contract(r0: int, n_up: int, grad: Tensor) -> None:
-        """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (head senders
-        of post-norm layers through the norm's Jacobian)."""
+        """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (for post-norm
+        families ``[h, C*N*T, d]``, per copy, and head senders through the norm's Jacobian)."""
         h = grad.shape[0]
-        contract_scores(scores, flat[:n_up], r0, grad.reshape(h, -1))
+        if not post:
+            contract_scores(scores, flat[:n_up], r0, grad.reshape(h, -1))
+            return
+        grad = grad.reshape(h, copies * n * t, -1)
+        contract_scores(scores, flat[:n_up], r0, folded(grad))
         for layer, s_l in post_sums.items():
             heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
             if heads.stop <= n_up:
-                jt = lay.post_norm_vjp(layer, s_l, grad.reshape(h, -1, s_l.shape[-1]))
-                scores[heads, r0: r0 + h] = (flat[heads] @ jt.reshape(h, -1).T.to(flat)).to(
-                    scores.dtype)
+                jt = folded(lay.post_norm_vjp(layer, s_l, grad))
+                scores[heads, r0: r0 + h] = (flat[heads] @ jt.T.to(flat)).to(scores.dtype)
 
     fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
@@ -184,7 +195,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     def on_receiver(r0: int, n_up: int, layer: int | None = None) -> Any:
         def hook(grad: Tensor) -> None:
             fired.add(r0)
-            grad = fold(grad)
+            grad = grad if post else fold(grad)
             if layer is not None and layer + 1 in waiting:
                 waiting.discard(layer + 1)
                 if layer + 1 in grads:
@@ -204,11 +215,12 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             if layer not in norms:
                 norms[layer] = lay.norm_parts(layer, x.detach())
                 xh = norms[layer][0]
-                grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, n * t,
-                                             xh.shape[-1]), [])  # summed over copies
+                rows = n * t * (copies if post else 1)  # summed over copies unless post-norm
+                grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, rows,
+                                             xh.shape[-1]), [])
             buf, arrived = grads[layer]
             s0 = lead + offset[kind]
-            if copies == 1:
+            if copies == 1 or post:
                 lay.projection_input_grads(layer, kind, norms[layer], grad,
                                            out=buf[s0: s0 + grad.shape[2]])
             else:  # per copy (each its own norm Jacobian), then summed
@@ -237,10 +249,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         if diff is None:
             lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
                             out=delta[h0: h0 + g.n_heads])
-        if lay.attn_post_norm:  # interpolate the heads' pre-norm sum, then the norm
-            if copies > 1:
-                raise ConfigError("Families with a post-attention norm take one gradient "
-                                  "point per pass (the norm's Jacobian differs per copy).")
+        if post:  # interpolate the heads' pre-norm sum, then the norm
             pre = Architecture.attn_out(lay, layer, z)
             if f"a{layer}" in moved:
                 pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
