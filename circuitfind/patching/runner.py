@@ -213,7 +213,9 @@ class BlockRunner:
 
         The residual stream entering a block is the embedding (sender ``input``) plus every
         earlier head's and MLP's output plus the attention output biases, so the fully ablated
-        run's is ``x'_L = sum_{u upstream of L} a'_u + sum_{l < L} b_O[l]``: summed directly
+        run's is ``x'_L = sum_{u upstream of L} a'_u + sum_{l < L} b_O[l]`` (with a post-norm,
+        :attr:`Architecture.attn_post_norm`, each layer's heads enter as ``PostNorm_l(sum_h a'_h
+        + b_O[l])``): summed directly
         (not as ``resid - sum (a - a')``, whose cancellation leaves rounding noise that a
         norm would amplify where the exact value is 0, e.g. zero ablation without biases). For
         resample ablation this is the corrupted run's residual stream.
@@ -240,10 +242,12 @@ class BlockRunner:
             if lay.parallel:
                 mid[layer] = acc
             end = g.mlp_index[layer]
-            acc += ablated[done: end].sum(0)
+            attn = ablated[done: end].sum(0)
             _, bias = lay.w_out(layer)
             if bias is not None:
-                acc += bias
+                attn = attn + bias
+            # post-norm families: every receiver reads the norm of the ablated heads' sum
+            acc += lay.post_norm(layer, attn) if lay.attn_post_norm else attn
             done = end
             if not lay.parallel:
                 mid[layer] = acc

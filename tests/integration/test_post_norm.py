@@ -399,3 +399,16 @@ def test_gradient_points_equal_the_reference(gemma):
         single.attribution_plan = lambda n, seq_len, n_points=1, batch_size=None: (n, 1, False)
         torch.testing.assert_close(single.edge_attribution(data, points=points), want,
                                    atol=tol, rtol=0)
+
+
+def test_the_fully_ablated_residual_is_the_corrupted_run(gemma):
+    """``BlockRunner.ablated_residuals`` of the corrupted run's sender outputs is the corrupted
+    run's residual stream (heads through their layer's post-norm), before every block and
+    after every attention."""
+    model, _ = gemma
+    data = ToyTask(seq_len=8).build(model.tokenizer, 3, seed=10)
+    runner = PatchingEngine(model).runner
+    corrupted = runner.cache(data.corrupted)
+    pre, mid = runner.ablated_residuals(corrupted.senders, *data.corrupted.shape)
+    torch.testing.assert_close(pre, corrupted.resid, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mid, corrupted.mid, atol=1e-12, rtol=0)
