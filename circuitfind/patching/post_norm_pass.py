@@ -22,13 +22,17 @@ and MLP nodes (the MLP's output is post-feedforward-normed) are plain senders, a
 This is the receiver input of the EAP-IG library's ``evaluate_graph`` for models with
 ``use_normalization_before_and_after`` (see ``docs/decisions.md``).
 
-Cost. Per layer ``L`` and mask, every receiver some mask touches costs one ``[K, H, R']`` by
-``[K, H, n*T*d]`` batched matmul and one norm per upstream layer with a touched head edge,
-plus its own norm and projection; untouched receivers take the shared norm and projection.
-Blocks before the start layer are the cached clean run. None of the runner's linear shortcuts
-(dense buffers, the sparse start layer, the kept form with the ablated residual) apply here;
-this pass is the plain, readable form, differentiable in ``removed`` and ``frozen`` (the
-autograd reference of EAP through the norm in the tests).
+Cost. Only the (mask, receiver) pairs a mask touches get their own input: per pair, one
+weighted sum of the senders' differences per touched sender group (the cached senders'
+``a - a'`` are shared by all masks) and one norm per upstream layer with a touched head edge,
+then its own norm and projection; every other receiver reads the shared norm and projection.
+At the start layer every mask reads the clean residual, so a head's attention is recomputed
+only for the masks touching its q/k/v (the others keep its cached output); the last block
+computes queries, head outputs, MLP and logits at the metric positions only. None of the
+runner's linear shortcuts (dense buffers, the kept form with the ablated residual) apply. Exact
+patching on a 6-layer d256 8-head Gemma-2 (batch 8 x 16, one thread) costs 0.18-0.23 plain
+Hugging Face forwards per edge (``MaskedPass.post_norm_form``, which this replaces: 2.3). The
+pass is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
 from __future__ import annotations
@@ -62,136 +66,204 @@ class PostNormPass:
         self.k = removed.shape[0]
         # every real edge counts as touched when the weights carry gradients (the autograd
         # reference of EAP differentiates at weight 0)
-        grads = removed.requires_grad or (frozen is not None and frozen.requires_grad)
-        weights = removed if frozen is None else removed.abs() + frozen.abs()
-        touched = (g.edge_mask.to(weights.device).bool().unsqueeze(0) if grads
-                   else weights.detach().ne(0))  # [K|1, S, R]
-        self.touched = touched.any(1).any(0).cpu()  # [R]
-        self.start = runner.resolve_start(self.touched, start)
+        self.grads = removed.requires_grad or (frozen is not None and frozen.requires_grad)
+        weights = removed.detach() if frozen is None else removed.abs() + frozen.abs()
+        touched = (g.edge_mask.to(weights.device).bool().unsqueeze(0).expand(self.k, -1, -1)
+                   if self.grads else weights.detach().ne(0))
+        self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
+        self.start = runner.resolve_start(self.touched.any(0), start)
         self.diff = cache.senders - ablated if diff is None else diff  # [S, n, T, d]
         n, t, d = cache.resid.shape[1:]
         self.n, self.t, self.d = n, t, d
+        self.at_pos = False  # the last block: every tensor at the metric positions only
         # current values of the senders the pass computes: sender -> [K, n, T, d]
         self.current: dict[int, Tensor] = {}
-        # per layer: the summed head outputs S_l [K|1, 1, n, T, d] and PostNorm_l(S_l)
+        # per layer: the summed head outputs S_l [K|1, n, T, d] and PostNorm_l(S_l)
         self.sums: dict[int, Tensor] = {}
         self.normed: dict[int, Tensor] = {}
 
     # ------------------------------------------------------------------ the receivers' inputs
-    def _value(self, u: int) -> Tensor:
-        """Sender ``u``'s value in the current run, ``[K|1, n, T, d]``."""
-        return self.current[u] if u in self.current else self.cache.senders[u].unsqueeze(0)
+    def _rows(self, value: Tensor) -> Tensor:
+        """``value [..., n|1, T|1, d]`` (all positions) at the metric positions, ``[..., n, P,
+        d]``, once the pass is in its last block; itself before, or when it does not vary with
+        position."""
+        if not self.at_pos or value.shape[-2] == 1:
+            return value
+        pos = self.positions
+        value = value.expand(*value.shape[:-3], self.n, self.t, self.d)
+        idx = pos.view(*(1,) * (value.ndim - 3), *pos.shape, 1)
+        return value.gather(-2, idx.expand(*value.shape[:-3], *pos.shape, self.d))
 
-    def _change(self, us: slice, rs: Tensor) -> Tensor | None:
+    def _change(self, us: range, r: int, ks: Tensor) -> Tensor | None:
         """``sum_u removed[u, r] (a_u - a'_u) + frozen[u, r] (a_u - a_u(clean))`` over the
-        senders ``us`` for the receivers ``rs``: ``[K, R', n*T*d]``, or ``None`` if no mask
-        touches these edges (and no gradient is taken)."""
-        k = self.k
-        w_r = self.removed[:, us][:, :, rs]  # [K, U, R']
-        w_f = None if self.frozen is None else self.frozen[:, us][:, :, rs]
-        grads = w_r.requires_grad or (w_f is not None and w_f.requires_grad)
-        if not grads and not bool(w_r.ne(0).any()) and (w_f is None or not bool(w_f.ne(0).any())):
+        senders ``us`` into receiver ``r``, for the masks ``ks``: ``[k, n, T, d]``, or ``None``
+        where these masks remove and freeze none of these edges (and no gradient is taken)."""
+        sl = slice(us.start, us.stop)
+        w_r = self.removed[ks, sl, r]  # [k, U]
+        w_f = None if self.frozen is None else self.frozen[ks, sl, r]
+        if not self.grads and not bool(w_r.ne(0).any()) and (
+                w_f is None or not bool(w_f.ne(0).any())):
             return None
-        senders = range(us.start, us.stop)
-        value = torch.stack([self._value(u).expand(k, -1, -1, -1) for u in senders], 1)
-        value = value.reshape(k, len(senders), -1)  # [K, U, n*T*d]
-        out = torch.bmm(w_r.transpose(1, 2), value - self.ablated[us].expand(
-            len(senders), self.n, self.t, self.d).reshape(1, len(senders), -1))
+        if us.start not in self.current:  # senders before the start: clean in every mask
+            return torch.einsum("ku,untd->kntd", w_r, self._rows(self.diff[sl]))
+        value = torch.stack([self.current[u][ks] for u in us], 1)  # [k, U, n, T, d]
+        out = torch.einsum("ku,kuntd->kntd", w_r, value - self._rows(self.ablated[sl]))
         if w_f is not None:
-            clean = self.cache.senders[us].reshape(1, len(senders), -1)
-            out = out + torch.bmm(w_f.transpose(1, 2), value - clean)
+            out = out + torch.einsum("ku,kuntd->kntd", w_f,
+                                     value - self._rows(self.cache.senders[sl]))
         return out
 
-    def inputs(self, rs: list[int], x: Tensor) -> Tensor:
-        """Inputs ``[K, R', n, T, d]`` of the receivers ``rs`` (all in one layer, or the logits)
-        from the current residual stream ``x [K, n, T, d]`` reaching them."""
-        g, lay, k = self.g, self.lay, self.k
-        idx = torch.tensor(rs, device=x.device)
-        n_up = int(g.n_upstream[rs].max())
-        total: Tensor | None = None
+    def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(ks, x_r [k, n, T, d])``: the masks ``ks`` that touch receiver ``r`` and its input
+        in each, from the current residual stream ``x [K, n, T, d]`` reaching ``r``; ``None``
+        if no mask touches ``r``."""
+        g, lay = self.g, self.lay
+        ks = self.touched[:, r].nonzero()[:, 0].to(x.device)
+        if not len(ks):
+            return None
+        n_up = int(g.n_upstream[r])
+        total = torch.zeros_like(x[ks])
         # plain senders (the input and the MLPs), each one of eq. (1)
-        plain = [0] + [g.mlp_index[layer] for layer in range(g.n_layers)
-                       if g.mlp_index[layer] < n_up]
-        for u in plain:
-            change = self._change(slice(u, u + 1), idx)
+        for u in [0] + [g.mlp_index[layer] for layer in range(g.n_layers)
+                        if g.mlp_index[layer] < n_up]:
+            change = self._change(range(u, u + 1), r, ks)
             if change is not None:
-                total = change if total is None else total + change
+                total += change
         # heads, through the post-norm of each layer: D_{l, r}
         for layer in range(g.n_layers):
             h0 = g.head_start[layer]
             if h0 + g.n_heads > n_up:
                 break
-            change = self._change(slice(h0, h0 + g.n_heads), idx)
+            change = self._change(range(h0, h0 + g.n_heads), r, ks)
             if change is None:
                 continue
-            s = self._sum(layer)  # [K|1, 1, n, T, d]
-            mixed = lay.post_norm(layer, s - change.view(k, len(rs), *s.shape[2:]))
-            d_lr = (self.normed[layer] - mixed).reshape(k, len(rs), -1)
-            total = d_lr if total is None else total + d_lr
-        shape = (k, len(rs), self.n, -1, self.d)
-        if total is None:
-            return x.unsqueeze(1).expand(shape)
-        return x.unsqueeze(1) - total.view(k, len(rs), self.n, self.t, self.d)
+            s, normed = self._sum(layer, ks)
+            total += normed - lay.post_norm(layer, s - change)
+        return ks, x[ks] - total
 
-    def _sum(self, layer: int) -> Tensor:
-        """``S_l`` ``[K|1, 1, n, T, d]``: the summed head outputs (with bias) of ``layer`` in
-        the current run (the clean run's before the start layer), and its post-norm."""
+    def _sum(self, layer: int, ks: Tensor) -> tuple[Tensor, Tensor]:
+        """``S_l`` and ``PostNorm_l(S_l)`` ``[k|1, n, T, d]`` of ``layer`` for the masks ``ks``:
+        the summed head outputs (with bias) in the current run (the clean run's before the
+        start layer)."""
         if layer not in self.sums:  # a layer before the start: the clean run
             g = self.g
             h0 = g.head_start[layer]
             heads = self.cache.senders[h0: h0 + g.n_heads]
-            s = Architecture.attn_from_heads(self.lay, layer, heads, 0)[None, None]  # pre-norm
+            s = Architecture.attn_from_heads(self.lay, layer, self._rows(heads), 0)[None]
             self.sums[layer], self.normed[layer] = s, self.lay.post_norm(layer, s)
-        return self.sums[layer]
+        s, normed = self.sums[layer], self.normed[layer]
+        return (s[ks], normed[ks]) if s.shape[0] > 1 else (s, normed)
 
     # ------------------------------------------------------------------ the pass
-    def _attention(self, layer: int, x: Tensor) -> Tensor:
-        """Block ``layer``'s head outputs ``[K*n, T, H, d]`` with each touched q/k/v receiver
-        reading its own input (the others the shared residual ``x [K, n, T, d]``)."""
+    def _projections(self, layer: int, x: Tensor, shared: bool) -> dict[str, Tensor]:
+        """Block ``layer``'s q/k/v ``[K*n|n, T, h, dh]`` from the residual ``x [K|1, n, T, d]``,
+        each touched (mask, receiver) pair projected from its own input (``shared``: ``x`` is
+        the same in every mask; only the pairs' own rows are returned, as ``[k, n, T, dh]``
+        under the key ``"{kind}{i}"``)."""
         g, lay, k, n, t = self.g, self.lay, self.k, self.n, self.t
+        q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
+        out = {"q": q, "k": kk, "v": v}
         first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
         count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-        rs = [first[kind] + i for kind in "qkv" for i in range(count[kind])
-              if bool(self.touched[first[kind] + i])]
-        shared = lay.ln_attn(layer, x.reshape(k * n, t, -1))
-        q, kk, v = lay.qkv(layer, shared)
-        projected = {"q": q, "k": kk, "v": v}
-        if rs:
-            own = lay.ln_attn(layer, self.inputs(rs, x))  # [K, R', n, T, d]
-            for kind in "qkv":
-                heads = []
-                for i in range(count[kind]):
-                    r = first[kind] + i
-                    if r in rs:
-                        xr = own[:, rs.index(r)].reshape(k * n, t, -1)
-                        heads.append(lay.project(layer, kind, i, xr))
-                    else:
-                        heads.append(projected[kind][:, :, i])
-                projected[kind] = torch.stack(heads, 2)  # [K*n, T, h, dh]
-        z = lay.attend(layer, projected["q"], projected["k"], projected["v"])
-        return lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
+        xk = x.expand(k, n, t, self.d)
+        for kind in "qkv":
+            for i in range(count[kind]):
+                found = self.receiver_input(first[kind] + i, xk)
+                if found is None:
+                    continue
+                ks, xr = found
+                own = lay.project(layer, kind, i, lay.ln_attn(layer, xr))  # [k, n, T, dh]
+                if shared:
+                    out[f"{kind}{i}"] = (ks, own)
+                else:
+                    out[kind].view(k, n, t, *out[kind].shape[2:])[ks, :, :, i] = own
+        return out
+
+    def _sparse_start(self, layer: int, x: Tensor) -> Tensor | None:
+        """Head outputs ``[K, H, n, T, d]`` of the start layer, where every mask reads the clean
+        residual ``x [1, n, T, d]``: a head's attention is recomputed only for the masks that
+        touch its q, k or v receiver (every other mask keeps its clean output). ``None`` when
+        most (mask, head) pairs are touched (the per-mask path is then cheaper)."""
+        g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
+        rep = g.n_heads // g.n_kv_heads
+        qs = self.touched[:, g.q_start[layer]: g.q_start[layer] + g.n_heads]  # [K, H]
+        kvs = (self.touched[:, g.k_start[layer]: g.k_start[layer] + g.n_kv_heads]
+               | self.touched[:, g.v_start[layer]: g.v_start[layer] + g.n_kv_heads])
+        affected = qs | kvs.repeat_interleave(rep, 1)  # [K, H]
+        if self.grads or 2 * int(affected.sum()) > affected.numel():
+            return None
+        proj = self._projections(layer, x, shared=True)
+        h0 = g.head_start[layer]
+        clean = self.cache.senders[h0: h0 + g.n_heads]  # [H, n, T, d]
+        heads = clean.unsqueeze(1).repeat(1, k, 1, 1, 1)  # [H, K, n, T, d]
+        for head in affected.any(0).nonzero()[:, 0].tolist():
+            ks = affected[:, head].nonzero()[:, 0].to(x.device)
+            parts = []
+            for kind, i in (("q", head), ("k", head // rep), ("v", head // rep)):
+                value = proj[kind][:, :, i].unsqueeze(0).repeat(len(ks), 1, 1, 1)
+                own = proj.get(f"{kind}{i}")
+                if own is not None:  # the masks among ks that touch this receiver
+                    sel = (ks[:, None] == own[0][None]).nonzero()
+                    value[sel[:, 0]] = own[1][sel[:, 1]]
+                parts.append(value.reshape(len(ks) * n, t, 1, -1))
+            z = lay.attend(layer, *parts, grouped=False)  # [k*n, T, 1, dh]
+            idx = torch.zeros(1, dtype=torch.long, device=x.device)
+            res = lay.head_results(layer, z, idx, heads=idx + head)
+            heads[head, ks] = res.view(len(ks), n, t, d)
+        return heads.transpose(0, 1)
+
+    def _heads(self, layer: int, x: Tensor, last: bool) -> Tensor:
+        """Block ``layer``'s head outputs ``[K, H, n, T|P, d]`` (the metric positions in the
+        last block) from the residual stream ``x [K|1, n, T, d]``."""
+        g, lay, k, n, d = self.g, self.lay, self.k, self.n, self.d
+        if layer == self.start and x.shape[0] == 1 and not last:
+            heads = self._sparse_start(layer, x)
+            if heads is not None:
+                return heads
+        proj = self._projections(layer, x.expand(k, -1, -1, -1), shared=False)
+        query_pos = self.positions.repeat(k, 1) if last else None
+        z = lay.attend(layer, proj["q"], proj["k"], proj["v"], query_pos=query_pos)
+        res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
+        return res.view(k, n, -1, g.n_heads, d).permute(0, 3, 1, 2, 4)
+
+    def _to_positions(self) -> None:
+        """From here on (the last block's MLP and the logits) keep the metric positions only:
+        the values computed so far are cut to them."""
+        self.at_pos = True
+        for store in (self.current, self.sums, self.normed):
+            for key, value in store.items():
+                store[key] = self._rows(value)
 
     def logits(self) -> Tensor:
         """``[K, N, P, V]`` logits at the metric positions."""
-        g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
-        x = self.cache.resid[self.start].unsqueeze(0).expand(k, n, t, d)
+        g, lay, k = self.g, self.lay, self.k
+        x = self.cache.resid[self.start].unsqueeze(0)  # [1, n, T, d]: the same in every mask
         for layer in range(self.start, g.n_layers):
-            res = self._attention(layer, x)  # [K*n, T, H, d]
+            last = layer == g.n_layers - 1
+            heads = self._heads(layer, x, last)  # [K, H, n, T|P, d]
+            if last:
+                self._to_positions()
+                x = self._rows(x)
             h0 = g.head_start[layer]
-            heads = res.view(k, n, t, g.n_heads, d).permute(3, 0, 1, 2, 4)
             for i in range(g.n_heads):
-                self.current[h0 + i] = heads[i]
-            s = Architecture.attn_from_heads(lay, layer, res, 2).view(k, 1, n, t, d)  # pre-norm
+                self.current[h0 + i] = heads[:, i]
+            s = Architecture.attn_from_heads(lay, layer, heads, 1)  # pre-norm [K, n, T|P, d]
             self.sums[layer], self.normed[layer] = s, lay.post_norm(layer, s)
-            x_mid = x + self.normed[layer][:, 0]
-            r = g.mlp_receiver[layer]
-            base = x if lay.parallel else x_mid
-            xm = self.inputs([r], base)[:, 0] if bool(self.touched[r]) else base
-            m = lay.mlp(layer, lay.ln_mlp(layer, xm.reshape(k * n, t, d))).view(k, n, t, d)
+            x_in, x = x, x + self.normed[layer]
+            xm = (x_in if lay.parallel else x).expand(k, -1, -1, -1)
+            found = self.receiver_input(g.mlp_receiver[layer], xm)
+            if found is not None:
+                xm = xm.clone()
+                xm[found[0]] = found[1]
+            m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             self.current[g.mlp_index[layer]] = m
-            x = x_mid + m
-        r = g.n_receivers - 1
-        xf = self.inputs([r], x)[:, 0] if bool(self.touched[r]) else x
-        pos = self.positions
-        xf = xf.gather(2, pos[None, :, :, None].expand(k, n, pos.shape[1], d))
-        return lay.final(xf)
+            x = x + m
+        if not self.at_pos:  # no block ran (only the logits' edges are touched)
+            self._to_positions()
+            x = self._rows(x)
+        x = x.expand(k, -1, -1, -1)
+        found = self.receiver_input(g.n_receivers - 1, x)
+        if found is not None:
+            x = x.clone()
+            x[found[0]] = found[1]
+        return lay.final(x)
