@@ -126,30 +126,27 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
 
     # Families whose heads' sum passes a norm (Gemma-2): a head's score goes through that
     # norm's Jacobian at each layer's pre-norm sum S_l of the run the gradient was taken in,
-    # (a'_h - a_h) . J_l(S_l)^T d metric / d x_r. With several gradient points the sums, and
-    # so the Jacobians, differ per copy: receiver gradients are then kept per copy
-    # (``[h, C*N*T, d]``) and summed over the copies after the norm's backward.
+    # (a'_h - a_h) . J_l(S_l)^T d metric / d x_r = J_l(S_l) (a'_h - a_h) . d metric / d x_r:
+    # the heads' differences are pushed through the norm once a layer in the forward pass
+    # (in place: eq. (2) then contracts them like any sender's). With several gradient
+    # points the Jacobians differ per copy: the pushed differences are kept per copy
+    # (``pushed``) and contracted with per-copy receiver gradients (``[h, C*N*T, d]``).
     post = lay.attn_post_norm
-    post_sums: dict[int, Tensor] = {}  # layer -> S_l [C*N*T, d]
-
-    def folded(grad: Tensor) -> Tensor:
-        """``[h, C*N*T, d]`` per-copy gradients summed over the copies -> ``[h, N*T*d]``."""
-        return grad.reshape(grad.shape[0], copies, -1).sum(1)
+    pushed: dict[int, Tensor] = {}  # layer -> J_l (a'_h - a_h) [H, C*N*T*d] (copies > 1)
 
     def contract(r0: int, n_up: int, grad: Tensor) -> None:
         """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (for post-norm
-        families ``[h, C*N*T, d]``, per copy, and head senders through the norm's Jacobian)."""
+        families with several copies ``[h, C*N*T, d]``, per copy)."""
         h = grad.shape[0]
-        if not post:
+        if not post or copies == 1:
             contract_scores(scores, flat[:n_up], r0, grad.reshape(h, -1))
             return
-        grad = grad.reshape(h, copies * n * t, -1)
-        contract_scores(scores, flat[:n_up], r0, folded(grad))
-        for layer, s_l in post_sums.items():
+        per_copy = grad.reshape(h, -1)
+        contract_scores(scores, flat[:n_up], r0, per_copy.view(h, copies, -1).sum(1))
+        for layer, jd in pushed.items():  # the head rows: per copy, through its Jacobian
             heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
             if heads.stop <= n_up:
-                jt = folded(lay.post_norm_vjp(layer, s_l, grad))
-                scores[heads, r0: r0 + h] = (flat[heads] @ jt.T.to(flat)).to(scores.dtype)
+                scores[heads, r0: r0 + h] = (jd @ per_copy.T.to(jd)).to(scores.dtype)
 
     fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
@@ -253,7 +250,13 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             pre = Architecture.attn_out(lay, layer, z)
             if f"a{layer}" in moved:
                 pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
-            post_sums[layer] = pre.detach().reshape(-1, pre.shape[-1])
+            s_l = pre.detach().reshape(-1, pre.shape[-1])  # [C*N*T, d]
+            d_heads = delta[h0: h0 + g.n_heads].view(g.n_heads, n * t, -1)
+            if copies == 1:
+                d_heads.copy_(lay.post_norm_jvp(layer, s_l, d_heads))
+            else:
+                pushed[layer] = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1)
+                                                  ).reshape(g.n_heads, -1)
             attn = lay.post_norm(layer, pre)
         else:
             attn = lay.attn_out(layer, z)
