@@ -359,8 +359,7 @@ def test_every_start_layer_gives_the_same_logits(gemma):
         masks[:, :, layer_of < first] = edge[:, layer_of < first]
         want = engine.run(data, masks)
         for start in range(first + 1):
-            torch.testing.assert_close(engine.run(data, masks, start=start), want, atol=1e-12,
-                                       rtol=0)
+            assert_close(model, engine.run(data, masks, start=start), want)
 
 
 def test_gradient_points_equal_the_reference(gemma):
@@ -410,8 +409,8 @@ def test_the_fully_ablated_residual_is_the_corrupted_run(gemma):
     runner = PatchingEngine(model).runner
     corrupted = runner.cache(data.corrupted)
     pre, mid = runner.ablated_residuals(corrupted.senders, *data.corrupted.shape)
-    torch.testing.assert_close(pre, corrupted.resid, atol=1e-12, rtol=0)
-    torch.testing.assert_close(mid, corrupted.mid, atol=1e-12, rtol=0)
+    assert_close(model, pre, corrupted.resid)
+    assert_close(model, mid, corrupted.mid)
 
 
 def test_the_post_norm_pass_is_differentiable_and_its_gradient_is_eap(gemma):
