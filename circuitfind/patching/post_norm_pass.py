@@ -76,8 +76,10 @@ class PostNormPass:
         n, t, d = cache.resid.shape[1:]
         self.n, self.t, self.d = n, t, d
         self.at_pos = False  # the last block: every tensor at the metric positions only
-        # current values of the senders the pass computes: sender -> [K, n, T, d]
-        self.current: dict[int, Tensor] = {}
+        # the senders the pass computes, by first sender u of a group (a layer's heads, or one
+        # MLP): ``a - a'`` and, with frozen edges, ``a - a(clean)``, [K, U, n, T, d]
+        self.removed_diff: dict[int, Tensor] = {}
+        self.frozen_diff: dict[int, Tensor] = {}
         # per layer: the summed head outputs S_l [K|1, n, T, d] and PostNorm_l(S_l)
         self.sums: dict[int, Tensor] = {}
         self.normed: dict[int, Tensor] = {}
@@ -96,7 +98,8 @@ class PostNormPass:
 
     def _change(self, us: range, r: int, ks: Tensor) -> Tensor | None:
         """``sum_u removed[u, r] (a_u - a'_u) + frozen[u, r] (a_u - a_u(clean))`` over the
-        senders ``us`` into receiver ``r``, for the masks ``ks``: ``[k, n, T, d]``, or ``None``
+        senders ``us`` into receiver ``r``, for the masks ``ks``: ``[k|1, n, T, d]`` (one row
+        where the senders are cached and every mask weighs them alike), or ``None``
         where these masks remove and freeze none of these edges (and no gradient is taken)."""
         sl = slice(us.start, us.stop)
         w_r = self.removed[ks, sl, r]  # [k, U]
@@ -104,13 +107,18 @@ class PostNormPass:
         if not self.grads and not bool(w_r.ne(0).any()) and (
                 w_f is None or not bool(w_f.ne(0).any())):
             return None
-        if us.start not in self.current:  # senders before the start: clean in every mask
+        if us.start not in self.removed_diff:  # senders before the start: clean in every mask
+            if len(ks) > 1 and bool((w_r == w_r[:1]).all()):
+                w_r = w_r[:1]  # the same mixture in every mask (ACDC's base circuit): once
             return torch.einsum("ku,untd->kntd", w_r, self._rows(self.diff[sl]))
-        value = torch.stack([self.current[u][ks] for u in us], 1)  # [k, U, n, T, d]
-        out = torch.einsum("ku,kuntd->kntd", w_r, value - self._rows(self.ablated[sl]))
+        every = len(ks) == self.k
+
+        def rows(diff: Tensor) -> Tensor:  # [k, U, n, T, d] of the masks ks
+            return diff if every else diff[ks]
+
+        out = torch.einsum("ku,kuntd->kntd", w_r, rows(self.removed_diff[us.start]))
         if w_f is not None:
-            out = out + torch.einsum("ku,kuntd->kntd", w_f,
-                                     value - self._rows(self.cache.senders[sl]))
+            out = out + torch.einsum("ku,kuntd->kntd", w_f, rows(self.frozen_diff[us.start]))
         return out
 
     def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -122,7 +130,8 @@ class PostNormPass:
         if not len(ks):
             return None
         n_up = int(g.n_upstream[r])
-        total = torch.zeros_like(x[ks])
+        xr = x if len(ks) == self.k else x[ks]
+        total = torch.zeros_like(xr)
         # plain senders (the input and the MLPs), each one of eq. (1)
         for u in [0] + [g.mlp_index[layer] for layer in range(g.n_layers)
                         if g.mlp_index[layer] < n_up]:
@@ -139,7 +148,7 @@ class PostNormPass:
                 continue
             s, normed = self._sum(layer, ks)
             total += normed - lay.post_norm(layer, s - change)
-        return ks, x[ks] - total
+        return ks, xr - total
 
     def _sum(self, layer: int, ks: Tensor) -> tuple[Tensor, Tensor]:
         """``S_l`` and ``PostNorm_l(S_l)`` ``[k|1, n, T, d]`` of ``layer`` for the masks ``ks``:
@@ -152,7 +161,9 @@ class PostNormPass:
             s = Architecture.attn_from_heads(self.lay, layer, self._rows(heads), 0)[None]
             self.sums[layer], self.normed[layer] = s, self.lay.post_norm(layer, s)
         s, normed = self.sums[layer], self.normed[layer]
-        return (s[ks], normed[ks]) if s.shape[0] > 1 else (s, normed)
+        if s.shape[0] == 1 or len(ks) == self.k:
+            return s, normed
+        return s[ks], normed[ks]
 
     # ------------------------------------------------------------------ the pass
     def _projections(self, layer: int, x: Tensor, shared: bool) -> dict[str, Tensor]:
@@ -226,11 +237,19 @@ class PostNormPass:
         res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
         return res.view(k, n, -1, g.n_heads, d).permute(0, 3, 1, 2, 4)
 
+    def _computed(self, u: int, values: Tensor) -> None:
+        """Keep the differences of the senders ``u, u+1, ...`` whose values in this pass are
+        ``values [K, U, n, T|P, d]`` (at the metric positions in the last block)."""
+        sl = slice(u, u + values.shape[1])
+        self.removed_diff[u] = values - self._rows(self.ablated[sl])
+        if self.frozen is not None:
+            self.frozen_diff[u] = values - self._rows(self.cache.senders[sl])
+
     def _to_positions(self) -> None:
         """From here on (the last block's MLP and the logits) keep the metric positions only:
         the values computed so far are cut to them."""
         self.at_pos = True
-        for store in (self.current, self.sums, self.normed):
+        for store in (self.removed_diff, self.frozen_diff, self.sums, self.normed):
             for key, value in store.items():
                 store[key] = self._rows(value)
 
@@ -244,9 +263,7 @@ class PostNormPass:
             if last:
                 self._to_positions()
                 x = self._rows(x)
-            h0 = g.head_start[layer]
-            for i in range(g.n_heads):
-                self.current[h0 + i] = heads[:, i]
+            self._computed(g.head_start[layer], heads)
             s = Architecture.attn_from_heads(lay, layer, heads, 1)  # pre-norm [K, n, T|P, d]
             self.sums[layer], self.normed[layer] = s, lay.post_norm(layer, s)
             x_in, x = x, x + self.normed[layer]
@@ -256,7 +273,7 @@ class PostNormPass:
                 xm = xm.clone()
                 xm[found[0]] = found[1]
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
-            self.current[g.mlp_index[layer]] = m
+            self._computed(g.mlp_index[layer], m.unsqueeze(1))
             x = x + m
         if not self.at_pos:  # no block ran (only the logits' edges are touched)
             self._to_positions()
