@@ -122,22 +122,23 @@ class PostNormPass:
         return out
 
     def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(ks, x_r [k, n, T, d])``: the masks ``ks`` that touch receiver ``r`` and its input
-        in each, from the current residual stream ``x [K, n, T, d]`` reaching ``r``; ``None``
-        if no mask touches ``r``."""
+        """``(ks, x_r [k|1, n, T, d])``: the masks ``ks`` that touch receiver ``r`` and its
+        input in each (one row where it is the same in all of them: ``x`` has one row and every
+        term is shared), from the current residual stream ``x [K|1, n, T, d]`` reaching ``r``;
+        ``None`` if no mask touches ``r``."""
         g, lay = self.g, self.lay
         ks = self.touched[:, r].nonzero()[:, 0].to(x.device)
         if not len(ks):
             return None
         n_up = int(g.n_upstream[r])
-        xr = x if len(ks) == self.k else x[ks]
-        total = torch.zeros_like(xr)
+        xr = x if x.shape[0] == 1 or len(ks) == self.k else x[ks]
+        total: Tensor | None = None
         # plain senders (the input and the MLPs), each one of eq. (1)
         for u in [0] + [g.mlp_index[layer] for layer in range(g.n_layers)
                         if g.mlp_index[layer] < n_up]:
             change = self._change(range(u, u + 1), r, ks)
             if change is not None:
-                total += change
+                total = change if total is None else total + change
         # heads, through the post-norm of each layer: D_{l, r}
         for layer in range(g.n_layers):
             h0 = g.head_start[layer]
@@ -147,8 +148,9 @@ class PostNormPass:
             if change is None:
                 continue
             s, normed = self._sum(layer, ks)
-            total += normed - lay.post_norm(layer, s - change)
-        return ks, xr - total
+            d_lr = normed - lay.post_norm(layer, s - change)
+            total = d_lr if total is None else total + d_lr
+        return ks, xr if total is None else xr - total
 
     def _sum(self, layer: int, ks: Tensor) -> tuple[Tensor, Tensor]:
         """``S_l`` and ``PostNorm_l(S_l)`` ``[k|1, n, T, d]`` of ``layer`` for the masks ``ks``:
@@ -166,74 +168,92 @@ class PostNormPass:
         return s[ks], normed[ks]
 
     # ------------------------------------------------------------------ the pass
-    def _projections(self, layer: int, x: Tensor, shared: bool) -> dict[str, Tensor]:
-        """Block ``layer``'s q/k/v ``[K*n|n, T, h, dh]`` from the residual ``x [K|1, n, T, d]``,
-        each touched (mask, receiver) pair projected from its own input (``shared``: ``x`` is
-        the same in every mask; only the pairs' own rows are returned, as ``[k, n, T, dh]``
-        under the key ``"{kind}{i}"``)."""
-        g, lay, k, n, t = self.g, self.lay, self.k, self.n, self.t
+    def _projections(self, layer: int, x: Tensor
+                     ) -> tuple[dict[str, Tensor], dict[tuple[str, int], tuple[Tensor, Tensor]]]:
+        """Block ``layer``'s shared q/k/v ``[rows*n, T, h, dh]`` of the residual ``x [rows, n,
+        T, d]`` and, for every touched receiver ``(kind, i)``, ``(ks, own [k|1, n, T, dh])``: the
+        masks touching it and its projection of its own input in each."""
+        g, lay, t = self.g, self.lay, self.t
         q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
-        out = {"q": q, "k": kk, "v": v}
         first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
         count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-        xk = x.expand(k, n, t, self.d)
+        own = {}
         for kind in "qkv":
             for i in range(count[kind]):
-                found = self.receiver_input(first[kind] + i, xk)
-                if found is None:
-                    continue
-                ks, xr = found
-                own = lay.project(layer, kind, i, lay.ln_attn(layer, xr))  # [k, n, T, dh]
-                if shared:
-                    out[f"{kind}{i}"] = (ks, own)
-                else:
-                    out[kind].view(k, n, t, *out[kind].shape[2:])[ks, :, :, i] = own
-        return out
+                found = self.receiver_input(first[kind] + i, x)
+                if found is not None:
+                    ks, xr = found
+                    own[kind, i] = (ks, lay.project(layer, kind, i, lay.ln_attn(layer, xr)))
+        return {"q": q, "k": kk, "v": v}, own
 
-    def _sparse_start(self, layer: int, x: Tensor) -> Tensor | None:
-        """Head outputs ``[K, H, n, T, d]`` of the start layer, where every mask reads the clean
-        residual ``x [1, n, T, d]``: a head's attention is recomputed only for the masks that
-        touch its q, k or v receiver (every other mask keeps its clean output). ``None`` when
-        most (mask, head) pairs are touched (the per-mask path is then cheaper)."""
+    def _start_heads(self, layer: int, shared: dict[str, Tensor],
+                     own: dict[tuple[str, int], tuple[Tensor, Tensor]], last: bool
+                     ) -> Tensor | None:
+        """Head outputs ``[K, H, n, T|P, d]`` of the start layer, where every mask reads the
+        clean residual: a head's attention is recomputed only for the masks touching its q, k
+        or v receiver, once for all of them where its inputs are the same in each (ACDC's
+        candidates differ in one receiver); every other mask keeps the cached clean output.
+        ``None`` when that would compute more than half of the (mask, head) rows (the batched
+        per-mask attention is then cheaper)."""
         g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
         rep = g.n_heads // g.n_kv_heads
-        qs = self.touched[:, g.q_start[layer]: g.q_start[layer] + g.n_heads]  # [K, H]
-        kvs = (self.touched[:, g.k_start[layer]: g.k_start[layer] + g.n_kv_heads]
-               | self.touched[:, g.v_start[layer]: g.v_start[layer] + g.n_kv_heads])
-        affected = qs | kvs.repeat_interleave(rep, 1)  # [K, H]
-        if self.grads or 2 * int(affected.sum()) > affected.numel():
+        plans, rows = [], 0
+        for head in range(g.n_heads):
+            found = {kind: own.get((kind, head if kind == "q" else head // rep))
+                     for kind in "qkv"}
+            sets = [f[0] for f in found.values() if f is not None]
+            if not sets:
+                plans.append(None)
+                continue
+            masks = torch.unique(torch.cat(sets))  # sorted
+            once = all(f is None or (f[1].shape[0] == 1 and len(f[0]) == len(masks))
+                       for f in found.values())
+            plans.append((masks, once, found))
+            rows += 1 if once else len(masks)
+        if self.grads or 2 * rows > k * g.n_heads:
             return None
-        proj = self._projections(layer, x, shared=True)
         h0 = g.head_start[layer]
         clean = self.cache.senders[h0: h0 + g.n_heads]  # [H, n, T, d]
-        heads = clean.unsqueeze(1).repeat(1, k, 1, 1, 1)  # [H, K, n, T, d]
-        for head in affected.any(0).nonzero()[:, 0].tolist():
-            ks = affected[:, head].nonzero()[:, 0].to(x.device)
+        if last:
+            pos = self.positions
+            clean = clean.gather(2, pos[None, :, :, None].expand(g.n_heads, n, pos.shape[1], d))
+        heads = clean.unsqueeze(1).repeat(1, k, 1, 1, 1)  # [H, K, n, T|P, d]
+        for head, plan in enumerate(plans):
+            if plan is None:
+                continue
+            masks, once, found = plan
+            m = 1 if once else len(masks)
             parts = []
-            for kind, i in (("q", head), ("k", head // rep), ("v", head // rep)):
-                value = proj[kind][:, :, i].unsqueeze(0).repeat(len(ks), 1, 1, 1)
-                own = proj.get(f"{kind}{i}")
-                if own is not None:  # the masks among ks that touch this receiver
-                    sel = (ks[:, None] == own[0][None]).nonzero()
-                    value[sel[:, 0]] = own[1][sel[:, 1]]
-                parts.append(value.reshape(len(ks) * n, t, 1, -1))
-            z = lay.attend(layer, *parts, grouped=False)  # [k*n, T, 1, dh]
-            idx = torch.zeros(1, dtype=torch.long, device=x.device)
-            res = lay.head_results(layer, z, idx, heads=idx + head)
-            heads[head, ks] = res.view(len(ks), n, t, d)
+            for kind in "qkv":
+                i = head if kind == "q" else head // rep
+                value = shared[kind][:, :, i].unsqueeze(0).repeat(m, 1, 1, 1)  # [m, n, T, dh]
+                if found[kind] is not None:
+                    ks, projected = found[kind]
+                    value[torch.searchsorted(masks, ks) if m > 1 else 0] = projected
+                parts.append(value.reshape(m * n, t, 1, -1))
+            z = lay.attend(layer, *parts, grouped=False,
+                           query_pos=self.positions.repeat(m, 1) if last else None)
+            idx = torch.zeros(1, dtype=torch.long, device=z.device)
+            res = lay.head_results(layer, z, idx, heads=idx + head)  # [m*n, T|P, 1, d]
+            heads[head, masks] = res.view(m, n, -1, d)
         return heads.transpose(0, 1)
 
     def _heads(self, layer: int, x: Tensor, last: bool) -> Tensor:
         """Block ``layer``'s head outputs ``[K, H, n, T|P, d]`` (the metric positions in the
-        last block) from the residual stream ``x [K|1, n, T, d]``."""
-        g, lay, k, n, d = self.g, self.lay, self.k, self.n, self.d
-        if layer == self.start and x.shape[0] == 1 and not last:
-            heads = self._sparse_start(layer, x)
+        last block) from the residual stream ``x [K|1, n, T, d]`` (one row: the start layer,
+        where every mask reads the clean residual)."""
+        g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
+        shared, own = self._projections(layer, x)
+        if x.shape[0] == 1:
+            heads = self._start_heads(layer, shared, own, last)
             if heads is not None:
                 return heads
-        proj = self._projections(layer, x.expand(k, -1, -1, -1), shared=False)
+            shared = {kind: value.unsqueeze(0).expand(k, *value.shape).reshape(
+                k * n, *value.shape[1:]) for kind, value in shared.items()}
+        for (kind, i), (ks, projected) in own.items():
+            shared[kind].view(k, n, t, *shared[kind].shape[2:])[ks, :, :, i] = projected
         query_pos = self.positions.repeat(k, 1) if last else None
-        z = lay.attend(layer, proj["q"], proj["k"], proj["v"], query_pos=query_pos)
+        z = lay.attend(layer, shared["q"], shared["k"], shared["v"], query_pos=query_pos)
         res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
         return res.view(k, n, -1, g.n_heads, d).permute(0, 3, 1, 2, 4)
 
