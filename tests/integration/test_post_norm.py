@@ -476,3 +476,33 @@ def test_single_edge_path_patch_equals_exact_patching(gemma):
     got = cf.path_patch(engine, data, senders, receivers)
     assert exact.abs().max() > 1e-2
     torch.testing.assert_close(got, exact, atol=1e-6 * float(exact.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("layer, kind", [(1, "q"), (1, "k"), (2, "mlp")])
+def test_acdc_like_batches_equal_the_reference(gemma, layer, kind):
+    """ACDC's batches: a sparse base circuit with one edge into one receiver flipped per mask
+    (so the start layer's heads are computed once for the masks that agree and per mask where
+    the flipped receiver feeds them) equal the hooked reference."""
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=14)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ablated = _captures(hf, data.corrupted, g)
+    edge = g.edge_mask.double()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    gen = torch.Generator().manual_seed(4)
+    base = (torch.rand(edge.shape, generator=gen, dtype=torch.float64) < 0.3) * edge
+    base[:, layer_of < layer] = edge[:, layer_of < layer]
+    tested = next(r for r, rec in enumerate(g.receivers)
+                  if rec.layer == layer and rec.kind == kind)
+    senders = edge[:, tested].nonzero()[:, 0][:5]
+    masks = base.expand(len(senders), -1, -1).clone()
+    masks[torch.arange(len(senders)), senders, tested] = 1 - masks[
+        torch.arange(len(senders)), senders, tested]
+    got = engine.run(data, masks)
+    for k in range(len(masks)):
+        with torch.no_grad():
+            want = _at(reference_logits(hf, g, data.clean, edge - masks[k], ablated), data)
+        torch.testing.assert_close(got[k], want, atol=64 * 1.2e-7 * float(want.abs().max()),
+                                   rtol=0)
+    assert float((got - got[:1]).abs().max()) > 1e-4  # the flipped edges matter
