@@ -23,16 +23,20 @@ This is the receiver input of the EAP-IG library's ``evaluate_graph`` for models
 ``use_normalization_before_and_after`` (see ``docs/decisions.md``).
 
 Cost. Only the (mask, receiver) pairs a mask touches get their own input: per pair, one
-weighted sum of the senders' differences per touched sender group (the cached senders'
-``a - a'`` are shared by all masks) and one norm per upstream layer with a touched head edge,
-then its own norm and projection; every other receiver reads the shared norm and projection.
-At the start layer every mask reads the clean residual, so a head's attention is recomputed
-only for the masks touching its q/k/v (the others keep its cached output); the last block
-computes queries, head outputs, MLP and logits at the metric positions only. None of the
-runner's linear shortcuts (dense buffers, the kept form with the ablated residual) apply. Exact
-patching on a 6-layer d256 8-head Gemma-2 (batch 8 x 16, one thread) costs 0.18-0.23 plain
-Hugging Face forwards per edge (``MaskedPass.post_norm_form``, which this replaces: 2.3). The
-pass is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
+weighted sum of the senders' differences per touched sender group (each computed group's
+``a - a'`` kept once a layer; the cached senders' shared by all masks, and mixed once where
+every mask weighs them alike) and one norm per upstream layer with a touched head edge, then
+its own norm and projection; every other receiver reads the shared norm and projection. At
+the start layer every mask reads the clean residual, so a head's attention is recomputed only
+for the masks touching its q/k/v, once for all of them where its inputs agree (ACDC's
+candidates differ in one receiver); the others keep its cached output. The last block
+computes queries, head outputs, MLP and logits at the metric positions only. None of eq. (1)'s
+linear shortcuts (dense buffers, the kept form over the ablated residual) apply. On a 6-layer
+d256 8-head Gemma-2 (batch 8 x 16, one thread, plain Hugging Face forwards): exact patching
+0.19-0.23 per edge (``MaskedPass.post_norm_form``, which this replaces: 2.3); ACDC-like passes
+0.06 per test into the last layer up to 1.4-2.4 into layer 1 (there every later receiver is
+recomputed per mask; post_norm_form: 2.2-4.6). The pass is differentiable in ``removed`` and
+``frozen`` (every real edge then counts as touched).
 """
 
 from __future__ import annotations
