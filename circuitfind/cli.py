@@ -257,15 +257,24 @@ def tune(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", metavar="KEY=VALUE",
                                               help="Other hyperparameters KEY=VALUE."),
+    no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Search a pruning algorithm's threshold for the smallest circuit reaching a faithfulness
     target, as an Optuna study (run the same command on several machines to share it)."""
     from circuitfind.benchmark.tune import tune as run_tune
 
-    result = run_tune(model or _default_model(task), task, algorithm=algorithm, target=target,
-                      n_trials=trials, low=low, high=high, storage=storage, study_name=study,
-                      n_examples=n_examples, seed=seed, algorithm_params=parse_params(param or []),
-                      device=device, sampler_seed=sampler_seed)
+    progress_log = logging.getLogger("circuitfind.progress")
+    level = progress_log.level
+    if no_progress:  # no range line, no line per trial: only the result
+        progress_log.setLevel(logging.WARNING)
+    try:
+        result = run_tune(model or _default_model(task), task, algorithm=algorithm,
+                          target=target, n_trials=trials, low=low, high=high, storage=storage,
+                          study_name=study, n_examples=n_examples, seed=seed,
+                          algorithm_params=parse_params(param or []), device=device,
+                          sampler_seed=sampler_seed)
+    finally:
+        progress_log.setLevel(level)
     typer.echo(f"{result.n_trials} trials in study {study!r}; {result.explanation}")
 
 
