@@ -122,8 +122,9 @@ def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: flo
     """Select edges from scores (top-n or threshold), then prune; returns (circuit, selected)."""
     if n_edges is not None:
         if not isinstance(n_edges, int) or not 0 <= n_edges <= g.n_edges:
-            raise ConfigError(f"n_edges must be an integer between 0 and {g.n_edges} (the "
-                              f"graph's edge count); got {n_edges!r}.")
+            rule = f"an integer between 0 and {g.n_edges} (the graph's edge count)"
+            raise ConfigError(f"n_edges must be {rule}; got {n_edges!r}.",
+                              cli=f"--edges must be {rule}; got {n_edges!r}.")
         circuit = select_top_n(g, scores, n_edges, absolute=absolute, meaning=meaning)
     else:
         circuit = select_threshold(g, scores, float(threshold),  # type: ignore[arg-type]
@@ -191,14 +192,18 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
                else ALGORITHMS.get(algorithm).returns_circuit)
     if pruning:
         if n_edges is not None:
-            raise ConfigError(f"The {getattr(algorithm, 'name', algorithm)!r} algorithm selects "
-                              "its own circuit; pass its threshold (ACDC's τ) instead of n_edges.")
+            name = getattr(algorithm, "name", algorithm)
+            what = f"The {name!r} algorithm selects its own circuit"
+            raise ConfigError(f"{what}; pass its threshold (ACDC's τ) instead of n_edges.",
+                              cli=f"{what}; pass --threshold (ACDC's τ) instead of --edges.")
         if threshold is not None:
             if isinstance(algorithm, Algorithm):
                 raise ConfigError("Pass the threshold to the algorithm instance, not discover.")
             if params.get("threshold", threshold) != threshold:
                 raise ConfigError(f"threshold={threshold} conflicts with the algorithm parameter "
-                                  f"threshold={params['threshold']}; pass one.")
+                                  f"threshold={params['threshold']}; pass one.",
+                                  cli=f"--threshold {threshold} conflicts with -p threshold="
+                                      f"{params['threshold']}; pass one.")
             params["threshold"] = threshold
     elif n_edges is None and threshold is None:
         n_edges = 100

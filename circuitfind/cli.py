@@ -6,37 +6,94 @@ draw circuit.dot / circuit.svg), ``render`` (draw a saved circuit), ``export`` (
 circuit-track JSON), ``evaluate``, ``tune``, ``bench`` (a benchmark grid on an Optuna
 storage), ``leaderboard`` (tables and figures from it), ``tasks`` and ``algorithms`` (list the
 registries). Errors circuitfind raises on purpose are printed as one
-line, with exit code 2 and no traceback; notes (the matplotlib fallback, a drawing that failed
-while the results were saved) are printed as one line on stderr and do not change the exit
-code.
+line, in the command line's words (``--overwrite``, not ``overwrite=True``), with exit code 2
+and no traceback; usage errors (an unknown command or option, a missing or malformed value, a
+number out of range, a value not among an option's choices) print click's short usage message,
+also with exit code 2. Values the command line can check without a model are checked here,
+before anything is loaded. Notes (the matplotlib fallback, a drawing that failed while the
+results were saved) are printed as one line on stderr and do not change the exit code.
+
+Progress: every long command takes ``--no-progress``. Without it, a bar is drawn only when
+stderr is a terminal (never under ``TQDM_DISABLE``); in a log each phase is one line
+(:mod:`circuitfind._progress`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from typer.core import TyperCommand
 
+from circuitfind._progress import quiet
 from circuitfind.algorithms import ALGORITHMS
 from circuitfind.algorithms.lifecycle import RunContext
+from circuitfind.benchmark.leaderboard import SORT_KEYS
 from circuitfind.errors import CircuitFindError, ConfigError
+from circuitfind.graphs.render import EDGE_COLOUR_MODES, HEAD_LABELS
 from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (report re-exported)
 from circuitfind.patching.spec import DEFAULT_ABLATION
 from circuitfind.registry import normalize_name
 
+_WRAPPED_DEFAULT = re.compile(r"\[default: \(([^()]*)\)(?=[;\]])")
+
+
 class _Command(TyperCommand):
     """A command whose usage line names its arguments plainly (``render [OPTIONS] CIRCUIT
-    OUT``; typer writes required ones as ``{CIRCUIT}``)."""
+    OUT``; typer writes required ones as ``{CIRCUIT}``) and whose help writes a described
+    default plainly (``[default: 100, unless --threshold is given]``; typer wraps it in
+    parentheses)."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name in sections:
+                sections[param.param_type_name].append(
+                    (record[0], _WRAPPED_DEFAULT.sub(r"[default: \1", record[1])))
+        for title, kind in (("Arguments", "argument"), ("Options", "option")):
+            if sections[kind]:
+                with formatter.section(title):
+                    formatter.write_dl(sections[kind])
+
+
+def _one_of(allowed: tuple[str, ...]) -> Callable[[Optional[str]], Optional[str]]:
+    """An option callback that reads a value case-insensitively and refuses one outside
+    ``allowed`` as a usage error (``Invalid value for '--sort': 'size' is not one of cpr, cmd,
+    auroc, time.``)."""
+
+    def check(value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        if value.strip().lower() not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}.")
+        return value.strip().lower()
+
+    return check
+
+
+def _choices(allowed: tuple[str, ...]) -> str:
+    """The metavar of an option with fixed choices: ``[receiver|sign]``."""
+    return "[" + "|".join(allowed) + "]"
+
+
+def _switch_progress_off(ctx: typer.Context, no_progress: bool) -> bool:
+    """``--no-progress``: no bars or phase lines (the model's loading bars included) until the
+    command ends."""
+    if no_progress:
+        ctx.with_resource(quiet())
+    return no_progress
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -44,7 +101,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 CHECKPOINT_DIR = ".checkpoint"
 NO_PROGRESS_OPTION = typer.Option(
-    False, "--no-progress",
+    False, "--no-progress", callback=_switch_progress_off,
     help="No progress bars or phase lines (bars are drawn only when stderr is a terminal and "
          "TQDM_DISABLE is unset; in a log each phase is one line).")
 MEMORY_OPTION = typer.Option(
@@ -80,7 +137,7 @@ def discover(
              "zoo organism (offline)."),
     algorithm: str = typer.Option("eap", "--algorithm", "-a",
                                   help="Algorithm (see `circuitfind algorithms`)."),
-    edges: Optional[int] = typer.Option(None, "--edges", "-n", show_default="100, unless "
+    edges: Optional[int] = typer.Option(None, "--edges", "-n", min=0, show_default="100, unless "
                                         "--threshold is given", help="Keep the top N edges."),
     threshold: Optional[float] = typer.Option(
         None, "--threshold",
@@ -88,8 +145,8 @@ def discover(
              "path-patching its selection threshold."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     n_examples: Optional[int] = typer.Option(
-        None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
-                                 "prompt file)."),
+        None, "--examples", min=1, help="Clean/corrupted pairs to build (default: 64; every row "
+                                        "of a prompt file)."),
     seed: int = typer.Option(0, "--seed", help="Data seed."),
     metric: Optional[str] = typer.Option(
         None, "--metric", help="Prompt files: logit_diff (default), prob_diff, log_prob or kl."),
@@ -125,15 +182,16 @@ def discover(
         raise ConfigError("pass either --edges or --threshold, not both.")
     spec = Ablation.parse(ablation)
     budget = parse_memory(memory)
+    params = parse_params(param or [])
+    checkpointed = ALGORITHMS.get(algorithm).supports_checkpoint  # an unknown name fails here
     check_output_dir(out, overwrite)  # bad output paths and renderers fail before any work
     resolve_renderer(renderer, announce=False)  # the fallback note comes when it draws
     task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm} "
                f"ablation={spec.kind}", err=True)
-    params = parse_params(param or [])
     context = None
-    if ALGORITHMS.get(algorithm).supports_checkpoint:
+    if checkpointed:
         # long runs checkpoint inside --out; rerunning the same command resumes
         checkpoint = out / CHECKPOINT_DIR / f"{normalize_name(algorithm)}.pt"
         context = RunContext(checkpoint=checkpoint, progress=not no_progress)
@@ -190,8 +248,8 @@ def evaluate(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model (default: the circuit's own model)."),
     n_examples: Optional[int] = typer.Option(
-        None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
-                                 "prompt file)."),
+        None, "--examples", min=1, help="Clean/corrupted pairs to build (default: 64; every row "
+                                        "of a prompt file)."),
     seed: int = typer.Option(1, "--seed", help="Data seed (default 1: fresh prompts; a prompt "
                                                "file's rows are used in file order)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
@@ -200,6 +258,7 @@ def evaluate(
         help="resample, zero, mean or mean-positional (default: the ablation the circuit was "
              "found with)."),
     memory: Optional[str] = MEMORY_OPTION,
+    no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Evaluate a saved circuit: normalized faithfulness and KL divergence on fresh data."""
     from circuitfind.api import build_data
@@ -239,18 +298,21 @@ def tune(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model (default: the task's zoo organism)."),
     algorithm: str = typer.Option("acdc", "--algorithm", "-a", help="A pruning algorithm."),
-    target: float = typer.Option(0.9, "--target", help="Normalized faithfulness to reach."),
-    trials: int = typer.Option(20, "--trials", help="Trials this worker runs (0: create only)."),
+    target: float = typer.Option(0.9, "--target", min=0, max=1,
+                                 help="Normalized faithfulness to reach."),
+    trials: int = typer.Option(20, "--trials", min=0,
+                               help="Trials this worker runs (0: create only)."),
     low: Optional[float] = typer.Option(
-        None, "--low", show_default="from the single-edge effects",
+        None, "--low", min=0, show_default="from the single-edge effects",
         help="Smallest threshold tried (log scale); give --high too."),
     high: Optional[float] = typer.Option(
-        None, "--high", show_default="from the single-edge effects",
+        None, "--high", min=0, show_default="from the single-edge effects",
         help="Largest threshold tried."),
     storage: str = typer.Option("sqlite:///tune.db", "--storage",
                                 help="Optuna storage URL shared by all workers."),
     study: str = typer.Option("circuitfind-tune", "--study", help="Study name."),
-    n_examples: int = typer.Option(64, "--examples", help="Clean/corrupted pairs to build."),
+    n_examples: int = typer.Option(64, "--examples", min=1,
+                                   help="Clean/corrupted pairs to build."),
     seed: int = typer.Option(0, "--seed", help="Data seed."),
     sampler_seed: Optional[int] = typer.Option(None, "--sampler-seed",
                                                help="This worker's sampler seed."),
@@ -263,18 +325,20 @@ def tune(
     target, as an Optuna study (run the same command on several machines to share it)."""
     from circuitfind.benchmark.tune import tune as run_tune
 
-    progress_log = logging.getLogger("circuitfind.progress")
-    level = progress_log.level
-    if no_progress:  # no range line, no line per trial: only the result
-        progress_log.setLevel(logging.WARNING)
-    try:
-        result = run_tune(model or _default_model(task), task, algorithm=algorithm,
-                          target=target, n_trials=trials, low=low, high=high, storage=storage,
-                          study_name=study, n_examples=n_examples, seed=seed,
-                          algorithm_params=parse_params(param or []), device=device,
-                          sampler_seed=sampler_seed)
-    finally:
-        progress_log.setLevel(level)
+    if (low is None) != (high is None):
+        given = f"--low {low}" if high is None else f"--high {high}"
+        raise ConfigError("Give both --low and --high, or neither (then the threshold range "
+                          f"comes from the single-edge effects); got only {given}.")
+    if low is not None and high is not None and not 0 < low < high:
+        raise ConfigError(f"--low must be above 0 and below --high; got --low {low}, "
+                          f"--high {high}.")
+    params = parse_params(param or [])
+    if "threshold" in params:
+        raise ConfigError("tune searches the threshold itself; leave out -p threshold=...")
+    result = run_tune(model or _default_model(task), task, algorithm=algorithm, target=target,
+                      n_trials=trials, low=low, high=high, storage=storage, study_name=study,
+                      n_examples=n_examples, seed=seed, algorithm_params=params,
+                      device=device, sampler_seed=sampler_seed)
     typer.echo(f"{result.n_trials} trials in study {study!r}; {result.explanation}")
 
 
@@ -289,13 +353,13 @@ def bench(
                                         help="Study name (default: the config's `study`, else "
                                              "its file name)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
-    threads: Optional[int] = typer.Option(None, "--threads",
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, show_default="torch's default",
                                           help="torch CPU threads of this worker."),
     heartbeat: Optional[int] = typer.Option(
-        None, "--heartbeat", show_default="1",
+        None, "--heartbeat", min=1, show_default="1",
         help="Seconds between heartbeats of a running cell."),
     grace_period: Optional[int] = typer.Option(
-        None, "--grace-period", show_default="twice the median cell time, 5 to 60 s",
+        None, "--grace-period", min=1, show_default="twice the median cell time, 5 to 60 s",
         help="Seconds without a heartbeat after which a cell's worker counts as dead and the "
              "cell is run again."),
     retry_failed: bool = typer.Option(False, "--retry-failed",
@@ -355,7 +419,8 @@ def leaderboard(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     study: Optional[list[str]] = typer.Option(
         None, "--study", metavar="NAME", help="Study to include (repeatable; default: every bench study)."),
-    sort: str = typer.Option("cpr", "--sort",
+    sort: str = typer.Option("cpr", "--sort", metavar=_choices(tuple(SORT_KEYS)),
+                             callback=_one_of(tuple(SORT_KEYS)),
                              help="Order of rows within a task/model: cpr, cmd, auroc or time."),
 ) -> None:
     """Leaderboard tables (Markdown, CSV, JSON) and faithfulness-curve figures (PNG, PDF)."""
@@ -372,15 +437,19 @@ def render(
     out: Path = typer.Argument(..., metavar="OUT", help="Output file: .svg, .pdf, .png or .dot."),
     renderer: Optional[str] = RENDERER_OPTION,
     edge_colour: str = typer.Option(
-        "receiver", "--edge-colour", "--edge-color",
+        "receiver", "--edge-colour", "--edge-color", metavar=_choices(EDGE_COLOUR_MODES),
+        callback=_one_of(EDGE_COLOUR_MODES),
         help="Colour edges by 'receiver' kind (q/k/v/MLP/logits) or by score 'sign' (helps or "
              "hurts the metric)."),
     collapse_qkv: bool = typer.Option(False, "--collapse-qkv",
                                       help="One edge per sender and head instead of per q/k/v."),
-    min_score: Optional[float] = typer.Option(None, "--min-score",
+    min_score: Optional[float] = typer.Option(None, "--min-score", min=0,
+                                              show_default="every edge drawn",
                                               help="Hide edges with |score| below X."),
-    top: Optional[int] = typer.Option(None, "--top", help="Draw only the top N edges by |score|."),
-    head_labels: str = typer.Option("name", "--head-labels",
+    top: Optional[int] = typer.Option(None, "--top", min=0, show_default="every edge",
+                                      help="Draw only the top N edges by |score|."),
+    head_labels: str = typer.Option("name", "--head-labels", metavar=_choices(HEAD_LABELS),
+                                    callback=_one_of(HEAD_LABELS),
                                     help="'name' (a3.h7) or 'layer.head' (3.7)."),
     landscape: bool = typer.Option(False, "--landscape", help="Layers left to right."),
     no_title: bool = typer.Option(False, "--no-title", help="Leave out the title line."),
@@ -412,15 +481,16 @@ EXPORT_FORMATS = ("mib",)
 def export(
     circuit_path: Path = typer.Argument(..., metavar="CIRCUIT",
                                         help="circuit.json or circuit.graphml of a run."),
-    format: str = typer.Option(..., "--format", "-f",
+    format: str = typer.Option(..., "--format", "-f", metavar=_choices(EXPORT_FORMATS),
+                               callback=_one_of(EXPORT_FORMATS),
                                help="Export format: mib (MIB circuit-track JSON)."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o",
         help="Submission directory (one folder {task}_{model} per cell is written inside it), "
              "or a .json file. Default: mib/ beside the circuit file."),
     d_model: Optional[int] = typer.Option(
-        None, "--d-model", help="The model's hidden size (default: read from the model's "
-                                "config)."),
+        None, "--d-model", min=1,
+        help="The model's hidden size (default: read from the model's config)."),
     task_name: Optional[str] = typer.Option(None, "--task-name",
                                             help="Task part of the folder name (default: the "
                                                  "circuit's task)."),
@@ -434,10 +504,6 @@ def export(
     from circuitfind.graphs.circuit import Circuit
     from circuitfind.api import export_mib
 
-    fmt = format.strip().lower()
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"Unknown export format {format!r}; choose one of "
-                          f"{list(EXPORT_FORMATS)}.")
     circuit = Circuit.load(circuit_path)
     target = out if out is not None else circuit_path.parent / "mib"
     path = export_mib(circuit, target, d_model=d_model, task=task_name, model=model_name,
@@ -452,14 +518,15 @@ def check(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model (default: the task's zoo organism)."),
     n_examples: Optional[int] = typer.Option(
-        None, "--examples", help="Clean/corrupted pairs to build (default: 64; every row of a "
-                                 "prompt file)."),
+        None, "--examples", min=1, help="Clean/corrupted pairs to build (default: 64; every row "
+                                        "of a prompt file)."),
     seed: int = typer.Option(0, "--seed", help="Data seed."),
     metric: Optional[str] = typer.Option(
         None, "--metric", help="Prompt files: logit_diff (default), prob_diff, log_prob or kl."),
     per_example: bool = typer.Option(False, "--per-example", help="One row per example."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Check that the model does the task: accuracy and the metric, clean vs corrupted."""
     from circuitfind.api import check as run_check

@@ -46,7 +46,8 @@ class RunContext:
 
     Args:
         checkpoint: File to save state to and resume from (``None``: no checkpoint).
-        progress: Show a progress bar (tqdm, on stderr).
+        progress: Show progress: a tqdm bar when stderr is a terminal, else one line per
+            phase (:func:`circuitfind._progress.progress`).
         save_every_s: Write the checkpoint at most this often (seconds; ``0``: every unit).
         save_every: Also write after this many units of work since the last write
             (``None``: time only).
@@ -127,9 +128,9 @@ class RunContext:
 
     def resumed(self, what: str, done: int, total: int, unit: str) -> None:
         """Say that the run resumes from the checkpoint with ``done`` of ``total`` units done
-        (``resuming ACDC: 120 of 1701 edges done``), when progress is shown."""
-        if self.progress:
-            resuming(what, done, total, unit)
+        (``resuming ACDC: 120 of 1701 edges done``, on the ``circuitfind.progress`` logger),
+        also when progress is not shown: the result rests on the checkpoint."""
+        resuming(what, done, total, unit)
 
 
 def fingerprint(engine: Any, data: Any, settings: dict[str, Any] | None = None,

@@ -127,8 +127,9 @@ class PatchingEngine:
                               f"({cfg.n_layers} layers, {cfg.n_heads} heads).")
         budget = parse_memory(memory_budget)
         if budget < 2**20:
-            raise ConfigError(f"memory_budget must be at least 1 MiB; got {memory_budget!r} "
-                              f"({budget} bytes).")
+            got = f"got {memory_budget!r} ({budget} bytes)."
+            raise ConfigError(f"memory_budget must be at least 1 MiB; {got}",
+                              cli=f"--memory must be at least 1 MiB; {got}")
         self.memory_budget = budget
         self.d_model = int(cfg.d_model)
         self.groups = self._receiver_groups()
@@ -406,9 +407,10 @@ class PatchingEngine:
         """
         row = self._row_bytes(seq_len, n_buffer)
         if self.memory_budget < row:
-            raise ConfigError(f"memory_budget={self.memory_budget} bytes is too small for one "
-                              f"example of {seq_len} tokens; this model needs at least {row} "
-                              "bytes per example and pass.")
+            need = (f"bytes is too small for one example of {seq_len} tokens; this model needs "
+                    f"at least {row} bytes per example and pass.")
+            raise ConfigError(f"memory_budget={self.memory_budget} {need}",
+                              cli=f"--memory {self.memory_budget} {need}")
         return self.memory_budget // row
 
     def masks_per_pass(self, data: TaskData, batch_size: int | None = None,
@@ -741,10 +743,12 @@ class PatchingEngine:
         fixed = 4 * int(self.model.cfg.d_vocab) * self.d_model * width
         minimum = fixed + per_example + per_row
         if self.memory_budget < minimum:
-            raise ConfigError(f"memory_budget={self.memory_budget} bytes cannot hold one example "
-                              f"of {seq_len} tokens for attribution on this model; it needs at "
-                              f"least {minimum} bytes ({minimum / 2**20:.1f} MiB). Raise "
-                              "memory_budget or shorten the prompts.")
+            need = (f"bytes cannot hold one example of {seq_len} tokens for attribution on this "
+                    f"model; it needs at least {minimum} bytes ({minimum / 2**20:.1f} MiB)")
+            raise ConfigError(f"memory_budget={self.memory_budget} {need}. Raise memory_budget "
+                              "or shorten the prompts.",
+                              cli=f"--memory {self.memory_budget} {need}. Raise --memory or "
+                                  "shorten the prompts.")
         cache = (2 * n_examples * outputs <= self.memory_budget
                  and self.memory_budget - n_examples * outputs >= minimum)
         budget = self.memory_budget - fixed - (n_examples * outputs if cache else 0)
