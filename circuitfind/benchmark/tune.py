@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from circuitfind._progress import LOGGER as progress_log
+from circuitfind._progress import shown
 from circuitfind.algorithms.base import ALGORITHMS, get_algorithm
 from circuitfind.api import build_data
 from circuitfind.benchmark.storage import open_storage, optuna_module
@@ -222,8 +223,9 @@ def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials:
         total = engine.graph.n_edges
         if low is None:
             low, high, measured = tau_range(engine, data, params.get("objective", "kl"))
-            progress_log.info(f"τ range {low:.3g} to {high:.3g}, from the effects of "
-                              f"{measured} single edges")
+            if shown():
+                progress_log.info(f"τ range {low:.3g} to {high:.3g}, from the effects of "
+                                  f"{measured} single edges")
 
         def objective(trial: Any) -> float:
             tau = trial.suggest_float("threshold", low, high, log=True)
@@ -234,7 +236,8 @@ def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials:
             trial.set_user_attr("threshold", tau)
             trial.set_user_attr("total_edges", total)
             mark = " (reaches the target)" if faith >= target else ""
-            progress_log.info(_trial_line(trial) + mark)
+            if shown():
+                progress_log.info(_trial_line(trial) + mark)
             if math.isnan(faith):
                 return float(2 * total)
             return float(circuit.n_edges if faith >= target else total + total * (target - faith))

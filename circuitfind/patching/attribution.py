@@ -124,21 +124,29 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
                  else rows[c] for c in range(copies)]
         return torch.cat(parts) if copies > 1 else parts[0]
 
-    # families whose heads' sum passes a norm (Gemma-2): each layer's pre-norm sum S_l, for
-    # the heads' scores through that norm, (a'_h - a_h) . J_l(S_l)^T d metric / d x_r
-    post_sums: dict[int, Tensor] = {}
+    # Families whose heads' sum passes a norm (Gemma-2): a head's score goes through that
+    # norm's Jacobian at each layer's pre-norm sum S_l of the run the gradient was taken in,
+    # (a'_h - a_h) . J_l(S_l)^T d metric / d x_r = J_l(S_l) (a'_h - a_h) . d metric / d x_r:
+    # the heads' differences are pushed through the norm once a layer in the forward pass
+    # (in place: eq. (2) then contracts them like any sender's). With several gradient
+    # points the Jacobians differ per copy: the pushed differences are kept per copy
+    # (``pushed``) and contracted with per-copy receiver gradients (``[h, C*N*T, d]``).
+    post = lay.attn_post_norm
+    pushed: dict[int, Tensor] = {}  # layer -> J_l (a'_h - a_h) [H, C*N*T*d] (copies > 1)
 
     def contract(r0: int, n_up: int, grad: Tensor) -> None:
-        """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (head senders
-        of post-norm layers through the norm's Jacobian)."""
+        """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (for post-norm
+        families with several copies ``[h, C*N*T, d]``, per copy)."""
         h = grad.shape[0]
-        contract_scores(scores, flat[:n_up], r0, grad.reshape(h, -1))
-        for layer, s_l in post_sums.items():
+        if not post or copies == 1:
+            contract_scores(scores, flat[:n_up], r0, grad.reshape(h, -1))
+            return
+        per_copy = grad.reshape(h, -1)
+        contract_scores(scores, flat[:n_up], r0, per_copy.view(h, copies, -1).sum(1))
+        for layer, jd in pushed.items():  # the head rows: per copy, through its Jacobian
             heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
             if heads.stop <= n_up:
-                jt = lay.post_norm_vjp(layer, s_l, grad.reshape(h, -1, s_l.shape[-1]))
-                scores[heads, r0: r0 + h] = (flat[heads] @ jt.reshape(h, -1).T.to(flat)).to(
-                    scores.dtype)
+                scores[heads, r0: r0 + h] = (jd @ per_copy.T.to(jd)).to(scores.dtype)
 
     fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
@@ -184,7 +192,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     def on_receiver(r0: int, n_up: int, layer: int | None = None) -> Any:
         def hook(grad: Tensor) -> None:
             fired.add(r0)
-            grad = fold(grad)
+            grad = grad if post else fold(grad)
             if layer is not None and layer + 1 in waiting:
                 waiting.discard(layer + 1)
                 if layer + 1 in grads:
@@ -204,11 +212,12 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             if layer not in norms:
                 norms[layer] = lay.norm_parts(layer, x.detach())
                 xh = norms[layer][0]
-                grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, n * t,
-                                             xh.shape[-1]), [])  # summed over copies
+                rows = n * t * (copies if post else 1)  # summed over copies unless post-norm
+                grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, rows,
+                                             xh.shape[-1]), [])
             buf, arrived = grads[layer]
             s0 = lead + offset[kind]
-            if copies == 1:
+            if copies == 1 or post:
                 lay.projection_input_grads(layer, kind, norms[layer], grad,
                                            out=buf[s0: s0 + grad.shape[2]])
             else:  # per copy (each its own norm Jacobian), then summed
@@ -237,14 +246,17 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         if diff is None:
             lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
                             out=delta[h0: h0 + g.n_heads])
-        if lay.attn_post_norm:  # interpolate the heads' pre-norm sum, then the norm
-            if copies > 1:
-                raise ConfigError("Families with a post-attention norm take one gradient "
-                                  "point per pass (the norm's Jacobian differs per copy).")
+        if post:  # interpolate the heads' pre-norm sum, then the norm
             pre = Architecture.attn_out(lay, layer, z)
             if f"a{layer}" in moved:
                 pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
-            post_sums[layer] = pre.detach().reshape(-1, pre.shape[-1])
+            s_l = pre.detach().reshape(-1, pre.shape[-1])  # [C*N*T, d]
+            d_heads = delta[h0: h0 + g.n_heads].view(g.n_heads, n * t, -1)
+            if copies == 1:
+                d_heads.copy_(lay.post_norm_jvp(layer, s_l, d_heads))
+            else:
+                pushed[layer] = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1)
+                                                  ).reshape(g.n_heads, -1)
             attn = lay.post_norm(layer, pre)
         else:
             attn = lay.attn_out(layer, z)

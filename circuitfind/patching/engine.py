@@ -670,10 +670,8 @@ class PatchingEngine:
                         scores += self.runner.attribute(tokens, ablated, sub.positions, metric)
                     else:
                         diff = self.sender_outputs(tokens).sub_(ablated)  # a - a'
-                        # a post-attention norm's Jacobian differs per copy: one point a pass
-                        step = 1 if self.runner.arch.attn_post_norm else p_chunk
-                        for p0 in range(0, n_points, step):
-                            chunk = points[p0: p0 + step]
+                        for p0 in range(0, n_points, p_chunk):
+                            chunk = points[p0: p0 + p_chunk]
 
                             def metric(logits: Tensor, sub: TaskData = sub,
                                        c: int = len(chunk)) -> Tensor:

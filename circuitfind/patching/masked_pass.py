@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuitfind.errors import ConfigError
-
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
 
@@ -101,16 +99,7 @@ class MaskedPass:
         k_masks = removed.shape[0]
         weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S or 2S, R]
         touched_r = weights.ne(0).any(1)  # [K, R]
-        first = runner.start_layer(touched_r.any(0))
-        if start is None:
-            start = min(first, g.n_layers)
-        if not 0 <= start <= g.n_layers:
-            raise ConfigError(f"The start layer must lie in [0, {g.n_layers}] for this "
-                              f"{g.n_layers}-layer model; got {start}.")
-        if first < start:
-            raise ConfigError(f"A mask removes or freezes an edge into a receiver of layer "
-                              f"{first}, before the start layer {start}; start at layer "
-                              f"{first} or earlier (or leave start unset).")
+        start = runner.resolve_start(touched_r.any(0), start)
         n, t, d = cache.resid.shape[1:]
         dev, dtype = cache.resid.device, cache.resid.dtype
         active = weights.ne(0).any(2).any(0)  # senders with a removed/frozen edge
@@ -670,101 +659,6 @@ class MaskedPass:
             xf[ks] -= self.at_positions(dlt)
         return lay.final(xf)
 
-    def post_norm_form(self) -> Tensor:
-        """Blocks ``start..`` and the logits for families whose heads' summed output passes a
-        norm before joining the residual stream (Gemma-2's ``post_attention_layernorm``).
-
-        There a receiver's input is not linear in the head outputs: receiver ``r`` reads, for
-        each earlier layer ``l``, ``P_l(S_l^r)`` with ``S_l^r = sum_h [a_h - w[h, r] (a_h - a'_h)
-        - f[h, r] (a_h - a_h(clean))]`` its own mixture of the current, ablated and frozen
-        (pre-norm) head outputs, so that removing every out-edge of a head equals replacing the
-        head's output by its ablated value. Per layer: every q/k/v receiver's input is
-        ``x_L + sum_l [P_l(S_l^r) - P_l(S_l)] - sum_u w[u, r] (a_u - a'_u) - f[u, r] (a_u -
-        a_u(clean))`` over the linear senders u (embedding, MLPs), built for all receivers at
-        once ([K, R', n T d]: one matmul per earlier layer and one norm of the mixtures); the
-        MLP receiver likewise, including its own layer's heads; the logits at the end. Heads
-        of layers before ``start`` are clean. Every position is computed (no kept form, no
-        sparse start layer): slower than the linear forms, exact by construction.
-        """
-        g, lay, cache, ablated = self.g, self.lay, self.cache, self.ablated
-        k_masks, n, t, d, start = self.k_masks, self.n, self.t, self.d, self.start
-        removed, frozen, dev = self.removed, self.frozen, self.dev
-        x_dim = n * t * d
-        heads_of = {layer: slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
-                    for layer in range(g.n_layers)}
-        clean = cache.senders  # [S, n, T, d]
-        # current values of every sender, [K, S, n*T*d] (heads pre-norm); per-layer pre-norm
-        # sums S_l [K, n*T*d] and their norms P_l(S_l)
-        current = clean.reshape(1, g.n_senders, x_dim).repeat(k_masks, 1, 1)
-        ablated_flat = ablated.expand(g.n_senders, n, t, d).reshape(1, g.n_senders, x_dim)
-        sums: dict[int, Tensor] = {}
-        normed: dict[int, Tensor] = {}
-
-        def layer_sum(layer: int) -> None:
-            sums[layer] = current[:, heads_of[layer]].sum(1)
-            normed[layer] = lay.post_norm(layer, sums[layer].view(k_masks, n, t, d)).reshape(
-                k_masks, x_dim)
-
-        for layer in range(min(start, g.n_layers)):
-            layer_sum(layer)
-
-        def inputs(rs: list[int], x: Tensor, upto: int) -> Tensor:
-            """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` reading heads of layers < ``upto``
-            (and every linear sender upstream) from the current residual ``x [K, n*T*d]``."""
-            idx = torch.tensor(rs, device=dev)
-            out = x[:, None].expand(k_masks, len(rs), x_dim).clone()
-            n_up = int(g.n_upstream[rs].max())
-            lin = [u for u in range(n_up)
-                   if not any(heads_of[layer].start <= u < heads_of[layer].stop
-                              for layer in range(upto))]
-            w = removed[:, lin][:, :, idx].transpose(1, 2)  # [K, R', U]
-            diff = current[:, lin] - ablated_flat[:, lin]
-            out -= torch.bmm(w, diff)
-            if frozen is not None:
-                fz = frozen[:, lin][:, :, idx].transpose(1, 2)
-                out -= torch.bmm(fz, current[:, lin] - clean.reshape(g.n_senders, -1)[lin])
-            for layer in range(upto):
-                h = heads_of[layer]
-                w = removed[:, h][:, :, idx].transpose(1, 2)  # [K, R', H]
-                touched = bool(w.ne(0).any()) or (frozen is not None
-                                                 and bool(frozen[:, h][:, :, idx].ne(0).any()))
-                if not touched:
-                    continue
-                mix = sums[layer][:, None] - torch.bmm(w, current[:, h] - ablated_flat[:, h])
-                if frozen is not None:
-                    fz = frozen[:, h][:, :, idx].transpose(1, 2)
-                    mix = mix - torch.bmm(fz, current[:, h] - clean.reshape(
-                        g.n_senders, -1)[h])
-                mixed = lay.post_norm(layer, mix.view(k_masks, len(rs), n, t, d))
-                out += mixed.reshape(k_masks, len(rs), x_dim) - normed[layer][:, None]
-            return out
-
-        sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-        x = cache.resid[min(start, g.n_layers)].reshape(1, x_dim).repeat(k_masks, 1)
-        for layer in range(start, g.n_layers):
-            qkv_rs = self.qkv_of[layer]
-            xin = inputs(qkv_rs, x, layer).view(k_masks, len(qkv_rs), n * t, d)
-            normed_in, s0, qkv = lay.ln_attn(layer, xin), 0, {}
-            for kind in "qkv":
-                out = lay.project_heads(layer, kind, normed_in[:, s0: s0 + sizes[kind]])
-                s0 += sizes[kind]
-                qkv[kind] = (out.view(k_masks, sizes[kind], n, t, -1).transpose(1, 2)
-                             .reshape(k_masks * n, sizes[kind], t, -1).transpose(1, 2))
-            z = lay.attend(layer, qkv["q"], qkv["k"], qkv["v"])
-            res = lay.head_results_all(layer, z, k_masks)  # [K, H, n*T, d]
-            current[:, heads_of[layer]] = res.reshape(k_masks, g.n_heads, x_dim)
-            layer_sum(layer)
-            x = x + normed[layer]
-            r = g.mlp_receiver[layer]
-            xm = inputs([r], x, layer + 1)[:, 0].view(k_masks * n, t, d)
-            m = lay.mlp(layer, lay.ln_mlp(layer, xm)).reshape(k_masks, x_dim)
-            current[:, g.mlp_index[layer]] = m
-            x = x + m
-        xf = inputs([g.n_receivers - 1], x, g.n_layers)[:, 0].view(k_masks, n, t, d)
-        return lay.final(self.at_positions(xf))
-
     def logits(self) -> Tensor:
         """``[K, N, P, V]`` logits at the metric positions, in the pass's form."""
-        if self.lay.attn_post_norm:
-            return self.post_norm_form()
         return self.kept_form() if self.kept_w is not None else self.removed_form()

@@ -70,7 +70,9 @@ Where the code lives. Each model family's weights and the few functions that dif
 positions, attention extras) are an adapter in :mod:`circuitfind.patching.architectures`
 (registered by Hugging Face class; checked against plain Hugging Face in the tests); this
 module runs plain passes and caches (:class:`BlockRunner`); one masked pass, with its
-strategies and the kept-form memo, is :class:`circuitfind.patching.masked_pass.MaskedPass`;
+strategies and the kept-form memo, is :class:`circuitfind.patching.masked_pass.MaskedPass`
+(families whose attention output passes a norm after the heads' sum, Gemma-2, take
+:class:`circuitfind.patching.post_norm_pass.PostNormPass` instead: eq. (1) does not hold there);
 gradient attribution is :mod:`circuitfind.patching.attribution`. A model whose class has no
 adapter gets ``None`` from :func:`block_runner` (the engine then falls back to the bridge's
 full forward with hooks and warns once). Prompts are right-padded (see :mod:`circuitfind.tasks.base`): in a
@@ -92,6 +94,7 @@ from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 from circuitfind.patching.attribution import attribute
 from circuitfind.patching.masked_pass import KeptFormMemo, MaskedPass
+from circuitfind.patching.post_norm_pass import PostNormPass
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,9 @@ class BlockRunner:
 
         The residual stream entering a block is the embedding (sender ``input``) plus every
         earlier head's and MLP's output plus the attention output biases, so the fully ablated
-        run's is ``x'_L = sum_{u upstream of L} a'_u + sum_{l < L} b_O[l]``: summed directly
+        run's is ``x'_L = sum_{u upstream of L} a'_u + sum_{l < L} b_O[l]`` (with a post-norm,
+        :attr:`Architecture.attn_post_norm`, each layer's heads enter as ``PostNorm_l(sum_h a'_h
+        + b_O[l])``): summed directly
         (not as ``resid - sum (a - a')``, whose cancellation leaves rounding noise that a
         norm would amplify where the exact value is 0, e.g. zero ablation without biases). For
         resample ablation this is the corrupted run's residual stream.
@@ -237,10 +242,12 @@ class BlockRunner:
             if lay.parallel:
                 mid[layer] = acc
             end = g.mlp_index[layer]
-            acc += ablated[done: end].sum(0)
+            attn = ablated[done: end].sum(0)
             _, bias = lay.w_out(layer)
             if bias is not None:
-                acc += bias
+                attn = attn + bias
+            # post-norm families: every receiver reads the norm of the ablated heads' sum
+            acc += lay.post_norm(layer, attn) if lay.attn_post_norm else attn
             done = end
             if not lay.parallel:
                 mid[layer] = acc
@@ -260,6 +267,26 @@ class BlockRunner:
         but the logits; ``n_layers + 1`` if none at all)."""
         layers = self.receiver_layer[touched.cpu()]
         return int(layers.min()) if len(layers) else self.graph.n_layers + 1
+
+    def resolve_start(self, touched: Tensor, start: int | None) -> int:
+        """The start layer of a masked pass whose masks touch the ``touched [R]`` (bool)
+        receivers: ``start``, checked, or by default the first layer with a touched receiver.
+
+        Raises:
+            ConfigError: ``start`` outside ``[0, n_layers]``, or after a touched receiver.
+        """
+        g = self.graph
+        first = self.start_layer(touched)
+        if start is None:
+            start = min(first, g.n_layers)
+        if not 0 <= start <= g.n_layers:
+            raise ConfigError(f"The start layer must lie in [0, {g.n_layers}] for this "
+                              f"{g.n_layers}-layer model; got {start}.")
+        if first < start:
+            raise ConfigError(f"A mask removes or freezes an edge into a receiver of layer "
+                              f"{first}, before the start layer {start}; start at layer "
+                              f"{first} or earlier (or leave start unset).")
+        return start
 
     # ------------------------------------------------------------------ masked runs
     @torch.no_grad()
@@ -290,5 +317,8 @@ class BlockRunner:
         Raises:
             ConfigError: ``start`` out of range, or a mask touches a receiver before ``start``.
         """
+        if self.arch.attn_post_norm:  # receivers read a norm of their own mixture: not eq. (1)
+            return PostNormPass(self, cache, ablated, removed, positions, start, frozen,
+                                diff).logits()
         return MaskedPass(self, cache, ablated, removed, positions, start, frozen, diff,
                           abl_resid).logits()

@@ -21,9 +21,10 @@ from tolerances import EPS32, assert_close, atol_for
 
 
 def slow_acdc(model, data, tau, objective="kl", node_tests=True, max_receivers=None,
-              ablation="resample"):
-    """Sequential ACDC: one full hooked forward per tested edge. Returns kept, tested, effects."""
-    eng = cf.PatchingEngine(model, use_runner=False)
+              ablation="resample", engine=None):
+    """Sequential ACDC: one full hooked forward per tested edge (or one pass of ``engine`` per
+    tested edge, where the hooked forward is no reference). Returns kept, tested, effects."""
+    eng = cf.PatchingEngine(model, use_runner=False) if engine is None else engine
     g = eng.graph
     dtype = eng.dtype
     full_logits = eng.run(data, g.full_mask(dtype), ablation=ablation)[0]

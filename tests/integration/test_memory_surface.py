@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import circuitfind as cf
 from circuitfind.benchmark.grid import load_config

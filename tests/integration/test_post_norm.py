@@ -1,7 +1,7 @@
 """Gemma-2's post-attention norm: edges defined through it, checked against plain Hugging Face.
 
 A receiver reads, for each earlier layer, the post-attention norm of its own mixture of kept and
-removed head outputs (``circuitfind/patching/masked_pass.py``, ``MaskedPass.post_norm_form``).
+removed head outputs (``circuitfind/patching/post_norm_pass.py``, ``PostNormPass``).
 The slow reference here implements that definition with plain PyTorch hooks on the Hugging Face
 modules: every receiver's input (each head's q, each key/value head's k and v, each MLP and the
 logits) is rebuilt from the run's own captured values, for any (fractional) removal weights.
@@ -55,10 +55,32 @@ def _captures(hf, tokens, g):
     return torch.stack([out[u] for u in range(g.n_senders)])
 
 
-def reference_logits(hf, g, tokens, removed, ablated):
+def reference_logits(hf, g, tokens, removed, ablated, frozen=None, clean=None, fixed=None,
+                     moved=None):
     """Logits ``[N, T, V]`` of plain HF with every receiver's input rebuilt by hooks from the
-    removal weights ``removed [S, R]`` (eq. (1), heads through their layer's post-norm)."""
+    removal weights ``removed [S, R]`` (eq. (1), heads through their layer's post-norm).
+
+    ``frozen [S, R]`` weights move edges to their value in the run ``clean [S, N, T, d]`` (path
+    patching); ``fixed [S, N, T, d]`` replaces every ``a_u - a'_u`` by a constant (EAP-IG takes
+    the plain runs' differences at every gradient point); ``moved = {node group: (alpha,
+    change)}`` replaces that group's output (``input``, ``a{L}``: the heads' pre-norm sum with
+    bias, ``m{L}``) by the constant ``value - (1 - alpha) change`` (EAP-IG's gradient points)."""
+    moved = moved or {}
+
+    def interpolated(node, out):
+        """``out``, or its constant interpolation if the point moves ``node``."""
+        if node not in moved:
+            return out
+        alpha, delta = moved[node]
+        return out.detach() - (1 - alpha) * delta
     body = hf.model
+
+    def change(u, r):
+        """``removed (a_u - a'_u) + frozen (a_u - a_u(clean))`` for the edge u -> r."""
+        out = removed[u, r] * (cur[u] - ablated[u] if fixed is None else fixed[u])
+        if frozen is not None:
+            out = out + frozen[u, r] * (cur[u] - clean[u])
+        return out
     cur: dict[int, torch.Tensor] = {}  # this run's sender values
     sums: dict[int, torch.Tensor] = {}  # this run's pre-norm head sums
     resid: dict[int, torch.Tensor] = {}
@@ -71,21 +93,21 @@ def reference_logits(hf, g, tokens, removed, ablated):
         heads_upto = layer + 1 if own else layer
         out = x
         for u in range(int(g.n_upstream[r])):
-            w = removed[u, r]
             is_head = any(g.head_start[lv] <= u < g.head_start[lv] + g.n_heads
                           for lv in range(min(heads_upto, g.n_layers)))
             if not is_head:
-                out = out - w * (cur[u] - ablated[u])
+                out = out - change(u, r)
         for lv in range(min(heads_upto, g.n_layers)):
             h0 = g.head_start[lv]
-            mix = sums[lv] - sum(removed[h0 + h, r] * (cur[h0 + h] - ablated[h0 + h])
-                                 for h in range(g.n_heads))
+            mix = sums[lv] - sum(change(h0 + h, r) for h in range(g.n_heads))
             norm = body.layers[lv].post_attention_layernorm
             out = out + norm(mix) - norm(sums[lv])
         return out
 
-    hooks.append(body.embed_tokens.register_forward_hook(
-        lambda m, a, o: cur.__setitem__(0, o)))
+    def embed_hook(m, args, out):
+        cur[0] = out = interpolated("input", out)
+        return out
+    hooks.append(body.embed_tokens.register_forward_hook(embed_hook))
     for layer, block in enumerate(body.layers):
         attn = block.self_attn
         dh = attn.head_dim
@@ -94,7 +116,7 @@ def reference_logits(hf, g, tokens, removed, ablated):
             resid[layer] = args[0]
         hooks.append(block.register_forward_pre_hook(pre))
 
-        def proj_hook(m, args, out, layer=layer, kind="q", block=block):
+        def proj_hook(m, args, out, layer=layer, kind="q", block=block, dh=dh):
             out = out.clone()
             n_groups = out.shape[-1] // dh
             first = {"q": g.q_start, "k": g.k_start, "v": g.v_start}[kind][layer]
@@ -114,14 +136,18 @@ def reference_logits(hf, g, tokens, removed, ablated):
             for h in range(g.n_heads):
                 cur[g.head_start[layer] + h] = zh[:, :, h] @ w[h]
         hooks.append(attn.o_proj.register_forward_pre_hook(z_hook))
-        hooks.append(attn.o_proj.register_forward_hook(
-            lambda m, a, o, layer=layer: sums.__setitem__(layer, o)))
+        def sum_hook(m, args, out, layer=layer):
+            sums[layer] = out = interpolated(f"a{layer}", out)
+            return out
+        hooks.append(attn.o_proj.register_forward_hook(sum_hook))
 
         def mlp_in(m, args, layer=layer):
             return (receiver_input(g.mlp_receiver[layer], args[0]),)
         hooks.append(block.pre_feedforward_layernorm.register_forward_pre_hook(mlp_in))
-        hooks.append(block.post_feedforward_layernorm.register_forward_hook(
-            lambda m, a, o, u=g.mlp_index[layer]: cur.__setitem__(u, o)))
+        def mlp_out(m, args, out, layer=layer):
+            cur[g.mlp_index[layer]] = out = interpolated(f"m{layer}", out)
+            return out
+        hooks.append(block.post_feedforward_layernorm.register_forward_hook(mlp_out))
 
     def final_in(m, args):
         return (receiver_input(g.n_receivers - 1, args[0]),)
@@ -189,3 +215,294 @@ def test_eap_differentiates_through_the_post_norm(gemma):
     heads = [u for u in range(g.n_senders) if g.senders[u].kind == "attention"]
     assert want[heads].abs().max() > 1e-2  # head edges matter: the check has teeth
     torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+
+
+def _reference_gradient(hf, g, data, ablated, **kwargs):
+    """``d metric / d removed`` ``[S, R]`` of the hooked reference at the full circuit (mean
+    metric over the examples): EAP's score by definition, with ``kwargs`` as in
+    :func:`reference_logits`."""
+    removed = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, requires_grad=True)
+    logits = _at(reference_logits(hf, g, data.clean, removed, ablated, **kwargs), data)
+    data.metric(logits).mean().backward()
+    return removed.grad * g.edge_mask
+
+
+def _ablation_values(captured, kind):
+    """Zero or mean ablation values ``[S, 1, 1, d]`` of captured corrupted sender outputs (the
+    toy task has no padding: the mean is over every example and position)."""
+    if kind == "zero":
+        return torch.zeros_like(captured[:, :1, :1])
+    return captured.mean((1, 2), keepdim=True)
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_zero_and_mean_ablations_equal_the_reference(gemma, kind):
+    """Single edges, fractional circuits and the empty circuit under zero and mean ablation
+    (heads ablated before the norm: a receiver reads PostNorm(S - a_h + a'_h)) equal the hooked
+    reference, and EAP under that ablation is the reference's gradient."""
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=5)
+    engine = PatchingEngine(model, ablation=kind)
+    g = engine.graph
+    ablated = _ablation_values(_captures(hf, data.corrupted, g), kind)
+    gen = torch.Generator().manual_seed(1)
+    picks = torch.randperm(g.n_edges, generator=gen)[:8].tolist()
+    masks = g.full_mask(torch.float64).expand(len(picks) + 3, -1, -1).clone()
+    for k, e in enumerate(picks):
+        masks[k, g.edge_pairs[e, 0], g.edge_pairs[e, 1]] = 0
+    for k in (-3, -2):
+        masks[k] = torch.rand(g.edge_mask.shape, generator=gen, dtype=torch.float64)
+    masks[-1] = 0  # every edge ablated
+    edge = g.edge_mask.double()
+    masks = masks * edge
+    got = engine.run(data, masks)
+    full = _at(hf(data.clean).logits, data)
+    for k in range(len(masks)):
+        with torch.no_grad():
+            want = _at(reference_logits(hf, g, data.clean, edge - masks[k], ablated), data)
+        torch.testing.assert_close(got[k], want, atol=64 * 1.2e-7 * float(want.abs().max()),
+                                   rtol=0)
+    assert float((got[-1] - full).abs().max()) > 1e-2  # the ablation changes the model
+    want = _reference_gradient(hf, g, data, ablated).float()
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(engine.edge_attribution(data), want,
+                               atol=1e-4 * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["resample", "zero", "mean"])
+def test_removing_every_out_edge_equals_patching_the_node(gemma, kind):
+    """The identity that defines an edge, under every ablation, against plain Hugging Face with
+    one node's output replaced by a hook (a head: its slice of the attention output
+    projection's input, before the post-norm; an MLP: the post-feedforward norm's output)."""
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 4, seed=6)
+    engine = PatchingEngine(model, ablation=kind)
+    g = engine.graph
+    masks = g.full_mask(torch.float64).expand(g.n_senders, -1, -1).clone()
+    for u in range(g.n_senders):
+        masks[u, u] = 0
+    got = engine.evaluate(data, masks)
+    body = hf.model
+    want = []
+    for node in g.senders:
+        if node.kind == "attention":
+            module = body.layers[node.layer].self_attn.o_proj
+            dh = module.in_features // g.n_heads
+            part = slice(node.head * dh, (node.head + 1) * dh)
+        else:
+            module = body.embed_tokens if node.name == "input" else (
+                body.layers[node.layer].post_feedforward_layernorm)
+            part = slice(None)
+        saved = {}
+
+        def save(m, args, out, saved=saved, is_head=node.kind == "attention"):
+            saved["v"] = args[0] if is_head else out
+
+        hook = module.register_forward_hook(save)
+        with torch.no_grad():
+            hf(data.corrupted)
+        hook.remove()
+        value = saved["v"][..., part]
+        if kind != "resample":
+            value = _ablation_values(value[None], kind)[0]
+
+        def patch(m, args, out, value=value, part=part, is_head=node.kind == "attention"):
+            if is_head:  # the projection's input: redo it with the head's slice replaced
+                z = args[0].clone()
+                z[..., part] = value
+                return torch.nn.functional.linear(z, m.weight, m.bias)
+            return value.expand_as(out)
+
+        hook = module.register_forward_hook(patch)
+        with torch.no_grad():
+            want.append(data.metric(_at(hf(data.clean).logits, data)).double().mean())
+        hook.remove()
+    want = torch.stack(want)
+    torch.testing.assert_close(got, want, atol=64 * 1.2e-7 * float(want.abs().max()), rtol=0)
+    assert float((want - want.mean()).abs().max()) > 1e-3
+
+
+def test_frozen_edges_equal_the_reference(gemma):
+    """Path patching's frozen edges (kept edges carrying their clean value) through the
+    post-norm: a receiver's mixture moves frozen heads to their clean outputs."""
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=7)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ablated, clean = _captures(hf, data.corrupted, g), _captures(hf, data.clean, g)
+    gen = torch.Generator().manual_seed(2)
+    edge = g.edge_mask.double()
+    masks = (torch.rand(3, *edge.shape, generator=gen, dtype=torch.float64) < 0.6) * edge
+    frozen = (torch.rand(3, *edge.shape, generator=gen, dtype=torch.float64) < 0.5) * masks
+    got = engine.run(data, masks, frozen=frozen)
+    assert float((got - engine.run(data, masks)).abs().max()) > 1e-3  # freezing matters
+    for k in range(3):
+        with torch.no_grad():
+            want = _at(reference_logits(hf, g, data.clean, edge - masks[k], ablated,
+                                        frozen=frozen[k], clean=clean), data)
+        torch.testing.assert_close(got[k], want, atol=64 * 1.2e-7 * float(want.abs().max()),
+                                   rtol=0)
+
+
+def test_every_start_layer_gives_the_same_logits(gemma):
+    """A pass may start at any layer up to the first one its masks touch (earlier blocks are
+    the cached clean run, whose heads enter every later receiver's mixture clean)."""
+    model, _ = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=8)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    gen = torch.Generator().manual_seed(3)
+    edge = g.edge_mask.double()
+    for first in range(g.n_layers + 1):
+        masks = (torch.rand(2, *edge.shape, generator=gen, dtype=torch.float64) < 0.5) * edge
+        masks[:, :, layer_of < first] = edge[:, layer_of < first]
+        want = engine.run(data, masks)
+        for start in range(first + 1):
+            assert_close(model, engine.run(data, masks, start=start), want)
+
+
+def test_gradient_points_equal_the_reference(gemma):
+    """EAP-IG (inputs and activations) and clean-corrupted through the post-norm, several
+    points stacked in one pass and one point a pass, equal the mean over the points of the
+    hooked reference's gradient, taken with the point's node group held at its interpolated
+    value and the plain runs' differences ``a - a'`` (the norm's Jacobian is each point's)."""
+    from circuitfind.algorithms.eap_ig import activation_points, input_points
+    from circuitfind.patching.engine import GradientPoint
+
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=9)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ablated, clean = _captures(hf, data.corrupted, g), _captures(hf, data.clean, g)
+    fixed = clean - ablated  # a - a' of the plain runs
+
+    def change(node):
+        if node == "input":
+            return fixed[0]
+        if node.startswith("a"):
+            h0 = g.head_start[int(node[1:])]
+            return fixed[h0: h0 + g.n_heads].sum(0)
+        return fixed[g.mlp_index[int(node[1:])]]
+
+    for points in (input_points(g, 3), activation_points(g, 1),
+                   [GradientPoint(1.0), GradientPoint(0.0)]):
+        want = sum(_reference_gradient(hf, g, data, ablated, fixed=fixed, moved={
+            p.node: (p.alpha, change(p.node))}) for p in points) / len(points)
+        want = want.float()
+        assert want.abs().max() > 1e-2
+        tol = 1e-4 * float(want.abs().max())
+        torch.testing.assert_close(engine.edge_attribution(data, points=points), want,
+                                   atol=tol, rtol=0)
+        single = PatchingEngine(model)  # one point a pass
+        single.attribution_plan = lambda n, seq_len, n_points=1, batch_size=None: (n, 1, False)
+        torch.testing.assert_close(single.edge_attribution(data, points=points), want,
+                                   atol=tol, rtol=0)
+
+
+def test_the_fully_ablated_residual_is_the_corrupted_run(gemma):
+    """``BlockRunner.ablated_residuals`` of the corrupted run's sender outputs is the corrupted
+    run's residual stream (heads through their layer's post-norm), before every block and
+    after every attention."""
+    model, _ = gemma
+    data = ToyTask(seq_len=8).build(model.tokenizer, 3, seed=10)
+    runner = PatchingEngine(model).runner
+    corrupted = runner.cache(data.corrupted)
+    pre, mid = runner.ablated_residuals(corrupted.senders, *data.corrupted.shape)
+    assert_close(model, pre, corrupted.resid)
+    assert_close(model, mid, corrupted.mid)
+
+
+def test_the_post_norm_pass_is_differentiable_and_its_gradient_is_eap(gemma):
+    """Autograd through ``PostNormPass`` with the removal weights as a leaf (every real edge
+    then counts as touched) gives EAP's scores: the fast pass and the closed-form backward agree
+    on the edge definition."""
+    from circuitfind.patching.post_norm_pass import PostNormPass
+
+    model, _ = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=11)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    cache = engine.clean_cache(data)
+    ablated = engine.ablation_values(data)[:, :, : cache.resid.shape[2]]
+    removed = torch.zeros(1, g.n_senders, g.n_receivers, dtype=torch.float64,
+                          requires_grad=True)
+    with torch.enable_grad():
+        logits = PostNormPass(engine.runner, cache, ablated, removed * g.edge_mask,
+                              data.positions).logits()
+        data.metric(logits[0]).mean().backward()
+    want = (removed.grad[0] * g.edge_mask).float()
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(engine.edge_attribution(data), want,
+                               atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
+def test_exact_patching_equals_the_reference_on_every_edge(gemma):
+    """Exact patching (edges grouped by receiver layer, batched passes from that layer, sparse
+    start layer) scores every edge as the hooked reference with that edge alone removed."""
+    from circuitfind.algorithms import ExactPatching
+
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=12)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ablated = _captures(hf, data.corrupted, g)
+    got = ExactPatching(progress=False).score(engine, data).double()
+    with torch.no_grad():
+        base = data.metric(_at(hf(data.clean).logits, data)).double().mean()
+        want = torch.zeros_like(got)
+        for u, r in g.edge_pairs.tolist():
+            removed = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+            removed[u, r] = 1
+            logits = _at(reference_logits(hf, g, data.clean, removed, ablated), data)
+            want[u, r] = data.metric(logits).double().mean() - base
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
+def test_single_edge_path_patch_equals_exact_patching(gemma):
+    """``cf.path_patch`` of one sender into one receiver (every other path frozen to the clean
+    run, through the post-norm mixtures) scores each edge as exact patching does."""
+    import circuitfind as cf
+    from circuitfind.algorithms import ExactPatching
+
+    model, _ = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=13)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    exact = g.to_edges(ExactPatching(progress=False).score(engine, data)).double()
+    senders = [[g.senders[s].name] for s in g.edge_pairs[:, 0].tolist()]
+    receivers = [[g.receivers[r].name] for r in g.edge_pairs[:, 1].tolist()]
+    got = cf.path_patch(engine, data, senders, receivers)
+    assert exact.abs().max() > 1e-2
+    torch.testing.assert_close(got, exact, atol=1e-6 * float(exact.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("layer, kind", [(1, "q"), (1, "k"), (2, "mlp")])
+def test_acdc_like_batches_equal_the_reference(gemma, layer, kind):
+    """ACDC's batches: a sparse base circuit with one edge into one receiver flipped per mask
+    (so the start layer's heads are computed once for the masks that agree and per mask where
+    the flipped receiver feeds them) equal the hooked reference."""
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=14)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ablated = _captures(hf, data.corrupted, g)
+    edge = g.edge_mask.double()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    gen = torch.Generator().manual_seed(4)
+    base = (torch.rand(edge.shape, generator=gen, dtype=torch.float64) < 0.3) * edge
+    base[:, layer_of < layer] = edge[:, layer_of < layer]
+    tested = next(r for r, rec in enumerate(g.receivers)
+                  if rec.layer == layer and rec.kind == kind)
+    senders = edge[:, tested].nonzero()[:, 0][:5]
+    masks = base.expand(len(senders), -1, -1).clone()
+    masks[torch.arange(len(senders)), senders, tested] = 1 - masks[
+        torch.arange(len(senders)), senders, tested]
+    got = engine.run(data, masks)
+    for k in range(len(masks)):
+        with torch.no_grad():
+            want = _at(reference_logits(hf, g, data.clean, edge - masks[k], ablated), data)
+        torch.testing.assert_close(got[k], want, atol=64 * 1.2e-7 * float(want.abs().max()),
+                                   rtol=0)
+    assert float((got - got[:1]).abs().max()) > 1e-4  # the flipped edges matter

@@ -120,3 +120,15 @@ def test_two_workers_share_one_sqlite_study(tiny_dir, tmp_path, cli_workers):
     trials = create_study(storage, "shared").get_trials()
     assert len(trials) == 4
     assert all("faithfulness" in t.user_attrs for t in trials)
+
+
+def test_no_progress_keeps_only_the_result(run, tmp_path):
+    args = ["tune", "--task", "ioi", "--trials", "2", "--examples", "6", "--storage",
+            f"sqlite:///{tmp_path / 'q.db'}", "--study", "q"]
+    loud = run(*args)
+    assert loud.returncode == 0, loud.stderr
+    assert "trial 0: τ" in loud.stderr and "τ range" in loud.stderr
+    quiet = run(*args[:-1], "q2", "--no-progress")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "trial " not in quiet.stderr and "τ range" not in quiet.stderr
+    assert "trials in study 'q2'" in quiet.stdout

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import struct
-import time
 
 import networkx as nx
 import numpy as np

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from circuitfind.errors import CircuitFindError, ConfigError, UnknownNameError
-from circuitfind.evaluation.roc import edge_roc, node_roc
+from circuitfind.evaluation.roc import edge_roc
 from circuitfind.graphs import Circuit, ComputeGraph
 from circuitfind.tasks import get_task
 from circuitfind.tasks.references import (

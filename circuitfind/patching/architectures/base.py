@@ -142,13 +142,14 @@ class Architecture:
     def post_norm(self, layer: int, x: Tensor) -> Tensor:
         """The norm applied to the heads' summed output before it joins the residual stream
         (none here: the identity); families with :attr:`attn_post_norm` override it and
-        :meth:`post_norm_vjp`."""
+        :meth:`post_norm_jvp`."""
         return x
 
-    def post_norm_vjp(self, layer: int, s: Tensor, grad: Tensor) -> Tensor:
-        """``J^T grad`` of :meth:`post_norm` at ``s [X, d]`` for ``grad [h, X, d]`` (the
-        identity here)."""
-        return grad
+    def post_norm_jvp(self, layer: int, s: Tensor, delta: Tensor) -> Tensor:
+        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X,
+        d]`` (EAP pushes the heads' differences through the norm once a layer; the identity
+        here)."""
+        return delta
 
     def window(self, layer: int) -> int | None:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""

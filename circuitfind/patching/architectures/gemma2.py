@@ -23,7 +23,7 @@ class Gemma2(Llama):
     and its output passes ``post_feedforward_layernorm`` (part of the MLP node's output); the
     heads' summed output passes ``post_attention_layernorm`` before it joins the residual stream
     (:attr:`attn_post_norm`: a receiver then reads the post-norm of its own mixture of kept and
-    ablated head outputs, see :mod:`circuitfind.patching.masked_pass`); attention scores and the
+    ablated head outputs, see :mod:`circuitfind.patching.post_norm_pass`); attention scores and the
     final logits are soft-capped (``c tanh(s / c)``); ``sliding_attention`` layers attend within a
     window; the attention scale is ``query_pre_attn_scalar ** -0.5``.
     """
@@ -71,17 +71,17 @@ class Gemma2(Llama):
         """``post_attention_layernorm`` of the heads' summed output ``x [..., d]``."""
         return self._rms(self.blocks[layer].post_attention_layernorm, x)
 
-    def post_norm_vjp(self, layer: int, s: Tensor, grad: Tensor) -> Tensor:
-        """``J^T grad`` of :meth:`post_norm` at ``s [X, d]`` for gradients ``grad [h, X, d]``:
-        ``inv (c g) - inv^3 s mean(s c g)`` with ``c = 1 + w`` (closed form, float32 like the
-        norm; float64 inputs stay float64)."""
+    def post_norm_jvp(self, layer: int, s: Tensor, delta: Tensor) -> Tensor:
+        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X,
+        d]``: ``c (inv delta - inv^3 s mean(s delta))`` with ``c = 1 + w`` (closed form, float32
+        like the norm; float64 inputs stay float64)."""
         norm = unwrap(self.blocks[layer].post_attention_layernorm)
         dt = torch.promote_types(s.dtype, torch.float32)
         h = s.to(dt)
         inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)  # [X, 1]
-        cg = grad.to(dt) * (1.0 + norm.weight.to(dt))
-        mean = (cg * h).mean(-1, keepdim=True)  # [h, X, 1]
-        return cg * inv - mean * inv.pow(3) * h
+        dd = delta.to(dt)
+        mean = (dd * h).mean(-1, keepdim=True)  # [h, X, 1]
+        return (dd * inv - mean * inv.pow(3) * h) * (1.0 + norm.weight.to(dt))
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         return self.post_norm(layer, super().attn_out(layer, z))
