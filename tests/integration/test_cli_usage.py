@@ -395,6 +395,32 @@ def test_a_resumed_run_says_so(run, tmp_path, monkeypatch):
     assert done and 0 < int(done.group(1)) < 110, second.stderr
 
 
+def test_a_resumed_acdc_run_says_so_in_its_log(run, tmp_path, monkeypatch):
+    """ACDC stopped mid-run, then the same command as a real process with its output
+    redirected to a file: the log says how much it resumes from, with no bar codes."""
+    from circuitfind.patching.engine import PatchingEngine
+
+    original, calls = PatchingEngine.run, {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    args = ["discover", "--task", "ioi", "--algorithm", "acdc", "--threshold", "0.001",
+            "--examples", "8", "--out", str(tmp_path / "run"), "--renderer", "matplotlib"]
+    monkeypatch.setattr(PatchingEngine, "run", interrupted)
+    first = run(*args)
+    monkeypatch.setattr(PatchingEngine, "run", original)
+    assert first.returncode == 130 and "rerun the same command" in first.stderr, first.stderr
+    code, text = _shell(args, tmp_path)
+    assert code == 0, text
+    done = re.search(r"resuming ACDC: (\d+) of 110 edges done", text)
+    assert done and 0 < int(done.group(1)) < 110, text
+    assert "\r" not in text and "\x1b" not in text, repr(text)
+
+
 def test_graphviz_note_only_when_something_is_drawn(run, tmp_path, without_dot):
     """Without Graphviz, the matplotlib note comes with a drawing, not with commands that draw
     nothing (a run refused after loading, a DOT file, evaluate)."""
