@@ -3,6 +3,7 @@ in-process CLI runner ``run``, and ``cli_workers`` (concurrent ``circuitfind`` p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -60,6 +61,31 @@ def run(capsys, monkeypatch):
         return Result(code, out.out, out.err)
 
     return invoke
+
+
+@pytest.fixture
+def ctrl_c(monkeypatch):
+    """``with ctrl_c(PatchingEngine, "run", 6): ...``: inside the block the 6th call of the
+    method raises KeyboardInterrupt (a Ctrl-C in the middle of a run); the method is restored
+    when the block ends."""
+
+    @contextlib.contextmanager
+    def during(cls: type, name: str, call: int):
+        original, calls = getattr(cls, name), {"n": 0}
+
+        def interrupted(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, interrupted)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(cls, name, original)
+
+    return during
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def test_evaluate_a_saved_circuit(run, tiny_dir, tmp_path):
 
 
 def test_acdc_discover_is_killed_resumed_and_refuses_a_foreign_checkpoint(run, tiny_dir, tmp_path,
-                                                                         monkeypatch):
+                                                                         ctrl_c):
     from circuitfind.patching.engine import PatchingEngine
 
     base = ["discover", "--model", str(tiny_dir), "--task", "induction", "--examples", "6",
@@ -114,18 +114,9 @@ def test_acdc_discover_is_killed_resumed_and_refuses_a_foreign_checkpoint(run, t
     assert expected["metadata"]["acdc"]["threshold"] == 0.001
     assert "ACDC" in (tmp_path / "whole" / "report.md").read_text()
 
-    original, calls = PatchingEngine.run, {"n": 0}
-
-    def killed(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
     out_dir = tmp_path / "resumed"
-    monkeypatch.setattr(PatchingEngine, "run", killed)
-    first = run(*base, "--out", str(out_dir))
-    monkeypatch.setattr(PatchingEngine, "run", original)
+    with ctrl_c(PatchingEngine, "run", 6):
+        first = run(*base, "--out", str(out_dir))
     assert first.returncode == 130 and "rerun the same command" in first.stderr
     assert (out_dir / ".checkpoint" / "acdc.pt").exists()
     foreign = run(*base[:-1], "0.002", "--out", str(out_dir))

@@ -368,26 +368,17 @@ def test_logs_hold_one_line_per_phase_and_no_bars(tmp_path):
     assert code == 0 and "ACDC τ=" not in quiet and "\r" not in quiet, quiet
 
 
-def test_a_resumed_run_says_so(run, tmp_path, monkeypatch):
+def test_a_resumed_run_says_so(run, tmp_path, ctrl_c):
     """A run stopped in the middle (its checkpoint saved) and started again says how much of
     the work it resumes from, also under --no-progress (which drops the phase line)."""
     from circuitfind.patching.engine import PatchingEngine
 
-    original, calls = PatchingEngine.evaluate, {"n": 0}
-
-    def interrupted(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
     args = ["discover", "--task", "ioi", "--algorithm", "exact", "--examples", "8", "--edges",
             "20", "-p", "masks_per_pass=10", "--out", str(tmp_path / "run"), "--renderer",
             "matplotlib"]
-    monkeypatch.setattr(PatchingEngine, "evaluate", interrupted)
-    first = run(*args)
+    with ctrl_c(PatchingEngine, "evaluate", 4):
+        first = run(*args)
     assert first.returncode == 130, first.stderr
-    monkeypatch.setattr(PatchingEngine, "evaluate", original)
     second = run(*args, "--no-progress")
     assert second.returncode == 0, second.stderr
     assert "exact patching: 110 of 110" not in second.stderr, second.stderr
@@ -395,24 +386,15 @@ def test_a_resumed_run_says_so(run, tmp_path, monkeypatch):
     assert done and 0 < int(done.group(1)) < 110, second.stderr
 
 
-def test_a_resumed_acdc_run_says_so_in_its_log(run, tmp_path, monkeypatch):
+def test_a_resumed_acdc_run_says_so_in_its_log(run, tmp_path, ctrl_c):
     """ACDC stopped mid-run, then the same command as a real process with its output
     redirected to a file: the log says how much it resumes from, with no bar codes."""
     from circuitfind.patching.engine import PatchingEngine
 
-    original, calls = PatchingEngine.run, {"n": 0}
-
-    def interrupted(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
     args = ["discover", "--task", "ioi", "--algorithm", "acdc", "--threshold", "0.001",
             "--examples", "8", "--out", str(tmp_path / "run"), "--renderer", "matplotlib"]
-    monkeypatch.setattr(PatchingEngine, "run", interrupted)
-    first = run(*args)
-    monkeypatch.setattr(PatchingEngine, "run", original)
+    with ctrl_c(PatchingEngine, "run", 6):
+        first = run(*args)
     assert first.returncode == 130 and "rerun the same command" in first.stderr, first.stderr
     code, text = _shell(args, tmp_path)
     assert code == 0, text
