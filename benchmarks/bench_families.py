@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -47,20 +46,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
+from bench_engine import _median_time as _median  # noqa: E402
 
 FAMILIES = ["gpt2", "llama", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma2"]
 GROUPED = {"llama", "mistral", "qwen2", "qwen3", "gemma2"}  # families with 4 of 8 k/v heads
 SHAPE = dict(n_layers=6, n_heads=8, d_model=256, vocab_size=5000, n_ctx=256)
-
-
-def _median(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def _floors(plain: Any, data: Any, steps: int) -> tuple[Any, Any, Any]:

@@ -131,9 +131,27 @@ class Architecture:
 
     softmax_dtype: torch.dtype | None = None  # dtype of the eager softmax (None: the model's)
 
+    rotary: Any = None  # the model's own rotary-embedding module (None: no rotation)
+
+    @staticmethod
+    def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The family's rotation of ``q`` and ``k`` by ``cos``/``sin`` (its Hugging Face
+        ``apply_rotary_pos_emb``); families with :attr:`rotary` override it."""
+        raise NotImplementedError  # pragma: no cover
+
     def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]`` (none here)."""
-        return q, k
+        """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]``: the model's
+        rotary module's ``cos``/``sin`` for ``T`` positions (kept for the last ``T``, dtype and
+        device) through :meth:`apply_rotary`; none without :attr:`rotary`."""
+        if self.rotary is None:
+            return q, k
+        t = q.shape[2]
+        key = (t, q.dtype, q.device)
+        if key not in self._rotary:
+            pos = torch.arange(t, device=q.device)[None]
+            self._rotary = {key: self.rotary(q, pos)}
+        cos, sin = self._rotary[key]
+        return self.apply_rotary(q, k, cos, sin)
 
     attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
     parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)

@@ -92,15 +92,11 @@ class GPTNeoX(Architecture):
     def scale(self, layer: int) -> float:
         return self._scale
 
-    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Hugging Face's GPT-NeoX rotation (the first ``rotary_ndims`` of each head only)."""
         from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
-        t = q.shape[2]
-        key = (t, q.dtype, q.device)
-        if key not in self._rotary:
-            pos = torch.arange(t, device=q.device)[None]
-            self._rotary = {key: self.rotary(q, pos)}
-        cos, sin = self._rotary[key]
         return apply_rotary_pos_emb(q, k, cos, sin)
 
     def final(self, x: Tensor) -> Tensor:

@@ -110,15 +110,11 @@ class Llama(Architecture):
         layers set it on their attention modules), else ``None``."""
         return getattr(self.attn[layer], "sliding_window", None)
 
-    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Hugging Face's Llama rotation (half-split, every dimension)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        t = q.shape[2]
-        key = (t, q.dtype, q.device)
-        if key not in self._rotary:
-            pos = torch.arange(t, device=q.device)[None]
-            self._rotary = {key: self.rotary(q, pos)}
-        cos, sin = self._rotary[key]
         return apply_rotary_pos_emb(q, k, cos, sin)
 
     def final(self, x: Tensor) -> Tensor:
