@@ -490,7 +490,7 @@
   // a small API for tests and benchmarks (the page works without it)
   window.circuitView = {
     setSize: setSize, pin: (name) => pin(N.name.indexOf(name)), unpin: () => { pinned = null; highlight(); },
-    size: () => k, lastUpdateMs: () => lastUpdateMs, readyMs: readyMs, edgeName: edgeName,
+    size: () => k, lastUpdateMs: () => lastUpdateMs, readyStart: T0, readyMs: readyMs, edgeName: edgeName,
     svgText: svgText,
   };
   document.body.setAttribute("data-ready", "1");
