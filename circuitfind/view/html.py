@@ -80,11 +80,9 @@ def view_html(circuit: Circuit | str | os.PathLike[str],
     data = view_data(a, b, labels=labels, max_edges=max_edges)
     text = json.dumps(data, separators=(",", ":"), allow_nan=False)
     text = text.replace("</", "<\\/").replace("<!--", "<\\!--")  # safe inside <script>
-    from circuitfind import __version__
-
     page = _asset("viewer.html")
     for key, value in (("__CSS__", _asset("viewer.css")), ("__SVG_CSS__", _asset("viewer-svg.css")),
-                       ("__VERSION__", __version__), ("__JS__", _asset("viewer.js")),
+                       ("__JS__", _asset("viewer.js")),
                        ("__DATA__", text)):
         page = page.replace(key, value, 1)
     return page

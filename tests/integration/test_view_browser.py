@@ -101,6 +101,21 @@ def test_the_slider_at_k_shows_exactly_the_top_k_edges(page, single, k):
     assert page.console_errors == []
 
 
+@pytest.mark.parametrize("rank", [20, 45])
+def test_a_threshold_on_score_shows_the_edges_at_or_above_it(page, single, rank):
+    circuit, path = single
+    _open(page, path)
+    values = circuit.edge_values.abs()
+    order = view_order(circuit)
+    threshold = str(np.float32(values[order[rank - 1]].item()))  # as the page shows it
+    expected = int((values >= np.float32(threshold)).sum())  # top-n: the order is by |score|
+    assert expected == rank
+    page.fill("#threshold", threshold)
+    page.press("#threshold", "Enter")
+    assert len({e for e, _ in _drawn(page)}) == expected
+    assert page.get_attribute("#count", "data-count") == str(expected)
+
+
 def test_hovering_an_edge_shows_its_stored_score_and_rank(page, single):
     circuit, path = single
     _open(page, path)

@@ -299,9 +299,16 @@
     info.setAttribute("data-in", nIn);
     info.setAttribute("data-out", nOut);
   }
+  let hovered = null;
   svg.addEventListener("mouseover", (ev) => {
     const el = ev.target;
-    if (el.classList && el.classList.contains("edge")) { showEdge(+el.getAttribute("data-e"), +el.getAttribute("data-t")); return; }
+    if (hovered !== null) { for (const p of edgeEls[hovered]) p.classList.remove("hover"); hovered = null; }
+    if (el.classList && el.classList.contains("edge")) {
+      hovered = +el.getAttribute("data-e");
+      for (const p of edgeEls[hovered]) p.classList.add("hover");
+      showEdge(hovered, +el.getAttribute("data-t"));
+      return;
+    }
     const g = el.closest && el.closest(".node");
     if (g) showNode(+g.getAttribute("data-n"));
   });
