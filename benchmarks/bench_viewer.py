@@ -149,20 +149,26 @@ def screenshots(args: argparse.Namespace, tmp: Path) -> list[str]:
         shot = figures / "viewer_stories260k_eap.png"
         page.screenshot(path=str(shot))
         written.append(shot)
-        # hover the strongest edge
-        page.fill("#size", "1")
+        # hover the strongest edge into an attention head's q/k/v input, where no other edge
+        # lies on top of it
         point = page.evaluate("""() => {
-            const p = document.querySelector('#edges path.edge:not(.off)');
-            const q = p.getPointAtLength(p.getTotalLength() * 0.6).matrixTransform(p.getScreenCTM());
-            return [q.x, q.y]; }""")
-        page.fill("#size", str(eap.n_edges))
+            const paths = [...document.querySelectorAll('#edges path.edge:not(.off)')]
+                .filter(p => window.circuitView.edgeName(+p.dataset.e).includes('<'))
+                .sort((a, b) => a.dataset.e - b.dataset.e);
+            for (const p of paths) for (const f of [0.5, 0.35, 0.65, 0.2, 0.8]) {
+                const q = p.getPointAtLength(p.getTotalLength() * f).matrixTransform(p.getScreenCTM());
+                if (document.elementFromPoint(q.x, q.y) === p) return [q.x, q.y];
+            }
+            return null; }""")
         page.mouse.move(*point)
+        page.wait_for_timeout(400)
         shot = figures / "viewer_stories260k_hover.png"
         page.screenshot(path=str(shot))
         written.append(shot)
         page.fill("#search", "m2")
         page.press("#search", "Enter")
         page.click("#fit")
+        page.wait_for_timeout(400)
         shot = figures / "viewer_stories260k_pinned.png"
         page.screenshot(path=str(shot))
         written.append(shot)

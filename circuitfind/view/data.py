@@ -33,6 +33,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit
@@ -104,8 +105,12 @@ def _circuit_info(circuit: Circuit, label: str) -> dict[str, Any]:
 
 def _layout(circuit: Circuit) -> dict[str, Any]:
     graph = circuit.graph
-    full = Circuit.full(graph)  # every node present, every head in its slot
-    sc = scene(full, RenderOptions(fixed_order=True, title=False))
+    # every sender's edge to the logits touches every node; fixed order gives every head its
+    # slot, so the positions are those of any circuit of the model
+    logits = graph.receiver_index("logits")
+    kept = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    kept[:, logits] = graph.edge_mask[:, logits]
+    sc = scene(Circuit(graph, kept), RenderOptions(fixed_order=True, title=False))
     xy, node_w, _ = layout(sc)
     x0 = min(x for x, _ in xy.values())
     y1 = max(y for _, y in xy.values())

@@ -29,6 +29,17 @@
     : "this circuit has no edge scores";
 
   // ---------------------------------------------------------------- nodes
+  // the renderer's rows and slots, with the slots spread (up to 2.5 times) to the window's
+  // shape: tall models would otherwise leave most of a wide window empty
+  (function spread() {
+    const box = svg.getBoundingClientRect();
+    const x0 = Math.min.apply(null, N.x), x1 = Math.max.apply(null, N.x);
+    const y0 = Math.min.apply(null, N.y), y1 = Math.max.apply(null, N.y);
+    if (x1 <= x0 || box.height <= 0) return;
+    const want = (box.width / box.height) * (y1 - y0 + 2 * H) - 2 * W;
+    const sx = Math.max(1, Math.min(2.5, want / (x1 - x0)));
+    for (let n = 0; n < nNodes; n++) N.x[n] = x0 + (N.x[n] - x0) * sx;
+  })();
   const nodeEls = new Array(nNodes);
   const names = $("names");
   for (let n = 0; n < nNodes; n++) {
