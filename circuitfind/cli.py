@@ -489,7 +489,7 @@ def view(
         ..., metavar="RUN_OR_CIRCUIT",
         help="A run directory (its circuit.json), circuit.json, circuit.graphml or MIB JSON."),
     other: Optional[Path] = typer.Argument(
-        None, metavar="[OTHER]",
+        None, metavar="OTHER",
         help="A second circuit of the same model: draw both, coloured shared / only in one."),
     out: Path = typer.Option(Path("view.html"), "--out", "-o", help="The HTML file to write."),
     max_edges: Optional[int] = typer.Option(
