@@ -5,7 +5,7 @@
 >>> circuit = cf.discover(model, "ioi", algorithm="eap", n_edges=200)
 >>> circuit.metadata["faithfulness"]["faithfulness"]
 >>> circuit.render("ioi.svg"); circuit.save("ioi.json")
->>> cf.write_run(circuit, "runs/ioi")                 # circuit.json/.graphml, report.md, then .svg
+>>> cf.write_run(circuit, "runs/ioi")                 # circuit.json/.graphml, report.md, .svg, view.html
 >>> cf.view(circuit, "ioi.html")                      # the interactive viewer, one HTML file
 """
 
