@@ -516,7 +516,8 @@
   const readyMs = performance.now() - T0;
   // a small API for tests and benchmarks (the page works without it)
   window.circuitView = {
-    setSize: setSize, pin: (name) => pin(N.name.indexOf(name)), unpin: () => { pinned = null; highlight(); },
+    setSize: setSize, pin: (name) => { const n = N.name.indexOf(name); if (n >= 0) { pinned = null; pin(n); } },
+    unpin: () => { pinned = null; highlight(); },
     size: () => k, lastUpdateMs: () => lastUpdateMs, readyStart: T0, readyMs: readyMs, edgeName: edgeName,
     svgText: svgText,
   };
