@@ -253,13 +253,13 @@ def _greater_than_batch(tokenizer: Any, n: int, seed: int) -> tuple[Tensor, Tens
 # ---------------------------------------------------------------------------------- the zoo
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # family -> (config class, model class, settings beyond the sizes): each family's own
-    # features on, at values that leave the task possible (a sliding window covers the
-    # 41-token training sequences where both layers use it; Gemma-2's local layer 0 needs to see
-    # only the previous token for its previous-token heads)
+    # features on, at values that leave the task possible (Mistral's 12-token window, in both
+    # layers, covers the evaluation's look-back of 9 but not the longest training repeats;
+    # Gemma-2's local layer 0 needs to see only the previous token for its previous-token heads)
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  {"rotary_pct": 0.5, "use_parallel_residual": True}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 48}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 12}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
