@@ -41,7 +41,7 @@ class GPT2(Architecture):
 
     def _ln(self, module: Any, x: Tensor) -> Tensor:
         w, b = weights(module)
-        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+        return self.layer_norm(x, w, b, self.eps)
 
     def embed(self, tokens: Tensor) -> Tensor:
         pos = torch.arange(tokens.shape[1], device=tokens.device)
@@ -64,7 +64,7 @@ class GPT2(Architecture):
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
         (w1, b1), (w2, b2) = weights(mlp.c_fc), weights(mlp.c_proj)
-        return conv1d(self.act(conv1d(x, w1, b1)), w2, b2)
+        return conv1d(self.rules.activation_fn(self.act, conv1d(x, w1, b1)), w2, b2)
 
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         w, b = weights(self.attn[layer].c_attn)
