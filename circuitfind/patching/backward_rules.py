@@ -172,8 +172,8 @@ class BackwardRules:
     def softmax(self, scores: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """The attention pattern ``softmax(scores)`` over the last axis, in ``dtype``, with
         this object's backward rule (temperature, or none at all under ``detach_pattern``)."""
-        if self.detach_pattern:
-            return torch.softmax(scores.detach(), -1, dtype=dtype)
+        if self.detach_pattern:  # a zero gradient (not none) reaches q and k
+            return torch.softmax(self.scale(scores, 0.0), -1, dtype=dtype)
         t = self.softmax_temperature
         if t is None or t == 1.0:
             return torch.softmax(scores, -1, dtype=dtype)
