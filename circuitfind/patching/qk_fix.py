@@ -98,12 +98,15 @@ class QKFix:
                     scores[:u_up, k_cols] = 0
                     continue
                 n, t, d = x.shape
+                all_q, all_k = list(range(heads)), list(range(groups))
                 step = max(1, CHUNK_SCORES // (n * heads * t * t))
                 for u0 in range(0, u_up, step):
                     u1 = min(u_up, u0 + step)
                     c = u1 - u0
                     xs = (x[None] + delta[u0:u1].to(x.dtype)).reshape(c * n, t, d)
-                    qs, ks, _ = lay.qkv(layer, lay.ln_attn(layer, xs))
+                    normed = lay.ln_attn(layer, xs)
+                    qs = lay.project_some(layer, "q", normed, all_q)  # no values needed
+                    ks = lay.project_some(layer, "k", normed, all_k)
                     qs, ks = lay.qk_norm(layer, qs, ks)
                     qs, ks = lay.rotate(qs.transpose(1, 2), ks.transpose(1, 2))
                     k_rep = k0.repeat_interleave(rep, 1) if rep > 1 else k0
