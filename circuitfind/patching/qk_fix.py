@@ -93,28 +93,36 @@ class QKFix:
                 rep = heads // groups
                 q_cols = slice(g.q_start[layer], g.q_start[layer] + heads)
                 k_cols = slice(g.k_start[layer], g.k_start[layer] + groups)
-                if grad is None:  # no gradient reached this layer's pattern (GradDrop)
+                # query rows some gradient reaches (all but the metric positions in the last
+                # layer carry none): the only rows whose pattern change counts
+                rows = (None if grad is None
+                        else grad.ne(0).any(3).any(1).any(0).nonzero()[:, 0])  # [P]
+                if rows is None or len(rows) == 0:  # no gradient reached the pattern (GradDrop)
                     scores[:u_up, q_cols] = 0
                     scores[:u_up, k_cols] = 0
                     continue
                 n, t, d = x.shape
-                all_q, all_k = list(range(heads)), list(range(groups))
-                step = max(1, CHUNK_SCORES // (n * heads * t * t))
+                pos = rows[None].expand(n, -1)
+                grad = grad[:, :, rows]  # [N, H, P, T]
+                k_all = k0.repeat_interleave(rep, 1) if rep > 1 else k0  # [N, H, T, dh]
+                q_act = q0[:, :, rows]
+                base = torch.einsum("nhpj,nhpj->h", a0[:, :, rows].to(grad.dtype), grad)
+                step = max(1, CHUNK_SCORES // (n * heads * len(rows) * t))
                 for u0 in range(0, u_up, step):
                     u1 = min(u_up, u0 + step)
                     c = u1 - u0
                     xs = (x[None] + delta[u0:u1].to(x.dtype)).reshape(c * n, t, d)
-                    normed = lay.ln_attn(layer, xs)
-                    qs = lay.project_some(layer, "q", normed, all_q)  # no values needed
-                    ks = lay.project_some(layer, "k", normed, all_k)
+                    qs, ks, _ = lay.qkv(layer, lay.ln_attn(layer, xs))
                     qs, ks = lay.qk_norm(layer, qs, ks)
                     qs, ks = lay.rotate(qs.transpose(1, 2), ks.transpose(1, 2))
-                    k_rep = k0.repeat_interleave(rep, 1) if rep > 1 else k0
-                    a_q = lay.attention_pattern(layer, qs, k_rep.repeat(c, 1, 1, 1))
                     ks = ks.repeat_interleave(rep, 1) if rep > 1 else ks
-                    a_k = lay.attention_pattern(layer, q0.repeat(c, 1, 1, 1), ks)
+                    shape = (c, n, heads, -1, qs.shape[-1])
+                    # patched queries with clean keys; clean queries with patched keys (the
+                    # clean side broadcast over the c senders, not copied)
+                    a_q = lay.attention_pattern(layer, qs[:, :, rows].reshape(shape),
+                                                k_all[None], pos)
+                    a_k = lay.attention_pattern(layer, q_act[None], ks.reshape(shape), pos)
                     for a_new, cols, per in ((a_q, q_cols, 1), (a_k, k_cols, rep)):
-                        change = a_new.view(c, n, heads, t, t).to(grad.dtype) - a0.to(grad.dtype)
-                        val = torch.einsum("unhij,nhij->uh", change, grad)  # [c, H]
+                        val = a_new.to(grad.dtype).mul_(grad).sum((-1, -2)).sum(1) - base
                         val = val.view(c, -1, per).sum(-1) if per > 1 else val
                         scores[u0:u1, cols] = val.to(scores.dtype)

@@ -258,15 +258,18 @@ class Architecture:
 
     def attention_pattern(self, layer: int, q: Tensor, k: Tensor,
                           query_pos: Tensor | None = None) -> Tensor:
-        """The eager attention pattern of rotated ``q [B,H,P,dh]`` and ``k [B,H,T,dh]`` (key
-        heads already matched to query heads): scale, soft cap, causal and window mask,
-        softmax with :attr:`rules`' backward: ``[B,H,P,T]`` (probability)."""
-        t = k.shape[2]
+        """The eager attention pattern of rotated ``q [..., B,H,P,dh]`` and ``k [..., B,H,T,dh]``
+        (key heads already matched to query heads; leading axes broadcast): scale, soft cap,
+        causal and window mask (``query_pos [B, P]``: the queries' positions, default all ``T``),
+        softmax with :attr:`rules`' backward: ``[..., B,H,P,T]`` (probability)."""
+        t = k.shape[-2]
         window = self.window(layer)
         window = window if window is not None and window < t else None
         hidden = self._hidden(t, query_pos, window, q.device)
         scores = self._capped((q @ k.transpose(-1, -2)) * self.scale(layer))
-        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        fill = torch.finfo(scores.dtype).min
+        scores = (scores.masked_fill(hidden, fill) if scores.requires_grad
+                  else scores.masked_fill_(hidden, fill))
         return self.rules.softmax(scores, self.softmax_dtype)
 
     def _attend_with_rules(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
