@@ -24,19 +24,16 @@ Writes ``OUT.json`` and ``OUT.md``. Measures and reports; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 
 import circuitfind as cf
-from _results import write_results  # benchmarks/_results.py (scripts run from benchmarks/)
 from circuitfind.evaluation import edge_roc
 from circuitfind.evaluation.roc import roc_from_labels
-from compare_algorithms import targets
+from compare_algorithms import run_over_targets
 
 METHODS = [("eap", "eap", {}), ("gim", "gim", {}), ("relp", "relp", {}),
            ("atp_star_qk", "atp_star", {"grad_drop": False}), ("atp_star", "atp_star", {})]
@@ -111,20 +108,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--targets", default="stories260k,zoo")
-    parser.add_argument("--out", default="benchmarks/results/methods_backward_rules")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = []
-    for label, source, task, reference in targets(args.targets.split(",")):
-        rows.append(evaluate_target(label, source, task, reference, args.examples, args.seed))
-        print(f"done {label}", flush=True)
-    write_results(args.out, {"threads": args.threads, "seed": args.seed, "targets": rows,
-                             "versions": cf.api.versions()}, markdown)
+    run_over_targets(__doc__, evaluate_target, markdown,
+                     "benchmarks/results/methods_backward_rules")
 
 
 if __name__ == "__main__":
