@@ -102,12 +102,14 @@ class QKFix:
                     scores[:u_up, k_cols] = 0
                     continue
                 n, t, d = x.shape
-                pos = rows[None].expand(n, -1)
+                p, dh = len(rows), q0.shape[-1]
+                # each key/value head's query heads stacked along the query axis (no copies of
+                # keys per query head): rows of query head g*rep + r at [g, r*P:(r+1)*P]
+                pos = rows.repeat(rep)[None].expand(n, -1)  # [N, rep*P]
                 grad = grad[:, :, rows]  # [N, H, P, T]
-                k_all = k0.repeat_interleave(rep, 1) if rep > 1 else k0  # [N, H, T, dh]
-                q_act = q0[:, :, rows]
+                q_act = q0[:, :, rows].reshape(n, groups, rep * p, dh)
                 base = torch.einsum("nhpj,nhpj->h", a0[:, :, rows].to(grad.dtype), grad)
-                step = max(1, CHUNK_SCORES // (n * heads * len(rows) * t))
+                step = max(1, CHUNK_SCORES // (n * heads * p * t))
                 for u0 in range(0, u_up, step):
                     u1 = min(u_up, u0 + step)
                     c = u1 - u0
@@ -115,14 +117,14 @@ class QKFix:
                     qs, ks, _ = lay.qkv(layer, lay.ln_attn(layer, xs))
                     qs, ks = lay.qk_norm(layer, qs, ks)
                     qs, ks = lay.rotate(qs.transpose(1, 2), ks.transpose(1, 2))
-                    ks = ks.repeat_interleave(rep, 1) if rep > 1 else ks
-                    shape = (c, n, heads, -1, qs.shape[-1])
+                    qs = qs[:, :, rows].reshape(c, n, groups, rep * p, dh)
                     # patched queries with clean keys; clean queries with patched keys (the
                     # clean side broadcast over the c senders, not copied)
-                    a_q = lay.attention_pattern(layer, qs[:, :, rows].reshape(shape),
-                                                k_all[None], pos)
-                    a_k = lay.attention_pattern(layer, q_act[None], ks.reshape(shape), pos)
+                    a_q = lay.attention_pattern(layer, qs, k0[None], pos)
+                    a_k = lay.attention_pattern(layer, q_act[None],
+                                                ks.reshape(c, n, groups, t, dh), pos)
                     for a_new, cols, per in ((a_q, q_cols, 1), (a_k, k_cols, rep)):
-                        val = a_new.to(grad.dtype).mul_(grad).sum((-1, -2)).sum(1) - base
+                        a_new = a_new.view(c, n, heads, p, t).to(grad.dtype)
+                        val = a_new.mul_(grad).sum((-1, -2)).sum(1) - base
                         val = val.view(c, -1, per).sum(-1) if per > 1 else val
                         scores[u0:u1, cols] = val.to(scores.dtype)

@@ -137,3 +137,33 @@ def test_plain_rules_are_eap_and_rules_leave_the_forward_alone(setups):
 
         engine.edge_attribution(data, points=[GradientPoint(1.0)],
                                 rules=BackwardRules(freeze_norm=True))
+
+
+def test_methods_run_from_python_the_cli_and_a_bench_config(tiny_models, run, tmp_path):
+    """``cf.discover(..., algorithm=...)``, ``circuitfind discover -a ... -p KEY=VALUE`` and
+    ``benchmarks/configs/methods.toml`` reach the three methods with their parameters."""
+    import json
+    from pathlib import Path
+
+    import circuitfind as cf
+    from circuitfind.benchmark.grid import load_config
+
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 4, seed=1)
+    for name, params in (("gim", {"softmax_temperature": 3.0}), ("relp", {"ah_rule": True}),
+                         ("atp_star", {"grad_drop": False})):
+        circuit = cf.discover(model, data=data, algorithm=name, algorithm_params=params,
+                              n_edges=10)
+        assert circuit.metadata["algorithm"] == name and circuit.n_edges > 0
+    result = run("discover", "--task", "induction", "--algorithm", "gim", "-p",
+                 "softmax_temperature=3", "--edges", "5", "--examples", "4",
+                 "--out", str(tmp_path / "run"), "--renderer", "matplotlib")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run" / "circuit.json").read_text())
+    assert saved["metadata"]["algorithm"] == "gim"
+    assert saved["metadata"]["algorithm_params"]["softmax_temperature"] == 3
+    config = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "methods.toml"
+    cells = load_config(config).cells
+    assert {c.algorithm for c in cells} == {"eap", "gim", "relp", "atp_star", "exact"}
+    assert {dict(c.params).get("grad_drop") for c in cells if c.algorithm == "atp_star"} == {
+        False, True}
