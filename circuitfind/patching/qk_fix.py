@@ -114,7 +114,7 @@ class QKFix:
                     u1 = min(u_up, u0 + step)
                     c = u1 - u0
                     xs = (x[None] + delta[u0:u1].to(x.dtype)).reshape(c * n, t, d)
-                    qs, ks, _ = lay.qkv(layer, lay.ln_attn(layer, xs))
+                    qs, ks = lay.qk(layer, lay.ln_attn(layer, xs))
                     qs, ks = lay.qk_norm(layer, qs, ks)
                     qs, ks = lay.rotate(qs.transpose(1, 2), ks.transpose(1, 2))
                     qs = qs[:, :, rows].reshape(c, n, groups, rep * p, dh)

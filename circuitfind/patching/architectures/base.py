@@ -122,6 +122,12 @@ class Architecture:
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The queries ``[..., H, dh]`` and keys ``[..., G, dh]`` of :meth:`qkv` without the
+        values (families override it where that saves a projection)."""
+        q, k, _ = self.qkv(layer, x)
+        return q, k
+
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         """Per-head projection ``(W [heads, d, dh], b [heads, dh] | None)`` of ``kind`` (q, k, v)."""
         raise NotImplementedError  # pragma: no cover

@@ -71,6 +71,13 @@ class GPT2(Architecture):
         out = conv1d(x, w, b).view(*x.shape[:-1], 3, self.n_heads, self.d_head)
         return out[..., 0, :, :], out[..., 1, :, :], out[..., 2, :, :]
 
+    def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        w, b = weights(self.attn[layer].c_attn)
+        d = self.d_model
+        out = conv1d(x, w[:, : 2 * d], b[: 2 * d]).view(*x.shape[:-1], 2, self.n_heads,
+                                                           self.d_head)
+        return out[..., 0, :, :], out[..., 1, :, :]
+
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].c_attn)
         cols = slice("qkv".index(kind) * self.d_model, ("qkv".index(kind) + 1) * self.d_model)

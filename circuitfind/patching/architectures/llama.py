@@ -97,6 +97,12 @@ class Llama(Architecture):
         return tuple(F.linear(x, *weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
                      for k in "qkv")
 
+    def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.attn[layer]
+        shape = (*x.shape[:-1], -1, self.d_head)
+        return (F.linear(x, *weights(a.q_proj)).view(shape),
+                F.linear(x, *weights(a.k_proj)).view(shape))
+
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = weights(getattr(self.attn[layer], f"{kind}_proj"))
         w = w.view(-1, self.d_head, w.shape[1]).transpose(1, 2)  # [heads, d, dh]
