@@ -30,12 +30,18 @@ Cost. QK fix alone: EAP's passes plus, per layer, the patterns of ``2 U`` patche
 senders upstream): no extra backward pass. GradDrop: ``L`` clean forward and backward passes
 (the paper's ``L`` extra backward passes) instead of one.
 
-Deviations from the reference implementation. The paper scores nodes (neurons, heads at each
-position); circuitfind scores edges, with the QK fix applied to the patched receiver input
-(through its norm and projection) and GradDrop at the receiver's layer. The paper keeps the
-corrupted prompt's tokens for the QK fix's keys at other positions; here every key position of
-the head is patched, as an edge patch does. Models with a single layer take no GradDrop (the
-mean over ``L - 1`` is undefined): plain QK-fixed scores are returned.
+Deviations from the reference implementation (the paper publishes no code). The paper scores
+nodes (neurons, a head's query or key at one position); circuitfind scores edges: an edge patch
+changes the receiver's input at every position, so the QK fix recomputes the head's whole
+pattern from the patched receiver input (through its norm and projection), and GradDrop acts at
+the receiver's layer. GradDrop runs ``L`` full forward and backward passes, not one forward and
+``L`` backward passes. Models with a single layer take no GradDrop (the mean over ``L - 1`` is
+undefined): plain QK-fixed scores are returned.
+
+Cost in practice (``benchmarks/results/methods.md``): the QK fix's patterns cost about
+``2 U N H T^2`` values per layer against EAP's ``U N T d`` contraction, so it grows with the
+prompt length relative to EAP: 2.2-3x EAP on bench_families' shape (16 tokens), about 8x on
+stories260k's 41-token prompts.
 """
 
 from __future__ import annotations
