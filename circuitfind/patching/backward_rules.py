@@ -12,7 +12,7 @@ of them needs a copy of the attribution pass: a :class:`BackwardRules` value is 
 :func:`circuitfind.patching.attribution.attribute` (through
 :meth:`PatchingEngine.edge_attribution` and :meth:`BlockRunner.attribute`), which installs it on
 the family adapter for the duration of the pass (:meth:`Architecture.backward_rules`). The
-adapter's forward consults it at five places, each a function here:
+adapter's forward consults it at six places, each a function here:
 
 ==================  =====================================  ===================================
 where (adapter)     function                               rules that act there
@@ -21,9 +21,10 @@ every norm          :meth:`BackwardRules.statistic`        ``freeze_norm`` (1/si
 attention softmax   :meth:`BackwardRules.softmax`          ``softmax_temperature``,
                                                            ``detach_pattern``
 q, k, v             :meth:`BackwardRules.scale`            ``q_scale``, ``k_scale``, ``v_scale``
-MLP activation      :meth:`BackwardRules.activation`       ``activation="identity"``
+MLP activation      :meth:`BackwardRules.activation_fn`    ``activation="identity"``
 gated MLP product   :meth:`BackwardRules.gate`             ``gate_scale``, ``up_scale``
-a layer's output    :meth:`BackwardRules.through`          ``drop_layer`` (GradDrop)
+a layer's output    :meth:`BackwardRules.through`          ``drop_layer`` (GradDrop; in
+                                                           the attribution pass)
 ==================  =====================================  ===================================
 
 plus ``qk_fix``, which the attribution pass itself acts on after the backward pass
