@@ -15,6 +15,8 @@ from torch import Tensor
 
 from circuitfind.errors import ConfigError, HookError
 from circuitfind.patching.architectures import Architecture
+from circuitfind.patching.backward_rules import PLAIN, BackwardRules
+from circuitfind.patching.qk_fix import QKFix
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner
@@ -75,7 +77,28 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
 
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float]] | None = None,
-              diff: Tensor | None = None) -> Tensor:
+              diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
+    """:func:`eap_pass` under modified backward ``rules`` (GIM, RelP, AtP*; ``None``: the
+    plain gradient), installed on the runner's adapter for the pass: the extension point of
+    :mod:`circuitfind.patching.backward_rules`. With ``rules.qk_fix`` the q and k edges are
+    rescored after the backward pass (:mod:`circuitfind.patching.qk_fix`).
+
+    Raises:
+        ConfigError: ``rules`` other than the plain gradient with gradient ``points``.
+    """
+    rules = rules or PLAIN
+    if points is not None and not rules.plain:
+        raise ConfigError(f"Modified backward rules ({rules.describe()}) apply to the clean "
+                          "run's gradient only, not to gradient points (EAP-IG).")
+    fix = QKFix(runner) if rules.qk_fix else None
+    with runner.arch.backward_rules(rules, None if fix is None else fix.tap):
+        return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix)
+
+
+def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
+             metric: Any, points: list[tuple[str, float]] | None = None,
+             diff: Tensor | None = None, rules: BackwardRules = PLAIN,
+             fix: QKFix | None = None) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
     ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
 
@@ -109,6 +132,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
         diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
             ``points`` (unused without).
+        rules: Backward rules already installed on the adapter (GradDrop acts here, at each
+            layer's outputs).
+        fix: The QK fix's collector, or ``None``.
 
     Returns:
         ``[S, R]`` float64 scores (0 off real edges), in the metric's unit.
@@ -267,6 +293,8 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     x = interpolate(x, "input", diff[0] if diff is not None else x)
     x = x.detach().requires_grad_(True)
     for layer in range(g.n_layers):
+        if fix is not None:
+            fix.block_input(layer, x)
         q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
         for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
                              ("v", v, g.v_start[layer])):
@@ -292,7 +320,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             attn = lay.attn_out(layer, z)
             if f"a{layer}" in moved:
                 attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
-        x_in, x = x, x + attn
+        x_in, x = x, x + rules.through(layer, attn)
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's
         branch = (x_in if lay.parallel else x) + 0
@@ -302,7 +330,8 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))
         if diff is None:
             torch.sub(ablated[u], m.detach(), out=delta[u])
-        x = x + interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved else m)
+        x = x + rules.through(layer, interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved
+                                                 else m))
     branch = x + 0
     branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
     idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
@@ -315,4 +344,6 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     if missing:
         raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
                         "their edges' scores would silently be 0.")
+    if fix is not None:
+        fix.rescore(scores, delta)
     return scores

@@ -53,6 +53,7 @@ from circuitfind.errors import CircuitFindError, ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
+from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching.runner import BlockRunner, RunCache, block_runner
 from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import TaskData
@@ -582,7 +583,8 @@ class PatchingEngine:
     # ------------------------------------------------------------------ attribution
     def edge_attribution(self, data: TaskData, batch_size: int | None = None,
                          points: Sequence[GradientPoint] | None = None,
-                         ablation: Ablation | str | None = None) -> Tensor:
+                         ablation: Ablation | str | None = None,
+                         rules: BackwardRules | None = None) -> Tensor:
         """Gradient-based edge scores: ``sum (a'_u - a_u) . mean_p d metric / d x_r (run p)``.
 
         With ``points=None`` this is EAP, eq. (2): the gradient of the clean run. Otherwise the
@@ -612,6 +614,10 @@ class PatchingEngine:
             points: Runs to average gradients over (default: the clean run only, i.e. EAP).
             ablation: What removed edges carry (default: the engine's :attr:`ablation`);
                 EAP-IG and clean-corrupted (``points``) support the resample ablation only.
+            rules: Modified backward rules (GIM, RelP, AtP*;
+                :class:`~circuitfind.patching.backward_rules.BackwardRules`) for the clean
+                run's gradient (default: the plain gradient, EAP); block runner only, not with
+                ``points``.
 
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
@@ -630,6 +636,10 @@ class PatchingEngine:
             Discovery", eq. 2; Hanna, Pezzelle & Belinkov (2024), "Have Faith in
             Faithfulness", §3 (EAP-IG).
         """
+        if rules is not None and not rules.plain and (points is not None or self.runner is None):
+            raise ConfigError(f"Modified backward rules ({rules.describe()}) need the block "
+                              "runner (a supported model family) and the clean run's gradient "
+                              "(no gradient points).")
         if points is not None:
             points = list(points)
             if not points:
@@ -671,7 +681,8 @@ class PatchingEngine:
                         def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
                             return sub.metric(logits).sum() / data.n
 
-                        scores += self.runner.attribute(tokens, ablated, sub.positions, metric)
+                        scores += self.runner.attribute(tokens, ablated, sub.positions, metric,
+                                                        rules=rules)
                     else:
                         diff = self.sender_outputs(tokens).sub_(ablated)  # a - a'
                         for p0 in range(0, n_points, p_chunk):

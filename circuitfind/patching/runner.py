@@ -97,6 +97,7 @@ from circuitfind.errors import ConfigError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 from circuitfind.patching.attribution import attribute
+from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching.masked_pass import KeptFormMemo, MaskedPass
 from circuitfind.patching.placement import PlacedArchitecture, placed
 from circuitfind.patching.post_norm_pass import PostNormPass
@@ -264,10 +265,11 @@ class BlockRunner:
 
     def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
                   points: list[tuple[str, float]] | None = None,
-                  diff: Tensor | None = None) -> Tensor:
-        """EAP (or, with ``points``, EAP-IG / clean-corrupted) scores from one forward and
-        backward pass: :func:`circuitfind.patching.attribution.attribute` on this runner."""
-        return attribute(self, tokens, ablated, positions, metric, points, diff)
+                  diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
+        """EAP (or, with ``points``, EAP-IG / clean-corrupted; with ``rules``, GIM, RelP,
+        AtP*) scores from one forward and backward pass:
+        :func:`circuitfind.patching.attribution.attribute` on this runner."""
+        return attribute(self, tokens, ablated, positions, metric, points, diff, rules)
 
     def start_layer(self, touched: Tensor) -> int:
         """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none
