@@ -38,6 +38,23 @@ from circuitfind.tasks.base import Task, TaskData
 from circuitfind.tasks.lookup import get_task
 
 
+_NO_TASK = "Pass a task name (task='ioi') or prebuilt data (data=...)."
+
+
+def _task_of(task: str | Task | None, data: TaskData | None) -> Task:
+    """The task of ``data`` if given, else the task ``task`` names.
+
+    Raises:
+        ConfigError: neither is given.
+        UnknownNameError: an unknown task name.
+    """
+    if data is not None:
+        return data.task
+    if task is None:
+        raise ConfigError(_NO_TASK)
+    return get_task(task)
+
+
 def build_data(model: Any, task: str | Task, n: int | None = None, seed: int = 0) -> TaskData:
     """Build ``task``'s data with the model's tokenizer.
 
@@ -106,11 +123,11 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
             the data cannot supply.
     """
     if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)
     budget = parse_memory(memory_budget)
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
@@ -184,7 +201,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         raise ConfigError("Pass either n_edges or threshold, not both.")
     start = time.perf_counter()
     if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)  # fail fast, before loading
     budget = parse_memory(memory_budget)
     params = dict(algorithm_params or {})
@@ -208,7 +225,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     elif n_edges is None and threshold is None:
         n_edges = 100
     algo = get_algorithm(algorithm, **params)  # fail fast, before loading
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:
@@ -302,9 +319,7 @@ def check(model: Any, task: str | Task | None = None, data: TaskData | None = No
     Raises:
         ConfigError: neither ``task`` nor ``data``.
     """
-    if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:

@@ -27,7 +27,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -41,6 +41,9 @@ from circuitfind.graphs.render import EDGE_COLOUR_MODES, HEAD_LABELS
 from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (report re-exported)
 from circuitfind.patching.spec import DEFAULT_ABLATION
 from circuitfind.registry import normalize_name
+
+if TYPE_CHECKING:
+    from circuitfind.tasks.base import Task
 
 _WRAPPED_DEFAULT = re.compile(r"\[default: \(([^()]*)\)(?=[;\]])")
 
@@ -275,6 +278,7 @@ def evaluate(
     circuit = Circuit.load(circuit_path)
     spec = Ablation.parse(ablation or ablation_kind(circuit.metadata))
     md = circuit.metadata
+    task_obj: Task | None
     if task:
         task_obj = get_task(task)
     elif md.get("task_source"):  # the circuit's own prompt file, read the way discover read it

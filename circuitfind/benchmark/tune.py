@@ -185,7 +185,7 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
     if (low is None) != (high is None):
         raise ConfigError("Give both ends of the threshold range (low and high), or neither "
                           "(then it is derived from the single-edge effects).")
-    if low is not None and not (0 < low < high and math.isfinite(high)):  # type: ignore[operator]
+    if low is not None and high is not None and not (0 < low < high and math.isfinite(high)):
         raise ConfigError(f"The threshold range must satisfy 0 < low < high < inf; got "
                           f"low={low}, high={high}.")
     params = dict(algorithm_params or {})

@@ -71,7 +71,7 @@ def build_model(org: Organism, vocab_size: int) -> Any:
     if org.attn_only:
         with torch.no_grad():
             for block in model.transformer.h:
-                for p in block.mlp.parameters():
+                for p in block.get_submodule("mlp").parameters():
                     p.zero_()
                     p.requires_grad_(False)
     return model

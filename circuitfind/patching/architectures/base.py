@@ -7,7 +7,7 @@ runs any registered family through this interface alone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ class Architecture:
         n_heads: Query heads per layer.
         n_kv: Key/value heads per layer.
     """
+
+    hf_classes: ClassVar[tuple[str, ...]] = ()  # Hugging Face classes it runs (set by register)
 
     def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
         self.hf = hf

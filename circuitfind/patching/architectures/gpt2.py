@@ -73,6 +73,7 @@ class GPT2(Architecture):
 
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].c_attn)
+        assert b is not None  # GPT-2's Conv1D always has a bias
         cols = slice("qkv".index(kind) * self.d_model, ("qkv".index(kind) + 1) * self.d_model)
         return (w[:, cols].reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2),
                 b[cols].view(self.n_heads, self.d_head))
