@@ -144,8 +144,9 @@ def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: flo
                               cli=f"--edges must be {rule}; got {n_edges!r}.")
         circuit = select_top_n(g, scores, n_edges, absolute=absolute, meaning=meaning)
     else:
-        circuit = select_threshold(g, scores, float(threshold),  # type: ignore[arg-type]
-                                   absolute=absolute, meaning=meaning)
+        assert threshold is not None  # discover selects 100 edges when given neither
+        circuit = select_threshold(g, scores, float(threshold), absolute=absolute,
+                                   meaning=meaning)
     selected = circuit.n_edges
     return (prune_dangling(circuit) if prune else circuit), selected
 

@@ -620,10 +620,10 @@ class _StderrNotes(logging.Handler):
             typer.secho(f"note: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
+def _usage_errors() -> tuple[type[Any], ...]:
     """The click exception classes the app may raise: typer's vendored click (typer >= 0.24)
-    and the click package (older typer)."""
-    classes: list[type[BaseException]] = []
+    and the click package (older typer); both have ``show()`` and ``exit_code``."""
+    classes: list[type[Any]] = []
     try:
         from typer._click.exceptions import ClickException as Vendored
         classes.append(Vendored)
@@ -661,7 +661,7 @@ def main() -> None:
         typer.secho("interrupted", err=True)
         sys.exit(130)
     except usage as err:
-        err.show()  # type: ignore[attr-defined]
+        err.show()
         sys.exit(getattr(err, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -218,7 +218,8 @@ def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials:
             raise ConfigError("Pass a task name or prebuilt data.")
         model = load_model(model, device=device)
         if data is None:
-            data = build_data(model, task, n_examples, seed)  # type: ignore[arg-type]
+            assert task is not None  # checked above
+            data = build_data(model, task, n_examples, seed)
         engine = PatchingEngine(model)
         total = engine.graph.n_edges
         if low is None:

@@ -328,6 +328,7 @@ class Circuit:
         return (self.graph == other.graph and torch.equal(self.kept, other.kept)
                 and _bits_equal(self.scores, other.scores) and self.metadata == other.metadata)
 
+    # unhashable (it holds tensors); typeshed types object.__hash__ as a method only
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:

@@ -901,7 +901,7 @@ class PatchingEngine:
                     got[slot] = g
                     if all(t is not None for t in got):
                         del pending[siblings[0].start]
-                        contract(siblings, got)  # type: ignore[arg-type]
+                        contract(siblings, [t for t in got if t is not None])
 
                 # A fresh tensor: the hook may receive the residual stream itself (hook_mlp_in
                 # fires on ln2's input), whose gradient also flows down the skip connection.

@@ -90,8 +90,9 @@ class Llama(Architecture):
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = self.attn[layer]
         shape = (*x.shape[:-1], -1, self.d_head)
-        return tuple(F.linear(x, *weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
-                     for k in "qkv")
+        q, k, v = (F.linear(x, *weights(getattr(a, f"{name}_proj"))).view(shape)
+                   for name in "qkv")
+        return q, k, v
 
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = weights(getattr(self.attn[layer], f"{kind}_proj"))
