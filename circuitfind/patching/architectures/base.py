@@ -31,6 +31,7 @@ class Architecture:
     """
 
     hf_classes: ClassVar[tuple[str, ...]] = ()  # Hugging Face classes it runs (set by register)
+    blocks: list[Any]  # the model's transformer blocks, unwrapped (set by each family)
 
     def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
         self.hf = hf
