@@ -218,9 +218,11 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
 
     def merged(layer: int) -> bool:
         """Whether the MLP receiver of ``layer - 1`` is contracted with ``layer``'s q/k/v."""
-        if layer == 0 or g.mlp_receiver[layer - 1] is None:
+        if layer == 0:
             return False
         r, u = g.mlp_receiver[layer - 1], g.mlp_index[layer - 1]
+        if r is None or u is None:
+            return False
         return (r + 1 == g.q_start[layer] and int(g.n_upstream[r]) == u
                 and g.head_start[layer] == u + 1)
 
@@ -306,7 +308,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
                             out=delta[h0: h0 + g.n_heads])
         if post:  # interpolate the heads' pre-norm sum, then the norm
             pre = Architecture.attn_out(lay, layer, z)
-            if f"a{layer}" in moved:
+            if f"a{layer}" in moved and diff is not None:  # (points come with diff)
                 pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
             s_l = pre.detach().reshape(-1, pre.shape[-1])  # [C*N*T, d]
             d_heads = delta[h0: h0 + g.n_heads].view(g.n_heads, n * t, -1)
@@ -318,20 +320,21 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             attn = lay.post_norm(layer, pre)
         else:
             attn = lay.attn_out(layer, z)
-            if f"a{layer}" in moved:
+            if f"a{layer}" in moved and diff is not None:  # (points come with diff)
                 attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
         x_in, x = x, x + rules.through(layer, attn)
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's
         branch = (x_in if lay.parallel else x) + 0
-        u = g.mlp_index[layer]
+        r_mlp, u = g.mlp_receiver[layer], g.mlp_index[layer]
+        assert r_mlp is not None and u is not None  # the block runner has no attention-only graphs
         if f"m{layer}" not in blocked:
-            branch.register_hook(on_receiver(g.mlp_receiver[layer], u, layer))
+            branch.register_hook(on_receiver(r_mlp, u, layer))
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))
         if diff is None:
             torch.sub(ablated[u], m.detach(), out=delta[u])
-        x = x + rules.through(layer, interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved
-                                                 else m))
+        x = x + rules.through(layer, interpolate(
+            m, f"m{layer}", diff[u] if diff is not None and f"m{layer}" in moved else m))
     branch = x + 0
     branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
     idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
@@ -339,7 +342,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     groups = [r0 for layer in range(g.n_layers) for r0 in (
         [] if f"a{layer}" in blocked else [g.q_start[layer], g.k_start[layer],
                                            g.v_start[layer]])
-        + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]])]
+        + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]]) if r0 is not None]
     missing = [g.receivers[r].name for r in groups + [g.n_receivers - 1] if r not in fired]
     if missing:
         raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "

@@ -249,7 +249,7 @@ class BlockRunner:
             pre[layer] = acc
             if lay.parallel:
                 mid[layer] = acc
-            end = g.mlp_index[layer]
+            end = done + g.n_heads  # after the layer's heads (then its MLP, if any)
             attn = ablated[done: end].sum(0)
             _, bias = lay.w_out(layer)
             if bias is not None:
