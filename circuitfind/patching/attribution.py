@@ -44,7 +44,7 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
 
 
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
-              metric: Any, points: list[tuple[str, float]] | None = None,
+              metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
               diff: Tensor | None = None) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
     ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
@@ -65,7 +65,8 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     :class:`circuitfind.patching.engine.GradientPoint`): the batch holds ``C = len(points)``
     copies of the N clean rows; in copy ``c`` the outputs of the node group ``points[c][0]``
     (``input``, ``a{L}``: all heads of layer L, ``m{L}``) become ``a - (1 - alpha) (a - a')``
-    and are held constant (no gradient flows back through them). Each receiver's gradient
+    (or, where ``alpha`` is a ``[N, T, d]`` tensor, that tensor: a point off the straight
+    line, such as EAP-GP's gradient path) and are held constant (no gradient flows back through them). Each receiver's gradient
     is recovered per copy (the norm's Jacobian differs between copies), summed over the
     copies and contracted with ``diff``, the sender differences of the plain clean and
     corrupted runs.
@@ -76,7 +77,8 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         positions: ``[N, P]`` metric positions.
         metric: ``logits [C*N, P, V] -> scalar`` to differentiate (``C = 1`` without
             points).
-        points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
+        points: ``(node group, alpha)`` of each stacked run (``alpha`` a float, or the node
+            group's output itself ``[N, T, d]``), or ``None`` (EAP).
         diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
             ``points`` (unused without).
 
@@ -104,9 +106,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
              else -diff)
     flat = delta.reshape(g.n_senders, -1)
     # gradient points by node group: {copy: alpha}
-    moved: dict[str, dict[int, float]] = {}
+    moved: dict[str, dict[int, float | Tensor]] = {}
     for c, (node, alpha) in enumerate(points or []):
-        moved.setdefault(node, {})[c] = float(alpha)
+        moved.setdefault(node, {})[c] = alpha if isinstance(alpha, Tensor) else float(alpha)
     # node groups held constant in every copy: their receivers get no gradient
     blocked = {node for node, cs in moved.items() if len(cs) == copies}
 
@@ -120,8 +122,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         if node not in moved:
             return value
         rows = value.view(copies, n, *value.shape[1:])
-        parts = [rows[c].detach() - (1 - moved[node][c]) * change if c in moved[node]
-                 else rows[c] for c in range(copies)]
+        parts = [rows[c] if c not in moved[node]
+                 else moved[node][c].to(rows) if isinstance(moved[node][c], Tensor)  # a value
+                 else rows[c].detach() - (1 - moved[node][c]) * change for c in range(copies)]
         return torch.cat(parts) if copies > 1 else parts[0]
 
     # Families whose heads' sum passes a norm (Gemma-2): a head's score goes through that

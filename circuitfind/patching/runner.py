@@ -256,7 +256,7 @@ class BlockRunner:
         return pre, mid
 
     def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
-                  points: list[tuple[str, float]] | None = None,
+                  points: list[tuple[str, float | Tensor]] | None = None,
                   diff: Tensor | None = None) -> Tensor:
         """EAP (or, with ``points``, EAP-IG / clean-corrupted) scores from one forward and
         backward pass: :func:`circuitfind.patching.attribution.attribute` on this runner."""
