@@ -3,8 +3,9 @@
 Built-ins: ``eap`` (edge attribution patching), ``eap_ig`` (EAP with integrated gradients),
 ``eap_gp`` (EAP-IG along an adaptive gradient path), ``clean_corrupted`` (EAP with the
 clean and corrupted gradients averaged), ``exact`` (exact
-single-edge patching), ``acdc`` (ACDC greedy pruning) and ``path_patching`` (recursive path
-patching from the logits); the last two select their own circuit.
+single-edge patching), ``acdc`` (ACDC greedy pruning), ``path_patching`` (recursive path
+patching from the logits) and ``ifr`` (information flow routes); the last three select their
+own circuit.
 """
 
 from circuitfind.algorithms import acdc as _acdc  # noqa: F401  (registers)
@@ -13,6 +14,7 @@ from circuitfind.algorithms import eap as _eap  # noqa: F401  (registers)
 from circuitfind.algorithms import eap_gp as _eap_gp  # noqa: F401  (registers)
 from circuitfind.algorithms import eap_ig as _eap_ig  # noqa: F401  (registers)
 from circuitfind.algorithms import exact as _exact  # noqa: F401  (registers)
+from circuitfind.algorithms import ifr as _ifr  # noqa: F401  (registers)
 from circuitfind.algorithms import path_patching as _path_patching  # noqa: F401  (registers)
 from circuitfind.algorithms.acdc import ACDC
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm, PruningAlgorithm, get_algorithm
@@ -21,9 +23,10 @@ from circuitfind.algorithms.eap import EAP
 from circuitfind.algorithms.eap_gp import EAPGP
 from circuitfind.algorithms.eap_ig import EAPIG
 from circuitfind.algorithms.exact import ExactPatching
+from circuitfind.algorithms.ifr import InformationFlowRoutes
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.algorithms.objective import Objective
 from circuitfind.algorithms.path_patching import PathPatching
 
-__all__ = ["ACDC", "ALGORITHMS", "EAP", "EAPGP", "EAPIG", "Algorithm", "CleanCorrupted", "ExactPatching",
+__all__ = ["ACDC", "ALGORITHMS", "EAP", "EAPGP", "EAPIG", "Algorithm", "CleanCorrupted", "ExactPatching", "InformationFlowRoutes",
            "Objective", "PathPatching", "PruningAlgorithm", "RunContext", "get_algorithm"]
