@@ -1,7 +1,8 @@
 """Algorithm plugins: each scores the edges of the computational graph.
 
 Built-ins: ``eap`` (edge attribution patching), ``eap_ig`` (EAP with integrated gradients),
-``eap_gp`` (EAP-IG along an adaptive gradient path), ``clean_corrupted`` (EAP with the
+``eap_gp`` (EAP-IG along an adaptive gradient path), ``edge_pruning`` (learned hard-concrete
+edge masks), ``clean_corrupted`` (EAP with the
 clean and corrupted gradients averaged), ``exact`` (exact
 single-edge patching), ``acdc`` (ACDC greedy pruning), ``path_patching`` (recursive path
 patching from the logits) and ``ifr`` (information flow routes); the last three select their
@@ -11,6 +12,7 @@ own circuit.
 from circuitfind.algorithms import acdc as _acdc  # noqa: F401  (registers)
 from circuitfind.algorithms import clean_corrupted as _clean_corrupted  # noqa: F401  (registers)
 from circuitfind.algorithms import eap as _eap  # noqa: F401  (registers)
+from circuitfind.algorithms import edge_pruning as _edge_pruning  # noqa: F401  (registers)
 from circuitfind.algorithms import eap_gp as _eap_gp  # noqa: F401  (registers)
 from circuitfind.algorithms import eap_ig as _eap_ig  # noqa: F401  (registers)
 from circuitfind.algorithms import exact as _exact  # noqa: F401  (registers)
@@ -22,11 +24,12 @@ from circuitfind.algorithms.clean_corrupted import CleanCorrupted
 from circuitfind.algorithms.eap import EAP
 from circuitfind.algorithms.eap_gp import EAPGP
 from circuitfind.algorithms.eap_ig import EAPIG
+from circuitfind.algorithms.edge_pruning import EdgePruning
 from circuitfind.algorithms.exact import ExactPatching
 from circuitfind.algorithms.ifr import InformationFlowRoutes
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.algorithms.objective import Objective
 from circuitfind.algorithms.path_patching import PathPatching
 
-__all__ = ["ACDC", "ALGORITHMS", "EAP", "EAPGP", "EAPIG", "Algorithm", "CleanCorrupted", "ExactPatching", "InformationFlowRoutes",
+__all__ = ["ACDC", "ALGORITHMS", "EAP", "EAPGP", "EAPIG", "EdgePruning", "Algorithm", "CleanCorrupted", "ExactPatching", "InformationFlowRoutes",
            "Objective", "PathPatching", "PruningAlgorithm", "RunContext", "get_algorithm"]
