@@ -8,7 +8,8 @@ the loss is the task loss (KL divergence to the full model) plus a penalty that 
 expected fraction of removed edges to a target.
 
 Method (Bhaskar et al. 2024, §3; Louizos et al. 2018 for the hard-concrete distribution).
-Each real edge has a parameter ``log_alpha`` (initialised at 10, all edges on). Each training
+Each real edge has a parameter ``log_alpha`` (initialised at 10 plus noise of s.d. 0.01,
+all edges on). Each training
 step samples, per edge, ``u ~ U(0, 1)``,
 
     s = sigmoid((log u - log(1 - u) + log_alpha) / beta),   z = clamp(s (r - l) + l, 0, 1)
@@ -99,6 +100,8 @@ class EdgePruning(Algorithm):
         batch_size: Examples per step (default 32, the reference runs; at most all).
         objective: ``"kl"`` (KL divergence to the full model, the paper's loss; default) or
             ``"metric"`` (the task metric's worsening).
+        init: Initial ``log_alpha`` of every edge (default 10, the reference code's: every
+            mask starts at 1, so early steps move only the sparsity penalty).
         seed: Seed of the mask samples and minibatch order.
         progress: Show a progress bar when no :class:`RunContext` is given.
 
@@ -118,7 +121,7 @@ class EdgePruning(Algorithm):
     def __init__(self, sparsity: float = 0.95, target_edges: int | None = None,
                  steps: int = 3000, warmup_steps: int = 2500, lr: float = 0.8,
                  reg_lr: float = 0.8, batch_size: int = 32, objective: str = "kl",
-                 seed: int = 0, progress: bool = True) -> None:
+                 init: float = 10.0, seed: int = 0, progress: bool = True) -> None:
         def number(name: str, value: Any, low: float, high: float | None = None) -> float:
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not value > low or (high is not None and not value < high)):
@@ -145,6 +148,10 @@ class EdgePruning(Algorithm):
             raise ConfigError(f"The 'objective' parameter of EdgePruning must be one of "
                               f"{', '.join(OBJECTIVES)}. Got {objective!r}.")
         self.objective = objective
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise ConfigError(f"The 'init' parameter of EdgePruning must be a finite number. "
+                              f"Got {init!r}.")
+        self.init = float(init)
         self.seed = int(seed)
         self.progress = bool(progress)
 
@@ -190,7 +197,7 @@ class EdgePruning(Algorithm):
             full = engine.run(data, g.full_mask(engine.dtype))[0]
             ref = torch.log_softmax(full.double(), -1)
 
-        log_alpha = torch.full((g.n_senders, g.n_receivers), 10.0, dtype=torch.float64,
+        log_alpha = torch.full((g.n_senders, g.n_receivers), self.init, dtype=torch.float64,
                                device=engine.device)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         log_alpha += 0.01 * torch.randn(log_alpha.shape, generator=gen, dtype=torch.float64

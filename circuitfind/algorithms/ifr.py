@@ -89,10 +89,17 @@ class InformationFlowRoutes(PruningAlgorithm):
                  context: RunContext | None = None) -> Circuit:
         """The top-down graph at ``threshold`` (module docstring), scored by unthresholded flow.
 
+        Raises:
+            ConfigError: an engine whose ablation is not the default (IFR ablates nothing).
+
         Returns:
             A :class:`Circuit` whose edges have positive flow after the cut, with every edge's
             flow as its score and ``metadata["ifr"]`` (threshold, the kept edges' total flow).
         """
+        if engine.ablation.kind != "resample":
+            raise ConfigError(f"Information flow routes decompose the clean run and ablate "
+                              f"nothing, so the {engine.ablation.kind!r} ablation does not apply; "
+                              "run it with the default (resample) ablation.")
         flows = information_flow(engine, engine.on_device(data), (0.0, self.threshold),
                                  batch_size=self.batch_size)
         kept = flows[1] > 0

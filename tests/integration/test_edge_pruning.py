@@ -18,9 +18,9 @@ import torch
 
 import circuitfind as cf
 from circuitfind.algorithms import EdgePruning, RunContext
-from circuitfind.algorithms import edge_pruning as edge_pruning_module
 from circuitfind.errors import CheckpointMismatchError, ConfigError
 from circuitfind.patching import PatchingEngine
+from circuitfind.patching.architectures import Architecture
 from circuitfind.patching.soft_mask import soft_masked_logits
 from circuitfind.testing import ToyTask, make_tiny_model_dir, tiny_model
 from circuitfind.testing.tiny import FAMILY_CONFIGS
@@ -128,28 +128,19 @@ def test_training_prunes_towards_its_target_and_is_deterministic(tiny_models):
                            EdgePruning(**short, seed=1).score(engine, data))
 
 
-def test_interrupted_run_resumes_to_identical_scores(tiny_models, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_identical_scores(tiny_models, tmp_path, ctrl_c):
+    """Ctrl-C inside steps 7 and 19 (each step attends twice: one call per layer), then the
+    same call again: the scores of an uninterrupted run, bit for bit."""
     model = tiny_models("gpt2")
     data = ToyTask(positions=2).build(model.tokenizer, 6, seed=54)
     engine = PatchingEngine(model)
     algo = EdgePruning(target_edges=20, steps=30, warmup_steps=20, batch_size=4, progress=False)
     whole = algo.score(engine, data)
     ckpt = tmp_path / "ep.pt"
-    original = edge_pruning_module.soft_masked_logits
-    for kill_at in (7, 19):
-        calls = {"n": 0}
-
-        def flaky(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == kill_at:
-                raise KeyboardInterrupt
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(edge_pruning_module, "soft_masked_logits", flaky)
-        with pytest.raises(KeyboardInterrupt):
+    for kill_at in (14, 38):
+        with ctrl_c(Architecture, "attend", kill_at), pytest.raises(KeyboardInterrupt):
             algo.score(engine, data, RunContext(checkpoint=ckpt, progress=False, save_every_s=0))
         assert ckpt.exists()
-    monkeypatch.setattr(edge_pruning_module, "soft_masked_logits", original)
     resumed = algo.score(engine, data, RunContext(checkpoint=ckpt, progress=False))
     assert torch.equal(resumed, whole)
     with pytest.raises(CheckpointMismatchError, match="different run"):
