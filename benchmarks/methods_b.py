@@ -18,7 +18,7 @@ target: 5% of the edges), and reports for each:
 Usage (from the repository root)::
 
     PYTHONPATH=. python benchmarks/methods_b.py [--examples 32] [--threads 1] \
-        [--steps 3000] [--out benchmarks/results/methods_b]
+        [--steps 3000] [--targets stories260k,zoo] [--out benchmarks/results/methods_b]
 
 Writes ``OUT.json`` and ``OUT.md``. It measures and reports; it asserts nothing.
 """
@@ -42,12 +42,12 @@ from circuitfind.graphs.selection import select_top_n
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 
 
-def targets() -> list[tuple[str, str, str, Any]]:
-    """(label, model source, task, reference circuit or None)."""
+def targets(which: list[str]) -> list[tuple[str, str, str, Any]]:
+    """(label, model source, task, reference circuit or None) of ``stories260k`` and/or ``zoo``."""
     out = []
-    if STORIES.exists():
+    if "stories260k" in which and STORIES.exists():
         out.append(("stories260k", str(STORIES), "gendered_pronoun", None))
-    for name in zoo.names():
+    for name in zoo.names() if "zoo" in which else []:
         if zoo.ZOO[name].shipped:
             out.append((name, f"zoo:{name}", zoo.ZOO[name].task, zoo.reference_circuit(name)))
     return out
@@ -134,7 +134,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['threads']} CPU thread(s), data seed {r['seed']}, `benchmarks/methods_b.py`. "
              "Spearman over all edges against `exact` (importances; |·|: magnitudes). AUROC "
              "exact: positives are the top 5% of edges by |exact effect|. CPR/CMD: MIB "
-             "convention. Edge pruning trains to 5% of the edges.", ""]
+             f"convention. Edge pruning trains to 5% of the edges ({r['steps']} steps).", ""]
     for t in r["targets"]:
         ref = t["reference_edges"] is not None
         lines += [f"## {t['target']} ({t['task']}, {t['examples']} examples, "
@@ -168,15 +168,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--targets", default="stories260k,zoo")
     parser.add_argument("--out", default="benchmarks/results/methods_b")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for label, source, task, reference in targets():
+    for label, source, task, reference in targets(args.targets.split(",")):
         rows.append(compare(label, source, task, reference, args.examples, args.seed,
                             args.steps))
         print(f"done {label}", flush=True)
-    write_results(args.out, {"threads": args.threads, "seed": args.seed, "targets": rows,
+    write_results(args.out, {"threads": args.threads, "seed": args.seed, "steps": args.steps,
+                             "targets": rows,
                              "versions": cf.api.versions()}, markdown)
 
 

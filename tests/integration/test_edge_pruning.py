@@ -121,11 +121,12 @@ def test_training_prunes_towards_its_target_and_is_deterministic(tiny_models):
     assert algo.report["expected_kept_edges"] < 0.6 * g.n_edges
     assert algo.report["expected_sparsity"] > 0.4
     assert int((first[g.edge_mask] > 0.5).sum()) < 0.6 * g.n_edges
-    assert torch.equal(first, algo.score(engine, data))
     assert (first[~g.edge_mask] == 0).all()
-    short = dict(target_edges=25, steps=5, warmup_steps=4, batch_size=4, progress=False)
-    assert not torch.equal(EdgePruning(**short).score(engine, data),
-                           EdgePruning(**short, seed=1).score(engine, data))
+    short = dict(target_edges=25, steps=5, warmup_steps=4, batch_size=4, init=1.0,
+                 progress=False)
+    again = EdgePruning(**short).score(engine, data)
+    assert torch.equal(again, EdgePruning(**short).score(engine, data))
+    assert not torch.equal(again, EdgePruning(**short, seed=1).score(engine, data))
 
 
 def test_interrupted_run_resumes_to_identical_scores(tiny_models, tmp_path, ctrl_c):
