@@ -11,7 +11,8 @@ target: 5% of the edges), and reports for each:
 - edge ROC AUC against exact patching (positives: the top 5% of edges by |exact effect|) and,
   for zoo organisms, against the organism's reference circuit;
 - CPR and CMD (MIB convention: top int(p E) edges at MIB's fractions, dangling edges pruned;
-  CPR over the importance ranking, CMD over |score|);
+  CPR over the importance ranking, CMD over |score|), and the normalized faithfulness of each
+  method's top 5% of edges (the size edge pruning trains to);
 - wall time; for edge pruning also the time per training step and the same in plain Hugging
   Face forwards of the step's minibatch (the cost unit of issue 19).
 
@@ -36,8 +37,8 @@ from scipy.stats import spearmanr
 import circuitfind as cf
 from _results import write_results  # benchmarks/_results.py (scripts run from benchmarks/)
 from circuitfind import zoo
-from circuitfind.evaluation import edge_roc
-from circuitfind.graphs.selection import select_top_n
+from circuitfind.evaluation import edge_roc, evaluate
+from circuitfind.graphs.selection import prune_dangling, select_top_n
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 
@@ -86,7 +87,7 @@ def compare(label: str, source: str, task: str, reference: Any, examples: int, s
         "eap_gp": cf.get_algorithm("eap_gp"),
         "ifr": cf.get_algorithm("ifr"),
         "edge_pruning": cf.get_algorithm("edge_pruning", target_edges=target_edges, steps=steps,
-                                         warmup_steps=min(2500, steps * 5 // 6),
+                                         warmup_steps=min(2500, steps * 3 // 5),
                                          progress=False),
     }
     rows: dict[str, Any] = {"exact": {"seconds": exact_s}}
@@ -100,6 +101,7 @@ def compare(label: str, source: str, task: str, reference: Any, examples: int, s
                 circuit = algo.discover(engine, data)
                 scores = circuit.scores
                 extra["circuit_edges"] = circuit.n_edges
+                extra["circuit_faithfulness"] = evaluate(engine, circuit, data).faithfulness
                 if reference is not None:
                     extra["circuit_edge_recall"] = float(
                         (circuit.kept & reference.kept).sum() / reference.n_edges)
@@ -121,6 +123,9 @@ def compare(label: str, source: str, task: str, reference: Any, examples: int, s
                          step_in_forwards=per_step / forward, batch=batch, steps=steps)
         curve = cf.faithfulness_curve(engine, scores, data, score_kind=meaning.kind)
         extra.update(cpr=curve.cpr, cmd=curve.cmd)
+        top = prune_dangling(select_top_n(g, scores, target_edges, absolute=False,
+                                          meaning=meaning))
+        extra["faithfulness_at_target"] = evaluate(engine, top, data).faithfulness
         if reference is not None:
             extra["auroc_reference"] = edge_roc(scores, reference).auc
         rows[name] = {**rows.get(name, {}), **extra}
@@ -134,7 +139,9 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['threads']} CPU thread(s), data seed {r['seed']}, `benchmarks/methods_b.py`. "
              "Spearman over all edges against `exact` (importances; |·|: magnitudes). AUROC "
              "exact: positives are the top 5% of edges by |exact effect|. CPR/CMD: MIB "
-             f"convention. Edge pruning trains to 5% of the edges ({r['steps']} steps).", ""]
+             f"convention. f@k: normalized faithfulness of each method's top k edges (most important "
+             "first as its scores read; dangling edges pruned), k = 5% of the edges, the size "
+             f"edge pruning trains to ({r['steps']} steps).", ""]
     for t in r["targets"]:
         ref = t["reference_edges"] is not None
         lines += [f"## {t['target']} ({t['task']}, {t['examples']} examples, "
@@ -149,9 +156,10 @@ def markdown(r: dict[str, Any]) -> str:
                     f"{m['spearman']:.3f} | {m['spearman_abs']:.3f} | {m['auroc_exact']:.3f}")
             auc = f" | {m['auroc_reference']:.3f}" if ref else ""
             lines.append(f"| {name} | {corr}{auc} | {m['cpr']:.3f} | {m['cmd']:.3f} | "
-                         f"{m['seconds']:.2f} |")
+                         f"{m['faithfulness_at_target']:.3f} | {m['seconds']:.2f} |")
         ifr, ep = t["methods"]["ifr"], t["methods"]["edge_pruning"]
-        lines += ["", f"IFR's top-down circuit at tau = 0.04: {ifr['circuit_edges']} edges"
+        lines += ["", f"IFR's top-down circuit at tau = 0.04: {ifr['circuit_edges']} edges, "
+                  f"faithfulness {ifr['circuit_faithfulness']:.3f}"
                   + (f" (recall of the reference's edges {ifr['circuit_edge_recall']:.2f})"
                      if ref else "") + ". Edge pruning: "
                   f"{ep['steps']} steps of {ep['batch']} examples, "

@@ -52,8 +52,8 @@ class InformationFlowRoutes(PruningAlgorithm):
 
     Args:
         threshold: ``tau`` in [0, 1): contributions (shares of a residual-stream state) at or
-            below it are cut before tracing the graph from the prediction (default 0.04, a
-            few percent as in the paper's figures; lower keeps more edges).
+            below it are cut before tracing the graph from the prediction (default 0.04;
+            higher cuts more; 0 keeps every route).
         batch_size: Examples per pass (``None``: from the engine's memory budget).
 
     Raises:
