@@ -190,7 +190,7 @@ class EdgePruning(Algorithm):
         key = fingerprint(engine, data, settings, version="edge_pruning v1")
         data = engine.on_device(data)
         t = int(data.positions.max()) + 1
-        tokens = engine._tokens(data.clean)[:, :t]
+        tokens = data.clean[:, :t]
         values = engine.ablation_values(data)
         ablated = values[:, :, :t] if values.shape[2] > 1 else values
         with torch.no_grad():  # the full model's log-probabilities (the KL reference)
