@@ -3,7 +3,7 @@
 For stories260k (``gendered_pronoun``) and every shipped zoo organism (its own task), scores all
 edges with ``exact`` and with EAP, EAP-IG (inputs, 5 steps), EAP-GP (5 steps), information
 flow routes (IFR; the circuit at its default threshold tau = 0.04 too) and edge pruning (its
-target: 5% of the edges), and reports for each:
+target: ``--target-fraction`` of the edges, 5% by default), and reports for each:
 
 - Spearman correlation with ``exact`` over all edges: of the importances (each method's
   scores read as its ``score_meaning`` says, most important largest; exact: the metric drop)
@@ -12,14 +12,15 @@ target: 5% of the edges), and reports for each:
   for zoo organisms, against the organism's reference circuit;
 - CPR and CMD (MIB convention: top int(p E) edges at MIB's fractions, dangling edges pruned;
   CPR over the importance ranking, CMD over |score|), and the normalized faithfulness of each
-  method's top 5% of edges (the size edge pruning trains to);
+  method's top k edges (k: the size edge pruning trains to);
 - wall time; for edge pruning also the time per training step and the same in plain Hugging
   Face forwards of the step's minibatch (the cost unit of issue 19).
 
 Usage (from the repository root)::
 
     PYTHONPATH=. python benchmarks/methods_b.py [--examples 32] [--threads 1] \
-        [--steps 3000] [--targets stories260k,zoo] [--out benchmarks/results/methods_b]
+        [--steps 3000] [--targets stories260k,zoo] [--target-fraction 0.05] \
+        [--out benchmarks/results/methods_b]
 
 Writes ``OUT.json`` and ``OUT.md``. It measures and reports; it asserts nothing.
 """
@@ -67,7 +68,7 @@ def hf_forward_seconds(model: Any, tokens: torch.Tensor, repeats: int = 20) -> f
 
 
 def compare(label: str, source: str, task: str, reference: Any, examples: int, seed: int,
-            steps: int) -> dict[str, Any]:
+            steps: int, target_fraction: float) -> dict[str, Any]:
     model = cf.load_model(source, device="cpu")
     data = cf.build_data(model, task, n=examples, seed=seed)
     engine = cf.PatchingEngine(model)
@@ -80,7 +81,7 @@ def compare(label: str, source: str, task: str, reference: Any, examples: int, s
     k_top = max(1, round(0.05 * g.n_edges))
     top_exact = select_top_n(g, exact, k_top)  # positives for the AUROC against exact
     e_exact = exact_meaning.importance(exact)[g.edge_mask].numpy()
-    target_edges = max(1, round(0.05 * g.n_edges))
+    target_edges = max(1, round(target_fraction * g.n_edges))
     methods = {
         "eap": cf.get_algorithm("eap"),
         "eap_ig": cf.get_algorithm("eap_ig"),
@@ -139,18 +140,19 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['threads']} CPU thread(s), data seed {r['seed']}, `benchmarks/methods_b.py`. "
              "Spearman over all edges against `exact` (importances; |·|: magnitudes). AUROC "
              "exact: positives are the top 5% of edges by |exact effect|. CPR/CMD: MIB "
-             f"convention. f@k: normalized faithfulness of each method's top k edges (most important "
-             "first as its scores read; dangling edges pruned), k = 5% of the edges, the size "
-             f"edge pruning trains to ({r['steps']} steps).", ""]
+             "convention. f@k: normalized faithfulness of each method's top k edges (most "
+             "important first as its scores read; dangling edges pruned), k = the size edge pruning "
+             f"trains to ({r['steps']} steps).", ""]
     for t in r["targets"]:
         ref = t["reference_edges"] is not None
         lines += [f"## {t['target']} ({t['task']}, {t['examples']} examples, "
                   f"{t['n_edges']} edges" + (f", reference {t['reference_edges']} edges"
                                              if ref else "") + ")", "",
                   "| method | Spearman | Spearman abs | AUROC exact"
-                  + (" | AUROC reference" if ref else "") + " | CPR | CMD | time (s) |",
+                  + (" | AUROC reference" if ref else "")
+                  + f" | CPR | CMD | f@{t['target_edges']} | time (s) |",
                   "| --- | ---: | ---: | ---:" + (" | ---:" if ref else "")
-                  + " | ---: | ---: | ---: |"]
+                  + " | ---: | ---: | ---: | ---: |"]
         for name, m in t["methods"].items():
             corr = ("1 | 1 | 1" if name == "exact" else
                     f"{m['spearman']:.3f} | {m['spearman_abs']:.3f} | {m['auroc_exact']:.3f}")
@@ -177,13 +179,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--targets", default="stories260k,zoo")
+    parser.add_argument("--target-fraction", type=float, default=0.05)
     parser.add_argument("--out", default="benchmarks/results/methods_b")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for label, source, task, reference in targets(args.targets.split(",")):
         rows.append(compare(label, source, task, reference, args.examples, args.seed,
-                            args.steps))
+                            args.steps, args.target_fraction))
         print(f"done {label}", flush=True)
     write_results(args.out, {"threads": args.threads, "seed": args.seed, "steps": args.steps,
                              "targets": rows,
