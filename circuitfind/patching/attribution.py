@@ -122,9 +122,12 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         if node not in moved:
             return value
         rows = value.view(copies, n, *value.shape[1:])
-        parts = [rows[c] if c not in moved[node]
-                 else moved[node][c].to(rows) if isinstance(moved[node][c], Tensor)  # a value
-                 else rows[c].detach() - (1 - moved[node][c]) * change for c in range(copies)]
+        parts = []
+        for c in range(copies):
+            alpha = moved[node].get(c)
+            parts.append(rows[c] if alpha is None
+                         else alpha.to(rows) if isinstance(alpha, Tensor)  # the value itself
+                         else rows[c].detach() - (1 - alpha) * change)
         return torch.cat(parts) if copies > 1 else parts[0]
 
     # Families whose heads' sum passes a norm (Gemma-2): a head's score goes through that

@@ -234,7 +234,8 @@ def edge_flows(runner: BlockRunner, c: Contributions, positions: Tensor) -> Tens
     for layer in reversed(range(n_layers)):
         f_mlp = f * c.ffn[layer]
         r = g.mlp_receiver[layer]
-        add(r, f_mlp[None], pre[layer] if parallel else mid[layer])
+        if r is not None:  # block runners exist only for models with MLPs; kept for types
+            add(r, f_mlp[None], pre[layer] if parallel else mid[layer])
         f_mid = f * c.res_ffn[layer] + (0 if parallel else f_mlp)
         # [N, Ti, Tj, H] x F_mid [N, Ti] -> per head and key position, then per kv group
         f_heads = torch.einsum("nijh,ni->hnj", c.attn[layer], f_mid)

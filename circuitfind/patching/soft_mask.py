@@ -75,16 +75,18 @@ def soft_masked_logits(runner: BlockRunner, tokens: Tensor, ablated: Tensor,
         if not lay.attn_post_norm:
             x_r = ablated[:u].sum(0) + torch.einsum("ur,untd->rntd", coef, diff)
             for layer in layers:
-                if bias_layers[layer] is not None:
-                    x_r = x_r + bias_layers[layer]
+                bias = bias_layers[layer]
+                if bias is not None:
+                    x_r = x_r + bias
             return x_r
         plain = [s for s in range(u) if s not in head_layer]
         x_r = ablated[plain].sum(0) + torch.einsum("ur,untd->rntd", coef[plain], diff[plain])
         for layer in layers:
             heads = slice(g.head_start[layer], g.head_start[layer] + n_heads)
             s_l = ablated[heads].sum(0) + torch.einsum("ur,untd->rntd", coef[heads], diff[heads])
-            if bias_layers[layer] is not None:
-                s_l = s_l + bias_layers[layer]
+            bias = bias_layers[layer]
+            if bias is not None:
+                s_l = s_l + bias
             x_r = x_r + lay.post_norm(layer, s_l)
         return x_r
 
