@@ -108,7 +108,8 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
     spec = Ablation.parse(ablation)
-    budget = parse_memory(memory_budget)
+    parse_memory(memory_budget)  # a malformed size fails before loading
+    budget = memory_budget
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = get_task(task) if data is None else data.task
     model = load_model(model, device=device)
@@ -186,7 +187,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     if data is None and task is None:
         raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
     spec = Ablation.parse(ablation)  # fail fast, before loading
-    budget = parse_memory(memory_budget)
+    parse_memory(memory_budget)  # a malformed size fails before loading
+    budget = memory_budget
     params = dict(algorithm_params or {})
     pruning = (algorithm.returns_circuit if isinstance(algorithm, Algorithm)
                else ALGORITHMS.get(algorithm).returns_circuit)

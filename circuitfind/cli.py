@@ -184,7 +184,8 @@ def discover(
     if edges is not None and threshold is not None:
         raise ConfigError("pass either --edges or --threshold, not both.")
     spec = Ablation.parse(ablation)
-    budget = parse_memory(memory)
+    parse_memory(memory)  # a malformed size fails before loading
+    budget = memory
     params = parse_params(param or [])
     checkpointed = ALGORITHMS.get(algorithm).supports_checkpoint  # an unknown name fails here
     check_output_dir(out, overwrite)  # bad output paths and renderers fail before any work
@@ -271,7 +272,8 @@ def evaluate(
     from circuitfind.patching.spec import Ablation, parse_memory
     from circuitfind.tasks import get_task
 
-    budget = parse_memory(memory)
+    parse_memory(memory)  # a malformed size fails before loading
+    budget = memory
     circuit = Circuit.load(circuit_path)
     spec = Ablation.parse(ablation or ablation_kind(circuit.metadata))
     md = circuit.metadata
