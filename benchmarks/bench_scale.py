@@ -30,6 +30,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -116,6 +117,19 @@ def model_dir(root: Path, shape: str) -> Path:
     return path
 
 
+def warm_dir(root: Path, shape: str) -> Path:
+    """A saved tiny model of ``shape``'s family (two layers, width 64), to load first."""
+    config = dict(SHAPES[shape])
+    small = {"num_hidden_layers": 2, "n_layer": 2, "hidden_size": 64, "n_embd": 64,
+             "num_attention_heads": 4, "n_head": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "head_dim": 16, "vocab_size": 50257,
+             "query_pre_attn_scalar": 16}
+    config.update({k: v for k, v in small.items() if k in config})
+    name = f"warm-{shape}"
+    SHAPES.setdefault(name, config)
+    return model_dir(root, name)
+
+
 def one_layer(config: dict[str, Any]) -> int:
     """ACDC's ``max_receivers`` for one receiver layer: logits, the last MLP, the last layer's
     q/k/v receivers."""
@@ -133,6 +147,11 @@ def child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     from bench_eap import _malloc_trim, _rss, peak_rss_delta
     from circuitfind.testing.tiny import ToyTask
 
+    # the libraries a model load brings in (transformers' modeling code, the bridge) are the
+    # interpreter's, not the run's: load a tiny model of the same family first
+    warm = cf.load_model(spec["warm_dir"], device="cpu", dtype="float32")
+    del warm
+    gc.collect()
     _malloc_trim()
     base = _rss()
     model = cf.load_model(spec["model_dir"], device="cpu", dtype="float32")
@@ -172,9 +191,9 @@ def run_one(shape: str, algorithm: str, root: Path, threads: int,
     params = dict(ALGORITHMS[algorithm])
     if algorithm == "acdc":
         params["max_receivers"] = one_layer(SHAPES[shape])
-    plan = cf.plan(str(path), "toy", algorithm, examples=BATCH, seq_len=SEQ_LEN,
+    plan = cf.plan(str(path), None, algorithm, examples=BATCH, seq_len=SEQ_LEN,
                    algorithm_params=params, memory=budget)
-    spec = {"model_dir": str(path), "algorithm": algorithm, "params": ALGORITHMS[algorithm],
+    spec = {"model_dir": str(path), "warm_dir": str(warm_dir(root, shape)), "algorithm": algorithm, "params": ALGORITHMS[algorithm],
             "max_receivers": params.get("max_receivers"), "budget": plan.budget}
     cmd = [sys.executable, __file__, "--threads", str(threads), "--child", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
@@ -276,7 +295,7 @@ def llama_8b_plan() -> str:
     import circuitfind as cf
 
     config = ROOT / "tests" / "fixtures" / "llama-3.1-8b" / "config.json"
-    plan = cf.plan(str(config.parent), "toy", "eap_ig", examples=64, seq_len=MIB_IOI_TOKENS,
+    plan = cf.plan(str(config.parent), None, "eap_ig", examples=64, seq_len=MIB_IOI_TOKENS,
                    device="cuda", memory="80GB", dtype="bfloat16")
     return ("## Llama-3.1-8B, EAP-IG (5 steps), one 80 GB GPU, bfloat16, prompts of "
             f"{MIB_IOI_TOKENS} tokens (MIB's IOI)\n\n```\n{plan.summary()}\n```")

@@ -599,6 +599,53 @@ def tasks() -> None:
 
 
 @app.command(cls=_Command)
+def plan(
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Hub name (its config in the local cache), local Hugging Face "
+                                   "directory (config.json is enough) or zoo:NAME."),
+    task: Optional[str] = typer.Option(
+        None, "--task", "-t", show_default="none: --seq-len gives the length",
+        help="Task name or prompt file (its data, built with the model's tokenizer, give the "
+             "prompts' length)."),
+    algorithm: str = typer.Option("eap", "--algorithm", "-a",
+                                  help="Algorithm (see `circuitfind algorithms`)."),
+    n_examples: Optional[int] = typer.Option(
+        None, "--examples", min=1, show_default="the task's default (64)",
+        help="Clean/corrupted pairs."),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", min=1, show_default="from the task's data",
+        help="Tokens per prompt (needed when the model has no tokenizer at hand)."),
+    device: str = typer.Option("cpu", "--device", help="Where it would run: cpu, cuda ..."),
+    memory: Optional[str] = typer.Option(
+        None, "--memory", show_default="the weights plus 2GiB",
+        help="Memory budget of the run, weights included, e.g. 80GiB."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", show_default="float32",
+        help="float32, float16, bfloat16 or float64."),
+    seed: int = typer.Option(0, "--seed", help="Data seed."),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", "-p", metavar="KEY=VALUE", show_default=PARAM_DEFAULT,
+        help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. -p steps=10."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan a run from the model's config alone (no weights): peak memory by part, the chunks
+    that fit --memory, time in plain forwards, and whether it fits (exit code 1 if not)."""
+    from circuitfind.api import plan as make_plan
+    from circuitfind.patching.plan import dtype_bytes
+    from circuitfind.patching.spec import parse_memory
+
+    parse_memory(memory)  # malformed values fail before anything is read
+    dtype_bytes(dtype)
+    ALGORITHMS.get(algorithm)
+    result = make_plan(model, task, algorithm, examples=n_examples, device=device,
+                       memory=memory, dtype=dtype, seq_len=seq_len, seed=seed,
+                       algorithm_params=parse_params(param or []))
+    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else result.summary())
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+@app.command(cls=_Command)
 def algorithms() -> None:
     """List the registered algorithms."""
     from circuitfind.algorithms import ALGORITHMS

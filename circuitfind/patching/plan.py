@@ -59,10 +59,12 @@ MIN_BUDGET = 2**20
 GiB = 2**30
 
 # Fitted per-token coefficients (values of the model's dtype), see the module docstring.
-_GRAD_PER_LAYER_D = 10  # residual, norms, attention output, MLP in/out, receiver branches
-_GRAD_PER_LAYER_QKV = 3  # q, k, v (and their rotated copies) saved for the backward pass
-_GRAD_PER_LAYER_MLP = 4  # MLP hidden units (gate, up, activation, product)
-_GRAD_RECEIVERS = 3  # a layer's receiver gradients [1 + H + 2G, N T, d] and their parts
+_GRAD_PER_LAYER_D = 4  # the norms' inputs, attention output, branch points (LayerNorm)
+_GRAD_PER_LAYER_D_RMS = 10  # the same with RMSNorm, which autograd keeps in pieces
+_GRAD_PER_LAYER_QKV = 1  # q, k, v (k and v as the query heads read them)
+_GRAD_PER_LAYER_MLP = 1  # per MLP matrix: hidden units kept (2 matrices: 2 d_mlp; gated: 3)
+_GRAD_PATTERN = 2  # attention scores and pattern (the math kernel of a gradient pass)
+_GRAD_RECEIVERS = 1  # a layer's receiver gradients [1 + H + 2G, N T, d]
 _VOCAB_AT_POSITION = 4  # logits, log-softmax and their gradients at a metric position
 _MASKED_PER_TOKEN_D = 10  # residual-sized tensors of a masked pass's layer
 _MASKED_SPLIT = 2  # per-head q/k/v inputs and their patches, when every receiver is touched
@@ -102,6 +104,8 @@ class ModelShape:
         eager_attention: Attention whose pattern is materialised (soft-capping, e.g. Gemma-2):
             ``n_heads T`` values per token and layer.
         post_norm: A norm after the heads' sum (Gemma-2).
+        rms_norm: RMSNorm (Llama-style families) rather than LayerNorm.
+        mlp_mats: Weight matrices of an MLP (2; gated MLPs 3).
     """
 
     name: str
@@ -119,6 +123,8 @@ class ModelShape:
     runner: bool = True
     eager_attention: bool = False
     post_norm: bool = False
+    rms_norm: bool = False
+    mlp_mats: int = 2
 
     @property
     def graph(self) -> ComputeGraph:
@@ -161,7 +167,8 @@ class ModelShape:
                    width=params[0].element_size() if params else 4,
                    attn_only=graph.attn_only, parallel=graph.parallel_attn_mlp, runner=runner,
                    eager_attention=_softcapped(hf_cfg),
-                   post_norm=_post_norm(type(hf).__name__ if hf is not None else ""))
+                   post_norm=_post_norm(type(hf).__name__ if hf is not None else ""),
+                   rms_norm=_rms(hf_cfg), mlp_mats=_mlp_mats(hf, params))
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype | str | None = None,
@@ -221,11 +228,27 @@ class ModelShape:
                    d_vocab=int(get("vocab_size")), n_params=int(n_params),
                    width=dtype_bytes(dtype), parallel=parallel,
                    runner=architecture_for(cls_name) is not None,
-                   eager_attention=_softcapped(config), post_norm=_post_norm(cls_name))
+                   eager_attention=_softcapped(config), post_norm=_post_norm(cls_name),
+                   rms_norm=_rms(config), mlp_mats=_mlp_mats(meta, list(meta.parameters())))
 
 
 def _softcapped(config: Any) -> bool:
     return config is not None and getattr(config, "attn_logit_softcapping", None) is not None
+
+
+def _rms(config: Any) -> bool:
+    return config is not None and getattr(config, "rms_norm_eps", None) is not None
+
+
+def _mlp_mats(hf: Any, params: list[Any]) -> int:
+    """Weight matrices of an MLP: the 2-D parameters of the first layer's MLP module whose
+    shape involves the hidden width (3 for gated MLPs, 2 otherwise)."""
+    if hf is None:
+        return 2
+    for name, module in hf.named_modules():
+        if name.endswith("mlp") and any(True for _ in module.parameters()):
+            return sum(1 for p in module.parameters() if p.ndim == 2) or 2
+    return 2
 
 
 def _post_norm(class_name: str) -> bool:
@@ -248,6 +271,8 @@ class Workload:
             patching's edges): each mask runs the blocks from its start layer on.
         batch_size: Cap on examples per pass (``None``: none).
         masks_cap: Cap on masks per pass (ACDC: 64).
+        n_buffer: Senders per row the algorithm sizes its passes with (``None``: all; exact
+            patching: 2).
     """
 
     gradient_points: int | None = None
@@ -255,6 +280,7 @@ class Workload:
     masked_tests: tuple[tuple[int, int], ...] = ()
     batch_size: int | None = None
     masks_cap: int | None = None
+    n_buffer: int | None = None
 
 
 def resolve_budget(memory: int | float | str | None, shape: ModelShape) -> int:
@@ -278,19 +304,21 @@ def resolve_budget(memory: int | float | str | None, shape: ModelShape) -> int:
 def gradient_row_bytes(shape: ModelShape, seq_len: int, positions: int = 1) -> int:
     """Bytes autograd keeps per model-batch row of a gradient pass on the block runner.
 
-    Per token and layer: residual-sized tensors (``10 d``: the norms' inputs and outputs,
-    attention output, MLP input and output, the receivers' branch points), q/k/v
-    (``3 (H + 2G) d_head``), the MLP's hidden units (``4 d_mlp``) and, for attention whose
-    pattern is materialised, ``2 H T``; per token once: a layer's receiver gradients
-    (``3 (1 + H + 2G) d``, the backward pass's transient); per metric position: the
-    vocabulary (``4 d_vocab``). The bridge's hooked path (no runner) also keeps the split
-    q/k/v inputs (``6 H d`` per layer) and full-vocabulary logits at every token.
+    The weights take no gradient, so a matmul keeps none of its inputs. Per token and layer:
+    the norms' inputs and a few residual-sized tensors (``4 d``; ``10 d`` with RMSNorm, which
+    autograd keeps in pieces), q/k/v as the query heads read them (``3 H d_head``), the MLP's
+    hidden units (``d_mlp`` per MLP matrix) and the attention scores and pattern
+    (``2 H T``); per token once: a layer's receiver gradients in the backward pass
+    (``(1 + H + 2G) d``); per metric position the vocabulary (``4 d_vocab``). Without the
+    block runner the bridge's hooked path also keeps the split q/k/v inputs (``6 H d`` per
+    layer) and full-vocabulary logits at every token. Coefficients fitted to measured peaks
+    (module docstring).
     """
     s = shape
-    qkv = (s.n_heads + 2 * s.n_kv_heads) * s.d_head
-    per_layer = (_GRAD_PER_LAYER_D * s.d_model + _GRAD_PER_LAYER_QKV * qkv
-                 + _GRAD_PER_LAYER_MLP * s.d_mlp
-                 + (2 * s.n_heads * seq_len if s.eager_attention or not s.runner else 0))
+    per_layer = ((_GRAD_PER_LAYER_D_RMS if s.rms_norm else _GRAD_PER_LAYER_D) * s.d_model
+                 + _GRAD_PER_LAYER_QKV * 3 * s.n_heads * s.d_head
+                 + _GRAD_PER_LAYER_MLP * s.mlp_mats * s.d_mlp
+                 + _GRAD_PATTERN * s.n_heads * seq_len)
     if not s.runner:
         per_layer += 6 * s.n_heads * s.d_model
     receivers = _GRAD_RECEIVERS * (1 + s.n_heads + 2 * s.n_kv_heads) * s.d_model
@@ -464,7 +492,8 @@ def _forward_flops(shape: ModelShape, seq_len: int, vocab_tokens: float) -> floa
 
 def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points: int,
                      budget: int, batch_size: int | None = None, positions: int = 1,
-                     algorithm: str = "eap", device: str = "cpu") -> MemoryPlan:
+                     algorithm: str = "eap", device: str = "cpu",
+                     plain_forwards: int | None = None) -> MemoryPlan:
     """How gradient attribution (EAP, EAP-IG, clean-corrupted) splits its work, and its peak.
 
     The fixed part is the weights and, when they fit in half of what the weights leave, the
@@ -481,6 +510,8 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
         budget: Bytes, weights included.
         batch_size: Cap on examples per pass.
         algorithm, device: For the report.
+        plain_forwards: Plain forwards per example besides the gradient runs, for the time
+            (default: 1 for EAP, 2 with several runs).
 
     Returns:
         The :class:`MemoryPlan`.
@@ -497,8 +528,8 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
     per_row = gradient_row_bytes(shape, seq_len, positions)
     grad_row = seq_len * _GRAD_RECEIVERS * (1 + shape.n_heads + 2 * shape.n_kv_heads) * \
         shape.d_model * shape.width  # part of per_row: a layer's receiver gradients
-    minimum = shape.weights + (buffers + 1) * outputs + per_row + \
-        cache_workspace(shape, 1, seq_len)
+    minimum = shape.weights + (buffers + 1) * outputs + max(per_row,
+                                                           cache_workspace(shape, 1, seq_len))
     if budget < minimum:
         raise refuse(budget, minimum, f"one example of {seq_len} tokens for {algorithm} on "
                                       "this model")
@@ -526,7 +557,7 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
     hf = _forward_flops(shape, seq_len, 1.0)
     body = _forward_flops(shape, seq_len, positions / seq_len)
     contraction = 2 * shape.d_model * shape.graph.n_edges
-    plain = 1 if n_points == 1 else 2
+    plain = plain_forwards or (1 if n_points == 1 else 2)
     units = (plain * body + n_points * (2 * body + contraction)) / hf
     passes = {"forwards": plain, "backwards": n_points,
               "contraction": round(n_points * contraction / hf, 2)}
@@ -635,6 +666,11 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
             total += count * ((shape.n_layers - start) * layer_flops + vocab)
             masked += count
         units = round((2 * hf + total) / hf, 2)  # + the clean and corrupted caches
+    if pass_buffer is None and n_buffer is None and tests:
+        first = min(start for start, _ in tests)  # senders from the earliest start layer on
+        graph = shape.graph
+        pass_buffer = graph.n_senders - (graph.head_start[first] if first < shape.n_layers
+                                         else graph.n_senders)
     used = masked_row_bytes(shape, seq_len, pass_buffer if pass_buffer is not None else n_buffer)
     return MemoryPlan(algorithm=algorithm, model=shape.name, device=device,
                       dtype_bytes=shape.width, examples=n_examples, seq_len=seq_len,
