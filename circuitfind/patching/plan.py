@@ -69,6 +69,7 @@ _VOCAB_AT_POSITION = 4  # logits, log-softmax and their gradients at a metric po
 _MASKED_PER_TOKEN_D = 10  # residual-sized tensors of a masked pass's layer
 _MASKED_SPLIT = 2  # per-head q/k/v inputs and their patches, when every receiver is touched
 _MASKED_PER_TOKEN_MLP = 4
+_TESTS_SENDER_BUFFERS = 2  # sender-sized buffers per example of passes testing edges (ACDC)
 
 
 def dtype_bytes(dtype: torch.dtype | str | None) -> int:
@@ -326,18 +327,21 @@ def gradient_row_bytes(shape: ModelShape, seq_len: int, positions: int = 1) -> i
     return (seq_len * (s.n_layers * per_layer + receivers) + vocab) * s.width
 
 
-def masked_row_bytes(shape: ModelShape, seq_len: int, n_buffer: int | None = None) -> int:
+def masked_row_bytes(shape: ModelShape, seq_len: int, n_buffer: int | None = None,
+                     dense: bool = True) -> int:
     """Bytes one model-batch row of a no-grad masked pass uses.
 
     The buffered senders (``n_buffer`` of them, default all S: ``n_buffer d`` per token) and
     one layer's working set: residual-sized tensors (``10 d``), the per-head q/k/v inputs and
     their patches when every receiver is touched (``2 (H + 2G) d``), the MLP's hidden units
     (``4 d_mlp``) and the attention pattern (``2 H T``). Without the block runner the bridge
-    also keeps full-vocabulary logits and its split q/k/v copies.
+    also keeps full-vocabulary logits and its split q/k/v copies. ``dense=False``: passes
+    that touch one receiver group at a time (ACDC's tests, exact patching) build no per-head
+    inputs for the others.
     """
     s = shape
     n_buffer = s.graph.n_senders if n_buffer is None else n_buffer
-    split = _MASKED_SPLIT * (s.n_heads + 2 * s.n_kv_heads)
+    split = _MASKED_SPLIT * (s.n_heads + 2 * s.n_kv_heads) if dense else 0
     if s.runner:
         per_token = ((n_buffer + _MASKED_PER_TOKEN_D + split) * s.d_model
                      + _MASKED_PER_TOKEN_MLP * s.d_mlp + 2 * s.n_heads * seq_len)
@@ -390,6 +394,8 @@ class MemoryPlan:
         forward_units: Predicted time in plain Hugging Face forwards of the whole batch
             (``None`` where the algorithm's work cannot be known beforehand).
         passes: What the time is made of (forwards, backwards, masked rows).
+        per_example: Bytes the least budget grows by per example (masked passes keep every
+            example's caches; gradient attribution chunks them: 0).
     """
 
     algorithm: str
@@ -412,6 +418,7 @@ class MemoryPlan:
     max_examples: int | None
     forward_units: float | None
     passes: dict[str, float] = field(default_factory=dict)
+    per_example: int = 0
 
     @property
     def peak(self) -> int:
@@ -463,10 +470,7 @@ class MemoryPlan:
 
     def minimum_for(self, n: int) -> int:
         """The least budget for ``n`` examples (masked passes: their caches grow with n)."""
-        if self.max_examples is None or self.examples < 1:
-            return self.minimum
-        per_example = (self.caches + self.workspace) / self.examples
-        return int(self.minimum + (n - 1) * per_example)
+        return self.minimum + max(0, n - 1) * self.per_example
 
 
 def refuse(budget: int, minimum: int, what: str) -> ConfigError:
@@ -581,11 +585,9 @@ def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
             the minimum (and, when one example would fit, the most examples that do).
     """
     row = masked_row_bytes(shape, seq_len, n_buffer)
-    fixed = shape.weights + masked_cache_bytes(shape, n_examples, seq_len) + \
-        masked_workspace(shape, n_examples, seq_len)
+    fixed = shape.weights + masked_fixed_bytes(shape, n_examples, seq_len)
     if budget < fixed + row:
-        one = shape.weights + masked_cache_bytes(shape, 1, seq_len) + \
-            masked_workspace(shape, 1, seq_len) + row
+        one = shape.weights + masked_fixed_bytes(shape, 1, seq_len) + row
         if budget < one:
             raise refuse(budget, one, f"one example of {seq_len} tokens for masked passes on "
                                       "this model")
@@ -593,6 +595,15 @@ def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
         raise refuse(budget, fixed + row, f"the caches of {n_examples} examples of {seq_len} "
                                           f"tokens (at most {most} fit)")
     return int((budget - fixed) // row)
+
+
+def masked_fixed_bytes(shape: ModelShape, n: int, seq_len: int) -> int:
+    """Bytes of masked passes over ``n`` examples that do not depend on the pass's rows: the
+    caches (:func:`masked_cache_bytes`), their workspace (:func:`masked_workspace`) and two
+    sender-sized buffers per example that passes testing edges hold (ACDC's kept-form memo,
+    the pass's sender differences)."""
+    return (masked_cache_bytes(shape, n, seq_len) + masked_workspace(shape, n, seq_len)
+            + _TESTS_SENDER_BUFFERS * n * sender_bytes(shape, seq_len))
 
 
 def masked_workspace(shape: ModelShape, n: int, seq_len: int) -> int:
@@ -604,7 +615,7 @@ def masked_workspace(shape: ModelShape, n: int, seq_len: int) -> int:
 def max_masked_examples(shape: ModelShape, seq_len: int, budget: int,
                         n_buffer: int | None = None) -> int:
     """The most examples whose masked-pass caches fit in ``budget`` beside one row."""
-    per = masked_cache_bytes(shape, 1, seq_len) + masked_workspace(shape, 1, seq_len)
+    per = masked_fixed_bytes(shape, 1, seq_len)
     return max(0, int((budget - shape.weights - masked_row_bytes(shape, seq_len, n_buffer))
                       // per))
 
@@ -642,8 +653,7 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
             row; the message gives the minimum.
     """
     row = masked_row_bytes(shape, seq_len, n_buffer)
-    minimum = shape.weights + masked_cache_bytes(shape, 1, seq_len) + \
-        masked_workspace(shape, 1, seq_len) + row
+    minimum = shape.weights + masked_fixed_bytes(shape, 1, seq_len) + row
     if budget < minimum:
         raise refuse(budget, minimum, f"one example of {seq_len} tokens for masked passes "
                                       f"({algorithm}) on this model")
@@ -666,18 +676,23 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
             total += count * ((shape.n_layers - start) * layer_flops + vocab)
             masked += count
         units = round((2 * hf + total) / hf, 2)  # + the clean and corrupted caches
-    if pass_buffer is None and n_buffer is None and tests:
-        first = min(start for start, _ in tests)  # senders from the earliest start layer on
-        graph = shape.graph
-        pass_buffer = graph.n_senders - (graph.head_start[first] if first < shape.n_layers
-                                         else graph.n_senders)
-    used = masked_row_bytes(shape, seq_len, pass_buffer if pass_buffer is not None else n_buffer)
+    if tests:
+        # passes that test one receiver group at a time (ACDC, exact patching) hold per
+        # example about two sender-sized buffers (the kept form's memo of mask-invariant
+        # nodes and the pass's sender differences; fitted to measured peaks) and per row the
+        # keys and values of the layer they start at
+        activations = _TESTS_SENDER_BUFFERS * n_examples * sender_bytes(shape, seq_len) + \
+            k * n * seq_len * (2 * shape.n_kv_heads * shape.d_head + shape.d_model) * shape.width
+    else:
+        activations = k * n * masked_row_bytes(
+            shape, seq_len, pass_buffer if pass_buffer is not None else n_buffer)
     return MemoryPlan(algorithm=algorithm, model=shape.name, device=device,
                       dtype_bytes=shape.width, examples=n_examples, seq_len=seq_len,
                       positions=positions, budget=budget, weights=shape.weights,
                       caches=masked_cache_bytes(shape, n_examples, seq_len),
-                      activations=k * n * used, gradients=0,
+                      activations=activations, gradients=0,
                       workspace=masked_workspace(shape, n_examples, seq_len),
                       examples_per_pass=n, points_per_pass=k, cache_corrupted=True,
                       minimum=minimum, max_examples=most, forward_units=units,
-                      passes={"forwards": 2, "masks": masked})
+                      passes={"forwards": 2, "masks": masked},
+                      per_example=masked_fixed_bytes(shape, 1, seq_len))
