@@ -106,8 +106,10 @@ NO_PROGRESS_OPTION = typer.Option(
          "TQDM_DISABLE is unset; in a log each phase is one line).")
 MEMORY_OPTION = typer.Option(
     None, "--memory",
-    help="Memory budget of one pass, e.g. 4GiB or 512MiB (default 2GiB): examples, masks and "
-         "gradient runs are chunked to fit; results do not depend on it.")
+    show_default="the model's weights plus 2GiB",
+    help="Memory budget of the run on its device, the model's weights and caches included, "
+         "e.g. 24GiB: examples, masks and gradient runs are chunked to fit (see `circuitfind "
+         "plan`); results do not depend on it.")
 DEVICE_OPTION = typer.Option(None, "--device", show_default="cuda when available, else cpu",
                              help="cpu, cuda, cuda:1 ...")
 PARAM_DEFAULT = "the algorithm's own"

@@ -188,3 +188,33 @@ def test_plan_predicts_the_measured_peak(tmp_path_factory, algorithm):
         {"max_receivers": 14} if algorithm == "acdc" else None))
     assert measured <= plan.budget
     assert measured == pytest.approx(plan.peak, rel=0.3), (measured, plan.summary())
+
+
+def test_cli_plans_and_says_whether_it_fits(run):
+    args = ["plan", "--model", str(LLAMA_8B), "--algorithm", "eap-ig", "--seq-len", "24",
+            "--examples", "64", "--dtype", "bfloat16", "--device", "cuda"]
+    fits = run(*args, "--memory", "80GiB")
+    assert fits.returncode == 0 and "fits: yes" in fits.stdout and "weights" in fits.stdout
+    short = run(*args, "--memory", "12GiB")
+    assert short.returncode == 1 and "one example needs at least" in short.stdout
+    as_json = json.loads(run(*args, "--memory", "80GiB", "--json").stdout)
+    assert as_json["fits"] and as_json["budget"] == 80 * GiB and as_json["peak"] > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--seq-len"),  # neither a task nor a length
+    (["--seq-len", "8", "--memory", "lots"], "memory budget"),
+    (["--seq-len", "8", "--dtype", "int8"], "dtype"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--seq-len", "8", "--examples", "0"], "--examples"),
+    (["--seq-len", "8", "--algorithm", "eapp"], "eap"),
+])
+def test_cli_usage_errors(run, extra, message):
+    result = run("plan", "--model", str(LLAMA_8B), *extra)
+    assert result.returncode == 2 and message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_needs_a_model(run):
+    result = run("plan", "--seq-len", "8")
+    assert result.returncode == 2 and "--model" in result.stderr
