@@ -198,7 +198,8 @@ def run_one(shape: str, algorithm: str, root: Path, threads: int,
         params["max_receivers"] = one_layer(SHAPES[shape])
     plan = cf.plan(str(path), None, algorithm, examples=BATCH, seq_len=SEQ_LEN,
                    algorithm_params=params, memory=budget)
-    spec = {"model_dir": str(path), "warm_dir": str(warm_dir(root, shape)), "algorithm": algorithm, "params": ALGORITHMS[algorithm],
+    spec = {"model_dir": str(path), "warm_dir": str(warm_dir(root, shape)),
+            "algorithm": algorithm, "params": ALGORITHMS[algorithm],
             "max_receivers": params.get("max_receivers"), "budget": plan.budget}
     cmd = [sys.executable, __file__, "--threads", str(threads), "--child", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)

@@ -28,5 +28,6 @@ __all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFi
            "ComputeGraph", "PatchingEngine", "RenderOptions", "Task", "TaskData", "bench",
            "build_data", "check", "compare",
            "discover", "edge_roc", "evaluate", "export_mib", "faithfulness_curve",
-           "get_algorithm", "get_task", "import_mib", "leaderboard", "load_model", "node_roc", "path_patch", "plan",
+           "get_algorithm", "get_task", "import_mib", "leaderboard", "load_model", "node_roc", "path_patch",
+           "plan",
            "reference_circuit", "score_edges", "tune", "write_run"]
