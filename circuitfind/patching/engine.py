@@ -472,25 +472,29 @@ class PatchingEngine:
     @torch.no_grad()
     def evaluate(self, data: TaskData, masks: Tensor, batch_size: int | None = None,
                  start: int | None = None, ablation: Ablation | str | None = None,
-                 frozen: Tensor | None = None) -> Tensor:
-        """Mean task metric of each circuit.
+                 frozen: Tensor | None = None, per_example: bool = False) -> Tensor:
+        """Mean task metric of each circuit (or each example's metric).
 
         Args:
             data: Task data.
             masks: ``[S, R]`` or ``[K, S, R]`` keep-masks (see :meth:`run`).
             batch_size, start, ablation, frozen: As in :meth:`run`.
+            per_example: Return every example's metric instead of the mean (for bootstrap
+                confidence intervals over examples).
 
         Returns:
-            ``[K]`` float64 metric means over the N examples, in the task's metric unit.
+            ``[K]`` float64 metric means over the N examples, in the task's metric unit; with
+            ``per_example``, ``[K, N]`` float64 per-example metrics (their mean over N is the
+            default result).
         """
         masks = self._masks(masks)
-        totals = torch.zeros(masks.shape[0], dtype=torch.float64, device=self.device)
+        values_kn = torch.zeros(masks.shape[0], data.n, dtype=torch.float64, device=self.device)
         on_device = self.on_device(data)  # answers etc. beside the logits for the metric
         for ks, es, logits in self._iter_runs(data, masks, batch_size, start, ablation, frozen):
             values = data.task.metric(logits, on_device.subset(es)
                                       if (es.start, es.stop) != (0, data.n) else on_device)
-            totals[ks] += values.double().sum(-1)
-        return (totals / data.n).cpu()
+            values_kn[ks, es] = values.double().reshape(-1, es.stop - es.start)
+        return (values_kn if per_example else values_kn.sum(-1) / data.n).cpu()
 
     @torch.no_grad()
     def _iter_runs(self, data: TaskData, masks: Tensor, batch_size: int | None,
