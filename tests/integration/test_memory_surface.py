@@ -16,8 +16,10 @@ def test_score_edges_chunks_within_a_small_budget_with_the_same_scores(tiny_mode
     model = tiny_models("llama_gqa")
     data = ToyTask(positions=2).build(model.tokenizer, 6, seed=3)
     roomy = cf.score_edges(model, data=data, algorithm=algorithm)
-    tight = cf.score_edges(model, data=data, algorithm=algorithm, memory_budget="1MiB")
-    assert cf.PatchingEngine(model, memory_budget="1MiB").rows_per_pass(data.seq_len) < 6 * 4
+    tight = cf.score_edges(model, data=data, algorithm=algorithm, memory_budget="1.5MiB")
+    engine = cf.PatchingEngine(model, memory_budget="1.5MiB")  # caches and weights included
+    assert engine.rows_per_pass(data.seq_len, None, data.n) < 6 * 4
+    assert engine.attribution_plan(data.n, data.seq_len, 5)[:2] != (6, 5)
     assert_close(model, tight, roomy)  # chunks round Llama's float32 steps differently
 
 
