@@ -402,6 +402,7 @@ def plan(model: Any, task: str | Task | None = None, algorithm: str | Algorithm 
             shape = shape.with_dtype(dtype)
     else:
         shape = ModelShape.from_config(model_config(model), dtype, name=source.display_name)
+    data = None
     if seq_len is None:
         tokenizer = model_tokenizer(model)
         if tokenizer is None:
@@ -412,7 +413,6 @@ def plan(model: Any, task: str | Task | None = None, algorithm: str | Algorithm 
         task_obj = get_task(task)
         data = task_obj.build(tokenizer, n=examples or task_obj.default_n, seed=seed)
         n = data.n
-        seq_len = int(data.positions.max()) + 1 if shape.runner else data.seq_len
         positions = positions or int(data.positions.shape[1])
     else:
         if task is not None and examples is None:
@@ -421,6 +421,10 @@ def plan(model: Any, task: str | Task | None = None, algorithm: str | Algorithm 
     positions = positions or 1
     work = algo.workload(ComputeGraph(shape.n_layers, shape.n_heads, shape.n_kv_heads,
                                       attn_only=shape.attn_only, parallel_attn_mlp=shape.parallel))
+    if data is not None:  # as the engine sizes them: masked passes stop at the last metric
+        # position (a causal model), gradient attribution reads the whole prompts
+        seq_len = (int(data.positions.max()) + 1 if shape.runner and work.gradient_points is None
+                   else data.seq_len)
     budget = memory_plan.resolve_budget(memory, shape)
 
     def make(budget_: int) -> MemoryPlan:

@@ -438,7 +438,10 @@ class MemoryPlan:
     def summary(self) -> str:
         """A few lines for people: the parts, the chunks, the time, whether it fits."""
         def gib(x: int) -> str:
-            return f"{x / GiB:.2f} GiB"
+            for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+                if x >= size:
+                    return f"{x / size:.2f} {unit}"
+            return f"{x} B"
 
         per = "gradient runs" if self.passes.get("backwards") else "masks"
         lines = [
@@ -446,7 +449,9 @@ class MemoryPlan:
             f"{self.seq_len} tokens, {self.dtype_bytes * 8}-bit values, {self.device}",
             f"  weights      {gib(self.weights)}",
             f"  caches       {gib(self.caches)}"
-            + ("  (corrupted sender outputs of all examples)" if self.cache_corrupted else ""),
+            + (("  (corrupted sender outputs of all examples)" if self.cache_corrupted else "")
+               if self.passes.get("backwards") else
+               "  (clean, corrupted and fully ablated runs of every example)"),
             f"  activations  {gib(self.activations)}",
             f"  gradients    {gib(self.gradients)}",
             f"  workspace    {gib(self.workspace)}",

@@ -134,8 +134,7 @@ def test_tiny_memory_budget_chunks_without_changing_results(tiny_models, name):
     masks = torch.rand(4, g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1),
                        dtype=torch.float64)
     t = int(data.positions.max()) + 1
-    fixed = (big.shape.weights + plan.masked_cache_bytes(big.shape, data.n, t)
-             + plan.masked_workspace(big.shape, data.n, t))
+    fixed = big.shape.weights + plan.masked_fixed_bytes(big.shape, data.n, t)
     small = PatchingEngine(model, memory_budget=max(2**20, fixed + 3 * plan.masked_row_bytes(
         big.shape, t)))
     assert small.rows_per_pass(t, None, data.n) < 4 * data.n  # it really chunks
