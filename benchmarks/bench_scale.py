@@ -198,6 +198,10 @@ def run_one(shape: str, algorithm: str, root: Path, threads: int,
         params["max_receivers"] = one_layer(SHAPES[shape])
     plan = cf.plan(str(path), None, algorithm, examples=BATCH, seq_len=SEQ_LEN,
                    algorithm_params=params, memory=budget)
+    if not plan.fits and budget is None:  # the default (weights + 2 GiB) is too small: the
+        # least budget that fits, with a quarter to spare
+        plan = cf.plan(str(path), None, algorithm, examples=BATCH, seq_len=SEQ_LEN,
+                       algorithm_params=params, memory=int(1.25 * plan.minimum_for(BATCH)))
     spec = {"model_dir": str(path), "warm_dir": str(warm_dir(root, shape)),
             "algorithm": algorithm, "params": ALGORITHMS[algorithm],
             "max_receivers": params.get("max_receivers"), "budget": plan.budget}
@@ -296,8 +300,14 @@ def main() -> None:
             result["machine"] = old["machine"]
     for shape in [] if args.report_only else shapes:
         for algorithm in args.algorithms:
-            row = run_one(shape, algorithm, root, args.threads, args.memory)
+            try:
+                row = run_one(shape, algorithm, root, args.threads, args.memory)
+            except RuntimeError as err:  # report it, go on with the others
+                print(err, flush=True)
+                continue
             result["rows"].append(row)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(json.dumps(result, indent=1))
             print(f"{shape} {algorithm}: peak {row['peak'] / GiB:.2f} GiB (plan "
                   f"{row['plan']['peak'] / GiB:.2f}), {row['wall_hf']:.1f} fwd (plan "
                   f"{row['plan']['forward_units']:.1f})", flush=True)

@@ -612,7 +612,7 @@ def plan(
     algorithm: str = typer.Option("eap", "--algorithm", "-a",
                                   help="Algorithm (see `circuitfind algorithms`)."),
     n_examples: Optional[int] = typer.Option(
-        None, "--examples", min=1, show_default="the task's default (64)",
+        None, "--examples", min=1, show_default="the task's default, 64",
         help="Clean/corrupted pairs."),
     seq_len: Optional[int] = typer.Option(
         None, "--seq-len", min=1, show_default="from the task's data",

@@ -97,7 +97,8 @@ class ModelShape:
         name: The model's name (for reports).
         n_layers, n_heads, n_kv_heads, d_model, d_head, d_mlp, d_vocab: Sizes (``d_mlp`` 0
             for attention-only models; ``d_head * n_heads`` may differ from ``d_model``).
-        n_params: Parameters (tied embeddings counted once).
+        n_params: Parameters the loaded model holds (tied embeddings counted once; with the
+            split q/k/v copies transformer-lens' bridge keeps of a fused projection).
         width: Bytes per value of the model's dtype.
         attn_only, parallel: The graph's wiring (see :class:`ComputeGraph`).
         runner: Whether the block runner implements the family (else the bridge's hooked
@@ -202,7 +203,11 @@ class ModelShape:
         except Exception as err:
             raise ConfigError(f"transformers cannot build a causal LM from this config "
                               f"({type(err).__name__}: {err}).") from err
-        n_params = sum(p.numel() for p in meta.parameters())
+        # transformer-lens' bridge keeps split q/k/v copies of a fused projection (GPT-2's
+        # c_attn, GPT-NeoX's query_key_value) beside it: a loaded model holds them too
+        n_params = sum(p.numel() for p in meta.parameters()) + sum(
+            p.numel() for name, p in meta.named_parameters()
+            if any(key in name for key in _FUSED_QKV))
 
         def get(*keys: str, default: Any = None) -> Any:
             for key in keys:
@@ -235,6 +240,9 @@ class ModelShape:
 
 def _softcapped(config: Any) -> bool:
     return config is not None and getattr(config, "attn_logit_softcapping", None) is not None
+
+
+_FUSED_QKV = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")
 
 
 def _rms(config: Any) -> bool:
@@ -567,9 +575,11 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
     body = _forward_flops(shape, seq_len, positions / seq_len)
     contraction = 2 * shape.d_model * shape.graph.n_edges
     plain = plain_forwards or (1 if n_points == 1 else 2)
-    units = (plain * body + n_points * (2 * body + contraction)) / hf
+    # the runs stacked in one pass sum their receiver gradients before the one contraction
+    passes_per_chunk = math.ceil(n_points / p)
+    units = (plain * body + n_points * 2 * body + passes_per_chunk * contraction) / hf
     passes = {"forwards": plain, "backwards": n_points,
-              "contraction": round(n_points * contraction / hf, 2)}
+              "contraction": round(passes_per_chunk * contraction / hf, 2)}
     return MemoryPlan(algorithm=algorithm, model=shape.name, device=device,
                       dtype_bytes=shape.width, examples=n_examples, seq_len=seq_len,
                       positions=positions, budget=budget, weights=shape.weights, caches=caches,

@@ -41,10 +41,12 @@ def test_llama_8b_plans_from_its_config_alone():
     assert small.examples_per_pass == 0 and "one example needs at least" in small.summary()
 
 
-def test_config_and_loaded_model_give_one_shape(tiny_models, tmp_path):
-    path = make_tiny_model_dir(tmp_path / "m", arch="llama", n_layers=3, n_heads=4,
-                               n_kv_heads=2, seed=2)
-    model = tiny_models("llama_gqa")  # the same sizes, loaded (float64)
+@pytest.mark.parametrize("name, spec", [
+    ("llama_gqa", dict(arch="llama", n_layers=3, n_heads=4, n_kv_heads=2, seed=2)),
+    ("gpt2", dict(arch="gpt2", n_layers=2, n_heads=4, seed=0))])  # fused q/k/v: split copies
+def test_config_and_loaded_model_give_one_shape(tiny_models, tmp_path, name, spec):
+    path = make_tiny_model_dir(tmp_path / "m", **spec)
+    model = tiny_models(name)  # the same sizes, loaded (float64)
     from_config = ModelShape.from_config(json.loads((path / "config.json").read_text()),
                                          dtype="float64", name="?")
     from_model = ModelShape.from_model(model)
