@@ -91,6 +91,7 @@ SHAPES: dict[str, dict[str, Any]] = {
              "max_position_embeddings": 64, "tie_word_embeddings": False,
              "bos_token_id": 50256, "eos_token_id": 50256},
 }
+PUBLIC_SHAPES = ("gpt2-small", "pythia-410m", "qwen2.5-0.5b", "llama-3.2-1b", "gemma-2-2b")
 ALGORITHMS: dict[str, dict[str, Any]] = {
     "eap": {},
     "eap_ig": {"steps": 5},
@@ -241,6 +242,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'yes' if r['peak'] <= r['budget'] else 'NO'} | {r['wall_hf']:.1f} | "
             f"{p['forward_units']:.1f} | {r['wall_hf'] / p['forward_units']:.2f} | "
             f"{p['examples_per_pass']} × {p['points_per_pass']} |")
+    shown = {r["shape"] for r in result["rows"]}
+    missing = [s for s in PUBLIC_SHAPES if s not in shown]
+    if missing:
+        lines += ["", f"Not measured in this run: {', '.join(missing)} (the 2-core machine "
+                      "is shared; run `bench_scale.py --shapes ...` to add them)."]
     acdc = [r for r in result["rows"] if r["algorithm"] == "acdc" and r.get("tests")]
     if acdc:
         lines += ["", "ACDC's time cannot be known beforehand: the plan counts every planned "
@@ -273,7 +279,7 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "tiny"])
+    parser.add_argument("--shapes", nargs="+", default=list(PUBLIC_SHAPES))
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory", default=None, help="Budget (default: the plan's proposal).")
@@ -296,8 +302,15 @@ def main() -> None:
         result["rows"] = [r for r in old["rows"]
                           if args.report_only or (r["shape"], r["algorithm"]) not in
                           {(s, a) for s in shapes for a in args.algorithms}]
-        if args.report_only:
+        if args.report_only:  # the plans again, with this checkout's model, same budgets
             result["machine"] = old["machine"]
+            import circuitfind as cf
+
+            for row in result["rows"]:
+                row["plan"] = cf.plan(str(model_dir(root, row["shape"])), None,
+                                      row["algorithm"], examples=BATCH, seq_len=SEQ_LEN,
+                                      algorithm_params=row["params"],
+                                      memory=row["budget"]).to_dict()
     for shape in [] if args.report_only else shapes:
         for algorithm in args.algorithms:
             try:

@@ -496,15 +496,14 @@ def refuse(budget: int, minimum: int, what: str) -> ConfigError:
 
 
 def _forward_flops(shape: ModelShape, seq_len: int, vocab_tokens: float) -> float:
-    """Matmul FLOPs of a plain forward per token: the body, attention over ``seq_len / 2``
-    keys on average (causal), and the unembedding at ``vocab_tokens`` tokens per token."""
+    """Matmul FLOPs of a plain forward per token: the blocks' projections, attention over
+    ``seq_len / 2`` keys on average (causal), and the unembedding at ``vocab_tokens`` tokens
+    per token."""
     s = shape
-    embed = s.d_vocab * s.d_model
-    body = 2 * max(0, s.n_params - embed)  # the (tied or not) unembedding counted below
-    if s.n_params - 2 * embed > 0 and s.n_params - 2 * embed > 0.5 * (s.n_params - embed):
-        body = 2 * (s.n_params - 2 * embed)  # untied: input and output embeddings
+    attn = s.d_model * (s.n_heads + 2 * s.n_kv_heads) * s.d_head + s.n_heads * s.d_head * s.d_model
+    body = 2 * s.n_layers * (attn + s.mlp_mats * s.d_model * s.d_mlp)
     attention = 2 * s.n_layers * s.n_heads * s.d_head * seq_len  # QK^T and AV, causal half
-    return body + attention + 2 * embed * vocab_tokens
+    return body + attention + 2 * s.d_vocab * s.d_model * vocab_tokens
 
 
 def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points: int,
