@@ -11,6 +11,8 @@ the last MLP and the last layer's q/k/v receivers), one fresh process:
 3. times one plain Hugging Face forward of the clean batch (no grad; median of 3): the unit;
 4. runs ``algorithm.score`` (ACDC: ``discover``) on a :class:`PatchingEngine` with the
    ``--memory`` budget the plan proposes, sampling the resident set every millisecond.
+   Times are the main thread's CPU time (torch runs on it with one thread), so other jobs
+   on a shared machine do not inflate them.
 
 Reported per run: measured peak = the process's peak resident set during the run minus
 ``base`` (the weights, paged in, count: the budget covers them), the child's ``ru_maxrss``
@@ -162,9 +164,9 @@ def child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     with torch.no_grad():
         plain(data.clean)
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             plain(data.clean)
-            times.append(time.perf_counter() - t0)
+            times.append(time.thread_time() - t0)
     hf = statistics.median(times)
     params = dict(spec["params"])
     if spec["algorithm"] == "acdc":
@@ -174,17 +176,17 @@ def child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     run = algo.discover if spec["algorithm"] == "acdc" else algo.score
     _malloc_trim()
     before = _rss()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     result: list[Any] = []
     delta = peak_rss_delta(lambda: result.append(run(engine, data)))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     tests = None
     if spec["algorithm"] == "acdc":
         acdc = result[0].metadata["acdc"]
         tests = int(acdc["tested_edges"]) + int(acdc["node_tests"])
     return {"tests": tests, "base_rss": base, "rss_before_run": before, "peak_rss": before + delta,
-            "peak": before + delta - base, "wall_s": wall, "hf_forward_s": hf,
-            "wall_hf": wall / hf,
+            "peak": before + delta - base, "wall_s": wall, "cpu_s": cpu, "hf_forward_s": hf,
+            "wall_hf": cpu / hf,
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -226,7 +228,9 @@ def markdown(result: dict[str, Any]) -> str:
         "is a fresh process. *peak*: the resident set's peak during the run minus the "
         "process's resident set before the model was loaded (weights included); *plan*: "
         "`circuitfind plan`'s prediction from the config alone; *time* in plain Hugging Face "
-        "forwards of the same batch measured in the same process. EAP-IG: 5 steps on the "
+        "forwards of the same batch measured in the same process (the main thread's CPU time, "
+        "which other jobs on the machine do not inflate; rows without `cpu_s` in the JSON "
+        "used wall time). EAP-IG: 5 steps on the "
         "inputs; ACDC: τ = 0.001 nats, one receiver layer (logits, the last MLP, the last "
         "layer's q/k/v).",
         "",
