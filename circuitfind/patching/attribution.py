@@ -20,6 +20,33 @@ if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ACCUMULATION_CHUNK_BYTES = 1 << 26  # float32 copies of one chunk of a half-precision contraction
+
+
+def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` accumulated in at least float32: ``[U, X] x [R, X] -> [U, R]``.
+
+    For float32/float64 operands this is one matmul in ``a``'s dtype. Where either operand is
+    float16 or bfloat16 (a half-precision model's sender differences or gradients), the sum
+    over ``X`` (examples x positions x d_model: hundreds of thousands of terms) runs in
+    float32: chunks of columns (at most :data:`ACCUMULATION_CHUNK_BYTES` of float32 copies)
+    are converted and added into a float32 result, so no term nor the result is rounded to
+    half precision (a half matmul rounds its result to 8 or 11 bits, and on GPUs may reduce in
+    half precision).
+
+    Returns:
+        ``[U, R]``, float32 for half operands, else ``a``'s dtype.
+    """
+    if a.dtype not in HALF_DTYPES and b.dtype not in HALF_DTYPES:
+        return a @ b.T.to(a)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    step = max(1, ACCUMULATION_CHUNK_BYTES // (4 * (a.shape[0] + b.shape[0])))
+    for x0 in range(0, a.shape[1], step):
+        out.addmm_(a[:, x0: x0 + step].float(), b[:, x0: x0 + step].float().T)
+    return out
+
+
 def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
                     sign: float = 1.0) -> None:
     """Eq. (2) for one block of receivers: ``scores[:U, r0:r0+R'] += sign * delta @ grad^T``.
@@ -32,11 +59,14 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
         r0: First receiver of the block.
         grad: ``[R', X]`` the receivers' gradients, flattened the same way.
 
+    The sum over ``X`` runs in at least float32 (:func:`matmul_nt`), also for half-precision
+    models.
+
     References:
         Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
         Discovery", eq. 2.
     """
-    block = (delta @ grad.T.to(delta)).to(scores.dtype)
+    block = matmul_nt(delta, grad).to(scores.dtype)
     if sign == 1.0:
         scores[: delta.shape[0], r0: r0 + grad.shape[0]] += block
     else:
@@ -146,7 +176,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         for layer, jd in pushed.items():  # the head rows: per copy, through its Jacobian
             heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
             if heads.stop <= n_up:
-                scores[heads, r0: r0 + h] = (jd @ per_copy.T.to(jd)).to(scores.dtype)
+                scores[heads, r0: r0 + h] = matmul_nt(jd, per_copy).to(scores.dtype)
 
     fired: set[int] = set()  # first receiver of each group whose gradient arrived
 

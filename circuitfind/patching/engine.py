@@ -491,8 +491,8 @@ class PatchingEngine:
         values_kn = torch.zeros(masks.shape[0], data.n, dtype=torch.float64, device=self.device)
         on_device = self.on_device(data)  # answers etc. beside the logits for the metric
         for ks, es, logits in self._iter_runs(data, masks, batch_size, start, ablation, frozen):
-            values = data.task.metric(logits, on_device.subset(es)
-                                      if (es.start, es.stop) != (0, data.n) else on_device)
+            values = (on_device.subset(es) if (es.start, es.stop) != (0, data.n)
+                      else on_device).metric(logits)  # float32 for half-precision logits
             values_kn[ks, es] = values.double().reshape(-1, es.stop - es.start)
         return (values_kn if per_example else values_kn.sum(-1) / data.n).cpu()
 
