@@ -69,7 +69,7 @@ _VOCAB_AT_POSITION = 4  # logits, log-softmax and their gradients at a metric po
 _MASKED_PER_TOKEN_D = 10  # residual-sized tensors of a masked pass's layer
 _MASKED_SPLIT = 2  # per-head q/k/v inputs and their patches, when every receiver is touched
 _MASKED_PER_TOKEN_MLP = 4
-_TESTS_SENDER_BUFFERS = 2  # sender-sized buffers per example of passes testing edges (ACDC)
+_TESTS_SENDER_BUFFERS = 1  # a sender-sized buffer per example of passes testing edges (ACDC)
 
 
 def dtype_bytes(dtype: torch.dtype | str | None) -> int:
@@ -613,8 +613,8 @@ def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
 
 def masked_fixed_bytes(shape: ModelShape, n: int, seq_len: int) -> int:
     """Bytes of masked passes over ``n`` examples that do not depend on the pass's rows: the
-    caches (:func:`masked_cache_bytes`), their workspace (:func:`masked_workspace`) and two
-    sender-sized buffers per example that passes testing edges hold (ACDC's kept-form memo,
+    caches (:func:`masked_cache_bytes`), their workspace (:func:`masked_workspace`) and the
+    sender-sized buffer per example that passes testing edges hold (ACDC's kept-form memo,
     the pass's sender differences)."""
     return (masked_cache_bytes(shape, n, seq_len) + masked_workspace(shape, n, seq_len)
             + _TESTS_SENDER_BUFFERS * n * sender_bytes(shape, seq_len))
@@ -692,9 +692,9 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
         units = round((2 * hf + total) / hf, 2)  # + the clean and corrupted caches
     if tests:
         # passes that test one receiver group at a time (ACDC, exact patching) hold per
-        # example about two sender-sized buffers (the kept form's memo of mask-invariant
-        # nodes and the pass's sender differences; fitted to measured peaks) and per row the
-        # keys and values of the layer they start at
+        # example about one sender-sized buffer (the kept form's memo of mask-invariant nodes
+        # and the pass's sender differences; fitted to measured peaks) and per row the keys
+        # and values of the layer they start at
         activations = _TESTS_SENDER_BUFFERS * n_examples * sender_bytes(shape, seq_len) + \
             k * n * seq_len * (2 * shape.n_kv_heads * shape.d_head + shape.d_model) * shape.width
     else:
