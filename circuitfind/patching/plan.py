@@ -146,18 +146,24 @@ class ModelShape:
 
     @classmethod
     def from_model(cls, model: Any, graph: ComputeGraph | None = None,
-                   runner: bool = True) -> ModelShape:
+                   runner: bool | None = None) -> ModelShape:
         """The shape of a loaded ``TransformerBridge``.
 
         Args:
             model: The bridge (its ``cfg`` and parameters are read).
             graph: Its graph (default: from the model).
-            runner: Whether the engine runs it on the block runner.
+            runner: Whether the engine runs it on the block runner (default: whether an
+                adapter implements its family).
         """
+        from circuitfind.patching.architectures import architecture_for, unwrap
+
         cfg = model.cfg
         graph = graph if graph is not None else ComputeGraph.from_model(model)
         params = list(model.parameters())
         hf = getattr(model, "original_model", None)
+        if runner is None:
+            runner = hf is not None and not graph.attn_only and architecture_for(
+                type(unwrap(hf)).__name__) is not None
         hf_cfg = getattr(hf, "config", None)
         return cls(name=str(getattr(cfg, "model_name", None) or "?"),
                    n_layers=graph.n_layers, n_heads=graph.n_heads, n_kv_heads=graph.n_kv_heads,
