@@ -248,11 +248,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'≤ ' if bound else ''}{p['forward_units']:.1f} | "
             f"{'—' if bound else format(r['wall_hf'] / p['forward_units'], '.2f')} | "
             f"{p['examples_per_pass']} × {p['points_per_pass']} |")
-    shown = {r["shape"] for r in result["rows"]}
-    missing = [s for s in PUBLIC_SHAPES if s not in shown]
+    shown = {(r["shape"], r["algorithm"]) for r in result["rows"]}
+    missing = [f"{s} {a}" for s in PUBLIC_SHAPES for a in ALGORITHMS if (s, a) not in shown]
     if missing:
-        lines += ["", f"Not measured in this run: {', '.join(missing)} (the 2-core machine "
-                      "is shared; run `bench_scale.py --shapes ...` to add them)."]
+        lines += ["", f"Not measured: {', '.join(missing)} (time on the shared 2-core "
+                      "machine ran out; `bench_scale.py --shapes ... --algorithms ...` adds "
+                      "rows to the table)."]
     acdc = [r for r in result["rows"] if r["algorithm"] == "acdc" and r.get("tests")]
     if acdc:
         lines += ["", "ACDC's time cannot be known beforehand: the plan counts every planned "
