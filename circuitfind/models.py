@@ -369,7 +369,8 @@ def model_tokenizer(source: Any) -> Any | None:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(resolved.location),
-                                             local_files_only=resolved.kind == "hub")
+        saved = _saved_tokenizer(Path(resolved.location)) if resolved.kind != "hub" else None
+        return saved if saved is not None else AutoTokenizer.from_pretrained(
+            str(resolved.location), local_files_only=resolved.kind == "hub")
     except (OSError, ValueError, TypeError):
         return None

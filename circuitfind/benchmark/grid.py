@@ -115,7 +115,7 @@ from circuitfind.errors import CircuitFindError, ConfigError, TaskDataError
 from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS,
                                                  faithfulness_curve, normalized_faithfulness)
 from circuitfind.evaluation.roc import edge_roc, node_roc
-from circuitfind.models import load_model, resolve_model_source
+from circuitfind.models import load_model, model_tokenizer, resolve_model_source
 from circuitfind._progress import LOGGER as progress_log
 from circuitfind._progress import PhaseLog, progress
 from circuitfind.patching.engine import PatchingEngine
@@ -489,10 +489,16 @@ def plan_grid(config: BenchConfig) -> GridPlan:
 
 
 def _tokenizer(model: str) -> Any:
-    """The tokenizer ``load_model(model)`` would attach, without loading the weights."""
-    from transformers import AutoTokenizer
+    """The tokenizer ``load_model(model)`` would attach, without loading the weights.
 
-    return AutoTokenizer.from_pretrained(resolve_model_source(model).location)
+    Raises:
+        ConfigError: no tokenizer is at hand for ``model``.
+    """
+    tokenizer = model_tokenizer(model)
+    if tokenizer is None:
+        raise ConfigError(f"No tokenizer of {model!r} could be loaded (a local directory needs "
+                          "its tokenizer files; a hub name must be in the local cache).")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- running a cell
