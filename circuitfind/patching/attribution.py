@@ -43,6 +43,30 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
         scores[: delta.shape[0], r0: r0 + grad.shape[0]] += sign * block
 
 
+class _ReceiverGradients(torch.autograd.Function):
+    """``q, k, v = qkv(ln_attn(x))`` of one layer, whose backward pass is EAP's.
+
+    Autograd would compute the residual's gradient through the norm and the three
+    projections for all heads at once; EAP needs each q/k/v receiver's gradient (the same
+    matrix products, one head at a time), whose sum is that residual gradient. The backward
+    therefore hands the projections' gradients to a callback that computes the receivers'
+    gradients (and contracts them) and returns their sum: the work is done once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: int, lay: Architecture,  # type: ignore[override]
+                backward: Any) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(x)
+        ctx.backward = backward
+        return lay.qkv(layer, lay.ln_attn(layer, x))
+
+    @staticmethod
+    def backward(ctx: Any, dq: Tensor, dk: Tensor, dv: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor, None, None, None]:
+        (x,) = ctx.saved_tensors
+        return ctx.backward(x, dq, dk, dv), None, None, None
+
+
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float]] | None = None,
               diff: Tensor | None = None) -> Tensor:
@@ -55,7 +79,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     the gradient of its projection, ``d x_r = J_norm(x)^T (d q_h W_q[h]^T)`` (the norm's
     backward in closed form, for all heads of a kind at once), and contracted with the
     sender differences layer by layer, so the per-head q/k/v inputs are never materialised
-    in the forward pass.
+    in the forward pass. The residual's gradient through a layer's norm and q/k/v
+    projections is the sum of those receivers' gradients, so autograd does not compute it a
+    second time (:class:`_ReceiverGradients`).
 
     The clean sender outputs ``a_u`` are taken from this same forward pass (each head's
     from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``),
@@ -150,15 +176,14 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
 
     fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
-    # Per layer during the backward pass: the norm's parts (q, k and v read one norm of
-    # one residual) and the receivers' gradients ``[1 + H + 2G, N*T, d]``: the previous
-    # layer's MLP receiver (row 0; it is the receiver just before this layer's q and its
-    # gradient arrives just after theirs) and this layer's q/k/v receivers, contracted in
-    # one matmul once all have arrived (the sender differences are read once a layer; the
-    # one pair that is no edge, the MLP into its own receiver, is zeroed after).
-    norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}
-    grads: dict[int, tuple[Tensor, list[str]]] = {}
+    # Per layer during the backward pass: the receivers' gradients ``[1 + H + 2G, N*T, d]``:
+    # the previous layer's MLP receiver (row 0; it is the receiver just before this layer's
+    # q and its gradient arrives just after theirs) and this layer's q/k/v receivers,
+    # contracted in one matmul once all have arrived (the sender differences are read once
+    # a layer; the one pair that is no edge, the MLP into its own receiver, is zeroed after).
+    grads: dict[int, Tensor] = {}
     offset = {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv_heads}
+    n_qkv = g.n_heads + 2 * g.n_kv_heads
 
     def merged(layer: int) -> bool:
         """Whether the MLP receiver of ``layer - 1`` is contracted with ``layer``'s q/k/v."""
@@ -179,8 +204,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
 
     def flush(layer: int) -> None:
         """Contract ``layer``'s buffer (all of its receivers have arrived)."""
-        buf, _ = grads.pop(layer)
-        norms.pop(layer, None)
+        buf = grads.pop(layer)
         if not merged(layer):
             contract(g.q_start[layer], g.head_start[layer], buf)
         elif layer in alone:
@@ -196,38 +220,39 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             if layer is not None and layer + 1 in waiting:
                 waiting.discard(layer + 1)
                 if layer + 1 in grads:
-                    buf, arrived = grads[layer + 1]
-                    buf[0] = grad.reshape(buf.shape[1:])
-                    if len(arrived) == 3:
-                        flush(layer + 1)
+                    grads[layer + 1][0] = grad.reshape(grads[layer + 1].shape[1:])
+                    flush(layer + 1)
                     return
                 alone.add(layer + 1)
             contract(r0, n_up, grad.unsqueeze(0))
         return hook
 
-    def on_projection(layer: int, kind: str, r0: int, x: Tensor) -> Any:
-        def hook(grad: Tensor) -> None:  # grad [N, T, h, dh]
-            fired.add(r0)
+    def on_qkv(layer: int) -> Any:
+        """The backward of ``layer``'s q/k/v projections (see :class:`_ReceiverGradients`):
+        each head's receiver gradient from its projection's gradient, then their sum, the
+        residual's gradient through the projections."""
+        def backward(x: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+            fired.update((g.q_start[layer], g.k_start[layer], g.v_start[layer]))
+            parts = lay.norm_parts(layer, x)
+            xh = parts[0]
             lead = int(merged(layer))
-            if layer not in norms:
-                norms[layer] = lay.norm_parts(layer, x.detach())
-                xh = norms[layer][0]
-                rows = n * t * (copies if post else 1)  # summed over copies unless post-norm
-                grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, rows,
-                                             xh.shape[-1]), [])
-            buf, arrived = grads[layer]
-            s0 = lead + offset[kind]
-            if copies == 1 or post:
-                lay.projection_input_grads(layer, kind, norms[layer], grad,
-                                           out=buf[s0: s0 + grad.shape[2]])
-            else:  # per copy (each its own norm Jacobian), then summed
-                per_copy = lay.projection_input_grads(layer, kind, norms[layer], grad)
-                torch.sum(per_copy.view(grad.shape[2], copies, n * t, -1), 1,
-                          out=buf[s0: s0 + grad.shape[2]])
-            arrived.append(kind)
-            if len(arrived) == 3 and layer not in waiting:
+            d = xh.shape[-1]
+            rows = n * t * copies
+            folded = copies > 1 and not post  # per copy here, summed over copies in ``buf``
+            buf = xh.new_empty(lead + n_qkv, n * t if folded else rows, d)
+            each = xh.new_empty(n_qkv, rows, d) if folded else buf[lead:]
+            for kind, grad in (("q", dq), ("k", dk), ("v", dv)):
+                s0 = offset[kind]
+                lay.projection_input_grads(layer, kind, parts, grad,
+                                           out=each[s0: s0 + grad.shape[2]])
+            dx = each.sum(0).view(x.shape).to(x.dtype)
+            if folded:
+                torch.sum(each.view(n_qkv, copies, n * t, d), 1, out=buf[lead:])
+            grads[layer] = buf
+            if layer not in waiting:
                 flush(layer)
-        return hook
+            return dx
+        return backward
 
     x = lay.embed(tokens).detach()  # the weights need no gradient
     if diff is None:
@@ -237,10 +262,10 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     x = interpolate(x, "input", diff[0] if diff is not None else x)
     x = x.detach().requires_grad_(True)
     for layer in range(g.n_layers):
-        q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
-        for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
-                             ("v", v, g.v_start[layer])):
-            t_.register_hook(on_projection(layer, kind, r0, x))
+        if f"a{layer}" in blocked:  # no gradient reaches this layer's q/k/v receivers
+            q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+        else:
+            q, k, v = _ReceiverGradients.apply(x, layer, lay, on_qkv(layer))
         z = lay.attend(layer, q, k, v)
         h0 = g.head_start[layer]
         if diff is None:
