@@ -277,6 +277,15 @@ class Architecture:
         zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
         return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
 
+    def head_outputs(self, layer: int, z: Tensor, out: Tensor) -> Tensor:
+        """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [N, T, H, dh]`` ->
+        ``out [H, N, T, d]`` (contiguous), written in place by one batched matmul."""
+        w, _ = self.w_out(layer)  # [H*dh, d]
+        n, t, h, dh = z.shape
+        zh = z.permute(2, 0, 1, 3).reshape(h, n * t, dh)
+        torch.bmm(zh, w.reshape(h, dh, -1), out=out.view(h, n * t, -1))
+        return out
+
     def head_deltas(self, layer: int, z: Tensor, ablated: Tensor, out: Tensor) -> Tensor:
         """``a'_h - z_h W_O[h]`` for every head ``h`` (ablated minus clean head output, no
         bias), written into ``out [H, N, T, d]``, from ``z [N, T, H, dh]`` and ``ablated
