@@ -67,6 +67,27 @@ class _ReceiverGradients(torch.autograd.Function):
         return ctx.backward(x, dq, dk, dv), None, None, None
 
 
+class _SummedHeads(torch.autograd.Function):
+    """The attention output before any post-norm, ``sum_h a_h + b_O``, from the heads'
+    outputs ``a_h = z_h W_O[h]`` that EAP computes anyway (for ``a'_h - a_h``), with the
+    output projection's backward to ``z`` (``dz = d out W_O^T``): the projection is not
+    computed a second time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, heads: Tensor, layer: int,  # type: ignore[override]
+                lay: Architecture) -> Tensor:
+        ctx.w = lay.w_out(layer)[0]  # [H*dh, d], frozen
+        ctx.shape = z.shape
+        return Architecture.attn_from_heads(lay, layer, heads, 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor, None, None, None]:
+        w = ctx.w
+        return (grad.reshape(-1, w.shape[1]) @ w.T).view(ctx.shape), None, None, None
+
+
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float]] | None = None,
               diff: Tensor | None = None) -> Tensor:
@@ -268,13 +289,16 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             q, k, v = _ReceiverGradients.apply(x, layer, lay, on_qkv(layer))
         z = lay.attend(layer, q, k, v)
         h0 = g.head_start[layer]
-        if diff is None:
-            lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
-                            out=delta[h0: h0 + g.n_heads])
-        if post:  # interpolate the heads' pre-norm sum, then the norm
+        if diff is None:  # a_h into the buffer, their sum, then a'_h - a_h in place
+            heads = delta[h0: h0 + g.n_heads]
+            lay.head_outputs(layer, z.detach(), out=heads)
+            pre = _SummedHeads.apply(z, heads, layer, lay)
+            torch.sub(ablated[h0: h0 + g.n_heads], heads, out=heads)
+        else:
             pre = Architecture.attn_out(lay, layer, z)
-            if f"a{layer}" in moved:
-                pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+        if f"a{layer}" in moved:
+            pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+        if post:  # the heads' (interpolated) pre-norm sum, then the norm
             s_l = pre.detach().reshape(-1, pre.shape[-1])  # [C*N*T, d]
             d_heads = delta[h0: h0 + g.n_heads].view(g.n_heads, n * t, -1)
             if copies == 1:
@@ -284,9 +308,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
                                                   ).reshape(g.n_heads, -1)
             attn = lay.post_norm(layer, pre)
         else:
-            attn = lay.attn_out(layer, z)
-            if f"a{layer}" in moved:
-                attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+            attn = pre
         x_in, x = x, x + attn
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's

@@ -286,16 +286,6 @@ class Architecture:
         torch.bmm(zh, w.reshape(h, dh, -1), out=out.view(h, n * t, -1))
         return out
 
-    def head_deltas(self, layer: int, z: Tensor, ablated: Tensor, out: Tensor) -> Tensor:
-        """``a'_h - z_h W_O[h]`` for every head ``h`` (ablated minus clean head output, no
-        bias), written into ``out [H, N, T, d]``, from ``z [N, T, H, dh]`` and ``ablated
-        [H, N|1, T|1, d]``: one batched matmul, no per-head output tensor."""
-        w, _ = self.w_out(layer)  # [H*dh, d]
-        n, t, h, dh = z.shape
-        zh = z.permute(2, 0, 1, 3).reshape(h, n * t, dh)
-        out.copy_(ablated.expand(h, n, t, -1))  # broadcast in place, no temporary
-        return out.view(h, n * t, -1).baddbmm_(zh, w.reshape(h, dh, -1), alpha=-1)
-
     def attn_from_heads(self, layer: int, res: Tensor, dim: int) -> Tensor:
         """Attention output (with bias) from the per-head outputs ``res`` (heads along
         ``dim``, model dimension last): their sum plus the output bias (equal to
