@@ -203,7 +203,6 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     # contracted in one matmul once all have arrived (the sender differences are read once
     # a layer; the one pair that is no edge, the MLP into its own receiver, is zeroed after).
     grads: dict[int, Tensor] = {}
-    offset = {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv_heads}
     n_qkv = g.n_heads + 2 * g.n_kv_heads
 
     def merged(layer: int) -> bool:
@@ -262,10 +261,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             folded = copies > 1 and not post  # per copy here, summed over copies in ``buf``
             buf = xh.new_empty(lead + n_qkv, n * t if folded else rows, d)
             each = xh.new_empty(n_qkv, rows, d) if folded else buf[lead:]
-            for kind, grad in (("q", dq), ("k", dk), ("v", dv)):
-                s0 = offset[kind]
-                lay.projection_input_grads(layer, kind, parts, grad,
-                                           out=each[s0: s0 + grad.shape[2]])
+            lay.qkv_input_grads(layer, parts, (dq, dk, dv), out=each)
             dx = each.sum(0).view(x.shape).to(x.dtype)
             if folded:
                 torch.sum(each.view(n_qkv, copies, n * t, d), 1, out=buf[lead:])
