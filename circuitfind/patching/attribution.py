@@ -195,79 +195,95 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             if heads.stop <= n_up:
                 scores[heads, r0: r0 + h] = (jd @ per_copy.T.to(jd)).to(scores.dtype)
 
-    fired: set[int] = set()  # first receiver of each group whose gradient arrived
-
-    # Per layer during the backward pass: the receivers' gradients ``[1 + H + 2G, N*T, d]``:
-    # the previous layer's MLP receiver (row 0; it is the receiver just before this layer's
-    # q and its gradient arrives just after theirs) and this layer's q/k/v receivers,
-    # contracted in one matmul once all have arrived (the sender differences are read once
-    # a layer; the one pair that is no edge, the MLP into its own receiver, is zeroed after).
-    grads: dict[int, Tensor] = {}
+    # Receivers are contracted in groups of consecutive receivers, one matmul a group, so
+    # that the sender differences are read once a group: each layer's q/k/v receivers with
+    # the MLP receiver just before them (sequential blocks: the previous layer's, whose
+    # senders are all but that MLP) or just after them (parallel blocks: this layer's, which
+    # reads the block's input like q/k/v), and the last MLP receiver with the logits. A
+    # group's block of scores spans the senders of its widest receiver; the pairs in it that
+    # are no edge (an MLP into its own receiver) are zeroed after. The gradients wait in the
+    # group's buffer ``[receivers, N*T, d]`` until all have arrived: one group at a time.
     n_qkv = g.n_heads + 2 * g.n_kv_heads
-
-    def merged(layer: int) -> bool:
-        """Whether the MLP receiver of ``layer - 1`` is contracted with ``layer``'s q/k/v."""
-        if layer == 0 or g.mlp_receiver[layer - 1] is None:
-            return False
-        r, u = g.mlp_receiver[layer - 1], g.mlp_index[layer - 1]
-        return (r + 1 == g.q_start[layer] and int(g.n_upstream[r]) == u
-                and g.head_start[layer] == u + 1)
-
-    # layers still waiting for the previous MLP receiver's gradient, and layers whose
-    # previous MLP receiver was contracted alone (its gradient came before any q/k/v's)
-    waiting = {layer for layer in range(g.n_layers) if merged(layer)}
-    alone: set[int] = set()
-    for layer in list(waiting):  # the MLP before it gets no gradient: contract without it
-        if f"m{layer - 1}" in blocked:
-            waiting.discard(layer)
-            alone.add(layer)
-
-    def flush(layer: int) -> None:
-        """Contract ``layer``'s buffer (all of its receivers have arrived)."""
-        buf = grads.pop(layer)
-        if not merged(layer):
-            contract(g.q_start[layer], g.head_start[layer], buf)
-        elif layer in alone:
-            contract(g.q_start[layer], g.head_start[layer], buf[1:])
+    parts: list[tuple[str, int, int, bool]] = []  # (key, first receiver, receivers, blocked)
+    for layer in range(g.n_layers):
+        parts.append((f"qkv{layer}", g.q_start[layer], n_qkv, f"a{layer}" in blocked))
+        if g.mlp_receiver[layer] is not None:
+            parts.append((f"m{layer}", g.mlp_receiver[layer], 1, f"m{layer}" in blocked))
+    parts.append(("logits", g.n_receivers - 1, 1, False))
+    # receivers that group with the part after them
+    joins = {f"m{layer}" for layer in range(g.n_layers) if not lay.parallel}
+    joins |= {f"qkv{layer}" for layer in range(g.n_layers) if lay.parallel}
+    group_of: dict[str, tuple[int, int]] = {}  # part -> (group, first row)
+    groups: list[list[tuple[str, int, int, bool]]] = []
+    for i, part in enumerate(parts):
+        prev = parts[i - 1] if i else None
+        if (prev is not None and prev[0] in joins and prev[1] + prev[2] == part[1]
+                and len(groups[-1]) == 1):
+            groups[-1].append(part)
         else:
-            contract(g.q_start[layer] - 1, g.head_start[layer], buf)
-            scores[g.mlp_index[layer - 1], g.mlp_receiver[layer - 1]] = 0
+            groups.append([part])
+        group_of[part[0]] = (len(groups) - 1, sum(p[2] for p in groups[-1][:-1]))
+    gdt = torch.promote_types(ablated.dtype, torch.float32)  # the norms' backward dtype
+    folded = copies > 1 and not post  # receivers' gradients summed over copies
+    brows = n * t if folded else n * t * copies
+    buffers: dict[int, Tensor] = {}
+    pending = [{p[0] for p in grp if not p[3]} for grp in groups]
+    edges = g.edge_mask.to(scores.device)
+    fired: set[str] = set()  # parts whose gradient arrived
 
-    def on_receiver(r0: int, n_up: int, layer: int | None = None) -> Any:
+    def buffer(key: str) -> Tensor:
+        """The buffer of ``key``'s group (made at its first arrival; rows of parts that get no
+        gradient are zero)."""
+        gi, _ = group_of[key]
+        if gi not in buffers:
+            grp = groups[gi]
+            buf = buffers[gi] = torch.empty(sum(p[2] for p in grp), brows, ablated.shape[-1],
+                                            dtype=gdt, device=ablated.device)
+            row = 0
+            for _, _, size, off in grp:
+                if off:
+                    buf[row: row + size] = 0
+                row += size
+        return buffers[gi]
+
+    def arrive(key: str) -> None:
+        """Mark ``key``'s gradient arrived; contract its group once all parts have."""
+        fired.add(key)
+        gi, _ = group_of[key]
+        pending[gi].discard(key)
+        if pending[gi]:
+            return
+        grp = groups[gi]
+        r0, r1 = grp[0][1], grp[-1][1] + grp[-1][2]
+        n_up = int(g.n_upstream[r0:r1].max())
+        contract(r0, n_up, buffers.pop(gi))
+        if not bool(edges[:n_up, r0:r1].all()):
+            scores[:n_up, r0:r1] *= edges[:n_up, r0:r1]
+
+    def on_receiver(key: str) -> Any:
+        """Hook on an MLP's or the logits' own input: its gradient is the receiver's."""
         def hook(grad: Tensor) -> None:
-            fired.add(r0)
             grad = grad if post else fold(grad)
-            if layer is not None and layer + 1 in waiting:
-                waiting.discard(layer + 1)
-                if layer + 1 in grads:
-                    grads[layer + 1][0] = grad.reshape(grads[layer + 1].shape[1:])
-                    flush(layer + 1)
-                    return
-                alone.add(layer + 1)
-            contract(r0, n_up, grad.unsqueeze(0))
+            buffer(key)[group_of[key][1]] = grad.reshape(brows, -1)
+            arrive(key)
         return hook
 
     def on_qkv(layer: int) -> Any:
         """The backward of ``layer``'s q/k/v projections (see :class:`_ReceiverGradients`):
         each head's receiver gradient from its projection's gradient, then their sum, the
         residual's gradient through the projections."""
+        key = f"qkv{layer}"
+
         def backward(x: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
-            fired.update((g.q_start[layer], g.k_start[layer], g.v_start[layer]))
-            parts = lay.norm_parts(layer, x)
-            xh = parts[0]
-            lead = int(merged(layer))
-            d = xh.shape[-1]
-            rows = n * t * copies
-            folded = copies > 1 and not post  # per copy here, summed over copies in ``buf``
-            buf = xh.new_empty(lead + n_qkv, n * t if folded else rows, d)
-            each = xh.new_empty(n_qkv, rows, d) if folded else buf[lead:]
-            lay.qkv_input_grads(layer, parts, (dq, dk, dv), out=each)
+            norm = lay.norm_parts(layer, x)
+            row = group_of[key][1]
+            rows = buffer(key)[row: row + n_qkv]
+            each = rows.new_empty(n_qkv, n * t * copies, rows.shape[-1]) if folded else rows
+            lay.qkv_input_grads(layer, norm, (dq, dk, dv), out=each)
             dx = each.sum(0).view(x.shape).to(x.dtype)
-            if folded:
-                torch.sum(each.view(n_qkv, copies, n * t, d), 1, out=buf[lead:])
-            grads[layer] = buf
-            if layer not in waiting:
-                flush(layer)
+            if folded:  # per copy (each its own norm Jacobian), then summed
+                torch.sum(each.view(n_qkv, copies, n * t, -1), 1, out=rows)
+            arrive(key)
             return dx
         return backward
 
@@ -311,20 +327,17 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         branch = (x_in if lay.parallel else x) + 0
         u = g.mlp_index[layer]
         if f"m{layer}" not in blocked:
-            branch.register_hook(on_receiver(g.mlp_receiver[layer], u, layer))
+            branch.register_hook(on_receiver(f"m{layer}"))
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))
         if diff is None:
             torch.sub(ablated[u], m.detach(), out=delta[u])
         x = x + interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved else m)
     branch = x + 0
-    branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
+    branch.register_hook(on_receiver("logits"))
     idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
     metric(lay.final(branch.gather(1, idx))).backward()
-    groups = [r0 for layer in range(g.n_layers) for r0 in (
-        [] if f"a{layer}" in blocked else [g.q_start[layer], g.k_start[layer],
-                                           g.v_start[layer]])
-        + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]])]
-    missing = [g.receivers[r].name for r in groups + [g.n_receivers - 1] if r not in fired]
+    missing = [g.receivers[first].name for key, first, _, off in parts
+               if not off and key not in fired]
     if missing:
         raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
                         "their edges' scores would silently be 0.")
