@@ -139,6 +139,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     """
     g, lay = runner.graph, runner.arch
     n, t = tokens.shape
+    d = ablated.shape[-1]
     copies = 1 if points is None else len(points)
     if points is not None and diff is None:
         raise ConfigError("Gradient points need the sender differences `diff` (clean "
@@ -260,9 +261,34 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         if not bool(edges[:n_up, r0:r1].all()):
             scores[:n_up, r0:r1] *= edges[:n_up, r0:r1]
 
-    def on_receiver(key: str) -> Any:
-        """Hook on an MLP's or the logits' own input: its gradient is the receiver's."""
+    # The last block runs at the metric positions only (its queries, heads' outputs and
+    # MLP; keys and values at every position): nothing at other positions reaches the
+    # metric. Its senders' differences are then known at the metric positions only and are
+    # 0 elsewhere in ``delta``, which is exact: the only receivers that read them (the last
+    # MLP's and the logits) have no gradient elsewhere.
+    last = g.n_layers - 1
+    where = positions.repeat(copies, 1)  # [C*N, P]
+
+    def pick(value: Tensor, at: Tensor) -> Tensor:
+        """``value [..., B, T, d]`` at the positions ``at [B, P]`` -> ``[..., B, P, d]``."""
+        lead = value.shape[:-3]
+        index = at[:, :, None].expand(*lead, -1, -1, value.shape[-1])
+        return value.expand(*lead, at.shape[0], t, value.shape[-1]).gather(-2, index)
+
+    def place(target: Tensor, at: Tensor, value: Tensor) -> Tensor:
+        """``target [..., B, T, d]`` zeroed, with ``value [..., B, P, d]`` written at the
+        positions ``at [B, P]``."""
+        index = at[:, :, None].expand(*value.shape)
+        return target.zero_().scatter_(-2, index, value)
+
+    def on_receiver(key: str, spread: bool = False) -> Any:
+        """Hook on an MLP's or the logits' own input: its gradient is the receiver's (with
+        ``spread``, at the metric positions only: put back in place, 0 elsewhere; repeated
+        positions add)."""
         def hook(grad: Tensor) -> None:
+            if spread:
+                full = grad.new_zeros(grad.shape[0], t, grad.shape[-1])
+                grad = full.scatter_add_(1, where[:, :, None].expand(*grad.shape), grad)
             grad = grad if post else fold(grad)
             buffer(key)[group_of[key][1]] = grad.reshape(brows, -1)
             arrive(key)
@@ -299,43 +325,57 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
         else:
             q, k, v = _ReceiverGradients.apply(x, layer, lay, on_qkv(layer))
-        z = lay.attend(layer, q, k, v)
+        tail = layer == last
+        z = lay.attend(layer, q, k, v, query_pos=where if tail else None)  # [C*N, T|P, H, dh]
         h0 = g.head_start[layer]
-        if diff is None:  # a_h into the buffer, their sum, then a'_h - a_h in place
-            heads = delta[h0: h0 + g.n_heads]
-            lay.head_outputs(layer, z.detach(), out=heads)
-            pre = _SummedHeads.apply(z, heads, layer, lay)
-            torch.sub(ablated[h0: h0 + g.n_heads], heads, out=heads)
+        heads = delta[h0: h0 + g.n_heads]  # [H, N, T, d]
+        if diff is None:  # a_h, their sum, then a'_h - a_h in place
+            own = heads.new_empty(g.n_heads, n, positions.shape[1], d) if tail else heads
+            lay.head_outputs(layer, z.detach(), out=own)
+            pre = _SummedHeads.apply(z, own, layer, lay)
+            abl = ablated[h0: h0 + g.n_heads]
+            torch.sub(pick(abl, positions) if tail else abl, own, out=own)
         else:
             pre = Architecture.attn_out(lay, layer, z)
+            own = pick(heads, positions) if tail else heads
         if f"a{layer}" in moved:
-            pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
+            change = diff[h0: h0 + g.n_heads].sum(0)
+            pre = interpolate(pre, f"a{layer}", pick(change, positions) if tail else change)
         if post:  # the heads' (interpolated) pre-norm sum, then the norm
-            s_l = pre.detach().reshape(-1, pre.shape[-1])  # [C*N*T, d]
-            d_heads = delta[h0: h0 + g.n_heads].view(g.n_heads, n * t, -1)
+            s_l = pre.detach().reshape(-1, d)  # [C*N*(T|P), d]
+            d_heads = own.reshape(g.n_heads, -1, d)
             if copies == 1:
-                d_heads.copy_(lay.post_norm_jvp(layer, s_l, d_heads))
+                own.copy_(lay.post_norm_jvp(layer, s_l, d_heads).view(own.shape))
             else:
-                pushed[layer] = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1)
-                                                  ).reshape(g.n_heads, -1)
+                jd = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1))
+                if tail:  # per copy, in place among T positions
+                    jd = place(jd.new_empty(g.n_heads, copies * n, t, d), where,
+                               jd.view(g.n_heads, copies * n, -1, d))
+                pushed[layer] = jd.reshape(g.n_heads, -1)
             attn = lay.post_norm(layer, pre)
         else:
             attn = pre
-        x_in, x = x, x + attn
+        if tail and (diff is None or (post and copies == 1)):
+            place(heads, positions, own)
+        x_in = pick(x, where) if tail else x
+        x = x_in + attn
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's
         branch = (x_in if lay.parallel else x) + 0
         u = g.mlp_index[layer]
         if f"m{layer}" not in blocked:
-            branch.register_hook(on_receiver(f"m{layer}"))
+            branch.register_hook(on_receiver(f"m{layer}", spread=tail))
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))
-        if diff is None:
+        if diff is None and tail:
+            place(delta[u], positions, pick(ablated[u], positions) - m.detach())
+        elif diff is None:
             torch.sub(ablated[u], m.detach(), out=delta[u])
-        x = x + interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved else m)
-    branch = x + 0
-    branch.register_hook(on_receiver("logits"))
-    idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
-    metric(lay.final(branch.gather(1, idx))).backward()
+        change = pick(diff[u], positions) if tail and f"m{layer}" in moved else (
+            diff[u] if f"m{layer}" in moved else m)
+        x = x + interpolate(m, f"m{layer}", change)
+    branch = x + 0  # [C*N, P, d]
+    branch.register_hook(on_receiver("logits", spread=True))
+    metric(lay.final(branch)).backward()
     missing = [g.receivers[first].name for key, first, _, off in parts
                if not off and key not in fired]
     if missing:
