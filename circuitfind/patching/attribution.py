@@ -231,6 +231,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     pending = [{p[0] for p in grp if not p[3]} for grp in groups]
     edges = g.edge_mask.to(scores.device)
     fired: set[str] = set()  # parts whose gradient arrived
+    # rows ``example * T + position`` of the metric positions, each once
+    at_metric = torch.unique(torch.arange(n, device=positions.device)[:, None] * t
+                             + positions)
 
     def buffer(key: str) -> Tensor:
         """The buffer of ``key``'s group (made at its first arrival; rows of parts that get no
@@ -257,7 +260,14 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         grp = groups[gi]
         r0, r1 = grp[0][1], grp[-1][1] + grp[-1][2]
         n_up = int(g.n_upstream[r0:r1].max())
-        contract(r0, n_up, buffers.pop(gi))
+        buf = buffers.pop(gi)
+        if gi == len(groups) - 1 and (copies == 1 or folded):
+            # the last MLP's and the logits' gradients are 0 off the metric positions: the
+            # contraction reads those rows only
+            contract_scores(scores, delta.reshape(g.n_senders, n * t, d)[:n_up, at_metric]
+                            .reshape(n_up, -1), r0, buf[:, at_metric].reshape(r1 - r0, -1))
+        else:
+            contract(r0, n_up, buf)
         if not bool(edges[:n_up, r0:r1].all()):
             scores[:n_up, r0:r1] *= edges[:n_up, r0:r1]
 
