@@ -98,15 +98,17 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     d metric / d x_r``. The forward is the plain one (one norm and one q/k/v projection per
     layer for all heads); each receiver's gradient is recovered in the backward pass from
     the gradient of its projection, ``d x_r = J_norm(x)^T (d q_h W_q[h]^T)`` (the norm's
-    backward in closed form, for all heads of a kind at once), and contracted with the
-    sender differences layer by layer, so the per-head q/k/v inputs are never materialised
-    in the forward pass. The residual's gradient through a layer's norm and q/k/v
-    projections is the sum of those receivers' gradients, so autograd does not compute it a
-    second time (:class:`_ReceiverGradients`).
+    backward in closed form, for all q/k/v heads of a layer at once), and contracted with
+    the sender differences one group of consecutive receivers at a time (a layer's q/k/v
+    with one MLP receiver), so the per-head q/k/v inputs are never materialised in the
+    forward pass. The residual's gradient through a layer's norm and q/k/v projections is
+    the sum of those receivers' gradients, so autograd does not compute it a second time
+    (:class:`_ReceiverGradients`). The last block runs at the metric positions only.
 
     The clean sender outputs ``a_u`` are taken from this same forward pass (each head's
-    from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``),
-    so the pass costs a plain forward and backward, like the physical floor of EAP.
+    from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``, and
+    summed for the attention output: :class:`_SummedHeads`), so the pass costs a plain
+    forward and backward plus the contraction, like the physical floor of EAP.
 
     Gradient points (EAP-IG, clean-corrupted; see
     :class:`circuitfind.patching.engine.GradientPoint`): the batch holds ``C = len(points)``
