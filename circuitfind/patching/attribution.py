@@ -210,8 +210,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     parts: list[tuple[str, int, int, bool]] = []  # (key, first receiver, receivers, blocked)
     for layer in range(g.n_layers):
         parts.append((f"qkv{layer}", g.q_start[layer], n_qkv, f"a{layer}" in blocked))
-        if g.mlp_receiver[layer] is not None:
-            parts.append((f"m{layer}", g.mlp_receiver[layer], 1, f"m{layer}" in blocked))
+        mlp_r = g.mlp_receiver[layer]
+        if mlp_r is not None:
+            parts.append((f"m{layer}", mlp_r, 1, f"m{layer}" in blocked))
     parts.append(("logits", g.n_receivers - 1, 1, False))
     # receivers that group with the part after them
     joins = {f"m{layer}" for layer in range(g.n_layers) if not lay.parallel}
