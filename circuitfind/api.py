@@ -24,7 +24,7 @@ from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.check import CheckResult
 from circuitfind.evaluation.check import check as check_data
-from circuitfind.evaluation.faithfulness import evaluate
+from circuitfind.evaluation.faithfulness import DEFAULT_FRACTIONS, evaluate, faithfulness_curve
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
@@ -36,6 +36,7 @@ from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import Task, TaskData
 from circuitfind.tasks.lookup import get_task
+from circuitfind.view.order import VIEW_RANKING, rank_scores
 
 
 def build_data(model: Any, task: str | Task, n: int | None = None, seed: int = 0) -> TaskData:
@@ -133,6 +134,21 @@ def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: flo
     return (prune_dangling(circuit) if prune else circuit), selected
 
 
+def _view_curve(engine: PatchingEngine, circuit: Circuit, data: TaskData) -> dict[str, Any]:
+    """The faithfulness curve over the viewer's edge order (see :func:`discover`'s ``curve``)."""
+    n = engine.graph.n_edges
+    fractions = sorted(set(DEFAULT_FRACTIONS) | ({circuit.n_edges / n} if circuit.n_edges else
+                                                 set()))
+    fc = faithfulness_curve(engine, rank_scores(circuit), data, fractions=fractions,
+                            convention="single", absolute=True)
+    return {"ranking": VIEW_RANKING, "fractions": fc.fractions, "n_edges": fc.n_edges,
+            "faithfulness": fc.faithfulness, "metric": fc.metric,
+            "metric_full": fc.metric_full, "metric_empty": fc.metric_empty,
+            "ablation": fc.ablation,
+            "label": ("the viewer's order (kept edges first, then the others, each by the "
+                      "selection's key): top round(p·E) edges, not pruned")}
+
+
 def discover(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
              n_edges: int | None = None, threshold: float | None = None,
              data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
@@ -140,7 +156,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
              algorithm_params: dict[str, Any] | None = None,
              device: str | None = None, context: RunContext | None = None,
              ablation: Ablation | str | None = None,
-             memory_budget: int | str | None = None) -> Circuit:
+             memory_budget: int | str | None = None, curve: bool = False) -> Circuit:
     """Discover a circuit: score edges, select, prune dangling edges, evaluate.
 
     Args:
@@ -168,11 +184,17 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
             ``"resample"`` (default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an
             :class:`Ablation`.
         memory_budget: As in :func:`score_edges`; used for scoring and evaluation.
+        curve: Also measure the faithfulness curve over the HTML viewer's edge order (kept
+            edges first, then the rest, by the selection's key; top ``round(p·E)`` edges at
+            MIB's fractions p and at the circuit's own size, not pruned; :mod:`circuitfind.
+            view.order`) and store it in ``metadata["faithfulness_curve"]``, which the
+            viewer's size slider reads. One more batched masked pass (11 circuits); the
+            CLI's ``discover`` does it unless ``--no-view``.
 
     Returns:
         A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, ablation,
-        seed, selection, faithfulness report, wall time and versions; where a reference circuit
-        exists for (task, model) (see :func:`find_reference`), also the edge and node ROC AUC
+        seed, selection, faithfulness report (and curve), wall time and versions; where a
+        reference circuit exists for (task, model) (see :func:`find_reference`), also the edge and node ROC AUC
         of the scores against it and its node classes (used to colour the rendering).
 
     Raises:
@@ -228,6 +250,9 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         circuit, selected = _select(g, scores, n_edges, threshold, absolute, prune, meaning)
     report = evaluate(engine, circuit, data)
     extra: dict[str, Any] = {}
+    if curve and circuit.scores is not None:
+        extra["faithfulness_curve"] = _view_curve(
+            engine, circuit.with_metadata(scores=meaning.to_dict()), data)
     # references belong to registered tasks, not to user files that happen to share a name
     reference = (find_reference(data.task.name, str(model_name), g)
                  if data.task.source is None else None)

@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from circuitfind.graphs.circuit import Circuit
 
-__all__ = ["render", "scene", "format_of", "to_graphviz", "to_dot", "resolve_renderer", "RenderOptions",
+__all__ = ["render", "scene", "layout", "NODE_HEIGHT", "format_of", "to_graphviz", "to_dot", "resolve_renderer", "RenderOptions",
            "RENDERERS", "FORMATS", "EDGE_COLOURS", "SIGN_COLOURS", "KIND_FILLS",
            "CLASS_PALETTE"]
 
@@ -607,6 +607,8 @@ _MPL_METADATA = {"svg": {"Date": None, "Creator": None},
 MPL_RC, MPL_METADATA = _MPL_RC, _MPL_METADATA
 """matplotlib settings and per-format metadata for byte-reproducible figures."""
 _CHAR_W, _NODE_H, _GAP_X, _GAP_Y = 0.075, 0.3, 0.14, 0.62  # inches
+NODE_HEIGHT = _NODE_H
+"""Height of a drawn node (inches)."""
 
 
 def _import_matplotlib() -> Any:
@@ -641,6 +643,28 @@ def _row_orders(sc: Scene) -> dict[str, float]:
         for i, node in enumerate(members):
             pos[node.name] = i - middle
     return pos
+
+
+def layout(sc: Scene) -> tuple[dict[str, tuple[float, float]], float, float]:
+    """Where the matplotlib renderer (and the HTML viewer, :mod:`circuitfind.view`) puts each
+    node of a scene.
+
+    Returns:
+        ``(xy, node_width, slot_step)``: node centres ``{name: (x, y)}`` in inches (x to the
+        right, y up: ``input`` on top in portrait), the width of a node and the distance
+        between neighbouring slots of a row, in inches (nodes are :data:`NODE_HEIGHT` high).
+    """
+    node_w = max([len(n.label) for n in sc.nodes] + [4]) * _CHAR_W + 0.22
+    if sc.landscape:  # rows run left to right, slots top to bottom
+        step_row, step_slot = node_w + 0.7, _NODE_H + 0.16
+    else:
+        step_row, step_slot = _NODE_H + _GAP_Y, node_w + _GAP_X
+    along = _row_orders(sc)
+    xy: dict[str, tuple[float, float]] = {}
+    for node in sc.nodes:
+        r, s = node.row * step_row, along[node.name] * step_slot
+        xy[node.name] = (r, -s) if sc.landscape else (s, -r)
+    return xy, node_w, step_slot
 
 
 def _boundary(centre: tuple[float, float], towards: tuple[float, float], a: float, b: float,
@@ -722,16 +746,7 @@ def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, FancyArrowPatch, FancyBboxPatch, Patch
 
-    node_w = max([len(n.label) for n in sc.nodes] + [4]) * _CHAR_W + 0.22
-    if sc.landscape:  # rows run left to right, slots top to bottom
-        step_row, step_slot = node_w + 0.7, _NODE_H + 0.16
-    else:
-        step_row, step_slot = _NODE_H + _GAP_Y, node_w + _GAP_X
-    along = _row_orders(sc)
-    xy: dict[str, tuple[float, float]] = {}
-    for node in sc.nodes:
-        r, s = node.row * step_row, along[node.name] * step_slot
-        xy[node.name] = (r, -s) if sc.landscape else (s, -r)
+    xy, node_w, step_slot = layout(sc)
     # bends first: the drawing must hold every curve
     offsets = {"q": -0.12, "k": 0.0, "v": 0.12}
     avoid = _Obstacles(xy, node_w / 2 + 0.04, _NODE_H / 2 + 0.04, step_slot)

@@ -15,9 +15,38 @@ from torch import Tensor
 
 from circuitfind.errors import ConfigError, HookError
 from circuitfind.patching.architectures import Architecture
+from circuitfind.patching.backward_rules import PLAIN, BackwardRules
+from circuitfind.patching.qk_fix import QKFix
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ACCUMULATION_CHUNK_BYTES = 1 << 26  # float32 copies of one chunk of a half-precision contraction
+
+
+def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` accumulated in at least float32: ``[U, X] x [R, X] -> [U, R]``.
+
+    For float32/float64 operands this is one matmul in ``a``'s dtype. Where either operand is
+    float16 or bfloat16 (a half-precision model's sender differences or gradients), the sum
+    over ``X`` (examples x positions x d_model: hundreds of thousands of terms) runs in
+    float32: chunks of columns (at most :data:`ACCUMULATION_CHUNK_BYTES` of float32 copies)
+    are converted and added into a float32 result, so no term nor the result is rounded to
+    half precision (a half matmul rounds its result to 8 or 11 bits, and on GPUs may reduce in
+    half precision).
+
+    Returns:
+        ``[U, R]``, float32 for half operands, else ``a``'s dtype.
+    """
+    if a.dtype not in HALF_DTYPES and b.dtype not in HALF_DTYPES:
+        return a @ b.T.to(a)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    step = max(1, ACCUMULATION_CHUNK_BYTES // (4 * (a.shape[0] + b.shape[0])))
+    for x0 in range(0, a.shape[1], step):
+        out.addmm_(a[:, x0: x0 + step].float(), b[:, x0: x0 + step].float().T)
+    return out
 
 
 def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
@@ -32,11 +61,14 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
         r0: First receiver of the block.
         grad: ``[R', X]`` the receivers' gradients, flattened the same way.
 
+    The sum over ``X`` runs in at least float32 (:func:`matmul_nt`), also for half-precision
+    models.
+
     References:
         Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
         Discovery", eq. 2.
     """
-    block = (delta @ grad.T.to(delta)).to(scores.dtype)
+    block = matmul_nt(delta, grad).to(scores.dtype)
     if sign == 1.0:
         scores[: delta.shape[0], r0: r0 + grad.shape[0]] += block
     else:
@@ -90,7 +122,28 @@ class _SummedHeads(torch.autograd.Function):
 
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float]] | None = None,
-              diff: Tensor | None = None) -> Tensor:
+              diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
+    """:func:`eap_pass` under modified backward ``rules`` (GIM, RelP, AtP*; ``None``: the
+    plain gradient), installed on the runner's adapter for the pass: the extension point of
+    :mod:`circuitfind.patching.backward_rules`. With ``rules.qk_fix`` the q and k edges are
+    rescored after the backward pass (:mod:`circuitfind.patching.qk_fix`).
+
+    Raises:
+        ConfigError: ``rules`` other than the plain gradient with gradient ``points``.
+    """
+    rules = rules or PLAIN
+    if points is not None and not rules.plain:
+        raise ConfigError(f"Modified backward rules ({rules.describe()}) apply to the clean "
+                          "run's gradient only, not to gradient points (EAP-IG).")
+    fix = QKFix(runner) if rules.qk_fix else None
+    with runner.arch.backward_rules(rules, None if fix is None else fix.tap):
+        return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix)
+
+
+def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
+             metric: Any, points: list[tuple[str, float]] | None = None,
+             diff: Tensor | None = None, rules: BackwardRules = PLAIN,
+             fix: QKFix | None = None) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
     ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
 
@@ -128,6 +181,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
         diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
             ``points`` (unused without).
+        rules: Backward rules already installed on the adapter (GradDrop acts here, at each
+            layer's outputs).
+        fix: The QK fix's collector, or ``None``.
 
     Returns:
         ``[S, R]`` float64 scores (0 off real edges), in the metric's unit.
@@ -196,7 +252,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         for layer, jd in pushed.items():  # the head rows: per copy, through its Jacobian
             heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
             if heads.stop <= n_up:
-                scores[heads, r0: r0 + h] = (jd @ per_copy.T.to(jd)).to(scores.dtype)
+                scores[heads, r0: r0 + h] = matmul_nt(jd, per_copy).to(scores.dtype)
 
     # Receivers are contracted in groups of consecutive receivers, one matmul a group, so
     # that the sender differences are read once a group: each layer's q/k/v receivers with
@@ -279,7 +335,10 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     # metric. Its senders' differences are then known at the metric positions only and are
     # 0 elsewhere in ``delta``, which is exact: the only receivers that read them (the last
     # MLP's and the logits) have no gradient elsewhere.
+    # (With modified backward rules or the QK fix, which records full attention patterns,
+    # every block runs at every position.)
     last = g.n_layers - 1
+    trim = rules.plain and fix is None
     where = positions.repeat(copies, 1)  # [C*N, P]
 
     def pick(value: Tensor, at: Tensor) -> Tensor:
@@ -334,11 +393,13 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     x = interpolate(x, "input", diff[0] if diff is not None else x)
     x = x.detach().requires_grad_(True)
     for layer in range(g.n_layers):
+        if fix is not None:
+            fix.block_input(layer, x)
         if f"a{layer}" in blocked:  # no gradient reaches this layer's q/k/v receivers
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
         else:
             q, k, v = _ReceiverGradients.apply(x, layer, lay, on_qkv(layer))
-        tail = layer == last
+        tail = trim and layer == last
         z = lay.attend(layer, q, k, v, query_pos=where if tail else None)  # [C*N, T|P, H, dh]
         h0 = g.head_start[layer]
         heads = delta[h0: h0 + g.n_heads]  # [H, N, T, d]
@@ -371,7 +432,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         if tail and (diff is None or (post and copies == 1)):
             place(heads, positions, own)
         x_in = pick(x, where) if tail else x
-        x = x_in + attn
+        x = x_in + rules.through(layer, attn)
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's
         branch = (x_in if lay.parallel else x) + 0
@@ -385,13 +446,15 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             torch.sub(ablated[u], m.detach(), out=delta[u])
         change = pick(diff[u], positions) if tail and f"m{layer}" in moved else (
             diff[u] if f"m{layer}" in moved else m)
-        x = x + interpolate(m, f"m{layer}", change)
-    branch = x + 0  # [C*N, P, d]
-    branch.register_hook(on_receiver("logits", spread=True))
-    metric(lay.final(branch)).backward()
+        x = x + rules.through(layer, interpolate(m, f"m{layer}", change))
+    branch = x + 0  # [C*N, P, d] (trimmed) or [C*N, T, d]
+    branch.register_hook(on_receiver("logits", spread=trim))
+    metric(lay.final(branch if trim else pick(branch, where))).backward()
     missing = [g.receivers[first].name for key, first, _, off in parts
                if not off and key not in fired]
     if missing:
         raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
                         "their edges' scores would silently be 0.")
+    if fix is not None:
+        fix.rescore(scores, delta)
     return scores
