@@ -39,6 +39,23 @@ from circuitfind.tasks.lookup import get_task
 from circuitfind.view.order import VIEW_RANKING, rank_scores
 
 
+_NO_TASK = "Pass a task name (task='ioi') or prebuilt data (data=...)."
+
+
+def _task_of(task: str | Task | None, data: TaskData | None) -> Task:
+    """The task of ``data`` if given, else the task ``task`` names.
+
+    Raises:
+        ConfigError: neither is given.
+        UnknownNameError: an unknown task name.
+    """
+    if data is not None:
+        return data.task
+    if task is None:
+        raise ConfigError(_NO_TASK)
+    return get_task(task)
+
+
 def build_data(model: Any, task: str | Task, n: int | None = None, seed: int = 0) -> TaskData:
     """Build ``task``'s data with the model's tokenizer.
 
@@ -107,11 +124,11 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
             the data cannot supply.
     """
     if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)
     budget = parse_memory(memory_budget)
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
@@ -128,8 +145,9 @@ def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: flo
                               cli=f"--edges must be {rule}; got {n_edges!r}.")
         circuit = select_top_n(g, scores, n_edges, absolute=absolute, meaning=meaning)
     else:
-        circuit = select_threshold(g, scores, float(threshold),  # type: ignore[arg-type]
-                                   absolute=absolute, meaning=meaning)
+        assert threshold is not None  # discover selects 100 edges when given neither
+        circuit = select_threshold(g, scores, float(threshold), absolute=absolute,
+                                   meaning=meaning)
     selected = circuit.n_edges
     return (prune_dangling(circuit) if prune else circuit), selected
 
@@ -206,7 +224,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         raise ConfigError("Pass either n_edges or threshold, not both.")
     start = time.perf_counter()
     if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)  # fail fast, before loading
     budget = parse_memory(memory_budget)
     params = dict(algorithm_params or {})
@@ -230,7 +248,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     elif n_edges is None and threshold is None:
         n_edges = 100
     algo = get_algorithm(algorithm, **params)  # fail fast, before loading
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:
@@ -327,9 +345,7 @@ def check(model: Any, task: str | Task | None = None, data: TaskData | None = No
     Raises:
         ConfigError: neither ``task`` nor ``data``.
     """
-    if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:

@@ -27,7 +27,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -41,6 +41,9 @@ from circuitfind.graphs.render import EDGE_COLOUR_MODES, HEAD_LABELS
 from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (report re-exported)
 from circuitfind.patching.spec import DEFAULT_ABLATION
 from circuitfind.registry import normalize_name
+
+if TYPE_CHECKING:
+    from circuitfind.tasks.base import Task
 
 _WRAPPED_DEFAULT = re.compile(r"\[default: \(([^()]*)\)(?=[;\]])")
 
@@ -280,6 +283,7 @@ def evaluate(
     circuit = Circuit.load(circuit_path)
     spec = Ablation.parse(ablation or ablation_kind(circuit.metadata))
     md = circuit.metadata
+    task_obj: Task | None
     if task:
         task_obj = get_task(task)
     elif md.get("task_source"):  # the circuit's own prompt file, read the way discover read it
@@ -643,10 +647,10 @@ class _StderrNotes(logging.Handler):
             typer.secho(f"note: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
+def _usage_errors() -> tuple[type[Any], ...]:
     """The click exception classes the app may raise: typer's vendored click (typer >= 0.24)
-    and the click package (older typer)."""
-    classes: list[type[BaseException]] = []
+    and the click package (older typer); both have ``show()`` and ``exit_code``."""
+    classes: list[type[Any]] = []
     try:
         from typer._click.exceptions import ClickException as Vendored
         classes.append(Vendored)
@@ -684,7 +688,7 @@ def main() -> None:
         typer.secho("interrupted", err=True)
         sys.exit(130)
     except usage as err:
-        err.show()  # type: ignore[attr-defined]
+        err.show()
         sys.exit(getattr(err, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -568,7 +568,9 @@ class _Models:
     """Keeps the last loaded model, so consecutive cells of one model load it once."""
 
     def __init__(self, device: str | None) -> None:
-        self.device, self.name, self.model = device, None, None
+        self.device = device
+        self.name: str | None = None  # the model held, by its name
+        self.model: Any = None
 
     def get(self, name: str) -> Any:
         if name != self.name:
@@ -670,6 +672,9 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         t0, c0 = time.perf_counter(), _cost_clock(device)()
         circuit = algo.discover(engine, data) if algo.returns_circuit else None
         scores = circuit.scores if circuit is not None else algo.score(engine, data)
+        if scores is None:
+            raise ConfigError(f"The {cell.algorithm!r} algorithm returned a circuit without "
+                              "scores; the benchmark ranks edges by them.")
         score_time = time.perf_counter() - t0
         score_cost = _cost_clock(device)() - c0
         # the algorithm says what its scores mean (ACDC's KL effects are importances): the
@@ -878,7 +883,7 @@ def _trials_by_cell(study: Any, keys: Mapping[str, Cell]) -> dict[str, list[Any]
 def _cell_states(study: Any, keys: Mapping[str, Cell]) -> dict[str, tuple[str, str | None]]:
     """``key -> (state, error)``, state one of complete/running/waiting/failed/new."""
     TrialState = optuna_module().trial.TrialState
-    out = {}
+    out: dict[str, tuple[str, str | None]] = {}
     for key, trials in _trials_by_cell(study, keys).items():
         states = {t.state for t in trials}
         if TrialState.COMPLETE in states:

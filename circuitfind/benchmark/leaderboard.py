@@ -30,7 +30,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from circuitfind.benchmark.storage import open_storage, optuna_module
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import ABOVE_ONE
 from circuitfind.graphs.scores import ScoreMeaning, score_meaning
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.typing import LineStyleType
 
 SORT_KEYS: dict[str, tuple[str, bool]] = {
     "cpr": ("cpr_mean", True), "cmd": ("cmd_mean", False),
@@ -480,7 +483,7 @@ ALGORITHM_COLOURS = {"eap": "blue", "eap_ig": "orange", "exact": "bluish_green",
 _SPARE_COLOURS = ("black", "yellow")
 
 
-def algorithm_styles(labels: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+def algorithm_styles(labels: Sequence[str]) -> dict[str, tuple[str, str, LineStyleType]]:
     """``(colour, marker, line style)`` of each algorithm label (``eap_ig(steps=10)``).
 
     The colour belongs to the algorithm (:data:`ALGORITHM_COLOURS`; other algorithms get one
@@ -491,9 +494,10 @@ def algorithm_styles(labels: Sequence[str]) -> dict[str, tuple[str, str, str]]:
 
     from circuitfind.graphs.render import OKABE_ITO
 
-    markers, lines = "osD^vP*X", ("-", "--", ":", "-.")
+    markers = "osD^vP*X"
+    lines: tuple[LineStyleType, ...] = ("-", "--", ":", "-.")
     seen: dict[str, int] = {}
-    out = {}
+    out: dict[str, tuple[str, str, LineStyleType]] = {}
     for label in sorted(labels):
         base = label.split("(")[0]
         name = ALGORITHM_COLOURS.get(base) or _SPARE_COLOURS[

@@ -330,6 +330,7 @@ def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
     meaning = ScoreMeaning(score_kind, higher_is_better=bool(
         getattr(data.task, "higher_is_better", True)))
     importance = meaning.importance(scores)
+    rankings: tuple[tuple[Tensor, bool], ...]  # (ranking keys, rank by |key|) per curve
     if convention == "mib":
         if absolute is not None:
             raise ConfigError("absolute applies to convention='single' only; the MIB convention "

@@ -62,6 +62,7 @@ from circuitfind.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import graphviz
+    from matplotlib.typing import RcKeyType
 
     from circuitfind.graphs.circuit import Circuit
 
@@ -506,8 +507,8 @@ def _graphviz_from_scene(sc: Scene) -> graphviz.Digraph:
         for members in rows.values():
             ordered = sorted((n for n in sc.nodes if n.name in {m for m, _ in members}),
                              key=lambda n: (n.slot is None, n.slot or 0, n.name))
-            for left, right in zip(ordered, ordered[1:]):
-                dot.edge(left.name, right.name, style="invis")
+            for a_node, b_node in zip(ordered, ordered[1:]):
+                dot.edge(a_node.name, b_node.name, style="invis")
     # an invisible spine (one point per rank, chained) keeps later rows strictly below
     # earlier ones even when rows in between are absent
     spine: list[str] = []
@@ -597,9 +598,10 @@ def _graphviz_missing() -> str | None:
 
 
 # ------------------------------------------------------------------------------- matplotlib
-_MPL_RC = {"svg.hashsalt": "circuitfind", "svg.fonttype": "none", "pdf.fonttype": 42,
-           "font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"],
-           "path.simplify": False, "svg.image_inline": True}
+_MPL_RC: dict[RcKeyType, Any] = {
+    "svg.hashsalt": "circuitfind", "svg.fonttype": "none", "pdf.fonttype": 42,
+    "font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"], "path.simplify": False,
+    "svg.image_inline": True}
 _MPL_METADATA = {"svg": {"Date": None, "Creator": None},
                  "pdf": {"CreationDate": None, "ModDate": None, "Creator": None,
                          "Producer": None},
@@ -742,6 +744,7 @@ class _Obstacles:
 
 def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
     mpl = _import_matplotlib()
+    from matplotlib.artist import Artist
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, FancyArrowPatch, FancyBboxPatch, Patch
@@ -766,6 +769,7 @@ def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
         shapes = {n.name: n.shape for n in sc.nodes}
         for node in sc.nodes:
             x, y = xy[node.name]
+            patch: Patch
             if node.shape == "ellipse":
                 patch = Ellipse((x, y), node_w, _NODE_H)
             else:
@@ -793,7 +797,7 @@ def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
             ax.add_patch(arrow)
         if sc.title is not None:
             ax.text((x0 + x1) / 2, y1, sc.title, ha="center", va="bottom", fontsize=9)
-        handles = [Line2D([], [], color=colour, linewidth=2, label=label)
+        handles: list[Artist] = [Line2D([], [], color=colour, linewidth=2, label=label)
                    for label, colour in sc.edge_legend]
         handles += [Patch(facecolor=fill, edgecolor="black", linewidth=0.8, label=label)
                     for label, fill in sc.class_legend]

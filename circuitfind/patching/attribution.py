@@ -121,7 +121,7 @@ class _SummedHeads(torch.autograd.Function):
 
 
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
-              metric: Any, points: list[tuple[str, float]] | None = None,
+              metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
               diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
     """:func:`eap_pass` under modified backward ``rules`` (GIM, RelP, AtP*; ``None``: the
     plain gradient), installed on the runner's adapter for the pass: the extension point of
@@ -141,7 +141,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
 
 
 def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
-             metric: Any, points: list[tuple[str, float]] | None = None,
+             metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
              diff: Tensor | None = None, rules: BackwardRules = PLAIN,
              fix: QKFix | None = None) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
@@ -167,7 +167,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     :class:`circuitfind.patching.engine.GradientPoint`): the batch holds ``C = len(points)``
     copies of the N clean rows; in copy ``c`` the outputs of the node group ``points[c][0]``
     (``input``, ``a{L}``: all heads of layer L, ``m{L}``) become ``a - (1 - alpha) (a - a')``
-    and are held constant (no gradient flows back through them). Each receiver's gradient
+    (or, where ``alpha`` is a ``[N, T, d]`` tensor, that tensor: a point off the straight
+    line, such as EAP-GP's gradient path) and are held constant (no gradient flows back through them). Each receiver's gradient
     is recovered per copy (the norm's Jacobian differs between copies), summed over the
     copies and contracted with ``diff``, the sender differences of the plain clean and
     corrupted runs.
@@ -178,7 +179,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         positions: ``[N, P]`` metric positions.
         metric: ``logits [C*N, P, V] -> scalar`` to differentiate (``C = 1`` without
             points).
-        points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
+        points: ``(node group, alpha)`` of each stacked run (``alpha`` a float, or the node
+            group's output itself ``[N, T, d]``), or ``None`` (EAP).
         diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
             ``points`` (unused without).
         rules: Backward rules already installed on the adapter (GradDrop acts here, at each
@@ -210,9 +212,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
              else -diff)
     flat = delta.reshape(g.n_senders, -1)
     # gradient points by node group: {copy: alpha}
-    moved: dict[str, dict[int, float]] = {}
+    moved: dict[str, dict[int, float | Tensor]] = {}
     for c, (node, alpha) in enumerate(points or []):
-        moved.setdefault(node, {})[c] = float(alpha)
+        moved.setdefault(node, {})[c] = alpha if isinstance(alpha, Tensor) else float(alpha)
     # node groups held constant in every copy: their receivers get no gradient
     blocked = {node for node, cs in moved.items() if len(cs) == copies}
 
@@ -226,8 +228,12 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         if node not in moved:
             return value
         rows = value.view(copies, n, *value.shape[1:])
-        parts = [rows[c].detach() - (1 - moved[node][c]) * change if c in moved[node]
-                 else rows[c] for c in range(copies)]
+        parts = []
+        for c in range(copies):
+            alpha = moved[node].get(c)
+            parts.append(rows[c] if alpha is None
+                         else alpha.to(rows) if isinstance(alpha, Tensor)  # the value itself
+                         else rows[c].detach() - (1 - alpha) * change)
         return torch.cat(parts) if copies > 1 else parts[0]
 
     # Families whose heads' sum passes a norm (Gemma-2): a head's score goes through that
@@ -335,10 +341,11 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # metric. Its senders' differences are then known at the metric positions only and are
     # 0 elsewhere in ``delta``, which is exact: the only receivers that read them (the last
     # MLP's and the logits) have no gradient elsewhere.
-    # (With modified backward rules or the QK fix, which records full attention patterns,
-    # every block runs at every position.)
+    # (With modified backward rules, the QK fix, which records full attention patterns, or
+    # points given as tensors over every position, every block runs at every position.)
     last = g.n_layers - 1
-    trim = rules.plain and fix is None
+    trim = rules.plain and fix is None and not any(
+        isinstance(alpha, Tensor) for alpha in (a for cs in moved.values() for a in cs.values()))
     where = positions.repeat(copies, 1)  # [C*N, P]
 
     def pick(value: Tensor, at: Tensor) -> Tensor:
@@ -436,7 +443,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's
         branch = (x_in if lay.parallel else x) + 0
-        u = g.mlp_index[layer]
+        r_mlp, u = g.mlp_receiver[layer], g.mlp_index[layer]
+        assert r_mlp is not None and u is not None  # the block runner has no attention-only graphs
         if f"m{layer}" not in blocked:
             branch.register_hook(on_receiver(f"m{layer}", spread=tail))
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))

@@ -64,12 +64,12 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the incoming gradient by a constant."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad * ctx.factor, None
 
 
@@ -79,14 +79,14 @@ class _TemperatureSoftmax(torch.autograd.Function):
     temperature-adjusted softmax gradient, TSG)."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, temperature: float,  # type: ignore[override]
+    def forward(ctx, scores: Tensor, temperature: float,
                 dtype: torch.dtype | None) -> Tensor:
         ctx.temperature = temperature
         ctx.save_for_backward(scores)
         return torch.softmax(scores, -1, dtype=dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (scores,) = ctx.saved_tensors
         p = torch.softmax(scores.to(grad.dtype) / ctx.temperature, -1)
         p = torch.nan_to_num(p)  # rows with every key hidden (none in causal attention)

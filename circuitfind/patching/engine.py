@@ -548,6 +548,7 @@ class PatchingEngine:
         memoised for the last (cache, ``values``) pair: every masked pass over the same data
         reads them. They are held beside the clean cache (about as much memory again) and,
         like it, are not counted in ``memory_budget``, which sizes one pass's activations."""
+        assert self.runner is not None  # only the block runner's passes read them
         memo = self._memo.get("diff")
         if memo is None or memo[0] is not cache or memo[1] is not values:
             diff = cache.senders - ablated
@@ -688,13 +689,13 @@ class PatchingEngine:
                         for p0 in range(0, n_points, p_chunk):
                             chunk = points[p0: p0 + p_chunk]
 
-                            def metric(logits: Tensor, sub: TaskData = sub,
-                                       c: int = len(chunk)) -> Tensor:
+                            def chunk_metric(logits: Tensor, sub: TaskData = sub,
+                                             c: int = len(chunk)) -> Tensor:
                                 picked = logits.view(c, n, *logits.shape[1:]) if c > 1 else logits
                                 return sub.metric(picked).sum() / (data.n * n_points)
 
                             scores += self.runner.attribute(
-                                tokens, ablated, sub.positions, metric,
+                                tokens, ablated, sub.positions, chunk_metric,
                                 points=[(p.node, p.alpha) for p in chunk], diff=diff)
                         del diff
                     del corrupted, ablated
@@ -915,7 +916,7 @@ class PatchingEngine:
                     got[slot] = g
                     if all(t is not None for t in got):
                         del pending[siblings[0].start]
-                        contract(siblings, got)  # type: ignore[arg-type]
+                        contract(siblings, [t for t in got if t is not None])
 
                 # A fresh tensor: the hook may receive the residual stream itself (hook_mlp_in
                 # fires on ln2's input), whose gradient also flows down the skip connection.

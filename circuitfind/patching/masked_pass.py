@@ -177,8 +177,7 @@ class MaskedPass:
         else:
             # uninitialised: in the last block only the metric positions are written, and
             # every position of the output depends only on the same position of the buffer
-            current = (torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
-                       if dynamic else None)
+            current = torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
         dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
 
         # the weights of eq. (1) (removed form) and, in kept form, of the kept edges
@@ -241,6 +240,7 @@ class MaskedPass:
         kd, rd = kk.to(dev), rr.to(dev)
         out = None
         if w_shared is not None:
+            assert shared is not None  # _Form keeps w_shared only with shared
             weights = w_shared[kd, :, rd]  # [P, A]
             if k_masks > 1:
                 # Receivers whose weights are the same in every mask (e.g. the base circuit
@@ -273,6 +273,7 @@ class MaskedPass:
         idx = torch.tensor(rs, device=dev)
         out = None
         if w_shared is not None:
+            assert shared is not None  # _Form keeps w_shared only with shared
             weights = w_shared[:, :, idx]  # [K, A, R']
             if k_masks > 1 and bool((weights == weights[:1]).all()):
                 # the same weights in every mask (e.g. the base circuit ACDC's candidates
@@ -335,6 +336,7 @@ class MaskedPass:
         rows: dict[int, Tensor] = {}  # receiver -> row of each mask in its patch, or -1
         for r, ks, _ in patches:
             rec = g.receivers[r]
+            assert rec.head is not None  # q/k/v receivers belong to a head
             heads = [rec.head] if rec.kind == "q" else range(rec.head * rep, (rec.head + 1) * rep)
             sel = torch.zeros(k_masks, dtype=torch.bool)
             sel[ks if isinstance(ks, slice) else ks.cpu()] = True
@@ -364,7 +366,8 @@ class MaskedPass:
                         xr = base - patch_of[r][row[sel].to(dev)]
                         out[sel.to(dev)] = lay.project(layer, kind, idx, lay.ln_attn(layer, xr))
                 inputs.append(out.reshape(len(ks_h) * n, t, 1, -1))
-            z = lay.attend(layer, *inputs, grouped=False)  # [k_h*n, T, 1, dh]
+            q, k, v = inputs
+            z = lay.attend(layer, q, k, v, grouped=False)  # [k_h*n, T, 1, dh]
             one = torch.tensor([head], device=dev)
             change = lay.head_results(layer, z, torch.zeros(1, dtype=torch.long, device=dev),
                                       heads=one)[:, :, 0].view(len(ks_h), n, t, d)
@@ -379,13 +382,14 @@ class MaskedPass:
                 current[:, dyn_slot[u]] = self.clean_minus_ablated(u)
         return x_mid.view(k_masks * n, t, d)
 
-    def mlp_block(self, layer: int, x: Tensor, last: bool, x_in: Tensor | None = None) -> Tensor:
+    def mlp_block(self, layer: int, x: Tensor, last: bool, x_in: Tensor) -> Tensor:
         """The MLP of ``layer`` added to the residual after attention ``x [K*n, T|P, d]``; in
         a parallel block the MLP reads the block's input ``x_in`` (same shape) instead."""
         d, dense_layers, dyn_slot, g = self.d, self.dense_layers, self.dyn_slot, self.g
         k_masks, lay, n, touched_cpu = self.k_masks, self.lay, self.n, self.touched_cpu
         out, x = x, (x_in if lay.parallel else x)
-        r = g.mlp_receiver[layer]
+        r, u = g.mlp_receiver[layer], g.mlp_index[layer]
+        assert r is not None and u is not None  # the block runner has no attention-only graphs
         if (layer in dense_layers and not last
                 and 2 * int(touched_cpu[:, r].sum()) >= k_masks):
             xm = self.dense_inputs([r], x).view_as(x)
@@ -395,7 +399,6 @@ class MaskedPass:
                 xm = x.clone()
                 xm.view(k_masks, n, -1, d)[ks] -= self.at_positions(dlt) if last else dlt
         m = lay.mlp(layer, lay.ln_mlp(layer, xm))
-        u = g.mlp_index[layer]
         if u in dyn_slot:
             self.put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last)
         return out + m
@@ -412,6 +415,7 @@ class MaskedPass:
         diff, dyn_slot, dynamic = self.diff, self.dyn_slot, self.dynamic
         forms, g, k_masks, kept_w, lay = self.forms, self.g, self.k_masks, self.kept_w, self.lay
         n, removed, start, t = self.n, self.removed, self.start, self.t
+        assert kept_w is not None  # the kept form runs only with kept weights
         pre, mid = (abl_resid if abl_resid is not None
                     else self.runner.ablated_residuals(ablated, n, t))
         rep = g.n_heads // g.n_kv_heads
@@ -438,6 +442,7 @@ class MaskedPass:
         self.equal, self.variant, self.keys, self.fresh = equal, variant, keys, fresh
         self.ids = ids
 
+        key: int | None  # memo key of a mask-invariant node's outputs
         for layer in range(start, g.n_layers):
             last = layer == g.n_layers - 1
             base = cache.resid[layer] if layer == start else pre[layer]
@@ -472,9 +477,9 @@ class MaskedPass:
                             variant[h0 + hh] = True
                         else:  # no patches: the receivers read the base alone
                             keys[h0 + hh] = ("base", layer, hh, layer == start)
-            u = g.mlp_index[layer]
+            u, r = g.mlp_index[layer], g.mlp_receiver[layer]
+            assert u is not None and r is not None  # the block runner has no attention-only graphs
             if u in dyn_slot:
-                r = g.mlp_receiver[layer]
                 once_m = self._invariant([r], "kept")[0]
                 key = self._intern(("mlp", self._input_key(r, "kept", layer))) if once_m else None
                 m = self.memo.entries.get(key) if once_m else None
@@ -516,9 +521,9 @@ class MaskedPass:
         return (equal[form][rs] & ~reads.any(0).cpu()).tolist()
 
     def _heads_pass(self, layer: int, subset: list[int], form: str, base: Tensor,
-                   sign: float, last: bool) -> bool:
-        """Compute the heads ``subset`` of ``layer`` (into ``current``); True if they were
-        computed per mask."""
+                   sign: float, last: bool) -> Tensor:
+        """The outputs ``[kk, h, n, T|P, d]`` of the heads ``subset`` of ``layer``, per mask
+        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``)."""
         d, dev, forms, g, lay, n = self.d, self.dev, self.forms, self.g, self.lay, self.n
         pos, rep, t = self.pos, self.rep, self.t
         groups = sorted({hh // rep for hh in subset})

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -148,7 +148,15 @@ def move(value: Any, device: torch.device, copy: bool = False) -> Any:
     return value
 
 
-class PlacedArchitecture:
+if TYPE_CHECKING:
+    # to the type checker a placed adapter is an adapter: it has the whole interface (the
+    # layer methods as wrappers, the rest forwarded by ``__getattr__``)
+    _Adapter = Architecture
+else:
+    _Adapter = object
+
+
+class PlacedArchitecture(_Adapter):
     """A family adapter whose per-layer primitives run on their layer's device.
 
     Every method of :data:`LAYER_METHODS` takes the layer first: its tensor arguments move to

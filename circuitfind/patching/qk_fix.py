@@ -97,7 +97,8 @@ class QKFix:
                 # layer carry none): the only rows whose pattern change counts
                 rows = (None if grad is None
                         else grad.ne(0).any(3).any(1).any(0).nonzero()[:, 0])  # [P]
-                if rows is None or len(rows) == 0:  # no gradient reached the pattern (GradDrop)
+                if grad is None or rows is None or len(rows) == 0:  # no gradient reached the
+                    # pattern (GradDrop)
                     scores[:u_up, q_cols] = 0
                     scores[:u_up, k_cols] = 0
                     continue

@@ -269,7 +269,7 @@ class BlockRunner:
             pre[layer] = acc
             if lay.parallel:
                 mid[layer] = acc
-            end = g.mlp_index[layer]
+            end = done + g.n_heads  # after the layer's heads (then its MLP, if any)
             attn = ablated[done: end].sum(0)
             _, bias = lay.w_out(layer)
             if bias is not None:
@@ -284,7 +284,7 @@ class BlockRunner:
         return pre, mid
 
     def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
-                  points: list[tuple[str, float]] | None = None,
+                  points: list[tuple[str, float | Tensor]] | None = None,
                   diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
         """EAP (or, with ``points``, EAP-IG / clean-corrupted; with ``rules``, GIM, RelP,
         AtP*) scores from one forward and backward pass:

@@ -80,7 +80,7 @@ def chromium_page(width: int = 1400, height: int = 900) -> Iterator[Any]:
             errors: list[str] = []
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
-            page.console_errors = errors
+            setattr(page, "console_errors", errors)  # our own attribute on playwright's Page
             yield page
         finally:
             context.close()

@@ -159,7 +159,7 @@ def view_data(circuit: Circuit, other: Circuit | None = None,
                  "nodes": [[node_index[n] for n in r.nodes] for r in graph.receivers]}
     circuits = [circuit] if other is None else [circuit, other]
     orders = [view_order(c).tolist() for c in circuits]
-    values = [c.edge_values.tolist() if c.scores is not None else None for c in circuits]
+    values = [None if v is None else v.tolist() for v in (c.edge_values for c in circuits)]
     if other is None:
         order = orders[0]
         if values[0] is None:

@@ -39,8 +39,8 @@ __all__ = ["view", "view_html"]
 
 
 def _asset(name: str) -> str:
-    return resources.files("circuitfind.view").joinpath("assets", name).read_text(
-        encoding="utf-8")
+    # one name per step: Python 3.10's Traversable.joinpath takes one
+    return (resources.files("circuitfind.view") / "assets" / name).read_text(encoding="utf-8")
 
 
 def _load(obj: Any, what: str) -> Circuit:

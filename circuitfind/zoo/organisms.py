@@ -260,8 +260,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  {"rotary_pct": 0.5, "use_parallel_residual": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 12}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    # Qwen's rotary base of 10^6 (made for long contexts) leaves 8-dimensional heads one usable
+    # frequency, and previous-token heads barely form (56% accuracy after 6,000 steps): these
+    # organisms use Llama's 10^4
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                {"sliding_window": 8, "attn_logit_softcapping": 50.0,
                 "final_logit_softcapping": 30.0}),
@@ -269,17 +274,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 """The rotary families the zoo trains induction organisms of (besides GPT-2's)."""
 
 FAMILY_ORGANISMS: tuple[tuple[str, str, str, int | None, int, str], ...] = (
-    # (name suffix, family, label, key/value heads, training steps, measured mechanism);
-    # the Qwen families learn induction later (at 2,500 steps Qwen2 reached 56% accuracy)
+    # (name suffix, family, label, key/value heads, training steps, measured mechanism)
     ("llama", "llama", "Llama (RMSNorm, grouped-query attention)", 2, 2500,
      "see zoo/README.md"),
     ("neox", "gpt_neox", "GPT-NeoX/Pythia (parallel attention and MLP, partial rotary)",
      None, 2500, "see zoo/README.md"),
     ("mistral", "mistral", "Mistral (sliding window, grouped-query attention)", 2, 2500,
      "see zoo/README.md"),
-    ("qwen2", "qwen2", "Qwen2 (q/k/v biases, grouped-query attention)", 2, 6000,
+    ("qwen2", "qwen2", "Qwen2 (q/k/v biases, grouped-query attention)", 2, 2500,
      "see zoo/README.md"),
-    ("qwen3", "qwen3", "Qwen3 (q/k norms, grouped-query attention)", 2, 6000,
+    ("qwen3", "qwen3", "Qwen3 (q/k norms, grouped-query attention)", 2, 2500,
      "see zoo/README.md"),
     ("gemma2", "gemma2", "Gemma-2 (post-norms, soft-capping, local/global layers)", 2, 2500,
      "see zoo/README.md"),

@@ -76,7 +76,7 @@ def build_model(org: Organism, vocab_size: int) -> Any:
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
             pad_token_id=1, tie_word_embeddings=True)
         model = transformers.GPT2LMHeadModel(config)
-        mlps = [block.mlp for block in model.transformer.h]
+        mlps = [block.get_submodule("mlp") for block in model.transformer.h]
     elif org.family in FAMILIES:
         config_cls, model_cls, extra = FAMILIES[org.family]
         kwargs: dict[str, Any] = dict(

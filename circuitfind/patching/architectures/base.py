@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ class Architecture:
         n_heads: Query heads per layer.
         n_kv: Key/value heads per layer.
     """
+
+    hf_classes: ClassVar[tuple[str, ...]] = ()  # Hugging Face classes it runs (set by register)
+    blocks: list[Any]  # the model's transformer blocks, unwrapped (set by each family)
 
     def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
         self.hf = hf

@@ -73,6 +73,7 @@ class GPT2(Architecture):
 
     def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
         w, b = weights(self.attn[layer].c_attn)
+        assert b is not None  # GPT-2's c_attn always has a bias
         d = self.d_model
         out = conv1d(x, w[:, : 2 * d], b[: 2 * d]).view(*x.shape[:-1], 2, self.n_heads,
                                                            self.d_head)
@@ -80,6 +81,7 @@ class GPT2(Architecture):
 
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].c_attn)
+        assert b is not None  # GPT-2's Conv1D always has a bias
         cols = slice("qkv".index(kind) * self.d_model, ("qkv".index(kind) + 1) * self.d_model)
         return (w[:, cols].reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2),
                 b[cols].view(self.n_heads, self.d_head))

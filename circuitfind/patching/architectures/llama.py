@@ -94,8 +94,9 @@ class Llama(Architecture):
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = self.attn[layer]
         shape = (*x.shape[:-1], -1, self.d_head)
-        return tuple(F.linear(x, *weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
-                     for k in "qkv")
+        q, k, v = (F.linear(x, *weights(getattr(a, f"{name}_proj"))).view(shape)
+                   for name in "qkv")
+        return q, k, v
 
     def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
         a = self.attn[layer]
