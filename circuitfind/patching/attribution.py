@@ -75,6 +75,51 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
         scores[: delta.shape[0], r0: r0 + grad.shape[0]] += sign * block
 
 
+class _ReceiverGradients(torch.autograd.Function):
+    """``q, k, v = qkv(ln_attn(x))`` of one layer, whose backward pass is EAP's.
+
+    Autograd would compute the residual's gradient through the norm and the three
+    projections for all heads at once; EAP needs each q/k/v receiver's gradient (the same
+    matrix products, one head at a time), whose sum is that residual gradient. The backward
+    therefore hands the projections' gradients to a callback that computes the receivers'
+    gradients (and contracts them) and returns their sum: the work is done once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: int, lay: Architecture,  # type: ignore[override]
+                backward: Any) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(x)
+        ctx.backward = backward
+        return lay.qkv(layer, lay.ln_attn(layer, x))
+
+    @staticmethod
+    def backward(ctx: Any, dq: Tensor, dk: Tensor, dv: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor, None, None, None]:
+        (x,) = ctx.saved_tensors
+        return ctx.backward(x, dq, dk, dv), None, None, None
+
+
+class _SummedHeads(torch.autograd.Function):
+    """The attention output before any post-norm, ``sum_h a_h + b_O``, from the heads'
+    outputs ``a_h = z_h W_O[h]`` that EAP computes anyway (for ``a'_h - a_h``), with the
+    output projection's backward to ``z`` (``dz = d out W_O^T``): the projection is not
+    computed a second time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, heads: Tensor, layer: int,  # type: ignore[override]
+                lay: Architecture) -> Tensor:
+        ctx.w = lay.w_out(layer)[0]  # [H*dh, d], frozen
+        ctx.shape = z.shape
+        return Architecture.attn_from_heads(lay, layer, heads, 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor, None, None, None]:
+        w = ctx.w
+        return (grad.reshape(-1, w.shape[1]) @ w.T).view(ctx.shape), None, None, None
+
+
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
               diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
@@ -106,13 +151,17 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     d metric / d x_r``. The forward is the plain one (one norm and one q/k/v projection per
     layer for all heads); each receiver's gradient is recovered in the backward pass from
     the gradient of its projection, ``d x_r = J_norm(x)^T (d q_h W_q[h]^T)`` (the norm's
-    backward in closed form, for all heads of a kind at once), and contracted with the
-    sender differences layer by layer, so the per-head q/k/v inputs are never materialised
-    in the forward pass.
+    backward in closed form, for all q/k/v heads of a layer at once), and contracted with
+    the sender differences one group of consecutive receivers at a time (a layer's q/k/v
+    with one MLP receiver), so the per-head q/k/v inputs are never materialised in the
+    forward pass. The residual's gradient through a layer's norm and q/k/v projections is
+    the sum of those receivers' gradients, so autograd does not compute it a second time
+    (:class:`_ReceiverGradients`). The last block runs at the metric positions only.
 
     The clean sender outputs ``a_u`` are taken from this same forward pass (each head's
-    from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``),
-    so the pass costs a plain forward and backward, like the physical floor of EAP.
+    from the attention's ``z`` outside the autograd graph, straight into ``a'_u - a_u``, and
+    summed for the attention output: :class:`_SummedHeads`), so the pass costs a plain
+    forward and backward plus the contraction, like the physical floor of EAP.
 
     Gradient points (EAP-IG, clean-corrupted; see
     :class:`circuitfind.patching.engine.GradientPoint`): the batch holds ``C = len(points)``
@@ -150,6 +199,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     """
     g, lay = runner.graph, runner.arch
     n, t = tokens.shape
+    d = ablated.shape[-1]
     copies = 1 if points is None else len(points)
     if points is not None and diff is None:
         raise ConfigError("Gradient points need the sender differences `diff` (clean "
@@ -210,88 +260,137 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             if heads.stop <= n_up:
                 scores[heads, r0: r0 + h] = matmul_nt(jd, per_copy).to(scores.dtype)
 
-    fired: set[int] = set()  # first receiver of each group whose gradient arrived
-
-    # Per layer during the backward pass: the norm's parts (q, k and v read one norm of
-    # one residual) and the receivers' gradients ``[1 + H + 2G, N*T, d]``: the previous
-    # layer's MLP receiver (row 0; it is the receiver just before this layer's q and its
-    # gradient arrives just after theirs) and this layer's q/k/v receivers, contracted in
-    # one matmul once all have arrived (the sender differences are read once a layer; the
-    # one pair that is no edge, the MLP into its own receiver, is zeroed after).
-    norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}
-    grads: dict[int, tuple[Tensor, list[str]]] = {}
-    offset = {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv_heads}
-
-    def merged(layer: int) -> bool:
-        """Whether the MLP receiver of ``layer - 1`` is contracted with ``layer``'s q/k/v."""
-        if layer == 0:
-            return False
-        r, u = g.mlp_receiver[layer - 1], g.mlp_index[layer - 1]
-        if r is None or u is None:
-            return False
-        return (r + 1 == g.q_start[layer] and int(g.n_upstream[r]) == u
-                and g.head_start[layer] == u + 1)
-
-    # layers still waiting for the previous MLP receiver's gradient, and layers whose
-    # previous MLP receiver was contracted alone (its gradient came before any q/k/v's)
-    waiting = {layer for layer in range(g.n_layers) if merged(layer)}
-    alone: set[int] = set()
-    for layer in list(waiting):  # the MLP before it gets no gradient: contract without it
-        if f"m{layer - 1}" in blocked:
-            waiting.discard(layer)
-            alone.add(layer)
-
-    def flush(layer: int) -> None:
-        """Contract ``layer``'s buffer (all of its receivers have arrived)."""
-        buf, _ = grads.pop(layer)
-        norms.pop(layer, None)
-        if not merged(layer):
-            contract(g.q_start[layer], g.head_start[layer], buf)
-        elif layer in alone:
-            contract(g.q_start[layer], g.head_start[layer], buf[1:])
+    # Receivers are contracted in groups of consecutive receivers, one matmul a group, so
+    # that the sender differences are read once a group: each layer's q/k/v receivers with
+    # the MLP receiver just before them (sequential blocks: the previous layer's, whose
+    # senders are all but that MLP) or just after them (parallel blocks: this layer's, which
+    # reads the block's input like q/k/v), and the last MLP receiver with the logits. A
+    # group's block of scores spans the senders of its widest receiver; the pairs in it that
+    # are no edge (an MLP into its own receiver) are zeroed after. The gradients wait in the
+    # group's buffer ``[receivers, N*T, d]`` until all have arrived: one group at a time.
+    n_qkv = g.n_heads + 2 * g.n_kv_heads
+    parts: list[tuple[str, int, int, bool]] = []  # (key, first receiver, receivers, blocked)
+    for layer in range(g.n_layers):
+        parts.append((f"qkv{layer}", g.q_start[layer], n_qkv, f"a{layer}" in blocked))
+        mlp_r = g.mlp_receiver[layer]
+        if mlp_r is not None:
+            parts.append((f"m{layer}", mlp_r, 1, f"m{layer}" in blocked))
+    parts.append(("logits", g.n_receivers - 1, 1, False))
+    # receivers that group with the part after them
+    joins = {f"m{layer}" for layer in range(g.n_layers) if not lay.parallel}
+    joins |= {f"qkv{layer}" for layer in range(g.n_layers) if lay.parallel}
+    group_of: dict[str, tuple[int, int]] = {}  # part -> (group, first row)
+    groups: list[list[tuple[str, int, int, bool]]] = []
+    for i, part in enumerate(parts):
+        prev = parts[i - 1] if i else None
+        if (prev is not None and prev[0] in joins and prev[1] + prev[2] == part[1]
+                and len(groups[-1]) == 1):
+            groups[-1].append(part)
         else:
-            contract(g.q_start[layer] - 1, g.head_start[layer], buf)
-            scores[g.mlp_index[layer - 1], g.mlp_receiver[layer - 1]] = 0
+            groups.append([part])
+        group_of[part[0]] = (len(groups) - 1, sum(p[2] for p in groups[-1][:-1]))
+    gdt = torch.promote_types(ablated.dtype, torch.float32)  # the norms' backward dtype
+    folded = copies > 1 and not post  # receivers' gradients summed over copies
+    brows = n * t if folded else n * t * copies
+    buffers: dict[int, Tensor] = {}
+    pending = [{p[0] for p in grp if not p[3]} for grp in groups]
+    edges = g.edge_mask.to(scores.device)
+    fired: set[str] = set()  # parts whose gradient arrived
+    # rows ``example * T + position`` of the metric positions, each once
+    at_metric = torch.unique(torch.arange(n, device=positions.device)[:, None] * t
+                             + positions)
 
-    def on_receiver(r0: int, n_up: int, layer: int | None = None) -> Any:
+    def buffer(key: str) -> Tensor:
+        """The buffer of ``key``'s group (made at its first arrival; rows of parts that get no
+        gradient are zero)."""
+        gi, _ = group_of[key]
+        if gi not in buffers:
+            grp = groups[gi]
+            buf = buffers[gi] = torch.empty(sum(p[2] for p in grp), brows, ablated.shape[-1],
+                                            dtype=gdt, device=ablated.device)
+            row = 0
+            for _, _, size, off in grp:
+                if off:
+                    buf[row: row + size] = 0
+                row += size
+        return buffers[gi]
+
+    def arrive(key: str) -> None:
+        """Mark ``key``'s gradient arrived; contract its group once all parts have."""
+        fired.add(key)
+        gi, _ = group_of[key]
+        pending[gi].discard(key)
+        if pending[gi]:
+            return
+        grp = groups[gi]
+        r0, r1 = grp[0][1], grp[-1][1] + grp[-1][2]
+        n_up = int(g.n_upstream[r0:r1].max())
+        buf = buffers.pop(gi)
+        if gi == len(groups) - 1 and (copies == 1 or folded):
+            # the last MLP's and the logits' gradients are 0 off the metric positions: the
+            # contraction reads those rows only
+            contract_scores(scores, delta.reshape(g.n_senders, n * t, d)[:n_up, at_metric]
+                            .reshape(n_up, -1), r0, buf[:, at_metric].reshape(r1 - r0, -1))
+        else:
+            contract(r0, n_up, buf)
+        if not bool(edges[:n_up, r0:r1].all()):
+            scores[:n_up, r0:r1] *= edges[:n_up, r0:r1]
+
+    # The last block runs at the metric positions only (its queries, heads' outputs and
+    # MLP; keys and values at every position): nothing at other positions reaches the
+    # metric. Its senders' differences are then known at the metric positions only and are
+    # 0 elsewhere in ``delta``, which is exact: the only receivers that read them (the last
+    # MLP's and the logits) have no gradient elsewhere.
+    # (With modified backward rules, the QK fix, which records full attention patterns, or
+    # points given as tensors over every position, every block runs at every position.)
+    last = g.n_layers - 1
+    trim = rules.plain and fix is None and not any(
+        isinstance(alpha, Tensor) for alpha in (a for cs in moved.values() for a in cs.values()))
+    where = positions.repeat(copies, 1)  # [C*N, P]
+
+    def pick(value: Tensor, at: Tensor) -> Tensor:
+        """``value [..., B, T, d]`` at the positions ``at [B, P]`` -> ``[..., B, P, d]``."""
+        lead = value.shape[:-3]
+        index = at[:, :, None].expand(*lead, -1, -1, value.shape[-1])
+        return value.expand(*lead, at.shape[0], t, value.shape[-1]).gather(-2, index)
+
+    def place(target: Tensor, at: Tensor, value: Tensor) -> Tensor:
+        """``target [..., B, T, d]`` zeroed, with ``value [..., B, P, d]`` written at the
+        positions ``at [B, P]``."""
+        index = at[:, :, None].expand(*value.shape)
+        return target.zero_().scatter_(-2, index, value)
+
+    def on_receiver(key: str, spread: bool = False) -> Any:
+        """Hook on an MLP's or the logits' own input: its gradient is the receiver's (with
+        ``spread``, at the metric positions only: put back in place, 0 elsewhere; repeated
+        positions add)."""
         def hook(grad: Tensor) -> None:
-            fired.add(r0)
+            if spread:
+                full = grad.new_zeros(grad.shape[0], t, grad.shape[-1])
+                grad = full.scatter_add_(1, where[:, :, None].expand(*grad.shape), grad)
             grad = grad if post else fold(grad)
-            if layer is not None and layer + 1 in waiting:
-                waiting.discard(layer + 1)
-                if layer + 1 in grads:
-                    buf, arrived = grads[layer + 1]
-                    buf[0] = grad.reshape(buf.shape[1:])
-                    if len(arrived) == 3:
-                        flush(layer + 1)
-                    return
-                alone.add(layer + 1)
-            contract(r0, n_up, grad.unsqueeze(0))
+            buffer(key)[group_of[key][1]] = grad.reshape(brows, -1)
+            arrive(key)
         return hook
 
-    def on_projection(layer: int, kind: str, r0: int, x: Tensor) -> Any:
-        def hook(grad: Tensor) -> None:  # grad [N, T, h, dh]
-            fired.add(r0)
-            lead = int(merged(layer))
-            if layer not in norms:
-                norms[layer] = lay.norm_parts(layer, x.detach())
-                xh = norms[layer][0]
-                rows = n * t * (copies if post else 1)  # summed over copies unless post-norm
-                grads[layer] = (xh.new_empty(lead + g.n_heads + 2 * g.n_kv_heads, rows,
-                                             xh.shape[-1]), [])
-            buf, arrived = grads[layer]
-            s0 = lead + offset[kind]
-            if copies == 1 or post:
-                lay.projection_input_grads(layer, kind, norms[layer], grad,
-                                           out=buf[s0: s0 + grad.shape[2]])
-            else:  # per copy (each its own norm Jacobian), then summed
-                per_copy = lay.projection_input_grads(layer, kind, norms[layer], grad)
-                torch.sum(per_copy.view(grad.shape[2], copies, n * t, -1), 1,
-                          out=buf[s0: s0 + grad.shape[2]])
-            arrived.append(kind)
-            if len(arrived) == 3 and layer not in waiting:
-                flush(layer)
-        return hook
+    def on_qkv(layer: int) -> Any:
+        """The backward of ``layer``'s q/k/v projections (see :class:`_ReceiverGradients`):
+        each head's receiver gradient from its projection's gradient, then their sum, the
+        residual's gradient through the projections."""
+        key = f"qkv{layer}"
+
+        def backward(x: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+            norm = lay.norm_parts(layer, x)
+            row = group_of[key][1]
+            rows = buffer(key)[row: row + n_qkv]
+            each = rows.new_empty(n_qkv, n * t * copies, rows.shape[-1]) if folded else rows
+            lay.qkv_input_grads(layer, norm, (dq, dk, dv), out=each)
+            dx = each.sum(0).view(x.shape).to(x.dtype)
+            if folded:  # per copy (each its own norm Jacobian), then summed
+                torch.sum(each.view(n_qkv, copies, n * t, -1), 1, out=rows)
+            arrive(key)
+            return dx
+        return backward
 
     x = lay.embed(tokens).detach()  # the weights need no gradient
     if diff is None:
@@ -303,53 +402,64 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     for layer in range(g.n_layers):
         if fix is not None:
             fix.block_input(layer, x)
-        q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
-        for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
-                             ("v", v, g.v_start[layer])):
-            t_.register_hook(on_projection(layer, kind, r0, x))
-        z = lay.attend(layer, q, k, v)
+        if f"a{layer}" in blocked:  # no gradient reaches this layer's q/k/v receivers
+            q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+        else:
+            q, k, v = _ReceiverGradients.apply(x, layer, lay, on_qkv(layer))
+        tail = trim and layer == last
+        z = lay.attend(layer, q, k, v, query_pos=where if tail else None)  # [C*N, T|P, H, dh]
         h0 = g.head_start[layer]
-        if diff is None:
-            lay.head_deltas(layer, z.detach(), ablated[h0: h0 + g.n_heads],
-                            out=delta[h0: h0 + g.n_heads])
-        if post:  # interpolate the heads' pre-norm sum, then the norm
+        heads = delta[h0: h0 + g.n_heads]  # [H, N, T, d]
+        if diff is None:  # a_h, their sum, then a'_h - a_h in place
+            own = heads.new_empty(g.n_heads, n, positions.shape[1], d) if tail else heads
+            lay.head_outputs(layer, z.detach(), out=own)
+            pre = _SummedHeads.apply(z, own, layer, lay)
+            abl = ablated[h0: h0 + g.n_heads]
+            torch.sub(pick(abl, positions) if tail else abl, own, out=own)
+        else:
             pre = Architecture.attn_out(lay, layer, z)
-            if f"a{layer}" in moved and diff is not None:  # (points come with diff)
-                pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
-            s_l = pre.detach().reshape(-1, pre.shape[-1])  # [C*N*T, d]
-            d_heads = delta[h0: h0 + g.n_heads].view(g.n_heads, n * t, -1)
+            own = pick(heads, positions) if tail else heads
+        if f"a{layer}" in moved:
+            change = diff[h0: h0 + g.n_heads].sum(0)
+            pre = interpolate(pre, f"a{layer}", pick(change, positions) if tail else change)
+        if post:  # the heads' (interpolated) pre-norm sum, then the norm
+            s_l = pre.detach().reshape(-1, d)  # [C*N*(T|P), d]
+            d_heads = own.reshape(g.n_heads, -1, d)
             if copies == 1:
-                d_heads.copy_(lay.post_norm_jvp(layer, s_l, d_heads))
+                own.copy_(lay.post_norm_jvp(layer, s_l, d_heads).view(own.shape))
             else:
-                pushed[layer] = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1)
-                                                  ).reshape(g.n_heads, -1)
+                jd = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1))
+                if tail:  # per copy, in place among T positions
+                    jd = place(jd.new_empty(g.n_heads, copies * n, t, d), where,
+                               jd.view(g.n_heads, copies * n, -1, d))
+                pushed[layer] = jd.reshape(g.n_heads, -1)
             attn = lay.post_norm(layer, pre)
         else:
-            attn = lay.attn_out(layer, z)
-            if f"a{layer}" in moved and diff is not None:  # (points come with diff)
-                attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
-        x_in, x = x, x + rules.through(layer, attn)
+            attn = pre
+        if tail and (diff is None or (post and copies == 1)):
+            place(heads, positions, own)
+        x_in = pick(x, where) if tail else x
+        x = x_in + rules.through(layer, attn)
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's
         branch = (x_in if lay.parallel else x) + 0
         r_mlp, u = g.mlp_receiver[layer], g.mlp_index[layer]
         assert r_mlp is not None and u is not None  # the block runner has no attention-only graphs
         if f"m{layer}" not in blocked:
-            branch.register_hook(on_receiver(r_mlp, u, layer))
+            branch.register_hook(on_receiver(f"m{layer}", spread=tail))
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))
-        if diff is None:
+        if diff is None and tail:
+            place(delta[u], positions, pick(ablated[u], positions) - m.detach())
+        elif diff is None:
             torch.sub(ablated[u], m.detach(), out=delta[u])
-        x = x + rules.through(layer, interpolate(
-            m, f"m{layer}", diff[u] if diff is not None and f"m{layer}" in moved else m))
-    branch = x + 0
-    branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
-    idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
-    metric(lay.final(branch.gather(1, idx))).backward()
-    groups = [r0 for layer in range(g.n_layers) for r0 in (
-        [] if f"a{layer}" in blocked else [g.q_start[layer], g.k_start[layer],
-                                           g.v_start[layer]])
-        + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]]) if r0 is not None]
-    missing = [g.receivers[r].name for r in groups + [g.n_receivers - 1] if r not in fired]
+        change = pick(diff[u], positions) if tail and f"m{layer}" in moved else (
+            diff[u] if f"m{layer}" in moved else m)
+        x = x + rules.through(layer, interpolate(m, f"m{layer}", change))
+    branch = x + 0  # [C*N, P, d] (trimmed) or [C*N, T, d]
+    branch.register_hook(on_receiver("logits", spread=trim))
+    metric(lay.final(branch if trim else pick(branch, where))).backward()
+    missing = [g.receivers[first].name for key, first, _, off in parts
+               if not off and key not in fired]
     if missing:
         raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
                         "their edges' scores would silently be 0.")

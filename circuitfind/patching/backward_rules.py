@@ -31,7 +31,7 @@ plus ``qk_fix``, which the attribution pass itself acts on after the backward pa
 (:mod:`circuitfind.patching.qk_fix`). Every rule changes the backward pass only: the forward
 values (logits, sender outputs, the metric) are the plain model's, which the tests check. The
 closed-form norm Jacobians the attribution pass uses for q/k/v receivers and Gemma-2's post-norm
-(:meth:`Architecture.projection_input_grads`, :meth:`Gemma2.post_norm_jvp`) follow
+(:meth:`Architecture.qkv_input_grads`, :meth:`Gemma2.post_norm_jvp`) follow
 ``freeze_norm`` too.
 
 Units. Scores keep the metric's unit (logits, nats, probability); the rules rescale how much of

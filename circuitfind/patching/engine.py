@@ -257,7 +257,7 @@ class PatchingEngine:
         """
         tokens = self._tokens(tokens)
         if self.runner is not None:
-            return self.runner.cache(tokens).senders
+            return self.runner.sender_outputs(tokens)
         n, t = tokens.shape
         buf = torch.empty(1, self.graph.n_senders, n, t, self.d_model, device=self.device,
                           dtype=self.dtype)

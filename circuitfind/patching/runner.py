@@ -188,27 +188,47 @@ class BlockRunner:
         Returns:
             The :class:`RunCache` of this run.
         """
+        return self._plain(tokens, residuals=True)
+
+    @torch.no_grad()
+    def sender_outputs(self, tokens: Tensor) -> Tensor:
+        """Every sender's output in the unpatched run (the senders of :meth:`cache` without
+        its residual streams, which attribution does not read).
+
+        Args:
+            tokens: ``[N, T]`` int64 token ids (right-padded).
+
+        Returns:
+            ``[S, N, T, d_model]`` sender outputs (``input`` = embeddings).
+        """
+        return self._plain(tokens, residuals=False).senders
+
+    def _plain(self, tokens: Tensor, residuals: bool) -> RunCache:
+        """The unpatched run: its sender outputs and, with ``residuals``, its residual
+        streams (empty ``[0, N, T, d]`` tensors without)."""
         g, lay = self.graph, self.arch
         x = lay.embed(tokens)
         n, t, d = x.shape
-        resid = x.new_empty(g.n_layers + 1, n, t, d)
-        mid = x.new_empty(g.n_layers, n, t, d)
+        kept = g.n_layers if residuals else 0
+        resid = x.new_empty(kept + int(residuals), n, t, d)
+        mid = x.new_empty(kept, n, t, d)
         senders = x.new_empty(g.n_senders, n, t, d)
         senders[0] = x
-        all_heads = torch.arange(g.n_heads, device=x.device)
         for layer in range(g.n_layers):
-            resid[layer] = x
+            if residuals:
+                resid[layer] = x
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
             z = lay.attend(layer, q, k, v)
-            h0 = g.head_start[layer]
-            res = lay.head_results(layer, z, all_heads)  # [N, T, H, d]
-            senders[h0: h0 + g.n_heads] = res.permute(2, 0, 1, 3)
-            x_in, x = x, x + lay.attn_from_heads(layer, res, 2)
-            mid[layer] = x
+            heads = senders[g.head_start[layer]: g.head_start[layer] + g.n_heads]
+            lay.head_outputs(layer, z, out=heads)  # written in place, head-major
+            x_in, x = x, x + lay.attn_from_heads(layer, heads, 0)
+            if residuals:
+                mid[layer] = x
             m = lay.mlp(layer, lay.ln_mlp(layer, x_in if lay.parallel else x))
             senders[g.mlp_index[layer]] = m
             x = x + m
-        resid[g.n_layers] = x
+        if residuals:
+            resid[g.n_layers] = x
         return RunCache(resid, senders, mid)
 
     @torch.no_grad()

@@ -80,34 +80,45 @@ class Architecture:
         mean (LayerNorm) or not (RMSNorm)."""
         raise NotImplementedError  # pragma: no cover
 
-    def projection_input_grads(self, layer: int, kind: str,
-                               parts: tuple[Tensor, Tensor, Tensor, bool], grad: Tensor,
-                               out: Tensor | None = None) -> Tensor:
-        """Each head's gradient with respect to its own copy of the residual read by
-        :meth:`ln_attn` and its ``kind`` projection, from the gradient of that projection
-        ``grad [N, T, h, dh]``: ``[h, N*T, d]``, head-major, in the norm's dtype (``parts`` is
-        :meth:`norm_parts` of the residual), written into ``out`` if given.
+    def qkv_input_grads(self, layer: int, parts: tuple[Tensor, Tensor, Tensor, bool],
+                        grads: tuple[Tensor, Tensor, Tensor], out: Tensor) -> Tensor:
+        """Each q, k and v head's gradient with respect to its own copy of the residual read
+        by :meth:`ln_attn` and its projection, from the projections' gradients ``grads``
+        (``[N, T, H, dh]``, ``[N, T, G, dh]``, ``[N, T, G, dh]``): written into ``out [H + 2G,
+        N*T, d]`` (q heads, then k and v heads), in the norm's dtype (``parts`` is
+        :meth:`norm_parts` of the residual).
 
         The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
         with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
-        the small gradient, ``w`` and the mean term into the weights (centred along ``d``), so
-        the only ``[h, N*T, d]`` work is one batched matmul, one reduction and one in-place
-        update. Under frozen norm statistics (:attr:`BackwardRules.freeze_norm`) the
-        ``xh mean(gh xh)`` term, the derivative of ``1/sigma``, is left out."""
+        the small gradients, ``w`` and the mean term into the weights (centred along ``d``),
+        so the only ``[H + 2G, N*T, d]`` work is one batched matmul for all heads of the
+        three kinds, one reduction and one in-place update. Under frozen norm statistics
+        (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the derivative of
+        ``1/sigma``, is left out."""
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
-        n, t, h, _ = grad.shape
-        wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
-        wf = w.to(dt)[None, :, None] * wh.to(dt)  # norm weight folded in
+        n, t = grads[0].shape[:2]
+        rows, d = n * t, xh.shape[-1]
+        flat_inv = inv.reshape(rows, 1, 1)
+        dh = grads[0].shape[-1]
+        wt = xh.new_empty(out.shape[0], dh, d)  # [heads, dh, d]: W_h^T, norm weight folded in
+        dqi = xh.new_empty(out.shape[0], rows, dh)  # [heads, N*T, dh], 1/sigma folded in
+        s0 = 0
+        for kind, grad in zip("qkv", grads):
+            h = grad.shape[2]
+            wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
+            torch.mul(wh.transpose(1, 2), w.to(dt), out=wt[s0: s0 + h])
+            torch.mul(grad.reshape(rows, h, dh), flat_inv, out=dqi[s0: s0 + h].transpose(0, 1))
+            s0 += h
         if centred:
-            wf = wf - wf.mean(1, keepdim=True)  # (gh - mean(gh)) from one matmul
-        dqi = (grad.to(dt) * inv[..., None]).permute(2, 0, 1, 3).reshape(h, n * t, -1)
-        out = torch.bmm(dqi, wf.transpose(1, 2), out=out)  # [h, N*T, d]
+            wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
+        torch.bmm(dqi, wt, out=out)  # [heads, N*T, d]
         if self.rules.freeze_norm:
             return out
-        flat_xh = xh.reshape(n * t, -1)
-        # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm)
-        q = torch.einsum("hnd,nd->hn", out, flat_xh) / xh.shape[-1]
+        flat_xh = xh.reshape(rows, d)
+        # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm): one batched
+        # matrix-vector product per row, reading ``out`` in place
+        q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
         return out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
@@ -360,15 +371,14 @@ class Architecture:
         zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
         return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
 
-    def head_deltas(self, layer: int, z: Tensor, ablated: Tensor, out: Tensor) -> Tensor:
-        """``a'_h - z_h W_O[h]`` for every head ``h`` (ablated minus clean head output, no
-        bias), written into ``out [H, N, T, d]``, from ``z [N, T, H, dh]`` and ``ablated
-        [H, N|1, T|1, d]``: one batched matmul, no per-head output tensor."""
+    def head_outputs(self, layer: int, z: Tensor, out: Tensor) -> Tensor:
+        """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [N, T, H, dh]`` ->
+        ``out [H, N, T, d]`` (contiguous), written in place by one batched matmul."""
         w, _ = self.w_out(layer)  # [H*dh, d]
         n, t, h, dh = z.shape
         zh = z.permute(2, 0, 1, 3).reshape(h, n * t, dh)
-        out.copy_(ablated.expand(h, n, t, -1))  # broadcast in place, no temporary
-        return out.view(h, n * t, -1).baddbmm_(zh, w.reshape(h, dh, -1), alpha=-1)
+        torch.bmm(zh, w.reshape(h, dh, -1), out=out.view(h, n * t, -1))
+        return out
 
     def attn_from_heads(self, layer: int, res: Tensor, dim: int) -> Tensor:
         """Attention output (with bias) from the per-head outputs ``res`` (heads along
