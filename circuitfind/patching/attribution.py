@@ -86,14 +86,14 @@ class _ReceiverGradients(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: int, lay: Architecture,  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, layer: int, lay: Architecture,
                 backward: Any) -> tuple[Tensor, Tensor, Tensor]:
         ctx.save_for_backward(x)
         ctx.backward = backward
         return lay.qkv(layer, lay.ln_attn(layer, x))
 
     @staticmethod
-    def backward(ctx: Any, dq: Tensor, dk: Tensor, dv: Tensor  # type: ignore[override]
+    def backward(ctx: Any, dq: Tensor, dk: Tensor, dv: Tensor
                  ) -> tuple[Tensor, None, None, None]:
         (x,) = ctx.saved_tensors
         return ctx.backward(x, dq, dk, dv), None, None, None
@@ -107,14 +107,14 @@ class _SummedHeads(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, heads: Tensor, layer: int,  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, heads: Tensor, layer: int,
                 lay: Architecture) -> Tensor:
         ctx.w = lay.w_out(layer)[0]  # [H*dh, d], frozen
         ctx.shape = z.shape
         return Architecture.attn_from_heads(lay, layer, heads, 0)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor
                  ) -> tuple[Tensor, None, None, None]:
         w = ctx.w
         return (grad.reshape(-1, w.shape[1]) @ w.T).view(ctx.shape), None, None, None
@@ -420,6 +420,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             pre = Architecture.attn_out(lay, layer, z)
             own = pick(heads, positions) if tail else heads
         if f"a{layer}" in moved:
+            assert diff is not None  # moved nodes come with their differences
             change = diff[h0: h0 + g.n_heads].sum(0)
             pre = interpolate(pre, f"a{layer}", pick(change, positions) if tail else change)
         if post:  # the heads' (interpolated) pre-norm sum, then the norm
@@ -452,8 +453,11 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             place(delta[u], positions, pick(ablated[u], positions) - m.detach())
         elif diff is None:
             torch.sub(ablated[u], m.detach(), out=delta[u])
-        change = pick(diff[u], positions) if tail and f"m{layer}" in moved else (
-            diff[u] if f"m{layer}" in moved else m)
+        if f"m{layer}" in moved:
+            assert diff is not None  # moved nodes come with their differences
+            change = pick(diff[u], positions) if tail else diff[u]
+        else:
+            change = m
         x = x + rules.through(layer, interpolate(m, f"m{layer}", change))
     branch = x + 0  # [C*N, P, d] (trimmed) or [C*N, T, d]
     branch.register_hook(on_receiver("logits", spread=trim))
