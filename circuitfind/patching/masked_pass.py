@@ -497,9 +497,9 @@ class MaskedPass:
         xf = self.at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
         for _, ks, dlt in self.deltas([g.n_receivers - 1], "kept"):
             xf[ks] += self.at_positions(dlt)
+        # this pass's invariant outputs replace the memo (the next pass reuses them)
+        self.memo.entries, self.memo.ids = fresh, ids
         return lay.final(xf)
-        # what the methods read (the arguments and the buffers above)
-        self.fresh, self.ids = fresh, ids
 
     def _intern(self, key: tuple[Any, ...]) -> int:
         """A small stable id for a flat key, so that keys nest by id, not by content
