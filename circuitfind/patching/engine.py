@@ -53,6 +53,7 @@ from circuitfind.errors import CircuitFindError, ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
+from circuitfind.patching.masked_pass import receiver_changes
 from circuitfind.patching.runner import BlockRunner, RunCache, block_runner
 from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import TaskData
@@ -373,7 +374,7 @@ class PatchingEngine:
 
             def block_delta(t: int, w: Tensor = w, k: int = k) -> Tensor:
                 diff = buf[:, :k].reshape(groups_g, k, -1)  # [G, k, n*T*d]
-                delta = torch.bmm(w.transpose(1, 2), diff)  # [G, R_block, n*T*d]
+                delta = receiver_changes(w, diff)  # [G, R_block, n*T*d]: eq. (1)
                 return delta.view(groups_g, w.shape[2], n, t, -1).permute(0, 2, 3, 1, 4)
 
             for grp in used:

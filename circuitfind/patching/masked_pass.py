@@ -28,6 +28,48 @@ if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
 
 
+def receiver_changes(weights: Tensor, values: Tensor, base: Tensor | None = None) -> Tensor:
+    """The sum of eq. (1), ``sum_u w[b, u, r] v[b, u]``: what patching edges changes in each
+    receiver's input (its correction), for every row ``b`` at once.
+
+    This is the one place eq. (1) is evaluated: the block runner's masked passes (removed and
+    kept form, dense layers), the post-norm pass's per-layer mixtures and the hooked
+    fallback's receiver hooks (:meth:`circuitfind.patching.engine.PatchingEngine.run`) all
+    call it.
+
+    Args:
+        weights: ``[B, U, R]`` weights of the edges from U senders into R receivers in each row
+            (a mask, or a (mask, receiver) pair): ``removed = 1 - M`` (removed form), the
+            kept edges (kept form) or the frozen ones (path patching); fractional values
+            interpolate.
+        values: The senders' differences ``a_u - a'_u`` (or ``a_u - a_u(clean)``) flattened
+            over examples, positions and ``d_model``: ``[B, U, X]`` per row, or ``[U, X]`` when
+            every row reads the same values (senders before the start layer).
+        base: Optional ``[B|1, R, X]`` added to the sum (one fused batched matmul).
+
+    Returns:
+        ``[B, R, X]`` in the values' unit (the residual stream's), or ``[1, R, X]`` where the
+        values are shared and the weights are the same in every row (one matmul serves all:
+        ACDC's candidates share their base circuit; not taken when the weights carry
+        gradients).
+
+    References:
+        Eq. (1) of :mod:`circuitfind.patching.engine` (Conmy et al. 2023, edge patching;
+        Syed et al. 2023 for its derivative, EAP).
+    """
+    w = weights.transpose(1, 2)  # [B, R, U]
+    if values.ndim == 2:
+        if (w.shape[0] > 1 and not weights.requires_grad
+                and bool((weights == weights[:1]).all())):
+            out = (w[0] @ values).unsqueeze(0)
+        else:
+            out = torch.matmul(w, values)
+        return out if base is None else base + out
+    if base is None:
+        return torch.bmm(w, values)
+    return torch.baddbmm(base.expand(w.shape[0], -1, -1), w, values)
+
+
 @dataclass
 class KeptFormMemo:
     """Outputs of mask-invariant nodes kept from one kept-form pass to the next.
@@ -211,8 +253,8 @@ class MaskedPass:
         assert buf is not None and coef is not None
         buf[:, 0] = x.view(k_masks, -1)
         rows = n_pre + int((dyn_cpu < int(g.n_upstream[rs].max())).sum())
-        w = coef[:, :rows][:, :, torch.tensor(rs, device=dev)].transpose(1, 2)
-        return torch.bmm(w, buf[:, :rows])
+        return receiver_changes(coef[:, :rows][:, :, torch.tensor(rs, device=dev)],
+                                buf[:, :rows])
 
     def deltas(self, receivers: list[int], form: str = "removed"
                ) -> list[tuple[int, Tensor | slice, Tensor]]:
@@ -248,12 +290,13 @@ class MaskedPass:
                 # rows only and gather.
                 rows, index = torch.unique(weights, dim=0, return_inverse=True)
                 if rows.shape[0] < weights.shape[0]:
-                    out = (rows @ shared)[index]
+                    out = receiver_changes(rows[:, :, None], shared)[index, 0]
             if out is None:
-                out = weights @ shared  # [P, X]
+                out = receiver_changes(weights[:, :, None], shared)[:, 0].expand(
+                    weights.shape[0], -1)  # [P, X]
         if j:
-            term = torch.einsum("pa,pax->px", w_dyn[kd, :j, rd], current[kd, :j])
-            out = term if out is None else out + term
+            out = receiver_changes(w_dyn[kd, :j, rd][:, :, None], current[kd, :j],
+                                   None if out is None else out[:, None])[:, 0]
         assert out is not None
         counts = torch.bincount(jj, minlength=len(rs)).tolist()
         result = []
@@ -273,17 +316,10 @@ class MaskedPass:
         idx = torch.tensor(rs, device=dev)
         out = None
         if w_shared is not None:
-            weights = w_shared[:, :, idx]  # [K, A, R']
-            if k_masks > 1 and bool((weights == weights[:1]).all()):
-                # the same weights in every mask (e.g. the base circuit ACDC's candidates
-                # share): one matmul, broadcast over the masks
-                out = (weights[0].T @ shared).unsqueeze(0)  # [1, R', X]
-            else:
-                out = torch.matmul(weights.transpose(1, 2), shared)  # [K, R', X]
+            # [1, R', X] where every mask has the same weights (ACDC's base circuit)
+            out = receiver_changes(w_shared[:, :, idx], shared)  # [K|1, R', X]
         if j:
-            w = w_dyn[:, :j][:, :, idx].transpose(1, 2)  # [K, R', j]
-            out = (torch.bmm(w, cur[:, :j]) if out is None
-                   else torch.baddbmm(out.expand(k_masks, -1, -1), w, cur[:, :j]))
+            out = receiver_changes(w_dyn[:, :j][:, :, idx], cur[:, :j], out)
         assert out is not None
         out = out.expand(k_masks, -1, -1)
         return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from circuitfind.patching.architectures import Architecture
+from circuitfind.patching.masked_pass import receiver_changes
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -112,18 +113,20 @@ class PostNormPass:
                 w_f is None or not bool(w_f.ne(0).any())):
             return None
         if us.start not in self.removed_diff:  # senders before the start: clean in every mask
-            if len(ks) > 1 and bool((w_r == w_r[:1]).all()):
-                w_r = w_r[:1]  # the same mixture in every mask (ACDC's base circuit): once
-            return torch.einsum("ku,untd->kntd", w_r, self._rows(self.diff[sl]))
+            # one row where every mask has the same mixture (ACDC's base circuit)
+            values = self._rows(self.diff[sl])  # [U, n, T|P, d]
+            out = receiver_changes(w_r[:, :, None], values.reshape(len(us), -1))
+            return out.view(-1, *values.shape[1:])
         every = len(ks) == self.k
 
-        def rows(diff: Tensor) -> Tensor:  # [k, U, n, T, d] of the masks ks
-            return diff if every else diff[ks]
+        def rows(diff: Tensor) -> Tensor:  # [k, U, n*T*d] of the masks ks
+            return (diff if every else diff[ks]).reshape(len(ks), len(us), -1)
 
-        out = torch.einsum("ku,kuntd->kntd", w_r, rows(self.removed_diff[us.start]))
+        shape = self.removed_diff[us.start].shape[2:]
+        out = receiver_changes(w_r[:, :, None], rows(self.removed_diff[us.start]))
         if w_f is not None:
-            out = out + torch.einsum("ku,kuntd->kntd", w_f, rows(self.frozen_diff[us.start]))
-        return out
+            out = receiver_changes(w_f[:, :, None], rows(self.frozen_diff[us.start]), out)
+        return out.view(len(ks), *shape)
 
     def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(ks, x_r [k|1, n, T, d])``: the masks ``ks`` that touch receiver ``r`` and its
