@@ -93,7 +93,7 @@ from circuitfind.errors import ConfigError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 from circuitfind.patching.attribution import attribute
-from circuitfind.patching.masked_pass import KeptFormMemo, MaskedPass
+from circuitfind.patching.masked_pass import KeptFormMemo, LayerViews, MaskedPass
 from circuitfind.patching.post_norm_pass import PostNormPass
 
 
@@ -168,6 +168,7 @@ class BlockRunner:
         self.graph = graph
         self.receiver_layer = torch.tensor([r.layer for r in graph.receivers])
         self.memo = KeptFormMemo()  # kept-form outputs from the last pass (see MaskedPass)
+        self.layers = LayerViews.of(graph)  # per-layer index views every masked pass reads
 
     # ------------------------------------------------------------------ plain runs
     @torch.no_grad()
