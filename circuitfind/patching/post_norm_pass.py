@@ -76,15 +76,20 @@ class PostNormPass:
         touched = (g.edge_mask.to(weights.device).bool().unsqueeze(0).expand(self.k, -1, -1)
                    if self.grads else weights.detach().ne(0))
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
+        # senders some edge of which is removed or frozen in some mask (every sender with
+        # gradients): the only ones whose differences a receiver's input reads
+        self.read = (torch.ones(g.n_senders, dtype=torch.bool) if self.grads
+                     else weights.detach().ne(0).any(2).any(0).cpu())
         self.start = runner.resolve_start(self.touched.any(0), start)
         self.diff = cache.senders - ablated if diff is None else diff  # [S, n, T, d]
         n, t, d = cache.resid.shape[1:]
         self.n, self.t, self.d = n, t, d
         self.at_pos = False  # the last block: every tensor at the metric positions only
         # the senders the pass computes, by first sender u of a group (a layer's heads, or one
-        # MLP): ``a - a'`` and, with frozen edges, ``a - a(clean)``, [K, U, n, T, d]
-        self.removed_diff: dict[int, Tensor] = {}
-        self.frozen_diff: dict[int, Tensor] = {}
+        # MLP): ``a - a'`` and, with frozen edges, ``a - a(clean)``, [K, U, n, T, d]; ``None``
+        # where no edge of the group is removed or frozen (never read)
+        self.removed_diff: dict[int, Tensor | None] = {}
+        self.frozen_diff: dict[int, Tensor | None] = {}
         # per layer: the summed head outputs S_l [K|1, n, T, d] and PostNorm_l(S_l)
         self.sums: dict[int, Tensor] = {}
         self.normed: dict[int, Tensor] = {}
@@ -122,10 +127,13 @@ class PostNormPass:
         def rows(diff: Tensor) -> Tensor:  # [k, U, n*T*d] of the masks ks
             return (diff if every else diff[ks]).reshape(len(ks), len(us), -1)
 
-        shape = self.removed_diff[us.start].shape[2:]
-        out = receiver_changes(w_r[:, :, None], rows(self.removed_diff[us.start]))
+        removed, frozen = self.removed_diff[us.start], self.frozen_diff.get(us.start)
+        assert removed is not None  # kept whenever an edge of the group is removed or frozen
+        shape = removed.shape[2:]
+        out = receiver_changes(w_r[:, :, None], rows(removed))
         if w_f is not None:
-            out = receiver_changes(w_f[:, :, None], rows(self.frozen_diff[us.start]), out)
+            assert frozen is not None
+            out = receiver_changes(w_f[:, :, None], rows(frozen), out)
         return out.view(len(ks), *shape)
 
     def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -268,6 +276,9 @@ class PostNormPass:
         """Keep the differences of the senders ``u, u+1, ...`` whose values in this pass are
         ``values [K, U, n, T|P, d]`` (at the metric positions in the last block)."""
         sl = slice(u, u + values.shape[1])
+        if not bool(self.read[sl].any()):  # no receiver reads these senders' differences
+            self.removed_diff[u] = self.frozen_diff[u] = None
+            return
         self.removed_diff[u] = values - self._rows(self.ablated[sl])
         if self.frozen is not None:
             self.frozen_diff[u] = values - self._rows(self.cache.senders[sl])
@@ -278,7 +289,7 @@ class PostNormPass:
         self.at_pos = True
         for store in (self.removed_diff, self.frozen_diff, self.sums, self.normed):
             for key, value in store.items():
-                store[key] = self._rows(value)
+                store[key] = None if value is None else self._rows(value)
 
     def logits(self) -> Tensor:
         """``[K, N, P, V]`` logits at the metric positions."""
