@@ -135,21 +135,28 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_over_targets(doc: str, evaluate: Any, render: Any, default_out: str) -> None:
+    """The command line shared by the scripts that score every target (stories260k, the zoo):
+    ``evaluate(label, source, task, reference, examples, seed)`` per target, then ``OUT.json``
+    and ``OUT.md`` (``render``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--targets", default="stories260k,zoo")
-    parser.add_argument("--out", default="benchmarks/results/algorithm_comparison")
+    parser.add_argument("--out", default=default_out)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for label, source, task, reference in targets(args.targets.split(",")):
-        rows.append(compare(label, source, task, reference, args.examples, args.seed))
+        rows.append(evaluate(label, source, task, reference, args.examples, args.seed))
         print(f"done {label}", flush=True)
     write_results(args.out, {"threads": args.threads, "seed": args.seed, "targets": rows,
-                             "versions": cf.api.versions()}, markdown)
+                             "versions": cf.api.versions()}, render)
+
+
+def main() -> None:
+    run_over_targets(__doc__, compare, markdown, "benchmarks/results/algorithm_comparison")
 
 
 if __name__ == "__main__":

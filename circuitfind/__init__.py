@@ -5,7 +5,8 @@
 >>> circuit = cf.discover(model, "ioi", algorithm="eap", n_edges=200)
 >>> circuit.metadata["faithfulness"]["faithfulness"]
 >>> circuit.render("ioi.svg"); circuit.save("ioi.json")
->>> cf.write_run(circuit, "runs/ioi")                 # circuit.json/.graphml, report.md, then .svg
+>>> cf.write_run(circuit, "runs/ioi")                 # circuit.json/.graphml, report.md, .svg, view.html
+>>> cf.view(circuit, "ioi.html")                      # the interactive viewer, one HTML file
 """
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
@@ -20,6 +21,7 @@ from circuitfind.models import load_model
 from circuitfind.outputs import write_run
 from circuitfind.patching import Ablation, PatchingEngine, path_patch
 from circuitfind.tasks import TASKS, Task, TaskData, get_task, reference_circuit
+from circuitfind.view import view
 from circuitfind import zoo  # noqa: E402,F401  (registers the zoo: model source and references)
 
 __version__ = "0.1.0"
@@ -29,4 +31,4 @@ __all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFi
            "build_data", "check", "compare",
            "discover", "edge_roc", "evaluate", "export_mib", "faithfulness_curve",
            "get_algorithm", "get_task", "import_mib", "leaderboard", "load_model", "node_roc", "path_patch",
-           "reference_circuit", "score_edges", "tune", "write_run"]
+           "reference_circuit", "score_edges", "tune", "view", "write_run"]

@@ -24,7 +24,7 @@ from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.check import CheckResult
 from circuitfind.evaluation.check import check as check_data
-from circuitfind.evaluation.faithfulness import evaluate
+from circuitfind.evaluation.faithfulness import DEFAULT_FRACTIONS, evaluate, faithfulness_curve
 from circuitfind.evaluation.roc import edge_roc, node_roc
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
@@ -36,6 +36,24 @@ from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import Task, TaskData
 from circuitfind.tasks.lookup import get_task
+from circuitfind.view.order import VIEW_RANKING, rank_scores
+
+
+_NO_TASK = "Pass a task name (task='ioi') or prebuilt data (data=...)."
+
+
+def _task_of(task: str | Task | None, data: TaskData | None) -> Task:
+    """The task of ``data`` if given, else the task ``task`` names.
+
+    Raises:
+        ConfigError: neither is given.
+        UnknownNameError: an unknown task name.
+    """
+    if data is not None:
+        return data.task
+    if task is None:
+        raise ConfigError(_NO_TASK)
+    return get_task(task)
 
 
 def build_data(model: Any, task: str | Task, n: int | None = None, seed: int = 0) -> TaskData:
@@ -106,11 +124,11 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
             the data cannot supply.
     """
     if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)
     budget = parse_memory(memory_budget)
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model = load_model(model, device=device)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
@@ -127,10 +145,26 @@ def _select(g: ComputeGraph, scores: Tensor, n_edges: int | None, threshold: flo
                               cli=f"--edges must be {rule}; got {n_edges!r}.")
         circuit = select_top_n(g, scores, n_edges, absolute=absolute, meaning=meaning)
     else:
-        circuit = select_threshold(g, scores, float(threshold),  # type: ignore[arg-type]
-                                   absolute=absolute, meaning=meaning)
+        assert threshold is not None  # discover selects 100 edges when given neither
+        circuit = select_threshold(g, scores, float(threshold), absolute=absolute,
+                                   meaning=meaning)
     selected = circuit.n_edges
     return (prune_dangling(circuit) if prune else circuit), selected
+
+
+def _view_curve(engine: PatchingEngine, circuit: Circuit, data: TaskData) -> dict[str, Any]:
+    """The faithfulness curve over the viewer's edge order (see :func:`discover`'s ``curve``)."""
+    n = engine.graph.n_edges
+    fractions = sorted(set(DEFAULT_FRACTIONS) | ({circuit.n_edges / n} if circuit.n_edges else
+                                                 set()))
+    fc = faithfulness_curve(engine, rank_scores(circuit), data, fractions=fractions,
+                            convention="single", absolute=True)
+    return {"ranking": VIEW_RANKING, "fractions": fc.fractions, "n_edges": fc.n_edges,
+            "faithfulness": fc.faithfulness, "metric": fc.metric,
+            "metric_full": fc.metric_full, "metric_empty": fc.metric_empty,
+            "ablation": fc.ablation,
+            "label": ("the viewer's order (kept edges first, then the others, each by the "
+                      "selection's key): top round(p·E) edges, not pruned")}
 
 
 def discover(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
@@ -140,7 +174,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
              algorithm_params: dict[str, Any] | None = None,
              device: str | None = None, context: RunContext | None = None,
              ablation: Ablation | str | None = None,
-             memory_budget: int | str | None = None) -> Circuit:
+             memory_budget: int | str | None = None, curve: bool = False) -> Circuit:
     """Discover a circuit: score edges, select, prune dangling edges, evaluate.
 
     Args:
@@ -168,11 +202,17 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
             ``"resample"`` (default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an
             :class:`Ablation`.
         memory_budget: As in :func:`score_edges`; used for scoring and evaluation.
+        curve: Also measure the faithfulness curve over the HTML viewer's edge order (kept
+            edges first, then the rest, by the selection's key; top ``round(p·E)`` edges at
+            MIB's fractions p and at the circuit's own size, not pruned; :mod:`circuitfind.
+            view.order`) and store it in ``metadata["faithfulness_curve"]``, which the
+            viewer's size slider reads. One more batched masked pass (11 circuits); the
+            CLI's ``discover`` does it unless ``--no-view``.
 
     Returns:
         A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, ablation,
-        seed, selection, faithfulness report, wall time and versions; where a reference circuit
-        exists for (task, model) (see :func:`find_reference`), also the edge and node ROC AUC
+        seed, selection, faithfulness report (and curve), wall time and versions; where a
+        reference circuit exists for (task, model) (see :func:`find_reference`), also the edge and node ROC AUC
         of the scores against it and its node classes (used to colour the rendering).
 
     Raises:
@@ -184,7 +224,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         raise ConfigError("Pass either n_edges or threshold, not both.")
     start = time.perf_counter()
     if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
+        raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)  # fail fast, before loading
     budget = parse_memory(memory_budget)
     params = dict(algorithm_params or {})
@@ -208,7 +248,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     elif n_edges is None and threshold is None:
         n_edges = 100
     algo = get_algorithm(algorithm, **params)  # fail fast, before loading
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:
@@ -228,6 +268,9 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         circuit, selected = _select(g, scores, n_edges, threshold, absolute, prune, meaning)
     report = evaluate(engine, circuit, data)
     extra: dict[str, Any] = {}
+    if curve and circuit.scores is not None:
+        extra["faithfulness_curve"] = _view_curve(
+            engine, circuit.with_metadata(scores=meaning.to_dict()), data)
     # references belong to registered tasks, not to user files that happen to share a name
     reference = (find_reference(data.task.name, str(model_name), g)
                  if data.task.source is None else None)
@@ -302,9 +345,7 @@ def check(model: Any, task: str | Task | None = None, data: TaskData | None = No
     Raises:
         ConfigError: neither ``task`` nor ``data``.
     """
-    if data is None and task is None:
-        raise ConfigError("Pass a task name (task='ioi') or prebuilt data (data=...).")
-    task_obj = get_task(task) if data is None else data.task
+    task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
     model = load_model(model, device=device)
     if data is None:

@@ -27,7 +27,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -41,6 +41,9 @@ from circuitfind.graphs.render import EDGE_COLOUR_MODES, HEAD_LABELS
 from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (report re-exported)
 from circuitfind.patching.spec import DEFAULT_ABLATION
 from circuitfind.registry import normalize_name
+
+if TYPE_CHECKING:
+    from circuitfind.tasks.base import Task
 
 _WRAPPED_DEFAULT = re.compile(r"\[default: \(([^()]*)\)(?=[;\]])")
 
@@ -170,10 +173,15 @@ def discover(
              "-p interpolation=activations (eap-ig), -p mode=batched -p objective=metric (acdc). "
              "Values are read as JSON where they parse, else as strings."),
     renderer: Optional[str] = RENDERER_OPTION,
+    no_view: bool = typer.Option(
+        False, "--no-view",
+        help="Do not write view.html (the interactive viewer) nor measure the faithfulness "
+             "curve its size slider shows (one more batched pass)."),
     memory: Optional[str] = MEMORY_OPTION,
     no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
-    """Discover a circuit; write circuit.json, circuit.graphml, report.md, then circuit.svg."""
+    """Discover a circuit; write circuit.json, circuit.graphml, report.md, then circuit.svg
+    and view.html."""
     from circuitfind.api import discover as run_discover
     from circuitfind.graphs.render import resolve_renderer
     from circuitfind.outputs import check_output_dir, write_run
@@ -205,13 +213,13 @@ def discover(
                                threshold=threshold, n_examples=n_examples, seed=seed,
                                absolute=not signed, prune=not no_prune, device=device,
                                algorithm_params=params, context=context, ablation=spec,
-                               memory_budget=budget)
+                               memory_budget=budget, curve=not no_view)
     except KeyboardInterrupt:
         if context is not None and context.path is not None and context.path.exists():
             typer.secho(f"interrupted; progress saved in {context.path}: rerun the same "
                         "command to resume", err=True)
         raise
-    files = write_run(circuit, out, overwrite=overwrite, renderer=renderer)
+    files = write_run(circuit, out, overwrite=overwrite, renderer=renderer, view=not no_view)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the run is complete
     faith = circuit.metadata["faithfulness"]
     typer.echo(f"{circuit.n_edges} edges; normalized faithfulness {faith['faithfulness']:.4f} "
@@ -275,6 +283,7 @@ def evaluate(
     circuit = Circuit.load(circuit_path)
     spec = Ablation.parse(ablation or ablation_kind(circuit.metadata))
     md = circuit.metadata
+    task_obj: Task | None
     if task:
         task_obj = get_task(task)
     elif md.get("task_source"):  # the circuit's own prompt file, read the way discover read it
@@ -478,6 +487,28 @@ def render(
     typer.echo(f"wrote {path}")
 
 
+@app.command(cls=_Command)
+def view(
+    circuit_path: Path = typer.Argument(
+        ..., metavar="RUN_OR_CIRCUIT",
+        help="A run directory (its circuit.json), circuit.json, circuit.graphml or MIB JSON."),
+    other: Optional[Path] = typer.Argument(
+        None, metavar="OTHER",
+        help="A second circuit of the same model: draw both, coloured shared / only in one."),
+    out: Path = typer.Option(Path("view.html"), "--out", "-o", help="The HTML file to write."),
+    max_edges: Optional[int] = typer.Option(
+        None, "--max-edges", min=0, show_default="every scored edge",
+        help="The most edges the size slider reaches (never fewer than the circuit's)."),
+) -> None:
+    """Write an interactive viewer: one HTML file that works offline in any browser."""
+    from circuitfind.outputs import check_output_file
+    from circuitfind.view import view as write_view
+
+    check_output_file(out)
+    path = write_view(circuit_path, out, other=other, max_edges=max_edges)
+    typer.echo(f"wrote {path} (open it in a browser)")
+
+
 EXPORT_FORMATS = ("mib",)
 
 
@@ -616,10 +647,10 @@ class _StderrNotes(logging.Handler):
             typer.secho(f"note: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
+def _usage_errors() -> tuple[type[Any], ...]:
     """The click exception classes the app may raise: typer's vendored click (typer >= 0.24)
-    and the click package (older typer)."""
-    classes: list[type[BaseException]] = []
+    and the click package (older typer); both have ``show()`` and ``exit_code``."""
+    classes: list[type[Any]] = []
     try:
         from typer._click.exceptions import ClickException as Vendored
         classes.append(Vendored)
@@ -657,7 +688,7 @@ def main() -> None:
         typer.secho("interrupted", err=True)
         sys.exit(130)
     except usage as err:
-        err.show()  # type: ignore[attr-defined]
+        err.show()
         sys.exit(getattr(err, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -215,14 +215,51 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
+        tokenizer = _saved_tokenizer(Path(name)) if looks_local else None
         with _loading_bars(bars_wanted()):
-            model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype)
+            model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype,
+                                                        tokenizer=tokenizer)
     except Exception as err:  # translate the many hub / IO failures into one message
         raise ModelLoadError(_load_failure_message(name, looks_local, err)) from err
     model.eval()
     if source.kind == "zoo":
         model.cfg.model_name = source.display_name  # provenance: "zoo:NAME", not a site path
     return enable_patching_hooks(model)
+
+
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_tokenizer(directory: Path) -> Any:
+    """The tokenizer a local directory saved, where ``AutoTokenizer`` would replace it.
+
+    transformers 5 picks a tokenizer class by the model's type: a directory whose
+    ``tokenizer_config.json`` names a generic ``tokenizer.json`` tokenizer (``TokenizersBackend``
+    or ``PreTrainedTokenizerFast``: a word-level or custom tokenizer saved beside, e.g., a Qwen2
+    model) is loaded as ``Qwen2Tokenizer``, whose own pre-tokenizer then encodes nothing of that
+    vocabulary. Such a directory gets its own tokenizer back; every other directory (a hub
+    checkpoint's ``Qwen2Tokenizer``, ``GPT2Tokenizer``, ...) returns ``None`` and loads as
+    usual.
+    """
+    import json
+
+    config = directory / "tokenizer_config.json"
+    if not (directory / "tokenizer.json").is_file() or not config.is_file():
+        return None
+    try:
+        saved = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    if saved not in _GENERIC_TOKENIZERS:
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    auto = AutoTokenizer.from_pretrained(str(directory))
+    if type(auto).__name__ in _GENERIC_TOKENIZERS:
+        return None
+    # with add_bos_token set, the bridge keeps it (else it reloads it through AutoTokenizer,
+    # as it does every tokenizer, to add BOS)
+    return PreTrainedTokenizerFast.from_pretrained(str(directory), add_bos_token=True)
 
 
 @contextlib.contextmanager

@@ -27,9 +27,10 @@ from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.render import RenderOptions, render
 from circuitfind.graphs.scores import score_meaning
 from circuitfind.patching.spec import DEFAULT_ABLATION
+from circuitfind.view import view as write_view
 
 __all__ = ["write_run", "RunFiles", "report_markdown", "check_output_dir", "check_output_file",
-           "DATA_FILES", "DRAWING_FILES", "RUN_FILES"]
+           "DATA_FILES", "DRAWING_FILES", "VIEW_FILE", "RUN_FILES"]
 
 LOGGER = logging.getLogger("circuitfind")
 
@@ -37,7 +38,9 @@ DATA_FILES = ("circuit.json", "circuit.graphml", "report.md")
 """The results of a run, written before anything is drawn."""
 DRAWING_FILES = ("circuit.dot", "circuit.svg")
 """The drawing of a run (best effort)."""
-RUN_FILES = DATA_FILES + DRAWING_FILES
+VIEW_FILE = "view.html"
+"""The interactive viewer of a run (best effort, after the drawings)."""
+RUN_FILES = DATA_FILES + DRAWING_FILES + (VIEW_FILE,)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -121,7 +124,8 @@ class RunFiles:
 
 
 def write_run(circuit: Circuit, out: str | os.PathLike[str], *, overwrite: bool = False,
-              renderer: str | None = None, options: RenderOptions | None = None) -> RunFiles:
+              renderer: str | None = None, options: RenderOptions | None = None,
+              view: bool = True) -> RunFiles:
     """Write a circuit's results, then its drawing, to the directory ``out``.
 
     Args:
@@ -131,6 +135,8 @@ def write_run(circuit: Circuit, out: str | os.PathLike[str], *, overwrite: bool 
         renderer: ``"graphviz"``, ``"matplotlib"`` or ``None`` (Graphviz when ``dot`` is on the
             PATH, else matplotlib).
         options: Drawing options for ``circuit.svg``.
+        view: Also write ``view.html``, the interactive viewer (:func:`circuitfind.view.view`),
+            after the drawings and as they are: a failure is reported, never raised.
 
     Returns:
         A :class:`RunFiles`. When drawing fails its ``drawing_error`` says why, the failure is
@@ -153,7 +159,7 @@ def write_run(circuit: Circuit, out: str | os.PathLike[str], *, overwrite: bool 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     written = [out / name for name in DATA_FILES]
-    for name in DRAWING_FILES:  # a stale drawing of an earlier run must not survive
+    for name in (*DRAWING_FILES, VIEW_FILE):  # no stale drawing of an earlier run survives
         (out / name).unlink(missing_ok=True)
     errors = []
     for name, name_renderer in (("circuit.dot", None), ("circuit.svg", renderer)):
@@ -161,13 +167,21 @@ def write_run(circuit: Circuit, out: str | os.PathLike[str], *, overwrite: bool 
             written.append(render(circuit, out / name, renderer=name_renderer, options=options))
         except Exception as err:  # noqa: BLE001
             errors.append(f"{name}: {type(err).__name__}: {err}")
+    if view:
+        try:
+            written.append(write_view(circuit, out / VIEW_FILE))
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{VIEW_FILE}: {type(err).__name__}: {err}")
     if not errors:
         return RunFiles(tuple(written), None)
     reason = " ".join("; ".join(errors).split())
-    missing = " and ".join(n for n in DRAWING_FILES if not (out / n).exists())
+    drawn = (*DRAWING_FILES, VIEW_FILE) if view else DRAWING_FILES
+    missing = " and ".join(n for n in drawn if not (out / n).exists())
+    later = (f" (the viewer: circuitfind view {out / 'circuit.json'} --out {out / VIEW_FILE})"
+             if view and not (out / VIEW_FILE).exists() else "")
     LOGGER.warning(f"{missing} not drawn ({reason}); {', '.join(DATA_FILES)} are saved in "
                    f"{str(out)!r}. Draw it later with: circuitfind render "
-                   f"{out / 'circuit.json'} {out / 'circuit.svg'}")
+                   f"{out / 'circuit.json'} {out / 'circuit.svg'}{later}")
     return RunFiles(tuple(written), reason)
 
 

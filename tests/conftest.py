@@ -4,7 +4,9 @@
 sit beside the checkout). Without it the test is skipped with a clear reason, except under CI
 (``CI=true``), where a missing ``../shared`` is a failure. The same holds for the Graphviz ``dot``
 binary (``with_dot``); ``without_dot`` removes it from a test's PATH, as on a machine where
-only the pip packages are installed.
+only the pip packages are installed. ``postgres_url`` is a PostgreSQL server's URL from
+``CIRCUITFIND_TEST_POSTGRES_URL`` (``.ci/run`` starts a server with ``.ci/postgres`` and sets
+it): skipped without one, a failure under CI.
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ def with_dot() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+POSTGRES_URL_VARIABLE = "CIRCUITFIND_TEST_POSTGRES_URL"
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The SQLAlchemy URL of a PostgreSQL database the test may create studies in.
+
+    Skipped when ``CIRCUITFIND_TEST_POSTGRES_URL`` is unset (fails under CI, whose ``.ci/run``
+    starts a server and sets it).
+    """
+    url = os.environ.get(POSTGRES_URL_VARIABLE, "")
+    if not url:
+        message = (f"no PostgreSQL server: set {POSTGRES_URL_VARIABLE} to a database URL "
+                   "(`.ci/postgres start DIR` starts a throw-away server and prints one; "
+                   ".ci/run does this)")
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
 
 
 @pytest.fixture

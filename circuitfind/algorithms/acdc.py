@@ -146,8 +146,9 @@ def visiting_plan(graph: ComputeGraph, node_tests: bool = True,
     plan: list[Step] = [Step("edges", g.n_receivers - 1, 0)]
     group = 1
     for layer in reversed(range(g.n_layers)):
-        if g.mlp_receiver[layer] is not None:
-            plan.append(Step("edges", int(g.mlp_receiver[layer]), group))
+        mlp = g.mlp_receiver[layer]
+        if mlp is not None:
+            plan.append(Step("edges", mlp, group))
             group += 1
         attn = []
         for start, size in ((g.v_start[layer], g.n_kv_heads), (g.k_start[layer], g.n_kv_heads),
@@ -393,7 +394,7 @@ class _Run:
         st = self.state
         if not math.isfinite(value):
             g = self.g
-            what = (f"edge {g.edge_name(item.sender, item.receiver)}" if item.kind == "edge"
+            what = (f"edge {g.edge_name(item.sender, item.receiver)}" if item.sender is not None
                     else f"node test of {g.receivers[item.receiver].name}")
             self._save(force=True)
             raise NonFiniteMetricError(

@@ -28,6 +28,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.patching.engine import GradientPoint, PatchingEngine
 from circuitfind.tasks.base import TaskData
@@ -58,7 +59,10 @@ class CleanCorrupted(Algorithm):
                               f">= 1. Got {batch_size}.")
         self.batch_size = batch_size
 
-    def score(self, engine: PatchingEngine, data: TaskData) -> Tensor:
-        """Clean-corrupted scores ``[S, R]`` in the task's metric unit (see module docstring)."""
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
+        """Clean-corrupted scores ``[S, R]`` in the task's metric unit (see module docstring).
+
+        ``context`` is ignored: nothing to checkpoint."""
         return engine.edge_attribution(data, batch_size=self.batch_size,
                                        points=[GradientPoint(1.0), GradientPoint(0.0)])

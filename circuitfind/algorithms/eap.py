@@ -71,11 +71,22 @@ class EAP(Algorithm):
             ConfigError: the task's metric compares with the full model's logits (its gradient
                 in the clean run is 0, so every score would be 0).
         """
-        if data.task.needs_reference_logits:
-            raise ConfigError(
-                f"EAP differentiates the metric in the clean run, where the metric of task "
-                f"{data.task.name!r} (it compares with the full model's logits, like the KL "
-                "divergence) is at its minimum: its gradient there is 0, so every EAP score "
-                "would be 0. Use eap_ig or exact with this task, or give the task a metric "
-                "such as logit_diff.")
+        require_clean_gradient("EAP", data)
         return engine.edge_attribution(data, batch_size=self.batch_size)
+
+
+def require_clean_gradient(method: str, data: TaskData) -> None:
+    """Refuse a task whose metric has no gradient in the clean run.
+
+    Raises:
+        ConfigError: the task's metric compares with the full model's logits (its gradient in
+            the clean run is 0, so every score of ``method``, which differentiates there,
+            would be 0).
+    """
+    if data.task.needs_reference_logits:
+        raise ConfigError(
+            f"{method} differentiates the metric in the clean run, where the metric of task "
+            f"{data.task.name!r} (it compares with the full model's logits, like the KL "
+            f"divergence) is at its minimum: its gradient there is 0, so every {method} score "
+            "would be 0. Use eap_ig or exact with this task, or give the task a metric "
+            "such as logit_diff.")

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError, UnknownNameError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import GradientPoint, PatchingEngine
@@ -122,7 +123,10 @@ class EAPIG(Algorithm):
         """The gradient runs this configuration averages over, for ``graph``."""
         return INTERPOLATIONS.get(self.interpolation)(graph, self.steps)
 
-    def score(self, engine: PatchingEngine, data: TaskData) -> Tensor:
-        """EAP-IG scores ``[S, R]`` in the task's metric unit (see module docstring)."""
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
+        """EAP-IG scores ``[S, R]`` in the task's metric unit (see module docstring).
+
+        ``context`` is ignored: nothing to checkpoint."""
         return engine.edge_attribution(data, batch_size=self.batch_size,
                                        points=self.points(engine.graph))

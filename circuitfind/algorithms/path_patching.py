@@ -40,6 +40,7 @@ prompts, which is the paper's "ABC" distribution for IOI).
 
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 
@@ -106,7 +107,8 @@ class PathPatching(PruningAlgorithm):
         up = g.n_upstream.tolist()
         kept = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float32)
-        frontier, expanded, levels = ["logits"], {"logits"}, []
+        frontier, expanded = ["logits"], {"logits"}
+        levels: list[dict[str, Any]] = []
         while frontier and (self.max_depth is None or len(levels) < self.max_depth):
             receivers = receiver_indices(g, frontier, self.qkv)
             candidates = list(range(max(up[r] for r in receivers)))

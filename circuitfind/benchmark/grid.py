@@ -568,13 +568,57 @@ class _Models:
     """Keeps the last loaded model, so consecutive cells of one model load it once."""
 
     def __init__(self, device: str | None) -> None:
-        self.device, self.name, self.model = device, None, None
+        self.device = device
+        self.name: str | None = None  # the model held, by its name
+        self.model: Any = None
 
     def get(self, name: str) -> Any:
         if name != self.name:
             self.model, self.name = None, None
             self.model, self.name = load_model(name, device=self.device), name
         return self.model
+
+
+def forward_seconds(model: Any, data: Any, repeats: int = 5) -> float:
+    """Median time (seconds) of one plain Hugging Face forward of ``data``'s clean batch.
+
+    The unit in which the leaderboard states each cell's cost (``score_forwards``), so that
+    costs compare across machines and models: the wrapped Hugging Face model (the bridge's
+    ``original_model``) runs the ``[N, T]`` clean tokens with their attention mask, no
+    gradients, after one warm-up, ``repeats`` times. On the CPU the time is the process's CPU
+    time (:func:`time.process_time`), like the algorithm's in :func:`run_cell`, so that other
+    jobs competing for the cores do not change the ratio; on CUDA it is wall time after
+    synchronising.
+
+    Args:
+        model: A ``TransformerBridge`` or Hugging Face causal LM.
+        data: Task data (:class:`~circuitfind.tasks.base.TaskData`).
+        repeats: Timed forwards (the median is returned).
+
+    Returns:
+        Seconds (wall clock; on CUDA after synchronising).
+    """
+    hf = getattr(model, "original_model", model)
+    device = next(hf.parameters()).device
+    ids, mask = data.clean.to(device), data.attention_mask.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = _cost_clock(device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            sync()
+            t0 = clock()
+            hf(input_ids=ids, attention_mask=mask)
+            sync()
+            if i:
+                times.append(clock() - t0)
+    return float(statistics.median(times))
+
+
+def _cost_clock(device: torch.device) -> Any:
+    """The clock costs are measured with: process CPU time on the CPU (other processes on the
+    machine do not inflate it), wall time on an accelerator."""
+    return time.perf_counter if device.type != "cpu" else time.process_time
 
 
 def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None,
@@ -599,7 +643,9 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         (a pruning algorithm's own circuit: ``n_edges``, ``n_nodes``, normalized
         ``faithfulness``; ``None`` for attribution algorithms), ``metric`` and
         ``metric_unit``, ``score_time_s`` (the algorithm alone) and ``wall_time_s`` (the whole
-        cell, data to AUC), ``peak_memory_bytes`` and ``peak_memory_kind`` (the process's peak
+        cell, data to AUC), ``forward_s`` (one plain Hugging Face forward of the cell's clean
+        batch, :func:`forward_seconds`) and ``score_forwards`` (the algorithm's cost in those
+        forwards: its CPU time on the CPU, wall time on CUDA, over ``forward_s``), ``peak_memory_bytes`` and ``peak_memory_kind`` (the process's peak
         resident set during the cell, model included, after freed heap is returned to the
         operating system; on CUDA the peak allocated memory) and ``rss_start_bytes``,
         ``scores`` (what the algorithm's scores mean: kind, unit, direction;
@@ -623,16 +669,21 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
             params.setdefault("progress", False)  # one bar over cells, not one per cell
         algo = get_algorithm(cell.algorithm, **params)
         torch.manual_seed(cell.seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cost_clock(device)()
         circuit = algo.discover(engine, data) if algo.returns_circuit else None
         scores = circuit.scores if circuit is not None else algo.score(engine, data)
+        if scores is None:
+            raise ConfigError(f"The {cell.algorithm!r} algorithm returned a circuit without "
+                              "scores; the benchmark ranks edges by them.")
         score_time = time.perf_counter() - t0
+        score_cost = _cost_clock(device)() - c0
         # the algorithm says what its scores mean (ACDC's KL effects are importances): the
         # curve's signed (CPR) ranking reads them so. |score| rankings and AUROC do not
         # depend on the sign.
         meaning = algo.score_meaning(data.task)
         curve = faithfulness_curve(engine, scores, data, fractions=config.fractions,
-                                   convention=config.convention, score_kind=meaning.kind)
+                                   convention=config.convention, score_kind=meaning.kind,
+                                   per_example=True)
         g = engine.graph
         reference = (find_reference(data.task.name, resolve_model_source(cell.model)
                                     .display_name, g) if data.task.source is None else None)
@@ -644,6 +695,7 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
                    "faithfulness": normalized_faithfulness(m_c, curve.metric_full,
                                                            curve.metric_empty)}
     peak, peak_kind = monitor.peak_bytes()
+    forward_s = forward_seconds(model, data)
     return {
         "cpr": curve.cpr, "cmd": curve.cmd, "convention": curve.convention,
         "convention_label": curve.label, "curve": curve.to_dict(),
@@ -655,6 +707,7 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         "n_edges": g.n_edges, "n_nodes": g.n_nodes, "circuit": own,
         "metric": data.task.metric_name, "metric_unit": data.task.metric_unit,
         "score_time_s": round(score_time, 4),
+        "forward_s": forward_s, "score_forwards": round(score_cost / forward_s, 2),
         "wall_time_s": round(time.perf_counter() - start, 4),
         "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "rss_start_bytes": rss_start,
         "scores": meaning.to_dict(), "score_kind": curve.score_kind,
@@ -830,7 +883,7 @@ def _trials_by_cell(study: Any, keys: Mapping[str, Cell]) -> dict[str, list[Any]
 def _cell_states(study: Any, keys: Mapping[str, Cell]) -> dict[str, tuple[str, str | None]]:
     """``key -> (state, error)``, state one of complete/running/waiting/failed/new."""
     TrialState = optuna_module().trial.TrialState
-    out = {}
+    out: dict[str, tuple[str, str | None]] = {}
     for key, trials in _trials_by_cell(study, keys).items():
         states = {t.state for t in trials}
         if TrialState.COMPLETE in states:

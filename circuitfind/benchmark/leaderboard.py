@@ -30,25 +30,41 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from circuitfind._files import atomic_write
 from circuitfind.benchmark.grid import STUDY_MARKER, iter_records
+from circuitfind.benchmark.intervals import (curve_intervals, format_rank, ranks_with_ties,
+                                             seed_interval)
 from circuitfind.benchmark.storage import open_storage, optuna_module
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import ABOVE_ONE
 from circuitfind.graphs.scores import ScoreMeaning, score_meaning
 
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.typing import LineStyleType
+
 SORT_KEYS: dict[str, tuple[str, bool]] = {
     "cpr": ("cpr_mean", True), "cmd": ("cmd_mean", False),
-    "auroc": ("edge_auc_mean", True), "time": ("wall_time_s_mean", False)}
+    "auroc": ("edge_auc_mean", True), "time": ("wall_time_s_mean", False),
+    "cost": ("score_forwards_mean", False)}
 """``--sort`` choices: the column and whether larger is better (sorted first)."""
 
 METRICS = ("cpr", "cmd", "edge_auc", "node_auc", "wall_time_s", "score_time_s",
-           "peak_memory_bytes")
+           "score_forwards", "peak_memory_bytes")
 """Record fields aggregated over seeds (``{name}_mean``, ``{name}_std`` in every row)."""
+
+INTERVALS = ("cpr", "cmd", "edge_auc", "node_auc", "score_forwards", "wall_time_s")
+"""Fields with a 95% bootstrap interval in every row (``{name}_ci``: ``[low, high]`` or
+``None``; :mod:`circuitfind.benchmark.intervals`): CPR and CMD resample seeds and examples,
+the others seeds."""
+
+RANK_BY: dict[str, tuple[str, bool]] = {
+    "cpr": ("cpr", True), "cmd": ("cmd", False), "auroc": ("edge_auc", True),
+    "time": ("wall_time_s", False), "cost": ("score_forwards", False)}
+"""The interval each ``--sort`` key ranks by, and whether larger is better."""
 
 GROUP = ("task", "model", "n_examples", "ablation")
 
@@ -126,8 +142,9 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
 
     Args:
         records: Cell records (:func:`load_records`).
-        sort: ``cpr`` (descending), ``cmd`` (ascending), ``auroc`` (edge AUROC, descending) or
-            ``time`` (wall time, ascending): the order of rows within each task/model; groups
+        sort: ``cpr`` (descending), ``cmd`` (ascending), ``auroc`` (edge AUROC, descending),
+            ``time`` (wall time, ascending) or ``cost`` (the algorithm's cost in plain forwards,
+            ascending): the order of rows within each task/model, and what ranks them; groups
             are in (task, model) order. Unset values sort last.
 
     Returns:
@@ -138,7 +155,10 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
         curves (``fractions``, ``faithfulness_mean``, ``faithfulness_std``,
         ``faithfulness_cmd_mean``, ``faithfulness_cmd_std``), and what the algorithm's scores
         mean (``scores``: :meth:`ScoreMeaning.to_dict`; ``score_kind``, ``score_unit``), which
-        is how the curve's signed ranking read them (:func:`record_score_meaning`).
+        is how the curve's signed ranking read them (:func:`record_score_meaning`); the 95%
+        bootstrap intervals ``{name}_ci`` of :data:`INTERVALS` and ``ci_source``; ``rank`` and
+        ``tied`` within the row's table, by the sort key's interval (:data:`RANK_BY`, ties
+        where intervals overlap: :func:`~circuitfind.benchmark.intervals.ranks_with_ties`).
 
     Raises:
         ConfigError: an unknown ``sort``.
@@ -168,6 +188,7 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
                      for i in range(len(row["fractions"]))]
             row[f"{curve}_mean"] = [m for m, _ in stats]
             row[f"{curve}_std"] = [s for _, s in stats]
+        row.update(_intervals(rs, row["fractions"]))
         rows.append(row)
     column, larger_first = SORT_KEYS[sort]
 
@@ -177,7 +198,33 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
         return (str(row["task"]), str(row["model"]), row["n_examples"], row["ablation"], *rank,
                 row["algorithm"])
 
-    return sorted(rows, key=order)
+    rows.sort(key=order)
+    _rank(rows, sort)
+    return rows
+
+
+def _intervals(records: Sequence[dict[str, Any]], fractions: Sequence[float]
+               ) -> dict[str, Any]:
+    """``{name}_ci`` for :data:`INTERVALS` and ``ci_source`` (what CPR/CMD's intervals
+    resampled) of one row's records."""
+    out: dict[str, Any] = {f"{name}_ci": seed_interval([r.get(name) for r in records])
+                           for name in INTERVALS}
+    examples = [r["curve"].get("example_metrics") for r in records]
+    if all(e is not None for e in examples):
+        out.update({f"{k}_ci": v for k, v in curve_intervals(examples, fractions).items()})
+        out["ci_source"] = "seeds and examples"
+    else:  # cells recorded before the grid kept per-example metrics
+        out["ci_source"] = "seeds"
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+
+
+def _rank(rows: list[dict[str, Any]], sort: str) -> None:
+    """Set ``rank`` and ``tied`` of every row within its table (:data:`GROUP`), by the
+    interval of the sort key (:func:`~circuitfind.benchmark.intervals.ranks_with_ties`)."""
+    name, larger = RANK_BY[sort]
+    for rs in _sections(rows).values():
+        for row, rank in zip(rs, ranks_with_ties([r[f"{name}_ci"] for r in rs], larger)):
+            row["rank"], row["tied"] = (None, None) if rank is None else rank
 
 
 def record_score_meaning(record: dict[str, Any]) -> ScoreMeaning:
@@ -217,6 +264,14 @@ def _fmt(mean: float | None, std: float | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
+def _fmt_ci(mean: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
+    """``0.812 [0.790, 0.835]``: the mean over seeds and its 95% interval."""
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" + ("" if ci is None else
+                                   f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
+
+
 def _sections(rows: Sequence[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
     out: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -224,48 +279,96 @@ def _sections(rows: Sequence[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict
     return out
 
 
+def _rank_of(row: dict[str, Any]) -> str:
+    return format_rank(None if row.get("rank") is None else (row["rank"], bool(row["tied"])))
+
+
+def rank_table(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> list[str]:
+    """Markdown lines of the summary table: one row per algorithm, one column per table
+    (task on model), each cell the algorithm's rank there (``2=``: tied), and the mean rank.
+
+    Args:
+        rows: Rows from :func:`aggregate` (their ``rank`` and ``tied``).
+        sort: The key the ranks were computed by (named in the caption).
+
+    Returns:
+        The lines (empty without rows).
+    """
+    sections = _sections(rows)
+    if not sections:
+        return []
+    algorithms = sorted({r["algorithm"] for r in rows})
+    by = {(key, r["algorithm"]): r for key, rs in sections.items() for r in rs}
+    mean_rank = {}
+    for a in algorithms:
+        ranks = [by[(k, a)]["rank"] for k in sections if (k, a) in by
+                 and by[(k, a)].get("rank") is not None]
+        mean_rank[a] = sum(ranks) / len(ranks) if ranks else math.inf
+    heads = [f"{task} / {model}" for task, model, *_ in sections]
+    lines = [f"Rank by {RANK_BY[sort][0]} in each table (1 = best; `=` marks a tie: the 95% "
+             "intervals of tied rows overlap those of the same better rows; — not ranked). "
+             "Mean rank over the tables where the algorithm has one.", "",
+             "| algorithm | " + " | ".join(heads) + " | mean rank |",
+             "| --- | " + " | ".join("---:" for _ in heads) + " | ---: |"]
+    for a in sorted(algorithms, key=lambda a: (mean_rank[a], a)):
+        cells = [_rank_of(by[(k, a)]) if (k, a) in by else "" for k in sections]
+        mr = "—" if math.isinf(mean_rank[a]) else f"{mean_rank[a]:.2f}"
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {mr} |")
+    return lines
+
+
 def markdown(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> str:
-    """The Markdown leaderboard: a header stating the convention, one table per task/model.
+    """The Markdown leaderboard: a header stating the convention, the rank table, one table
+    per task/model.
 
     Args:
         rows: Rows from :func:`aggregate`.
-        sort: The sort key the rows were ordered by (named in the header).
+        sort: The sort key the rows were ordered and ranked by (named in the header).
 
     Returns:
         The Markdown text.
     """
     label, convention = (rows[0]["convention_label"], rows[0]["convention"]) if rows else ("", "")
+    sources = sorted({r.get("ci_source", "seeds") for r in rows})
     lines = [
         "# circuitfind leaderboard", "",
         f"Faithfulness curves: {label} (`convention=\"{convention}\"`).",
         "**CPR** = area under the normalized faithfulness f = (m(C) − m(∅)) / (m(M) − m(∅)) "
         "over the edge fraction (higher is better); **CMD** = area under |1 − f| (lower is "
         "better). **AUROC**: ROC AUC of the edge (node) scores against the task's reference "
-        "circuit (— where the task has none for the model). **time**: wall time of a cell "
-        "(data, algorithm, curve, AUROC), seconds; **memory**: peak resident memory of the "
-        "worker process during the cell (model included; freed heap returned to the system "
-        "before each cell), MiB. Mean ± sample standard "
-        "deviation over seeds. **circuit edges**: the size of the circuit a pruning algorithm "
-        "selected itself (— for attribution algorithms, whose scores only rank edges). "
+        "circuit (— where the task has none for the model). **cost**: the algorithm's run "
+        "time in plain Hugging Face forwards of the cell's clean batch (measured in the cell, "
+        "so comparable across machines). **time**: wall time of a cell (data, algorithm, "
+        "curve, AUROC), seconds; **memory**: peak resident memory of the worker process "
+        "during the cell (model included; freed heap returned to the system before each "
+        "cell), MiB. **circuit edges**: the size of the circuit a pruning algorithm selected "
+        "itself (— for attribution algorithms, whose scores only rank edges). "
         f"A CPR (or a curve point) above 1: {ABOVE_ONE}", "",
-        f"Rows sorted by {sort} within each task/model.",
+        "Each number is the mean over seeds with its 95% bootstrap confidence interval in "
+        "brackets (CPR and CMD resample the seeds, then each seed's examples, recomputing the "
+        "curve" + ("" if sources == ["seeds and examples"] else
+                   " — rows recorded without per-example metrics resample seeds only")
+        + "; the other columns resample seeds; no interval from one seed alone). See "
+        "`circuitfind.benchmark.intervals`.", "",
+        f"Rows sorted by {sort} within each task/model.", "", *rank_table(rows, sort),
     ]
     for (task, model, n, ablation), rs in _sections(rows).items():
         lines += ["", f"## {task} on {model}", "",
                   f"{n} examples, {ablation} ablation, {rs[0]['n_edges']} edges, "
                   f"{rs[0]['n_nodes']} nodes; metric: {rs[0]['metric']} "
                   f"({rs[0]['metric_unit']}).", "",
-                  "| algorithm | CPR ↑ | CMD ↓ | edge AUROC ↑ | node AUROC ↑ "
-                  "| time (s) ↓ | memory (MiB) | circuit edges | seeds |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| rank | algorithm | CPR ↑ | CMD ↓ | edge AUROC ↑ | node AUROC ↑ "
+                  "| cost (forwards) ↓ | time (s) | memory (MiB) | circuit edges | seeds |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rs:
             mem = r["peak_memory_bytes_mean"]
             lines.append(
-                f"| {r['algorithm']} | {_fmt(r['cpr_mean'], r['cpr_std'])} "
-                f"| {_fmt(r['cmd_mean'], r['cmd_std'])} "
-                f"| {_fmt(r['edge_auc_mean'], r['edge_auc_std'])} "
-                f"| {_fmt(r['node_auc_mean'], r['node_auc_std'])} "
-                f"| {_fmt(r['wall_time_s_mean'], r['wall_time_s_std'], 2)} "
+                f"| {_rank_of(r)} | {r['algorithm']} | {_fmt_ci(r['cpr_mean'], r['cpr_ci'])} "
+                f"| {_fmt_ci(r['cmd_mean'], r['cmd_ci'])} "
+                f"| {_fmt_ci(r['edge_auc_mean'], r['edge_auc_ci'])} "
+                f"| {_fmt_ci(r['node_auc_mean'], r['node_auc_ci'])} "
+                f"| {_fmt_ci(r['score_forwards_mean'], r['score_forwards_ci'], 1)} "
+                f"| {_fmt(r['wall_time_s_mean'], None, 2)} "
                 f"| {'—' if mem is None else f'{mem / 2**20:.0f}'} "
                 f"| {_fmt(r['circuit_edges_mean'], None, 1)} "
                 f"| {', '.join(map(str, r['seeds']))} |")
@@ -273,8 +376,10 @@ def markdown(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ("task", "model", "n_examples", "ablation", "algorithm", "n_seeds", "seeds",
-               "n_edges", "n_nodes", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+CSV_COLUMNS = ("task", "model", "n_examples", "ablation", "algorithm", "rank", "tied",
+               "n_seeds", "seeds", "n_edges", "n_nodes",
+               *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+               *(f"{m}_ci_{end}" for m in INTERVALS for end in ("low", "high")), "ci_source",
                "circuit_edges_mean", "circuit_edges_std", "convention", "score_kind",
                "score_unit")
 
@@ -285,8 +390,11 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in rows:
-        writer.writerow(["" if r[c] is None else (" ".join(map(str, r[c])) if c == "seeds"
-                                                 else r[c]) for c in CSV_COLUMNS])
+        flat = dict(r)
+        for m in INTERVALS:
+            flat[f"{m}_ci_low"], flat[f"{m}_ci_high"] = r.get(f"{m}_ci") or (None, None)
+        writer.writerow(["" if flat.get(c) is None else (
+            " ".join(map(str, flat[c])) if c == "seeds" else flat[c]) for c in CSV_COLUMNS])
     return buffer.getvalue()
 
 
@@ -375,7 +483,7 @@ ALGORITHM_COLOURS = {"eap": "blue", "eap_ig": "orange", "exact": "bluish_green",
 _SPARE_COLOURS = ("black", "yellow")
 
 
-def algorithm_styles(labels: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+def algorithm_styles(labels: Sequence[str]) -> dict[str, tuple[str, str, LineStyleType]]:
     """``(colour, marker, line style)`` of each algorithm label (``eap_ig(steps=10)``).
 
     The colour belongs to the algorithm (:data:`ALGORITHM_COLOURS`; other algorithms get one
@@ -386,9 +494,10 @@ def algorithm_styles(labels: Sequence[str]) -> dict[str, tuple[str, str, str]]:
 
     from circuitfind.graphs.render import OKABE_ITO
 
-    markers, lines = "osD^vP*X", ("-", "--", ":", "-.")
+    markers = "osD^vP*X"
+    lines: tuple[LineStyleType, ...] = ("-", "--", ":", "-.")
     seen: dict[str, int] = {}
-    out = {}
+    out: dict[str, tuple[str, str, LineStyleType]] = {}
     for label in sorted(labels):
         base = label.split("(")[0]
         name = ALGORITHM_COLOURS.get(base) or _SPARE_COLOURS[

@@ -14,11 +14,18 @@ both claim the trial. :func:`claim_lock` closes that gap for SQLite with an advi
 file beside the database (``path.db.lock``; the operating system releases it when its process
 dies, so a killed worker never leaves it held). SQLite serves the processes of one machine, so
 a file lock is enough; for other URLs :func:`claim_lock` does nothing.
+
+Drivers. ``pip install "circuitfind[postgres]"`` installs psycopg 3 (its binary wheel: nothing
+to compile). SQLAlchemy reads a bare ``postgresql://`` URL as psycopg2's, so
+:func:`database_url` gives such a URL to psycopg 3 when psycopg2 is not installed; an explicit
+driver (``postgresql+psycopg2://``, ``postgresql+psycopg://``) is used as written. The test
+suite runs the grid's workers against a real server (``.ci/postgres`` starts one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -41,13 +48,33 @@ def optuna_module() -> Any:
     return optuna
 
 
+def database_url(url: str) -> str:
+    """``url`` with the PostgreSQL driver that is installed, for SQLAlchemy.
+
+    Args:
+        url: A storage URL.
+
+    Returns:
+        ``postgresql+psycopg://...`` for a bare ``postgresql://`` (or ``postgres://``) URL when
+        psycopg2, SQLAlchemy's default driver for it, is missing and psycopg 3 is installed;
+        otherwise ``url`` unchanged.
+    """
+    scheme, sep, rest = url.partition("://")
+    if (sep and scheme in ("postgresql", "postgres")
+            and importlib.util.find_spec("psycopg2") is None
+            and importlib.util.find_spec("psycopg") is not None):
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
 def open_storage(url: str, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None) -> Any:
     """Open (creating its tables if needed) the Optuna RDB storage at ``url``.
 
     Args:
         url: An SQLAlchemy URL: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
-            ``postgresql://user:password@host/db``, ``mysql+pymysql://...``.
+            ``postgresql://user:password@host/db`` (a Unix socket:
+            ``postgresql://user@/db?host=/socket/dir``), ``mysql+pymysql://...``.
         heartbeat_interval: Seconds between the heartbeats a worker records for its running
             trial (``None``: no heartbeats, so no stale-trial detection).
         grace_period: Seconds without a heartbeat after which a running trial counts as held
@@ -74,7 +101,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+            return optuna.storages.RDBStorage(database_url(url), engine_kwargs=engine_kwargs,
                                               heartbeat_interval=heartbeat_interval,
                                               grace_period=grace_period)
     except Exception as err:  # sqlalchemy.exc.*, ImportError (driver), ValueError (URL)
@@ -82,7 +109,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         hint = ("the folder holding an SQLite file must exist and be writable"
                 if url.startswith("sqlite") else
                 "check that the server is up, that the credentials are right and that its "
-                "driver is installed (psycopg2 for postgresql://, pymysql for mysql+pymysql://)")
+                "driver is installed (pip install \"circuitfind[postgres]\" for postgresql://, "
+                "pymysql for mysql+pymysql://)")
         raise ConfigError(f"Cannot open the Optuna storage {url!r} ({reason}); {hint}.") from err
 
 

@@ -185,7 +185,7 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
     if (low is None) != (high is None):
         raise ConfigError("Give both ends of the threshold range (low and high), or neither "
                           "(then it is derived from the single-edge effects).")
-    if low is not None and not (0 < low < high and math.isfinite(high)):  # type: ignore[operator]
+    if low is not None and high is not None and not (0 < low < high and math.isfinite(high)):
         raise ConfigError(f"The threshold range must satisfy 0 < low < high < inf; got "
                           f"low={low}, high={high}.")
     params = dict(algorithm_params or {})
@@ -218,7 +218,8 @@ def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials:
             raise ConfigError("Pass a task name or prebuilt data.")
         model = load_model(model, device=device)
         if data is None:
-            data = build_data(model, task, n_examples, seed)  # type: ignore[arg-type]
+            assert task is not None  # checked above
+            data = build_data(model, task, n_examples, seed)
         engine = PatchingEngine(model)
         total = engine.graph.n_edges
         if low is None:

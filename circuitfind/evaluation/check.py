@@ -119,8 +119,8 @@ def check(model: Any, data: TaskData, per_example: bool = False,
     with torch.no_grad():
         logits = engine.run(data, masks, ablation="resample")  # [2, N, P, V]
     on_device = engine.on_device(data)
-    clean = data.task.metric(logits[0], on_device).double().cpu()
-    corrupted = data.task.metric(logits[1], on_device).double().cpu()
+    clean = on_device.metric(logits[0]).double().cpu()
+    corrupted = on_device.metric(logits[1]).double().cpu()
     correct = data.task.correct(logits[0], on_device).cpu()  # [N, P]
     higher = bool(getattr(data.task, "higher_is_better", True))
     gap = float(clean.mean() - corrupted.mean())

@@ -198,6 +198,11 @@ class FaithfulnessCurve:
         pruned: Whether dangling edges were pruned before evaluation.
         ablation: What removed edges carried.
         score_kind: How the signed ranking read the scores (see :func:`faithfulness_curve`).
+        example_metrics: Only when asked for (``per_example=True``): every example's metric,
+            ``[2n + 2][N]`` for ``n`` fractions under ``"mib"`` (CPR ranking's n circuits, CMD
+            ranking's n, then the full model and the empty circuit; ``[n + 2][N]`` under
+            ``"single"``), metric units; the confidence intervals of
+            :mod:`circuitfind.benchmark.leaderboard` resample them. ``None`` otherwise.
     """
 
     fractions: list[float]
@@ -233,6 +238,7 @@ class FaithfulnessCurve:
         return text
     ablation: str = DEFAULT_ABLATION
     score_kind: str = "metric_change"
+    example_metrics: list[list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable), with ``label`` added."""
@@ -245,7 +251,8 @@ def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
                        batch_size: int | None = None,
                        ablation: Ablation | str | None = None,
                        score_kind: str | None = None,
-                       memory_budget: int | str | None = None) -> FaithfulnessCurve:
+                       memory_budget: int | str | None = None,
+                       per_example: bool = False) -> FaithfulnessCurve:
     """Faithfulness of the top-k circuits at each size in ``fractions``; CPR and CMD.
 
     Every circuit of the curve (both rankings under ``"mib"``), the full model and the empty
@@ -278,6 +285,8 @@ def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
             Circuit, the kind its metadata declares unless given. |score| rankings do not
             depend on it.
         memory_budget: As in :func:`evaluate`.
+        per_example: Also keep every example's metric at every point
+            (:attr:`FaithfulnessCurve.example_metrics`), for confidence intervals.
 
     Returns:
         A :class:`FaithfulnessCurve` (its ``convention`` and ``label`` say which was used).
@@ -321,6 +330,7 @@ def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
     meaning = ScoreMeaning(score_kind, higher_is_better=bool(
         getattr(data.task, "higher_is_better", True)))
     importance = meaning.importance(scores)
+    rankings: tuple[tuple[Tensor, bool], ...]  # (ranking keys, rank by |key|) per curve
     if convention == "mib":
         if absolute is not None:
             raise ConfigError("absolute applies to convention='single' only; the MIB convention "
@@ -339,8 +349,9 @@ def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
             kept.append((prune_dangling(circuit) if prune else circuit).kept)
     masks = [m.to(engine.dtype) for m in kept] + [g.full_mask(engine.dtype),
                                                   torch.zeros_like(kept[0], dtype=engine.dtype)]
-    values = engine.evaluate(data, torch.stack(masks), batch_size=batch_size,
-                             ablation=spec).tolist()
+    per_ex = engine.evaluate(data, torch.stack(masks), batch_size=batch_size, ablation=spec,
+                             per_example=True)
+    values = (per_ex.sum(-1) / data.n).tolist()
     m_full, m_empty = values[-2], values[-1]
     n = len(sizes)
     # one block of n values per ranking; with one ranking CPR and CMD share it
@@ -357,7 +368,8 @@ def faithfulness_curve(model: Any, scores: Tensor | Circuit, data: TaskData,
         absolute=None if convention == "mib" else absolute, metric_full=m_full,
         metric_empty=m_empty, convention=convention, faithfulness_cmd=f_cmd,
         metric_cmd=metric_cmd, n_kept=n_kept, n_kept_cmd=n_kept_cmd, pruned=prune,
-        ablation=spec.kind, score_kind=score_kind)
+        ablation=spec.kind, score_kind=score_kind,
+        example_metrics=per_ex.tolist() if per_example else None)
 
 
 def _check_graph(engine: PatchingEngine, circuit: Circuit) -> None:

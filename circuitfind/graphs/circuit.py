@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import Tensor
@@ -69,6 +69,18 @@ def _check_kept(graph: ComputeGraph, kept: Any) -> Tensor:
                           f"{graph.receivers[r].name!r} (the sender is not upstream). Only "
                           "entries where graph.edge_mask is True may be kept.")
     return kept.clone()
+
+
+@overload
+def check_scores(graph: ComputeGraph, scores: None) -> None: ...
+
+
+@overload
+def check_scores(graph: ComputeGraph, scores: Tensor) -> Tensor: ...
+
+
+@overload
+def check_scores(graph: ComputeGraph, scores: Any) -> Tensor | None: ...
 
 
 def check_scores(graph: ComputeGraph, scores: Any) -> Tensor | None:
@@ -316,6 +328,7 @@ class Circuit:
         return (self.graph == other.graph and torch.equal(self.kept, other.kept)
                 and _bits_equal(self.scores, other.scores) and self.metadata == other.metadata)
 
+    # unhashable (it holds tensors); typeshed types object.__hash__ as a method only
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:

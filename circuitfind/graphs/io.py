@@ -294,8 +294,9 @@ def to_graphml(circuit: Circuit, path: str | os.PathLike[str]) -> Path:
     import networkx as nx
 
     g = to_networkx(circuit)
-    if circuit.scores is not None:
-        g.graph["scores_f32"] = _scores_to_b64(circuit.edge_values)
+    edge_values = circuit.edge_values
+    if edge_values is not None:
+        g.graph["scores_f32"] = _scores_to_b64(edge_values)
     buffer = BytesIO()
     nx.write_graphml(g, buffer, encoding="utf-8", prettyprint=True)
     return atomic_write(path, buffer.getvalue())

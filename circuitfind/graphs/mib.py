@@ -251,7 +251,8 @@ def to_mib_dict(circuit_or_scores: Circuit | Tensor, d_model: int, *,
     mapped = ids >= 0
     kept_e = g.to_edges(circuit.kept).numpy()
     sign = _mib_sign(circuit, higher_is_better)
-    values = (_flip(circuit.edge_values, sign) if circuit.scores is not None
+    edge_values = circuit.edge_values
+    values = (_flip(edge_values, sign) if edge_values is not None
               else torch.from_numpy(kept_e.astype(np.float32)))
     score = np.zeros(len(names), dtype=np.float32)
     score[mapped] = values.numpy()[ids[mapped]]

@@ -62,10 +62,11 @@ from circuitfind.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import graphviz
+    from matplotlib.typing import RcKeyType
 
     from circuitfind.graphs.circuit import Circuit
 
-__all__ = ["render", "scene", "format_of", "to_graphviz", "to_dot", "resolve_renderer", "RenderOptions",
+__all__ = ["render", "scene", "layout", "NODE_HEIGHT", "format_of", "to_graphviz", "to_dot", "resolve_renderer", "RenderOptions",
            "RENDERERS", "FORMATS", "EDGE_COLOURS", "SIGN_COLOURS", "KIND_FILLS",
            "CLASS_PALETTE"]
 
@@ -506,8 +507,8 @@ def _graphviz_from_scene(sc: Scene) -> graphviz.Digraph:
         for members in rows.values():
             ordered = sorted((n for n in sc.nodes if n.name in {m for m, _ in members}),
                              key=lambda n: (n.slot is None, n.slot or 0, n.name))
-            for left, right in zip(ordered, ordered[1:]):
-                dot.edge(left.name, right.name, style="invis")
+            for a_node, b_node in zip(ordered, ordered[1:]):
+                dot.edge(a_node.name, b_node.name, style="invis")
     # an invisible spine (one point per rank, chained) keeps later rows strictly below
     # earlier ones even when rows in between are absent
     spine: list[str] = []
@@ -597,9 +598,10 @@ def _graphviz_missing() -> str | None:
 
 
 # ------------------------------------------------------------------------------- matplotlib
-_MPL_RC = {"svg.hashsalt": "circuitfind", "svg.fonttype": "none", "pdf.fonttype": 42,
-           "font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"],
-           "path.simplify": False, "svg.image_inline": True}
+_MPL_RC: dict[RcKeyType, Any] = {
+    "svg.hashsalt": "circuitfind", "svg.fonttype": "none", "pdf.fonttype": 42,
+    "font.family": "sans-serif", "font.sans-serif": ["DejaVu Sans"], "path.simplify": False,
+    "svg.image_inline": True}
 _MPL_METADATA = {"svg": {"Date": None, "Creator": None},
                  "pdf": {"CreationDate": None, "ModDate": None, "Creator": None,
                          "Producer": None},
@@ -607,6 +609,8 @@ _MPL_METADATA = {"svg": {"Date": None, "Creator": None},
 MPL_RC, MPL_METADATA = _MPL_RC, _MPL_METADATA
 """matplotlib settings and per-format metadata for byte-reproducible figures."""
 _CHAR_W, _NODE_H, _GAP_X, _GAP_Y = 0.075, 0.3, 0.14, 0.62  # inches
+NODE_HEIGHT = _NODE_H
+"""Height of a drawn node (inches)."""
 
 
 def _import_matplotlib() -> Any:
@@ -641,6 +645,28 @@ def _row_orders(sc: Scene) -> dict[str, float]:
         for i, node in enumerate(members):
             pos[node.name] = i - middle
     return pos
+
+
+def layout(sc: Scene) -> tuple[dict[str, tuple[float, float]], float, float]:
+    """Where the matplotlib renderer (and the HTML viewer, :mod:`circuitfind.view`) puts each
+    node of a scene.
+
+    Returns:
+        ``(xy, node_width, slot_step)``: node centres ``{name: (x, y)}`` in inches (x to the
+        right, y up: ``input`` on top in portrait), the width of a node and the distance
+        between neighbouring slots of a row, in inches (nodes are :data:`NODE_HEIGHT` high).
+    """
+    node_w = max([len(n.label) for n in sc.nodes] + [4]) * _CHAR_W + 0.22
+    if sc.landscape:  # rows run left to right, slots top to bottom
+        step_row, step_slot = node_w + 0.7, _NODE_H + 0.16
+    else:
+        step_row, step_slot = _NODE_H + _GAP_Y, node_w + _GAP_X
+    along = _row_orders(sc)
+    xy: dict[str, tuple[float, float]] = {}
+    for node in sc.nodes:
+        r, s = node.row * step_row, along[node.name] * step_slot
+        xy[node.name] = (r, -s) if sc.landscape else (s, -r)
+    return xy, node_w, step_slot
 
 
 def _boundary(centre: tuple[float, float], towards: tuple[float, float], a: float, b: float,
@@ -718,20 +744,12 @@ class _Obstacles:
 
 def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
     mpl = _import_matplotlib()
+    from matplotlib.artist import Artist
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse, FancyArrowPatch, FancyBboxPatch, Patch
 
-    node_w = max([len(n.label) for n in sc.nodes] + [4]) * _CHAR_W + 0.22
-    if sc.landscape:  # rows run left to right, slots top to bottom
-        step_row, step_slot = node_w + 0.7, _NODE_H + 0.16
-    else:
-        step_row, step_slot = _NODE_H + _GAP_Y, node_w + _GAP_X
-    along = _row_orders(sc)
-    xy: dict[str, tuple[float, float]] = {}
-    for node in sc.nodes:
-        r, s = node.row * step_row, along[node.name] * step_slot
-        xy[node.name] = (r, -s) if sc.landscape else (s, -r)
+    xy, node_w, step_slot = layout(sc)
     # bends first: the drawing must hold every curve
     offsets = {"q": -0.12, "k": 0.0, "v": 0.12}
     avoid = _Obstacles(xy, node_w / 2 + 0.04, _NODE_H / 2 + 0.04, step_slot)
@@ -751,6 +769,7 @@ def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
         shapes = {n.name: n.shape for n in sc.nodes}
         for node in sc.nodes:
             x, y = xy[node.name]
+            patch: Patch
             if node.shape == "ellipse":
                 patch = Ellipse((x, y), node_w, _NODE_H)
             else:
@@ -778,7 +797,7 @@ def _draw_matplotlib(sc: Scene, fmt: str) -> bytes:
             ax.add_patch(arrow)
         if sc.title is not None:
             ax.text((x0 + x1) / 2, y1, sc.title, ha="center", va="bottom", fontsize=9)
-        handles = [Line2D([], [], color=colour, linewidth=2, label=label)
+        handles: list[Artist] = [Line2D([], [], color=colour, linewidth=2, label=label)
                    for label, colour in sc.edge_legend]
         handles += [Patch(facecolor=fill, edgecolor="black", linewidth=0.8, label=label)
                     for label, fill in sc.class_legend]

@@ -15,9 +15,38 @@ from torch import Tensor
 
 from circuitfind.errors import ConfigError, HookError
 from circuitfind.patching.architectures import Architecture
+from circuitfind.patching.backward_rules import PLAIN, BackwardRules
+from circuitfind.patching.qk_fix import QKFix
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ACCUMULATION_CHUNK_BYTES = 1 << 26  # float32 copies of one chunk of a half-precision contraction
+
+
+def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` accumulated in at least float32: ``[U, X] x [R, X] -> [U, R]``.
+
+    For float32/float64 operands this is one matmul in ``a``'s dtype. Where either operand is
+    float16 or bfloat16 (a half-precision model's sender differences or gradients), the sum
+    over ``X`` (examples x positions x d_model: hundreds of thousands of terms) runs in
+    float32: chunks of columns (at most :data:`ACCUMULATION_CHUNK_BYTES` of float32 copies)
+    are converted and added into a float32 result, so no term nor the result is rounded to
+    half precision (a half matmul rounds its result to 8 or 11 bits, and on GPUs may reduce in
+    half precision).
+
+    Returns:
+        ``[U, R]``, float32 for half operands, else ``a``'s dtype.
+    """
+    if a.dtype not in HALF_DTYPES and b.dtype not in HALF_DTYPES:
+        return a @ b.T.to(a)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    step = max(1, ACCUMULATION_CHUNK_BYTES // (4 * (a.shape[0] + b.shape[0])))
+    for x0 in range(0, a.shape[1], step):
+        out.addmm_(a[:, x0: x0 + step].float(), b[:, x0: x0 + step].float().T)
+    return out
 
 
 def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
@@ -32,11 +61,14 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
         r0: First receiver of the block.
         grad: ``[R', X]`` the receivers' gradients, flattened the same way.
 
+    The sum over ``X`` runs in at least float32 (:func:`matmul_nt`), also for half-precision
+    models.
+
     References:
         Syed, Rager & Conmy (2023), "Attribution Patching Outperforms Automated Circuit
         Discovery", eq. 2.
     """
-    block = (delta @ grad.T.to(delta)).to(scores.dtype)
+    block = matmul_nt(delta, grad).to(scores.dtype)
     if sign == 1.0:
         scores[: delta.shape[0], r0: r0 + grad.shape[0]] += block
     else:
@@ -45,7 +77,28 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
 
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float]] | None = None,
-              diff: Tensor | None = None) -> Tensor:
+              diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
+    """:func:`eap_pass` under modified backward ``rules`` (GIM, RelP, AtP*; ``None``: the
+    plain gradient), installed on the runner's adapter for the pass: the extension point of
+    :mod:`circuitfind.patching.backward_rules`. With ``rules.qk_fix`` the q and k edges are
+    rescored after the backward pass (:mod:`circuitfind.patching.qk_fix`).
+
+    Raises:
+        ConfigError: ``rules`` other than the plain gradient with gradient ``points``.
+    """
+    rules = rules or PLAIN
+    if points is not None and not rules.plain:
+        raise ConfigError(f"Modified backward rules ({rules.describe()}) apply to the clean "
+                          "run's gradient only, not to gradient points (EAP-IG).")
+    fix = QKFix(runner) if rules.qk_fix else None
+    with runner.arch.backward_rules(rules, None if fix is None else fix.tap):
+        return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix)
+
+
+def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
+             metric: Any, points: list[tuple[str, float]] | None = None,
+             diff: Tensor | None = None, rules: BackwardRules = PLAIN,
+             fix: QKFix | None = None) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
     ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
 
@@ -79,6 +132,9 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
         diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
             ``points`` (unused without).
+        rules: Backward rules already installed on the adapter (GradDrop acts here, at each
+            layer's outputs).
+        fix: The QK fix's collector, or ``None``.
 
     Returns:
         ``[S, R]`` float64 scores (0 off real edges), in the metric's unit.
@@ -146,7 +202,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         for layer, jd in pushed.items():  # the head rows: per copy, through its Jacobian
             heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
             if heads.stop <= n_up:
-                scores[heads, r0: r0 + h] = (jd @ per_copy.T.to(jd)).to(scores.dtype)
+                scores[heads, r0: r0 + h] = matmul_nt(jd, per_copy).to(scores.dtype)
 
     fired: set[int] = set()  # first receiver of each group whose gradient arrived
 
@@ -162,9 +218,11 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
 
     def merged(layer: int) -> bool:
         """Whether the MLP receiver of ``layer - 1`` is contracted with ``layer``'s q/k/v."""
-        if layer == 0 or g.mlp_receiver[layer - 1] is None:
+        if layer == 0:
             return False
         r, u = g.mlp_receiver[layer - 1], g.mlp_index[layer - 1]
+        if r is None or u is None:
+            return False
         return (r + 1 == g.q_start[layer] and int(g.n_upstream[r]) == u
                 and g.head_start[layer] == u + 1)
 
@@ -237,6 +295,8 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     x = interpolate(x, "input", diff[0] if diff is not None else x)
     x = x.detach().requires_grad_(True)
     for layer in range(g.n_layers):
+        if fix is not None:
+            fix.block_input(layer, x)
         q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
         for kind, t_, r0 in (("q", q, g.q_start[layer]), ("k", k, g.k_start[layer]),
                              ("v", v, g.v_start[layer])):
@@ -248,7 +308,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
                             out=delta[h0: h0 + g.n_heads])
         if post:  # interpolate the heads' pre-norm sum, then the norm
             pre = Architecture.attn_out(lay, layer, z)
-            if f"a{layer}" in moved:
+            if f"a{layer}" in moved and diff is not None:  # (points come with diff)
                 pre = interpolate(pre, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
             s_l = pre.detach().reshape(-1, pre.shape[-1])  # [C*N*T, d]
             d_heads = delta[h0: h0 + g.n_heads].view(g.n_heads, n * t, -1)
@@ -260,19 +320,21 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
             attn = lay.post_norm(layer, pre)
         else:
             attn = lay.attn_out(layer, z)
-            if f"a{layer}" in moved:
+            if f"a{layer}" in moved and diff is not None:  # (points come with diff)
                 attn = interpolate(attn, f"a{layer}", diff[h0: h0 + g.n_heads].sum(0))
-        x_in, x = x, x + attn
+        x_in, x = x, x + rules.through(layer, attn)
         # the MLP's own input (the block's input in parallel blocks): its gradient is the
         # MLP receiver's
         branch = (x_in if lay.parallel else x) + 0
-        u = g.mlp_index[layer]
+        r_mlp, u = g.mlp_receiver[layer], g.mlp_index[layer]
+        assert r_mlp is not None and u is not None  # the block runner has no attention-only graphs
         if f"m{layer}" not in blocked:
-            branch.register_hook(on_receiver(g.mlp_receiver[layer], u, layer))
+            branch.register_hook(on_receiver(r_mlp, u, layer))
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))
         if diff is None:
             torch.sub(ablated[u], m.detach(), out=delta[u])
-        x = x + interpolate(m, f"m{layer}", diff[u] if f"m{layer}" in moved else m)
+        x = x + rules.through(layer, interpolate(
+            m, f"m{layer}", diff[u] if diff is not None and f"m{layer}" in moved else m))
     branch = x + 0
     branch.register_hook(on_receiver(g.n_receivers - 1, g.n_senders))
     idx = positions.repeat(copies, 1)[:, :, None].expand(-1, -1, branch.shape[-1])
@@ -280,9 +342,11 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     groups = [r0 for layer in range(g.n_layers) for r0 in (
         [] if f"a{layer}" in blocked else [g.q_start[layer], g.k_start[layer],
                                            g.v_start[layer]])
-        + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]])]
+        + ([] if f"m{layer}" in blocked else [g.mlp_receiver[layer]]) if r0 is not None]
     missing = [g.receivers[r].name for r in groups + [g.n_receivers - 1] if r not in fired]
     if missing:
         raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
                         "their edges' scores would silently be 0.")
+    if fix is not None:
+        fix.rescore(scores, delta)
     return scores

@@ -54,6 +54,7 @@ from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
 from circuitfind.patching.masked_pass import receiver_changes
+from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching.runner import BlockRunner, RunCache, block_runner
 from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import TaskData
@@ -487,25 +488,29 @@ class PatchingEngine:
     @torch.no_grad()
     def evaluate(self, data: TaskData, masks: Tensor, batch_size: int | None = None,
                  start: int | None = None, ablation: Ablation | str | None = None,
-                 frozen: Tensor | None = None) -> Tensor:
-        """Mean task metric of each circuit.
+                 frozen: Tensor | None = None, per_example: bool = False) -> Tensor:
+        """Mean task metric of each circuit (or each example's metric).
 
         Args:
             data: Task data.
             masks: ``[S, R]`` or ``[K, S, R]`` keep-masks (see :meth:`run`).
             batch_size, start, ablation, frozen: As in :meth:`run`.
+            per_example: Return every example's metric instead of the mean (for bootstrap
+                confidence intervals over examples).
 
         Returns:
-            ``[K]`` float64 metric means over the N examples, in the task's metric unit.
+            ``[K]`` float64 metric means over the N examples, in the task's metric unit; with
+            ``per_example``, ``[K, N]`` float64 per-example metrics (their mean over N is the
+            default result).
         """
         masks = self._masks(masks)
-        totals = torch.zeros(masks.shape[0], dtype=torch.float64, device=self.device)
+        values_kn = torch.zeros(masks.shape[0], data.n, dtype=torch.float64, device=self.device)
         on_device = self.on_device(data)  # answers etc. beside the logits for the metric
         for ks, es, logits in self._iter_runs(data, masks, batch_size, start, ablation, frozen):
-            values = data.task.metric(logits, on_device.subset(es)
-                                      if (es.start, es.stop) != (0, data.n) else on_device)
-            totals[ks] += values.double().sum(-1)
-        return (totals / data.n).cpu()
+            values = (on_device.subset(es) if (es.start, es.stop) != (0, data.n)
+                      else on_device).metric(logits)  # float32 for half-precision logits
+            values_kn[ks, es] = values.double().reshape(-1, es.stop - es.start)
+        return (values_kn if per_example else values_kn.sum(-1) / data.n).cpu()
 
     @torch.no_grad()
     def _iter_runs(self, data: TaskData, masks: Tensor, batch_size: int | None,
@@ -544,6 +549,7 @@ class PatchingEngine:
         memoised for the last (cache, ``values``) pair: every masked pass over the same data
         reads them. They are held beside the clean cache (about as much memory again) and,
         like it, are not counted in ``memory_budget``, which sizes one pass's activations."""
+        assert self.runner is not None  # only the block runner's passes read them
         memo = self._memo.get("diff")
         if memo is None or memo[0] is not cache or memo[1] is not values:
             diff = cache.senders - ablated
@@ -579,7 +585,8 @@ class PatchingEngine:
     # ------------------------------------------------------------------ attribution
     def edge_attribution(self, data: TaskData, batch_size: int | None = None,
                          points: Sequence[GradientPoint] | None = None,
-                         ablation: Ablation | str | None = None) -> Tensor:
+                         ablation: Ablation | str | None = None,
+                         rules: BackwardRules | None = None) -> Tensor:
         """Gradient-based edge scores: ``sum (a'_u - a_u) . mean_p d metric / d x_r (run p)``.
 
         With ``points=None`` this is EAP, eq. (2): the gradient of the clean run. Otherwise the
@@ -609,6 +616,10 @@ class PatchingEngine:
             points: Runs to average gradients over (default: the clean run only, i.e. EAP).
             ablation: What removed edges carry (default: the engine's :attr:`ablation`);
                 EAP-IG and clean-corrupted (``points``) support the resample ablation only.
+            rules: Modified backward rules (GIM, RelP, AtP*;
+                :class:`~circuitfind.patching.backward_rules.BackwardRules`) for the clean
+                run's gradient (default: the plain gradient, EAP); block runner only, not with
+                ``points``.
 
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
@@ -627,6 +638,10 @@ class PatchingEngine:
             Discovery", eq. 2; Hanna, Pezzelle & Belinkov (2024), "Have Faith in
             Faithfulness", §3 (EAP-IG).
         """
+        if rules is not None and not rules.plain and (points is not None or self.runner is None):
+            raise ConfigError(f"Modified backward rules ({rules.describe()}) need the block "
+                              "runner (a supported model family) and the clean run's gradient "
+                              "(no gradient points).")
         if points is not None:
             points = list(points)
             if not points:
@@ -668,19 +683,20 @@ class PatchingEngine:
                         def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
                             return sub.metric(logits).sum() / data.n
 
-                        scores += self.runner.attribute(tokens, ablated, sub.positions, metric)
+                        scores += self.runner.attribute(tokens, ablated, sub.positions, metric,
+                                                        rules=rules)
                     else:
                         diff = self.sender_outputs(tokens).sub_(ablated)  # a - a'
                         for p0 in range(0, n_points, p_chunk):
                             chunk = points[p0: p0 + p_chunk]
 
-                            def metric(logits: Tensor, sub: TaskData = sub,
-                                       c: int = len(chunk)) -> Tensor:
+                            def chunk_metric(logits: Tensor, sub: TaskData = sub,
+                                             c: int = len(chunk)) -> Tensor:
                                 picked = logits.view(c, n, *logits.shape[1:]) if c > 1 else logits
                                 return sub.metric(picked).sum() / (data.n * n_points)
 
                             scores += self.runner.attribute(
-                                tokens, ablated, sub.positions, metric,
+                                tokens, ablated, sub.positions, chunk_metric,
                                 points=[(p.node, p.alpha) for p in chunk], diff=diff)
                         del diff
                     del corrupted, ablated
@@ -901,7 +917,7 @@ class PatchingEngine:
                     got[slot] = g
                     if all(t is not None for t in got):
                         del pending[siblings[0].start]
-                        contract(siblings, got)  # type: ignore[arg-type]
+                        contract(siblings, [t for t in got if t is not None])
 
                 # A fresh tensor: the hook may receive the residual stream itself (hook_mlp_in
                 # fires on ln2's input), whose gradient also flows down the skip connection.

@@ -299,8 +299,7 @@ class MaskedPass:
         else:
             # uninitialised: in the last block only the metric positions are written, and
             # every position of the output depends only on the same position of the buffer
-            self.current = (torch.empty(k_masks, n_dyn, size, device=self.dev,
-                                        dtype=self.dtype) if n_dyn else None)
+            self.current = torch.empty(k_masks, n_dyn, size, device=self.dev, dtype=self.dtype)
 
     def dense_inputs(self, rs: list[int], x: Tensor) -> Tensor:
         """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
@@ -339,6 +338,7 @@ class MaskedPass:
         kd, rd = kk.to(dev), rr.to(dev)
         out = None
         if w_shared is not None:
+            assert shared is not None  # _Form keeps w_shared only with shared
             weights = w_shared[kd, :, rd]  # [P, A]
             if k_masks > 1:
                 # Receivers whose weights are the same in every mask (e.g. the base circuit
@@ -367,10 +367,11 @@ class MaskedPass:
         one ``[K, R', n*T*d]`` tensor, mask-major, no gathers."""
         current, d, dev, n, t = self.current, self.d, self.dev, self.n, self.t
         w_shared, w_dyn, shared, k_masks = wf.w_shared, wf.w_dyn, wf.shared, wf.k
-        cur = current[:k_masks] if current is not None else None
+        cur = current[:k_masks]
         idx = torch.tensor(rs, device=dev)
         out = None
         if w_shared is not None:
+            assert shared is not None  # _Form keeps w_shared only with shared
             # [1, R', X] where every mask has the same weights (ACDC's base circuit)
             out = receiver_changes(w_shared[:, :, idx], shared)  # [K|1, R', X]
         if j:
@@ -426,6 +427,7 @@ class MaskedPass:
         rows: dict[int, Tensor] = {}  # receiver -> row of each mask in its patch, or -1
         for r, ks, _ in patches:
             rec = g.receivers[r]
+            assert rec.head is not None  # q/k/v receivers belong to a head
             heads = [rec.head] if rec.kind == "q" else range(rec.head * rep, (rec.head + 1) * rep)
             sel = torch.zeros(k_masks, dtype=torch.bool)
             sel[ks if isinstance(ks, slice) else ks.cpu()] = True
@@ -455,7 +457,8 @@ class MaskedPass:
                         xr = base - patch_of[r][row[sel].to(dev)]
                         out[sel.to(dev)] = lay.project(layer, kind, idx, lay.ln_attn(layer, xr))
                 inputs.append(out.reshape(len(ks_h) * n, t, 1, -1))
-            z = lay.attend(layer, *inputs, grouped=False)  # [k_h*n, T, 1, dh]
+            q, k, v = inputs
+            z = lay.attend(layer, q, k, v, grouped=False)  # [k_h*n, T, 1, dh]
             one = torch.tensor([head], device=dev)
             change = lay.head_results(layer, z, torch.zeros(1, dtype=torch.long, device=dev),
                                       heads=one)[:, :, 0].view(len(ks_h), n, t, d)
@@ -470,13 +473,14 @@ class MaskedPass:
                 current[:, dyn_slot[u]] = self.clean_minus_ablated(u)
         return x_mid.view(k_masks * n, t, d)
 
-    def mlp_block(self, layer: int, x: Tensor, last: bool, x_in: Tensor | None = None) -> Tensor:
+    def mlp_block(self, layer: int, x: Tensor, last: bool, x_in: Tensor) -> Tensor:
         """The MLP of ``layer`` added to the residual after attention ``x [K*n, T|P, d]``; in
         a parallel block the MLP reads the block's input ``x_in`` (same shape) instead."""
         d, dense_layers, dyn_slot, g = self.d, self.dense_layers, self.dyn_slot, self.g
         k_masks, lay, n, touched_cpu = self.k_masks, self.lay, self.n, self.touched_cpu
         out, x = x, (x_in if lay.parallel else x)
-        r = g.mlp_receiver[layer]
+        r, u = g.mlp_receiver[layer], g.mlp_index[layer]
+        assert r is not None and u is not None  # the block runner has no attention-only graphs
         if (layer in dense_layers and not last
                 and 2 * int(touched_cpu[:, r].sum()) >= k_masks):
             xm = self.dense_inputs([r], x).view_as(x)
@@ -486,7 +490,6 @@ class MaskedPass:
                 xm = x.clone()
                 xm.view(k_masks, n, -1, d)[ks] -= self.at_positions(dlt) if last else dlt
         m = lay.mlp(layer, lay.ln_mlp(layer, xm))
-        u = g.mlp_index[layer]
         if u in dyn_slot:
             self.put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last)
         return out + m
@@ -503,6 +506,7 @@ class MaskedPass:
         diff, dyn_slot, dynamic = self.diff, self.dyn_slot, self.dynamic
         forms, g, k_masks, kept_w, lay = self.forms, self.g, self.k_masks, self.kept_w, self.lay
         n, removed, start, t = self.n, self.removed, self.start, self.t
+        assert kept_w is not None  # the kept form runs only with kept weights
         pre, mid = (abl_resid if abl_resid is not None
                     else self.runner.ablated_residuals(ablated, n, t))
         rep = g.n_heads // g.n_kv_heads
@@ -527,6 +531,7 @@ class MaskedPass:
         self.pre, self.mid, self.rep, self.form_weights = pre, mid, rep, form_weights
         self.equal, self.variant, self.keys, self.ids = equal, variant, keys, ids
 
+        key: int | None  # memo key of a mask-invariant node's outputs
         for layer in range(start, g.n_layers):
             last = layer == g.n_layers - 1
             base = cache.resid[layer] if layer == start else pre[layer]
@@ -561,9 +566,9 @@ class MaskedPass:
                             variant[h0 + hh] = True
                         else:  # no patches: the receivers read the base alone
                             keys[h0 + hh] = ("base", layer, hh, layer == start)
-            u = g.mlp_index[layer]
+            u, r = g.mlp_index[layer], g.mlp_receiver[layer]
+            assert u is not None and r is not None  # the block runner has no attention-only graphs
             if u in dyn_slot:
-                r = g.mlp_receiver[layer]
                 once_m = self._invariant([r], "kept")[0]
                 key = self._intern(("mlp", self._input_key(r, "kept", layer))) if once_m else None
                 m = self.memo.entries.get(key) if once_m else None
@@ -605,9 +610,9 @@ class MaskedPass:
         return (equal[form][rs] & ~reads.any(0).cpu()).tolist()
 
     def _heads_pass(self, layer: int, subset: list[int], form: str, base: Tensor,
-                   sign: float, last: bool) -> bool:
-        """Compute the heads ``subset`` of ``layer`` (into ``current``); True if they were
-        computed per mask."""
+                   sign: float, last: bool) -> Tensor:
+        """The outputs ``[kk, h, n, T|P, d]`` of the heads ``subset`` of ``layer``, per mask
+        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``)."""
         d, dev, forms, g, lay, n = self.d, self.dev, self.forms, self.g, self.lay, self.n
         pos, rep, t = self.pos, self.rep, self.t
         groups = sorted({hh // rep for hh in subset})

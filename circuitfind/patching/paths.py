@@ -119,13 +119,16 @@ def receiver_indices(graph: ComputeGraph, names: Sequence[str], qkv: str = "qkv"
             raise UnknownNameError("'input' cannot be a receiver: it reads nothing. Receivers "
                                    "are heads (their q/k/v inputs), MLPs and 'logits'.")
         if node.kind == "attention":
-            layer, head = node.layer, int(node.head)  # type: ignore[arg-type]
+            layer, head = node.layer, node.head
+            assert head is not None  # every attention node has a head
             group = head // graph.group_size
             start = {"q": graph.q_start[layer] + head, "k": graph.k_start[layer] + group,
                      "v": graph.v_start[layer] + group}
             out.update(start[c] for c in qkv)
         elif node.kind == "mlp":
-            out.add(int(graph.mlp_receiver[node.layer]))  # type: ignore[arg-type]
+            mlp = graph.mlp_receiver[node.layer]
+            assert mlp is not None  # an MLP node exists only in a layer with an MLP
+            out.add(mlp)
         else:
             out.add(graph.n_receivers - 1)
     return sorted(out)
@@ -136,8 +139,9 @@ def _as_sets(value: NameSets, what: str) -> list[list[str]]:
     if isinstance(value, str):
         return [[value]]
     items = list(value)
-    if items and all(isinstance(v, str) for v in items):
-        return [items]
+    names = [v for v in items if isinstance(v, str)]
+    if items and len(names) == len(items):
+        return [names]
     if items and all(not isinstance(v, str) and len(list(v)) > 0 for v in items):
         sets = [list(v) for v in items]
         if all(isinstance(name, str) for s in sets for name in s):

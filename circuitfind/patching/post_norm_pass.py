@@ -149,8 +149,7 @@ class PostNormPass:
         xr = x if x.shape[0] == 1 or len(ks) == self.k else x[ks]
         total: Tensor | None = None
         # plain senders (the input and the MLPs), each one of eq. (1)
-        for u in [0] + [g.mlp_index[layer] for layer in range(g.n_layers)
-                        if g.mlp_index[layer] < n_up]:
+        for u in [0] + [u for u in g.mlp_index if u is not None and u < n_up]:
             change = self._change(range(u, u + 1), r, ks)
             if change is not None:
                 total = change if total is None else total + change
@@ -212,7 +211,8 @@ class PostNormPass:
         per-mask attention is then cheaper)."""
         g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
         rep = g.n_heads // g.n_kv_heads
-        plans, rows = [], 0
+        plans: list[tuple[Tensor, bool, dict[str, tuple[Tensor, Tensor] | None]] | None] = []
+        rows = 0
         for head in range(g.n_heads):
             found = {kind: own.get((kind, head if kind == "q" else head // rep))
                      for kind in "qkv"}
@@ -242,11 +242,12 @@ class PostNormPass:
             for kind in "qkv":
                 i = head if kind == "q" else head // rep
                 value = shared[kind][:, :, i].unsqueeze(0).repeat(m, 1, 1, 1)  # [m, n, T, dh]
-                if found[kind] is not None:
-                    ks, projected = found[kind]
+                got = found[kind]
+                if got is not None:
+                    ks, projected = got
                     value[torch.searchsorted(masks, ks) if m > 1 else 0] = projected
                 parts.append(value.reshape(m * n, t, 1, -1))
-            z = lay.attend(layer, *parts, grouped=False,
+            z = lay.attend(layer, parts[0], parts[1], parts[2], grouped=False,
                            query_pos=self.positions.repeat(m, 1) if last else None)
             idx = torch.zeros(1, dtype=torch.long, device=z.device)
             res = lay.head_results(layer, z, idx, heads=idx + head)  # [m*n, T|P, 1, d]
@@ -287,9 +288,12 @@ class PostNormPass:
         """From here on (the last block's MLP and the logits) keep the metric positions only:
         the values computed so far are cut to them."""
         self.at_pos = True
-        for store in (self.removed_diff, self.frozen_diff, self.sums, self.normed):
-            for key, value in store.items():
-                store[key] = None if value is None else self._rows(value)
+        for diffs in (self.removed_diff, self.frozen_diff):
+            for key, value in diffs.items():
+                diffs[key] = None if value is None else self._rows(value)
+        for store in (self.sums, self.normed):
+            for key, tensor in store.items():
+                store[key] = self._rows(tensor)
 
     def logits(self) -> Tensor:
         """``[K, N, P, V]`` logits at the metric positions."""
@@ -306,12 +310,14 @@ class PostNormPass:
             self.sums[layer], self.normed[layer] = s, lay.post_norm(layer, s)
             x_in, x = x, x + self.normed[layer]
             xm = (x_in if lay.parallel else x).expand(k, -1, -1, -1)
-            found = self.receiver_input(g.mlp_receiver[layer], xm)
+            r_mlp, u_mlp = g.mlp_receiver[layer], g.mlp_index[layer]
+            assert r_mlp is not None and u_mlp is not None  # post-norm families have MLPs
+            found = self.receiver_input(r_mlp, xm)
             if found is not None:
                 xm = xm.clone()
                 xm[found[0]] = found[1]
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
-            self._computed(g.mlp_index[layer], m.unsqueeze(1))
+            self._computed(u_mlp, m.unsqueeze(1))
             x = x + m
         if not self.at_pos:  # no block ran (only the logits' edges are touched)
             self._to_positions()

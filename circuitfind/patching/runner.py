@@ -66,6 +66,10 @@ transformer-lens' ``hook_result`` of ``HookedTransformer``); the bias is a const
 residual stream, not part of any head. Differences ``a - a'`` do not depend on this choice;
 zero ablation does.
 
+Devices. A model split across devices (the bridge's ``device_map`` / ``n_devices``) runs each
+block's primitives on that block's device and keeps the buffers on the home device
+(:mod:`circuitfind.patching.placement`); on one device nothing changes.
+
 Where the code lives. Each model family's weights and the few functions that differ (norms,
 positions, attention extras) are an adapter in :mod:`circuitfind.patching.architectures`
 (registered by Hugging Face class; checked against plain Hugging Face in the tests); this
@@ -93,7 +97,9 @@ from circuitfind.errors import ConfigError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 from circuitfind.patching.attribution import attribute
+from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching.masked_pass import KeptFormMemo, LayerViews, MaskedPass
+from circuitfind.patching.placement import PlacedArchitecture, placed
 from circuitfind.patching.post_norm_pass import PostNormPass
 
 
@@ -132,7 +138,8 @@ def block_runner(model: Any, graph: ComputeGraph) -> BlockRunner | None:
 
     Raises:
         ConfigError: the graph's wiring (parallel or sequential attention and MLP) is not the
-            model's.
+            model's, or a block of a model split across devices spans several
+            (:mod:`circuitfind.patching.placement`).
     """
     hf = unwrap(getattr(model, "original_model", model))
     name = type(hf).__name__
@@ -147,7 +154,7 @@ def block_runner(model: Any, graph: ComputeGraph) -> BlockRunner | None:
                               f"but this {name} runs them "
                               f"{'in parallel' if adapter.parallel else 'in sequence'}; build "
                               "the graph from this model (ComputeGraph.from_model).")
-        return BlockRunner(adapter, graph)
+        return BlockRunner(placed(adapter), graph)  # each block on its own device
     warnings.warn(f"circuitfind's block runner does not implement {name} "
                   f"(known: {', '.join(supported())}); masked passes fall back to the "
                   "bridge's full forward with hooks (correct, but slower and unable to start "
@@ -159,11 +166,12 @@ class BlockRunner:
     """Masked forward passes over a Hugging Face model's blocks, from any start layer.
 
     Args:
-        arch: The model family's adapter (built by :func:`block_runner`).
+        arch: The model family's adapter (built by :func:`block_runner`; for a model split
+            across devices, placed on them by :func:`~circuitfind.patching.placement.placed`).
         graph: The model's graph (sender and receiver indexing).
     """
 
-    def __init__(self, arch: Architecture, graph: ComputeGraph) -> None:
+    def __init__(self, arch: Architecture | PlacedArchitecture, graph: ComputeGraph) -> None:
         self.arch = arch
         self.graph = graph
         self.receiver_layer = torch.tensor([r.layer for r in graph.receivers])
@@ -242,7 +250,7 @@ class BlockRunner:
             pre[layer] = acc
             if lay.parallel:
                 mid[layer] = acc
-            end = g.mlp_index[layer]
+            end = done + g.n_heads  # after the layer's heads (then its MLP, if any)
             attn = ablated[done: end].sum(0)
             _, bias = lay.w_out(layer)
             if bias is not None:
@@ -258,10 +266,11 @@ class BlockRunner:
 
     def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
                   points: list[tuple[str, float]] | None = None,
-                  diff: Tensor | None = None) -> Tensor:
-        """EAP (or, with ``points``, EAP-IG / clean-corrupted) scores from one forward and
-        backward pass: :func:`circuitfind.patching.attribution.attribute` on this runner."""
-        return attribute(self, tokens, ablated, positions, metric, points, diff)
+                  diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
+        """EAP (or, with ``points``, EAP-IG / clean-corrupted; with ``rules``, GIM, RelP,
+        AtP*) scores from one forward and backward pass:
+        :func:`circuitfind.patching.attribution.attribute` on this runner."""
+        return attribute(self, tokens, ablated, positions, metric, points, diff, rules)
 
     def start_layer(self, touched: Tensor) -> int:
         """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none

@@ -144,9 +144,17 @@ class TaskData:
         Args:
             logits: ``[N, P, V]`` logits gathered at ``positions`` (or ``[K, N, P, V]``).
 
+        Logits of a half-precision (float16 / bfloat16) model are read in float32, so that
+        the metric's arithmetic (a logit difference of two values near 10 would otherwise be
+        rounded to bfloat16's 1/16) adds no rounding of its own; gradients flow back through
+        the cast.
+
         Returns:
-            ``[N]`` (or ``[K, N]``) metric values, in the task's unit (see ``task.metric_unit``).
+            ``[N]`` (or ``[K, N]``) metric values, in the task's unit (see ``task.metric_unit``):
+            float32 for half-precision logits, else the logits' dtype.
         """
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         return self.task.metric(logits, self)
 
     def to(self, device: torch.device | str) -> TaskData:

@@ -191,9 +191,11 @@ def _register_references() -> None:
             continue
         org = ORGANISMS[name]
         graph = ComputeGraph(org.n_layers, org.n_heads, model_name=zoo_source(name))
-        register_reference(entry.task, zoo_source(name),
-                           lambda _graph, name=name: reference_circuit(name), graph=graph,
-                           replace=True)
+
+        def build(_graph: ComputeGraph, name: str = name) -> Any:
+            return reference_circuit(name)
+
+        register_reference(entry.task, zoo_source(name), build, graph=graph, replace=True)
 
 
 _register_references()

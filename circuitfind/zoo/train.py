@@ -55,23 +55,49 @@ def _organism(name: str) -> Organism:
 
 
 def build_model(org: Organism, vocab_size: int) -> Any:
-    """A freshly initialised ``GPT2LMHeadModel`` for ``org`` (seeded by the caller).
+    """A freshly initialised causal LM for ``org`` (seeded by the caller).
 
-    Dropout is off. For ``attn_only`` organisms every MLP weight and bias is set to exactly 0
-    and frozen (``requires_grad=False``).
+    ``GPT2LMHeadModel`` for the ``gpt2`` family, else the family's Hugging Face class with the
+    settings of :data:`~circuitfind.zoo.organisms.FAMILIES`. Dropout is off. For ``attn_only``
+    organisms every MLP weight and bias is set to exactly 0 and frozen
+    (``requires_grad=False``).
+
+    Raises:
+        ConfigError: an unknown family.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
-    config = GPT2Config(vocab_size=vocab_size, n_positions=org.n_ctx, n_embd=org.d_model,
-                        n_layer=org.n_layers, n_head=org.n_heads,
-                        n_inner=1 if org.attn_only else org.d_mlp, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                        pad_token_id=1, tie_word_embeddings=True)
-    model = GPT2LMHeadModel(config)
+    from circuitfind.zoo.organisms import FAMILIES
+
+    if org.family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size, n_positions=org.n_ctx, n_embd=org.d_model,
+            n_layer=org.n_layers, n_head=org.n_heads, n_inner=1 if org.attn_only else org.d_mlp,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+            pad_token_id=1, tie_word_embeddings=True)
+        model = transformers.GPT2LMHeadModel(config)
+        mlps = [block.get_submodule("mlp") for block in model.transformer.h]
+    elif org.family in FAMILIES:
+        config_cls, model_cls, extra = FAMILIES[org.family]
+        kwargs: dict[str, Any] = dict(
+            vocab_size=vocab_size, max_position_embeddings=org.n_ctx, hidden_size=org.d_model,
+            num_hidden_layers=org.n_layers, num_attention_heads=org.n_heads,
+            intermediate_size=1 if org.attn_only else org.d_mlp, bos_token_id=0,
+            eos_token_id=0, pad_token_id=1, **extra)
+        if org.family != "gpt_neox":
+            kwargs.update(num_key_value_heads=org.n_kv_heads or org.n_heads,
+                          head_dim=org.d_model // org.n_heads)
+        if org.family == "gemma2":
+            kwargs["query_pre_attn_scalar"] = org.d_model // org.n_heads
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
+        mlps = [layer.mlp for layer in model.base_model.layers]
+    else:
+        raise ConfigError(f"Unknown zoo family {org.family!r}; use 'gpt2' or one of "
+                          f"{sorted(FAMILIES)}.")
     if org.attn_only:
         with torch.no_grad():
-            for block in model.transformer.h:
-                for p in block.mlp.parameters():
+            for mlp in mlps:
+                for p in mlp.parameters():
                     p.zero_()
                     p.requires_grad_(False)
     return model
@@ -292,7 +318,8 @@ def run(name: str, out_dir: Path | None = None, measure_only: bool = False) -> d
     start = time.perf_counter()
     metrics, reference = measure(org, out_dir)
     metrics = {"organism": name, "task": org.task, "training": previous,
-               "architecture": {"n_layers": org.n_layers, "n_heads": org.n_heads,
+               "architecture": {"family": org.family, "n_layers": org.n_layers,
+                                "n_heads": org.n_heads, "n_kv_heads": org.n_kv_heads,
                                 "d_model": org.d_model,
                                 "d_mlp": None if org.attn_only else org.d_mlp,
                                 "attn_only": org.attn_only, "n_ctx": org.n_ctx},

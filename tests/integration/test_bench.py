@@ -142,6 +142,18 @@ def test_grid_end_to_end_then_resume_runs_nothing(config, tmp_path, run):
                                   data)
     assert rec["cpr"] == pytest.approx(curve.cpr, abs=1e-6)
     assert rec["cmd"] == pytest.approx(curve.cmd, abs=1e-6)
+    # the per-example metrics behind the intervals average to the curve's points; the cost is
+    # in forwards of the cell's batch
+    per_example = np.asarray(rec["curve"]["example_metrics"])
+    assert per_example.shape == (22, 4)
+    assert per_example.mean(1)[:10] == pytest.approx(rec["curve"]["metric"], abs=1e-9)
+    assert per_example.mean(1)[-2:] == pytest.approx(
+        [rec["curve"]["metric_full"], rec["curve"]["metric_empty"]], abs=1e-9)
+    assert rec["forward_s"] > 0 and rec["score_forwards"] > 1  # exact: 110 masked passes
+    row = next(r for r in aggregate(list(records.values()))
+               if r["task"] == "ioi" and r["algorithm"] == "exact")
+    assert row["ci_source"] == "seeds and examples"
+    assert row["cpr_ci"][0] <= row["cpr_mean"] <= row["cpr_ci"][1]
     assert records[("zoo:induction-2l", "induction", "eap", 0)]["edge_auc"] is not None
     # a second run finds every cell done
     again = cf.bench(config, storage=url, progress=False)
@@ -260,8 +272,12 @@ def test_leaderboard_aggregates_over_seeds(tmp_path, run):
     assert [r["algorithm"] for r in aggregate(list(iter_records(study)), "time")
             if r["task"] == "ioi"] == ["eap", "exact"]
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
-    assert "MIB convention" in md and "| eap | 0.600 ± 0.141 | 0.300 ± 0.141 |" in md
-    assert "## induction on zoo:induction-2l" in md and "| eap | — |" in md
+    # cells without per-example metrics: intervals over seeds only ({0.5, 0.7} → [0.5, 0.7]);
+    # by CMD, exact [0.1, 0.3] and eap [0.2, 0.4] overlap: tied first
+    assert eap["ci_source"] == "seeds" and eap["cpr_ci"] == pytest.approx([0.5, 0.7])
+    assert "MIB convention" in md and "| 1= | eap | 0.600 [0.500, 0.700] | 0.300 [0.200, 0.400] |" in md
+    assert "## induction on zoo:induction-2l" in md and "| — | eap | — |" in md
+    assert "| eap | — | 1= | 1.00 |" in md  # rank table: unranked on induction, tied first on ioi
     csv_lines = (tmp_path / "lb" / "leaderboard.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("task,model,n_examples")
     with pytest.raises(ConfigError, match="No study 'nope'"):

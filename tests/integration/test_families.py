@@ -263,10 +263,6 @@ def test_discover_from_the_cli_runs_on_the_runner(family_models, run, tmp_path, 
     the block runner: no fallback warning, a circuit and its faithfulness."""
     import json
 
-    if name in ("qwen2", "qwen3"):
-        pytest.skip("transformers 5 loads Qwen2Tokenizer for Qwen configs whatever the saved "
-                    "tokenizer class, and it drops the tiny models' word-level tokens; the "
-                    "engine tests above cover these families with token ids")
     model = family_models(name, torch.float32)
     gen = torch.Generator().manual_seed(0)
     words = lambda k: " ".join(f"w{int(i)}" for i in torch.randint(0, 60, (k,), generator=gen))  # noqa: E731

@@ -18,6 +18,7 @@ from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks import TASKS, get_task
 from circuitfind.tasks.greater_than import year_masks
 from circuitfind.zoo import analysis
+from circuitfind.zoo.organisms import FAMILY_ORGANISMS as FAMILY_ORGANISM_SPECS
 
 N_EXAMPLES = 100
 SEED = 0
@@ -35,6 +36,13 @@ EXPECTED = {
     # EAP AUROC 0.947, faithfulness 0.932 (200 examples: 15.06, 0.12, 0.948, 0.929)
     "ioi-small": dict(clean=12.0, corrupted=2.0, auroc_eap=0.9, faithfulness=0.85),
 }
+#: one induction organism per rotary family (zoo/README.md has each one's measured numbers:
+#: clean -0.02 to -0.07 nats, corrupted about -4.1, reference faithfulness >= 0.95)
+FAMILY_ORGANISMS = [f"induction-{suffix}" for suffix, *_ in FAMILY_ORGANISM_SPECS]
+EXPECTED.update({name: dict(clean=-0.3, corrupted=-3.5, auroc_eap=0.85, faithfulness=0.9)
+                 for name in FAMILY_ORGANISMS})
+# Mistral's 12-token window leaves it less sure (measured clean -0.29 nats on 200 examples)
+EXPECTED["induction-mistral"]["clean"] = -0.5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +77,8 @@ def test_registry_lists_organisms_and_default_tasks():
     assert set(EXPECTED) <= set(zoo.names())
     for name, entry in zoo.ZOO.items():
         assert entry.task in TASKS
-        assert zoo.default_organism(entry.task) == (name if entry.shipped else None)
+        if name in ("induction-2l", "ioi-small", "greater-than-small"):  # the tasks' defaults
+            assert zoo.default_organism(entry.task) == (name if entry.shipped else None)
     assert zoo.default_organism("induction") == "induction-2l"
     assert zoo.default_organism("greater-than") == "greater-than-small"
     assert zoo.default_organism("ioi") == "ioi-small"
@@ -129,6 +138,27 @@ def test_induction_heads(organism):
     reference = zoo.reference_circuit("induction-2l")
     for edge in ("a0.h2->a1.h0<k>", "a0.h0->a1.h0<k>", "input->a0.h2<v>", "a1.h0->logits"):
         assert edge in reference
+
+
+@pytest.mark.parametrize("name", FAMILY_ORGANISMS)
+def test_family_organisms_run_on_the_block_runner_and_compose_two_layers(organism, name):
+    """Each rotary family's organism: the fast runner serves it (no hooked fallback), and
+    induction needs both layers: removing one layer-0 head and, separately, one layer-1 head
+    each destroy it (layer 0 alone cannot do induction). Not every family's organism has a
+    sharp previous-token head (NeoX's and Mistral's spread their layer-0 attention; their
+    head scores are in zoo/README.md), so the mechanism is checked by ablation."""
+    model, engine, data = organism(name)
+    assert engine.runner is not None
+    g = engine.graph
+    worst = {}
+    for layer in (0, 1):
+        values = []
+        for head in range(g.n_heads):
+            mask = g.full_mask()
+            mask[g.node_index(f"a{layer}.h{head}")] = 0
+            values.append(float(engine.evaluate(data, mask)[0]))
+        worst[layer] = min(values)
+    assert worst[0] <= -2.0 and worst[1] <= -2.0, worst
 
 
 def test_greater_than_mechanism(organism):

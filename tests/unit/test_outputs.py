@@ -27,7 +27,8 @@ def test_write_run_writes_results_then_drawing(tmp_path, without_dot):
     out = tmp_path / "a" / "b"  # missing parents are created
     files = cf.write_run(circuit(), out, options=RenderOptions(collapse_qkv=True))
     assert files.drawing_error is None
-    assert [p.name for p in files.written] == [*DATA_FILES, "circuit.dot", "circuit.svg"]
+    assert [p.name for p in files.written] == [*DATA_FILES, "circuit.dot", "circuit.svg",
+                                               "view.html"]
     assert cf.Circuit.load(out / "circuit.json") == circuit()
     assert "<qkv>" in (out / "circuit.dot").read_text()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files.written)
@@ -52,6 +53,23 @@ def test_a_failed_drawing_costs_nothing(tmp_path, monkeypatch, caplog):
     assert json.loads((tmp_path / "circuit.json").read_text())["metadata"]["task"] == "ioi"
     lines = [r.getMessage() for r in caplog.records if "circuitfind render" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "report.md" in lines[0]
+
+
+def test_a_failed_viewer_costs_nothing_and_view_false_writes_none(tmp_path, monkeypatch, caplog):
+    import circuitfind.outputs as outputs
+
+    def broken(circuit, path):
+        raise ValueError("no viewer today")
+
+    monkeypatch.setattr(outputs, "write_view", broken)
+    with caplog.at_level(logging.WARNING, logger="circuitfind"):
+        files = write_run(circuit(), tmp_path / "a")
+    assert files.drawing_error == "view.html: ValueError: no viewer today"
+    assert (tmp_path / "a" / "circuit.svg").exists() and not (tmp_path / "a" / "view.html").exists()
+    lines = [r.getMessage() for r in caplog.records if "circuitfind view" in r.getMessage()]
+    assert len(lines) == 1 and "view.html not drawn" in lines[0]
+    files = write_run(circuit(), tmp_path / "b", view=False)
+    assert files.drawing_error is None and not (tmp_path / "b" / "view.html").exists()
 
 
 def test_output_paths_are_checked(tmp_path):

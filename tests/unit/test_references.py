@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from circuitfind import zoo
 from circuitfind.errors import CircuitFindError, ConfigError, UnknownNameError
 from circuitfind.evaluation.roc import edge_roc
 from circuitfind.graphs import Circuit, ComputeGraph
@@ -187,8 +188,11 @@ def test_register_reference_for_a_zoo_model(tmp_path):
     register_reference("induction", "Organism-X", lambda g: Circuit.from_json(path),
                        graph=graph, aliases=["zoo/organism-x"])
     try:
+        zoo_induction = sorted(f"zoo:{name}" for name, entry in zoo.ZOO.items()
+                               if entry.task == "induction" and entry.shipped)
+        assert "zoo:induction-2l" in zoo_induction
         assert available_references("induction") == {"induction": ["organism-x",
-                                                                   "zoo:induction-2l"]}
+                                                                   *zoo_induction]}
         assert "gpt2" in available_references()["ioi"]
         c = reference_circuit("induction", "zoo/organism-x")
         assert c.edges == source.edges

@@ -7,11 +7,15 @@ runs any registered family through this interface alone.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from circuitfind.patching.backward_rules import PLAIN, BackwardRules
 
 
 class Architecture:
@@ -30,6 +34,9 @@ class Architecture:
         n_kv: Key/value heads per layer.
     """
 
+    hf_classes: ClassVar[tuple[str, ...]] = ()  # Hugging Face classes it runs (set by register)
+    blocks: list[Any]  # the model's transformer blocks, unwrapped (set by each family)
+
     def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
         self.hf = hf
         self.n_heads, self.n_kv = n_heads, n_kv
@@ -37,6 +44,25 @@ class Architecture:
         # where possible (Hugging Face's eager Llama attention takes its softmax in float32)
         self.eager = getattr(hf.config, "_attn_implementation", None) == "eager"
         self._rotary: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+    # modified backward rules (GIM, RelP, AtP*; see circuitfind.patching.backward_rules) ----
+    rules: BackwardRules = PLAIN  # what the forward's norms, softmax, gates ... consult
+    # called as tap(layer, q, k, pattern) with each layer's rotated q [B,H,T,dh], k [B,G,T,dh]
+    # and pattern [B,H,T,T] (AtP*'s QK fix), or None
+    attention_tap: Callable[[int, Tensor, Tensor, Tensor], None] | None = None
+
+    @contextlib.contextmanager
+    def backward_rules(self, rules: BackwardRules | None,
+                       tap: Callable[[int, Tensor, Tensor, Tensor], None] | None = None
+                       ) -> Iterator[None]:
+        """Install ``rules`` (and an attention ``tap``) for the duration of the block: the
+        one extension point of :mod:`circuitfind.patching.backward_rules` (``None``: plain)."""
+        saved = self.rules, self.attention_tap
+        self.rules, self.attention_tap = rules or PLAIN, tap
+        try:
+            yield
+        finally:
+            self.rules, self.attention_tap = saved
 
     # overridden per layout -------------------------------------------------------------
     def embed(self, tokens: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -66,7 +92,8 @@ class Architecture:
         with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
         the small gradient, ``w`` and the mean term into the weights (centred along ``d``), so
         the only ``[h, N*T, d]`` work is one batched matmul, one reduction and one in-place
-        update."""
+        update. Under frozen norm statistics (:attr:`BackwardRules.freeze_norm`) the
+        ``xh mean(gh xh)`` term, the derivative of ``1/sigma``, is left out."""
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
         n, t, h, _ = grad.shape
@@ -76,6 +103,8 @@ class Architecture:
             wf = wf - wf.mean(1, keepdim=True)  # (gh - mean(gh)) from one matmul
         dqi = (grad.to(dt) * inv[..., None]).permute(2, 0, 1, 3).reshape(h, n * t, -1)
         out = torch.bmm(dqi, wf.transpose(1, 2), out=out)  # [h, N*T, d]
+        if self.rules.freeze_norm:
+            return out
         flat_xh = xh.reshape(n * t, -1)
         # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm)
         q = torch.einsum("hnd,nd->hn", out, flat_xh) / xh.shape[-1]
@@ -84,8 +113,23 @@ class Architecture:
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def layer_norm(self, x: Tensor, w: Tensor, b: Tensor | None, eps: float) -> Tensor:
+        """LayerNorm over the last axis of ``x`` (``F.layer_norm``; with frozen statistics,
+        :attr:`BackwardRules.freeze_norm`, written out with ``1/sigma`` detached)."""
+        if not self.rules.freeze_norm:
+            return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+        h = x - x.mean(-1, keepdim=True)
+        out = h * self.rules.statistic(torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)) * w
+        return out if b is None else out + b
+
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The queries ``[..., H, dh]`` and keys ``[..., G, dh]`` of :meth:`qkv` without the
+        values (families override it where that saves a projection)."""
+        q, k, _ = self.qkv(layer, x)
+        return q, k
 
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         """Per-head projection ``(W [heads, d, dh], b [heads, dh] | None)`` of ``kind`` (q, k, v)."""
@@ -186,8 +230,12 @@ class Architecture:
         With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
         With ``grouped=False`` key/value head i serves query head i (the caller has already
         matched them). The family's extras apply here: :meth:`qk_norm` before the rotation,
-        :attr:`attn_softcap` on the scores and :meth:`window` on the keys.
+        :attr:`attn_softcap` on the scores and :meth:`window` on the keys. Under modified
+        backward rules (:attr:`rules`) or with an :attr:`attention_tap` the eager path runs
+        with the rules' softmax and q/k/v gradient scales.
         """
+        if self.attention_tap is not None or not self.rules.plain_attention:
+            return self._attend_with_rules(layer, q, k, v, query_pos, grouped)
         q, k = self.qk_norm(layer, q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rotate(q, k)
@@ -216,6 +264,41 @@ class Architecture:
         scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
         return (pattern @ v).transpose(1, 2)
+
+    def attention_pattern(self, layer: int, q: Tensor, k: Tensor,
+                          query_pos: Tensor | None = None) -> Tensor:
+        """The eager attention pattern of rotated ``q [..., B,H,P,dh]`` and ``k [..., B,H,T,dh]``
+        (key heads already matched to query heads; leading axes broadcast): scale, soft cap,
+        causal and window mask (``query_pos [B, P]``: the queries' positions, default all ``T``),
+        softmax with :attr:`rules`' backward: ``[..., B,H,P,T]`` (probability)."""
+        t = k.shape[-2]
+        window = self.window(layer)
+        window = window if window is not None and window < t else None
+        hidden = self._hidden(t, query_pos, window, q.device)
+        scores = self._capped((q @ k.transpose(-1, -2)) * self.scale(layer))
+        fill = torch.finfo(scores.dtype).min
+        scores = (scores.masked_fill(hidden, fill) if scores.requires_grad
+                  else scores.masked_fill_(hidden, fill))
+        return self.rules.softmax(scores, self.softmax_dtype)
+
+    def _attend_with_rules(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+                           query_pos: Tensor | None, grouped: bool) -> Tensor:
+        """:meth:`attend` on the eager path under :attr:`rules` (q/k/v gradient scales, the
+        rules' softmax), reporting each pattern to :attr:`attention_tap`."""
+        r = self.rules
+        q, k, v = r.scale(q, r.q_scale), r.scale(k, r.k_scale), r.scale(v, r.v_scale)
+        q, k = self.qk_norm(layer, q, k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = self.rotate(q, k)
+        rep = self.n_heads // self.n_kv if grouped else 1
+        kr, vr = ((k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if rep > 1
+                  else (k, v))
+        if query_pos is not None:
+            q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+        pattern = self.attention_pattern(layer, q, kr, query_pos)
+        if self.attention_tap is not None:
+            self.attention_tap(layer, q, k, pattern)
+        return (pattern.to(v.dtype) @ vr).transpose(1, 2)
 
     def _capped(self, scores: Tensor) -> Tensor:
         """Attention scores after the family's soft-capping ``c tanh(s / c)`` (if any)."""

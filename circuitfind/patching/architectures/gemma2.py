@@ -40,12 +40,12 @@ class Gemma2(Llama):
         self.final_softcap = cfg.final_logit_softcapping
         self.embed_scale = float(cfg.hidden_size) ** 0.5
 
-    @staticmethod
-    def _rms(module: Any, x: Tensor) -> Tensor:
-        """Hugging Face's ``Gemma2RMSNorm``: ``x / rms(x) * (1 + w)`` in float32, cast back."""
+    def _rms(self, module: Any, x: Tensor) -> Tensor:
+        """Hugging Face's ``Gemma2RMSNorm``: ``x / rms(x) * (1 + w)`` in float32, cast back
+        (``1/rms`` detached under :attr:`BackwardRules.freeze_norm`)."""
         norm = unwrap(module)
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+        h = h * self.rules.statistic(torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps))
         return (h * (1.0 + norm.weight.float())).type_as(x)
 
     def embed(self, tokens: Tensor) -> Tensor:
@@ -74,12 +74,15 @@ class Gemma2(Llama):
     def post_norm_jvp(self, layer: int, s: Tensor, delta: Tensor) -> Tensor:
         """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X,
         d]``: ``c (inv delta - inv^3 s mean(s delta))`` with ``c = 1 + w`` (closed form, float32
-        like the norm; float64 inputs stay float64)."""
+        like the norm; float64 inputs stay float64); ``c inv delta`` under frozen statistics
+        (:attr:`BackwardRules.freeze_norm`)."""
         norm = unwrap(self.blocks[layer].post_attention_layernorm)
         dt = torch.promote_types(s.dtype, torch.float32)
         h = s.to(dt)
         inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)  # [X, 1]
         dd = delta.to(dt)
+        if self.rules.freeze_norm:
+            return dd * inv * (1.0 + norm.weight.to(dt))
         mean = (dd * h).mean(-1, keepdim=True)  # [h, X, 1]
         return (dd * inv - mean * inv.pow(3) * h) * (1.0 + norm.weight.to(dt))
 

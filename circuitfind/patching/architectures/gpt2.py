@@ -41,7 +41,7 @@ class GPT2(Architecture):
 
     def _ln(self, module: Any, x: Tensor) -> Tensor:
         w, b = weights(module)
-        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+        return self.layer_norm(x, w, b, self.eps)
 
     def embed(self, tokens: Tensor) -> Tensor:
         pos = torch.arange(tokens.shape[1], device=tokens.device)
@@ -64,15 +64,24 @@ class GPT2(Architecture):
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
         (w1, b1), (w2, b2) = weights(mlp.c_fc), weights(mlp.c_proj)
-        return conv1d(self.act(conv1d(x, w1, b1)), w2, b2)
+        return conv1d(self.rules.activation_fn(self.act, conv1d(x, w1, b1)), w2, b2)
 
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         w, b = weights(self.attn[layer].c_attn)
         out = conv1d(x, w, b).view(*x.shape[:-1], 3, self.n_heads, self.d_head)
         return out[..., 0, :, :], out[..., 1, :, :], out[..., 2, :, :]
 
+    def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        w, b = weights(self.attn[layer].c_attn)
+        assert b is not None  # GPT-2's c_attn always has a bias
+        d = self.d_model
+        out = conv1d(x, w[:, : 2 * d], b[: 2 * d]).view(*x.shape[:-1], 2, self.n_heads,
+                                                           self.d_head)
+        return out[..., 0, :, :], out[..., 1, :, :]
+
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].c_attn)
+        assert b is not None  # GPT-2's Conv1D always has a bias
         cols = slice("qkv".index(kind) * self.d_model, ("qkv".index(kind) + 1) * self.d_model)
         return (w[:, cols].reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2),
                 b[cols].view(self.n_heads, self.d_head))

@@ -51,7 +51,7 @@ class GPTNeoX(Architecture):
 
     def _ln(self, module: Any, x: Tensor) -> Tensor:
         norm = unwrap(module)
-        return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+        return self.layer_norm(x, norm.weight, norm.bias, norm.eps)
 
     def embed(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, weights(self.body.embed_in)[0])
@@ -71,7 +71,8 @@ class GPTNeoX(Architecture):
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
-        return F.linear(self.act(F.linear(x, *weights(mlp.dense_h_to_4h))),
+        hidden = F.linear(x, *weights(mlp.dense_h_to_4h))
+        return F.linear(self.rules.activation_fn(self.act, hidden),
                         *weights(mlp.dense_4h_to_h))
 
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,15 +35,17 @@ class Llama(Architecture):
         self.d_head = int(self.attn[0].head_dim)
         self._scale = float(self.attn[0].scaling)
 
-    @staticmethod
-    def _rms(module: Any, x: Tensor) -> Tensor:
-        """Hugging Face's ``LlamaRMSNorm`` (statistics in float32, weight in the model's dtype)."""
+    def _rms(self, module: Any, x: Tensor) -> Tensor:
+        """Hugging Face's ``LlamaRMSNorm`` (statistics in float32, weight in the model's dtype;
+        ``1/rms`` detached under :attr:`BackwardRules.freeze_norm`)."""
         norm = unwrap(module)
-        if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        if (x.dtype == torch.float32 and norm.weight.dtype == torch.float32
+                and not self.rules.freeze_norm):
             # the same computation in one kernel (bit for bit, checked on torch 2.13)
             return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        h = h * self.rules.statistic(
+            torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
         return norm.weight * h.to(x.dtype)
 
     def embed(self, tokens: Tensor) -> Tensor:
@@ -85,13 +87,22 @@ class Llama(Architecture):
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
         gate, up, down = (weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
-        return F.linear(self.act(F.linear(x, *gate)) * F.linear(x, *up), *down)
+        r = self.rules
+        return F.linear(r.gate(r.activation_fn(self.act, F.linear(x, *gate)), F.linear(x, *up)),
+                        *down)
 
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = self.attn[layer]
         shape = (*x.shape[:-1], -1, self.d_head)
-        return tuple(F.linear(x, *weights(getattr(a, f"{k}_proj"))).view(shape)  # type: ignore
-                     for k in "qkv")
+        q, k, v = (F.linear(x, *weights(getattr(a, f"{name}_proj"))).view(shape)
+                   for name in "qkv")
+        return q, k, v
+
+    def qk(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.attn[layer]
+        shape = (*x.shape[:-1], -1, self.d_head)
+        return (F.linear(x, *weights(a.q_proj)).view(shape),
+                F.linear(x, *weights(a.k_proj)).view(shape))
 
     def head_weights(self, layer: int, kind: str) -> tuple[Tensor, Tensor | None]:
         w, b = weights(getattr(self.attn[layer], f"{kind}_proj"))

@@ -36,7 +36,8 @@ def register(*hf_classes: str) -> Callable[[type[Architecture]], type[Architectu
                 raise ConfigError(f"{name} is already run by {_ARCHITECTURES[name].__name__}; "
                                   f"it cannot also be registered to {cls.__name__}.")
             _ARCHITECTURES[name] = cls
-        cls.hf_classes = tuple(sorted({*getattr(cls, "hf_classes", ()), *hf_classes}))
+        # the class's own names only (not those a parent family registered)
+        cls.hf_classes = tuple(sorted({*cls.__dict__.get("hf_classes", ()), *hf_classes}))
         return cls
     return decorate
 

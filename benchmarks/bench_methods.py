@@ -1,0 +1,103 @@
+"""Issue 19's speed targets for the backward-rule methods: GIM and RelP <= 1.3x EAP, AtP* <= 2x.
+
+On bench_families' shape (``bench_families.SHAPE``: random-weight models of every family the
+block runner implements, 6 layers, d_model 256, 8 query heads (4 key/value heads where the
+family has grouped-query attention), a batch of 8 prompts of 16 tokens), on one CPU thread, in
+CPU time (``time.process_time``), medians of ``--repeats``. Each call scores on a fresh corrupted
+tensor (the engine's memo never hits), so every figure includes the corrupted forward pass:
+
+``eap``        ``EAP().score`` (one corrupted forward, one clean forward and backward)
+``gim``        ``GIM().score`` (the same passes; eager softmax with its modified backward)
+``relp``       ``RelP().score``
+``atp_qk``     ``AtPStar(grad_drop=False).score`` (the QK fix alone: no extra backward pass)
+``atp_star``   ``AtPStar().score`` (QK fix and GradDrop: one clean forward and backward per layer)
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_methods.py [--families gpt2 llama ...] [--repeats 5]
+        [--out benchmarks/results/methods_speed]
+
+Measures and reports; asserts nothing about times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results  # noqa: E402
+from bench_engine import _median_time as _median  # noqa: E402
+from bench_families import FAMILIES, GROUPED, SHAPE  # noqa: E402
+
+METHODS = ["eap", "gim", "relp", "atp_qk", "atp_star"]
+TARGETS = {"gim": 1.3, "relp": 1.3, "atp_qk": 2.0, "atp_star": 2.0}
+
+
+def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
+    """Seconds per method and ratios to EAP for one family."""
+    import circuitfind as cf
+    from circuitfind.algorithms import EAP, GIM, AtPStar, RelP
+    from circuitfind.testing import ToyTask
+    from circuitfind.testing.tiny import make_tiny_model_dir
+
+    kv = 4 if family in GROUPED else None
+    path = make_tiny_model_dir(tmp / family, arch=family, n_kv_heads=kv, seed=0, **SHAPE)
+    model = cf.load_model(path, device="cpu")
+    engine = cf.PatchingEngine(model)
+    data = ToyTask(seq_len=15).build(model.tokenizer, 8, seed=0)
+    algos = {"eap": EAP(), "gim": GIM(), "relp": RelP(), "atp_qk": AtPStar(grad_drop=False),
+             "atp_star": AtPStar()}
+
+    def fresh() -> Any:  # a new corrupted tensor: the engine's memo never hits
+        return dataclasses.replace(data, corrupted=data.corrupted.clone())
+
+    seconds = {k: _median(lambda a=a: a.score(engine, fresh()), repeats)
+               for k, a in algos.items()}
+    return {"family": family, "n_edges": engine.graph.n_edges, "seconds": seconds,
+            "vs_eap": {k: seconds[k] / seconds["eap"] for k in METHODS}}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table."""
+    lines = [
+        "Random-weight models of bench_families' shape (6 layers, d_model 256, 8 heads, 4 k/v "
+        "heads for grouped-query families), batch 8 x 16 tokens, one thread, CPU time, medians "
+        f"of {result['repeats']}; {result['machine']}. Every call includes its corrupted "
+        "forward pass. Targets: GIM, RelP <= 1.3x EAP; AtP* <= 2x EAP.", "",
+        "| family | edges | EAP (ms) | GIM / EAP | RelP / EAP | AtP* QK fix / EAP "
+        "| AtP* QK fix + GradDrop / EAP |",
+        "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["families"]:
+        v = r["vs_eap"]
+        lines.append(f"| {r['family']} | {r['n_edges']} | {1000 * r['seconds']['eap']:.1f} "
+                     f"| {v['gim']:.2f} | {v['relp']:.2f} | {v['atp_qk']:.2f} "
+                     f"| {v['atp_star']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/methods_speed")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        families = [measure(f, args.repeats, Path(tmp)) for f in args.families]
+    result = {"families": families, "repeats": args.repeats, "threads": args.threads,
+              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
+    write_results(args.out, result, markdown)
+
+
+if __name__ == "__main__":
+    main()

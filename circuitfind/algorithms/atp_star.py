@@ -1,0 +1,120 @@
+"""AtP*: attribution patching with the QK fix and GradDrop, at edge level.
+
+Background. Kramar et al. (2024) study where attribution patching (AtP) misses important
+components (false negatives) and propose two fixes, together AtP*:
+
+- **QK fix** (§3.1.1): for queries and keys the linearisation through the attention softmax
+  fails when it saturates; instead the attention pattern of the patched query or key is
+  recomputed exactly and only the pattern's effect on the metric is linearised
+  (:mod:`circuitfind.patching.qk_fix`);
+- **GradDrop** (§3.1.2): a component's effect can be cancelled along different downstream
+  paths; dropping the gradient through one layer at a time exposes it:
+
+      AtP*(n) = 1 / (L - 1) sum_{l=1..L} | AtP_(l)(n) |
+
+  with ``AtP_(l)`` the estimate whose backward pass passes no gradient through layer ``l``'s
+  residual-stream contributions (its attention and MLP outputs).
+
+Method here (edge level). An edge ``u -> r`` is scored as EAP does, ``(a'_u - a_u) . d metric
+/ d x_r`` in the clean run, except that edges into q and k inputs take the QK-fixed estimate
+``sum (A' - A) . d metric / d A`` (exact pattern ``A'`` of the head with the receiver's input
+patched). With GradDrop, ``L`` passes each drop one layer (a receiver in the dropped layer
+scores 0 in that pass, which the ``L - 1`` accounts for) and the scores are the mean absolute
+values above: non-negative importances (the sign is lost, as in the paper); without it the
+scores are signed metric changes like EAP's.
+
+Units. The task metric's (logits for a logit difference); with GradDrop an unsigned magnitude
+of a metric change.
+
+Cost. QK fix alone: EAP's passes plus, per layer, the patterns of ``2 U`` patched heads (``U``
+senders upstream): no extra backward pass. GradDrop: ``L`` clean forward and backward passes
+(the paper's ``L`` extra backward passes) instead of one.
+
+Deviations from the reference implementation (the paper publishes no code). The paper scores
+nodes (neurons, a head's query or key at one position); circuitfind scores edges: an edge patch
+changes the receiver's input at every position, so the QK fix recomputes the head's whole
+pattern from the patched receiver input (through its norm and projection), and GradDrop acts at
+the receiver's layer. GradDrop runs ``L`` full forward and backward passes, not one forward and
+``L`` backward passes. Models with a single layer take no GradDrop (the mean over ``L - 1`` is
+undefined): plain QK-fixed scores are returned.
+
+Cost in practice (``benchmarks/results/methods.md``): the QK fix's patterns cost about
+``2 U N H T^2`` values per layer against EAP's ``U N T d`` contraction, so it grows with the
+prompt length relative to EAP: 2.2-3x EAP on bench_families' shape (16 tokens), about 8x on
+stories260k's 41-token prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitfind.algorithms.base import ALGORITHMS, Algorithm
+from circuitfind.algorithms.eap import require_clean_gradient
+from circuitfind.algorithms.backward_rules import check_batch_size
+from circuitfind.algorithms.lifecycle import RunContext
+from circuitfind.graphs.scores import ScoreMeaning
+from circuitfind.patching.backward_rules import BackwardRules
+from circuitfind.patching.engine import PatchingEngine
+from circuitfind.tasks.base import TaskData
+
+
+@ALGORITHMS.register("atp_star")
+class AtPStar(Algorithm):
+    """AtP* (Kramar et al. 2024) at edge level: EAP with the QK fix and GradDrop.
+
+    Args:
+        qk_fix: Score q and k edges through the exact attention pattern.
+        grad_drop: Average absolute scores over ``L`` passes, each dropping one layer's
+            gradient (``L`` backward passes; scores become non-negative importances).
+        batch_size: Examples per forward/backward pass (``None``: from the engine's memory
+            budget). Scores do not depend on it.
+
+    Raises:
+        ConfigError: a ``batch_size`` < 1.
+
+    References:
+        Kramar, Lieberum, Shah & Nanda (2024), "AtP*: An efficient and scalable method for
+        localizing LLM behaviour to components", arXiv:2403.00745, §3.1 (eq. 4-6).
+    """
+
+    name = "atp_star"
+    description = "AtP*: attribution patching with the QK fix and GradDrop"
+
+    def __init__(self, qk_fix: bool = True, grad_drop: bool = True,
+                 batch_size: int | None = None) -> None:
+        check_batch_size("AtP*", batch_size)
+        self.qk_fix = qk_fix
+        self.grad_drop = grad_drop
+        self.batch_size = batch_size
+
+    def score_meaning(self, task: Any) -> ScoreMeaning:
+        """Signed metric changes without GradDrop; non-negative importances with it."""
+        meaning = super().score_meaning(task)
+        if not self.grad_drop:
+            return meaning
+        return ScoreMeaning("importance", meaning.unit, meaning.higher_is_better,
+                            "mean |AtP| over dropped layers")
+
+    def score(self, engine: PatchingEngine, data: TaskData,
+              context: RunContext | None = None) -> Tensor:
+        """AtP* scores ``[S, R]`` in the task's metric unit (see module docstring).
+
+        Raises:
+            ConfigError: the task's metric has no gradient in the clean run (KL to the full
+                model), or the model's family has no block runner.
+        """
+        require_clean_gradient("AtP*", data)
+        layers = engine.graph.n_layers
+        if not self.grad_drop or layers < 2:
+            return engine.edge_attribution(data, batch_size=self.batch_size,
+                                           rules=BackwardRules(qk_fix=bool(self.qk_fix)))
+        total = torch.zeros(engine.graph.n_senders, engine.graph.n_receivers,
+                            dtype=torch.float64)
+        for layer in range(layers):
+            rules = BackwardRules(qk_fix=bool(self.qk_fix), drop_layer=layer)
+            total += engine.edge_attribution(data, batch_size=self.batch_size,
+                                             rules=rules).double().abs()
+        return (total / (layers - 1)).float()

@@ -1,0 +1,169 @@
+"""GIM, RelP and AtP* on every model family, against slow references on plain Hugging Face.
+
+The references (:mod:`rules_reference`) apply each method's backward rules to the Hugging Face
+modules the way the authors' code does (swapped norm forwards, a patched softmax, gradient
+scaling hooks, swapped activations) and take each receiver's score column as the derivative of
+the metric with respect to the amount of each sender's difference added to that receiver's
+input, one forward and backward pass per receiver. AtP*'s QK fix is checked edge by edge
+against patterns captured from forward passes with the edge patched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitfind.algorithms import GIM, AtPStar, RelP
+from circuitfind.errors import ConfigError
+from circuitfind.patching import PatchingEngine
+from circuitfind.patching.backward_rules import BackwardRules
+from circuitfind.testing import ToyTask, tiny_model
+from rules_reference import Layout, applied, plain_hf, qk_fixed_scores, reference_scores
+from tolerances import float32_atol
+
+FAMILIES = {
+    "gpt2": dict(arch="gpt2", n_layers=2, seed=0),
+    "gpt_neox": dict(arch="gpt_neox", n_layers=2, seed=7),  # parallel attention and MLP
+    "llama": dict(arch="llama", n_layers=2, n_kv_heads=2, seed=3),
+    "mistral": dict(arch="mistral", n_layers=2, n_kv_heads=2, seed=4),
+    "qwen2": dict(arch="qwen2", n_layers=2, n_kv_heads=2, seed=5),
+    "qwen3": dict(arch="qwen3", n_layers=2, n_kv_heads=2, seed=6),
+    "gemma2": dict(arch="gemma2", n_layers=2, n_kv_heads=2, seed=9),
+}
+SEQ = 8  # longer than the sliding windows (4)
+
+# method -> (its scores on an engine, the same rules on plain Hugging Face)
+METHODS = {
+    "gim": (lambda e, d: GIM().score(e, d),
+            dict(freeze_norm=True, temperature=2.0, qkv=(0.25, 0.25, 0.5), gate_up=(0.5, 0.5))),
+    "relp": (lambda e, d: RelP().score(e, d),
+             dict(freeze_norm=True, identity=True, gate_up=(0.5, 0.5))),
+    "relp_ah": (lambda e, d: RelP(ah_rule=True).score(e, d),
+                dict(freeze_norm=True, identity=True, gate_up=(0.5, 0.5), detach_pattern=True)),
+    "grad_drop": (lambda e, d: e.edge_attribution(d, rules=BackwardRules(drop_layer=0)),
+                  dict(drop_layer=0)),
+}
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    """family -> (engine, data, plain HF layout, sender differences a' - a), built lazily."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = tiny_model(tmp_path_factory.mktemp(name), dtype=torch.float64,
+                               **FAMILIES[name])
+            data = ToyTask(seq_len=SEQ, positions=2).build(model.tokenizer, 3, seed=1)
+            engine = PatchingEngine(model)
+            delta = engine.sender_outputs(data.corrupted) - engine.sender_outputs(data.clean)
+            cache[name] = engine, data, Layout(plain_hf(model)), delta
+        return cache[name]
+
+    return get
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got.double(), want, atol=float32_atol(want), rtol=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_scores_equal_the_hugging_face_reference(setups, name, method):
+    """Every edge's score under the method's backward rules = the slow reference's."""
+    if method in ("relp_ah", "grad_drop") and name not in ("gpt2", "llama", "gemma2"):
+        pytest.skip("one rule at a time: checked on three families (one each of LayerNorm, "
+                    "RMSNorm with grouped queries, post-norms)")
+    engine, data, lay, delta = setups(name)
+    score, rules = METHODS[method]
+    got = score(engine, data)
+    with applied(lay, **rules):
+        want = reference_scores(lay, engine.graph, data, delta)
+    assert want.abs().max() > 1e-2
+    _close(got, want)
+    # the rules change the scores: the comparison could not pass with plain EAP
+    eap = engine.edge_attribution(data).double()
+    assert float((eap - want).abs().max()) > 100 * float32_atol(want)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_qk_fix_equals_patterns_recomputed_edge_by_edge(setups, name):
+    """AtP* without GradDrop: q and k edges score ``sum (A' - A) dM/dA`` with ``A'`` the
+    pattern of a forward pass with that edge patched; every other edge keeps EAP's score."""
+    engine, data, lay, delta = setups(name)
+    g = engine.graph
+    got = AtPStar(grad_drop=False).score(engine, data).double()
+    eap = engine.edge_attribution(data).double()
+    qk = torch.tensor([rec.kind in ("q", "k") for rec in g.receivers])
+    want = qk_fixed_scores(lay, g, data, delta) * g.edge_mask
+    want[:, ~qk] = eap[:, ~qk]
+    assert want[:, qk].abs().max() > 1e-3
+    _close(got, want)
+    # the fix matters on these prompts (saturating softmax), else the test would prove nothing
+    assert float((eap[:, qk] - want[:, qk]).abs().max()) > 100 * float32_atol(want)
+
+
+def test_grad_drop_is_the_mean_absolute_score_over_dropped_layers(setups):
+    """AtP* = ``1/(L-1) sum_l |AtP_(l)|`` (Kramar et al. 2024, eq. 6); a receiver of the dropped
+    layer scores 0 in that layer's pass."""
+    engine, data, _, _ = setups("llama")
+    g = engine.graph
+    passes = [engine.edge_attribution(data, rules=BackwardRules(qk_fix=True, drop_layer=layer))
+              for layer in range(g.n_layers)]
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    for layer, scores in enumerate(passes):
+        assert float(scores[:, layer_of == layer].abs().max()) == 0.0
+    want = sum(s.double().abs() for s in passes) / (g.n_layers - 1)
+    torch.testing.assert_close(AtPStar().score(engine, data).double(), want, rtol=1e-6,
+                               atol=0)
+    assert AtPStar().score_meaning(data.task).kind == "importance"
+    assert AtPStar(grad_drop=False).score_meaning(data.task).kind == "metric_change"
+
+
+def test_plain_rules_are_eap_and_rules_leave_the_forward_alone(setups):
+    """The default rules reproduce EAP bit for bit; after a modified pass the adapter's rules
+    are plain again and masked passes are unchanged."""
+    engine, data, _, _ = setups("qwen3")
+    g = engine.graph
+    eap = engine.edge_attribution(data)
+    assert torch.equal(engine.edge_attribution(data, rules=BackwardRules()), eap)
+    full = engine.run(data, g.full_mask(torch.float64))
+    GIM().score(engine, data)
+    assert engine.runner.arch.rules == BackwardRules()
+    assert engine.runner.arch.attention_tap is None
+    assert torch.equal(engine.run(data, g.full_mask(torch.float64)), full)
+    with pytest.raises(ConfigError, match="gradient points"):
+        from circuitfind.patching.engine import GradientPoint
+
+        engine.edge_attribution(data, points=[GradientPoint(1.0)],
+                                rules=BackwardRules(freeze_norm=True))
+
+
+def test_methods_run_from_python_the_cli_and_a_bench_config(tiny_models, run, tmp_path):
+    """``cf.discover(..., algorithm=...)``, ``circuitfind discover -a ... -p KEY=VALUE`` and
+    ``benchmarks/configs/methods.toml`` reach the three methods with their parameters."""
+    import json
+    from pathlib import Path
+
+    import circuitfind as cf
+    from circuitfind.benchmark.grid import load_config
+
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 4, seed=1)
+    for name, params in (("gim", {"softmax_temperature": 3.0}), ("relp", {"ah_rule": True}),
+                         ("atp_star", {"grad_drop": False})):
+        circuit = cf.discover(model, data=data, algorithm=name, algorithm_params=params,
+                              n_edges=10)
+        assert circuit.metadata["algorithm"] == name and circuit.n_edges > 0
+    result = run("discover", "--task", "induction", "--algorithm", "gim", "-p",
+                 "softmax_temperature=3", "--edges", "5", "--examples", "4",
+                 "--out", str(tmp_path / "run"), "--renderer", "matplotlib")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run" / "circuit.json").read_text())
+    assert saved["metadata"]["algorithm"] == "gim"
+    assert saved["metadata"]["algorithm_params"]["softmax_temperature"] == 3
+    config = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "methods.toml"
+    cells = load_config(config).cells
+    assert {c.algorithm for c in cells} == {"eap", "gim", "relp", "atp_star", "exact"}
+    assert {dict(c.params).get("grad_drop") for c in cells if c.algorithm == "atp_star"} == {
+        False, True}
