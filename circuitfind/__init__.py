@@ -10,7 +10,7 @@
 """
 
 from circuitfind.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from circuitfind.api import build_data, check, discover, export_mib, score_edges
+from circuitfind.api import build_data, check, discover, export_mib, plan, score_edges
 from circuitfind.benchmark import bench, leaderboard, tune
 from circuitfind.errors import CircuitFindError
 from circuitfind.evaluation import edge_roc, evaluate, faithfulness_curve, node_roc
@@ -31,4 +31,5 @@ __all__ = ["ALGORITHMS", "TASKS", "Ablation", "Algorithm", "Circuit", "CircuitFi
            "build_data", "check", "compare",
            "discover", "edge_roc", "evaluate", "export_mib", "faithfulness_curve",
            "get_algorithm", "get_task", "import_mib", "leaderboard", "load_model", "node_roc", "path_patch",
+           "plan",
            "reference_circuit", "score_edges", "tune", "view", "write_run"]

@@ -31,8 +31,11 @@ from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.graphs.selection import prune_dangling, select_threshold, select_top_n
 from circuitfind.graphs import mib
-from circuitfind.models import config_d_model, load_model, resolve_model_source
+from circuitfind.models import (config_d_model, load_model, model_config, model_tokenizer,
+                                resolve_model_source)
+from circuitfind.patching import plan as memory_plan
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.plan import MemoryPlan, ModelShape
 from circuitfind.patching.spec import Ablation, parse_memory
 from circuitfind.tasks.base import Task, TaskData
 from circuitfind.tasks.lookup import get_task
@@ -126,7 +129,8 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
     if data is None and task is None:
         raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)
-    budget = parse_memory(memory_budget)
+    parse_memory(memory_budget)  # a malformed size fails before loading
+    budget = memory_budget
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = _task_of(task, data)
     model = load_model(model, device=device)
@@ -226,7 +230,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     if data is None and task is None:
         raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)  # fail fast, before loading
-    budget = parse_memory(memory_budget)
+    parse_memory(memory_budget)  # a malformed size fails before loading
+    budget = memory_budget
     params = dict(algorithm_params or {})
     pruning = (algorithm.returns_circuit if isinstance(algorithm, Algorithm)
                else ALGORITHMS.get(algorithm).returns_circuit)
@@ -382,3 +387,102 @@ def export_mib(circuit_or_scores: Circuit | Tensor, path: str | os.PathLike[str]
     return mib.export_mib(circuit_or_scores, path, graph=graph, d_model=d_model, task=task,
                           model=model, higher_is_better=higher_is_better,
                           provenance=provenance, overwrite=overwrite)
+
+
+def plan(model: Any, task: str | Task | None = None, algorithm: str | Algorithm = "eap",
+         examples: int | None = None, device: str = "cpu", memory: int | str | None = None,
+         dtype: str | torch.dtype | None = None, seq_len: int | None = None,
+         positions: int | None = None, seed: int = 0,
+         algorithm_params: dict[str, Any] | None = None) -> MemoryPlan:
+    """What a run will need, from the model's config alone: peak memory by part, chunks, time.
+
+    No weights are loaded: the model's shape comes from its Hugging Face config (a local
+    directory's or zoo organism's ``config.json``, a hub model's in the local cache; the
+    parameter count from the model built on the ``meta`` device), so a Llama-3.1-8B config
+    plans in seconds. The prompts' length comes from the task's data built with the model's
+    tokenizer (cheap) or from ``seq_len``. The plan is the memory model the engine sizes its
+    chunks with (:mod:`circuitfind.patching.plan`), so a run with the same budget makes the
+    same chunks.
+
+    Args:
+        model: A hub name, local directory, ``zoo:NAME``, or a loaded bridge.
+        task: Task name, prompt file or Task (for the prompts' length and the examples).
+        algorithm: Algorithm name or instance (its :meth:`Algorithm.workload`).
+        examples: Examples N (default: the task's ``default_n``; 1 with ``seq_len`` and no
+            task).
+        device: Where it would run (``cpu``, ``cuda``); recorded in the plan.
+        memory: The budget, weights included: bytes or a size such as ``"80GiB"`` (default:
+            the weights plus 2 GiB, as the engine's default).
+        dtype: The dtype it would load in (default float32, as :func:`load_model`).
+        seq_len: Tokens per prompt (default: from the task's data).
+        positions: Metric positions per example (default: from the task's data, else 1).
+        seed: Data seed (for the task's data).
+        algorithm_params: The algorithm's hyperparameters.
+
+    Returns:
+        The :class:`~circuitfind.patching.plan.MemoryPlan` (``.summary()``, ``.to_dict()``,
+        ``.fits``, ``.peak``, ``.minimum``). A budget too small for one example gives a plan
+        with ``fits`` False and the minimum, not an error.
+
+    Raises:
+        ConfigError: neither a task nor ``seq_len``; no tokenizer at hand and no ``seq_len``;
+            a malformed budget or dtype.
+        ModelLoadError: no config to read (a hub model not in the local cache).
+        UnknownNameError: an unknown task or algorithm.
+    """
+    algo = get_algorithm(algorithm, **(algorithm_params or {}))
+    if memory is not None:
+        parse_memory(memory)  # a malformed size fails first
+    if task is None and seq_len is None:
+        raise ConfigError("Pass a task (its data give the prompts' length) or seq_len=.",
+                          cli="Pass --task (its data give the prompts' length) or --seq-len.")
+    source = resolve_model_source(model)
+    if source.kind == "bridge":
+        shape = ModelShape.from_model(source.location)
+        if dtype is not None:
+            shape = shape.with_dtype(dtype)
+    else:
+        shape = ModelShape.from_config(model_config(model), dtype, name=source.display_name)
+    data = None
+    if seq_len is None:
+        tokenizer = model_tokenizer(model)
+        if tokenizer is None:
+            raise ConfigError(f"No tokenizer of {source.display_name!r} is at hand to build the "
+                              "task's data; pass seq_len= (the prompts' length in tokens).",
+                              cli=f"No tokenizer of {source.display_name!r} is at hand to "
+                                  "build the task's data; pass --seq-len.")
+        task_obj = _task_of(task, None)
+        data = task_obj.build(tokenizer, n=examples or task_obj.default_n, seed=seed)
+        n = data.n
+        positions = positions or int(data.positions.shape[1])
+    else:
+        if task is not None and examples is None:
+            examples = get_task(task).default_n
+        n = examples or 1
+    positions = positions or 1
+    work = algo.workload(ComputeGraph(shape.n_layers, shape.n_heads, shape.n_kv_heads,
+                                      attn_only=shape.attn_only, parallel_attn_mlp=shape.parallel))
+    if data is not None:  # as the engine sizes them: masked passes stop at the last metric
+        # position (a causal model), gradient attribution reads the whole prompts
+        seq_len = (int(data.positions.max()) + 1 if shape.runner and work.gradient_points is None
+                   else data.seq_len)
+    budget = memory_plan.resolve_budget(memory, shape)
+    assert seq_len is not None  # from the data, or given
+
+    def make(budget_: int) -> MemoryPlan:
+        if work.gradient_points is not None:
+            return memory_plan.attribution_plan(
+                shape, n, seq_len, work.gradient_points, budget_, work.batch_size, positions,
+                algorithm=algo.name, device=device, plain_forwards=work.plain_forwards)
+        return memory_plan.masked_plan(
+            shape, n, seq_len, budget_, n_buffer=work.n_buffer, batch_size=work.batch_size,
+            masks_cap=work.masks_cap, tests=work.masked_tests, positions=positions,
+            algorithm=algo.name, device=device)
+
+    try:
+        return make(budget)
+    except ConfigError:  # too small for one example: the plan says what it needs
+        smallest = make(make(2**62).minimum)
+        return dataclasses.replace(smallest, budget=budget, examples_per_pass=0,
+                                   points_per_pass=0, max_examples=0 if smallest.max_examples
+                                   is not None else None)

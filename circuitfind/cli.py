@@ -109,8 +109,10 @@ NO_PROGRESS_OPTION = typer.Option(
          "TQDM_DISABLE is unset; in a log each phase is one line).")
 MEMORY_OPTION = typer.Option(
     None, "--memory",
-    help="Memory budget of one pass, e.g. 4GiB or 512MiB (default 2GiB): examples, masks and "
-         "gradient runs are chunked to fit; results do not depend on it.")
+    show_default="the model's weights plus 2GiB",
+    help="Memory budget of the run on its device, the model's weights and caches included, "
+         "e.g. 24GiB: examples, masks and gradient runs are chunked to fit (see `circuitfind "
+         "plan`); results do not depend on it.")
 DEVICE_OPTION = typer.Option(None, "--device", show_default="cuda when available, else cpu",
                              help="cpu, cuda, cuda:1 ...")
 PARAM_DEFAULT = "the algorithm's own"
@@ -192,7 +194,8 @@ def discover(
     if edges is not None and threshold is not None:
         raise ConfigError("pass either --edges or --threshold, not both.")
     spec = Ablation.parse(ablation)
-    budget = parse_memory(memory)
+    parse_memory(memory)  # a malformed size fails before loading
+    budget = memory
     params = parse_params(param or [])
     checkpointed = ALGORITHMS.get(algorithm).supports_checkpoint  # an unknown name fails here
     check_output_dir(out, overwrite)  # bad output paths and renderers fail before any work
@@ -279,7 +282,8 @@ def evaluate(
     from circuitfind.patching.spec import Ablation, parse_memory
     from circuitfind.tasks import get_task
 
-    budget = parse_memory(memory)
+    parse_memory(memory)  # a malformed size fails before loading
+    budget = memory
     circuit = Circuit.load(circuit_path)
     spec = Ablation.parse(ablation or ablation_kind(circuit.metadata))
     md = circuit.metadata
@@ -625,6 +629,53 @@ def tasks() -> None:
 
     for name, cls in TASKS.items():
         typer.echo(f"{name:<18} {cls.description}  [{cls.metric_name}, {cls.metric_unit}]")
+
+
+@app.command(cls=_Command)
+def plan(
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Hub name (its config in the local cache), local Hugging Face "
+                                   "directory (config.json is enough) or zoo:NAME."),
+    task: Optional[str] = typer.Option(
+        None, "--task", "-t", show_default="none: --seq-len gives the length",
+        help="Task name or prompt file (its data, built with the model's tokenizer, give the "
+             "prompts' length)."),
+    algorithm: str = typer.Option("eap", "--algorithm", "-a",
+                                  help="Algorithm (see `circuitfind algorithms`)."),
+    n_examples: Optional[int] = typer.Option(
+        None, "--examples", min=1, show_default="the task's default, 64",
+        help="Clean/corrupted pairs."),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", min=1, show_default="from the task's data",
+        help="Tokens per prompt (needed when the model has no tokenizer at hand)."),
+    device: str = typer.Option("cpu", "--device", help="Where it would run: cpu, cuda ..."),
+    memory: Optional[str] = typer.Option(
+        None, "--memory", show_default="the weights plus 2GiB",
+        help="Memory budget of the run, weights included, e.g. 80GiB."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", show_default="float32",
+        help="float32, float16, bfloat16 or float64."),
+    seed: int = typer.Option(0, "--seed", help="Data seed."),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", "-p", metavar="KEY=VALUE", show_default=PARAM_DEFAULT,
+        help="Algorithm hyperparameter KEY=VALUE (repeatable), e.g. -p steps=10."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan a run from the model's config alone (no weights): peak memory by part, the chunks
+    that fit --memory, time in plain forwards, and whether it fits (exit code 1 if not)."""
+    from circuitfind.api import plan as make_plan
+    from circuitfind.patching.plan import dtype_bytes
+    from circuitfind.patching.spec import parse_memory
+
+    parse_memory(memory)  # malformed values fail before anything is read
+    dtype_bytes(dtype)
+    ALGORITHMS.get(algorithm)
+    result = make_plan(model, task, algorithm, examples=n_examples, device=device,
+                       memory=memory, dtype=dtype, seq_len=seq_len, seed=seed,
+                       algorithm_params=parse_params(param or []))
+    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else result.summary())
+    if not result.fits:
+        raise typer.Exit(1)
 
 
 @app.command(cls=_Command)

@@ -331,3 +331,46 @@ def config_d_model(model: str) -> int:
     raise ConfigError(f"The config of {model!r} has no n_embd/hidden_size/d_model; {hint}")
 
 
+
+
+def model_config(source: Any) -> Any:
+    """The Hugging Face config of a model argument, without loading any weights.
+
+    Resolves ``source`` like :func:`load_model` (:func:`resolve_model_source`): a zoo organism
+    or local directory is read from its ``config.json``, a hub name from the Hugging Face
+    cache (nothing is downloaded). A loaded bridge gives its wrapped model's config.
+
+    Returns:
+        A ``transformers.PretrainedConfig``.
+
+    Raises:
+        ModelLoadError: a hub model whose config is not in the local cache, or a config
+            transformers cannot read (the message says how to pass a local directory).
+    """
+    from transformers import AutoConfig
+
+    resolved = resolve_model_source(source)
+    if resolved.kind == "bridge":
+        return resolved.location.original_model.config
+    try:
+        return AutoConfig.from_pretrained(str(resolved.location),
+                                          local_files_only=resolved.kind == "hub")
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_load_failure_message(str(resolved.location),
+                                                   resolved.kind != "hub", err)) from err
+
+
+def model_tokenizer(source: Any) -> Any | None:
+    """The tokenizer of a model argument, or ``None`` where none is at hand (no weights are
+    loaded; a hub name is looked up in the local cache only)."""
+    resolved = resolve_model_source(source)
+    if resolved.kind == "bridge":
+        return getattr(resolved.location, "tokenizer", None)
+    from transformers import AutoTokenizer
+
+    try:
+        saved = _saved_tokenizer(Path(resolved.location)) if resolved.kind != "hub" else None
+        return saved if saved is not None else AutoTokenizer.from_pretrained(
+            str(resolved.location), local_files_only=resolved.kind == "hub")
+    except (OSError, ValueError, TypeError):
+        return None

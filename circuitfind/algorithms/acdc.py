@@ -109,6 +109,7 @@ from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.plan import Workload
 from circuitfind.tasks.base import TaskData
 
 MODES = ("exact", "batched")
@@ -310,6 +311,17 @@ class ACDC(PruningAlgorithm):
         if self.objective == "kl":
             return ScoreMeaning("importance", "nats", True, "the KL divergence to the full model")
         return super().score_meaning(task)
+
+    def workload(self, graph: ComputeGraph) -> Workload:
+        """At most one test per planned edge and node test, each pass starting at its
+        receiver's layer (an upper bound: a removed node test skips its receiver's edges)."""
+        per_layer: dict[int, int] = {}
+        for step in visiting_plan(graph, self.qkv_node_tests, self.max_receivers):
+            layer = graph.receivers[step.receiver].layer
+            tests = 1 if step.kind == "node" else int(graph.n_upstream[step.receiver])
+            per_layer[layer] = per_layer.get(layer, 0) + tests
+        return Workload(masked_tests=tuple(sorted(per_layer.items())),
+                        masks_cap=self.masks_per_pass or 64)
 
     def settings(self) -> dict[str, Any]:
         """Parameters that change the result (for the checkpoint fingerprint)."""

@@ -45,6 +45,7 @@ from circuitfind.errors import ConfigError
 from circuitfind.graphs.circuit import Circuit
 from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.plan import Workload
 from circuitfind.registry import Registry
 from circuitfind.tasks.base import TaskData
 
@@ -99,6 +100,13 @@ class Algorithm(ABC):
         direction, :data:`circuitfind.graphs.scores.SCORE_KINDS`."""
         return ScoreMeaning("metric_change", str(getattr(task, "metric_unit", "") or ""),
                             bool(getattr(task, "higher_is_better", True)))
+
+    def workload(self, graph: Any) -> Workload:
+        """What this configuration asks of the engine, for :func:`circuitfind.plan`: gradient
+        runs per example, or the masked passes (start layer, masks) it makes where they are
+        known beforehand. Default: masked passes of unknown number (memory is planned, time
+        is not)."""
+        return Workload()
 
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters given to ``__init__`` (JSON-serialisable), for provenance."""

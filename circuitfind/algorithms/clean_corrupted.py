@@ -31,6 +31,7 @@ from circuitfind.algorithms.base import ALGORITHMS, Algorithm
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
 from circuitfind.patching.engine import GradientPoint, PatchingEngine
+from circuitfind.patching.plan import Workload
 from circuitfind.tasks.base import TaskData
 
 
@@ -58,6 +59,10 @@ class CleanCorrupted(Algorithm):
             raise ConfigError(f"The 'batch_size' parameter of CleanCorrupted must be None or "
                               f">= 1. Got {batch_size}.")
         self.batch_size = batch_size
+
+    def workload(self, graph: object) -> Workload:
+        """The corrupted and clean forwards, then the two gradient runs."""
+        return Workload(gradient_points=2, plain_forwards=2, batch_size=self.batch_size)
 
     def score(self, engine: PatchingEngine, data: TaskData,
               context: RunContext | None = None) -> Tensor:

@@ -35,7 +35,9 @@ from torch import Tensor
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError
+from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.plan import Workload
 from circuitfind.tasks.base import TaskData
 
 
@@ -60,6 +62,10 @@ class EAP(Algorithm):
             raise ConfigError(f"The 'batch_size' parameter of EAP must be None or >= 1. "
                               f"Got {batch_size}.")
         self.batch_size = batch_size
+
+    def workload(self, graph: ComputeGraph) -> Workload:
+        """One corrupted forward, then one clean forward and backward per example."""
+        return Workload(gradient_points=1, batch_size=self.batch_size)
 
     def score(self, engine: PatchingEngine, data: TaskData,
               context: RunContext | None = None) -> Tensor:

@@ -56,6 +56,7 @@ from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError, UnknownNameError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import GradientPoint, PatchingEngine
+from circuitfind.patching.plan import Workload
 from circuitfind.registry import Registry
 from circuitfind.tasks.base import TaskData
 
@@ -122,6 +123,11 @@ class EAPIG(Algorithm):
     def points(self, graph: ComputeGraph) -> list[GradientPoint]:
         """The gradient runs this configuration averages over, for ``graph``."""
         return INTERPOLATIONS.get(self.interpolation)(graph, self.steps)
+
+    def workload(self, graph: ComputeGraph) -> Workload:
+        """The corrupted and clean forwards, then one forward and backward per point."""
+        return Workload(gradient_points=len(self.points(graph)), plain_forwards=2,
+                        batch_size=self.batch_size)
 
     def score(self, engine: PatchingEngine, data: TaskData,
               context: RunContext | None = None) -> Tensor:

@@ -29,7 +29,9 @@ from torch import Tensor
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm
 from circuitfind.algorithms.lifecycle import RunContext, fingerprint
 from circuitfind.errors import ConfigError
+from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import PatchingEngine
+from circuitfind.patching.plan import Workload
 from circuitfind.tasks.base import TaskData
 
 
@@ -62,6 +64,16 @@ class ExactPatching(Algorithm):
         self.masks_per_pass = masks_per_pass
         self.batch_size = batch_size
         self.progress = progress
+
+    def workload(self, graph: ComputeGraph) -> Workload:
+        """One mask per edge, each pass starting at its receiver's layer."""
+        layers = [r.layer for r in graph.receivers]
+        per_layer: dict[int, int] = {}
+        for r, n_up in enumerate(graph.n_upstream.tolist()):
+            per_layer[layers[r]] = per_layer.get(layers[r], 0) + n_up
+        return Workload(masked_tests=tuple(sorted(per_layer.items())),
+                        batch_size=self.batch_size, masks_cap=self.masks_per_pass or 512,
+                        n_buffer=2)
 
     def score(self, engine: PatchingEngine, data: TaskData,
               context: RunContext | None = None) -> Tensor:

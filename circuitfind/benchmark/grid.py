@@ -115,13 +115,12 @@ from circuitfind.errors import CircuitFindError, ConfigError, TaskDataError
 from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS,
                                                  faithfulness_curve, normalized_faithfulness)
 from circuitfind.evaluation.roc import edge_roc, node_roc
-from circuitfind.models import load_model, resolve_model_source
+from circuitfind.models import load_model, model_tokenizer, resolve_model_source
 from circuitfind._progress import LOGGER as progress_log
 from circuitfind._progress import PhaseLog, progress
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.spec import (
     DEFAULT_ABLATION,
-    DEFAULT_MEMORY_BUDGET,
     Ablation,
     parse_memory,
 )
@@ -195,9 +194,9 @@ class BenchConfig:
         fractions: Circuit sizes of the curve, as fractions of all edges, ascending.
         study: Default study name.
         source: The config as read (for provenance; stored in the study).
-        memory_budget: Bytes each cell's engine may use for one pass (the config's ``memory``,
-            e.g. ``"4GiB"``; default 2 GiB). Not part of a cell's identity: results do not
-            depend on it.
+        memory_budget: Bytes each cell's run may hold, weights included (the config's
+            ``memory``, e.g. ``"4GiB"``; ``None``: the weights plus 2 GiB). Not part of a
+            cell's identity: results do not depend on it.
     """
 
     cells: tuple[Cell, ...]
@@ -205,7 +204,7 @@ class BenchConfig:
     fractions: tuple[float, ...]
     study: str
     source: dict[str, Any]
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    memory_budget: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,9 +306,9 @@ def _validate(raw: dict[str, Any], default_study: str) -> BenchConfig:
     study = raw.get("study", default_study)
     if not isinstance(study, str) or not study:
         problems.append(f"study must be a non-empty string; got {study!r}")
-    memory = DEFAULT_MEMORY_BUDGET
+    memory = raw.get("memory")
     try:
-        memory = parse_memory(raw.get("memory"))
+        memory = None if memory is None else parse_memory(memory)
     except CircuitFindError as err:
         problems.append(f"memory: {err}")
     grids = raw.get("grid", [{}])
@@ -490,10 +489,16 @@ def plan_grid(config: BenchConfig) -> GridPlan:
 
 
 def _tokenizer(model: str) -> Any:
-    """The tokenizer ``load_model(model)`` would attach, without loading the weights."""
-    from transformers import AutoTokenizer
+    """The tokenizer ``load_model(model)`` would attach, without loading the weights.
 
-    return AutoTokenizer.from_pretrained(resolve_model_source(model).location)
+    Raises:
+        ConfigError: no tokenizer is at hand for ``model``.
+    """
+    tokenizer = model_tokenizer(model)
+    if tokenizer is None:
+        raise ConfigError(f"No tokenizer of {model!r} could be loaded (a local directory needs "
+                          "its tokenizer files; a hub name must be in the local cache).")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- running a cell

@@ -76,7 +76,7 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
 
 
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
-              metric: Any, points: list[tuple[str, float]] | None = None,
+              metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
               diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
     """:func:`eap_pass` under modified backward ``rules`` (GIM, RelP, AtP*; ``None``: the
     plain gradient), installed on the runner's adapter for the pass: the extension point of
@@ -96,7 +96,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
 
 
 def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
-             metric: Any, points: list[tuple[str, float]] | None = None,
+             metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
              diff: Tensor | None = None, rules: BackwardRules = PLAIN,
              fix: QKFix | None = None) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
@@ -118,7 +118,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     :class:`circuitfind.patching.engine.GradientPoint`): the batch holds ``C = len(points)``
     copies of the N clean rows; in copy ``c`` the outputs of the node group ``points[c][0]``
     (``input``, ``a{L}``: all heads of layer L, ``m{L}``) become ``a - (1 - alpha) (a - a')``
-    and are held constant (no gradient flows back through them). Each receiver's gradient
+    (or, where ``alpha`` is a ``[N, T, d]`` tensor, that tensor: a point off the straight
+    line, such as EAP-GP's gradient path) and are held constant (no gradient flows back through them). Each receiver's gradient
     is recovered per copy (the norm's Jacobian differs between copies), summed over the
     copies and contracted with ``diff``, the sender differences of the plain clean and
     corrupted runs.
@@ -129,7 +130,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         positions: ``[N, P]`` metric positions.
         metric: ``logits [C*N, P, V] -> scalar`` to differentiate (``C = 1`` without
             points).
-        points: ``(node group, alpha)`` of each stacked run, or ``None`` (EAP).
+        points: ``(node group, alpha)`` of each stacked run (``alpha`` a float, or the node
+            group's output itself ``[N, T, d]``), or ``None`` (EAP).
         diff: ``[S, N, T, d]`` clean minus ablated sender outputs; required with
             ``points`` (unused without).
         rules: Backward rules already installed on the adapter (GradDrop acts here, at each
@@ -160,9 +162,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
              else -diff)
     flat = delta.reshape(g.n_senders, -1)
     # gradient points by node group: {copy: alpha}
-    moved: dict[str, dict[int, float]] = {}
+    moved: dict[str, dict[int, float | Tensor]] = {}
     for c, (node, alpha) in enumerate(points or []):
-        moved.setdefault(node, {})[c] = float(alpha)
+        moved.setdefault(node, {})[c] = alpha if isinstance(alpha, Tensor) else float(alpha)
     # node groups held constant in every copy: their receivers get no gradient
     blocked = {node for node, cs in moved.items() if len(cs) == copies}
 
@@ -176,8 +178,12 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         if node not in moved:
             return value
         rows = value.view(copies, n, *value.shape[1:])
-        parts = [rows[c].detach() - (1 - moved[node][c]) * change if c in moved[node]
-                 else rows[c] for c in range(copies)]
+        parts = []
+        for c in range(copies):
+            alpha = moved[node].get(c)
+            parts.append(rows[c] if alpha is None
+                         else alpha.to(rows) if isinstance(alpha, Tensor)  # the value itself
+                         else rows[c].detach() - (1 - alpha) * change)
         return torch.cat(parts) if copies > 1 else parts[0]
 
     # Families whose heads' sum passes a norm (Gemma-2): a head's score goes through that

@@ -55,8 +55,10 @@ from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
 from circuitfind.patching.masked_pass import receiver_changes
 from circuitfind.patching.backward_rules import BackwardRules
+from circuitfind.patching import plan as memory_plan
+from circuitfind.patching.plan import MemoryPlan, ModelShape
 from circuitfind.patching.runner import BlockRunner, RunCache, block_runner
-from circuitfind.patching.spec import Ablation, parse_memory
+from circuitfind.patching.spec import Ablation
 from circuitfind.tasks.base import TaskData
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -100,9 +102,10 @@ class PatchingEngine:
         model: A ``TransformerBridge`` from :func:`circuitfind.load_model` (split q/k/v inputs,
             per-head results and MLP-input hooks on).
         graph: The model's graph (default: ``ComputeGraph.from_model(model)``).
-        memory_budget: Bytes the engine may use for one pass's activations (sizes the chunks
-            of examples and masks): an int or a size such as ``"4GiB"``
-            (:func:`~circuitfind.patching.spec.parse_memory`); default 2 GiB.
+        memory_budget: Bytes the run may hold on its device, the model's weights and the
+            engine's caches included (sizes the chunks of examples, gradient runs and masks;
+            :mod:`circuitfind.patching.plan`): an int or a size such as ``"4GiB"``
+            (:func:`~circuitfind.patching.spec.parse_memory`); default the weights plus 2 GiB.
         use_runner: Run masked passes on the block runner where the architecture has one
             (default); ``False`` forces the bridge's full forward with hooks (the slow
             reference the runner is tested against).
@@ -127,15 +130,12 @@ class PatchingEngine:
         if (cfg.n_layers, cfg.n_heads) != (self.graph.n_layers, self.graph.n_heads):
             raise ConfigError(f"The graph ({self.graph}) does not match the model "
                               f"({cfg.n_layers} layers, {cfg.n_heads} heads).")
-        budget = parse_memory(memory_budget)
-        if budget < 2**20:
-            got = f"got {memory_budget!r} ({budget} bytes)."
-            raise ConfigError(f"memory_budget must be at least 1 MiB; {got}",
-                              cli=f"--memory must be at least 1 MiB; {got}")
-        self.memory_budget = budget
         self.d_model = int(cfg.d_model)
         self.groups = self._receiver_groups()
         self.runner: BlockRunner | None = block_runner(model, self.graph) if use_runner else None
+        #: the model's shape, as the memory model (:mod:`circuitfind.patching.plan`) sees it
+        self.shape = ModelShape.from_model(model, self.graph, runner=self.runner is not None)
+        self.memory_budget = memory_plan.resolve_budget(memory_budget, self.shape)
         self._memo: dict[str, tuple[Any, ...]] = {}  # key -> (what it was made of..., value)
 
     # ------------------------------------------------------------------ model facts
@@ -396,53 +396,39 @@ class PatchingEngine:
         return hooks
 
     # ------------------------------------------------------------------ chunking
-    def rows_per_pass(self, seq_len: int, n_buffer: int | None = None) -> int:
-        """Model-batch rows (sequences of ``seq_len`` tokens) one pass may use.
+    def rows_per_pass(self, seq_len: int, n_buffer: int | None = None,
+                      n_examples: int | None = None) -> int:
+        """Model-batch rows (sequences of ``seq_len`` tokens) one masked pass may use.
 
-        Estimated from ``memory_budget`` bytes, with ``n_buffer`` senders' outputs buffered per
-        row (default: all S) plus a row's activations (residual, q/k/v, attention pattern, MLP
-        hidden units; the bridge's split q/k/v copies and full-vocabulary logits when there is
-        no block runner).
+        What ``memory_budget`` leaves after the weights and the caches of ``n_examples``
+        examples (default 1), divided by one row's bytes with ``n_buffer`` senders' outputs
+        buffered (default: all S): :func:`circuitfind.patching.plan.masked_rows`, the model
+        ``circuitfind plan`` uses.
 
         Raises:
-            ConfigError: the budget cannot hold a single row (the message gives the minimum).
+            ConfigError: the budget cannot hold the weights, the caches and a single row (the
+                message gives the minimum).
         """
-        row = self._row_bytes(seq_len, n_buffer)
-        if self.memory_budget < row:
-            need = (f"bytes is too small for one example of {seq_len} tokens; this model needs "
-                    f"at least {row} bytes per example and pass.")
-            raise ConfigError(f"memory_budget={self.memory_budget} {need}",
-                              cli=f"--memory {self.memory_budget} {need}")
-        return self.memory_budget // row
+        return memory_plan.masked_rows(self.shape, n_examples or 1, seq_len, self.memory_budget,
+                                       n_buffer)
 
     def masks_per_pass(self, data: TaskData, batch_size: int | None = None,
                        n_buffer: int | None = None, cap: int | None = None) -> int:
         """How many masks of ``data`` (its examples, or ``batch_size`` of them) one pass holds
-        within ``memory_budget`` (:meth:`rows_per_pass`), at least 1 and at most ``cap``: the
-        one place algorithms size their batched passes.
+        within ``memory_budget`` (:meth:`rows_per_pass`, the caches of all of ``data``'s
+        examples counted), at least 1 and at most ``cap``: the one place algorithms size their
+        batched passes.
 
         Raises:
-            ConfigError: the budget cannot hold a single row.
+            ConfigError: the budget cannot hold the caches and a single row.
         """
-        rows = self.rows_per_pass(data.seq_len, n_buffer)
+        rows = self.rows_per_pass(self._used_len(data), n_buffer, data.n)
         k = max(1, rows // min(data.n, batch_size or data.n))
         return k if cap is None else min(cap, k)
 
-    def _row_bytes(self, seq_len: int, n_buffer: int | None) -> int:
-        cfg = self.model.cfg
-        n_buffer = self.graph.n_senders if n_buffer is None else n_buffer
-        heads, d, mlp = int(cfg.n_heads), self.d_model, int(getattr(cfg, "d_mlp", 0) or 0)
-        if self.runner is not None:
-            # per-head q/k/v inputs and their patches when every receiver is touched
-            split = 2 * (heads + 2 * self.graph.n_kv_heads)
-            per_token = (n_buffer + 10 + split) * d + 4 * mlp + 2 * heads * seq_len
-        else:
-            per_token = n_buffer * d + int(cfg.d_vocab) + 12 * heads * d + 4 * mlp
-        return max(1, seq_len * per_token * torch.finfo(self.dtype).bits // 8)
-
     def _chunks(self, n_masks: int, n_examples: int, seq_len: int, batch_size: int | None,
                 n_buffer: int | None = None) -> Iterator[tuple[slice, slice]]:
-        rows = self.rows_per_pass(seq_len, n_buffer)
+        rows = self.rows_per_pass(seq_len, n_buffer, n_examples)
         n = min(n_examples, batch_size or n_examples, rows)
         k = max(1, min(n_masks, rows // n))
         for e0 in range(0, n_examples, n):
@@ -525,14 +511,15 @@ class PatchingEngine:
                                   "model's architecture does not have.")
             yield from self._iter_hooked_runs(data, removed, batch_size, ablation)
             return
-        cache = self.clean_cache(data)
-        values = self.ablation_values(data, ablation)  # memoised: the key of ``diff``
         t = self._used_len(data)
-        ablated = values[:, :, :t] if values.shape[2] > 1 else values
-        positions = data.positions.to(self.device)
         weights = removed if frozen is None else removed + frozen
         # rows of a pass hold the current values of senders at or after the start layer
         n_dynamic = int(weights.ne(0).any(2).any(0).sum())
+        self.rows_per_pass(t, n_dynamic, data.n)  # a budget too small is refused before work
+        cache = self.clean_cache(data)
+        values = self.ablation_values(data, ablation)  # memoised: the key of ``diff``
+        ablated = values[:, :, :t] if values.shape[2] > 1 else values
+        positions = data.positions.to(self.device)
         diff, pre, mid = self._pass_constants(cache, values, ablated)
         for ks, es in self._chunks(masks.shape[0], data.n, t, batch_size, n_dynamic):
             sub = cache.subset(es)
@@ -548,7 +535,8 @@ class PatchingEngine:
         ``mid [L, N, T', d]``, see :meth:`BlockRunner.ablated_residuals`),
         memoised for the last (cache, ``values``) pair: every masked pass over the same data
         reads them. They are held beside the clean cache (about as much memory again) and,
-        like it, are not counted in ``memory_budget``, which sizes one pass's activations."""
+        like it, count against ``memory_budget`` (:func:`~circuitfind.patching.plan.
+        masked_cache_bytes`)."""
         assert self.runner is not None  # only the block runner's passes read them
         memo = self._memo.get("diff")
         if memo is None or memo[0] is not cache or memo[1] is not values:
@@ -650,7 +638,8 @@ class PatchingEngine:
                 self._node_group(point.node)
         g = self.graph
         n_points = 1 if points is None else len(points)
-        n_chunk, p_chunk, cache = self.attribution_plan(data.n, data.seq_len, n_points, batch_size)
+        n_chunk, p_chunk, cache = self.attribution_plan(data.n, data.seq_len, n_points, batch_size,
+                                                        int(data.positions.shape[1]))
         scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=self.device)
         spec = self.ablation if ablation is None else Ablation.parse(ablation)
         if points is not None and spec.kind != "resample":
@@ -726,69 +715,46 @@ class PatchingEngine:
         return (scores * g.edge_mask.to(scores.device)).float().cpu()
 
     def attribution_plan(self, n_examples: int, seq_len: int, n_points: int = 1,
-                         batch_size: int | None = None) -> tuple[int, int, bool]:
+                         batch_size: int | None = None, positions: int = 1
+                         ) -> tuple[int, int, bool]:
         """How :meth:`edge_attribution` splits its work to stay within ``memory_budget``.
 
-        The estimate counts the cached corrupted sender outputs of all N examples (kept only
-        when they fit in half the budget), per example of a chunk its sender buffers (its
-        corrupted outputs unless cached, and ``a - a'``: ``S T d_model`` values each) and, per
-        model-batch row of a gradient pass, the activations autograd keeps for the backward
-        pass (:meth:`gradient_row_bytes`), plus a fixed allowance for the vocabulary-sized
-        temporaries of each pass (``4 d_vocab d_model`` values). The minimum budget is that
-        allowance plus one example with one row.
+        :func:`circuitfind.patching.plan.attribution_plan` (the model ``circuitfind plan``
+        uses): the weights, the corrupted sender outputs of all N examples when they fit in
+        half of what the weights leave, per example of a chunk its sender buffers, and per
+        model-batch row of a gradient pass what autograd keeps (:meth:`gradient_row_bytes`).
 
         Args:
             n_examples: N examples to score.
             seq_len: Tokens per example.
             n_points: Gradient runs per example (1 for EAP, ``steps`` for EAP-IG).
             batch_size: Cap on examples per pass (``None``: none).
+            positions: Metric positions per example.
 
         Returns:
             ``(examples per chunk, points per pass, cache)`` where ``cache`` says whether the
-            corrupted sender outputs of all N examples are kept (they fit in half the budget).
+            corrupted sender outputs of all N examples are kept.
 
         Raises:
-            ConfigError: the budget cannot hold one example with one gradient run; the message
-                gives the minimum.
+            ConfigError: the budget cannot hold the weights and one example with one gradient
+                run; the message gives the minimum.
         """
-        width = torch.finfo(self.dtype).bits // 8
-        outputs = self.graph.n_senders * seq_len * self.d_model * width  # one example's senders
-        per_example = 2 * outputs  # corrupted outputs (unless cached) and a - a'
-        per_row = self.gradient_row_bytes(seq_len)
-        # vocabulary-sized temporaries of every pass (unembedding, logits' gradient paths):
-        # calibrated on the measurements in benchmarks/results/attribution_memory.md
-        fixed = 4 * int(self.model.cfg.d_vocab) * self.d_model * width
-        minimum = fixed + per_example + per_row
-        if self.memory_budget < minimum:
-            need = (f"bytes cannot hold one example of {seq_len} tokens for attribution on this "
-                    f"model; it needs at least {minimum} bytes ({minimum / 2**20:.1f} MiB)")
-            raise ConfigError(f"memory_budget={self.memory_budget} {need}. Raise memory_budget "
-                              "or shorten the prompts.",
-                              cli=f"--memory {self.memory_budget} {need}. Raise --memory or "
-                                  "shorten the prompts.")
-        cache = (2 * n_examples * outputs <= self.memory_budget
-                 and self.memory_budget - n_examples * outputs >= minimum)
-        budget = self.memory_budget - fixed - (n_examples * outputs if cache else 0)
-        if cache:
-            per_example -= outputs  # the chunk's corrupted outputs are a view of the cache
-        n = max(1, min(n_examples, batch_size or n_examples, budget // (per_example + per_row)))
-        p = max(1, min(n_points, (budget - n * per_example) // (n * per_row)))
-        return n, p, cache
+        plan = self.plan_attribution(n_examples, seq_len, n_points, batch_size, positions)
+        return plan.examples_per_pass, plan.points_per_pass, plan.cache_corrupted
+
+    def plan_attribution(self, n_examples: int, seq_len: int, n_points: int = 1,
+                         batch_size: int | None = None, positions: int = 1,
+                         algorithm: str = "eap") -> MemoryPlan:
+        """The full :class:`~circuitfind.patching.plan.MemoryPlan` behind
+        :meth:`attribution_plan` (predicted peak by part, chunks, time)."""
+        return memory_plan.attribution_plan(self.shape, n_examples, seq_len, n_points,
+                                            self.memory_budget, batch_size, positions,
+                                            algorithm=algorithm, device=str(self.device))
 
     def gradient_row_bytes(self, seq_len: int) -> int:
-        """Estimated bytes autograd keeps per model-batch row during a gradient pass.
-
-        Per token and layer: the split q/k/v inputs and their normalisation
-        (``6 n_heads d_model``), attention scores and pattern (``3 n_heads seq_len``), the
-        MLP's hidden activations (``2 d_mlp``) and a few residual-sized tensors
-        (``8 d_model``); per token: the logits (``2 d_vocab``).
-        """
-        cfg = self.model.cfg
-        d, heads = self.d_model, int(cfg.n_heads)
-        d_mlp = int(getattr(cfg, "d_mlp", 0) or 0)
-        per_layer = 6 * heads * d + 3 * heads * seq_len + 2 * d_mlp + 8 * d
-        per_token = int(cfg.n_layers) * per_layer + 2 * int(cfg.d_vocab)
-        return seq_len * per_token * (torch.finfo(self.dtype).bits // 8)
+        """Estimated bytes autograd keeps per model-batch row during a gradient pass
+        (:func:`circuitfind.patching.plan.gradient_row_bytes`)."""
+        return memory_plan.gradient_row_bytes(self.shape, seq_len)
 
     def _metric(self, logits: Tensor, data: TaskData, total: int, copies: int = 1) -> Tensor:
         """Sum of the metric over ``copies`` stacked copies of ``data``'s rows, over ``total``."""

@@ -265,7 +265,7 @@ class BlockRunner:
         return pre, mid
 
     def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
-                  points: list[tuple[str, float]] | None = None,
+                  points: list[tuple[str, float | Tensor]] | None = None,
                   diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
         """EAP (or, with ``points``, EAP-IG / clean-corrupted; with ``rules``, GIM, RelP,
         AtP*) scores from one forward and backward pass:

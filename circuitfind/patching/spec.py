@@ -31,7 +31,8 @@ from circuitfind.errors import ConfigError
 ABLATIONS = ("resample", "zero", "mean", "mean_positional")
 #: The ablation used wherever none is given: the sender's output on the corrupted prompt.
 DEFAULT_ABLATION = "resample"
-#: Bytes an engine may use for one pass's activations when no budget is given (2 GiB).
+#: Working memory (bytes) a run may use beyond the model's weights when no budget is given
+#: (2 GiB): the engine's default budget is the weights plus this.
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
           "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,

@@ -260,28 +260,31 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  {"rotary_pct": 0.5, "use_parallel_residual": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 12}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    # the Qwen organisms' rotary base is Llama's 10^4, written out (Qwen's checkpoints use 10^6
+    # for long contexts)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                {"sliding_window": 8, "attn_logit_softcapping": 50.0,
                 "final_logit_softcapping": 30.0}),
 }
 """The rotary families the zoo trains induction organisms of (besides GPT-2's)."""
 
-FAMILY_ORGANISMS: tuple[tuple[str, str, str, int | None, int, str], ...] = (
-    # (name suffix, family, label, key/value heads, training steps, measured mechanism);
-    # the Qwen families learn induction later (at 2,500 steps Qwen2 reached 56% accuracy)
-    ("llama", "llama", "Llama (RMSNorm, grouped-query attention)", 2, 2500,
+FAMILY_ORGANISMS: tuple[tuple[str, str, str, int | None, int, int, str], ...] = (
+    # (name suffix, family, label, key/value heads, training steps, seed, measured mechanism)
+    ("llama", "llama", "Llama (RMSNorm, grouped-query attention)", 2, 2500, 0,
      "see zoo/README.md"),
     ("neox", "gpt_neox", "GPT-NeoX/Pythia (parallel attention and MLP, partial rotary)",
-     None, 2500, "see zoo/README.md"),
-    ("mistral", "mistral", "Mistral (sliding window, grouped-query attention)", 2, 2500,
+     None, 2500, 0, "see zoo/README.md"),
+    ("mistral", "mistral", "Mistral (sliding window, grouped-query attention)", 2, 2500, 0,
      "see zoo/README.md"),
-    ("qwen2", "qwen2", "Qwen2 (q/k/v biases, grouped-query attention)", 2, 6000,
+    ("qwen2", "qwen2", "Qwen2 (q/k/v biases, grouped-query attention)", 2, 3000, 1,
      "see zoo/README.md"),
-    ("qwen3", "qwen3", "Qwen3 (q/k norms, grouped-query attention)", 2, 6000,
+    ("qwen3", "qwen3", "Qwen3 (q/k norms, grouped-query attention)", 2, 3000, 1,
      "see zoo/README.md"),
-    ("gemma2", "gemma2", "Gemma-2 (post-norms, soft-capping, local/global layers)", 2, 2500,
+    ("gemma2", "gemma2", "Gemma-2 (post-norms, soft-capping, local/global layers)", 2, 2500, 0,
      "see zoo/README.md"),
 )
 """One induction organism per rotary family (the leaderboard's family rows)."""
@@ -324,7 +327,7 @@ ORGANISMS: dict[str, Organism] = {o.name: o for o in (
         task="induction",
         mechanism=mechanism,
         n_layers=2, n_heads=4, n_kv_heads=kv, d_model=32, d_mlp=1, n_ctx=64, attn_only=True,
-        seed=0, steps=steps, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01,
+        seed=seed, steps=steps, batch_size=64, lr=3e-3, warmup=100, weight_decay=0.01,
         eval_n=200, eval_seed=0, vocab=_induction_vocab, batch=_induction_batch,
-        family=family) for short, family, label, kv, steps, mechanism in FAMILY_ORGANISMS),
+        family=family) for short, family, label, kv, steps, seed, mechanism in FAMILY_ORGANISMS),
 )}

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -416,3 +417,27 @@ def test_killed_worker_process_is_taken_over_within_seconds(small, tmp_path):
     # the grace period is 10 s before any cell completed and 5 s after: never the old 60 s
     assert waited < 45, waited
     print(f"killed worker's cell taken over {waited:.1f} s after the kill")
+
+
+def test_methods_b_config_runs_every_new_method(tmp_path):
+    """The shipped config of EAP-GP, IFR and edge pruning loads, and one cell of each runs
+    (edge pruning with a few steps instead of the config's 3000)."""
+    import tomllib
+
+    raw = tomllib.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+                         / "methods_b.toml").read_text())
+    # the zoo grids (stories260k sits in ../shared, which this check does not need)
+    raw["grid"] = [g for g in raw["grid"] if all(m.startswith("zoo:") for m in g["models"])]
+    shipped = load_config(raw)
+    assert {"eap_gp", "ifr", "edge_pruning"} <= {c.algorithm for c in shipped.cells}
+    path = tmp_path / "grid.toml"
+    path.write_text('models = ["zoo:induction-2l"]\ntasks = ["induction"]\nexamples = 4\n'
+                    'seeds = [0]\n[algorithms.eap_gp]\n[algorithms.ifr]\n'
+                    '[algorithms.edge_pruning]\nsteps = 3\nwarmup_steps = 2\n')
+    url = storage_url(tmp_path)
+    result = cf.bench(path, storage=url, progress=False)
+    assert result.ok and result.completed == 3
+    records = {r["algorithm"]: r for r in iter_records(optuna.load_study(study_name="grid",
+                                                                         storage=url))}
+    assert set(records) == {"eap_gp", "ifr", "edge_pruning"}
+    assert all(0 <= r["edge_auc"] <= 1 for r in records.values())

@@ -252,7 +252,8 @@ def test_gradient_points_on_the_runner_equal_the_hooked_reference(family_models,
         _close(runner.edge_attribution(data, points=points, batch_size=1), slow)
     # one point per pass (as a small memory budget would plan it): chunks of points, each
     # its own runner pass, summed
-    runner.attribution_plan = lambda n, seq_len, n_points=1, batch_size=None: (n, 1, False)
+    runner.attribution_plan = (lambda n, seq_len, n_points=1, batch_size=None,
+                                 positions=1: (n, 1, False))
     _close(runner.edge_attribution(data, points=input_points(g, 4)),
            hooked.edge_attribution(data, points=input_points(g, 4)))
 

@@ -395,7 +395,8 @@ def test_gradient_points_equal_the_reference(gemma):
         torch.testing.assert_close(engine.edge_attribution(data, points=points), want,
                                    atol=tol, rtol=0)
         single = PatchingEngine(model)  # one point a pass
-        single.attribution_plan = lambda n, seq_len, n_points=1, batch_size=None: (n, 1, False)
+        single.attribution_plan = (lambda n, seq_len, n_points=1, batch_size=None,
+                                     positions=1: (n, 1, False))
         torch.testing.assert_close(single.edge_attribution(data, points=points), want,
                                    atol=tol, rtol=0)
 

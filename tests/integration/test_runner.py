@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from circuitfind.errors import ConfigError
-from circuitfind.patching import PatchingEngine
+from circuitfind.patching import PatchingEngine, plan
 from circuitfind.patching.runner import block_runner
 from circuitfind.tasks.base import TaskData
 from circuitfind.testing import ToyTask
@@ -133,9 +133,11 @@ def test_tiny_memory_budget_chunks_without_changing_results(tiny_models, name):
     g = big.graph
     masks = torch.rand(4, g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1),
                        dtype=torch.float64)
-    row = big._row_bytes(data.seq_len, g.n_senders)
-    small = PatchingEngine(model, memory_budget=max(2**20, row))
-    assert small.rows_per_pass(data.seq_len) < 4 * data.n  # it really chunks
+    t = int(data.positions.max()) + 1
+    fixed = big.shape.weights + plan.masked_fixed_bytes(big.shape, data.n, t)
+    small = PatchingEngine(model, memory_budget=max(2**20, fixed + 3 * plan.masked_row_bytes(
+        big.shape, t)))
+    assert small.rows_per_pass(t, None, data.n) < 4 * data.n  # it really chunks
     assert_close(model, small.run(data, masks), big.run(data, masks), 1e-10)
     tight = PatchingEngine(model, memory_budget=2**20)
     with pytest.raises(ConfigError, match="at least"):
