@@ -53,6 +53,7 @@ from circuitfind.errors import CircuitFindError, ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
+from circuitfind.patching.masked_pass import receiver_changes
 from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching import plan as memory_plan
 from circuitfind.patching.plan import MemoryPlan, ModelShape
@@ -374,7 +375,7 @@ class PatchingEngine:
 
             def block_delta(t: int, w: Tensor = w, k: int = k) -> Tensor:
                 diff = buf[:, :k].reshape(groups_g, k, -1)  # [G, k, n*T*d]
-                delta = torch.bmm(w.transpose(1, 2), diff)  # [G, R_block, n*T*d]
+                delta = receiver_changes(w, diff)  # [G, R_block, n*T*d]: eq. (1)
                 return delta.view(groups_g, w.shape[2], n, t, -1).permute(0, 2, 3, 1, 4)
 
             for grp in used:

@@ -28,6 +28,48 @@ if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
 
 
+def receiver_changes(weights: Tensor, values: Tensor, base: Tensor | None = None) -> Tensor:
+    """The sum of eq. (1), ``sum_u w[b, u, r] v[b, u]``: what patching edges changes in each
+    receiver's input (its correction), for every row ``b`` at once.
+
+    This is the one place eq. (1) is evaluated: the block runner's masked passes (removed and
+    kept form, dense layers), the post-norm pass's per-layer mixtures and the hooked
+    fallback's receiver hooks (:meth:`circuitfind.patching.engine.PatchingEngine.run`) all
+    call it.
+
+    Args:
+        weights: ``[B, U, R]`` weights of the edges from U senders into R receivers in each row
+            (a mask, or a (mask, receiver) pair): ``removed = 1 - M`` (removed form), the
+            kept edges (kept form) or the frozen ones (path patching); fractional values
+            interpolate.
+        values: The senders' differences ``a_u - a'_u`` (or ``a_u - a_u(clean)``) flattened
+            over examples, positions and ``d_model``: ``[B, U, X]`` per row, or ``[U, X]`` when
+            every row reads the same values (senders before the start layer).
+        base: Optional ``[B|1, R, X]`` added to the sum (one fused batched matmul).
+
+    Returns:
+        ``[B, R, X]`` in the values' unit (the residual stream's), or ``[1, R, X]`` where the
+        values are shared and the weights are the same in every row (one matmul serves all:
+        ACDC's candidates share their base circuit; not taken when the weights carry
+        gradients).
+
+    References:
+        Eq. (1) of :mod:`circuitfind.patching.engine` (Conmy et al. 2023, edge patching;
+        Syed et al. 2023 for its derivative, EAP).
+    """
+    w = weights.transpose(1, 2)  # [B, R, U]
+    if values.ndim == 2:
+        if (w.shape[0] > 1 and not weights.requires_grad
+                and bool((weights == weights[:1]).all())):
+            out = (w[0] @ values).unsqueeze(0)
+        else:
+            out = torch.matmul(w, values)
+        return out if base is None else base + out
+    if base is None:
+        return torch.bmm(w, values)
+    return torch.baddbmm(base.expand(w.shape[0], -1, -1), w, values)
+
+
 @dataclass
 class KeptFormMemo:
     """Outputs of mask-invariant nodes kept from one kept-form pass to the next.
@@ -82,9 +124,47 @@ class _Form:
                      self.shared, self.touched[:1])
 
 
+@dataclass(frozen=True)
+class LayerViews:
+    """Where one layer's nodes sit in a graph's sender and receiver indexing: what every
+    masked pass reads, built once per runner (:meth:`of`).
+
+    Attributes:
+        qkv: The layer's q, k and v receivers (contiguous: q heads, then k and v groups).
+        first: First receiver of each kind, ``{"q": .., "k": .., "v": ..}``.
+        sizes: Receivers of each kind (query heads; key/value groups).
+        heads: Sender indices of the layer's heads.
+        mlp: Sender index of the layer's MLP.
+        mlp_receiver: Receiver index of the MLP's input.
+    """
+
+    qkv: list[int]
+    first: dict[str, int]
+    sizes: dict[str, int]
+    heads: range
+    mlp: int
+    mlp_receiver: int
+
+    @staticmethod
+    def of(graph: Any) -> list[LayerViews]:
+        """The views of every layer of ``graph`` (a :class:`ComputeGraph`)."""
+        g = graph
+        sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
+        return [LayerViews(list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads)),
+                           {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]},
+                           sizes, range(g.head_start[layer], g.head_start[layer] + g.n_heads),
+                           g.mlp_index[layer], g.mlp_receiver[layer])
+                for layer in range(g.n_layers)]
+
+
 class MaskedPass:
     """K masked runs over N examples from one start layer (arguments as in
     :meth:`circuitfind.patching.runner.BlockRunner.run`, plus the runner itself).
+
+    The constructor decides how the pass runs: which senders are read from the clean cache
+    (*static*: before the start layer) and which are computed per pass (*dynamic*)
+    (:meth:`_choose_senders`, which also picks the kept form for sparse circuits), the weights
+    of each form of eq. (1) (:meth:`_forms`) and the per-mask buffers (:meth:`_buffers`).
 
     Raises:
         ConfigError: ``start`` out of range, or a mask touches a receiver before ``start``.
@@ -94,44 +174,69 @@ class MaskedPass:
                  positions: Tensor, start: int | None = None, frozen: Tensor | None = None,
                  diff: Tensor | None = None,
                  abl_resid: tuple[Tensor, Tensor] | None = None) -> None:
-        self.runner, self.memo = runner, runner.memo
-        g, lay = runner.graph, runner.arch
-        k_masks = removed.shape[0]
-        weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S or 2S, R]
-        touched_r = weights.ne(0).any(1)  # [K, R]
-        start = runner.resolve_start(touched_r.any(0), start)
-        n, t, d = cache.resid.shape[1:]
-        dev, dtype = cache.resid.device, cache.resid.dtype
+        self.runner, self.memo, self.g, self.lay = runner, runner.memo, runner.graph, runner.arch
+        self.layers: list[LayerViews] = runner.layers
+        self.cache, self.ablated, self.removed, self.frozen = cache, ablated, removed, frozen
+        self.abl_resid = abl_resid
+        self.k_masks = removed.shape[0]
+        self.n, self.t, self.d = cache.resid.shape[1:]
+        self.dev, self.dtype = cache.resid.device, cache.resid.dtype
+        self.diff = cache.senders - ablated if diff is None else diff  # [S, n, T, d]
+        self.positions = positions
+        self.pos = positions.to(self.dev)  # [n, P]
+        self.n_pos = self.pos.shape[1]
+        self.row_pos = self.pos.repeat(self.k_masks, 1)  # [K*n, P]
+        weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S|2S, R]
+        self.touched_cpu = weights.ne(0).any(1).cpu()  # [K, R]
+        self.start = runner.resolve_start(self.touched_cpu.any(0), start)
+        self._choose_senders(weights)
+        self._forms()
+        self._buffers()
+
+    def _choose_senders(self, weights: Tensor) -> None:
+        """Set ``static`` (active senders before the start layer, read from the cache),
+        ``dynamic`` (senders the pass computes) and ``kept_w`` (the kept edges' weights
+        ``[K, S, R]`` when the pass runs in kept form, else ``None``).
+
+        Kept form: after the start layer, a receiver's input is the ablated run's residual
+        plus its kept edges' differences, ``x_r = x'_L + sum_u kept[u, r] (a_u - a'_u)``,
+        which equals eq. (1); used when the masks keep fewer edges there than they remove
+        (sparse circuits: ACDC, small faithfulness-curve sizes). Senders then only need
+        computing if a kept edge leaves them (or a removed edge into a start-layer
+        receiver)."""
+        g, removed, start = self.g, self.removed, self.start
         active = weights.ne(0).any(2).any(0)  # senders with a removed/frozen edge
-        if frozen is not None:
+        if self.frozen is not None:
             active = active[: g.n_senders] | active[g.n_senders:]
         n_static = g.head_start[start] if start < g.n_layers else g.n_senders
-        static = active[:n_static].nonzero()[:, 0].tolist()
-        # Kept form: after the start layer, a receiver's input is the ablated run's residual
-        # plus its kept edges' differences, x_r = x'_L + sum_u kept[u, r] (a_u - a'_u), which
-        # equals eq. (1); used when the masks keep fewer edges there than they remove (sparse
-        # circuits: ACDC, small faithfulness-curve sizes). Senders then only need computing
-        # if a kept edge leaves them (or a removed edge into a start-layer receiver).
-        kept_w = None
-        if frozen is None and start < g.n_layers:
+        self.n_static = n_static
+        self.static = active[:n_static].nonzero()[:, 0].tolist()
+        self.kept_w = None
+        if self.frozen is None and start < g.n_layers:
             # receivers after the start layer's q/k/v inputs (those read the clean residual)
-            later = (runner.receiver_layer > start).to(dev)
+            later = (self.runner.receiver_layer > start).to(self.dev)
             later[g.mlp_receiver[start]] = True
             kept_all = g.edge_mask.to(removed) - removed  # [K, S, R]
             if int(kept_all[:, :, later].ne(0).sum()) < int(removed[:, :, later].ne(0).sum()):
-                kept_w = kept_all
-                needed = (kept_all[:, :, later].ne(0).any(2).any(0)
+                self.kept_w = kept_all
+                active = (kept_all[:, :, later].ne(0).any(2).any(0)
                           | removed[:, :, ~later].ne(0).any(2).any(0))
-                dynamic = (needed[n_static:].nonzero()[:, 0] + n_static).tolist()
-        if kept_w is None:
-            dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
-            runner.memo.entries = {}  # kept-form outputs are only reused by kept-form passes
-        # Shared-over-masks buffer: static senders' clean - ablated values (and, for frozen
-        # edges, dynamic senders' ablated - clean values). Dynamic senders' per-mask buffer
-        # ``current`` holds a_u(current run) - a'_u, so that eq. (1) for a dynamic sender is
-        # (removed + frozen) * current + frozen * (a' - clean).
-        if diff is None:
-            diff = cache.senders - ablated  # [S, n, T, d]
+        if self.kept_w is None:
+            self.memo.entries = {}  # kept-form outputs are only reused by kept-form passes
+        self.dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
+        self.dyn_slot = {u: i for i, u in enumerate(self.dynamic)}
+        self.dyn_cpu = torch.tensor(self.dynamic, dtype=torch.long)
+
+    def _forms(self) -> None:
+        """The weights of eq. (1) (removed form) and, in kept form, of the kept edges
+        (``forms``), over the static senders' shared values and the dynamic senders.
+
+        Shared-over-masks values: the static senders' clean - ablated values (and, for frozen
+        edges, the dynamic senders' ablated - clean values). A dynamic sender's per-mask
+        buffer ``current`` holds ``a_u(current run) - a'_u``, so that eq. (1) for it is
+        ``(removed + frozen) * current + frozen * (a' - clean)``."""
+        diff, dynamic, frozen, n_static = self.diff, self.dynamic, self.frozen, self.n_static
+        removed, static = self.removed, self.static
         if frozen is None:
             # every sender before ``start`` (a view; inactive ones have zero weights)
             shared = diff[:n_static].reshape(n_static, -1) if static else None
@@ -142,65 +247,59 @@ class MaskedPass:
             if dynamic:
                 parts.append(-diff[dynamic])
                 cols.append(frozen[:, dynamic])
-            shared = torch.cat(parts).reshape(-1, n * t * d) if parts else None
+            shared = torch.cat(parts).reshape(-1, self.n * self.t * self.d) if parts else None
             w_shared = torch.cat(cols, 1) if cols else None  # [K, A, R]
-        w_dyn = removed[:, dynamic] if frozen is None else removed[:, dynamic] + frozen[:, dynamic]
-        dyn_slot = {u: i for i, u in enumerate(dynamic)}
-        touched_cpu = touched_r.cpu()
-        qkv_of = [list(range(g.q_start[layer], g.v_start[layer] + g.n_kv_heads))
-                  for layer in range(g.n_layers)]
-        # Dense layers (the masks touch at least half of the (mask, q/k/v receiver) pairs:
-        # random and curve circuits): one buffer ``buf [K, 1 + A + J, n*T*d]`` holds the
-        # residual stream, the shared rows of eq. (1) (the active static senders' clean -
-        # ablated values, and for frozen edges the dynamic senders' ablated - clean values)
-        # and the dynamic senders' ``current`` values, so that all of a layer's receiver inputs
-        # (x itself where a mask touches none) are one batched matmul with the coefficients
-        # ``coef [K, 1 + A + J, R] = [1; -w_shared; -w_dyn]``.
-        dense_layers = ({layer for layer in range(start, g.n_layers)
-                         if 2 * int(touched_cpu[:, qkv_of[layer]].sum())
-                         >= touched_cpu[:, qkv_of[layer]].numel()}
-                        if kept_w is None else set())
-        buf = coef = None
-        n_pre = 0  # rows of ``buf`` before the dynamic senders
-        if dense_layers:
+        self.shared, self.w_shared = shared, w_shared
+        self.w_dyn = (removed[:, dynamic] if frozen is None
+                      else removed[:, dynamic] + frozen[:, dynamic])  # [K, J, R]
+        self.forms = {"removed": _Form(w_shared, self.w_dyn, shared, self.touched_cpu)}
+        kept_w = self.kept_w
+        if kept_w is not None:
+            self.forms["kept"] = _Form(
+                kept_w[:, :n_static] if n_static else None, kept_w[:, dynamic],
+                diff[:n_static].reshape(n_static, -1) if n_static else None,
+                kept_w.ne(0).any(1).cpu())
+
+    def _buffers(self) -> None:
+        """The per-mask buffer ``current [K, J, n*T*d]`` of the dynamic senders and, for
+        dense layers, the combined buffer ``buf`` and its coefficients ``coef``.
+
+        Dense layers (the masks touch at least half of the (mask, q/k/v receiver) pairs:
+        random and curve circuits; never in kept form): one buffer ``buf [K, 1 + A + J,
+        n*T*d]`` holds the residual stream, the shared rows of eq. (1) and the dynamic
+        senders' ``current`` values, so that all of a layer's receiver inputs (x itself where
+        a mask touches none) are one batched matmul with the coefficients ``coef [K, 1 + A +
+        J, R] = [1; -w_shared; -w_dyn]``."""
+        g, k_masks, touched = self.g, self.k_masks, self.touched_cpu
+        size = self.n * self.t * self.d
+        self.dense_layers = set()
+        if self.kept_w is None:
+            self.dense_layers = {layer for layer in range(self.start, g.n_layers)
+                                 if 2 * int(touched[:, self.layers[layer].qkv].sum())
+                                 >= touched[:, self.layers[layer].qkv].numel()}
+        self.buf = self.coef = None
+        self.n_pre = 0  # rows of ``buf`` before the dynamic senders
+        n_dyn = len(self.dynamic)
+        if self.dense_layers:
             # without frozen edges ``shared`` is a view of every static sender: copy the
             # active ones only
-            rows, w_rows = ((diff[static].reshape(len(static), n * t * d), removed[:, static])
-                            if frozen is None else (shared, w_shared))
-            n_pre = 1 + (0 if rows is None else rows.shape[0])
-            buf = torch.empty(k_masks, n_pre + len(dynamic), n * t * d, device=dev, dtype=dtype)
+            static = self.static
+            rows, w_rows = ((self.diff[static].reshape(len(static), size),
+                             self.removed[:, static])
+                            if self.frozen is None else (self.shared, self.w_shared))
+            self.n_pre = 1 + (0 if rows is None else rows.shape[0])
+            self.buf = torch.empty(k_masks, self.n_pre + n_dyn, size, device=self.dev,
+                                   dtype=self.dtype)
             if rows is not None:
-                buf[:, 1:n_pre] = rows
-            coef = torch.cat([removed.new_ones(k_masks, 1, g.n_receivers)]
-                             + ([] if w_rows is None else [-w_rows]) + [-w_dyn], 1)
-            current = buf[:, n_pre:]
+                self.buf[:, 1:self.n_pre] = rows
+            ones = self.removed.new_ones(k_masks, 1, g.n_receivers)
+            self.coef = torch.cat([ones] + ([] if w_rows is None else [-w_rows])
+                                  + [-self.w_dyn], 1)
+            self.current = self.buf[:, self.n_pre:]
         else:
             # uninitialised: in the last block only the metric positions are written, and
             # every position of the output depends only on the same position of the buffer
-            current = torch.empty(k_masks, len(dynamic), n * t * d, device=dev, dtype=dtype)
-        dyn_cpu = torch.tensor(dynamic, dtype=torch.long)
-
-        # the weights of eq. (1) (removed form) and, in kept form, of the kept edges
-        forms = {"removed": _Form(w_shared, w_dyn, shared, touched_cpu)}
-        if kept_w is not None:
-            forms["kept"] = _Form(kept_w[:, :n_static] if n_static else None, kept_w[:, dynamic],
-                                  diff[:n_static].reshape(n_static, -1) if n_static else None,
-                                  kept_w.ne(0).any(1).cpu())
-
-        pos = positions.to(dev)
-        n_pos = pos.shape[1]
-        row_pos = pos.repeat(k_masks, 1)  # [K*n, P]
-
-        # what the methods read (the arguments and the buffers above)
-        self.abl_resid, self.ablated, self.buf, self.cache = abl_resid, ablated, buf, cache
-        self.coef, self.current, self.d, self.dense_layers = coef, current, d, dense_layers
-        self.dev, self.diff, self.dtype, self.dyn_cpu = dev, diff, dtype, dyn_cpu
-        self.dyn_slot, self.dynamic, self.forms, self.frozen = dyn_slot, dynamic, forms, frozen
-        self.g, self.k_masks, self.kept_w, self.lay, self.n = g, k_masks, kept_w, lay, n
-        self.n_pos, self.n_pre, self.n_static, self.pos = n_pos, n_pre, n_static, pos
-        self.positions, self.qkv_of, self.removed = positions, qkv_of, removed
-        self.row_pos, self.shared, self.start, self.static = row_pos, shared, start, static
-        self.t, self.touched_cpu, self.w_dyn, self.w_shared = t, touched_cpu, w_dyn, w_shared
+            self.current = torch.empty(k_masks, n_dyn, size, device=self.dev, dtype=self.dtype)
 
     def dense_inputs(self, rs: list[int], x: Tensor) -> Tensor:
         """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
@@ -210,8 +309,8 @@ class MaskedPass:
         assert buf is not None and coef is not None
         buf[:, 0] = x.view(k_masks, -1)
         rows = n_pre + int((dyn_cpu < int(g.n_upstream[rs].max())).sum())
-        w = coef[:, :rows][:, :, torch.tensor(rs, device=dev)].transpose(1, 2)
-        return torch.bmm(w, buf[:, :rows])
+        return receiver_changes(coef[:, :rows][:, :, torch.tensor(rs, device=dev)],
+                                buf[:, :rows])
 
     def deltas(self, receivers: list[int], form: str = "removed"
                ) -> list[tuple[int, Tensor | slice, Tensor]]:
@@ -221,10 +320,9 @@ class MaskedPass:
         One matmul over the shared buffer and one batched matmul over the per-mask
         buffer for all of them (each buffer is read once per layer, not once per receiver).
         """
-        current, d, dev, dyn_cpu, forms = self.current, self.d, self.dev, self.dyn_cpu, self.forms
-        g, k_masks, n, shared, t = self.g, self.k_masks, self.n, self.shared, self.t
-        touched_cpu, w_dyn, w_shared = self.touched_cpu, self.w_dyn, self.w_shared
-        wf = forms[form]
+        current, d, dev, dyn_cpu, g = self.current, self.d, self.dev, self.dyn_cpu, self.g
+        n, t = self.n, self.t
+        wf = self.forms[form]
         w_shared, w_dyn, shared, touched_cpu = wf.w_shared, wf.w_dyn, wf.shared, wf.touched
         k_masks = wf.k
         rs = [r for r in receivers if wf.touched_any[r]]
@@ -248,12 +346,13 @@ class MaskedPass:
                 # rows only and gather.
                 rows, index = torch.unique(weights, dim=0, return_inverse=True)
                 if rows.shape[0] < weights.shape[0]:
-                    out = (rows @ shared)[index]
+                    out = receiver_changes(rows[:, :, None], shared)[index, 0]
             if out is None:
-                out = weights @ shared  # [P, X]
+                out = receiver_changes(weights[:, :, None], shared)[:, 0].expand(
+                    weights.shape[0], -1)  # [P, X]
         if j:
-            term = torch.einsum("pa,pax->px", w_dyn[kd, :j, rd], current[kd, :j])
-            out = term if out is None else out + term
+            out = receiver_changes(w_dyn[kd, :j, rd][:, :, None], current[kd, :j],
+                                   None if out is None else out[:, None])[:, 0]
         assert out is not None
         counts = torch.bincount(jj, minlength=len(rs)).tolist()
         result = []
@@ -266,25 +365,17 @@ class MaskedPass:
                      ) -> list[tuple[int, Tensor | slice, Tensor]]:
         """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
         one ``[K, R', n*T*d]`` tensor, mask-major, no gathers."""
-        current, d, dev, k_masks, n = self.current, self.d, self.dev, self.k_masks, self.n
-        shared, t, w_dyn, w_shared = self.shared, self.t, self.w_dyn, self.w_shared
+        current, d, dev, n, t = self.current, self.d, self.dev, self.n, self.t
         w_shared, w_dyn, shared, k_masks = wf.w_shared, wf.w_dyn, wf.shared, wf.k
-        cur = current[:k_masks] if current is not None else None
+        cur = current[:k_masks]
         idx = torch.tensor(rs, device=dev)
         out = None
         if w_shared is not None:
             assert shared is not None  # _Form keeps w_shared only with shared
-            weights = w_shared[:, :, idx]  # [K, A, R']
-            if k_masks > 1 and bool((weights == weights[:1]).all()):
-                # the same weights in every mask (e.g. the base circuit ACDC's candidates
-                # share): one matmul, broadcast over the masks
-                out = (weights[0].T @ shared).unsqueeze(0)  # [1, R', X]
-            else:
-                out = torch.matmul(weights.transpose(1, 2), shared)  # [K, R', X]
+            # [1, R', X] where every mask has the same weights (ACDC's base circuit)
+            out = receiver_changes(w_shared[:, :, idx], shared)  # [K|1, R', X]
         if j:
-            w = w_dyn[:, :j][:, :, idx].transpose(1, 2)  # [K, R', j]
-            out = (torch.bmm(w, cur[:, :j]) if out is None
-                   else torch.baddbmm(out.expand(k_masks, -1, -1), w, cur[:, :j]))
+            out = receiver_changes(w_dyn[:, :j][:, :, idx], cur[:, :j], out)
         assert out is not None
         out = out.expand(k_masks, -1, -1)
         return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
@@ -436,11 +527,9 @@ class MaskedPass:
         keys: dict[int, Any] = {}
         fresh: dict[Any, Tensor] = {}
         ids: dict[Any, int] = {}
-
-        # what the methods read (the arguments and the buffers above)
+        # read by the helpers below (_heads_pass, _invariant, _input_key, _intern)
         self.pre, self.mid, self.rep, self.form_weights = pre, mid, rep, form_weights
-        self.equal, self.variant, self.keys, self.fresh = equal, variant, keys, fresh
-        self.ids = ids
+        self.equal, self.variant, self.keys, self.ids = equal, variant, keys, ids
 
         key: int | None  # memo key of a mask-invariant node's outputs
         for layer in range(start, g.n_layers):
@@ -502,9 +591,9 @@ class MaskedPass:
         xf = self.at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
         for _, ks, dlt in self.deltas([g.n_receivers - 1], "kept"):
             xf[ks] += self.at_positions(dlt)
+        # this pass's invariant outputs replace the memo (the next pass reuses them)
+        self.memo.entries, self.memo.ids = fresh, ids
         return lay.final(xf)
-        # what the methods read (the arguments and the buffers above)
-        self.fresh, self.ids = fresh, ids
 
     def _intern(self, key: tuple[Any, ...]) -> int:
         """A small stable id for a flat key, so that keys nest by id, not by content
@@ -528,7 +617,7 @@ class MaskedPass:
         pos, rep, t = self.pos, self.rep, self.t
         groups = sorted({hh // rep for hh in subset})
         want = {"q": subset, "k": groups, "v": groups}
-        first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+        first = self.layers[layer].first
         patches = self.deltas([first[kind] + i for kind in "qkv" for i in want[kind]], form)
         kk = forms[form].k if patches else 1
         base_in = lay.ln_attn(layer, base)  # [n, T, d]
@@ -574,7 +663,7 @@ class MaskedPass:
         ablated, cache, current, d = self.ablated, self.cache, self.current, self.d
         dense_layers, dev, dyn_slot = self.dense_layers, self.dev, self.dyn_slot
         dynamic, g, k_masks = self.dynamic, self.g, self.k_masks
-        lay, n, n_pos, qkv_of, row_pos = self.lay, self.n, self.n_pos, self.qkv_of, self.row_pos
+        lay, n, n_pos, row_pos = self.lay, self.n, self.n_pos, self.row_pos
         start, t = self.start, self.t
 
         x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
@@ -585,8 +674,8 @@ class MaskedPass:
                 sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
                 # receiver-major inputs [K, R', n*T, d]: one norm, one batched projection
                 # per kind
-                n_r = len(qkv_of[layer])
-                inputs = self.dense_inputs(qkv_of[layer], x).view(k_masks, n_r, n * t, d)
+                qkv_rs = self.layers[layer].qkv
+                inputs = self.dense_inputs(qkv_rs, x).view(k_masks, len(qkv_rs), n * t, d)
                 projected = lay.project_heads_normed(layer, inputs)
                 if projected is None:
                     normed, projected, s0 = lay.ln_attn(layer, inputs), [], 0
@@ -620,7 +709,7 @@ class MaskedPass:
                 x_in, x = x, x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, -1, d)
                 x = self.mlp_block(layer, x, last, x_in)
                 continue
-            patches = self.deltas(qkv_of[layer])
+            patches = self.deltas(self.layers[layer].qkv)
             if layer == start:
                 x_mid = self.sparse_attention(layer, patches)
                 if x_mid is not None:
@@ -635,7 +724,7 @@ class MaskedPass:
             # of each mask recomputed from their own inputs
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
             qkv = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
-            first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+            first = self.layers[layer].first
             for r, ks, dlt in patches:
                 kind = g.receivers[r].kind
                 head = r - first[kind]

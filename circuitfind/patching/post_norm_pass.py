@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from circuitfind.patching.architectures import Architecture
+from circuitfind.patching.masked_pass import receiver_changes
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -75,15 +76,20 @@ class PostNormPass:
         touched = (g.edge_mask.to(weights.device).bool().unsqueeze(0).expand(self.k, -1, -1)
                    if self.grads else weights.detach().ne(0))
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
+        # senders some edge of which is removed or frozen in some mask (every sender with
+        # gradients): the only ones whose differences a receiver's input reads
+        self.read = (torch.ones(g.n_senders, dtype=torch.bool) if self.grads
+                     else weights.detach().ne(0).any(2).any(0).cpu())
         self.start = runner.resolve_start(self.touched.any(0), start)
         self.diff = cache.senders - ablated if diff is None else diff  # [S, n, T, d]
         n, t, d = cache.resid.shape[1:]
         self.n, self.t, self.d = n, t, d
         self.at_pos = False  # the last block: every tensor at the metric positions only
         # the senders the pass computes, by first sender u of a group (a layer's heads, or one
-        # MLP): ``a - a'`` and, with frozen edges, ``a - a(clean)``, [K, U, n, T, d]
-        self.removed_diff: dict[int, Tensor] = {}
-        self.frozen_diff: dict[int, Tensor] = {}
+        # MLP): ``a - a'`` and, with frozen edges, ``a - a(clean)``, [K, U, n, T, d]; ``None``
+        # where no edge of the group is removed or frozen (never read)
+        self.removed_diff: dict[int, Tensor | None] = {}
+        self.frozen_diff: dict[int, Tensor | None] = {}
         # per layer: the summed head outputs S_l [K|1, n, T, d] and PostNorm_l(S_l)
         self.sums: dict[int, Tensor] = {}
         self.normed: dict[int, Tensor] = {}
@@ -112,18 +118,23 @@ class PostNormPass:
                 w_f is None or not bool(w_f.ne(0).any())):
             return None
         if us.start not in self.removed_diff:  # senders before the start: clean in every mask
-            if len(ks) > 1 and bool((w_r == w_r[:1]).all()):
-                w_r = w_r[:1]  # the same mixture in every mask (ACDC's base circuit): once
-            return torch.einsum("ku,untd->kntd", w_r, self._rows(self.diff[sl]))
+            # one row where every mask has the same mixture (ACDC's base circuit)
+            values = self._rows(self.diff[sl])  # [U, n, T|P, d]
+            out = receiver_changes(w_r[:, :, None], values.reshape(len(us), -1))
+            return out.view(-1, *values.shape[1:])
         every = len(ks) == self.k
 
-        def rows(diff: Tensor) -> Tensor:  # [k, U, n, T, d] of the masks ks
-            return diff if every else diff[ks]
+        def rows(diff: Tensor) -> Tensor:  # [k, U, n*T*d] of the masks ks
+            return (diff if every else diff[ks]).reshape(len(ks), len(us), -1)
 
-        out = torch.einsum("ku,kuntd->kntd", w_r, rows(self.removed_diff[us.start]))
+        removed, frozen = self.removed_diff[us.start], self.frozen_diff.get(us.start)
+        assert removed is not None  # kept whenever an edge of the group is removed or frozen
+        shape = removed.shape[2:]
+        out = receiver_changes(w_r[:, :, None], rows(removed))
         if w_f is not None:
-            out = out + torch.einsum("ku,kuntd->kntd", w_f, rows(self.frozen_diff[us.start]))
-        return out
+            assert frozen is not None
+            out = receiver_changes(w_f[:, :, None], rows(frozen), out)
+        return out.view(len(ks), *shape)
 
     def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(ks, x_r [k|1, n, T, d])``: the masks ``ks`` that touch receiver ``r`` and its
@@ -266,6 +277,9 @@ class PostNormPass:
         """Keep the differences of the senders ``u, u+1, ...`` whose values in this pass are
         ``values [K, U, n, T|P, d]`` (at the metric positions in the last block)."""
         sl = slice(u, u + values.shape[1])
+        if not bool(self.read[sl].any()):  # no receiver reads these senders' differences
+            self.removed_diff[u] = self.frozen_diff[u] = None
+            return
         self.removed_diff[u] = values - self._rows(self.ablated[sl])
         if self.frozen is not None:
             self.frozen_diff[u] = values - self._rows(self.cache.senders[sl])
@@ -274,9 +288,12 @@ class PostNormPass:
         """From here on (the last block's MLP and the logits) keep the metric positions only:
         the values computed so far are cut to them."""
         self.at_pos = True
-        for store in (self.removed_diff, self.frozen_diff, self.sums, self.normed):
-            for key, value in store.items():
-                store[key] = self._rows(value)
+        for diffs in (self.removed_diff, self.frozen_diff):
+            for key, value in diffs.items():
+                diffs[key] = None if value is None else self._rows(value)
+        for store in (self.sums, self.normed):
+            for key, tensor in store.items():
+                store[key] = self._rows(tensor)
 
     def logits(self) -> Tensor:
         """``[K, N, P, V]`` logits at the metric positions."""

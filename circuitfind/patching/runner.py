@@ -98,7 +98,7 @@ from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 from circuitfind.patching.attribution import attribute
 from circuitfind.patching.backward_rules import BackwardRules
-from circuitfind.patching.masked_pass import KeptFormMemo, MaskedPass
+from circuitfind.patching.masked_pass import KeptFormMemo, LayerViews, MaskedPass
 from circuitfind.patching.placement import PlacedArchitecture, placed
 from circuitfind.patching.post_norm_pass import PostNormPass
 
@@ -176,6 +176,7 @@ class BlockRunner:
         self.graph = graph
         self.receiver_layer = torch.tensor([r.layer for r in graph.receivers])
         self.memo = KeptFormMemo()  # kept-form outputs from the last pass (see MaskedPass)
+        self.layers = LayerViews.of(graph)  # per-layer index views every masked pass reads
 
     # ------------------------------------------------------------------ plain runs
     @torch.no_grad()
