@@ -180,17 +180,20 @@ def _register_references() -> None:
 
     :func:`circuitfind.tasks.reference_circuit` and :func:`circuitfind.api.find_reference`
     then find them like the literature's references. The graph is the organism's
-    architecture (GPT-2 layout; attention-only organisms keep their all-zero MLP nodes).
+    architecture (its key/value heads, parallel blocks for GPT-NeoX; attention-only organisms
+    keep their all-zero MLP nodes).
     """
     from circuitfind.graphs.graph import ComputeGraph
     from circuitfind.tasks.references import register_reference
-    from circuitfind.zoo.organisms import ORGANISMS
+    from circuitfind.zoo.organisms import FAMILIES, ORGANISMS
 
     for name, entry in ZOO.items():
         if not entry.shipped:
             continue
         org = ORGANISMS[name]
-        graph = ComputeGraph(org.n_layers, org.n_heads, model_name=zoo_source(name))
+        parallel = bool(FAMILIES.get(org.family, ("", "", {}))[2].get("use_parallel_residual"))
+        graph = ComputeGraph(org.n_layers, org.n_heads, org.n_kv_heads or org.n_heads,
+                             parallel_attn_mlp=parallel, model_name=zoo_source(name))
 
         def build(_graph: ComputeGraph, name: str = name) -> Any:
             return reference_circuit(name)

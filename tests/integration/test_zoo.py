@@ -12,6 +12,7 @@ import torch
 
 import circuitfind as cf
 from circuitfind import zoo
+from circuitfind.api import find_reference
 from circuitfind.errors import UnknownNameError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.engine import PatchingEngine
@@ -112,6 +113,9 @@ def test_reference_circuit_is_faithful_and_eap_finds_it(organism, name):
     g = engine.graph
     assert reference.graph.config() | {"model_name": None} == g.config() | {"model_name": None}
     assert reference.metadata["model"] == f"zoo:{name}"
+    # the registry finds it for the organism's own graph (as bench cells and ROC curves ask)
+    found = find_reference(zoo.ZOO[name].task, f"zoo:{name}", g)
+    assert found is not None and found.edges == reference.edges
     assert "derivation" in reference.metadata
     faith = analysis.faithfulness(engine, data, reference.kept)
     assert faith["faithfulness"] >= EXPECTED[name]["faithfulness"]
