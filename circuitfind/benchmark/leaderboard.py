@@ -61,10 +61,12 @@ INTERVALS = ("cpr", "cmd", "edge_auc", "node_auc", "score_forwards", "wall_time_
 ``None``; :mod:`circuitfind.benchmark.intervals`): CPR and CMD resample seeds and examples,
 the others seeds."""
 
-RANK_BY: dict[str, tuple[str, bool]] = {
-    "cpr": ("cpr", True), "cmd": ("cmd", False), "auroc": ("edge_auc", True),
-    "time": ("wall_time_s", False), "cost": ("score_forwards", False)}
-"""The interval each ``--sort`` key ranks by, and whether larger is better."""
+def _rank_key(sort: str) -> tuple[str, bool]:
+    """The interval a ``--sort`` key ranks by (its :data:`SORT_KEYS` column without
+    ``_mean``: ``cpr``, ``cmd``, ``edge_auc``, ``wall_time_s``, ``score_forwards``) and whether
+    larger is better."""
+    column, larger = SORT_KEYS[sort]
+    return column.removesuffix("_mean"), larger
 
 GROUP = ("task", "model", "n_examples", "ablation")
 
@@ -157,7 +159,7 @@ def aggregate(records: Sequence[dict[str, Any]], sort: str = "cpr") -> list[dict
         mean (``scores``: :meth:`ScoreMeaning.to_dict`; ``score_kind``, ``score_unit``), which
         is how the curve's signed ranking read them (:func:`record_score_meaning`); the 95%
         bootstrap intervals ``{name}_ci`` of :data:`INTERVALS` and ``ci_source``; ``rank`` and
-        ``tied`` within the row's table, by the sort key's interval (:data:`RANK_BY`, ties
+        ``tied`` within the row's table, by the sort key's interval (:func:`_rank_key`, ties
         where intervals overlap: :func:`~circuitfind.benchmark.intervals.ranks_with_ties`).
 
     Raises:
@@ -221,7 +223,7 @@ def _intervals(records: Sequence[dict[str, Any]], fractions: Sequence[float]
 def _rank(rows: list[dict[str, Any]], sort: str) -> None:
     """Set ``rank`` and ``tied`` of every row within its table (:data:`GROUP`), by the
     interval of the sort key (:func:`~circuitfind.benchmark.intervals.ranks_with_ties`)."""
-    name, larger = RANK_BY[sort]
+    name, larger = _rank_key(sort)
     for rs in _sections(rows).values():
         for row, rank in zip(rs, ranks_with_ties([r[f"{name}_ci"] for r in rs], larger)):
             row["rank"], row["tied"] = (None, None) if rank is None else rank
@@ -305,7 +307,7 @@ def rank_table(rows: Sequence[dict[str, Any]], sort: str = "cpr") -> list[str]:
                  and by[(k, a)].get("rank") is not None]
         mean_rank[a] = sum(ranks) / len(ranks) if ranks else math.inf
     heads = [f"{task} / {model}" for task, model, *_ in sections]
-    lines = [f"Rank by {RANK_BY[sort][0]} in each table (1 = best; `=` marks a tie: the 95% "
+    lines = [f"Rank by {_rank_key(sort)[0]} in each table (1 = best; `=` marks a tie: the 95% "
              "intervals of tied rows overlap those of the same better rows; — not ranked). "
              "Mean rank over the tables where the algorithm has one.", "",
              "| algorithm | " + " | ".join(heads) + " | mean rank |",

@@ -38,7 +38,7 @@ EXPECTED = {
     "ioi-small": dict(clean=12.0, corrupted=2.0, auroc_eap=0.9, faithfulness=0.85),
 }
 #: one induction organism per rotary family (zoo/README.md has each one's measured numbers:
-#: clean -0.02 to -0.07 nats, corrupted about -4.1, reference faithfulness >= 0.95)
+#: clean -0.06 to -0.29 nats, corrupted -4.11 to -4.24, reference faithfulness 0.96-1.00)
 FAMILY_ORGANISMS = [f"induction-{suffix}" for suffix, *_ in FAMILY_ORGANISM_SPECS]
 EXPECTED.update({name: dict(clean=-0.3, corrupted=-3.5, auroc_eap=0.85, faithfulness=0.9)
                  for name in FAMILY_ORGANISMS})
