@@ -468,5 +468,5 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
                         "their edges' scores would silently be 0.")
     if fix is not None:
-        fix.rescore(scores, delta)
+        fix.rescore({None: scores}, delta)
     return scores

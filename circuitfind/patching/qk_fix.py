@@ -17,13 +17,24 @@ metric is linearised:
 with ``K_g`` the key path of head ``g`` (input norm, projection, the family's q/k norms and
 rotation) and ``x_r`` the receiver's clean input; query edges likewise with ``q'_h`` and the
 clean keys (``A'`` differs from ``A`` in head ``h`` only). ``d metric / d A`` is the gradient
-of the same backward pass (with GradDrop, of the pass with a layer dropped). Gemma-2's head
-senders enter as their differences pushed through the post-norm's Jacobian (the pass's own
-linearisation of that norm); every other step before the scores is exact.
+of the same backward pass (with GradDrop, of each pass with a layer dropped: the patterns
+``A'`` do not depend on the backward pass, so they are computed once and contracted with every
+pass's gradient). Gemma-2's head senders enter as their differences pushed through the
+post-norm's Jacobian (the pass's own linearisation of that norm); every other step before the
+scores is exact.
+
+How (all without autograd, one layer at a time, in chunks of senders). The patched queries and
+keys are never rotated: the rotation is linear per position (``R_t``), so a patched query
+against clean rotated keys scores ``(R_i q'_i) . k_j = q'_i . (R_i^T k_j)`` and a clean rotated
+query against a patched key ``q_i . (R_j k'_j) = (R_j^T q_i) . k'_j``; the clean sides
+``R_i^T k_j`` and ``R_j^T q_i`` (``N H P T d_head`` values) are computed once a layer, and
+``R_t`` itself by rotating the identity with the family's own rotation. Queries are projected
+at the query rows some gradient reaches only (all but the metric positions in the last layer
+carry none). The pattern's contraction with the gradient is a batched matrix product.
 
 Cost. Per layer, for the ``U`` senders upstream of it: the norm and q/k projections of ``U``
-patched residual streams (``U N T d`` values) and ``2 U`` patterns of ``N H T^2`` scores, in
-chunks of senders; no extra backward pass. The values are computed without autograd.
+patched residual streams (``U N T d`` values, ``U N T d (H + G) d_head`` multiply-adds) and
+``2 U`` patterns of ``N H P T`` scores; no extra backward pass.
 
 References:
     Kramar, Lieberum, Shah & Nanda (2024), "AtP*: An efficient and scalable method for
@@ -32,15 +43,30 @@ References:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from circuitfind.patching.architectures import Architecture
     from circuitfind.patching.runner import BlockRunner
 
 CHUNK_SCORES = 1 << 24  # pattern entries per chunk of senders (memory: ~64 MiB in float32)
+ROW_SPACE_TOL = 1e-3  # head differences off W_O's row space by more (relative): direct path
+
+
+def rotation_matrices(lay: Architecture, t: int, dh: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """The family's rotation of queries and keys at each of ``t`` positions as matrices:
+    ``(R_q, R_k)``, each ``[T, d_head, d_head]`` with ``rotate(v)_t = R_t v`` (the identity
+    rotated by :meth:`Architecture.rotate`), or ``None`` for families without rotation."""
+    if lay.rotary is None:
+        return None
+    eye = torch.eye(dh, dtype=dtype, device=device)[:, None, None, :].expand(dh, 1, t, dh)
+    q_rot, k_rot = lay.rotate(eye, eye)  # [b, 1, T, a] = (R_t e_b)_a
+    return q_rot[:, 0].permute(1, 2, 0), k_rot[:, 0].permute(1, 2, 0)
 
 
 class QKFix:
@@ -48,8 +74,10 @@ class QKFix:
 
     Calling order (inside :func:`circuitfind.patching.attribution.attribute`): the forward pass
     calls :meth:`block_input` with each block's input and the adapter calls :meth:`tap` with
-    each layer's rotated q, k and pattern; after the backward pass :meth:`rescore` replaces the
-    scores of the q and k edges.
+    each layer's rotated q, k and pattern; each backward pass (one, or with GradDrop one per
+    dropped layer, each under its own :attr:`current` key) leaves the patterns' gradients;
+    after the backward passes :meth:`rescore` replaces the scores of the q and k edges of
+    every pass.
 
     Args:
         runner: The block runner of the pass.
@@ -59,7 +87,8 @@ class QKFix:
         self.runner = runner
         self.inputs: dict[int, Tensor] = {}
         self.qk: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.grads: dict[int, Tensor] = {}
+        self.grads: dict[Hashable, dict[int, Tensor]] = {}
+        self.current: Hashable = None  # the backward pass whose gradients arrive now
 
     def block_input(self, layer: int, x: Tensor) -> None:
         """Record ``layer``'s input residual ``x [N, T, d]`` (clean run)."""
@@ -67,65 +96,277 @@ class QKFix:
 
     def tap(self, layer: int, q: Tensor, k: Tensor, pattern: Tensor) -> None:
         """Record ``layer``'s rotated ``q [N,H,T,dh]``, ``k [N,G,T,dh]`` and pattern
-        ``[N,H,T,T]``, and catch the pattern's gradient in the backward pass."""
+        ``[N,H,T,T]``, and catch the pattern's gradient in each backward pass."""
         self.qk[layer] = (q.detach(), k.detach(), pattern.detach())
         if pattern.requires_grad:
             def keep(grad: Tensor, layer: int = layer) -> None:
-                self.grads[layer] = grad
+                self.grads.setdefault(self.current, {})[layer] = grad
             pattern.register_hook(keep)
 
     @torch.no_grad()
-    def rescore(self, scores: Tensor, delta: Tensor) -> None:
-        """Overwrite the scores of every q and k edge with the QK-fixed estimate.
+    def rescore(self, passes: dict[Hashable, Tensor], delta: Tensor) -> None:
+        """Overwrite the scores of every q and k edge with the QK-fixed estimate, in every pass.
+
+        A layer whose pattern got no gradient in a pass (nothing of it reaches the metric, or
+        a dropped layer) scores 0 on its q and k edges in that pass.
 
         Args:
-            scores: ``[S, R]`` float64 scores of the pass, updated in place.
+            passes: ``{pass key: [S, R] float64 scores}`` updated in place; the key is the
+                :attr:`current` key the pass's gradients arrived under.
             delta: ``[S, N, T, d]`` the pass's sender differences ``a' - a`` (Gemma-2's heads
                 already pushed through the post-norm's Jacobian).
         """
         g, lay = self.runner.graph, self.runner.arch
         with lay.backward_rules(None):  # plain values, no tap, while recomputing
+            heads_low = self._head_space(lay, delta)
             for layer, x in self.inputs.items():
-                q0, k0, a0 = self.qk[layer]
-                grad = self.grads.get(layer)
                 u_up = g.head_start[layer]
-                heads, groups = q0.shape[1], k0.shape[1]
-                rep = heads // groups
-                q_cols = slice(g.q_start[layer], g.q_start[layer] + heads)
-                k_cols = slice(g.k_start[layer], g.k_start[layer] + groups)
-                # query rows some gradient reaches (all but the metric positions in the last
-                # layer carry none): the only rows whose pattern change counts
-                rows = (None if grad is None
-                        else grad.ne(0).any(3).any(1).any(0).nonzero()[:, 0])  # [P]
-                if grad is None or rows is None or len(rows) == 0:  # no gradient reached the
-                    # pattern (GradDrop)
-                    scores[:u_up, q_cols] = 0
-                    scores[:u_up, k_cols] = 0
+                q_cols = slice(g.q_start[layer], g.q_start[layer] + g.n_heads)
+                k_cols = slice(g.k_start[layer], g.k_start[layer] + g.n_kv_heads)
+                keys = [key for key in passes if layer in self.grads.get(key, {})]
+                grads = [self.grads[key][layer] for key in keys]
+                # query rows some gradient reaches: the only rows whose pattern change counts
+                rows = (torch.stack([gr.ne(0).any(3).any(1).any(0) for gr in grads]).any(0)
+                        .nonzero()[:, 0] if grads else None)  # [P]
+                for key in passes:
+                    if rows is None or not len(rows) or key not in keys:
+                        passes[key][:u_up, q_cols] = 0
+                        passes[key][:u_up, k_cols] = 0
+                if rows is None or not len(rows):
                     continue
-                n, t, d = x.shape
-                p, dh = len(rows), q0.shape[-1]
-                # each key/value head's query heads stacked along the query axis (no copies of
-                # keys per query head): rows of query head g*rep + r at [g, r*P:(r+1)*P]
-                pos = rows.repeat(rep)[None].expand(n, -1)  # [N, rep*P]
-                grad = grad[:, :, rows]  # [N, H, P, T]
-                q_act = q0[:, :, rows].reshape(n, groups, rep * p, dh)
-                base = torch.einsum("nhpj,nhpj->h", a0[:, :, rows].to(grad.dtype), grad)
-                step = max(1, CHUNK_SCORES // (n * heads * p * t))
-                for u0 in range(0, u_up, step):
-                    u1 = min(u_up, u0 + step)
-                    c = u1 - u0
-                    xs = (x[None] + delta[u0:u1].to(x.dtype)).reshape(c * n, t, d)
-                    qs, ks = lay.qk(layer, lay.ln_attn(layer, xs))
-                    qs, ks = lay.qk_norm(layer, qs, ks)
-                    qs, ks = lay.rotate(qs.transpose(1, 2), ks.transpose(1, 2))
-                    qs = qs[:, :, rows].reshape(c, n, groups, rep * p, dh)
-                    # patched queries with clean keys; clean queries with patched keys (the
-                    # clean side broadcast over the c senders, not copied)
-                    a_q = lay.attention_pattern(layer, qs, k0[None], pos)
-                    a_k = lay.attention_pattern(layer, q_act[None],
-                                                ks.reshape(c, n, groups, t, dh), pos)
-                    for a_new, cols, per in ((a_q, q_cols, 1), (a_k, k_cols, rep)):
-                        a_new = a_new.view(c, n, heads, p, t).to(grad.dtype)
-                        val = a_new.mul_(grad).sum((-1, -2)).sum(1) - base
-                        val = val.view(c, -1, per).sum(-1) if per > 1 else val
-                        scores[u0:u1, cols] = val.to(scores.dtype)
+                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low)
+                for key, (val_q, val_k) in zip(keys, values):
+                    passes[key][:u_up, q_cols] = val_q.to(passes[key].dtype)
+                    passes[key][:u_up, k_cols] = val_k.to(passes[key].dtype)
+
+    def _layer(self, lay: Architecture, layer: int, x: Tensor, delta: Tensor, rows: Tensor,
+               grads: list[Tensor], heads_low: dict[int, HeadSpace]) -> list[tuple[Tensor, Tensor]]:
+        """QK-fixed scores of ``layer``'s q and k edges from the ``U`` senders of ``delta
+        [U, N, T, d]``, one ``([U, H], [U, G])`` pair per pattern gradient in ``grads`` (each
+        ``[N, H, T, T]``), at the query ``rows [P]``; ``heads_low`` holds the head-space
+        differences of the sender layers whose heads take the low-rank projection
+        (:meth:`_head_space`)."""
+        q0, k0, a0 = self.qk[layer]
+        g = self.runner.graph
+        n, t, d = x.shape
+        heads, dh = q0.shape[1], q0.shape[-1]
+        groups = k0.shape[1]
+        rep, p, m, u_up = heads // groups, len(rows), len(grads), delta.shape[0]
+        gdt = grads[0].dtype
+        grad = torch.stack([gr[:, :, rows] for gr in grads])  # [m, N, H, P, T]
+        base = torch.einsum("nhpt,mnhpt->mh", a0[:, :, rows].to(gdt), grad)  # [m, H]
+        g6 = grad.view(m, n, groups, rep, p, t)
+        # the gradients laid out as each contraction reads them (below)
+        grad_q = g6.permute(1, 2, 4, 3, 5, 0).contiguous()  # [N, G, P, rep, T, m]
+        q_rows = q0[:, :, rows].reshape(n, groups, rep * p, dh)  # x = (r, i)
+        rot = rotation_matrices(lay, t, dh, q0.dtype, q0.device)
+        if rot is None:  # the clean sides as they are
+            key_side, query_side = k0.transpose(-1, -2), q_rows
+            grad_k = g6.reshape(m, n, groups, rep * p * t).permute(1, 2, 3, 0)  # (x, j)
+        else:  # R_i^T k_j [N, G, P, dh, T] and R_j^T q_i [N, G, T, rep*P, dh]
+            key_side = torch.einsum("iae,ngja->ngiej", rot[0][rows], k0)
+            query_side = torch.einsum("jae,ngxa->ngjxe", rot[1], q_rows)
+            grad_k = g6.reshape(m, n, groups, rep * p, t).permute(1, 2, 4, 3, 0)  # (j, x)
+            grad_k = grad_k.reshape(n, groups, t * rep * p, m)
+        grad_k = grad_k.contiguous()
+        scale = lay.scale(layer)  # folded into the clean sides: the scores come out scaled
+        key_side, query_side = key_side * scale, query_side * scale
+        hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
+        hidden_x = hidden.repeat(rep, 1)  # [rep*P, T] (x, j)
+        proj = _NormedProjection(lay, layer, x, rows, heads_low)
+        val_q = grad.new_empty(m, u_up, heads)
+        val_k = grad.new_empty(m, u_up, groups)
+        step = max(1, CHUNK_SCORES // (n * heads * p * t))
+        for u0 in range(0, u_up, step):
+            u1 = min(u_up, u0 + step)
+            c = u1 - u0
+            qs, ks = proj(delta, u0, u1, g)  # [c, N, P, H*dh], [c, N, T, G*dh]
+            qs, ks = lay.qk_norm(layer, qs.view(c, n * p, heads, dh),
+                                 ks.view(c, n * t, groups, dh))
+            # patched queries, clean keys: scores [N, G, P, rep, c, T]
+            qv = qs.reshape(c, n, p, groups, rep, dh).permute(1, 3, 2, 4, 0, 5)
+            if rot is None:
+                s_q = torch.matmul(qv.reshape(n, groups, p * rep * c, dh), key_side)
+            else:
+                s_q = torch.matmul(qv.reshape(n, groups, p, rep * c, dh), key_side)
+            a_q = lay.pattern_from_scores(layer, s_q.view(n, groups, p, rep, c, t),
+                                          hidden.view(1, 1, p, 1, 1, t), -1)
+            got = torch.matmul(a_q.to(gdt), grad_q).sum((0, 2))  # [G, rep, c, m]
+            val_q[:, u0:u1] = got.permute(3, 2, 0, 1).reshape(m, c, heads)
+            # clean queries, patched keys
+            kv = ks.reshape(c, n, t, groups, dh)
+            if rot is None:  # scores [N, G, rep*P, T, c]
+                kt = kv.permute(1, 3, 4, 2, 0).reshape(n, groups, dh, t * c)
+                s_k = torch.matmul(query_side, kt).view(n, groups, rep * p, t, c)
+                a_k = lay.pattern_from_scores(layer, s_k, hidden_x.view(1, 1, rep * p, t, 1), 3)
+            else:  # scores [N, G, T, rep*P, c]
+                s_k = torch.matmul(query_side, kv.permute(1, 3, 2, 4, 0))
+                a_k = lay.pattern_from_scores(layer, s_k, hidden_x.T.reshape(1, 1, t, rep * p, 1),
+                                              2)
+            got = torch.matmul(a_k.to(gdt).reshape(n, groups, -1, c).transpose(-1, -2), grad_k)
+            val_k[:, u0:u1] = got.sum(0).permute(2, 1, 0)  # [m, c, G]
+        base_k = base.view(m, groups, rep).sum(-1)
+        return [(val_q[i] - base[i], val_k[i] - base_k[i]) for i in range(m)]
+
+    def _head_space(self, lay: Architecture, delta: Tensor) -> dict[int, HeadSpace]:
+        """Each head sender's difference in head space, ``dz_h`` with ``delta_h = dz_h
+        W_O[h]``, for the sender layers where every head's difference lies in its output
+        projection's row space (to within :data:`ROW_SPACE_TOL` of its largest value: always,
+        up to rounding, for differences of head outputs ``z W_O``; Gemma-2's differences,
+        pushed through the post-norm, never do and take the direct path)."""
+        g = self.runner.graph
+        out: dict[int, HeadSpace] = {}
+        if lay.attn_post_norm or delta.dtype in (torch.float16, torch.bfloat16):
+            return out
+        last = max(self.inputs, default=0)
+        s, n, t, d = delta.shape
+        for m in range(last):  # heads of the last tapped layer feed no q or k
+            h0 = g.head_start[m]
+            w = lay.w_out(m)[0].reshape(g.n_heads, -1, d)  # [H, dh, d]
+            w64 = w.double()
+            gram = w64 @ w64.transpose(1, 2)  # [H, dh, dh]
+            left = torch.linalg.solve(gram, w64).transpose(1, 2).to(delta.dtype)  # [H, d, dh]
+            rows = delta[h0: h0 + g.n_heads].reshape(g.n_heads, n * t, d)
+            dz = torch.bmm(rows, left)
+            wd, gd = w.to(delta.dtype), gram.to(delta.dtype)
+            # the part off the row space is orthogonal to it: |miss|^2 = |delta|^2 - |dz W|^2
+            whole = rows.pow(2).sum(-1)  # [H, N*T]
+            miss = whole - (torch.bmm(dz, gd) * dz).sum(-1)
+            if bool((miss <= ROW_SPACE_TOL ** 2 * whole.amax(1, keepdim=True)).all()):
+                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd, gd, wd.sum(-1))
+        return out
+
+
+class HeadSpace(NamedTuple):
+    """One sender layer's head differences in head space (``delta_h = dz_h W_O[h]``)."""
+
+    dz: Tensor  # [H, N, T, dh]
+    w_out: Tensor  # [H, dh, d]
+    gram: Tensor  # [H, dh, dh]: W_O[h] W_O[h]^T
+    row_sum: Tensor  # [H, dh]: W_O[h] 1
+
+
+def norm_epsilon(lay: Architecture, layer: int, d: int) -> tuple[float, bool]:
+    """``(eps, centred)`` of ``layer``'s attention input norm, read off
+    :meth:`Architecture.norm_parts` on a row of ``+-1`` in float64 (``1/sigma =
+    1/sqrt(stat + eps)``, ``stat`` its variance or mean square)."""
+    row = torch.ones(1, d, dtype=torch.float64)
+    row[:, 1::2] = -1
+    _, inv, _, centred = lay.norm_parts(layer, row)
+    stat = row.var(-1, unbiased=False) if centred else row.pow(2).mean(-1)
+    return float(inv.double().reshape(-1)[0] ** -2 - stat[0]), centred
+
+
+class _NormedProjection:
+    """The q/k projections of ``layer`` read from patched residual streams ``y = x +
+    delta_u``, ``q(y) = inv(y) (y W_c) + b'``: the norm's weight and centring folded into
+    ``W_c`` (``[d, out]``), its bias and the projection's in ``b'``, and ``inv(y) =
+    1/sqrt(stat(y) + eps)`` from the clean stream's statistics and the difference's
+    (``|y|^2 = |x|^2 + 2 x.delta + |delta|^2``, means likewise), so no patched stream is
+    materialised. ``y W_c = x W_c + delta_u W_c`` with the clean part computed once; for a head
+    sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)``, ``x.delta_h
+    = dz_h . (x W_O[h]^T)``, ``|delta_h|^2 = dz_h (W_O[h] W_O[h]^T) dz_h`` and ``sum delta_h =
+    dz_h . (W_O[h] 1)``: ``d_head``-wide work instead of ``d``-wide.
+
+    Args:
+        lay: The family adapter.
+        layer: The receiving layer.
+        x: ``[N, T, d]`` its clean input.
+        rows: ``[P]`` the query rows wanted.
+        heads_low: ``{sender layer: HeadSpace}``.
+    """
+
+    def __init__(self, lay: Architecture, layer: int, x: Tensor, rows: Tensor,
+                 heads_low: dict[int, HeadSpace]) -> None:
+        n, t, d = x.shape
+        self.lay, self.layer, self.x, self.rows, self.d = lay, layer, x, rows, d
+        wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
+        wk, bk = lay.head_weights(layer, "k")
+        _, _, w_norm, centred = lay.norm_parts(layer, x[:1, :1])
+        self.eps, self.centred = norm_epsilon(lay, layer, d)
+        ws = []
+        for w in (wq, wk):
+            wc = w.permute(1, 0, 2).reshape(d, -1).to(w_norm.dtype) * w_norm.reshape(d, 1)
+            ws.append((wc - wc.mean(0, keepdim=True) if centred else wc).to(x.dtype))
+        self.wq, self.wk = ws
+        zero = lay.ln_attn(layer, x.new_zeros(1, d))[0]  # the norm's bias (0 for RMSNorm)
+        self.bq = zero @ wq.permute(1, 0, 2).reshape(d, -1)
+        self.bk = zero @ wk.permute(1, 0, 2).reshape(d, -1)
+        if bq is not None:
+            self.bq = self.bq + bq.reshape(-1)
+        if bk is not None:
+            self.bk = self.bk + bk.reshape(-1)
+        self.xq = x[:, rows] @ self.wq  # [N, P, H*dh]
+        self.xk = x @ self.wk  # [N, T, G*dh]
+        self.sdt = torch.promote_types(x.dtype, torch.float32)  # the statistics' dtype
+        xs = x.to(self.sdt)
+        self.xc = xs - xs.mean(-1, keepdim=True) if centred else xs  # [N, T, d]
+        self.stat_x = self.xc.pow(2).mean(-1)  # [N, T]
+        self.low = {}
+        xc = self.xc.to(x.dtype).reshape(n * t, d)
+        for m, hs in heads_low.items():
+            h, dh = hs.w_out.shape[:2]
+            xo = (xc @ hs.w_out.reshape(h * dh, d).T).view(n * t, h, dh).transpose(0, 1)
+            self.low[m] = (hs, hs.w_out @ self.wq, hs.w_out @ self.wk, xo)  # xo [H, N*T, dh]
+
+    def __call__(self, delta: Tensor, u0: int, u1: int, g: object
+                 ) -> tuple[Tensor, Tensor]:
+        """``(q [c, N, P, H*dh], k [c, N, T, G*dh])`` of the senders ``u0:u1`` of ``delta
+        [U, N, T, d]`` (``g`` the compute graph)."""
+        x, rows, d = self.x, self.rows, self.d
+        c = u1 - u0
+        n, t, _ = x.shape
+        qs = x.new_empty(c, n, len(rows), self.wq.shape[1])
+        ks = x.new_empty(c, n, t, self.wk.shape[1])
+        cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
+        square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
+        total = x.new_empty(c, n, t, dtype=self.sdt) if self.centred else None  # sum delta
+        direct = []
+        u = u0
+        while u < u1:  # runs of one sender layer's heads (head space) or single senders
+            run = self._run(u, u1, g)
+            if run is None:
+                direct.append(u)
+                u += 1
+                continue
+            m, a, b = run
+            hs, mq, mk, xo = self.low[m]
+            first = g.head_start[m]  # type: ignore[attr-defined]
+            i0, i1, j0, j1 = a - first, b - first, a - u0, b - u0
+            h = b - a
+            dz = hs.dz[i0:i1]  # [h, N, T, dh]
+            flat = dz.reshape(h, n * t, -1)
+            torch.bmm(dz[:, :, rows].reshape(h, n * len(rows), -1), mq[i0:i1],
+                      out=qs[j0:j1].view(h, n * len(rows), -1))
+            torch.bmm(flat, mk[i0:i1], out=ks[j0:j1].view(h, n * t, -1))
+            cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
+            square[j0:j1] = (torch.bmm(flat, hs.gram[i0:i1]) * flat).sum(-1).view(h, n, t)
+            if total is not None:
+                total[j0:j1] = (flat @ hs.row_sum[i0:i1, :, None]).view(h, n, t)
+            u = b
+        if direct:  # the other senders' differences as they are, d-wide
+            at = torch.tensor(direct, device=x.device)
+            du = delta[at].to(x.dtype)  # [k, N, T, d]
+            j = at - u0
+            qs[j] = du[:, :, rows] @ self.wq
+            ks[j] = du @ self.wk
+            ds = du.to(self.sdt)
+            cross[j] = (ds * self.xc).sum(-1)
+            square[j] = ds.pow(2).sum(-1)
+            if total is not None:
+                total[j] = ds.sum(-1)
+        stat = self.stat_x + (2 * cross + square) / d
+        if total is not None:  # variance: the mean of the difference moves the mean
+            stat -= (total / d).pow(2)
+        inv = torch.rsqrt(stat + self.eps).to(x.dtype)[..., None]  # [c, N, T, 1]
+        torch.addcmul(self.bq, qs.add_(self.xq), inv[:, :, rows], out=qs)
+        torch.addcmul(self.bk, ks.add_(self.xk), inv, out=ks)
+        return qs, ks
+    def _run(self, u: int, u1: int, g: object) -> tuple[int, int, int] | None:
+        """``(sender layer, u, end)`` of the run of low-rank heads starting at sender ``u``
+        (ending before ``u1``), or ``None`` if ``u`` takes the direct path."""
+        for m in self.low:
+            h0 = g.head_start[m]  # type: ignore[attr-defined]
+            if h0 <= u < h0 + g.n_heads:  # type: ignore[attr-defined]
+                return m, u, min(u1, h0 + g.n_heads)  # type: ignore[attr-defined]
+        return None

@@ -292,6 +292,23 @@ class Architecture:
                   else scores.masked_fill_(hidden, fill))
         return self.rules.softmax(scores, self.softmax_dtype)
 
+    def hidden_keys(self, layer: int, t: int, device: torch.device) -> Tensor:
+        """``[T, T]`` bool: the keys each query of ``layer`` may not see (later ones, and those
+        outside its sliding window)."""
+        window = self.window(layer)
+        return self._hidden(t, None, window if window is not None and window < t else None,
+                            device)
+
+    def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor,
+                            dim: int) -> Tensor:
+        """The plain attention pattern (probability) from scaled scores ``scale q . k`` of
+        ``layer`` laid out with the keys along ``dim`` (without autograd: ``scores`` is
+        overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``), softmax
+        in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it."""
+        scores = self._capped(scores)
+        scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim, dtype=self.softmax_dtype)
+
     def _attend_with_rules(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                            query_pos: Tensor | None, grouped: bool) -> Tensor:
         """:meth:`attend` on the eager path under :attr:`rules` (q/k/v gradient scales, the
