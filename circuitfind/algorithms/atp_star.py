@@ -111,10 +111,7 @@ class AtPStar(Algorithm):
         if not self.grad_drop or layers < 2:
             return engine.edge_attribution(data, batch_size=self.batch_size,
                                            rules=BackwardRules(qk_fix=bool(self.qk_fix)))
-        total = torch.zeros(engine.graph.n_senders, engine.graph.n_receivers,
-                            dtype=torch.float64)
-        for layer in range(layers):
-            rules = BackwardRules(qk_fix=bool(self.qk_fix), drop_layer=layer)
-            total += engine.edge_attribution(data, batch_size=self.batch_size,
-                                             rules=rules).double().abs()
-        return (total / (layers - 1)).float()
+        per_layer = engine.edge_attribution(data, batch_size=self.batch_size,
+                                            rules=BackwardRules(qk_fix=bool(self.qk_fix)),
+                                            drop_each_layer=True)  # [L, S, R]
+        return (per_layer.double().abs().sum(0) / (layers - 1)).float()

@@ -122,28 +122,32 @@ class _SummedHeads(torch.autograd.Function):
 
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
-              diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
+              diff: Tensor | None = None, rules: BackwardRules | None = None,
+              drop_each_layer: bool = False) -> Tensor:
     """:func:`eap_pass` under modified backward ``rules`` (GIM, RelP, AtP*; ``None``: the
     plain gradient), installed on the runner's adapter for the pass: the extension point of
     :mod:`circuitfind.patching.backward_rules`. With ``rules.qk_fix`` the q and k edges are
-    rescored after the backward pass (:mod:`circuitfind.patching.qk_fix`).
+    rescored after the backward pass (:mod:`circuitfind.patching.qk_fix`); with
+    ``drop_each_layer`` the scores of every GradDrop pass come back, ``[L, S, R]``.
 
     Raises:
-        ConfigError: ``rules`` other than the plain gradient with gradient ``points``.
+        ConfigError: ``rules`` other than the plain gradient, or ``drop_each_layer``, with
+            gradient ``points``.
     """
     rules = rules or PLAIN
-    if points is not None and not rules.plain:
-        raise ConfigError(f"Modified backward rules ({rules.describe()}) apply to the clean "
-                          "run's gradient only, not to gradient points (EAP-IG).")
+    if points is not None and (not rules.plain or drop_each_layer):
+        raise ConfigError(f"Modified backward rules ({rules.describe()}) and GradDrop apply to "
+                          "the clean run's gradient only, not to gradient points (EAP-IG).")
     fix = QKFix(runner) if rules.qk_fix else None
     with runner.arch.backward_rules(rules, None if fix is None else fix.tap):
-        return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix)
+        return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix,
+                        drop_each_layer)
 
 
 def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
              metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
              diff: Tensor | None = None, rules: BackwardRules = PLAIN,
-             fix: QKFix | None = None) -> Tensor:
+             fix: QKFix | None = None, drop_each_layer: bool = False) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
     ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
 
@@ -186,9 +190,18 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         rules: Backward rules already installed on the adapter (GradDrop acts here, at each
             layer's outputs).
         fix: The QK fix's collector, or ``None``.
+        drop_each_layer: GradDrop (Kramar et al. 2024, §3.1.2) from this one forward pass:
+            after the plain backward pass, for each layer ``l >= 1`` a backward pass from
+            layer ``l``'s input seeded with the plain gradient at its output (what reaches
+            layer ``l``'s input when no gradient passes through its attention and MLP
+            outputs) recovers the receivers below ``l``; receivers above ``l`` keep the plain
+            gradient and those of layer ``l`` get none. ``L (L - 1) / 2`` layer-backward
+            passes in all instead of ``L`` full forward and backward passes; equal to
+            ``L`` passes with :attr:`BackwardRules.drop_layer` up to rounding.
 
     Returns:
-        ``[S, R]`` float64 scores (0 off real edges), in the metric's unit.
+        ``[S, R]`` float64 scores (0 off real edges), in the metric's unit; with
+        ``drop_each_layer`` ``[L, S, R]``, row ``l`` the scores with layer ``l`` dropped.
 
     Raises:
         HookError: a receiver group's gradient did not arrive (its scores would be 0).
@@ -293,7 +306,15 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     folded = copies > 1 and not post  # receivers' gradients summed over copies
     brows = n * t if folded else n * t * copies
     buffers: dict[int, Tensor] = {}
-    pending = [{p[0] for p in grp if not p[3]} for grp in groups]
+    # GradDrop's backward passes from layer ``below``'s input reach the receivers below it only
+    below: int | None = None
+    layer_of = {p[0]: int(runner.receiver_layer[p[1]]) for p in parts}
+
+    def active(part: tuple[str, int, int, bool]) -> bool:
+        """Whether ``part``'s gradient arrives in the current backward pass."""
+        return not part[3] and (below is None or layer_of[part[0]] < below)
+
+    pending = [{p[0] for p in grp if active(p)} for grp in groups]
     edges = g.edge_mask.to(scores.device)
     fired: set[str] = set()  # parts whose gradient arrived
     # rows ``example * T + position`` of the metric positions, each once
@@ -309,10 +330,10 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             buf = buffers[gi] = torch.empty(sum(p[2] for p in grp), brows, ablated.shape[-1],
                                             dtype=gdt, device=ablated.device)
             row = 0
-            for _, _, size, off in grp:
-                if off:
-                    buf[row: row + size] = 0
-                row += size
+            for part in grp:
+                if not active(part):
+                    buf[row: row + part[2]] = 0
+                row += part[2]
         return buffers[gi]
 
     def arrive(key: str) -> None:
@@ -322,10 +343,11 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         pending[gi].discard(key)
         if pending[gi]:
             return
-        grp = groups[gi]
+        grp = [p for p in groups[gi] if active(p)]  # (a GradDrop pass may reach a group's first part only)
         r0, r1 = grp[0][1], grp[-1][1] + grp[-1][2]
         n_up = int(g.n_upstream[r0:r1].max())
-        buf = buffers.pop(gi)
+        row0 = r0 - groups[gi][0][1]
+        buf = buffers.pop(gi)[row0: row0 + r1 - r0]
         if gi == len(groups) - 1 and (copies == 1 or folded):
             # the last MLP's and the logits' gradients are 0 off the metric positions: the
             # contraction reads those rows only
@@ -344,7 +366,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # (With modified backward rules, the QK fix, which records full attention patterns, or
     # points given as tensors over every position, every block runs at every position.)
     last = g.n_layers - 1
-    trim = rules.plain and fix is None and not any(
+    trim = rules.plain and fix is None and not drop_each_layer and not any(
         isinstance(alpha, Tensor) for alpha in (a for cs in moved.values() for a in cs.values()))
     where = positions.repeat(copies, 1)  # [C*N, P]
 
@@ -399,7 +421,20 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         x = x.repeat(copies, 1, 1)
     x = interpolate(x, "input", diff[0] if diff is not None else x)
     x = x.detach().requires_grad_(True)
+    layer_in: list[Tensor] = []  # each layer's input (GradDrop's passes start there)
+    seeds: dict[int, Tensor] = {}  # the plain gradient at each layer's input (and at L: output)
+
+    def seed(layer: int) -> Any:
+        def hook(grad: Tensor) -> None:
+            if below is None:
+                seeds[layer] = grad
+        return hook
+
     for layer in range(g.n_layers):
+        if drop_each_layer:
+            layer_in.append(x)
+            if layer > 1:
+                x.register_hook(seed(layer))
         if fix is not None:
             fix.block_input(layer, x)
         if f"a{layer}" in blocked:  # no gradient reaches this layer's q/k/v receivers
@@ -459,14 +494,40 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         else:
             change = m
         x = x + rules.through(layer, interpolate(m, f"m{layer}", change))
+    if drop_each_layer and g.n_layers > 1:
+        x.register_hook(seed(g.n_layers))
     branch = x + 0  # [C*N, P, d] (trimmed) or [C*N, T, d]
     branch.register_hook(on_receiver("logits", spread=trim))
-    metric(lay.final(branch if trim else pick(branch, where))).backward()
-    missing = [g.receivers[first].name for key, first, _, off in parts
-               if not off and key not in fired]
-    if missing:
-        raise HookError(f"Receivers {missing} received no gradient in the attribution pass; "
-                        "their edges' scores would silently be 0.")
+    metric(lay.final(branch if trim else pick(branch, where))).backward(
+        retain_graph=drop_each_layer and g.n_layers > 1)
+
+    def check() -> None:
+        missing = [g.receivers[part[1]].name for part in parts
+                   if active(part) and part[0] not in fired]
+        if missing:
+            raise HookError(f"Receivers {missing} received no gradient in the attribution "
+                            "pass; their edges' scores would silently be 0.")
+    check()
+    passes: dict[int | None, Tensor] = {None: scores}
+    for below in range(1, g.n_layers if drop_each_layer else 0):  # GradDrop's passes
+        scores = torch.zeros_like(passes[None])
+        pending = [{p[0] for p in grp if active(p)} for grp in groups]
+        fired, buffers = set(), {}
+        if fix is not None:
+            fix.current = below
+        torch.autograd.backward(layer_in[below], seeds[below + 1],
+                                retain_graph=below < g.n_layers - 1)
+        check()
+        passes[below] = scores
     if fix is not None:
-        fix.rescore({None: scores}, delta)
-    return scores
+        fix.rescore(passes, delta)
+    if not drop_each_layer:
+        return passes[None]
+    per_layer = passes[None].expand(g.n_layers, -1, -1).clone()  # [L, S, R]
+    receiver_layer = runner.receiver_layer.to(per_layer.device)
+    for layer in range(g.n_layers):
+        per_layer[layer][:, receiver_layer == layer] = 0
+        if layer:
+            lower = receiver_layer < layer
+            per_layer[layer][:, lower] = passes[layer][:, lower]
+    return per_layer

@@ -574,7 +574,8 @@ class PatchingEngine:
     def edge_attribution(self, data: TaskData, batch_size: int | None = None,
                          points: Sequence[GradientPoint] | None = None,
                          ablation: Ablation | str | None = None,
-                         rules: BackwardRules | None = None) -> Tensor:
+                         rules: BackwardRules | None = None,
+                         drop_each_layer: bool = False) -> Tensor:
         """Gradient-based edge scores: ``sum (a'_u - a_u) . mean_p d metric / d x_r (run p)``.
 
         With ``points=None`` this is EAP, eq. (2): the gradient of the clean run. Otherwise the
@@ -608,10 +609,15 @@ class PatchingEngine:
                 :class:`~circuitfind.patching.backward_rules.BackwardRules`) for the clean
                 run's gradient (default: the plain gradient, EAP); block runner only, not with
                 ``points``.
+            drop_each_layer: AtP*'s GradDrop: the scores with each layer's gradient dropped
+                in turn, from one forward pass per chunk of examples
+                (:func:`circuitfind.patching.attribution.eap_pass`); block runner only, not
+                with ``points``. Memory: ``L`` score matrices.
 
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
-            estimate of ``metric(all edges but e) - metric(full model)``.
+            estimate of ``metric(all edges but e) - metric(full model)``; with
+            ``drop_each_layer`` ``[L, S, R]``, row ``l`` with layer ``l`` dropped.
 
         Raises:
             ConfigError: an empty ``points``, a point naming no node group of the graph, or a
@@ -626,6 +632,9 @@ class PatchingEngine:
             Discovery", eq. 2; Hanna, Pezzelle & Belinkov (2024), "Have Faith in
             Faithfulness", §3 (EAP-IG).
         """
+        if drop_each_layer and (points is not None or self.runner is None):
+            raise ConfigError("GradDrop (drop_each_layer) needs the block runner (a supported "
+                              "model family) and the clean run's gradient (no gradient points).")
         if rules is not None and not rules.plain and (points is not None or self.runner is None):
             raise ConfigError(f"Modified backward rules ({rules.describe()}) need the block "
                               "runner (a supported model family) and the clean run's gradient "
@@ -640,7 +649,8 @@ class PatchingEngine:
         n_points = 1 if points is None else len(points)
         n_chunk, p_chunk, cache = self.attribution_plan(data.n, data.seq_len, n_points, batch_size,
                                                         int(data.positions.shape[1]))
-        scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=self.device)
+        scores = torch.zeros(*([g.n_layers] if drop_each_layer else []), g.n_senders,
+                             g.n_receivers, dtype=torch.float64, device=self.device)
         spec = self.ablation if ablation is None else Ablation.parse(ablation)
         if points is not None and spec.kind != "resample":
             raise ConfigError(f"Gradient points (EAP-IG, clean-corrupted) interpolate towards the "
@@ -673,7 +683,8 @@ class PatchingEngine:
                             return sub.metric(logits).sum() / data.n
 
                         scores += self.runner.attribute(tokens, ablated, sub.positions, metric,
-                                                        rules=rules)
+                                                        rules=rules,
+                                                        drop_each_layer=drop_each_layer)
                     else:
                         diff = self.sender_outputs(tokens).sub_(ablated)  # a - a'
                         for p0 in range(0, n_points, p_chunk):

@@ -286,11 +286,14 @@ class BlockRunner:
 
     def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
                   points: list[tuple[str, float | Tensor]] | None = None,
-                  diff: Tensor | None = None, rules: BackwardRules | None = None) -> Tensor:
+                  diff: Tensor | None = None, rules: BackwardRules | None = None,
+                  drop_each_layer: bool = False) -> Tensor:
         """EAP (or, with ``points``, EAP-IG / clean-corrupted; with ``rules``, GIM, RelP,
-        AtP*) scores from one forward and backward pass:
+        AtP*) scores from one forward and backward pass (with ``drop_each_layer``, GradDrop's
+        ``[L, S, R]`` from one forward pass):
         :func:`circuitfind.patching.attribution.attribute` on this runner."""
-        return attribute(self, tokens, ablated, positions, metric, points, diff, rules)
+        return attribute(self, tokens, ablated, positions, metric, points, diff, rules,
+                         drop_each_layer)
 
     def start_layer(self, touched: Tensor) -> int:
         """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none

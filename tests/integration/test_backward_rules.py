@@ -103,19 +103,39 @@ def test_qk_fix_equals_patterns_recomputed_edge_by_edge(setups, name):
     assert float((eap[:, qk] - want[:, qk]).abs().max()) > 100 * float32_atol(want)
 
 
-def test_grad_drop_is_the_mean_absolute_score_over_dropped_layers(setups):
-    """AtP* = ``1/(L-1) sum_l |AtP_(l)|`` (Kramar et al. 2024, eq. 6); a receiver of the dropped
-    layer scores 0 in that layer's pass."""
-    engine, data, _, _ = setups("llama")
+# GradDrop's shared-forward passes on every family, and on three layers (passes that start
+# mid-model, receiver groups reached in part)
+DEEPER = {"llama_3l": dict(arch="llama", n_layers=3, n_kv_heads=2, seed=3),
+          "gpt_neox_3l": dict(arch="gpt_neox", n_layers=3, seed=7)}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(DEEPER))
+def test_grad_drop_is_the_mean_absolute_score_over_dropped_layers(setups, tmp_path, name):
+    """AtP* = ``1/(L-1) sum_l |AtP_(l)|`` (Kramar et al. 2024, eq. 6), its ``L`` estimates
+    from one forward pass equal to ``L`` passes that each zero one layer's output gradients
+    (:attr:`BackwardRules.drop_layer`, itself checked against Hugging Face above); a
+    receiver of the dropped layer scores 0 in that layer's pass."""
+    if name in DEEPER:
+        model = tiny_model(tmp_path, dtype=torch.float64, **DEEPER[name])
+        data = ToyTask(seq_len=SEQ, positions=2).build(model.tokenizer, 3, seed=1)
+        engine = PatchingEngine(model)
+    else:
+        engine, data, _, _ = setups(name)
     g = engine.graph
     passes = [engine.edge_attribution(data, rules=BackwardRules(qk_fix=True, drop_layer=layer))
               for layer in range(g.n_layers)]
     layer_of = torch.tensor([rec.layer for rec in g.receivers])
     for layer, scores in enumerate(passes):
         assert float(scores[:, layer_of == layer].abs().max()) == 0.0
+    shared = engine.edge_attribution(data, rules=BackwardRules(qk_fix=True),
+                                     drop_each_layer=True)
+    assert shared.shape == (g.n_layers, g.n_senders, g.n_receivers)
+    _close(shared, torch.stack(passes).double())
     want = sum(s.double().abs() for s in passes) / (g.n_layers - 1)
-    torch.testing.assert_close(AtPStar().score(engine, data).double(), want, rtol=1e-6,
-                               atol=0)
+    _close(AtPStar().score(engine, data), want)
+    # dropping a layer changes the scores below it, else the check would prove nothing
+    below = layer_of < g.n_layers - 1
+    assert float((passes[-1] - passes[0])[:, below].abs().max()) > 100 * float32_atol(want)
     assert AtPStar().score_meaning(data.task).kind == "importance"
     assert AtPStar(grad_drop=False).score_meaning(data.task).kind == "metric_change"
 
