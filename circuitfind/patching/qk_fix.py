@@ -43,6 +43,7 @@ References:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -140,12 +141,14 @@ class QKFix:
                     passes[key][:u_up, k_cols] = val_k.to(passes[key].dtype)
 
     def _layer(self, lay: Architecture, layer: int, x: Tensor, delta: Tensor, rows: Tensor,
-               grads: list[Tensor], heads_low: dict[int, HeadSpace]) -> list[tuple[Tensor, Tensor]]:
+               grads: list[Tensor], heads_low: dict[int, HeadSpace]
+               ) -> list[tuple[Tensor, Tensor]]:
         """QK-fixed scores of ``layer``'s q and k edges from the ``U`` senders of ``delta
         [U, N, T, d]``, one ``([U, H], [U, G])`` pair per pattern gradient in ``grads`` (each
         ``[N, H, T, T]``), at the query ``rows [P]``; ``heads_low`` holds the head-space
         differences of the sender layers whose heads take the low-rank projection
-        (:meth:`_head_space`)."""
+        (:meth:`_head_space`). The patched projections are laid out senders-inside
+        (``[N, T, c, out]``), so that each head's scores are one batched product of views."""
         q0, k0, a0 = self.qk[layer]
         g = self.runner.graph
         n, t, d = x.shape
@@ -155,22 +158,21 @@ class QKFix:
         gdt = grads[0].dtype
         grad = torch.stack([gr[:, :, rows] for gr in grads])  # [m, N, H, P, T]
         base = torch.einsum("nhpt,mnhpt->mh", a0[:, :, rows].to(gdt), grad)  # [m, H]
-        g6 = grad.view(m, n, groups, rep, p, t)
-        # the gradients laid out as each contraction reads them (below)
-        grad_q = g6.permute(1, 2, 4, 3, 5, 0).contiguous()  # [N, G, P, rep, T, m]
-        q_rows = q0[:, :, rows].reshape(n, groups, rep * p, dh)  # x = (r, i)
-        rot = rotation_matrices(lay, t, dh, q0.dtype, q0.device)
-        if rot is None:  # the clean sides as they are
-            key_side, query_side = k0.transpose(-1, -2), q_rows
-            grad_k = g6.reshape(m, n, groups, rep * p * t).permute(1, 2, 3, 0)  # (x, j)
-        else:  # R_i^T k_j [N, G, P, dh, T] and R_j^T q_i [N, G, T, rep*P, dh]
-            key_side = torch.einsum("iae,ngja->ngiej", rot[0][rows], k0)
-            query_side = torch.einsum("jae,ngxa->ngjxe", rot[1], q_rows)
-            grad_k = g6.reshape(m, n, groups, rep * p, t).permute(1, 2, 4, 3, 0)  # (j, x)
-            grad_k = grad_k.reshape(n, groups, t * rep * p, m)
-        grad_k = grad_k.contiguous()
+        # the gradients as each head's and group's contraction reads them (below)
+        grad_q = grad.permute(2, 1, 3, 4, 0).contiguous()  # [H, N, P, T, m]
+        gx = grad.view(m, n, groups, rep * p, t)  # x = (r, i)
+        q_rows = q0[:, :, rows].reshape(n, groups, rep * p, dh)
         scale = lay.scale(layer)  # folded into the clean sides: the scores come out scaled
-        key_side, query_side = key_side * scale, query_side * scale
+        rot = rotation_matrices(lay, t, dh, q0.dtype, q0.device)
+        if rot is None:  # the clean sides as they are: k^T [G, N, dh, T], q [G, N, rep*P, dh]
+            key_side = (k0 * scale).permute(1, 0, 3, 2)
+            query_side = (q_rows * scale).transpose(0, 1)
+            grad_k = gx.permute(2, 1, 3, 4, 0).reshape(groups, n, -1, m)  # (x, j)
+        else:  # R_i^T k_j [G, N, P, dh, T] and R_j^T q_i [G, N, T, rep*P, dh]
+            key_side = torch.einsum("iae,ngja->gniej", rot[0][rows] * scale, k0)
+            query_side = torch.einsum("jae,ngxa->gnjxe", rot[1] * scale, q_rows)
+            grad_k = gx.permute(2, 1, 4, 3, 0).reshape(groups, n, -1, m)  # (j, x)
+        grad_k = grad_k.contiguous()
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
         hidden_x = hidden.repeat(rep, 1)  # [rep*P, T] (x, j)
         proj = _NormedProjection(lay, layer, x, rows, heads_low)
@@ -180,31 +182,32 @@ class QKFix:
         for u0 in range(0, u_up, step):
             u1 = min(u_up, u0 + step)
             c = u1 - u0
-            qs, ks = proj(delta, u0, u1, g)  # [c, N, P, H*dh], [c, N, T, G*dh]
-            qs, ks = lay.qk_norm(layer, qs.view(c, n * p, heads, dh),
-                                 ks.view(c, n * t, groups, dh))
-            # patched queries, clean keys: scores [N, G, P, rep, c, T]
-            qv = qs.reshape(c, n, p, groups, rep, dh).permute(1, 3, 2, 4, 0, 5)
-            if rot is None:
-                s_q = torch.matmul(qv.reshape(n, groups, p * rep * c, dh), key_side)
-            else:
-                s_q = torch.matmul(qv.reshape(n, groups, p, rep * c, dh), key_side)
-            a_q = lay.pattern_from_scores(layer, s_q.view(n, groups, p, rep, c, t),
-                                          hidden.view(1, 1, p, 1, 1, t), -1)
-            got = torch.matmul(a_q.to(gdt), grad_q).sum((0, 2))  # [G, rep, c, m]
-            val_q[:, u0:u1] = got.permute(3, 2, 0, 1).reshape(m, c, heads)
-            # clean queries, patched keys
-            kv = ks.reshape(c, n, t, groups, dh)
-            if rot is None:  # scores [N, G, rep*P, T, c]
-                kt = kv.permute(1, 3, 4, 2, 0).reshape(n, groups, dh, t * c)
-                s_k = torch.matmul(query_side, kt).view(n, groups, rep * p, t, c)
-                a_k = lay.pattern_from_scores(layer, s_k, hidden_x.view(1, 1, rep * p, t, 1), 3)
-            else:  # scores [N, G, T, rep*P, c]
-                s_k = torch.matmul(query_side, kv.permute(1, 3, 2, 4, 0))
-                a_k = lay.pattern_from_scores(layer, s_k, hidden_x.T.reshape(1, 1, t, rep * p, 1),
-                                              2)
-            got = torch.matmul(a_k.to(gdt).reshape(n, groups, -1, c).transpose(-1, -2), grad_k)
-            val_k[:, u0:u1] = got.sum(0).permute(2, 1, 0)  # [m, c, G]
+            qs, ks = proj(delta, u0, u1, g)  # [N, P, c, H*dh], [N, T, c, G*dh]
+            qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
+                                 ks.view(n, t * c, groups, dh))
+            qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
+            for h in range(heads):  # patched queries, clean keys: [N, P, c, T]
+                side = key_side[h // rep]
+                if rot is None:
+                    s_q = torch.matmul(qs[:, :, :, h].reshape(n, p * c, dh), side)
+                else:
+                    s_q = torch.matmul(qs[:, :, :, h], side)
+                a_q = lay.pattern_from_scores(layer, s_q.view(n, p, c, t),
+                                              hidden.view(1, p, 1, t), -1)
+                got = torch.matmul(a_q.to(gdt), grad_q[h]).sum((0, 1))  # [c, m]
+                val_q[:, u0:u1, h] = got.T
+            for gi in range(groups):  # clean queries, patched keys
+                kg = ks[:, :, :, gi]  # [N, T, c, dh]
+                if rot is None:  # [N, rep*P, T, c]
+                    s_k = torch.matmul(query_side[gi], kg.reshape(n, t * c, dh).transpose(1, 2))
+                    a_k = lay.pattern_from_scores(layer, s_k.view(n, rep * p, t, c),
+                                                  hidden_x.view(1, rep * p, t, 1), 2)
+                else:  # [N, T, rep*P, c]
+                    s_k = torch.matmul(query_side[gi], kg.transpose(-1, -2))
+                    a_k = lay.pattern_from_scores(layer, s_k,
+                                                  hidden_x.T.reshape(1, t, rep * p, 1), 1)
+                got = torch.matmul(a_k.to(gdt).view(n, -1, c).transpose(1, 2), grad_k[gi])
+                val_k[:, u0:u1, gi] = got.sum(0).T  # [m, c]
         base_k = base.view(m, groups, rep).sum(-1)
         return [(val_q[i] - base[i], val_k[i] - base_k[i]) for i in range(m)]
 
@@ -257,6 +260,31 @@ def norm_epsilon(lay: Architecture, layer: int, d: int) -> tuple[float, bool]:
     return float(inv.double().reshape(-1)[0] ** -2 - stat[0]), centred
 
 
+PRODUCT_CACHE_BYTES = 1 << 26  # per model: W_O W_c products kept between calls (64 MiB)
+_PRODUCTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _products(lay: Architecture, sender: int, layer: int, w_out: Tensor,
+              w_c: Tensor) -> Tensor:
+    """``W_O[h] W_c`` ``[H, d_head, out]`` of the heads of layer ``sender`` (``w_out [H,
+    d_head, d]``) and the folded q/k weights ``w_c [d, out]`` of ``layer``: ``d^2 out``
+    multiply-adds a pair of layers, the same in every call on a model, so kept on the adapter
+    (weakly) while they fit in :data:`PRODUCT_CACHE_BYTES`, and used again only if both
+    factors are still equal to those they came from."""
+    cache = _PRODUCTS.setdefault(lay, {})
+    key = (sender, layer)
+    hit = cache.get(key)
+    if (hit is not None and hit[0].shape == w_out.shape and hit[1].shape == w_c.shape
+            and hit[0].dtype == w_out.dtype and hit[0].device == w_out.device
+            and torch.equal(hit[0], w_out) and torch.equal(hit[1], w_c)):
+        return hit[2]
+    out = w_out @ w_c
+    held = sum(t.numel() * t.element_size() for v in cache.values() for t in v)
+    if held + 2 * out.numel() * out.element_size() <= PRODUCT_CACHE_BYTES:
+        cache[key] = (w_out.clone(), w_c.clone(), out)
+    return out
+
+
 class _NormedProjection:
     """The q/k projections of ``layer`` read from patched residual streams ``y = x +
     delta_u``, ``q(y) = inv(y) (y W_c) + b'``: the norm's weight and centring folded into
@@ -304,20 +332,24 @@ class _NormedProjection:
         self.stat_x = self.xc.pow(2).mean(-1)  # [N, T]
         self.low = {}
         xc = self.xc.to(x.dtype).reshape(n * t, d)
+        wqk = torch.cat([self.wq, self.wk], 1)
         for m, hs in heads_low.items():
             h, dh = hs.w_out.shape[:2]
             xo = (xc @ hs.w_out.reshape(h * dh, d).T).view(n * t, h, dh).transpose(0, 1)
-            self.low[m] = (hs, hs.w_out @ self.wq, hs.w_out @ self.wk, xo)  # xo [H, N*T, dh]
+            mqk = _products(lay, m, layer, hs.w_out, wqk)  # [H, dh, outq + outk]
+            q_out = self.wq.shape[1]
+            self.low[m] = (hs, mqk[..., :q_out], mqk[..., q_out:], xo)  # xo [H, N*T, dh]
 
     def __call__(self, delta: Tensor, u0: int, u1: int, g: object
                  ) -> tuple[Tensor, Tensor]:
-        """``(q [c, N, P, H*dh], k [c, N, T, G*dh])`` of the senders ``u0:u1`` of ``delta
+        """``(q [N, P, c, H*dh], k [N, T, c, G*dh])`` of the senders ``u0:u1`` of ``delta
         [U, N, T, d]`` (``g`` the compute graph)."""
         x, rows, d = self.x, self.rows, self.d
         c = u1 - u0
         n, t, _ = x.shape
-        qs = x.new_empty(c, n, len(rows), self.wq.shape[1])
-        ks = x.new_empty(c, n, t, self.wk.shape[1])
+        p = len(rows)
+        qs = x.new_empty(n, p, c, self.wq.shape[1])
+        ks = x.new_empty(n, t, c, self.wk.shape[1])
         cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
         square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
         total = x.new_empty(c, n, t, dtype=self.sdt) if self.centred else None  # sum delta
@@ -336,9 +368,9 @@ class _NormedProjection:
             h = b - a
             dz = hs.dz[i0:i1]  # [h, N, T, dh]
             flat = dz.reshape(h, n * t, -1)
-            torch.bmm(dz[:, :, rows].reshape(h, n * len(rows), -1), mq[i0:i1],
-                      out=qs[j0:j1].view(h, n * len(rows), -1))
-            torch.bmm(flat, mk[i0:i1], out=ks[j0:j1].view(h, n * t, -1))
+            part = torch.bmm(dz[:, :, rows].reshape(h, n * p, -1), mq[i0:i1])
+            qs[:, :, j0:j1] = part.view(h, n, p, -1).permute(1, 2, 0, 3)
+            ks[:, :, j0:j1] = torch.bmm(flat, mk[i0:i1]).view(h, n, t, -1).permute(1, 2, 0, 3)
             cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
             square[j0:j1] = (torch.bmm(flat, hs.gram[i0:i1]) * flat).sum(-1).view(h, n, t)
             if total is not None:
@@ -348,8 +380,8 @@ class _NormedProjection:
             at = torch.tensor(direct, device=x.device)
             du = delta[at].to(x.dtype)  # [k, N, T, d]
             j = at - u0
-            qs[j] = du[:, :, rows] @ self.wq
-            ks[j] = du @ self.wk
+            qs[:, :, j] = (du[:, :, rows] @ self.wq).permute(1, 2, 0, 3)
+            ks[:, :, j] = (du @ self.wk).permute(1, 2, 0, 3)
             ds = du.to(self.sdt)
             cross[j] = (ds * self.xc).sum(-1)
             square[j] = ds.pow(2).sum(-1)
@@ -358,10 +390,11 @@ class _NormedProjection:
         stat = self.stat_x + (2 * cross + square) / d
         if total is not None:  # variance: the mean of the difference moves the mean
             stat -= (total / d).pow(2)
-        inv = torch.rsqrt(stat + self.eps).to(x.dtype)[..., None]  # [c, N, T, 1]
-        torch.addcmul(self.bq, qs.add_(self.xq), inv[:, :, rows], out=qs)
-        torch.addcmul(self.bk, ks.add_(self.xk), inv, out=ks)
+        inv = torch.rsqrt(stat + self.eps).to(x.dtype).permute(1, 2, 0)[..., None]  # [N,T,c,1]
+        torch.addcmul(self.bq, qs.add_(self.xq[:, :, None]), inv[:, rows], out=qs)
+        torch.addcmul(self.bk, ks.add_(self.xk[:, :, None]), inv, out=ks)
         return qs, ks
+
     def _run(self, u: int, u1: int, g: object) -> tuple[int, int, int] | None:
         """``(sender layer, u, end)`` of the run of low-rank heads starting at sender ``u``
         (ending before ``u1``), or ``None`` if ``u`` takes the direct path."""
