@@ -160,6 +160,7 @@ class QKFix:
         base = torch.einsum("nhpt,mnhpt->mh", a0[:, :, rows].to(gdt), grad)  # [m, H]
         # the gradients as each head's and group's contraction reads them (below)
         grad_q = grad.permute(2, 1, 3, 4, 0).contiguous()  # [H, N, P, T, m]
+        grad_q = grad_q.view(heads, n, p, t, m)
         gx = grad.view(m, n, groups, rep * p, t)  # x = (r, i)
         q_rows = q0[:, :, rows].reshape(n, groups, rep * p, dh)
         scale = lay.scale(layer)  # folded into the clean sides: the scores come out scaled
@@ -186,28 +187,33 @@ class QKFix:
             qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
                                  ks.view(n, t * c, groups, dh))
             qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
-            for h in range(heads):  # patched queries, clean keys: [N, P, c, T]
+            s_q = qs.new_empty(heads, n, p, c, t)  # patched queries, clean keys
+            for h in range(heads):
                 side = key_side[h // rep]
                 if rot is None:
-                    s_q = torch.matmul(qs[:, :, :, h].reshape(n, p * c, dh), side)
+                    torch.matmul(qs[:, :, :, h].reshape(n, p * c, dh), side,
+                                 out=s_q[h].view(n, p * c, t))
                 else:
-                    s_q = torch.matmul(qs[:, :, :, h], side)
-                a_q = lay.pattern_from_scores(layer, s_q.view(n, p, c, t),
-                                              hidden.view(1, p, 1, t), -1)
-                got = torch.matmul(a_q.to(gdt), grad_q[h]).sum((0, 1))  # [c, m]
-                val_q[:, u0:u1, h] = got.T
-            for gi in range(groups):  # clean queries, patched keys
+                    torch.matmul(qs[:, :, :, h], side, out=s_q[h])
+            a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1)
+            got = torch.matmul(a_q.to(gdt), grad_q).sum((1, 2))  # [H, c, m]
+            val_q[:, u0:u1] = got.permute(2, 1, 0)
+            if rot is None:  # clean queries, patched keys: [G, N, rep*P, T, c]
+                s_k = ks.new_empty(groups, n, rep * p, t, c)
+                key_dim, mask = 3, hidden_x.view(1, 1, rep * p, t, 1)
+            else:  # [G, N, T, rep*P, c]
+                s_k = ks.new_empty(groups, n, t, rep * p, c)
+                key_dim, mask = 2, hidden_x.T.reshape(1, 1, t, rep * p, 1)
+            for gi in range(groups):
                 kg = ks[:, :, :, gi]  # [N, T, c, dh]
-                if rot is None:  # [N, rep*P, T, c]
-                    s_k = torch.matmul(query_side[gi], kg.reshape(n, t * c, dh).transpose(1, 2))
-                    a_k = lay.pattern_from_scores(layer, s_k.view(n, rep * p, t, c),
-                                                  hidden_x.view(1, rep * p, t, 1), 2)
-                else:  # [N, T, rep*P, c]
-                    s_k = torch.matmul(query_side[gi], kg.transpose(-1, -2))
-                    a_k = lay.pattern_from_scores(layer, s_k,
-                                                  hidden_x.T.reshape(1, t, rep * p, 1), 1)
-                got = torch.matmul(a_k.to(gdt).view(n, -1, c).transpose(1, 2), grad_k[gi])
-                val_k[:, u0:u1, gi] = got.sum(0).T  # [m, c]
+                if rot is None:
+                    torch.matmul(query_side[gi], kg.reshape(n, t * c, dh).transpose(1, 2),
+                                 out=s_k[gi].view(n, rep * p, t * c))
+                else:
+                    torch.matmul(query_side[gi], kg.transpose(-1, -2), out=s_k[gi])
+            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim)
+            got = torch.matmul(a_k.to(gdt).view(groups, n, -1, c).transpose(-1, -2), grad_k)
+            val_k[:, u0:u1] = got.sum(1).permute(2, 1, 0)  # [m, c, G]
         base_k = base.view(m, groups, rep).sum(-1)
         return [(val_q[i] - base[i], val_k[i] - base_k[i]) for i in range(m)]
 
@@ -236,7 +242,10 @@ class QKFix:
             whole = rows.pow(2).sum(-1)  # [H, N*T]
             miss = whole - (torch.bmm(dz, gd) * dz).sum(-1)
             if bool((miss <= ROW_SPACE_TOL ** 2 * whole.amax(1, keepdim=True)).all()):
-                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd, gd, wd.sum(-1))
+                sdt = torch.promote_types(delta.dtype, torch.float32)
+                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd,
+                                   whole.view(g.n_heads, n, t).to(sdt),
+                                   rows.sum(-1).view(g.n_heads, n, t).to(sdt))
         return out
 
 
@@ -245,8 +254,8 @@ class HeadSpace(NamedTuple):
 
     dz: Tensor  # [H, N, T, dh]
     w_out: Tensor  # [H, dh, d]
-    gram: Tensor  # [H, dh, dh]: W_O[h] W_O[h]^T
-    row_sum: Tensor  # [H, dh]: W_O[h] 1
+    square: Tensor  # [H, N, T]: |delta_h|^2 at each position
+    total: Tensor  # [H, N, T]: sum of delta_h over d at each position
 
 
 def norm_epsilon(lay: Architecture, layer: int, d: int) -> tuple[float, bool]:
@@ -372,9 +381,9 @@ class _NormedProjection:
             qs[:, :, j0:j1] = part.view(h, n, p, -1).permute(1, 2, 0, 3)
             ks[:, :, j0:j1] = torch.bmm(flat, mk[i0:i1]).view(h, n, t, -1).permute(1, 2, 0, 3)
             cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
-            square[j0:j1] = (torch.bmm(flat, hs.gram[i0:i1]) * flat).sum(-1).view(h, n, t)
+            square[j0:j1] = hs.square[i0:i1]
             if total is not None:
-                total[j0:j1] = (flat @ hs.row_sum[i0:i1, :, None]).view(h, n, t)
+                total[j0:j1] = hs.total[i0:i1]
             u = b
         if direct:  # the other senders' differences as they are, d-wide
             at = torch.tensor(direct, device=x.device)
