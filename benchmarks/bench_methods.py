@@ -10,12 +10,18 @@ tensor (the engine's memo never hits), so every figure includes the corrupted fo
 ``gim``        ``GIM().score`` (the same passes; eager softmax with its modified backward)
 ``relp``       ``RelP().score``
 ``atp_qk``     ``AtPStar(grad_drop=False).score`` (the QK fix alone: no extra backward pass)
-``atp_star``   ``AtPStar().score`` (QK fix and GradDrop: one clean forward and backward per layer)
+``atp_star``   ``AtPStar().score`` (QK fix and GradDrop: one clean forward, the plain backward
+               pass and one backward pass from each layer's input down)
+
+The methods are timed interleaved (each round times every method once, in turn), so that load
+on a shared machine falls on all of them alike; the ratios are of medians over the rounds. Each
+run is a section of the results, labelled with its date, commit and the machine's load average;
+earlier runs stay below it (``--replace`` drops them).
 
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_methods.py [--families gpt2 llama ...] [--repeats 5]
-        [--out benchmarks/results/methods_speed]
+        [--out benchmarks/results/methods_speed] [--replace]
 
 Measures and reports; asserts nothing about times.
 """
@@ -24,9 +30,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import json
+import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +46,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
-from bench_engine import _median_time as _median  # noqa: E402
 from bench_families import FAMILIES, GROUPED, SHAPE  # noqa: E402
 
 METHODS = ["eap", "gim", "relp", "atp_qk", "atp_star"]
@@ -59,15 +70,30 @@ def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
     def fresh() -> Any:  # a new corrupted tensor: the engine's memo never hits
         return dataclasses.replace(data, corrupted=data.corrupted.clone())
 
-    seconds = {k: _median(lambda a=a: a.score(engine, fresh()), repeats)
-               for k, a in algos.items()}
+    for a in algos.values():  # warm-up
+        a.score(engine, fresh())
+    times: dict[str, list[float]] = {k: [] for k in algos}
+    for _ in range(repeats):  # interleaved rounds
+        for k, a in algos.items():
+            start = time.process_time()
+            a.score(engine, fresh())
+            times[k].append(time.process_time() - start)
+    seconds = {k: statistics.median(v) for k, v in times.items()}
     return {"family": family, "n_edges": engine.graph.n_edges, "seconds": seconds,
             "vs_eap": {k: seconds[k] / seconds["eap"] for k in METHODS}}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The results table."""
+    """The results: one section a run, newest first."""
+    return "\n".join(_section(run) for run in result["runs"])
+
+
+def _section(result: dict[str, Any]) -> str:
+    """One run's table (runs without provenance are the first, untitled one)."""
+    title = result.get("title", "Earlier run: before the AtP* speed work (methods timed one "
+                                "after another; date, commit and load not recorded)")
     lines = [
+        f"## {title}", "",
         "Random-weight models of bench_families' shape (6 layers, d_model 256, 8 heads, 4 k/v "
         "heads for grouped-query families), batch 8 x 16 tokens, one thread, CPU time, medians "
         f"of {result['repeats']}; {result['machine']}. Every call includes its corrupted "
@@ -83,20 +109,43 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _provenance() -> dict[str, Any]:
+    """Date, commit and load average of this run."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit, "load_before": os.getloadavg()[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/methods_speed")
+    parser.add_argument("--replace", action="store_true",
+                        help="drop the earlier runs kept in OUT.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    run = _provenance()
     with tempfile.TemporaryDirectory() as tmp:
         families = [measure(f, args.repeats, Path(tmp)) for f in args.families]
-    result = {"families": families, "repeats": args.repeats, "threads": args.threads,
-              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
-    write_results(args.out, result, markdown)
+    run.update(families=families, repeats=args.repeats, threads=args.threads,
+               machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+               load_after=os.getloadavg()[0])
+    run["title"] = (f"{run['date']}, commit {run['commit']}, load average "
+                    f"{run['load_before']:.1f} -> {run['load_after']:.1f} (interleaved rounds)")
+    earlier: list[dict[str, Any]] = []
+    old = Path(args.out).with_suffix(".json")
+    if old.exists() and not args.replace:
+        saved = json.loads(old.read_text())
+        earlier = saved["runs"] if "runs" in saved else [saved]
+    write_results(args.out, {"runs": [run, *earlier]}, markdown)
 
 
 if __name__ == "__main__":
