@@ -18,30 +18,47 @@ components (false negatives) and propose two fixes, together AtP*:
 Method here (edge level). An edge ``u -> r`` is scored as EAP does, ``(a'_u - a_u) . d metric
 / d x_r`` in the clean run, except that edges into q and k inputs take the QK-fixed estimate
 ``sum (A' - A) . d metric / d A`` (exact pattern ``A'`` of the head with the receiver's input
-patched). With GradDrop, ``L`` passes each drop one layer (a receiver in the dropped layer
-scores 0 in that pass, which the ``L - 1`` accounts for) and the scores are the mean absolute
-values above: non-negative importances (the sign is lost, as in the paper); without it the
-scores are signed metric changes like EAP's.
+patched). With GradDrop, ``L`` estimates each drop one layer (a receiver in the dropped layer
+scores 0 in it, which the ``L - 1`` accounts for) and the scores are the mean absolute values
+above: non-negative importances (the sign is lost, as in the paper); without it the scores are
+signed metric changes like EAP's.
+
+GradDrop from one forward pass. The backward pass is linear in the gradient it starts from, and
+dropping layer ``l`` leaves only the residual connection around it: the gradient reaching
+layer ``l``'s input is the plain gradient at its output. So after one clean forward pass and
+the plain backward pass (which gives every receiver above ``l`` its ``AtP_(l)`` gradient), one
+backward pass from layer ``l``'s input, seeded with that output gradient and run through the
+layers below it only, gives the receivers below ``l`` theirs (autograd's graph of the forward
+pass kept for all of them). The QK fix's patterns ``A'`` do not depend on the backward pass:
+they are computed once and contracted with each pass's pattern gradients.
 
 Units. The task metric's (logits for a logit difference); with GradDrop an unsigned magnitude
 of a metric change.
 
-Cost. QK fix alone: EAP's passes plus, per layer, the patterns of ``2 U`` patched heads (``U``
-senders upstream): no extra backward pass. GradDrop: ``L`` clean forward and backward passes
-(the paper's ``L`` extra backward passes) instead of one.
+Cost. QK fix alone: EAP's passes plus, per layer, the q/k projections and ``2 U`` patterns of
+the ``U`` senders upstream (:mod:`circuitfind.patching.qk_fix`): no extra backward pass.
+GradDrop: one clean forward pass, the plain backward pass and ``L - 1`` partial backward passes
+through ``1, 2, ..., L - 1`` layers (``L (L - 1) / 2`` layer-backward passes, about ``(L - 1)
+/ 2`` full ones, fewer than the paper's ``L`` extra backward passes), each with its share of
+EAP's contraction; the QK fix's patterns once.
 
 Deviations from the reference implementation (the paper publishes no code). The paper scores
 nodes (neurons, a head's query or key at one position); circuitfind scores edges: an edge patch
 changes the receiver's input at every position, so the QK fix recomputes the head's whole
 pattern from the patched receiver input (through its norm and projection), and GradDrop acts at
-the receiver's layer. GradDrop runs ``L`` full forward and backward passes, not one forward and
-``L`` backward passes. Models with a single layer take no GradDrop (the mean over ``L - 1`` is
+the receiver's layer. Models with a single layer take no GradDrop (the mean over ``L - 1`` is
 undefined): plain QK-fixed scores are returned.
 
-Cost in practice (``benchmarks/results/methods.md``): the QK fix's patterns cost about
-``2 U N H T^2`` values per layer against EAP's ``U N T d`` contraction, so it grows with the
-prompt length relative to EAP: 2.2-3x EAP on bench_families' shape (16 tokens), about 8x on
-stories260k's 41-token prompts.
+Cost in practice (``benchmarks/results/methods_speed.md``): on bench_families' shape (6 layers,
+16 tokens) the QK fix alone costs about 2.1-2.6x EAP and with GradDrop about 3-3.5x (11-14x
+when each dropped layer took its own forward and backward pass). The QK fix recomputes per
+layer the projections and two patterns of every upstream sender: ``U N T d (H + G) d_head``
+multiply-adds for the ``L + 1`` non-head senders and the norm statistics, and for the heads a
+``d_head``-wide product in head space, plus ``2 U N H P T`` pattern entries; it grows with the
+depth (``U``) and the prompt length (``T^2``) relative to EAP. GradDrop's floor is its
+``(L - 1) / 2`` extra backward passes: with a backward pass about twice a forward pass and EAP
+about four forward passes (corrupted and clean forward, backward), about ``1 + (L - 1) / 4``
+times EAP before the QK fix, 2.25x for 6 layers, growing linearly with the depth.
 """
 
 from __future__ import annotations

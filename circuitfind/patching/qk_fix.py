@@ -30,11 +30,21 @@ query against a patched key ``q_i . (R_j k'_j) = (R_j^T q_i) . k'_j``; the clean
 ``R_i^T k_j`` and ``R_j^T q_i`` (``N H P T d_head`` values) are computed once a layer, and
 ``R_t`` itself by rotating the identity with the family's own rotation. Queries are projected
 at the query rows some gradient reaches only (all but the metric positions in the last layer
-carry none). The pattern's contraction with the gradient is a batched matrix product.
+carry none). The pattern's contraction with the gradient is a batched matrix product. The
+patched streams ``x + delta_u`` are never materialised: the norm is ``1/sigma`` times a linear
+map, so the projections are ``1/sigma(x + delta_u) (x W_c + delta_u W_c)`` plus a bias, with
+``1/sigma`` from the clean stream's statistics and reductions of ``delta_u``. A head sender's
+difference is ``dz_h W_O[h]`` (the difference of two head outputs ``z W_O``; recovered by least
+squares once a call and checked to lie in ``W_O[h]``'s row space, else the direct path is
+taken), so its projection is ``dz_h (W_O[h] W_c)``: ``d_head``-wide instead of ``d``-wide
+(:class:`_NormedProjection`). Gemma-2's head differences, pushed through its post-norm, take
+the direct path.
 
-Cost. Per layer, for the ``U`` senders upstream of it: the norm and q/k projections of ``U``
-patched residual streams (``U N T d`` values, ``U N T d (H + G) d_head`` multiply-adds) and
-``2 U`` patterns of ``N H P T`` scores; no extra backward pass.
+Cost. Per layer, for the ``U`` senders upstream of it: the q/k projections of the ``L + 1``
+non-head senders (``N T d (H + G) d_head`` multiply-adds each), of the heads in head space
+(``N T d_head (H + G) d_head`` each, plus ``d^2 (H + G) d_head`` a pair of layers for ``W_O
+W_c``, kept between calls while small), and ``2 U`` patterns of ``N H P T`` scores; no extra
+backward pass.
 
 References:
     Kramar, Lieberum, Shah & Nanda (2024), "AtP*: An efficient and scalable method for
@@ -301,9 +311,9 @@ class _NormedProjection:
     1/sqrt(stat(y) + eps)`` from the clean stream's statistics and the difference's
     (``|y|^2 = |x|^2 + 2 x.delta + |delta|^2``, means likewise), so no patched stream is
     materialised. ``y W_c = x W_c + delta_u W_c`` with the clean part computed once; for a head
-    sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)``, ``x.delta_h
-    = dz_h . (x W_O[h]^T)``, ``|delta_h|^2 = dz_h (W_O[h] W_O[h]^T) dz_h`` and ``sum delta_h =
-    dz_h . (W_O[h] 1)``: ``d_head``-wide work instead of ``d``-wide.
+    sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)`` and ``x.delta_h
+    = dz_h . (x W_O[h]^T)`` (``d_head``-wide work instead of ``d``-wide; ``|delta_h|^2`` and
+    ``sum delta_h`` do not depend on the receiving layer and come with the head space).
 
     Args:
         lay: The family adapter.

@@ -140,6 +140,17 @@ def test_grad_drop_is_the_mean_absolute_score_over_dropped_layers(setups, tmp_pa
     assert AtPStar(grad_drop=False).score_meaning(data.task).kind == "metric_change"
 
 
+def test_grad_drop_without_the_qk_fix(setups):
+    """GradDrop alone (plain gradients through the softmax) from one forward pass equals
+    ``L`` passes with one layer's gradient dropped each."""
+    engine, data, _, _ = setups("gpt2")
+    passes = [engine.edge_attribution(data, rules=BackwardRules(drop_layer=layer)).double()
+              for layer in range(engine.graph.n_layers)]
+    want = sum(p.abs() for p in passes) / (engine.graph.n_layers - 1)
+    _close(AtPStar(qk_fix=False).score(engine, data), want)
+    _close(AtPStar(qk_fix=False, batch_size=1).score(engine, data), want)
+
+
 def test_plain_rules_are_eap_and_rules_leave_the_forward_alone(setups):
     """The default rules reproduce EAP bit for bit; after a modified pass the adapter's rules
     are plain again and masked passes are unchanged."""
