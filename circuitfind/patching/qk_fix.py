@@ -372,7 +372,7 @@ class _NormedProjection:
         cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
         square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
         total = x.new_empty(c, n, t, dtype=self.sdt) if self.centred else None  # sum delta
-        direct = []
+        direct: list[int] = []
         u = u0
         while u < u1:  # runs of one sender layer's heads (head space) or single senders
             run = self._run(u, u1, g)
@@ -387,20 +387,24 @@ class _NormedProjection:
             h = b - a
             dz = hs.dz[i0:i1]  # [h, N, T, dh]
             flat = dz.reshape(h, n * t, -1)
-            part = torch.bmm(dz[:, :, rows].reshape(h, n * p, -1), mq[i0:i1])
-            qs[:, :, j0:j1] = part.view(h, n, p, -1).permute(1, 2, 0, 3)
-            ks[:, :, j0:j1] = torch.bmm(flat, mk[i0:i1]).view(h, n, t, -1).permute(1, 2, 0, 3)
+            # x W_c + dz_h (W_O[h] W_c), written in place among the chunk's senders
+            torch.baddbmm(self.xq.view(1, n * p, -1).expand(h, -1, -1),
+                          dz[:, :, rows].reshape(h, n * p, -1), mq[i0:i1],
+                          out=qs.view(n * p, c, -1)[:, j0:j1].transpose(0, 1))
+            torch.baddbmm(self.xk.view(1, n * t, -1).expand(h, -1, -1), flat, mk[i0:i1],
+                          out=ks.view(n * t, c, -1)[:, j0:j1].transpose(0, 1))
             cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
             square[j0:j1] = hs.square[i0:i1]
             if total is not None:
                 total[j0:j1] = hs.total[i0:i1]
             u = b
-        if direct:  # the other senders' differences as they are, d-wide
-            at = torch.tensor(direct, device=x.device)
-            du = delta[at].to(x.dtype)  # [k, N, T, d]
-            j = at - u0
-            qs[:, :, j] = (du[:, :, rows] @ self.wq).permute(1, 2, 0, 3)
-            ks[:, :, j] = (du @ self.wk).permute(1, 2, 0, 3)
+        xq, xk = self.xq.view(n * p, -1), self.xk.view(n * t, -1)
+        for u in direct:  # the other senders' differences as they are, d-wide
+            du = delta[u].to(x.dtype)  # [N, T, d]
+            j = u - u0
+            torch.addmm(xq, du[:, rows].reshape(n * p, d), self.wq,
+                        out=qs.view(n * p, c, -1)[:, j])
+            torch.addmm(xk, du.reshape(n * t, d), self.wk, out=ks.view(n * t, c, -1)[:, j])
             ds = du.to(self.sdt)
             cross[j] = (ds * self.xc).sum(-1)
             square[j] = ds.pow(2).sum(-1)
@@ -410,8 +414,8 @@ class _NormedProjection:
         if total is not None:  # variance: the mean of the difference moves the mean
             stat -= (total / d).pow(2)
         inv = torch.rsqrt(stat + self.eps).to(x.dtype).permute(1, 2, 0)[..., None]  # [N,T,c,1]
-        torch.addcmul(self.bq, qs.add_(self.xq[:, :, None]), inv[:, rows], out=qs)
-        torch.addcmul(self.bk, ks.add_(self.xk[:, :, None]), inv, out=ks)
+        torch.addcmul(self.bq, qs, inv[:, rows], out=qs)
+        torch.addcmul(self.bk, ks, inv, out=ks)
         return qs, ks
 
     def _run(self, u: int, u1: int, g: object) -> tuple[int, int, int] | None:
