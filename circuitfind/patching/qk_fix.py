@@ -268,11 +268,12 @@ class HeadSpace(NamedTuple):
     total: Tensor  # [H, N, T]: sum of delta_h over d at each position
 
 
-def norm_epsilon(lay: Architecture, layer: int, d: int) -> tuple[float, bool]:
+def norm_epsilon(lay: Architecture, layer: int, d: int,
+                 device: torch.device | None = None) -> tuple[float, bool]:
     """``(eps, centred)`` of ``layer``'s attention input norm, read off
     :meth:`Architecture.norm_parts` on a row of ``+-1`` in float64 (``1/sigma =
     1/sqrt(stat + eps)``, ``stat`` its variance or mean square)."""
-    row = torch.ones(1, d, dtype=torch.float64)
+    row = torch.ones(1, d, dtype=torch.float64, device=device)
     row[:, 1::2] = -1
     _, inv, _, centred = lay.norm_parts(layer, row)
     stat = row.var(-1, unbiased=False) if centred else row.pow(2).mean(-1)
@@ -330,7 +331,7 @@ class _NormedProjection:
         wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
         wk, bk = lay.head_weights(layer, "k")
         _, _, w_norm, centred = lay.norm_parts(layer, x[:1, :1])
-        self.eps, self.centred = norm_epsilon(lay, layer, d)
+        self.eps, self.centred = norm_epsilon(lay, layer, d, x.device)
         ws = []
         for w in (wq, wk):
             wc = w.permute(1, 0, 2).reshape(d, -1).to(w_norm.dtype) * w_norm.reshape(d, 1)
