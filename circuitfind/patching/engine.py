@@ -612,7 +612,10 @@ class PatchingEngine:
             drop_each_layer: AtP*'s GradDrop: the scores with each layer's gradient dropped
                 in turn, from one forward pass per chunk of examples
                 (:func:`circuitfind.patching.attribution.eap_pass`); block runner only, not
-                with ``points``. Memory: ``L`` score matrices.
+                with ``points``. Memory: ``L`` score matrices, the pass's autograd graph
+                kept through the ``L`` backward passes and, with the QK fix, the pattern
+                gradients of every pass (``L (L + 1) / 2`` tensors of ``N H T^2``) until the
+                patterns are rescored.
 
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
