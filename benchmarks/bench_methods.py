@@ -144,7 +144,7 @@ def main() -> None:
     old = Path(args.out).with_suffix(".json")
     if old.exists() and not args.replace:
         saved = json.loads(old.read_text())
-        earlier = saved["runs"] if "runs" in saved else [saved]
+        earlier = saved.get("runs", [saved])
     write_results(args.out, {"runs": [run, *earlier]}, markdown)
 
 

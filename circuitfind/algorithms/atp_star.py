@@ -65,7 +65,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from circuitfind.algorithms.base import ALGORITHMS, Algorithm

@@ -343,7 +343,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         pending[gi].discard(key)
         if pending[gi]:
             return
-        grp = [p for p in groups[gi] if active(p)]  # (a GradDrop pass may reach a group's first part only)
+        grp = [p for p in groups[gi] if active(p)]  # (GradDrop may reach a group's first part only)
         r0, r1 = grp[0][1], grp[-1][1] + grp[-1][2]
         n_up = int(g.n_upstream[r0:r1].max())
         row0 = r0 - groups[gi][0][1]

@@ -161,7 +161,7 @@ class QKFix:
         (``[N, T, c, out]``), so that each head's scores are one batched product of views."""
         q0, k0, a0 = self.qk[layer]
         g = self.runner.graph
-        n, t, d = x.shape
+        n, t, _ = x.shape
         heads, dh = q0.shape[1], q0.shape[-1]
         groups = k0.shape[1]
         rep, p, m, u_up = heads // groups, len(rows), len(grads), delta.shape[0]
@@ -238,7 +238,7 @@ class QKFix:
         if lay.attn_post_norm or delta.dtype in (torch.float16, torch.bfloat16):
             return out
         last = max(self.inputs, default=0)
-        s, n, t, d = delta.shape
+        _, n, t, d = delta.shape
         for m in range(last):  # heads of the last tapped layer feed no q or k
             h0 = g.head_start[m]
             w = lay.w_out(m)[0].reshape(g.n_heads, -1, d)  # [H, dh, d]
