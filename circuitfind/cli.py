@@ -54,6 +54,19 @@ class _Command(TyperCommand):
     default plainly (``[default: 100, unless --threshold is given]``; typer wraps it in
     parentheses)."""
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Parse as typer does, but name the refused value in a coercion error: typer's
+        ``Input should be greater than or equal to 0`` becomes ``... greater than or equal to
+        0; got -3.``"""
+        try:
+            return super().parse_args(ctx, args)
+        except typer.BadParameter as exc:
+            errors = getattr(exc.__cause__, "errors", None)
+            found = errors() if callable(errors) else []
+            if found and "input" in found[0]:
+                exc.message = f"{exc.message.rstrip('.')}; got {found[0]['input']}."
+            raise
+
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
@@ -84,6 +97,13 @@ def _one_of(allowed: tuple[str, ...]) -> Callable[[Optional[str]], Optional[str]
         return value.strip().lower()
 
     return check
+
+
+def _above_zero(value: float) -> float:
+    """An option callback refusing 0 (typer's ``min=0`` admits it) as a usage error."""
+    if value <= 0:
+        raise typer.BadParameter(f"give a number above 0; got {value}.")
+    return value
 
 
 def _choices(allowed: tuple[str, ...]) -> str:
@@ -314,8 +334,8 @@ def tune(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model (default: the task's zoo organism)."),
     algorithm: str = typer.Option("acdc", "--algorithm", "-a", help="A pruning algorithm."),
-    target: float = typer.Option(0.9, "--target", min=0, max=1,
-                                 help="Normalized faithfulness to reach."),
+    target: float = typer.Option(0.9, "--target", min=0, max=1, callback=_above_zero,
+                                 help="Normalized faithfulness to reach, above 0."),
     trials: int = typer.Option(20, "--trials", min=0,
                                help="Trials this worker runs (0: create only)."),
     low: Optional[float] = typer.Option(
