@@ -15,14 +15,16 @@ flow routes (IFR; its top-down circuit at tau = 0.04 too) and edge pruning (trai
   ranked by |score|) and, for zoo organisms, against the organism's reference circuit;
 - CPR and CMD (MIB convention, :func:`circuitfind.faithfulness_curve`: top int(p E) edges at
   MIB's fractions, dangling edges pruned; CPR over the importance ranking, CMD over |score|),
-  and f@k: the normalized faithfulness of each method's k most important edges, k = the size
-  edge pruning trains to;
+  f@k: the normalized faithfulness of each method's k most important edges, k = the size edge
+  pruning trains to, and KL@k: KL(full model || that circuit) in nats at the metric positions
+  (edge pruning's own objective);
 - wall time of the call; for edge pruning also the time per training step in plain Hugging
   Face forwards of the step's minibatch (issue 19's cost unit).
 
 ``--cache DIR`` keeps exact's scores and every finished (target, method) row in ``DIR``, keyed
-by target, task, examples and seed, so an interrupted run resumes and a rerun that changes one
-method recomputes only that method's rows (delete the row's file to recompute it).
+by target, task, examples and seed (and each method's ``[S, R]`` scores beside its row), so an
+interrupted run resumes and a rerun that changes one method recomputes only that method's rows
+(delete the row's file to recompute it).
 
 Usage (from the repository root)::
 
@@ -92,6 +94,11 @@ class RowCache:
             torch.save({"scores": scores, "seconds": seconds}, path)
         return scores, seconds
 
+    def save_scores(self, key: str, scores: torch.Tensor) -> None:
+        """Keep method ``key``'s ``[S, R]`` scores beside its row (nothing without a cache)."""
+        if self.dir is not None:
+            torch.save(scores, self.dir / f"scores_{key}.pt")
+
     def row(self, key: str, compute: Any) -> dict[str, Any]:
         """The row of method ``key``, from the cache or ``compute()``."""
         path = None if self.dir is None else self.dir / f"{key}.json"
@@ -143,6 +150,7 @@ def compare(label: str, source: str, task: str, reference: Any, args: Any) -> di
                 scores = algo.score(engine, data)
             extra["seconds"] = time.perf_counter() - start
             meaning = algo.score_meaning(data.task)
+        cache.save_scores(key, scores)
         e = meaning.importance(scores)[g.edge_mask].numpy()
         extra["score_kind"] = meaning.kind
         extra["spearman"] = float(spearmanr(e, e_exact).statistic)
@@ -162,7 +170,9 @@ def compare(label: str, source: str, task: str, reference: Any, args: Any) -> di
         extra.update(cpr=curve.cpr, cmd=curve.cmd)
         top = prune_dangling(select_top_n(g, scores, target_edges, absolute=False,
                                           meaning=meaning))
-        extra["faithfulness_at_target"] = evaluate(engine, top, data).faithfulness
+        at_target = evaluate(engine, top, data)
+        extra["faithfulness_at_target"] = at_target.faithfulness
+        extra["kl_at_target"] = at_target.kl_div
         return extra
 
     rows: dict[str, Any] = {}
@@ -173,6 +183,11 @@ def compare(label: str, source: str, task: str, reference: Any, args: Any) -> di
     return {"target": label, "task": task, "examples": args.examples, "seed": args.seed,
             "n_edges": g.n_edges, "top_exact": k_top, "target_edges": target_edges,
             "reference_edges": None if reference is None else reference.n_edges, "methods": rows}
+
+
+def _kl(row: dict[str, Any]) -> str:
+    """KL@k of a row, ``n/a`` for rows cached before it was measured."""
+    return f"{row['kl_at_target']:.3f}" if "kl_at_target" in row else "n/a"
 
 
 LABELS = {"atp_star_qk": "atp_star (QK fix)", "atp_star": "atp_star (QK fix + GradDrop)"}
@@ -187,22 +202,23 @@ def markdown(r: dict[str, Any]) -> str:
              f"|score| ranking the top {r['top']:.0%} of edges by |exact effect|. AUROC reference: "
              "the zoo organism's reference circuit. CPR ↑ / CMD ↓: MIB convention. f@k: "
              "normalized faithfulness of each method's k most important edges (dangling edges "
-             f"pruned), k = the size edge pruning trains to ({r['steps']} steps).", ""]
+             f"pruned), k = the size edge pruning trains to ({r['steps']} steps); KL@k: "
+             "KL(full model ‖ those k edges) in nats at the metric positions.", ""]
     for t in r["targets"]:
         ref = t["reference_edges"] is not None
         lines += [f"## {t['target']} ({t['task']}, {t['n_edges']} edges"
                   + (f", reference {t['reference_edges']} edges" if ref else "") + ")", "",
                   "| method | Spearman | Spearman abs | AUROC exact"
                   + (" | AUROC reference" if ref else "")
-                  + f" | CPR | CMD | f@{t['target_edges']} | time (s) |",
+                  + " | CPR | CMD | f@{k} | KL@{k} | time (s) |".format(k=t["target_edges"]),
                   "| --- | ---: | ---: | ---:" + (" | ---:" if ref else "")
-                  + " | ---: | ---: | ---: | ---: |"]
+                  + " | ---: | ---: | ---: | ---: | ---: |"]
         for name, m in t["methods"].items():
             auc = f" | {m['auroc_reference']:.3f}" if ref else ""
             lines.append(f"| {LABELS.get(name, name)} | {m['spearman']:.3f} | "
                          f"{m['spearman_abs']:.3f} | {m['auroc_exact']:.3f}{auc} | "
                          f"{m['cpr']:.3f} | {m['cmd']:.3f} | {m['faithfulness_at_target']:.3f} | "
-                         f"{m['seconds']:.2f} |")
+                         f"{_kl(m)} | {m['seconds']:.2f} |")
         notes = []
         if "ifr" in t["methods"]:
             ifr = t["methods"]["ifr"]
