@@ -373,18 +373,38 @@ def llama_8b_plan() -> str:
         where = where.relative_to(ROOT)  # the name the report shows
     plan = cf.plan(str(where), None, "eap_ig", examples=MIB_EXAMPLES,
                    seq_len=MIB_IOI_TOKENS, device="cuda", memory="80GiB", dtype="bfloat16")
+    longer = cf.plan(str(where), None, "eap_ig", examples=MIB_EXAMPLES,
+                     seq_len=MIB_IOI_TOKENS + 2, device="cuda", memory="80GiB",
+                     dtype="bfloat16")
     return (f"## Llama-3.1-8B, EAP-IG (inputs, 5 steps), one 80 GB GPU, bfloat16\n\n"
-            f"{MIB_EXAMPLES} examples of {MIB_IOI_TOKENS} tokens (MIB's IOI prompts are one or "
-            "two sentences; 32 tokens is an upper estimate under the Llama-3 tokenizer), from "
-            "the config alone (`tests/fixtures/llama-3.1-8b/config.json`, no weights): "
+            f"{MIB_EXAMPLES} examples of {MIB_IOI_TOKENS} tokens, MIB's longest IOI prompt "
+            "under the Llama-3 tokenizer (below), from the config alone "
+            "(`tests/fixtures/llama-3.1-8b/config.json`, no weights): "
             f"`circuitfind plan --model tests/fixtures/llama-3.1-8b --algorithm eap-ig "
             f"--examples {MIB_EXAMPLES} --seq-len {MIB_IOI_TOKENS} --device cuda --memory 80GiB "
             f"--dtype bfloat16`\n\n```\n{plan.summary()}\n```\n\nIt fits, "
             f"{plan.examples_per_pass} examples per pass. Not measured on a GPU (none was lent "
-            "to this task).")
+            "to this task). Were a place and an object two tokens each "
+            f"({MIB_IOI_TOKENS + 2} tokens), it would take {longer.examples_per_pass}.\n\n"
+            + MIB_IOI_SOURCE)
 
 
-MIB_IOI_TOKENS = 32
+#: Tokens (BOS included) of MIB's longest IOI prompt under the Llama-3 tokenizer.
+MIB_IOI_TOKENS = 21
+MIB_IOI_SOURCE = (
+    "*MIB's IOI length.* The `mib-bench/ioi` prompts are filled-in templates: MIB's code reads "
+    "the data set's prompts with one of 70 templates (`MIB-causal-variable-track/tasks/"
+    "IOI_task/templates.json` of the MIB repository, read in its fork sidnb13/MIB on GitHub, "
+    "commit 17137cd), whose names, places and objects are listed beside "
+    "them (`names.json`: 99 names, `places.json` and `objects.json`: 8 each). Encoding every "
+    "template with those words (26,880 prompts, the subject in the third name slot) with the "
+    "Llama-3 tokenizer (the npm package `llama3-tokenizer-js` 1.2.0, the same BPE as "
+    "Llama-3.1-8B's) gives 12 to 21 tokens with BOS, mean 16.4; every name, place and object is "
+    "one token with its leading space, and so are words of the data set outside those lists "
+    "seen in MIB's example notebook (\"As Carl and Maria left the consulate, Carl gave a fridge "
+    "to\": 14 tokens). The longest, 21 tokens: \"Then, Michael and Amanda were thinking about "
+    "going to the store. Michael wanted to give a ring to\". A batch is as long as its longest "
+    "prompt, so 21 is the plan's length.")
 MIB_EXAMPLES = 1024
 
 
