@@ -6,8 +6,10 @@ algorithm (EAP; EAP-IG with 5 steps on the inputs; ACDC over one receiver layer:
 the last MLP and the last layer's q/k/v receivers), one fresh process:
 
 1. imports circuitfind, sets one torch thread and records its resident set (``base``);
-2. loads the saved random model with :func:`circuitfind.load_model` (float32, CPU) and builds
-   batch 8 x 32 tokens of random token ids (the GPT-2 tokenizer's ids, ``ToyTask``);
+2. loads the saved random model with :func:`circuitfind.load_model` (CPU; float32, except
+   Gemma-2-2B in bfloat16: its float32 weights alone would take 9.7 GiB of a shared machine;
+   ``--dtype`` sets one dtype for every shape) and builds batch 8 x 32 tokens of random token
+   ids (the GPT-2 tokenizer's ids, ``ToyTask``);
 3. times one plain Hugging Face forward of the clean batch (no grad; median of 3): the unit;
 4. runs ``algorithm.score`` (ACDC: ``discover``) on a :class:`PatchingEngine` with the
    ``--memory`` budget the plan proposes, sampling the resident set every millisecond.
@@ -24,7 +26,7 @@ Usage (from the repository root)::
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_scale.py \
         [--shapes gpt2-small pythia-410m ...] [--algorithms eap eap_ig acdc] \
-        [--model-root DIR] [--out benchmarks/results/scale]
+        [--dtype bfloat16] [--model-root DIR] [--out benchmarks/results/scale]
 
 ``--quick`` runs a tiny shape (a smoke test). Measures and reports; asserts nothing.
 """
@@ -93,6 +95,8 @@ SHAPES: dict[str, dict[str, Any]] = {
              "max_position_embeddings": 64, "tie_word_embeddings": False,
              "bos_token_id": 50256, "eos_token_id": 50256},
 }
+#: The dtype each shape runs in unless ``--dtype`` says otherwise (float32 for the others).
+SHAPE_DTYPES = {"gemma-2-2b": "bfloat16"}
 PUBLIC_SHAPES = ("gpt2-small", "pythia-410m", "qwen2.5-0.5b", "llama-3.2-1b", "gemma-2-2b")
 ALGORITHMS: dict[str, dict[str, Any]] = {
     "eap": {},
@@ -102,19 +106,32 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
 BATCH, SEQ_LEN = 8, 32
 
 
-def model_dir(root: Path, shape: str) -> Path:
-    """A saved random model of ``shape`` (and the GPT-2 tokenizer) under ``root``."""
+def shape_dtype(shape: str, dtype: str | None = None) -> str:
+    """The dtype ``shape`` runs in: ``dtype`` if given, else :data:`SHAPE_DTYPES`' or
+    float32."""
+    return dtype or SHAPE_DTYPES.get(shape, "float32")
+
+
+def model_dir(root: Path, shape: str, dtype: str = "float32", weights: bool = True) -> Path:
+    """A saved random model of ``shape`` in ``dtype`` (and the GPT-2 tokenizer) under
+    ``root``; ``weights=False``: its config alone (enough to plan)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = root / shape
-    if (path / "config.json").exists():
+    from circuitfind.models import parse_dtype
+
+    path = root / (shape if dtype == "float32" else f"{shape}-{dtype}")
+    if (path / "config.json").exists() and (not weights or any(path.glob("*.safetensors"))):
         return path
     config = AutoConfig.for_model(**{k: v for k, v in SHAPES[shape].items()
                                      if k != "architectures"})
     config.architectures = SHAPES[shape]["architectures"]
+    if not weights:
+        config.save_pretrained(path)
+        return path
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # built in its dtype: a float32 copy of the larger shapes would not fit beside the others
+    model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(path)
     return path
@@ -157,7 +174,7 @@ def child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     gc.collect()
     _malloc_trim()
     base = _rss()
-    model = cf.load_model(spec["model_dir"], device="cpu", dtype="float32")
+    model = cf.load_model(spec["model_dir"], device="cpu", dtype=spec["dtype"])
     data = ToyTask(seq_len=SEQ_LEN - 1).build(model.tokenizer, BATCH, seed=0)
     plain = model.original_model
     times = []
@@ -191,29 +208,32 @@ def child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def run_one(shape: str, algorithm: str, root: Path, threads: int,
-            budget: str | None) -> dict[str, Any]:
+            budget: str | None, dtype: str | None = None) -> dict[str, Any]:
     """Plan, then measure in a fresh process."""
     import circuitfind as cf
 
-    path = model_dir(root, shape)
+    dtype = shape_dtype(shape, dtype)
+    path = model_dir(root, shape, dtype)
     params = dict(ALGORITHMS[algorithm])
     if algorithm == "acdc":
         params["max_receivers"] = one_layer(SHAPES[shape])
     plan = cf.plan(str(path), None, algorithm, examples=BATCH, seq_len=SEQ_LEN,
-                   algorithm_params=params, memory=budget)
+                   algorithm_params=params, memory=budget, dtype=dtype)
     if not plan.fits and budget is None:  # the default (weights + 2 GiB) is too small: the
         # least budget that fits, with a quarter to spare
         plan = cf.plan(str(path), None, algorithm, examples=BATCH, seq_len=SEQ_LEN,
-                       algorithm_params=params, memory=int(1.25 * plan.minimum_for(BATCH)))
+                       algorithm_params=params, memory=int(1.25 * plan.minimum_for(BATCH)),
+                       dtype=dtype)
     spec = {"model_dir": str(path), "warm_dir": str(warm_dir(root, shape)),
-            "algorithm": algorithm, "params": ALGORITHMS[algorithm],
+            "algorithm": algorithm, "params": ALGORITHMS[algorithm], "dtype": dtype,
             "max_receivers": params.get("max_receivers"), "budget": plan.budget}
     cmd = [sys.executable, __file__, "--threads", str(threads), "--child", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if res.returncode:
         raise RuntimeError(f"{shape} {algorithm} failed:\n{res.stderr[-3000:]}")
     measured = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"shape": shape, "algorithm": algorithm, "params": params, "batch": BATCH,
+    return {"shape": shape, "algorithm": algorithm, "dtype": dtype, "params": params,
+            "batch": BATCH,
             "seq_len": SEQ_LEN, "budget": plan.budget, "plan": plan.to_dict(), **measured}
 
 
@@ -222,9 +242,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Scale: measured against the plan (CPU)",
         "",
-        f"Random-weight models of the public shapes (float32), batch {BATCH} × {SEQ_LEN} "
+        f"Random-weight models of the public shapes (in the *dtype* column's dtype), batch "
+        f"{BATCH} × {SEQ_LEN} "
         f"tokens, {m['threads']} torch thread; {m['cpu']}, torch {m['torch']}, {m['date']}; "
-        f"load average at start {m['load']} (a shared machine: times are indicative). Each row "
+        f"load average at start {m['load']}"
+        + (f"; {m['note']}" if m.get("note") else "") + " (a shared machine: times are "
+        "indicative). Each row "
         "is a fresh process. *peak*: the resident set's peak during the run minus the "
         "process's resident set before the model was loaded (weights included); *plan*: "
         "`circuitfind plan`'s prediction from the config alone; *time* in plain Hugging Face "
@@ -234,15 +257,16 @@ def markdown(result: dict[str, Any]) -> str:
         "inputs; ACDC: τ = 0.001 nats, one receiver layer (logits, the last MLP, the last "
         "layer's q/k/v).",
         "",
-        "| shape | algorithm | budget (GiB) | peak (GiB) | plan (GiB) | peak/plan | in budget "
-        "| time (fwd) | plan (fwd) | time/plan | plan: batch × points |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+        "| shape | dtype | algorithm | budget (GiB) | peak (GiB) | plan (GiB) | peak/plan "
+        "| in budget | time (fwd) | plan (fwd) | time/plan | plan: batch × points |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for r in result["rows"]:
         p = r["plan"]
         bound = r["algorithm"] == "acdc"  # an upper bound: see below
         lines.append(
-            f"| {r['shape']} | {r['algorithm']} | {r['budget'] / GiB:.2f} | "
+            f"| {r['shape']} | {r.get('dtype', 'float32')} | {r['algorithm']} | "
+            f"{r['budget'] / GiB:.2f} | "
             f"{r['peak'] / GiB:.2f} | {p['peak'] / GiB:.2f} | {r['peak'] / p['peak']:.2f} | "
             f"{'yes' if r['peak'] <= r['budget'] else 'NO'} | {r['wall_hf']:.1f} | "
             f"{'≤ ' if bound else ''}{p['forward_units']:.1f} | "
@@ -261,6 +285,8 @@ def markdown(result: dict[str, Any]) -> str:
                       "receivers nothing reads any more and of removed nodes. Tests run: "
                   + "; ".join(f"{r['shape']} {r['tests']} of at most "
                               f"{int(r['plan']['passes'].get('masks', 0))}" for r in acdc) + "."]
+    for note in result.get("notes", []):
+        lines += ["", note]
     for extra in result.get("plans", []):
         lines += ["", extra]
     return "\n".join(lines) + "\n"
@@ -290,6 +316,9 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory", default=None, help="Budget (default: the plan's proposal).")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="One dtype for every shape (default: float32, Gemma-2-2B "
+                             "bfloat16).")
     parser.add_argument("--model-root", default=None, help="Keep the random models here.")
     parser.add_argument("--out", default="benchmarks/results/scale")
     parser.add_argument("--quick", action="store_true", help="The tiny shape only.")
@@ -309,19 +338,21 @@ def main() -> None:
         result["rows"] = [r for r in old["rows"]
                           if args.report_only or (r["shape"], r["algorithm"]) not in
                           {(s, a) for s in shapes for a in args.algorithms}]
+        result["notes"] = old.get("notes", NOTES)
         if args.report_only:  # the plans again, with this checkout's model, same budgets
             result["machine"] = old["machine"]
             import circuitfind as cf
 
             for row in result["rows"]:
-                row["plan"] = cf.plan(str(model_dir(root, row["shape"])), None,
-                                      row["algorithm"], examples=BATCH, seq_len=SEQ_LEN,
-                                      algorithm_params=row["params"],
-                                      memory=row["budget"]).to_dict()
+                dtype = row.get("dtype", "float32")
+                config = model_dir(root, row["shape"], dtype, weights=False)
+                row["plan"] = cf.plan(str(config), None, row["algorithm"], examples=BATCH,
+                                      seq_len=SEQ_LEN, algorithm_params=row["params"],
+                                      memory=row["budget"], dtype=dtype).to_dict()
     for shape in [] if args.report_only else shapes:
         for algorithm in args.algorithms:
             try:
-                row = run_one(shape, algorithm, root, args.threads, args.memory)
+                row = run_one(shape, algorithm, root, args.threads, args.memory, args.dtype)
             except RuntimeError as err:  # report it, go on with the others
                 print(err, flush=True)
                 continue
@@ -334,6 +365,7 @@ def main() -> None:
     order = {s: i for i, s in enumerate(SHAPES)}
     result["rows"].sort(key=lambda r: (order.get(r["shape"], 99), r["algorithm"]))
     result["plans"] = [llama_8b_plan()]
+    result["notes"] = result.get("notes", NOTES)
     write_results(out, result, markdown)
 
 
@@ -347,19 +379,59 @@ def llama_8b_plan() -> str:
         where = where.relative_to(ROOT)  # the name the report shows
     plan = cf.plan(str(where), None, "eap_ig", examples=MIB_EXAMPLES,
                    seq_len=MIB_IOI_TOKENS, device="cuda", memory="80GiB", dtype="bfloat16")
+    longer = cf.plan(str(where), None, "eap_ig", examples=MIB_EXAMPLES,
+                     seq_len=MIB_IOI_TOKENS + 2, device="cuda", memory="80GiB",
+                     dtype="bfloat16")
     return (f"## Llama-3.1-8B, EAP-IG (inputs, 5 steps), one 80 GB GPU, bfloat16\n\n"
-            f"{MIB_EXAMPLES} examples of {MIB_IOI_TOKENS} tokens (MIB's IOI prompts are one or "
-            "two sentences; 32 tokens is an upper estimate under the Llama-3 tokenizer), from "
-            "the config alone (`tests/fixtures/llama-3.1-8b/config.json`, no weights): "
+            f"{MIB_EXAMPLES} examples of {MIB_IOI_TOKENS} tokens, MIB's longest IOI prompt "
+            "under the Llama-3 tokenizer (below), from the config alone "
+            "(`tests/fixtures/llama-3.1-8b/config.json`, no weights): "
             f"`circuitfind plan --model tests/fixtures/llama-3.1-8b --algorithm eap-ig "
             f"--examples {MIB_EXAMPLES} --seq-len {MIB_IOI_TOKENS} --device cuda --memory 80GiB "
             f"--dtype bfloat16`\n\n```\n{plan.summary()}\n```\n\nIt fits, "
             f"{plan.examples_per_pass} examples per pass. Not measured on a GPU (none was lent "
-            "to this task).")
+            "to this task). Were a place and an object two tokens each "
+            f"({MIB_IOI_TOKENS + 2} tokens), it would take {longer.examples_per_pass}.\n\n"
+            + MIB_IOI_SOURCE)
 
 
-MIB_IOI_TOKENS = 32
+#: Tokens (BOS included) of MIB's longest IOI prompt under the Llama-3 tokenizer.
+MIB_IOI_TOKENS = 21
+MIB_IOI_SOURCE = (
+    "*MIB's IOI length.* The `mib-bench/ioi` prompts are filled-in templates: MIB's code reads "
+    "the data set's prompts with one of 70 templates (`MIB-causal-variable-track/tasks/"
+    "IOI_task/templates.json` of the MIB repository, read in its fork sidnb13/MIB on GitHub, "
+    "commit 17137cd), whose names, places and objects are listed beside "
+    "them (`names.json`: 99 names, `places.json` and `objects.json`: 8 each). Encoding every "
+    "template with those words (26,880 prompts, the subject in the third name slot) with the "
+    "Llama-3 tokenizer (the npm package `llama3-tokenizer-js` 1.2.0, the same BPE as "
+    "Llama-3.1-8B's) gives 12 to 21 tokens with BOS, mean 16.4; every name, place and object is "
+    "one token with its leading space, and so are words of the data set outside those lists "
+    "seen in MIB's example notebook (\"As Carl and Maria left the consulate, Carl gave a fridge "
+    "to\": 14 tokens). The longest, 21 tokens: \"Then, Michael and Amanda were thinking about "
+    "going to the store. Michael wanted to give a ring to\". A batch is as long as its longest "
+    "prompt, so 21 is the plan's length.")
 MIB_EXAMPLES = 1024
+
+#: What the measurements showed where they miss a target (kept with the results).
+NOTES = [
+    "*Pythia-410M EAP.* Its earlier row (time/plan 0.68) was measured in wall time at load "
+    "average 13: its plain-forward unit read 17.1 s of wall time against 2.17 s of CPU time in "
+    "the same shape's ACDC row. Measured again in CPU time (2026-12-04 08:49): 0.86, inside "
+    "30%. Neither the parallel attention nor the partial rotary makes the FLOP count wrong: "
+    "on the same width with 6 and 12 layers (one process; medians of three runs, each on a "
+    "fresh engine) EAP took 0.93 and 0.93 of the "
+    "plan, the score contraction 0.14 and 0.32 plain forwards against the plan's 0.10 and "
+    "0.28, the forward and backward 0.90 of it. The time model is unchanged.",
+    "*Gemma-2-2B (bfloat16) time.* EAP 1.36 and EAP-IG 1.61 of the plan: outside 30%. The "
+    "same width with 10 layers in bfloat16 meets the plan (`benchmarks/scale_time_split.py`: "
+    "EAP 0.92, EAP-IG 0.95 warm; 1.23 and 1.11 in the first run of a fresh process, which sets up the engine: per-head weight "
+    "views, first-touch allocations), so the excess grows with depth in the full model's run "
+    "on the shared machine; it is not yet explained and the time model is not changed for it. On this CPU a bfloat16 "
+    "matmul runs about 4x faster than a float32 one (AMX), so the float32 parts the engine "
+    "keeps for accuracy (norm statistics, the q/k/v receiver gradients' batched matmul, the "
+    "score contraction) weigh more against a bfloat16 plain forward than the FLOP count says.",
+]
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.graphs.scores import ScoreMeaning
 from circuitfind.graphs.selection import prune_dangling, select_threshold, select_top_n
 from circuitfind.graphs import mib
-from circuitfind.models import (config_d_model, load_model, model_config, model_tokenizer,
-                                resolve_model_source)
+from circuitfind.models import (config_d_model, dtype_name, load_model, model_config,
+                                model_tokenizer, parse_dtype, resolve_model_source)
 from circuitfind.patching import plan as memory_plan
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.patching.plan import MemoryPlan, ModelShape
@@ -102,7 +102,8 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
                 data: TaskData | None = None, n_examples: int | None = None, seed: int = 0,
                 algorithm_params: dict[str, Any] | None = None,
                 device: str | None = None, ablation: Ablation | str | None = None,
-                memory_budget: int | str | None = None) -> Tensor:
+                memory_budget: int | str | None = None,
+                dtype: str | torch.dtype | None = None) -> Tensor:
     """Score every edge of the model's graph with an algorithm.
 
     Args:
@@ -117,6 +118,10 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
             default), ``"zero"``, ``"mean"``, ``"mean_positional"`` or an :class:`Ablation`.
         memory_budget: Bytes the engine may use for one pass (an int or a size such as
             ``"4GiB"``; default 2 GiB): examples, masks and gradient runs are chunked to fit.
+        dtype: The dtype a model loaded here loads in (``float32``, the default,
+            ``float16``, ``bfloat16`` or ``float64``; a loaded bridge is converted, as
+            :func:`load_model` does). Activations, caches and gradients follow it; metrics
+            and scores are accumulated wider (README, *Half precision*).
 
     Returns:
         ``[S, R]`` float32 scores in the task's metric unit (estimated metric change when the
@@ -124,16 +129,17 @@ def score_edges(model: Any, task: str | Task | None = None, algorithm: str | Alg
 
     Raises:
         ConfigError: neither ``task`` nor ``data``; bad parameters; an unknown ablation or one
-            the data cannot supply.
+            the data cannot supply; an unknown dtype (before anything is loaded).
     """
     if data is None and task is None:
         raise ConfigError(_NO_TASK)
+    parse_dtype(dtype)  # an unknown dtype fails before loading
     spec = Ablation.parse(ablation)
     parse_memory(memory_budget)  # a malformed size fails before loading
     budget = memory_budget
     algo = get_algorithm(algorithm, **(algorithm_params or {}))
     task_obj = _task_of(task, data)
-    model = load_model(model, device=device)
+    model = load_model(model, device=device, dtype=dtype)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     return algo.score(PatchingEngine(model, ablation=spec, memory_budget=budget), data)
@@ -178,7 +184,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
              algorithm_params: dict[str, Any] | None = None,
              device: str | None = None, context: RunContext | None = None,
              ablation: Ablation | str | None = None,
-             memory_budget: int | str | None = None, curve: bool = False) -> Circuit:
+             memory_budget: int | str | None = None, curve: bool = False,
+             dtype: str | torch.dtype | None = None) -> Circuit:
     """Discover a circuit: score edges, select, prune dangling edges, evaluate.
 
     Args:
@@ -212,6 +219,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
             view.order`) and store it in ``metadata["faithfulness_curve"]``, which the
             viewer's size slider reads. One more batched masked pass (11 circuits); the
             CLI's ``discover`` does it unless ``--no-view``.
+        dtype: As in :func:`score_edges` (recorded in ``metadata["dtype"]``).
 
     Returns:
         A :class:`Circuit` whose metadata holds model, task, algorithm and parameters, ablation,
@@ -220,7 +228,8 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         of the scores against it and its node classes (used to colour the rendering).
 
     Raises:
-        ConfigError: both or invalid ``n_edges``/``threshold``; no task and no data.
+        ConfigError: both or invalid ``n_edges``/``threshold``; no task and no data; an
+            unknown dtype.
         UnknownNameError: unknown task or algorithm.
         TaskDataError: the task's words are not single tokens under the model's tokenizer.
     """
@@ -231,6 +240,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         raise ConfigError(_NO_TASK)
     spec = Ablation.parse(ablation)  # fail fast, before loading
     parse_memory(memory_budget)  # a malformed size fails before loading
+    parse_dtype(dtype)
     budget = memory_budget
     params = dict(algorithm_params or {})
     pruning = (algorithm.returns_circuit if isinstance(algorithm, Algorithm)
@@ -255,7 +265,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
     algo = get_algorithm(algorithm, **params)  # fail fast, before loading
     task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
-    model = load_model(model, device=device)
+    model = load_model(model, device=device, dtype=dtype)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     engine = PatchingEngine(model, ablation=spec, memory_budget=budget)
@@ -292,7 +302,7 @@ def discover(model: Any, task: str | Task | None = None, algorithm: str | Algori
         task_arguments=data.task.arguments(),
         task_description=data.task.description, metric=data.task.metric_name,
         metric_unit=data.task.metric_unit, higher_is_better=data.task.higher_is_better,
-        d_model=engine.d_model,
+        d_model=engine.d_model, dtype=dtype_name(engine.dtype),
         scores=meaning.to_dict(), algorithm=algo.name, algorithm_params=algo.get_params(),
         ablation=spec.to_dict(),
         seed=data.seed, n_examples=data.n, selected_edges=selected, pruned=prune,
@@ -333,7 +343,7 @@ def versions() -> dict[str, str]:
 
 def check(model: Any, task: str | Task | None = None, data: TaskData | None = None,
           n_examples: int | None = None, seed: int = 0, per_example: bool = False,
-          device: str | None = None) -> CheckResult:
+          device: str | None = None, dtype: str | torch.dtype | None = None) -> CheckResult:
     """Whether a model does a task: accuracy and the metric on clean vs corrupted prompts.
 
     Args:
@@ -343,16 +353,18 @@ def check(model: Any, task: str | Task | None = None, data: TaskData | None = No
         n_examples, seed: Data to build (default: the task's ``default_n``).
         per_example: Also return one row per example.
         device: Device for a model loaded here.
+        dtype: As in :func:`score_edges`.
 
     Returns:
         A :class:`~circuitfind.evaluation.check.CheckResult` (``.verdict`` in one line).
 
     Raises:
-        ConfigError: neither ``task`` nor ``data``.
+        ConfigError: neither ``task`` nor ``data``; an unknown dtype.
     """
+    parse_dtype(dtype)  # an unknown dtype fails before loading
     task_obj = _task_of(task, data)
     model_name = resolve_model_source(model).display_name
-    model = load_model(model, device=device)
+    model = load_model(model, device=device, dtype=dtype)
     if data is None:
         data = build_data(model, task_obj, n_examples, seed)
     return check_data(model, data, per_example=per_example, model_name=str(model_name))

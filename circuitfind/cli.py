@@ -38,6 +38,7 @@ from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.benchmark.leaderboard import SORT_KEYS
 from circuitfind.errors import CircuitFindError, ConfigError
 from circuitfind.graphs.render import EDGE_COLOUR_MODES, HEAD_LABELS
+from circuitfind.models import DTYPES
 from circuitfind.outputs import ablation_kind, report_markdown  # noqa: F401  (report re-exported)
 from circuitfind.patching.spec import DEFAULT_ABLATION
 from circuitfind.registry import normalize_name
@@ -53,6 +54,19 @@ class _Command(TyperCommand):
     OUT``; typer writes required ones as ``{CIRCUIT}``) and whose help writes a described
     default plainly (``[default: 100, unless --threshold is given]``; typer wraps it in
     parentheses)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Parse as typer does, but name the refused value in a coercion error: typer's
+        ``Input should be greater than or equal to 0`` becomes ``... greater than or equal to
+        0; got -3.``"""
+        try:
+            return super().parse_args(ctx, args)
+        except typer.BadParameter as exc:
+            errors = getattr(exc.__cause__, "errors", None)
+            found = errors() if callable(errors) else []
+            if found and "input" in found[0]:
+                exc.message = f"{exc.message.rstrip('.')}; got {found[0]['input']}."
+            raise
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)
@@ -86,6 +100,13 @@ def _one_of(allowed: tuple[str, ...]) -> Callable[[Optional[str]], Optional[str]
     return check
 
 
+def _above_zero(value: float) -> float:
+    """An option callback refusing 0 (typer's ``min=0`` admits it) as a usage error."""
+    if value <= 0:
+        raise typer.BadParameter(f"give a number above 0; got {value}.")
+    return value
+
+
 def _choices(allowed: tuple[str, ...]) -> str:
     """The metavar of an option with fixed choices: ``[receiver|sign]``."""
     return "[" + "|".join(allowed) + "]"
@@ -116,6 +137,19 @@ MEMORY_OPTION = typer.Option(
 DEVICE_OPTION = typer.Option(None, "--device", show_default="cuda when available, else cpu",
                              help="cpu, cuda, cuda:1 ...")
 PARAM_DEFAULT = "the algorithm's own"
+DTYPE_CHOICES = tuple(DTYPES)
+
+
+def _dtype_option(default: str = "float32") -> Any:
+    """``--dtype``: the dtype the model loads in, one of :data:`DTYPE_CHOICES` (a usage error
+    lists them)."""
+    return typer.Option(
+        None, "--dtype", metavar=_choices(DTYPE_CHOICES), callback=_one_of(DTYPE_CHOICES),
+        show_default=default,
+        help="The dtype the model loads in: float32, float16, bfloat16 or float64 (activations, "
+             "caches and gradients follow it; metrics and scores are accumulated wider).")
+
+
 RENDERER_OPTION = typer.Option(
     None, "--renderer",
     help="graphviz or matplotlib (default: graphviz when its `dot` binary is on the PATH, "
@@ -180,6 +214,7 @@ def discover(
         help="Do not write view.html (the interactive viewer) nor measure the faithfulness "
              "curve its size slider shows (one more batched pass)."),
     memory: Optional[str] = MEMORY_OPTION,
+    dtype: Optional[str] = _dtype_option(),
     no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Discover a circuit; write circuit.json, circuit.graphml, report.md, then circuit.svg
@@ -203,7 +238,7 @@ def discover(
     task_obj = get_task(task, metric=metric, first_token=first_token)  # fail fast, before loading
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     typer.echo(f"discovering: model={model_name} task={task} algorithm={algorithm} "
-               f"ablation={spec.kind}", err=True)
+               f"ablation={spec.kind}" + (f" dtype={dtype}" if dtype else ""), err=True)
     context = None
     if checkpointed:
         # long runs checkpoint inside --out; rerunning the same command resumes
@@ -216,7 +251,7 @@ def discover(
                                threshold=threshold, n_examples=n_examples, seed=seed,
                                absolute=not signed, prune=not no_prune, device=device,
                                algorithm_params=params, context=context, ablation=spec,
-                               memory_budget=budget, curve=not no_view)
+                               memory_budget=budget, curve=not no_view, dtype=dtype)
     except KeyboardInterrupt:
         if context is not None and context.path is not None and context.path.exists():
             typer.secho(f"interrupted; progress saved in {context.path}: rerun the same "
@@ -272,6 +307,7 @@ def evaluate(
         help="resample, zero, mean or mean-positional (default: the ablation the circuit was "
              "found with)."),
     memory: Optional[str] = MEMORY_OPTION,
+    dtype: Optional[str] = _dtype_option("the circuit's own, else float32"),
     no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Evaluate a saved circuit: normalized faithfulness and KL divergence on fresh data."""
@@ -298,7 +334,7 @@ def evaluate(
     if task_obj is None or not model:
         raise ConfigError("The circuit file does not name its task and model; pass --task and "
                           "--model.")
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, dtype=dtype or md.get("dtype"))
     data = build_data(loaded, task_obj, n=n_examples, seed=seed)
     report = run_evaluate(loaded, circuit, data, ablation=spec, memory_budget=budget)
     typer.echo(f"{circuit.n_edges} edges on {task_obj.name} ({data.n} examples, seed {seed}, "
@@ -314,8 +350,8 @@ def tune(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model (default: the task's zoo organism)."),
     algorithm: str = typer.Option("acdc", "--algorithm", "-a", help="A pruning algorithm."),
-    target: float = typer.Option(0.9, "--target", min=0, max=1,
-                                 help="Normalized faithfulness to reach."),
+    target: float = typer.Option(0.9, "--target", min=0, max=1, callback=_above_zero,
+                                 help="Normalized faithfulness to reach, above 0."),
     trials: int = typer.Option(20, "--trials", min=0,
                                help="Trials this worker runs (0: create only)."),
     low: Optional[float] = typer.Option(
@@ -336,6 +372,7 @@ def tune(
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", metavar="KEY=VALUE",
                                               show_default=PARAM_DEFAULT,
                                               help="Other hyperparameters KEY=VALUE."),
+    dtype: Optional[str] = _dtype_option(),
     no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Search a pruning algorithm's threshold for the smallest circuit reaching a faithfulness
@@ -355,7 +392,7 @@ def tune(
     result = run_tune(model or _default_model(task), task, algorithm=algorithm, target=target,
                       n_trials=trials, low=low, high=high, storage=storage, study_name=study,
                       n_examples=n_examples, seed=seed, algorithm_params=params,
-                      device=device, sampler_seed=sampler_seed)
+                      device=device, sampler_seed=sampler_seed, dtype=dtype)
     typer.echo(f"{result.n_trials} trials in study {study!r}; {result.explanation}")
 
 
@@ -565,6 +602,7 @@ def check(
     per_example: bool = typer.Option(False, "--per-example", help="One row per example."),
     device: Optional[str] = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dtype: Optional[str] = _dtype_option(),
     no_progress: bool = NO_PROGRESS_OPTION,
 ) -> None:
     """Check that the model does the task: accuracy and the metric, clean vs corrupted."""
@@ -574,7 +612,7 @@ def check(
     task_obj = get_task(task, metric=metric)
     model_name = model or _default_model(task_obj.name if task_obj.source is None else task)
     result = run_check(model_name, task_obj, n_examples=n_examples, seed=seed,
-                       per_example=per_example, device=device)
+                       per_example=per_example, device=device, dtype=dtype)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
         return
@@ -652,9 +690,7 @@ def plan(
     memory: Optional[str] = typer.Option(
         None, "--memory", show_default="the weights plus 2GiB",
         help="Memory budget of the run, weights included, e.g. 80GiB."),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", show_default="float32",
-        help="float32, float16, bfloat16 or float64."),
+    dtype: Optional[str] = _dtype_option(),
     seed: int = typer.Option(0, "--seed", help="Data seed."),
     param: Optional[list[str]] = typer.Option(
         None, "--param", "-p", metavar="KEY=VALUE", show_default=PARAM_DEFAULT,
@@ -664,11 +700,9 @@ def plan(
     """Plan a run from the model's config alone (no weights): peak memory by part, the chunks
     that fit --memory, time in plain forwards, and whether it fits (exit code 1 if not)."""
     from circuitfind.api import plan as make_plan
-    from circuitfind.patching.plan import dtype_bytes
     from circuitfind.patching.spec import parse_memory
 
     parse_memory(memory)  # malformed values fail before anything is read
-    dtype_bytes(dtype)
     ALGORITHMS.get(algorithm)
     result = make_plan(model, task, algorithm, examples=n_examples, device=device,
                        memory=memory, dtype=dtype, seq_len=seq_len, seed=seed,

@@ -136,17 +136,52 @@ def _is_bridge(obj: Any) -> bool:
     return isinstance(obj, TransformerBridge)
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+#: The dtypes a model loads in, by name (the command line's ``--dtype`` choices).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+                  "fp64": "float64", "double": "float64", "float": "float32"}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The ``torch.dtype`` a model loads in, from its name (``None``: float32).
+
+    Args:
+        dtype: ``None``, a ``torch.dtype`` among :data:`DTYPES`' values, or a name: one of
+            :data:`DTYPES` (``float32``, ``float16``, ``bfloat16``, ``float64``; any case, a
+            ``torch.`` prefix allowed) or the short forms ``fp32``, ``fp16``, ``half``,
+            ``bf16``, ``fp64``, ``double``.
+
+    Returns:
+        The ``torch.dtype``.
+
+    Raises:
+        ConfigError: anything else (an integer dtype, an unknown name); the message lists the
+            choices.
+    """
     if dtype is None:
         return torch.float32
+    choices = ", ".join(DTYPES)
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ConfigError(f"A model cannot be loaded in {dtype}; use one of {choices}.")
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
-             "fp64": torch.float64, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ConfigError(f"Unknown dtype {dtype!r}; use one of {', '.join(sorted(table))}.")
-    return table[dtype]
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"Unknown dtype {dtype!r}; use one of {choices}.",
+                          cli=f"--dtype must be one of {choices}; got {dtype!r}.")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype | str | None) -> str:
+    """The name of a dtype as :data:`DTYPES` spells it (``torch.bfloat16`` -> ``"bfloat16"``).
+
+    Raises:
+        ConfigError: as :func:`parse_dtype`.
+    """
+    parsed = parse_dtype(dtype)
+    return next(name for name, value in DTYPES.items() if value == parsed)
 
 
 def enable_patching_hooks(model: Any) -> Any:
@@ -206,9 +241,9 @@ def load_model(name_or_path: Any, device: str | torch.device | None = None,
     if source.kind == "bridge":
         model = enable_patching_hooks(source.location)
         if device is not None or dtype is not None:
-            model.to(device=device, dtype=_parse_dtype(dtype) if dtype is not None else None)
+            model.to(device=device, dtype=parse_dtype(dtype) if dtype is not None else None)
         return model
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name, looks_local = source.location, source.kind != "hub"

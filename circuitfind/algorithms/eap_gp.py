@@ -43,7 +43,7 @@ class EAPGP(Algorithm):
     """Edge attribution patching along the gradient path (Zhang et al. 2025).
 
     Args:
-        steps: Path points ``m`` (>= 1; default 5, the paper's choice).
+        steps: Path points ``m`` (>= 1; default 5: ours; the paper's own setting was not verified).
         step_size: Length of each path step per example, in the embedding space's units
             (``None``, default: ``||x - x'||_F / steps``, so the path is as long as EAP-IG's
             straight line; ``1.0``: the paper's unit step).

@@ -25,13 +25,16 @@ Schema (every key but ``models``, ``tasks`` and ``algorithms`` is optional):
 - ``seeds``: data seeds (default ``[0]``); the seed also seeds torch before the algorithm runs.
 - ``examples``: clean/corrupted pairs per cell (default: the task's ``default_n``, 64).
 - ``ablation``: ``resample`` (default), ``zero``, ``mean``, ``mean_positional``.
+- ``dtype``: the dtype the models load in: ``float32`` (default), ``float16``, ``bfloat16``
+  or ``float64`` (:func:`circuitfind.models.parse_dtype`). A cell in another dtype than
+  float32 is another row of the leaderboard: its label ends with it (``eap_ig @bfloat16``).
 - ``convention`` (``"mib"``, default, or ``"single"``) and ``fractions`` (default MIB's ten
   sizes): the faithfulness curve of every cell (:func:`circuitfind.faithfulness_curve`).
 - ``study``: the Optuna study's name (default: the file's stem).
 - ``memory``: each cell's engine's memory budget for one pass, e.g. ``"4GiB"`` (default
   2 GiB); chunking follows it, results do not.
 - ``[[grid]]``: sub-grids. Each is a table with any of ``models``, ``tasks``,
-  ``algorithms``, ``seeds``, ``examples``, ``ablation``, falling back to the top-level value;
+  ``algorithms``, ``seeds``, ``examples``, ``ablation``, ``dtype``, falling back to the top-level value;
   the grid is the union of their products. Use it to pair each model with its own tasks.
 
 Cells whose task does not fit a model's tokenizer (:class:`~circuitfind.errors.TaskDataError`
@@ -115,7 +118,7 @@ from circuitfind.errors import CircuitFindError, ConfigError, TaskDataError
 from circuitfind.evaluation.faithfulness import (CONVENTIONS, DEFAULT_FRACTIONS,
                                                  faithfulness_curve, normalized_faithfulness)
 from circuitfind.evaluation.roc import edge_roc, node_roc
-from circuitfind.models import load_model, model_tokenizer, resolve_model_source
+from circuitfind.models import dtype_name, load_model, model_tokenizer, resolve_model_source
 from circuitfind._progress import LOGGER as progress_log
 from circuitfind._progress import PhaseLog, progress
 from circuitfind.patching.engine import PatchingEngine
@@ -135,7 +138,8 @@ DEFAULT_STORAGE = "sqlite:///bench.db"
 STUDY_MARKER = "circuitfind_bench"
 """Study user attribute that marks a study as a benchmark grid (holds the config)."""
 
-CELL_KEYS = ("models", "tasks", "algorithms", "seeds", "examples", "ablation")
+CELL_KEYS = ("models", "tasks", "algorithms", "seeds", "examples", "ablation", "dtype")
+DEFAULT_DTYPE = "float32"
 TOP_KEYS = (*CELL_KEYS, "convention", "fractions", "study", "grid", "memory")
 
 
@@ -151,6 +155,7 @@ class Cell:
         seed: Data seed (also seeds torch before the algorithm runs).
         examples: Clean/corrupted pairs (``None``: the task's default).
         ablation: What removed edges carry.
+        dtype: The dtype the model loads in (a name of :data:`~circuitfind.models.DTYPES`).
     """
 
     model: str
@@ -160,14 +165,17 @@ class Cell:
     seed: int
     examples: int | None
     ablation: str
+    dtype: str = DEFAULT_DTYPE
 
     @property
     def label(self) -> str:
-        """The algorithm and its configured hyperparameters: ``eap_ig(steps=10)``."""
-        if not self.params:
-            return self.algorithm
-        inner = ", ".join(f"{k}={json.dumps(v)}" for k, v in self.params)
-        return f"{self.algorithm}({inner})"
+        """The algorithm and its configured hyperparameters, and the dtype unless float32:
+        ``eap_ig(steps=10)``, ``eap_ig(steps=10) @bfloat16``."""
+        label = self.algorithm
+        if self.params:
+            inner = ", ".join(f"{k}={json.dumps(v)}" for k, v in self.params)
+            label = f"{self.algorithm}({inner})"
+        return label if self.dtype == DEFAULT_DTYPE else f"{label} @{self.dtype}"
 
     @property
     def key(self) -> str:
@@ -180,7 +188,8 @@ class Cell:
         """Plain dict (JSON-serialisable), with ``label`` and ``key``."""
         return {"model": self.model, "task": self.task, "algorithm": self.algorithm,
                 "params": dict(self.params), "seed": self.seed, "examples": self.examples,
-                "ablation": self.ablation, "label": self.label, "key": self.key}
+                "ablation": self.ablation, "dtype": self.dtype, "label": self.label,
+                "key": self.key}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,8 +395,13 @@ def _cells(spec: dict[str, Any], where: str, problems: list[str],
         ablation = Ablation.parse(ablation).kind
     except (CircuitFindError, TypeError, AttributeError) as err:
         problems.append(f"{where}ablation {ablation!r}: {err}")
+    dtype = spec["dtype"] if spec["dtype"] is not None else DEFAULT_DTYPE
+    try:
+        dtype = dtype_name(dtype)
+    except CircuitFindError as err:
+        problems.append(f"{where}dtype: {err}")
     variants = _algorithm_variants(spec["algorithms"], where, problems)
-    return [Cell(model, task, algorithm, params, seed, examples, ablation)
+    return [Cell(model, task, algorithm, params, seed, examples, ablation, dtype)
             for model in models if checked.get(model)
             for task in task_names
             for algorithm, params in variants
@@ -574,13 +588,14 @@ class _Models:
 
     def __init__(self, device: str | None) -> None:
         self.device = device
-        self.name: str | None = None  # the model held, by its name
+        self.name: tuple[str, str] | None = None  # the model held: its name and dtype
         self.model: Any = None
 
-    def get(self, name: str) -> Any:
-        if name != self.name:
+    def get(self, name: str, dtype: str = DEFAULT_DTYPE) -> Any:
+        if (name, dtype) != self.name:
             self.model, self.name = None, None
-            self.model, self.name = load_model(name, device=self.device), name
+            self.model = load_model(name, device=self.device, dtype=dtype)
+            self.name = (name, dtype)
         return self.model
 
 
@@ -718,6 +733,7 @@ def run_cell(cell: Cell, config: BenchConfig, model: Any, *, storage: Any = None
         "scores": meaning.to_dict(), "score_kind": curve.score_kind,
         "scores_negated_for_curve": meaning.sign < 0,
         "seed": cell.seed, "n_examples": data.n, "ablation": cell.ablation,
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "hyperparameters": algo.get_params(), "versions": versions(),
         "device": str(device),
     }
@@ -967,7 +983,7 @@ def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfi
     try:
         # heartbeats while the model loads too (a slow load must not look like a dead worker)
         with _Monitor(storage, tid, heartbeat_interval, torch.device("cpu")):
-            model = models.get(cell.model)
+            model = models.get(cell.model, cell.dtype)
         record = run_cell(cell, cfg, model, storage=storage, trial_id=tid,
                           heartbeat_interval=heartbeat_interval)
     except KeyboardInterrupt:

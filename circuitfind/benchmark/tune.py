@@ -45,7 +45,7 @@ from circuitfind.api import build_data
 from circuitfind.benchmark.storage import open_storage, optuna_module
 from circuitfind.errors import ConfigError
 from circuitfind.evaluation.faithfulness import evaluate
-from circuitfind.models import load_model
+from circuitfind.models import load_model, parse_dtype
 from circuitfind.patching.engine import PatchingEngine
 from circuitfind.tasks.base import TaskData
 
@@ -152,7 +152,7 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
          storage: str = DEFAULT_STORAGE, study_name: str = "circuitfind-tune",
          data: TaskData | None = None, n_examples: int = 64, seed: int = 0,
          algorithm_params: dict[str, Any] | None = None, device: str | None = None,
-         sampler_seed: int | None = None) -> TuneResult:
+         sampler_seed: int | None = None, dtype: str | torch.dtype | None = None) -> TuneResult:
     """Search the threshold τ for the smallest circuit with normalized faithfulness >= target.
 
     Args:
@@ -170,13 +170,16 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
         device: Device for a model loaded here.
         sampler_seed: Seed of this worker's sampler (default: ``seed``; give workers
             different seeds).
+        dtype: The dtype a model loaded here loads in (default float32; see
+            :func:`circuitfind.score_edges`).
 
     Returns:
         A :class:`TuneResult` summarising the whole study (every worker's trials).
 
     Raises:
         ConfigError: a bad target, range or trial count, an algorithm without a threshold,
-            ``threshold`` in ``algorithm_params``, or a storage URL that cannot be opened.
+            ``threshold`` in ``algorithm_params``, an unknown dtype, or a storage URL that
+            cannot be opened.
     """
     if not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ConfigError(f"target must be a normalized faithfulness in (0, 1]; got {target!r}.")
@@ -197,12 +200,13 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
                           f"{algorithm!r} has none.")
     params.setdefault("progress", False)
     get_algorithm(algorithm, **params)  # validate before loading anything
+    parse_dtype(dtype)
     optuna = optuna_module()
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our one line per trial instead
     try:
         return _tune(model, task, algorithm, target, n_trials, low, high, storage, study_name,
-                     data, n_examples, seed, params, device, sampler_seed)
+                     data, n_examples, seed, params, device, sampler_seed, dtype)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -210,13 +214,14 @@ def tune(model: Any, task: str | None = None, algorithm: str = "acdc", target: f
 def _tune(model: Any, task: str | None, algorithm: str, target: float, n_trials: int,
           low: float | None, high: float | None, storage: str, study_name: str,
           data: TaskData | None, n_examples: int, seed: int, params: dict[str, Any],
-          device: str | None, sampler_seed: int | None) -> TuneResult:
+          device: str | None, sampler_seed: int | None,
+          dtype: str | torch.dtype | None = None) -> TuneResult:
     """:func:`tune` after its arguments are checked."""
     study = create_study(storage, study_name, seed if sampler_seed is None else sampler_seed)
     if n_trials:
         if data is None and task is None:
             raise ConfigError("Pass a task name or prebuilt data.")
-        model = load_model(model, device=device)
+        model = load_model(model, device=device, dtype=dtype)
         if data is None:
             assert task is not None  # checked above
             data = build_data(model, task, n_examples, seed)

@@ -73,20 +73,15 @@ _TESTS_SENDER_BUFFERS = 1  # a sender-sized buffer per example of passes testing
 
 
 def dtype_bytes(dtype: torch.dtype | str | None) -> int:
-    """Bytes per value of a floating dtype (``None``: float32).
+    """Bytes per value of a dtype a model loads in (``None``: float32; the names of
+    :func:`circuitfind.models.parse_dtype`).
 
     Raises:
-        ConfigError: not a floating dtype name.
+        ConfigError: not one of the dtypes a model loads in; the message lists them.
     """
-    if dtype is None:
-        return 4
-    if isinstance(dtype, str):
-        table = {"float32": 4, "fp32": 4, "float64": 8, "fp64": 8, "float16": 2, "fp16": 2,
-                 "half": 2, "bfloat16": 2, "bf16": 2}
-        if dtype.lower() not in table:
-            raise ConfigError(f"Unknown dtype {dtype!r}; use one of {', '.join(sorted(table))}.")
-        return table[dtype.lower()]
-    return torch.finfo(dtype).bits // 8
+    from circuitfind.models import parse_dtype
+
+    return torch.finfo(parse_dtype(dtype)).bits // 8
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ USAGE_ERRORS = {
 }
 # values the command line refuses before loading anything (CliRunner only: same code path)
 OUT_OF_RANGE = {
-    "--examples 0": (["evaluate", "c.json", "--examples", "0"], "Invalid value for '--examples'"),
+    "--examples 0": (["evaluate", "c.json", "--examples", "0"],
+                     "Invalid value for '--examples': Input should be greater than or equal to 1; "
+                     "got 0."),
     "--top -1": (["render", "c.json", "x.svg", "--top", "-1"], "Invalid value for '--top'"),
     "--edge-colour": (["render", "c.json", "x.svg", "--edge-colour", "rainbow"],
                       "'rainbow' is not one of receiver, sign"),
@@ -45,7 +47,10 @@ OUT_OF_RANGE = {
     "--format": (["export", "c.json", "--format", "json"], "'json' is not one of mib"),
     "--d-model 0": (["export", "c.json", "--format", "mib", "--d-model", "0"],
                     "Invalid value for '--d-model'"),
-    "--target 2": (["tune", "--task", "induction", "--target", "2"], "Invalid value for '--target'"),
+    "--target 2": (["tune", "--task", "induction", "--target", "2"],
+                   "Invalid value for '--target': Input should be less than or equal to 1; got 2"),
+    "--target 0": (["tune", "--task", "induction", "--target", "0"],
+                   "Invalid value for '--target': give a number above 0; got 0.0."),
     "--trials -1": (["tune", "--task", "induction", "--trials", "-1"],
                     "Invalid value for '--trials'"),
     "--heartbeat 0": (["bench", "grid.toml", "--heartbeat", "0"],
