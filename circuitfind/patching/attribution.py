@@ -88,15 +88,16 @@ class _ReceiverGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: int, lay: Architecture,
                 backward: Any) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.save_for_backward(x)
         ctx.backward = backward
-        return lay.qkv(layer, lay.ln_attn(layer, x))
+        q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+        ctx.save_for_backward(x, q, k, v)  # the projections: the norm's backward reads them
+        return q, k, v
 
     @staticmethod
     def backward(ctx: Any, dq: Tensor, dk: Tensor, dv: Tensor
                  ) -> tuple[Tensor, None, None, None]:
-        (x,) = ctx.saved_tensors
-        return ctx.backward(x, dq, dk, dv), None, None, None
+        x, q, k, v = ctx.saved_tensors
+        return ctx.backward(x, (dq, dk, dv), (q, k, v)), None, None, None
 
 
 class _SummedHeads(torch.autograd.Function):
@@ -379,12 +380,13 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         residual's gradient through the projections."""
         key = f"qkv{layer}"
 
-        def backward(x: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+        def backward(x: Tensor, grads: tuple[Tensor, Tensor, Tensor],
+                     outputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
             norm = lay.norm_parts(layer, x)
             row = group_of[key][1]
             rows = buffer(key)[row: row + n_qkv]
             each = rows.new_empty(n_qkv, n * t * copies, rows.shape[-1]) if folded else rows
-            lay.qkv_input_grads(layer, norm, (dq, dk, dv), out=each)
+            lay.qkv_input_grads(layer, norm, grads, out=each, outputs=outputs)
             dx = each.sum(0).view(x.shape).to(x.dtype)
             if folded:  # per copy (each its own norm Jacobian), then summed
                 torch.sum(each.view(n_qkv, copies, n * t, -1), 1, out=rows)

@@ -18,6 +18,10 @@ from torch import Tensor
 from circuitfind.patching.backward_rules import PLAIN, BackwardRules
 
 
+FUSED_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+"""Whether ``scaled_dot_product_attention`` takes ``enable_gqa`` (torch 2.5 and later)."""
+
+
 class Architecture:
     """Primitives of one Hugging Face model family, reading the modules' weights in place.
 
@@ -80,8 +84,23 @@ class Architecture:
         mean (LayerNorm) or not (RMSNorm)."""
         raise NotImplementedError  # pragma: no cover
 
+    @staticmethod
+    def standardised(x: Tensor, eps: float, centred: bool) -> tuple[Tensor, Tensor]:
+        """``(xh, inv)`` of a LayerNorm (``centred``) or RMSNorm without weight at ``x [..., d]``:
+        the normalised input and ``1 / sigma`` (``[..., 1]``), in at least float32 (one fused
+        kernel for LayerNorm; one reduction and one product for RMSNorm). The shared part of
+        the families' :meth:`norm_parts`."""
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        if centred:
+            xh, _, inv = torch.native_layer_norm(h, (h.shape[-1],), None, None, eps)
+            return xh, inv
+        inv = torch.linalg.vector_norm(h, 2, -1, keepdim=True).square_().div_(h.shape[-1])
+        inv = inv.add_(eps).rsqrt_()
+        return h * inv, inv
+
     def qkv_input_grads(self, layer: int, parts: tuple[Tensor, Tensor, Tensor, bool],
-                        grads: tuple[Tensor, Tensor, Tensor], out: Tensor) -> Tensor:
+                        grads: tuple[Tensor, Tensor, Tensor], out: Tensor,
+                        outputs: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """Each q, k and v head's gradient with respect to its own copy of the residual read
         by :meth:`ln_attn` and its projection, from the projections' gradients ``grads``
         (``[N, T, H, dh]``, ``[N, T, G, dh]``, ``[N, T, G, dh]``): written into ``out [H + 2G,
@@ -92,9 +111,14 @@ class Architecture:
         with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
         the small gradients, ``w`` and the mean term into the weights (centred along ``d``),
         so the only ``[H + 2G, N*T, d]`` work is one batched matmul for all heads of the
-        three kinds, one reduction and one in-place update. Under frozen norm statistics
-        (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the derivative of
-        ``1/sigma``, is left out."""
+        three kinds and one in-place update. The update's coefficient ``mean(gh xh)`` is a
+        ``d``-long product per head and row; with the forward's projections ``outputs``
+        (:meth:`qkv` of :meth:`ln_attn`, same shapes as ``grads``) it is read in the head
+        space instead, ``gh . xh = grad . (w xh) W_h = grad . (p_h - c_h)`` with ``p_h`` the
+        head's projection and ``c_h`` its value at a zero residual (the norm's bias through
+        the projection, plus the projection's bias): ``dh``-long products. Under frozen norm
+        statistics (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the
+        derivative of ``1/sigma``, is left out."""
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
         n, t = grads[0].shape[:2]
@@ -103,22 +127,32 @@ class Architecture:
         dh = grads[0].shape[-1]
         wt = xh.new_empty(out.shape[0], dh, d)  # [heads, dh, d]: W_h^T, norm weight folded in
         dqi = xh.new_empty(out.shape[0], rows, dh)  # [heads, N*T, dh], 1/sigma folded in
+        exact = not self.rules.freeze_norm
+        coef = xh.new_empty(rows, out.shape[0]) if exact and outputs is not None else None
+        offsets = (self.qkv(layer, self.ln_attn(layer, xh.new_zeros(1, d).to(outputs[0])))
+                   if coef is not None and outputs is not None else None)
         s0 = 0
-        for kind, grad in zip("qkv", grads):
+        for i, (kind, grad) in enumerate(zip("qkv", grads)):
             h = grad.shape[2]
             wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
             torch.mul(wh.transpose(1, 2), w.to(dt), out=wt[s0: s0 + h])
-            torch.mul(grad.reshape(rows, h, dh), flat_inv, out=dqi[s0: s0 + h].transpose(0, 1))
+            g = grad.reshape(rows, h, dh).to(dt)
+            torch.mul(g, flat_inv, out=dqi[s0: s0 + h].transpose(0, 1))
+            if coef is not None and outputs is not None and offsets is not None:
+                p = outputs[i].reshape(rows, h, dh).to(dt) - offsets[i].reshape(h, dh).to(dt)
+                torch.sum(p.mul_(g), -1, out=coef[:, s0: s0 + h])
             s0 += h
         if centred:
             wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
         torch.bmm(dqi, wt, out=out)  # [heads, N*T, d]
-        if self.rules.freeze_norm:
+        if not exact:
             return out
         flat_xh = xh.reshape(rows, d)
-        # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm): one batched
-        # matrix-vector product per row, reading ``out`` in place
-        q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
+        if coef is not None:  # mean(gh xh) / sigma, from the head space
+            q = coef.mul_(inv.reshape(rows, 1)).div_(d).T
+        else:  # = xh . out / d (xh has zero mean under LayerNorm): one batched matrix-vector
+            # product per row, reading ``out`` in place
+            q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
         return out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
@@ -255,21 +289,29 @@ class Architecture:
         window = self.window(layer)
         window = window if window is not None and window < t else None
         n_scores = q.shape[0] * q.shape[1] * t * (t if query_pos is None else query_pos.shape[1])
-        if (q.device.type == "cpu" and n_scores <= 1 << 20
-                and (not self.eager or self.softmax_dtype in (None, q.dtype))):
+        softmax_ok = not self.eager or self.softmax_dtype in (None, q.dtype)
+        fused = self.attn_softcap is None and softmax_ok
+        # recorded for a backward pass (EAP, EAP-IG): the fused kernel's forward and backward
+        # beat the three small kernels' (about 1.5-2.5x at d_head 8-64, T 16-64 on a CPU)
+        graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+        if (q.device.type == "cpu" and n_scores <= 1 << 20 and softmax_ok
+                and not (fused and graph)):
             return self._attend_small(layer, q, k, v, rep, query_pos, window)
-        if rep > 1:
+        gqa = fused and rep > 1 and FUSED_GQA  # the fused kernel matches key/value heads itself
+        if rep > 1 and not gqa:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         if query_pos is not None:
             q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
         hidden = self._hidden(t, query_pos, window, q.device)  # [T, T] or [B, 1, P, T]
-        if self.attn_softcap is None and (not self.eager or self.softmax_dtype in (None, q.dtype)):
-            # the fused kernel: equal to the eager softmax up to float rounding
+        if fused:  # the fused kernel: equal to the eager softmax up to float rounding
+            extra = {"enable_gqa": True} if gqa else {}
             if query_pos is None and window is None:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                   scale=self.scale(layer), **extra)
             else:
                 z = F.scaled_dot_product_attention(q, k, v, attn_mask=~hidden,
-                                                   scale=self.scale(layer))
+                                                   scale=self.scale(layer), **extra)
             return z.transpose(1, 2)
         scores = self._capped((q @ k.transpose(-1, -2)) * self.scale(layer))
         scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)

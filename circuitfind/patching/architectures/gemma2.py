@@ -57,9 +57,7 @@ class Gemma2(Llama):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         norm = unwrap(self.blocks[layer].input_layernorm)
-        h = x.float() if x.dtype != torch.float64 else x
-        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
-        return h * inv, inv, 1.0 + norm.weight.float(), False
+        return (*self.standardised(x, norm.eps, False), 1.0 + norm.weight.float(), False)
 
     def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
         return None  # Gemma's norm rounds through float32: normalise first

@@ -56,10 +56,7 @@ class GPT2(Architecture):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         w, _ = weights(self.blocks[layer].ln_1)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean = h.mean(-1, keepdim=True)
-        inv = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + self.eps)
-        return (h - mean) * inv, inv, w, True
+        return (*self.standardised(x, self.eps, True), w, True)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]

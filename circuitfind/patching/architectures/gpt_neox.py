@@ -64,10 +64,7 @@ class GPTNeoX(Architecture):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         norm = unwrap(self.blocks[layer].input_layernorm)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean = h.mean(-1, keepdim=True)
-        inv = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + norm.eps)
-        return (h - mean) * inv, inv, norm.weight, True
+        return (*self.standardised(x, norm.eps, True), norm.weight, True)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]

@@ -59,9 +59,7 @@ class Llama(Architecture):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         norm = unwrap(self.blocks[layer].input_layernorm)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return h * inv, inv, norm.weight, False
+        return (*self.standardised(x, norm.variance_epsilon, False), norm.weight, False)
 
     def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
         """RMSNorm folded into the projections, ``W (w * x * inv) = ((W diag(w)) x) * inv``:
