@@ -18,7 +18,7 @@ from torch import Tensor
 from circuitfind.patching.backward_rules import PLAIN, BackwardRules
 
 
-FUSED_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+FUSED_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
 """Whether ``scaled_dot_product_attention`` takes ``enable_gqa`` (torch 2.5 and later)."""
 
 
@@ -98,6 +98,29 @@ class Architecture:
         inv = inv.add_(eps).rsqrt_()
         return h * inv, inv
 
+    def qkv_input_weights(self, layer: int, w: Tensor, out: Tensor) -> Tensor:
+        """Each q, k and v head's projection transposed, ``W_h^T``, times ``w [d]`` along ``d``
+        (the norm's weight): ``out [H + 2G, dh, d]`` (q heads, then k and v heads), filled in
+        place. Families whose three projections are one weight override it with one product
+        (:class:`~circuitfind.patching.architectures.gpt2.GPT2`,
+        :class:`~circuitfind.patching.architectures.gpt_neox.GPTNeoX`)."""
+        s0 = 0
+        for kind in "qkv":
+            wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
+            torch.mul(wh.transpose(1, 2), w, out=out[s0: s0 + wh.shape[0]])
+            s0 += wh.shape[0]
+        return out
+
+    def qkv_offsets(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The q, k and v projections of a zero residual, ``[H, dh]``, ``[G, dh]``, ``[G, dh]``
+        (what the norm's bias and the projections' biases add to every row), or ``None`` where
+        they are all zero. Here: :meth:`qkv` of :meth:`ln_attn` of one zero row; families
+        override it with their biases."""
+        w, _ = self.head_weights(layer, "q")
+        zero = w.new_zeros(1, w.shape[1])
+        q, k, v = self.qkv(layer, self.ln_attn(layer, zero))
+        return q[0], k[0], v[0]
+
     def qkv_input_grads(self, layer: int, parts: tuple[Tensor, Tensor, Tensor, bool],
                         grads: tuple[Tensor, Tensor, Tensor], out: Tensor,
                         outputs: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
@@ -114,42 +137,42 @@ class Architecture:
         three kinds and one in-place update. The update's coefficient ``mean(gh xh)`` is a
         ``d``-long product per head and row; with the forward's projections ``outputs``
         (:meth:`qkv` of :meth:`ln_attn`, same shapes as ``grads``) it is read in the head
-        space instead, ``gh . xh = grad . (w xh) W_h = grad . (p_h - c_h)`` with ``p_h`` the
-        head's projection and ``c_h`` its value at a zero residual (the norm's bias through
-        the projection, plus the projection's bias): ``dh``-long products. Under frozen norm
-        statistics (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the
-        derivative of ``1/sigma``, is left out."""
+        space instead, ``gh . xh = grad . (w xh) W_h = grad . (p_h - c_h)`` with ``c_h`` the
+        projection of a zero residual (:meth:`qkv_offsets`): ``dh``-long products. Under frozen norm statistics
+        (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the derivative of
+        ``1/sigma``, is left out."""
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
         n, t = grads[0].shape[:2]
         rows, d = n * t, xh.shape[-1]
-        flat_inv = inv.reshape(rows, 1, 1)
         dh = grads[0].shape[-1]
-        wt = xh.new_empty(out.shape[0], dh, d)  # [heads, dh, d]: W_h^T, norm weight folded in
-        dqi = xh.new_empty(out.shape[0], rows, dh)  # [heads, N*T, dh], 1/sigma folded in
-        exact = not self.rules.freeze_norm
-        coef = xh.new_empty(rows, out.shape[0]) if exact and outputs is not None else None
-        offsets = (self.qkv(layer, self.ln_attn(layer, xh.new_zeros(1, d).to(outputs[0])))
-                   if coef is not None and outputs is not None else None)
-        s0 = 0
-        for i, (kind, grad) in enumerate(zip("qkv", grads)):
-            h = grad.shape[2]
-            wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
-            torch.mul(wh.transpose(1, 2), w.to(dt), out=wt[s0: s0 + h])
-            g = grad.reshape(rows, h, dh).to(dt)
-            torch.mul(g, flat_inv, out=dqi[s0: s0 + h].transpose(0, 1))
-            if coef is not None and outputs is not None and offsets is not None:
-                p = outputs[i].reshape(rows, h, dh).to(dt) - offsets[i].reshape(h, dh).to(dt)
-                torch.sum(p.mul_(g), -1, out=coef[:, s0: s0 + h])
-            s0 += h
+        r = out.shape[0]
+        # W_h^T with the norm's weight folded in, centred along d for LayerNorm
+        wt = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
         if centred:
             wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
-        torch.bmm(dqi, wt, out=out)  # [heads, N*T, d]
+        exact = not self.rules.freeze_norm
+        dqi = xh.new_empty(r, n, t, dh)  # 1/sigma folded in, head-major
+        shifted = xh.new_empty(r, n, t, dh) if exact and outputs is not None else None
+        offsets = None if shifted is None else self.qkv_offsets(layer)
+        inv4 = inv.reshape(1, n, t, 1)
+        s0 = 0
+        for i, grad in enumerate(grads):
+            h = grad.shape[2]
+            torch.mul(grad.permute(2, 0, 1, 3), inv4, out=dqi[s0: s0 + h])
+            if shifted is not None and outputs is not None:  # p_h - c_h, head-major
+                p = outputs[i].permute(2, 0, 1, 3)
+                if offsets is None:
+                    shifted[s0: s0 + h] = p
+                else:
+                    torch.sub(p, offsets[i][:, None, None], out=shifted[s0: s0 + h])
+            s0 += h
+        torch.bmm(dqi.view(r, rows, dh), wt, out=out)  # [heads, N*T, d]
         if not exact:
             return out
         flat_xh = xh.reshape(rows, d)
-        if coef is not None:  # mean(gh xh) / sigma, from the head space
-            q = coef.mul_(inv.reshape(rows, 1)).div_(d).T
+        if shifted is not None:  # mean(gh xh) / sigma = dqi . (p_h - c_h) / d
+            q = shifted.mul_(dqi).sum(-1).view(r, rows).div_(d)
         else:  # = xh . out / d (xh has zero mean under LayerNorm): one batched matrix-vector
             # product per row, reading ``out`` in place
             q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
@@ -305,13 +328,14 @@ class Architecture:
             q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
         hidden = self._hidden(t, query_pos, window, q.device)  # [T, T] or [B, 1, P, T]
         if fused:  # the fused kernel: equal to the eager softmax up to float rounding
-            extra = {"enable_gqa": True} if gqa else {}
-            if query_pos is None and window is None:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                   scale=self.scale(layer), **extra)
+            causal = query_pos is None and window is None
+            mask = None if causal else ~hidden
+            if gqa:  # (torch 2.4 has no enable_gqa argument)
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                   scale=self.scale(layer), enable_gqa=True)
             else:
-                z = F.scaled_dot_product_attention(q, k, v, attn_mask=~hidden,
-                                                   scale=self.scale(layer), **extra)
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                   scale=self.scale(layer))
             return z.transpose(1, 2)
         scores = self._capped((q @ k.transpose(-1, -2)) * self.scale(layer))
         scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)

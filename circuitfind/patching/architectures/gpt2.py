@@ -83,6 +83,22 @@ class GPT2(Architecture):
         return (w[:, cols].reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2),
                 b[cols].view(self.n_heads, self.d_head))
 
+    def qkv_offsets(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``ln_1``'s bias through ``c_attn``, plus its bias (one product)."""
+        _, shift = weights(self.blocks[layer].ln_1)
+        fused, bias = weights(self.attn[layer].c_attn)
+        shift = shift if shift is not None else fused.new_zeros(fused.shape[0])
+        out = conv1d(shift[None], fused, bias).view(3, self.n_heads, self.d_head)
+        return out[0], out[1], out[2]
+
+    def qkv_input_weights(self, layer: int, w: Tensor, out: Tensor) -> Tensor:
+        """:meth:`Architecture.qkv_input_weights` in one product over ``c_attn``'s weight
+        (``[d, 3 * H * dh]``, columns per kind, then head)."""
+        fused, _ = weights(self.attn[layer].c_attn)
+        per_kind = fused.view(-1, 3, self.n_heads, self.d_head).permute(1, 2, 3, 0)
+        torch.mul(per_kind, w, out=out.view(3, self.n_heads, self.d_head, -1))
+        return out
+
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         return weights(self.attn[layer].c_proj)
 

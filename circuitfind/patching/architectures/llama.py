@@ -107,6 +107,14 @@ class Llama(Architecture):
         w = w.view(-1, self.d_head, w.shape[1]).transpose(1, 2)  # [heads, d, dh]
         return w, None if b is None else b.view(-1, self.d_head)
 
+    def qkv_offsets(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The projections' biases (RMSNorm has none; ``None`` without biases)."""
+        heads = [self.head_weights(layer, kind) for kind in "qkv"]
+        if all(b is None for _, b in heads):
+            return None
+        q, k, v = (w.new_zeros(w.shape[0], w.shape[2]) if b is None else b for w, b in heads)
+        return q, k, v
+
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].o_proj)
         return w.T, b
