@@ -384,14 +384,11 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
                      outputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
             norm = lay.norm_parts(layer, x)
             row = group_of[key][1]
-            rows = buffer(key)[row: row + n_qkv]
-            each = rows.new_empty(n_qkv, n * t * copies, rows.shape[-1]) if folded else rows
-            lay.qkv_input_grads(layer, norm, grads, out=each, outputs=outputs)
-            dx = each.sum(0).view(x.shape).to(x.dtype)
-            if folded:  # per copy (each its own norm Jacobian), then summed
-                torch.sum(each.view(n_qkv, copies, n * t, -1), 1, out=rows)
+            rows = buffer(key)[row: row + n_qkv]  # summed over the copies where folded
+            dx = lay.qkv_input_grads(layer, norm, grads, out=rows, outputs=outputs,
+                                     copies=copies if folded else 1)
             arrive(key)
-            return dx
+            return dx.view(x.shape).to(x.dtype)
         return backward
 
     x = lay.embed(tokens).detach()  # the weights need no gradient

@@ -193,7 +193,11 @@ class PlacedArchitecture(_Adapter):
         local = torch.empty_like(out, device=device)
         result = fn(*args, out=local, **kwargs)
         out.copy_(local)
-        return out if result is local else out.view(result.shape)
+        if result is local:
+            return out
+        if result.data_ptr() == local.data_ptr() and result.numel() == local.numel():
+            return out.view(result.shape)
+        return to(result, home)  # a result besides ``out``
 
     def _on_layer(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def on_layer(layer: int, *args: Any, **kwargs: Any) -> Any:

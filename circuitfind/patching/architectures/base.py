@@ -123,28 +123,37 @@ class Architecture:
 
     def qkv_input_grads(self, layer: int, parts: tuple[Tensor, Tensor, Tensor, bool],
                         grads: tuple[Tensor, Tensor, Tensor], out: Tensor,
-                        outputs: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                        outputs: tuple[Tensor, Tensor, Tensor] | None = None,
+                        copies: int = 1) -> Tensor:
         """Each q, k and v head's gradient with respect to its own copy of the residual read
         by :meth:`ln_attn` and its projection, from the projections' gradients ``grads``
-        (``[N, T, H, dh]``, ``[N, T, G, dh]``, ``[N, T, G, dh]``): written into ``out [H + 2G,
-        N*T, d]`` (q heads, then k and v heads), in the norm's dtype (``parts`` is
-        :meth:`norm_parts` of the residual).
+        (``[B, T, H, dh]``, ``[B, T, G, dh]``, ``[B, T, G, dh]``; ``B = copies * N``, the
+        copies stacked on the batch): written into ``out [H + 2G, N*T, d]`` (q heads, then k
+        and v heads) summed over the copies, in the norm's dtype (``parts`` is
+        :meth:`norm_parts` of the residual ``[B, T, d]``).
 
         The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
         with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
         the small gradients, ``w`` and the mean term into the weights (centred along ``d``),
         so the only ``[H + 2G, N*T, d]`` work is one batched matmul for all heads of the
-        three kinds and one in-place update. The update's coefficient ``mean(gh xh)`` is a
-        ``d``-long product per head and row; with the forward's projections ``outputs``
-        (:meth:`qkv` of :meth:`ln_attn`, same shapes as ``grads``) it is read in the head
-        space instead, ``gh . xh = grad . (w xh) W_h = grad . (p_h - c_h)`` with ``c_h`` the
-        projection of a zero residual (:meth:`qkv_offsets`): ``dh``-long products. Under frozen norm statistics
-        (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the derivative of
-        ``1/sigma``, is left out."""
+        three kinds and one in-place update per copy. The update's coefficient ``mean(gh
+        xh)`` is a ``d``-long product per head and row; with the forward's projections
+        ``outputs`` (:meth:`qkv` of :meth:`ln_attn`, same shapes as ``grads``) it is read in
+        the head space instead, ``gh . xh = grad . (w xh) W_h = grad . (p_h - c_h)`` with
+        ``c_h`` the projection of a zero residual (:meth:`qkv_offsets`): ``dh``-long products.
+        Several copies are summed in the head space, before the matmul (the first term is
+        linear in ``grad / sigma``; each copy's update has its own ``xh``). Under frozen norm
+        statistics (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the
+        derivative of ``1/sigma``, is left out.
+
+        Returns:
+            ``[B*T, d]`` the residual's gradient through the norm and the projections (the
+            receivers' gradients summed over receivers, per copy), in the norm's dtype.
+        """
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
-        n, t = grads[0].shape[:2]
-        rows, d = n * t, xh.shape[-1]
+        b, t = grads[0].shape[:2]
+        rows, d = b * t, xh.shape[-1]
         dh = grads[0].shape[-1]
         r = out.shape[0]
         # W_h^T with the norm's weight folded in, centred along d for LayerNorm
@@ -152,10 +161,10 @@ class Architecture:
         if centred:
             wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
         exact = not self.rules.freeze_norm
-        dqi = xh.new_empty(r, n, t, dh)  # 1/sigma folded in, head-major
-        shifted = xh.new_empty(r, n, t, dh) if exact and outputs is not None else None
+        dqi = xh.new_empty(r, b, t, dh)  # 1/sigma folded in, head-major
+        shifted = xh.new_empty(r, b, t, dh) if exact and outputs is not None else None
         offsets = None if shifted is None else self.qkv_offsets(layer)
-        inv4 = inv.reshape(1, n, t, 1)
+        inv4 = inv.reshape(1, b, t, 1)
         s0 = 0
         for i, grad in enumerate(grads):
             h = grad.shape[2]
@@ -167,16 +176,30 @@ class Architecture:
                 else:
                     torch.sub(p, offsets[i][:, None, None], out=shifted[s0: s0 + h])
             s0 += h
-        torch.bmm(dqi.view(r, rows, dh), wt, out=out)  # [heads, N*T, d]
-        if not exact:
-            return out
         flat_xh = xh.reshape(rows, d)
-        if shifted is not None:  # mean(gh xh) / sigma = dqi . (p_h - c_h) / d
+        q: Tensor | None = None  # mean(gh xh) / sigma [heads, B*T]
+        if shifted is not None:  # = dqi . (p_h - c_h) / d
             q = shifted.mul_(dqi).sum(-1).view(r, rows).div_(d)
-        else:  # = xh . out / d (xh has zero mean under LayerNorm): one batched matrix-vector
-            # product per row, reading ``out`` in place
-            q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
-        return out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
+        if copies == 1:
+            torch.bmm(dqi.view(r, rows, dh), wt, out=out)  # [heads, N*T, d]
+            if exact and q is None:  # = xh . out / d (xh has zero mean under LayerNorm):
+                # one batched matrix-vector product per row, reading ``out`` in place
+                q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
+            if q is not None:
+                out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
+            return out.sum(0)
+        # per copy, the residual's gradient: the sum over heads is one matmul
+        dx = dqi.permute(1, 2, 0, 3).reshape(rows, r * dh) @ wt.view(r * dh, d)
+        n = rows // copies
+        torch.bmm(dqi.view(r, copies, n, dh).sum(1), wt, out=out)  # summed over copies
+        if exact:
+            if q is None:  # xh . (dqi W_h) / d, from the per-head matmul of each copy
+                q = torch.bmm(dqi.view(r, rows, dh), wt).mul_(flat_xh).sum(-1).div_(d)
+            dx.addcmul_(q.sum(0)[:, None], flat_xh, value=-1.0)
+            for c in range(copies):
+                rows_c = slice(c * n, (c + 1) * n)
+                out.addcmul_(q[:, rows_c, None], flat_xh[None, rows_c], value=-1.0)
+        return dx
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
