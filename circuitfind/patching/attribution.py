@@ -242,10 +242,14 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # (a'_h - a_h) . J_l(S_l)^T d metric / d x_r = J_l(S_l) (a'_h - a_h) . d metric / d x_r:
     # the heads' differences are pushed through the norm once a layer in the forward pass
     # (in place: eq. (2) then contracts them like any sender's). With several gradient
-    # points the Jacobians differ per copy: the pushed differences are kept per copy
-    # (``pushed``) and contracted with per-copy receiver gradients (``[h, C*N*T, d]``).
+    # points the Jacobians differ per copy: the pushed differences are kept per copy, the
+    # layers' heads stacked in one buffer (``pushed``), and contracted with per-copy receiver
+    # gradients (``[h, C*N*T, d]``), all earlier layers' heads in one matmul.
     post = lay.attn_post_norm
-    pushed: dict[int, Tensor] = {}  # layer -> J_l (a'_h - a_h) [H, C*N*T*d] (copies > 1)
+    pushed: list[Tensor] = []  # [L*H, C*N*T*d]: J_l (a'_h - a_h) per copy (copies > 1)
+    n_pushed = [0]  # layers written into it
+    head_rows = torch.tensor([g.head_start[layer] + h for layer in range(g.n_layers)
+                              for h in range(g.n_heads)], device=ablated.device)
 
     def contract(r0: int, n_up: int, grad: Tensor) -> None:
         """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (for post-norm
@@ -256,10 +260,12 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             return
         per_copy = grad.reshape(h, -1)
         contract_scores(scores, flat[:n_up], r0, per_copy.view(h, copies, -1).sum(1))
-        for layer, jd in pushed.items():  # the head rows: per copy, through its Jacobian
-            heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
-            if heads.stop <= n_up:
-                scores[heads, r0: r0 + h] = matmul_nt(jd, per_copy).to(scores.dtype)
+        # the head rows: per copy, through their Jacobians (the layers upstream of r0)
+        m = g.n_heads * sum(1 for layer in range(n_pushed[0])
+                            if g.head_start[layer] + g.n_heads <= n_up)
+        if m:
+            scores[head_rows[:m], r0: r0 + h] = matmul_nt(pushed[0][:m], per_copy).to(
+                scores.dtype)
 
     # Receivers are contracted in groups of consecutive receivers, one matmul a group, so
     # that the sender differences are read once a group: each layer's q/k/v receivers with
@@ -429,10 +435,15 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
                 own.copy_(lay.post_norm_jvp(layer, s_l, d_heads).view(own.shape))
             else:
                 jd = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1))
+                if not pushed:
+                    pushed.append(jd.new_empty(g.n_layers * g.n_heads, copies * n * t * d))
+                rows = pushed[0][layer * g.n_heads: (layer + 1) * g.n_heads]
                 if tail:  # per copy, in place among T positions
-                    jd = place(jd.new_empty(g.n_heads, copies * n, t, d), where,
-                               jd.view(g.n_heads, copies * n, -1, d))
-                pushed[layer] = jd.reshape(g.n_heads, -1)
+                    place(rows.view(g.n_heads, copies * n, t, d), where,
+                          jd.view(g.n_heads, copies * n, -1, d))
+                else:
+                    rows.copy_(jd.reshape(g.n_heads, -1))
+                n_pushed[0] = layer + 1
             attn = lay.post_norm(layer, pre)
         else:
             attn = pre
