@@ -434,7 +434,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             if copies == 1:
                 own.copy_(lay.post_norm_jvp(layer, s_l, d_heads).view(own.shape))
             else:
-                jd = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1))
+                jd = lay.post_norm_jvp(layer, s_l, d_heads)  # [H, C*N*(T|P), d]
                 if not pushed:
                     pushed.append(jd.new_empty(g.n_layers * g.n_heads, copies * n * t * d))
                 rows = pushed[0][layer * g.n_heads: (layer + 1) * g.n_heads]

@@ -299,10 +299,12 @@ class Architecture:
         return x
 
     def post_norm_jvp(self, layer: int, s: Tensor, delta: Tensor) -> Tensor:
-        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X,
-        d]`` (EAP pushes the heads' differences through the norm once a layer; the identity
-        here)."""
-        return delta
+        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X',
+        d]``, ``X = copies * X'`` (each direction at each copy of the rows; EAP pushes the
+        heads' differences through the norm once a layer): ``[h, X, d]``, the identity
+        here."""
+        copies = s.shape[0] // delta.shape[1]
+        return delta if copies == 1 else delta.repeat(1, copies, 1)
 
     def window(self, layer: int) -> int | None:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""
