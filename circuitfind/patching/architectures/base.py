@@ -317,7 +317,8 @@ class Architecture:
 
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               query_pos: Tensor | None = None, grouped: bool = True) -> Tensor:
+               query_pos: Tensor | None = None, grouped: bool = True,
+               prefer_fused: bool = False) -> Tensor:
         """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
 
         With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
@@ -325,7 +326,9 @@ class Architecture:
         matched them). The family's extras apply here: :meth:`qk_norm` before the rotation,
         :attr:`attn_softcap` on the scores and :meth:`window` on the keys. Under modified
         backward rules (:attr:`rules`) or with an :attr:`attention_tap` the eager path runs
-        with the rules' softmax and q/k/v gradient scales.
+        with the rules' softmax and q/k/v gradient scales. Short sequences on a CPU take
+        :meth:`_attend_small` unless the fused kernel applies and either a backward pass will
+        read the result or the caller asks for it (``prefer_fused``: the plain runs).
         """
         if self.attention_tap is not None or not self.rules.plain_attention:
             return self._attend_with_rules(layer, q, k, v, query_pos, grouped)
@@ -344,7 +347,7 @@ class Architecture:
         graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
         if (q.device.type == "cpu" and n_scores <= 1 << 20 and softmax_ok
-                and not (fused and graph)):
+                and not (fused and (graph or prefer_fused))):
             return self._attend_small(layer, q, k, v, rep, query_pos, window)
         gqa = fused and rep > 1 and FUSED_GQA  # the fused kernel matches key/value heads itself
         if rep > 1 and not gqa:
