@@ -88,15 +88,16 @@ class _ReceiverGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: int, lay: Architecture,
                 backward: Any) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.save_for_backward(x)
         ctx.backward = backward
-        return lay.qkv(layer, lay.ln_attn(layer, x))
+        q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+        ctx.save_for_backward(x, q, k, v)  # the projections: the norm's backward reads them
+        return q, k, v
 
     @staticmethod
     def backward(ctx: Any, dq: Tensor, dk: Tensor, dv: Tensor
                  ) -> tuple[Tensor, None, None, None]:
-        (x,) = ctx.saved_tensors
-        return ctx.backward(x, dq, dk, dv), None, None, None
+        x, q, k, v = ctx.saved_tensors
+        return ctx.backward(x, (dq, dk, dv), (q, k, v)), None, None, None
 
 
 class _SummedHeads(torch.autograd.Function):
@@ -254,10 +255,14 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # (a'_h - a_h) . J_l(S_l)^T d metric / d x_r = J_l(S_l) (a'_h - a_h) . d metric / d x_r:
     # the heads' differences are pushed through the norm once a layer in the forward pass
     # (in place: eq. (2) then contracts them like any sender's). With several gradient
-    # points the Jacobians differ per copy: the pushed differences are kept per copy
-    # (``pushed``) and contracted with per-copy receiver gradients (``[h, C*N*T, d]``).
+    # points the Jacobians differ per copy: the pushed differences are kept per copy, the
+    # layers' heads stacked in one buffer (``pushed``), and contracted with per-copy receiver
+    # gradients (``[h, C*N*T, d]``), all earlier layers' heads in one matmul.
     post = lay.attn_post_norm
-    pushed: dict[int, Tensor] = {}  # layer -> J_l (a'_h - a_h) [H, C*N*T*d] (copies > 1)
+    pushed: list[Tensor] = []  # [L*H, C*N*T*d]: J_l (a'_h - a_h) per copy (copies > 1)
+    n_pushed = [0]  # layers written into it
+    head_rows = torch.tensor([g.head_start[layer] + h for layer in range(g.n_layers)
+                              for h in range(g.n_heads)], device=ablated.device)
 
     def contract(r0: int, n_up: int, grad: Tensor) -> None:
         """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (for post-norm
@@ -268,10 +273,12 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             return
         per_copy = grad.reshape(h, -1)
         contract_scores(scores, flat[:n_up], r0, per_copy.view(h, copies, -1).sum(1))
-        for layer, jd in pushed.items():  # the head rows: per copy, through its Jacobian
-            heads = slice(g.head_start[layer], g.head_start[layer] + g.n_heads)
-            if heads.stop <= n_up:
-                scores[heads, r0: r0 + h] = matmul_nt(jd, per_copy).to(scores.dtype)
+        # the head rows: per copy, through their Jacobians (the layers upstream of r0)
+        m = g.n_heads * sum(1 for layer in range(n_pushed[0])
+                            if g.head_start[layer] + g.n_heads <= n_up)
+        if m:
+            scores[head_rows[:m], r0: r0 + h] = matmul_nt(pushed[0][:m], per_copy).to(
+                scores.dtype)
 
     # Receivers are contracted in groups of consecutive receivers, one matmul a group, so
     # that the sender differences are read once a group: each layer's q/k/v receivers with
@@ -401,17 +408,15 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         residual's gradient through the projections."""
         key = f"qkv{layer}"
 
-        def backward(x: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+        def backward(x: Tensor, grads: tuple[Tensor, Tensor, Tensor],
+                     outputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
             norm = lay.norm_parts(layer, x)
             row = group_of[key][1]
-            rows = buffer(key)[row: row + n_qkv]
-            each = rows.new_empty(n_qkv, n * t * copies, rows.shape[-1]) if folded else rows
-            lay.qkv_input_grads(layer, norm, (dq, dk, dv), out=each)
-            dx = each.sum(0).view(x.shape).to(x.dtype)
-            if folded:  # per copy (each its own norm Jacobian), then summed
-                torch.sum(each.view(n_qkv, copies, n * t, -1), 1, out=rows)
+            rows = buffer(key)[row: row + n_qkv]  # summed over the copies where folded
+            dx = lay.qkv_input_grads(layer, norm, grads, out=rows, outputs=outputs,
+                                     copies=copies if folded else 1)
             arrive(key)
-            return dx
+            return dx.view(x.shape).to(x.dtype)
         return backward
 
     x = lay.embed(tokens).detach()  # the weights need no gradient
@@ -464,11 +469,16 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             if copies == 1:
                 own.copy_(lay.post_norm_jvp(layer, s_l, d_heads).view(own.shape))
             else:
-                jd = lay.post_norm_jvp(layer, s_l, d_heads.repeat(1, copies, 1))
+                jd = lay.post_norm_jvp(layer, s_l, d_heads)  # [H, C*N*(T|P), d]
+                if not pushed:
+                    pushed.append(jd.new_empty(g.n_layers * g.n_heads, copies * n * t * d))
+                rows = pushed[0][layer * g.n_heads: (layer + 1) * g.n_heads]
                 if tail:  # per copy, in place among T positions
-                    jd = place(jd.new_empty(g.n_heads, copies * n, t, d), where,
-                               jd.view(g.n_heads, copies * n, -1, d))
-                pushed[layer] = jd.reshape(g.n_heads, -1)
+                    place(rows.view(g.n_heads, copies * n, t, d), where,
+                          jd.view(g.n_heads, copies * n, -1, d))
+                else:
+                    rows.copy_(jd.reshape(g.n_heads, -1))
+                n_pushed[0] = layer + 1
             attn = lay.post_norm(layer, pre)
         else:
             attn = pre

@@ -43,10 +43,10 @@ from circuitfind.errors import ConfigError
 from circuitfind.patching.architectures.base import Architecture, unwrap, weights
 
 LAYER_METHODS = (
-    "ln_attn", "ln_mlp", "norm_parts", "qkv_input_grads", "mlp", "qkv", "head_weights",
-    "project", "project_some", "project_heads", "project_heads_normed", "w_out", "attend",
-    "head_results", "head_results_all", "head_outputs", "attn_from_heads", "attn_out",
-    "post_norm", "post_norm_jvp", "qk_norm",
+    "ln_attn", "ln_mlp", "norm_parts", "qkv_offsets", "qkv_input_weights", "qkv_input_grads",
+    "mlp", "qkv", "head_weights", "project", "project_some", "project_heads",
+    "project_heads_normed", "w_out", "attend", "head_results", "head_results_all",
+    "head_outputs", "attn_from_heads", "attn_out", "post_norm", "post_norm_jvp", "qk_norm",
 )
 """The adapter methods whose first argument is a layer: they run on that layer's device."""
 
@@ -193,7 +193,11 @@ class PlacedArchitecture(_Adapter):
         local = torch.empty_like(out, device=device)
         result = fn(*args, out=local, **kwargs)
         out.copy_(local)
-        return out if result is local else out.view(result.shape)
+        if result is local:
+            return out
+        if result.data_ptr() == local.data_ptr() and result.numel() == local.numel():
+            return out.view(result.shape)
+        return to(result, home)  # a result besides ``out``
 
     def _on_layer(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def on_layer(layer: int, *args: Any, **kwargs: Any) -> Any:

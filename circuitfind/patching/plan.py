@@ -45,6 +45,7 @@ costs ``2 d`` per edge and token.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -123,9 +124,9 @@ class ModelShape:
     rms_norm: bool = False
     mlp_mats: int = 2
 
-    @property
+    @cached_property
     def graph(self) -> ComputeGraph:
-        """The model's :class:`ComputeGraph` (closed form from the sizes)."""
+        """The model's :class:`ComputeGraph` (closed form from the sizes; built once)."""
         return ComputeGraph(self.n_layers, self.n_heads, self.n_kv_heads,
                             attn_only=self.attn_only, parallel_attn_mlp=self.parallel,
                             model_name=self.name)

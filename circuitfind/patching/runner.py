@@ -219,7 +219,7 @@ class BlockRunner:
             if residuals:
                 resid[layer] = x
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
-            z = lay.attend(layer, q, k, v)
+            z = lay.attend(layer, q, k, v, prefer_fused=True)
             heads = senders[g.head_start[layer]: g.head_start[layer] + g.n_heads]
             lay.head_outputs(layer, z, out=heads)  # written in place, head-major
             x_in, x = x, x + lay.attn_from_heads(layer, heads, 0)

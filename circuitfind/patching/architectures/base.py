@@ -18,6 +18,10 @@ from torch import Tensor
 from circuitfind.patching.backward_rules import PLAIN, BackwardRules
 
 
+FUSED_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
+"""Whether ``scaled_dot_product_attention`` takes ``enable_gqa`` (torch 2.5 and later)."""
+
+
 class Architecture:
     """Primitives of one Hugging Face model family, reading the modules' weights in place.
 
@@ -80,46 +84,122 @@ class Architecture:
         mean (LayerNorm) or not (RMSNorm)."""
         raise NotImplementedError  # pragma: no cover
 
+    @staticmethod
+    def standardised(x: Tensor, eps: float, centred: bool) -> tuple[Tensor, Tensor]:
+        """``(xh, inv)`` of a LayerNorm (``centred``) or RMSNorm without weight at ``x [..., d]``:
+        the normalised input and ``1 / sigma`` (``[..., 1]``), in at least float32 (one fused
+        kernel for LayerNorm; one reduction and one product for RMSNorm). The shared part of
+        the families' :meth:`norm_parts`."""
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        if centred:
+            xh, _, inv = torch.native_layer_norm(h, (h.shape[-1],), None, None, eps)
+            return xh, inv
+        inv = torch.linalg.vector_norm(h, 2, -1, keepdim=True).square_().div_(h.shape[-1])
+        inv = inv.add_(eps).rsqrt_()
+        return h * inv, inv
+
+    def qkv_input_weights(self, layer: int, w: Tensor, out: Tensor) -> Tensor:
+        """Each q, k and v head's projection transposed, ``W_h^T``, times ``w [d]`` along ``d``
+        (the norm's weight): ``out [H + 2G, dh, d]`` (q heads, then k and v heads), filled in
+        place. Families whose three projections are one weight override it with one product
+        (:class:`~circuitfind.patching.architectures.gpt2.GPT2`,
+        :class:`~circuitfind.patching.architectures.gpt_neox.GPTNeoX`)."""
+        s0 = 0
+        for kind in "qkv":
+            wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
+            torch.mul(wh.transpose(1, 2), w, out=out[s0: s0 + wh.shape[0]])
+            s0 += wh.shape[0]
+        return out
+
+    def qkv_offsets(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The q, k and v projections of a zero residual, ``[H, dh]``, ``[G, dh]``, ``[G, dh]``
+        (what the norm's bias and the projections' biases add to every row), or ``None`` where
+        they are all zero. Here: :meth:`qkv` of :meth:`ln_attn` of one zero row; families
+        override it with their biases."""
+        w, _ = self.head_weights(layer, "q")
+        zero = w.new_zeros(1, w.shape[1])
+        q, k, v = self.qkv(layer, self.ln_attn(layer, zero))
+        return q[0], k[0], v[0]
+
     def qkv_input_grads(self, layer: int, parts: tuple[Tensor, Tensor, Tensor, bool],
-                        grads: tuple[Tensor, Tensor, Tensor], out: Tensor) -> Tensor:
+                        grads: tuple[Tensor, Tensor, Tensor], out: Tensor,
+                        outputs: tuple[Tensor, Tensor, Tensor] | None = None,
+                        copies: int = 1) -> Tensor:
         """Each q, k and v head's gradient with respect to its own copy of the residual read
         by :meth:`ln_attn` and its projection, from the projections' gradients ``grads``
-        (``[N, T, H, dh]``, ``[N, T, G, dh]``, ``[N, T, G, dh]``): written into ``out [H + 2G,
-        N*T, d]`` (q heads, then k and v heads), in the norm's dtype (``parts`` is
-        :meth:`norm_parts` of the residual).
+        (``[B, T, H, dh]``, ``[B, T, G, dh]``, ``[B, T, G, dh]``; ``B = copies * N``, the
+        copies stacked on the batch): written into ``out [H + 2G, N*T, d]`` (q heads, then k
+        and v heads) summed over the copies, in the norm's dtype (``parts`` is
+        :meth:`norm_parts` of the residual ``[B, T, d]``).
 
         The norm's backward in closed form, ``dx = (gh - mean(gh) - xh mean(gh xh)) / sigma``
         with ``gh = w * (grad W_h^T)`` (no mean term for RMSNorm): ``1/sigma`` is folded into
         the small gradients, ``w`` and the mean term into the weights (centred along ``d``),
         so the only ``[H + 2G, N*T, d]`` work is one batched matmul for all heads of the
-        three kinds, one reduction and one in-place update. Under frozen norm statistics
-        (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the derivative of
-        ``1/sigma``, is left out."""
+        three kinds and one in-place update per copy. The update's coefficient ``mean(gh
+        xh)`` is a ``d``-long product per head and row; with the forward's projections
+        ``outputs`` (:meth:`qkv` of :meth:`ln_attn`, same shapes as ``grads``) it is read in
+        the head space instead, ``gh . xh = grad . (w xh) W_h = grad . (p_h - c_h)`` with
+        ``c_h`` the projection of a zero residual (:meth:`qkv_offsets`): ``dh``-long products.
+        Several copies are summed in the head space, before the matmul (the first term is
+        linear in ``grad / sigma``; each copy's update has its own ``xh``). Under frozen norm
+        statistics (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the
+        derivative of ``1/sigma``, is left out.
+
+        Returns:
+            ``[B*T, d]`` the residual's gradient through the norm and the projections (the
+            receivers' gradients summed over receivers, per copy), in the norm's dtype.
+        """
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
-        n, t = grads[0].shape[:2]
-        rows, d = n * t, xh.shape[-1]
-        flat_inv = inv.reshape(rows, 1, 1)
+        b, t = grads[0].shape[:2]
+        rows, d = b * t, xh.shape[-1]
         dh = grads[0].shape[-1]
-        wt = xh.new_empty(out.shape[0], dh, d)  # [heads, dh, d]: W_h^T, norm weight folded in
-        dqi = xh.new_empty(out.shape[0], rows, dh)  # [heads, N*T, dh], 1/sigma folded in
-        s0 = 0
-        for kind, grad in zip("qkv", grads):
-            h = grad.shape[2]
-            wh, _ = self.head_weights(layer, kind)  # [h, d, dh]
-            torch.mul(wh.transpose(1, 2), w.to(dt), out=wt[s0: s0 + h])
-            torch.mul(grad.reshape(rows, h, dh), flat_inv, out=dqi[s0: s0 + h].transpose(0, 1))
-            s0 += h
+        r = out.shape[0]
+        # W_h^T with the norm's weight folded in, centred along d for LayerNorm
+        wt = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
         if centred:
             wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
-        torch.bmm(dqi, wt, out=out)  # [heads, N*T, d]
-        if self.rules.freeze_norm:
-            return out
+        exact = not self.rules.freeze_norm
+        dqi = xh.new_empty(r, b, t, dh)  # 1/sigma folded in, head-major
+        shifted = xh.new_empty(r, b, t, dh) if exact and outputs is not None else None
+        offsets = None if shifted is None else self.qkv_offsets(layer)
+        inv4 = inv.reshape(1, b, t, 1)
+        s0 = 0
+        for i, grad in enumerate(grads):
+            h = grad.shape[2]
+            torch.mul(grad.permute(2, 0, 1, 3), inv4, out=dqi[s0: s0 + h])
+            if shifted is not None and outputs is not None:  # p_h - c_h, head-major
+                p = outputs[i].permute(2, 0, 1, 3)
+                if offsets is None:
+                    shifted[s0: s0 + h] = p
+                else:
+                    torch.sub(p, offsets[i][:, None, None], out=shifted[s0: s0 + h])
+            s0 += h
         flat_xh = xh.reshape(rows, d)
-        # mean(gh xh) / sigma = xh . out / d (xh has zero mean under LayerNorm): one batched
-        # matrix-vector product per row, reading ``out`` in place
-        q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
-        return out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
+        q: Tensor | None = None  # mean(gh xh) / sigma [heads, B*T]
+        if shifted is not None:  # = dqi . (p_h - c_h) / d
+            q = shifted.mul_(dqi).sum(-1).view(r, rows).div_(d)
+        if copies == 1:
+            torch.bmm(dqi.view(r, rows, dh), wt, out=out)  # [heads, N*T, d]
+            if exact and q is None:  # = xh . out / d (xh has zero mean under LayerNorm):
+                # one batched matrix-vector product per row, reading ``out`` in place
+                q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
+            if q is not None:
+                out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
+            return out.sum(0)
+        # per copy, the residual's gradient: the sum over heads is one matmul
+        dx = dqi.permute(1, 2, 0, 3).reshape(rows, r * dh) @ wt.view(r * dh, d)
+        n = rows // copies
+        torch.bmm(dqi.view(r, copies, n, dh).sum(1), wt, out=out)  # summed over copies
+        if exact:
+            if q is None:  # xh . (dqi W_h) / d, from the per-head matmul of each copy
+                q = torch.bmm(dqi.view(r, rows, dh), wt).mul_(flat_xh).sum(-1).div_(d)
+            dx.addcmul_(q.sum(0)[:, None], flat_xh, value=-1.0)
+            for c in range(copies):
+                rows_c = slice(c * n, (c + 1) * n)
+                out.addcmul_(q[:, rows_c, None], flat_xh[None, rows_c], value=-1.0)
+        return dx
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -219,10 +299,12 @@ class Architecture:
         return x
 
     def post_norm_jvp(self, layer: int, s: Tensor, delta: Tensor) -> Tensor:
-        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X,
-        d]`` (EAP pushes the heads' differences through the norm once a layer; the identity
-        here)."""
-        return delta
+        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X',
+        d]``, ``X = copies * X'`` (each direction at each copy of the rows; EAP pushes the
+        heads' differences through the norm once a layer): ``[h, X, d]``, the identity
+        here."""
+        copies = s.shape[0] // delta.shape[1]
+        return delta if copies == 1 else delta.repeat(1, copies, 1)
 
     def window(self, layer: int) -> int | None:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""
@@ -235,7 +317,8 @@ class Architecture:
 
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               query_pos: Tensor | None = None, grouped: bool = True) -> Tensor:
+               query_pos: Tensor | None = None, grouped: bool = True,
+               prefer_fused: bool = False) -> Tensor:
         """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
 
         With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
@@ -243,7 +326,9 @@ class Architecture:
         matched them). The family's extras apply here: :meth:`qk_norm` before the rotation,
         :attr:`attn_softcap` on the scores and :meth:`window` on the keys. Under modified
         backward rules (:attr:`rules`) or with an :attr:`attention_tap` the eager path runs
-        with the rules' softmax and q/k/v gradient scales.
+        with the rules' softmax and q/k/v gradient scales. Short sequences on a CPU take
+        :meth:`_attend_small` unless the fused kernel applies and either a backward pass will
+        read the result or the caller asks for it (``prefer_fused``: the plain runs).
         """
         if self.attention_tap is not None or not self.rules.plain_attention:
             return self._attend_with_rules(layer, q, k, v, query_pos, grouped)
@@ -255,20 +340,29 @@ class Architecture:
         window = self.window(layer)
         window = window if window is not None and window < t else None
         n_scores = q.shape[0] * q.shape[1] * t * (t if query_pos is None else query_pos.shape[1])
-        if (q.device.type == "cpu" and n_scores <= 1 << 20
-                and (not self.eager or self.softmax_dtype in (None, q.dtype))):
+        softmax_ok = not self.eager or self.softmax_dtype in (None, q.dtype)
+        fused = self.attn_softcap is None and softmax_ok
+        # recorded for a backward pass (EAP, EAP-IG): the fused kernel's forward and backward
+        # beat the three small kernels' (about 1.5-2.5x at d_head 8-64, T 16-64 on a CPU)
+        graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+        if (q.device.type == "cpu" and n_scores <= 1 << 20 and softmax_ok
+                and not (fused and (graph or prefer_fused))):
             return self._attend_small(layer, q, k, v, rep, query_pos, window)
-        if rep > 1:
+        gqa = fused and rep > 1 and FUSED_GQA  # the fused kernel matches key/value heads itself
+        if rep > 1 and not gqa:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         if query_pos is not None:
             q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
         hidden = self._hidden(t, query_pos, window, q.device)  # [T, T] or [B, 1, P, T]
-        if self.attn_softcap is None and (not self.eager or self.softmax_dtype in (None, q.dtype)):
-            # the fused kernel: equal to the eager softmax up to float rounding
-            if query_pos is None and window is None:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale(layer))
+        if fused:  # the fused kernel: equal to the eager softmax up to float rounding
+            causal = query_pos is None and window is None
+            mask = None if causal else ~hidden
+            if gqa:  # (torch 2.4 has no enable_gqa argument)
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                   scale=self.scale(layer), enable_gqa=True)
             else:
-                z = F.scaled_dot_product_attention(q, k, v, attn_mask=~hidden,
+                z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                    scale=self.scale(layer))
             return z.transpose(1, 2)
         scores = self._capped((q @ k.transpose(-1, -2)) * self.scale(layer))

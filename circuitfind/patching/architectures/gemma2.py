@@ -57,9 +57,7 @@ class Gemma2(Llama):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         norm = unwrap(self.blocks[layer].input_layernorm)
-        h = x.float() if x.dtype != torch.float64 else x
-        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
-        return h * inv, inv, 1.0 + norm.weight.float(), False
+        return (*self.standardised(x, norm.eps, False), 1.0 + norm.weight.float(), False)
 
     def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
         return None  # Gemma's norm rounds through float32: normalise first
@@ -72,19 +70,28 @@ class Gemma2(Llama):
         return self._rms(self.blocks[layer].post_attention_layernorm, x)
 
     def post_norm_jvp(self, layer: int, s: Tensor, delta: Tensor) -> Tensor:
-        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X,
-        d]``: ``c (inv delta - inv^3 s mean(s delta))`` with ``c = 1 + w`` (closed form, float32
-        like the norm; float64 inputs stay float64); ``c inv delta`` under frozen statistics
-        (:attr:`BackwardRules.freeze_norm`)."""
+        """``J(s) delta`` of :meth:`post_norm` at ``s [X, d]`` for directions ``delta [h, X', d]``
+        (``X = copies * X'``: each direction at each copy of the rows, ``s`` holding the copies
+        one after the other): ``c (inv delta - inv^3 s mean(s delta))`` with ``c = 1 + w``
+        (closed form, float32 like the norm; float64 inputs stay float64); ``c inv delta``
+        under frozen statistics (:attr:`BackwardRules.freeze_norm`). Returns ``[h, X, d]``.
+
+        ``c`` is applied to the directions and to ``s`` before the copies are spread (so the
+        only ``[h, X, d]`` work is one product and one update)."""
         norm = unwrap(self.blocks[layer].post_attention_layernorm)
         dt = torch.promote_types(s.dtype, torch.float32)
-        h = s.to(dt)
-        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)  # [X, 1]
+        h, rows, d = delta.shape
+        copies = s.shape[0] // rows
+        hs = s.to(dt).view(copies, rows, d)
+        inv = torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + norm.eps)  # [C, X', 1]
+        scale = 1.0 + norm.weight.to(dt)
         dd = delta.to(dt)
-        if self.rules.freeze_norm:
-            return dd * inv * (1.0 + norm.weight.to(dt))
-        mean = (dd * h).mean(-1, keepdim=True)  # [h, X, 1]
-        return (dd * inv - mean * inv.pow(3) * h) * (1.0 + norm.weight.to(dt))
+        out = (dd * scale)[:, None] * inv[None]  # [h, C, X', d]
+        if not self.rules.freeze_norm:
+            # mean(s delta) inv^3 per direction, copy and row: [h, C, X']
+            coef = torch.einsum("hxd,cxd->hcx", dd, hs).div_(d).mul_(inv[..., 0].pow(3))
+            out.addcmul_(coef[..., None], (hs * scale)[None], value=-1.0)
+        return out.view(h, copies * rows, d)
 
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         return self.post_norm(layer, super().attn_out(layer, z))

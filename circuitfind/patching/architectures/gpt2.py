@@ -56,10 +56,7 @@ class GPT2(Architecture):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         w, _ = weights(self.blocks[layer].ln_1)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean = h.mean(-1, keepdim=True)
-        inv = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + self.eps)
-        return (h - mean) * inv, inv, w, True
+        return (*self.standardised(x, self.eps, True), w, True)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
@@ -85,6 +82,22 @@ class GPT2(Architecture):
         cols = slice("qkv".index(kind) * self.d_model, ("qkv".index(kind) + 1) * self.d_model)
         return (w[:, cols].reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2),
                 b[cols].view(self.n_heads, self.d_head))
+
+    def qkv_offsets(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``ln_1``'s bias through ``c_attn``, plus its bias (one product)."""
+        _, shift = weights(self.blocks[layer].ln_1)
+        fused, bias = weights(self.attn[layer].c_attn)
+        shift = shift if shift is not None else fused.new_zeros(fused.shape[0])
+        out = conv1d(shift[None], fused, bias).view(3, self.n_heads, self.d_head)
+        return out[0], out[1], out[2]
+
+    def qkv_input_weights(self, layer: int, w: Tensor, out: Tensor) -> Tensor:
+        """:meth:`Architecture.qkv_input_weights` in one product over ``c_attn``'s weight
+        (``[d, 3 * H * dh]``, columns per kind, then head)."""
+        fused, _ = weights(self.attn[layer].c_attn)
+        per_kind = fused.view(-1, 3, self.n_heads, self.d_head).permute(1, 2, 3, 0)
+        torch.mul(per_kind, w, out=out.view(3, self.n_heads, self.d_head, -1))
+        return out
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         return weights(self.attn[layer].c_proj)

@@ -64,10 +64,7 @@ class GPTNeoX(Architecture):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         norm = unwrap(self.blocks[layer].input_layernorm)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean = h.mean(-1, keepdim=True)
-        inv = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + norm.eps)
-        return (h - mean) * inv, inv, norm.weight, True
+        return (*self.standardised(x, norm.eps, True), norm.weight, True)
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
@@ -85,6 +82,24 @@ class GPTNeoX(Architecture):
         i = "qkv".index(kind)
         wh = w.view(self.n_heads, 3, self.d_head, -1)[:, i].transpose(1, 2)  # [H, d, dh]
         return wh, None if b is None else b.view(self.n_heads, 3, self.d_head)[:, i]
+
+    def qkv_offsets(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The norm's bias through the fused projection, plus its bias (one product)."""
+        norm = unwrap(self.blocks[layer].input_layernorm)
+        fused, bias = weights(self.attn[layer].query_key_value)
+        if norm.bias is None and bias is None:
+            return None
+        shift = norm.bias if norm.bias is not None else fused.new_zeros(fused.shape[1])
+        out = F.linear(shift, fused, bias).view(self.n_heads, 3, self.d_head)
+        return out[:, 0], out[:, 1], out[:, 2]
+
+    def qkv_input_weights(self, layer: int, w: Tensor, out: Tensor) -> Tensor:
+        """:meth:`Architecture.qkv_input_weights` in one product: the fused weight's rows
+        are ``W_h^T`` already, per head ``[q | k | v]``."""
+        fused, _ = weights(self.attn[layer].query_key_value)  # [H*3*dh, d]
+        per_kind = fused.view(self.n_heads, 3, self.d_head, -1).transpose(0, 1)
+        torch.mul(per_kind, w, out=out.view(3, self.n_heads, self.d_head, -1))
+        return out
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].dense)

@@ -59,9 +59,7 @@ class Llama(Architecture):
 
     def norm_parts(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         norm = unwrap(self.blocks[layer].input_layernorm)
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return h * inv, inv, norm.weight, False
+        return (*self.standardised(x, norm.variance_epsilon, False), norm.weight, False)
 
     def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
         """RMSNorm folded into the projections, ``W (w * x * inv) = ((W diag(w)) x) * inv``:
@@ -108,6 +106,14 @@ class Llama(Architecture):
         w, b = weights(getattr(self.attn[layer], f"{kind}_proj"))
         w = w.view(-1, self.d_head, w.shape[1]).transpose(1, 2)  # [heads, d, dh]
         return w, None if b is None else b.view(-1, self.d_head)
+
+    def qkv_offsets(self, layer: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The projections' biases (RMSNorm has none; ``None`` without biases)."""
+        heads = [self.head_weights(layer, kind) for kind in "qkv"]
+        if all(b is None for _, b in heads):
+            return None
+        q, k, v = (w.new_zeros(w.shape[0], w.shape[2]) if b is None else b for w, b in heads)
+        return q, k, v
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].o_proj)
