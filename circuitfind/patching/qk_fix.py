@@ -115,7 +115,7 @@ class QKFix:
             pattern.register_hook(keep)
 
     @torch.no_grad()
-    def rescore(self, passes: dict[Hashable, Tensor], delta: Tensor) -> None:
+    def rescore(self, passes: dict[int | None, Tensor], delta: Tensor) -> None:
         """Overwrite the scores of every q and k edge with the QK-fixed estimate, in every pass.
 
         A layer whose pattern got no gradient in a pass (nothing of it reaches the metric, or
