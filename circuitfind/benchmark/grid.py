@@ -67,6 +67,14 @@ points at random and, as its documentation says, can give one point to two worke
   seconds while a live worker would have to miss five heartbeats in a row to lose its cell;
 - a cell that raises is ``FAIL`` with ``error`` and ``traceback`` user attributes; it is
   reported, and not rerun unless the next run passes ``retry_failed``;
+- a finished cell is run again only on request (``rerun`` patterns with ``rerun_before``,
+  e.g. after a bug fix): a cell matching a pattern whose latest result completed before
+  ``rerun_before`` is queued again with a ``rerun_of`` user attribute naming the trial it
+  replaces. From then on the cell's state is that of the trials after the replaced one (so
+  the queued rerun is not taken for a duplicate of the finished trial), and its record on
+  the leaderboard is its latest completed trial; the replaced trial stays in the study. The
+  time makes the request idempotent: the same command started again, or by several
+  workers at once, queues no cell twice, as a rerun completes after ``rerun_before``;
 - a cell interrupted by Ctrl-C is ``FAIL`` with an ``interrupted`` user attribute and is
   queued again by the next run (not counted as a death);
 - should a cell be enqueued twice (two workers creating the grid at once on PostgreSQL), the
@@ -90,6 +98,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import datetime
+import fnmatch
 import gc
 import itertools
 import json
@@ -760,7 +770,8 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
           device: str | None = None, progress: bool = True,
           heartbeat_interval: int | None = None, grace_period: int | None = None,
           max_retries: int = 2, retry_failed: bool = False,
-          create_only: bool = False) -> BenchResult:
+          create_only: bool = False, rerun: Sequence[str] = (),
+          rerun_before: datetime.datetime | str | None = None) -> BenchResult:
     """Run (this worker's share of) a benchmark grid; start as many workers as you like.
 
     Args:
@@ -779,17 +790,29 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
         retry_failed: Queue again, once, the cells whose last run raised.
         create_only: Create the study and queue the cells, run nothing (do this once before
             starting workers on a fresh SQLite file).
+        rerun: Glob patterns (:mod:`fnmatch`) over cell keys
+            (``model=zoo:induction-llama task=induction algorithm=eap seed=0 examples=default
+            ablation=resample``; ``*`` for every cell): the finished cells to run again, those
+            whose latest result completed before ``rerun_before``. Their new records replace
+            the old ones on the leaderboard; the old trials stay in the study.
+        rerun_before: When the results to replace were made at the latest: a naive
+            ``datetime`` in local time (as Optuna stores trial times), an aware one, or an ISO
+            8601 string (``2026-12-04T08:40``, ``2026-12-04T08:40:00+00:00``). Required with
+            ``rerun``; not in the future. Pass the same value when restarting a run.
 
     Returns:
         A :class:`BenchResult` for the whole grid (every worker's cells).
 
     Raises:
         ConfigError: a bad config (every problem listed), a storage URL that cannot be opened,
-            a study of that name made from another convention or fractions, or bad worker
-            settings. Errors inside a cell are recorded in the study, not raised.
+            a study of that name made from another convention or fractions, bad worker
+            settings, or a bad rerun request (a pattern matching no cell of the grid, no or a
+            future ``rerun_before``). Errors inside a cell are recorded in the study, not
+            raised.
     """
     began = time.perf_counter()
     cfg = load_config(config)
+    before = _rerun_time(rerun, rerun_before)
     for label, value, low in (("heartbeat_interval", heartbeat_interval, 1),
                               ("grace_period", grace_period, 1), ("max_retries", max_retries, 0)):
         if value is None and label != "max_retries":
@@ -799,6 +822,7 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
     adaptive = grace_period is None
     heartbeat_interval = heartbeat_interval or AUTO_HEARTBEAT_S
     grid = plan_grid(cfg)
+    rerun_keys = _rerun_keys(rerun, grid)
     optuna = optuna_module()
     store = open_storage(storage, heartbeat_interval=heartbeat_interval,
                          grace_period=grace_period or GRACE_BOUNDS_S[1])
@@ -812,6 +836,9 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
     if retry_failed:
         states = _cell_states(study, keys)
         retried = {k for k, (state, _) in states.items() if state == "failed"}
+    if rerun_keys:
+        with claim_lock(storage):
+            _queue_reruns(study, keys, rerun_keys, before)
     models = _Models(device)
     study_id = store.get_study_id_from_name(name)
     executed = 0
@@ -856,6 +883,88 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
         skipped=grid.skipped, wall_time_s=round(time.perf_counter() - began, 3))
 
 
+def _rerun_time(rerun: Sequence[str], before: datetime.datetime | str | None
+                ) -> datetime.datetime | None:
+    """``rerun_before`` as a naive local time (Optuna's trial times); checks the request.
+
+    Raises:
+        ConfigError: patterns that are not non-empty strings; patterns without a time, or a
+            time without patterns; a time that cannot be parsed or lies in the future.
+    """
+    if isinstance(rerun, str) or not all(isinstance(p, str) and p for p in rerun):
+        raise ConfigError(f"rerun must be a list of non-empty glob patterns over cell keys; "
+                          f"got {rerun!r}.")
+    if not rerun and before is None:
+        return None
+    if not rerun or before is None:
+        raise ConfigError("A rerun needs both the cells' patterns (--rerun) and the time before "
+                          "which their results were made (--rerun-before, e.g. the commit "
+                          "time of the fix: git show -s --format=%cI COMMIT); got "
+                          f"rerun={list(rerun)!r}, rerun_before={before!r}.")
+    if isinstance(before, str):
+        try:
+            before = datetime.datetime.fromisoformat(before.strip())
+        except ValueError as err:
+            raise ConfigError(f"rerun_before must be an ISO 8601 time such as "
+                              f"2026-12-04T08:40 or 2026-12-04T08:40:00+00:00; got {before!r}."
+                              ) from err
+    if not isinstance(before, datetime.datetime):
+        raise ConfigError(f"rerun_before must be a datetime or an ISO 8601 string; got "
+                          f"{before!r}.")
+    if before.tzinfo is not None:
+        before = before.astimezone().replace(tzinfo=None)
+    now = datetime.datetime.now()
+    if before > now:
+        raise ConfigError(f"rerun_before ({before.isoformat()}, local time) is in the future "
+                          f"(now {now.isoformat(timespec='seconds')}): the cells it reruns "
+                          "would be run again at every start. Pass the time of the fix.")
+    return before
+
+
+def _rerun_keys(patterns: Sequence[str], grid: GridPlan) -> set[str]:
+    """The keys of the grid's runnable cells that match a rerun pattern.
+
+    Raises:
+        ConfigError: a pattern that matches no cell (with an example key).
+    """
+    keys = [c.key for c in grid.cells]
+    unmatched = [p for p in patterns if not fnmatch.filter(keys, p)]
+    if unmatched and keys:
+        raise ConfigError(f"The rerun pattern(s) {', '.join(map(repr, unmatched))} match no "
+                          f"cell of the grid; patterns are globs over cell keys such as "
+                          f"{keys[0]!r} (quote them in a shell; '*' matches any text).")
+    return {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def _queue_reruns(study: Any, keys: Mapping[str, Cell], selected: set[str],
+                  before: datetime.datetime | None) -> None:
+    """Queue again the selected cells whose latest result completed before ``before``.
+
+    Each new trial names the trial it replaces (``rerun_of``); a cell already queued or
+    running again, or finished at or after ``before``, is left alone.
+    """
+    TrialState = optuna_module().trial.TrialState
+    by_cell = _trials_by_cell(study, {k: keys[k] for k in selected})
+    for key, trials in by_cell.items():
+        done = [t for t in _current(trials) if t.state == TrialState.COMPLETE]
+        if not done or any(t.state in (TrialState.WAITING, TrialState.RUNNING)
+                           for t in _current(trials)):
+            continue
+        last = max(done, key=lambda t: t.number)
+        if last.datetime_complete is not None and last.datetime_complete >= before:
+            continue
+        study.enqueue_trial({}, user_attrs={"cell": key, "spec": keys[key].to_dict(),
+                                            "rerun_of": last.number})
+
+
+def _current(trials: Sequence[Any]) -> list[Any]:
+    """A cell's trials since its latest rerun request: those numbered after the trial the
+    last ``rerun_of`` replaced (all of them when it was never rerun)."""
+    replaced = max((t.user_attrs["rerun_of"] for t in trials if "rerun_of" in t.user_attrs),
+                   default=-1)
+    return [t for t in trials if t.number > replaced]
+
+
 def _progress_bar(total: int, show: bool) -> Any:
     """The grid's progress over cells: a bar on a terminal, one line at the end in a log."""
     if not show:
@@ -890,6 +999,7 @@ def _cell_states(study: Any, keys: Mapping[str, Cell]) -> dict[str, tuple[str, s
     TrialState = optuna_module().trial.TrialState
     out: dict[str, tuple[str, str | None]] = {}
     for key, trials in _trials_by_cell(study, keys).items():
+        trials = _current(trials)
         states = {t.state for t in trials}
         if TrialState.COMPLETE in states:
             out[key] = ("complete", None)
@@ -920,7 +1030,7 @@ def _schedule(study: Any, keys: Mapping[str, Cell], max_retries: int,
     by_cell = _trials_by_cell(study, keys)
     for key, (state, _) in list(states.items()):
         deaths = sum(t.state == TrialState.FAIL and not {"error", "interrupted"} & set(
-            t.user_attrs) for t in by_cell[key])
+            t.user_attrs) for t in _current(by_cell[key]))
         if state == "new" or key in retry or (state == "died" and deaths <= max_retries):
             study.enqueue_trial({}, user_attrs={"cell": key, "spec": keys[key].to_dict()})
             states[key] = ("waiting", None)
@@ -947,8 +1057,9 @@ def _claim(storage: Any, study_id: int, keys: Mapping[str, Cell]) -> Any:
             storage.set_trial_user_attr(t._trial_id, "heartbeat_s",
                                         storage.get_heartbeat_interval())
             storage.record_heartbeat(t._trial_id)
-        rivals = [o for o in storage.get_all_trials(study_id, deepcopy=False)
-                  if o.user_attrs.get("cell") == t.user_attrs["cell"] and o.number != t.number]
+        rivals = [o for o in _current([o for o in storage.get_all_trials(study_id, deepcopy=False)
+                                       if o.user_attrs.get("cell") == t.user_attrs["cell"]])
+                  if o.number != t.number]
         if any(o.state == TrialState.COMPLETE or (o.state in (TrialState.RUNNING,
                TrialState.WAITING) and o.number < t.number) for o in rivals):
             storage.set_trial_user_attr(t._trial_id, "duplicate", True)
@@ -1010,16 +1121,20 @@ def iter_records(study: Any) -> Iterator[dict[str, Any]]:
         study: An ``optuna.Study`` made by :func:`bench`.
 
     Yields:
-        One dict per completed cell: the cell's fields (``model``, ``task``, ``algorithm``,
-        ``label``, ``params``, ``seed``, ``examples``, ``ablation``, ``key``) and its record
-        (see :func:`run_cell`), plus ``study`` and ``trial``.
+        One dict per completed cell, from its latest completed trial (a rerun's replaces the
+        trial it reran): the cell's fields (``model``, ``task``, ``algorithm``, ``label``,
+        ``params``, ``seed``, ``examples``, ``ablation``, ``key``) and its record (see
+        :func:`run_cell`), plus ``study``, ``trial`` and ``rerun_of`` (the trial it replaced,
+        ``None`` for a first run), in trial order.
     """
     TrialState = optuna_module().trial.TrialState
-    seen = set()
+    latest: dict[str, Any] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        cell = t.user_attrs.get("cell")
+        if {"cell", "spec", "record"} <= set(t.user_attrs) and (
+                cell not in latest or t.number > latest[cell].number):
+            latest[cell] = t
+    for t in sorted(latest.values(), key=lambda t: t.number):
         attrs = t.user_attrs
-        if not {"cell", "spec", "record"} <= set(attrs) or attrs["cell"] in seen:
-            continue
-        seen.add(attrs["cell"])
         yield {**attrs["spec"], **attrs["record"], "worker": attrs.get("worker"),
-               "study": study.study_name, "trial": t.number}
+               "study": study.study_name, "trial": t.number, "rerun_of": attrs.get("rerun_of")}

@@ -3,6 +3,7 @@ dead workers, two worker processes on one SQLite file, crashing cells, and the l
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import shutil
@@ -179,6 +180,40 @@ def test_dead_workers_cell_is_retried(small, tmp_path):
     assert sorted(t.state for t in trials) == sorted([TrialState.FAIL, TrialState.COMPLETE])
     assert all(len(ts) == 1 for k, ts in trials_by_cell(url, "grid").items()
                if k != held.user_attrs["cell"])
+
+
+def test_rerun_replaces_old_results_once(small, tmp_path, run):
+    url = storage_url(tmp_path)
+    first = cf.bench(small, storage=url, progress=False)
+    assert first.executed == 4 and first.ok
+    fixed_at = datetime.datetime.now().isoformat()  # "the fix": results before it are stale
+    key1 = "model=zoo:induction-2l task=induction algorithm=eap seed=1 examples=4 " \
+           "ablation=resample"
+    out = run("bench", str(small), "--storage", url, "--no-progress",
+              "--rerun", "*seed=1 *", "--rerun", "*seed=3 *", "--rerun-before", fixed_at)
+    assert out.returncode == 0, out.stderr
+    assert "4 of 4 cells done (2 by this worker)" in out.stdout
+    trials = trials_by_cell(url, "grid")
+    old, new = trials[key1]
+    assert old.state == new.state == TrialState.COMPLETE
+    assert new.user_attrs["rerun_of"] == old.number
+    # the leaderboard reads each cell's latest run; the replaced trial stays in the study
+    records = {r["seed"]: r for r in iter_records(optuna.load_study(study_name="grid",
+                                                                    storage=url))}
+    assert len(records) == 4 and records[1]["trial"] == new.number
+    assert records[1]["rerun_of"] == old.number and records[0]["rerun_of"] is None
+    assert records[1]["cpr"] == pytest.approx(old.user_attrs["record"]["cpr"], abs=1e-6)
+    # the same request again (a restarted or second worker) finds the reruns newer: no work
+    again = cf.bench(small, storage=url, progress=False, rerun=["*seed=1 *"],
+                     rerun_before=fixed_at)
+    assert again.executed == 0 and again.completed == 4
+    assert len(trials_by_cell(url, "grid")[key1]) == 2
+    for kwargs, message in (({"rerun": ["*seed=7 *"], "rerun_before": fixed_at}, "match no cell"),
+                            ({"rerun": ["*"]}, "--rerun-before"),
+                            ({"rerun": ["*"], "rerun_before": "2999-01-01"}, "in the future"),
+                            ({"rerun": ["*"], "rerun_before": "yesterday"}, "ISO 8601")):
+        with pytest.raises(ConfigError, match=message):
+            cf.bench(small, storage=url, progress=False, **kwargs)
 
 
 def test_two_worker_processes_share_one_sqlite_file(small, tmp_path, cli_workers):
