@@ -1087,14 +1087,41 @@ def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfi
         study.tell(trial.number, state=TrialState.FAIL)
         raise
     except Exception as err:  # noqa: BLE001 - a cell's failure is recorded, the grid goes on
-        storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}"[:2000])
-        storage.set_trial_user_attr(tid, "traceback", traceback.format_exc()[-4000:])
-        study.tell(trial.number, state=TrialState.FAIL)
+        with contextlib.suppress(optuna_module().exceptions.UpdateFinishedTrialError,
+                                 ValueError):  # already failed as stale: queued again
+            storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}"[:2000])
+            storage.set_trial_user_attr(tid, "traceback", traceback.format_exc()[-4000:])
+            study.tell(trial.number, state=TrialState.FAIL)
         return False
-    storage.set_trial_user_attr(tid, "record", record)  # one write: SQLite commits are slow
     cpr = record["cpr"]
-    study.tell(trial.number, cpr if math.isfinite(cpr) else -math.inf)
+    value = cpr if math.isfinite(cpr) else -math.inf
+    try:
+        storage.set_trial_user_attr(tid, "record", record)  # one write: SQLite commits are slow
+        study.tell(trial.number, value)
+    except (optuna_module().exceptions.UpdateFinishedTrialError, ValueError):
+        _keep_taken_over(study, storage, trial, record, value)
     return True
+
+
+def _keep_taken_over(study: Any, storage: Any, trial: Any, record: dict[str, Any],
+                     value: float) -> None:
+    """Record a cell whose trial another worker failed as stale while it ran.
+
+    A worker starved of CPU (``nice``, a loaded machine) can miss heartbeats for longer than
+    the grace period although it is alive; another worker then fails its trial and queues the
+    cell again. The finished result is as good as any: it is added as a new completed trial
+    (``taken_over_from`` names the failed one), so the queued copy yields to it when claimed
+    and the cell is not run twice, instead of the worker crashing on the finished trial.
+    """
+    optuna = optuna_module()
+    attrs = storage.get_trial(trial._trial_id).user_attrs
+    keep = {k: attrs[k] for k in ("cell", "spec", "worker", "heartbeat_s") if k in attrs}
+    study.add_trial(optuna.trial.create_trial(
+        value=value, user_attrs={**keep, "record": record, "taken_over_from": trial.number}))
+    warnings.warn(f"The cell {attrs.get('cell')!r} was taken for dead while it ran (no "
+                  f"heartbeat for the grace period: a starved worker?); its result is kept as "
+                  "a new trial. On a busy machine pass a longer --grace-period.",
+                  RuntimeWarning, stacklevel=2)
 
 
 def _grid_grace(study: Any, heartbeat_interval: int) -> int:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import circuitfind as cf
+from circuitfind.benchmark import grid
 from circuitfind.benchmark.grid import STUDY_MARKER, iter_records, load_config, plan_grid
 from circuitfind.benchmark.leaderboard import aggregate, markdown, to_csv
 from circuitfind.benchmark.storage import open_storage
@@ -214,6 +215,33 @@ def test_rerun_replaces_old_results_once(small, tmp_path, run):
                             ({"rerun": ["*"], "rerun_before": "yesterday"}, "ISO 8601")):
         with pytest.raises(ConfigError, match=message):
             cf.bench(small, storage=url, progress=False, **kwargs)
+
+
+def test_worker_taken_for_dead_keeps_its_result(small, tmp_path, monkeypatch):
+    """A live worker starved of CPU misses its heartbeats; another fails its trial and queues
+    the cell again. Its finished result is kept, and the queued copy is not run."""
+    url = storage_url(tmp_path)
+    real = grid.run_cell
+
+    def starved(cell, cfg, model, **kwargs):
+        record = real(cell, cfg, model, **kwargs)
+        if cell.seed == 1:  # what another worker's fail_stale_trials and _schedule do
+            kwargs["storage"].set_trial_state_values(kwargs["trial_id"], TrialState.FAIL)
+            optuna.load_study(study_name="grid", storage=url).enqueue_trial(
+                {}, user_attrs={"cell": cell.key, "spec": cell.to_dict()})
+        return record
+
+    monkeypatch.setattr(grid, "run_cell", starved)
+    with pytest.warns(RuntimeWarning, match="taken for dead"):
+        result = cf.bench(small, storage=url, progress=False)
+    assert result.ok and result.completed == 4 and result.executed == 4
+    (trials,) = [ts for k, ts in trials_by_cell(url, "grid").items() if "seed=1 " in k]
+    failed, queued, kept = trials
+    assert (failed.state, queued.state, kept.state) == (
+        TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE)
+    assert kept.user_attrs["taken_over_from"] == failed.number and queued.user_attrs["duplicate"]
+    records = list(iter_records(optuna.load_study(study_name="grid", storage=url)))
+    assert len(records) == 4 and kept.number in {r["trial"] for r in records}
 
 
 def test_two_worker_processes_share_one_sqlite_file(small, tmp_path, cli_workers):
