@@ -850,6 +850,7 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
                 if adaptive:
                     store.grace_period = _grid_grace(study, heartbeat_interval)
                 optuna.storages.fail_stale_trials(study)
+                _fail_unclaimed(study, store, keys)
                 states = _schedule(study, keys, max_retries, retried)
                 retried = set()
                 trial = None if create_only else _claim(store, study_id, keys)
@@ -1047,13 +1048,18 @@ def _claim(storage: Any, study_id: int, keys: Mapping[str, Cell]) -> Any:
     for t in trials:
         if t.state != TrialState.WAITING or t.user_attrs.get("cell") not in keys:
             continue
+        beats = storage.get_heartbeat_interval() is not None
+        if beats:
+            # the first beat before the claim: a RUNNING trial without one is never failed as
+            # stale by Optuna, so a worker killed right after claiming would hold it for ever
+            storage.record_heartbeat(t._trial_id)
         try:
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        if storage.get_heartbeat_interval() is not None:
-            # the interval first (others' automatic grace reads it), then the first beat
+        if beats:
+            # others' automatic grace reads the interval; then a beat of the running trial
             storage.set_trial_user_attr(t._trial_id, "heartbeat_s",
                                         storage.get_heartbeat_interval())
             storage.record_heartbeat(t._trial_id)
@@ -1067,6 +1073,26 @@ def _claim(storage: Any, study_id: int, keys: Mapping[str, Cell]) -> Any:
             continue
         return storage.get_trial(t._trial_id)
     return None
+
+
+def _fail_unclaimed(study: Any, storage: Any, keys: Mapping[str, Cell]) -> None:
+    """Fail the grid's running trials whose worker died before its claim was finished.
+
+    Optuna fails a running trial only once its heartbeat is stale, so a trial moved to
+    ``RUNNING`` by a worker killed before its first heartbeat (studies of earlier versions,
+    which beat only after the claim) would be held for ever and its cell never finished. A
+    claim ends by recording ``heartbeat_s`` within milliseconds; a running trial without it,
+    started more than the grace period ago, is failed here and its cell queued again as a dead
+    worker's.
+    """
+    optuna = optuna_module()
+    grace = datetime.timedelta(seconds=storage.grace_period or GRACE_BOUNDS_S[1])
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if (t.user_attrs.get("cell") in keys and "heartbeat_s" not in t.user_attrs
+                and t.datetime_start is not None and now - t.datetime_start > grace):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
 
 
 def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfig,

@@ -244,6 +244,21 @@ def test_worker_taken_for_dead_keeps_its_result(small, tmp_path, monkeypatch):
     assert len(records) == 4 and kept.number in {r["trial"] for r in records}
 
 
+def test_cell_claimed_by_a_worker_killed_before_its_first_heartbeat_is_run(small, tmp_path):
+    url = storage_url(tmp_path)
+    cf.bench(small, storage=url, create_only=True, progress=False)
+    storage = open_storage(url, heartbeat_interval=1)
+    waiting = storage.get_all_trials(storage.get_study_id_from_name("grid"),
+                                     states=(TrialState.WAITING,))
+    # claimed (RUNNING), then killed before any heartbeat: Optuna never fails such a trial
+    assert storage.set_trial_state_values(waiting[1]._trial_id, TrialState.RUNNING)
+    time.sleep(1.5)
+    result = cf.bench(small, storage=url, progress=False, grace_period=1)
+    assert result.completed == 4 and result.executed == 4 and result.ok
+    trials = trials_by_cell(url, "grid")[waiting[1].user_attrs["cell"]]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_two_worker_processes_share_one_sqlite_file(small, tmp_path, cli_workers):
     url = storage_url(tmp_path)
     cf.bench(small, storage=url, create_only=True, progress=False)  # before the workers
