@@ -422,6 +422,18 @@ def bench(
         False, "--create-only",
         help="Create the study and queue its cells, run nothing (once, before starting "
              "workers on a fresh SQLite file)."),
+    rerun: Optional[list[str]] = typer.Option(
+        None, "--rerun", metavar="PATTERN", show_default="none: finished cells are kept",
+        help="Run again the finished cells whose key matches this glob (repeatable; keys look "
+             "like 'model=zoo:ioi-small task=ioi algorithm=eap seed=0 examples=default "
+             "ablation=resample'; '*' matches any text) and whose result is older than "
+             "--rerun-before; the new records replace the old on the leaderboard."),
+    rerun_before: Optional[str] = typer.Option(
+        None, "--rerun-before", metavar="TIME", show_default="none; required with --rerun",
+        help="With --rerun: ISO 8601 time (local unless it has an offset) before which the "
+             "results to replace were made, e.g. a fix's commit time (git show -s "
+             "--format=%cI COMMIT). Cells finished later are kept, so the same command "
+             "restarted runs no cell twice."),
     no_progress: bool = NO_PROGRESS_OPTION,
     out: Optional[Path] = typer.Option(
         None, "--out", show_default="none: no leaderboard",
@@ -443,7 +455,8 @@ def bench(
     result = run_bench(config, storage=storage, study_name=study, device=device,
                        progress=not no_progress, heartbeat_interval=heartbeat,
                        grace_period=grace_period, retry_failed=retry_failed,
-                       create_only=create_only)
+                       create_only=create_only, rerun=tuple(rerun or ()),
+                       rerun_before=rerun_before)
     for s in result.skipped:
         typer.echo(f"skipped: {s['task']} on {s['model']} (seeds "
                    f"{', '.join(map(str, s['seeds']))}): {s['reason']}", err=True)

@@ -70,6 +70,14 @@ points at random and, as its documentation says, can give one point to two worke
   seconds while a live worker would have to miss five heartbeats in a row to lose its cell;
 - a cell that raises is ``FAIL`` with ``error`` and ``traceback`` user attributes; it is
   reported, and not rerun unless the next run passes ``retry_failed``;
+- a finished cell is run again only on request (``rerun`` patterns with ``rerun_before``,
+  e.g. after a bug fix): a cell matching a pattern whose latest result completed before
+  ``rerun_before`` is queued again with a ``rerun_of`` user attribute naming the trial it
+  replaces. From then on the cell's state is that of the trials after the replaced one (so
+  the queued rerun is not taken for a duplicate of the finished trial), and its record on
+  the leaderboard is its latest completed trial; the replaced trial stays in the study. The
+  time makes the request idempotent: the same command started again, or by several
+  workers at once, queues no cell twice, as a rerun completes after ``rerun_before``;
 - a cell interrupted by Ctrl-C is ``FAIL`` with an ``interrupted`` user attribute and is
   queued again by the next run (not counted as a death);
 - should a cell be enqueued twice (two workers creating the grid at once on PostgreSQL), the
@@ -93,6 +101,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import datetime
+import fnmatch
 import gc
 import itertools
 import json
@@ -776,7 +786,8 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
           device: str | None = None, progress: bool = True,
           heartbeat_interval: int | None = None, grace_period: int | None = None,
           max_retries: int = 2, retry_failed: bool = False,
-          create_only: bool = False) -> BenchResult:
+          create_only: bool = False, rerun: Sequence[str] = (),
+          rerun_before: datetime.datetime | str | None = None) -> BenchResult:
     """Run (this worker's share of) a benchmark grid; start as many workers as you like.
 
     Args:
@@ -795,17 +806,29 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
         retry_failed: Queue again, once, the cells whose last run raised.
         create_only: Create the study and queue the cells, run nothing (do this once before
             starting workers on a fresh SQLite file).
+        rerun: Glob patterns (:mod:`fnmatch`) over cell keys
+            (``model=zoo:induction-llama task=induction algorithm=eap seed=0 examples=default
+            ablation=resample``; ``*`` for every cell): the finished cells to run again, those
+            whose latest result completed before ``rerun_before``. Their new records replace
+            the old ones on the leaderboard; the old trials stay in the study.
+        rerun_before: When the results to replace were made at the latest: a naive
+            ``datetime`` in local time (as Optuna stores trial times), an aware one, or an ISO
+            8601 string (``2026-12-04T08:40``, ``2026-12-04T08:40:00+00:00``). Required with
+            ``rerun``; not in the future. Pass the same value when restarting a run.
 
     Returns:
         A :class:`BenchResult` for the whole grid (every worker's cells).
 
     Raises:
         ConfigError: a bad config (every problem listed), a storage URL that cannot be opened,
-            a study of that name made from another convention or fractions, or bad worker
-            settings. Errors inside a cell are recorded in the study, not raised.
+            a study of that name made from another convention or fractions, bad worker
+            settings, or a bad rerun request (a pattern matching no cell of the grid, no or a
+            future ``rerun_before``). Errors inside a cell are recorded in the study, not
+            raised.
     """
     began = time.perf_counter()
     cfg = load_config(config)
+    before = _rerun_time(rerun, rerun_before)
     for label, value, low in (("heartbeat_interval", heartbeat_interval, 1),
                               ("grace_period", grace_period, 1), ("max_retries", max_retries, 0)):
         if value is None and label != "max_retries":
@@ -815,6 +838,7 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
     adaptive = grace_period is None
     heartbeat_interval = heartbeat_interval or AUTO_HEARTBEAT_S
     grid = plan_grid(cfg)
+    rerun_keys = _rerun_keys(rerun, grid)
     optuna = optuna_module()
     store = open_storage(storage, heartbeat_interval=heartbeat_interval,
                          grace_period=grace_period or GRACE_BOUNDS_S[1])
@@ -828,6 +852,9 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
     if retry_failed:
         states = _cell_states(study, keys)
         retried = {k for k, (state, _) in states.items() if state == "failed"}
+    if rerun_keys:
+        with claim_lock(storage):
+            _queue_reruns(study, keys, rerun_keys, before)
     models = _Models(device)
     study_id = store.get_study_id_from_name(name)
     executed = 0
@@ -839,6 +866,7 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
                 if adaptive:
                     store.grace_period = _grid_grace(study, heartbeat_interval)
                 optuna.storages.fail_stale_trials(study)
+                _fail_unclaimed(study, store, keys)
                 states = _schedule(study, keys, max_retries, retried)
                 retried = set()
                 trial = None if create_only else _claim(store, study_id, keys)
@@ -870,6 +898,88 @@ def bench(config: str | os.PathLike[str] | Mapping[str, Any] | BenchConfig,
                      for k, (s, err) in states.items() if s == "failed"),
         pending=sum(s in ("waiting", "running") for s, _ in states.values()),
         skipped=grid.skipped, wall_time_s=round(time.perf_counter() - began, 3))
+
+
+def _rerun_time(rerun: Sequence[str], before: datetime.datetime | str | None
+                ) -> datetime.datetime | None:
+    """``rerun_before`` as a naive local time (Optuna's trial times); checks the request.
+
+    Raises:
+        ConfigError: patterns that are not non-empty strings; patterns without a time, or a
+            time without patterns; a time that cannot be parsed or lies in the future.
+    """
+    if isinstance(rerun, str) or not all(isinstance(p, str) and p for p in rerun):
+        raise ConfigError(f"rerun must be a list of non-empty glob patterns over cell keys; "
+                          f"got {rerun!r}.")
+    if not rerun and before is None:
+        return None
+    if not rerun or before is None:
+        raise ConfigError("A rerun needs both the cells' patterns (--rerun) and the time before "
+                          "which their results were made (--rerun-before, e.g. the commit "
+                          "time of the fix: git show -s --format=%cI COMMIT); got "
+                          f"rerun={list(rerun)!r}, rerun_before={before!r}.")
+    if isinstance(before, str):
+        try:
+            before = datetime.datetime.fromisoformat(before.strip())
+        except ValueError as err:
+            raise ConfigError(f"rerun_before must be an ISO 8601 time such as "
+                              f"2026-12-04T08:40 or 2026-12-04T08:40:00+00:00; got {before!r}."
+                              ) from err
+    if not isinstance(before, datetime.datetime):
+        raise ConfigError(f"rerun_before must be a datetime or an ISO 8601 string; got "
+                          f"{before!r}.")
+    if before.tzinfo is not None:
+        before = before.astimezone().replace(tzinfo=None)
+    now = datetime.datetime.now()
+    if before > now:
+        raise ConfigError(f"rerun_before ({before.isoformat()}, local time) is in the future "
+                          f"(now {now.isoformat(timespec='seconds')}): the cells it reruns "
+                          "would be run again at every start. Pass the time of the fix.")
+    return before
+
+
+def _rerun_keys(patterns: Sequence[str], grid: GridPlan) -> set[str]:
+    """The keys of the grid's runnable cells that match a rerun pattern.
+
+    Raises:
+        ConfigError: a pattern that matches no cell (with an example key).
+    """
+    keys = [c.key for c in grid.cells]
+    unmatched = [p for p in patterns if not fnmatch.filter(keys, p)]
+    if unmatched and keys:
+        raise ConfigError(f"The rerun pattern(s) {', '.join(map(repr, unmatched))} match no "
+                          f"cell of the grid; patterns are globs over cell keys such as "
+                          f"{keys[0]!r} (quote them in a shell; '*' matches any text).")
+    return {k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def _queue_reruns(study: Any, keys: Mapping[str, Cell], selected: set[str],
+                  before: datetime.datetime | None) -> None:
+    """Queue again the selected cells whose latest result completed before ``before``.
+
+    Each new trial names the trial it replaces (``rerun_of``); a cell already queued or
+    running again, or finished at or after ``before``, is left alone.
+    """
+    TrialState = optuna_module().trial.TrialState
+    by_cell = _trials_by_cell(study, {k: keys[k] for k in selected})
+    for key, trials in by_cell.items():
+        done = [t for t in _current(trials) if t.state == TrialState.COMPLETE]
+        if not done or any(t.state in (TrialState.WAITING, TrialState.RUNNING)
+                           for t in _current(trials)):
+            continue
+        last = max(done, key=lambda t: t.number)
+        if last.datetime_complete is not None and last.datetime_complete >= before:
+            continue
+        study.enqueue_trial({}, user_attrs={"cell": key, "spec": keys[key].to_dict(),
+                                            "rerun_of": last.number})
+
+
+def _current(trials: Sequence[Any]) -> list[Any]:
+    """A cell's trials since its latest rerun request: those numbered after the trial the
+    last ``rerun_of`` replaced (all of them when it was never rerun)."""
+    replaced = max((t.user_attrs["rerun_of"] for t in trials if "rerun_of" in t.user_attrs),
+                   default=-1)
+    return [t for t in trials if t.number > replaced]
 
 
 def _progress_bar(total: int, show: bool) -> Any:
@@ -906,6 +1016,7 @@ def _cell_states(study: Any, keys: Mapping[str, Cell]) -> dict[str, tuple[str, s
     TrialState = optuna_module().trial.TrialState
     out: dict[str, tuple[str, str | None]] = {}
     for key, trials in _trials_by_cell(study, keys).items():
+        trials = _current(trials)
         states = {t.state for t in trials}
         if TrialState.COMPLETE in states:
             out[key] = ("complete", None)
@@ -936,7 +1047,7 @@ def _schedule(study: Any, keys: Mapping[str, Cell], max_retries: int,
     by_cell = _trials_by_cell(study, keys)
     for key, (state, _) in list(states.items()):
         deaths = sum(t.state == TrialState.FAIL and not {"error", "interrupted"} & set(
-            t.user_attrs) for t in by_cell[key])
+            t.user_attrs) for t in _current(by_cell[key]))
         if state == "new" or key in retry or (state == "died" and deaths <= max_retries):
             study.enqueue_trial({}, user_attrs={"cell": key, "spec": keys[key].to_dict()})
             states[key] = ("waiting", None)
@@ -953,18 +1064,24 @@ def _claim(storage: Any, study_id: int, keys: Mapping[str, Cell]) -> Any:
     for t in trials:
         if t.state != TrialState.WAITING or t.user_attrs.get("cell") not in keys:
             continue
+        beats = storage.get_heartbeat_interval() is not None
+        if beats:
+            # the first beat before the claim: a RUNNING trial without one is never failed as
+            # stale by Optuna, so a worker killed right after claiming would hold it for ever
+            storage.record_heartbeat(t._trial_id)
         try:
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        if storage.get_heartbeat_interval() is not None:
-            # the interval first (others' automatic grace reads it), then the first beat
+        if beats:
+            # others' automatic grace reads the interval; then a beat of the running trial
             storage.set_trial_user_attr(t._trial_id, "heartbeat_s",
                                         storage.get_heartbeat_interval())
             storage.record_heartbeat(t._trial_id)
-        rivals = [o for o in storage.get_all_trials(study_id, deepcopy=False)
-                  if o.user_attrs.get("cell") == t.user_attrs["cell"] and o.number != t.number]
+        rivals = [o for o in _current([o for o in storage.get_all_trials(study_id, deepcopy=False)
+                                       if o.user_attrs.get("cell") == t.user_attrs["cell"]])
+                  if o.number != t.number]
         if any(o.state == TrialState.COMPLETE or (o.state in (TrialState.RUNNING,
                TrialState.WAITING) and o.number < t.number) for o in rivals):
             storage.set_trial_user_attr(t._trial_id, "duplicate", True)
@@ -972,6 +1089,26 @@ def _claim(storage: Any, study_id: int, keys: Mapping[str, Cell]) -> Any:
             continue
         return storage.get_trial(t._trial_id)
     return None
+
+
+def _fail_unclaimed(study: Any, storage: Any, keys: Mapping[str, Cell]) -> None:
+    """Fail the grid's running trials whose worker died before its claim was finished.
+
+    Optuna fails a running trial only once its heartbeat is stale, so a trial moved to
+    ``RUNNING`` by a worker killed before its first heartbeat (studies of earlier versions,
+    which beat only after the claim) would be held for ever and its cell never finished. A
+    claim ends by recording ``heartbeat_s`` within milliseconds; a running trial without it,
+    started more than the grace period ago, is failed here and its cell queued again as a dead
+    worker's.
+    """
+    optuna = optuna_module()
+    grace = datetime.timedelta(seconds=storage.grace_period or GRACE_BOUNDS_S[1])
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if (t.user_attrs.get("cell") in keys and "heartbeat_s" not in t.user_attrs
+                and t.datetime_start is not None and now - t.datetime_start > grace):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
 
 
 def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfig,
@@ -992,14 +1129,41 @@ def _run_trial(study: Any, storage: Any, trial: Any, cell: Cell, cfg: BenchConfi
         study.tell(trial.number, state=TrialState.FAIL)
         raise
     except Exception as err:  # noqa: BLE001 - a cell's failure is recorded, the grid goes on
-        storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}"[:2000])
-        storage.set_trial_user_attr(tid, "traceback", traceback.format_exc()[-4000:])
-        study.tell(trial.number, state=TrialState.FAIL)
+        with contextlib.suppress(optuna_module().exceptions.UpdateFinishedTrialError,
+                                 ValueError):  # already failed as stale: queued again
+            storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}"[:2000])
+            storage.set_trial_user_attr(tid, "traceback", traceback.format_exc()[-4000:])
+            study.tell(trial.number, state=TrialState.FAIL)
         return False
-    storage.set_trial_user_attr(tid, "record", record)  # one write: SQLite commits are slow
     cpr = record["cpr"]
-    study.tell(trial.number, cpr if math.isfinite(cpr) else -math.inf)
+    value = cpr if math.isfinite(cpr) else -math.inf
+    try:
+        storage.set_trial_user_attr(tid, "record", record)  # one write: SQLite commits are slow
+        study.tell(trial.number, value)
+    except (optuna_module().exceptions.UpdateFinishedTrialError, ValueError):
+        _keep_taken_over(study, storage, trial, record, value)
     return True
+
+
+def _keep_taken_over(study: Any, storage: Any, trial: Any, record: dict[str, Any],
+                     value: float) -> None:
+    """Record a cell whose trial another worker failed as stale while it ran.
+
+    A worker starved of CPU (``nice``, a loaded machine) can miss heartbeats for longer than
+    the grace period although it is alive; another worker then fails its trial and queues the
+    cell again. The finished result is as good as any: it is added as a new completed trial
+    (``taken_over_from`` names the failed one), so the queued copy yields to it when claimed
+    and the cell is not run twice, instead of the worker crashing on the finished trial.
+    """
+    optuna = optuna_module()
+    attrs = storage.get_trial(trial._trial_id).user_attrs
+    keep = {k: attrs[k] for k in ("cell", "spec", "worker", "heartbeat_s") if k in attrs}
+    study.add_trial(optuna.trial.create_trial(
+        value=value, user_attrs={**keep, "record": record, "taken_over_from": trial.number}))
+    warnings.warn(f"The cell {attrs.get('cell')!r} was taken for dead while it ran (no "
+                  f"heartbeat for the grace period: a starved worker?); its result is kept as "
+                  "a new trial. On a busy machine pass a longer --grace-period.",
+                  RuntimeWarning, stacklevel=2)
 
 
 def _grid_grace(study: Any, heartbeat_interval: int) -> int:
@@ -1026,16 +1190,20 @@ def iter_records(study: Any) -> Iterator[dict[str, Any]]:
         study: An ``optuna.Study`` made by :func:`bench`.
 
     Yields:
-        One dict per completed cell: the cell's fields (``model``, ``task``, ``algorithm``,
-        ``label``, ``params``, ``seed``, ``examples``, ``ablation``, ``key``) and its record
-        (see :func:`run_cell`), plus ``study`` and ``trial``.
+        One dict per completed cell, from its latest completed trial (a rerun's replaces the
+        trial it reran): the cell's fields (``model``, ``task``, ``algorithm``, ``label``,
+        ``params``, ``seed``, ``examples``, ``ablation``, ``key``) and its record (see
+        :func:`run_cell`), plus ``study``, ``trial`` and ``rerun_of`` (the trial it replaced,
+        ``None`` for a first run), in trial order.
     """
     TrialState = optuna_module().trial.TrialState
-    seen = set()
+    latest: dict[str, Any] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        cell = t.user_attrs.get("cell")
+        if {"cell", "spec", "record"} <= set(t.user_attrs) and (
+                cell not in latest or t.number > latest[cell].number):
+            latest[cell] = t
+    for t in sorted(latest.values(), key=lambda t: t.number):
         attrs = t.user_attrs
-        if not {"cell", "spec", "record"} <= set(attrs) or attrs["cell"] in seen:
-            continue
-        seen.add(attrs["cell"])
         yield {**attrs["spec"], **attrs["record"], "worker": attrs.get("worker"),
-               "study": study.study_name, "trial": t.number}
+               "study": study.study_name, "trial": t.number, "rerun_of": attrs.get("rerun_of")}

@@ -3,6 +3,7 @@ dead workers, two worker processes on one SQLite file, crashing cells, and the l
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import circuitfind as cf
+from circuitfind.benchmark import grid
 from circuitfind.benchmark.grid import STUDY_MARKER, iter_records, load_config, plan_grid
 from circuitfind.benchmark.leaderboard import aggregate, markdown, to_csv
 from circuitfind.benchmark.storage import open_storage
@@ -179,6 +181,82 @@ def test_dead_workers_cell_is_retried(small, tmp_path):
     assert sorted(t.state for t in trials) == sorted([TrialState.FAIL, TrialState.COMPLETE])
     assert all(len(ts) == 1 for k, ts in trials_by_cell(url, "grid").items()
                if k != held.user_attrs["cell"])
+
+
+def test_rerun_replaces_old_results_once(small, tmp_path, run):
+    url = storage_url(tmp_path)
+    first = cf.bench(small, storage=url, progress=False)
+    assert first.executed == 4 and first.ok
+    fixed_at = datetime.datetime.now().isoformat()  # "the fix": results before it are stale
+    key1 = "model=zoo:induction-2l task=induction algorithm=eap seed=1 examples=4 " \
+           "ablation=resample"
+    out = run("bench", str(small), "--storage", url, "--no-progress",
+              "--rerun", "*seed=1 *", "--rerun", "*seed=3 *", "--rerun-before", fixed_at)
+    assert out.returncode == 0, out.stderr
+    assert "4 of 4 cells done (2 by this worker)" in out.stdout
+    trials = trials_by_cell(url, "grid")
+    old, new = trials[key1]
+    assert old.state == new.state == TrialState.COMPLETE
+    assert new.user_attrs["rerun_of"] == old.number
+    # the leaderboard reads each cell's latest run; the replaced trial stays in the study
+    records = {r["seed"]: r for r in iter_records(optuna.load_study(study_name="grid",
+                                                                    storage=url))}
+    assert len(records) == 4 and records[1]["trial"] == new.number
+    assert records[1]["rerun_of"] == old.number and records[0]["rerun_of"] is None
+    assert records[1]["cpr"] == pytest.approx(old.user_attrs["record"]["cpr"], abs=1e-6)
+    # the same request again (a restarted or second worker) finds the reruns newer: no work
+    again = cf.bench(small, storage=url, progress=False, rerun=["*seed=1 *"],
+                     rerun_before=fixed_at)
+    assert again.executed == 0 and again.completed == 4
+    assert len(trials_by_cell(url, "grid")[key1]) == 2
+    for kwargs, message in (({"rerun": ["*seed=7 *"], "rerun_before": fixed_at}, "match no cell"),
+                            ({"rerun": ["*"]}, "--rerun-before"),
+                            ({"rerun": ["*"], "rerun_before": "2999-01-01"}, "in the future"),
+                            ({"rerun": ["*"], "rerun_before": "yesterday"}, "ISO 8601")):
+        with pytest.raises(ConfigError, match=message):
+            cf.bench(small, storage=url, progress=False, **kwargs)
+
+
+def test_worker_taken_for_dead_keeps_its_result(small, tmp_path, monkeypatch):
+    """A live worker starved of CPU misses its heartbeats; another fails its trial and queues
+    the cell again. Its finished result is kept, and the queued copy is not run."""
+    url = storage_url(tmp_path)
+    real = grid.run_cell
+
+    def starved(cell, cfg, model, **kwargs):
+        record = real(cell, cfg, model, **kwargs)
+        if cell.seed == 1:  # what another worker's fail_stale_trials and _schedule do
+            kwargs["storage"].set_trial_state_values(kwargs["trial_id"], TrialState.FAIL)
+            optuna.load_study(study_name="grid", storage=url).enqueue_trial(
+                {}, user_attrs={"cell": cell.key, "spec": cell.to_dict()})
+        return record
+
+    monkeypatch.setattr(grid, "run_cell", starved)
+    with pytest.warns(RuntimeWarning, match="taken for dead"):
+        result = cf.bench(small, storage=url, progress=False)
+    assert result.ok and result.completed == 4 and result.executed == 4
+    (trials,) = [ts for k, ts in trials_by_cell(url, "grid").items() if "seed=1 " in k]
+    failed, queued, kept = trials
+    assert (failed.state, queued.state, kept.state) == (
+        TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE)
+    assert kept.user_attrs["taken_over_from"] == failed.number and queued.user_attrs["duplicate"]
+    records = list(iter_records(optuna.load_study(study_name="grid", storage=url)))
+    assert len(records) == 4 and kept.number in {r["trial"] for r in records}
+
+
+def test_cell_claimed_by_a_worker_killed_before_its_first_heartbeat_is_run(small, tmp_path):
+    url = storage_url(tmp_path)
+    cf.bench(small, storage=url, create_only=True, progress=False)
+    storage = open_storage(url, heartbeat_interval=1)
+    waiting = storage.get_all_trials(storage.get_study_id_from_name("grid"),
+                                     states=(TrialState.WAITING,))
+    # claimed (RUNNING), then killed before any heartbeat: Optuna never fails such a trial
+    assert storage.set_trial_state_values(waiting[1]._trial_id, TrialState.RUNNING)
+    time.sleep(1.5)
+    result = cf.bench(small, storage=url, progress=False, grace_period=1)
+    assert result.completed == 4 and result.executed == 4 and result.ok
+    trials = trials_by_cell(url, "grid")[waiting[1].user_attrs["cell"]]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
 def test_two_worker_processes_share_one_sqlite_file(small, tmp_path, cli_workers):
