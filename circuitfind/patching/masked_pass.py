@@ -188,6 +188,7 @@ class MaskedPass:
         self.row_pos = self.pos.repeat(self.k_masks, 1)  # [K*n, P]
         self.full_reach = 0  # see _position_demand
         self._shared_pos: tuple[Tensor, Tensor] | None = None  # shared rows at positions
+        self._flat_pos: Tensor | None = None  # see pos_rows
         weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S|2S, R]
         self.touched_cpu = weights.ne(0).any(1).cpu()  # [K, R]
         self.start = runner.resolve_start(self.touched_cpu.any(0), start)
@@ -309,6 +310,8 @@ class MaskedPass:
             # uninitialised: in the last block only the metric positions are written, and
             # every position of the output depends only on the same position of the buffer
             self.current = torch.empty(k_masks, n_dyn, size, device=self.dev, dtype=self.dtype)
+        self.current_pos = None if self.kept_w is None else torch.empty(
+            k_masks, n_dyn, self.n * self.n_pos * self.d, device=self.dev, dtype=self.dtype)
 
     def dense_inputs(self, rs: list[int], x: Tensor) -> Tensor:
         """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
@@ -343,7 +346,10 @@ class MaskedPass:
         j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
         if at_pos:  # the buffers' rows at the metric positions
             t = self.n_pos
-            current = self.pos_rows(current[:, :j]) if j else current
+            if self.current_pos is not None:  # kept form: written there by put
+                current = self.current_pos
+            elif j:
+                current = self.pos_rows(current[:, :j])
             if shared is not None:
                 if self._shared_pos is None or self._shared_pos[0] is not shared:
                     self._shared_pos = (shared, self.pos_rows(shared))
@@ -398,11 +404,40 @@ class MaskedPass:
         out = out.expand(k_masks, -1, -1)
         return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
 
+    def receiver_inputs(self, rs: list[int], form: str, base: Tensor, sign: float
+                        ) -> tuple[Tensor, list[int]] | None:
+        """Inputs ``[k, R_t, n*T*d]`` of the receivers among ``rs`` that every mask of
+        ``form`` touches, ``base + sign * sum_u w[u, r] (a_u - a'_u)`` (eq. (1): ``sign =
+        -1`` over removed edges from the clean residual, ``+1`` over kept edges from the
+        ablated one), and their positions in ``rs``; one batched matmul with the base fused,
+        no per-receiver copies. The others read ``base`` alone. ``None`` when some receiver
+        is touched by some masks only, or by none of them all."""
+        wf, g = self.forms[form], self.g
+        sub = wf.touched[:, rs]  # [k, R']
+        every = sub.all(0)
+        if not bool((every | ~sub.any(0)).all()) or not bool(every.any()):
+            return None
+        hit = every.nonzero()[:, 0].tolist()
+        hit_rs = [rs[i] for i in hit]
+        j = int((self.dyn_cpu < int(g.n_upstream[hit_rs].max())).sum())
+        idx = torch.tensor(hit_rs, device=self.dev)
+        out = base.reshape(1, 1, -1).expand(1, len(hit_rs), -1)
+        if wf.w_shared is not None:
+            assert wf.shared is not None  # _Form keeps w_shared only with shared
+            out = receiver_changes(wf.w_shared[:, :, idx] * sign, wf.shared, out)
+        if j:
+            out = receiver_changes(wf.w_dyn[:, :j][:, :, idx] * sign, self.current[:wf.k, :j],
+                                   out)
+        return out.expand(wf.k, -1, -1), hit
+
     def pos_rows(self, values: Tensor) -> Tensor:
         """Flat buffer rows ``[..., n*T*d]`` -> ``[..., n*P*d]`` at the metric positions."""
-        lead, n, n_pos, d = values.shape[:-1], self.n, self.n_pos, self.d
-        flat = values.reshape(-1, n, self.t, d)
-        return self.at_positions(flat).view(*lead, n * n_pos * d)
+        if self._flat_pos is None:  # flat indices of the metric positions' values
+            n, t, d = self.n, self.t, self.d
+            rows = (torch.arange(n, device=self.dev)[:, None] * t + self.pos)  # [n, P]
+            self._flat_pos = (rows[:, :, None] * d
+                              + torch.arange(d, device=self.dev)).reshape(-1)
+        return values.index_select(-1, self._flat_pos)  # reads a strided slice in place
 
     def at_positions(self, values: Tensor) -> Tensor:
         """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions."""
@@ -412,25 +447,39 @@ class MaskedPass:
 
     def put(self, slot: int, values: Tensor, at_pos: bool) -> None:
         """Write senders' current values ``[K, h, n, T, d]`` (or ``[K, h, n, P, d]`` at the
-        metric positions when ``at_pos``: the last block) minus their ablation values into
-        ``current`` from ``slot``."""
+        metric positions when ``at_pos``) minus their ablation values into ``current`` from
+        ``slot``; in kept form also into ``current_pos``, the same rows at the metric
+        positions (what receivers read there only), and values at the metric positions go
+        there alone."""
         ablated, current, d, dynamic = self.ablated, self.current, self.d, self.dynamic
         k_masks, n, n_pos, pos, t = self.k_masks, self.n, self.n_pos, self.pos, self.t
+        at_p = self.current_pos
         h = values.shape[1]
         abl = ablated[dynamic[slot: slot + h]]  # [h, n|1, T|1, d]
-        if at_pos and dynamic[slot] < self.full_reach:  # read elsewhere with weight 0
-            current[:, slot: slot + h].zero_()
-        if not at_pos:
-            dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
-            if values.shape[0] > 1 and values.stride(0) == 0:  # equal in every mask
-                dst.copy_(values[:1] - abl)
-            else:
-                torch.sub(values, abl, out=dst)
+        if at_pos:
+            if abl.shape[2] > 1:
+                abl = abl.expand(h, n, t, d).gather(
+                    2, pos[None, :, :, None].expand(h, n, n_pos, d))
+            # scattered into ``current`` too: the q inputs of heads read at the metric
+            # positions only are read there in ``current`` (their keys and values are not)
+            if at_p is not None and dynamic[slot] < self.full_reach:  # read with weight 0
+                current[:, slot: slot + h].zero_()
+            idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
+            change = values - abl
+            current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, change)
+            if at_p is not None:
+                at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(change)
             return
-        if abl.shape[2] > 1:
-            abl = abl.expand(h, n, t, d).gather(2, pos[None, :, :, None].expand(h, n, n_pos, d))
-        idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
-        current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, values - abl)
+        dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
+        once = values.shape[0] > 1 and values.stride(0) == 0  # equal in every mask
+        if once:
+            dst.copy_(values[:1] - abl)
+        else:
+            torch.sub(values, abl, out=dst)
+        if at_p is not None:
+            src = dst[:1] if once else dst
+            idx = pos[None, None, :, :, None].expand(src.shape[0], h, n, n_pos, d)
+            at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(src.gather(3, idx))
 
     def clean_minus_ablated(self, u: int) -> Tensor:
         """``a_u(clean) - a'_u`` flattened to ``[n*T*d]``."""
@@ -683,20 +732,58 @@ class MaskedPass:
         groups = sorted({hh // rep for hh in subset})
         want = {"q": subset, "k": groups, "v": groups}
         first = self.layers[layer].first
-        patches = self.deltas([first[kind] + i for kind in "qkv" for i in want[kind]], form)
-        kk = forms[form].k if patches else 1
-        base_in = lay.ln_attn(layer, base)  # [n, T, d]
-        qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
-               .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
-        for r, ks, dlt in patches:
-            kind = g.receivers[r].kind
-            i = r - first[kind]
-            qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
-                layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
+        rs = [first[kind] + i for kind in "qkv" for i in want[kind]]
         per_head = [groups.index(hh // rep) for hh in subset]
-        q = qkv["q"].view(kk * n, t, len(subset), -1)
-        k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
-        v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+        got = self.receiver_inputs(rs, form, base, sign)
+        if got is not None:  # receivers patched in every mask or in none: batched by kind
+            inputs, hit = got  # [kk, R_t, n*T*d]; which of ``rs`` they are
+            kk = inputs.shape[0]
+            normed = lay.ln_attn(layer, inputs.view(kk, len(hit), n * t, d))
+            base_in = lay.ln_attn(layer, base).view(n * t, d) if len(hit) < len(rs) else None
+            qkv, s0, i0 = {}, 0, 0
+            for kind in "qkv":
+                idx = want[kind]
+                w, b = lay.head_weights(layer, kind)  # [heads, d, dh]
+                mine = [i for i, r in enumerate(hit) if s0 <= r < s0 + len(idx)]
+                if len(mine) == len(idx):
+                    out = torch.matmul(normed[:, i0: i0 + len(idx)], w[idx])  # [kk,h,n*T,dh]
+                    if b is not None:
+                        out = out + b[idx][:, None]
+                else:
+                    assert base_in is not None
+                    out = torch.matmul(base_in, w[idx])  # [h, n*T, dh]
+                    if b is not None:
+                        out = out + b[idx][:, None]
+                    out = out.unsqueeze(0).repeat(kk, 1, 1, 1)
+                    if mine:
+                        sel = [hit[i] - s0 for i in mine]
+                        part = torch.matmul(normed[:, i0: i0 + len(mine)],
+                                            w[[idx[i] for i in sel]])
+                        if b is not None:
+                            part = part + b[[idx[i] for i in sel]][:, None]
+                        out[:, sel] = part
+                i0 += len(mine)
+                if kind != "q":
+                    out = out[:, per_head]
+                # attention layout [kk*n, T, h, dh]
+                qkv[kind] = (out.view(kk, len(subset), n, t, -1).permute(0, 2, 3, 1, 4)
+                             .reshape(kk * n, t, len(subset), -1))
+                s0 += len(idx)
+            q, k, v = qkv["q"], qkv["k"], qkv["v"]
+        else:
+            patches = self.deltas(rs, form)
+            kk = forms[form].k if patches else 1
+            base_in = lay.ln_attn(layer, base)  # [n, T, d]
+            qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
+                   .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
+            for r, ks, dlt in patches:
+                kind = g.receivers[r].kind
+                i = r - first[kind]
+                qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
+                    layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
+            q = qkv["q"].view(kk * n, t, len(subset), -1)
+            k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+            v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
         z = lay.attend(layer, q, k, v, grouped=False,
                        query_pos=pos.repeat(kk, 1) if last else None)
         res = lay.head_results(layer, z, torch.arange(len(subset), device=dev),

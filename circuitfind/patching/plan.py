@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -128,9 +129,10 @@ class ModelShape:
     rms_norm: bool = False
     mlp_mats: int = 2
 
-    @property
+    @cached_property
     def graph(self) -> ComputeGraph:
-        """The model's :class:`ComputeGraph` (closed form from the sizes)."""
+        """The model's :class:`ComputeGraph` (closed form from the sizes; built once: masked
+        passes size themselves from it on every call)."""
         return ComputeGraph(self.n_layers, self.n_heads, self.n_kv_heads,
                             attn_only=self.attn_only, parallel_attn_mlp=self.parallel,
                             model_name=self.name)
