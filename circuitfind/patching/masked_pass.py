@@ -738,37 +738,41 @@ class MaskedPass:
         if got is not None:  # receivers patched in every mask or in none: batched by kind
             inputs, hit = got  # [kk, R_t, n*T*d]; which of ``rs`` they are
             kk = inputs.shape[0]
-            normed = lay.ln_attn(layer, inputs.view(kk, len(hit), n * t, d))
+            x_hit = inputs.view(kk, len(hit), n * t, d)
             base_in = lay.ln_attn(layer, base).view(n * t, d) if len(hit) < len(rs) else None
-            qkv, s0, i0 = {}, 0, 0
-            for kind in "qkv":
-                idx = want[kind]
-                w, b = lay.head_weights(layer, kind)  # [heads, d, dh]
-                mine = [i for i, r in enumerate(hit) if s0 <= r < s0 + len(idx)]
-                if len(mine) == len(idx):
-                    out = torch.matmul(normed[:, i0: i0 + len(idx)], w[idx])  # [kk,h,n*T,dh]
-                    if b is not None:
-                        out = out + b[idx][:, None]
-                else:
+            sizes = [len(want[kind]) for kind in "qkv"]
+            starts = dict(zip("qkv", [0, sizes[0], sizes[0] + sizes[1]]))
+            hit_heads = {kind: [want[kind][i - starts[kind]] for i in hit
+                                if starts[kind] <= i < starts[kind] + len(want[kind])]
+                         for kind in "qkv"}
+            projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
+            if projected is None:
+                normed, projected, i0 = lay.ln_attn(layer, x_hit), [], 0
+                for kind in "qkv":
+                    w, b = lay.head_weights(layer, kind)  # [heads, d, dh]
+                    sel = hit_heads[kind]
+                    out = torch.matmul(normed[:, i0: i0 + len(sel)], w[sel])  # [kk,h,n*T,dh]
+                    projected.append(out if b is None else out + b[sel][:, None])
+                    i0 += len(sel)
+            qkv = {}
+            for kind, part in zip("qkv", projected):
+                idx, sel = want[kind], hit_heads[kind]
+                if len(sel) == len(idx):
+                    out = part
+                else:  # the others read the base alone
                     assert base_in is not None
+                    w, b = lay.head_weights(layer, kind)
                     out = torch.matmul(base_in, w[idx])  # [h, n*T, dh]
                     if b is not None:
                         out = out + b[idx][:, None]
                     out = out.unsqueeze(0).repeat(kk, 1, 1, 1)
-                    if mine:
-                        sel = [hit[i] - s0 for i in mine]
-                        part = torch.matmul(normed[:, i0: i0 + len(mine)],
-                                            w[[idx[i] for i in sel]])
-                        if b is not None:
-                            part = part + b[[idx[i] for i in sel]][:, None]
-                        out[:, sel] = part
-                i0 += len(mine)
+                    if sel:
+                        out[:, [idx.index(i) for i in sel]] = part
                 if kind != "q":
                     out = out[:, per_head]
                 # attention layout [kk*n, T, h, dh]
                 qkv[kind] = (out.view(kk, len(subset), n, t, -1).permute(0, 2, 3, 1, 4)
                              .reshape(kk * n, t, len(subset), -1))
-                s0 += len(idx)
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
         else:
             patches = self.deltas(rs, form)
