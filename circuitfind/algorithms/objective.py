@@ -43,6 +43,7 @@ class Objective:
                               "metric).")
         self.kind = kind
         self._ref: Tensor | None = None  # full-model log-probabilities for KL [N, P, V]
+        self._ref_p: Tensor | None = None  # their exp (probability) [N, P, V]
         self.higher_is_better = False
         self.unit = "nats"
 
@@ -54,6 +55,7 @@ class Objective:
             return
         full = engine.graph.full_mask(engine.dtype)
         self._ref = torch.log_softmax(engine.run(data, full, ablation=ablation)[0].double(), -1)
+        self._ref_p = self._ref.exp()  # the full model's probabilities, once
 
     def evaluate(self, engine: Any, data: Any, masks: Tensor,
                  ablation: Ablation | str | None = None) -> Tensor:
@@ -64,13 +66,13 @@ class Objective:
         """
         if self.kind == "metric":
             return engine.evaluate(data, masks, ablation=ablation).double()
-        if self._ref is None:
+        if self._ref is None or self._ref_p is None:
             raise ConfigError("Objective.prepare(engine, data) must be called before evaluate "
                               "for the 'kl' objective.")
         logits = engine.run(data, masks, ablation=ablation)  # [K, N, P, V]
-        ref = self._ref.to(logits.device)
+        ref, p = self._ref.to(logits.device), self._ref_p.to(logits.device)
         lp = torch.log_softmax(logits.double(), -1)
-        kl = (ref.exp() * (ref - lp)).sum(-1).mean(-1)  # [K, N]
+        kl = (p * (ref - lp)).sum(-1).mean(-1)  # [K, N]
         return kl.mean(-1).cpu()
 
     def worsening(self, change: Tensor | float) -> Any:

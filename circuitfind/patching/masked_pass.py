@@ -186,6 +186,9 @@ class MaskedPass:
         self.pos = positions.to(self.dev)  # [n, P]
         self.n_pos = self.pos.shape[1]
         self.row_pos = self.pos.repeat(self.k_masks, 1)  # [K*n, P]
+        self.full_reach = 0  # see _position_demand
+        self._shared_pos: tuple[Tensor, Tensor] | None = None  # shared rows at positions
+        self._flat_pos: Tensor | None = None  # see pos_rows
         weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S|2S, R]
         self.touched_cpu = weights.ne(0).any(1).cpu()  # [K, R]
         self.start = runner.resolve_start(self.touched_cpu.any(0), start)
@@ -217,7 +220,14 @@ class MaskedPass:
             later = (self.runner.receiver_layer > start).to(self.dev)
             later[g.mlp_receiver[start]] = True
             kept_all = g.edge_mask.to(removed) - removed  # [K, S, R]
-            if int(kept_all[:, :, later].ne(0).sum()) < int(removed[:, :, later].ne(0).sum()):
+            # in the last block every later receiver is read at the metric positions only,
+            # so the kept form's sums are short whatever the edge counts; it is taken there
+            # when the removed form would run the block dense (most of its q/k/v inputs
+            # touched: ACDC past the block's first receivers)
+            qkv = self.touched_cpu[:, self.layers[start].qkv]
+            last_dense = start == g.n_layers - 1 and 2 * int(qkv.sum()) >= qkv.numel()
+            if last_dense or (int(kept_all[:, :, later].ne(0).sum())
+                              < int(removed[:, :, later].ne(0).sum())):
                 self.kept_w = kept_all
                 active = (kept_all[:, :, later].ne(0).any(2).any(0)
                           | removed[:, :, ~later].ne(0).any(2).any(0))
@@ -300,6 +310,8 @@ class MaskedPass:
             # uninitialised: in the last block only the metric positions are written, and
             # every position of the output depends only on the same position of the buffer
             self.current = torch.empty(k_masks, n_dyn, size, device=self.dev, dtype=self.dtype)
+        self.current_pos = None if self.kept_w is None else torch.empty(
+            k_masks, n_dyn, self.n * self.n_pos * self.d, device=self.dev, dtype=self.dtype)
 
     def dense_inputs(self, rs: list[int], x: Tensor) -> Tensor:
         """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
@@ -312,10 +324,11 @@ class MaskedPass:
         return receiver_changes(coef[:, :rows][:, :, torch.tensor(rs, device=dev)],
                                 buf[:, :rows])
 
-    def deltas(self, receivers: list[int], form: str = "removed"
+    def deltas(self, receivers: list[int], form: str = "removed", at_pos: bool = False
                ) -> list[tuple[int, Tensor | slice, Tensor]]:
         """``(r, masks touching r, patch [k_r, n, T, d])`` for the touched ``receivers``:
-        ``sum_u w[u, r] (a_u - a'_u)`` with the weights of ``form``.
+        ``sum_u w[u, r] (a_u - a'_u)`` with the weights of ``form``; ``[k_r, n, P, d]`` at
+        the metric positions only with ``at_pos`` (receivers whose node is read there only).
 
         One matmul over the shared buffer and one batched matmul over the per-mask
         buffer for all of them (each buffer is read once per layer, not once per receiver).
@@ -331,8 +344,18 @@ class MaskedPass:
         sub = touched_cpu[:, rs]  # [K, R']
         n_up = int(g.n_upstream[rs].max())
         j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
+        if at_pos:  # the buffers' rows at the metric positions
+            t = self.n_pos
+            if self.current_pos is not None:  # kept form: written there by put
+                current = self.current_pos
+            elif j:
+                current = self.pos_rows(current[:, :j])
+            if shared is not None:
+                if self._shared_pos is None or self._shared_pos[0] is not shared:
+                    self._shared_pos = (shared, self.pos_rows(shared))
+                shared = self._shared_pos[1]
         if bool(sub.all()):
-            return self.dense_deltas(rs, j, wf)
+            return self.dense_deltas(rs, j, wf, current, shared, t)
         jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
         kd, rd = kk.to(dev), rr.to(dev)
@@ -361,12 +384,13 @@ class MaskedPass:
             result.append((r, ks, dlt.view(-1, n, t, d)))
         return result
 
-    def dense_deltas(self, rs: list[int], j: int, wf: _Form
-                     ) -> list[tuple[int, Tensor | slice, Tensor]]:
+    def dense_deltas(self, rs: list[int], j: int, wf: _Form, current: Tensor,
+                     shared: Tensor | None, t: int) -> list[tuple[int, Tensor | slice, Tensor]]:
         """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
-        one ``[K, R', n*T*d]`` tensor, mask-major, no gathers."""
-        current, d, dev, n, t = self.current, self.d, self.dev, self.n, self.t
-        w_shared, w_dyn, shared, k_masks = wf.w_shared, wf.w_dyn, wf.shared, wf.k
+        one ``[K, R', n*t*d]`` tensor, mask-major, no gathers (``current`` and ``shared``
+        the buffers over ``t`` positions per example)."""
+        d, dev, n = self.d, self.dev, self.n
+        w_shared, w_dyn, k_masks = wf.w_shared, wf.w_dyn, wf.k
         cur = current[:k_masks]
         idx = torch.tensor(rs, device=dev)
         out = None
@@ -380,6 +404,41 @@ class MaskedPass:
         out = out.expand(k_masks, -1, -1)
         return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
 
+    def receiver_inputs(self, rs: list[int], form: str, base: Tensor, sign: float
+                        ) -> tuple[Tensor, list[int]] | None:
+        """Inputs ``[k, R_t, n*T*d]`` of the receivers among ``rs`` that every mask of
+        ``form`` touches, ``base + sign * sum_u w[u, r] (a_u - a'_u)`` (eq. (1): ``sign =
+        -1`` over removed edges from the clean residual, ``+1`` over kept edges from the
+        ablated one), and their positions in ``rs``; one batched matmul with the base fused,
+        no per-receiver copies. The others read ``base`` alone. ``None`` when some receiver
+        is touched by some masks only, or by none of them all."""
+        wf, g = self.forms[form], self.g
+        sub = wf.touched[:, rs]  # [k, R']
+        every = sub.all(0)
+        if not bool((every | ~sub.any(0)).all()) or not bool(every.any()):
+            return None
+        hit = every.nonzero()[:, 0].tolist()
+        hit_rs = [rs[i] for i in hit]
+        j = int((self.dyn_cpu < int(g.n_upstream[hit_rs].max())).sum())
+        idx = torch.tensor(hit_rs, device=self.dev)
+        out = base.reshape(1, 1, -1).expand(1, len(hit_rs), -1)
+        if wf.w_shared is not None:
+            assert wf.shared is not None  # _Form keeps w_shared only with shared
+            out = receiver_changes(wf.w_shared[:, :, idx] * sign, wf.shared, out)
+        if j:
+            out = receiver_changes(wf.w_dyn[:, :j][:, :, idx] * sign, self.current[:wf.k, :j],
+                                   out)
+        return out.expand(wf.k, -1, -1), hit
+
+    def pos_rows(self, values: Tensor) -> Tensor:
+        """Flat buffer rows ``[..., n*T*d]`` -> ``[..., n*P*d]`` at the metric positions."""
+        if self._flat_pos is None:  # flat indices of the metric positions' values
+            n, t, d = self.n, self.t, self.d
+            rows = (torch.arange(n, device=self.dev)[:, None] * t + self.pos)  # [n, P]
+            self._flat_pos = (rows[:, :, None] * d
+                              + torch.arange(d, device=self.dev)).reshape(-1)
+        return values.index_select(-1, self._flat_pos)  # reads a strided slice in place
+
     def at_positions(self, values: Tensor) -> Tensor:
         """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions."""
         n, n_pos, pos = self.n, self.n_pos, self.pos
@@ -388,23 +447,39 @@ class MaskedPass:
 
     def put(self, slot: int, values: Tensor, at_pos: bool) -> None:
         """Write senders' current values ``[K, h, n, T, d]`` (or ``[K, h, n, P, d]`` at the
-        metric positions when ``at_pos``: the last block) minus their ablation values into
-        ``current`` from ``slot``."""
+        metric positions when ``at_pos``) minus their ablation values into ``current`` from
+        ``slot``; in kept form also into ``current_pos``, the same rows at the metric
+        positions (what receivers read there only), and values at the metric positions go
+        there alone."""
         ablated, current, d, dynamic = self.ablated, self.current, self.d, self.dynamic
         k_masks, n, n_pos, pos, t = self.k_masks, self.n, self.n_pos, self.pos, self.t
+        at_p = self.current_pos
         h = values.shape[1]
         abl = ablated[dynamic[slot: slot + h]]  # [h, n|1, T|1, d]
-        if not at_pos:
-            dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
-            if values.shape[0] > 1 and values.stride(0) == 0:  # equal in every mask
-                dst.copy_(values[:1] - abl)
-            else:
-                torch.sub(values, abl, out=dst)
+        if at_pos:
+            if abl.shape[2] > 1:
+                abl = abl.expand(h, n, t, d).gather(
+                    2, pos[None, :, :, None].expand(h, n, n_pos, d))
+            # scattered into ``current`` too: the q inputs of heads read at the metric
+            # positions only are read there in ``current`` (their keys and values are not)
+            if at_p is not None and dynamic[slot] < self.full_reach:  # read with weight 0
+                current[:, slot: slot + h].zero_()
+            idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
+            change = values - abl
+            current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, change)
+            if at_p is not None:
+                at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(change)
             return
-        if abl.shape[2] > 1:
-            abl = abl.expand(h, n, t, d).gather(2, pos[None, :, :, None].expand(h, n, n_pos, d))
-        idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
-        current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, values - abl)
+        dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
+        once = values.shape[0] > 1 and values.stride(0) == 0  # equal in every mask
+        if once:
+            dst.copy_(values[:1] - abl)
+        else:
+            torch.sub(values, abl, out=dst)
+        if at_p is not None:
+            src = dst[:1] if once else dst
+            idx = pos[None, None, :, :, None].expand(src.shape[0], h, n, n_pos, d)
+            at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(src.gather(3, idx))
 
     def clean_minus_ablated(self, u: int) -> Tensor:
         """``a_u(clean) - a'_u`` flattened to ``[n*T*d]``."""
@@ -532,13 +607,16 @@ class MaskedPass:
         self.equal, self.variant, self.keys, self.ids = equal, variant, keys, ids
 
         key: int | None  # memo key of a mask-invariant node's outputs
+        pos_only = self._position_demand()
         for layer in range(start, g.n_layers):
-            last = layer == g.n_layers - 1
             base = cache.resid[layer] if layer == start else pre[layer]
             form, sign = ("removed", -1.0) if layer == start else ("kept", 1.0)
             h0 = g.head_start[layer]
-            heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
-            if heads:
+            layer_heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
+            for last in (False, True):  # heads needed at every position, at the metric ones
+                heads = [hh for hh in layer_heads if (h0 + hh in pos_only) == last]
+                if not heads:
+                    continue
                 q0, k0, v0 = g.q_start[layer], g.k_start[layer], g.v_start[layer]
                 rs = [q0 + hh for hh in heads] + [k0 + hh // rep for hh in heads] + [
                     v0 + hh // rep for hh in heads]
@@ -548,7 +626,7 @@ class MaskedPass:
                         if same[i] and same[nh + i] and same[2 * nh + i]]
                 per_mask = [hh for hh in heads if hh not in once]
                 if once:
-                    key = self._intern(("heads", layer, tuple(once), tuple(
+                    key = self._intern(("heads", layer, last, tuple(once), tuple(
                         self._input_key(r, form, layer) for i, r in enumerate(rs)
                         if heads[i % nh] in once)))
                     res = self.memo.entries.get(key)
@@ -565,35 +643,71 @@ class MaskedPass:
                         if res.shape[0] > 1:
                             variant[h0 + hh] = True
                         else:  # no patches: the receivers read the base alone
-                            keys[h0 + hh] = ("base", layer, hh, layer == start)
+                            keys[h0 + hh] = ("base", layer, hh, layer == start, last)
             u, r = g.mlp_index[layer], g.mlp_receiver[layer]
             assert u is not None and r is not None  # the block runner has no attention-only graphs
             if u in dyn_slot:
+                last = u in pos_only  # the MLP's output is read at the metric positions only
                 once_m = self._invariant([r], "kept")[0]
-                key = self._intern(("mlp", self._input_key(r, "kept", layer))) if once_m else None
+                key = self._intern(("mlp", last, self._input_key(r, "kept", layer))
+                                   ) if once_m else None
                 m = self.memo.entries.get(key) if once_m else None
                 if m is None:
                     mform = "kept1" if once_m else "kept"
-                    patches = self.deltas([r], mform)
+                    patches = self.deltas([r], mform, at_pos=last)
                     xm = mid[layer].unsqueeze(0)
+                    if last:
+                        xm = self.at_positions(xm)
                     if patches:
                         xm = xm.repeat(forms[mform].k, 1, 1, 1)
                         for _, ks, dlt in patches:
                             xm[ks] += dlt
                         variant[u] = forms[mform].k > 1
-                    if last:
-                        xm = self.at_positions(xm)
                     m = lay.mlp(layer, lay.ln_mlp(layer, xm))
                 if once_m:
                     fresh[key] = m
                     keys[u] = key
                 self.put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1), last)
         xf = self.at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
-        for _, ks, dlt in self.deltas([g.n_receivers - 1], "kept"):
-            xf[ks] += self.at_positions(dlt)
+        for _, ks, dlt in self.deltas([g.n_receivers - 1], "kept", at_pos=True):
+            xf[ks] += dlt
         # this pass's invariant outputs replace the memo (the next pass reuses them)
         self.memo.entries, self.memo.ids = fresh, ids
         return lay.final(xf)
+
+    def _position_demand(self) -> set[int]:
+        """The dynamic senders read at the metric positions only (kept form).
+
+        Attention at a query position reads keys and values at every position, but queries,
+        MLPs and the logits act position by position. So a node is needed at every position
+        only if one of its kept edges (in any mask) enters a k/v input of a computed head, or
+        the q input of a head, or the MLP input of an MLP, that is itself needed at every
+        position; otherwise it is computed at the metric positions alone, exactly (what
+        the last block does in every pass). Sets :attr:`full_reach`: senders before it may
+        be read, with weight 0, by a receiver needed at every position, so their buffer rows
+        are zeroed where they are written at the metric positions only (:meth:`put`)."""
+        g, lay = self.g, self.layers
+        assert self.kept_w is not None
+        kept = self.kept_w.ne(0).any(0).cpu().numpy()  # [S, R]: kept in some mask
+        full = [False] * g.n_receivers
+        rep = g.n_heads // g.n_kv_heads
+        pos_only: set[int] = set()
+        for u in reversed(self.dynamic):
+            node = g.senders[u]
+            needed = bool(kept[u][full].any()) if any(full) else False
+            if not needed:
+                pos_only.add(u)
+            views = lay[node.layer]
+            if node.kind == "mlp":
+                full[views.mlp_receiver] = needed
+            elif node.kind == "attention":
+                head = u - views.heads.start
+                full[views.first["q"] + head] = needed
+                full[views.first["k"] + head // rep] = True
+                full[views.first["v"] + head // rep] = True
+        reach = [int(self.g.n_upstream[r]) for r in range(g.n_receivers) if full[r]]
+        self.full_reach = max(reach, default=0)
+        return pos_only
 
     def _intern(self, key: tuple[Any, ...]) -> int:
         """A small stable id for a flat key, so that keys nest by id, not by content
@@ -618,20 +732,62 @@ class MaskedPass:
         groups = sorted({hh // rep for hh in subset})
         want = {"q": subset, "k": groups, "v": groups}
         first = self.layers[layer].first
-        patches = self.deltas([first[kind] + i for kind in "qkv" for i in want[kind]], form)
-        kk = forms[form].k if patches else 1
-        base_in = lay.ln_attn(layer, base)  # [n, T, d]
-        qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
-               .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
-        for r, ks, dlt in patches:
-            kind = g.receivers[r].kind
-            i = r - first[kind]
-            qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
-                layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
+        rs = [first[kind] + i for kind in "qkv" for i in want[kind]]
         per_head = [groups.index(hh // rep) for hh in subset]
-        q = qkv["q"].view(kk * n, t, len(subset), -1)
-        k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
-        v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+        got = self.receiver_inputs(rs, form, base, sign)
+        if got is not None:  # receivers patched in every mask or in none: batched by kind
+            inputs, hit = got  # [kk, R_t, n*T*d]; which of ``rs`` they are
+            kk = inputs.shape[0]
+            x_hit = inputs.view(kk, len(hit), n * t, d)
+            base_in = lay.ln_attn(layer, base).view(n * t, d) if len(hit) < len(rs) else None
+            sizes = [len(want[kind]) for kind in "qkv"]
+            starts = dict(zip("qkv", [0, sizes[0], sizes[0] + sizes[1]]))
+            hit_heads = {kind: [want[kind][i - starts[kind]] for i in hit
+                                if starts[kind] <= i < starts[kind] + len(want[kind])]
+                         for kind in "qkv"}
+            projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
+            if projected is None:
+                normed, projected, i0 = lay.ln_attn(layer, x_hit), [], 0
+                for kind in "qkv":
+                    w, b = lay.head_weights(layer, kind)  # [heads, d, dh]
+                    sel = hit_heads[kind]
+                    out = torch.matmul(normed[:, i0: i0 + len(sel)], w[sel])  # [kk,h,n*T,dh]
+                    projected.append(out if b is None else out + b[sel][:, None])
+                    i0 += len(sel)
+            qkv = {}
+            for kind, part in zip("qkv", projected):
+                idx, sel = want[kind], hit_heads[kind]
+                if len(sel) == len(idx):
+                    out = part
+                else:  # the others read the base alone
+                    assert base_in is not None
+                    w, b = lay.head_weights(layer, kind)
+                    out = torch.matmul(base_in, w[idx])  # [h, n*T, dh]
+                    if b is not None:
+                        out = out + b[idx][:, None]
+                    out = out.unsqueeze(0).repeat(kk, 1, 1, 1)
+                    if sel:
+                        out[:, [idx.index(i) for i in sel]] = part
+                if kind != "q":
+                    out = out[:, per_head]
+                # attention layout [kk*n, T, h, dh]
+                qkv[kind] = (out.view(kk, len(subset), n, t, -1).permute(0, 2, 3, 1, 4)
+                             .reshape(kk * n, t, len(subset), -1))
+            q, k, v = qkv["q"], qkv["k"], qkv["v"]
+        else:
+            patches = self.deltas(rs, form)
+            kk = forms[form].k if patches else 1
+            base_in = lay.ln_attn(layer, base)  # [n, T, d]
+            qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
+                   .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
+            for r, ks, dlt in patches:
+                kind = g.receivers[r].kind
+                i = r - first[kind]
+                qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
+                    layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
+            q = qkv["q"].view(kk * n, t, len(subset), -1)
+            k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
+            v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
         z = lay.attend(layer, q, k, v, grouped=False,
                        query_pos=pos.repeat(kk, 1) if last else None)
         res = lay.head_results(layer, z, torch.arange(len(subset), device=dev),

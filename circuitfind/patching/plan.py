@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from functools import cached_property
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -126,7 +127,8 @@ class ModelShape:
 
     @cached_property
     def graph(self) -> ComputeGraph:
-        """The model's :class:`ComputeGraph` (closed form from the sizes; built once)."""
+        """The model's :class:`ComputeGraph` (closed form from the sizes; built once: masked
+        passes size themselves from it on every call)."""
         return ComputeGraph(self.n_layers, self.n_heads, self.n_kv_heads,
                             attn_only=self.attn_only, parallel_attn_mlp=self.parallel,
                             model_name=self.name)

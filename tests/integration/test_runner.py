@@ -366,3 +366,40 @@ def test_eap_on_the_runner_equals_the_hooked_engine(tiny_models, name, ablation)
     slow = PatchingEngine(model, use_runner=False, ablation=ablation).edge_attribution(data)
     assert slow.abs().max() > 1e-2
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_nodes_read_at_the_metric_positions_only_equal_the_hooked_engine(tiny_models, name,
+                                                                        monkeypatch):
+    """Kept form computes a node at the metric positions only when no kept edge leads from it
+    (directly or through q/MLP inputs) into a k/v input: a circuit with both kinds after the
+    start layer, classified as expected and equal to the hooked engine (the full nodes read
+    the position-only ones with weight 0, which must not leak uninitialised values)."""
+    from circuitfind.patching import masked_pass
+
+    model = tiny_models(name)
+    data, runner, hooked, _, layer_of = _runner_and_hooked(model, 4, 0)
+    g = runner.graph
+    kv = "kv0" if g.n_kv_heads < g.n_heads else "h0"
+    mask = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    mask[:, layer_of < 1] = 1  # receivers before the start layer keep every edge
+    edges = [f"a0.h0->a1.{kv}<k>", "a0.h1->a1.h0<q>", "a1.h0->logits", "m0->m1", "m1->logits",
+             "a0.h0->a1.h0<q>"]
+    for e in edges:
+        mask[g.edge_index(e)] = 1
+    cand = mask.expand(3, -1, -1).clone()
+    cand[1][g.edge_index("a0.h1->a1.h0<q>")] = 0
+    cand[2][g.edge_index("input->a0.h1<q>")] = 0  # start layer 0: its heads are computed
+    seen: list[set[int]] = []
+    demand = masked_pass.MaskedPass._position_demand
+
+    def spy(self):
+        out = demand(self)
+        seen.append({g.senders[u].name for u in out})
+        return out
+
+    monkeypatch.setattr(masked_pass.MaskedPass, "_position_demand", spy)
+    got = runner.run(data, cand)
+    assert seen and {"a0.h1", "a1.h0", "m0", "m1"} <= seen[0]
+    assert "a0.h0" not in seen[0]  # its kept edge enters a computed head's key input
+    assert_close(model, got, hooked.run(data, cand), 1e-8)

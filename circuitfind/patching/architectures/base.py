@@ -248,11 +248,13 @@ class Architecture:
         out = torch.matmul(x, w)
         return out if b is None else out + b[:, None]
 
-    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
+    def project_heads_normed(self, layer: int, x: Tensor,
+                             heads: dict[str, list[int]] | None = None) -> list[Tensor] | None:
         """:meth:`project_heads` of :meth:`ln_attn` of each q, k and v receiver's own input
-        ``x [K, H + 2G, rows, d]`` (q heads, then k and v groups) without writing the
-        normalised inputs, or ``None`` where the layout has no such shortcut for this dtype
-        (the caller then normalises first)."""
+        ``x [K, H + 2G, rows, d]`` (q heads, then k and v groups; with ``heads``, only the
+        heads ``heads[kind]`` of each kind, in that order) without writing the normalised
+        inputs, or ``None`` where the layout has no such shortcut for this dtype (the caller
+        then normalises first)."""
         return None
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:  # pragma: no cover

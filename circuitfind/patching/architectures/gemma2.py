@@ -59,7 +59,8 @@ class Gemma2(Llama):
         norm = unwrap(self.blocks[layer].input_layernorm)
         return (*self.standardised(x, norm.eps, False), 1.0 + norm.weight.float(), False)
 
-    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
+    def project_heads_normed(self, layer: int, x: Tensor,
+                             heads: dict[str, list[int]] | None = None) -> list[Tensor] | None:
         return None  # Gemma's norm rounds through float32: normalise first
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:

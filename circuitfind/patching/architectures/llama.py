@@ -61,7 +61,8 @@ class Llama(Architecture):
         norm = unwrap(self.blocks[layer].input_layernorm)
         return (*self.standardised(x, norm.variance_epsilon, False), norm.weight, False)
 
-    def project_heads_normed(self, layer: int, x: Tensor) -> list[Tensor] | None:
+    def project_heads_normed(self, layer: int, x: Tensor,
+                             heads: dict[str, list[int]] | None = None) -> list[Tensor] | None:
         """RMSNorm folded into the projections, ``W (w * x * inv) = ((W diag(w)) x) * inv``:
         one reduction and one matmul read the receivers' inputs (the norm alone reads and
         writes them three times). Only in float32, where Hugging Face's norm computes in the
@@ -75,6 +76,8 @@ class Llama(Architecture):
         outs, s0 = [], 0
         for kind in "qkv":
             wh, bh = self.head_weights(layer, kind)  # [h, d, dh]
+            if heads is not None:
+                wh, bh = wh[heads[kind]], None if bh is None else bh[heads[kind]]
             h = wh.shape[0]
             out = torch.matmul(x[:, s0: s0 + h], norm.weight[None, :, None] * wh)
             out = out.mul_(inv[:, s0: s0 + h])
