@@ -134,7 +134,8 @@ class SenderStore:
 
     Writes and reads go through ``mover`` (default :func:`~circuitfind.patching.placement.move`),
     so the offloaded path runs on a CPU with a second CPU device name (``cpu:1``), as the
-    placement tests do; on CUDA an offloaded buffer is pinned, and moves do not block.
+    placement tests do; on CUDA an offloaded buffer is pinned (page-locked: the copies to
+    and from the GPU run at full bus speed).
 
     Args:
         shape: ``(S, N, T, d)``.
@@ -149,12 +150,13 @@ class SenderStore:
                  mover: Callable[[Any, torch.device], Any] = move) -> None:
         pin = device.type == "cpu" and home.type == "cuda"
         self.data = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
-        self.home, self.mover = home, mover
+        self.device, self.home, self.mover = device, home, mover
 
     @property
     def offloaded(self) -> bool:
-        """Whether the buffer lives elsewhere than where the runner computes."""
-        return self.data.device != self.home
+        """Whether the buffer lives elsewhere than where the runner computes (device names
+        compared as given: ``cpu:1`` is not ``cpu``)."""
+        return self.device != self.home
 
     def get(self, index: int | slice) -> Tensor:
         """Senders ``index`` on the home device (a view when not offloaded)."""
@@ -162,8 +164,7 @@ class SenderStore:
 
     def put(self, index: int | slice, value: Tensor) -> None:
         """Write ``value`` (home device) into senders ``index``."""
-        self.data[index].copy_(self.mover(value, self.data.device) if self.offloaded else value,
-                               non_blocking=self.offloaded)
+        self.data[index].copy_(self.mover(value, self.device) if self.offloaded else value)
 
     def rows(self, n_up: int, r0: int, r1: int) -> Tensor:
         """Senders ``[:n_up]`` at the rows ``[r0, r1)`` of their ``N T`` (example, position)
