@@ -569,8 +569,7 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
     per_row = gradient_row_bytes(shape, seq_len, positions)
     grad_row = seq_len * _GRAD_RECEIVERS * (1 + shape.n_heads + 2 * shape.n_kv_heads) * \
         shape.d_model * shape.width  # part of per_row: a layer's receiver gradients
-    plain_minimum = shape.weights + (buffers + 1) * outputs + max(
-        per_row, cache_workspace(shape, 1, seq_len))
+    plain_minimum = gradient_pass_minimum(shape, seq_len, n_points, positions)
     # long prompts: the checkpointed pass needs less (one block's activations at a time)
     minimum = min(plain_minimum, checkpointed_minimum(shape, seq_len, n_points, positions,
                                                       device)) if shape.runner else plain_minimum
@@ -617,6 +616,17 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
                       examples_per_pass=n, points_per_pass=p, cache_corrupted=cache,
                       minimum=minimum, max_examples=None, forward_units=round(units, 2),
                       passes=passes)
+
+
+def gradient_pass_minimum(shape: ModelShape, seq_len: int, n_points: int = 1,
+                          positions: int = 1) -> int:
+    """The least budget of the plain gradient pass (:func:`attribution_plan` without
+    checkpointing): the weights, one example's sender buffers (``a' - a``; for gradient
+    points also ``a - a'``) and corrupted outputs, and one gradient run
+    (:func:`gradient_row_bytes`) or the transient of building a cache, whichever is larger."""
+    buffers = 1 if n_points == 1 else 2
+    return shape.weights + (buffers + 1) * sender_bytes(shape, seq_len) + max(
+        gradient_row_bytes(shape, seq_len, positions), cache_workspace(shape, 1, seq_len))
 
 
 def checkpointed_row_bytes(shape: ModelShape, seq_len: int, chunk: int,
