@@ -21,7 +21,9 @@ Usage (from the repository root; needs about budget + 2 GiB of free memory)::
 
 ``--layers`` keeps only the first L layers of the shape (a cheaper run that checks the
 memory model). Rows are added to the JSON results (same shape, length, layers and budget
-replace the old row). Measures and reports; asserts nothing.
+replace the old row) and, written to ``benchmarks/results``, shown in ``scale.md`` too;
+``--report-only`` rewrites both reports from the JSON. Measures and reports; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
-from bench_scale import SHAPES, machine, model_dir, warm_dir  # noqa: E402
+from bench_scale import (SHAPES, long_prompt_table, machine, model_dir,  # noqa: E402
+                         warm_dir)
+from bench_scale import markdown as scale_markdown  # noqa: E402
 
 GiB = 2**30
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def shape_name(shape: str, layers: int | None) -> str:
@@ -135,19 +140,8 @@ def markdown(result: dict[str, Any]) -> str:
         "query positions per attention chunk the plan chose (checkpointed pass, "
         "`circuitfind/patching/checkpointed.py`).",
         "",
-        "| shape | algorithm | dtype | tokens | budget (GiB) | peak (GiB) | plan (GiB) "
-        "| peak/plan | in budget | chunk | time (fwd) | plan (fwd) | time/plan |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: "
-        "| ---: |",
+        *long_prompt_table(result["rows"]),
     ]
-    for r in result["rows"]:
-        p = r["plan"]
-        lines.append(
-            f"| {r['shape']} | {r['algorithm']} | {r['dtype']} | {r['seq_len']} | "
-            f"{r['budget'] / GiB:.2f} | {r['peak'] / GiB:.2f} | {p['peak'] / GiB:.2f} | "
-            f"{r['peak'] / p['peak']:.2f} | {'yes' if r['peak'] <= r['budget'] else 'NO'} | "
-            f"{p['position_chunk']} | {r['wall_hf']:.1f} | {p['forward_units']:.1f} | "
-            f"{r['wall_hf'] / p['forward_units']:.2f} |")
     for r in result["rows"]:
         m = r["machine"]
         lines += ["", f"`{r['shape']}`, {r['seq_len']} tokens, {r['dtype']}: {m['cpu']}, "
@@ -167,6 +161,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--model-root", default=None, help="Keep the random models here.")
     parser.add_argument("--out", default="benchmarks/results/long_prompts")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Rewrite the reports from the JSON results (no runs).")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -176,13 +172,19 @@ def main() -> None:
     out = Path(args.out)
     rows = (json.loads(out.with_suffix(".json").read_text())["rows"]
             if out.with_suffix(".json").exists() else [])
-    row = run_one(args, root)
-    key = ("shape", "algorithm", "seq_len", "dtype", "budget")
-    rows = [r for r in rows if tuple(r[k] for k in key) != tuple(row[k] for k in key)] + [row]
-    print(f"{row['shape']} {row['seq_len']} tokens: peak {row['peak'] / GiB:.2f} GiB (plan "
-          f"{row['plan']['peak'] / GiB:.2f}), {row['wall_hf']:.1f} fwd (plan "
-          f"{row['plan']['forward_units']:.1f})", flush=True)
+    if not args.report_only:
+        row = run_one(args, root)
+        key = ("shape", "algorithm", "seq_len", "dtype", "budget")
+        rows = [r for r in rows if tuple(r[k] for k in key) != tuple(row[k] for k in key)]
+        rows.append(row)
+        print(f"{row['shape']} {row['seq_len']} tokens: peak {row['peak'] / GiB:.2f} GiB (plan "
+              f"{row['plan']['peak'] / GiB:.2f}), {row['wall_hf']:.1f} fwd (plan "
+              f"{row['plan']['forward_units']:.1f})", flush=True)
     write_results(out, {"rows": rows}, markdown)
+    scale = out.parent / "scale.json"
+    if out.parent.resolve() == (ROOT / "benchmarks" / "results") and scale.exists():
+        # scale.md shows these rows too (bench_scale.long_prompt_rows)
+        scale.with_suffix(".md").write_text(scale_markdown(json.loads(scale.read_text())))
 
 
 if __name__ == "__main__":

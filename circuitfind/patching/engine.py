@@ -729,12 +729,18 @@ class PatchingEngine:
         (:mod:`circuitfind.patching.checkpointed`).
 
         Raises:
-            ConfigError: modified backward rules, which the checkpointed pass does not apply.
+            ConfigError: modified backward rules, which the checkpointed pass does not apply;
+                a mean ablation (its average over every corrupted example is not held).
         """
         if rules is not None and not rules.plain:
             raise ConfigError(f"Modified backward rules ({rules.describe()}) are not applied by "
                               "the checkpointed pass that long prompts need under this "
                               "memory_budget; raise memory_budget or shorten the prompts.")
+        if spec.kind not in ("resample", "zero"):
+            raise ConfigError(f"The {spec.kind!r} ablation averages the corrupted run over all "
+                              "examples, which the checkpointed pass that long prompts need "
+                              "under this memory_budget does not hold; use the resample or "
+                              "zero ablation, or raise memory_budget.")
         assert self.runner is not None and plan.position_chunk is not None  # see the plan
         g, runner, chunk = self.graph, self.runner, plan.position_chunk
         t = self._used_len(data)
@@ -752,11 +758,8 @@ class PatchingEngine:
                 store = SenderStore((g.n_senders, n, t, self.d_model), self.dtype, where, home)
                 if spec.kind == "resample":
                     fill_senders(runner, corrupted[es][:, :t], store, chunk)
-                else:
-                    values = self.ablation_values(data, spec)
-                    values = values[:, es] if values.shape[1] > 1 else values
-                    store.put(slice(None), (values[:, :, :t] if values.shape[2] > 1 else values)
-                              .expand(-1, n, t, -1))
+                else:  # zero: nothing to run
+                    store.data.zero_()
                 tokens = clean[es][:, :t]
                 if points is None:
                     def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:

@@ -160,6 +160,11 @@ def test_engine_takes_the_chunk_the_plan_predicts(family_models, monkeypatch):
         assert_close(model, engine.edge_attribution(data, points=runs),
                      full.edge_attribution(data, points=runs), 1e-12)
         assert chunks and set(chunks) == {chunk}
+        if runs is None:  # zero ablation needs no corrupted run; means need all of it
+            assert_close(model, engine.edge_attribution(data, ablation="zero"),
+                         full.edge_attribution(data, ablation="zero"), 1e-12)
+            with pytest.raises(ConfigError, match="'mean' ablation averages"):
+                engine.edge_attribution(data, ablation="mean")
     least = memory_plan.checkpointed_minimum(shape, t, 1, 2)
     with pytest.raises(ConfigError, match=f"at least {least} bytes"):
         PatchingEngine(model, memory_budget=least - 1).edge_attribution(data)
