@@ -188,18 +188,13 @@ def contract_streamed(scores: Tensor, store: SenderStore, n_up: int, r0: int, gr
         sign: ``+1`` where the store holds ``a' - a``, ``-1`` for ``a - a'``.
     """
     h, rows, d = grad.shape
-    if not store.offloaded:
-        block = matmul_nt(store.rows(n_up, 0, rows).reshape(n_up, -1), grad.reshape(h, -1))
-    else:
-        step = max(1, STREAM_BYTES // max(1, n_up * d * store.data.element_size()))
-        block = None
-        for x0 in range(0, rows, step):
-            x1 = min(rows, x0 + step)
-            part = matmul_nt(store.rows(n_up, x0, x1).reshape(n_up, -1),
-                             grad[:, x0:x1].reshape(h, -1))
-            block = part if block is None else block.add_(part)
-        assert block is not None
-    scores[:n_up, r0: r0 + h] += sign * block.to(scores.dtype)
+    step = rows if not store.offloaded else max(
+        1, STREAM_BYTES // max(1, n_up * d * store.data.element_size()))
+    for x0 in range(0, rows, step):
+        x1 = min(rows, x0 + step)
+        part = matmul_nt(store.rows(n_up, x0, x1).reshape(n_up, -1),
+                         grad[:, x0:x1].reshape(h, -1))
+        scores[:n_up, r0: r0 + h] += sign * part.to(scores.dtype)
 
 
 def checkpointed_pass(runner: BlockRunner, tokens: Tensor, positions: Tensor, metric: Any,
@@ -314,7 +309,9 @@ class _Checkpointed:
                 attn = lay.post_norm(layer, pre) if self.post else pre
                 x_in, x = x, x + attn
                 m = lay.mlp(layer, lay.ln_mlp(layer, x_in if lay.parallel else x))
-                combine(g.mlp_index[layer], m)
+                u = g.mlp_index[layer]
+                assert u is not None  # the block runner has no attention-only graphs
+                combine(u, m)
                 x = x + m
             if keep is not None:
                 keep.append(x)
@@ -362,6 +359,7 @@ class _Checkpointed:
             branch.register_hook(self.on_receiver(f"m{layer}", g.mlp_receiver[layer]))
         m = lay.mlp(layer, lay.ln_mlp(layer, branch))
         u = g.mlp_index[layer]
+        assert u is not None  # the block runner has no attention-only graphs
         m = self.interpolate(m, f"m{layer}", lambda: st.get(u))
         return x_mid + m
 
