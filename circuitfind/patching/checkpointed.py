@@ -279,23 +279,26 @@ class _Checkpointed:
         g, lay, st = self.g, self.lay, self.store
         jvp = self.post and how == "into"
 
-        def combine(index: int | slice, value: Tensor, at: Tensor | None = None) -> None:
+        def combine(index: int | slice, value: Tensor,
+                    at: tuple[int, Tensor] | None = None) -> None:
+            """``value`` into the store at ``index``; ``at``: (layer, the heads' pre-norm
+            sum) for the post-norm Jacobian."""
             if how == "set":
                 st.put(index, value)
                 return
             old = st.get(index)
             new = old - value if how == "into" else value - old
             if at is not None and jvp:
-                h = new.shape[0]
-                new = lay.post_norm_jvp(self.layer, at.reshape(-1, at.shape[-1]),
-                                        new.reshape(h, -1, new.shape[-1])).view(new.shape)
+                layer, s_l = at
+                new = lay.post_norm_jvp(layer, s_l.reshape(-1, s_l.shape[-1]),
+                                        new.reshape(new.shape[0], -1, new.shape[-1])
+                                        ).view(new.shape)
             st.put(index, new)
 
         with torch.no_grad():
             x = lay.embed(self.tokens)
             combine(0, x)
             for layer in range(g.n_layers):
-                self.layer = layer
                 if keep is not None:
                     keep.append(x)
                 q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
@@ -304,7 +307,7 @@ class _Checkpointed:
                 heads = x.new_empty(g.n_heads, self.n, self.t, x.shape[-1])
                 lay.head_outputs(layer, z, out=heads)
                 pre = Architecture.attn_from_heads(lay, layer, heads, 0)
-                combine(slice(h0, h0 + g.n_heads), heads, at=pre)
+                combine(slice(h0, h0 + g.n_heads), heads, at=(layer, pre))
                 del heads
                 attn = lay.post_norm(layer, pre) if self.post else pre
                 x_in, x = x, x + attn

@@ -31,6 +31,13 @@ layers, ``d`` = d_model, ``N`` examples of ``T`` tokens):
 - *workspace*: the transient of building a cache (one run's residual streams beside its sender
   outputs) and the vocabulary-sized temporaries at the metric positions.
 
+Long prompts. Where one example's plain gradient pass does not fit, gradient attribution is
+planned (and run) checkpointed (:func:`checkpointed_plan`,
+:mod:`circuitfind.patching.checkpointed`): *caches* are one sender buffer per example of a
+chunk (in host memory on a GPU that cannot hold it: ``offload``), *activations* every
+block's input and one block's work (:func:`checkpointed_row_bytes`), with attention in
+chunks of ``position_chunk`` query positions.
+
 The coefficients of the per-row terms were fitted to peak resident memory measured on CPU
 (``benchmarks/bench_scale.py``, ``benchmarks/results/scale.md``: within 15% from GPT-2 small
 to Llama-3.2-1B).
@@ -476,7 +483,9 @@ class MemoryPlan:
             f"{self.seq_len} tokens, {self.dtype_bytes * 8}-bit values, {self.device}",
             f"  weights      {gib(self.weights)}",
             f"  caches       {gib(self.caches)}"
-            + (("  (corrupted sender outputs of all examples)" if self.cache_corrupted else "")
+            + (("  (corrupted sender outputs of all examples)" if self.cache_corrupted
+                else "  (sender differences of one chunk of examples)"
+                if self.position_chunk is not None and self.caches else "")
                if self.passes.get("backwards") else
                "  (clean, corrupted and fully ablated runs of every example)"),
             f"  activations  {gib(self.activations)}",
@@ -754,8 +763,8 @@ def checkpointed_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points
              + passes_per_chunk * contraction) / hf
     return MemoryPlan(algorithm=algorithm, model=shape.name, device=device,
                       dtype_bytes=shape.width, examples=n_examples, seq_len=seq_len,
-                      positions=positions, budget=budget, weights=shape.weights, caches=0,
-                      activations=n * store + n * p * row - grads, gradients=grads,
+                      positions=positions, budget=budget, weights=shape.weights,
+                      caches=n * store, activations=n * p * row - grads, gradients=grads,
                       workspace=0, examples_per_pass=n, points_per_pass=p,
                       cache_corrupted=False,
                       minimum=checkpointed_minimum(shape, seq_len, n_points, positions, device),
