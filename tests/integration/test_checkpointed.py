@@ -4,6 +4,8 @@ takes it, with the chunk the plan predicts, when the budget requires it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ FAMILIES = {  # one of each wiring: LayerNorm, parallel blocks, grouped-query RM
     "gpt_neox": dict(arch="gpt_neox", n_layers=2, n_heads=4, seed=1),
     "llama_gqa": dict(arch="llama", n_layers=3, n_heads=4, n_kv_heads=2, seed=2),
     "gemma2": dict(arch="gemma2", n_layers=3, n_heads=4, seed=1),
+    "qwen2": dict(arch="qwen2", n_layers=2, n_heads=4, n_kv_heads=2, seed=3),  # sliding window
 }
 POINTS = [("input", 0.2), ("input", 0.7), ("a1", 0.4), ("m0", 0.9)]  # EAP-IG-like, mixed
 
@@ -89,6 +92,26 @@ def test_chunked_attention_and_its_gradient_equal_the_adapter(family_models):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), dz), grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_checkpointed_pass_on_a_model_split_across_devices(family_models):
+    """Each block's primitives on its own (CPU) device name, as on several GPUs: the same
+    scores, and the blocks' recomputation goes through every block's device."""
+    from tests.integration.test_placement import split
+
+    model = family_models("llama_gqa")
+    one, many = PatchingEngine(model), PatchingEngine(model)
+    log: list = []
+    placement = split(many, log)
+    data = ToyTask(seq_len=10, positions=2).build(model.tokenizer, 2, seed=7)
+    with frozen_parameters(model):
+        want, store, metric = reference_and_store(one, data, None)
+        ck.fill_senders(many.runner, data.corrupted, store, 4)
+        log.clear()
+        got = ck.checkpointed_pass(many.runner, data.clean, data.positions, metric, store, 4)
+    assert_close(model, got, want, 1e-12)
+    moved_to = {entry[1] for entry in log if entry[0] == "move"}
+    assert set(placement.layers) <= moved_to
 
 
 def test_offloaded_store_streams_the_contraction(family_models, monkeypatch):
@@ -165,6 +188,11 @@ def test_engine_takes_the_chunk_the_plan_predicts(family_models, monkeypatch):
                          full.edge_attribution(data, ablation="zero"), 1e-12)
             with pytest.raises(ConfigError, match="'mean' ablation averages"):
                 engine.edge_attribution(data, ablation="mean")
+            # offload on a CPU: the buffer is already in host memory (the same scores)
+            monkeypatch.setattr(engine, "plan_attribution",
+                                lambda *a, **k: dataclasses.replace(plan, offload=True))
+            assert_close(model, engine.edge_attribution(data), full.edge_attribution(data),
+                         1e-12)
     least = memory_plan.checkpointed_minimum(shape, t, 1, 2)
     with pytest.raises(ConfigError, match=f"at least {least} bytes"):
         PatchingEngine(model, memory_budget=least - 1).edge_attribution(data)
