@@ -428,6 +428,7 @@ class MemoryPlan:
             block's activations alive at a time), or ``None`` (the plain gradient pass).
         offload: Whether the sender differences live in host memory (pinned; GPUs only),
             outside the device budget.
+        host: Bytes held in host memory outside the budget (the offloaded sender buffers).
     """
 
     algorithm: str
@@ -453,6 +454,7 @@ class MemoryPlan:
     per_example: int = 0
     position_chunk: int | None = None
     offload: bool = False
+    host: int = 0
 
     @property
     def peak(self) -> int:
@@ -498,7 +500,8 @@ class MemoryPlan:
         if self.position_chunk is not None:
             lines.append(f"  long prompts one block's activations at a time (recomputed), "
                          f"attention in chunks of {self.position_chunk} query positions"
-                         + ("; sender differences in host memory" if self.offload else ""))
+                         + (f"; sender differences in host memory ({gib(self.host)})"
+                            if self.offload else ""))
         if self.forward_units is not None:
             parts = ", ".join(f"{v:g} {k}" for k, v in self.passes.items() if v)
             lines.append(f"  time         about {self.forward_units:.1f} plain forwards of the "
@@ -772,7 +775,7 @@ def checkpointed_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points
                       passes={"forwards": forwards if n_points == 1 else plain,
                               "backwards": n_points,
                               "contraction": round(passes_per_chunk * contraction / hf, 2)},
-                      position_chunk=c, offload=offload)
+                      position_chunk=c, offload=offload, host=n * outputs if offload else 0)
 
 
 def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,

@@ -54,7 +54,8 @@ def test_gpu_puts_the_sender_buffer_in_host_memory_when_short():
     budget = QWEN.weights + row + mp.sender_bytes(QWEN, t) // 2  # half the buffer's room
     on_gpu = mp.attribution_plan(QWEN, 1, t, 1, budget, device="cuda")
     assert on_gpu.offload and on_gpu.peak == QWEN.weights + row <= budget
-    assert "host memory" in on_gpu.summary()
+    assert on_gpu.host == mp.sender_bytes(QWEN, t) and "host memory (4.94 GiB)" in \
+        on_gpu.summary()
     with pytest.raises(ConfigError, match="at least"):  # a CPU has no host memory to spare
         mp.attribution_plan(QWEN, 1, t, 1, budget, device="cpu")
     roomy = mp.attribution_plan(QWEN, 1, t, 1, budget + mp.sender_bytes(QWEN, t),
