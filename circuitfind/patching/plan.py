@@ -79,7 +79,7 @@ _MASKED_PER_TOKEN_MLP = 4
 _TESTS_SENDER_BUFFERS = 1  # a sender-sized buffer per example of passes testing edges (ACDC)
 # checkpointed attribution (long prompts; circuitfind.patching.checkpointed), per token
 _CKPT_RECEIVERS = 1  # a layer's q/k/v receiver gradients [H + 2G, N T, d] (float32 at least)
-_CKPT_PATTERN = 4  # scores, pattern and their gradients of one chunk of queries (float32)
+_CKPT_PATTERN = 2  # scores and pattern of one chunk of queries (float32; eager attention)
 _CKPT_WORK_D = 6  # residual-sized temporaries of a block's no-grad forward or its backward
 #: Smallest query-position chunk the plan proposes for long prompts.
 MIN_POSITION_CHUNK = 16
@@ -652,9 +652,9 @@ def checkpointed_row_bytes(shape: ModelShape, seq_len: int, chunk: int,
     autograd keeps of the block, as in :func:`gradient_row_bytes` but without the attention
     pattern, the hidden units' gradients, and the q/k/v receivers' gradients ``(H + 2G) d``,
     float32 at least); with eager attention (soft-capped scores: Gemma-2), per token of a
-    chunk of ``chunk`` queries the attention scores and pattern over the keys with their
-    gradients (``4 H T``, float32; the fused kernel other families run keeps none, so the
-    chunk changes nothing there); per metric position the vocabulary. Post-norm families
+    chunk of ``chunk`` queries the attention scores and pattern over the keys (``2 H T``,
+    float32, measured on Gemma-2's shape; the fused kernel other families run keeps none, so
+    the chunk changes nothing there); per metric position the vocabulary. Post-norm families
     (Gemma-2) with gradient points (``points``) also keep every layer's heads' differences
     through the norm's Jacobian (``H L d`` per token, float32 at least). Fitted to peaks
     measured on CPU (``benchmarks/results/long_prompts.md``).
