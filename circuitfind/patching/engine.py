@@ -596,6 +596,11 @@ class PatchingEngine:
         budget, and are otherwise recomputed per chunk. Receiver gradients are never held for
         more than one layer: they are contracted with the sender differences inside the
         backward pass. The result does not depend on the split beyond floating-point rounding.
+        Where one example's plain gradient pass does not fit (long prompts), the plan takes
+        the checkpointed pass (:mod:`circuitfind.patching.checkpointed`: one block's
+        activations at a time, attention in chunks of query positions, on a GPU the sender
+        differences in host memory if need be), with the same scores; it supports neither
+        modified backward ``rules`` nor mean ablations.
 
         ``a'_u`` is the ablation value (the corrupted run for resample ablation, zero, or a
         mean over the corrupted examples; see :class:`Ablation`).
