@@ -289,7 +289,37 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", note]
     for extra in result.get("plans", []):
         lines += ["", extra]
+    lines += long_prompt_rows()
     return "\n".join(lines) + "\n"
+
+
+def long_prompt_rows() -> list[str]:
+    """The long-prompt rows (``bench_long_prompts.py``'s results), as a section of lines."""
+    path = ROOT / "benchmarks" / "results" / "long_prompts.json"
+    if not path.exists():
+        return []
+    return ["", "## Long prompts (`bench_long_prompts.py`, `long_prompts.md`)", "",
+            "One example, one torch thread; the plan switches to the checkpointed pass "
+            "(`circuitfind/patching/checkpointed.py`) where one example's plain gradient pass "
+            "does not fit. *chunk*: query positions per attention chunk.", "",
+            *long_prompt_table(json.loads(path.read_text())["rows"])]
+
+
+def long_prompt_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Long-prompt rows as a Markdown table: measured peak and time against the plan."""
+    lines = ["| shape | algorithm | dtype | tokens | budget (GiB) | peak (GiB) | plan (GiB) "
+             "| peak/plan | in budget | chunk | time (fwd) | plan (fwd) | time/plan |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: "
+             "| ---: |"]
+    for r in rows:
+        p = r["plan"]
+        lines.append(
+            f"| {r['shape']} | {r['algorithm']} | {r['dtype']} | {r['seq_len']} | "
+            f"{r['budget'] / GiB:.2f} | {r['peak'] / GiB:.2f} | {p['peak'] / GiB:.2f} | "
+            f"{r['peak'] / p['peak']:.2f} | {'yes' if r['peak'] <= r['budget'] else 'NO'} | "
+            f"{p['position_chunk']} | {r['wall_hf']:.1f} | {p['forward_units']:.1f} | "
+            f"{r['wall_hf'] / p['forward_units']:.2f} |")
+    return lines
 
 
 def machine() -> dict[str, Any]:

@@ -53,6 +53,8 @@ from circuitfind.errors import CircuitFindError, ConfigError, HookError
 from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
+from circuitfind.patching.checkpointed import (SenderStore, checkpointed_pass, fill_senders,
+                                               subtract_senders)
 from circuitfind.patching.masked_pass import receiver_changes
 from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching import plan as memory_plan
@@ -598,6 +600,11 @@ class PatchingEngine:
         budget, and are otherwise recomputed per chunk. Receiver gradients are never held for
         more than one layer: they are contracted with the sender differences inside the
         backward pass. The result does not depend on the split beyond floating-point rounding.
+        Where one example's plain gradient pass does not fit (long prompts), the plan takes
+        the checkpointed pass (:mod:`circuitfind.patching.checkpointed`: one block's
+        activations at a time, attention in chunks of query positions, on a GPU the sender
+        differences in host memory if need be), with the same scores; it supports neither
+        modified backward ``rules`` nor mean ablations.
 
         ``a'_u`` is the ablation value (the corrupted run for resample ablation, zero, or a
         mean over the corrupted examples; see :class:`Ablation`).
@@ -653,8 +660,10 @@ class PatchingEngine:
                 self._node_group(point.node)
         g = self.graph
         n_points = 1 if points is None else len(points)
-        n_chunk, p_chunk, cache = self.attribution_plan(data.n, data.seq_len, n_points, batch_size,
-                                                        int(data.positions.shape[1]))
+        plan = self.plan_attribution(data.n, data.seq_len, n_points, batch_size,
+                                     int(data.positions.shape[1]))
+        n_chunk, p_chunk, cache = plan.examples_per_pass, plan.points_per_pass, \
+            plan.cache_corrupted
         scores = torch.zeros(*([g.n_layers] if drop_each_layer else []), g.n_senders,
                              g.n_receivers, dtype=torch.float64, device=self.device)
         spec = self.ablation if ablation is None else Ablation.parse(ablation)
@@ -663,6 +672,8 @@ class PatchingEngine:
                               f"corrupted run; the {spec.kind!r} ablation is not supported for "
                               "them. Use the resample ablation, or EAP / exact with "
                               f"{spec.kind!r}.")
+        if plan.position_chunk is not None:  # long prompts: one block at a time
+            return self._checkpointed_attribution(data, plan, points, spec, rules)
         clean = self._tokens(data.clean)
         on_device = self.on_device(data)
         with frozen_parameters(self.model, self._parameters), torch.enable_grad():
@@ -729,6 +740,68 @@ class PatchingEngine:
                         logits = self.model(clean[es].repeat(len(chunk), 1))
                         self._metric(logits, sub, data.n * n_points, len(chunk)).backward()
                     check()
+        return (scores * g.edge_mask.to(scores.device)).float().cpu()
+
+    def _checkpointed_attribution(self, data: TaskData, plan: MemoryPlan,
+                                  points: list[GradientPoint] | None, spec: Ablation,
+                                  rules: BackwardRules | None) -> Tensor:
+        """:meth:`edge_attribution` on long prompts, as ``plan`` splits it: per chunk of
+        examples one sender buffer (in host memory where ``plan.offload``) and checkpointed
+        passes with attention in chunks of ``plan.position_chunk`` query positions
+        (:mod:`circuitfind.patching.checkpointed`).
+
+        Raises:
+            ConfigError: modified backward rules, which the checkpointed pass does not apply;
+                a mean ablation (its average over every corrupted example is not held).
+        """
+        if rules is not None and not rules.plain:
+            raise ConfigError(f"Modified backward rules ({rules.describe()}) are not applied by "
+                              "the checkpointed pass that long prompts need under this "
+                              "memory_budget; raise memory_budget or shorten the prompts.")
+        if spec.kind not in ("resample", "zero"):
+            raise ConfigError(f"The {spec.kind!r} ablation averages the corrupted run over all "
+                              "examples, which the checkpointed pass that long prompts need "
+                              "under this memory_budget does not hold; use the resample or "
+                              "zero ablation, or raise memory_budget.")
+        assert self.runner is not None and plan.position_chunk is not None  # see the plan
+        g, runner, chunk = self.graph, self.runner, plan.position_chunk
+        t = self._used_len(data)
+        clean, corrupted = self._tokens(data.clean), self._tokens(data.corrupted)
+        on_device = self.on_device(data)
+        home = self.device
+        where = torch.device("cpu") if plan.offload else home
+        n_points = 1 if points is None else len(points)
+        scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=home)
+        with frozen_parameters(self.model):
+            for e0 in range(0, data.n, plan.examples_per_pass):
+                es = slice(e0, min(data.n, e0 + plan.examples_per_pass))
+                n = es.stop - es.start
+                sub = on_device if n == data.n else on_device.subset(es)
+                store = SenderStore((g.n_senders, n, t, self.d_model), self.dtype, where, home)
+                if spec.kind == "resample":
+                    fill_senders(runner, corrupted[es][:, :t], store, chunk)
+                else:  # zero: nothing to run
+                    store.data.zero_()
+                tokens = clean[es][:, :t]
+                if points is None:
+                    def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
+                        return sub.metric(logits).sum() / data.n
+
+                    scores += checkpointed_pass(runner, tokens, sub.positions, metric, store,
+                                                chunk)
+                    continue
+                subtract_senders(runner, tokens, store, chunk)  # a - a'
+                for p0 in range(0, n_points, plan.points_per_pass):
+                    part = points[p0: p0 + plan.points_per_pass]
+
+                    def part_metric(logits: Tensor, sub: TaskData = sub,
+                                    c: int = len(part)) -> Tensor:
+                        picked = logits.view(c, n, *logits.shape[1:]) if c > 1 else logits
+                        return sub.metric(picked).sum() / (data.n * n_points)
+
+                    scores += checkpointed_pass(runner, tokens, sub.positions, part_metric,
+                                                store, chunk, [(p.node, p.alpha) for p in part])
+                del store
         return (scores * g.edge_mask.to(scores.device)).float().cpu()
 
     def attribution_plan(self, n_examples: int, seq_len: int, n_points: int = 1,

@@ -31,6 +31,13 @@ layers, ``d`` = d_model, ``N`` examples of ``T`` tokens):
 - *workspace*: the transient of building a cache (one run's residual streams beside its sender
   outputs) and the vocabulary-sized temporaries at the metric positions.
 
+Long prompts. Where one example's plain gradient pass does not fit, gradient attribution is
+planned (and run) checkpointed (:func:`checkpointed_plan`,
+:mod:`circuitfind.patching.checkpointed`): *caches* are one sender buffer per example of a
+chunk (in host memory on a GPU that cannot hold it: ``offload``), *activations* every
+block's input and one block's work (:func:`checkpointed_row_bytes`), with attention in
+chunks of ``position_chunk`` query positions.
+
 The coefficients of the per-row terms were fitted to peak resident memory measured on CPU
 (``benchmarks/bench_scale.py``, ``benchmarks/results/scale.md``: within 15% from GPT-2 small
 to Llama-3.2-1B).
@@ -72,6 +79,12 @@ _MASKED_PER_TOKEN_D = 10  # residual-sized tensors of a masked pass's layer
 _MASKED_SPLIT = 2  # per-head q/k/v inputs and their patches, when every receiver is touched
 _MASKED_PER_TOKEN_MLP = 4
 _TESTS_SENDER_BUFFERS = 1  # a sender-sized buffer per example of passes testing edges (ACDC)
+# checkpointed attribution (long prompts; circuitfind.patching.checkpointed), per token
+_CKPT_RECEIVERS = 1  # a layer's q/k/v receiver gradients [H + 2G, N T, d] (float32 at least)
+_CKPT_PATTERN = 2  # scores and pattern of one chunk of queries (float32; eager attention)
+_CKPT_WORK_D = 6  # residual-sized temporaries of a block's no-grad forward or its backward
+#: Smallest query-position chunk the plan proposes for long prompts.
+MIN_POSITION_CHUNK = 16
 
 
 def dtype_bytes(dtype: torch.dtype | str | None) -> int:
@@ -408,6 +421,12 @@ class MemoryPlan:
         passes: What the time is made of (forwards, backwards, masked rows).
         per_example: Bytes the least budget grows by per example (masked passes keep every
             example's caches; gradient attribution chunks them: 0).
+        position_chunk: Gradient attribution on long prompts: query positions per attention
+            chunk of the checkpointed pass (:mod:`circuitfind.patching.checkpointed`; one
+            block's activations alive at a time), or ``None`` (the plain gradient pass).
+        offload: Whether the sender differences live in host memory (pinned; GPUs only),
+            outside the device budget.
+        host: Bytes held in host memory outside the budget (the offloaded sender buffers).
     """
 
     algorithm: str
@@ -431,6 +450,9 @@ class MemoryPlan:
     forward_units: float | None
     passes: dict[str, float] = field(default_factory=dict)
     per_example: int = 0
+    position_chunk: int | None = None
+    offload: bool = False
+    host: int = 0
 
     @property
     def peak(self) -> int:
@@ -461,7 +483,9 @@ class MemoryPlan:
             f"{self.seq_len} tokens, {self.dtype_bytes * 8}-bit values, {self.device}",
             f"  weights      {gib(self.weights)}",
             f"  caches       {gib(self.caches)}"
-            + (("  (corrupted sender outputs of all examples)" if self.cache_corrupted else "")
+            + (("  (corrupted sender outputs of all examples)" if self.cache_corrupted
+                else "  (sender differences of one chunk of examples)"
+                if self.position_chunk is not None and self.caches else "")
                if self.passes.get("backwards") else
                "  (clean, corrupted and fully ablated runs of every example)"),
             f"  activations  {gib(self.activations)}",
@@ -471,6 +495,11 @@ class MemoryPlan:
             f"  chunks       {self.examples_per_pass} examples x {self.points_per_pass} {per} "
             "per pass",
         ]
+        if self.position_chunk is not None:
+            lines.append(f"  long prompts one block's activations at a time (recomputed), "
+                         f"attention in chunks of {self.position_chunk} query positions"
+                         + (f"; sender differences in host memory ({gib(self.host)})"
+                            if self.offload else ""))
         if self.forward_units is not None:
             parts = ", ".join(f"{v:g} {k}" for k, v in self.passes.items() if v)
             lines.append(f"  time         about {self.forward_units:.1f} plain forwards of the "
@@ -521,7 +550,9 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
     chunk holds its sender buffers (``a - a'``, and for gradient points also the plain
     clean run's differences; the corrupted outputs unless cached) and one pass stacks ``p``
     gradient runs of its ``n`` rows (:func:`gradient_row_bytes` each). ``n`` is the largest
-    that fits (at most ``batch_size``), then ``p``.
+    that fits (at most ``batch_size``), then ``p``. Where not even one example's plain
+    gradient pass fits (long prompts: its attention patterns grow as ``T^2``), the run is
+    checkpointed instead (:func:`checkpointed_plan`).
 
     Args:
         shape: The model.
@@ -548,11 +579,16 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
     per_row = gradient_row_bytes(shape, seq_len, positions)
     grad_row = seq_len * _GRAD_RECEIVERS * (1 + shape.n_heads + 2 * shape.n_kv_heads) * \
         shape.d_model * shape.width  # part of per_row: a layer's receiver gradients
-    minimum = shape.weights + (buffers + 1) * outputs + max(per_row,
-                                                           cache_workspace(shape, 1, seq_len))
+    plain_minimum = gradient_pass_minimum(shape, seq_len, n_points, positions)
+    # long prompts: the checkpointed pass needs less (one block's activations at a time)
+    minimum = min(plain_minimum, checkpointed_minimum(shape, seq_len, n_points, positions,
+                                                      device)) if shape.runner else plain_minimum
     if budget < minimum:
         raise refuse(budget, minimum, f"one example of {seq_len} tokens for {algorithm} on "
                                       "this model")
+    if budget < plain_minimum:
+        return checkpointed_plan(shape, n_examples, seq_len, n_points, budget, batch_size,
+                                 positions, algorithm, device, plain_forwards)
     free = budget - shape.weights
     # the corrupted outputs of all N are kept when they fit in half of what the weights leave
     # and the rest still holds one example
@@ -590,6 +626,154 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
                       examples_per_pass=n, points_per_pass=p, cache_corrupted=cache,
                       minimum=minimum, max_examples=None, forward_units=round(units, 2),
                       passes=passes)
+
+
+def gradient_pass_minimum(shape: ModelShape, seq_len: int, n_points: int = 1,
+                          positions: int = 1) -> int:
+    """The least budget of the plain gradient pass (:func:`attribution_plan` without
+    checkpointing): the weights, one example's sender buffers (``a' - a``; for gradient
+    points also ``a - a'``) and corrupted outputs, and one gradient run
+    (:func:`gradient_row_bytes`) or the transient of building a cache, whichever is larger."""
+    buffers = 1 if n_points == 1 else 2
+    return shape.weights + (buffers + 1) * sender_bytes(shape, seq_len) + max(
+        gradient_row_bytes(shape, seq_len, positions), cache_workspace(shape, 1, seq_len))
+
+
+def checkpointed_row_bytes(shape: ModelShape, seq_len: int, chunk: int,
+                           positions: int = 1, points: bool = False) -> int:
+    """Bytes one gradient run of one example holds in the checkpointed pass
+    (:mod:`circuitfind.patching.checkpointed`), its sender buffer aside.
+
+    Per token: every block's input (``(L + 1) d``, kept for the recomputation) and the larger
+    of one block's no-grad forward (the heads' outputs and their differences, ``2 H d``, the
+    MLP's hidden units, a few residual-sized temporaries) and one block's backward (what
+    autograd keeps of the block, as in :func:`gradient_row_bytes` but without the attention
+    pattern, the hidden units' gradients, and the q/k/v receivers' gradients ``(H + 2G) d``,
+    float32 at least); with eager attention (soft-capped scores: Gemma-2), per token of a
+    chunk of ``chunk`` queries the attention scores and pattern over the keys (``2 H T``,
+    float32, measured on Gemma-2's shape; the fused kernel other families run keeps none, so
+    the chunk changes nothing there); per metric position the vocabulary. Post-norm families
+    (Gemma-2) with gradient points (``points``) also keep every layer's heads' differences
+    through the norm's Jacobian (``H L d`` per token, float32 at least). Fitted to peaks
+    measured on CPU (``benchmarks/results/long_prompts.md``).
+    """
+    s = shape
+    w, gw = s.width, max(s.width, 4)
+    d = s.d_model
+    inputs = (s.n_layers + 1) * d * w
+    forward = (2 * s.n_heads + _CKPT_WORK_D) * d * w + s.mlp_mats * s.d_mlp * w
+    saved = ((_GRAD_PER_LAYER_D_RMS if s.rms_norm else _GRAD_PER_LAYER_D) * d
+             + _GRAD_PER_LAYER_QKV * 3 * s.n_heads * s.d_head
+             + _GRAD_PER_LAYER_MLP * s.mlp_mats * s.d_mlp) * w
+    backward = (saved + _CKPT_RECEIVERS * (s.n_heads + 2 * s.n_kv_heads) * d * gw
+                + _CKPT_WORK_D * d * w + s.mlp_mats * s.d_mlp * w)
+    pushed = s.n_heads * s.n_layers * d * gw if (points and s.post_norm) else 0
+    # the fused kernel (scaled_dot_product_attention: flash / memory-efficient, on CPUs and
+    # GPUs) keeps no pattern; eager attention (soft-capped scores) materialises a chunk's
+    attention = (_CKPT_PATTERN * s.n_heads * min(chunk, seq_len) * gw
+                 if s.eager_attention else 0)
+    return (seq_len * (inputs + max(forward, backward) + pushed) + seq_len * attention
+            + _VOCAB_AT_POSITION * s.d_vocab * positions * w)
+
+
+def _position_chunks(seq_len: int) -> list[int]:
+    """The query-position chunks the plan tries, largest first: ``T``, then powers of two
+    down to :data:`MIN_POSITION_CHUNK`."""
+    chunks = [seq_len]
+    c = 1 << (max(1, seq_len - 1).bit_length() - 1)
+    while c >= MIN_POSITION_CHUNK:
+        if c < seq_len:
+            chunks.append(c)
+        c //= 2
+    return chunks
+
+
+def checkpointed_minimum(shape: ModelShape, seq_len: int, n_points: int = 1,
+                         positions: int = 1, device: str = "cpu") -> int:
+    """The least budget of the checkpointed pass: the weights, one example's sender buffer
+    (in host memory on a GPU, :func:`checkpointed_plan`) and one gradient run with
+    attention in chunks of :data:`MIN_POSITION_CHUNK` queries."""
+    store = 0 if device.startswith("cuda") else sender_bytes(shape, seq_len)
+    return shape.weights + store + checkpointed_row_bytes(
+        shape, seq_len, min(seq_len, MIN_POSITION_CHUNK), positions, n_points > 1)
+
+
+def checkpointed_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points: int,
+                      budget: int, batch_size: int | None = None, positions: int = 1,
+                      algorithm: str = "eap", device: str = "cpu",
+                      plain_forwards: int | None = None) -> MemoryPlan:
+    """How gradient attribution splits its work on long prompts, and its peak.
+
+    The checkpointed pass (:mod:`circuitfind.patching.checkpointed`) holds the weights, one
+    sender buffer per example of a chunk (the corrupted run's outputs, turned into the
+    differences in place: ``S T d`` values) and per gradient run what
+    :func:`checkpointed_row_bytes` counts, with attention in chunks of ``c`` query
+    positions: ``c`` is the largest of ``T, 2^k, ..., 16`` with which one example fits,
+    then examples per pass ``n`` (at most ``batch_size``) and gradient runs per pass ``p``.
+    On a GPU (``device`` ``cuda...``) whose budget cannot hold the sender buffer beside one
+    gradient run, the buffer moves to pinned host memory (``offload``: not counted against
+    the device budget; the contraction streams it in chunks of positions).
+
+    Time: the corrupted run and the clean run (which, for EAP, is also the gradient run's
+    forward), then per gradient run a forward (gradient points), the recomputed forward, the
+    backward (about one forward) and one more attention; the contraction as in
+    :func:`attribution_plan`.
+
+    Args:
+        As :func:`attribution_plan`.
+
+    Returns:
+        The :class:`MemoryPlan`, with ``position_chunk`` (and ``offload``) set.
+
+    Raises:
+        ConfigError: not even one example fits with the smallest chunk.
+    """
+    outputs = sender_bytes(shape, seq_len)
+    points = n_points > 1
+    found = None
+    for offload in (False, True) if device.startswith("cuda") else (False,):
+        store = 0 if offload else outputs
+        for c in _position_chunks(seq_len):
+            if shape.weights + store + checkpointed_row_bytes(
+                    shape, seq_len, c, positions, points) <= budget:
+                found = offload, c
+                break
+        if found:
+            break
+    if found is None:
+        least = checkpointed_minimum(shape, seq_len, n_points, positions, device)
+        raise refuse(budget, least, f"one example of {seq_len} tokens for {algorithm} on this "
+                                    "model")
+    offload, c = found
+    store = 0 if offload else outputs
+    row = checkpointed_row_bytes(shape, seq_len, c, positions, points)
+    free = budget - shape.weights
+    n = max(1, min(n_examples, batch_size or n_examples, free // (store + row)))
+    p = max(1, min(n_points, (free - n * store) // (n * row)))
+    grads = n * p * seq_len * _CKPT_RECEIVERS * (shape.n_heads + 2 * shape.n_kv_heads) * \
+        shape.d_model * max(shape.width, 4)
+    hf = _forward_flops(shape, seq_len, 1.0)
+    body = _forward_flops(shape, seq_len, positions / seq_len)
+    attention = 2 * shape.n_layers * shape.n_heads * shape.d_head * seq_len
+    contraction = 2 * shape.d_model * shape.graph.n_edges
+    plain = plain_forwards or (1 if n_points == 1 else 2)
+    passes_per_chunk = math.ceil(n_points / p)
+    forwards = 1 + plain if n_points == 1 else plain  # EAP: + the clean run (the record)
+    units = (forwards * body + n_points * (2 * body + attention)
+             + (0 if n_points == 1 else n_points * body)
+             + passes_per_chunk * contraction) / hf
+    return MemoryPlan(algorithm=algorithm, model=shape.name, device=device,
+                      dtype_bytes=shape.width, examples=n_examples, seq_len=seq_len,
+                      positions=positions, budget=budget, weights=shape.weights,
+                      caches=n * store, activations=n * p * row - grads, gradients=grads,
+                      workspace=0, examples_per_pass=n, points_per_pass=p,
+                      cache_corrupted=False,
+                      minimum=checkpointed_minimum(shape, seq_len, n_points, positions, device),
+                      max_examples=None, forward_units=round(units, 2),
+                      passes={"forwards": forwards if n_points == 1 else plain,
+                              "backwards": n_points,
+                              "contraction": round(passes_per_chunk * contraction / hf, 2)},
+                      position_chunk=c, offload=offload, host=n * outputs if offload else 0)
 
 
 def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
