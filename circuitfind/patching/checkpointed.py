@@ -401,15 +401,15 @@ class _Checkpointed:
         g, lay = self.g, self.lay
         n_qkv = g.n_heads + 2 * g.n_kv_heads
 
-        def backward(x: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+        def backward(x: Tensor, grads: tuple[Tensor, Tensor, Tensor],
+                     outputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
             norm = lay.norm_parts(layer, x)
             gdt = torch.promote_types(x.dtype, torch.float32)
             each = x.new_empty(n_qkv, x.shape[0] * self.t, x.shape[-1], dtype=gdt)
-            lay.qkv_input_grads(layer, norm, (dq, dk, dv), out=each)
-            dx = each.sum(0).view(x.shape).to(x.dtype)
+            dx = lay.qkv_input_grads(layer, norm, grads, out=each, outputs=outputs)
             self.fired.add(f"qkv{layer}")
             self.contract(g.q_start[layer], each)
-            return dx
+            return dx.view(x.shape).to(x.dtype)
         return backward
 
     def scores(self, metric: Any) -> Tensor:
