@@ -41,7 +41,7 @@ recomputed per mask; post_norm_form: 2.2-4.6). The pass is differentiable in ``r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -93,6 +93,19 @@ class PostNormPass:
         # per layer: the summed head outputs S_l [K|1, n, T, d] and PostNorm_l(S_l)
         self.sums: dict[int, Tensor] = {}
         self.normed: dict[int, Tensor] = {}
+        # senders before the start layer: clean in every mask ("static")
+        self.n_static = g.head_start[self.start] if self.start < g.n_layers else g.n_senders
+        self.plain = [0] + [u for u in g.mlp_index if u is not None]  # the input and the MLPs
+        self.clean_sums: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}
+        # the static parts of receiver inputs, kept from pass to pass (see _static_of), for
+        # one data tensor: the engine's memoised ``diff`` (held, so that its memory cannot be
+        # reused under the same address) and the slice of it and the positions in use
+        self.memo = runner.memo
+        self.fresh: dict[Any, Tensor] = {}  # this pass's entries: the next pass's memo
+        if not self.grads:
+            owner = self.diff if self.diff._base is None else self.diff._base
+            self.memo.follow(owner, (self.diff.storage_offset(), tuple(self.diff.shape),
+                                     self.positions.cpu().numpy().tobytes()))
 
     # ------------------------------------------------------------------ the receivers' inputs
     def _rows(self, value: Tensor) -> Tensor:
@@ -106,80 +119,194 @@ class PostNormPass:
         idx = pos.view(*(1,) * (value.ndim - 3), *pos.shape, 1)
         return value.gather(-2, idx.expand(*value.shape[:-3], *pos.shape, self.d))
 
-    def _change(self, us: range, r: int, ks: Tensor) -> Tensor | None:
-        """``sum_u removed[u, r] (a_u - a'_u) + frozen[u, r] (a_u - a_u(clean))`` over the
-        senders ``us`` into receiver ``r``, for the masks ``ks``: ``[k|1, n, T, d]`` (one row
-        where the senders are cached and every mask weighs them alike), or ``None``
-        where these masks remove and freeze none of these edges (and no gradient is taken)."""
-        sl = slice(us.start, us.stop)
-        w_r = self.removed[ks, sl, r]  # [k, U]
-        w_f = None if self.frozen is None else self.frozen[ks, sl, r]
-        if not self.grads and not bool(w_r.ne(0).any()) and (
-                w_f is None or not bool(w_f.ne(0).any())):
-            return None
-        if us.start not in self.removed_diff:  # senders before the start: clean in every mask
-            # one row where every mask has the same mixture (ACDC's base circuit)
-            values = self._rows(self.diff[sl])  # [U, n, T|P, d]
-            out = receiver_changes(w_r[:, :, None], values.reshape(len(us), -1))
-            return out.view(-1, *values.shape[1:])
-        every = len(ks) == self.k
-
-        def rows(diff: Tensor) -> Tensor:  # [k, U, n*T*d] of the masks ks
-            return (diff if every else diff[ks]).reshape(len(ks), len(us), -1)
-
-        removed, frozen = self.removed_diff[us.start], self.frozen_diff.get(us.start)
-        assert removed is not None  # kept whenever an edge of the group is removed or frozen
-        shape = removed.shape[2:]
-        out = receiver_changes(w_r[:, :, None], rows(removed))
-        if w_f is not None:
-            assert frozen is not None
-            out = receiver_changes(w_f[:, :, None], rows(frozen), out)
-        return out.view(len(ks), *shape)
-
-    def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(ks, x_r [k|1, n, T, d])``: the masks ``ks`` that touch receiver ``r`` and its
-        input in each (one row where it is the same in all of them: ``x`` has one row and every
-        term is shared), from the current residual stream ``x [K|1, n, T, d]`` reaching ``r``;
-        ``None`` if no mask touches ``r``."""
-        g, lay = self.g, self.lay
-        ks = self.touched[:, r].nonzero()[:, 0].to(x.device)
-        if not len(ks):
-            return None
-        n_up = int(g.n_upstream[r])
-        xr = x if x.shape[0] == 1 or len(ks) == self.k else x[ks]
-        total: Tensor | None = None
-        # plain senders (the input and the MLPs), each one of eq. (1)
-        for u in [0] + [u for u in g.mlp_index if u is not None and u < n_up]:
-            change = self._change(range(u, u + 1), r, ks)
-            if change is not None:
-                total = change if total is None else total + change
-        # heads, through the post-norm of each layer: D_{l, r}
-        for layer in range(g.n_layers):
-            h0 = g.head_start[layer]
-            if h0 + g.n_heads > n_up:
-                break
-            change = self._change(range(h0, h0 + g.n_heads), r, ks)
-            if change is None:
-                continue
-            s, normed = self._sum(layer, ks)
-            d_lr = normed - lay.post_norm(layer, s - change)
-            total = d_lr if total is None else total + d_lr
-        return ks, xr if total is None else xr - total
-
-    def _sum(self, layer: int, ks: Tensor) -> tuple[Tensor, Tensor]:
-        """``S_l`` and ``PostNorm_l(S_l)`` ``[k|1, n, T, d]`` of ``layer`` for the masks ``ks``:
-        the summed head outputs (with bias) in the current run (the clean run's before the
-        start layer)."""
-        if layer not in self.sums:  # a layer before the start: the clean run
+    def _clean_sum(self, layer: int) -> tuple[Tensor, Tensor]:
+        """``S_l`` and ``PostNorm_l(S_l)`` ``[1, n*T|P*d]`` of a layer before the start (the
+        clean run's summed head outputs with bias), at the pass's current positions."""
+        key = (layer, self.at_pos)
+        if key not in self.clean_sums:
             g = self.g
             h0 = g.head_start[layer]
-            heads = self.cache.senders[h0: h0 + g.n_heads]
-            s = Architecture.attn_from_heads(self.lay, layer, self._rows(heads), 0)[None]
-            self.sums[layer], self.normed[layer] = s, self.lay.post_norm(layer, s)
-        s, normed = self.sums[layer], self.normed[layer]
-        if s.shape[0] == 1 or len(ks) == self.k:
-            return s, normed
-        return s[ks], normed[ks]
+            heads = self._rows(self.cache.senders[h0: h0 + g.n_heads])
+            s = Architecture.attn_from_heads(self.lay, layer, heads, 0)[None]
+            self.clean_sums[key] = (s.reshape(1, -1),
+                                    self.lay.post_norm(layer, s).reshape(1, -1))
+        return self.clean_sums[key]
+
+    def _static_parts(self, cols: Tensor) -> Tensor:
+        """What the senders before the start layer change in receivers with removal weights
+        ``cols [M, n_static]`` over them: ``sum_{u plain} w_u (a_u - a'_u) + sum_{l < start}
+        D_l`` ``[M, n*T|P*d]`` (frozen edges change nothing there: those senders are clean in
+        every mask). Rows whose weights into a layer's heads are all 0 skip its norm (their
+        ``D_l`` is 0)."""
+        g, lay = self.g, self.lay
+        plain = [u for u in self.plain if u < self.n_static]
+        values = self._rows(self.diff[plain])  # [U, n, T|P, d]
+        shape = values.shape[1:]
+        out = cols[:, plain] @ values.reshape(len(plain), -1)
+        for layer in range(self.start):
+            h0 = g.head_start[layer]
+            w = cols[:, h0: h0 + g.n_heads]
+            sel = w.ne(0).any(1) if not self.grads else None
+            if sel is not None:
+                if not bool(sel.any()):
+                    continue
+                if bool(sel.all()):
+                    sel = None
+            heads = self._rows(self.diff[h0: h0 + g.n_heads]).reshape(g.n_heads, -1)
+            s, normed = self._clean_sum(layer)
+            change = (w if sel is None else w[sel]) @ heads  # [m, X]
+            d_l = normed - lay.post_norm(layer, (s - change).view(-1, *shape)).reshape(
+                change.shape)
+            if sel is None:
+                out = out + d_l
+            else:
+                out[sel] += d_l
+        return out
+
+    def _static_of(self, kk: Tensor, rr: Tensor) -> tuple[Tensor, list[int]]:
+        """The static parts (:meth:`_static_parts`) of the (mask, receiver) pairs ``(kk, rr)``:
+        ``(rows [M, X], row of each pair)``, one row per distinct (receiver, weights over the
+        static senders). Rows are kept in the runner's memo from one pass to the next (ACDC's
+        later receivers keep their weights while it tests a layer's edges; the start layer's
+        untested receivers share theirs across masks); only new ones are computed."""
+        dev = self.removed.device
+        cols = self.removed[kk.to(dev), : self.n_static, rr.to(dev)]  # [P, n_static]
+        if self.grads:
+            return self._static_parts(cols), list(range(len(kk)))
+        flat = cols.cpu().numpy()
+        head = (self.n_static, self.at_pos)
+        index: dict[Any, int] = {}
+        order = [index.setdefault((head, r, flat[i].tobytes()), len(index))
+                 for i, r in enumerate(rr.tolist())]
+        found: list[Tensor | None] = [self.memo.entries.get(key) for key in index]
+        missing = [i for i, got in enumerate(found) if got is None]
+        if missing:
+            first: dict[int, int] = {}
+            for p, i in enumerate(order):
+                first.setdefault(i, p)
+            new = self._static_parts(cols[[first[i] for i in missing]])
+            for j, i in enumerate(missing):
+                found[i] = new[j]
+        rows = []
+        for key, got in zip(index, found):
+            assert got is not None  # every missing row was computed above
+            self.fresh[key] = got
+            rows.append(got)
+        return torch.stack(rows), order
+
+    def _dynamic(self, rs: list[int], kk: Tensor, jj: Tensor) -> Tensor | None:
+        """What the senders computed in this pass (at or after the start layer) change in the
+        (mask, receiver) pairs ``(kk, rs[jj])``: ``[P, X]``, or ``None`` where they change
+        nothing. Computed for every (mask, receiver) of the pairs' masks and receivers at once
+        (one batched matmul per sender group, one norm per layer of heads), in chunks of
+        receivers."""
+        g, lay, dev = self.g, self.lay, self.removed.device
+        n_up = int(g.n_upstream[rs].max())
+        if n_up <= self.n_static:
+            return None
+        kset = torch.unique(kk)  # sorted
+        every = len(kset) == self.k
+        kd = kset.to(dev)
+        removed = self.removed if every else self.removed[kd]
+        frozen = None if self.frozen is None else (self.frozen if every else self.frozen[kd])
+
+        def values(store: dict[int, Tensor | None], u: int) -> Tensor | None:
+            value = store.get(u)
+            if value is None:
+                return None
+            value = value if every else value[kd]
+            return value.reshape(value.shape[0], value.shape[1], -1)  # [K', U, X]
+
+        groups = []  # (first sender, size, is a layer of heads)
+        for u in self.plain:
+            if self.n_static <= u < n_up:
+                groups.append((u, 1, None))
+        for layer in range(self.start, g.n_layers):
+            h0 = g.head_start[layer]
+            if h0 + g.n_heads <= n_up:
+                groups.append((h0, g.n_heads, layer))
+        chunk = max(1, 64 // len(kset))
+        parts = []
+        for c0 in range(0, len(rs), chunk):
+            ridx = torch.tensor(rs[c0: c0 + chunk], device=dev)
+            out: Tensor | None = None
+            for u, size, layer in groups:
+                w_r = removed[:, u: u + size][:, :, ridx]  # [K', U, R']
+                w_f = None if frozen is None else frozen[:, u: u + size][:, :, ridx]
+                if not self.grads and not bool(w_r.ne(0).any()) and (
+                        w_f is None or not bool(w_f.ne(0).any())):
+                    continue
+                v_r, v_f = values(self.removed_diff, u), values(self.frozen_diff, u)
+                change = None if v_r is None else receiver_changes(w_r, v_r)
+                if w_f is not None and v_f is not None:
+                    change = receiver_changes(w_f, v_f, change)
+                if change is None:
+                    continue
+                if layer is not None:  # D_l = PostNorm(S_l) - PostNorm(S_l - change)
+                    s, normed = self.sums[layer], self.normed[layer]
+                    if s.shape[0] > 1 and not every:
+                        s, normed = s[kd], normed[kd]
+                    s = s.reshape(s.shape[0], 1, -1)
+                    normed = normed.reshape(normed.shape[0], 1, -1)
+                    shape = self.sums[layer].shape[1:]
+                    change = normed - lay.post_norm(
+                        layer, (s - change).view(-1, *shape)).view(change.shape)
+                out = change if out is None else out + change
+            if out is None:
+                continue
+            parts.append((c0, out))
+        if not parts:
+            return None
+        x_size = parts[0][1].shape[-1]
+        total = parts[0][1].new_zeros(len(kset), len(rs), x_size)
+        for c0, out in parts:
+            total[:, c0: c0 + out.shape[1]] = out
+        return total[torch.searchsorted(kset, kk).to(dev), jj.to(dev)]
+
+    def receiver_inputs(self, rs: list[int], x: Tensor
+                        ) -> tuple[Tensor, list[tuple[int, Tensor, slice]]] | None:
+        """The inputs of the receivers ``rs`` in the masks that touch them, from the current
+        residual stream ``x [K|1, n, T|P, d]`` reaching them: ``(inputs [P', n, T|P, d],
+        [(r, ks, rows of inputs)])`` with ``ks`` the masks touching ``r`` (one row serves them
+        all where ``x`` has one row, nothing computed in the pass reaches ``r`` and every mask
+        weighs its edges alike: the start layer's untested receivers); ``None`` if no mask
+        touches any of them."""
+        sub = self.touched[:, rs]  # [K, R']
+        if not bool(sub.any()):
+            return None
+        dev = x.device
+        jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
+        rr = torch.tensor(rs)[jj]
+        static, order = self._static_of(kk, rr)  # [M, X]
+        dynamic = self._dynamic(rs, kk, jj)
+        x_rows = x.reshape(x.shape[0], -1)
+        counts = torch.bincount(jj, minlength=len(rs)).tolist()
+        pieces = []
+        if dynamic is None and x.shape[0] == 1:
+            rows: list[int] = []
+            p = 0
+            for r, count in zip(rs, counts):
+                if not count:
+                    continue
+                own = order[p: p + count]
+                ks = kk[p: p + count].to(dev)
+                if count == self.k and all(o == own[0] for o in own):
+                    own = own[:1]
+                pieces.append((r, ks, slice(len(rows), len(rows) + len(own))))
+                rows += own
+                p += count
+            inputs = x_rows - static[torch.tensor(rows, device=dev)]
+        else:
+            inputs = x_rows[kk.to(dev) if x.shape[0] > 1 else [0] * len(kk)] - static[
+                torch.tensor(order, device=dev)]
+            if dynamic is not None:
+                inputs = inputs - dynamic
+            p = 0
+            for r, count in zip(rs, counts):
+                if count:
+                    pieces.append((r, kk[p: p + count].to(dev), slice(p, p + count)))
+                    p += count
+        return inputs.view(-1, *x.shape[1:]), pieces
 
     # ------------------------------------------------------------------ the pass
     def _projections(self, layer: int, x: Tensor
@@ -192,12 +319,14 @@ class PostNormPass:
         first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
         count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
         own = {}
-        for kind in "qkv":
-            for i in range(count[kind]):
-                found = self.receiver_input(first[kind] + i, x)
-                if found is not None:
-                    ks, xr = found
-                    own[kind, i] = (ks, lay.project(layer, kind, i, lay.ln_attn(layer, xr)))
+        kind_of = {first[kind] + i: (kind, i) for kind in "qkv" for i in range(count[kind])}
+        found = self.receiver_inputs(list(kind_of), x)
+        if found is not None:
+            inputs, pieces = found
+            normed = lay.ln_attn(layer, inputs)  # one norm for every touched receiver
+            for r, ks, rows in pieces:
+                kind, i = kind_of[r]
+                own[kind, i] = (ks, lay.project(layer, kind, i, normed[rows]))
         return {"q": q, "k": kk, "v": v}, own
 
     def _start_heads(self, layer: int, shared: dict[str, Tensor],
@@ -312,10 +441,7 @@ class PostNormPass:
             xm = (x_in if lay.parallel else x).expand(k, -1, -1, -1)
             r_mlp, u_mlp = g.mlp_receiver[layer], g.mlp_index[layer]
             assert r_mlp is not None and u_mlp is not None  # post-norm families have MLPs
-            found = self.receiver_input(r_mlp, xm)
-            if found is not None:
-                xm = xm.clone()
-                xm[found[0]] = found[1]
+            xm = self._patched(r_mlp, xm)
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             self._computed(u_mlp, m.unsqueeze(1))
             x = x + m
@@ -323,8 +449,17 @@ class PostNormPass:
             self._to_positions()
             x = self._rows(x)
         x = x.expand(k, -1, -1, -1)
-        found = self.receiver_input(g.n_receivers - 1, x)
-        if found is not None:
-            x = x.clone()
-            x[found[0]] = found[1]
+        x = self._patched(g.n_receivers - 1, x)
+        if not self.grads:
+            self.memo.entries = self.fresh  # the next pass reuses this pass's static parts
         return lay.final(x)
+
+    def _patched(self, r: int, x: Tensor) -> Tensor:
+        """``x [K, n, T|P, d]`` with receiver ``r``'s own input in the masks touching it."""
+        found = self.receiver_inputs([r], x)
+        if found is None:
+            return x
+        inputs, [(_, ks, rows)] = found
+        x = x.clone()
+        x[ks] = inputs[rows]
+        return x
