@@ -97,6 +97,15 @@ class PostNormPass:
         self.n_static = g.head_start[self.start] if self.start < g.n_layers else g.n_senders
         self.plain = [0] + [u for u in g.mlp_index if u is not None]  # the input and the MLPs
         self.clean_sums: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}
+        # the post-norm as an RMSNorm of each layer, (scale, eps), where the adapter says so
+        # (the Gram-matrix form of the receivers' norms, _dynamic_gram), and its bases
+        rms = [self.lay.post_norm_rms(layer) for layer in range(g.n_layers)]
+        self.rms = None if any(r is None for r in rms) else rms
+        self.dtype = cache.resid.dtype
+        self.buf: Tensor | None = None  # the basis buffer (_fill), allocated when first read
+        self.grams: dict[int, Tensor] = {}
+        self.filled: set[int] = set()
+        self._columns()
         # the static parts of receiver inputs, kept from pass to pass (see _static_of), for
         # one data tensor: the engine's memoised ``diff`` (held, so that its memory cannot be
         # reused under the same address) and the slice of it and the positions in use
@@ -194,16 +203,20 @@ class PostNormPass:
             rows.append(got)
         return torch.stack(rows), order
 
-    def _dynamic(self, rs: list[int], kk: Tensor, jj: Tensor) -> Tensor | None:
+    def _dynamic(self, rs: list[int], kk: Tensor, jj: Tensor) -> tuple[Tensor, Tensor] | None:
         """What the senders computed in this pass (at or after the start layer) change in the
-        (mask, receiver) pairs ``(kk, rs[jj])``: ``[P, X]``, or ``None`` where they change
-        nothing. Computed for every (mask, receiver) of the pairs' masks and receivers at once
-        (one batched matmul per sender group, one norm per layer of heads), in chunks of
-        receivers."""
+        receivers ``rs`` for the masks of the pairs ``(kk, rs[jj])``: ``(masks K' (sorted),
+        change [K', R', X] (or a ``[K', R', X', d]`` view))``, or ``None`` where they change
+        nothing. Computed for every (mask, receiver) of the pairs' masks and receivers at once:
+        from the layers' Gram matrices (:meth:`_dynamic_gram`) where the post-norm is an
+        RMSNorm and no gradient is taken, else directly (one batched matmul per sender group,
+        one norm per layer of heads, in chunks of receivers)."""
         g, lay, dev = self.g, self.lay, self.removed.device
         n_up = int(g.n_upstream[rs].max())
         if n_up <= self.n_static:
             return None
+        if not self.grads and self.rms is not None:
+            return self._dynamic_gram(rs, kk, jj, n_up)
         kset = torch.unique(kk)  # sorted
         every = len(kset) == self.k
         kd = kset.to(dev)
@@ -261,7 +274,127 @@ class PostNormPass:
         total = parts[0][1].new_zeros(len(kset), len(rs), x_size)
         for c0, out in parts:
             total[:, c0: c0 + out.shape[1]] = out
-        return total[torch.searchsorted(kset, kk).to(dev), jj.to(dev)]
+        return kset, total
+
+    def _columns(self) -> None:
+        """Lay out the basis buffer's columns: per layer from the start, ``S_l``, then each
+        head's ``a_h - a'_h`` (and ``a_h - a_h(clean)`` with frozen edges), then the MLP's
+        (likewise): the senders upstream of any receiver are a prefix of the columns."""
+        g, f = self.g, 1 if self.frozen is None else 2
+        self.col_heads: dict[int, int] = {}
+        self.col_mlp: dict[int, int] = {}
+        # columns before each sender at or after the start: the prefix a receiver reads
+        self.col_before: dict[int, int] = {}
+        j = 0
+        for layer in range(self.start, g.n_layers):
+            h0, u = g.head_start[layer], g.mlp_index[layer]
+            assert u is not None  # post-norm families have MLPs
+            self.col_before[h0] = j
+            self.col_heads[layer], j = j, j + 1 + f * g.n_heads
+            self.col_before[u] = j
+            self.col_mlp[layer], j = j, j + f
+        self.col_before[g.n_senders] = j
+        self.n_cols = j
+
+    def _fill(self, u: int) -> None:
+        """Write the sender group starting at ``u`` (a layer's heads with its ``S_l``, or an
+        MLP), computed in this pass, into the basis buffer ``[K, n*T|P, J, d]`` (scaled by
+        its layer's post-norm scale for heads) and, for heads, their Gram matrices ``[K,
+        n*T|P, J_l, J_l]`` (float64: a mixture's squared norm is read off them by a quadratic
+        form without cancellation at float32 precision). Zero columns where no receiver reads
+        the group."""
+        if u in self.filled:
+            return
+        self.filled.add(u)
+        removed = self.removed_diff.get(u)
+        if removed is None:
+            return
+        g, k, d = self.g, self.k, self.d
+        frozen = self.frozen_diff.get(u)
+        if self.buf is None:
+            x_size = removed.shape[-2] * removed.shape[-3]
+            self.buf = removed.new_zeros(k, x_size, self.n_cols, d)
+        buf = self.buf
+        groups = [removed] if frozen is None else [removed, frozen]
+        layer = next((lv for lv in range(self.start, g.n_layers) if g.head_start[lv] == u), None)
+        if layer is None:  # an MLP
+            layer = next(lv for lv in range(self.start, g.n_layers) if g.mlp_index[lv] == u)
+            for i, value in enumerate(groups):
+                buf[:, :, self.col_mlp[layer] + i] = value.reshape(k, -1, d)
+            return
+        c0, h = self.col_heads[layer], g.n_heads
+        cols = buf[:, :, c0: c0 + 1 + len(groups) * h]  # [K, X', J_l, d]
+        cols[:, :, 0] = self.sums[layer].reshape(self.sums[layer].shape[0], -1, d)
+        for i, value in enumerate(groups):
+            cols[:, :, 1 + i * h: 1 + (i + 1) * h] = value.reshape(k, h, -1, d).transpose(1, 2)
+        v64 = cols.double()
+        self.grams[layer] = v64 @ v64.transpose(-1, -2)
+        cols.mul_(self.rms[layer][0].to(cols.dtype))
+
+    def _dynamic_gram(self, rs: list[int], kk: Tensor, jj: Tensor, n_up: int
+                      ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`_dynamic` through the RMS post-norm's algebra. With ``y = S_l - C`` the
+        receiver's mixture (``C = sum_h w_h (a_h - a'_h)``) and ``inv(y) = 1 / sqrt(mean(y^2)
+        + eps)`` per position, ``D_l = scale (S_l inv(S_l) - y inv(y)) = scale S_l (inv(S_l)
+        - inv(y)) + inv(y) sum_h w_h scale (a_h - a'_h)``: a combination of the layer's basis
+        vectors (:meth:`_fill`) whose coefficients vary by position only through ``inv(y)``,
+        and ``|y|^2 = u^T G u`` with ``u = [1, -w]`` and ``G`` the basis' Gram matrix. Every
+        receiver's change from every computed sender is then one batched matmul per mask and
+        position (coefficients ``[R', J]`` times basis ``[J, d]``, the basis columns of the
+        senders upstream of ``rs``): no per-receiver norm, no per-receiver mixture."""
+        g, dev, d = self.g, self.removed.device, self.d
+        kset = torch.unique(kk)  # sorted
+        every = len(kset) == self.k
+        kd = kset.to(dev)
+        ridx = torch.tensor(rs, device=dev)
+        removed = (self.removed if every else self.removed[kd])[:, :, ridx]  # [K', S, R']
+        frozen = None if self.frozen is None else (
+            self.frozen if every else self.frozen[kd])[:, :, ridx]
+        n_cols = self.col_before[n_up]
+        coef: Tensor | None = None  # [K', X', R', J]
+
+        def coefficients(x_size: int) -> Tensor:
+            nonlocal coef
+            if coef is None:
+                coef = removed.new_zeros(len(kset), x_size, len(rs), n_cols, dtype=self.dtype)
+            return coef
+
+        for layer in range(self.start, g.n_layers):
+            h0, u = g.head_start[layer], g.mlp_index[layer]
+            if h0 >= n_up:
+                break
+            w = removed[:, h0: h0 + g.n_heads]  # [K', H, R']
+            if frozen is not None:
+                w = torch.cat([w, frozen[:, h0: h0 + g.n_heads]], 1)
+            if bool(w.ne(0).any()):
+                self._fill(h0)
+                if layer in self.grams:
+                    gram = self.grams[layer] if every else self.grams[layer][kd]
+                    us = torch.cat([torch.ones_like(w[:, :1]), -w], 1).double()  # [K', J, R']
+                    sq = ((gram @ us[:, None]) * us[:, None]).sum(2)  # [K', X', R']: |y|^2
+                    eps = self.rms[layer][1]
+                    inv = torch.rsqrt(sq / d + eps)
+                    inv_s = torch.rsqrt(gram[..., :1, 0] / d + eps)  # [K', X', 1]
+                    c0 = self.col_heads[layer]
+                    out = coefficients(sq.shape[1])
+                    out[..., c0] = inv_s - inv
+                    out[..., c0 + 1: c0 + w.shape[1] + 1] = (
+                        inv.unsqueeze(-1) * w.double().transpose(1, 2)[:, None])
+            assert u is not None  # post-norm families have MLPs
+            if u >= n_up:
+                break
+            for i, weights in enumerate((removed, frozen)):
+                if weights is None or not bool(weights[:, u].ne(0).any()):
+                    continue
+                self._fill(u)
+                if self.removed_diff.get(u) is not None:
+                    x_size = self.removed_diff[u].shape[-2] * self.n  # type: ignore[union-attr]
+                    coefficients(x_size)[..., self.col_mlp[layer] + i] = weights[:, u, None]
+        if coef is None or self.buf is None:
+            return None
+        basis = self.buf[:, :, :n_cols]
+        out = torch.matmul(coef, basis if every else basis[kd])  # [K', X', R', d]
+        return kset, out.transpose(1, 2)  # [K', R', X', d]
 
     def receiver_inputs(self, rs: list[int], x: Tensor
                         ) -> tuple[Tensor, list[tuple[int, Tensor, slice]]] | None:
@@ -296,17 +429,33 @@ class PostNormPass:
                 rows += own
                 p += count
             inputs = x_rows - static[torch.tensor(rows, device=dev)]
+        elif len(kk) == self.k * len(rs):  # every mask touches every receiver
+            k, n_r = self.k, len(rs)
+            # [R', K|1, X]: one static row per receiver where every mask weighs it alike
+            same = all(len(set(order[j * k: (j + 1) * k])) == 1 for j in range(n_r))
+            idx = torch.tensor(order[::k] if same else order, device=dev)
+            static = static[idx].view(n_r, 1 if same else k, -1)
+            inputs = x_rows[None] - static  # [R', K|1, X]
+            if dynamic is not None:
+                change = dynamic[1].transpose(0, 1)  # [R', K, X(', d)]
+                inputs = torch.sub(inputs.view(n_r, inputs.shape[1], *change.shape[2:]),
+                                   change).view(n_r, k, -1)
+            inputs = inputs.expand(n_r, k, -1)
+            ks = torch.arange(k, device=dev)
+            pieces = [(r, ks, slice(j * k, (j + 1) * k)) for j, r in enumerate(rs)]
         else:
             inputs = x_rows[kk.to(dev) if x.shape[0] > 1 else [0] * len(kk)] - static[
                 torch.tensor(order, device=dev)]
             if dynamic is not None:
-                inputs = inputs - dynamic
+                kset, change = dynamic
+                change = change.reshape(*change.shape[:2], -1)
+                inputs = inputs - change[torch.searchsorted(kset, kk).to(dev), jj.to(dev)]
             p = 0
             for r, count in zip(rs, counts):
                 if count:
                     pieces.append((r, kk[p: p + count].to(dev), slice(p, p + count)))
                     p += count
-        return inputs.view(-1, *x.shape[1:]), pieces
+        return inputs.reshape(-1, *x.shape[1:]), pieces
 
     # ------------------------------------------------------------------ the pass
     def _projections(self, layer: int, x: Tensor
@@ -417,12 +566,23 @@ class PostNormPass:
         """From here on (the last block's MLP and the logits) keep the metric positions only:
         the values computed so far are cut to them."""
         self.at_pos = True
+        if self.buf is not None:  # the basis buffer and Gram matrices, position-major
+            self.buf = self._positions_of(self.buf)
+            self.grams = {layer: self._positions_of(gram) for layer, gram in self.grams.items()}
         for diffs in (self.removed_diff, self.frozen_diff):
             for key, value in diffs.items():
                 diffs[key] = None if value is None else self._rows(value)
         for store in (self.sums, self.normed):
             for key, tensor in store.items():
                 store[key] = self._rows(tensor)
+
+    def _positions_of(self, value: Tensor) -> Tensor:
+        """``value [K, n*T, ...]`` (position-major) at the metric positions, ``[K, n*P,
+        ...]``."""
+        rest = value.shape[2:]
+        value = value.view(value.shape[0], self.n, self.t, -1)
+        pos = self.positions[None, :, :, None].expand(value.shape[0], -1, -1, value.shape[-1])
+        return value.gather(2, pos).view(value.shape[0], -1, *rest)
 
     def logits(self) -> Tensor:
         """``[K, N, P, V]`` logits at the metric positions."""
