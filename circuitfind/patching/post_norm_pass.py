@@ -182,7 +182,7 @@ class PostNormPass:
         cols = self.removed[kk.to(dev), : self.n_static, rr.to(dev)]  # [P, n_static]
         if self.grads:
             return self._static_parts(cols), list(range(len(kk)))
-        flat = cols.cpu().numpy()
+        flat = cols.cpu().double().numpy()  # lossless for every float dtype (bfloat16 too)
         head = (self.n_static, self.at_pos)
         index: dict[Any, int] = {}
         order = [index.setdefault((head, r, flat[i].tobytes()), len(index))
