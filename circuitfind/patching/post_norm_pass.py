@@ -102,7 +102,7 @@ class PostNormPass:
         rms = [self.lay.post_norm_rms(layer) for layer in range(g.n_layers)]
         self.rms = None if any(r is None for r in rms) else rms
         self.dtype = cache.resid.dtype
-        self.buf: Tensor | None = None  # the basis buffer (_fill), allocated when first read
+        self.buf: Tensor | None = None  # the basis buffer (_fill), grown as it is filled
         self.grams: dict[int, Tensor] = {}
         self.filled: set[int] = set()
         self._columns()
@@ -215,7 +215,11 @@ class PostNormPass:
         n_up = int(g.n_upstream[rs].max())
         if n_up <= self.n_static:
             return None
-        if not self.grads and self.rms is not None:
+        if (not self.grads and self.rms is not None
+                and int(torch.unique(kk).numel()) * len(rs) >= self.k):
+            # the Gram form's basis holds every mask: worth it where the pairs' rows are as
+            # many (ACDC's and random circuits' later receivers), not for a few masks'
+            # receiver (exact patching's MLP at the start layer)
             return self._dynamic_gram(rs, kk, jj, n_up)
         kset = torch.unique(kk)  # sorted
         every = len(kset) == self.k
@@ -311,12 +315,17 @@ class PostNormPass:
             return
         g, k, d = self.g, self.k, self.d
         frozen = self.frozen_diff.get(u)
-        if self.buf is None:
-            x_size = removed.shape[-2] * removed.shape[-3]
-            self.buf = removed.new_zeros(k, x_size, self.n_cols, d)
-        buf = self.buf
         groups = [removed] if frozen is None else [removed, frozen]
         layer = next((lv for lv in range(self.start, g.n_layers) if g.head_start[lv] == u), None)
+        # the buffer grows to the columns filled so far (a pass reads a prefix of them)
+        end = (self.col_heads[layer] + 1 + len(groups) * g.n_heads if layer is not None
+               else self.col_before[u] + len(groups))
+        if self.buf is None or self.buf.shape[2] < end:
+            x_size = removed.shape[-2] * removed.shape[-3]
+            old, self.buf = self.buf, removed.new_zeros(k, x_size, end, d)
+            if old is not None:
+                self.buf[:, :, : old.shape[2]] = old
+        buf = self.buf
         if layer is None:  # an MLP
             layer = next(lv for lv in range(self.start, g.n_layers) if g.mlp_index[lv] == u)
             for i, value in enumerate(groups):
@@ -392,8 +401,8 @@ class PostNormPass:
                     coefficients(x_size)[..., self.col_mlp[layer] + i] = weights[:, u, None]
         if coef is None or self.buf is None:
             return None
-        basis = self.buf[:, :, :n_cols]
-        out = torch.matmul(coef, basis if every else basis[kd])  # [K', X', R', d]
+        basis = self.buf[:, :, :n_cols]  # columns of groups never filled have coefficient 0
+        out = torch.matmul(coef[..., : basis.shape[2]], basis if every else basis[kd])
         return kset, out.transpose(1, 2)  # [K', R', X', d]
 
     def receiver_inputs(self, rs: list[int], x: Tensor
