@@ -22,21 +22,39 @@ and MLP nodes (the MLP's output is post-feedforward-normed) are plain senders, a
 This is the receiver input of the EAP-IG library's ``evaluate_graph`` for models with
 ``use_normalization_before_and_after`` (see ``docs/decisions.md``).
 
-Cost. Only the (mask, receiver) pairs a mask touches get their own input: per pair, one
-weighted sum of the senders' differences per touched sender group (each computed group's
-``a - a'`` kept once a layer; the cached senders' shared by all masks, and mixed once where
-every mask weighs them alike) and one norm per upstream layer with a touched head edge, then
-its own norm and projection; every other receiver reads the shared norm and projection. At
-the start layer every mask reads the clean residual, so a head's attention is recomputed only
-for the masks touching its q/k/v, once for all of them where its inputs agree (ACDC's
+Cost. Only the (mask, receiver) pairs a mask touches get their own input, built for all
+touched receivers of a layer (or the MLP, or the logits) at once and normalised and projected
+together, in two parts:
+
+- *static*: what the senders before the start layer change (clean in every mask, so it
+  depends only on the receiver's weights over them): one weighted sum of their differences
+  and one norm per earlier layer with a removed head edge, computed once per distinct weight
+  column and kept in the runner's memo (:class:`~circuitfind.patching.masked_pass.KeptFormMemo`)
+  until the next pass. ACDC tests a layer's edges against receivers after it whose weights do
+  not change from pass to pass, so their static parts are computed once per layer, not once a
+  pass; the start layer's untested receivers share one row across masks.
+- *dynamic*: what the senders computed in the pass change, ``sum_{l >= start} D_{l, r}`` plus
+  the MLPs'. With the post-norm an RMSNorm (:meth:`Architecture.post_norm_rms`), ``D_{l, r}
+  = scale (S_l (inv(S_l) - inv(y)) + inv(y) C)`` for the mixture ``y = S_l - C``, ``C =
+  sum_h w[h, r] (a_h - a'_h)``: a combination of the layer's basis vectors ``S_l`` and ``a_h -
+  a'_h`` whose coefficients vary by position only through ``inv(y) = 1 / sqrt(mean(y^2) +
+  eps)``, and ``|y|^2 = u^T G u`` (``u = [1, -w]``) from the basis' Gram matrix ``G``
+  (float64). A layer's basis and Gram matrices are built once a pass; every receiver group's
+  change is then one batched matmul (coefficients ``[R', J]`` times basis ``[J, d]`` per mask
+  and position), with no per-receiver mixture or norm. Where few masks touch a receiver
+  (exact patching's MLP at the start layer) and with gradients, the norms are computed
+  directly (one batched matmul and one norm per layer of heads).
+
+At the start layer every mask reads the clean residual, so a head's attention is recomputed
+only for the masks touching its q/k/v, once for all of them where its inputs agree (ACDC's
 candidates differ in one receiver); the others keep its cached output. The last block
-computes queries, head outputs, MLP and logits at the metric positions only. None of eq. (1)'s
-linear shortcuts (dense buffers, the kept form over the ablated residual) apply. On a 6-layer
-d256 8-head Gemma-2 (batch 8 x 16, one thread, plain Hugging Face forwards): exact patching
-0.19-0.23 per edge (``MaskedPass.post_norm_form``, which this replaces: 2.3); ACDC-like passes
-0.06 per test into the last layer up to 1.4-2.4 into layer 1 (there every later receiver is
-recomputed per mask; post_norm_form: 2.2-4.6). The pass is differentiable in ``removed`` and
-``frozen`` (every real edge then counts as touched).
+computes queries, head outputs, MLP and logits at the metric positions only. No kept form
+(receivers reading the fully ablated run plus their kept edges): the post-norm of a mixture is
+not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
+so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
+(batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``):
+ACDC 1.0 per test (per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
+is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
 from __future__ import annotations
