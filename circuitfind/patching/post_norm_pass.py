@@ -118,7 +118,8 @@ class PostNormPass:
         # the post-norm as an RMSNorm of each layer, (scale, eps), where the adapter says so
         # (the Gram-matrix form of the receivers' norms, _dynamic_gram), and its bases
         rms = [self.lay.post_norm_rms(layer) for layer in range(g.n_layers)]
-        self.rms = None if any(r is None for r in rms) else rms
+        self.rms: list[tuple[Tensor, float]] | None = (
+            None if any(r is None for r in rms) else [r for r in rms if r is not None])
         self.dtype = cache.resid.dtype
         self.buf: Tensor | None = None  # the basis buffer (_fill), grown as it is filled
         self.grams: dict[int, Tensor] = {}
@@ -252,7 +253,7 @@ class PostNormPass:
             value = value if every else value[kd]
             return value.reshape(value.shape[0], value.shape[1], -1)  # [K', U, X]
 
-        groups = []  # (first sender, size, is a layer of heads)
+        groups: list[tuple[int, int, int | None]] = []  # (first sender, size, heads' layer)
         for u in self.plain:
             if self.n_static <= u < n_up:
                 groups.append((u, 1, None))
@@ -265,7 +266,7 @@ class PostNormPass:
         for c0 in range(0, len(rs), chunk):
             ridx = torch.tensor(rs[c0: c0 + chunk], device=dev)
             out: Tensor | None = None
-            for u, size, layer in groups:
+            for u, size, heads_of in groups:
                 w_r = removed[:, u: u + size][:, :, ridx]  # [K', U, R']
                 w_f = None if frozen is None else frozen[:, u: u + size][:, :, ridx]
                 if not self.grads and not bool(w_r.ne(0).any()) and (
@@ -277,15 +278,15 @@ class PostNormPass:
                     change = receiver_changes(w_f, v_f, change)
                 if change is None:
                     continue
-                if layer is not None:  # D_l = PostNorm(S_l) - PostNorm(S_l - change)
-                    s, normed = self.sums[layer], self.normed[layer]
+                if heads_of is not None:  # D_l = PostNorm(S_l) - PostNorm(S_l - change)
+                    s, normed = self.sums[heads_of], self.normed[heads_of]
                     if s.shape[0] > 1 and not every:
                         s, normed = s[kd], normed[kd]
                     s = s.reshape(s.shape[0], 1, -1)
                     normed = normed.reshape(normed.shape[0], 1, -1)
-                    shape = self.sums[layer].shape[1:]
+                    shape = self.sums[heads_of].shape[1:]
                     change = normed - lay.post_norm(
-                        layer, (s - change).view(-1, *shape)).view(change.shape)
+                        heads_of, (s - change).view(-1, *shape)).view(change.shape)
                 out = change if out is None else out + change
             if out is None:
                 continue
@@ -356,6 +357,7 @@ class PostNormPass:
             cols[:, :, 1 + i * h: 1 + (i + 1) * h] = value.reshape(k, h, -1, d).transpose(1, 2)
         v64 = cols.double()
         self.grams[layer] = v64 @ v64.transpose(-1, -2)
+        assert self.rms is not None  # the Gram form runs only for RMS post-norms
         cols.mul_(self.rms[layer][0].to(cols.dtype))
 
     def _dynamic_gram(self, rs: list[int], kk: Tensor, jj: Tensor, n_up: int
@@ -399,6 +401,7 @@ class PostNormPass:
                     gram = self.grams[layer] if every else self.grams[layer][kd]
                     us = torch.cat([torch.ones_like(w[:, :1]), -w], 1).double()  # [K', J, R']
                     sq = ((gram @ us[:, None]) * us[:, None]).sum(2)  # [K', X', R']: |y|^2
+                    assert self.rms is not None  # as above
                     eps = self.rms[layer][1]
                     inv = torch.rsqrt(sq / d + eps)
                     inv_s = torch.rsqrt(gram[..., :1, 0] / d + eps)  # [K', X', 1]
