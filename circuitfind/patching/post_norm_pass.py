@@ -22,26 +22,44 @@ and MLP nodes (the MLP's output is post-feedforward-normed) are plain senders, a
 This is the receiver input of the EAP-IG library's ``evaluate_graph`` for models with
 ``use_normalization_before_and_after`` (see ``docs/decisions.md``).
 
-Cost. Only the (mask, receiver) pairs a mask touches get their own input: per pair, one
-weighted sum of the senders' differences per touched sender group (each computed group's
-``a - a'`` kept once a layer; the cached senders' shared by all masks, and mixed once where
-every mask weighs them alike) and one norm per upstream layer with a touched head edge, then
-its own norm and projection; every other receiver reads the shared norm and projection. At
-the start layer every mask reads the clean residual, so a head's attention is recomputed only
-for the masks touching its q/k/v, once for all of them where its inputs agree (ACDC's
+Cost. Only the (mask, receiver) pairs a mask touches get their own input, built for all
+touched receivers of a layer (or the MLP, or the logits) at once and normalised and projected
+together, in two parts:
+
+- *static*: what the senders before the start layer change (clean in every mask, so it
+  depends only on the receiver's weights over them): one weighted sum of their differences
+  and one norm per earlier layer with a removed head edge, computed once per distinct weight
+  column and kept in the runner's memo (:class:`~circuitfind.patching.masked_pass.KeptFormMemo`)
+  until the next pass. ACDC tests a layer's edges against receivers after it whose weights do
+  not change from pass to pass, so their static parts are computed once per layer, not once a
+  pass; the start layer's untested receivers share one row across masks.
+- *dynamic*: what the senders computed in the pass change, ``sum_{l >= start} D_{l, r}`` plus
+  the MLPs'. With the post-norm an RMSNorm (:meth:`Architecture.post_norm_rms`), ``D_{l, r}
+  = scale (S_l (inv(S_l) - inv(y)) + inv(y) C)`` for the mixture ``y = S_l - C``, ``C =
+  sum_h w[h, r] (a_h - a'_h)``: a combination of the layer's basis vectors ``S_l`` and ``a_h -
+  a'_h`` whose coefficients vary by position only through ``inv(y) = 1 / sqrt(mean(y^2) +
+  eps)``, and ``|y|^2 = u^T G u`` (``u = [1, -w]``) from the basis' Gram matrix ``G``
+  (float64). A layer's basis and Gram matrices are built once a pass; every receiver group's
+  change is then one batched matmul (coefficients ``[R', J]`` times basis ``[J, d]`` per mask
+  and position), with no per-receiver mixture or norm. Where few masks touch a receiver
+  (exact patching's MLP at the start layer) and with gradients, the norms are computed
+  directly (one batched matmul and one norm per layer of heads).
+
+At the start layer every mask reads the clean residual, so a head's attention is recomputed
+only for the masks touching its q/k/v, once for all of them where its inputs agree (ACDC's
 candidates differ in one receiver); the others keep its cached output. The last block
-computes queries, head outputs, MLP and logits at the metric positions only. None of eq. (1)'s
-linear shortcuts (dense buffers, the kept form over the ablated residual) apply. On a 6-layer
-d256 8-head Gemma-2 (batch 8 x 16, one thread, plain Hugging Face forwards): exact patching
-0.19-0.23 per edge (``MaskedPass.post_norm_form``, which this replaces: 2.3); ACDC-like passes
-0.06 per test into the last layer up to 1.4-2.4 into layer 1 (there every later receiver is
-recomputed per mask; post_norm_form: 2.2-4.6). The pass is differentiable in ``removed`` and
-``frozen`` (every real edge then counts as touched).
+computes queries, head outputs, MLP and logits at the metric positions only. No kept form
+(receivers reading the fully ablated run plus their kept edges): the post-norm of a mixture is
+not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
+so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
+(batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``):
+ACDC 1.0 per test (per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
+is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -93,6 +111,29 @@ class PostNormPass:
         # per layer: the summed head outputs S_l [K|1, n, T, d] and PostNorm_l(S_l)
         self.sums: dict[int, Tensor] = {}
         self.normed: dict[int, Tensor] = {}
+        # senders before the start layer: clean in every mask ("static")
+        self.n_static = g.head_start[self.start] if self.start < g.n_layers else g.n_senders
+        self.plain = [0] + [u for u in g.mlp_index if u is not None]  # the input and the MLPs
+        self.clean_sums: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}
+        # the post-norm as an RMSNorm of each layer, (scale, eps), where the adapter says so
+        # (the Gram-matrix form of the receivers' norms, _dynamic_gram), and its bases
+        rms = [self.lay.post_norm_rms(layer) for layer in range(g.n_layers)]
+        self.rms: list[tuple[Tensor, float]] | None = (
+            None if any(r is None for r in rms) else [r for r in rms if r is not None])
+        self.dtype = cache.resid.dtype
+        self.buf: Tensor | None = None  # the basis buffer (_fill), grown as it is filled
+        self.grams: dict[int, Tensor] = {}
+        self.filled: set[int] = set()
+        self._columns()
+        # the static parts of receiver inputs, kept from pass to pass (see _static_of), for
+        # one data tensor: the engine's memoised ``diff`` (held, so that its memory cannot be
+        # reused under the same address) and the slice of it and the positions in use
+        self.memo = runner.memo
+        self.fresh: dict[Any, Tensor] = {}  # this pass's entries: the next pass's memo
+        if not self.grads:
+            owner = self.diff if self.diff._base is None else self.diff._base
+            self.memo.follow(owner, (self.diff.storage_offset(), tuple(self.diff.shape),
+                                     self.positions.cpu().numpy().tobytes()))
 
     # ------------------------------------------------------------------ the receivers' inputs
     def _rows(self, value: Tensor) -> Tensor:
@@ -106,80 +147,345 @@ class PostNormPass:
         idx = pos.view(*(1,) * (value.ndim - 3), *pos.shape, 1)
         return value.gather(-2, idx.expand(*value.shape[:-3], *pos.shape, self.d))
 
-    def _change(self, us: range, r: int, ks: Tensor) -> Tensor | None:
-        """``sum_u removed[u, r] (a_u - a'_u) + frozen[u, r] (a_u - a_u(clean))`` over the
-        senders ``us`` into receiver ``r``, for the masks ``ks``: ``[k|1, n, T, d]`` (one row
-        where the senders are cached and every mask weighs them alike), or ``None``
-        where these masks remove and freeze none of these edges (and no gradient is taken)."""
-        sl = slice(us.start, us.stop)
-        w_r = self.removed[ks, sl, r]  # [k, U]
-        w_f = None if self.frozen is None else self.frozen[ks, sl, r]
-        if not self.grads and not bool(w_r.ne(0).any()) and (
-                w_f is None or not bool(w_f.ne(0).any())):
-            return None
-        if us.start not in self.removed_diff:  # senders before the start: clean in every mask
-            # one row where every mask has the same mixture (ACDC's base circuit)
-            values = self._rows(self.diff[sl])  # [U, n, T|P, d]
-            out = receiver_changes(w_r[:, :, None], values.reshape(len(us), -1))
-            return out.view(-1, *values.shape[1:])
-        every = len(ks) == self.k
-
-        def rows(diff: Tensor) -> Tensor:  # [k, U, n*T*d] of the masks ks
-            return (diff if every else diff[ks]).reshape(len(ks), len(us), -1)
-
-        removed, frozen = self.removed_diff[us.start], self.frozen_diff.get(us.start)
-        assert removed is not None  # kept whenever an edge of the group is removed or frozen
-        shape = removed.shape[2:]
-        out = receiver_changes(w_r[:, :, None], rows(removed))
-        if w_f is not None:
-            assert frozen is not None
-            out = receiver_changes(w_f[:, :, None], rows(frozen), out)
-        return out.view(len(ks), *shape)
-
-    def receiver_input(self, r: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(ks, x_r [k|1, n, T, d])``: the masks ``ks`` that touch receiver ``r`` and its
-        input in each (one row where it is the same in all of them: ``x`` has one row and every
-        term is shared), from the current residual stream ``x [K|1, n, T, d]`` reaching ``r``;
-        ``None`` if no mask touches ``r``."""
-        g, lay = self.g, self.lay
-        ks = self.touched[:, r].nonzero()[:, 0].to(x.device)
-        if not len(ks):
-            return None
-        n_up = int(g.n_upstream[r])
-        xr = x if x.shape[0] == 1 or len(ks) == self.k else x[ks]
-        total: Tensor | None = None
-        # plain senders (the input and the MLPs), each one of eq. (1)
-        for u in [0] + [u for u in g.mlp_index if u is not None and u < n_up]:
-            change = self._change(range(u, u + 1), r, ks)
-            if change is not None:
-                total = change if total is None else total + change
-        # heads, through the post-norm of each layer: D_{l, r}
-        for layer in range(g.n_layers):
-            h0 = g.head_start[layer]
-            if h0 + g.n_heads > n_up:
-                break
-            change = self._change(range(h0, h0 + g.n_heads), r, ks)
-            if change is None:
-                continue
-            s, normed = self._sum(layer, ks)
-            d_lr = normed - lay.post_norm(layer, s - change)
-            total = d_lr if total is None else total + d_lr
-        return ks, xr if total is None else xr - total
-
-    def _sum(self, layer: int, ks: Tensor) -> tuple[Tensor, Tensor]:
-        """``S_l`` and ``PostNorm_l(S_l)`` ``[k|1, n, T, d]`` of ``layer`` for the masks ``ks``:
-        the summed head outputs (with bias) in the current run (the clean run's before the
-        start layer)."""
-        if layer not in self.sums:  # a layer before the start: the clean run
+    def _clean_sum(self, layer: int) -> tuple[Tensor, Tensor]:
+        """``S_l`` and ``PostNorm_l(S_l)`` ``[1, n*T|P*d]`` of a layer before the start (the
+        clean run's summed head outputs with bias), at the pass's current positions."""
+        key = (layer, self.at_pos)
+        if key not in self.clean_sums:
             g = self.g
             h0 = g.head_start[layer]
-            heads = self.cache.senders[h0: h0 + g.n_heads]
-            s = Architecture.attn_from_heads(self.lay, layer, self._rows(heads), 0)[None]
-            self.sums[layer], self.normed[layer] = s, self.lay.post_norm(layer, s)
-        s, normed = self.sums[layer], self.normed[layer]
-        if s.shape[0] == 1 or len(ks) == self.k:
-            return s, normed
-        return s[ks], normed[ks]
+            heads = self._rows(self.cache.senders[h0: h0 + g.n_heads])
+            s = Architecture.attn_from_heads(self.lay, layer, heads, 0)[None]
+            self.clean_sums[key] = (s.reshape(1, -1),
+                                    self.lay.post_norm(layer, s).reshape(1, -1))
+        return self.clean_sums[key]
+
+    def _static_parts(self, cols: Tensor) -> Tensor:
+        """What the senders before the start layer change in receivers with removal weights
+        ``cols [M, n_static]`` over them: ``sum_{u plain} w_u (a_u - a'_u) + sum_{l < start}
+        D_l`` ``[M, n*T|P*d]`` (frozen edges change nothing there: those senders are clean in
+        every mask). Rows whose weights into a layer's heads are all 0 skip its norm (their
+        ``D_l`` is 0)."""
+        g, lay = self.g, self.lay
+        plain = [u for u in self.plain if u < self.n_static]
+        values = self._rows(self.diff[plain])  # [U, n, T|P, d]
+        shape = values.shape[1:]
+        out = cols[:, plain] @ values.reshape(len(plain), -1)
+        for layer in range(self.start):
+            h0 = g.head_start[layer]
+            w = cols[:, h0: h0 + g.n_heads]
+            sel = w.ne(0).any(1) if not self.grads else None
+            if sel is not None:
+                if not bool(sel.any()):
+                    continue
+                if bool(sel.all()):
+                    sel = None
+            heads = self._rows(self.diff[h0: h0 + g.n_heads]).reshape(g.n_heads, -1)
+            s, normed = self._clean_sum(layer)
+            change = (w if sel is None else w[sel]) @ heads  # [m, X]
+            d_l = normed - lay.post_norm(layer, (s - change).view(-1, *shape)).reshape(
+                change.shape)
+            if sel is None:
+                out = out + d_l
+            else:
+                out[sel] += d_l
+        return out
+
+    def _static_of(self, kk: Tensor, rr: Tensor) -> tuple[Tensor, list[int]]:
+        """The static parts (:meth:`_static_parts`) of the (mask, receiver) pairs ``(kk, rr)``:
+        ``(rows [M, X], row of each pair)``, one row per distinct (receiver, weights over the
+        static senders). Rows are kept in the runner's memo from one pass to the next (ACDC's
+        later receivers keep their weights while it tests a layer's edges; the start layer's
+        untested receivers share theirs across masks); only new ones are computed."""
+        dev = self.removed.device
+        cols = self.removed[kk.to(dev), : self.n_static, rr.to(dev)]  # [P, n_static]
+        if self.grads:
+            return self._static_parts(cols), list(range(len(kk)))
+        flat = cols.cpu().double().numpy()  # lossless for every float dtype (bfloat16 too)
+        head = (self.n_static, self.at_pos)
+        index: dict[Any, int] = {}
+        order = [index.setdefault((head, r, flat[i].tobytes()), len(index))
+                 for i, r in enumerate(rr.tolist())]
+        found: list[Tensor | None] = [self.memo.entries.get(key) for key in index]
+        missing = [i for i, got in enumerate(found) if got is None]
+        if missing:
+            first: dict[int, int] = {}
+            for p, i in enumerate(order):
+                first.setdefault(i, p)
+            new = self._static_parts(cols[[first[i] for i in missing]])
+            for j, i in enumerate(missing):
+                found[i] = new[j]
+        rows = []
+        for key, got in zip(index, found):
+            assert got is not None  # every missing row was computed above
+            self.fresh[key] = got
+            rows.append(got)
+        return torch.stack(rows), order
+
+    def _dynamic(self, rs: list[int], kk: Tensor, jj: Tensor) -> tuple[Tensor, Tensor] | None:
+        """What the senders computed in this pass (at or after the start layer) change in the
+        receivers ``rs`` for the masks of the pairs ``(kk, rs[jj])``: ``(masks K' (sorted),
+        change [K', R', X] (or a ``[K', R', X', d]`` view))``, or ``None`` where they change
+        nothing. Computed for every (mask, receiver) of the pairs' masks and receivers at once:
+        from the layers' Gram matrices (:meth:`_dynamic_gram`) where the post-norm is an
+        RMSNorm and no gradient is taken, else directly (one batched matmul per sender group,
+        one norm per layer of heads, in chunks of receivers)."""
+        g, lay, dev = self.g, self.lay, self.removed.device
+        n_up = int(g.n_upstream[rs].max())
+        if n_up <= self.n_static:
+            return None
+        if (not self.grads and self.rms is not None
+                and int(torch.unique(kk).numel()) * len(rs) >= self.k):
+            # the Gram form's basis holds every mask: worth it where the pairs' rows are as
+            # many (ACDC's and random circuits' later receivers), not for a few masks'
+            # receiver (exact patching's MLP at the start layer)
+            return self._dynamic_gram(rs, kk, jj, n_up)
+        kset = torch.unique(kk)  # sorted
+        every = len(kset) == self.k
+        kd = kset.to(dev)
+        removed = self.removed if every else self.removed[kd]
+        frozen = None if self.frozen is None else (self.frozen if every else self.frozen[kd])
+
+        def values(store: dict[int, Tensor | None], u: int) -> Tensor | None:
+            value = store.get(u)
+            if value is None:
+                return None
+            value = value if every else value[kd]
+            return value.reshape(value.shape[0], value.shape[1], -1)  # [K', U, X]
+
+        groups: list[tuple[int, int, int | None]] = []  # (first sender, size, heads' layer)
+        for u in self.plain:
+            if self.n_static <= u < n_up:
+                groups.append((u, 1, None))
+        for layer in range(self.start, g.n_layers):
+            h0 = g.head_start[layer]
+            if h0 + g.n_heads <= n_up:
+                groups.append((h0, g.n_heads, layer))
+        chunk = max(1, 64 // len(kset))
+        parts = []
+        for c0 in range(0, len(rs), chunk):
+            ridx = torch.tensor(rs[c0: c0 + chunk], device=dev)
+            out: Tensor | None = None
+            for u, size, heads_of in groups:
+                w_r = removed[:, u: u + size][:, :, ridx]  # [K', U, R']
+                w_f = None if frozen is None else frozen[:, u: u + size][:, :, ridx]
+                if not self.grads and not bool(w_r.ne(0).any()) and (
+                        w_f is None or not bool(w_f.ne(0).any())):
+                    continue
+                v_r, v_f = values(self.removed_diff, u), values(self.frozen_diff, u)
+                change = None if v_r is None else receiver_changes(w_r, v_r)
+                if w_f is not None and v_f is not None:
+                    change = receiver_changes(w_f, v_f, change)
+                if change is None:
+                    continue
+                if heads_of is not None:  # D_l = PostNorm(S_l) - PostNorm(S_l - change)
+                    s, normed = self.sums[heads_of], self.normed[heads_of]
+                    if s.shape[0] > 1 and not every:
+                        s, normed = s[kd], normed[kd]
+                    s = s.reshape(s.shape[0], 1, -1)
+                    normed = normed.reshape(normed.shape[0], 1, -1)
+                    shape = self.sums[heads_of].shape[1:]
+                    change = normed - lay.post_norm(
+                        heads_of, (s - change).view(-1, *shape)).view(change.shape)
+                out = change if out is None else out + change
+            if out is None:
+                continue
+            parts.append((c0, out))
+        if not parts:
+            return None
+        x_size = parts[0][1].shape[-1]
+        total = parts[0][1].new_zeros(len(kset), len(rs), x_size)
+        for c0, out in parts:
+            total[:, c0: c0 + out.shape[1]] = out
+        return kset, total
+
+    def _columns(self) -> None:
+        """Lay out the basis buffer's columns: per layer from the start, ``S_l``, then each
+        head's ``a_h - a'_h`` (and ``a_h - a_h(clean)`` with frozen edges), then the MLP's
+        (likewise): the senders upstream of any receiver are a prefix of the columns."""
+        g, f = self.g, 1 if self.frozen is None else 2
+        self.col_heads: dict[int, int] = {}
+        self.col_mlp: dict[int, int] = {}
+        # columns before each sender at or after the start: the prefix a receiver reads
+        self.col_before: dict[int, int] = {}
+        j = 0
+        for layer in range(self.start, g.n_layers):
+            h0, u = g.head_start[layer], g.mlp_index[layer]
+            assert u is not None  # post-norm families have MLPs
+            self.col_before[h0] = j
+            self.col_heads[layer], j = j, j + 1 + f * g.n_heads
+            self.col_before[u] = j
+            self.col_mlp[layer], j = j, j + f
+        self.col_before[g.n_senders] = j
+        self.n_cols = j
+
+    def _fill(self, u: int) -> None:
+        """Write the sender group starting at ``u`` (a layer's heads with its ``S_l``, or an
+        MLP), computed in this pass, into the basis buffer ``[K, n*T|P, J, d]`` (scaled by
+        its layer's post-norm scale for heads) and, for heads, their Gram matrices ``[K,
+        n*T|P, J_l, J_l]`` (float64: a mixture's squared norm is read off them by a quadratic
+        form without cancellation at float32 precision). Zero columns where no receiver reads
+        the group."""
+        if u in self.filled:
+            return
+        self.filled.add(u)
+        removed = self.removed_diff.get(u)
+        if removed is None:
+            return
+        g, k, d = self.g, self.k, self.d
+        frozen = self.frozen_diff.get(u)
+        groups = [removed] if frozen is None else [removed, frozen]
+        layer = next((lv for lv in range(self.start, g.n_layers) if g.head_start[lv] == u), None)
+        # the buffer grows to the columns filled so far (a pass reads a prefix of them)
+        end = (self.col_heads[layer] + 1 + len(groups) * g.n_heads if layer is not None
+               else self.col_before[u] + len(groups))
+        if self.buf is None or self.buf.shape[2] < end:
+            x_size = removed.shape[-2] * removed.shape[-3]
+            old, self.buf = self.buf, removed.new_zeros(k, x_size, end, d)
+            if old is not None:
+                self.buf[:, :, : old.shape[2]] = old
+        buf = self.buf
+        if layer is None:  # an MLP
+            layer = next(lv for lv in range(self.start, g.n_layers) if g.mlp_index[lv] == u)
+            for i, value in enumerate(groups):
+                buf[:, :, self.col_mlp[layer] + i] = value.reshape(k, -1, d)
+            return
+        c0, h = self.col_heads[layer], g.n_heads
+        cols = buf[:, :, c0: c0 + 1 + len(groups) * h]  # [K, X', J_l, d]
+        cols[:, :, 0] = self.sums[layer].reshape(self.sums[layer].shape[0], -1, d)
+        for i, value in enumerate(groups):
+            cols[:, :, 1 + i * h: 1 + (i + 1) * h] = value.reshape(k, h, -1, d).transpose(1, 2)
+        v64 = cols.double()
+        self.grams[layer] = v64 @ v64.transpose(-1, -2)
+        assert self.rms is not None  # the Gram form runs only for RMS post-norms
+        cols.mul_(self.rms[layer][0].to(cols.dtype))
+
+    def _dynamic_gram(self, rs: list[int], kk: Tensor, jj: Tensor, n_up: int
+                      ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`_dynamic` through the RMS post-norm's algebra. With ``y = S_l - C`` the
+        receiver's mixture (``C = sum_h w_h (a_h - a'_h)``) and ``inv(y) = 1 / sqrt(mean(y^2)
+        + eps)`` per position, ``D_l = scale (S_l inv(S_l) - y inv(y)) = scale S_l (inv(S_l)
+        - inv(y)) + inv(y) sum_h w_h scale (a_h - a'_h)``: a combination of the layer's basis
+        vectors (:meth:`_fill`) whose coefficients vary by position only through ``inv(y)``,
+        and ``|y|^2 = u^T G u`` with ``u = [1, -w]`` and ``G`` the basis' Gram matrix. Every
+        receiver's change from every computed sender is then one batched matmul per mask and
+        position (coefficients ``[R', J]`` times basis ``[J, d]``, the basis columns of the
+        senders upstream of ``rs``): no per-receiver norm, no per-receiver mixture."""
+        g, dev, d = self.g, self.removed.device, self.d
+        kset = torch.unique(kk)  # sorted
+        every = len(kset) == self.k
+        kd = kset.to(dev)
+        ridx = torch.tensor(rs, device=dev)
+        removed = (self.removed if every else self.removed[kd])[:, :, ridx]  # [K', S, R']
+        frozen = None if self.frozen is None else (
+            self.frozen if every else self.frozen[kd])[:, :, ridx]
+        n_cols = self.col_before[n_up]
+        coef: Tensor | None = None  # [K', X', R', J]
+
+        def coefficients(x_size: int) -> Tensor:
+            nonlocal coef
+            if coef is None:
+                coef = removed.new_zeros(len(kset), x_size, len(rs), n_cols, dtype=self.dtype)
+            return coef
+
+        for layer in range(self.start, g.n_layers):
+            h0, u = g.head_start[layer], g.mlp_index[layer]
+            if h0 >= n_up:
+                break
+            w = removed[:, h0: h0 + g.n_heads]  # [K', H, R']
+            if frozen is not None:
+                w = torch.cat([w, frozen[:, h0: h0 + g.n_heads]], 1)
+            if bool(w.ne(0).any()):
+                self._fill(h0)
+                if layer in self.grams:
+                    gram = self.grams[layer] if every else self.grams[layer][kd]
+                    us = torch.cat([torch.ones_like(w[:, :1]), -w], 1).double()  # [K', J, R']
+                    sq = ((gram @ us[:, None]) * us[:, None]).sum(2)  # [K', X', R']: |y|^2
+                    assert self.rms is not None  # as above
+                    eps = self.rms[layer][1]
+                    inv = torch.rsqrt(sq / d + eps)
+                    inv_s = torch.rsqrt(gram[..., :1, 0] / d + eps)  # [K', X', 1]
+                    c0 = self.col_heads[layer]
+                    out = coefficients(sq.shape[1])
+                    out[..., c0] = inv_s - inv
+                    out[..., c0 + 1: c0 + w.shape[1] + 1] = (
+                        inv.unsqueeze(-1) * w.double().transpose(1, 2)[:, None])
+            assert u is not None  # post-norm families have MLPs
+            if u >= n_up:
+                break
+            for i, weights in enumerate((removed, frozen)):
+                if weights is None or not bool(weights[:, u].ne(0).any()):
+                    continue
+                self._fill(u)
+                if self.removed_diff.get(u) is not None:
+                    x_size = self.removed_diff[u].shape[-2] * self.n  # type: ignore[union-attr]
+                    coefficients(x_size)[..., self.col_mlp[layer] + i] = weights[:, u, None]
+        if coef is None or self.buf is None:
+            return None
+        basis = self.buf[:, :, :n_cols]  # columns of groups never filled have coefficient 0
+        out = torch.matmul(coef[..., : basis.shape[2]], basis if every else basis[kd])
+        return kset, out.transpose(1, 2)  # [K', R', X', d]
+
+    def receiver_inputs(self, rs: list[int], x: Tensor
+                        ) -> tuple[Tensor, list[tuple[int, Tensor, slice]]] | None:
+        """The inputs of the receivers ``rs`` in the masks that touch them, from the current
+        residual stream ``x [K|1, n, T|P, d]`` reaching them: ``(inputs [P', n, T|P, d],
+        [(r, ks, rows of inputs)])`` with ``ks`` the masks touching ``r`` (one row serves them
+        all where ``x`` has one row, nothing computed in the pass reaches ``r`` and every mask
+        weighs its edges alike: the start layer's untested receivers); ``None`` if no mask
+        touches any of them."""
+        sub = self.touched[:, rs]  # [K, R']
+        if not bool(sub.any()):
+            return None
+        dev = x.device
+        jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
+        rr = torch.tensor(rs)[jj]
+        static, order = self._static_of(kk, rr)  # [M, X]
+        dynamic = self._dynamic(rs, kk, jj)
+        x_rows = x.reshape(x.shape[0], -1)
+        counts = torch.bincount(jj, minlength=len(rs)).tolist()
+        pieces = []
+        if dynamic is None and x.shape[0] == 1:
+            rows: list[int] = []
+            p = 0
+            for r, count in zip(rs, counts):
+                if not count:
+                    continue
+                own = order[p: p + count]
+                ks = kk[p: p + count].to(dev)
+                if count == self.k and all(o == own[0] for o in own):
+                    own = own[:1]
+                pieces.append((r, ks, slice(len(rows), len(rows) + len(own))))
+                rows += own
+                p += count
+            inputs = x_rows - static[torch.tensor(rows, device=dev)]
+        elif len(kk) == self.k * len(rs):  # every mask touches every receiver
+            k, n_r = self.k, len(rs)
+            # [R', K|1, X]: one static row per receiver where every mask weighs it alike
+            same = all(len(set(order[j * k: (j + 1) * k])) == 1 for j in range(n_r))
+            idx = torch.tensor(order[::k] if same else order, device=dev)
+            static = static[idx].view(n_r, 1 if same else k, -1)
+            inputs = x_rows[None] - static  # [R', K|1, X]
+            if dynamic is not None:
+                change = dynamic[1].transpose(0, 1)  # [R', K, X(', d)]
+                inputs = torch.sub(inputs.view(n_r, inputs.shape[1], *change.shape[2:]),
+                                   change).view(n_r, k, -1)
+            inputs = inputs.expand(n_r, k, -1)
+            ks = torch.arange(k, device=dev)
+            pieces = [(r, ks, slice(j * k, (j + 1) * k)) for j, r in enumerate(rs)]
+        else:
+            inputs = x_rows[kk.to(dev) if x.shape[0] > 1 else [0] * len(kk)] - static[
+                torch.tensor(order, device=dev)]
+            if dynamic is not None:
+                kset, change = dynamic
+                change = change.reshape(*change.shape[:2], -1)
+                inputs = inputs - change[torch.searchsorted(kset, kk).to(dev), jj.to(dev)]
+            p = 0
+            for r, count in zip(rs, counts):
+                if count:
+                    pieces.append((r, kk[p: p + count].to(dev), slice(p, p + count)))
+                    p += count
+        return inputs.reshape(-1, *x.shape[1:]), pieces
 
     # ------------------------------------------------------------------ the pass
     def _projections(self, layer: int, x: Tensor
@@ -192,12 +498,14 @@ class PostNormPass:
         first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
         count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
         own = {}
-        for kind in "qkv":
-            for i in range(count[kind]):
-                found = self.receiver_input(first[kind] + i, x)
-                if found is not None:
-                    ks, xr = found
-                    own[kind, i] = (ks, lay.project(layer, kind, i, lay.ln_attn(layer, xr)))
+        kind_of = {first[kind] + i: (kind, i) for kind in "qkv" for i in range(count[kind])}
+        found = self.receiver_inputs(list(kind_of), x)
+        if found is not None:
+            inputs, pieces = found
+            normed = lay.ln_attn(layer, inputs)  # one norm for every touched receiver
+            for r, ks, rows in pieces:
+                kind, i = kind_of[r]
+                own[kind, i] = (ks, lay.project(layer, kind, i, normed[rows]))
         return {"q": q, "k": kk, "v": v}, own
 
     def _start_heads(self, layer: int, shared: dict[str, Tensor],
@@ -288,12 +596,23 @@ class PostNormPass:
         """From here on (the last block's MLP and the logits) keep the metric positions only:
         the values computed so far are cut to them."""
         self.at_pos = True
+        if self.buf is not None:  # the basis buffer and Gram matrices, position-major
+            self.buf = self._positions_of(self.buf)
+            self.grams = {layer: self._positions_of(gram) for layer, gram in self.grams.items()}
         for diffs in (self.removed_diff, self.frozen_diff):
             for key, value in diffs.items():
                 diffs[key] = None if value is None else self._rows(value)
         for store in (self.sums, self.normed):
             for key, tensor in store.items():
                 store[key] = self._rows(tensor)
+
+    def _positions_of(self, value: Tensor) -> Tensor:
+        """``value [K, n*T, ...]`` (position-major) at the metric positions, ``[K, n*P,
+        ...]``."""
+        rest = value.shape[2:]
+        value = value.view(value.shape[0], self.n, self.t, -1)
+        pos = self.positions[None, :, :, None].expand(value.shape[0], -1, -1, value.shape[-1])
+        return value.gather(2, pos).view(value.shape[0], -1, *rest)
 
     def logits(self) -> Tensor:
         """``[K, N, P, V]`` logits at the metric positions."""
@@ -312,10 +631,7 @@ class PostNormPass:
             xm = (x_in if lay.parallel else x).expand(k, -1, -1, -1)
             r_mlp, u_mlp = g.mlp_receiver[layer], g.mlp_index[layer]
             assert r_mlp is not None and u_mlp is not None  # post-norm families have MLPs
-            found = self.receiver_input(r_mlp, xm)
-            if found is not None:
-                xm = xm.clone()
-                xm[found[0]] = found[1]
+            xm = self._patched(r_mlp, xm)
             m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             self._computed(u_mlp, m.unsqueeze(1))
             x = x + m
@@ -323,8 +639,17 @@ class PostNormPass:
             self._to_positions()
             x = self._rows(x)
         x = x.expand(k, -1, -1, -1)
-        found = self.receiver_input(g.n_receivers - 1, x)
-        if found is not None:
-            x = x.clone()
-            x[found[0]] = found[1]
+        x = self._patched(g.n_receivers - 1, x)
+        if not self.grads:
+            self.memo.entries = self.fresh  # the next pass reuses this pass's static parts
         return lay.final(x)
+
+    def _patched(self, r: int, x: Tensor) -> Tensor:
+        """``x [K, n, T|P, d]`` with receiver ``r``'s own input in the masks touching it."""
+        found = self.receiver_inputs([r], x)
+        if found is None:
+            return x
+        inputs, [(_, ks, rows)] = found
+        x = x.clone()
+        x[ks] = inputs[rows]
+        return x

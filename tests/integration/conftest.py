@@ -20,6 +20,8 @@ MODEL_SPECS = {
     "gpt2": dict(arch="gpt2", n_layers=2, n_heads=4, seed=0),
     "llama": dict(arch="llama", n_layers=2, n_heads=4, seed=1),
     "llama_gqa": dict(arch="llama", n_layers=3, n_heads=4, n_kv_heads=2, seed=2),
+    # post-attention and post-MLP norms, soft-capping, local and global layers
+    "gemma2": dict(arch="gemma2", n_layers=3, n_heads=4, n_kv_heads=2, seed=9),
 }
 
 

@@ -29,8 +29,10 @@ from bridge_reference import metric_with_hooks, receiver_hook
 from tolerances import assert_close
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gemma2"])
 def test_single_edge_path_patch_equals_exact(tiny_models, name):
+    """One sender into one receiver, every other path frozen to the clean run (for Gemma-2
+    through the receivers' post-norm mixtures), scores each edge as exact patching does."""
     model = tiny_models(name)
     data = ToyTask(positions=2).build(model.tokenizer, 3, seed=8)
     engine = PatchingEngine(model)
@@ -40,7 +42,8 @@ def test_single_edge_path_patch_equals_exact(tiny_models, name):
     receivers = [[g.receivers[r].name] for r in g.edge_pairs[:, 1].tolist()]
     got = cf.path_patch(engine, data, senders, receivers)
     assert exact.abs().max() > 1e-2
-    torch.testing.assert_close(got, exact, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, exact, atol=1e-6 * max(1.0, float(exact.abs().max())),
+                               rtol=0)
 
 
 def _slow_path_patch(model, engine, data, senders, receivers, ablated):

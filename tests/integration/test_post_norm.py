@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from circuitfind.patching import PatchingEngine
-from circuitfind.testing import ToyTask, tiny_model
+from circuitfind.testing import ToyTask
 from tolerances import assert_close
 
 
 @pytest.fixture(scope="module")
-def gemma(tmp_path_factory):
-    model = tiny_model(tmp_path_factory.mktemp("gemma2"), dtype=torch.float64, arch="gemma2",
-                       n_layers=3, n_kv_heads=2, seed=9)
+def gemma(tiny_models):
+    model = tiny_models("gemma2")  # conftest.MODEL_SPECS: 3 layers, 4 heads, 2 k/v heads
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model.cfg.model_name, dtype=torch.float64,
@@ -461,24 +460,6 @@ def test_exact_patching_equals_the_reference_on_every_edge(gemma):
     torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
 
 
-def test_single_edge_path_patch_equals_exact_patching(gemma):
-    """``cf.path_patch`` of one sender into one receiver (every other path frozen to the clean
-    run, through the post-norm mixtures) scores each edge as exact patching does."""
-    import circuitfind as cf
-    from circuitfind.algorithms import ExactPatching
-
-    model, _ = gemma
-    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=13)
-    engine = PatchingEngine(model)
-    g = engine.graph
-    exact = g.to_edges(ExactPatching(progress=False).score(engine, data)).double()
-    senders = [[g.senders[s].name] for s in g.edge_pairs[:, 0].tolist()]
-    receivers = [[g.receivers[r].name] for r in g.edge_pairs[:, 1].tolist()]
-    got = cf.path_patch(engine, data, senders, receivers)
-    assert exact.abs().max() > 1e-2
-    torch.testing.assert_close(got, exact, atol=1e-6 * float(exact.abs().max()), rtol=0)
-
-
 @pytest.mark.parametrize("layer, kind", [(1, "q"), (1, "k"), (2, "mlp")])
 def test_acdc_like_batches_equal_the_reference(gemma, layer, kind):
     """ACDC's batches: a sparse base circuit with one edge into one receiver flipped per mask
@@ -507,3 +488,51 @@ def test_acdc_like_batches_equal_the_reference(gemma, layer, kind):
         torch.testing.assert_close(got[k], want, atol=64 * 1.2e-7 * float(want.abs().max()),
                                    rtol=0)
     assert float((got - got[:1]).abs().max()) > 1e-4  # the flipped edges matter
+
+
+def test_gram_form_equals_the_direct_norms_and_the_memo_changes_nothing(gemma, monkeypatch):
+    """The receivers' post-norms of their own mixtures read off each layer's Gram matrices
+    (``PostNormPass._dynamic_gram``) equal the norms computed directly (the path taken when an
+    adapter's post-norm is not an RMSNorm), for random fractional circuits with frozen edges
+    from every start layer; and consecutive ACDC-like passes, whose receivers' static parts come
+    from the runner's memo, equal the same passes on a fresh runner."""
+    from circuitfind.patching.masked_pass import KeptFormMemo
+
+    model, _ = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=15)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    edge = g.edge_mask.double()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    gen = torch.Generator().manual_seed(5)
+    cases = []
+    for first in range(g.n_layers):
+        masks = (torch.rand(3, *edge.shape, generator=gen, dtype=torch.float64) < 0.5) * edge
+        masks[:, :, layer_of < first] = edge[:, layer_of < first]
+        frozen = (torch.rand(3, *edge.shape, generator=gen, dtype=torch.float64) < 0.3) * masks
+        cases.append((masks, frozen))
+    gram = [(engine.run(data, m), engine.run(data, m, frozen=f)) for m, f in cases]
+    monkeypatch.setattr(engine.runner.arch, "post_norm_rms", lambda layer: None)
+    for (masks, frozen), (got, got_frozen) in zip(cases, gram):
+        assert_close(model, got, engine.run(data, masks))
+        assert_close(model, got_frozen, engine.run(data, masks, frozen=frozen))
+    monkeypatch.undo()
+    # ACDC-like: a sparse base circuit, then passes flipping edges into receivers of layer 1
+    base = (torch.rand(edge.shape, generator=gen, dtype=torch.float64) < 0.3) * edge
+    base[:, layer_of < 1] = edge[:, layer_of < 1]
+    passes = []
+    for r in [r for r, rec in enumerate(g.receivers) if rec.layer == 1][:3]:
+        senders = edge[:, r].nonzero()[:, 0][:3]
+        masks = base.expand(len(senders), -1, -1).clone()
+        masks[torch.arange(len(senders)), senders, r] = 1 - masks[
+            torch.arange(len(senders)), senders, r]
+        passes.append(masks)
+    memo, reused = engine.runner.memo, 0
+    for masks in passes:
+        had = dict(memo.entries)
+        got = engine.run(data, masks)
+        reused += sum(1 for key, value in memo.entries.items() if had.get(key) is value)
+        engine.runner.memo = KeptFormMemo()
+        assert_close(model, got, engine.run(data, masks))  # fresh: nothing reused
+        engine.runner.memo = memo
+    assert reused > 0  # later receivers' static parts came from the memo

@@ -308,6 +308,13 @@ class Architecture:
         copies = s.shape[0] // delta.shape[1]
         return delta if copies == 1 else delta.repeat(1, copies, 1)
 
+    def post_norm_rms(self, layer: int) -> tuple[Tensor, float] | None:
+        """``(scale [d], eps)`` when :meth:`post_norm` is the RMSNorm ``scale * x /
+        sqrt(mean(x^2) + eps)`` (computed in float32), which lets the post-norm pass get every
+        receiver's norm of its own mixture from the heads' Gram matrices
+        (:mod:`circuitfind.patching.post_norm_pass`); ``None`` otherwise."""
+        return None
+
     def window(self, layer: int) -> int | None:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""
         return None

@@ -94,6 +94,11 @@ class Gemma2(Llama):
             out.addcmul_(coef[..., None], (hs * scale)[None], value=-1.0)
         return out.view(h, copies * rows, d)
 
+    def post_norm_rms(self, layer: int) -> tuple[Tensor, float]:
+        """``(1 + w [d] float32, eps)`` of ``post_attention_layernorm`` (:meth:`_rms`)."""
+        norm = unwrap(self.blocks[layer].post_attention_layernorm)
+        return 1.0 + norm.weight.float(), float(norm.eps)
+
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         return self.post_norm(layer, super().attn_out(layer, z))
 
