@@ -133,6 +133,17 @@ class RunContext:
         resuming(what, done, total, unit)
 
 
+_SUM_CHUNK = 1 << 22  # elements a float64 sum converts at a time: 32 MiB
+
+
+def _float64_sum(p: torch.Tensor) -> float:
+    """The sum of ``p``'s values in float64, converting at most :data:`_SUM_CHUNK` values at
+    a time: a whole-tensor ``p.double()`` of a large model's embedding (Gemma-2's 256k x
+    2304) would briefly hold 4 GiB beside the weights, outside any memory budget."""
+    flat = p.detach().reshape(-1)
+    return float(sum(chunk.double().sum() for chunk in flat.split(_SUM_CHUNK)))
+
+
 def fingerprint(engine: Any, data: Any, settings: dict[str, Any] | None = None,
                 version: str = "") -> str:
     """A hash of the graph, the engine's ablation, the model's parameters (shapes and sums), the
@@ -156,7 +167,7 @@ def fingerprint(engine: Any, data: Any, settings: dict[str, Any] | None = None,
     with torch.no_grad():
         for name, p in engine.model.named_parameters():
             h.update(name.encode())
-            h.update(f"{tuple(p.shape)}:{float(p.double().sum()):.12e}".encode())
+            h.update(f"{tuple(p.shape)}:{_float64_sum(p):.12e}".encode())
     for t in (data.clean, data.corrupted, data.positions, data.answers, data.wrong_answers):
         h.update(t.cpu().numpy().tobytes())
     return h.hexdigest()

@@ -71,9 +71,11 @@ class Objective:
                               "for the 'kl' objective.")
         logits = engine.run(data, masks, ablation=ablation)  # [K, N, P, V]
         ref, p = self._ref.to(logits.device), self._ref_p.to(logits.device)
-        lp = torch.log_softmax(logits.double(), -1)
-        kl = (p * (ref - lp)).sum(-1).mean(-1)  # [K, N]
-        return kl.mean(-1).cpu()
+        kl = torch.empty(logits.shape[0], dtype=torch.float64)
+        for i, one in enumerate(logits):  # one mask at a time: a few float64 [N, P, V]
+            lp = torch.log_softmax(one.double(), -1)  # tensors, not K of them (Gemma-2's
+            kl[i] = (p * ref.sub(lp)).sum(-1).mean()  # vocabulary: 2 MB per row each)
+        return kl
 
     def worsening(self, change: Tensor | float) -> Any:
         """How much worse a change of the value is (positive = worse)."""

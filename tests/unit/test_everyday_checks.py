@@ -116,3 +116,16 @@ def test_importance_keys_follow_each_circuits_own_order():
     assert result.top_k == {5: 1.0} and result.spearman == pytest.approx(1.0)
     assert set(torch.topk(importance_keys(signed), 5).indices.tolist()) == set(
         signed.edge_ids.tolist())
+
+
+def test_parameter_sums_in_chunks_equal_the_whole_tensor_sum(monkeypatch):
+    """Resume fingerprints sum each parameter in float64 a chunk at a time (no whole-tensor
+    float64 copy of a large embedding); the sum is the whole tensor's."""
+    from circuitfind.algorithms import lifecycle
+
+    monkeypatch.setattr(lifecycle, "_SUM_CHUNK", 7)  # many chunks, a ragged last one
+    g = torch.Generator().manual_seed(0)
+    for p in (torch.randn(13, 11, generator=g).to(torch.bfloat16),
+              torch.randn(5, 9, generator=g).t(),  # not contiguous
+              torch.randn(3, generator=g, dtype=torch.float64)):
+        assert abs(lifecycle._float64_sum(p) - float(p.double().sum())) < 1e-12
