@@ -1,11 +1,46 @@
-"""Shared by the benchmark scripts: write a result as JSON plus its Markdown table."""
+"""Shared by the benchmark scripts: write a result as JSON plus its Markdown table; time
+functions in interleaved rounds; label a run with its date and commit."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """CPU seconds (``time.process_time``) of each of ``fns`` per round, the functions
+    alternating within each round after one warm-up call each, so that a busy shared machine
+    slows all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            times[name].append(time.process_time() - start)
+    return times
+
+
+def git(*args: str) -> str:
+    """``git ARGS`` in the repository (e.g. ``rev-parse --short HEAD``), or ``"unknown"``."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def utc_now() -> str:
+    """The date and time now, ``YYYY-MM-DD HH:MM UTC``."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def write_results(out: str | Path, result: dict[str, Any],

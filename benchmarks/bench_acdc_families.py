@@ -23,18 +23,16 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_results  # noqa: E402
+from _results import git, utc_now, write_results  # noqa: E402
 from bench_families import GROUPED, SHAPE  # noqa: E402
 
 LINEAR = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"]
@@ -157,15 +155,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
     load_before = " ".join(f"{v:.1f}" for v in os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         families = [measure(f, args.rounds, args.forwards, args.tau, Path(tmp))
                     for f in args.families]
     result = {"families": families, "rounds": args.rounds, "forwards": args.forwards,
               "tau": args.tau, "commit": commit,
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "date": utc_now(),
               "load_before": load_before,
               "load_after": " ".join(f"{v:.1f}" for v in os.getloadavg()),
               "machine": f"{platform.processor() or platform.machine()}, torch "

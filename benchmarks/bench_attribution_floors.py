@@ -22,40 +22,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import git, interleaved_rounds, utc_now  # noqa: E402
 from bench_families import FAMILIES, GROUPED, SHAPE, _floors  # noqa: E402
 
 TITLE = "## EAP and EAP-IG(5) against their floors, interleaved"
 STEPS = 5
-
-
-def _rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """CPU seconds of each of ``fns`` per round, the functions alternating (one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return times
 
 
 def _ratios(times: dict[str, list[float]], thing: str, floor: str) -> dict[str, Any]:
@@ -92,7 +76,7 @@ def measure(family: str, rounds: int, tmp: Path) -> dict[str, Any]:
         return dataclasses.replace(data, corrupted=data.corrupted.clone())
 
     load_before = os.getloadavg()
-    times = _rounds({
+    times = interleaved_rounds({
         "eap": lambda: engine.edge_attribution(fresh()), "eap_floor": eap_floor,
         "eap_ig": lambda: engine.edge_attribution(fresh(), points=points),
         "eap_ig_floor": eap_ig_floor,
@@ -129,14 +113,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write(out: Path, result: dict[str, Any]) -> str:
     """Replace (or append) the section in ``OUT.md`` and the key in ``OUT.json``."""
     section = markdown(result)
@@ -169,9 +145,9 @@ def main() -> None:
         families = [measure(f, args.rounds, Path(tmp)) for f in args.families]
     result = {
         "families": families, "rounds": args.rounds, "threads": args.threads,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+        "date": utc_now(),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
     }
     print(write(Path(args.out), result))

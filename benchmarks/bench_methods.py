@@ -30,22 +30,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_results  # noqa: E402
+from _results import git, interleaved_rounds, utc_now, write_results  # noqa: E402
 from bench_families import FAMILIES, GROUPED, SHAPE  # noqa: E402
 
 METHODS = ["eap", "gim", "relp", "atp_qk", "atp_star"]
@@ -70,14 +68,10 @@ def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
     def fresh() -> Any:  # a new corrupted tensor: the engine's memo never hits
         return dataclasses.replace(data, corrupted=data.corrupted.clone())
 
-    for a in algos.values():  # warm-up
-        a.score(engine, fresh())
-    times: dict[str, list[float]] = {k: [] for k in algos}
-    for _ in range(repeats):  # interleaved rounds
-        for k, a in algos.items():
-            start = time.process_time()
-            a.score(engine, fresh())
-            times[k].append(time.process_time() - start)
+    def scorer(a: Any) -> Callable[[], Any]:
+        return lambda: a.score(engine, fresh())
+
+    times = interleaved_rounds({k: scorer(a) for k, a in algos.items()}, repeats)
     seconds = {k: statistics.median(v) for k, v in times.items()}
     return {"family": family, "n_edges": engine.graph.n_edges, "seconds": seconds,
             "vs_eap": {k: seconds[k] / seconds["eap"] for k in METHODS}}
@@ -111,14 +105,8 @@ def _section(result: dict[str, Any]) -> str:
 
 def _provenance() -> dict[str, Any]:
     """Date, commit and load average of this run."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                                capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit, "load_before": os.getloadavg()[0]}
+    return {"date": utc_now(), "commit": git("rev-parse", "--short", "HEAD"),
+            "load_before": os.getloadavg()[0]}
 
 
 def main() -> None:
