@@ -261,8 +261,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     post = lay.attn_post_norm
     pushed: list[Tensor] = []  # [L*H, C*N*T*d]: J_l (a'_h - a_h) per copy (copies > 1)
     n_pushed = [0]  # layers written into it
-    head_rows = torch.tensor([g.head_start[layer] + h for layer in range(g.n_layers)
-                              for h in range(g.n_heads)], device=ablated.device)
+    head_rows: list[Tensor] = []  # the heads' sender rows, layer by layer (made when needed)
 
     def contract(r0: int, n_up: int, grad: Tensor) -> None:
         """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (for post-norm
@@ -277,7 +276,11 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         m = g.n_heads * sum(1 for layer in range(n_pushed[0])
                             if g.head_start[layer] + g.n_heads <= n_up)
         if m:
-            scores[head_rows[:m], r0: r0 + h] = matmul_nt(pushed[0][:m], per_copy).to(
+            if not head_rows:
+                head_rows.append(torch.tensor([g.head_start[layer] + i
+                                               for layer in range(g.n_layers)
+                                               for i in range(g.n_heads)], device=scores.device))
+            scores[head_rows[0][:m], r0: r0 + h] = matmul_nt(pushed[0][:m], per_copy).to(
                 scores.dtype)
 
     # Receivers are contracted in groups of consecutive receivers, one matmul a group, so
@@ -322,6 +325,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         return not part[3] and (below is None or layer_of[part[0]] < below)
 
     pending = [{p[0] for p in grp if active(p)} for grp in groups]
+    # a group's block of scores spans the senders of its widest receiver; the pairs in it
+    # that are no edge are zeroed once a pass, after all groups (``scores *= edges``)
+    n_upstream: list[int] = g.n_upstream.tolist()
     edges = g.edge_mask.to(scores.device)
     fired: set[str] = set()  # parts whose gradient arrived
     # rows ``example * T + position`` of the metric positions, each once
@@ -352,7 +358,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             return
         grp = [p for p in groups[gi] if active(p)]  # (GradDrop may reach a group's first part only)
         r0, r1 = grp[0][1], grp[-1][1] + grp[-1][2]
-        n_up = int(g.n_upstream[r0:r1].max())
+        n_up = max(n_upstream[r0:r1])
         row0 = r0 - groups[gi][0][1]
         buf = buffers.pop(gi)[row0: row0 + r1 - r0]
         if gi == len(groups) - 1 and (copies == 1 or folded):
@@ -362,8 +368,6 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
                             .reshape(n_up, -1), r0, buf[:, at_metric].reshape(r1 - r0, -1))
         else:
             contract(r0, n_up, buf)
-        if not bool(edges[:n_up, r0:r1].all()):
-            scores[:n_up, r0:r1] *= edges[:n_up, r0:r1]
 
     # The last block runs at the metric positions only (its queries, heads' outputs and
     # MLP; keys and values at every position): nothing at other positions reaches the
@@ -512,11 +516,13 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         retain_graph=drop_each_layer and g.n_layers > 1)
 
     def check() -> None:
+        """Raise if a receiver got no gradient in this pass; zero its pairs that are no edge."""
         missing = [g.receivers[part[1]].name for part in parts
                    if active(part) and part[0] not in fired]
         if missing:
             raise HookError(f"Receivers {missing} received no gradient in the attribution "
                             "pass; their edges' scores would silently be 0.")
+        scores.mul_(edges)
     check()
     passes: dict[int | None, Tensor] = {None: scores}
     for below in range(1, g.n_layers if drop_each_layer else 0):  # GradDrop's passes

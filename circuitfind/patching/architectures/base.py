@@ -177,28 +177,28 @@ class Architecture:
                     torch.sub(p, offsets[i][:, None, None], out=shifted[s0: s0 + h])
             s0 += h
         flat_xh = xh.reshape(rows, d)
-        q: Tensor | None = None  # mean(gh xh) / sigma [heads, B*T]
-        if shifted is not None:  # = dqi . (p_h - c_h) / d
-            q = shifted.mul_(dqi).sum(-1).view(r, rows).div_(d)
+        q: Tensor | None = None  # d mean(gh xh) / sigma [heads, B*T] (1/d in the updates)
+        if shifted is not None:  # = dqi . (p_h - c_h)
+            q = shifted.mul_(dqi).sum(-1).view(r, rows, 1)
         if copies == 1:
             torch.bmm(dqi.view(r, rows, dh), wt, out=out)  # [heads, N*T, d]
-            if exact and q is None:  # = xh . out / d (xh has zero mean under LayerNorm):
+            if exact and q is None:  # = xh . out (xh has zero mean under LayerNorm):
                 # one batched matrix-vector product per row, reading ``out`` in place
-                q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T.div_(d)
+                q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T[..., None]
             if q is not None:
-                out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
+                out.addcmul_(q, flat_xh, value=-1.0 / d)
             return out.sum(0)
         # per copy, the residual's gradient: the sum over heads is one matmul
         dx = dqi.permute(1, 2, 0, 3).reshape(rows, r * dh) @ wt.view(r * dh, d)
         n = rows // copies
         torch.bmm(dqi.view(r, copies, n, dh).sum(1), wt, out=out)  # summed over copies
         if exact:
-            if q is None:  # xh . (dqi W_h) / d, from the per-head matmul of each copy
-                q = torch.bmm(dqi.view(r, rows, dh), wt).mul_(flat_xh).sum(-1).div_(d)
-            dx.addcmul_(q.sum(0)[:, None], flat_xh, value=-1.0)
+            if q is None:  # xh . (dqi W_h), from the per-head matmul of each copy
+                q = torch.bmm(dqi.view(r, rows, dh), wt).mul_(flat_xh).sum(-1, keepdim=True)
+            dx.addcmul_(q.sum(0), flat_xh, value=-1.0 / d)
             for c in range(copies):
                 rows_c = slice(c * n, (c + 1) * n)
-                out.addcmul_(q[:, rows_c, None], flat_xh[None, rows_c], value=-1.0)
+                out.addcmul_(q[:, rows_c], flat_xh[rows_c], value=-1.0 / d)
         return dx
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
@@ -363,10 +363,12 @@ class Architecture:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         if query_pos is not None:
             q = q.gather(2, query_pos[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-        hidden = self._hidden(t, query_pos, window, q.device)  # [T, T] or [B, 1, P, T]
+        causal = fused and query_pos is None and window is None
+        # the keys each query may not see, [T, T] or [B, 1, P, T] (the fused kernel's causal
+        # mode needs none)
+        hidden = None if causal else self._hidden(t, query_pos, window, q.device)
         if fused:  # the fused kernel: equal to the eager softmax up to float rounding
-            causal = query_pos is None and window is None
-            mask = None if causal else ~hidden
+            mask = None if hidden is None else ~hidden
             if gqa:  # (torch 2.4 has no enable_gqa argument)
                 z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                    scale=self.scale(layer), enable_gqa=True)
@@ -375,7 +377,8 @@ class Architecture:
                                                    scale=self.scale(layer))
             return z.transpose(1, 2)
         scores = self._capped((q @ k.transpose(-1, -2)) * self.scale(layer))
-        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        if hidden is not None:  # (always, off the fused kernel)
+            scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
         pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
         return (pattern @ v).transpose(1, 2)
 
