@@ -277,10 +277,14 @@ class PatchingEngine:
         The memo holds a reference to that tensor (so its identity cannot be reused by a new
         tensor) and its in-place version counter.
         """
+        if not self._memo_holds(key, tokens):
+            self._memo[key] = (tokens, tokens._version, make(tokens))
+        return self._memo[key][2]
+
+    def _memo_holds(self, key: str, tokens: Tensor) -> bool:
+        """Whether the memo under ``key`` is for ``tokens`` as they are now."""
         memo = self._memo.get(key)
-        if memo is None or memo[0] is not tokens or memo[1] != tokens._version:
-            memo = self._memo[key] = (tokens, tokens._version, make(tokens))
-        return memo[2]
+        return memo is not None and memo[0] is tokens and memo[1] == tokens._version
 
     def corrupted_outputs(self, data: TaskData) -> Tensor:
         """``sender_outputs(data.corrupted)`` ``[S, N, T, d]``, memoised for the last corrupted
@@ -676,6 +680,10 @@ class PatchingEngine:
             return self._checkpointed_attribution(data, plan, points, spec, rules)
         clean = self._tokens(data.clean)
         on_device = self.on_device(data)
+        # EAP with the plain gradient runs the last block at the metric positions only
+        # (:func:`circuitfind.patching.attribution.eap_pass`)
+        last_block_trimmed = (points is None and not drop_each_layer
+                              and (rules is None or rules.plain))
         with frozen_parameters(self.model, self._parameters), torch.enable_grad():
             for e0 in range(0, data.n, n_chunk):
                 es = slice(e0, min(data.n, e0 + n_chunk))
@@ -685,6 +693,14 @@ class PatchingEngine:
                     values = self.ablation_values(data, spec)
                     corrupted = (values[:, es] if values.shape[1] > 1 else values).expand(
                         -1, n, data.seq_len, -1)
+                elif self.runner is not None and last_block_trimmed and not self._memo_holds(
+                        "corrupted", data.corrupted):
+                    # EAP's clean pass reads the last block's senders at the metric
+                    # positions only: the corrupted run computes no more of it (and is not
+                    # memoised, being partial)
+                    corrupted = self.runner.sender_outputs(
+                        self._tokens(data.corrupted[es])[:, :self._used_len(data)],
+                        positions=sub.positions)
                 elif cache:
                     corrupted = self.corrupted_outputs(data)[:, es]
                 else:

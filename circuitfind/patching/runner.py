@@ -192,21 +192,27 @@ class BlockRunner:
         return self._plain(tokens, residuals=True)
 
     @torch.no_grad()
-    def sender_outputs(self, tokens: Tensor) -> Tensor:
+    def sender_outputs(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """Every sender's output in the unpatched run (the senders of :meth:`cache` without
         its residual streams, which attribution does not read).
 
         Args:
             tokens: ``[N, T]`` int64 token ids (right-padded).
+            positions: ``[N, P]`` metric positions, or ``None``. Given, the last block runs
+                at those positions only (its queries, heads' outputs and MLP; keys and
+                values at every position), as EAP's clean pass does: its senders' outputs
+                are 0 elsewhere (EAP reads them at the metric positions only).
 
         Returns:
             ``[S, N, T, d_model]`` sender outputs (``input`` = embeddings).
         """
-        return self._plain(tokens, residuals=False).senders
+        return self._plain(tokens, residuals=False, positions=positions).senders
 
-    def _plain(self, tokens: Tensor, residuals: bool) -> RunCache:
+    def _plain(self, tokens: Tensor, residuals: bool,
+               positions: Tensor | None = None) -> RunCache:
         """The unpatched run: its sender outputs and, with ``residuals``, its residual
-        streams (empty ``[0, N, T, d]`` tensors without)."""
+        streams (empty ``[0, N, T, d]`` tensors without); with ``positions`` (no residuals)
+        the last block at those positions only (see :meth:`sender_outputs`)."""
         g, lay = self.graph, self.arch
         x = lay.embed(tokens)
         n, t, d = x.shape
@@ -216,6 +222,9 @@ class BlockRunner:
         senders = x.new_empty(g.n_senders, n, t, d)
         senders[0] = x
         for layer in range(g.n_layers):
+            if positions is not None and not residuals and layer == g.n_layers - 1:
+                self._last_block_at(x, positions, senders)
+                break
             if residuals:
                 resid[layer] = x
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
@@ -231,6 +240,24 @@ class BlockRunner:
         if residuals:
             resid[g.n_layers] = x
         return RunCache(resid, senders, mid)
+
+    def _last_block_at(self, x: Tensor, positions: Tensor, senders: Tensor) -> None:
+        """The last block's senders from its input ``x [N, T, d]`` at the ``positions [N, P]``
+        only (keys and values at every position), written into ``senders`` (0 elsewhere)."""
+        g, lay = self.graph, self.arch
+        layer = g.n_layers - 1
+        n, p, d = positions.shape[0], positions.shape[1], x.shape[-1]
+        q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
+        z = lay.attend(layer, q, k, v, query_pos=positions, prefer_fused=True)  # [N, P, H, dh]
+        heads = lay.head_outputs(layer, z, out=x.new_empty(g.n_heads, n, p, d))
+        index = positions[:, :, None].expand(n, p, d)
+        x_at = x.gather(1, index)
+        attn = lay.attn_from_heads(layer, heads, 0)
+        m = lay.mlp(layer, lay.ln_mlp(layer, x_at if lay.parallel else x_at + attn))
+        h0 = g.head_start[layer]
+        senders[h0: h0 + g.n_heads].zero_().scatter_(2, index.expand(g.n_heads, -1, -1, -1),
+                                                      heads)
+        senders[g.mlp_index[layer]].zero_().scatter_(1, index, m)
 
     @torch.no_grad()
     def logits(self, tokens: Tensor) -> Tensor:
