@@ -284,6 +284,35 @@ def test_as_many_metric_positions_as_tokens_in_any_order(tiny_models, name):
     assert_close(model, got, hooked.run(data, masks), 1e-8)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_sender_outputs_with_the_last_block_at_the_metric_positions(tiny_models, name):
+    """EAP's corrupted run with the last block at the metric positions only (repeated and out
+    of order): every earlier sender as in the full run, the last block's senders equal to it
+    at those positions and 0 elsewhere; EAP scores equal whether or not the engine's memo
+    already holds the full corrupted run."""
+    import dataclasses
+
+    model = tiny_models(name)
+    data, engine, _, gen, _ = _runner_and_hooked(model, 11, 6)
+    g, runner = engine.graph, engine.runner
+    t = data.clean.shape[1]
+    positions = torch.stack([torch.randperm(t, generator=gen)[:3] for _ in range(data.n)])
+    positions[:, 0] = positions[:, 1]  # a repeated position
+    full = runner.sender_outputs(data.corrupted)
+    part = runner.sender_outputs(data.corrupted, positions=positions)
+    last = list(range(g.head_start[g.n_layers - 1], g.n_senders))
+    earlier = [u for u in range(g.n_senders) if u not in last]
+    assert torch.equal(part[earlier], full[earlier])
+    at = torch.zeros(data.n, t, dtype=torch.bool)
+    at[torch.arange(data.n)[:, None], positions] = True
+    assert_close(model, part[last][:, at], full[last][:, at], 1e-10)
+    assert not part[last][:, ~at].any()
+    data = dataclasses.replace(data, positions=positions)
+    fresh = engine.edge_attribution(data)  # partial corrupted run (the memo holds nothing)
+    engine.corrupted_outputs(data)  # now the memo holds the full run, which EAP then reads
+    assert_close(model, engine.edge_attribution(data), fresh, 1e-10)
+
+
 def test_float32_dense_layers_with_the_norm_folded_equal_the_hooked_engine(tmp_path):
     """In float32 a Llama layout's dense layers fold RMSNorm into the q/k/v projections (the
     normalised inputs are never written): equal to the hooked engine up to float32 rounding,
