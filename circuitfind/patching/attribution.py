@@ -289,9 +289,14 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # are no edge (an MLP into its own receiver) are zeroed after. The gradients wait in the
     # group's buffer ``[receivers, N*T, d]`` until all have arrived: one group at a time.
     n_qkv = g.n_heads + 2 * g.n_kv_heads
+    # with the QK fix the q and k receivers score from exact patterns: their gradients are
+    # summed into the residual's only, never written nor contracted (AtP*)
+    skip = g.n_heads + g.n_kv_heads if fix is not None else 0
+    memo: dict[int, Tensor] = {}  # folded q/k/v weights, shared by every backward pass
     parts: list[tuple[str, int, int, bool]] = []  # (key, first receiver, receivers, blocked)
     for layer in range(g.n_layers):
-        parts.append((f"qkv{layer}", g.q_start[layer], n_qkv, f"a{layer}" in blocked))
+        parts.append((f"qkv{layer}", g.q_start[layer] + skip, n_qkv - skip,
+                      f"a{layer}" in blocked))
         mlp_r = g.mlp_receiver[layer]
         if mlp_r is not None:
             parts.append((f"m{layer}", mlp_r, 1, f"m{layer}" in blocked))
@@ -412,9 +417,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
                      outputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
             norm = lay.norm_parts(layer, x)
             row = group_of[key][1]
-            rows = buffer(key)[row: row + n_qkv]  # summed over the copies where folded
+            rows = buffer(key)[row: row + n_qkv - skip]  # summed over the copies where folded
             dx = lay.qkv_input_grads(layer, norm, grads, out=rows, outputs=outputs,
-                                     copies=copies if folded else 1)
+                                     copies=copies if folded else 1, skip=skip, memo=memo)
             arrive(key)
             return dx.view(x.shape).to(x.dtype)
         return backward

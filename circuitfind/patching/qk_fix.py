@@ -128,6 +128,7 @@ class QKFix:
                 already pushed through the post-norm's Jacobian).
         """
         g, lay = self.runner.graph, self.runner.arch
+        _products(lay).begin()
         with lay.backward_rules(None):  # plain values, no tap, while recomputing
             heads_low = self._head_space(lay, delta)
             for layer, x in self.inputs.items():
@@ -239,15 +240,13 @@ class QKFix:
             return out
         last = max(self.inputs, default=0)
         _, n, t, d = delta.shape
+        cache = _products(lay)
         for m in range(last):  # heads of the last tapped layer feed no q or k
             h0 = g.head_start[m]
-            w = lay.w_out(m)[0].reshape(g.n_heads, -1, d)  # [H, dh, d]
-            w64 = w.double()
-            gram = w64 @ w64.transpose(1, 2)  # [H, dh, dh]
-            left = torch.linalg.solve(gram, w64).transpose(1, 2).to(delta.dtype)  # [H, d, dh]
+            wd = lay.w_out(m)[0].reshape(g.n_heads, -1, d).to(delta.dtype)  # [H, dh, d]
+            left, gd = cache.solve(m, wd)
             rows = delta[h0: h0 + g.n_heads].reshape(g.n_heads, n * t, d)
             dz = torch.bmm(rows, left)
-            wd, gd = w.to(delta.dtype), gram.to(delta.dtype)
             # the part off the row space is orthogonal to it: |miss|^2 = |delta|^2 - |dz W|^2
             whole = rows.pow(2).sum(-1)  # [H, N*T]
             miss = whole - (torch.bmm(dz, gd) * dz).sum(-1)
@@ -284,25 +283,91 @@ PRODUCT_CACHE_BYTES = 1 << 26  # per model: W_O W_c products kept between calls 
 _PRODUCTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _products(lay: Architecture, sender: int, layer: int, w_out: Tensor,
-              w_c: Tensor) -> Tensor:
-    """``W_O[h] W_c`` ``[H, d_head, out]`` of the heads of layer ``sender`` (``w_out [H,
-    d_head, d]``) and the folded q/k weights ``w_c [d, out]`` of ``layer``: ``d^2 out``
-    multiply-adds a pair of layers, the same in every call on a model, so kept on the adapter
-    (weakly) while they fit in :data:`PRODUCT_CACHE_BYTES`, and used again only if both
-    factors are still equal to those they came from."""
-    cache = _PRODUCTS.setdefault(lay, {})
-    key = (sender, layer)
-    hit = cache.get(key)
-    if (hit is not None and hit[0].shape == w_out.shape and hit[1].shape == w_c.shape
-            and hit[0].dtype == w_out.dtype and hit[0].device == w_out.device
-            and torch.equal(hit[0], w_out) and torch.equal(hit[1], w_c)):
-        return hit[2]
-    out = w_out @ w_c
-    held = sum(t.numel() * t.element_size() for v in cache.values() for t in v)
-    if held + 2 * out.numel() * out.element_size() <= PRODUCT_CACHE_BYTES:
-        cache[key] = (w_out.clone(), w_c.clone(), out)
-    return out
+class _WeightProducts:
+    """What the QK fix derives from the weights alone, kept on the adapter (weakly) between
+    calls while it fits in :data:`PRODUCT_CACHE_BYTES`: ``W_O[h] W_c`` ``[H, d_head, out]``
+    for each pair of a sender layer's heads (``w_out [H, d_head, d]``) and a receiving
+    layer's folded q/k weights (``w_c [d, out]``), ``d^2 out`` multiply-adds a pair, and each
+    sender layer's least-squares solve for its head space (:meth:`QKFix._head_space`).
+
+    Every entry is used again only while the weights it came from are equal to copies kept
+    beside it; each weight is compared once a call (:meth:`begin` starts a call), not once
+    per product (one ``d x out`` comparison per layer instead of one per pair of layers).
+    """
+
+    def __init__(self) -> None:
+        self.outs: dict[int, Tensor] = {}  # sender layer -> w_out copy
+        self.folded: dict[int, Tensor] = {}  # receiving layer -> w_c copy
+        self.products: dict[tuple[int, int], Tensor] = {}
+        self.solves: dict[int, tuple[Tensor, Tensor]] = {}
+        self.checked: dict[tuple[str, int], bool] = {}
+
+    def begin(self) -> None:
+        """Start a call: every weight is compared again on its first use."""
+        self.checked = {}
+
+    def _held(self) -> int:
+        tensors = [*self.outs.values(), *self.folded.values(), *self.products.values(),
+                   *(t for pair in self.solves.values() for t in pair)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _fits(self, *new: Tensor) -> bool:
+        extra = sum(t.numel() * t.element_size() for t in new)
+        return self._held() + extra <= PRODUCT_CACHE_BYTES
+
+    def _same(self, kind: str, key: int, w: Tensor) -> bool:
+        """Whether ``w`` equals the copy kept for ``(kind, key)`` (compared once a call); on
+        a change the entries made from the old copy are dropped and ``w`` kept instead."""
+        if (kind, key) in self.checked:
+            return self.checked[(kind, key)]
+        store = self.outs if kind == "out" else self.folded
+        old = store.get(key)
+        same = (old is not None and old.shape == w.shape and old.dtype == w.dtype
+                and old.device == w.device and torch.equal(old, w))
+        if not same:
+            store.pop(key, None)
+            self.products = {k: v for k, v in self.products.items()
+                             if k[0 if kind == "out" else 1] != key}
+            if kind == "out":
+                self.solves.pop(key, None)
+            if self._fits(w):
+                store[key] = w.clone()
+        self.checked[(kind, key)] = same
+        return same
+
+    def product(self, sender: int, layer: int, w_out: Tensor, w_c: Tensor) -> Tensor:
+        """``w_out @ w_c`` ``[H, d_head, out]``, reused while both factors are unchanged."""
+        same = self._same("out", sender, w_out) & self._same("c", layer, w_c)
+        hit = self.products.get((sender, layer)) if same else None
+        if hit is not None:
+            return hit
+        out = w_out @ w_c
+        if sender in self.outs and layer in self.folded and self._fits(out):
+            self.products[(sender, layer)] = out
+        return out
+
+    def solve(self, sender: int, w_out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(left [H, d, d_head], gram [H, d_head, d_head])`` of ``w_out [H, d_head, d]`` (in
+        float64, returned in ``w_out``'s dtype): ``delta left`` is the least-squares ``dz``
+        of ``delta = dz w_out`` and ``gram = w_out w_out^T``."""
+        hit = self.solves.get(sender) if self._same("out", sender, w_out) else None
+        if hit is not None:
+            return hit
+        w64 = w_out.double()
+        gram = w64 @ w64.transpose(1, 2)  # [H, dh, dh]
+        left = torch.linalg.solve(gram, w64).transpose(1, 2)  # [H, d, dh]
+        out = left.to(w_out.dtype).contiguous(), gram.to(w_out.dtype)
+        if sender in self.outs and self._fits(*out):
+            self.solves[sender] = out
+        return out
+
+
+def _products(lay: Architecture) -> _WeightProducts:
+    """The adapter's :class:`_WeightProducts` (made on first use)."""
+    cache = _PRODUCTS.get(lay)
+    if cache is None:
+        cache = _PRODUCTS[lay] = _WeightProducts()
+    return cache
 
 
 class _NormedProjection:
@@ -344,21 +409,27 @@ class _NormedProjection:
             self.bq = self.bq + bq.reshape(-1)
         if bk is not None:
             self.bk = self.bk + bk.reshape(-1)
-        self.xq = x[:, rows] @ self.wq  # [N, P, H*dh]
-        self.xk = x @ self.wk  # [N, T, G*dh]
+        self.wqk = torch.cat([self.wq, self.wk], 1)  # [d, outq + outk]
+        self.q_out = self.wq.shape[1]
+        self.every_row = len(rows) == t  # queries at every position: one product for q and k
+        if self.every_row:
+            xqk = x.reshape(n * t, d) @ self.wqk
+            self.xq, self.xk = xqk[:, : self.q_out], xqk[:, self.q_out:]  # [N*P|N*T, out]
+        else:
+            self.xq = x[:, rows].reshape(-1, d) @ self.wq
+            self.xk = x.reshape(n * t, d) @ self.wk
         self.sdt = torch.promote_types(x.dtype, torch.float32)  # the statistics' dtype
         xs = x.to(self.sdt)
         self.xc = xs - xs.mean(-1, keepdim=True) if centred else xs  # [N, T, d]
         self.stat_x = self.xc.pow(2).mean(-1)  # [N, T]
         self.low = {}
         xc = self.xc.to(x.dtype).reshape(n * t, d)
-        wqk = torch.cat([self.wq, self.wk], 1)
+        products = _products(lay)
         for m, hs in heads_low.items():
             h, dh = hs.w_out.shape[:2]
             xo = (xc @ hs.w_out.reshape(h * dh, d).T).view(n * t, h, dh).transpose(0, 1)
-            mqk = _products(lay, m, layer, hs.w_out, wqk)  # [H, dh, outq + outk]
-            q_out = self.wq.shape[1]
-            self.low[m] = (hs, mqk[..., :q_out], mqk[..., q_out:], xo)  # xo [H, N*T, dh]
+            mqk = products.product(m, layer, hs.w_out, self.wqk)  # [H, dh, outq + outk]
+            self.low[m] = (hs, mqk, xo)  # xo [H, N*T, dh]
 
     def __call__(self, delta: Tensor, u0: int, u1: int, g: object
                  ) -> tuple[Tensor, Tensor]:
@@ -368,8 +439,9 @@ class _NormedProjection:
         c = u1 - u0
         n, t, _ = x.shape
         p = len(rows)
-        qs = x.new_empty(n, p, c, self.wq.shape[1])
+        qs = x.new_empty(n, p, c, self.q_out)
         ks = x.new_empty(n, t, c, self.wk.shape[1])
+        q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
         cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
         square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
         total = x.new_empty(c, n, t, dtype=self.sdt) if self.centred else None  # sum delta
@@ -382,30 +454,38 @@ class _NormedProjection:
                 u += 1
                 continue
             m, a, b = run
-            hs, mq, mk, xo = self.low[m]
+            hs, mqk, xo = self.low[m]
             first = g.head_start[m]  # type: ignore[attr-defined]
             i0, i1, j0, j1 = a - first, b - first, a - u0, b - u0
             h = b - a
             dz = hs.dz[i0:i1]  # [h, N, T, dh]
             flat = dz.reshape(h, n * t, -1)
-            # x W_c + dz_h (W_O[h] W_c), written in place among the chunk's senders
-            torch.baddbmm(self.xq.view(1, n * p, -1).expand(h, -1, -1),
-                          dz[:, :, rows].reshape(h, n * p, -1), mq[i0:i1],
-                          out=qs.view(n * p, c, -1)[:, j0:j1].transpose(0, 1))
-            torch.baddbmm(self.xk.view(1, n * t, -1).expand(h, -1, -1), flat, mk[i0:i1],
-                          out=ks.view(n * t, c, -1)[:, j0:j1].transpose(0, 1))
+            # dz_h (W_O[h] W_c) in one product (contiguous), then x W_c added on the way
+            # into the chunk's slots (senders inside: a strided write)
+            if self.every_row:
+                both = torch.bmm(flat, mqk[i0:i1])  # [h, N*T, outq + outk]
+                tq, tk = both[..., : self.q_out], both[..., self.q_out:]
+            else:
+                tq = torch.bmm(dz[:, :, rows].reshape(h, n * p, -1), mqk[i0:i1, :, : self.q_out])
+                tk = torch.bmm(flat, mqk[i0:i1, :, self.q_out:])
+            torch.add(tq, self.xq, out=q_slots[:, j0:j1].transpose(0, 1))
+            torch.add(tk, self.xk, out=k_slots[:, j0:j1].transpose(0, 1))
             cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
             square[j0:j1] = hs.square[i0:i1]
             if total is not None:
                 total[j0:j1] = hs.total[i0:i1]
             u = b
-        xq, xk = self.xq.view(n * p, -1), self.xk.view(n * t, -1)
         for u in direct:  # the other senders' differences as they are, d-wide
             du = delta[u].to(x.dtype)  # [N, T, d]
             j = u - u0
-            torch.addmm(xq, du[:, rows].reshape(n * p, d), self.wq,
-                        out=qs.view(n * p, c, -1)[:, j])
-            torch.addmm(xk, du.reshape(n * t, d), self.wk, out=ks.view(n * t, c, -1)[:, j])
+            flat = du.reshape(n * t, d)
+            if self.every_row:
+                both = flat @ self.wqk
+                tq, tk = both[:, : self.q_out], both[:, self.q_out:]
+            else:
+                tq, tk = du[:, rows].reshape(n * p, d) @ self.wq, flat @ self.wk
+            torch.add(tq, self.xq, out=q_slots[:, j])
+            torch.add(tk, self.xk, out=k_slots[:, j])
             ds = du.to(self.sdt)
             cross[j] = (ds * self.xc).sum(-1)
             square[j] = ds.pow(2).sum(-1)
@@ -415,7 +495,7 @@ class _NormedProjection:
         if total is not None:  # variance: the mean of the difference moves the mean
             stat -= (total / d).pow(2)
         inv = torch.rsqrt(stat + self.eps).to(x.dtype).permute(1, 2, 0)[..., None]  # [N,T,c,1]
-        torch.addcmul(self.bq, qs, inv[:, rows], out=qs)
+        torch.addcmul(self.bq, qs, inv if self.every_row else inv[:, rows], out=qs)
         torch.addcmul(self.bk, ks, inv, out=ks)
         return qs, ks
 

@@ -124,7 +124,8 @@ class Architecture:
     def qkv_input_grads(self, layer: int, parts: tuple[Tensor, Tensor, Tensor, bool],
                         grads: tuple[Tensor, Tensor, Tensor], out: Tensor,
                         outputs: tuple[Tensor, Tensor, Tensor] | None = None,
-                        copies: int = 1) -> Tensor:
+                        copies: int = 1, skip: int = 0,
+                        memo: dict[int, Tensor] | None = None) -> Tensor:
         """Each q, k and v head's gradient with respect to its own copy of the residual read
         by :meth:`ln_attn` and its projection, from the projections' gradients ``grads``
         (``[B, T, H, dh]``, ``[B, T, G, dh]``, ``[B, T, G, dh]``; ``B = copies * N``, the
@@ -146,6 +147,14 @@ class Architecture:
         statistics (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the
         derivative of ``1/sigma``, is left out.
 
+        With ``skip`` (one copy only) the first ``skip`` heads (AtP*'s q and k heads, whose
+        scores come from exact patterns) are not written: ``out`` holds the other heads'
+        gradients (``[H + 2G - skip, N*T, d]``) and the residual's gradient, still through every
+        head, is one matmul ``[N*T, (H + 2G) dh] x [(H + 2G) dh, d]`` with the norm's term
+        ``xh mean(xh . g)`` taken once from the sum. ``memo`` (``{layer: weights}``) keeps the
+        folded weights between calls on unchanged weights (the backward passes of one
+        attribution pass).
+
         Returns:
             ``[B*T, d]`` the residual's gradient through the norm and the projections (the
             receivers' gradients summed over receivers, per copy), in the norm's dtype.
@@ -155,11 +164,17 @@ class Architecture:
         b, t = grads[0].shape[:2]
         rows, d = b * t, xh.shape[-1]
         dh = grads[0].shape[-1]
-        r = out.shape[0]
+        r = out.shape[0] + skip
+        if skip and copies != 1:
+            raise ValueError("qkv_input_grads: skip needs a single copy.")
         # W_h^T with the norm's weight folded in, centred along d for LayerNorm
-        wt = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
-        if centred:
-            wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
+        wt = None if memo is None else memo.get(layer)
+        if wt is None or wt.dtype != dt or wt.shape != (r, dh, d):
+            wt = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
+            if centred:
+                wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
+            if memo is not None:
+                memo[layer] = wt
         exact = not self.rules.freeze_norm
         dqi = xh.new_empty(r, b, t, dh)  # 1/sigma folded in, head-major
         shifted = xh.new_empty(r, b, t, dh) if exact and outputs is not None else None
@@ -180,6 +195,18 @@ class Architecture:
         q: Tensor | None = None  # mean(gh xh) / sigma [heads, B*T]
         if shifted is not None:  # = dqi . (p_h - c_h) / d
             q = shifted.mul_(dqi).sum(-1).view(r, rows).div_(d)
+        if skip:  # the residual's gradient through every head from one matmul
+            dx = dqi.permute(1, 2, 0, 3).reshape(rows, r * dh) @ wt.view(r * dh, d)
+            torch.bmm(dqi[skip:].view(r - skip, rows, dh), wt[skip:], out=out)
+            if exact:
+                dx.addcmul_((dx * flat_xh).sum(-1, keepdim=True).div_(d), flat_xh, value=-1.0)
+                if q is None:
+                    q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T
+                    q = q.div_(d)
+                else:
+                    q = q[skip:]
+                out.addcmul_(q[..., None], flat_xh[None], value=-1.0)
+            return dx
         if copies == 1:
             torch.bmm(dqi.view(r, rows, dh), wt, out=out)  # [heads, N*T, d]
             if exact and q is None:  # = xh . out / d (xh has zero mean under LayerNorm):
