@@ -80,6 +80,29 @@ def rotation_matrices(lay: Architecture, t: int, dh: int, dtype: torch.dtype,
     return q_rot[:, 0].permute(1, 2, 0), k_rot[:, 0].permute(1, 2, 0)
 
 
+class _Workspace:
+    """Buffers reused across the layers and chunks of one :meth:`QKFix.rescore` call: a fresh
+    tensor of a few MiB costs its page faults on first touch each time (about a sixth of the
+    rescoring on bench_families' shape), a reused one once. Layers are rescored from the
+    deepest (the most senders) down, so the first buffers are the largest."""
+
+    def __init__(self) -> None:
+        self.flat: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: Tensor,
+             dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised ``shape`` tensor (``like``'s device, ``dtype`` or ``like``'s), a
+        view of buffer ``name`` (grown when too small)."""
+        dtype = like.dtype if dtype is None else dtype
+        size = 1
+        for s in shape:
+            size *= s
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < size or buf.dtype != dtype or buf.device != like.device:
+            buf = self.flat[name] = torch.empty(size, dtype=dtype, device=like.device)
+        return buf[:size].view(shape)
+
+
 class QKFix:
     """Collects what the QK fix needs during an attribution pass and rescores q/k edges.
 
@@ -129,9 +152,10 @@ class QKFix:
         """
         g, lay = self.runner.graph, self.runner.arch
         _products(lay).begin()
+        work = _Workspace()
         with lay.backward_rules(None):  # plain values, no tap, while recomputing
             heads_low = self._head_space(lay, delta)
-            for layer, x in self.inputs.items():
+            for layer, x in sorted(self.inputs.items(), reverse=True):
                 u_up = g.head_start[layer]
                 q_cols = slice(g.q_start[layer], g.q_start[layer] + g.n_heads)
                 k_cols = slice(g.k_start[layer], g.k_start[layer] + g.n_kv_heads)
@@ -146,20 +170,21 @@ class QKFix:
                         passes[key][:u_up, k_cols] = 0
                 if rows is None or not len(rows):
                     continue
-                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low)
+                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low, work)
                 for key, (val_q, val_k) in zip(keys, values):
                     passes[key][:u_up, q_cols] = val_q.to(passes[key].dtype)
                     passes[key][:u_up, k_cols] = val_k.to(passes[key].dtype)
 
     def _layer(self, lay: Architecture, layer: int, x: Tensor, delta: Tensor, rows: Tensor,
-               grads: list[Tensor], heads_low: dict[int, HeadSpace]
+               grads: list[Tensor], heads_low: dict[int, HeadSpace], work: _Workspace
                ) -> list[tuple[Tensor, Tensor]]:
         """QK-fixed scores of ``layer``'s q and k edges from the ``U`` senders of ``delta
         [U, N, T, d]``, one ``([U, H], [U, G])`` pair per pattern gradient in ``grads`` (each
         ``[N, H, T, T]``), at the query ``rows [P]``; ``heads_low`` holds the head-space
         differences of the sender layers whose heads take the low-rank projection
-        (:meth:`_head_space`). The patched projections are laid out senders-inside
-        (``[N, T, c, out]``), so that each head's scores are one batched product of views."""
+        (:meth:`_head_space`); ``work`` the call's buffers. The patched projections are laid
+        out senders-inside (``[N, T, c, out]``), so that each head's scores are one batched
+        product of views."""
         q0, k0, a0 = self.qk[layer]
         g = self.runner.graph
         n, t, _ = x.shape
@@ -187,7 +212,8 @@ class QKFix:
         grad_k = grad_k.contiguous()
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
         hidden_x = hidden.repeat(rep, 1)  # [rep*P, T] (x, j)
-        proj = _NormedProjection(lay, layer, x, rows, heads_low)
+        sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
+        proj = _NormedProjection(lay, layer, x, rows, heads_low, work)
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
@@ -198,7 +224,7 @@ class QKFix:
             qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
                                  ks.view(n, t * c, groups, dh))
             qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
-            s_q = qs.new_empty(heads, n, p, c, t)  # patched queries, clean keys
+            s_q = work.take("s", (heads, n, p, c, t), qs)  # patched queries, clean keys
             for h in range(heads):
                 side = key_side[h // rep]
                 if rot is None:
@@ -206,14 +232,15 @@ class QKFix:
                                  out=s_q[h].view(n, p * c, t))
                 else:
                     torch.matmul(qs[:, :, :, h], side, out=s_q[h])
-            a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1)
+            a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1,
+                                          out=work.take("a", s_q.shape, s_q, sdt))
             got = torch.matmul(a_q.to(gdt), grad_q).sum((1, 2))  # [H, c, m]
             val_q[:, u0:u1] = got.permute(2, 1, 0)
             if rot is None:  # clean queries, patched keys: [G, N, rep*P, T, c]
-                s_k = ks.new_empty(groups, n, rep * p, t, c)
+                s_k = work.take("s", (groups, n, rep * p, t, c), ks)
                 key_dim, mask = 3, hidden_x.view(1, 1, rep * p, t, 1)
             else:  # [G, N, T, rep*P, c]
-                s_k = ks.new_empty(groups, n, t, rep * p, c)
+                s_k = work.take("s", (groups, n, t, rep * p, c), ks)
                 key_dim, mask = 2, hidden_x.T.reshape(1, 1, t, rep * p, 1)
             for gi in range(groups):
                 kg = ks[:, :, :, gi]  # [N, T, c, dh]
@@ -222,7 +249,8 @@ class QKFix:
                                  out=s_k[gi].view(n, rep * p, t * c))
                 else:
                     torch.matmul(query_side[gi], kg.transpose(-1, -2), out=s_k[gi])
-            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim)
+            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim,
+                                          out=work.take("a", s_k.shape, s_k, sdt))
             got = torch.matmul(a_k.to(gdt).view(groups, n, -1, c).transpose(-1, -2), grad_k)
             val_k[:, u0:u1] = got.sum(1).permute(2, 1, 0)  # [m, c, G]
         base_k = base.view(m, groups, rep).sum(-1)
@@ -387,11 +415,13 @@ class _NormedProjection:
         x: ``[N, T, d]`` its clean input.
         rows: ``[P]`` the query rows wanted.
         heads_low: ``{sender layer: HeadSpace}``.
+        work: The call's buffers (the projections are written into them).
     """
 
     def __init__(self, lay: Architecture, layer: int, x: Tensor, rows: Tensor,
-                 heads_low: dict[int, HeadSpace]) -> None:
+                 heads_low: dict[int, HeadSpace], work: _Workspace) -> None:
         n, t, d = x.shape
+        self.work = work
         self.lay, self.layer, self.x, self.rows, self.d = lay, layer, x, rows, d
         wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
         wk, bk = lay.head_weights(layer, "k")
@@ -439,8 +469,8 @@ class _NormedProjection:
         c = u1 - u0
         n, t, _ = x.shape
         p = len(rows)
-        qs = x.new_empty(n, p, c, self.q_out)
-        ks = x.new_empty(n, t, c, self.wk.shape[1])
+        qs = self.work.take("q", (n, p, c, self.q_out), x)
+        ks = self.work.take("k", (n, t, c, self.wk.shape[1]), x)
         q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
         cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
         square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
@@ -463,7 +493,8 @@ class _NormedProjection:
             # dz_h (W_O[h] W_c) in one product (contiguous), then x W_c added on the way
             # into the chunk's slots (senders inside: a strided write)
             if self.every_row:
-                both = torch.bmm(flat, mqk[i0:i1])  # [h, N*T, outq + outk]
+                both = torch.bmm(flat, mqk[i0:i1], out=self.work.take(
+                    "both", (h, n * t, mqk.shape[-1]), x))  # [h, N*T, outq + outk]
                 tq, tk = both[..., : self.q_out], both[..., self.q_out:]
             else:
                 tq = torch.bmm(dz[:, :, rows].reshape(h, n * p, -1), mqk[i0:i1, :, : self.q_out])

@@ -430,14 +430,17 @@ class Architecture:
                             device)
 
     def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor,
-                            dim: int) -> Tensor:
+                            dim: int, out: Tensor | None = None) -> Tensor:
         """The plain attention pattern (probability) from scaled scores ``scale q . k`` of
         ``layer`` laid out with the keys along ``dim`` (without autograd: ``scores`` is
         overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``), softmax
-        in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it."""
+        in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it (into ``out``,
+        contiguous and of that dtype, when given)."""
         scores = self._capped(scores)
         scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim, dtype=self.softmax_dtype)
+        if out is None:
+            return torch.softmax(scores, dim, dtype=self.softmax_dtype)
+        return torch.ops.aten.softmax.int_out(scores, dim, self.softmax_dtype, out=out)
 
     def _attend_with_rules(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                            query_pos: Tensor | None, grouped: bool) -> Tensor:
