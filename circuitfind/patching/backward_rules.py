@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -207,3 +208,41 @@ class BackwardRules:
 
 PLAIN = BackwardRules()
 """The plain gradient (EAP)."""
+
+
+class _SavedDerivative(torch.autograd.Function):
+    """``act(x)`` whose derivative ``act'(x)`` is computed once, in the forward pass, and
+    multiplied into every backward pass (one product instead of the activation's own
+    backward kernel each time)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            y = act(xr)
+            (slope,) = torch.autograd.grad(y, xr, torch.ones_like(y))
+        ctx.save_for_backward(slope)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None
+
+
+@dataclass(frozen=True)
+class _RepeatedBackward(BackwardRules):
+    """The same rules, for a forward pass whose graph several backward passes read (AtP*'s
+    GradDrop): the plain activation gradient comes from its derivative saved in the forward
+    pass (:class:`_SavedDerivative`). Equal to the rules it copies up to rounding."""
+
+    def activation_fn(self, act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        if self.activation != "gradient" or not x.requires_grad:
+            return super().activation_fn(act, x)
+        return _SavedDerivative.apply(x, act)
+
+
+def for_repeated_backward(rules: BackwardRules) -> BackwardRules:
+    """``rules`` for a forward pass whose autograd graph several backward passes read (the
+    activations' derivatives computed once: :class:`_RepeatedBackward`)."""
+    return _RepeatedBackward(**{f.name: getattr(rules, f.name) for f in fields(rules)})
