@@ -49,6 +49,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -211,18 +212,21 @@ PLAIN = BackwardRules()
 
 
 class _SavedDerivative(torch.autograd.Function):
-    """``act(x)`` whose derivative ``act'(x)`` is computed once, in the forward pass, and
-    multiplied into every backward pass (one product instead of the activation's own
-    backward kernel each time)."""
+    """``act(x)`` of an elementwise activation whose derivative ``act'(x)`` is computed once,
+    in the forward pass (forward mode), and multiplied into every backward pass (one product
+    instead of the activation's own backward kernel each time)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            y = act(xr)
-            (slope,) = torch.autograd.grad(y, xr, torch.ones_like(y))
+        # forward mode: the value and the (elementwise) derivative in one pass, no nested
+        # backward pass inside the forward (torch's forward-mode set-up scripts its
+        # decompositions once, warning that scripting is deprecated: not the user's concern)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                    category=DeprecationWarning)
+            y, slope = torch.func.jvp(act, (x.detach(),), (torch.ones_like(x),))
         ctx.save_for_backward(slope)
-        return y.detach()
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
