@@ -38,7 +38,9 @@ difference is ``dz_h W_O[h]`` (the difference of two head outputs ``z W_O``; rec
 squares once a call and checked to lie in ``W_O[h]``'s row space, else the direct path is
 taken), so its projection is ``dz_h (W_O[h] W_c)``: ``d_head``-wide instead of ``d``-wide
 (:class:`_NormedProjection`). Gemma-2's head differences, pushed through its post-norm, take
-the direct path.
+the direct path. The ``W_O[h] W_c`` products and the head-space solves are kept on the adapter
+between calls (each weight compared with its kept copy once a call), and one workspace a call
+holds the projections, scores and patterns (:class:`_Workspace`).
 
 Cost. Per layer, for the ``U`` senders upstream of it: the q/k projections of the ``L + 1``
 non-head senders (``N T d (H + G) d_head`` multiply-adds each), of the heads in head space
