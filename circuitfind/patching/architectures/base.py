@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from circuitfind.errors import ConfigError
 from circuitfind.patching.backward_rules import PLAIN, BackwardRules
 
 
@@ -158,6 +159,9 @@ class Architecture:
         Returns:
             ``[B*T, d]`` the residual's gradient through the norm and the projections (the
             receivers' gradients summed over receivers, per copy), in the norm's dtype.
+
+        Raises:
+            ConfigError: ``skip`` with several copies.
         """
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
@@ -166,7 +170,8 @@ class Architecture:
         dh = grads[0].shape[-1]
         r = out.shape[0] + skip
         if skip and copies != 1:
-            raise ValueError("qkv_input_grads: skip needs a single copy.")
+            raise ConfigError(f"qkv_input_grads skips heads for a single copy only; got "
+                              f"skip={skip} with {copies} copies.")
         # W_h^T with the norm's weight folded in, centred along d for LayerNorm
         wt = None if memo is None else memo.get(layer)
         if wt is None or wt.dtype != dt or wt.shape != (r, dh, d):
