@@ -224,7 +224,8 @@ class _SavedDerivative(torch.autograd.Function):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
                                     category=DeprecationWarning)
-            y, slope = torch.func.jvp(act, (x.detach(),), (torch.ones_like(x),))
+            value = torch.func.jvp(act, (x.detach(),), (torch.ones_like(x),))
+        y, slope = value[0], value[1]
         ctx.save_for_backward(slope)
         return y
 
