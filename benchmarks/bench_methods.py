@@ -77,9 +77,56 @@ def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
             "vs_eap": {k: seconds[k] / seconds["eap"] for k in METHODS}}
 
 
+FLOOR = Path(__file__).resolve().parent / "results" / "atp_floor.json"
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The results: one section a run, newest first."""
-    return "\n".join(_section(run) for run in result["runs"])
+    """The results: one section a run, newest first, after AtP*'s floor (from
+    ``bench_atp_floor.py``'s results, where they exist)."""
+    return "\n".join([_floor(), *(_section(run) for run in result["runs"])])
+
+
+def _floor() -> str:
+    """Why AtP* with GradDrop cannot reach 2x EAP on this shape, from ``atp_floor.json``."""
+    if not FLOOR.exists():
+        return ""
+    run = json.loads(FLOOR.read_text())
+    fams = run["families"]
+
+    def span(values: list[float]) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+
+    bare = span([r["macs"]["bare"] / r["macs"]["eap"] for r in fams])
+    qk = span([r["macs"]["qk_ideal"] / r["macs"]["eap"] for r in fams])
+    ideal = span([r["ideal_macs"] for r in fams])
+    layers = int(fams[0]["layers"])
+    rows = []
+    for r in fams:
+        m, s = r["macs"], r["seconds"]
+        rows.append(f"| {r['family']} | {m['bare'] / m['eap']:.2f} | {m['qk_ideal'] / m['eap']:.2f} "
+                    f"| {r['ideal_macs']:.2f} | {s['bare'] / s['eap']:.2f} "
+                    f"| {s['atp_qk'] / s['eap']:.2f} | {r['floor_time']:.2f} "
+                    f"| {s['atp_star'] / s['eap']:.2f} |")
+    return "\n".join([
+        "## AtP* with GradDrop: the floor on this shape (`bench_atp_floor.py`, "
+        f"{run['title']})", "",
+        "GradDrop needs, for each dropped layer l >= 1, a backward pass through the layers below "
+        f"l seeded with a different gradient: L(L-1)/2 = {layers * (layers - 1) // 2} "
+        f"layer-backward passes for {layers} layers, {(layers - 1) / 2:g} full backward passes, "
+        "none of which another can stand in for (each is linear in "
+        "its own seed and its scores are taken in absolute value one pass at a time). Their "
+        "matmul multiply-adds alone (input gradients only, no receiver gradients, no "
+        f"contraction: `bare`) are {bare}x EAP's; the QK fix's irreducible work (each upstream "
+        "sender's patched q/k projections, d-wide for the input and MLPs, d_head-wide for "
+        f"heads, and its patched patterns' scores) is another {qk}x. So AtP* = EAP + these "
+        f"is at least {ideal}x EAP in multiply-adds before any elementwise work, which is "
+        "above the 2x target at EAP's own rate. Measured: the bare GradDrop backward passes "
+        "alone, timed interleaved with the methods, and the floor (QK fix as implemented + bare "
+        "GradDrop):", "",
+        "| family | bare GradDrop MACs / EAP | ideal QK fix MACs / EAP | ideal floor MACs / EAP "
+        "| bare GradDrop time / EAP | QK fix time / EAP | floor time / EAP | AtP* time / EAP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""])
 
 
 def _section(result: dict[str, Any]) -> str:

@@ -49,16 +49,19 @@ pattern from the patched receiver input (through its norm and projection), and G
 the receiver's layer. Models with a single layer take no GradDrop (the mean over ``L - 1`` is
 undefined): plain QK-fixed scores are returned.
 
-Cost in practice (``benchmarks/results/methods_speed.md``): on bench_families' shape (6 layers,
-16 tokens) the QK fix alone costs about 2.1-2.6x EAP and with GradDrop about 3-3.5x (11-14x
-when each dropped layer took its own forward and backward pass). The QK fix recomputes per
-layer the projections and two patterns of every upstream sender: ``U N T d (H + G) d_head``
-multiply-adds for the ``L + 1`` non-head senders and the norm statistics, and for the heads a
-``d_head``-wide product in head space, plus ``2 U N H P T`` pattern entries; it grows with the
-depth (``U``) and the prompt length (``T^2``) relative to EAP. GradDrop's floor is its
-``(L - 1) / 2`` extra backward passes: with a backward pass about twice a forward pass and EAP
-about four forward passes (corrupted and clean forward, backward), about ``1 + (L - 1) / 4``
-times EAP before the QK fix, 2.25x for 6 layers, growing linearly with the depth.
+Cost in practice (``benchmarks/results/methods_speed.md``, ``bench_atp_floor.py``): on
+bench_families' shape (6 layers, 16 tokens) the QK fix alone costs about 1.8-2.3x EAP and with
+GradDrop about 2.75-3.3x (11-14x when each dropped layer took its own forward and backward
+pass). Under the QK fix the q and k receivers' gradients are never written nor contracted
+(only summed into the residual's); GradDrop's backward passes share the folded weights, the
+norm statistics and the activations' derivatives (saved in the forward pass). The QK fix
+recomputes per layer the projections and two patterns of every upstream sender: ``U N T d (H
++ G) d_head`` multiply-adds for the ``L + 1`` non-head senders and the norm statistics, and for
+the heads a ``d_head``-wide product in head space, plus ``2 U N H P T`` pattern entries; it
+grows with the depth (``U``) and the prompt length (``T^2``) relative to EAP. The floor:
+GradDrop's ``L (L - 1) / 2`` layer-backward passes alone are 0.84x EAP's multiply-adds and the
+QK fix's irreducible projections and patterns 0.34x, so AtP* cannot go below about 2.2x EAP on
+this shape at EAP's own rate per multiply-add (``docs/decisions.md``).
 """
 
 from __future__ import annotations

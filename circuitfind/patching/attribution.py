@@ -15,7 +15,7 @@ from torch import Tensor
 
 from circuitfind.errors import ConfigError, HookError
 from circuitfind.patching.architectures import Architecture
-from circuitfind.patching.backward_rules import PLAIN, BackwardRules
+from circuitfind.patching.backward_rules import PLAIN, BackwardRules, for_repeated_backward
 from circuitfind.patching.qk_fix import QKFix
 
 if TYPE_CHECKING:
@@ -140,7 +140,8 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
         raise ConfigError(f"Modified backward rules ({rules.describe()}) and GradDrop apply to "
                           "the clean run's gradient only, not to gradient points (EAP-IG).")
     fix = QKFix(runner) if rules.qk_fix else None
-    with runner.arch.backward_rules(rules, None if fix is None else fix.tap):
+    installed = for_repeated_backward(rules) if drop_each_layer else rules
+    with runner.arch.backward_rules(installed, None if fix is None else fix.tap):
         return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix,
                         drop_each_layer)
 
@@ -292,9 +293,15 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # are no edge (an MLP into its own receiver) are zeroed after. The gradients wait in the
     # group's buffer ``[receivers, N*T, d]`` until all have arrived: one group at a time.
     n_qkv = g.n_heads + 2 * g.n_kv_heads
+    # with the QK fix the q and k receivers score from exact patterns: their gradients are
+    # summed into the residual's only, never written nor contracted (AtP*)
+    skip = g.n_heads + g.n_kv_heads if fix is not None else 0
+    memo: dict[int, Tensor] = {}  # folded q/k/v weights, shared by every backward pass
+    norms: dict[int, tuple[Tensor, Tensor, Tensor, bool]] = {}  # GradDrop: each layer's norm
     parts: list[tuple[str, int, int, bool]] = []  # (key, first receiver, receivers, blocked)
     for layer in range(g.n_layers):
-        parts.append((f"qkv{layer}", g.q_start[layer], n_qkv, f"a{layer}" in blocked))
+        parts.append((f"qkv{layer}", g.q_start[layer] + skip, n_qkv - skip,
+                      f"a{layer}" in blocked))
         mlp_r = g.mlp_receiver[layer]
         if mlp_r is not None:
             parts.append((f"m{layer}", mlp_r, 1, f"m{layer}" in blocked))
@@ -414,11 +421,13 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
 
         def backward(x: Tensor, grads: tuple[Tensor, Tensor, Tensor],
                      outputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-            norm = lay.norm_parts(layer, x)
+            norm = norms.get(layer) or lay.norm_parts(layer, x)
+            if drop_each_layer:  # the same input in every backward pass
+                norms[layer] = norm
             row = group_of[key][1]
-            rows = buffer(key)[row: row + n_qkv]  # summed over the copies where folded
+            rows = buffer(key)[row: row + n_qkv - skip]  # summed over the copies where folded
             dx = lay.qkv_input_grads(layer, norm, grads, out=rows, outputs=outputs,
-                                     copies=copies if folded else 1)
+                                     copies=copies if folded else 1, skip=skip, memo=memo)
             arrive(key)
             return dx.view(x.shape).to(x.dtype)
         return backward

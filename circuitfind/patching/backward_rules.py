@@ -49,8 +49,10 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -207,3 +209,45 @@ class BackwardRules:
 
 PLAIN = BackwardRules()
 """The plain gradient (EAP)."""
+
+
+class _SavedDerivative(torch.autograd.Function):
+    """``act(x)`` of an elementwise activation whose derivative ``act'(x)`` is computed once,
+    in the forward pass (forward mode), and multiplied into every backward pass (one product
+    instead of the activation's own backward kernel each time)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+        # forward mode: the value and the (elementwise) derivative in one pass, no nested
+        # backward pass inside the forward (torch's forward-mode set-up scripts its
+        # decompositions once, warning that scripting is deprecated: not the user's concern)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                    category=DeprecationWarning)
+            value = torch.func.jvp(act, (x.detach(),), (torch.ones_like(x),))
+        y, slope = value[0], value[1]
+        ctx.save_for_backward(slope)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None
+
+
+@dataclass(frozen=True)
+class _RepeatedBackward(BackwardRules):
+    """The same rules, for a forward pass whose graph several backward passes read (AtP*'s
+    GradDrop): the plain activation gradient comes from its derivative saved in the forward
+    pass (:class:`_SavedDerivative`). Equal to the rules it copies up to rounding."""
+
+    def activation_fn(self, act: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        if self.activation != "gradient" or not x.requires_grad:
+            return super().activation_fn(act, x)
+        return _SavedDerivative.apply(x, act)
+
+
+def for_repeated_backward(rules: BackwardRules) -> BackwardRules:
+    """``rules`` for a forward pass whose autograd graph several backward passes read (the
+    activations' derivatives computed once: :class:`_RepeatedBackward`)."""
+    return _RepeatedBackward(**{f.name: getattr(rules, f.name) for f in fields(rules)})

@@ -38,7 +38,9 @@ difference is ``dz_h W_O[h]`` (the difference of two head outputs ``z W_O``; rec
 squares once a call and checked to lie in ``W_O[h]``'s row space, else the direct path is
 taken), so its projection is ``dz_h (W_O[h] W_c)``: ``d_head``-wide instead of ``d``-wide
 (:class:`_NormedProjection`). Gemma-2's head differences, pushed through its post-norm, take
-the direct path.
+the direct path. The ``W_O[h] W_c`` products and the head-space solves are kept on the adapter
+between calls (each weight compared with its kept copy once a call), and one workspace a call
+holds the projections, scores and patterns (:class:`_Workspace`).
 
 Cost. Per layer, for the ``U`` senders upstream of it: the q/k projections of the ``L + 1``
 non-head senders (``N T d (H + G) d_head`` multiply-adds each), of the heads in head space
@@ -78,6 +80,30 @@ def rotation_matrices(lay: Architecture, t: int, dh: int, dtype: torch.dtype,
     eye = torch.eye(dh, dtype=dtype, device=device)[:, None, None, :].expand(dh, 1, t, dh)
     q_rot, k_rot = lay.rotate(eye, eye)  # [b, 1, T, a] = (R_t e_b)_a
     return q_rot[:, 0].permute(1, 2, 0), k_rot[:, 0].permute(1, 2, 0)
+
+
+class _Workspace:
+    """Buffers reused across the layers and chunks of one :meth:`QKFix.rescore` call: a fresh
+    tensor of a few MiB is written to cold memory each time (on bench_families' shape the
+    rescoring took about a fifth longer with fresh tensors), a reused one stays warm in the
+    caches. Layers are rescored from the deepest (the most senders) down, so the first
+    buffers are the largest."""
+
+    def __init__(self) -> None:
+        self.flat: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: Tensor,
+             dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised ``shape`` tensor (``like``'s device, ``dtype`` or ``like``'s), a
+        view of buffer ``name`` (grown when too small)."""
+        dtype = like.dtype if dtype is None else dtype
+        size = 1
+        for s in shape:
+            size *= s
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < size or buf.dtype != dtype or buf.device != like.device:
+            buf = self.flat[name] = torch.empty(size, dtype=dtype, device=like.device)
+        return buf[:size].view(shape)
 
 
 class QKFix:
@@ -128,9 +154,11 @@ class QKFix:
                 already pushed through the post-norm's Jacobian).
         """
         g, lay = self.runner.graph, self.runner.arch
+        _products(lay).begin()
+        work = _Workspace()
         with lay.backward_rules(None):  # plain values, no tap, while recomputing
             heads_low = self._head_space(lay, delta)
-            for layer, x in self.inputs.items():
+            for layer, x in sorted(self.inputs.items(), reverse=True):
                 u_up = g.head_start[layer]
                 q_cols = slice(g.q_start[layer], g.q_start[layer] + g.n_heads)
                 k_cols = slice(g.k_start[layer], g.k_start[layer] + g.n_kv_heads)
@@ -145,20 +173,21 @@ class QKFix:
                         passes[key][:u_up, k_cols] = 0
                 if rows is None or not len(rows):
                     continue
-                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low)
+                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low, work)
                 for key, (val_q, val_k) in zip(keys, values):
                     passes[key][:u_up, q_cols] = val_q.to(passes[key].dtype)
                     passes[key][:u_up, k_cols] = val_k.to(passes[key].dtype)
 
     def _layer(self, lay: Architecture, layer: int, x: Tensor, delta: Tensor, rows: Tensor,
-               grads: list[Tensor], heads_low: dict[int, HeadSpace]
+               grads: list[Tensor], heads_low: dict[int, HeadSpace], work: _Workspace
                ) -> list[tuple[Tensor, Tensor]]:
         """QK-fixed scores of ``layer``'s q and k edges from the ``U`` senders of ``delta
         [U, N, T, d]``, one ``([U, H], [U, G])`` pair per pattern gradient in ``grads`` (each
         ``[N, H, T, T]``), at the query ``rows [P]``; ``heads_low`` holds the head-space
         differences of the sender layers whose heads take the low-rank projection
-        (:meth:`_head_space`). The patched projections are laid out senders-inside
-        (``[N, T, c, out]``), so that each head's scores are one batched product of views."""
+        (:meth:`_head_space`); ``work`` the call's buffers. The patched projections are laid
+        out senders-inside (``[N, T, c, out]``), so that each head's scores are one batched
+        product of views."""
         q0, k0, a0 = self.qk[layer]
         g = self.runner.graph
         n, t, _ = x.shape
@@ -186,7 +215,8 @@ class QKFix:
         grad_k = grad_k.contiguous()
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
         hidden_x = hidden.repeat(rep, 1)  # [rep*P, T] (x, j)
-        proj = _NormedProjection(lay, layer, x, rows, heads_low)
+        sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
+        proj = _NormedProjection(lay, layer, x, rows, heads_low, work)
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
@@ -197,7 +227,7 @@ class QKFix:
             qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
                                  ks.view(n, t * c, groups, dh))
             qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
-            s_q = qs.new_empty(heads, n, p, c, t)  # patched queries, clean keys
+            s_q = work.take("s", (heads, n, p, c, t), qs)  # patched queries, clean keys
             for h in range(heads):
                 side = key_side[h // rep]
                 if rot is None:
@@ -205,14 +235,15 @@ class QKFix:
                                  out=s_q[h].view(n, p * c, t))
                 else:
                     torch.matmul(qs[:, :, :, h], side, out=s_q[h])
-            a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1)
+            a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1,
+                                          out=work.take("a", s_q.shape, s_q, sdt))
             got = torch.matmul(a_q.to(gdt), grad_q).sum((1, 2))  # [H, c, m]
             val_q[:, u0:u1] = got.permute(2, 1, 0)
             if rot is None:  # clean queries, patched keys: [G, N, rep*P, T, c]
-                s_k = ks.new_empty(groups, n, rep * p, t, c)
+                s_k = work.take("s", (groups, n, rep * p, t, c), ks)
                 key_dim, mask = 3, hidden_x.view(1, 1, rep * p, t, 1)
             else:  # [G, N, T, rep*P, c]
-                s_k = ks.new_empty(groups, n, t, rep * p, c)
+                s_k = work.take("s", (groups, n, t, rep * p, c), ks)
                 key_dim, mask = 2, hidden_x.T.reshape(1, 1, t, rep * p, 1)
             for gi in range(groups):
                 kg = ks[:, :, :, gi]  # [N, T, c, dh]
@@ -221,7 +252,8 @@ class QKFix:
                                  out=s_k[gi].view(n, rep * p, t * c))
                 else:
                     torch.matmul(query_side[gi], kg.transpose(-1, -2), out=s_k[gi])
-            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim)
+            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim,
+                                          out=work.take("a", s_k.shape, s_k, sdt))
             got = torch.matmul(a_k.to(gdt).view(groups, n, -1, c).transpose(-1, -2), grad_k)
             val_k[:, u0:u1] = got.sum(1).permute(2, 1, 0)  # [m, c, G]
         base_k = base.view(m, groups, rep).sum(-1)
@@ -239,15 +271,13 @@ class QKFix:
             return out
         last = max(self.inputs, default=0)
         _, n, t, d = delta.shape
+        cache = _products(lay)
         for m in range(last):  # heads of the last tapped layer feed no q or k
             h0 = g.head_start[m]
-            w = lay.w_out(m)[0].reshape(g.n_heads, -1, d)  # [H, dh, d]
-            w64 = w.double()
-            gram = w64 @ w64.transpose(1, 2)  # [H, dh, dh]
-            left = torch.linalg.solve(gram, w64).transpose(1, 2).to(delta.dtype)  # [H, d, dh]
+            wd = lay.w_out(m)[0].reshape(g.n_heads, -1, d).to(delta.dtype)  # [H, dh, d]
+            left, gd = cache.solve(m, wd)
             rows = delta[h0: h0 + g.n_heads].reshape(g.n_heads, n * t, d)
             dz = torch.bmm(rows, left)
-            wd, gd = w.to(delta.dtype), gram.to(delta.dtype)
             # the part off the row space is orthogonal to it: |miss|^2 = |delta|^2 - |dz W|^2
             whole = rows.pow(2).sum(-1)  # [H, N*T]
             miss = whole - (torch.bmm(dz, gd) * dz).sum(-1)
@@ -284,25 +314,91 @@ PRODUCT_CACHE_BYTES = 1 << 26  # per model: W_O W_c products kept between calls 
 _PRODUCTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _products(lay: Architecture, sender: int, layer: int, w_out: Tensor,
-              w_c: Tensor) -> Tensor:
-    """``W_O[h] W_c`` ``[H, d_head, out]`` of the heads of layer ``sender`` (``w_out [H,
-    d_head, d]``) and the folded q/k weights ``w_c [d, out]`` of ``layer``: ``d^2 out``
-    multiply-adds a pair of layers, the same in every call on a model, so kept on the adapter
-    (weakly) while they fit in :data:`PRODUCT_CACHE_BYTES`, and used again only if both
-    factors are still equal to those they came from."""
-    cache = _PRODUCTS.setdefault(lay, {})
-    key = (sender, layer)
-    hit = cache.get(key)
-    if (hit is not None and hit[0].shape == w_out.shape and hit[1].shape == w_c.shape
-            and hit[0].dtype == w_out.dtype and hit[0].device == w_out.device
-            and torch.equal(hit[0], w_out) and torch.equal(hit[1], w_c)):
-        return hit[2]
-    out = w_out @ w_c
-    held = sum(t.numel() * t.element_size() for v in cache.values() for t in v)
-    if held + 2 * out.numel() * out.element_size() <= PRODUCT_CACHE_BYTES:
-        cache[key] = (w_out.clone(), w_c.clone(), out)
-    return out
+class _WeightProducts:
+    """What the QK fix derives from the weights alone, kept on the adapter (weakly) between
+    calls while it fits in :data:`PRODUCT_CACHE_BYTES`: ``W_O[h] W_c`` ``[H, d_head, out]``
+    for each pair of a sender layer's heads (``w_out [H, d_head, d]``) and a receiving
+    layer's folded q/k weights (``w_c [d, out]``), ``d^2 out`` multiply-adds a pair, and each
+    sender layer's least-squares solve for its head space (:meth:`QKFix._head_space`).
+
+    Every entry is used again only while the weights it came from are equal to copies kept
+    beside it; each weight is compared once a call (:meth:`begin` starts a call), not once
+    per product (one ``d x out`` comparison per layer instead of one per pair of layers).
+    """
+
+    def __init__(self) -> None:
+        self.outs: dict[int, Tensor] = {}  # sender layer -> w_out copy
+        self.folded: dict[int, Tensor] = {}  # receiving layer -> w_c copy
+        self.products: dict[tuple[int, int], Tensor] = {}
+        self.solves: dict[int, tuple[Tensor, Tensor]] = {}
+        self.checked: dict[tuple[str, int], bool] = {}
+
+    def begin(self) -> None:
+        """Start a call: every weight is compared again on its first use."""
+        self.checked = {}
+
+    def _held(self) -> int:
+        tensors = [*self.outs.values(), *self.folded.values(), *self.products.values(),
+                   *(t for pair in self.solves.values() for t in pair)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _fits(self, *new: Tensor) -> bool:
+        extra = sum(t.numel() * t.element_size() for t in new)
+        return self._held() + extra <= PRODUCT_CACHE_BYTES
+
+    def _same(self, kind: str, key: int, w: Tensor) -> bool:
+        """Whether ``w`` equals the copy kept for ``(kind, key)`` (compared once a call); on
+        a change the entries made from the old copy are dropped and ``w`` kept instead."""
+        if (kind, key) in self.checked:
+            return self.checked[(kind, key)]
+        store = self.outs if kind == "out" else self.folded
+        old = store.get(key)
+        same = (old is not None and old.shape == w.shape and old.dtype == w.dtype
+                and old.device == w.device and torch.equal(old, w))
+        if not same:
+            store.pop(key, None)
+            self.products = {k: v for k, v in self.products.items()
+                             if k[0 if kind == "out" else 1] != key}
+            if kind == "out":
+                self.solves.pop(key, None)
+            if self._fits(w):
+                store[key] = w.clone()
+        self.checked[(kind, key)] = same
+        return same
+
+    def product(self, sender: int, layer: int, w_out: Tensor, w_c: Tensor) -> Tensor:
+        """``w_out @ w_c`` ``[H, d_head, out]``, reused while both factors are unchanged."""
+        same = self._same("out", sender, w_out) & self._same("c", layer, w_c)
+        hit = self.products.get((sender, layer)) if same else None
+        if hit is not None:
+            return hit
+        out = w_out @ w_c
+        if sender in self.outs and layer in self.folded and self._fits(out):
+            self.products[(sender, layer)] = out
+        return out
+
+    def solve(self, sender: int, w_out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(left [H, d, d_head], gram [H, d_head, d_head])`` of ``w_out [H, d_head, d]`` (in
+        float64, returned in ``w_out``'s dtype): ``delta left`` is the least-squares ``dz``
+        of ``delta = dz w_out`` and ``gram = w_out w_out^T``."""
+        hit = self.solves.get(sender) if self._same("out", sender, w_out) else None
+        if hit is not None:
+            return hit
+        w64 = w_out.double()
+        gram = w64 @ w64.transpose(1, 2)  # [H, dh, dh]
+        left = torch.linalg.solve(gram, w64).transpose(1, 2)  # [H, d, dh]
+        out = left.to(w_out.dtype).contiguous(), gram.to(w_out.dtype)
+        if sender in self.outs and self._fits(*out):
+            self.solves[sender] = out
+        return out
+
+
+def _products(lay: Architecture) -> _WeightProducts:
+    """The adapter's :class:`_WeightProducts` (made on first use)."""
+    cache = _PRODUCTS.get(lay)
+    if cache is None:
+        cache = _PRODUCTS[lay] = _WeightProducts()
+    return cache
 
 
 class _NormedProjection:
@@ -322,11 +418,13 @@ class _NormedProjection:
         x: ``[N, T, d]`` its clean input.
         rows: ``[P]`` the query rows wanted.
         heads_low: ``{sender layer: HeadSpace}``.
+        work: The call's buffers (the projections are written into them).
     """
 
     def __init__(self, lay: Architecture, layer: int, x: Tensor, rows: Tensor,
-                 heads_low: dict[int, HeadSpace]) -> None:
+                 heads_low: dict[int, HeadSpace], work: _Workspace) -> None:
         n, t, d = x.shape
+        self.work = work
         self.lay, self.layer, self.x, self.rows, self.d = lay, layer, x, rows, d
         wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
         wk, bk = lay.head_weights(layer, "k")
@@ -344,21 +442,27 @@ class _NormedProjection:
             self.bq = self.bq + bq.reshape(-1)
         if bk is not None:
             self.bk = self.bk + bk.reshape(-1)
-        self.xq = x[:, rows] @ self.wq  # [N, P, H*dh]
-        self.xk = x @ self.wk  # [N, T, G*dh]
+        self.wqk = torch.cat([self.wq, self.wk], 1)  # [d, outq + outk]
+        self.q_out = self.wq.shape[1]
+        self.every_row = len(rows) == t  # queries at every position: one product for q and k
+        if self.every_row:
+            xqk = x.reshape(n * t, d) @ self.wqk
+            self.xq, self.xk = xqk[:, : self.q_out], xqk[:, self.q_out:]  # [N*P|N*T, out]
+        else:
+            self.xq = x[:, rows].reshape(-1, d) @ self.wq
+            self.xk = x.reshape(n * t, d) @ self.wk
         self.sdt = torch.promote_types(x.dtype, torch.float32)  # the statistics' dtype
         xs = x.to(self.sdt)
         self.xc = xs - xs.mean(-1, keepdim=True) if centred else xs  # [N, T, d]
         self.stat_x = self.xc.pow(2).mean(-1)  # [N, T]
         self.low = {}
         xc = self.xc.to(x.dtype).reshape(n * t, d)
-        wqk = torch.cat([self.wq, self.wk], 1)
+        products = _products(lay)
         for m, hs in heads_low.items():
             h, dh = hs.w_out.shape[:2]
             xo = (xc @ hs.w_out.reshape(h * dh, d).T).view(n * t, h, dh).transpose(0, 1)
-            mqk = _products(lay, m, layer, hs.w_out, wqk)  # [H, dh, outq + outk]
-            q_out = self.wq.shape[1]
-            self.low[m] = (hs, mqk[..., :q_out], mqk[..., q_out:], xo)  # xo [H, N*T, dh]
+            mqk = products.product(m, layer, hs.w_out, self.wqk)  # [H, dh, outq + outk]
+            self.low[m] = (hs, mqk, xo)  # xo [H, N*T, dh]
 
     def __call__(self, delta: Tensor, u0: int, u1: int, g: object
                  ) -> tuple[Tensor, Tensor]:
@@ -368,8 +472,9 @@ class _NormedProjection:
         c = u1 - u0
         n, t, _ = x.shape
         p = len(rows)
-        qs = x.new_empty(n, p, c, self.wq.shape[1])
-        ks = x.new_empty(n, t, c, self.wk.shape[1])
+        qs = self.work.take("q", (n, p, c, self.q_out), x)
+        ks = self.work.take("k", (n, t, c, self.wk.shape[1]), x)
+        q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
         cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
         square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
         total = x.new_empty(c, n, t, dtype=self.sdt) if self.centred else None  # sum delta
@@ -382,30 +487,39 @@ class _NormedProjection:
                 u += 1
                 continue
             m, a, b = run
-            hs, mq, mk, xo = self.low[m]
+            hs, mqk, xo = self.low[m]
             first = g.head_start[m]  # type: ignore[attr-defined]
             i0, i1, j0, j1 = a - first, b - first, a - u0, b - u0
             h = b - a
             dz = hs.dz[i0:i1]  # [h, N, T, dh]
             flat = dz.reshape(h, n * t, -1)
-            # x W_c + dz_h (W_O[h] W_c), written in place among the chunk's senders
-            torch.baddbmm(self.xq.view(1, n * p, -1).expand(h, -1, -1),
-                          dz[:, :, rows].reshape(h, n * p, -1), mq[i0:i1],
-                          out=qs.view(n * p, c, -1)[:, j0:j1].transpose(0, 1))
-            torch.baddbmm(self.xk.view(1, n * t, -1).expand(h, -1, -1), flat, mk[i0:i1],
-                          out=ks.view(n * t, c, -1)[:, j0:j1].transpose(0, 1))
+            # dz_h (W_O[h] W_c) in one product (contiguous), then x W_c added on the way
+            # into the chunk's slots (senders inside: a strided write)
+            if self.every_row:
+                both = torch.bmm(flat, mqk[i0:i1], out=self.work.take(
+                    "both", (h, n * t, mqk.shape[-1]), x))  # [h, N*T, outq + outk]
+                tq, tk = both[..., : self.q_out], both[..., self.q_out:]
+            else:
+                tq = torch.bmm(dz[:, :, rows].reshape(h, n * p, -1), mqk[i0:i1, :, : self.q_out])
+                tk = torch.bmm(flat, mqk[i0:i1, :, self.q_out:])
+            torch.add(tq, self.xq, out=q_slots[:, j0:j1].transpose(0, 1))
+            torch.add(tk, self.xk, out=k_slots[:, j0:j1].transpose(0, 1))
             cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
             square[j0:j1] = hs.square[i0:i1]
             if total is not None:
                 total[j0:j1] = hs.total[i0:i1]
             u = b
-        xq, xk = self.xq.view(n * p, -1), self.xk.view(n * t, -1)
         for u in direct:  # the other senders' differences as they are, d-wide
             du = delta[u].to(x.dtype)  # [N, T, d]
             j = u - u0
-            torch.addmm(xq, du[:, rows].reshape(n * p, d), self.wq,
-                        out=qs.view(n * p, c, -1)[:, j])
-            torch.addmm(xk, du.reshape(n * t, d), self.wk, out=ks.view(n * t, c, -1)[:, j])
+            flat = du.reshape(n * t, d)
+            if self.every_row:
+                both = flat @ self.wqk
+                tq, tk = both[:, : self.q_out], both[:, self.q_out:]
+            else:
+                tq, tk = du[:, rows].reshape(n * p, d) @ self.wq, flat @ self.wk
+            torch.add(tq, self.xq, out=q_slots[:, j])
+            torch.add(tk, self.xk, out=k_slots[:, j])
             ds = du.to(self.sdt)
             cross[j] = (ds * self.xc).sum(-1)
             square[j] = ds.pow(2).sum(-1)
@@ -415,7 +529,7 @@ class _NormedProjection:
         if total is not None:  # variance: the mean of the difference moves the mean
             stat -= (total / d).pow(2)
         inv = torch.rsqrt(stat + self.eps).to(x.dtype).permute(1, 2, 0)[..., None]  # [N,T,c,1]
-        torch.addcmul(self.bq, qs, inv[:, rows], out=qs)
+        torch.addcmul(self.bq, qs, inv if self.every_row else inv[:, rows], out=qs)
         torch.addcmul(self.bk, ks, inv, out=ks)
         return qs, ks
 

@@ -10,6 +10,8 @@ against patterns captured from forward passes with the edge patched.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,6 +140,48 @@ def test_grad_drop_is_the_mean_absolute_score_over_dropped_layers(setups, tmp_pa
     assert float((passes[-1] - passes[0])[:, below].abs().max()) > 100 * float32_atol(want)
     assert AtPStar().score_meaning(data.task).kind == "importance"
     assert AtPStar(grad_drop=False).score_meaning(data.task).kind == "metric_change"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_qk_fix_leaves_the_other_edges_of_every_grad_drop_pass_alone(setups, name):
+    """Under the QK fix the q and k receivers' gradients are only summed into the residual's
+    (never written per head): each GradDrop pass's v, MLP and logits edges still equal those
+    of the same pass without the QK fix (plain ``drop_layer`` passes, checked against Hugging
+    Face above), in the layers below the dropped one too, so the residual's gradient through
+    the q/k/v projections is right."""
+    engine, data, _, _ = setups(name)
+    g = engine.graph
+    other = torch.tensor([rec.kind not in ("q", "k") for rec in g.receivers])
+    shared = engine.edge_attribution(data, rules=BackwardRules(qk_fix=True),
+                                     drop_each_layer=True).double()
+    for layer in range(g.n_layers):
+        plain = engine.edge_attribution(data, rules=BackwardRules(drop_layer=layer)).double()
+        assert plain[:, other].abs().max() > 1e-3
+        _close(shared[layer][:, other], plain[:, other])
+
+
+def test_qk_fix_follows_weights_changed_in_place(tmp_path):
+    """The QK fix keeps weight products on the family adapter between calls: after a weight
+    is changed in place the scores equal a new engine's (a new adapter, nothing kept) on the
+    changed model, not those of the old weights."""
+    model = tiny_model(tmp_path, dtype=torch.float64, **FAMILIES["gpt2"])
+    data = ToyTask(seq_len=SEQ, positions=2).build(model.tokenizer, 3, seed=1)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    qk = torch.tensor([rec.kind in ("q", "k") for rec in g.receivers])
+    before = AtPStar(grad_drop=False).score(engine, data).double()
+    lay = engine.runner.arch
+    with torch.no_grad():
+        lay.w_out(0)[0].mul_(1.5)  # layer 0's heads: their products with layer 1's q/k
+        lay.head_weights(1, "k")[0].mul_(0.5)
+    # a new corrupted tensor: the engine's own memo of the corrupted run does not hit
+    data = dataclasses.replace(data, corrupted=data.corrupted.clone())
+    after = AtPStar(grad_drop=False).score(engine, data).double()
+    fresh = PatchingEngine(model)
+    assert fresh.runner.arch is not lay
+    want = AtPStar(grad_drop=False).score(fresh, data).double()
+    _close(after[:, qk], want[:, qk])
+    assert float((after - before)[:, qk].abs().max()) > 100 * float32_atol(want)
 
 
 def test_grad_drop_without_the_qk_fix(setups):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from circuitfind.errors import ConfigError
 from circuitfind.patching.backward_rules import PLAIN, BackwardRules
 
 
@@ -124,7 +125,8 @@ class Architecture:
     def qkv_input_grads(self, layer: int, parts: tuple[Tensor, Tensor, Tensor, bool],
                         grads: tuple[Tensor, Tensor, Tensor], out: Tensor,
                         outputs: tuple[Tensor, Tensor, Tensor] | None = None,
-                        copies: int = 1) -> Tensor:
+                        copies: int = 1, skip: int = 0,
+                        memo: dict[int, Tensor] | None = None) -> Tensor:
         """Each q, k and v head's gradient with respect to its own copy of the residual read
         by :meth:`ln_attn` and its projection, from the projections' gradients ``grads``
         (``[B, T, H, dh]``, ``[B, T, G, dh]``, ``[B, T, G, dh]``; ``B = copies * N``, the
@@ -146,20 +148,38 @@ class Architecture:
         statistics (:attr:`BackwardRules.freeze_norm`) the ``xh mean(gh xh)`` term, the
         derivative of ``1/sigma``, is left out.
 
+        With ``skip`` (one copy only) the first ``skip`` heads (AtP*'s q and k heads, whose
+        scores come from exact patterns) are not written: ``out`` holds the other heads'
+        gradients (``[H + 2G - skip, N*T, d]``) and the residual's gradient, still through every
+        head, is one matmul ``[N*T, (H + 2G) dh] x [(H + 2G) dh, d]`` with the norm's term
+        ``xh mean(xh . g)`` taken once from the sum. ``memo`` (``{layer: weights}``) keeps the
+        folded weights between calls on unchanged weights (the backward passes of one
+        attribution pass).
+
         Returns:
             ``[B*T, d]`` the residual's gradient through the norm and the projections (the
             receivers' gradients summed over receivers, per copy), in the norm's dtype.
+
+        Raises:
+            ConfigError: ``skip`` with several copies.
         """
         xh, inv, w, centred = parts
         dt = xh.dtype  # float32 at least, as the norm computes
         b, t = grads[0].shape[:2]
         rows, d = b * t, xh.shape[-1]
         dh = grads[0].shape[-1]
-        r = out.shape[0]
+        r = out.shape[0] + skip
+        if skip and copies != 1:
+            raise ConfigError(f"qkv_input_grads skips heads for a single copy only; got "
+                              f"skip={skip} with {copies} copies.")
         # W_h^T with the norm's weight folded in, centred along d for LayerNorm
-        wt = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
-        if centred:
-            wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
+        wt = None if memo is None else memo.get(layer)
+        if wt is None or wt.dtype != dt or wt.shape != (r, dh, d):
+            wt = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
+            if centred:
+                wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
+            if memo is not None:
+                memo[layer] = wt
         exact = not self.rules.freeze_norm
         dqi = xh.new_empty(r, b, t, dh)  # 1/sigma folded in, head-major
         shifted = xh.new_empty(r, b, t, dh) if exact and outputs is not None else None
@@ -177,9 +197,20 @@ class Architecture:
                     torch.sub(p, offsets[i][:, None, None], out=shifted[s0: s0 + h])
             s0 += h
         flat_xh = xh.reshape(rows, d)
-        q: Tensor | None = None  # d mean(gh xh) / sigma [heads, B*T] (1/d in the updates)
+        q: Tensor | None = None  # d mean(gh xh) / sigma [heads, B*T, 1] (1/d in the updates)
         if shifted is not None:  # = dqi . (p_h - c_h)
             q = shifted.mul_(dqi).sum(-1).view(r, rows, 1)
+        if skip:  # the residual's gradient through every head from one matmul
+            dx = dqi.permute(1, 2, 0, 3).reshape(rows, r * dh) @ wt.view(r * dh, d)
+            torch.bmm(dqi[skip:].view(r - skip, rows, dh), wt[skip:], out=out)
+            if exact:
+                dx.addcmul_((dx * flat_xh).sum(-1, keepdim=True), flat_xh, value=-1.0 / d)
+                if q is None:
+                    q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T[..., None]
+                else:
+                    q = q[skip:]
+                out.addcmul_(q, flat_xh, value=-1.0 / d)
+            return dx
         if copies == 1:
             torch.bmm(dqi.view(r, rows, dh), wt, out=out)  # [heads, N*T, d]
             if exact and q is None:  # = xh . out (xh has zero mean under LayerNorm):
@@ -406,14 +437,17 @@ class Architecture:
                             device)
 
     def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor,
-                            dim: int) -> Tensor:
+                            dim: int, out: Tensor | None = None) -> Tensor:
         """The plain attention pattern (probability) from scaled scores ``scale q . k`` of
         ``layer`` laid out with the keys along ``dim`` (without autograd: ``scores`` is
         overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``), softmax
-        in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it."""
+        in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it (into ``out``,
+        contiguous and of that dtype, when given)."""
         scores = self._capped(scores)
         scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim, dtype=self.softmax_dtype)
+        if out is None:
+            return torch.softmax(scores, dim, dtype=self.softmax_dtype)
+        return torch.ops.aten.softmax.int_out(scores, dim, self.softmax_dtype, out=out)
 
     def _attend_with_rules(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                            query_pos: Tensor | None, grouped: bool) -> Tensor:
