@@ -206,7 +206,8 @@ class Architecture:
             if exact:
                 dx.addcmul_((dx * flat_xh).sum(-1, keepdim=True), flat_xh, value=-1.0 / d)
                 if q is None:
-                    q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None]).view(rows, -1).T[..., None]
+                    q = torch.bmm(out.transpose(0, 1), flat_xh[:, :, None])
+                    q = q.view(rows, -1).T[..., None]
                 else:
                     q = q[skip:]
                 out.addcmul_(q, flat_xh, value=-1.0 / d)
