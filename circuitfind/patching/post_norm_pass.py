@@ -124,6 +124,7 @@ class PostNormPass:
         self.buf: Tensor | None = None  # the basis buffer (_fill), grown as it is filled
         self.grams: dict[int, Tensor] = {}
         self.filled: set[int] = set()
+        self.folds: dict[int, tuple[dict[str, tuple[Tensor, Tensor | None]], float] | None] = {}
         self._columns()
         # the static parts of receiver inputs, kept from pass to pass (see _static_of), for
         # one data tensor: the engine's memoised ``diff`` (held, so that its memory cannot be
@@ -434,14 +435,28 @@ class PostNormPass:
         all where ``x`` has one row, nothing computed in the pass reaches ``r`` and every mask
         weighs its edges alike: the start layer's untested receivers); ``None`` if no mask
         touches any of them."""
+        parts = self._parts(rs)
+        return None if parts is None else self._assemble(rs, x, *parts)
+
+    def _parts(self, rs: list[int]
+               ) -> tuple[Tensor, Tensor, Tensor, list[int], tuple[Tensor, Tensor] | None] | None:
+        """The pieces of the receivers ``rs``' own inputs (:meth:`receiver_inputs`): the
+        touched (mask, receiver) pairs ``kk, jj`` (grouped by receiver), their static rows and
+        the row of each pair (:meth:`_static_of`) and the dynamic change (:meth:`_dynamic`);
+        ``None`` if no mask touches any of them."""
         sub = self.touched[:, rs]  # [K, R']
         if not bool(sub.any()):
             return None
-        dev = x.device
         jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
         static, order = self._static_of(kk, rr)  # [M, X]
-        dynamic = self._dynamic(rs, kk, jj)
+        return kk, jj, static, order, self._dynamic(rs, kk, jj)
+
+    def _assemble(self, rs: list[int], x: Tensor, kk: Tensor, jj: Tensor, static: Tensor,
+                  order: list[int], dynamic: tuple[Tensor, Tensor] | None
+                  ) -> tuple[Tensor, list[tuple[int, Tensor, slice]]]:
+        """:meth:`receiver_inputs` from its pieces (:meth:`_parts`)."""
+        dev = x.device
         x_rows = x.reshape(x.shape[0], -1)
         counts = torch.bincount(jj, minlength=len(rs)).tolist()
         pieces = []
@@ -488,25 +503,125 @@ class PostNormPass:
         return inputs.reshape(-1, *x.shape[1:]), pieces
 
     # ------------------------------------------------------------------ the pass
-    def _projections(self, layer: int, x: Tensor
+    def _projections(self, layer: int, x: Tensor, last: bool
                      ) -> tuple[dict[str, Tensor], dict[tuple[str, int], tuple[Tensor, Tensor]]]:
         """Block ``layer``'s shared q/k/v ``[rows*n, T, h, dh]`` of the residual ``x [rows, n,
         T, d]`` and, for every touched receiver ``(kind, i)``, ``(ks, own [k|1, n, T, dh])``: the
-        masks touching it and its projection of its own input in each."""
+        masks touching it and its projection of its own input in each. In the last block the
+        queries' own inputs are built at the metric positions only (``own [k|1, n, P, dh]``; the
+        pass is then at the positions, :meth:`_to_positions`): only those queries are read.
+        The start layer's shared projections (of the clean residual, every mask alike) are kept
+        in the memo from pass to pass."""
         g, lay, t = self.g, self.lay, self.t
-        q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
+        key = ("clean qkv", layer)
+        clean = layer == self.start and not self.grads  # x: the clean residual
+        if clean and key in self.memo.entries:
+            joined = self.memo.entries[key]
+        else:
+            q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
+            joined = torch.cat([q, kk, v], 2)
+        if clean:
+            self.fresh[key] = joined
+        q, kk, v = joined.split([g.n_heads, g.n_kv_heads, g.n_kv_heads], 2)
         first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
         count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-        own = {}
+        own: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
         kind_of = {first[kind] + i: (kind, i) for kind in "qkv" for i in range(count[kind])}
-        found = self.receiver_inputs(list(kind_of), x)
-        if found is not None:
-            inputs, pieces = found
+        if last:
+            self._own_projections(layer, [r for r in kind_of if kind_of[r][0] != "q"], kind_of,
+                                  x, own)
+            self._to_positions()
+            self._own_projections(layer, [r for r in kind_of if kind_of[r][0] == "q"], kind_of,
+                                  self._rows(x), own)
+        else:
+            self._own_projections(layer, list(kind_of), kind_of, x, own)
+        return {"q": q, "k": kk, "v": v}, own
+
+    def _folded(self, layer: int) -> tuple[dict[str, tuple[Tensor, Tensor | None]], float] | None:
+        """Layer ``layer``'s per-head q/k/v weights ``[heads, d, dh]`` with the input norm's
+        scale folded in, and biases, and its ``eps``, where its input norm is an RMSNorm
+        computed in the model's dtype (:meth:`Architecture.ln_attn_rms`: float32 models) and
+        no gradient is taken; ``None`` otherwise (the inputs are then normalised first)."""
+        if self.grads or self.dtype != torch.float32:
+            return None
+        if layer not in self.folds:
+            rms = self.lay.ln_attn_rms(layer)
+            if rms is None:
+                self.folds[layer] = None
+            else:
+                scale, eps = rms
+                heads = {}
+                for kind in "qkv":
+                    w, b = self.lay.head_weights(layer, kind)
+                    heads[kind] = (scale.to(w.dtype)[:, None] * w, b)
+                self.folds[layer] = (heads, eps)
+        return self.folds[layer]
+
+    def _own_projections(self, layer: int, rs: list[int], kind_of: dict[int, tuple[str, int]],
+                         x: Tensor, own: dict[tuple[str, int], tuple[Tensor, Tensor]]) -> None:
+        """Add to ``own`` each touched receiver ``(kind, i)`` of ``rs``: ``(ks, its projection
+        [k|1, n, T|P, dh] of its own input in the masks ks)`` (the inputs from :meth:`_parts`).
+
+        Where the input norm folds into the projections (:meth:`_folded`), ``W (c x inv(x)) =
+        (W diag(c)) x inv(x)``: one reduction and one matmul read each input, and the ``1/rms``
+        scales the projection (the norm alone reads and writes the inputs four times). Where
+        every mask touches every receiver and the dynamic change comes from the Gram form
+        (``[K, X, R', d]``, :meth:`_dynamic_gram`), the inputs ``x - static - change`` are
+        written in place into that change (no separate ``[R', K, X, d]`` inputs), and each
+        receiver's projection reads its strided rows."""
+        lay = self.lay
+        parts = self._parts(rs)
+        if parts is None:
+            return
+        kk, jj, static, order, dynamic = parts
+        fold = self._folded(layer)
+        k, n_r, d = self.k, len(rs), self.d
+        if (fold is not None and dynamic is not None and dynamic[1].dim() == 4
+                and len(kk) == k * n_r):
+            heads, eps = fold
+            mix = dynamic[1].transpose(1, 2)  # [K, X, R', d], contiguous: the change
+            x_size = mix.shape[1]
+            same = all(len(set(order[j * k: (j + 1) * k])) == 1 for j in range(n_r))
+            idx = torch.tensor(order[::k] if same else order, device=mix.device)
+            st = static[idx].view(n_r, 1 if same else k, x_size, d).permute(1, 2, 0, 3)
+            mix.neg_().add_(x.reshape(x.shape[0], x_size, 1, d)).sub_(st)  # the inputs
+            inv = torch.linalg.vector_norm(mix, 2, -1, keepdim=True).square_().div_(d)
+            inv = torch.rsqrt(inv.add_(eps))  # [K, X, R', 1]
+            ks = torch.arange(k, device=mix.device)
+            for j, r in enumerate(rs):
+                kind, i = kind_of[r]
+                w, b = heads[kind]
+                out = torch.matmul(mix[:, :, j], w[i]).mul_(inv[:, :, j])  # [K, X, dh]
+                if b is not None:
+                    out = out.add_(b[i])
+                own[kind, i] = (ks, out.view(k, self.n, -1, out.shape[-1]))
+            return
+        inputs, pieces = self._assemble(rs, x, *parts)
+        if fold is None:
             normed = lay.ln_attn(layer, inputs)  # one norm for every touched receiver
             for r, ks, rows in pieces:
                 kind, i = kind_of[r]
                 own[kind, i] = (ks, lay.project(layer, kind, i, normed[rows]))
-        return {"q": q, "k": kk, "v": v}, own
+            return
+        heads, eps = fold
+        inv = torch.linalg.vector_norm(inputs, 2, -1, keepdim=True).square_().div_(d)
+        inv = torch.rsqrt(inv.add_(eps))
+        for r, ks, rows in pieces:
+            kind, i = kind_of[r]
+            w, b = heads[kind]
+            out = torch.matmul(inputs[rows], w[i]).mul_(inv[rows])
+            own[kind, i] = (ks, out if b is None else out.add_(b[i]))
+
+    def _put(self, value: Tensor, rows: Tensor, projected: Tensor, query: bool) -> None:
+        """Write ``projected [m|1, n, T|P, dh]`` into the rows ``rows`` of ``value [M, n, T,
+        dh]`` (a view: written in place): at the metric positions for a query's own projection
+        in the last block (:meth:`_projections`)."""
+        if not (query and self.at_pos):
+            value[rows] = projected
+            return
+        pos = self.positions
+        n_idx = torch.arange(self.n, device=pos.device)
+        value[rows.view(-1, 1, 1), n_idx[None, :, None], pos[None]] = projected
 
     def _start_heads(self, layer: int, shared: dict[str, Tensor],
                      own: dict[tuple[str, int], tuple[Tensor, Tensor]], last: bool
@@ -553,7 +668,9 @@ class PostNormPass:
                 got = found[kind]
                 if got is not None:
                     ks, projected = got
-                    value[torch.searchsorted(masks, ks) if m > 1 else 0] = projected
+                    rows_of = (torch.searchsorted(masks, ks) if m > 1
+                               else torch.zeros(1, dtype=torch.long, device=value.device))
+                    self._put(value, rows_of, projected, kind == "q")
                 parts.append(value.reshape(m * n, t, 1, -1))
             z = lay.attend(layer, parts[0], parts[1], parts[2], grouped=False,
                            query_pos=self.positions.repeat(m, 1) if last else None)
@@ -567,7 +684,7 @@ class PostNormPass:
         last block) from the residual stream ``x [K|1, n, T, d]`` (one row: the start layer,
         where every mask reads the clean residual)."""
         g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
-        shared, own = self._projections(layer, x)
+        shared, own = self._projections(layer, x, last)
         if x.shape[0] == 1:
             heads = self._start_heads(layer, shared, own, last)
             if heads is not None:
@@ -575,7 +692,8 @@ class PostNormPass:
             shared = {kind: value.unsqueeze(0).expand(k, *value.shape).reshape(
                 k * n, *value.shape[1:]) for kind, value in shared.items()}
         for (kind, i), (ks, projected) in own.items():
-            shared[kind].view(k, n, t, *shared[kind].shape[2:])[ks, :, :, i] = projected
+            self._put(shared[kind].view(k, n, t, *shared[kind].shape[2:])[:, :, :, i], ks,
+                      projected, kind == "q")
         query_pos = self.positions.repeat(k, 1) if last else None
         z = lay.attend(layer, shared["q"], shared["k"], shared["v"], query_pos=query_pos)
         res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
@@ -594,7 +712,9 @@ class PostNormPass:
 
     def _to_positions(self) -> None:
         """From here on (the last block's MLP and the logits) keep the metric positions only:
-        the values computed so far are cut to them."""
+        the values computed so far are cut to them (once: later calls do nothing)."""
+        if self.at_pos:
+            return
         self.at_pos = True
         if self.buf is not None:  # the basis buffer and Gram matrices, position-major
             self.buf = self._positions_of(self.buf)
