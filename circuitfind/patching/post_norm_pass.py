@@ -661,6 +661,10 @@ class PostNormPass:
                 continue
             masks, once, found = plan
             m = 1 if once else len(masks)
+            key = self._head_key(layer, head, last) if once and len(masks) == k else None
+            if key is not None and key in self.memo.entries:
+                heads[head, masks] = self.fresh[key] = self.memo.entries[key]
+                continue
             parts = []
             for kind in "qkv":
                 i = head if kind == "q" else head // rep
@@ -677,7 +681,22 @@ class PostNormPass:
             idx = torch.zeros(1, dtype=torch.long, device=z.device)
             res = lay.head_results(layer, z, idx, heads=idx + head)  # [m*n, T|P, 1, d]
             heads[head, masks] = res.view(m, n, -1, d)
+            if key is not None:
+                self.fresh[key] = res.view(m, n, -1, d)
         return heads.transpose(0, 1)
+
+    def _head_key(self, layer: int, head: int, last: bool) -> Any:
+        """The memo key of a start-layer head whose q, k and v inputs are the same in every
+        mask (ACDC's receivers of the start layer tested before the current candidate): the
+        removal weights of its three receivers (all their senders come before the start layer,
+        so they fix its inputs and its output); ``None`` with frozen edges."""
+        if self.frozen is not None:
+            return None
+        g = self.g
+        rep = g.n_heads // g.n_kv_heads
+        cols = self.removed[0, :, [g.q_start[layer] + head, g.k_start[layer] + head // rep,
+                                   g.v_start[layer] + head // rep]]
+        return ("start head", layer, head, last, cols.cpu().double().numpy().tobytes())
 
     def _heads(self, layer: int, x: Tensor, last: bool) -> Tensor:
         """Block ``layer``'s head outputs ``[K, H, n, T|P, d]`` (the metric positions in the
@@ -685,7 +704,7 @@ class PostNormPass:
         where every mask reads the clean residual)."""
         g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
         shared, own = self._projections(layer, x, last)
-        if x.shape[0] == 1:
+        if layer == self.start:  # (not merely one row: a single mask's later layers have one)
             heads = self._start_heads(layer, shared, own, last)
             if heads is not None:
                 return heads
