@@ -516,13 +516,11 @@ class PostNormPass:
         key = ("clean qkv", layer)
         clean = layer == self.start and not self.grads  # x: the clean residual
         if clean and key in self.memo.entries:
-            joined = self.memo.entries[key]
+            q, kk, v = self.memo.entries[key].split([g.n_heads, g.n_kv_heads, g.n_kv_heads], 2)
         else:
             q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
-            joined = torch.cat([q, kk, v], 2)
-        if clean:
-            self.fresh[key] = joined
-        q, kk, v = joined.split([g.n_heads, g.n_kv_heads, g.n_kv_heads], 2)
+        if clean:  # (read only: the start layer's projections are copied before any write)
+            self.fresh[key] = torch.cat([q, kk, v], 2)
         first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
         count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
         own: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
@@ -612,16 +610,18 @@ class PostNormPass:
             out = torch.matmul(inputs[rows], w[i]).mul_(inv[rows])
             own[kind, i] = (ks, out if b is None else out.add_(b[i]))
 
-    def _put(self, value: Tensor, rows: Tensor, projected: Tensor, query: bool) -> None:
+    def _put(self, value: Tensor, rows: Tensor, projected: Tensor, query: bool,
+             head: int | None = None) -> None:
         """Write ``projected [m|1, n, T|P, dh]`` into the rows ``rows`` of ``value [M, n, T,
-        dh]`` (a view: written in place): at the metric positions for a query's own projection
-        in the last block (:meth:`_projections`)."""
+        dh]`` (``[M, n, T, h, dh]`` at head ``head``; written in place): at the metric positions
+        for a query's own projection in the last block (:meth:`_projections`)."""
+        at = () if head is None else (head,)
         if not (query and self.at_pos):
-            value[rows] = projected
+            value[(rows, slice(None), slice(None), *at)] = projected
             return
         pos = self.positions
         n_idx = torch.arange(self.n, device=pos.device)
-        value[rows.view(-1, 1, 1), n_idx[None, :, None], pos[None]] = projected
+        value[(rows.view(-1, 1, 1), n_idx[None, :, None], pos[None], *at)] = projected
 
     def _start_heads(self, layer: int, shared: dict[str, Tensor],
                      own: dict[tuple[str, int], tuple[Tensor, Tensor]], last: bool
@@ -708,11 +708,12 @@ class PostNormPass:
             heads = self._start_heads(layer, shared, own, last)
             if heads is not None:
                 return heads
-            shared = {kind: value.unsqueeze(0).expand(k, *value.shape).reshape(
-                k * n, *value.shape[1:]) for kind, value in shared.items()}
+            # copies (also for one mask: the start layer's projections may be the memo's)
+            shared = {kind: value.repeat(k, *(1,) * (value.dim() - 1))
+                      for kind, value in shared.items()}
         for (kind, i), (ks, projected) in own.items():
-            self._put(shared[kind].view(k, n, t, *shared[kind].shape[2:])[:, :, :, i], ks,
-                      projected, kind == "q")
+            self._put(shared[kind].view(k, n, t, *shared[kind].shape[2:]), ks, projected,
+                      kind == "q", i)
         query_pos = self.positions.repeat(k, 1) if last else None
         z = lay.attend(layer, shared["q"], shared["k"], shared["v"], query_pos=query_pos)
         res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
