@@ -45,10 +45,20 @@ together, in two parts:
   (exact patching's MLP at the start layer) and with gradients, the norms are computed
   directly (one batched matmul and one norm per layer of heads).
 
+For float32 models (where the input norm computes in the model's dtype) the input RMSNorm's
+scale folds into the q/k/v projections and ``1/rms`` scales their outputs (``W (c x inv(x)) =
+(W diag(c)) x inv(x)``, :meth:`Architecture.ln_attn_rms`): each own input is read by one
+reduction and one matmul, not normalised first; where every mask touches every receiver of a
+layer (ACDC's later layers) the own inputs ``x - static - dynamic`` are written in place into
+the Gram form's ``[K, X, R', d]`` change (no separate inputs tensor).
+
 At the start layer every mask reads the clean residual, so a head's attention is recomputed
 only for the masks touching its q/k/v, once for all of them where its inputs agree (ACDC's
-candidates differ in one receiver); the others keep its cached output. The last block
-computes queries, head outputs, MLP and logits at the metric positions only. No kept form
+candidates differ in one receiver); the others keep its cached output. The start layer's
+shared q/k/v (of the clean residual) and the outputs of its heads whose inputs every mask
+shares (ACDC's receivers of that layer tested before the candidate) are kept in the memo from
+pass to pass. The last block builds its queries' own inputs and computes head outputs, MLP and
+logits at the metric positions only (its keys and values need every position). No kept form
 (receivers reading the fully ablated run plus their kept edges): the post-norm of a mixture is
 not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
 so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
@@ -126,6 +136,11 @@ class PostNormPass:
         self.filled: set[int] = set()
         self.folds: dict[int, tuple[dict[str, tuple[Tensor, Tensor | None]], float] | None] = {}
         self._columns()
+        # the basis columns the touched receivers read (the buffer's width; ACDC: all)
+        ups = [int(g.n_upstream[r]) for r in self.touched.any(0).nonzero()[:, 0].tolist()]
+        top = max(ups, default=0)
+        self.n_cols_read = self.col_before.get(top, self.n_cols) if top > self.n_static else 0
+        self.written: set[int] = set()  # groups whose basis columns hold values (or zeros)
         # the static parts of receiver inputs, kept from pass to pass (see _static_of), for
         # one data tensor: the engine's memoised ``diff`` (held, so that its memory cannot be
         # reused under the same address) and the slice of it and the positions in use
@@ -337,14 +352,17 @@ class PostNormPass:
         frozen = self.frozen_diff.get(u)
         groups = [removed] if frozen is None else [removed, frozen]
         layer = next((lv for lv in range(self.start, g.n_layers) if g.head_start[lv] == u), None)
-        # the buffer grows to the columns filled so far (a pass reads a prefix of them)
+        # the buffer holds the columns the touched receivers read, allocated once and not
+        # zeroed (:meth:`_zero_unwritten` clears the columns of groups never written)
         end = (self.col_heads[layer] + 1 + len(groups) * g.n_heads if layer is not None
                else self.col_before[u] + len(groups))
         if self.buf is None or self.buf.shape[2] < end:
             x_size = removed.shape[-2] * removed.shape[-3]
-            old, self.buf = self.buf, removed.new_zeros(k, x_size, end, d)
+            old = self.buf
+            self.buf = removed.new_empty(k, x_size, max(end, self.n_cols_read), d)
             if old is not None:
                 self.buf[:, :, : old.shape[2]] = old
+        self.written.add(u)
         buf = self.buf
         if layer is None:  # an MLP
             layer = next(lv for lv in range(self.start, g.n_layers) if g.mlp_index[lv] == u)
@@ -360,6 +378,21 @@ class PostNormPass:
         self.grams[layer] = v64 @ v64.transpose(-1, -2)
         assert self.rms is not None  # the Gram form runs only for RMS post-norms
         cols.mul_(self.rms[layer][0].to(cols.dtype))
+
+    def _zero_unwritten(self, n_cols: int) -> None:
+        """Zero the basis buffer's columns below ``n_cols`` of sender groups never written
+        (their coefficients are 0, and 0 times an uninitialised value may be NaN)."""
+        g, buf = self.g, self.buf
+        assert buf is not None  # called once a group was filled
+        f = 1 if self.frozen is None else 2
+        for layer in range(self.start, g.n_layers):
+            u = g.mlp_index[layer]
+            assert u is not None  # post-norm families have MLPs
+            for first, c0, width in ((g.head_start[layer], self.col_heads[layer],
+                                      1 + f * g.n_heads), (u, self.col_mlp[layer], f)):
+                if c0 < min(n_cols, buf.shape[2]) and first not in self.written:
+                    buf[:, :, c0: c0 + width].zero_()
+                    self.written.add(first)
 
     def _dynamic_gram(self, rs: list[int], kk: Tensor, jj: Tensor, n_up: int
                       ) -> tuple[Tensor, Tensor] | None:
@@ -423,6 +456,7 @@ class PostNormPass:
                     coefficients(x_size)[..., self.col_mlp[layer] + i] = weights[:, u, None]
         if coef is None or self.buf is None:
             return None
+        self._zero_unwritten(n_cols)
         basis = self.buf[:, :, :n_cols]  # columns of groups never filled have coefficient 0
         out = torch.matmul(coef[..., : basis.shape[2]], basis if every else basis[kd])
         return kset, out.transpose(1, 2)  # [K', R', X', d]
