@@ -1,4 +1,4 @@
-"""Issue 17's ACDC target on every linear family, interleaved with the unit it is reported in.
+"""Issue 17's ACDC target on every family, interleaved with the unit it is reported in.
 
 The models, data and ACDC settings of ``bench_families.py`` (6 layers, d_model 256, 8 query
 heads, 4 key/value heads for grouped-query families, batch 8 x 16 tokens, one thread, KL
@@ -7,7 +7,8 @@ objective, tau ``--tau``), but each round runs the plain Hugging Face forward (m
 unit is measured beside the run it divides (the machine is shared). Reported per family: the
 median over rounds of ``seconds / tests / forward`` (target <= 0.3), the tests, and where the
 time goes in the last round: masked passes per start layer (passes, masks, CPU seconds, per
-mask in forwards) and the masks per test (speculative batches' wasted candidates).
+mask in forwards) and the masks per test (speculative batches' wasted candidates). Post-norm
+families (gemma2) run on ``PostNormPass``, whose passes are timed the same way.
 
 Usage::
 

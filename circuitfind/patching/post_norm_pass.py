@@ -62,8 +62,9 @@ logits at the metric positions only (its keys and values need every position). N
 (receivers reading the fully ablated run plus their kept edges): the post-norm of a mixture is
 not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
 so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
-(batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``):
-ACDC 1.0 per test (per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
+(batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``
+and ``acdc_families.md``): ACDC 0.87 per test (1.1 before the folded projections and the
+start-layer memo, interleaved; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
 is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
