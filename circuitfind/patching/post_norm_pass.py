@@ -650,13 +650,13 @@ class PostNormPass:
         """Write ``projected [m|1, n, T|P, dh]`` into the rows ``rows`` of ``value [M, n, T,
         dh]`` (``[M, n, T, h, dh]`` at head ``head``; written in place): at the metric positions
         for a query's own projection in the last block (:meth:`_projections`)."""
-        at = () if head is None else (head,)
+        at: tuple[int, ...] = () if head is None else (head,)
         if not (query and self.at_pos):
-            value[(rows, slice(None), slice(None), *at)] = projected
+            value[(rows, slice(None), slice(None)) + at] = projected
             return
         pos = self.positions
         n_idx = torch.arange(self.n, device=pos.device)
-        value[(rows.view(-1, 1, 1), n_idx[None, :, None], pos[None], *at)] = projected
+        value[(rows.view(-1, 1, 1), n_idx[None, :, None], pos[None]) + at] = projected
 
     def _start_heads(self, layer: int, shared: dict[str, Tensor],
                      own: dict[tuple[str, int], tuple[Tensor, Tensor]], last: bool
