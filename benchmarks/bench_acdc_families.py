@@ -1,4 +1,4 @@
-"""Issue 17's ACDC target on every linear family, interleaved with the unit it is reported in.
+"""Issue 17's ACDC target on every family, interleaved with the unit it is reported in.
 
 The models, data and ACDC settings of ``bench_families.py`` (6 layers, d_model 256, 8 query
 heads, 4 key/value heads for grouped-query families, batch 8 x 16 tokens, one thread, KL
@@ -7,7 +7,8 @@ objective, tau ``--tau``), but each round runs the plain Hugging Face forward (m
 unit is measured beside the run it divides (the machine is shared). Reported per family: the
 median over rounds of ``seconds / tests / forward`` (target <= 0.3), the tests, and where the
 time goes in the last round: masked passes per start layer (passes, masks, CPU seconds, per
-mask in forwards) and the masks per test (speculative batches' wasted candidates).
+mask in forwards) and the masks per test (speculative batches' wasted candidates). Post-norm
+families (gemma2) run on ``PostNormPass``, whose passes are timed the same way.
 
 Usage::
 
@@ -36,6 +37,7 @@ from _results import git, utc_now, write_results  # noqa: E402
 from bench_families import GROUPED, SHAPE  # noqa: E402
 
 LINEAR = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = LINEAR + ["gemma2"]  # gemma2: the post-norm pass (patching/post_norm_pass.py)
 
 
 def _forward_median(plain: Any, tokens: torch.Tensor, repeats: int) -> float:
@@ -55,6 +57,7 @@ def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> d
 
     import circuitfind as cf
     import circuitfind.patching.masked_pass as masked_pass
+    import circuitfind.patching.post_norm_pass as post_norm_pass
     from circuitfind.algorithms import ACDC
     from circuitfind.testing import ToyTask
     from circuitfind.testing.tiny import make_tiny_model_dir
@@ -68,21 +71,24 @@ def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> d
     engine.evaluate(data, engine.graph.full_mask())  # caches, as at the start of a search
 
     passes: dict[str, list[float]] = {}
-    logits = masked_pass.MaskedPass.logits
+    # the pass class the runner uses for this family (post-norm families: PostNormPass)
+    cls = (post_norm_pass.PostNormPass if engine.runner is not None
+           and engine.runner.arch.attn_post_norm else masked_pass.MaskedPass)
+    logits = cls.logits
 
     def timed(self: Any) -> torch.Tensor:  # per start layer: passes, masks, seconds
         start = time.process_time()
         out = logits(self)
         row = passes.setdefault(str(self.start), [0, 0, 0.0])
         row[0] += 1
-        row[1] += self.k_masks
+        row[1] += getattr(self, "k_masks", None) or self.k
         row[2] += time.process_time() - start
         return out
 
     per_test, runs = [], []
     for r in range(rounds):
         passes.clear()
-        masked_pass.MaskedPass.logits = timed  # type: ignore[method-assign]
+        cls.logits = timed  # type: ignore[method-assign]
         try:
             hf_before = _forward_median(plain, data.clean, forwards)
             start = time.process_time()
@@ -90,7 +96,7 @@ def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> d
             seconds = time.process_time() - start
             hf_after = _forward_median(plain, data.clean, forwards)
         finally:
-            masked_pass.MaskedPass.logits = logits  # type: ignore[method-assign]
+            cls.logits = logits  # type: ignore[method-assign]
         meta = circuit.metadata["acdc"]
         tests = int(meta["tested_edges"]) + int(meta["node_tests"])
         hf = (hf_before + hf_after) / 2
@@ -114,7 +120,7 @@ def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> d
 def markdown(result: dict[str, Any]) -> str:
     """The results table and the pass breakdown."""
     lines = [
-        "# ACDC exact mode per test on every linear family (issue 17)", "",
+        "# ACDC exact mode per test on every family (issue 17)", "",
         f"{result['date']}, commit {result['commit']}, {result['machine']}; load average "
         f"{result['load_before']} before, {result['load_after']} after. One thread, CPU time; "
         f"each of {result['rounds']} rounds runs the plain HF forward (median of "
@@ -147,7 +153,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", nargs="+", default=LINEAR, choices=LINEAR)
+    parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--forwards", type=int, default=7)
     parser.add_argument("--tau", type=float, default=1e-3)

@@ -45,15 +45,26 @@ together, in two parts:
   (exact patching's MLP at the start layer) and with gradients, the norms are computed
   directly (one batched matmul and one norm per layer of heads).
 
+For float32 models (where the input norm computes in the model's dtype) the input RMSNorm's
+scale folds into the q/k/v projections and ``1/rms`` scales their outputs (``W (c x inv(x)) =
+(W diag(c)) x inv(x)``, :meth:`Architecture.ln_attn_rms`): each own input is read by one
+reduction and one matmul, not normalised first; where every mask touches every receiver of a
+layer (ACDC's later layers) the own inputs ``x - static - dynamic`` are written in place into
+the Gram form's ``[K, X, R', d]`` change (no separate inputs tensor).
+
 At the start layer every mask reads the clean residual, so a head's attention is recomputed
 only for the masks touching its q/k/v, once for all of them where its inputs agree (ACDC's
-candidates differ in one receiver); the others keep its cached output. The last block
-computes queries, head outputs, MLP and logits at the metric positions only. No kept form
+candidates differ in one receiver); the others keep its cached output. The start layer's
+shared q/k/v (of the clean residual) and the outputs of its heads whose inputs every mask
+shares (ACDC's receivers of that layer tested before the candidate) are kept in the memo from
+pass to pass. The last block builds its queries' own inputs and computes head outputs, MLP and
+logits at the metric positions only (its keys and values need every position). No kept form
 (receivers reading the fully ablated run plus their kept edges): the post-norm of a mixture is
 not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
 so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
-(batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``):
-ACDC 1.0 per test (per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
+(batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``
+and ``acdc_families.md``): ACDC 0.87 per test (1.1 before the folded projections and the
+start-layer memo, interleaved; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
 is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
@@ -124,7 +135,13 @@ class PostNormPass:
         self.buf: Tensor | None = None  # the basis buffer (_fill), grown as it is filled
         self.grams: dict[int, Tensor] = {}
         self.filled: set[int] = set()
+        self.folds: dict[int, tuple[dict[str, tuple[Tensor, Tensor | None]], float] | None] = {}
         self._columns()
+        # the basis columns the touched receivers read (the buffer's width; ACDC: all)
+        ups = [int(g.n_upstream[r]) for r in self.touched.any(0).nonzero()[:, 0].tolist()]
+        top = max(ups, default=0)
+        self.n_cols_read = self.col_before.get(top, self.n_cols) if top > self.n_static else 0
+        self.written: set[int] = set()  # groups whose basis columns hold values (or zeros)
         # the static parts of receiver inputs, kept from pass to pass (see _static_of), for
         # one data tensor: the engine's memoised ``diff`` (held, so that its memory cannot be
         # reused under the same address) and the slice of it and the positions in use
@@ -336,14 +353,17 @@ class PostNormPass:
         frozen = self.frozen_diff.get(u)
         groups = [removed] if frozen is None else [removed, frozen]
         layer = next((lv for lv in range(self.start, g.n_layers) if g.head_start[lv] == u), None)
-        # the buffer grows to the columns filled so far (a pass reads a prefix of them)
+        # the buffer holds the columns the touched receivers read, allocated once and not
+        # zeroed (:meth:`_zero_unwritten` clears the columns of groups never written)
         end = (self.col_heads[layer] + 1 + len(groups) * g.n_heads if layer is not None
                else self.col_before[u] + len(groups))
         if self.buf is None or self.buf.shape[2] < end:
             x_size = removed.shape[-2] * removed.shape[-3]
-            old, self.buf = self.buf, removed.new_zeros(k, x_size, end, d)
+            old = self.buf
+            self.buf = removed.new_empty(k, x_size, max(end, self.n_cols_read), d)
             if old is not None:
                 self.buf[:, :, : old.shape[2]] = old
+        self.written.add(u)
         buf = self.buf
         if layer is None:  # an MLP
             layer = next(lv for lv in range(self.start, g.n_layers) if g.mlp_index[lv] == u)
@@ -359,6 +379,21 @@ class PostNormPass:
         self.grams[layer] = v64 @ v64.transpose(-1, -2)
         assert self.rms is not None  # the Gram form runs only for RMS post-norms
         cols.mul_(self.rms[layer][0].to(cols.dtype))
+
+    def _zero_unwritten(self, n_cols: int) -> None:
+        """Zero the basis buffer's columns below ``n_cols`` of sender groups never written
+        (their coefficients are 0, and 0 times an uninitialised value may be NaN)."""
+        g, buf = self.g, self.buf
+        assert buf is not None  # called once a group was filled
+        f = 1 if self.frozen is None else 2
+        for layer in range(self.start, g.n_layers):
+            u = g.mlp_index[layer]
+            assert u is not None  # post-norm families have MLPs
+            for first, c0, width in ((g.head_start[layer], self.col_heads[layer],
+                                      1 + f * g.n_heads), (u, self.col_mlp[layer], f)):
+                if c0 < min(n_cols, buf.shape[2]) and first not in self.written:
+                    buf[:, :, c0: c0 + width].zero_()
+                    self.written.add(first)
 
     def _dynamic_gram(self, rs: list[int], kk: Tensor, jj: Tensor, n_up: int
                       ) -> tuple[Tensor, Tensor] | None:
@@ -422,6 +457,7 @@ class PostNormPass:
                     coefficients(x_size)[..., self.col_mlp[layer] + i] = weights[:, u, None]
         if coef is None or self.buf is None:
             return None
+        self._zero_unwritten(n_cols)
         basis = self.buf[:, :, :n_cols]  # columns of groups never filled have coefficient 0
         out = torch.matmul(coef[..., : basis.shape[2]], basis if every else basis[kd])
         return kset, out.transpose(1, 2)  # [K', R', X', d]
@@ -434,14 +470,28 @@ class PostNormPass:
         all where ``x`` has one row, nothing computed in the pass reaches ``r`` and every mask
         weighs its edges alike: the start layer's untested receivers); ``None`` if no mask
         touches any of them."""
+        parts = self._parts(rs)
+        return None if parts is None else self._assemble(rs, x, *parts)
+
+    def _parts(self, rs: list[int]
+               ) -> tuple[Tensor, Tensor, Tensor, list[int], tuple[Tensor, Tensor] | None] | None:
+        """The pieces of the receivers ``rs``' own inputs (:meth:`receiver_inputs`): the
+        touched (mask, receiver) pairs ``kk, jj`` (grouped by receiver), their static rows and
+        the row of each pair (:meth:`_static_of`) and the dynamic change (:meth:`_dynamic`);
+        ``None`` if no mask touches any of them."""
         sub = self.touched[:, rs]  # [K, R']
         if not bool(sub.any()):
             return None
-        dev = x.device
         jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
         static, order = self._static_of(kk, rr)  # [M, X]
-        dynamic = self._dynamic(rs, kk, jj)
+        return kk, jj, static, order, self._dynamic(rs, kk, jj)
+
+    def _assemble(self, rs: list[int], x: Tensor, kk: Tensor, jj: Tensor, static: Tensor,
+                  order: list[int], dynamic: tuple[Tensor, Tensor] | None
+                  ) -> tuple[Tensor, list[tuple[int, Tensor, slice]]]:
+        """:meth:`receiver_inputs` from its pieces (:meth:`_parts`)."""
+        dev = x.device
         x_rows = x.reshape(x.shape[0], -1)
         counts = torch.bincount(jj, minlength=len(rs)).tolist()
         pieces = []
@@ -488,25 +538,125 @@ class PostNormPass:
         return inputs.reshape(-1, *x.shape[1:]), pieces
 
     # ------------------------------------------------------------------ the pass
-    def _projections(self, layer: int, x: Tensor
+    def _projections(self, layer: int, x: Tensor, last: bool
                      ) -> tuple[dict[str, Tensor], dict[tuple[str, int], tuple[Tensor, Tensor]]]:
         """Block ``layer``'s shared q/k/v ``[rows*n, T, h, dh]`` of the residual ``x [rows, n,
         T, d]`` and, for every touched receiver ``(kind, i)``, ``(ks, own [k|1, n, T, dh])``: the
-        masks touching it and its projection of its own input in each."""
+        masks touching it and its projection of its own input in each. In the last block the
+        queries' own inputs are built at the metric positions only (``own [k|1, n, P, dh]``; the
+        pass is then at the positions, :meth:`_to_positions`): only those queries are read.
+        The start layer's shared projections (of the clean residual, every mask alike) are kept
+        in the memo from pass to pass."""
         g, lay, t = self.g, self.lay, self.t
-        q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
+        key = ("clean qkv", layer)
+        clean = layer == self.start and not self.grads  # x: the clean residual
+        if clean and key in self.memo.entries:
+            q, kk, v = self.memo.entries[key].split([g.n_heads, g.n_kv_heads, g.n_kv_heads], 2)
+        else:
+            q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
+        if clean:  # (read only: the start layer's projections are copied before any write)
+            self.fresh[key] = torch.cat([q, kk, v], 2)
         first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
         count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-        own = {}
+        own: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
         kind_of = {first[kind] + i: (kind, i) for kind in "qkv" for i in range(count[kind])}
-        found = self.receiver_inputs(list(kind_of), x)
-        if found is not None:
-            inputs, pieces = found
+        if last:
+            self._own_projections(layer, [r for r in kind_of if kind_of[r][0] != "q"], kind_of,
+                                  x, own)
+            self._to_positions()
+            self._own_projections(layer, [r for r in kind_of if kind_of[r][0] == "q"], kind_of,
+                                  self._rows(x), own)
+        else:
+            self._own_projections(layer, list(kind_of), kind_of, x, own)
+        return {"q": q, "k": kk, "v": v}, own
+
+    def _folded(self, layer: int) -> tuple[dict[str, tuple[Tensor, Tensor | None]], float] | None:
+        """Layer ``layer``'s per-head q/k/v weights ``[heads, d, dh]`` with the input norm's
+        scale folded in, and biases, and its ``eps``, where its input norm is an RMSNorm
+        computed in the model's dtype (:meth:`Architecture.ln_attn_rms`: float32 models) and
+        no gradient is taken; ``None`` otherwise (the inputs are then normalised first)."""
+        if self.grads or self.dtype != torch.float32:
+            return None
+        if layer not in self.folds:
+            rms = self.lay.ln_attn_rms(layer)
+            if rms is None:
+                self.folds[layer] = None
+            else:
+                scale, eps = rms
+                heads = {}
+                for kind in "qkv":
+                    w, b = self.lay.head_weights(layer, kind)
+                    heads[kind] = (scale.to(w.dtype)[:, None] * w, b)
+                self.folds[layer] = (heads, eps)
+        return self.folds[layer]
+
+    def _own_projections(self, layer: int, rs: list[int], kind_of: dict[int, tuple[str, int]],
+                         x: Tensor, own: dict[tuple[str, int], tuple[Tensor, Tensor]]) -> None:
+        """Add to ``own`` each touched receiver ``(kind, i)`` of ``rs``: ``(ks, its projection
+        [k|1, n, T|P, dh] of its own input in the masks ks)`` (the inputs from :meth:`_parts`).
+
+        Where the input norm folds into the projections (:meth:`_folded`), ``W (c x inv(x)) =
+        (W diag(c)) x inv(x)``: one reduction and one matmul read each input, and the ``1/rms``
+        scales the projection (the norm alone reads and writes the inputs four times). Where
+        every mask touches every receiver and the dynamic change comes from the Gram form
+        (``[K, X, R', d]``, :meth:`_dynamic_gram`), the inputs ``x - static - change`` are
+        written in place into that change (no separate ``[R', K, X, d]`` inputs), and each
+        receiver's projection reads its strided rows."""
+        lay = self.lay
+        parts = self._parts(rs)
+        if parts is None:
+            return
+        kk, jj, static, order, dynamic = parts
+        fold = self._folded(layer)
+        k, n_r, d = self.k, len(rs), self.d
+        if (fold is not None and dynamic is not None and dynamic[1].dim() == 4
+                and len(kk) == k * n_r):
+            heads, eps = fold
+            mix = dynamic[1].transpose(1, 2)  # [K, X, R', d], contiguous: the change
+            x_size = mix.shape[1]
+            same = all(len(set(order[j * k: (j + 1) * k])) == 1 for j in range(n_r))
+            idx = torch.tensor(order[::k] if same else order, device=mix.device)
+            st = static[idx].view(n_r, 1 if same else k, x_size, d).permute(1, 2, 0, 3)
+            mix.neg_().add_(x.reshape(x.shape[0], x_size, 1, d)).sub_(st)  # the inputs
+            inv = torch.linalg.vector_norm(mix, 2, -1, keepdim=True).square_().div_(d)
+            inv = torch.rsqrt(inv.add_(eps))  # [K, X, R', 1]
+            ks = torch.arange(k, device=mix.device)
+            for j, r in enumerate(rs):
+                kind, i = kind_of[r]
+                w, b = heads[kind]
+                out = torch.matmul(mix[:, :, j], w[i]).mul_(inv[:, :, j])  # [K, X, dh]
+                if b is not None:
+                    out = out.add_(b[i])
+                own[kind, i] = (ks, out.view(k, self.n, -1, out.shape[-1]))
+            return
+        inputs, pieces = self._assemble(rs, x, *parts)
+        if fold is None:
             normed = lay.ln_attn(layer, inputs)  # one norm for every touched receiver
             for r, ks, rows in pieces:
                 kind, i = kind_of[r]
                 own[kind, i] = (ks, lay.project(layer, kind, i, normed[rows]))
-        return {"q": q, "k": kk, "v": v}, own
+            return
+        heads, eps = fold
+        inv = torch.linalg.vector_norm(inputs, 2, -1, keepdim=True).square_().div_(d)
+        inv = torch.rsqrt(inv.add_(eps))
+        for r, ks, rows in pieces:
+            kind, i = kind_of[r]
+            w, b = heads[kind]
+            out = torch.matmul(inputs[rows], w[i]).mul_(inv[rows])
+            own[kind, i] = (ks, out if b is None else out.add_(b[i]))
+
+    def _put(self, value: Tensor, rows: Tensor, projected: Tensor, query: bool,
+             head: int | None = None) -> None:
+        """Write ``projected [m|1, n, T|P, dh]`` into the rows ``rows`` of ``value [M, n, T,
+        dh]`` (``[M, n, T, h, dh]`` at head ``head``; written in place): at the metric positions
+        for a query's own projection in the last block (:meth:`_projections`)."""
+        at: tuple[int, ...] = () if head is None else (head,)
+        if not (query and self.at_pos):
+            value[(rows, slice(None), slice(None)) + at] = projected
+            return
+        pos = self.positions
+        n_idx = torch.arange(self.n, device=pos.device)
+        value[(rows.view(-1, 1, 1), n_idx[None, :, None], pos[None]) + at] = projected
 
     def _start_heads(self, layer: int, shared: dict[str, Tensor],
                      own: dict[tuple[str, int], tuple[Tensor, Tensor]], last: bool
@@ -546,6 +696,10 @@ class PostNormPass:
                 continue
             masks, once, found = plan
             m = 1 if once else len(masks)
+            key = self._head_key(layer, head, last) if once and len(masks) == k else None
+            if key is not None and key in self.memo.entries:
+                heads[head, masks] = self.fresh[key] = self.memo.entries[key]
+                continue
             parts = []
             for kind in "qkv":
                 i = head if kind == "q" else head // rep
@@ -553,29 +707,48 @@ class PostNormPass:
                 got = found[kind]
                 if got is not None:
                     ks, projected = got
-                    value[torch.searchsorted(masks, ks) if m > 1 else 0] = projected
+                    rows_of = (torch.searchsorted(masks, ks) if m > 1
+                               else torch.zeros(1, dtype=torch.long, device=value.device))
+                    self._put(value, rows_of, projected, kind == "q")
                 parts.append(value.reshape(m * n, t, 1, -1))
             z = lay.attend(layer, parts[0], parts[1], parts[2], grouped=False,
                            query_pos=self.positions.repeat(m, 1) if last else None)
             idx = torch.zeros(1, dtype=torch.long, device=z.device)
             res = lay.head_results(layer, z, idx, heads=idx + head)  # [m*n, T|P, 1, d]
             heads[head, masks] = res.view(m, n, -1, d)
+            if key is not None:
+                self.fresh[key] = res.view(m, n, -1, d)
         return heads.transpose(0, 1)
+
+    def _head_key(self, layer: int, head: int, last: bool) -> Any:
+        """The memo key of a start-layer head whose q, k and v inputs are the same in every
+        mask (ACDC's receivers of the start layer tested before the current candidate): the
+        removal weights of its three receivers (all their senders come before the start layer,
+        so they fix its inputs and its output); ``None`` with frozen edges."""
+        if self.frozen is not None:
+            return None
+        g = self.g
+        rep = g.n_heads // g.n_kv_heads
+        cols = self.removed[0, :, [g.q_start[layer] + head, g.k_start[layer] + head // rep,
+                                   g.v_start[layer] + head // rep]]
+        return ("start head", layer, head, last, cols.cpu().double().numpy().tobytes())
 
     def _heads(self, layer: int, x: Tensor, last: bool) -> Tensor:
         """Block ``layer``'s head outputs ``[K, H, n, T|P, d]`` (the metric positions in the
         last block) from the residual stream ``x [K|1, n, T, d]`` (one row: the start layer,
         where every mask reads the clean residual)."""
         g, lay, k, n, t, d = self.g, self.lay, self.k, self.n, self.t, self.d
-        shared, own = self._projections(layer, x)
-        if x.shape[0] == 1:
+        shared, own = self._projections(layer, x, last)
+        if layer == self.start:  # (not merely one row: a single mask's later layers have one)
             heads = self._start_heads(layer, shared, own, last)
             if heads is not None:
                 return heads
-            shared = {kind: value.unsqueeze(0).expand(k, *value.shape).reshape(
-                k * n, *value.shape[1:]) for kind, value in shared.items()}
+            # copies (also for one mask: the start layer's projections may be the memo's)
+            shared = {kind: value.repeat(k, *(1,) * (value.dim() - 1))
+                      for kind, value in shared.items()}
         for (kind, i), (ks, projected) in own.items():
-            shared[kind].view(k, n, t, *shared[kind].shape[2:])[ks, :, :, i] = projected
+            self._put(shared[kind].view(k, n, t, *shared[kind].shape[2:]), ks, projected,
+                      kind == "q", i)
         query_pos = self.positions.repeat(k, 1) if last else None
         z = lay.attend(layer, shared["q"], shared["k"], shared["v"], query_pos=query_pos)
         res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
@@ -594,7 +767,9 @@ class PostNormPass:
 
     def _to_positions(self) -> None:
         """From here on (the last block's MLP and the logits) keep the metric positions only:
-        the values computed so far are cut to them."""
+        the values computed so far are cut to them (once: later calls do nothing)."""
+        if self.at_pos:
+            return
         self.at_pos = True
         if self.buf is not None:  # the basis buffer and Gram matrices, position-major
             self.buf = self._positions_of(self.buf)

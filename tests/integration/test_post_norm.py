@@ -527,12 +527,81 @@ def test_gram_form_equals_the_direct_norms_and_the_memo_changes_nothing(gemma, m
         masks[torch.arange(len(senders)), senders, r] = 1 - masks[
             torch.arange(len(senders)), senders, r]
         passes.append(masks)
-    memo, reused = engine.runner.memo, 0
+    memo, reused, heads = engine.runner.memo, 0, 0
     for masks in passes:
         had = dict(memo.entries)
         got = engine.run(data, masks)
         reused += sum(1 for key, value in memo.entries.items() if had.get(key) is value)
+        heads += sum(1 for key, value in memo.entries.items()
+                     if key[0] == "start head" and had.get(key) is value)
         engine.runner.memo = KeptFormMemo()
         assert_close(model, got, engine.run(data, masks))  # fresh: nothing reused
         engine.runner.memo = memo
     assert reused > 0  # later receivers' static parts came from the memo
+    assert heads > 0  # and start-layer heads whose inputs no mask changes
+
+
+def test_a_single_mask_touching_several_layers_equals_the_reference(gemma):
+    """One mask (a pass of one row in every layer) touching a receiver of layer 0 and one query
+    of layer 2: the later layer's untouched heads read the mask's residual, not the clean one
+    (a one-row pass once took every layer for its start layer and kept their clean outputs)."""
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=16)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ablated = _captures(hf, data.corrupted, g)
+    mask = g.full_mask(torch.float64).clone()
+    mask[0, next(r for r, rec in enumerate(g.receivers) if rec.layer == 0)] = 0
+    mask[:, next(r for r, rec in enumerate(g.receivers) if rec.layer == 2 and rec.kind == "q")] = 0
+    got = engine.run(data, mask[None] * g.edge_mask.double())[0]
+    with torch.no_grad():
+        want = _at(reference_logits(hf, g, data.clean, g.edge_mask.double() - mask
+                                    * g.edge_mask.double(), ablated), data)
+    torch.testing.assert_close(got, want, atol=64 * 1.2e-7 * float(want.abs().max()), rtol=0)
+
+
+def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkeypatch):
+    """In float32 the input norm folds into the q/k/v projections and ACDC-like passes build
+    their receivers' inputs in place of the Gram form's change (``PostNormPass.
+    _own_projections``); they equal the passes that normalise every input first, within
+    float32 rounding."""
+    from circuitfind.patching.post_norm_pass import PostNormPass
+    from circuitfind.testing.tiny import tiny_model
+
+    # the float64 fixture's model (conftest.MODEL_SPECS), in float32
+    model = tiny_model(tmp_path / "gemma2", dtype=torch.float32, arch="gemma2", n_layers=3,
+                       n_heads=4, n_kv_heads=2, seed=9)
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=17)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    edge = g.edge_mask.float()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    gen = torch.Generator().manual_seed(6)
+    cases = []
+    for first in range(g.n_layers):  # ACDC-like: later receivers sparse, flips in ``first``
+        base = (torch.rand(edge.shape, generator=gen) < 0.4) * edge
+        base[:, layer_of < first] = edge[:, layer_of < first]
+        for kind in ("q", "mlp"):
+            r = next(r for r, rec in enumerate(g.receivers)
+                     if rec.layer == first and rec.kind == kind)
+            senders = edge[:, r].nonzero()[:, 0][-3:]
+            masks = base.expand(len(senders), -1, -1).clone()
+            masks[torch.arange(len(senders)), senders, r] = 0
+            cases.append(masks)
+    cases.append((torch.rand(2, *edge.shape, generator=gen) < 0.5) * edge)  # random circuits
+    folded, original = [], PostNormPass._folded
+
+    def spy(self, layer):
+        out = original(self, layer)
+        folded.append(out is not None)
+        return out
+    monkeypatch.setattr(PostNormPass, "_folded", spy)
+    fast = [engine.run(data, masks) for masks in cases]
+    assert folded and all(folded)
+    monkeypatch.setattr(PostNormPass, "_folded", lambda self, layer: None)
+    spread = 0.0
+    for masks, got in zip(cases, fast):
+        want = engine.run(data, masks)
+        spread = max(spread, float((want - want[:1]).abs().max()))
+        assert_close(model, got, want)
+    assert spread > 1e-3  # the flipped edges matter

@@ -347,6 +347,13 @@ class Architecture:
         (:mod:`circuitfind.patching.post_norm_pass`); ``None`` otherwise."""
         return None
 
+    def ln_attn_rms(self, layer: int) -> tuple[Tensor, float] | None:
+        """``(scale [d], eps)`` when :meth:`ln_attn` is the RMSNorm ``scale * x / sqrt(mean(x^2)
+        + eps)`` computed in the model's dtype for float32 models, which lets the post-norm pass
+        fold the scale into the q/k/v projections and apply ``1/rms`` to their outputs
+        (:mod:`circuitfind.patching.post_norm_pass`); ``None`` otherwise."""
+        return None
+
     def window(self, layer: int) -> int | None:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""
         return None

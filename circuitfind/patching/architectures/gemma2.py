@@ -99,6 +99,11 @@ class Gemma2(Llama):
         norm = unwrap(self.blocks[layer].post_attention_layernorm)
         return 1.0 + norm.weight.float(), float(norm.eps)
 
+    def ln_attn_rms(self, layer: int) -> tuple[Tensor, float]:
+        """``(1 + w [d] float32, eps)`` of ``input_layernorm`` (:meth:`_rms`)."""
+        norm = unwrap(self.blocks[layer].input_layernorm)
+        return 1.0 + norm.weight.float(), float(norm.eps)
+
     def attn_out(self, layer: int, z: Tensor) -> Tensor:
         return self.post_norm(layer, super().attn_out(layer, z))
 
