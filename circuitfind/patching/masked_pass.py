@@ -189,6 +189,7 @@ class MaskedPass:
         self.full_reach = 0  # see _position_demand
         self._shared_pos: tuple[Tensor, Tensor] | None = None  # shared rows at positions
         self._flat_pos: Tensor | None = None  # see pos_rows
+        self._abl_pos: Tensor | None = None  # ablated values at the metric positions (put)
         weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S|2S, R]
         self.touched_cpu = weights.ne(0).any(1).cpu()  # [K, R]
         self.start = runner.resolve_start(self.touched_cpu.any(0), start)
@@ -455,25 +456,36 @@ class MaskedPass:
         k_masks, n, n_pos, pos, t = self.k_masks, self.n, self.n_pos, self.pos, self.t
         at_p = self.current_pos
         h = values.shape[1]
-        abl = ablated[dynamic[slot: slot + h]]  # [h, n|1, T|1, d]
+        u0 = dynamic[slot]
+        consecutive = dynamic[slot + h - 1] == u0 + h - 1
+        once = values.shape[0] > 1 and values.stride(0) == 0  # equal in every mask
+        if once:
+            values = values[:1]
         if at_pos:
-            if abl.shape[2] > 1:
-                abl = abl.expand(h, n, t, d).gather(
-                    2, pos[None, :, :, None].expand(h, n, n_pos, d))
+            if ablated.shape[2] > 1:  # the ablated values at the metric positions, once
+                if self._abl_pos is None:
+                    s_all = ablated.shape[0]
+                    self._abl_pos = ablated.expand(s_all, n, t, d).gather(
+                        2, pos[None, :, :, None].expand(s_all, n, n_pos, d))
+                abl_all = self._abl_pos
+            else:
+                abl_all = ablated
+            abl = (abl_all[u0: u0 + h] if consecutive
+                   else abl_all[dynamic[slot: slot + h]])  # [h, n|1, P|1, d]
             # scattered into ``current`` too: the q inputs of heads read at the metric
             # positions only are read there in ``current`` (their keys and values are not)
-            if at_p is not None and dynamic[slot] < self.full_reach:  # read with weight 0
+            if at_p is not None and u0 < self.full_reach:  # read with weight 0
                 current[:, slot: slot + h].zero_()
+            change = (values - abl).expand(k_masks, h, n, n_pos, d)
             idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
-            change = values - abl
             current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, change)
             if at_p is not None:
                 at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(change)
             return
+        abl = ablated[u0: u0 + h] if consecutive else ablated[dynamic[slot: slot + h]]
         dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
-        once = values.shape[0] > 1 and values.stride(0) == 0  # equal in every mask
         if once:
-            dst.copy_(values[:1] - abl)
+            dst.copy_(values - abl)
         else:
             torch.sub(values, abl, out=dst)
         if at_p is not None:
@@ -605,6 +617,7 @@ class MaskedPass:
         # read by the helpers below (_heads_pass, _invariant, _input_key, _intern)
         self.pre, self.mid, self.rep, self.form_weights = pre, mid, rep, form_weights
         self.equal, self.variant, self.keys, self.ids = equal, variant, keys, ids
+        self.fresh = fresh
 
         key: int | None  # memo key of a mask-invariant node's outputs
         pos_only = self._position_demand()
@@ -637,7 +650,10 @@ class MaskedPass:
                     for i, hh in enumerate(once):
                         keys[h0 + hh] = (key, i)
                 if per_mask:
-                    res = self._heads_pass(layer, per_mask, form, base, sign, last)
+                    # their receivers equal in every mask: projected once (memo keys)
+                    fixed = {r: self._intern(("recv", self._input_key(r, form, layer)))
+                             for i, r in enumerate(rs) if same[i] and heads[i % nh] in per_mask}
+                    res = self._heads_pass(layer, per_mask, form, base, sign, last, fixed)
                     self._put_heads(layer, per_mask, res, last)
                     for hh in per_mask:
                         if res.shape[0] > 1:
@@ -724,26 +740,68 @@ class MaskedPass:
         return (equal[form][rs] & ~reads.any(0).cpu()).tolist()
 
     def _heads_pass(self, layer: int, subset: list[int], form: str, base: Tensor,
-                   sign: float, last: bool) -> Tensor:
+                    sign: float, last: bool, fixed: dict[int, Any] | None = None) -> Tensor:
         """The outputs ``[kk, h, n, T|P, d]`` of the heads ``subset`` of ``layer``, per mask
-        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``)."""
-        d, dev, forms, g, lay, n = self.d, self.dev, self.forms, self.g, self.lay, self.n
-        pos, rep, t = self.pos, self.rep, self.t
+        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``).
+
+        ``fixed`` maps the q/k/v receivers of ``subset`` whose input is the same in every mask
+        (:meth:`_invariant`) to their memo key: those are projected once for all masks (or
+        taken from the memo) and broadcast, and only the others per mask (a head whose value
+        input alone differs between masks projects its query and key once; a key/value
+        group shared by two query heads is projected once for both)."""
+        dev, g, lay, n, t = self.dev, self.g, self.lay, self.n, self.t
+        pos, rep = self.pos, self.rep
         groups = sorted({hh // rep for hh in subset})
         want = {"q": subset, "k": groups, "v": groups}
         first = self.layers[layer].first
         rs = [first[kind] + i for kind in "qkv" for i in want[kind]]
-        per_head = [groups.index(hh // rep) for hh in subset]
+        proj: dict[int, Tensor] = {}  # receiver -> projected input [1|K, n*T, dh]
+        fixed = fixed or {}
+        todo = [r for r in rs if r not in fixed]
+        once = []
+        for r in rs:
+            if r in fixed:
+                got = self.memo.entries.get(fixed[r])
+                if got is None:
+                    once.append(r)
+                else:
+                    proj[r] = got
+        if once:
+            proj.update(self._project(layer, once, form + "1", base, sign))
+        for r, key in fixed.items():
+            self.fresh[key] = proj[r]
+        if todo:
+            proj.update(self._project(layer, todo, form, base, sign))
+        kk = max(v.shape[0] for v in proj.values())
+        h = len(subset)
+        qkv = {}
+        for kind in "qkv":  # attention layout [kk*n, T, h, dh]
+            parts = [proj[first[kind] + (hh if kind == "q" else hh // rep)] for hh in subset]
+            qkv[kind] = torch.stack([p.expand(kk, -1, -1).view(kk, n, t, -1) for p in parts],
+                                    3).view(kk * n, t, h, -1)
+        z = lay.attend(layer, qkv["q"], qkv["k"], qkv["v"], grouped=False,
+                       query_pos=pos.repeat(kk, 1) if last else None)
+        res = lay.head_results(layer, z, torch.arange(h, device=dev),
+                               heads=torch.tensor(subset, device=dev))
+        return res.view(kk, n, -1, h, self.d).permute(0, 3, 1, 2, 4)
+
+    def _project(self, layer: int, rs: list[int], form: str, base: Tensor, sign: float
+                 ) -> dict[int, Tensor]:
+        """The q/k/v projections of receivers ``rs`` of ``layer`` (ordered q, k, v) of their
+        inputs ``base + sign * sum_u w[u, r] (a_u - a'_u)`` in ``form``: receiver ->
+        ``[kk, n*T, dh]`` (``kk = 1`` where no mask patches it, else the form's masks), before
+        positions and q/k norms (:meth:`Architecture.attend` applies those)."""
+        d, forms, g, lay, n, t = self.d, self.forms, self.g, self.lay, self.n, self.t
+        first = self.layers[layer].first
+        kind_of = {r: g.receivers[r].kind for r in rs}
+        out: dict[int, Tensor] = {}
         got = self.receiver_inputs(rs, form, base, sign)
         if got is not None:  # receivers patched in every mask or in none: batched by kind
             inputs, hit = got  # [kk, R_t, n*T*d]; which of ``rs`` they are
             kk = inputs.shape[0]
             x_hit = inputs.view(kk, len(hit), n * t, d)
-            base_in = lay.ln_attn(layer, base).view(n * t, d) if len(hit) < len(rs) else None
-            sizes = [len(want[kind]) for kind in "qkv"]
-            starts = dict(zip("qkv", [0, sizes[0], sizes[0] + sizes[1]]))
-            hit_heads = {kind: [want[kind][i - starts[kind]] for i in hit
-                                if starts[kind] <= i < starts[kind] + len(want[kind])]
+            hit_rs = [rs[i] for i in hit]
+            hit_heads = {kind: [r - first[kind] for r in hit_rs if kind_of[r] == kind]
                          for kind in "qkv"}
             projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
             if projected is None:
@@ -751,57 +809,51 @@ class MaskedPass:
                 for kind in "qkv":
                     w, b = lay.head_weights(layer, kind)  # [heads, d, dh]
                     sel = hit_heads[kind]
-                    out = torch.matmul(normed[:, i0: i0 + len(sel)], w[sel])  # [kk,h,n*T,dh]
-                    projected.append(out if b is None else out + b[sel][:, None])
+                    part = torch.matmul(normed[:, i0: i0 + len(sel)], w[sel])  # [kk,h,n*T,dh]
+                    projected.append(part if b is None else part + b[sel][:, None])
                     i0 += len(sel)
-            qkv = {}
             for kind, part in zip("qkv", projected):
-                idx, sel = want[kind], hit_heads[kind]
-                if len(sel) == len(idx):
-                    out = part
-                else:  # the others read the base alone
-                    assert base_in is not None
-                    w, b = lay.head_weights(layer, kind)
-                    out = torch.matmul(base_in, w[idx])  # [h, n*T, dh]
-                    if b is not None:
-                        out = out + b[idx][:, None]
-                    out = out.unsqueeze(0).repeat(kk, 1, 1, 1)
-                    if sel:
-                        out[:, [idx.index(i) for i in sel]] = part
-                if kind != "q":
-                    out = out[:, per_head]
-                # attention layout [kk*n, T, h, dh]
-                qkv[kind] = (out.view(kk, len(subset), n, t, -1).permute(0, 2, 3, 1, 4)
-                             .reshape(kk * n, t, len(subset), -1))
-            q, k, v = qkv["q"], qkv["k"], qkv["v"]
+                for i, r in enumerate(r for r in hit_rs if kind_of[r] == kind):
+                    out[r] = part[:, i]
+            patches: list[tuple[int, Tensor | slice, Tensor]] = []
         else:
             patches = self.deltas(rs, form)
-            kk = forms[form].k if patches else 1
-            base_in = lay.ln_attn(layer, base)  # [n, T, d]
-            qkv = {kind: lay.project_some(layer, kind, base_in, want[kind])
-                   .unsqueeze(0).repeat(kk, 1, 1, 1, 1) for kind in "qkv"}  # [kk,n,T,h,dh]
-            for r, ks, dlt in patches:
-                kind = g.receivers[r].kind
-                i = r - first[kind]
-                qkv[kind][ks, :, :, want[kind].index(i)] = lay.project(
-                    layer, kind, i, lay.ln_attn(layer, torch.add(base, dlt, alpha=sign)))
-            q = qkv["q"].view(kk * n, t, len(subset), -1)
-            k = qkv["k"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
-            v = qkv["v"][:, :, :, per_head].reshape(kk * n, t, len(subset), -1)
-        z = lay.attend(layer, q, k, v, grouped=False,
-                       query_pos=pos.repeat(kk, 1) if last else None)
-        res = lay.head_results(layer, z, torch.arange(len(subset), device=dev),
-                               heads=torch.tensor(subset, device=dev))
-        return res.view(kk, n, -1, len(subset), d).permute(0, 3, 1, 2, 4)
+        rest = [r for r in rs if r not in out]  # the base alone (patches start from it)
+        if rest:
+            base_in = lay.ln_attn(layer, base).view(n * t, d)
+            for kind in "qkv":
+                sel = [r for r in rest if kind_of[r] == kind]
+                if not sel:
+                    continue
+                w, b = lay.head_weights(layer, kind)
+                idx = [r - first[kind] for r in sel]
+                part = torch.matmul(base_in, w[idx])  # [h, n*T, dh]
+                if b is not None:
+                    part = part + b[idx][:, None]
+                for i, r in enumerate(sel):
+                    out[r] = part[i: i + 1]
+        for r, ks, dlt in patches:
+            kind = kind_of[r]
+            one = out[r].expand(forms[form].k, -1, -1).clone()
+            x = lay.ln_attn(layer, torch.add(base, dlt, alpha=sign))
+            one[ks] = lay.project(layer, kind, r - first[kind], x).view(-1, n * t,
+                                                                        one.shape[-1])
+            out[r] = one
+        return out
 
     def _put_heads(self, layer: int, subset: list[int], res: Tensor, last: bool) -> None:
         """Write heads ``subset``'s outputs ``[kk, h, n, T, d]`` (``[kk, h, n, P, d]``
-        in the last block) into ``current``."""
+        in the last block) into ``current``, one write per run of consecutive slots."""
         dyn_slot, g, k_masks = self.dyn_slot, self.g, self.k_masks
         h0 = g.head_start[layer]
-        for i, hh in enumerate(subset):
-            self.put(dyn_slot[h0 + hh], res[:, i: i + 1].expand(k_masks, -1, -1, -1, -1),
-                last)
+        slots = [dyn_slot[h0 + hh] for hh in subset]
+        i = 0
+        while i < len(slots):
+            j = i + 1
+            while j < len(slots) and slots[j] == slots[j - 1] + 1:
+                j += 1
+            self.put(slots[i], res[:, i: j].expand(k_masks, -1, -1, -1, -1), last)
+            i = j
 
     def _input_key(self, r: int, form: str, layer: int) -> tuple[Any, ...]:
         """What an invariant receiver's input is made of: its weights (mask 0), the
