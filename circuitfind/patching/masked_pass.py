@@ -781,9 +781,9 @@ class MaskedPass:
                                     3).view(kk * n, t, h, -1)
         z = lay.attend(layer, qkv["q"], qkv["k"], qkv["v"], grouped=False,
                        query_pos=pos.repeat(kk, 1) if last else None)
-        res = lay.head_results(layer, z, torch.arange(h, device=dev),
-                               heads=torch.tensor(subset, device=dev))
-        return res.view(kk, n, -1, h, self.d).permute(0, 3, 1, 2, 4)
+        # head-major [kk, h, n*(T|P), d], contiguous: written into ``current`` by plain copies
+        res = lay.head_results_all(layer, z, kk, heads=subset)
+        return res.view(kk, h, n, -1, self.d)
 
     def _project(self, layer: int, rs: list[int], form: str, base: Tensor, sign: float
                  ) -> dict[int, Tensor]:

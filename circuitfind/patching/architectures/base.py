@@ -528,13 +528,17 @@ class Architecture:
         return torch.einsum("bthe,hed->bthd", z[:, :, slots],
                             w.reshape(self.n_heads, dh, -1)[heads])
 
-    def head_results_all(self, layer: int, z: Tensor, k_masks: int) -> Tensor:
+    def head_results_all(self, layer: int, z: Tensor, k_masks: int,
+                         heads: list[int] | None = None) -> Tensor:
         """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [K*n, T, H, dh]`` ->
-        ``[K, H, n*T, d]``."""
+        ``[K, H, n*T, d]``; with ``heads``, ``z``'s H slots are those model heads."""
         w, _ = self.w_out(layer)  # [H*dh, d]
         b, t, h, dh = z.shape
         zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
-        return torch.matmul(zh.reshape(k_masks, h, -1, dh), w.view(h, dh, -1))
+        wh = w.view(self.n_heads, dh, -1)
+        if heads is not None and len(heads) < self.n_heads:
+            wh = wh[heads]
+        return torch.matmul(zh.reshape(k_masks, h, -1, dh), wh)
 
     def head_outputs(self, layer: int, z: Tensor, out: Tensor) -> Tensor:
         """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [N, T, H, dh]`` ->
