@@ -432,3 +432,47 @@ def test_nodes_read_at_the_metric_positions_only_equal_the_hooked_engine(tiny_mo
     assert seen and {"a0.h1", "a1.h0", "m0", "m1"} <= seen[0]
     assert "a0.h0" not in seen[0]  # its kept edge enters a computed head's key input
     assert_close(model, got, hooked.run(data, cand), 1e-8)
+
+
+def test_receivers_equal_in_every_mask_projected_once_equal_the_hooked_engine(tiny_models,
+                                                                              monkeypatch):
+    """Kept form projects the q/k/v receivers of a per-mask head whose input is the same in
+    every mask once for all masks (and keeps them in the memo for the next pass): a head whose
+    value input alone differs between masks, and a key/value group shared by two query heads
+    of which one differs. Equal to the hooked engine on the first pass, on a second pass that
+    takes them from the memo, and after a change of one of their inputs (memo key)."""
+    from circuitfind.patching import masked_pass
+
+    model = tiny_models("llama_gqa")  # 3 layers, 4 query heads, 2 key/value heads
+    data, runner, hooked, _, layer_of = _runner_and_hooked(model, 4, 0)
+    g = runner.graph
+    mask = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    mask[:, layer_of < 1] = 1
+    for e in ["a0.h0->a1.h0<q>", "a0.h0->a1.kv0<k>", "a0.h1->a1.kv0<v>", "a0.h1->a1.h1<q>",
+              "a1.h0->a2.h0<q>", "a1.h0->a2.kv0<k>", "a1.h1->a2.kv0<v>", "a1.h1->a2.h1<q>",
+              "a2.h0->logits", "a2.h1->logits"]:
+        mask[g.edge_index(e)] = 1
+    cand = mask.expand(2, -1, -1).clone()
+    cand[1][g.edge_index("a0.h1->a1.h1<q>")] = 0  # a1.h1 differs between the masks
+    calls: list[tuple[int, list[str], str]] = []
+    project = masked_pass.MaskedPass._project
+
+    def spy(self, layer, rs, form, base, sign):
+        calls.append((layer, [g.receivers[r].name for r in rs], form))
+        return project(self, layer, rs, form, base, sign)
+
+    monkeypatch.setattr(masked_pass.MaskedPass, "_project", spy)
+    once = {"a2.h0<q>", "a2.kv0<k>"}  # read a1.h0 only, the same in both masks
+    assert_close(model, runner.run(data, cand), hooked.run(data, cand), 1e-8)
+    at_2 = [(set(rs), form) for layer, rs, form in calls if layer == 2]
+    assert (once, "kept1") in at_2
+    assert all(not (rs & once) for rs, form in at_2 if form == "kept")
+    calls.clear()
+    assert_close(model, runner.run(data, cand), hooked.run(data, cand), 1e-8)
+    assert all(not (set(rs) & once) for layer, rs, _ in calls if layer == 2)  # from the memo
+    for edge, value in (("a1.h0->a2.h0<q>", 0), ("a0.h0->a2.h0<q>", 1)):  # a new input
+        s, r = g.edge_index(edge)
+        cand[:, s, r] = value
+    calls.clear()
+    assert_close(model, runner.run(data, cand), hooked.run(data, cand), 1e-8)
+    assert ({"a2.h0<q>"}, "kept1") in [(set(rs), f) for layer, rs, f in calls if layer == 2]
