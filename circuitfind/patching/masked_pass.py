@@ -618,6 +618,7 @@ class MaskedPass:
         self.pre, self.mid, self.rep, self.form_weights = pre, mid, rep, form_weights
         self.equal, self.variant, self.keys, self.ids = equal, variant, keys, ids
         self.fresh = fresh
+        self._w0: dict[str, Any] = {}  # see _input_key
 
         key: int | None  # memo key of a mask-invariant node's outputs
         pos_only = self._position_demand()
@@ -858,12 +859,13 @@ class MaskedPass:
     def _input_key(self, r: int, form: str, layer: int) -> tuple[Any, ...]:
         """What an invariant receiver's input is made of: its weights (mask 0), the
         content keys of its computed senders, and how it is read (start layer or not)."""
-        form_weights, keys, n_static = self.form_weights, self.keys, self.n_static
-        start = self.start
-        col = form_weights[form][0][:, r]
-        nz = col.nonzero()[:, 0].tolist()
-        return (r, layer == start, col.cpu().numpy().tobytes(),
-                tuple(keys[u] for u in nz if u >= n_static))
+        keys, n_static = self.keys, self.n_static
+        w0 = self._w0.get(form)
+        if w0 is None:  # mask 0's weights on the CPU, once per pass: [R, S]
+            w0 = self._w0[form] = self.form_weights[form][0].T.contiguous().cpu().numpy()
+        col = w0[r]
+        return (r, layer == self.start, col.tobytes(),
+                tuple(keys[u] for u in col.nonzero()[0].tolist() if u >= n_static))
 
     def removed_form(self) -> Tensor:
         """Blocks ``start..`` and the logits in the removed form of eq. (1): dense layers,
