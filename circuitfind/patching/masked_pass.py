@@ -862,7 +862,10 @@ class MaskedPass:
         keys, n_static = self.keys, self.n_static
         w0 = self._w0.get(form)
         if w0 is None:  # mask 0's weights on the CPU, once per pass: [R, S]
-            w0 = self._w0[form] = self.form_weights[form][0].T.contiguous().cpu().numpy()
+            w = self.form_weights[form][0].T
+            if w.dtype == torch.bfloat16:  # no numpy type; float32 holds it exactly
+                w = w.float()
+            w0 = self._w0[form] = w.contiguous().cpu().numpy()
         col = w0[r]
         return (r, layer == self.start, col.tobytes(),
                 tuple(keys[u] for u in col.nonzero()[0].tolist() if u >= n_static))
