@@ -51,9 +51,11 @@ _WRAPPED_DEFAULT = re.compile(r"\[default: \(([^()]*)\)(?=[;\]])")
 
 class _Command(TyperCommand):
     """A command whose usage line names its arguments plainly (``render [OPTIONS] CIRCUIT
-    OUT``; typer writes required ones as ``{CIRCUIT}``) and whose help writes a described
+    OUT``; typer writes required ones as ``{CIRCUIT}``), whose help writes a described
     default plainly (``[default: 100, unless --threshold is given]``; typer wraps it in
-    parentheses)."""
+    parentheses) and shows the range an option really accepts: typer has only closed ranges
+    (``0<=x<=1``), so an option that also refuses its lower end (callback :func:`_above_zero`)
+    shows it open (``0<x<=1``)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         """Parse as typer does, but name the refused value in a coercion error: typer's
@@ -72,13 +74,24 @@ class _Command(TyperCommand):
         pieces = super().collect_usage_pieces(ctx)
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
 
+    @staticmethod
+    def help_record(param: Any, ctx: Any) -> tuple[str, str] | None:
+        """``(flags, help)`` of ``param`` as the help shows it (``None``: not shown)."""
+        record = param.get_help_record(ctx)
+        if record is None:
+            return None
+        text = _WRAPPED_DEFAULT.sub(r"[default: \1", record[1])
+        callback = getattr(param, "callback", None)
+        if getattr(callback, "__wrapped__", callback) is _above_zero:  # typer wraps it
+            text = _open_below(text, getattr(param, "min", None))
+        return record[0], text
+
     def format_options(self, ctx: Any, formatter: Any) -> None:
         sections: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
         for param in self.get_params(ctx):
-            record = param.get_help_record(ctx)
+            record = self.help_record(param, ctx)
             if record is not None and param.param_type_name in sections:
-                sections[param.param_type_name].append(
-                    (record[0], _WRAPPED_DEFAULT.sub(r"[default: \1", record[1])))
+                sections[param.param_type_name].append(record)
         for title, kind in (("Arguments", "argument"), ("Options", "option")):
             if sections[kind]:
                 with formatter.section(title):
@@ -100,11 +113,22 @@ def _one_of(allowed: tuple[str, ...]) -> Callable[[Optional[str]], Optional[str]
     return check
 
 
-def _above_zero(value: float) -> float:
-    """An option callback refusing 0 (typer's ``min=0`` admits it) as a usage error."""
-    if value <= 0:
+def _above_zero(value: Optional[float]) -> Optional[float]:
+    """An option callback refusing 0 (typer's ``min=0`` admits it) as a usage error; the
+    option's help then shows its range open at 0 (``0<x<=1``, ``x>0``; :class:`_Command`).
+    ``None`` (an optional option left out) passes."""
+    if value is not None and value <= 0:
         raise typer.BadParameter(f"give a number above 0; got {value}.")
     return value
+
+
+def _open_below(help_text: str, low: Any) -> str:
+    """``help_text`` with typer's closed lower bound ``low`` written open: ``0<=x<=1`` becomes
+    ``0<x<=1`` and ``x>=0`` becomes ``x>0``."""
+    if low is None:
+        return help_text
+    return re.sub(rf"(?<![\d.]){re.escape(str(low))}<=x(?=<=)", f"{low}<x",
+                  re.sub(rf"x>={re.escape(str(low))}(?![\d.])", f"x>{low}", help_text))
 
 
 def _choices(allowed: tuple[str, ...]) -> str:
@@ -351,15 +375,15 @@ def tune(
                                         help="Model (default: the task's zoo organism)."),
     algorithm: str = typer.Option("acdc", "--algorithm", "-a", help="A pruning algorithm."),
     target: float = typer.Option(0.9, "--target", min=0, max=1, callback=_above_zero,
-                                 help="Normalized faithfulness to reach, above 0."),
+                                 help="Normalized faithfulness to reach."),
     trials: int = typer.Option(20, "--trials", min=0,
                                help="Trials this worker runs (0: create only)."),
     low: Optional[float] = typer.Option(
-        None, "--low", min=0, show_default="from the single-edge effects",
+        None, "--low", min=0, callback=_above_zero, show_default="from the single-edge effects",
         help="Smallest threshold tried (log scale); give --high too."),
     high: Optional[float] = typer.Option(
-        None, "--high", min=0, show_default="from the single-edge effects",
-        help="Largest threshold tried."),
+        None, "--high", min=0, callback=_above_zero,
+        show_default="from the single-edge effects", help="Largest threshold tried."),
     storage: str = typer.Option("sqlite:///tune.db", "--storage",
                                 help="Optuna storage URL shared by all workers."),
     study: str = typer.Option("circuitfind-tune", "--study", help="Study name."),

@@ -354,6 +354,9 @@ class _Run:
         self.predictions: dict[_Item, bool] = {}
         self.pred_stats: dict[bool, tuple[int, int]] = {False: (0, 0), True: (0, 0)}
         self.pass_times: dict[int, list[tuple[int, float]]] = {}  # layer -> (masks, seconds)
+        # this process's CPU seconds on the CPU, so that other processes on a loaded machine
+        # do not skew the batch sizing; wall seconds on an accelerator (its work is not CPU)
+        self.clock = time.perf_counter if engine.device.type != "cpu" else time.process_time
 
     # ------------------------------------------------------------------ state
     def _fresh(self) -> dict[str, Any]:
@@ -458,7 +461,9 @@ class _Run:
 
     def _pass_cost(self, layer: int) -> tuple[float, float]:
         """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes
-        (``(1, 1)`` until two batch sizes were seen)."""
+        (``(1, 1)`` until two batch sizes were seen). Seconds of this process's CPU time on
+        the CPU (wall time on an accelerator), so load from other processes does not skew
+        them; they set batch lengths, which change the cost, never a decision."""
         obs = self.pass_times.get(layer, [])
         ks = {k for k, _ in obs}
         if len(ks) < 2:
@@ -486,10 +491,9 @@ class _Run:
             masks = self.state["kept"][None].repeat(len(batch), 1, 1)
             for j, (item, guess) in enumerate(zip(batch, guesses)):
                 self._remove(masks[j: j + 1] if not guess else masks[j:], item)
-            started = time.perf_counter()
+            started = self.clock()
             values = self._values(masks).tolist()
-            self.pass_times.setdefault(layer, []).append(
-                (len(batch), time.perf_counter() - started))
+            self.pass_times.setdefault(layer, []).append((len(batch), self.clock() - started))
             done = 0
             for j, (item, guess, value) in enumerate(zip(batch, guesses, values)):
                 done += 1

@@ -156,6 +156,43 @@ def test_wide_speculative_batches_change_no_decision(tiny_models, monkeypatch):
     assert_close(model, forced.scores, default.scores, 1e-12)
 
 
+def test_batch_sizing_reads_cpu_time_and_no_clock_changes_a_decision(tiny_models, monkeypatch):
+    """Speculative batch lengths follow measured pass costs: this process's CPU time on the
+    CPU (other processes' load does not count), and whatever a clock says (here one that
+    jumps at random, as wall time does on a loaded machine) the same edges are kept with the
+    same scores: timing sets batch lengths, never a decision."""
+    import random
+    from types import SimpleNamespace
+
+    from circuitfind.algorithms import acdc
+
+    model = tiny_models("gpt2")
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = cf.PatchingEngine(model)
+    calls = []
+    real = acdc.time
+    monkeypatch.setattr(acdc, "time", SimpleNamespace(
+        process_time=lambda: calls.append(1) or real.process_time(), perf_counter=None))
+    default = ACDC(threshold=3e-5, progress=False).discover(engine, data)
+    assert calls  # the CPU clock, not wall time (perf_counter=None would raise)
+    rng, now = random.Random(0), [0.0]
+
+    def erratic() -> float:
+        now[0] += rng.expovariate(1.0) * rng.choice([1e-3, 1.0, 1e3])
+        return now[0]
+
+    lengths = []
+    batch_end = acdc._Run._batch_end
+    monkeypatch.setattr(acdc, "time", SimpleNamespace(process_time=erratic,
+                                                      perf_counter=erratic))
+    monkeypatch.setattr(acdc._Run, "_batch_end", lambda self, items, i, layer: lengths.append(
+        batch_end(self, items, i, layer) - i) or i + lengths[-1])
+    jumpy = ACDC(threshold=3e-5, progress=False).discover(engine, data)
+    assert len(set(lengths)) > 2  # the clock did change the batch lengths
+    assert torch.equal(jumpy.kept, default.kept)
+    assert_close(model, jumpy.scores, default.scores, 1e-12)
+
+
 def test_batched_mode_tests_against_one_state(tiny_models):
     model = tiny_models("gpt2")
     data = ToyTask().build(model.tokenizer, 3, seed=1)

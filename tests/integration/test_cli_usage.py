@@ -51,6 +51,8 @@ OUT_OF_RANGE = {
                    "Invalid value for '--target': Input should be less than or equal to 1; got 2"),
     "--target 0": (["tune", "--task", "induction", "--target", "0"],
                    "Invalid value for '--target': give a number above 0; got 0.0."),
+    "--low 0": (["tune", "--task", "induction", "--low", "0", "--high", "1"],
+                "Invalid value for '--low': give a number above 0; got 0.0."),
     "--trials -1": (["tune", "--task", "induction", "--trials", "-1"],
                     "Invalid value for '--trials'"),
     "--heartbeat 0": (["bench", "grid.toml", "--heartbeat", "0"],
@@ -184,6 +186,43 @@ def test_help_shows_flags_defaults_and_plain_argument_names():
         assert "{" not in text.splitlines()[0] and "}" not in text.splitlines()[0], text
         assert "<bool>" not in text and "[default: (" not in " ".join(text.split()), text
         assert ("--no-progress" in text) == (name in LONG_COMMANDS), name
+
+
+def test_help_shows_the_range_each_option_accepts():
+    """The range in an option's help is the one the command line enforces: typer writes
+    closed ranges (``0<=x<=1``), so an option that also refuses its lower end shows it open
+    (``--target`` reads ``0<x<=1``), and every bound the help shows as accepted is accepted."""
+    import typer.main
+
+    runner = CliRunner()
+    tune = " ".join(runner.invoke(app, ["tune", "--help"]).output.split())
+    assert "[default: 0.9; 0<x<=1]" in tune and "0<=x" not in tune
+    assert tune.count("effects; x>0]") == 2  # --low and --high
+    assert "[default: 20; x>=0]" in tune  # --trials 0 is accepted (create only)
+    group = typer.main.get_command(app)
+    root = group.make_context("circuitfind", ["tasks"], resilient_parsing=True)
+    checked = 0
+    for name, command in group.commands.items():
+        ctx = command.make_context(name, [], parent=root, resilient_parsing=True)
+        for param in command.params:
+            record = command.help_record(param, ctx)
+            low = getattr(param, "min", None)
+            if record is None or low is None:
+                continue
+            shown = " ".join(record[1].split())
+            opened = f"{low}<x" in shown or f"x>{low}]" in shown or f"x>{low};" in shown
+            closed = f"{low}<=x" in shown or f"x>={low}" in shown
+            assert opened != closed, (name, record)
+            callback = getattr(param.callback, "__wrapped__", param.callback)
+            refused = False
+            if callback is not None:
+                try:
+                    callback(low)
+                except typer.BadParameter:
+                    refused = True
+            assert refused == opened, (name, record, "help and validation disagree on", low)
+            checked += 1
+    assert checked >= 15
 
 
 def test_every_option_shows_its_default():

@@ -12,6 +12,7 @@ identical scores.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -127,6 +128,28 @@ def test_training_prunes_towards_its_target_and_is_deterministic(tiny_models):
     again = EdgePruning(**short).score(engine, data)
     assert torch.equal(again, EdgePruning(**short).score(engine, data))
     assert not torch.equal(again, EdgePruning(**short, seed=1).score(engine, data))
+
+
+def test_a_run_short_of_its_target_says_so(tiny_models):
+    """Five steps cannot prune to 25 edges: the report says the target was not reached (with
+    the expected and target edge counts) and the run warns; a target at the full graph is
+    reached at once."""
+    model = tiny_models("gpt2")
+    data = ToyTask(positions=2).build(model.tokenizer, 4, seed=53)
+    engine = PatchingEngine(model)
+    n = engine.graph.n_edges
+    algo = EdgePruning(target_edges=25, steps=5, warmup_steps=4, batch_size=4, progress=False)
+    with pytest.warns(RuntimeWarning, match="short of its target of 25.0"):
+        algo.score(engine, data)
+    report = algo.report
+    assert report["target_kept_edges"] == pytest.approx(25.0)
+    assert report["expected_kept_edges"] > 25 + max(1.0, 0.01 * n)
+    assert report["target_reached"] is False and len(report["lambdas"]) == 2
+    full = EdgePruning(target_edges=n, steps=5, warmup_steps=4, batch_size=4, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full.score(engine, data)
+    assert full.report["target_reached"] is True
 
 
 def test_interrupted_run_resumes_to_identical_scores(tiny_models, tmp_path, ctrl_c):
