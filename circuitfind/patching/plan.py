@@ -46,7 +46,12 @@ Time is predicted in plain Hugging Face forwards of the same batch (the unit of 
 benchmark here), from matmul FLOPs: a forward is ``2 n_params`` per token (less the
 embedding lookup) plus attention; the engine's passes read logits at the metric positions
 only; a backward pass without weight gradients costs about one forward; EAP's contraction
-costs ``2 d`` per edge and token.
+costs ``2 d`` per edge and token. Two measured costs that FLOPs miss (``docs/decisions.md``):
+the unit, Hugging Face's eager attention, computes every score and pays
+:data:`EAGER_SCORE_FLOPS` per score for its elementwise passes (what makes it slower per FLOP
+on long prompts; the engine's fused kernel computes the causal half); and in half-precision
+runs the parts the engine keeps in float32 (the contraction, the q/k/v receivers' gradients)
+cost :data:`HALF_FLOAT32_COST` times their FLOPs.
 """
 
 from __future__ import annotations
