@@ -162,9 +162,13 @@ def markdown(result: dict[str, Any]) -> str:
         "(about 5 GiB): over 12 GiB. The checkpointed pass holds one sender buffer (made in "
         "place), each block's input and one block's work. The fused attention kernel keeps "
         "no pattern (measured), so no chunk below the prompt's length was needed. Time: the "
-        "plan counts FLOPs; the unit, Hugging Face's own forward, ran at about 60 GFLOP/s "
-        "here against about 90 for the run's kernels (one thread), so the run took fewer "
-        "units than predicted.",
+        "unit, Hugging Face's own forward, runs eager attention (its config says so): it "
+        "computes every score and turns them into a pattern by memory-bound elementwise "
+        "passes, 950 float32 matmul FLOPs per score (`benchmarks/eager_score_cost.py`), two "
+        "thirds more at 2,048 tokens (1.82 GFLOP per token against 1.08 counted before); "
+        "the checkpointed pass runs the fused kernel (the causal half, no pattern). The "
+        "FLOP-only plan (3.2 forwards; time/plan 0.65) counted neither; the plan now does "
+        "(`docs/decisions.md`).",
     ]
     for r in result["rows"]:
         m = r["machine"]

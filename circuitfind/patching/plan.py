@@ -46,13 +46,17 @@ Time is predicted in plain Hugging Face forwards of the same batch (the unit of 
 benchmark here), from matmul FLOPs: a forward is ``2 n_params`` per token (less the
 embedding lookup) plus attention; the engine's passes read logits at the metric positions
 only; a backward pass without weight gradients costs about one forward; EAP's contraction
-costs ``2 d`` per edge and token.
+costs ``2 d`` per edge and token. Two measured costs that FLOPs miss (``docs/decisions.md``):
+the unit, Hugging Face's eager attention, computes every score and pays
+:data:`EAGER_SCORE_FLOPS` per score for its elementwise passes (what makes it slower per FLOP
+on long prompts; the engine's fused kernel computes the causal half); and in half-precision
+runs the parts the engine keeps in float32 (the contraction, the q/k/v receivers' gradients)
+cost :data:`HALF_FLOAT32_COST` times their FLOPs.
 """
 
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -528,15 +532,76 @@ def refuse(budget: int, minimum: int, what: str) -> ConfigError:
                                        "the prompts.")
 
 
-def _forward_flops(shape: ModelShape, seq_len: int, vocab_tokens: float) -> float:
-    """Matmul FLOPs of a plain forward per token: the blocks' projections, attention over
-    ``seq_len / 2`` keys on average (causal), and the unembedding at ``vocab_tokens`` tokens
-    per token."""
+#: Hugging Face's eager attention per score (scale, add the causal mask, softmax in float32,
+#: cast back: memory-bound elementwise passes), in float32 matmul FLOPs:
+#: ``benchmarks/eager_score_cost.py`` measured 5.4 ns per score against a 176 GFLOP/s float32
+#: matmul (one thread, Intel Xeon, 2026-12-04): 946 FLOPs. ``circuitfind.load_model``'s
+#: models run eager attention (their config says so), so the plain-forward unit pays it.
+EAGER_SCORE_FLOPS = 950
+#: How many times a float32 matmul FLOP costs a half-precision one: bfloat16 matmuls run
+#: 913 GFLOP/s against float32's 176 on the reference CPU (AMX; the same script, one thread).
+#: Applied in half-precision runs to the parts the engine keeps in float32 for accuracy (the
+#: score contraction, the q/k/v receivers' gradient matmuls) and to :data:`EAGER_SCORE_FLOPS`.
+HALF_FLOAT32_COST = 5.2
+
+
+def _float32_cost(shape: ModelShape) -> float:
+    """What one float32 FLOP costs in FLOPs of the model's dtype (1 for float32 models)."""
+    return HALF_FLOAT32_COST if shape.width < 4 else 1.0
+
+
+def _forward_flops(shape: ModelShape, seq_len: int, vocab_tokens: float,
+                   eager: bool = False) -> float:
+    """FLOPs of a plain forward per token: the blocks' projections' matmuls, attention and
+    the unembedding at ``vocab_tokens`` tokens per token.
+
+    Attention: the fused kernel (``eager=False``: what the engine runs on families without
+    soft-capped scores) computes the causal half, ``2 H d_head T`` per layer for QK^T and AV
+    over ``T / 2`` keys on average; the eager path (``eager=True``: Hugging Face's forward,
+    the unit, and the engine on soft-capped families) computes every score, ``4 H d_head T``,
+    and pays :data:`EAGER_SCORE_FLOPS` per score for its elementwise passes (``H T`` scores
+    per token and layer) -- the term that makes a plain forward slower per FLOP on long
+    prompts (``benchmarks/results/long_prompts.md``)."""
     s = shape
     attn = s.d_model * (s.n_heads + 2 * s.n_kv_heads) * s.d_head + s.n_heads * s.d_head * s.d_model
     body = 2 * s.n_layers * (attn + s.mlp_mats * s.d_model * s.d_mlp)
-    attention = 2 * s.n_layers * s.n_heads * s.d_head * seq_len  # QK^T and AV, causal half
-    return body + attention + 2 * s.d_vocab * s.d_model * vocab_tokens
+    return body + _attention_flops(s, seq_len, eager) + 2 * s.d_vocab * s.d_model * vocab_tokens
+
+
+def _attention_flops(shape: ModelShape, seq_len: int, eager: bool) -> float:
+    """Attention's FLOPs per token, all layers (see :func:`_forward_flops`)."""
+    s = shape
+    if eager:
+        return s.n_layers * s.n_heads * seq_len * (4 * s.d_head
+                                                   + EAGER_SCORE_FLOPS * _float32_cost(s))
+    return 2 * s.n_layers * s.n_heads * s.d_head * seq_len  # QK^T and AV, causal half
+
+
+def _unit_flops(shape: ModelShape, seq_len: int) -> float:
+    """FLOPs of the time unit per token: Hugging Face's plain forward (eager attention,
+    logits at every position)."""
+    return _forward_flops(shape, seq_len, 1.0, eager=True)
+
+
+def _engine_flops(shape: ModelShape, seq_len: int, positions: int) -> float:
+    """FLOPs of one of the engine's forwards per token (logits at the metric positions; the
+    fused attention kernel unless the family soft-caps its scores)."""
+    return _forward_flops(shape, seq_len, positions / seq_len, eager=shape.eager_attention)
+
+
+def _contraction_flops(shape: ModelShape) -> float:
+    """FLOPs of EAP's score contraction per token, ``2 d`` per edge, in the model dtype's
+    FLOPs: it accumulates in float32 (:func:`~circuitfind.patching.attribution.matmul_nt`)."""
+    return 2 * shape.d_model * shape.graph.n_edges * _float32_cost(shape)
+
+
+def _receiver_gradient_extra(shape: ModelShape) -> float:
+    """Extra FLOPs per token of one backward pass in a half-precision run: the q/k/v
+    receivers' gradients (``2 (H + 2G) d_head d`` per layer, counted in the backward at the
+    model dtype's cost) run in float32, which costs :data:`HALF_FLOAT32_COST` times as much."""
+    s = shape
+    return (_float32_cost(s) - 1) * 2 * s.n_layers * (s.n_heads + 2 * s.n_kv_heads) * \
+        s.d_head * s.d_model
 
 
 def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points: int,
@@ -610,13 +675,14 @@ def attribution_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points:
     # time: the corrupted run (and the plain clean run for gradient points), then each
     # gradient run's forward and backward (no weight gradients: about one forward) and the
     # contraction (2 d per edge and token)
-    hf = _forward_flops(shape, seq_len, 1.0)
-    body = _forward_flops(shape, seq_len, positions / seq_len)
-    contraction = 2 * shape.d_model * shape.graph.n_edges
+    hf = _unit_flops(shape, seq_len)
+    body = _engine_flops(shape, seq_len, positions)
+    contraction = _contraction_flops(shape)
     plain = plain_forwards or (1 if n_points == 1 else 2)
     # the runs stacked in one pass sum their receiver gradients before the one contraction
     passes_per_chunk = math.ceil(n_points / p)
-    units = (plain * body + n_points * 2 * body + passes_per_chunk * contraction) / hf
+    units = (plain * body + n_points * (2 * body + _receiver_gradient_extra(shape))
+             + passes_per_chunk * contraction) / hf
     passes = {"forwards": plain, "backwards": n_points,
               "contraction": round(passes_per_chunk * contraction / hf, 2)}
     return MemoryPlan(algorithm=algorithm, model=shape.name, device=device,
@@ -752,14 +818,16 @@ def checkpointed_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points
     p = max(1, min(n_points, (free - n * store) // (n * row)))
     grads = n * p * seq_len * _CKPT_RECEIVERS * (shape.n_heads + 2 * shape.n_kv_heads) * \
         shape.d_model * max(shape.width, 4)
-    hf = _forward_flops(shape, seq_len, 1.0)
-    body = _forward_flops(shape, seq_len, positions / seq_len)
-    attention = 2 * shape.n_layers * shape.n_heads * shape.d_head * seq_len
-    contraction = 2 * shape.d_model * shape.graph.n_edges
+    hf = _unit_flops(shape, seq_len)
+    body = _engine_flops(shape, seq_len, positions)
+    # the backward's recomputed attention (the engine's kernel, as in its forwards)
+    attention = _attention_flops(shape, seq_len, shape.eager_attention)
+    contraction = _contraction_flops(shape)
     plain = plain_forwards or (1 if n_points == 1 else 2)
     passes_per_chunk = math.ceil(n_points / p)
     forwards = 1 + plain if n_points == 1 else plain  # EAP: + the clean run (the record)
-    units = (forwards * body + n_points * (2 * body + attention)
+    units = (forwards * body + n_points * (2 * body + attention
+                                            + _receiver_gradient_extra(shape))
              + (0 if n_points == 1 else n_points * body)
              + passes_per_chunk * contraction) / hf
     return MemoryPlan(algorithm=algorithm, model=shape.name, device=device,
@@ -868,10 +936,10 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
     k = max(1, rows // n)
     if masks_cap is not None:
         k = min(k, masks_cap)
-    hf = _forward_flops(shape, seq_len, 1.0)
+    hf = _unit_flops(shape, seq_len)
     units, masked = None, 0
     if tests:
-        layer_flops = _forward_flops(shape, seq_len, 0.0) / shape.n_layers
+        layer_flops = _engine_flops(shape, seq_len, 0) / shape.n_layers
         vocab = 2 * shape.d_vocab * shape.d_model * positions / seq_len
         total = 0.0
         for start, count in tests:
