@@ -381,12 +381,15 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # metric. Its senders' differences are then known at the metric positions only and are
     # 0 elsewhere in ``delta``, which is exact: the only receivers that read them (the last
     # MLP's and the logits) have no gradient elsewhere.
-    # (With modified backward rules, the QK fix, which records full attention patterns, or
+    # The QK fix reads the last layer's pattern at those query rows only (its tap puts them
+    # back among all T rows, :meth:`QKFix.tap`). (With modified backward rules, GradDrop, or
     # points given as tensors over every position, every block runs at every position.)
     last = g.n_layers - 1
-    trim = rules.plain and fix is None and not drop_each_layer and not any(
+    trim = rules.plain_gradient and not drop_each_layer and not any(
         isinstance(alpha, Tensor) for alpha in (a for cs in moved.values() for a in cs.values()))
     where = positions.repeat(copies, 1)  # [C*N, P]
+    if fix is not None and trim:
+        fix.query_pos = where
 
     def pick(value: Tensor, at: Tensor) -> Tensor:
         """``value [..., B, T, d]`` at the positions ``at [B, P]`` -> ``[..., B, P, d]``."""

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -155,6 +155,12 @@ class BackwardRules:
     def plain(self) -> bool:
         """Whether these rules change nothing (the plain gradient)."""
         return self == PLAIN
+
+    @property
+    def plain_gradient(self) -> bool:
+        """Whether the backward pass itself is plain: no rule set but, possibly, the QK fix
+        (which rescores q and k edges after the pass, from the forward pass's patterns)."""
+        return replace(self, qk_fix=False) == PLAIN
 
     @property
     def plain_attention(self) -> bool:

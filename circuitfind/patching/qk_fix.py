@@ -126,6 +126,8 @@ class QKFix:
         self.qk: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.grads: dict[Hashable, dict[int, Tensor]] = {}
         self.current: Hashable = None  # the backward pass whose gradients arrive now
+        # [N, P] query positions of a layer run at the metric positions only (the last)
+        self.query_pos: Tensor | None = None
 
     def block_input(self, layer: int, x: Tensor) -> None:
         """Record ``layer``'s input residual ``x [N, T, d]`` (clean run)."""
@@ -133,10 +135,27 @@ class QKFix:
 
     def tap(self, layer: int, q: Tensor, k: Tensor, pattern: Tensor) -> None:
         """Record ``layer``'s rotated ``q [N,H,T,dh]``, ``k [N,G,T,dh]`` and pattern
-        ``[N,H,T,T]``, and catch the pattern's gradient in each backward pass."""
-        self.qk[layer] = (q.detach(), k.detach(), pattern.detach())
+        ``[N,H,T,T]``, and catch the pattern's gradient in each backward pass.
+
+        A layer run at the query positions :attr:`query_pos` ``[N, P]`` only (``q [N,H,P,dh]``,
+        pattern ``[N,H,P,T]``: the last, in EAP's trimmed pass) is put back among all ``T``
+        query rows, 0 elsewhere: exact, since the rows without gradient score nothing."""
+        q, k = q.detach(), k.detach()
+        at = None
+        if q.shape[2] != k.shape[2]:
+            assert self.query_pos is not None, "the attribution pass sets query_pos"
+            n, heads, t = q.shape[0], q.shape[1], k.shape[2]
+            at = self.query_pos[:, None, :, None]  # [N, 1, P, 1]
+            q = q.new_zeros(n, heads, t, q.shape[3]).scatter_(2, at.expand(*q.shape), q)
+        full = (pattern.detach() if at is None else pattern.new_zeros(
+            pattern.shape[0], pattern.shape[1], pattern.shape[3], pattern.shape[3]).scatter_(
+            2, at.expand(*pattern.shape), pattern.detach()))  # type: ignore[union-attr]
+        self.qk[layer] = (q, k, full)
         if pattern.requires_grad:
-            def keep(grad: Tensor, layer: int = layer) -> None:
+            def keep(grad: Tensor, layer: int = layer, at: Tensor | None = at) -> None:
+                if at is not None:  # repeated positions add
+                    grad = grad.new_zeros(full.shape).scatter_add_(2, at.expand(*grad.shape),
+                                                                  grad)
                 self.grads.setdefault(self.current, {})[layer] = grad
             pattern.register_hook(keep)
 
