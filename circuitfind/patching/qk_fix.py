@@ -244,7 +244,7 @@ class QKFix:
             c = u1 - u0
             qs, ks = proj(delta, u0, u1, g)  # [N, P, c, H*dh], [N, T, c, G*dh]
             qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
-                                 ks.view(n, t * c, groups, dh))
+                                 ks.view(n, t * c, groups, dh), scratch=True)
             qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
             s_q = work.take("s", (heads, n, p, c, t), qs)  # patched queries, clean keys
             for h in range(heads):

@@ -105,6 +105,26 @@ def test_qk_fix_equals_patterns_recomputed_edge_by_edge(setups, name):
     assert float((eap[:, qk] - want[:, qk]).abs().max()) > 100 * float32_atol(want)
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gpt_neox"])
+def test_qk_fix_in_float32_at_metric_positions_that_differ_by_example(tmp_path, name):
+    """The QK fix's trimmed last block (each example's own metric positions put back among
+    all query rows) and, in float32, Qwen3's in-place q/k norms of the patched projections
+    equal the edge-by-edge reference (sequential and parallel blocks)."""
+    model = tiny_model(tmp_path, dtype=torch.float32, **FAMILIES[name])
+    data = ToyTask(seq_len=SEQ, positions=2).build(model.tokenizer, 3, seed=1)
+    data = dataclasses.replace(data, positions=torch.tensor([[7, 8], [5, 8], [3, 6]]))
+    engine = PatchingEngine(model)
+    g = engine.graph
+    delta = engine.sender_outputs(data.corrupted) - engine.sender_outputs(data.clean)
+    got = AtPStar(grad_drop=False).score(engine, data).double()
+    eap = engine.edge_attribution(data).double()
+    qk = torch.tensor([rec.kind in ("q", "k") for rec in g.receivers])
+    want = (qk_fixed_scores(Layout(plain_hf(model)), g, data, delta) * g.edge_mask).double()
+    want[:, ~qk] = eap[:, ~qk]
+    assert want[:, qk].abs().max() > 1e-3
+    _close(got, want)
+
+
 # GradDrop's shared-forward passes on every family, and on three layers (passes that start
 # mid-model, receiver groups reached in part)
 DEEPER = {"llama_3l": dict(arch="llama", n_layers=3, n_kv_heads=2, seed=3),

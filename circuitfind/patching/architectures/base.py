@@ -358,9 +358,12 @@ class Architecture:
         """Sliding-window length of ``layer``'s attention (``None``: every earlier position)."""
         return None
 
-    def qk_norm(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def qk_norm(self, layer: int, q: Tensor, k: Tensor,
+                scratch: bool = False) -> tuple[Tensor, Tensor]:
         """Per-head norms of ``q [B, T, H, dh]`` and ``k [B, T, G, dh]`` before the rotation
-        (Qwen3, OLMo-2); none here."""
+        (Qwen3, OLMo-2); none here. With ``scratch`` q and k are the caller's to overwrite
+        and no gradient is taken (AtP*'s QK fix): a family may norm them in place, equal to
+        the plain norm up to float32 rounding."""
         return q, k
 
     # shared ------------------------------------------------------------------------------

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor
 
+from circuitfind.patching.architectures.base import unwrap
 from circuitfind.patching.architectures.llama import Llama
 from circuitfind.patching.architectures.registry import register
 
@@ -18,7 +22,21 @@ class Qwen3(Llama):
     reads them (and of EAP's backward pass through it).
     """
 
-    def qk_norm(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """``q_norm(q)``, ``k_norm(k)`` over ``d_head`` (Hugging Face's ``Qwen3RMSNorm``)."""
+    def qk_norm(self, layer: int, q: Tensor, k: Tensor,
+                scratch: bool = False) -> tuple[Tensor, Tensor]:
+        """``q_norm(q)``, ``k_norm(k)`` over ``d_head`` (Hugging Face's ``Qwen3RMSNorm``);
+        with ``scratch`` (float32, no gradient) in place, ``1/rms`` from one vector-norm
+        reduction: about half the time of the fused-but-composite ``rms_norm`` on a CPU."""
         attn = self.attn[layer]
+        if scratch and q.dtype == k.dtype == torch.float32:
+            return _rms_in_place(attn.q_norm, q), _rms_in_place(attn.k_norm, k)
         return self._rms(attn.q_norm, q), self._rms(attn.k_norm, k)
+
+
+def _rms_in_place(module: Any, x: Tensor) -> Tensor:
+    """``x [..., dh]`` (float32, no gradient) overwritten with ``RMSNorm(x)``: ``x w /
+    sqrt(mean(x^2) + eps)``."""
+    norm = unwrap(module)
+    inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inv.square_().div_(x.shape[-1]).add_(norm.variance_epsilon).rsqrt_()
+    return x.mul_(inv).mul_(norm.weight.to(x.dtype))
