@@ -149,7 +149,7 @@ class QKFix:
             q = q.new_zeros(n, heads, t, q.shape[3]).scatter_(2, at.expand(*q.shape), q)
         full = (pattern.detach() if at is None else pattern.new_zeros(
             pattern.shape[0], pattern.shape[1], pattern.shape[3], pattern.shape[3]).scatter_(
-            2, at.expand(*pattern.shape), pattern.detach()))  # type: ignore[union-attr]
+            2, at.expand(*pattern.shape), pattern.detach()))
         self.qk[layer] = (q, k, full)
         if pattern.requires_grad:
             def keep(grad: Tensor, layer: int = layer, at: Tensor | None = at) -> None:
