@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import git, interleaved_rounds, utc_now, write_results  # noqa: E402
-from bench_families import FAMILIES, GROUPED, SHAPE  # noqa: E402
+from bench_families import FAMILIES, family_setup  # noqa: E402
 
 METHODS = ["eap", "atp_qk", "grad_drop", "atp_star"]
 
@@ -70,17 +70,10 @@ def bare_grad_drop(engine: Any, tokens: torch.Tensor) -> Callable[[], list[torch
 
 def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
     """MACs and CPU seconds of the methods and of GradDrop's bare backward passes."""
-    import circuitfind as cf
     from circuitfind.algorithms import EAP, AtPStar
-    from circuitfind.testing import ToyTask
-    from circuitfind.testing.tiny import make_tiny_model_dir
     from torch.utils.flop_counter import FlopCounterMode
 
-    kv = 4 if family in GROUPED else None
-    path = make_tiny_model_dir(tmp / family, arch=family, n_kv_heads=kv, seed=0, **SHAPE)
-    model = cf.load_model(path, device="cpu")
-    engine = cf.PatchingEngine(model)
-    data = ToyTask(seq_len=15).build(model.tokenizer, 8, seed=0)
+    model, engine, data = family_setup(family, tmp)
     algos = {"eap": EAP(), "atp_qk": AtPStar(grad_drop=False),
              "grad_drop": AtPStar(qk_fix=False), "atp_star": AtPStar()}
     layers = engine.graph.n_layers

@@ -145,6 +145,26 @@ def measure(family: str, repeats: int, tau: float, tmp: Path) -> dict[str, Any]:
     }
 
 
+def family_setup(family: str, tmp: Path) -> tuple[Any, Any, Any]:
+    """The benchmark's random-weight model of ``family`` (:data:`SHAPE`, 4 k/v heads for
+    grouped-query families), saved under ``tmp`` and loaded on the CPU, its patching engine
+    and the batch every family benchmark times: 8 toy-task prompts of 15 tokens, seed 0.
+
+    Returns:
+        ``(model, engine, data)``.
+    """
+    import circuitfind as cf
+    from circuitfind.testing import ToyTask
+    from circuitfind.testing.tiny import make_tiny_model_dir
+
+    kv = 4 if family in GROUPED else None
+    path = make_tiny_model_dir(tmp / family, arch=family, n_kv_heads=kv, seed=0, **SHAPE)
+    model = cf.load_model(path, device="cpu")
+    engine = cf.PatchingEngine(model)
+    data = ToyTask(seq_len=15).build(model.tokenizer, 8, seed=0)
+    return model, engine, data
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results table."""
     lines = [

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import git, interleaved_rounds, utc_now, write_results  # noqa: E402
-from bench_families import FAMILIES, GROUPED, SHAPE  # noqa: E402
+from bench_families import FAMILIES, family_setup  # noqa: E402
 
 METHODS = ["eap", "gim", "relp", "atp_qk", "atp_star"]
 TARGETS = {"gim": 1.3, "relp": 1.3, "atp_qk": 2.0, "atp_star": 2.0}
@@ -52,16 +52,9 @@ TARGETS = {"gim": 1.3, "relp": 1.3, "atp_qk": 2.0, "atp_star": 2.0}
 
 def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
     """Seconds per method and ratios to EAP for one family."""
-    import circuitfind as cf
     from circuitfind.algorithms import EAP, GIM, AtPStar, RelP
-    from circuitfind.testing import ToyTask
-    from circuitfind.testing.tiny import make_tiny_model_dir
 
-    kv = 4 if family in GROUPED else None
-    path = make_tiny_model_dir(tmp / family, arch=family, n_kv_heads=kv, seed=0, **SHAPE)
-    model = cf.load_model(path, device="cpu")
-    engine = cf.PatchingEngine(model)
-    data = ToyTask(seq_len=15).build(model.tokenizer, 8, seed=0)
+    _, engine, data = family_setup(family, tmp)
     algos = {"eap": EAP(), "gim": GIM(), "relp": RelP(), "atp_qk": AtPStar(grad_drop=False),
              "atp_star": AtPStar()}
 
