@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import platform
 import subprocess
 import time
 from collections.abc import Callable
@@ -36,6 +38,18 @@ def git(*args: str) -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, ``"2.6 4.4 6.2"``."""
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def machine() -> str:
+    """The processor and torch version, ``"x86_64, torch 2.13.0+cpu"``."""
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
 
 
 def utc_now() -> str:
