@@ -36,6 +36,11 @@ rotary, soft-caps, softmax, activations and the KL itself are elementwise: not c
 lower bound: it ignores the speculative batches' wasted masks, any fixed cost per pass, memory
 traffic, and it assumes a perfect memo of ``C``.
 
+The resume floor (``Floor.test(..., changed_only=False)``), for comparison: what a pass that
+resumes from the tested receiver's layer and recomputes every node the circuit still reads
+(changed or not; same needed rows, so the last block still runs at the metric positions only)
+must spend: the floor of today's design (resume from a layer, kept form), without change tracking.
+
 The unit: one plain Hugging Face forward of the same batch, in MACs: ``FlopCounterMode`` on the HF
 model (halved) plus the dense attention products where HF's CPU ``scaled_dot_product_attention``
 kernel has no FLOP formula (``dense_macs``: T x T scores and weighted sums per head, as HF computes
@@ -191,11 +196,13 @@ class Floor:
             recv[g.v_start[layer]: g.v_start[layer] + g.n_kv_heads] = keys
         return node, recv
 
-    def test(self, kept_before: Tensor, receiver: int, sender: int | None) -> dict[str, float]:
+    def test(self, kept_before: Tensor, receiver: int, sender: int | None,
+             changed_only: bool = True) -> dict[str, float]:
         """MACs of the test removing ``sender -> receiver`` (``sender=None``: every kept edge
         into ``receiver``, a q/k/v node test) from ``kept_before`` ``[S, R]``, by part
         (``proj``: q/k/v/output projections; ``attn``: scores and weighted sums; ``mlp``;
-        ``unembed``)."""
+        ``unembed``). ``changed_only=False``: the resume floor instead, every node of layers
+        ``>=`` the receiver's at every row something downstream reads, changed or not."""
         g, s = self.g, self.s
         kept = kept_before.clone()
         if sender is None:
@@ -215,6 +222,8 @@ class Floor:
             idx = torch.arange(g.n_receivers)[receivers] if isinstance(receivers, slice) \
                 else torch.tensor(receivers)
             k = kept[:, idx].T.float()  # [len, S]
+            if not changed_only:
+                return torch.ones(len(idx), self.n, self.t, dtype=torch.bool)
             x = (k @ flat.float() > 0).view(len(idx), self.n, self.t)
             x |= (idx == receiver)[:, None, None] & first
             return x
@@ -284,21 +293,26 @@ def record_run(engine: Any, data: Any, tau: float) -> tuple[list[dict[str, Any]]
 
 def floors(floor: Floor, tests: list[dict[str, Any]], unit: float,
            layers: int) -> dict[str, Any]:
-    """Mean floor per test in forwards, overall, by part and by start layer."""
+    """Mean floor per test in forwards, overall, by part and by start layer, and the mean
+    resume floor (``Floor.test(..., changed_only=False)``)."""
     per_test, by_layer = [], {}
     parts = {"proj": 0.0, "attn": 0.0, "mlp": 0.0, "unembed": 0.0}
     for t in tests:
         m = floor.test(t["kept_before"], t["receiver"], t["sender"])
+        resume = sum(floor.test(t["kept_before"], t["receiver"], t["sender"],
+                                changed_only=False).values()) / unit
         total = sum(m.values()) / unit
-        per_test.append(total)
+        per_test.append((total, resume))
         for key, value in m.items():
             parts[key] += value / unit
         layer = floor.g.receivers[t["receiver"]].layer
-        by_layer.setdefault(layer, []).append(total)
+        by_layer.setdefault(layer, []).append((total, resume))
     n = max(1, len(tests))
-    return {"tests": len(tests), "mean": sum(per_test) / n,
+    return {"tests": len(tests), "mean": sum(v[0] for v in per_test) / n,
+            "resume": sum(v[1] for v in per_test) / n,
             "parts": {k: v / n for k, v in parts.items()},
-            "by_layer": {str(layer): {"tests": len(v), "mean": sum(v) / len(v)}
+            "by_layer": {str(layer): {"tests": len(v), "mean": sum(x[0] for x in v) / len(v),
+                                      "resume": sum(x[1] for x in v) / len(v)}
                          for layer, v in sorted(by_layer.items())}}
 
 
@@ -422,9 +436,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['rounds']} interleaved rounds (`bench_acdc_families.measure`). Elementwise work, "
         "wasted speculative masks and per-pass fixed costs are not in the floor.", "",
         "| family | edges | kept (%) | tests | floor / test | proj | attn | MLP | unembed "
-        "| measured / test | measured / floor | floor at HF speed (ms) | at matmul peak "
-        "(forwards) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| resume floor / test | measured / test | measured / floor | floor at HF speed (ms) "
+        "| at matmul peak (forwards) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in fams:
         f = r["floor"]
         p = f["parts"]
@@ -432,7 +446,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['family']} | {r['n_edges']} | {r['kept']} ({100 * r['kept_fraction']:.1f}) "
             f"| {f['tests']} | **{f['mean']:.3f}** | {p['proj']:.3f} | {p['attn']:.4f} "
-            f"| {p['mlp']:.3f} | {p['unembed']:.3f} | {r['measured_per_test']:.3f} "
+            f"| {p['mlp']:.3f} | {p['unembed']:.3f} | {f['resume']:.3f} "
+            f"| {r['measured_per_test']:.3f} "
             f"| {r['ratio']:.1f}x | {1000 * f['mean'] * r['hf_forward_s']:.2f} "
             f"| {at_peak:.3f} |")
     lines += [
@@ -444,7 +459,7 @@ def markdown(result: dict[str, Any]) -> str:
         "floor's MACs at the peak rate, in HF forwards (a strict lower bound on time; the "
         "floor's small per-head and per-row products run below HF's rate, not above it).", "",
         "By start layer (the tested receiver's layer; 6 = logits): tests, floor per test, "
-        "measured per test (the masked passes' CPU time from that layer, last round, / tests "
+        "resume floor per test, measured per test (the masked passes' CPU time from that layer, last round, / tests "
         "from that layer / HF forward; passes only, about 90% of the run).", "",
         "| family | " + " | ".join(f"start {i}" for i in range(layers + 1)) + " |",
         "|---|" + "---:|" * (layers + 1)]
@@ -456,7 +471,7 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append("")
                 continue
             m = "" if b["measured"] is None else f", {b['measured']:.2f}"
-            cells.append(f"{b['tests']}, {b['mean']:.3f}{m}")
+            cells.append(f"{b['tests']}, {b['mean']:.3f}, {b['resume']:.3f}{m}")
         lines.append(f"| {r['family']} | " + " | ".join(cells) + " |")
     sparse = [r for r in fams if "sparse" in r]
     if sparse:
@@ -467,16 +482,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"circuit keeps about GPT-2's edge fraction at tau {result['tau']} "
             f"({100 * target:.1f}%). Measured: the recording run's CPU time per test (one run, "
             "not interleaved).", "",
-            "| family | tau | kept (%) | tests | floor / test | measured / test "
-            "| floor by start layer (tests, floor) |",
-            "|---|---:|---:|---:|---:|---:|---|"]
+            "| family | tau | kept (%) | tests | floor / test | resume floor / test "
+            "| measured / test | floor by start layer (tests, floor) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in sparse:
             s = r["sparse"]
             by = "; ".join(f"{k}: {v['tests']}, {v['mean']:.3f}"
                            for k, v in s["floor"]["by_layer"].items())
             lines.append(f"| {r['family']} | {s['tau']:.3g} | {s['kept']} "
                          f"({100 * s['fraction']:.1f}) | {s['floor']['tests']} "
-                         f"| **{s['floor']['mean']:.3f}** | {s['per_test']:.3f} | {by} |")
+                         f"| **{s['floor']['mean']:.3f}** | {s['floor']['resume']:.3f} "
+                         f"| {s['per_test']:.3f} | {by} |")
     return "\n".join(lines) + "\n"
 
 

@@ -118,3 +118,25 @@ def test_window_is_what_hf_attends_to(tmp_path):
     window = engine.runner.arch.window(0)
     assert window == 4
     assert torch.equal(attn.gt(0).any(0), floor_bench.visible(9, window))
+
+
+def test_resume_floor_of_the_full_circuit_is_the_trimmed_forward(setup):
+    """From layer 0 in the full circuit, the resume floor is the forward with causal attention
+    and a last block that runs its queries, output projections and MLP at the metric position
+    only (its keys and values everywhere: the last query reads them), written out by hand."""
+    engine, _, data, s, floor = setup
+    g = engine.graph
+    n, t = data.clean.shape
+    dd = s.d * s.d_head
+    proj = (2 * s.n_heads + 2 * s.n_kv_heads) * dd
+    causal = 2 * n * s.n_heads * (t * (t + 1) // 2) * s.d_head
+    early = (g.n_layers - 1) * (n * t * (proj + s.mlp_row) + causal)
+    last = n * (2 * s.n_heads * dd + s.mlp_row) + n * t * 2 * s.n_kv_heads * dd
+    last += 2 * n * s.n_heads * t * s.d_head
+    expected = early + last + n * s.d * s.vocab
+    macs = floor.test(g.edge_mask.clone(), g.q_start[0], g.node_index("input"),
+                      changed_only=False)
+    assert sum(macs.values()) == expected
+    # the floor proper is below it: BOS never changes
+    assert sum(floor.test(g.edge_mask.clone(), g.q_start[0], g.node_index("input")).values()) \
+        < expected
