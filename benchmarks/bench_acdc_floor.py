@@ -436,9 +436,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['rounds']} interleaved rounds (`bench_acdc_families.measure`). Elementwise work, "
         "wasted speculative masks and per-pass fixed costs are not in the floor.", "",
         "| family | edges | kept (%) | tests | floor / test | proj | attn | MLP | unembed "
-        "| resume floor / test | measured / test | measured / floor | floor at HF speed (ms) "
-        "| at matmul peak (forwards) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| resume floor / test | measured / test | rounds | measured / floor "
+        "| floor at HF speed (ms) | at matmul peak (forwards) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in fams:
         f = r["floor"]
         p = f["parts"]
@@ -448,6 +448,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {f['tests']} | **{f['mean']:.3f}** | {p['proj']:.3f} | {p['attn']:.4f} "
             f"| {p['mlp']:.3f} | {p['unembed']:.3f} | {f['resume']:.3f} "
             f"| {r['measured_per_test']:.3f} "
+            f"| {', '.join(f'{v:.3f}' for v in r['measured_rounds'])} "
             f"| {r['ratio']:.1f}x | {1000 * f['mean'] * r['hf_forward_s']:.2f} "
             f"| {at_peak:.3f} |")
     lines += [
@@ -499,7 +500,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tau", type=float, default=1e-3)
     parser.add_argument("--no-sparse", action="store_true",
                         help="skip the sensitivity check at GPT-2's edge fraction")
@@ -520,6 +521,7 @@ def main() -> None:
     target = args.sparse_fraction
     with tempfile.TemporaryDirectory() as tmp:
         for family in families:
+            print(f"{utc_now()} {family}", file=sys.stderr, flush=True)
             if family == "gpt2" or args.no_sparse:
                 results.append(measure(family, args.rounds, args.tau, Path(tmp), None, 0))
                 if family == "gpt2" and target is None:
