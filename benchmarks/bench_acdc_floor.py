@@ -56,7 +56,7 @@ matmul peak (a 512 x 512 x 512 matmul; the strict lower bound); and, as a sensit
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_acdc_floor.py [--families gpt2 llama ...] [--rounds 2]
-        [--tau 1e-3] [--no-sparse] [--out benchmarks/results/acdc_floor]
+        [--tau 1e-3] [--no-sparse] [--out benchmarks/results/acdc_floor] [--report-only]
 
 Measures and reports; asserts nothing about times.
 """
@@ -64,6 +64,7 @@ Measures and reports; asserts nothing about times.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -81,6 +82,9 @@ from _results import git, load_average, machine, utc_now, write_results  # noqa:
 from bench_acdc_families import FAMILIES  # noqa: E402
 from bench_acdc_families import measure as measure_acdc  # noqa: E402
 from bench_families import family_setup  # noqa: E402
+
+
+TARGET = 0.3  # issue 17: ACDC exact mode <= 0.3 HF forwards per test
 
 
 @dataclass(frozen=True)
@@ -437,8 +441,9 @@ def markdown(result: dict[str, Any]) -> str:
         "wasted speculative masks and per-pass fixed costs are not in the floor.", "",
         "| family | edges | kept (%) | tests | floor / test | proj | attn | MLP | unembed "
         "| resume floor / test | measured / test | rounds | measured / floor "
-        "| floor at HF speed (ms) | at matmul peak (forwards) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        "| 0.3 / floor | 0.3 / resume floor | floor at HF speed (ms) "
+        "| at matmul peak (forwards) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in fams:
         f = r["floor"]
         p = f["parts"]
@@ -449,10 +454,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {p['mlp']:.3f} | {p['unembed']:.3f} | {f['resume']:.3f} "
             f"| {r['measured_per_test']:.3f} "
             f"| {', '.join(f'{v:.3f}' for v in r['measured_rounds'])} "
-            f"| {r['ratio']:.1f}x | {1000 * f['mean'] * r['hf_forward_s']:.2f} "
+            f"| {r['ratio']:.1f}x | {TARGET / f['mean']:.1f}x | {TARGET / f['resume']:.1f}x "
+            f"| {1000 * f['mean'] * r['hf_forward_s']:.2f} "
             f"| {at_peak:.3f} |")
     lines += [
-        "", "HF forward speed per MAC vs the thread's matmul peak (512^3 float32 matmul, "
+        "", "`0.3 / floor`: how many times its MAC floor an implementation may spend and still "
+        "meet the target (GPT-2 and GPT-NeoX meet it today at `measured / floor`).", "",
+        "HF forward speed per MAC vs the thread's matmul peak (512^3 float32 matmul, "
         f"{peak / 1e9:.1f} GMAC/s): " + ", ".join(
             f"{r['family']} {r['hf_macs_per_s'] / 1e9:.1f} GMAC/s "
             f"({100 * r['hf_macs_per_s'] / peak:.0f}%)" for r in fams) + ". "
@@ -509,7 +517,13 @@ def main() -> None:
                              "at --tau, measured first)")
     parser.add_argument("--tries", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/acdc_floor")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render OUT.md from OUT.json without measuring")
     args = parser.parse_args()
+    if args.report_only:
+        write_results(args.out, json.loads(Path(args.out).with_suffix(".json").read_text()),
+                      markdown)
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     commit = git("rev-parse", "--short", "HEAD")
