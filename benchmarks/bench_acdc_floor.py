@@ -83,7 +83,6 @@ from bench_acdc_families import FAMILIES  # noqa: E402
 from bench_acdc_families import measure as measure_acdc  # noqa: E402
 from bench_families import family_setup  # noqa: E402
 
-
 TARGET = 0.3  # issue 17: ACDC exact mode <= 0.3 HF forwards per test
 
 
