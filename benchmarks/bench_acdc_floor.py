@@ -55,7 +55,7 @@ matmul peak (a 512 x 512 x 512 matmul; the strict lower bound); and, as a sensit
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_acdc_floor.py [--families gpt2 llama ...] [--rounds 2]
+    PYTHONPATH=. python benchmarks/bench_acdc_floor.py [--families gpt2 llama ...] [--rounds 3]
         [--tau 1e-3] [--no-sparse] [--out benchmarks/results/acdc_floor] [--report-only]
 
 Measures and reports; asserts nothing about times.
@@ -349,11 +349,11 @@ def hf_unit(plain: Any, shape: Shape, data: Any, layers: int) -> dict[str, float
     return {"flop_counter": counted, "unit": dense}
 
 
-def sparse_tau(engine: Any, data: Any, floor: Floor, target: float, tau: float,
+def sparse_tau(engine: Any, data: Any, target: float, tau: float,
                tries: int) -> dict[str, Any]:
     """Sensitivity check: raise tau (geometric bisection, at most ``tries`` runs) until the
-    circuit keeps about ``target`` of the edges; the floor and a single run's CPU time of the
-    closest run."""
+    circuit keeps about ``target`` of the edges. Returns the searched runs and, of the closest
+    run, its tau, kept fraction, recorded tests (:func:`record_run`), kept edges and CPU seconds."""
     g = engine.graph
     lo, hi, best = tau, None, None
     runs = []
@@ -372,7 +372,8 @@ def sparse_tau(engine: Any, data: Any, floor: Floor, target: float, tau: float,
         else:
             hi = current
         current = current * 10 if hi is None else math.sqrt(lo * hi)
-    assert best is not None
+    if best is None:
+        raise ValueError(f"--tries must be >= 1; got {tries}.")
     return {"runs": runs, "tau": best[0], "fraction": best[1], "tests": best[2],
             "kept": best[3].n_edges, "seconds": best[4]}
 
@@ -411,7 +412,7 @@ def measure(family: str, rounds: int, tau: float, tmp: Path,
            "floor": result, "ratio": measured["per_test_hf"] / result["mean"],
            "hf_macs_per_s": unit["unit"] / hf_s}
     if sparse_target is not None and family != "gpt2":
-        sparse = sparse_tau(engine, data, floor, sparse_target, tau, tries)
+        sparse = sparse_tau(engine, data, sparse_target, tau, tries)
         sparse["floor"] = floors(floor, sparse.pop("tests"), unit["unit"], g.n_layers)
         sparse["per_test"] = sparse.pop("seconds") / sparse["floor"]["tests"] / hf_s
         out["sparse"] = sparse
