@@ -176,7 +176,8 @@ class QKFix:
         _products(lay).begin()
         work = _Workspace()
         with lay.backward_rules(None):  # plain values, no tap, while recomputing
-            heads_low = self._head_space(lay, delta)
+            stats = _SenderStats(delta)
+            heads_low = self._head_space(lay, delta, stats)
             for layer, x in sorted(self.inputs.items(), reverse=True):
                 u_up = g.head_start[layer]
                 q_cols = slice(g.q_start[layer], g.q_start[layer] + g.n_heads)
@@ -192,19 +193,20 @@ class QKFix:
                         passes[key][:u_up, k_cols] = 0
                 if rows is None or not len(rows):
                     continue
-                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low, work)
+                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low,
+                                     stats, work)
                 for key, (val_q, val_k) in zip(keys, values):
                     passes[key][:u_up, q_cols] = val_q.to(passes[key].dtype)
                     passes[key][:u_up, k_cols] = val_k.to(passes[key].dtype)
 
     def _layer(self, lay: Architecture, layer: int, x: Tensor, delta: Tensor, rows: Tensor,
-               grads: list[Tensor], heads_low: dict[int, HeadSpace], work: _Workspace
-               ) -> list[tuple[Tensor, Tensor]]:
+               grads: list[Tensor], heads_low: dict[int, HeadSpace], stats: _SenderStats,
+               work: _Workspace) -> list[tuple[Tensor, Tensor]]:
         """QK-fixed scores of ``layer``'s q and k edges from the ``U`` senders of ``delta
         [U, N, T, d]``, one ``([U, H], [U, G])`` pair per pattern gradient in ``grads`` (each
         ``[N, H, T, T]``), at the query ``rows [P]``; ``heads_low`` holds the head-space
         differences of the sender layers whose heads take the low-rank projection
-        (:meth:`_head_space`); ``work`` the call's buffers. The patched projections are laid
+        (:meth:`_head_space`); ``stats`` the senders' statistics; ``work`` the call's buffers. The patched projections are laid
         out senders-inside (``[N, T, c, out]``), so that each head's scores are one batched
         product of views."""
         q0, k0, a0 = self.qk[layer]
@@ -235,7 +237,7 @@ class QKFix:
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
         hidden_x = hidden.repeat(rep, 1)  # [rep*P, T] (x, j)
         sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
-        proj = _NormedProjection(lay, layer, x, rows, heads_low, work)
+        proj = _NormedProjection(lay, layer, x, rows, heads_low, stats, work)
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
@@ -278,7 +280,8 @@ class QKFix:
         base_k = base.view(m, groups, rep).sum(-1)
         return [(val_q[i] - base[i], val_k[i] - base_k[i]) for i in range(m)]
 
-    def _head_space(self, lay: Architecture, delta: Tensor) -> dict[int, HeadSpace]:
+    def _head_space(self, lay: Architecture, delta: Tensor, stats: _SenderStats
+                    ) -> dict[int, HeadSpace]:
         """Each head sender's difference in head space, ``dz_h`` with ``delta_h = dz_h
         W_O[h]``, for the sender layers where every head's difference lies in its output
         projection's row space (to within :data:`ROW_SPACE_TOL` of its largest value: always,
@@ -298,13 +301,10 @@ class QKFix:
             rows = delta[h0: h0 + g.n_heads].reshape(g.n_heads, n * t, d)
             dz = torch.bmm(rows, left)
             # the part off the row space is orthogonal to it: |miss|^2 = |delta|^2 - |dz W|^2
-            whole = rows.pow(2).sum(-1)  # [H, N*T]
+            whole = stats.square[h0: h0 + g.n_heads].reshape(g.n_heads, n * t)
             miss = whole - (torch.bmm(dz, gd) * dz).sum(-1)
             if bool((miss <= ROW_SPACE_TOL ** 2 * whole.amax(1, keepdim=True)).all()):
-                sdt = torch.promote_types(delta.dtype, torch.float32)
-                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd,
-                                   whole.view(g.n_heads, n, t).to(sdt),
-                                   rows.sum(-1).view(g.n_heads, n, t).to(sdt))
+                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd)
         return out
 
 
@@ -313,8 +313,27 @@ class HeadSpace(NamedTuple):
 
     dz: Tensor  # [H, N, T, dh]
     w_out: Tensor  # [H, dh, d]
-    square: Tensor  # [H, N, T]: |delta_h|^2 at each position
-    total: Tensor  # [H, N, T]: sum of delta_h over d at each position
+
+
+class _SenderStats:
+    """What the patched norms need of each sender's difference ``delta [S, N, T, d]`` that
+    does not depend on the receiving layer, once a call (in the statistics' dtype, float32 at
+    least): ``square`` ``|delta_u|^2`` ``[S, N, T]`` and, for centred norms (LayerNorm),
+    ``total`` ``sum_d delta_u`` ``[S, N, T]`` (made on first use)."""
+
+    def __init__(self, delta: Tensor) -> None:
+        self.dtype = torch.promote_types(delta.dtype, torch.float32)
+        self.delta = delta
+        wide = delta if delta.dtype == self.dtype else delta.to(self.dtype)
+        self.square = torch.linalg.vecdot(wide, wide)  # [S, N, T]
+        self._total: Tensor | None = None
+
+    @property
+    def total(self) -> Tensor:
+        """``sum_d delta_u`` ``[S, N, T]``."""
+        if self._total is None:
+            self._total = self.delta.sum(-1, dtype=self.dtype)
+        return self._total
 
 
 def norm_epsilon(lay: Architecture, layer: int, d: int,
@@ -427,9 +446,11 @@ class _NormedProjection:
     1/sqrt(stat(y) + eps)`` from the clean stream's statistics and the difference's
     (``|y|^2 = |x|^2 + 2 x.delta + |delta|^2``, means likewise), so no patched stream is
     materialised. ``y W_c = x W_c + delta_u W_c`` with the clean part computed once; for a head
-    sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)`` and ``x.delta_h
-    = dz_h . (x W_O[h]^T)`` (``d_head``-wide work instead of ``d``-wide; ``|delta_h|^2`` and
-    ``sum delta_h`` do not depend on the receiving layer and come with the head space).
+    sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)`` (``d_head``-wide
+    work instead of ``d``-wide). ``x.delta_u`` is one batched product of the differences with
+    ``x`` (``d`` multiply-adds a position and sender: less than ``x W_O[h]^T``'s ``d d_head``);
+    ``|delta_u|^2`` and ``sum delta_u`` do not depend on the receiving layer
+    (:class:`_SenderStats`).
 
     Args:
         lay: The family adapter.
@@ -437,13 +458,15 @@ class _NormedProjection:
         x: ``[N, T, d]`` its clean input.
         rows: ``[P]`` the query rows wanted.
         heads_low: ``{sender layer: HeadSpace}``.
+        stats: The senders' statistics.
         work: The call's buffers (the projections are written into them).
     """
 
     def __init__(self, lay: Architecture, layer: int, x: Tensor, rows: Tensor,
-                 heads_low: dict[int, HeadSpace], work: _Workspace) -> None:
+                 heads_low: dict[int, HeadSpace], stats: _SenderStats, work: _Workspace
+                 ) -> None:
         n, t, d = x.shape
-        self.work = work
+        self.work, self.stats = work, stats
         self.lay, self.layer, self.x, self.rows, self.d = lay, layer, x, rows, d
         wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
         wk, bk = lay.head_weights(layer, "k")
@@ -470,18 +493,15 @@ class _NormedProjection:
         else:
             self.xq = x[:, rows].reshape(-1, d) @ self.wq
             self.xk = x.reshape(n * t, d) @ self.wk
-        self.sdt = torch.promote_types(x.dtype, torch.float32)  # the statistics' dtype
+        self.sdt = stats.dtype  # the statistics' dtype
         xs = x.to(self.sdt)
         self.xc = xs - xs.mean(-1, keepdim=True) if centred else xs  # [N, T, d]
-        self.stat_x = self.xc.pow(2).mean(-1)  # [N, T]
+        self.stat_x = self.xc.pow(2).mean(-1).view(n * t, 1)  # [N*T, 1]
         self.low = {}
-        xc = self.xc.to(x.dtype).reshape(n * t, d)
         products = _products(lay)
         for m, hs in heads_low.items():
-            h, dh = hs.w_out.shape[:2]
-            xo = (xc @ hs.w_out.reshape(h * dh, d).T).view(n * t, h, dh).transpose(0, 1)
             mqk = products.product(m, layer, hs.w_out, self.wqk)  # [H, dh, outq + outk]
-            self.low[m] = (hs, mqk, xo)  # xo [H, N*T, dh]
+            self.low[m] = (hs, mqk)
 
     def __call__(self, delta: Tensor, u0: int, u1: int, g: object
                  ) -> tuple[Tensor, Tensor]:
@@ -494,9 +514,6 @@ class _NormedProjection:
         qs = self.work.take("q", (n, p, c, self.q_out), x)
         ks = self.work.take("k", (n, t, c, self.wk.shape[1]), x)
         q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
-        cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
-        square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
-        total = x.new_empty(c, n, t, dtype=self.sdt) if self.centred else None  # sum delta
         direct: list[int] = []
         u = u0
         while u < u1:  # runs of one sender layer's heads (head space) or single senders
@@ -506,7 +523,7 @@ class _NormedProjection:
                 u += 1
                 continue
             m, a, b = run
-            hs, mqk, xo = self.low[m]
+            hs, mqk = self.low[m]
             first = g.head_start[m]  # type: ignore[attr-defined]
             i0, i1, j0, j1 = a - first, b - first, a - u0, b - u0
             h = b - a
@@ -523,10 +540,6 @@ class _NormedProjection:
                 tk = torch.bmm(flat, mqk[i0:i1, :, self.q_out:])
             torch.add(tq, self.xq, out=q_slots[:, j0:j1].transpose(0, 1))
             torch.add(tk, self.xk, out=k_slots[:, j0:j1].transpose(0, 1))
-            cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
-            square[j0:j1] = hs.square[i0:i1]
-            if total is not None:
-                total[j0:j1] = hs.total[i0:i1]
             u = b
         for u in direct:  # the other senders' differences as they are, d-wide
             du = delta[u].to(x.dtype)  # [N, T, d]
@@ -539,15 +552,16 @@ class _NormedProjection:
                 tq, tk = du[:, rows].reshape(n * p, d) @ self.wq, flat @ self.wk
             torch.add(tq, self.xq, out=q_slots[:, j])
             torch.add(tk, self.xk, out=k_slots[:, j])
-            ds = du.to(self.sdt)
-            cross[j] = (ds * self.xc).sum(-1)
-            square[j] = ds.pow(2).sum(-1)
-            if total is not None:
-                total[j] = ds.sum(-1)
-        stat = self.stat_x + (2 * cross + square) / d
-        if total is not None:  # variance: the mean of the difference moves the mean
-            stat -= (total / d).pow(2)
-        inv = torch.rsqrt(stat + self.eps).to(x.dtype).permute(1, 2, 0)[..., None]  # [N,T,c,1]
+        # x.delta_u at each position, every sender of the chunk in one batched product
+        part = delta[u0:u1].reshape(c, n * t, d)
+        part = part if part.dtype == self.sdt else part.to(self.sdt)
+        cross = torch.bmm(part.transpose(0, 1), self.xc.view(n * t, d, 1)).view(n * t, c)
+        stat = self.stats.square[u0:u1].reshape(c, n * t).T + 2 * cross
+        if self.centred:  # variance: the mean of the difference moves the mean
+            mean = self.stats.total[u0:u1].reshape(c, n * t).T
+            stat -= mean * mean / d
+        stat.div_(d).add_(self.stat_x + self.eps)
+        inv = torch.rsqrt_(stat).to(x.dtype).view(n, t, c, 1)  # [N, T, c, 1]
         torch.addcmul(self.bq, qs, inv if self.every_row else inv[:, rows], out=qs)
         torch.addcmul(self.bk, ks, inv, out=ks)
         return qs, ks
