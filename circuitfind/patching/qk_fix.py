@@ -392,7 +392,7 @@ class _WeightProducts:
         store = self.outs if kind == "out" else self.folded
         old = store.get(key)
         same = (old is not None and old.shape == w.shape and old.dtype == w.dtype
-                and old.device == w.device and torch.equal(old, w))
+                and old.device == w.device and _equal(old, w))
         if not same:
             store.pop(key, None)
             self.products = {k: v for k, v in self.products.items()
@@ -429,6 +429,16 @@ class _WeightProducts:
         if sender in self.outs and self._fits(*out):
             self.solves[sender] = out
         return out
+
+
+def _equal(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape, dtype, device) hold the same bits (compared as
+    64-bit words where both are contiguous: about twice as fast as :func:`torch.equal` on a
+    CPU; bitwise, so ``-0.0`` differs from ``0.0``, which at worst recomputes a product)."""
+    if (a.is_contiguous() and b.is_contiguous() and a.numel() * a.element_size() % 8 == 0
+            and a.numel()):
+        return torch.equal(a.view(-1).view(torch.int64), b.view(-1).view(torch.int64))
+    return torch.equal(a, b)
 
 
 def _products(lay: Architecture) -> _WeightProducts:
@@ -472,24 +482,22 @@ class _NormedProjection:
         wk, bk = lay.head_weights(layer, "k")
         _, _, w_norm, centred = lay.norm_parts(layer, x[:1, :1])
         self.eps, self.centred = norm_epsilon(lay, layer, d, x.device)
-        ws = []
-        for w in (wq, wk):
-            wc = w.permute(1, 0, 2).reshape(d, -1).to(w_norm.dtype) * w_norm.reshape(d, 1)
-            ws.append((wc - wc.mean(0, keepdim=True) if centred else wc).to(x.dtype))
-        self.wq, self.wk = ws
+        flat = torch.cat([wq, wk]).permute(1, 0, 2).reshape(d, -1)  # [d, outq + outk]
+        wc = flat.to(w_norm.dtype) * w_norm.reshape(d, 1)
+        self.wqk = (wc - wc.mean(0, keepdim=True) if centred else wc).to(x.dtype)
+        self.q_out = wq.shape[0] * wq.shape[2]
+        self.wq, self.wk = self.wqk[:, : self.q_out], self.wqk[:, self.q_out:]
         zero = lay.ln_attn(layer, x.new_zeros(1, d))[0]  # the norm's bias (0 for RMSNorm)
-        self.bq = zero @ wq.permute(1, 0, 2).reshape(d, -1)
-        self.bk = zero @ wk.permute(1, 0, 2).reshape(d, -1)
-        if bq is not None:
-            self.bq = self.bq + bq.reshape(-1)
-        if bk is not None:
-            self.bk = self.bk + bk.reshape(-1)
-        self.wqk = torch.cat([self.wq, self.wk], 1)  # [d, outq + outk]
-        self.q_out = self.wq.shape[1]
+        self.bqk = zero @ flat
+        if bq is not None or bk is not None:
+            self.bqk = self.bqk + torch.cat([
+                (b.reshape(-1) if b is not None else self.bqk.new_zeros(w.shape[0] * w.shape[2]))
+                for b, w in ((bq, wq), (bk, wk))])
+        self.bq, self.bk = self.bqk[: self.q_out], self.bqk[self.q_out:]
         self.every_row = len(rows) == t  # queries at every position: one product for q and k
         if self.every_row:
-            xqk = x.reshape(n * t, d) @ self.wqk
-            self.xq, self.xk = xqk[:, : self.q_out], xqk[:, self.q_out:]  # [N*P|N*T, out]
+            self.xqk = x.reshape(n * t, d) @ self.wqk
+            self.xq, self.xk = self.xqk[:, : self.q_out], self.xqk[:, self.q_out:]
         else:
             self.xq = x[:, rows].reshape(-1, d) @ self.wq
             self.xk = x.reshape(n * t, d) @ self.wk
@@ -511,9 +519,15 @@ class _NormedProjection:
         c = u1 - u0
         n, t, _ = x.shape
         p = len(rows)
-        qs = self.work.take("q", (n, p, c, self.q_out), x)
-        ks = self.work.take("k", (n, t, c, self.wk.shape[1]), x)
-        q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
+        if self.every_row:  # one buffer for q and k [N*T, c, outq + outk]: each product
+            # (and x W_c, in it) written straight into its senders' slots
+            both_slots = self.work.take("qk", (n * t, c, self.wqk.shape[1]), x)
+            q_slots, k_slots = both_slots[..., : self.q_out], both_slots[..., self.q_out:]
+            qs, ks = q_slots.unflatten(0, (n, t)), k_slots.unflatten(0, (n, t))
+        else:
+            qs = self.work.take("q", (n, p, c, self.q_out), x)
+            ks = self.work.take("k", (n, t, c, self.wk.shape[1]), x)
+            q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
         direct: list[int] = []
         u = u0
         while u < u1:  # runs of one sender layer's heads (head space) or single senders
@@ -532,24 +546,22 @@ class _NormedProjection:
             # dz_h (W_O[h] W_c) in one product (contiguous), then x W_c added on the way
             # into the chunk's slots (senders inside: a strided write)
             if self.every_row:
-                both = torch.bmm(flat, mqk[i0:i1], out=self.work.take(
-                    "both", (h, n * t, mqk.shape[-1]), x))  # [h, N*T, outq + outk]
-                tq, tk = both[..., : self.q_out], both[..., self.q_out:]
+                torch.baddbmm(self.xqk.expand(h, -1, -1), flat, mqk[i0:i1],
+                              out=both_slots[:, j0:j1].transpose(0, 1))
             else:
                 tq = torch.bmm(dz[:, :, rows].reshape(h, n * p, -1), mqk[i0:i1, :, : self.q_out])
                 tk = torch.bmm(flat, mqk[i0:i1, :, self.q_out:])
-            torch.add(tq, self.xq, out=q_slots[:, j0:j1].transpose(0, 1))
-            torch.add(tk, self.xk, out=k_slots[:, j0:j1].transpose(0, 1))
+                torch.add(tq, self.xq, out=q_slots[:, j0:j1].transpose(0, 1))
+                torch.add(tk, self.xk, out=k_slots[:, j0:j1].transpose(0, 1))
             u = b
         for u in direct:  # the other senders' differences as they are, d-wide
             du = delta[u].to(x.dtype)  # [N, T, d]
             j = u - u0
             flat = du.reshape(n * t, d)
             if self.every_row:
-                both = flat @ self.wqk
-                tq, tk = both[:, : self.q_out], both[:, self.q_out:]
-            else:
-                tq, tk = du[:, rows].reshape(n * p, d) @ self.wq, flat @ self.wk
+                torch.addmm(self.xqk, flat, self.wqk, out=both_slots[:, j])
+                continue
+            tq, tk = du[:, rows].reshape(n * p, d) @ self.wq, flat @ self.wk
             torch.add(tq, self.xq, out=q_slots[:, j])
             torch.add(tk, self.xk, out=k_slots[:, j])
         # x.delta_u at each position, every sender of the chunk in one batched product
@@ -562,8 +574,11 @@ class _NormedProjection:
             stat -= mean * mean / d
         stat.div_(d).add_(self.stat_x + self.eps)
         inv = torch.rsqrt_(stat).to(x.dtype).view(n, t, c, 1)  # [N, T, c, 1]
-        torch.addcmul(self.bq, qs, inv if self.every_row else inv[:, rows], out=qs)
-        torch.addcmul(self.bk, ks, inv, out=ks)
+        if self.every_row:
+            torch.addcmul(self.bqk, both_slots, inv.view(n * t, c, 1), out=both_slots)
+        else:
+            torch.addcmul(self.bq, qs, inv[:, rows], out=qs)
+            torch.addcmul(self.bk, ks, inv, out=ks)
         return qs, ks
 
     def _run(self, u: int, u1: int, g: object) -> tuple[int, int, int] | None:
