@@ -33,7 +33,10 @@ at the query rows some gradient reaches only (all but the metric positions in th
 carry none). The pattern's contraction with the gradient is a batched matrix product. The
 patched streams ``x + delta_u`` are never materialised: the norm is ``1/sigma`` times a linear
 map, so the projections are ``1/sigma(x + delta_u) (x W_c + delta_u W_c)`` plus a bias, with
-``1/sigma`` from the clean stream's statistics and reductions of ``delta_u``. A head sender's
+``1/sigma`` from the clean stream's statistics and reductions of ``delta_u`` (``|delta_u|^2``
+once a call, ``x . delta_u`` one batched product a layer), ``x W_c`` from the forward pass's
+own projections (:meth:`QKFix.projections`), each product written straight into its senders'
+slots of one q/k buffer. A head sender's
 difference is ``dz_h W_O[h]`` (the difference of two head outputs ``z W_O``; recovered by least
 squares once a call and checked to lie in ``W_O[h]``'s row space, else the direct path is
 taken), so its projection is ``dz_h (W_O[h] W_c)``: ``d_head``-wide instead of ``d``-wide
@@ -123,6 +126,7 @@ class QKFix:
     def __init__(self, runner: BlockRunner) -> None:
         self.runner = runner
         self.inputs: dict[int, Tensor] = {}
+        self.projected: dict[int, tuple[Tensor, Tensor]] = {}
         self.qk: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.grads: dict[Hashable, dict[int, Tensor]] = {}
         self.current: Hashable = None  # the backward pass whose gradients arrive now
@@ -132,6 +136,12 @@ class QKFix:
     def block_input(self, layer: int, x: Tensor) -> None:
         """Record ``layer``'s input residual ``x [N, T, d]`` (clean run)."""
         self.inputs[layer] = x.detach()
+
+    def projections(self, layer: int, q: Tensor, k: Tensor) -> None:
+        """Record ``layer``'s clean q and k projections ``q [N, T, H, dh]``, ``k [N, T, G,
+        dh]`` (the input norm and projection, before any q/k norm and rotation): the patched
+        projections add to them (:class:`_NormedProjection`)."""
+        self.projected[layer] = (q.detach(), k.detach())
 
     def tap(self, layer: int, q: Tensor, k: Tensor, pattern: Tensor) -> None:
         """Record ``layer``'s rotated ``q [N,H,T,dh]``, ``k [N,G,T,dh]`` and pattern
@@ -237,7 +247,8 @@ class QKFix:
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
         hidden_x = hidden.repeat(rep, 1)  # [rep*P, T] (x, j)
         sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
-        proj = _NormedProjection(lay, layer, x, rows, heads_low, stats, work)
+        proj = _NormedProjection(lay, layer, x, rows, heads_low, stats, work,
+                                 self.projected[layer])
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
@@ -455,7 +466,8 @@ class _NormedProjection:
     ``W_c`` (``[d, out]``), its bias and the projection's in ``b'``, and ``inv(y) =
     1/sqrt(stat(y) + eps)`` from the clean stream's statistics and the difference's
     (``|y|^2 = |x|^2 + 2 x.delta + |delta|^2``, means likewise), so no patched stream is
-    materialised. ``y W_c = x W_c + delta_u W_c`` with the clean part computed once; for a head
+    materialised. ``y W_c = x W_c + delta_u W_c`` with the clean part taken from the forward
+    pass's projections, ``x W_c = (q(x) - b') / inv(x)``; for a head
     sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)`` (``d_head``-wide
     work instead of ``d``-wide). ``x.delta_u`` is one batched product of the differences with
     ``x`` (``d`` multiply-adds a position and sender: less than ``x W_O[h]^T``'s ``d d_head``);
@@ -470,11 +482,13 @@ class _NormedProjection:
         heads_low: ``{sender layer: HeadSpace}``.
         stats: The senders' statistics.
         work: The call's buffers (the projections are written into them).
+        clean: The forward pass's clean ``(q [N, T, H, dh], k [N, T, G, dh])`` of ``layer``
+            (:meth:`QKFix.projections`).
     """
 
     def __init__(self, lay: Architecture, layer: int, x: Tensor, rows: Tensor,
-                 heads_low: dict[int, HeadSpace], stats: _SenderStats, work: _Workspace
-                 ) -> None:
+                 heads_low: dict[int, HeadSpace], stats: _SenderStats, work: _Workspace,
+                 clean: tuple[Tensor, Tensor]) -> None:
         n, t, d = x.shape
         self.work, self.stats = work, stats
         self.lay, self.layer, self.x, self.rows, self.d = lay, layer, x, rows, d
@@ -495,16 +509,19 @@ class _NormedProjection:
                 for b, w in ((bq, wq), (bk, wk))])
         self.bq, self.bk = self.bqk[: self.q_out], self.bqk[self.q_out:]
         self.every_row = len(rows) == t  # queries at every position: one product for q and k
-        if self.every_row:
-            self.xqk = x.reshape(n * t, d) @ self.wqk
-            self.xq, self.xk = self.xqk[:, : self.q_out], self.xqk[:, self.q_out:]
-        else:
-            self.xq = x[:, rows].reshape(-1, d) @ self.wq
-            self.xk = x.reshape(n * t, d) @ self.wk
         self.sdt = stats.dtype  # the statistics' dtype
         xs = x.to(self.sdt)
         self.xc = xs - xs.mean(-1, keepdim=True) if centred else xs  # [N, T, d]
         self.stat_x = self.xc.pow(2).mean(-1).view(n * t, 1)  # [N*T, 1]
+        # x W_c = (q(x) - b') sigma(x) from the forward pass's projections (no product)
+        both = torch.cat([clean[0].reshape(n * t, -1), clean[1].reshape(n * t, -1)], 1)
+        sigma = (self.stat_x + self.eps).sqrt_()
+        self.xqk = ((both.to(self.sdt) - self.bqk) * sigma).to(x.dtype)  # [N*T, out]
+        self.xk = self.xqk[:, self.q_out:]
+        if self.every_row:
+            self.xq = self.xqk[:, : self.q_out]
+        else:
+            self.xq = self.xqk.view(n, t, -1)[:, rows, : self.q_out].reshape(n * len(rows), -1)
         self.low = {}
         products = _products(lay)
         for m, hs in heads_low.items():
