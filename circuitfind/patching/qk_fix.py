@@ -240,8 +240,9 @@ class QKFix:
             query_side = (q_rows * scale).transpose(0, 1)
             grad_k = gx.permute(2, 1, 3, 4, 0).reshape(groups, n, -1, m)  # (x, j)
         else:  # R_i^T k_j [G, N, P, dh, T] and R_j^T q_i [G, N, T, rep*P, dh]
-            key_side = torch.einsum("iae,ngja->gniej", rot[0][rows] * scale, k0)
-            query_side = torch.einsum("jae,ngxa->gnjxe", rot[1] * scale, q_rows)
+            # (contiguous once: each head's and group's product would copy its slice)
+            key_side = torch.einsum("iae,ngja->gniej", rot[0][rows] * scale, k0).contiguous()
+            query_side = torch.einsum("jae,ngxa->gnjxe", rot[1] * scale, q_rows).contiguous()
             grad_k = gx.permute(2, 1, 4, 3, 0).reshape(groups, n, -1, m)  # (j, x)
         grad_k = grad_k.contiguous()
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
