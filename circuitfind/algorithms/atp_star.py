@@ -50,8 +50,8 @@ the receiver's layer. Models with a single layer take no GradDrop (the mean over
 undefined): plain QK-fixed scores are returned.
 
 Cost in practice (``benchmarks/results/methods_speed.md``, ``bench_atp_floor.py``): on
-bench_families' shape (6 layers, 16 tokens) the QK fix alone costs about 1.8-2.3x EAP and with
-GradDrop about 2.75-3.3x (11-14x when each dropped layer took its own forward and backward
+bench_families' shape (6 layers, 16 tokens) the QK fix alone costs about 1.7-2.1x EAP and with
+GradDrop about 2.7-3.2x (11-14x when each dropped layer took its own forward and backward
 pass). Under the QK fix the q and k receivers' gradients are never written nor contracted
 (only summed into the residual's); GradDrop's backward passes share the folded weights, the
 norm statistics and the activations' derivatives (saved in the forward pass). The QK fix

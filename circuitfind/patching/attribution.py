@@ -462,6 +462,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             q, k, v = lay.qkv(layer, lay.ln_attn(layer, x))
         else:
             q, k, v = _ReceiverGradients.apply(x, layer, lay, on_qkv(layer))
+        if fix is not None:  # the clean q/k projections, which the QK fix starts from
+            fix.projections(layer, q, k)
         tail = trim and layer == last
         z = lay.attend(layer, q, k, v, query_pos=where if tail else None)  # [C*N, T|P, H, dh]
         h0 = g.head_start[layer]

@@ -33,7 +33,10 @@ at the query rows some gradient reaches only (all but the metric positions in th
 carry none). The pattern's contraction with the gradient is a batched matrix product. The
 patched streams ``x + delta_u`` are never materialised: the norm is ``1/sigma`` times a linear
 map, so the projections are ``1/sigma(x + delta_u) (x W_c + delta_u W_c)`` plus a bias, with
-``1/sigma`` from the clean stream's statistics and reductions of ``delta_u``. A head sender's
+``1/sigma`` from the clean stream's statistics and reductions of ``delta_u`` (``|delta_u|^2``
+once a call, ``x . delta_u`` one batched product a layer), ``x W_c`` from the forward pass's
+own projections (:meth:`QKFix.projections`), each product written straight into its senders'
+slots of one q/k buffer. A head sender's
 difference is ``dz_h W_O[h]`` (the difference of two head outputs ``z W_O``; recovered by least
 squares once a call and checked to lie in ``W_O[h]``'s row space, else the direct path is
 taken), so its projection is ``dz_h (W_O[h] W_c)``: ``d_head``-wide instead of ``d``-wide
@@ -123,6 +126,7 @@ class QKFix:
     def __init__(self, runner: BlockRunner) -> None:
         self.runner = runner
         self.inputs: dict[int, Tensor] = {}
+        self.projected: dict[int, tuple[Tensor, Tensor]] = {}
         self.qk: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.grads: dict[Hashable, dict[int, Tensor]] = {}
         self.current: Hashable = None  # the backward pass whose gradients arrive now
@@ -132,6 +136,12 @@ class QKFix:
     def block_input(self, layer: int, x: Tensor) -> None:
         """Record ``layer``'s input residual ``x [N, T, d]`` (clean run)."""
         self.inputs[layer] = x.detach()
+
+    def projections(self, layer: int, q: Tensor, k: Tensor) -> None:
+        """Record ``layer``'s clean q and k projections ``q [N, T, H, dh]``, ``k [N, T, G,
+        dh]`` (the input norm and projection, before any q/k norm and rotation): the patched
+        projections add to them (:class:`_NormedProjection`)."""
+        self.projected[layer] = (q.detach(), k.detach())
 
     def tap(self, layer: int, q: Tensor, k: Tensor, pattern: Tensor) -> None:
         """Record ``layer``'s rotated ``q [N,H,T,dh]``, ``k [N,G,T,dh]`` and pattern
@@ -176,7 +186,8 @@ class QKFix:
         _products(lay).begin()
         work = _Workspace()
         with lay.backward_rules(None):  # plain values, no tap, while recomputing
-            heads_low = self._head_space(lay, delta)
+            stats = _SenderStats(delta)
+            heads_low = self._head_space(lay, delta, stats)
             for layer, x in sorted(self.inputs.items(), reverse=True):
                 u_up = g.head_start[layer]
                 q_cols = slice(g.q_start[layer], g.q_start[layer] + g.n_heads)
@@ -192,19 +203,20 @@ class QKFix:
                         passes[key][:u_up, k_cols] = 0
                 if rows is None or not len(rows):
                     continue
-                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low, work)
+                values = self._layer(lay, layer, x, delta[:u_up], rows, grads, heads_low,
+                                     stats, work)
                 for key, (val_q, val_k) in zip(keys, values):
                     passes[key][:u_up, q_cols] = val_q.to(passes[key].dtype)
                     passes[key][:u_up, k_cols] = val_k.to(passes[key].dtype)
 
     def _layer(self, lay: Architecture, layer: int, x: Tensor, delta: Tensor, rows: Tensor,
-               grads: list[Tensor], heads_low: dict[int, HeadSpace], work: _Workspace
-               ) -> list[tuple[Tensor, Tensor]]:
+               grads: list[Tensor], heads_low: dict[int, HeadSpace], stats: _SenderStats,
+               work: _Workspace) -> list[tuple[Tensor, Tensor]]:
         """QK-fixed scores of ``layer``'s q and k edges from the ``U`` senders of ``delta
         [U, N, T, d]``, one ``([U, H], [U, G])`` pair per pattern gradient in ``grads`` (each
         ``[N, H, T, T]``), at the query ``rows [P]``; ``heads_low`` holds the head-space
         differences of the sender layers whose heads take the low-rank projection
-        (:meth:`_head_space`); ``work`` the call's buffers. The patched projections are laid
+        (:meth:`_head_space`); ``stats`` the senders' statistics; ``work`` the call's buffers. The patched projections are laid
         out senders-inside (``[N, T, c, out]``), so that each head's scores are one batched
         product of views."""
         q0, k0, a0 = self.qk[layer]
@@ -228,14 +240,16 @@ class QKFix:
             query_side = (q_rows * scale).transpose(0, 1)
             grad_k = gx.permute(2, 1, 3, 4, 0).reshape(groups, n, -1, m)  # (x, j)
         else:  # R_i^T k_j [G, N, P, dh, T] and R_j^T q_i [G, N, T, rep*P, dh]
-            key_side = torch.einsum("iae,ngja->gniej", rot[0][rows] * scale, k0)
-            query_side = torch.einsum("jae,ngxa->gnjxe", rot[1] * scale, q_rows)
+            # (contiguous once: each head's and group's product would copy its slice)
+            key_side = torch.einsum("iae,ngja->gniej", rot[0][rows] * scale, k0).contiguous()
+            query_side = torch.einsum("jae,ngxa->gnjxe", rot[1] * scale, q_rows).contiguous()
             grad_k = gx.permute(2, 1, 4, 3, 0).reshape(groups, n, -1, m)  # (j, x)
         grad_k = grad_k.contiguous()
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
         hidden_x = hidden.repeat(rep, 1)  # [rep*P, T] (x, j)
         sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
-        proj = _NormedProjection(lay, layer, x, rows, heads_low, work)
+        proj = _NormedProjection(lay, layer, x, rows, heads_low, stats, work,
+                                 self.projected[layer])
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
@@ -278,7 +292,8 @@ class QKFix:
         base_k = base.view(m, groups, rep).sum(-1)
         return [(val_q[i] - base[i], val_k[i] - base_k[i]) for i in range(m)]
 
-    def _head_space(self, lay: Architecture, delta: Tensor) -> dict[int, HeadSpace]:
+    def _head_space(self, lay: Architecture, delta: Tensor, stats: _SenderStats
+                    ) -> dict[int, HeadSpace]:
         """Each head sender's difference in head space, ``dz_h`` with ``delta_h = dz_h
         W_O[h]``, for the sender layers where every head's difference lies in its output
         projection's row space (to within :data:`ROW_SPACE_TOL` of its largest value: always,
@@ -298,13 +313,10 @@ class QKFix:
             rows = delta[h0: h0 + g.n_heads].reshape(g.n_heads, n * t, d)
             dz = torch.bmm(rows, left)
             # the part off the row space is orthogonal to it: |miss|^2 = |delta|^2 - |dz W|^2
-            whole = rows.pow(2).sum(-1)  # [H, N*T]
+            whole = stats.square[h0: h0 + g.n_heads].reshape(g.n_heads, n * t)
             miss = whole - (torch.bmm(dz, gd) * dz).sum(-1)
             if bool((miss <= ROW_SPACE_TOL ** 2 * whole.amax(1, keepdim=True)).all()):
-                sdt = torch.promote_types(delta.dtype, torch.float32)
-                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd,
-                                   whole.view(g.n_heads, n, t).to(sdt),
-                                   rows.sum(-1).view(g.n_heads, n, t).to(sdt))
+                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd)
         return out
 
 
@@ -313,8 +325,27 @@ class HeadSpace(NamedTuple):
 
     dz: Tensor  # [H, N, T, dh]
     w_out: Tensor  # [H, dh, d]
-    square: Tensor  # [H, N, T]: |delta_h|^2 at each position
-    total: Tensor  # [H, N, T]: sum of delta_h over d at each position
+
+
+class _SenderStats:
+    """What the patched norms need of each sender's difference ``delta [S, N, T, d]`` that
+    does not depend on the receiving layer, once a call (in the statistics' dtype, float32 at
+    least): ``square`` ``|delta_u|^2`` ``[S, N, T]`` and, for centred norms (LayerNorm),
+    ``total`` ``sum_d delta_u`` ``[S, N, T]`` (made on first use)."""
+
+    def __init__(self, delta: Tensor) -> None:
+        self.dtype = torch.promote_types(delta.dtype, torch.float32)
+        self.delta = delta
+        wide = delta if delta.dtype == self.dtype else delta.to(self.dtype)
+        self.square = torch.linalg.vecdot(wide, wide)  # [S, N, T]
+        self._total: Tensor | None = None
+
+    @property
+    def total(self) -> Tensor:
+        """``sum_d delta_u`` ``[S, N, T]``."""
+        if self._total is None:
+            self._total = self.delta.sum(-1, dtype=self.dtype)
+        return self._total
 
 
 def norm_epsilon(lay: Architecture, layer: int, d: int,
@@ -373,7 +404,7 @@ class _WeightProducts:
         store = self.outs if kind == "out" else self.folded
         old = store.get(key)
         same = (old is not None and old.shape == w.shape and old.dtype == w.dtype
-                and old.device == w.device and torch.equal(old, w))
+                and old.device == w.device and _equal(old, w))
         if not same:
             store.pop(key, None)
             self.products = {k: v for k, v in self.products.items()
@@ -412,6 +443,16 @@ class _WeightProducts:
         return out
 
 
+def _equal(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape, dtype, device) hold the same bits (compared as
+    64-bit words where both are contiguous: about twice as fast as :func:`torch.equal` on a
+    CPU; bitwise, so ``-0.0`` differs from ``0.0``, which at worst recomputes a product)."""
+    if (a.is_contiguous() and b.is_contiguous() and a.numel() * a.element_size() % 8 == 0
+            and a.numel()):
+        return torch.equal(a.view(-1).view(torch.int64), b.view(-1).view(torch.int64))
+    return torch.equal(a, b)
+
+
 def _products(lay: Architecture) -> _WeightProducts:
     """The adapter's :class:`_WeightProducts` (made on first use)."""
     cache = _PRODUCTS.get(lay)
@@ -426,10 +467,13 @@ class _NormedProjection:
     ``W_c`` (``[d, out]``), its bias and the projection's in ``b'``, and ``inv(y) =
     1/sqrt(stat(y) + eps)`` from the clean stream's statistics and the difference's
     (``|y|^2 = |x|^2 + 2 x.delta + |delta|^2``, means likewise), so no patched stream is
-    materialised. ``y W_c = x W_c + delta_u W_c`` with the clean part computed once; for a head
-    sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)`` and ``x.delta_h
-    = dz_h . (x W_O[h]^T)`` (``d_head``-wide work instead of ``d``-wide; ``|delta_h|^2`` and
-    ``sum delta_h`` do not depend on the receiving layer and come with the head space).
+    materialised. ``y W_c = x W_c + delta_u W_c`` with the clean part taken from the forward
+    pass's projections, ``x W_c = (q(x) - b') / inv(x)``; for a head
+    sender in head space (:class:`HeadSpace`) ``delta_h W_c = dz_h (W_O[h] W_c)`` (``d_head``-wide
+    work instead of ``d``-wide). ``x.delta_u`` is one batched product of the differences with
+    ``x`` (``d`` multiply-adds a position and sender: less than ``x W_O[h]^T``'s ``d d_head``);
+    ``|delta_u|^2`` and ``sum delta_u`` do not depend on the receiving layer
+    (:class:`_SenderStats`).
 
     Args:
         lay: The family adapter.
@@ -437,51 +481,53 @@ class _NormedProjection:
         x: ``[N, T, d]`` its clean input.
         rows: ``[P]`` the query rows wanted.
         heads_low: ``{sender layer: HeadSpace}``.
+        stats: The senders' statistics.
         work: The call's buffers (the projections are written into them).
+        clean: The forward pass's clean ``(q [N, T, H, dh], k [N, T, G, dh])`` of ``layer``
+            (:meth:`QKFix.projections`).
     """
 
     def __init__(self, lay: Architecture, layer: int, x: Tensor, rows: Tensor,
-                 heads_low: dict[int, HeadSpace], work: _Workspace) -> None:
+                 heads_low: dict[int, HeadSpace], stats: _SenderStats, work: _Workspace,
+                 clean: tuple[Tensor, Tensor]) -> None:
         n, t, d = x.shape
-        self.work = work
+        self.work, self.stats = work, stats
         self.lay, self.layer, self.x, self.rows, self.d = lay, layer, x, rows, d
         wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
         wk, bk = lay.head_weights(layer, "k")
         _, _, w_norm, centred = lay.norm_parts(layer, x[:1, :1])
         self.eps, self.centred = norm_epsilon(lay, layer, d, x.device)
-        ws = []
-        for w in (wq, wk):
-            wc = w.permute(1, 0, 2).reshape(d, -1).to(w_norm.dtype) * w_norm.reshape(d, 1)
-            ws.append((wc - wc.mean(0, keepdim=True) if centred else wc).to(x.dtype))
-        self.wq, self.wk = ws
+        flat = torch.cat([wq, wk]).permute(1, 0, 2).reshape(d, -1)  # [d, outq + outk]
+        wc = flat.to(w_norm.dtype) * w_norm.reshape(d, 1)
+        self.wqk = (wc - wc.mean(0, keepdim=True) if centred else wc).to(x.dtype)
+        self.q_out = wq.shape[0] * wq.shape[2]
+        self.wq, self.wk = self.wqk[:, : self.q_out], self.wqk[:, self.q_out:]
         zero = lay.ln_attn(layer, x.new_zeros(1, d))[0]  # the norm's bias (0 for RMSNorm)
-        self.bq = zero @ wq.permute(1, 0, 2).reshape(d, -1)
-        self.bk = zero @ wk.permute(1, 0, 2).reshape(d, -1)
-        if bq is not None:
-            self.bq = self.bq + bq.reshape(-1)
-        if bk is not None:
-            self.bk = self.bk + bk.reshape(-1)
-        self.wqk = torch.cat([self.wq, self.wk], 1)  # [d, outq + outk]
-        self.q_out = self.wq.shape[1]
+        self.bqk = zero @ flat
+        if bq is not None or bk is not None:
+            self.bqk = self.bqk + torch.cat([
+                (b.reshape(-1) if b is not None else self.bqk.new_zeros(w.shape[0] * w.shape[2]))
+                for b, w in ((bq, wq), (bk, wk))])
+        self.bq, self.bk = self.bqk[: self.q_out], self.bqk[self.q_out:]
         self.every_row = len(rows) == t  # queries at every position: one product for q and k
-        if self.every_row:
-            xqk = x.reshape(n * t, d) @ self.wqk
-            self.xq, self.xk = xqk[:, : self.q_out], xqk[:, self.q_out:]  # [N*P|N*T, out]
-        else:
-            self.xq = x[:, rows].reshape(-1, d) @ self.wq
-            self.xk = x.reshape(n * t, d) @ self.wk
-        self.sdt = torch.promote_types(x.dtype, torch.float32)  # the statistics' dtype
+        self.sdt = stats.dtype  # the statistics' dtype
         xs = x.to(self.sdt)
         self.xc = xs - xs.mean(-1, keepdim=True) if centred else xs  # [N, T, d]
-        self.stat_x = self.xc.pow(2).mean(-1)  # [N, T]
+        self.stat_x = self.xc.pow(2).mean(-1).view(n * t, 1)  # [N*T, 1]
+        # x W_c = (q(x) - b') sigma(x) from the forward pass's projections (no product)
+        both = torch.cat([clean[0].reshape(n * t, -1), clean[1].reshape(n * t, -1)], 1)
+        sigma = (self.stat_x + self.eps).sqrt_()
+        self.xqk = ((both.to(self.sdt) - self.bqk) * sigma).to(x.dtype)  # [N*T, out]
+        self.xk = self.xqk[:, self.q_out:]
+        if self.every_row:
+            self.xq = self.xqk[:, : self.q_out]
+        else:
+            self.xq = self.xqk.view(n, t, -1)[:, rows, : self.q_out].reshape(n * len(rows), -1)
         self.low = {}
-        xc = self.xc.to(x.dtype).reshape(n * t, d)
         products = _products(lay)
         for m, hs in heads_low.items():
-            h, dh = hs.w_out.shape[:2]
-            xo = (xc @ hs.w_out.reshape(h * dh, d).T).view(n * t, h, dh).transpose(0, 1)
             mqk = products.product(m, layer, hs.w_out, self.wqk)  # [H, dh, outq + outk]
-            self.low[m] = (hs, mqk, xo)  # xo [H, N*T, dh]
+            self.low[m] = (hs, mqk)
 
     def __call__(self, delta: Tensor, u0: int, u1: int, g: object
                  ) -> tuple[Tensor, Tensor]:
@@ -491,12 +537,15 @@ class _NormedProjection:
         c = u1 - u0
         n, t, _ = x.shape
         p = len(rows)
-        qs = self.work.take("q", (n, p, c, self.q_out), x)
-        ks = self.work.take("k", (n, t, c, self.wk.shape[1]), x)
-        q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
-        cross = x.new_empty(c, n, t, dtype=self.sdt)  # x.delta
-        square = x.new_empty(c, n, t, dtype=self.sdt)  # |delta|^2
-        total = x.new_empty(c, n, t, dtype=self.sdt) if self.centred else None  # sum delta
+        if self.every_row:  # one buffer for q and k [N*T, c, outq + outk]: each product
+            # (and x W_c, in it) written straight into its senders' slots
+            both_slots = self.work.take("qk", (n * t, c, self.wqk.shape[1]), x)
+            q_slots, k_slots = both_slots[..., : self.q_out], both_slots[..., self.q_out:]
+            qs, ks = q_slots.unflatten(0, (n, t)), k_slots.unflatten(0, (n, t))
+        else:
+            qs = self.work.take("q", (n, p, c, self.q_out), x)
+            ks = self.work.take("k", (n, t, c, self.wk.shape[1]), x)
+            q_slots, k_slots = qs.view(n * p, c, -1), ks.view(n * t, c, -1)  # [rows, c, out]
         direct: list[int] = []
         u = u0
         while u < u1:  # runs of one sender layer's heads (head space) or single senders
@@ -506,7 +555,7 @@ class _NormedProjection:
                 u += 1
                 continue
             m, a, b = run
-            hs, mqk, xo = self.low[m]
+            hs, mqk = self.low[m]
             first = g.head_start[m]  # type: ignore[attr-defined]
             i0, i1, j0, j1 = a - first, b - first, a - u0, b - u0
             h = b - a
@@ -515,41 +564,39 @@ class _NormedProjection:
             # dz_h (W_O[h] W_c) in one product (contiguous), then x W_c added on the way
             # into the chunk's slots (senders inside: a strided write)
             if self.every_row:
-                both = torch.bmm(flat, mqk[i0:i1], out=self.work.take(
-                    "both", (h, n * t, mqk.shape[-1]), x))  # [h, N*T, outq + outk]
-                tq, tk = both[..., : self.q_out], both[..., self.q_out:]
+                torch.baddbmm(self.xqk.expand(h, -1, -1), flat, mqk[i0:i1],
+                              out=both_slots[:, j0:j1].transpose(0, 1))
             else:
                 tq = torch.bmm(dz[:, :, rows].reshape(h, n * p, -1), mqk[i0:i1, :, : self.q_out])
                 tk = torch.bmm(flat, mqk[i0:i1, :, self.q_out:])
-            torch.add(tq, self.xq, out=q_slots[:, j0:j1].transpose(0, 1))
-            torch.add(tk, self.xk, out=k_slots[:, j0:j1].transpose(0, 1))
-            cross[j0:j1] = (flat * xo[i0:i1]).sum(-1).view(h, n, t)
-            square[j0:j1] = hs.square[i0:i1]
-            if total is not None:
-                total[j0:j1] = hs.total[i0:i1]
+                torch.add(tq, self.xq, out=q_slots[:, j0:j1].transpose(0, 1))
+                torch.add(tk, self.xk, out=k_slots[:, j0:j1].transpose(0, 1))
             u = b
         for u in direct:  # the other senders' differences as they are, d-wide
             du = delta[u].to(x.dtype)  # [N, T, d]
             j = u - u0
             flat = du.reshape(n * t, d)
             if self.every_row:
-                both = flat @ self.wqk
-                tq, tk = both[:, : self.q_out], both[:, self.q_out:]
-            else:
-                tq, tk = du[:, rows].reshape(n * p, d) @ self.wq, flat @ self.wk
+                torch.addmm(self.xqk, flat, self.wqk, out=both_slots[:, j])
+                continue
+            tq, tk = du[:, rows].reshape(n * p, d) @ self.wq, flat @ self.wk
             torch.add(tq, self.xq, out=q_slots[:, j])
             torch.add(tk, self.xk, out=k_slots[:, j])
-            ds = du.to(self.sdt)
-            cross[j] = (ds * self.xc).sum(-1)
-            square[j] = ds.pow(2).sum(-1)
-            if total is not None:
-                total[j] = ds.sum(-1)
-        stat = self.stat_x + (2 * cross + square) / d
-        if total is not None:  # variance: the mean of the difference moves the mean
-            stat -= (total / d).pow(2)
-        inv = torch.rsqrt(stat + self.eps).to(x.dtype).permute(1, 2, 0)[..., None]  # [N,T,c,1]
-        torch.addcmul(self.bq, qs, inv if self.every_row else inv[:, rows], out=qs)
-        torch.addcmul(self.bk, ks, inv, out=ks)
+        # x.delta_u at each position, every sender of the chunk in one batched product
+        part = delta[u0:u1].reshape(c, n * t, d)
+        part = part if part.dtype == self.sdt else part.to(self.sdt)
+        cross = torch.bmm(part.transpose(0, 1), self.xc.view(n * t, d, 1)).view(n * t, c)
+        stat = self.stats.square[u0:u1].reshape(c, n * t).T + 2 * cross
+        if self.centred:  # variance: the mean of the difference moves the mean
+            mean = self.stats.total[u0:u1].reshape(c, n * t).T
+            stat -= mean * mean / d
+        stat.div_(d).add_(self.stat_x + self.eps)
+        inv = torch.rsqrt_(stat).to(x.dtype).view(n, t, c, 1)  # [N, T, c, 1]
+        if self.every_row:
+            torch.addcmul(self.bqk, both_slots, inv.view(n * t, c, 1), out=both_slots)
+        else:
+            torch.addcmul(self.bq, qs, inv[:, rows], out=qs)
+            torch.addcmul(self.bk, ks, inv, out=ks)
         return qs, ks
 
     def _run(self, u: int, u1: int, g: object) -> tuple[int, int, int] | None:
