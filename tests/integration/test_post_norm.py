@@ -560,6 +560,27 @@ def test_a_single_mask_touching_several_layers_equals_the_reference(gemma):
     torch.testing.assert_close(got, want, atol=64 * 1.2e-7 * float(want.abs().max()), rtol=0)
 
 
+def _acdc_like(g, gen, layers, kinds):
+    """Float32 masks like ACDC's passes: for each layer of ``layers`` a sparse base circuit
+    after it (the full graph before it) and, for each receiver kind of ``kinds``, a pass of
+    three masks, each removing one of the last three edges of the layer's first such
+    receiver."""
+    edge = g.edge_mask.float()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    cases = []
+    for first in layers:
+        base = (torch.rand(edge.shape, generator=gen) < 0.4) * edge
+        base[:, layer_of < first] = edge[:, layer_of < first]
+        for kind in kinds:
+            r = next(r for r, rec in enumerate(g.receivers)
+                     if rec.layer == first and rec.kind == kind)
+            senders = edge[:, r].nonzero()[:, 0][-3:]
+            masks = base.expand(len(senders), -1, -1).clone()
+            masks[torch.arange(len(senders)), senders, r] = 0
+            cases.append(masks)
+    return cases
+
+
 def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkeypatch):
     """In float32 the input norm folds into the q/k/v projections and ACDC-like passes build
     their receivers' inputs in place of the Gram form's change (``PostNormPass.
@@ -575,19 +596,8 @@ def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkey
     engine = PatchingEngine(model)
     g = engine.graph
     edge = g.edge_mask.float()
-    layer_of = torch.tensor([rec.layer for rec in g.receivers])
     gen = torch.Generator().manual_seed(6)
-    cases = []
-    for first in range(g.n_layers):  # ACDC-like: later receivers sparse, flips in ``first``
-        base = (torch.rand(edge.shape, generator=gen) < 0.4) * edge
-        base[:, layer_of < first] = edge[:, layer_of < first]
-        for kind in ("q", "mlp"):
-            r = next(r for r, rec in enumerate(g.receivers)
-                     if rec.layer == first and rec.kind == kind)
-            senders = edge[:, r].nonzero()[:, 0][-3:]
-            masks = base.expand(len(senders), -1, -1).clone()
-            masks[torch.arange(len(senders)), senders, r] = 0
-            cases.append(masks)
+    cases = _acdc_like(g, gen, range(g.n_layers), ("q", "mlp"))
     cases.append((torch.rand(2, *edge.shape, generator=gen) < 0.5) * edge)  # random circuits
     folded, original = [], PostNormPass._folded
 
@@ -644,17 +654,7 @@ def test_float32_gram_matrices_equal_float64_and_the_hooked_reference(tmp_path, 
     engine = PatchingEngine(model)
     g = engine.graph
     edge = g.edge_mask.float()
-    layer_of = torch.tensor([rec.layer for rec in g.receivers])
-    gen = torch.Generator().manual_seed(8)
-    cases = []
-    for first in range(g.n_layers - 1):  # ACDC-like: later receivers sparse, flips in ``first``
-        base = (torch.rand(edge.shape, generator=gen) < 0.4) * edge
-        base[:, layer_of < first] = edge[:, layer_of < first]
-        r = next(r for r, rec in enumerate(g.receivers) if rec.layer == first and rec.kind == "v")
-        senders = edge[:, r].nonzero()[:, 0][-3:]
-        masks = base.expand(len(senders), -1, -1).clone()
-        masks[torch.arange(len(senders)), senders, r] = 0
-        cases.append(masks)
+    cases = _acdc_like(g, torch.Generator().manual_seed(8), range(g.n_layers - 1), ("v",))
     fast = [engine.run(data, masks) for masks in cases]
     repaired, original = [], post_norm_pass.PostNormPass._exact_norms
 
