@@ -39,7 +39,8 @@ together, in two parts:
   sum_h w[h, r] (a_h - a'_h)``: a combination of the layer's basis vectors ``S_l`` and ``a_h -
   a'_h`` whose coefficients vary by position only through ``inv(y) = 1 / sqrt(mean(y^2) +
   eps)``, and ``|y|^2 = u^T G u`` (``u = [1, -w]``) from the basis' Gram matrix ``G``
-  (float64). A layer's basis and Gram matrices are built once a pass; every receiver group's
+  (float64 values; one float32 matmul for float32 models, with the few mixtures that cancel
+  recomputed in float64, :func:`mixture_norms`). A layer's basis and Gram matrices are built once a pass; every receiver group's
   change is then one batched matmul (coefficients ``[R', J]`` times basis ``[J, d]`` per mask
   and position), with no per-receiver mixture or norm. Where few masks touch a receiver
   (exact patching's MLP at the start layer) and with gradients, the norms are computed
@@ -63,8 +64,10 @@ logits at the metric positions only (its keys and values need every position). N
 not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
 so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
 (batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``
-and ``acdc_families.md``): ACDC 0.87 per test (1.1 before the folded projections and the
-start-layer memo, interleaved; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
+and ``acdc_families.md``): ACDC 0.80-0.81 per test (0.87 before the float32 Gram matrices on
+that machine's earlier load, 0.81-0.84 interleaved; 1.1 before the folded projections and the
+start-layer memo; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge; the work
+floor of ACDC per test there is 0.18 (``benchmarks/bench_gemma2_acdc_floor.py``). The pass
 is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
@@ -369,8 +372,8 @@ class PostNormPass:
         """Write the sender group starting at ``u`` (a layer's heads with its ``S_l``, or an
         MLP), computed in this pass, into the basis buffer ``[K, n*T|P, J, d]`` (scaled by
         its layer's post-norm scale for heads) and, for heads, their Gram matrices ``[K,
-        n*T|P, J_l, J_l]`` (float64: a mixture's squared norm is read off them by a quadratic
-        form without cancellation at float32 precision). Zero columns where no receiver reads
+        n*T|P, J_l, J_l]`` (:meth:`_gram`: a mixture's squared norm is read off them by a
+        quadratic form, in float64). Zero columns where no receiver reads
         the group."""
         if u in self.filled:
             return
