@@ -39,7 +39,8 @@ together, in two parts:
   sum_h w[h, r] (a_h - a'_h)``: a combination of the layer's basis vectors ``S_l`` and ``a_h -
   a'_h`` whose coefficients vary by position only through ``inv(y) = 1 / sqrt(mean(y^2) +
   eps)``, and ``|y|^2 = u^T G u`` (``u = [1, -w]``) from the basis' Gram matrix ``G``
-  (float64). A layer's basis and Gram matrices are built once a pass; every receiver group's
+  (float64 values; one float32 matmul for float32 models, with the few mixtures that cancel
+  recomputed in float64, :func:`mixture_norms`). A layer's basis and Gram matrices are built once a pass; every receiver group's
   change is then one batched matmul (coefficients ``[R', J]`` times basis ``[J, d]`` per mask
   and position), with no per-receiver mixture or norm. Where few masks touch a receiver
   (exact patching's MLP at the start layer) and with gradients, the norms are computed
@@ -63,8 +64,10 @@ logits at the metric positions only (its keys and values need every position). N
 not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
 so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
 (batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``
-and ``acdc_families.md``): ACDC 0.87 per test (1.1 before the folded projections and the
-start-layer memo, interleaved; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge. The pass
+and ``acdc_families.md``): ACDC 0.80-0.81 per test (0.87 before the float32 Gram matrices on
+that machine's earlier load, 0.81-0.84 interleaved; 1.1 before the folded projections and the
+start-layer memo; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge; the work
+floor of ACDC per test there is 0.18 (``benchmarks/bench_gemma2_acdc_floor.py``). The pass
 is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
@@ -80,6 +83,35 @@ from circuitfind.patching.masked_pass import receiver_changes
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
+
+
+# A float32 Gram matrix's squared mixture norm is trusted where it is at least this fraction
+# of its triangle-inequality bound (mixture_norms); below it, float64 recomputes it.
+CANCELLATION = 2.0 ** -10
+
+
+def mixture_norms(gram: Tensor, us: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared norms of mixtures read off Gram matrices, and where they cancel.
+
+    ``|y|^2 = u^T G u`` for the mixtures ``y = sum_j u_j v_j`` of the basis vectors ``v_j``
+    whose Gram matrix is ``G``. An entry of a Gram matrix computed in float32 errs by up to
+    about ``sqrt(d) eps32 |v_i| |v_j|``, so ``u^T G u`` errs by up to about ``sqrt(d) eps32
+    B`` with ``B = (sum_j |u_j| |v_j|)^2`` (the triangle-inequality bound on ``|y|^2``): its
+    relative error is small unless ``|y|^2`` is much smaller than ``B``, i.e. the mixture
+    cancels. Entries with ``|y|^2 < CANCELLATION * B`` are flagged (orthogonal basis vectors
+    of equal weight give ``|y|^2 = B / J``, far above).
+
+    Args:
+        gram: ``[K, X, J, J]`` Gram matrices (float64 values).
+        us: ``[K, J, R]`` mixture weights of ``R`` receivers (float64).
+
+    Returns:
+        ``(|y|^2 [K, X, R], suspect [K, X, R] bool)``.
+    """
+    sq = ((gram @ us[:, None]) * us[:, None]).sum(2)
+    root = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [K, X, J]: |v_j|
+    bound = (root @ us.abs()).square_()  # [K, X, R]
+    return sq, sq < bound.mul_(CANCELLATION)
 
 
 class PostNormPass:
@@ -340,8 +372,8 @@ class PostNormPass:
         """Write the sender group starting at ``u`` (a layer's heads with its ``S_l``, or an
         MLP), computed in this pass, into the basis buffer ``[K, n*T|P, J, d]`` (scaled by
         its layer's post-norm scale for heads) and, for heads, their Gram matrices ``[K,
-        n*T|P, J_l, J_l]`` (float64: a mixture's squared norm is read off them by a quadratic
-        form without cancellation at float32 precision). Zero columns where no receiver reads
+        n*T|P, J_l, J_l]`` (:meth:`_gram`: a mixture's squared norm is read off them by a
+        quadratic form, in float64). Zero columns where no receiver reads
         the group."""
         if u in self.filled:
             return
@@ -375,10 +407,42 @@ class PostNormPass:
         cols[:, :, 0] = self.sums[layer].reshape(self.sums[layer].shape[0], -1, d)
         for i, value in enumerate(groups):
             cols[:, :, 1 + i * h: 1 + (i + 1) * h] = value.reshape(k, h, -1, d).transpose(1, 2)
-        v64 = cols.double()
-        self.grams[layer] = v64 @ v64.transpose(-1, -2)
+        self.grams[layer] = self._gram(cols)
         assert self.rms is not None  # the Gram form runs only for RMS post-norms
         cols.mul_(self.rms[layer][0].to(cols.dtype))
+
+    def _gram(self, cols: Tensor) -> Tensor:
+        """The Gram matrices ``[K, X', J_l, J_l]`` (float64) of a layer's basis columns ``cols
+        [K, X', J_l, d]``: one float32 matmul for float32 models (each entry then carries
+        float32 rounding, which :func:`mixture_norms` bounds and :meth:`_exact_norms` repairs
+        where a mixture cancels), float64 for every other dtype."""
+        if cols.dtype == torch.float32:
+            return (cols @ cols.transpose(-1, -2)).double()
+        v64 = cols.double()
+        return v64 @ v64.transpose(-1, -2)
+
+    def _exact_norms(self, layer: int, kd: Tensor | None, us: Tensor, sq: Tensor,
+                     suspect: Tensor) -> Tensor:
+        """``sq [K', X', R']`` with the entries flagged by ``suspect`` recomputed from a float64
+        Gram matrix of the layer's unscaled basis (its summed head outputs and head
+        differences, kept in the pass), for the masks ``kd`` (``None``: all)."""
+        g, d = self.g, self.d
+        h0 = g.head_start[layer]
+        groups = [self.removed_diff[h0]] + ([self.frozen_diff[h0]] if self.frozen is not None
+                                            else [])
+        s = self.sums[layer]
+        vs = [s.reshape(s.shape[0], 1, -1, d).expand(self.k, 1, -1, d)]
+        vs += [v.reshape(self.k, g.n_heads, -1, d) for v in groups if v is not None]
+        v64 = torch.cat(vs, 1).double().transpose(1, 2)  # [K, X', J_l, d]
+        if kd is not None:
+            v64 = v64[kd]
+        rows = suspect.any(2).nonzero(as_tuple=True)  # (mask, position) pairs to redo
+        part = v64[rows]  # [M, J_l, d]
+        gram = part @ part.transpose(-1, -2)
+        u = us[rows[0]]  # [M, J_l, R']
+        sq = sq.clone()
+        sq[rows] = ((gram @ u) * u).sum(1)
+        return sq
 
     def _zero_unwritten(self, n_cols: int) -> None:
         """Zero the basis buffer's columns below ``n_cols`` of sender groups never written
@@ -435,7 +499,9 @@ class PostNormPass:
                 if layer in self.grams:
                     gram = self.grams[layer] if every else self.grams[layer][kd]
                     us = torch.cat([torch.ones_like(w[:, :1]), -w], 1).double()  # [K', J, R']
-                    sq = ((gram @ us[:, None]) * us[:, None]).sum(2)  # [K', X', R']: |y|^2
+                    sq, suspect = mixture_norms(gram, us)  # [K', X', R']: |y|^2
+                    if gram.dtype != self.dtype and bool(suspect.any()):
+                        sq = self._exact_norms(layer, None if every else kd, us, sq, suspect)
                     assert self.rms is not None  # as above
                     eps = self.rms[layer][1]
                     inv = torch.rsqrt(sq / d + eps)

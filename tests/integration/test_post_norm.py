@@ -560,6 +560,27 @@ def test_a_single_mask_touching_several_layers_equals_the_reference(gemma):
     torch.testing.assert_close(got, want, atol=64 * 1.2e-7 * float(want.abs().max()), rtol=0)
 
 
+def _acdc_like(g, gen, layers, kinds):
+    """Float32 masks like ACDC's passes: for each layer of ``layers`` a sparse base circuit
+    after it (the full graph before it) and, for each receiver kind of ``kinds``, a pass of
+    three masks, each removing one of the last three edges of the layer's first such
+    receiver."""
+    edge = g.edge_mask.float()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    cases = []
+    for first in layers:
+        base = (torch.rand(edge.shape, generator=gen) < 0.4) * edge
+        base[:, layer_of < first] = edge[:, layer_of < first]
+        for kind in kinds:
+            r = next(r for r, rec in enumerate(g.receivers)
+                     if rec.layer == first and rec.kind == kind)
+            senders = edge[:, r].nonzero()[:, 0][-3:]
+            masks = base.expand(len(senders), -1, -1).clone()
+            masks[torch.arange(len(senders)), senders, r] = 0
+            cases.append(masks)
+    return cases
+
+
 def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkeypatch):
     """In float32 the input norm folds into the q/k/v projections and ACDC-like passes build
     their receivers' inputs in place of the Gram form's change (``PostNormPass.
@@ -575,19 +596,8 @@ def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkey
     engine = PatchingEngine(model)
     g = engine.graph
     edge = g.edge_mask.float()
-    layer_of = torch.tensor([rec.layer for rec in g.receivers])
     gen = torch.Generator().manual_seed(6)
-    cases = []
-    for first in range(g.n_layers):  # ACDC-like: later receivers sparse, flips in ``first``
-        base = (torch.rand(edge.shape, generator=gen) < 0.4) * edge
-        base[:, layer_of < first] = edge[:, layer_of < first]
-        for kind in ("q", "mlp"):
-            r = next(r for r, rec in enumerate(g.receivers)
-                     if rec.layer == first and rec.kind == kind)
-            senders = edge[:, r].nonzero()[:, 0][-3:]
-            masks = base.expand(len(senders), -1, -1).clone()
-            masks[torch.arange(len(senders)), senders, r] = 0
-            cases.append(masks)
+    cases = _acdc_like(g, gen, range(g.n_layers), ("q", "mlp"))
     cases.append((torch.rand(2, *edge.shape, generator=gen) < 0.5) * edge)  # random circuits
     folded, original = [], PostNormPass._folded
 
@@ -604,4 +614,66 @@ def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkey
         want = engine.run(data, masks)
         spread = max(spread, float((want - want[:1]).abs().max()))
         assert_close(model, got, want)
+    assert spread > 1e-3  # the flipped edges matter
+
+
+def test_mixture_norms_flag_cancelling_mixtures():
+    """``mixture_norms`` reads ``|sum_j u_j v_j|^2`` off the Gram matrix and flags the mixtures
+    that cancel (where a float32 Gram matrix's rounding would dominate), not the others."""
+    from circuitfind.patching.post_norm_pass import mixture_norms
+
+    gen = torch.Generator().manual_seed(7)
+    v = torch.randn(2, 5, 4, 64, generator=gen, dtype=torch.float64)  # [K, X, J, d]
+    v[1, :, 3] = v[1, :, 1] + v[1, :, 2] + 1e-3 * v[1, :, 0]  # mask 1: v3 - v1 - v2 ~ 0
+    gram = v @ v.transpose(-1, -2)
+    us = torch.tensor([[0.0, -1.0, -1.0, 1.0], [1.0, 0.5, -0.25, 0.0]],
+                      dtype=torch.float64).T[None].expand(2, -1, -1)  # [K, J, R=2]
+    sq, suspect = mixture_norms(gram, us)
+    want = ((v[:, :, None] * us.transpose(1, 2)[:, None, :, :, None]).sum(3)).square().sum(-1)
+    torch.testing.assert_close(sq, want, rtol=1e-12, atol=1e-12)
+    assert bool(suspect[1, :, 0].all())  # the cancelling mixture
+    assert not bool(suspect[0].any()) and not bool(suspect[1, :, 1].any())
+
+
+def test_float32_gram_matrices_equal_float64_and_the_hooked_reference(tmp_path, monkeypatch):
+    """Float32 models take each layer's Gram matrices in float32 (``PostNormPass._gram``);
+    ACDC-like passes then equal the same passes with every squared mixture norm recomputed
+    from a float64 Gram matrix (the repair, ``PostNormPass._exact_norms``, forced here for
+    every entry), the passes that normalise each mixture directly, and plain Hugging Face with
+    every receiver rebuilt by hooks, within float32 rounding."""
+    import circuitfind.patching.post_norm_pass as post_norm_pass
+    from transformers import AutoModelForCausalLM
+
+    from circuitfind.testing.tiny import tiny_model
+
+    model = tiny_model(tmp_path / "gemma2", dtype=torch.float32, arch="gemma2", n_layers=3,
+                       n_heads=4, n_kv_heads=2, seed=9)
+    hf = AutoModelForCausalLM.from_pretrained(model.cfg.model_name, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=18)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    edge = g.edge_mask.float()
+    cases = _acdc_like(g, torch.Generator().manual_seed(8), range(g.n_layers - 1), ("v",))
+    fast = [engine.run(data, masks) for masks in cases]
+    repaired, original = [], post_norm_pass.PostNormPass._exact_norms
+
+    def spy(self, layer, kd, us, sq, suspect):
+        repaired.append(int(suspect.sum()))
+        return original(self, layer, kd, us, sq, suspect)
+    monkeypatch.setattr(post_norm_pass.PostNormPass, "_exact_norms", spy)
+    monkeypatch.setattr(post_norm_pass, "CANCELLATION", float("inf"))  # repair every entry
+    exact = [engine.run(data, masks) for masks in cases]
+    assert repaired and min(repaired) > 0
+    monkeypatch.setattr(engine.runner.arch, "post_norm_rms", lambda layer: None)
+    ablated = _captures(hf, data.corrupted, g)
+    spread = 0.0
+    for masks, got, got_exact in zip(cases, fast, exact):
+        assert_close(model, got, got_exact)
+        assert_close(model, got, engine.run(data, masks))  # the direct norms
+        for k in (0, len(masks) - 1):
+            with torch.no_grad():
+                want = _at(reference_logits(hf, g, data.clean, edge - masks[k], ablated), data)
+            assert_close(model, got[k], want)
+        spread = max(spread, float((got - got[:1]).abs().max()))
     assert spread > 1e-3  # the flipped edges matter
