@@ -18,6 +18,7 @@ class Llama(Architecture):
     """``LlamaForCausalLM``: RMSNorm, rotary embeddings, gated MLP, grouped-query attention."""
 
     softmax_dtype = torch.float32
+    rotary_half_split = True  # Hugging Face's rotation, as HalfSplitRotation's three kernels
 
     def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
         super().__init__(hf, n_heads, n_kv)
