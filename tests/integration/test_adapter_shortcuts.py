@@ -66,7 +66,11 @@ def test_half_split_rotation_gradcheck_and_fallback():
     factors = HalfSplitRotation.factors(cos, sin, 8)
     assert factors is not None
     x = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: HalfSplitRotation.apply(v, *factors), (x,))
+    y = torch.randn(2, 1, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: HalfSplitRotation.apply(a, b, *factors), (x, y))
+    # a gradient for one of the two only (the other output unused)
+    (gx,) = torch.autograd.grad(HalfSplitRotation.apply(x, y, *factors)[0].sum(), (x,))
+    torch.testing.assert_close(gx, HalfSplitRotation.turn(torch.ones_like(x), *factors, -1.0))
 
 
 @pytest.mark.parametrize("change", ["in_place", "replaced"])

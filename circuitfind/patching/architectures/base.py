@@ -380,7 +380,9 @@ class Architecture:
         cos, sin, fast = self._rotary[key]
         if fast is None:
             return self.apply_rotary(q, k, cos, sin)
-        return HalfSplitRotation.apply(q, *fast), HalfSplitRotation.apply(k, *fast)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return HalfSplitRotation.apply(q, k, *fast)
+        return HalfSplitRotation.turn(q, *fast), HalfSplitRotation.turn(k, *fast)
 
     attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
     parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
@@ -660,22 +662,29 @@ class HalfSplitRotation(torch.autograd.Function):
         return padded[:, None], sin[:, None, :, :half].contiguous(), half
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor, half: int) -> Tensor:
-        ctx.save_for_backward(cos, sin)
-        ctx.half = half
+    def turn(x: Tensor, cos: Tensor, sin: Tensor, half: int, sign: float = 1.0) -> Tensor:
+        """The rotation of ``x [..., T, dh]`` by the :meth:`factors` ``cos, sin, half``
+        (``sign=-1``: its inverse, the transpose), without autograd: a new tensor."""
         y = x * cos
-        y[..., :half].addcmul_(x[..., half: 2 * half], sin, value=-1)
-        y[..., half: 2 * half].addcmul_(x[..., :half], sin)
+        y[..., :half].addcmul_(x[..., half: 2 * half], sin, value=-sign)
+        y[..., half: 2 * half].addcmul_(x[..., :half], sin, value=sign)
         return y
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None, None, None]:
+    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                half: int) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(cos, sin)
+        ctx.half = half
+        turn = HalfSplitRotation.turn
+        return turn(q, cos, sin, half), turn(k, cos, sin, half)
+
+    @staticmethod
+    def backward(ctx: Any, dq: Tensor | None, dk: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         cos, sin = ctx.saved_tensors
-        half = ctx.half
-        dx = dy * cos
-        dx[..., :half].addcmul_(dy[..., half: 2 * half], sin)
-        dx[..., half: 2 * half].addcmul_(dy[..., :half], sin, value=-1)
-        return dx, None, None, None
+        turn, half = HalfSplitRotation.turn, ctx.half
+        return (None if dq is None else turn(dq, cos, sin, half, -1.0),
+                None if dk is None else turn(dk, cos, sin, half, -1.0), None, None, None)
 
 
 def unwrap(module: Any) -> Any:
