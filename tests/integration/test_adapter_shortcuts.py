@@ -114,3 +114,25 @@ def test_nothing_held_beyond_the_byte_limit(tmp_path, monkeypatch):
     got = engine.edge_attribution(data)
     assert not engine.runner.arch._derived
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_eap_in_kept_buffers_equals_a_fresh_engine(tmp_path):
+    """EAP writes its sender differences over the corrupted run's outputs, in buffers the
+    runner keeps between passes: scores equal a fresh engine's whatever the previous call's
+    shapes, and the memoised corrupted run (not overwritten) gives the same scores."""
+    model = tiny_model(tmp_path, dtype=torch.float64, arch="gpt_neox", n_layers=2, seed=4)
+    a = ToyTask(seq_len=6).build(model.tokenizer, 3, seed=0)
+    b = ToyTask(seq_len=8).build(model.tokenizer, 2, seed=1)
+    engine = PatchingEngine(model)
+    got = [engine.edge_attribution(x) for x in (a, b, a)]  # buffers kept, then reshaped
+    assert engine.runner._scratch
+    for x, scores in zip((a, b), got):
+        torch.testing.assert_close(scores, PatchingEngine(model).edge_attribution(x),
+                                   atol=0, rtol=0)
+    torch.testing.assert_close(got[2], got[0], atol=0, rtol=0)
+    engine.evaluate(a, engine.graph.full_mask())  # memoises the corrupted run
+    memoised = engine.corrupted_outputs(a).clone()
+    scale = float(got[0].abs().max())
+    torch.testing.assert_close(engine.edge_attribution(a), got[0],
+                               atol=16 * EPS32 * scale, rtol=EPS32)
+    torch.testing.assert_close(engine.corrupted_outputs(a), memoised, atol=0, rtol=0)
