@@ -664,8 +664,10 @@ class HalfSplitRotation(torch.autograd.Function):
     @staticmethod
     def turn(x: Tensor, cos: Tensor, sin: Tensor, half: int, sign: float = 1.0) -> Tensor:
         """The rotation of ``x [..., T, dh]`` by the :meth:`factors` ``cos, sin, half``
-        (``sign=-1``: its inverse, the transpose), without autograd: a new tensor."""
-        y = x * cos
+        (``sign=-1``: its inverse, the transpose), without autograd: a new contiguous tensor
+        (as Hugging Face's ``cat`` makes: the small attention kernels then read it without
+        a copy)."""
+        y = torch.mul(x, cos, out=x.new_empty(x.shape))
         y[..., :half].addcmul_(x[..., half: 2 * half], sin, value=-sign)
         y[..., half: 2 * half].addcmul_(x[..., :half], sin, value=sign)
         return y
