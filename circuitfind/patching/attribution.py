@@ -124,7 +124,7 @@ class _SummedHeads(torch.autograd.Function):
 def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
               metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
               diff: Tensor | None = None, rules: BackwardRules | None = None,
-              drop_each_layer: bool = False) -> Tensor:
+              drop_each_layer: bool = False, overwrite: bool = False) -> Tensor:
     """:func:`eap_pass` under modified backward ``rules`` (GIM, RelP, AtP*; ``None``: the
     plain gradient), installed on the runner's adapter for the pass: the extension point of
     :mod:`circuitfind.patching.backward_rules`. With ``rules.qk_fix`` the q and k edges are
@@ -143,13 +143,14 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     installed = for_repeated_backward(rules) if drop_each_layer else rules
     with runner.arch.backward_rules(installed, None if fix is None else fix.tap):
         return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix,
-                        drop_each_layer)
+                        drop_each_layer, overwrite)
 
 
 def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Tensor,
              metric: Any, points: list[tuple[str, float | Tensor]] | None = None,
              diff: Tensor | None = None, rules: BackwardRules = PLAIN,
-             fix: QKFix | None = None, drop_each_layer: bool = False) -> Tensor:
+             fix: QKFix | None = None, drop_each_layer: bool = False,
+             overwrite: bool = False) -> Tensor:
     """EAP scores from one clean forward and backward pass through the runner (or, with
     ``points``, EAP-IG / clean-corrupted scores from one pass over stacked runs).
 
@@ -200,6 +201,10 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             gradient and those of layer ``l`` get none. ``L (L - 1) / 2`` layer-backward
             passes in all instead of ``L`` full forward and backward passes; equal to
             ``L`` passes with :attr:`BackwardRules.drop_layer` up to rounding.
+        overwrite: ``ablated`` (contiguous, ``[S, N, T, d]``, the caller's own) may be
+            overwritten: the sender differences are written into it instead of a new buffer
+            (EAP only; one ``[S, N, T, d]`` buffer less). The buffers of the pass itself come
+            from :meth:`BlockRunner.scratch`.
 
     Returns:
         ``[S, R]`` float64 scores (0 off real edges), in the metric's unit; with
@@ -223,7 +228,13 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
                          device=ablated.device)
     # a'_u - a_u: filled during the forward pass for EAP (the hooks run in the backward
     # pass); from the plain clean and corrupted runs for gradient points
-    delta = (ablated.new_empty(g.n_senders, n, t, ablated.shape[-1]) if diff is None
+    if overwrite and (diff is not None or not ablated.is_contiguous()
+                      or ablated.shape != (g.n_senders, n, t, d)):
+        raise ConfigError("overwrite needs EAP (no gradient points) and the ablated outputs "
+                          f"as one contiguous [S, N, T, d] tensor; got {tuple(ablated.shape)}.")
+    delta = (ablated if overwrite
+             else runner.scratch("eap differences", (g.n_senders, n, t, d), ablated)
+             if diff is None
              else -diff)
     flat = delta.reshape(g.n_senders, -1)
     # gradient points by node group: {copy: alpha}
@@ -347,8 +358,10 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         gi, _ = group_of[key]
         if gi not in buffers:
             grp = groups[gi]
-            buf = buffers[gi] = torch.empty(sum(p[2] for p in grp), brows, ablated.shape[-1],
-                                            dtype=gdt, device=ablated.device)
+            shape = (sum(p[2] for p in grp), brows, d)
+            # one group at a time (see above) takes the pass's scratch buffer
+            buf = buffers[gi] = (runner.scratch("eap group", shape, flat.new_empty(0, dtype=gdt))
+                                 if not buffers else flat.new_empty(shape, dtype=gdt))
             row = 0
             for part in grp:
                 if not active(part):
@@ -468,12 +481,16 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         z = lay.attend(layer, q, k, v, query_pos=where if tail else None)  # [C*N, T|P, H, dh]
         h0 = g.head_start[layer]
         heads = delta[h0: h0 + g.n_heads]  # [H, N, T, d]
-        if diff is None:  # a_h, their sum, then a'_h - a_h in place
-            own = heads.new_empty(g.n_heads, n, positions.shape[1], d) if tail else heads
+        if diff is None:  # a_h, their sum, then a'_h - a_h (in place unless over ablated)
+            own = (heads.new_empty(g.n_heads, n, positions.shape[1], d) if tail
+                   else runner.scratch("eap heads", heads.shape, heads) if overwrite
+                   else heads)
             lay.head_outputs(layer, z.detach(), out=own)
             pre = _SummedHeads.apply(z, own, layer, lay)
             abl = ablated[h0: h0 + g.n_heads]
-            torch.sub(pick(abl, positions) if tail else abl, own, out=own)
+            torch.sub(pick(abl, positions) if tail else abl, own,
+                      out=own if tail else heads)
+            own = own if tail else heads
         else:
             pre = Architecture.attn_out(lay, layer, z)
             own = pick(heads, positions) if tail else heads

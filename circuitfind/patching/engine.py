@@ -689,6 +689,7 @@ class PatchingEngine:
                 es = slice(e0, min(data.n, e0 + n_chunk))
                 n = es.stop - es.start
                 sub = on_device if n == data.n else on_device.subset(es)
+                private = False  # whether ``corrupted`` is this pass's own buffer
                 if spec.kind != "resample":  # [S, 1|n, 1|T, d] values: no memory to speak of
                     values = self.ablation_values(data, spec)
                     corrupted = (values[:, es] if values.shape[1] > 1 else values).expand(
@@ -697,10 +698,12 @@ class PatchingEngine:
                         "corrupted", data.corrupted):
                     # EAP's clean pass reads the last block's senders at the metric
                     # positions only: the corrupted run computes no more of it (and is not
-                    # memoised, being partial)
+                    # memoised, being partial), into the runner's scratch buffer, which the
+                    # clean pass then overwrites with the sender differences
                     corrupted = self.runner.sender_outputs(
                         self._tokens(data.corrupted[es])[:, :self._used_len(data)],
-                        positions=sub.positions)
+                        positions=sub.positions, scratch="eap delta")
+                    private = True
                 elif cache:
                     corrupted = self.corrupted_outputs(data)[:, es]
                 else:
@@ -715,9 +718,10 @@ class PatchingEngine:
                         def metric(logits: Tensor, sub: TaskData = sub) -> Tensor:
                             return sub.metric(logits).sum() / data.n
 
-                        scores += self.runner.attribute(tokens, ablated, sub.positions, metric,
-                                                        rules=rules,
-                                                        drop_each_layer=drop_each_layer)
+                        scores += self.runner.attribute(
+                            tokens, ablated, sub.positions, metric, rules=rules,
+                            drop_each_layer=drop_each_layer,
+                            overwrite=private and ablated.is_contiguous())
                     else:
                         diff = self.sender_outputs(tokens).sub_(ablated)  # a - a'
                         for p0 in range(0, n_points, p_chunk):

@@ -103,6 +103,12 @@ from circuitfind.patching.placement import PlacedArchitecture, placed
 from circuitfind.patching.post_norm_pass import PostNormPass
 
 
+SCRATCH_BYTES = 64 << 20
+"""Bytes of buffers a runner keeps between passes (:meth:`BlockRunner.scratch`): EAP's sender
+differences and receiver-gradient group of small models (bench_families' shape: 7.2 + 3.3
+MiB); larger ones are allocated per pass as before."""
+
+
 @dataclass(frozen=True)
 class RunCache:
     """Activations of one unpatched run, to start masked passes from any layer.
@@ -177,6 +183,7 @@ class BlockRunner:
         self.receiver_layer = torch.tensor([r.layer for r in graph.receivers])
         self.memo = KeptFormMemo()  # kept-form outputs from the last pass (see MaskedPass)
         self.layers = LayerViews.of(graph)  # per-layer index views every masked pass reads
+        self._scratch: dict[str, Tensor] = {}  # buffers kept between passes (see scratch)
 
     # ------------------------------------------------------------------ plain runs
     @torch.no_grad()
@@ -191,8 +198,32 @@ class BlockRunner:
         """
         return self._plain(tokens, residuals=True)
 
+    def scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised buffer of ``shape`` (``like``'s dtype and device) for ``name``,
+        the same memory from one call to the next while its shape stays (up to
+        :data:`SCRATCH_BYTES` for all names; beyond that a new tensor each call, nothing kept).
+
+        Why: a fresh buffer of a few MiB per pass is mapped from the operating system anew
+        each time (glibc's allocator maps allocations at or above its adaptive threshold, which
+        a freed buffer of the same size sets), and its first writes page-fault: on
+        ``bench_families``' GPT-NeoX shape ~2,000-4,000 faults per EAP pass, about a tenth of
+        the pass in system time. The caller owns the buffer until its next call with ``name``:
+        only for values that do not outlive one pass.
+        """
+        held = self._scratch.get(name)
+        if (held is not None and held.shape == shape and held.dtype == like.dtype
+                and held.device == like.device):
+            return held
+        self._scratch.pop(name, None)
+        buf = like.new_empty(shape)
+        used = sum(t.numel() * t.element_size() for t in self._scratch.values())
+        if used + buf.numel() * buf.element_size() <= SCRATCH_BYTES:
+            self._scratch[name] = buf
+        return buf
+
     @torch.no_grad()
-    def sender_outputs(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def sender_outputs(self, tokens: Tensor, positions: Tensor | None = None,
+                       scratch: str | None = None) -> Tensor:
         """Every sender's output in the unpatched run (the senders of :meth:`cache` without
         its residual streams, which attribution does not read).
 
@@ -202,14 +233,17 @@ class BlockRunner:
                 at those positions only (its queries, heads' outputs and MLP; keys and
                 values at every position), as EAP's clean pass does: its senders' outputs
                 are 0 elsewhere (EAP reads them at the metric positions only).
+            scratch: Write into the :meth:`scratch` buffer of this name (every entry is
+                written; the caller owns it until the next call with that name), or ``None``
+                (a new tensor).
 
         Returns:
             ``[S, N, T, d_model]`` sender outputs (``input`` = embeddings).
         """
-        return self._plain(tokens, residuals=False, positions=positions).senders
+        return self._plain(tokens, residuals=False, positions=positions, scratch=scratch).senders
 
     def _plain(self, tokens: Tensor, residuals: bool,
-               positions: Tensor | None = None) -> RunCache:
+               positions: Tensor | None = None, scratch: str | None = None) -> RunCache:
         """The unpatched run: its sender outputs and, with ``residuals``, its residual
         streams (empty ``[0, N, T, d]`` tensors without); with ``positions`` (no residuals)
         the last block at those positions only (see :meth:`sender_outputs`)."""
@@ -219,7 +253,8 @@ class BlockRunner:
         kept = g.n_layers if residuals else 0
         resid = x.new_empty(kept + int(residuals), n, t, d)
         mid = x.new_empty(kept, n, t, d)
-        senders = x.new_empty(g.n_senders, n, t, d)
+        senders = (x.new_empty(g.n_senders, n, t, d) if scratch is None
+                   else self.scratch(scratch, (g.n_senders, n, t, d), x))
         senders[0] = x
         for layer in range(g.n_layers):
             if positions is not None and not residuals and layer == g.n_layers - 1:
@@ -314,13 +349,13 @@ class BlockRunner:
     def attribute(self, tokens: Tensor, ablated: Tensor, positions: Tensor, metric: Any,
                   points: list[tuple[str, float | Tensor]] | None = None,
                   diff: Tensor | None = None, rules: BackwardRules | None = None,
-                  drop_each_layer: bool = False) -> Tensor:
+                  drop_each_layer: bool = False, overwrite: bool = False) -> Tensor:
         """EAP (or, with ``points``, EAP-IG / clean-corrupted; with ``rules``, GIM, RelP,
         AtP*) scores from one forward and backward pass (with ``drop_each_layer``, GradDrop's
         ``[L, S, R]`` from one forward pass):
         :func:`circuitfind.patching.attribution.attribute` on this runner."""
         return attribute(self, tokens, ablated, positions, metric, points, diff, rules,
-                         drop_each_layer)
+                         drop_each_layer, overwrite)
 
     def start_layer(self, touched: Tensor) -> int:
         """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none

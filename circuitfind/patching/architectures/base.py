@@ -19,6 +19,11 @@ from circuitfind.errors import ConfigError
 from circuitfind.patching.backward_rules import PLAIN, BackwardRules
 
 
+DERIVED_BYTES = 32 << 20
+"""Bytes of values derived from weights (EAP's folded q/k/v weights) an adapter keeps between
+calls (:meth:`Architecture.derived`): all layers of small models (6 layers of d_model 256:
+4.7 MiB), none of GPT-2 small's (85 MiB), whose passes are long enough not to notice."""
+
 FUSED_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
 """Whether ``scaled_dot_product_attention`` takes ``enable_gqa`` (torch 2.5 and later)."""
 
@@ -48,7 +53,10 @@ class Architecture:
         # follow the model's own attention implementation, so results match it bit for bit
         # where possible (Hugging Face's eager Llama attention takes its softmax in float32)
         self.eager = getattr(hf.config, "_attn_implementation", None) == "eager"
-        self._rotary: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        self._rotary: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any]] = {}
+        # values derived from weights (:meth:`derived`): key -> (sources, stamp, value, bytes)
+        self._derived: dict[tuple[Any, ...], tuple[Any, Any, Any, int]] = {}
+        self._derived_bytes = 0
 
     # modified backward rules (GIM, RelP, AtP*; see circuitfind.patching.backward_rules) ----
     rules: BackwardRules = PLAIN  # what the forward's norms, softmax, gates ... consult
@@ -98,6 +106,40 @@ class Architecture:
         inv = torch.linalg.vector_norm(h, 2, -1, keepdim=True).square_().div_(h.shape[-1])
         inv = inv.add_(eps).rsqrt_()
         return h * inv, inv
+
+    def qkv_sources(self, layer: int) -> tuple[Tensor | None, ...] | None:
+        """Every tensor that :meth:`ln_attn`'s weight and bias and :meth:`qkv` read (the norm's
+        weight and bias, the projections' weights and biases), or ``None`` (here): what
+        :meth:`qkv_input_grads` keeps derived from them (:meth:`qkv_input_weights`,
+        :meth:`qkv_offsets`) is held between calls while they are unchanged
+        (:meth:`derived`); ``None`` derives them anew in every call."""
+        return None
+
+    def derived(self, key: tuple[Any, ...], sources: tuple[Tensor | None, ...] | None,
+                make: Callable[[], Any]) -> Any:
+        """``make()``, a value derived from the weights ``sources`` only, kept under ``key``
+        while every tensor of ``sources`` is unchanged: the same storage (the kept entry
+        holds the tensors, so no other tensor can take their place) at the same in-place
+        version (``Tensor._version``, shared by views: an optimiser step or any in-place
+        write bumps it). Derived values are kept up to :data:`DERIVED_BYTES` in all
+        (``None`` sources, or beyond that: made anew, nothing kept), so that large models do
+        not hold second copies of their weights."""
+        if sources is None:
+            return make()
+        stamp = tuple(None if t is None else (t.data_ptr(), t._version) for t in sources)
+        held = self._derived.get(key)
+        if held is not None and held[1] == stamp:
+            return held[2]
+        value = make()
+        size = sum(v.numel() * v.element_size() for v in
+                   (value if isinstance(value, tuple) else (value,)) if isinstance(v, Tensor))
+        if held is not None:
+            self._derived_bytes -= held[3]
+            del self._derived[key]
+        if self._derived_bytes + size <= DERIVED_BYTES:
+            self._derived[key] = (sources, stamp, value, size)
+            self._derived_bytes += size
+        return value
 
     def qkv_input_weights(self, layer: int, w: Tensor, out: Tensor) -> Tensor:
         """Each q, k and v head's projection transposed, ``W_h^T``, times ``w [d]`` along ``d``
@@ -173,17 +215,23 @@ class Architecture:
             raise ConfigError(f"qkv_input_grads skips heads for a single copy only; got "
                               f"skip={skip} with {copies} copies.")
         # W_h^T with the norm's weight folded in, centred along d for LayerNorm
+        def fold() -> Tensor:
+            folded = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
+            if centred:
+                folded -= folded.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
+            return folded
+
+        sources = self.qkv_sources(layer)
         wt = None if memo is None else memo.get(layer)
         if wt is None or wt.dtype != dt or wt.shape != (r, dh, d):
-            wt = self.qkv_input_weights(layer, w.to(dt), xh.new_empty(r, dh, d))
-            if centred:
-                wt -= wt.mean(2, keepdim=True)  # (gh - mean(gh)) from one matmul
+            wt = self.derived(("qkv_input_weights", layer, dt, centred), sources, fold)
             if memo is not None:
                 memo[layer] = wt
         exact = not self.rules.freeze_norm
         dqi = xh.new_empty(r, b, t, dh)  # 1/sigma folded in, head-major
         shifted = xh.new_empty(r, b, t, dh) if exact and outputs is not None else None
-        offsets = None if shifted is None else self.qkv_offsets(layer)
+        offsets = None if shifted is None else self.derived(
+            ("qkv_offsets", layer), sources, lambda: self.qkv_offsets(layer))
         inv4 = inv.reshape(1, b, t, 1)
         s0 = 0
         for i, grad in enumerate(grads):
@@ -301,6 +349,10 @@ class Architecture:
     softmax_dtype: torch.dtype | None = None  # dtype of the eager softmax (None: the model's)
 
     rotary: Any = None  # the model's own rotary-embedding module (None: no rotation)
+    # whether :meth:`apply_rotary` is Hugging Face's half-split rotation (``rotate_half``) of
+    # the first ``cos.shape[-1]`` dimensions of each head: :meth:`rotate` then runs it as
+    # :class:`HalfSplitRotation` (three kernels forward and backward instead of ten)
+    rotary_half_split: bool = False
 
     @staticmethod
     def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -311,16 +363,26 @@ class Architecture:
     def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]``: the model's
         rotary module's ``cos``/``sin`` for ``T`` positions (kept for the last ``T``, dtype and
-        device) through :meth:`apply_rotary`; none without :attr:`rotary`."""
+        device) through :meth:`apply_rotary`, or, for :attr:`rotary_half_split` families whose
+        ``cos``/``sin`` repeat their first half (every rope type of Hugging Face's rotary
+        modules), through :class:`HalfSplitRotation` (equal up to float rounding); none
+        without :attr:`rotary`."""
         if self.rotary is None:
             return q, k
         t = q.shape[2]
-        key = (t, q.dtype, q.device)
+        key = (t, q.dtype, q.device, q.shape[-1])
         if key not in self._rotary:
             pos = torch.arange(t, device=q.device)[None]
-            self._rotary = {key: self.rotary(q, pos)}
-        cos, sin = self._rotary[key]
-        return self.apply_rotary(q, k, cos, sin)
+            cos, sin = self.rotary(q, pos)
+            fast = (HalfSplitRotation.factors(cos, sin, q.shape[-1])
+                    if self.rotary_half_split else None)
+            self._rotary = {key: (cos, sin, fast)}
+        cos, sin, fast = self._rotary[key]
+        if fast is None:
+            return self.apply_rotary(q, k, cos, sin)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return HalfSplitRotation.apply(q, k, *fast)
+        return HalfSplitRotation.turn(q, *fast), HalfSplitRotation.turn(k, *fast)
 
     attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
     parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
@@ -564,6 +626,67 @@ class Architecture:
         """Attention output (all heads, with bias): ``[B,T,H,dh]`` -> ``[B,T,d]``."""
         w, b = self.w_out(layer)
         return conv1d(z.reshape(*z.shape[:2], -1), w, b)
+
+
+class HalfSplitRotation(torch.autograd.Function):
+    """Hugging Face's half-split rotary embedding (``apply_rotary_pos_emb`` with
+    ``rotate_half``, Llama and GPT-NeoX alike) of ``x [..., T, dh]``: with ``r`` rotated
+    dimensions (``r = dh`` for Llama, ``partial_rotary_factor * dh`` for GPT-NeoX) and ``x1, x2``
+    its halves, ``y1 = x1 cos - x2 sin``, ``y2 = x2 cos + x1 sin`` and the other ``dh - r``
+    dimensions unchanged.
+
+    Three kernels (one product with ``cos`` padded by ones, two in-place updates) instead of
+    Hugging Face's ten (slices, ``neg``, two ``cat``, products, sum), and the same three in
+    the backward pass (the transposed rotation) instead of autograd's slice and cat
+    backwards: at the small shapes of attribution on a CPU each kernel costs more in
+    dispatch than in arithmetic. Equal to Hugging Face's up to float rounding (the updates
+    may fuse a multiply-add).
+
+    References:
+        Su et al. (2021), "RoFormer: Enhanced Transformer with Rotary Position Embedding",
+        eq. 34 (in Hugging Face's half-split layout).
+    """
+
+    @staticmethod
+    def factors(cos: Tensor, sin: Tensor, dh: int) -> tuple[Tensor, Tensor, int] | None:
+        """``(cos padded with ones to dh [1, 1, T, dh], sin's first half [1, 1, T, r/2],
+        r / 2)`` from the rotary module's ``cos, sin [1, T, r]``, or ``None`` where they do not
+        repeat their first half (then the rotation is not the half-split one this computes)."""
+        r = cos.shape[-1]
+        half = r // 2
+        if r % 2 or r > dh or not (torch.equal(cos[..., :half], cos[..., half:])
+                                   and torch.equal(sin[..., :half], sin[..., half:])):
+            return None
+        padded = cos.new_ones(*cos.shape[:-1], dh)
+        padded[..., :r] = cos
+        return padded[:, None], sin[:, None, :, :half].contiguous(), half
+
+    @staticmethod
+    def turn(x: Tensor, cos: Tensor, sin: Tensor, half: int, sign: float = 1.0) -> Tensor:
+        """The rotation of ``x [..., T, dh]`` by the :meth:`factors` ``cos, sin, half``
+        (``sign=-1``: its inverse, the transpose), without autograd: a new contiguous tensor
+        (as Hugging Face's ``cat`` makes: the small attention kernels then read it without
+        a copy)."""
+        y = torch.mul(x, cos, out=x.new_empty(x.shape))
+        y[..., :half].addcmul_(x[..., half: 2 * half], sin, value=-sign)
+        y[..., half: 2 * half].addcmul_(x[..., :half], sin, value=sign)
+        return y
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                half: int) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(cos, sin)
+        ctx.half = half
+        turn = HalfSplitRotation.turn
+        return turn(q, cos, sin, half), turn(k, cos, sin, half)
+
+    @staticmethod
+    def backward(ctx: Any, dq: Tensor | None, dk: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        turn, half = HalfSplitRotation.turn, ctx.half
+        return (None if dq is None else turn(dq, cos, sin, half, -1.0),
+                None if dk is None else turn(dk, cos, sin, half, -1.0), None, None, None)
 
 
 def unwrap(module: Any) -> Any:

@@ -99,6 +99,9 @@ class GPT2(Architecture):
         torch.mul(per_kind, w, out=out.view(3, self.n_heads, self.d_head, -1))
         return out
 
+    def qkv_sources(self, layer: int) -> tuple[Tensor | None, ...]:
+        return (*weights(self.blocks[layer].ln_1), *weights(self.attn[layer].c_attn))
+
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         return weights(self.attn[layer].c_proj)
 

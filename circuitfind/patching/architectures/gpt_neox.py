@@ -30,6 +30,7 @@ class GPTNeoX(Architecture):
     """
 
     softmax_dtype = torch.float32
+    rotary_half_split = True  # Hugging Face's rotation, as HalfSplitRotation's three kernels
 
     def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
         super().__init__(hf, n_heads, n_kv)
@@ -100,6 +101,10 @@ class GPTNeoX(Architecture):
         per_kind = fused.view(self.n_heads, 3, self.d_head, -1).transpose(0, 1)
         torch.mul(per_kind, w, out=out.view(3, self.n_heads, self.d_head, -1))
         return out
+
+    def qkv_sources(self, layer: int) -> tuple[Tensor | None, ...]:
+        return (*weights(self.blocks[layer].input_layernorm),
+                *weights(self.attn[layer].query_key_value))
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].dense)

@@ -18,6 +18,7 @@ class Llama(Architecture):
     """``LlamaForCausalLM``: RMSNorm, rotary embeddings, gated MLP, grouped-query attention."""
 
     softmax_dtype = torch.float32
+    rotary_half_split = True  # Hugging Face's rotation, as HalfSplitRotation's three kernels
 
     def __init__(self, hf: Any, n_heads: int, n_kv: int) -> None:
         super().__init__(hf, n_heads, n_kv)
@@ -117,6 +118,11 @@ class Llama(Architecture):
             return None
         q, k, v = (w.new_zeros(w.shape[0], w.shape[2]) if b is None else b for w, b in heads)
         return q, k, v
+
+    def qkv_sources(self, layer: int) -> tuple[Tensor | None, ...]:
+        a = self.attn[layer]
+        return (weights(self.blocks[layer].input_layernorm)[0],
+                *(t for name in "qkv" for t in weights(getattr(a, f"{name}_proj"))))
 
     def w_out(self, layer: int) -> tuple[Tensor, Tensor | None]:
         w, b = weights(self.attn[layer].o_proj)
