@@ -1,0 +1,272 @@
+"""Every family x dtype x ablation through every masked-pass strategy, against slow references.
+
+An audit of the runner's fast paths (``patching/masked_pass.py``, ``post_norm_pass.py``): the
+other tests pin each strategy on some families; here one data set with the awkward features
+turned on runs through all of them on every family of :data:`FAMILY_CONFIGS` (and GPT-2), in
+float32 and float64, under resample, zero and mean ablation:
+
+- prompts right-padded to different lengths, clean and corrupted lengths differing within an
+  example (both ways), two metric positions per example in different orders, the longest
+  prompt (11 tokens) longer than the sliding windows (4 tokens; Mistral, Qwen2, Gemma-2's local
+  layers);
+- strategies: one mask alone, many masks in one pass (dense layers, the shared path, the
+  sparse start layer of ACDC-like masks, the kept form of sparse circuits), examples one at a
+  time (chunked passes), an ACDC-like sequence of kept-form passes that changes one receiver
+  at a time (memo hits; every batch run twice), frozen edges (path patching);
+- references: for the linear families the patching equation applied receiver by receiver in
+  hooks on the bridge (``bridge_reference.patched_run``); for Gemma-2 (post-norm) every
+  receiver rebuilt by hooks on plain Hugging Face (``test_post_norm.reference_logits``). The
+  ablation values are taken here from their definitions (the corrupted prompts' own real
+  tokens for the means), not from the engine.
+
+Masks keep, for every receiver, its input edge and one head of every earlier layer (except
+the empty circuit and the one-edge-removed masks): a receiver whose every incoming edge is
+zero-ablated reads a difference of equal sums, whose rounding its norm amplifies by up to
+``1/sqrt(eps)`` (see ``test_fully_zero_ablated_receivers_are_exact_in_float32``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitfind.patching import PatchingEngine
+from circuitfind.tasks.base import TaskData
+from circuitfind.testing import ToyTask, tiny_model
+from bridge_reference import patched_run
+from test_families import FAMILIES, POST_NORM
+from tolerances import assert_close
+
+ALL = {"gpt2": dict(arch="gpt2", n_layers=3, seed=11), **FAMILIES}
+DTYPES = {"f32": torch.float32, "f64": torch.float64}
+CLEAN_LENGTHS, CORRUPTED_LENGTHS = [11, 5, 8], [7, 11, 8]  # with BOS; window 4
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    """(family, dtype) -> (bridge, plain HF model or None), built lazily."""
+    cache: dict[tuple[str, torch.dtype], tuple] = {}
+
+    def get(name: str, dtype: torch.dtype):
+        if (name, dtype) not in cache:
+            path = tmp_path_factory.mktemp(f"{name}-{str(dtype)[6:]}")
+            model = tiny_model(path, dtype=dtype, **ALL[name])
+            hf = None
+            if name in POST_NORM:
+                from transformers import AutoModelForCausalLM
+
+                hf = AutoModelForCausalLM.from_pretrained(
+                    str(path), dtype=dtype, attn_implementation="eager").eval()
+            cache[name, dtype] = model, hf
+        return cache[name, dtype]
+
+    return get
+
+
+def padded_data(clean_lengths: list[int], corrupted_lengths: list[int], seed: int,
+                vocab: int = 64) -> TaskData:
+    """Random word prompts right-padded (pad id 1, BOS 0) to the longest; metric positions
+    at each clean prompt's last token and two before it (second column first where the
+    prompt is short)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, t = len(clean_lengths), max(clean_lengths + corrupted_lengths)
+
+    def prompts(lengths):
+        out = torch.ones(n, t, dtype=torch.long)
+        for i, length in enumerate(lengths):
+            out[i, 0] = 0
+            out[i, 1:length] = torch.randint(3, vocab, (length - 1,), generator=gen)
+        mask = (torch.arange(t)[None] < torch.tensor(lengths)[:, None]).long()
+        return out, mask
+
+    (clean, mask_c), (corrupted, mask_x) = prompts(clean_lengths), prompts(corrupted_lengths)
+    last = torch.tensor(clean_lengths) - 1
+    positions = torch.stack([last, (last - 2).clamp_min(0)], 1)
+    positions[last < 6] = positions[last < 6].flip(1)  # metric positions in either order
+    answers = torch.randint(3, vocab, (n, 2), generator=gen)
+    return TaskData(task=ToyTask(), clean=clean, corrupted=corrupted, positions=positions,
+                    answers=answers[:, :1], wrong_answers=answers[:, 1:],
+                    attention_mask=mask_c, corrupted_attention_mask=mask_x,
+                    clean_prompts=[""] * n, corrupted_prompts=[""] * n, seed=seed)
+
+
+def bridge_senders(model, g, tokens) -> torch.Tensor:
+    """Every sender's output ``[S, N, T, d]`` read by hooks on the bridge (heads without the
+    attention output bias)."""
+    out: dict[int, torch.Tensor] = {}
+
+    def keep(u):
+        def fn(x, hook):
+            out[u] = x.detach().clone()
+        return fn
+
+    def keep_heads(h0):
+        def fn(x, hook):
+            for h in range(g.n_heads):
+                out[h0 + h] = x[:, :, h].detach().clone()
+        return fn
+
+    hooks = [("blocks.0.hook_resid_pre", keep(0))]
+    for layer in range(g.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_result", keep_heads(g.head_start[layer])))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", keep(g.mlp_index[layer])))
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(tokens)
+    return torch.stack([out[u] for u in range(g.n_senders)])
+
+
+def senders(model, hf, g, tokens) -> torch.Tensor:
+    """Sender outputs from the reference's own model (plain HF for post-norm families)."""
+    if hf is not None:
+        from test_post_norm import _captures
+
+        return _captures(hf, tokens, g)
+    return bridge_senders(model, g, tokens)
+
+
+def ablation_values(kind: str, corrupted: torch.Tensor, data: TaskData) -> torch.Tensor:
+    """``[S, N|1, T|1, d]`` from the definitions in ``patching/spec.py``, over the corrupted
+    prompts' own real tokens."""
+    if kind == "resample":
+        return corrupted
+    if kind == "zero":
+        return torch.zeros_like(corrupted[:, :1, :1])
+    real = data.corrupted_attention_mask.to(corrupted.dtype)[None, :, :, None]
+    return (corrupted * real).sum((1, 2), keepdim=True) / real.sum()
+
+
+class Reference:
+    """Slow logits ``[N, P, V]`` of one mask (and optional frozen edges) on one family."""
+
+    def __init__(self, model, hf, g, data, kind):
+        self.model, self.hf, self.g, self.data = model, hf, g, data
+        self.clean = senders(model, hf, g, data.clean)
+        self.ablated = ablation_values(kind, senders(model, hf, g, data.corrupted), data)
+        self.edge = g.edge_mask.to(model.cfg.dtype)
+
+    def __call__(self, mask, frozen=None):
+        removed = (self.edge - mask) * self.edge
+        frozen = torch.zeros_like(removed) if frozen is None else frozen * self.edge
+        ablated = self.ablated.expand(-1, self.data.n, self.data.seq_len, -1)
+        if self.hf is None:
+            return patched_run(self.model, self.g, self.data, removed, frozen, ablated,
+                               self.clean)
+        from test_post_norm import _at, reference_logits
+
+        with torch.no_grad():
+            return _at(reference_logits(self.hf, self.g, self.data.clean, removed, ablated,
+                                        frozen=frozen, clean=self.clean), self.data)
+
+
+def _upstream_groups(g, r):
+    """Receiver ``r``'s input sender and the head indices of each layer before it."""
+    rec = g.receivers[r]
+    upto = rec.layer + 1 if rec.kind in ("mlp", "logits") else rec.layer
+    return [[0]] + [list(range(g.head_start[layer], g.head_start[layer] + g.n_heads))
+                    for layer in range(min(upto, g.n_layers))]
+
+
+def conditioned(g, mask, gen):
+    """``mask`` with, for every receiver, its input edge and one random head of every earlier
+    layer kept (no receiver, and no post-norm mixture, reads only zero-ablated values)."""
+    mask = mask.clone()
+    for r in range(g.n_receivers):
+        for group in _upstream_groups(g, r):
+            if not bool(mask[group, r].any()):
+                mask[group[int(torch.randint(len(group), (1,), generator=gen))], r] = 1
+    return mask * g.edge_mask.to(mask)
+
+
+def still_conditioned(g, mask, r):
+    """Whether receiver ``r`` keeps an edge from its input and from every earlier layer."""
+    return all(bool(mask[group, r].any()) for group in _upstream_groups(g, r))
+
+
+def random_mask(g, p, gen, dtype):
+    return (torch.rand(g.edge_mask.shape, generator=gen) < p).to(dtype) * g.edge_mask.to(dtype)
+
+
+def acdc_like(g, layer, dtype, which=0):
+    """The full circuit minus one edge into the first receiver of ``layer`` (the ``which``-th
+    of its upstream senders, from the last)."""
+    mask = g.edge_mask.to(dtype).clone()
+    r = [i for i, rec in enumerate(g.receivers) if rec.layer == layer][0]
+    mask[max(0, int(g.n_upstream[r]) - 1 - which), r] = 0
+    return mask
+
+
+def check(model, got, want):
+    assert_close(model, got, want, float64=1e-9)
+
+
+# the mean ablation differs from resample only in its values (dtype-independent code)
+CASES = [(dtype, kind) for dtype in sorted(DTYPES) for kind in ("resample", "zero", "mean")
+         if (dtype, kind) != ("f32", "mean")]
+
+
+@pytest.mark.parametrize("dtype, kind", CASES)
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_every_strategy_equals_the_slow_reference(setups, name, dtype, kind):
+    dtype = DTYPES[dtype]
+    model, hf = setups(name, dtype)
+    data = padded_data(CLEAN_LENGTHS, CORRUPTED_LENGTHS, seed=1)
+    engine = PatchingEngine(model, ablation=kind)
+    g = engine.graph
+    ref = Reference(model, hf, g, data, kind)
+    gen = torch.Generator().manual_seed(5)
+    full, empty = g.edge_mask.to(dtype), torch.zeros_like(g.edge_mask, dtype=dtype)
+
+    # one dense mask alone ([S, R]: the single-mask pass)
+    one = conditioned(g, random_mask(g, 0.5, gen, dtype), gen)
+    check(model, engine.run(data, one)[0], ref(one))
+
+    # many masks in one pass: dense, sparse (kept form), empty, full, one edge removed at
+    # every layer (sparse start layer), then examples one at a time
+    many = [conditioned(g, random_mask(g, p, gen, dtype), gen) for p in (0.3, 0.9, 0.05)]
+    many += [empty, full] + [acdc_like(g, layer, dtype, which)
+                             for layer in range(g.n_layers + 1)
+                             for which in ((0, 2) if layer == 1 else (1,))]
+    many = torch.stack(many)
+    want = torch.stack([ref(m) for m in many])
+    check(model, engine.run(data, many), want)
+    check(model, engine.run(data, many, batch_size=1), want)
+    moved = (want - want[4]).abs().amax((1, 2, 3))
+    assert int((moved > 1e-6).sum()) >= len(many) - 2  # the masks change the logits
+
+    # ACDC-like sequence: receivers visited from the logits down, each tested by removing one
+    # of its edges at a time against a circuit already sparse in later layers (kept form;
+    # memo hits: each batch run twice, consecutive batches differ in one receiver)
+    base = full.clone()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    sparse = conditioned(g, random_mask(g, 0.15, gen, dtype), gen)
+    for layer in range(g.n_layers, -1, -1):
+        # the logits, the MLP of layer 0 (its q/k/v read only the input), else a query
+        r = int((layer_of == layer).nonzero()[-1 if layer in (0, g.n_layers) else 0])
+        ups = [u for u in range(int(g.n_upstream[r]))][-2:]
+        cands = base.expand(len(ups), -1, -1).clone()
+        for i, u in enumerate(ups):
+            cands[i, u, r] = 0
+        want = torch.stack([ref(c) for c in cands])
+        check(model, engine.run(data, cands), want)
+        check(model, engine.run(data, cands), want)
+        base[:, layer_of == layer] = sparse[:, layer_of == layer]  # the layer's decisions
+
+    # frozen edges (path patching): kept edges carrying their clean value
+    frozen = random_mask(g, 0.4, gen, dtype) * many[:2]
+    check(model, engine.run(data, many[:2], frozen=frozen), torch.stack(
+        [ref(m, f) for m, f in zip(many[:2], frozen)]))
+
+
+@pytest.mark.parametrize("kind", ["mean", "mean_positional"])
+def test_mean_ablations_average_the_corrupted_prompts_own_real_tokens(setups, kind):
+    """Where clean and corrupted prompts have different lengths (prompt files), the means run
+    over the corrupted prompts' real tokens (``corrupted_attention_mask``), not the clean
+    prompts' (which counted corrupted padding and dropped real corrupted tokens)."""
+    model, _ = setups("llama", torch.float64)
+    data = padded_data(CLEAN_LENGTHS, CORRUPTED_LENGTHS, seed=2)
+    engine = PatchingEngine(model)
+    corrupted = bridge_senders(model, engine.graph, data.corrupted)
+    real = data.corrupted_attention_mask.double()[None, :, :, None]
+    want = ((corrupted * real).sum((1, 2), keepdim=True) / real.sum() if kind == "mean"
+            else (corrupted * real).sum(1, keepdim=True) / real.sum(1, keepdim=True))
+    assert_close(model, engine.ablation_values(data, kind), want)
