@@ -403,3 +403,60 @@ def test_fully_zero_ablated_receivers_are_exact_in_float32(setups):
         want = PatchingEngine(f64, ablation=kind).run(data, masks)
         torch.testing.assert_close(got, want, atol=float32_atol(want, FLOAT32_MODEL_ULPS),
                                    rtol=0)
+
+
+@pytest.mark.parametrize("name, method", [
+    ("llama3", "gim"), ("llama3", "relp"), ("llama3", "qk_fix"), ("gpt_neox_seq", "gim"),
+    ("gpt_neox_seq", "relp"), ("gpt_neox_seq", "qk_fix"), ("mistral", "qk_fix"),
+    ("gemma2", "qk_fix")])
+def test_backward_rules_on_padded_prompts_equal_the_hugging_face_reference(setups, name,
+                                                                           method):
+    """GIM, RelP and AtP*'s QK fix on the families test_backward_rules.py leaves out (Llama-3's
+    rope scaling, sequential GPT-NeoX) and the QK fix on sliding windows and post-norms, on
+    padded prompts with metric positions that differ by example, against the plain Hugging
+    Face references of rules_reference.py."""
+    from test_backward_rules import METHODS
+    from rules_reference import Layout, applied, qk_fixed_scores, reference_scores
+
+    from circuitfind.algorithms import AtPStar
+
+    model, hf = setups(name, torch.float64)
+    data = padded_data(CLEAN_LENGTHS, CORRUPTED_LENGTHS, seed=8)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    lay = Layout(hf)
+    delta = engine.sender_outputs(data.corrupted) - engine.sender_outputs(data.clean)
+    if method == "qk_fix":
+        got = AtPStar(grad_drop=False).score(engine, data).double()
+        eap = engine.edge_attribution(data).double()
+        qk = torch.tensor([rec.kind in ("q", "k") for rec in g.receivers])
+        want = qk_fixed_scores(lay, g, data, delta) * g.edge_mask
+        want[:, ~qk] = eap[:, ~qk]
+    else:
+        score, rules = METHODS[method]
+        got = score(engine, data).double()
+        with applied(lay, **rules):
+            want = reference_scores(lay, g, data, delta)
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=float32_atol(want), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "gpt_neox_seq", "llama3", "mistral", "qwen2",
+                                  "qwen3"])
+def test_single_edge_path_patching_equals_exact_on_every_family(setups, name):
+    """``cf.path_patch`` of one sender into one receiver (every other path frozen to the
+    clean run) scores every edge as exact patching does, on the families
+    test_path_patching.py leaves out (parallel attention and MLP included), padded prompts."""
+    import circuitfind as cf
+    from circuitfind.algorithms import ExactPatching
+
+    model, _ = setups(name, torch.float64)
+    data = padded_data(CLEAN_LENGTHS, CORRUPTED_LENGTHS, seed=9)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    exact = g.to_edges(ExactPatching(progress=False).score(engine, data)).double()
+    senders = [[g.senders[s].name] for s in g.edge_pairs[:, 0].tolist()]
+    receivers = [[g.receivers[r].name] for r in g.edge_pairs[:, 1].tolist()]
+    got = cf.path_patch(engine, data, senders, receivers)
+    assert exact.abs().max() > 1e-2
+    assert_close(model, got, exact, scale=exact)
