@@ -358,7 +358,7 @@ def test_one_example_of_one_token(setups, name):
 # AtP* without GradDrop: GradDrop takes |score| of the batch's mean per dropped layer, which
 # is not the mean of each example's |score|
 ALGORITHMS = {"eap": {}, "eap_ig": {}, "clean_corrupted": {}, "exact": {"progress": False},
-              "atp_star": {"grad_drop": False}, "gim": {}}
+              "atp_star": {"grad_drop": False}, "gim": {}, "relp": {}, "ifr": {}, "eap_gp": {}}
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -366,7 +366,8 @@ def test_attributions_on_padded_prompts_equal_each_example_alone(setups, name):
     """Scores on prompts padded to different lengths (clean and corrupted lengths differing
     both ways, metric positions in different orders) = the mean of each example scored alone
     (the metric is the batch mean): padding, per-example metric positions and the trimmed last
-    block change nothing, for every gradient and patching method."""
+    block change nothing, for every gradient and patching method (EAP-GP: its default step
+    length reads only the positions an example's metric depends on)."""
     from circuitfind.algorithms import get_algorithm
 
     model, _ = setups(name, torch.float64)
