@@ -467,3 +467,39 @@ def test_single_edge_path_patching_equals_exact_on_every_family(setups, name):
     got = cf.path_patch(engine, data, senders, receivers)
     assert exact.abs().max() > 1e-2
     assert_close(model, got, exact, scale=exact)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
+def test_a_session_of_passes_equals_fresh_engines(setups, name):
+    """One engine serving a random session (two data sets, every ablation, start layers,
+    chunked examples, masks changing one receiver at a time against a circuit sparse in its
+    last layers, committed now and then) gives what a fresh engine gives for each call: the
+    memos (clean caches, ablation values, kept-form and post-norm entries) never serve a
+    stale value."""
+    import random
+
+    model, _ = setups(name, torch.float32)
+    datas = [padded_data(CLEAN_LENGTHS, CORRUPTED_LENGTHS, seed=s) for s in (1, 2)]
+    engine = PatchingEngine(model)
+    g = engine.graph
+    gen, rnd = torch.Generator().manual_seed(0), random.Random(0)
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    sparse = conditioned(g, random_mask(g, 0.15, gen, torch.float32), gen)
+    base = g.edge_mask.float().clone()
+    base[:, layer_of == g.n_layers] = sparse[:, layer_of == g.n_layers]
+    for _ in range(16):
+        data = datas[rnd.random() < 0.25]
+        kind = rnd.choice(["resample", "resample", "zero", "mean"])
+        layer = rnd.randrange(g.n_layers)
+        masks = base.expand(rnd.choice([1, 2, 3]), -1, -1).clone()
+        receivers = (layer_of == layer).nonzero()[:, 0].tolist()
+        for mask in masks:
+            r = rnd.choice(receivers)
+            mask[rnd.randrange(int(g.n_upstream[r])), r] = 0
+        touched = (masks != g.edge_mask.float()).any(0).any(0)
+        start = rnd.choice([None, 0, min(int(layer_of[touched].min()), g.n_layers - 1)])
+        got = engine.run(data, masks, ablation=kind, start=start,
+                         batch_size=rnd.choice([None, None, 1, 2]))
+        check(model, got, PatchingEngine(model).run(data, masks, ablation=kind))
+        if rnd.random() < 0.3:  # the layer's decision: later passes build on it
+            base = masks[0].clone()
