@@ -503,3 +503,27 @@ def test_a_session_of_passes_equals_fresh_engines(setups, name):
         check(model, got, PatchingEngine(model).run(data, masks, ablation=kind))
         if rnd.random() < 0.3:  # the layer's decision: later passes build on it
             base = masks[0].clone()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mistral", "llama3", "gpt_neox_seq", "gemma2"])
+def test_checkpointed_attribution_on_padded_prompts_equals_the_plain_pass(setups, name):
+    """The long-prompt checkpointed pass (one block at a time, attention in chunks of 3
+    queries) on the families test_checkpointed.py leaves out (and Gemma-2), with padded
+    prompts and per-example metric positions: EAP and mixed gradient points."""
+    from circuitfind.patching import checkpointed as ck
+    from circuitfind.patching.engine import frozen_parameters
+    from test_checkpointed import POINTS, reference_and_store
+
+    model, _ = setups(name, torch.float64)
+    engine = PatchingEngine(model)
+    data = padded_data(CLEAN_LENGTHS, CORRUPTED_LENGTHS, seed=4)
+    with frozen_parameters(model):
+        for points in (None, POINTS):
+            want, store, metric = reference_and_store(engine, data, points)
+            ck.fill_senders(engine.runner, data.corrupted, store, 3)
+            if points is not None:
+                ck.subtract_senders(engine.runner, data.clean, store, 3)
+            got = ck.checkpointed_pass(engine.runner, data.clean, data.positions, metric,
+                                       store, 3, points)
+            assert float(want.abs().max()) > 1e-2
+            assert_close(model, got, want, 1e-12)
