@@ -396,7 +396,8 @@ def test_fully_zero_ablated_receivers_are_exact_in_float32(setups):
     """A float32 Qwen3 under zero ablation, with every edge into the q (or k) inputs of its
     layers after the first removed, agrees with its float64 twin (the same weights) to float32
     precision, as it does under resample and mean ablation. Measured: 1.7e-3 and 2.1e-3
-    logits off (the tolerance is 2.1e-5), on the runner and the hooked engine alike."""
+    logits off (the tolerance is 2.1e-5), on the runner and the hooked engine alike; in
+    bfloat16 0.65 and 0.43 logits off (of logits near 1.2; resample: 0.016)."""
     f32, _ = setups("qwen3", torch.float32)
     f64, _ = setups("qwen3", torch.float64)
     data = padded_data([9, 9, 9], [9, 9, 9], seed=1)
