@@ -8,8 +8,9 @@ miss edges that matter. EAP-GP ("GradPath") instead starts at the clean input em
 ``gamma_0 = x`` and walks towards the corrupted *output*: each step descends the squared
 distance between the model's logits at the current point and the corrupted run's logits,
 
-    g_j         = d/d gamma_j  || G(gamma_j) - G(x') ||_2^2                  (logits, all real
-    gamma_{j+1} = gamma_j - eta * g_j / ||g_j||_2                             positions < T')
+    g_j         = d/d gamma_j  || G(gamma_j) - G(x') ||_2^2          (logits at the positions
+    gamma_{j+1} = gamma_j - eta * g_j / ||g_j||_2                     real in both prompts, up
+                                                                      to the last metric one)
 
 so the path follows the direction in which the model's output changes fastest, away from
 flat regions. Edge scores average the receivers' gradients over the path points
@@ -20,8 +21,10 @@ sender differences of the plain clean and corrupted runs, exactly as EAP-IG does
 
 Step length. The paper normalises each step's gradient; we normalise it per example (the
 Frobenius norm over positions and ``d_model``, so examples in a batch do not share a step)
-and, by default, take steps of length ``eta = ||x - x'||_F / m`` per example: the path is
-then as long as the straight line, whatever the scale of the model's embeddings (a unit step
+and, by default, take steps of length ``eta = ||x - x'||_F / m`` per example (over its
+positions up to its last metric position, which is all running it alone reads: an example's
+path does not depend on the other examples of its batch or on padding): the path is then as
+long as the straight line, whatever the scale of the model's embeddings (a unit step
 means very different things for GPT-2, whose embeddings have norms of a few units, and for
 stories260k). ``step_size=1.0`` gives the paper's unit step.
 
@@ -66,7 +69,8 @@ def logits_from_embeddings(runner: BlockRunner, x: Tensor) -> Tensor:
 
 
 def gradient_path(runner: BlockRunner, clean: Tensor, corrupted: Tensor, target: Tensor,
-                  real: Tensor, steps: int, step_size: float | None = None) -> list[Tensor]:
+                  real: Tensor, steps: int, step_size: float | None = None,
+                  used: Tensor | None = None) -> list[Tensor]:
     """The points ``gamma_1 .. gamma_m`` of EAP-GP's gradient path (module docstring).
 
     Args:
@@ -74,16 +78,22 @@ def gradient_path(runner: BlockRunner, clean: Tensor, corrupted: Tensor, target:
         clean: ``[N, T, d]`` clean input embeddings ``x`` (the path's start).
         corrupted: ``[N, T, d]`` corrupted input embeddings ``x'`` (sets the default step).
         target: ``[N, T, V]`` the corrupted run's logits ``G(x')``.
-        real: ``[N, T]`` bool, positions whose logits enter the distance (real tokens).
+        real: ``[N, T]`` bool, positions whose logits enter the distance (real tokens up to
+            the example's last metric position).
         steps: ``m >= 1``.
-        step_size: Length of each step per example (``None``: ``||x - x'||_F / m``).
+        step_size: Length of each step per example (``None``: ``||x - x'||_F / m`` over the
+            positions up to the example's last metric position, ``used``).
+        used: ``[N, T]`` bool, the positions each example's metric can depend on (``None``:
+            all): the default step's norm reads only these, so that an example's path does
+            not depend on how far other examples of its batch reach, nor on padding.
 
     Returns:
         ``m`` tensors ``[N, T, d]`` (detached).
     """
     n = clean.shape[0]
     if step_size is None:
-        eta = (clean - corrupted).reshape(n, -1).norm(dim=1) / steps
+        change = clean - corrupted if used is None else (clean - corrupted) * used[..., None]
+        eta = change.reshape(n, -1).norm(dim=1) / steps
     else:
         eta = torch.full((n,), float(step_size), dtype=clean.dtype, device=clean.device)
     weight = real[..., None].to(target.dtype)
@@ -137,7 +147,11 @@ def gradient_path_attribution(engine: PatchingEngine, data: TaskData, steps: int
     clean_tokens = engine._tokens(data.clean)[:, :t]
     corrupted_tokens = engine._tokens(data.corrupted)[:, :t]
     on_device = engine.on_device(data)
-    real = on_device.attention_mask[:, :t].bool()
+    # positions up to each example's last metric position (what running it alone reads;
+    # later positions cannot change its metric)
+    used = (torch.arange(t, device=engine.device)[None]
+            <= on_device.positions.max(1).values[:, None])
+    real = on_device.attention_mask[:, :t].bool() & used
     if on_device.corrupted_attention_mask is not None:
         real = real & on_device.corrupted_attention_mask[:, :t].bool()
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, device=engine.device)
@@ -154,7 +168,7 @@ def gradient_path_attribution(engine: PatchingEngine, data: TaskData, steps: int
             ablated = corrupted_run.senders
             diff = clean_run.senders - ablated  # a - a'
             path = gradient_path(runner, clean_run.senders[0], ablated[0], target, real[es],
-                                 steps, step_size)
+                                 steps, step_size, used[es])
             for p0 in range(0, steps, p_chunk):
                 chunk = path[p0: p0 + p_chunk]
 

@@ -109,8 +109,9 @@ class Ablation:
 
         Args:
             corrupted: ``[S, N, T, d]`` sender outputs on the corrupted prompts.
-            data: The :class:`~circuitfind.tasks.TaskData` (its ``attention_mask`` marks real
-                positions).
+            data: The :class:`~circuitfind.tasks.TaskData` (its ``corrupted_attention_mask``,
+                or ``attention_mask`` where that is ``None``, marks the corrupted prompts'
+                real positions).
 
         Returns:
             ``[S, N, T, d]`` (resample), ``[S, 1, 1, d]`` (zero, mean) or ``[S, 1, T, d]``
@@ -128,7 +129,11 @@ class Ablation:
             raise ConfigError(f"A {self.kind} ablation averages over the task's corrupted "
                               f"examples, but there is only {n}; build the data with n >= 2 "
                               "(more is better) or use the resample ablation.")
-        real = data.attention_mask[:, :t].to(corrupted.device, corrupted.dtype)  # [N, T]
+        # the corrupted prompts' own real tokens (prompt files may pad them differently
+        # from the clean prompts)
+        mask = (data.attention_mask if data.corrupted_attention_mask is None
+                else data.corrupted_attention_mask)
+        real = mask[:, :t].to(corrupted.device, corrupted.dtype)  # [N, T]
         weighted = corrupted * real[None, :, :, None]
         if self.kind == "mean":
             return weighted.sum((1, 2), keepdim=True) / real.sum().clamp_min(1)
