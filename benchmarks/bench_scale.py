@@ -150,6 +150,15 @@ def warm_dir(root: Path, shape: str) -> Path:
     return model_dir(root, name)
 
 
+def cut_shape(shape: str, layers: int) -> str:
+    """The name of ``shape`` cut to its first ``layers`` layers (``"{shape}-{layers}l"``),
+    registered in :data:`SHAPES` (for the profiling scripts' short runs)."""
+    name = f"{shape}-{layers}l"
+    SHAPES[name] = {**SHAPES[shape], **{k: layers for k in ("num_hidden_layers", "n_layer")
+                                        if k in SHAPES[shape]}}
+    return name
+
+
 def one_layer(config: dict[str, Any]) -> int:
     """ACDC's ``max_receivers`` for one receiver layer: logits, the last MLP, the last layer's
     q/k/v receivers."""

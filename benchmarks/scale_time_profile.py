@@ -81,12 +81,7 @@ def main() -> None:
     import circuitfind as cf
     from circuitfind.testing.tiny import ToyTask
 
-    name = args.shape
-    if args.layers:
-        name = f"{args.shape}-{args.layers}l"
-        bench_scale.SHAPES[name] = {**bench_scale.SHAPES[args.shape],
-                                    **{k: args.layers for k in ("num_hidden_layers", "n_layer")
-                                       if k in bench_scale.SHAPES[args.shape]}}
+    name = bench_scale.cut_shape(args.shape, args.layers) if args.layers else args.shape
     root = Path(args.model_root or tempfile.mkdtemp(prefix="cf-prof-"))
     path = bench_scale.model_dir(root, name, args.dtype)
     model = cf.load_model(str(path), device="cpu", dtype=args.dtype)

@@ -45,10 +45,7 @@ def main() -> None:
     import circuitfind.patching.attribution as attribution
     from circuitfind.testing.tiny import ToyTask
 
-    name = f"{args.shape}-{args.layers}l"
-    bench_scale.SHAPES[name] = {**bench_scale.SHAPES[args.shape],
-                                **{k: args.layers for k in ("num_hidden_layers", "n_layer")
-                                   if k in bench_scale.SHAPES[args.shape]}}
+    name = bench_scale.cut_shape(args.shape, args.layers)
     root = Path(args.model_root or tempfile.mkdtemp(prefix="cf-split-"))
     path = bench_scale.model_dir(root, name, args.dtype)
     model = cf.load_model(str(path), device="cpu", dtype=args.dtype)

@@ -40,9 +40,9 @@ together, in two parts:
   a'_h`` whose coefficients vary by position only through ``inv(y) = 1 / sqrt(mean(y^2) +
   eps)``, and ``|y|^2 = u^T G u`` (``u = [1, -w]``) from the basis' Gram matrix ``G``
   (float64 values; one float32 matmul for float32 models, with the few mixtures that cancel
-  recomputed in float64, :func:`mixture_norms`). A layer's basis and Gram matrices are built once a pass; every receiver group's
-  change is then one batched matmul (coefficients ``[R', J]`` times basis ``[J, d]`` per mask
-  and position), with no per-receiver mixture or norm. Where few masks touch a receiver
+  recomputed in float64, :func:`mixture_norms`). A layer's basis and Gram matrices are built
+  once a pass; every receiver group's change is then one batched matmul (coefficients ``[R',
+  J]`` times basis ``[J, d]`` per mask and position), with no per-receiver mixture or norm. Where few masks touch a receiver
   (exact patching's MLP at the start layer) and with gradients, the norms are computed
   directly (one batched matmul and one norm per layer of heads).
 
@@ -500,7 +500,7 @@ class PostNormPass:
                     gram = self.grams[layer] if every else self.grams[layer][kd]
                     us = torch.cat([torch.ones_like(w[:, :1]), -w], 1).double()  # [K', J, R']
                     sq, suspect = mixture_norms(gram, us)  # [K', X', R']: |y|^2
-                    if gram.dtype != self.dtype and bool(suspect.any()):
+                    if self.dtype == torch.float32 and bool(suspect.any()):  # see _gram
                         sq = self._exact_norms(layer, None if every else kd, us, sq, suspect)
                     assert self.rms is not None  # as above
                     eps = self.rms[layer][1]

@@ -49,6 +49,38 @@ def edge_patched_logits(model, graph, data, s, r, clean_out, ablated):
         return logits_at(model, data.clean, data.positions)
 
 
+def sender_hooks(graph, into: dict) -> list:
+    """Bridge hooks that store every sender's output of the run they see into ``into``
+    (sender index -> ``[N, T, d]``; heads without the attention output bias), in order."""
+    def keep(index):
+        def fn(x, hook):
+            into[index] = x.detach().clone()
+            return x
+        return fn
+
+    def keep_heads(h0):
+        def fn(x, hook):
+            for h in range(graph.n_heads):
+                into[h0 + h] = x[:, :, h].detach().clone()
+            return x
+        return fn
+
+    hooks = [("blocks.0.hook_resid_pre", keep(0))]
+    for layer in range(graph.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_result", keep_heads(graph.head_start[layer])))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", keep(graph.mlp_index[layer])))
+    return hooks
+
+
+def bridge_senders(model, graph, tokens) -> torch.Tensor:
+    """Every sender's output ``[S, N, T, d]`` of the bridge's run on ``tokens``, read by
+    :func:`sender_hooks`."""
+    out: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=sender_hooks(graph, out)):
+        model(tokens)
+    return torch.stack([out[u] for u in range(graph.n_senders)])
+
+
 def patched_run(model, graph, data, removed, frozen, ablated, clean_out):
     """Logits at the metric positions of the bridge with the runner's patching equation applied
     in hooks, one receiver at a time:
@@ -60,24 +92,7 @@ def patched_run(model, graph, data, removed, frozen, ablated, clean_out):
     outputs of this run are read by hooks as the forward reaches them (senders come first).
     """
     current: dict[int, torch.Tensor] = {}
-
-    def keep(index):
-        def fn(x, hook):
-            current[index] = x.detach().clone()
-            return x
-        return fn
-
-    def keep_heads(h0):
-        def fn(x, hook):
-            for h in range(graph.n_heads):
-                current[h0 + h] = x[:, :, h].detach().clone()
-            return x
-        return fn
-
-    hooks = [("blocks.0.hook_resid_pre", keep(0))]
-    for layer in range(graph.n_layers):
-        hooks.append((f"blocks.{layer}.attn.hook_result", keep_heads(graph.head_start[layer])))
-        hooks.append((f"blocks.{layer}.hook_mlp_out", keep(graph.mlp_index[layer])))
+    hooks = sender_hooks(graph, current)
     by_hook: dict[str, list] = {}
     for r, rec in enumerate(graph.receivers):
         by_hook.setdefault(receiver_hook(rec), []).append((r, rec))

@@ -33,7 +33,7 @@ import torch
 from circuitfind.patching import PatchingEngine
 from circuitfind.tasks.base import TaskData
 from circuitfind.testing import ToyTask, tiny_model
-from bridge_reference import patched_run
+from bridge_reference import bridge_senders, patched_run
 from test_families import FAMILIES, POST_NORM
 from tolerances import EPS32, FLOAT32_MODEL_ULPS, assert_close, float32_atol
 
@@ -89,31 +89,6 @@ def padded_data(clean_lengths: list[int], corrupted_lengths: list[int], seed: in
                     answers=answers[:, :1], wrong_answers=answers[:, 1:],
                     attention_mask=mask_c, corrupted_attention_mask=mask_x,
                     clean_prompts=[""] * n, corrupted_prompts=[""] * n, seed=seed)
-
-
-def bridge_senders(model, g, tokens) -> torch.Tensor:
-    """Every sender's output ``[S, N, T, d]`` read by hooks on the bridge (heads without the
-    attention output bias)."""
-    out: dict[int, torch.Tensor] = {}
-
-    def keep(u):
-        def fn(x, hook):
-            out[u] = x.detach().clone()
-        return fn
-
-    def keep_heads(h0):
-        def fn(x, hook):
-            for h in range(g.n_heads):
-                out[h0 + h] = x[:, :, h].detach().clone()
-        return fn
-
-    hooks = [("blocks.0.hook_resid_pre", keep(0))]
-    for layer in range(g.n_layers):
-        hooks.append((f"blocks.{layer}.attn.hook_result", keep_heads(g.head_start[layer])))
-        hooks.append((f"blocks.{layer}.hook_mlp_out", keep(g.mlp_index[layer])))
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(tokens)
-    return torch.stack([out[u] for u in range(g.n_senders)])
 
 
 def senders(model, hf, g, tokens, post_norm: bool) -> torch.Tensor:
@@ -455,17 +430,11 @@ def test_single_edge_path_patching_equals_exact_on_every_family(setups, name):
     """``cf.path_patch`` of one sender into one receiver (every other path frozen to the
     clean run) scores every edge as exact patching does, on the families
     test_path_patching.py leaves out (parallel attention and MLP included), padded prompts."""
-    import circuitfind as cf
-    from circuitfind.algorithms import ExactPatching
+    from test_path_patching import path_patch_every_edge
 
     model, _ = setups(name, torch.float64)
     data = padded_data(CLEAN_LENGTHS, CORRUPTED_LENGTHS, seed=9)
-    engine = PatchingEngine(model)
-    g = engine.graph
-    exact = g.to_edges(ExactPatching(progress=False).score(engine, data)).double()
-    senders = [[g.senders[s].name] for s in g.edge_pairs[:, 0].tolist()]
-    receivers = [[g.receivers[r].name] for r in g.edge_pairs[:, 1].tolist()]
-    got = cf.path_patch(engine, data, senders, receivers)
+    got, exact = path_patch_every_edge(PatchingEngine(model), data)
     assert exact.abs().max() > 1e-2
     assert_close(model, got, exact, scale=exact)
 

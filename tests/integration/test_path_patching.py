@@ -29,18 +29,24 @@ from bridge_reference import metric_with_hooks, receiver_hook
 from tolerances import assert_close
 
 
+def path_patch_every_edge(engine, data):
+    """``(path patching, exact patching)`` scores ``[E]`` (float64, metric units) of every
+    edge: path patching of its one sender into its one receiver, every other path frozen to
+    the clean run, beside :class:`ExactPatching`'s score of the edge."""
+    g = engine.graph
+    exact = g.to_edges(ExactPatching(progress=False).score(engine, data)).double()
+    senders = [[g.senders[s].name] for s in g.edge_pairs[:, 0].tolist()]
+    receivers = [[g.receivers[r].name] for r in g.edge_pairs[:, 1].tolist()]
+    return cf.path_patch(engine, data, senders, receivers), exact
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gemma2"])
 def test_single_edge_path_patch_equals_exact(tiny_models, name):
     """One sender into one receiver, every other path frozen to the clean run (for Gemma-2
     through the receivers' post-norm mixtures), scores each edge as exact patching does."""
     model = tiny_models(name)
     data = ToyTask(positions=2).build(model.tokenizer, 3, seed=8)
-    engine = PatchingEngine(model)
-    g = engine.graph
-    exact = g.to_edges(ExactPatching(progress=False).score(engine, data)).double()
-    senders = [[g.senders[s].name] for s in g.edge_pairs[:, 0].tolist()]
-    receivers = [[g.receivers[r].name] for r in g.edge_pairs[:, 1].tolist()]
-    got = cf.path_patch(engine, data, senders, receivers)
+    got, exact = path_patch_every_edge(PatchingEngine(model), data)
     assert exact.abs().max() > 1e-2
     torch.testing.assert_close(got, exact, atol=1e-6 * max(1.0, float(exact.abs().max())),
                                rtol=0)
