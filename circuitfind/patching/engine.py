@@ -634,7 +634,9 @@ class PatchingEngine:
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
             estimate of ``metric(all edges but e) - metric(full model)``; with
-            ``drop_each_layer`` ``[L, S, R]``, row ``l`` with layer ``l`` dropped.
+            ``drop_each_layer`` ``[L, S, R]``, row ``l`` with layer ``l`` dropped: the mean
+            over examples of each example's ``|score|`` (GradDrop's per-prompt-pair
+            magnitudes, Kramar et al. 2024 eq. 11), non-negative.
 
         Raises:
             ConfigError: an empty ``points``, a point naming no node group of the graph, or a
