@@ -381,6 +381,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     edges = g.edge_mask.to(scores.device)
     fired: set[str] = set()  # parts whose gradient arrived
     # rows ``example * T + position`` of the metric positions, each once
+    examples = torch.arange(n, device=positions.device)[:, None]  # [N, 1]
+    # [N, P, 1]: a metric position's first occurrence in its example
+    first_read = (~(positions[:, :, None] == positions[:, None, :]).tril(-1).any(2))[..., None]
     at_metric = torch.unique(torch.arange(n, device=positions.device)[:, None] * t
                              + positions)
 
@@ -413,7 +416,15 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         n_up = max(n_upstream[r0:r1])
         row0 = r0 - groups[gi][0][1]
         buf = buffers.pop(gi)[row0: row0 + r1 - r0]
-        if gi == len(groups) - 1 and (copies == 1 or folded) and per_example is None:
+        if gi == len(groups) - 1 and per_example is not None:
+            # per example, at its metric positions (each once: a repeated position's gradient
+            # already holds both reads)
+            n_r = r1 - r0
+            rows = delta.reshape(g.n_senders, n, t, d)[:n_up, examples, positions]
+            grads = buf.view(n_r, n, t, d)[:, examples, positions] * first_read
+            contract_magnitudes(scores, rows.transpose(0, 1).reshape(n, n_up, -1), r0,
+                                grads.reshape(n_r, n, -1))
+        elif gi == len(groups) - 1 and (copies == 1 or folded):
             # the last MLP's and the logits' gradients are 0 off the metric positions: the
             # contraction reads those rows only
             contract_scores(scores, delta.reshape(g.n_senders, n * t, d)[:n_up, at_metric]
@@ -427,10 +438,12 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # 0 elsewhere in ``delta``, which is exact: the only receivers that read them (the last
     # MLP's and the logits) have no gradient elsewhere.
     # The QK fix reads the last layer's pattern at those query rows only (its tap puts them
-    # back among all T rows, :meth:`QKFix.tap`). (With modified backward rules, GradDrop, or
-    # points given as tensors over every position, every block runs at every position.)
+    # back among all T rows, :meth:`QKFix.tap`). GradDrop's passes start at or below the
+    # last block's input, the one dropping the last layer from the gradient at its output
+    # (0 off the metric positions, put back among all T rows). (With modified backward rules
+    # or points given as tensors over every position, every block runs at every position.)
     last = g.n_layers - 1
-    trim = rules.plain_gradient and not drop_each_layer and not any(
+    trim = rules.plain_gradient and not any(
         isinstance(alpha, Tensor) for alpha in (a for cs in moved.values() for a in cs.values()))
     where = positions.repeat(copies, 1)  # [C*N, P]
     if fix is not None and trim:
@@ -493,6 +506,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     def seed(layer: int) -> Any:
         def hook(grad: Tensor) -> None:
             if below is None:
+                if grad.shape[1] != t:  # the trimmed last block's output [N, P, d]
+                    full = grad.new_zeros(grad.shape[0], t, grad.shape[-1])
+                    grad = full.scatter_add_(1, where[:, :, None].expand(*grad.shape), grad)
                 seeds[layer] = grad
         return hook
 
@@ -576,7 +592,7 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     branch = x + 0  # [C*N, P, d] (trimmed) or [C*N, T, d]
     branch.register_hook(on_receiver("logits", spread=trim))
     if drop_each_layer:  # the differences are complete: once example-major for every pass
-        per_example = delta.reshape(g.n_senders, n, -1).transpose(0, 1).contiguous()
+        per_example = delta.reshape(g.n_senders, n, -1).transpose(0, 1)
     metric(lay.final(branch if trim else pick(branch, where))).backward(
         retain_graph=drop_each_layer and g.n_layers > 1)
 

@@ -684,8 +684,7 @@ class PatchingEngine:
         on_device = self.on_device(data)
         # EAP with the plain gradient runs the last block at the metric positions only
         # (:func:`circuitfind.patching.attribution.eap_pass`)
-        last_block_trimmed = (points is None and not drop_each_layer
-                              and (rules is None or rules.plain_gradient))
+        last_block_trimmed = points is None and (rules is None or rules.plain_gradient)
         with frozen_parameters(self.model, self._parameters), torch.enable_grad():
             for e0 in range(0, data.n, n_chunk):
                 es = slice(e0, min(data.n, e0 + n_chunk))

@@ -183,6 +183,19 @@ def test_grad_drop_is_the_mean_over_prompts_of_each_prompts_magnitude(setups, tm
     assert AtPStar(grad_drop=False).score_meaning(data.task).kind == "metric_change"
 
 
+@pytest.mark.parametrize("name", ["gpt2", "qwen3", "gemma2"])
+def test_grad_drop_at_metric_positions_that_differ_by_example(setups, name):
+    """The last block runs at each example's own metric positions (one repeated) under
+    GradDrop too, the pass dropping the last layer seeded from them, and the last receivers
+    are contracted there per example: still one pass per example and dropped layer."""
+    engine, data, _, _ = setups(name)
+    data = dataclasses.replace(data, positions=torch.tensor([[7, 8], [5, 8], [3, 3]]))
+    want = _mean_magnitude(_dropped(engine, data))
+    _close(AtPStar().score(engine, data), want)
+    _close(AtPStar(qk_fix=False).score(engine, data),
+           _mean_magnitude(_dropped(engine, data, qk_fix=False)))
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_grad_drop_equals_the_paper_on_plain_hugging_face(setups, name):
     """AtP* against eq. 11 computed from scratch on the plain Hugging Face model: for each
