@@ -125,7 +125,7 @@ class AtPStar(Algorithm):
         if not self.grad_drop:
             return meaning
         return ScoreMeaning("importance", meaning.unit, meaning.higher_is_better,
-                            "mean |AtP| over dropped layers")
+                            "mean over prompts and dropped layers of each prompt's |AtP|")
 
     def score(self, engine: PatchingEngine, data: TaskData,
               context: RunContext | None = None) -> Tensor:
