@@ -70,6 +70,13 @@ grows with the depth (``U``) and the prompt length (``T^2``) relative to EAP. Th
 GradDrop's ``L (L - 1) / 2`` layer-backward passes alone are 0.84x EAP's multiply-adds and the
 QK fix's irreducible projections and patterns 0.34x, so AtP* cannot go below about 2.2x EAP on
 this shape at EAP's own rate per multiply-add (``docs/decisions.md``).
+
+GradDrop's time floor (``benchmarks/bench_graddrop.py``, ``graddrop_speed.md``): its bare
+layer-backward passes cost 0.56-0.66x EAP in time and GradDrop adds 0.9-1.2x EAP to the QK fix
+(the rest: each pass's receivers' gradients and per-example contraction). Batching the passes
+does not lower the floor on a CPU: one core's matmuls already run at its peak at 128 rows
+(EAP's shapes), and stacking the dropped layers' gradients as a batch (``torch.func.vmap`` of
+each layer's ``vjp``) measured no faster than the separate passes.
 """
 
 from __future__ import annotations
