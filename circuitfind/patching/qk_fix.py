@@ -294,8 +294,9 @@ class QKFix:
             val_k[:, :, u0:u1] = got.permute(3, 1, 2, 0)  # [m, N, c, G]
         val_q -= base[:, :, None]
         val_k -= base.view(m, n, 1, groups, rep).sum(-1)
-        if self.magnitudes:
-            val_q.abs_(), val_k.abs_()
+        if self.magnitudes:  # each example's estimate in magnitude (GradDrop)
+            val_q.abs_()
+            val_k.abs_()
         val_q, val_k = val_q.sum(1), val_k.sum(1)
         return [(val_q[i], val_k[i]) for i in range(m)]
 
