@@ -89,12 +89,21 @@ def contract_magnitudes(scores: Tensor, delta: Tensor, r0: int, grad: Tensor) ->
         r0: First receiver of the block.
         grad: ``[R', N, X]`` the receivers' gradients, flattened the same way.
 
-    Half-precision operands are contracted in float32, like :func:`matmul_nt`.
+    Half-precision operands are contracted in float32, like :func:`matmul_nt`: a few examples
+    at a time (at most :data:`ACCUMULATION_CHUNK_BYTES` of float32 copies, one example at
+    least), each example's sum in float32.
     """
-    if delta.dtype in HALF_DTYPES or grad.dtype in HALF_DTYPES:
-        delta, grad = delta.float(), grad.float()
-    block = torch.bmm(delta, grad.permute(1, 2, 0).to(delta))  # [N, U, R']
-    scores[: delta.shape[1], r0: r0 + grad.shape[0]] += block.abs_().sum(0).to(scores.dtype)
+    u, r = delta.shape[1], grad.shape[0]
+    target = scores[:u, r0: r0 + r]
+    if delta.dtype not in HALF_DTYPES and grad.dtype not in HALF_DTYPES:
+        block = torch.bmm(delta, grad.permute(1, 2, 0).to(delta))  # [N, U, R']
+        target += block.abs_().sum(0).to(scores.dtype)
+        return
+    step = max(1, ACCUMULATION_CHUNK_BYTES // (4 * (u + r) * delta.shape[2]))
+    for n0 in range(0, delta.shape[0], step):
+        block = torch.bmm(delta[n0: n0 + step].float(),
+                          grad[:, n0: n0 + step].float().permute(1, 2, 0))
+        target += block.abs_().sum(0).to(scores.dtype)
 
 
 class _ReceiverGradients(torch.autograd.Function):
