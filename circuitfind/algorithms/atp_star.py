@@ -72,7 +72,7 @@ QK fix's irreducible projections and patterns 0.34x, so AtP* cannot go below abo
 this shape at EAP's own rate per multiply-add (``docs/decisions.md``).
 
 GradDrop's time floor (``benchmarks/bench_graddrop.py``, ``graddrop_speed.md``): its bare
-layer-backward passes cost 0.56-0.66x EAP in time and GradDrop adds 0.9-1.2x EAP to the QK fix
+layer-backward passes cost 0.56-0.68x EAP in time and GradDrop adds 0.9-1.2x EAP to the QK fix
 (the rest: each pass's receivers' gradients and per-example contraction). Batching the passes
 does not lower the floor on a CPU: one core's matmuls already run at its peak at 128 rows
 (EAP's shapes), and stacking the dropped layers' gradients as a batch (``torch.func.vmap`` of
