@@ -389,10 +389,10 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     n_upstream: list[int] = g.n_upstream.tolist()
     edges = g.edge_mask.to(scores.device)
     fired: set[str] = set()  # parts whose gradient arrived
-    # rows ``example * T + position`` of the metric positions, each once
     examples = torch.arange(n, device=positions.device)[:, None]  # [N, 1]
     # [N, P, 1]: a metric position's first occurrence in its example
     first_read = (~(positions[:, :, None] == positions[:, None, :]).tril(-1).any(2))[..., None]
+    # rows ``example * T + position`` of the metric positions, each once
     at_metric = torch.unique(torch.arange(n, device=positions.device)[:, None] * t
                              + positions)
 
