@@ -31,6 +31,18 @@ def interleaved_rounds(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[s
     return times
 
 
+def fresh_scorers(algos: dict[str, Any], engine: Any, data: Any) -> dict[str, Callable[[], Any]]:
+    """``{name: () -> algo.score(engine, data')}`` with ``data'`` holding a new corrupted
+    tensor each call, so that the engine's memo of the corrupted run never hits."""
+    import dataclasses
+
+    def scorer(algo: Any) -> Callable[[], Any]:
+        return lambda: algo.score(engine, dataclasses.replace(
+            data, corrupted=data.corrupted.clone()))
+
+    return {name: scorer(algo) for name, algo in algos.items()}
+
+
 def git(*args: str) -> str:
     """``git ARGS`` in the repository (e.g. ``rev-parse --short HEAD``), or ``"unknown"``."""
     try:

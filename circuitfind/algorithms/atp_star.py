@@ -8,20 +8,27 @@ components (false negatives) and propose two fixes, together AtP*:
   recomputed exactly and only the pattern's effect on the metric is linearised
   (:mod:`circuitfind.patching.qk_fix`);
 - **GradDrop** (§3.1.2): a component's effect can be cancelled along different downstream
-  paths; dropping the gradient through one layer at a time exposes it:
+  paths; dropping the gradient through one layer at a time exposes it (eq. 11 of arXiv v1):
 
-      AtP*(n) = 1 / (L - 1) sum_{l=1..L} | AtP_(l)(n) |
+      AtP*(n) = E_{(x_clean, x_noise)} [ 1 / (L - 1) sum_{l=1..L} | AtP_(l)(n; x_clean, x_noise) | ]
 
   with ``AtP_(l)`` the estimate whose backward pass passes no gradient through layer ``l``'s
-  residual-stream contributions (its attention and MLP outputs).
+  residual-stream contributions (its attention and MLP outputs). The absolute value is taken
+  of each prompt pair's estimate, inside the mean over pairs (the paper's ``I(n; x_clean,
+  x_noise)`` is one pair's effect; the public reimplementation koayon/atp_star, ``atp.py``,
+  does the same): a component whose effect has opposite signs on different prompts is not
+  cancelled across the batch either.
 
 Method here (edge level). An edge ``u -> r`` is scored as EAP does, ``(a'_u - a_u) . d metric
 / d x_r`` in the clean run, except that edges into q and k inputs take the QK-fixed estimate
 ``sum (A' - A) . d metric / d A`` (exact pattern ``A'`` of the head with the receiver's input
 patched). With GradDrop, ``L`` estimates each drop one layer (a receiver in the dropped layer
-scores 0 in it, which the ``L - 1`` accounts for) and the scores are the mean absolute values
-above: non-negative importances (the sign is lost, as in the paper); without it the scores are
-signed metric changes like EAP's.
+scores 0 in it, which the ``L - 1`` accounts for) and the scores are the mean over examples of
+each example's absolute values above: non-negative importances (the sign is lost, as in the
+paper); without it the scores are signed metric changes like EAP's. Each GradDrop pass
+contracts each example apart and sums the magnitudes (``attribution.contract_magnitudes``;
+the QK fix likewise, ``QKFix(magnitudes=True)``), so the scores do not depend on the batch
+split.
 
 GradDrop from one forward pass. The backward pass is linear in the gradient it starts from, and
 dropping layer ``l`` leaves only the residual connection around it: the gradient reaching
@@ -46,7 +53,8 @@ Deviations from the reference implementation (the paper publishes no code). The 
 nodes (neurons, a head's query or key at one position); circuitfind scores edges: an edge patch
 changes the receiver's input at every position, so the QK fix recomputes the head's whole
 pattern from the patched receiver input (through its norm and projection), and GradDrop acts at
-the receiver's layer. Models with a single layer take no GradDrop (the mean over ``L - 1`` is
+the receiver's layer; a prompt pair is one example of the task data, an edge's estimate on it
+the sum over its positions. Models with a single layer take no GradDrop (the mean over ``L - 1`` is
 undefined): plain QK-fixed scores are returned.
 
 Cost in practice (``benchmarks/results/methods_speed.md``, ``bench_atp_floor.py``): on
@@ -62,6 +70,13 @@ grows with the depth (``U``) and the prompt length (``T^2``) relative to EAP. Th
 GradDrop's ``L (L - 1) / 2`` layer-backward passes alone are 0.84x EAP's multiply-adds and the
 QK fix's irreducible projections and patterns 0.34x, so AtP* cannot go below about 2.2x EAP on
 this shape at EAP's own rate per multiply-add (``docs/decisions.md``).
+
+GradDrop's time floor (``benchmarks/bench_graddrop.py``, ``graddrop_speed.md``): its bare
+layer-backward passes cost 0.56-0.68x EAP in time and GradDrop adds 0.9-1.2x EAP to the QK fix
+(the rest: each pass's receivers' gradients and per-example contraction). Batching the passes
+does not lower the floor on a CPU: one core's matmuls already run at its peak at 128 rows
+(EAP's shapes), and stacking the dropped layers' gradients as a batch (``torch.func.vmap`` of
+each layer's ``vjp``) measured no faster than the separate passes.
 """
 
 from __future__ import annotations
@@ -86,8 +101,9 @@ class AtPStar(Algorithm):
 
     Args:
         qk_fix: Score q and k edges through the exact attention pattern.
-        grad_drop: Average absolute scores over ``L`` passes, each dropping one layer's
-            gradient (``L`` backward passes; scores become non-negative importances).
+        grad_drop: Average over examples and dropped layers each example's absolute score
+            with one layer's gradient dropped (eq. 11; scores become non-negative
+            importances).
         batch_size: Examples per forward/backward pass (``None``: from the engine's memory
             budget). Scores do not depend on it.
 
@@ -96,7 +112,8 @@ class AtPStar(Algorithm):
 
     References:
         Kramar, Lieberum, Shah & Nanda (2024), "AtP*: An efficient and scalable method for
-        localizing LLM behaviour to components", arXiv:2403.00745, §3.1 (eq. 4-6).
+        localizing LLM behaviour to components", arXiv:2403.00745, §3.1.1 (QK fix) and
+        §3.1.2 (GradDrop, eq. 11 of v1).
     """
 
     name = "atp_star"
@@ -115,7 +132,7 @@ class AtPStar(Algorithm):
         if not self.grad_drop:
             return meaning
         return ScoreMeaning("importance", meaning.unit, meaning.higher_is_better,
-                            "mean |AtP| over dropped layers")
+                            "mean over prompts and dropped layers of each prompt's |AtP|")
 
     def score(self, engine: PatchingEngine, data: TaskData,
               context: RunContext | None = None) -> Tensor:
@@ -132,5 +149,5 @@ class AtPStar(Algorithm):
                                            rules=BackwardRules(qk_fix=bool(self.qk_fix)))
         per_layer = engine.edge_attribution(data, batch_size=self.batch_size,
                                             rules=BackwardRules(qk_fix=bool(self.qk_fix)),
-                                            drop_each_layer=True)  # [L, S, R]
-        return (per_layer.double().abs().sum(0) / (layers - 1)).float()
+                                            drop_each_layer=True)  # [L, S, R], magnitudes
+        return (per_layer.double().sum(0) / (layers - 1)).float()

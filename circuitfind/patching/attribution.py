@@ -75,6 +75,37 @@ def contract_scores(scores: Tensor, delta: Tensor, r0: int, grad: Tensor,
         scores[: delta.shape[0], r0: r0 + grad.shape[0]] += sign * block
 
 
+def contract_magnitudes(scores: Tensor, delta: Tensor, r0: int, grad: Tensor) -> None:
+    """Each example's eq. (2) in magnitude: ``scores[:U, r0:r0+R'] += sum_n |delta_n . grad_n|``.
+
+    GradDrop's estimates are taken in absolute value prompt pair by prompt pair before the mean
+    over pairs (Kramar et al. 2024, eq. 11): the contraction keeps the examples apart.
+
+    Args:
+        scores: ``[S, R]`` float64 sums of magnitudes, updated in place.
+        delta: ``[N, U, X]`` sender differences ``a' - a`` of the U senders upstream of the
+            receivers, per example, flattened over positions and ``d_model`` (any strides
+            with a contiguous last dimension).
+        r0: First receiver of the block.
+        grad: ``[R', N, X]`` the receivers' gradients, flattened the same way.
+
+    Half-precision operands are contracted in float32, like :func:`matmul_nt`: a few examples
+    at a time (at most :data:`ACCUMULATION_CHUNK_BYTES` of float32 copies, one example at
+    least), each example's sum in float32.
+    """
+    u, r = delta.shape[1], grad.shape[0]
+    target = scores[:u, r0: r0 + r]
+    if delta.dtype not in HALF_DTYPES and grad.dtype not in HALF_DTYPES:
+        block = torch.bmm(delta, grad.permute(1, 2, 0).to(delta))  # [N, U, R']
+        target += block.abs_().sum(0).to(scores.dtype)
+        return
+    step = max(1, ACCUMULATION_CHUNK_BYTES // (4 * (u + r) * delta.shape[2]))
+    for n0 in range(0, delta.shape[0], step):
+        block = torch.bmm(delta[n0: n0 + step].float(),
+                          grad[:, n0: n0 + step].float().permute(1, 2, 0))
+        target += block.abs_().sum(0).to(scores.dtype)
+
+
 class _ReceiverGradients(torch.autograd.Function):
     """``q, k, v = qkv(ln_attn(x))`` of one layer, whose backward pass is EAP's.
 
@@ -139,7 +170,7 @@ def attribute(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: T
     if points is not None and (not rules.plain or drop_each_layer):
         raise ConfigError(f"Modified backward rules ({rules.describe()}) and GradDrop apply to "
                           "the clean run's gradient only, not to gradient points (EAP-IG).")
-    fix = QKFix(runner) if rules.qk_fix else None
+    fix = QKFix(runner, magnitudes=drop_each_layer) if rules.qk_fix else None
     installed = for_repeated_backward(rules) if drop_each_layer else rules
     with runner.arch.backward_rules(installed, None if fix is None else fix.tap):
         return eap_pass(runner, tokens, ablated, positions, metric, points, diff, rules, fix,
@@ -199,8 +230,11 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
             layer ``l``'s input when no gradient passes through its attention and MLP
             outputs) recovers the receivers below ``l``; receivers above ``l`` keep the plain
             gradient and those of layer ``l`` get none. ``L (L - 1) / 2`` layer-backward
-            passes in all instead of ``L`` full forward and backward passes; equal to
-            ``L`` passes with :attr:`BackwardRules.drop_layer` up to rounding.
+            passes in all instead of ``L`` full forward and backward passes. Each pass
+            scores each example apart and adds the magnitudes (eq. 11 of arXiv v1 takes
+            the absolute value per prompt pair; :func:`contract_magnitudes`): row ``l``
+            equals the sum over examples of ``|scores|`` of one-example passes with
+            :attr:`BackwardRules.drop_layer` ``= l``, up to rounding.
         overwrite: ``ablated`` (contiguous, ``[S, N, T, d]``, the caller's own) may be
             overwritten: the sender differences are written into it instead of a new buffer
             (EAP only; one ``[S, N, T, d]`` buffer less). The buffers of the pass itself come
@@ -208,7 +242,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
 
     Returns:
         ``[S, R]`` float64 scores (0 off real edges), in the metric's unit; with
-        ``drop_each_layer`` ``[L, S, R]``, row ``l`` the scores with layer ``l`` dropped.
+        ``drop_each_layer`` ``[L, S, R]``, row ``l`` the sum over the examples of each
+        example's ``|score|`` with layer ``l`` dropped (non-negative).
 
     Raises:
         HookError: a receiver group's gradient did not arrive (its scores would be 0).
@@ -237,6 +272,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
              if diff is None
              else -diff)
     flat = delta.reshape(g.n_senders, -1)
+    # GradDrop's passes score each example apart, in magnitude (:func:`contract_magnitudes`):
+    # the differences example-major ``[N, S, T*d]``, filled in after the forward pass
+    per_example: Tensor | None = None
     # gradient points by node group: {copy: alpha}
     moved: dict[str, dict[int, float | Tensor]] = {}
     for c, (node, alpha) in enumerate(points or []):
@@ -279,6 +317,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         """``scores[:n_up, r0:r0+h] += delta . grad`` for ``grad [h, N*T, d]`` (for post-norm
         families with several copies ``[h, C*N*T, d]``, per copy)."""
         h = grad.shape[0]
+        if per_example is not None:  # GradDrop: each example's score in magnitude
+            contract_magnitudes(scores, per_example[:, :n_up], r0, grad.reshape(h, n, -1))
+            return
         if not post or copies == 1:
             contract_scores(scores, flat[:n_up], r0, grad.reshape(h, -1))
             return
@@ -348,6 +389,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     n_upstream: list[int] = g.n_upstream.tolist()
     edges = g.edge_mask.to(scores.device)
     fired: set[str] = set()  # parts whose gradient arrived
+    examples = torch.arange(n, device=positions.device)[:, None]  # [N, 1]
+    # [N, P, 1]: a metric position's first occurrence in its example
+    first_read = (~(positions[:, :, None] == positions[:, None, :]).tril(-1).any(2))[..., None]
     # rows ``example * T + position`` of the metric positions, each once
     at_metric = torch.unique(torch.arange(n, device=positions.device)[:, None] * t
                              + positions)
@@ -381,7 +425,15 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         n_up = max(n_upstream[r0:r1])
         row0 = r0 - groups[gi][0][1]
         buf = buffers.pop(gi)[row0: row0 + r1 - r0]
-        if gi == len(groups) - 1 and (copies == 1 or folded):
+        if gi == len(groups) - 1 and per_example is not None:
+            # per example, at its metric positions (each once: a repeated position's gradient
+            # already holds both reads)
+            n_r = r1 - r0
+            rows = delta.reshape(g.n_senders, n, t, d)[:n_up, examples, positions]
+            grads = buf.view(n_r, n, t, d)[:, examples, positions] * first_read
+            contract_magnitudes(scores, rows.transpose(0, 1).reshape(n, n_up, -1), r0,
+                                grads.reshape(n_r, n, -1))
+        elif gi == len(groups) - 1 and (copies == 1 or folded):
             # the last MLP's and the logits' gradients are 0 off the metric positions: the
             # contraction reads those rows only
             contract_scores(scores, delta.reshape(g.n_senders, n * t, d)[:n_up, at_metric]
@@ -395,10 +447,12 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     # 0 elsewhere in ``delta``, which is exact: the only receivers that read them (the last
     # MLP's and the logits) have no gradient elsewhere.
     # The QK fix reads the last layer's pattern at those query rows only (its tap puts them
-    # back among all T rows, :meth:`QKFix.tap`). (With modified backward rules, GradDrop, or
-    # points given as tensors over every position, every block runs at every position.)
+    # back among all T rows, :meth:`QKFix.tap`). GradDrop's passes start at or below the
+    # last block's input, the one dropping the last layer from the gradient at its output
+    # (0 off the metric positions, put back among all T rows). (With modified backward rules
+    # or points given as tensors over every position, every block runs at every position.)
     last = g.n_layers - 1
-    trim = rules.plain_gradient and not drop_each_layer and not any(
+    trim = rules.plain_gradient and not any(
         isinstance(alpha, Tensor) for alpha in (a for cs in moved.values() for a in cs.values()))
     where = positions.repeat(copies, 1)  # [C*N, P]
     if fix is not None and trim:
@@ -461,6 +515,9 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
     def seed(layer: int) -> Any:
         def hook(grad: Tensor) -> None:
             if below is None:
+                if grad.shape[1] != t:  # the trimmed last block's output [N, P, d]
+                    full = grad.new_zeros(grad.shape[0], t, grad.shape[-1])
+                    grad = full.scatter_add_(1, where[:, :, None].expand(*grad.shape), grad)
                 seeds[layer] = grad
         return hook
 
@@ -543,6 +600,8 @@ def eap_pass(runner: BlockRunner, tokens: Tensor, ablated: Tensor, positions: Te
         x.register_hook(seed(g.n_layers))
     branch = x + 0  # [C*N, P, d] (trimmed) or [C*N, T, d]
     branch.register_hook(on_receiver("logits", spread=trim))
+    if drop_each_layer:  # the differences are complete: once example-major for every pass
+        per_example = delta.reshape(g.n_senders, n, -1).transpose(0, 1)
     metric(lay.final(branch if trim else pick(branch, where))).backward(
         retain_graph=drop_each_layer and g.n_layers > 1)
 

@@ -634,7 +634,9 @@ class PatchingEngine:
         Returns:
             ``[S, R]`` float32 scores (0 off real edges), in the task's metric unit: an
             estimate of ``metric(all edges but e) - metric(full model)``; with
-            ``drop_each_layer`` ``[L, S, R]``, row ``l`` with layer ``l`` dropped.
+            ``drop_each_layer`` ``[L, S, R]``, row ``l`` with layer ``l`` dropped: the mean
+            over examples of each example's ``|score|`` (GradDrop's per-prompt-pair
+            magnitudes, Kramar et al. 2024 eq. 11), non-negative.
 
         Raises:
             ConfigError: an empty ``points``, a point naming no node group of the graph, or a
@@ -682,8 +684,7 @@ class PatchingEngine:
         on_device = self.on_device(data)
         # EAP with the plain gradient runs the last block at the metric positions only
         # (:func:`circuitfind.patching.attribution.eap_pass`)
-        last_block_trimmed = (points is None and not drop_each_layer
-                              and (rules is None or rules.plain_gradient))
+        last_block_trimmed = points is None and (rules is None or rules.plain_gradient)
         with frozen_parameters(self.model, self._parameters), torch.enable_grad():
             for e0 in range(0, data.n, n_chunk):
                 es = slice(e0, min(data.n, e0 + n_chunk))

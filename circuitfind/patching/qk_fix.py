@@ -121,10 +121,13 @@ class QKFix:
 
     Args:
         runner: The block runner of the pass.
+        magnitudes: GradDrop's scores: each example's QK-fixed score in absolute value, summed
+            over the examples (Kramar et al. 2024, eq. 11), instead of the signed sum.
     """
 
-    def __init__(self, runner: BlockRunner) -> None:
+    def __init__(self, runner: BlockRunner, magnitudes: bool = False) -> None:
         self.runner = runner
+        self.magnitudes = magnitudes
         self.inputs: dict[int, Tensor] = {}
         self.projected: dict[int, tuple[Tensor, Tensor]] = {}
         self.qk: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -227,7 +230,7 @@ class QKFix:
         rep, p, m, u_up = heads // groups, len(rows), len(grads), delta.shape[0]
         gdt = grads[0].dtype
         grad = torch.stack([gr[:, :, rows] for gr in grads])  # [m, N, H, P, T]
-        base = torch.einsum("nhpt,mnhpt->mh", a0[:, :, rows].to(gdt), grad)  # [m, H]
+        base = torch.einsum("nhpt,mnhpt->mnh", a0[:, :, rows].to(gdt), grad)  # [m, N, H]
         # the gradients as each head's and group's contraction reads them (below)
         grad_q = grad.permute(2, 1, 3, 4, 0).contiguous()  # [H, N, P, T, m]
         grad_q = grad_q.view(heads, n, p, t, m)
@@ -250,8 +253,8 @@ class QKFix:
         sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
         proj = _NormedProjection(lay, layer, x, rows, heads_low, stats, work,
                                  self.projected[layer])
-        val_q = grad.new_empty(m, u_up, heads)
-        val_k = grad.new_empty(m, u_up, groups)
+        val_q = grad.new_empty(m, n, u_up, heads)  # per example (GradDrop's magnitudes)
+        val_k = grad.new_empty(m, n, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
         for u0 in range(0, u_up, step):
             u1 = min(u_up, u0 + step)
@@ -270,8 +273,8 @@ class QKFix:
                     torch.matmul(qs[:, :, :, h], side, out=s_q[h])
             a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1,
                                           out=work.take("a", s_q.shape, s_q, sdt))
-            got = torch.matmul(a_q.to(gdt), grad_q).sum((1, 2))  # [H, c, m]
-            val_q[:, u0:u1] = got.permute(2, 1, 0)
+            got = torch.matmul(a_q.to(gdt), grad_q).sum(2)  # [H, N, c, m]
+            val_q[:, :, u0:u1] = got.permute(3, 1, 2, 0)
             if rot is None:  # clean queries, patched keys: [G, N, rep*P, T, c]
                 s_k = work.take("s", (groups, n, rep * p, t, c), ks)
                 key_dim, mask = 3, hidden_x.view(1, 1, rep * p, t, 1)
@@ -288,9 +291,14 @@ class QKFix:
             a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim,
                                           out=work.take("a", s_k.shape, s_k, sdt))
             got = torch.matmul(a_k.to(gdt).view(groups, n, -1, c).transpose(-1, -2), grad_k)
-            val_k[:, u0:u1] = got.sum(1).permute(2, 1, 0)  # [m, c, G]
-        base_k = base.view(m, groups, rep).sum(-1)
-        return [(val_q[i] - base[i], val_k[i] - base_k[i]) for i in range(m)]
+            val_k[:, :, u0:u1] = got.permute(3, 1, 2, 0)  # [m, N, c, G]
+        val_q -= base[:, :, None]
+        val_k -= base.view(m, n, 1, groups, rep).sum(-1)
+        if self.magnitudes:  # each example's estimate in magnitude (GradDrop)
+            val_q.abs_()
+            val_k.abs_()
+        val_q, val_k = val_q.sum(1), val_k.sum(1)
+        return [(val_q[i], val_k[i]) for i in range(m)]
 
     def _head_space(self, lay: Architecture, delta: Tensor, stats: _SenderStats
                     ) -> dict[int, HeadSpace]:

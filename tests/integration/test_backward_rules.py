@@ -131,12 +131,30 @@ DEEPER = {"llama_3l": dict(arch="llama", n_layers=3, n_kv_heads=2, seed=3),
           "gpt_neox_3l": dict(arch="gpt_neox", n_layers=3, seed=7)}
 
 
+def _dropped(engine: PatchingEngine, data, qk_fix: bool = True) -> torch.Tensor:
+    """``[L, N, S, R]`` GradDrop's estimates taken literally: example by example (a batch of
+    that one prompt pair), one pass per dropped layer whose backward pass zeroes the gradient
+    of that layer's outputs (:attr:`BackwardRules.drop_layer`, checked against Hugging Face
+    above)."""
+    return torch.stack([torch.stack([
+        engine.edge_attribution(data.subset([i]),
+                                rules=BackwardRules(qk_fix=qk_fix, drop_layer=layer)).double()
+        for i in range(data.n)]) for layer in range(engine.graph.n_layers)])
+
+
+def _mean_magnitude(dropped: torch.Tensor) -> torch.Tensor:
+    """AtP* (Kramar et al. 2024, eq. 11) from ``[L, N, S, R]`` estimates: ``1/(L-1) sum_l``
+    of the mean over prompt pairs of each pair's ``|AtP_(l)|``."""
+    return dropped.abs().mean(1).sum(0) / (dropped.shape[0] - 1)
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(DEEPER))
-def test_grad_drop_is_the_mean_absolute_score_over_dropped_layers(setups, tmp_path, name):
-    """AtP* = ``1/(L-1) sum_l |AtP_(l)|`` (Kramar et al. 2024, eq. 6), its ``L`` estimates
-    from one forward pass equal to ``L`` passes that each zero one layer's output gradients
-    (:attr:`BackwardRules.drop_layer`, itself checked against Hugging Face above); a
-    receiver of the dropped layer scores 0 in that layer's pass."""
+def test_grad_drop_is_the_mean_over_prompts_of_each_prompts_magnitude(setups, tmp_path, name):
+    """AtP* = ``E_pairs[1/(L-1) sum_l |AtP_(l)(pair)|]`` (Kramar et al. 2024, eq. 11: the
+    absolute value of each prompt pair's estimate, then the mean over pairs), its ``L``
+    estimates from one forward pass equal to one pass per example and dropped layer; a
+    receiver of the dropped layer scores 0 in that layer's pass; scores do not depend on the
+    batch split."""
     if name in DEEPER:
         model = tiny_model(tmp_path, dtype=torch.float64, **DEEPER[name])
         data = ToyTask(seq_len=SEQ, positions=2).build(model.tokenizer, 3, seed=1)
@@ -144,22 +162,63 @@ def test_grad_drop_is_the_mean_absolute_score_over_dropped_layers(setups, tmp_pa
     else:
         engine, data, _, _ = setups(name)
     g = engine.graph
-    passes = [engine.edge_attribution(data, rules=BackwardRules(qk_fix=True, drop_layer=layer))
-              for layer in range(g.n_layers)]
+    dropped = _dropped(engine, data)
     layer_of = torch.tensor([rec.layer for rec in g.receivers])
-    for layer, scores in enumerate(passes):
-        assert float(scores[:, layer_of == layer].abs().max()) == 0.0
+    for layer in range(g.n_layers):
+        assert float(dropped[layer][..., layer_of == layer].abs().max()) == 0.0
     shared = engine.edge_attribution(data, rules=BackwardRules(qk_fix=True),
                                      drop_each_layer=True)
     assert shared.shape == (g.n_layers, g.n_senders, g.n_receivers)
-    _close(shared, torch.stack(passes).double())
-    want = sum(s.double().abs() for s in passes) / (g.n_layers - 1)
+    _close(shared, dropped.abs().mean(1))
+    want = _mean_magnitude(dropped)
     _close(AtPStar().score(engine, data), want)
-    # dropping a layer changes the scores below it, else the check would prove nothing
+    _close(AtPStar(batch_size=2).score(engine, data), want)
+    # the magnitude per prompt pair differs from that of the mean over pairs here, and
+    # dropping a layer changes the scores below it: else the checks would prove nothing
+    tol = 100 * float32_atol(want)
+    assert float((dropped.abs().mean(1) - dropped.mean(1).abs()).max()) > tol
     below = layer_of < g.n_layers - 1
-    assert float((passes[-1] - passes[0])[:, below].abs().max()) > 100 * float32_atol(want)
+    assert float((dropped[-1] - dropped[0])[..., below].abs().max()) > tol
     assert AtPStar().score_meaning(data.task).kind == "importance"
     assert AtPStar(grad_drop=False).score_meaning(data.task).kind == "metric_change"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen3", "gemma2"])
+def test_grad_drop_at_metric_positions_that_differ_by_example(setups, name):
+    """The last block runs at each example's own metric positions (one repeated) under
+    GradDrop too, the pass dropping the last layer seeded from them, and the last receivers
+    are contracted there per example: still one pass per example and dropped layer."""
+    engine, data, _, _ = setups(name)
+    data = dataclasses.replace(data, positions=torch.tensor([[7, 8], [5, 8], [3, 3]]))
+    want = _mean_magnitude(_dropped(engine, data))
+    _close(AtPStar().score(engine, data), want)
+    _close(AtPStar(qk_fix=False).score(engine, data),
+           _mean_magnitude(_dropped(engine, data, qk_fix=False)))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_grad_drop_equals_the_paper_on_plain_hugging_face(setups, name):
+    """AtP* against eq. 11 computed from scratch on the plain Hugging Face model: for each
+    prompt pair and dropped layer, forward hooks zero the gradient of that layer's attention
+    and MLP outputs (one backward pass per receiver for the v, MLP and logits edges; the
+    patched patterns of a forward pass per q/k edge with that pass's pattern gradient), each
+    pair's estimate in absolute value, then the mean over pairs and ``1/(L-1)`` the sum over
+    dropped layers."""
+    engine, data, lay, _ = setups(name)
+    g = engine.graph
+    qk = torch.tensor([rec.kind in ("q", "k") for rec in g.receivers])
+    want = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    for i in range(data.n):
+        one = data.subset([i])
+        delta = engine.sender_outputs(one.corrupted) - engine.sender_outputs(one.clean)
+        for layer in range(g.n_layers):
+            with applied(lay, drop_layer=layer):
+                estimate = reference_scores(lay, g, one, delta)
+                estimate[:, qk] = (qk_fixed_scores(lay, g, one, delta) * g.edge_mask)[:, qk]
+            want += estimate.abs()
+    want /= data.n * (g.n_layers - 1)
+    assert want.abs().max() > 1e-2
+    _close(AtPStar().score(engine, data), want)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -174,10 +233,9 @@ def test_qk_fix_leaves_the_other_edges_of_every_grad_drop_pass_alone(setups, nam
     other = torch.tensor([rec.kind not in ("q", "k") for rec in g.receivers])
     shared = engine.edge_attribution(data, rules=BackwardRules(qk_fix=True),
                                      drop_each_layer=True).double()
-    for layer in range(g.n_layers):
-        plain = engine.edge_attribution(data, rules=BackwardRules(drop_layer=layer)).double()
-        assert plain[:, other].abs().max() > 1e-3
-        _close(shared[layer][:, other], plain[:, other])
+    plain = _dropped(engine, data, qk_fix=False).abs().mean(1)
+    assert plain[:, :, other].abs().max() > 1e-3
+    _close(shared[:, :, other], plain[:, :, other])
 
 
 def test_qk_fix_follows_weights_changed_in_place(tmp_path):
@@ -206,11 +264,9 @@ def test_qk_fix_follows_weights_changed_in_place(tmp_path):
 
 def test_grad_drop_without_the_qk_fix(setups):
     """GradDrop alone (plain gradients through the softmax) from one forward pass equals
-    ``L`` passes with one layer's gradient dropped each."""
+    one pass per example and dropped layer, in any batch split."""
     engine, data, _, _ = setups("gpt2")
-    passes = [engine.edge_attribution(data, rules=BackwardRules(drop_layer=layer)).double()
-              for layer in range(engine.graph.n_layers)]
-    want = sum(p.abs() for p in passes) / (engine.graph.n_layers - 1)
+    want = _mean_magnitude(_dropped(engine, data, qk_fix=False))
     _close(AtPStar(qk_fix=False).score(engine, data), want)
     _close(AtPStar(qk_fix=False, batch_size=1).score(engine, data), want)
 

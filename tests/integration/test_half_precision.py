@@ -129,3 +129,28 @@ def test_score_contraction_sums_in_float32(monkeypatch, dtype):
         assert ((got.double() - exact).abs() <= atol).all()
     rounded = (delta @ grad.to(dt).T).double()  # what a half-precision contraction gives
     assert ((rounded - exact).abs() > atol).any()
+
+
+@pytest.mark.parametrize("dtype", list(HALF), ids=list(HALF))
+def test_per_example_magnitudes_sum_in_float32(monkeypatch, dtype):
+    """GradDrop's per-example contraction (each example's score in magnitude, summed over the
+    examples) of half-precision operands: each example's sum in float32, in one chunk of
+    examples or one example at a time; the tolerance as above, per example."""
+    import circuitfind.patching.attribution as attribution
+
+    dt = HALF[dtype]
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(3, 5, 1 << 16, generator=gen).to(dt)  # [N, U, X]
+    grad = torch.randn(4, 3, 1 << 16, generator=gen)  # [R, N, X], float32
+    per = torch.einsum("nux,rnx->nur", delta.double(), grad.double())  # [N, U, R]
+    exact = per.abs().sum(0)
+    terms = (delta.double()[:, :, None] * grad.double().permute(1, 0, 2)[:, None]).norm(dim=-1)
+    atol = torch.finfo(torch.float32).eps * (1 << 16) ** 0.5 * terms.sum(0)
+    for chunk_bytes in (attribution.ACCUMULATION_CHUNK_BYTES, 1 << 16):  # all, one at a time
+        monkeypatch.setattr(attribution, "ACCUMULATION_CHUNK_BYTES", chunk_bytes)
+        scores = torch.zeros(7, 6, dtype=torch.float64)
+        attribution.contract_magnitudes(scores, delta, 1, grad)
+        assert ((scores[:5, 1:5] - exact).abs() <= atol).all()
+        assert scores[5:].abs().max() == 0 and scores[:, [0, 5]].abs().max() == 0
+    rounded = torch.einsum("nux,rnx->nur", delta, grad.to(dt)).double().abs().sum(0)
+    assert ((rounded - exact).abs() > atol).any()
