@@ -369,7 +369,17 @@ class Architecture:
         without :attr:`rotary`."""
         if self.rotary is None:
             return q, k
-        t = q.shape[2]
+        cos, sin, fast = self._rotary_for(q)
+        if fast is None:
+            return self.apply_rotary(q, k, cos, sin)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return HalfSplitRotation.apply(q, k, *fast)
+        return HalfSplitRotation.turn(q, *fast), HalfSplitRotation.turn(k, *fast)
+
+    def _rotary_for(self, q: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """``(cos, sin, half-split factors or None)`` for ``q [..., T, dh]``'s ``T``
+        positions, dtype and device (kept for the last such key)."""
+        t = q.shape[-2]
         key = (t, q.dtype, q.device, q.shape[-1])
         if key not in self._rotary:
             pos = torch.arange(t, device=q.device)[None]
@@ -377,12 +387,17 @@ class Architecture:
             fast = (HalfSplitRotation.factors(cos, sin, q.shape[-1])
                     if self.rotary_half_split else None)
             self._rotary = {key: (cos, sin, fast)}
-        cos, sin, fast = self._rotary[key]
-        if fast is None:
-            return self.apply_rotary(q, k, cos, sin)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return HalfSplitRotation.apply(q, k, *fast)
-        return HalfSplitRotation.turn(q, *fast), HalfSplitRotation.turn(k, *fast)
+        return self._rotary[key]
+
+    def half_split_factors(self, q: Tensor) -> tuple[Tensor, Tensor, int] | None:
+        """:meth:`HalfSplitRotation.factors` of :meth:`rotate` for ``q [..., T, dh]``'s
+        positions, dtype and device (``cos [1, 1, T, dh]``, ``sin [1, 1, T, r/2]``, ``r/2``),
+        or ``None`` where :meth:`rotate` does not run the half-split rotation (no rotation, or
+        another one): what AtP*'s QK fix needs to turn clean queries and keys by other
+        positions' rotations."""
+        if self.rotary is None:
+            return None
+        return self._rotary_for(q)[2]
 
     attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
     parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
@@ -516,7 +531,8 @@ class Architecture:
         overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``), softmax
         in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it (into ``out``,
         contiguous and of that dtype, when given)."""
-        scores = self._capped(scores)
+        cap = self.attn_softcap  # (in place: the same operations as _capped)
+        scores = scores if cap is None else scores.div_(cap).tanh_().mul_(cap)
         scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
         if out is None:
             return torch.softmax(scores, dim, dtype=self.softmax_dtype)
@@ -662,12 +678,14 @@ class HalfSplitRotation(torch.autograd.Function):
         return padded[:, None], sin[:, None, :, :half].contiguous(), half
 
     @staticmethod
-    def turn(x: Tensor, cos: Tensor, sin: Tensor, half: int, sign: float = 1.0) -> Tensor:
+    def turn(x: Tensor, cos: Tensor, sin: Tensor, half: int, sign: float = 1.0,
+             out: Tensor | None = None) -> Tensor:
         """The rotation of ``x [..., T, dh]`` by the :meth:`factors` ``cos, sin, half``
         (``sign=-1``: its inverse, the transpose), without autograd: a new contiguous tensor
         (as Hugging Face's ``cat`` makes: the small attention kernels then read it without
-        a copy)."""
-        y = torch.mul(x, cos, out=x.new_empty(x.shape))
+        a copy), or ``out`` (the shape ``x``, ``cos`` and ``sin`` broadcast to: each ``x``
+        turned by each position's factors, as AtP*'s QK fix needs)."""
+        y = torch.mul(x, cos, out=x.new_empty(x.shape) if out is None else out)
         y[..., :half].addcmul_(x[..., half: 2 * half], sin, value=-sign)
         y[..., half: 2 * half].addcmul_(x[..., :half], sin, value=sign)
         return y
