@@ -68,10 +68,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from circuitfind.patching.architectures.base import HalfSplitRotation
+from circuitfind.patching.architectures.base import Architecture, HalfSplitRotation
 
 if TYPE_CHECKING:
-    from circuitfind.patching.architectures import Architecture
     from circuitfind.patching.runner import BlockRunner
 
 CHUNK_SCORES = 1 << 24  # pattern entries per chunk of senders (memory: ~64 MiB in float32)
@@ -252,13 +251,20 @@ class QKFix:
         sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
         proj = _NormedProjection(lay, layer, x, rows, heads_low, stats, work,
                                  self.projected[layer])
+        # without q/k norms (which need each patched projection itself) and in float32 or
+        # float64, 1/sigma and the bias act on the scores: s = 1/sigma (y W_c . K) + b' . K
+        raw = (type(lay).qk_norm is Architecture.qk_norm
+               and x.dtype in (torch.float32, torch.float64))
+        if raw:
+            bias_q, bias_k = self._score_offsets(lay, proj, key_side, query_side, hidden,
+                                                 hidden_x, rot, rep)
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
         for u0 in range(0, u_up, step):
             u1 = min(u_up, u0 + step)
             c = u1 - u0
-            qs, ks = proj(delta, u0, u1, g)  # [N, P, c, H*dh], [N, T, c, G*dh]
+            qs, ks, inv = proj(delta, u0, u1, g, raw)  # [N, P, c, H*dh], [N, T, c, G*dh]
             qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
                                  ks.view(n, t * c, groups, dh), scratch=True)
             qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
@@ -270,7 +276,12 @@ class QKFix:
                                  out=s_q[h].view(n, p * c, t))
                 else:
                     torch.matmul(qs[:, :, :, h], side, out=s_q[h])
-            a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1,
+            mask_q: Tensor | None = hidden.view(1, 1, p, 1, t)
+            if inv is not None:  # 1/sigma of the query rows [1, N, P, c, 1], bias and mask
+                inv_q = inv if proj.every_row else inv[:, rows]
+                torch.addcmul(bias_q, s_q, inv_q.reshape(1, n, p, c, 1), out=s_q)
+                mask_q = None if lay.attn_softcap is None else mask_q
+            a_q = lay.pattern_from_scores(layer, s_q, mask_q, -1,
                                           out=work.take("a", s_q.shape, s_q, sdt))
             got = torch.matmul(a_q.to(gdt), grad_q).sum((1, 2))  # [H, c, m]
             val_q[:, u0:u1] = got.permute(2, 1, 0)
@@ -287,12 +298,54 @@ class QKFix:
                                  out=s_k[gi].view(n, rep * p, t * c))
                 else:
                     torch.matmul(query_side[gi], kg.transpose(-1, -2), out=s_k[gi])
+            if inv is not None:  # 1/sigma of the keys [1, N, T, 1, c] (or [1, N, 1, T, c])
+                torch.addcmul(bias_k, s_k, inv.view(1, n, t, 1, c) if rot
+                              else inv.view(1, n, 1, t, c), out=s_k)
+                mask = None if lay.attn_softcap is None else mask
             a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim,
                                           out=work.take("a", s_k.shape, s_k, sdt))
             got = torch.matmul(a_k.to(gdt).view(groups, n, -1, c).transpose(-1, -2), grad_k)
             val_k[:, u0:u1] = got.sum(1).permute(2, 1, 0)  # [m, c, G]
         base_k = base.view(m, groups, rep).sum(-1)
         return [(val_q[i] - base[i], val_k[i] - base_k[i]) for i in range(m)]
+
+    @staticmethod
+    def _score_offsets(lay: Architecture, proj: _NormedProjection, key_side: Tensor,
+                       query_side: Tensor, hidden: Tensor, hidden_x: Tensor, rot: bool,
+                       rep: int) -> tuple[Tensor, Tensor]:
+        """What the bias ``b'`` of the patched q (k) adds to each score against the clean
+        side ``K`` (``Q``), ``b'_q . K``, with the hidden keys at the dtype's lowest value
+        (unless the family soft-caps its scores, which must come first): ``[H, N, P, 1,
+        T]`` and ``[G, N, T, rep*P, 1]`` (``[G, N, rep*P, T, 1]`` without rotation); the
+        masks alone, broadcast, where there is no bias. ``key_side``, ``query_side``,
+        ``hidden [P, T]``, ``hidden_x [rep*P, T]`` as in :meth:`_layer`."""
+        groups = query_side.shape[0]
+        p, t = hidden.shape
+        low = torch.finfo(key_side.dtype).min
+        capped = lay.attn_softcap is not None
+        mask_k = hidden_x.T[:, :, None] if rot else hidden_x[:, :, None]  # [T|X, X|T, 1]
+        if not proj.has_bias:
+            zero = key_side.new_zeros(())
+            return (zero.expand(1, 1, p, 1, t) if capped else
+                    zero.masked_fill(hidden, low).view(1, 1, p, 1, t),
+                    zero.expand(1, 1, *mask_k.shape) if capped else
+                    zero.masked_fill(mask_k, low)[None, None])
+        bq = proj.bq.view(groups, rep, -1).to(key_side.dtype)  # [G, rep, dh]
+        bk = proj.bk.view(groups, -1).to(key_side.dtype)  # [G, dh]
+        if rot:  # K [G, N, P, dh, T], Q [G, N, T, X, dh]
+            off_q = torch.einsum("gnpet,gre->grnpt", key_side, bq)
+            off_k = torch.einsum("gntxe,ge->gntx", query_side, bk)[..., None]
+        else:  # K [G, N, dh, T], Q [G, N, X, dh]
+            off_q = torch.einsum("gnet,gre->grnt", key_side, bq)[:, :, :, None]
+            off_k = torch.einsum("gnxe,ge->gnx", query_side, bk)[..., None, None]
+            off_k = off_k.expand(-1, -1, -1, t, 1)
+        # [H, N, P, 1, T]; [G, N, T, X, 1] (or [G, N, X, T, 1]), each its own
+        off_q = off_q.reshape(groups * rep, off_q.shape[2], -1, 1, t).expand(-1, -1, p, 1, t)
+        off_q, off_k = off_q.contiguous(), off_k.contiguous()
+        if not capped:
+            off_q.masked_fill_(hidden.view(1, 1, p, 1, t), low)
+            off_k.masked_fill_(mask_k, low)
+        return off_q, off_k
 
     @staticmethod
     def _rotated_sides(lay: Architecture, k0: Tensor, q_rows: Tensor, rows: Tensor,
@@ -410,6 +463,7 @@ class _Folded(NamedTuple):
     q_out: int  # outq = H * d_head
     eps: float
     centred: bool
+    has_bias: bool  # whether bqk is not all zero
 
 
 def _fold_qk(lay: Architecture, layer: int, x: Tensor) -> _Folded:
@@ -428,7 +482,7 @@ def _fold_qk(lay: Architecture, layer: int, x: Tensor) -> _Folded:
         bqk = bqk + torch.cat([
             (b.reshape(-1) if b is not None else bqk.new_zeros(w.shape[0] * w.shape[2]))
             for b, w in ((bq, wq), (bk, wk))])
-    return _Folded(wqk, bqk, wq.shape[0] * wq.shape[2], eps, centred)
+    return _Folded(wqk, bqk, wq.shape[0] * wq.shape[2], eps, centred, bool(bqk.ne(0).any()))
 
 
 class _NormedProjection:
@@ -466,7 +520,7 @@ class _NormedProjection:
         sources = lay.qkv_sources(layer)
         fold = lay.derived(("qk_fix folded", layer, x.dtype), sources,
                            lambda: _fold_qk(lay, layer, x))
-        self.wqk, self.bqk, self.q_out, self.eps, self.centred = fold
+        self.wqk, self.bqk, self.q_out, self.eps, self.centred, self.has_bias = fold
         self.wq, self.wk = self.wqk[:, : self.q_out], self.wqk[:, self.q_out:]
         self.bq, self.bk = self.bqk[: self.q_out], self.bqk[self.q_out:]
         self.every_row = len(rows) == t  # queries at every position: one product for q and k
@@ -490,10 +544,13 @@ class _NormedProjection:
                               lambda hs=hs: hs.w_out @ self.wqk)
             self.low[m] = (hs, mqk)
 
-    def __call__(self, delta: Tensor, u0: int, u1: int, g: object
-                 ) -> tuple[Tensor, Tensor]:
-        """``(q [N, P, c, H*dh], k [N, T, c, G*dh])`` of the senders ``u0:u1`` of ``delta
-        [U, N, T, d]`` (``g`` the compute graph)."""
+    def __call__(self, delta: Tensor, u0: int, u1: int, g: object, raw: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(q [N, P, c, H*dh], k [N, T, c, G*dh], None)`` of the senders ``u0:u1`` of
+        ``delta [U, N, T, d]`` (``g`` the compute graph); with ``raw`` the projections
+        before the norm's ``1/sigma`` and the bias, ``y W_c``, and ``1/sigma(y)`` ``[N, T,
+        c]`` third (``q = 1/sigma (y W_c) + b'``: the caller applies both to the scores,
+        which are fewer than the projections' values)."""
         x, rows, d = self.x, self.rows, self.d
         c = u1 - u0
         n, t, _ = x.shape
@@ -553,12 +610,14 @@ class _NormedProjection:
             stat -= mean * mean / d
         stat.div_(d).add_(self.stat_x + self.eps)
         inv = torch.rsqrt_(stat).to(x.dtype).view(n, t, c, 1)  # [N, T, c, 1]
+        if raw:
+            return qs, ks, inv.view(n, t, c)
         if self.every_row:
             torch.addcmul(self.bqk, both_slots, inv.view(n * t, c, 1), out=both_slots)
         else:
             torch.addcmul(self.bq, qs, inv[:, rows], out=qs)
             torch.addcmul(self.bk, ks, inv, out=ks)
-        return qs, ks
+        return qs, ks, None
 
     def _run(self, u: int, u1: int, g: object) -> tuple[int, int, int] | None:
         """``(sender layer, u, end)`` of the run of low-rank heads starting at sender ``u``

@@ -524,16 +524,18 @@ class Architecture:
         return self._hidden(t, None, window if window is not None and window < t else None,
                             device)
 
-    def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor,
+    def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor | None,
                             dim: int, out: Tensor | None = None) -> Tensor:
         """The plain attention pattern (probability) from scaled scores ``scale q . k`` of
         ``layer`` laid out with the keys along ``dim`` (without autograd: ``scores`` is
-        overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``), softmax
+        overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``; ``None``:
+        the caller has already set them to the dtype's lowest value), softmax
         in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it (into ``out``,
         contiguous and of that dtype, when given)."""
         cap = self.attn_softcap  # (in place: the same operations as _capped)
         scores = scores if cap is None else scores.div_(cap).tanh_().mul_(cap)
-        scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+        if hidden is not None:
+            scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
         if out is None:
             return torch.softmax(scores, dim, dtype=self.softmax_dtype)
         return torch.ops.aten.softmax.int_out(scores, dim, self.softmax_dtype, out=out)
