@@ -253,8 +253,15 @@ class QKFix:
                                  self.projected[layer])
         # without q/k norms (which need each patched projection itself) and in float32 or
         # float64, 1/sigma and the bias act on the scores: s = 1/sigma (y W_c . K) + b' . K
-        raw = (type(lay).qk_norm is Architecture.qk_norm
-               and x.dtype in (torch.float32, torch.float64))
+        # per-head RMS q/k norms (Qwen3) in float32 without biases likewise: each head's
+        # 1/rms on the scores, its weight folded into the clean sides (see qk_norm_parts)
+        normed = (lay.qk_norm_parts(layer) if x.dtype == torch.float32 and not proj.has_bias
+                  else None)
+        raw = normed is not None or (type(lay).qk_norm is Architecture.qk_norm
+                                     and x.dtype in (torch.float32, torch.float64))
+        if normed is not None:
+            key_side.mul_(normed[0].to(key_side.dtype)[:, None])  # [..., dh, T]
+            query_side.mul_(normed[1].to(query_side.dtype))  # [..., dh]
         if raw:
             bias_q, bias_k = self._score_offsets(lay, proj, key_side, query_side, hidden,
                                                  hidden_x, rot, rep)
@@ -265,9 +272,19 @@ class QKFix:
             u1 = min(u_up, u0 + step)
             c = u1 - u0
             qs, ks, inv = proj(delta, u0, u1, g, raw)  # [N, P, c, H*dh], [N, T, c, G*dh]
-            qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
-                                 ks.view(n, t * c, groups, dh), scratch=True)
+            if not raw:
+                qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
+                                     ks.view(n, t * c, groups, dh), scratch=True)
             qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
+            if inv is not None:  # what multiplies the raw scores: [H|1, N, P, c, 1] and
+                # [G|1, N, T, 1, c] ([G|1, N, 1, T, c] without rotation)
+                inv_q = inv if proj.every_row else inv[:, rows]
+                if normed is None:  # 1/sigma
+                    f_q, f_k = inv_q.reshape(1, n, p, c, 1), inv.view(1, n, t, c)
+                else:  # 1/rms(1/sigma y) of each head = 1/sqrt(ms(y) + eps sigma^2)
+                    f_q = _head_rms(qs, inv_q, normed[2]).permute(3, 0, 1, 2)[..., None]
+                    f_k = _head_rms(ks, inv, normed[2]).permute(3, 0, 1, 2)
+                f_k = f_k[:, :, :, None] if rot else f_k[:, :, None]
             s_q = work.take("s", (heads, n, p, c, t), qs)  # patched queries, clean keys
             for h in range(heads):
                 side = key_side[h // rep]
@@ -277,9 +294,8 @@ class QKFix:
                 else:
                     torch.matmul(qs[:, :, :, h], side, out=s_q[h])
             mask_q: Tensor | None = hidden.view(1, 1, p, 1, t)
-            if inv is not None:  # 1/sigma of the query rows [1, N, P, c, 1], bias and mask
-                inv_q = inv if proj.every_row else inv[:, rows]
-                torch.addcmul(bias_q, s_q, inv_q.reshape(1, n, p, c, 1), out=s_q)
+            if inv is not None:  # the scale, bias and mask
+                torch.addcmul(bias_q, s_q, f_q, out=s_q)
                 mask_q = None if lay.attn_softcap is None else mask_q
             a_q = lay.pattern_from_scores(layer, s_q, mask_q, -1,
                                           out=work.take("a", s_q.shape, s_q, sdt))
@@ -298,9 +314,8 @@ class QKFix:
                                  out=s_k[gi].view(n, rep * p, t * c))
                 else:
                     torch.matmul(query_side[gi], kg.transpose(-1, -2), out=s_k[gi])
-            if inv is not None:  # 1/sigma of the keys [1, N, T, 1, c] (or [1, N, 1, T, c])
-                torch.addcmul(bias_k, s_k, inv.view(1, n, t, 1, c) if rot
-                              else inv.view(1, n, 1, t, c), out=s_k)
+            if inv is not None:
+                torch.addcmul(bias_k, s_k, f_k, out=s_k)
                 mask = None if lay.attn_softcap is None else mask
             a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim,
                                           out=work.take("a", s_k.shape, s_k, sdt))
@@ -432,7 +447,7 @@ class _SenderStats:
         self.dtype = torch.promote_types(delta.dtype, torch.float32)
         self.delta = delta
         wide = delta if delta.dtype == self.dtype else delta.to(self.dtype)
-        self.square = torch.linalg.vecdot(wide, wide)  # [S, N, T]
+        self.square = torch.linalg.vector_norm(wide, dim=-1).square_()  # [S, N, T]
         self._total: Tensor | None = None
 
     @property
@@ -453,6 +468,14 @@ def norm_epsilon(lay: Architecture, layer: int, d: int,
     _, inv, _, centred = lay.norm_parts(layer, row)
     stat = row.var(-1, unbiased=False) if centred else row.pow(2).mean(-1)
     return float(inv.double().reshape(-1)[0] ** -2 - stat[0]), centred
+
+
+def _head_rms(y: Tensor, inv: Tensor, eps: float) -> Tensor:
+    """``1 / rms(inv y)`` of each head's raw projection ``y [N, X, c, heads, dh]`` scaled by
+    ``inv [N, X, c]`` (the input norm's ``1/sigma``), as ``1 / sqrt(mean(y^2) + eps /
+    inv^2)`` (``inv`` itself cancels against the norm's): ``[N, X, c, heads]``."""
+    ms = torch.linalg.vector_norm(y, dim=-1).square_().div_(y.shape[-1])
+    return ms.add_(inv.square().reciprocal_().mul_(eps)[..., None]).rsqrt_()
 
 
 class _Folded(NamedTuple):

@@ -443,6 +443,13 @@ class Architecture:
         the plain norm up to float32 rounding."""
         return q, k
 
+    def qk_norm_parts(self, layer: int) -> tuple[Tensor, Tensor, float] | None:
+        """``(w_q [dh], w_k [dh], eps)`` where :meth:`qk_norm` with ``scratch`` on float32
+        is the per-head RMSNorm ``w x / sqrt(mean(x^2) + eps)`` (AtP*'s QK fix then takes
+        each patched head's ``1/rms`` on its scores and folds ``w`` into the clean sides
+        instead of norming the patched projections); ``None`` here (no norms)."""
+        return None
+
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                query_pos: Tensor | None = None, grouped: bool = True,
