@@ -264,7 +264,7 @@ class QKFix:
             query_side.mul_(normed[1].to(query_side.dtype))  # [..., dh]
         if raw:
             bias_q, bias_k = self._score_offsets(lay, proj, key_side, query_side, hidden,
-                                                 hidden_x, rot, rep)
+                                                 hidden_x, rot, rep, k0, q_rows, rows, scale)
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
@@ -327,13 +327,16 @@ class QKFix:
     @staticmethod
     def _score_offsets(lay: Architecture, proj: _NormedProjection, key_side: Tensor,
                        query_side: Tensor, hidden: Tensor, hidden_x: Tensor, rot: bool,
-                       rep: int) -> tuple[Tensor, Tensor]:
+                       rep: int, k0: Tensor, q_rows: Tensor, rows: Tensor, scale: float
+                       ) -> tuple[Tensor, Tensor]:
         """What the bias ``b'`` of the patched q (k) adds to each score against the clean
         side ``K`` (``Q``), ``b'_q . K``, with the hidden keys at the dtype's lowest value
         (unless the family soft-caps its scores, which must come first): ``[H, N, P, 1,
         T]`` and ``[G, N, T, rep*P, 1]`` (``[G, N, rep*P, T, 1]`` without rotation); the
         masks alone, broadcast, where there is no bias. ``key_side``, ``query_side``,
-        ``hidden [P, T]``, ``hidden_x [rep*P, T]`` as in :meth:`_layer`."""
+        ``hidden [P, T]``, ``hidden_x [rep*P, T]``, the clean rotated ``k0 [N, G, T, dh]``,
+        ``q_rows [N, G, rep*P, dh]``, the query ``rows [P]`` and ``scale`` as in
+        :meth:`_layer`."""
         groups = query_side.shape[0]
         p, t = hidden.shape
         low = torch.finfo(key_side.dtype).min
@@ -347,7 +350,18 @@ class QKFix:
                     zero.masked_fill(mask_k, low)[None, None])
         bq = proj.bq.view(groups, rep, -1).to(key_side.dtype)  # [G, rep, dh]
         bk = proj.bk.view(groups, -1).to(key_side.dtype)  # [G, dh]
-        if rot:  # K [G, N, P, dh, T], Q [G, N, T, X, dh]
+        fast = lay.half_split_factors(k0) if rot else None
+        if fast is not None:  # (R_i b'_q) . k_j and q_i . (R_j b'_k), the biases turned
+            cos, sin, half = fast  # (a few values) instead of the clean sides read again
+            cos, sin = cos[0, 0] * scale, sin[0, 0] * scale  # [T, dh], [T, r/2]
+            turn = HalfSplitRotation.turn
+            dh = bq.shape[-1]
+            rbq = turn(bq[:, :, None], cos[rows], sin[rows], half,
+                       out=bq.new_empty(groups, rep, p, dh))  # [G, rep, P, dh]
+            rbk = turn(bk[:, None], cos, sin, half, out=bk.new_empty(groups, t, dh))
+            off_q = torch.einsum("grpe,ngte->grnpt", rbq, k0)
+            off_k = torch.einsum("gte,ngxe->gntx", rbk, q_rows)[..., None]
+        elif rot:  # K [G, N, P, dh, T], Q [G, N, T, X, dh]
             off_q = torch.einsum("gnpet,gre->grnpt", key_side, bq)
             off_k = torch.einsum("gntxe,ge->gntx", query_side, bk)[..., None]
         else:  # K [G, N, dh, T], Q [G, N, X, dh]
