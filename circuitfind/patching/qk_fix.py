@@ -262,9 +262,18 @@ class QKFix:
         if normed is not None:
             key_side.mul_(normed[0].to(key_side.dtype)[:, None])  # [..., dh, T]
             query_side.mul_(normed[1].to(query_side.dtype))  # [..., dh]
+        cap = lay.attn_softcap if raw else None
         if raw:
             bias_q, bias_k = self._score_offsets(lay, proj, key_side, query_side, hidden,
                                                  hidden_x, rot, rep, k0, q_rows, rows, scale)
+        if cap is not None:  # soft cap c tanh(s / c): 1/c into the offsets and the scales,
+            # then tanh in place and the mask added with the factor c (one pass)
+            if proj.has_bias:
+                bias_q, bias_k = bias_q / cap, bias_k / cap
+            low = torch.finfo(key_side.dtype).min
+            add_q = key_side.new_zeros(()).masked_fill(hidden, low).view(1, 1, p, 1, t)
+            add_k = key_side.new_zeros(()).masked_fill(
+                hidden_x.T[:, :, None] if rot else hidden_x[:, :, None], low)[None, None]
         val_q = grad.new_empty(m, u_up, heads)
         val_k = grad.new_empty(m, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
@@ -285,6 +294,8 @@ class QKFix:
                     f_q = _head_rms(qs, inv_q, normed[2]).permute(3, 0, 1, 2)[..., None]
                     f_k = _head_rms(ks, inv, normed[2]).permute(3, 0, 1, 2)
                 f_k = f_k[:, :, :, None] if rot else f_k[:, :, None]
+                if cap is not None:
+                    f_q, f_k = f_q / cap, f_k / cap
             s_q = work.take("s", (heads, n, p, c, t), qs)  # patched queries, clean keys
             for h in range(heads):
                 side = key_side[h // rep]
@@ -294,10 +305,12 @@ class QKFix:
                 else:
                     torch.matmul(qs[:, :, :, h], side, out=s_q[h])
             mask_q: Tensor | None = hidden.view(1, 1, p, 1, t)
-            if inv is not None:  # the scale, bias and mask
+            if inv is not None:  # the scale, bias and mask (and soft cap)
                 torch.addcmul(bias_q, s_q, f_q, out=s_q)
-                mask_q = None if lay.attn_softcap is None else mask_q
-            a_q = lay.pattern_from_scores(layer, s_q, mask_q, -1,
+                if cap is not None:
+                    torch.add(add_q, s_q.tanh_(), alpha=cap, out=s_q)
+                mask_q = None
+            a_q = lay.pattern_from_scores(layer, s_q, mask_q, -1, capped=raw,
                                           out=work.take("a", s_q.shape, s_q, sdt))
             got = torch.matmul(a_q.to(gdt), grad_q).sum((1, 2))  # [H, c, m]
             val_q[:, u0:u1] = got.permute(2, 1, 0)
@@ -316,8 +329,10 @@ class QKFix:
                     torch.matmul(query_side[gi], kg.transpose(-1, -2), out=s_k[gi])
             if inv is not None:
                 torch.addcmul(bias_k, s_k, f_k, out=s_k)
-                mask = None if lay.attn_softcap is None else mask
-            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim,
+                if cap is not None:
+                    torch.add(add_k, s_k.tanh_(), alpha=cap, out=s_k)
+                mask = None
+            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim, capped=raw,
                                           out=work.take("a", s_k.shape, s_k, sdt))
             got = torch.matmul(a_k.to(gdt).view(groups, n, -1, c).transpose(-1, -2), grad_k)
             val_k[:, u0:u1] = got.sum(1).permute(2, 1, 0)  # [m, c, G]

@@ -532,14 +532,16 @@ class Architecture:
                             device)
 
     def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor | None,
-                            dim: int, out: Tensor | None = None) -> Tensor:
+                            dim: int, out: Tensor | None = None,
+                            capped: bool = False) -> Tensor:
         """The plain attention pattern (probability) from scaled scores ``scale q . k`` of
         ``layer`` laid out with the keys along ``dim`` (without autograd: ``scores`` is
         overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``; ``None``:
-        the caller has already set them to the dtype's lowest value), softmax
+        the caller has already set them to the dtype's lowest value; ``capped``: the caller
+        has already soft-capped the scores), softmax
         in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it (into ``out``,
         contiguous and of that dtype, when given)."""
-        cap = self.attn_softcap  # (in place: the same operations as _capped)
+        cap = None if capped else self.attn_softcap  # (in place: as _capped)
         scores = scores if cap is None else scores.div_(cap).tanh_().mul_(cap)
         if hidden is not None:
             scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
