@@ -38,7 +38,12 @@ map, so the projections are ``1/sigma(x + delta_u) (x W_c + delta_u W_c)`` plus 
 ``1/sigma`` from the clean stream's statistics and reductions of ``delta_u`` (``|delta_u|^2``
 once a call, ``x . delta_u`` one batched product a layer), ``x W_c`` from the forward pass's
 own projections (:meth:`QKFix.projections`), each product written straight into its senders'
-slots of one q/k buffer. A head sender's
+slots of one q/k buffer. Scores are linear in the projections, so in float32/float64 the
+scores are taken of the raw products ``y W_c`` and ``1/sigma`` and the bias applied to them:
+``s = 1/sigma (y W_c . K) + b' . K``, one ``addcmul`` with the bias offsets ``b' . K`` that
+also carry the causal/window mask (the scores are fewer values than the projections); Qwen3's
+per-head RMS norms likewise (each head's ``1/rms`` from one reduction, the norms' weights in
+the clean sides) and Gemma-2's soft cap after them. A head sender's
 difference is ``dz_h W_O[h]`` (the difference of two head outputs ``z W_O``; recovered by least
 squares once a call and checked to lie in ``W_O[h]``'s row space, else the direct path is
 taken), so its projection is ``dz_h (W_O[h] W_c)``: ``d_head``-wide instead of ``d``-wide
