@@ -21,7 +21,7 @@ earlier runs stay below it (``--replace`` drops them).
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_methods.py [--families gpt2 llama ...] [--repeats 5]
-        [--out benchmarks/results/methods_speed] [--replace]
+        [--methods atp_qk ...] [--out benchmarks/results/methods_speed] [--replace]
 
 Measures and reports; asserts nothing about times.
 """
@@ -50,13 +50,16 @@ METHODS = ["eap", "gim", "relp", "atp_qk", "atp_star"]
 TARGETS = {"gim": 1.3, "relp": 1.3, "atp_qk": 2.0, "atp_star": 2.0}
 
 
-def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
-    """Seconds per method and ratios to EAP for one family."""
+def measure(family: str, repeats: int, tmp: Path,
+            methods: list[str] = METHODS) -> dict[str, Any]:
+    """Seconds per method and ratios to EAP for one family (``methods``: which to time;
+    EAP always)."""
     from circuitfind.algorithms import EAP, GIM, AtPStar, RelP
 
     _, engine, data = family_setup(family, tmp)
-    algos = {"eap": EAP(), "gim": GIM(), "relp": RelP(), "atp_qk": AtPStar(grad_drop=False),
-             "atp_star": AtPStar()}
+    makers = {"eap": EAP, "gim": GIM, "relp": RelP,
+              "atp_qk": lambda: AtPStar(grad_drop=False), "atp_star": AtPStar}
+    algos = {k: makers[k]() for k in METHODS if k == "eap" or k in methods}
 
     def fresh() -> Any:  # a new corrupted tensor: the engine's memo never hits
         return dataclasses.replace(data, corrupted=data.corrupted.clone())
@@ -67,7 +70,7 @@ def measure(family: str, repeats: int, tmp: Path) -> dict[str, Any]:
     times = interleaved_rounds({k: scorer(a) for k, a in algos.items()}, repeats)
     seconds = {k: statistics.median(v) for k, v in times.items()}
     return {"family": family, "n_edges": engine.graph.n_edges, "seconds": seconds,
-            "vs_eap": {k: seconds[k] / seconds["eap"] for k in METHODS}}
+            "vs_eap": {k: seconds[k] / seconds["eap"] for k in seconds}}
 
 
 FLOOR = Path(__file__).resolve().parent / "results" / "atp_floor.json"
@@ -131,15 +134,17 @@ def _section(result: dict[str, Any]) -> str:
         "Random-weight models of bench_families' shape (6 layers, d_model 256, 8 heads, 4 k/v "
         "heads for grouped-query families), batch 8 x 16 tokens, one thread, CPU time, medians "
         f"of {result['repeats']}; {result['machine']}. Every call includes its corrupted "
-        "forward pass. Targets: GIM, RelP <= 1.3x EAP; AtP* <= 2x EAP.", "",
+        "forward pass. Targets: GIM, RelP <= 1.3x EAP; AtP* <= 2x EAP."
+        + ("" if "methods" not in result else " Timed (interleaved): "
+           + ", ".join(result["methods"]) + "; the others not run (-)."), "",
         "| family | edges | EAP (ms) | GIM / EAP | RelP / EAP | AtP* QK fix / EAP "
         "| AtP* QK fix + GradDrop / EAP |",
         "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["families"]:
-        v = r["vs_eap"]
+        v = {k: f"{x:.2f}" for k, x in r["vs_eap"].items()}
+        cells = " | ".join(v.get(k, "-") for k in METHODS[1:])
         lines.append(f"| {r['family']} | {r['n_edges']} | {1000 * r['seconds']['eap']:.1f} "
-                     f"| {v['gim']:.2f} | {v['relp']:.2f} | {v['atp_qk']:.2f} "
-                     f"| {v['atp_star']:.2f} |")
+                     f"| {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +159,8 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=METHODS[1:], choices=METHODS[1:],
+                        help="the methods timed against EAP (default: all)")
     parser.add_argument("--out", default="benchmarks/results/methods_speed")
     parser.add_argument("--replace", action="store_true",
                         help="drop the earlier runs kept in OUT.json")
@@ -162,7 +169,9 @@ def main() -> None:
     torch.manual_seed(0)
     run = _provenance()
     with tempfile.TemporaryDirectory() as tmp:
-        families = [measure(f, args.repeats, Path(tmp)) for f in args.families]
+        families = [measure(f, args.repeats, Path(tmp), args.methods) for f in args.families]
+    if set(args.methods) != set(METHODS[1:]):
+        run["methods"] = ["eap", *args.methods]
     run.update(families=families, repeats=args.repeats, threads=args.threads,
                machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
                load_after=os.getloadavg()[0])

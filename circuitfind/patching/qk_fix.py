@@ -27,8 +27,10 @@ How (all without autograd, one layer at a time, in chunks of senders). The patch
 keys are never rotated: the rotation is linear per position (``R_t``), so a patched query
 against clean rotated keys scores ``(R_i q'_i) . k_j = q'_i . (R_i^T k_j)`` and a clean rotated
 query against a patched key ``q_i . (R_j k'_j) = (R_j^T q_i) . k'_j``; the clean sides
-``R_i^T k_j`` and ``R_j^T q_i`` (``N H P T d_head`` values) are computed once a layer, and
-``R_t`` itself by rotating the identity with the family's own rotation. Queries are projected
+``R_i^T k_j`` and ``R_j^T q_i`` (``N H P T d_head`` values) are computed once a layer, by
+the family's half-split rotation turned backwards elementwise
+(:meth:`HalfSplitRotation.turn`), or for other rotations through ``R_t`` itself (the identity
+rotated by the family's own rotation). Queries are projected
 at the query rows some gradient reaches only (all but the metric positions in the last layer
 carry none). The pattern's contraction with the gradient is a batched matrix product. The
 patched streams ``x + delta_u`` are never materialised: the norm is ``1/sigma`` times a linear
@@ -36,14 +38,21 @@ map, so the projections are ``1/sigma(x + delta_u) (x W_c + delta_u W_c)`` plus 
 ``1/sigma`` from the clean stream's statistics and reductions of ``delta_u`` (``|delta_u|^2``
 once a call, ``x . delta_u`` one batched product a layer), ``x W_c`` from the forward pass's
 own projections (:meth:`QKFix.projections`), each product written straight into its senders'
-slots of one q/k buffer. A head sender's
+slots of one q/k buffer. Scores are linear in the projections, so in float32/float64 the
+scores are taken of the raw products ``y W_c`` and ``1/sigma`` and the bias applied to them:
+``s = 1/sigma (y W_c . K) + b' . K``, one ``addcmul`` with the bias offsets ``b' . K`` that
+also carry the causal/window mask (the scores are fewer values than the projections); Qwen3's
+per-head RMS norms likewise (each head's ``1/rms`` from one reduction, the norms' weights in
+the clean sides) and Gemma-2's soft cap after them. A head sender's
 difference is ``dz_h W_O[h]`` (the difference of two head outputs ``z W_O``; recovered by least
 squares once a call and checked to lie in ``W_O[h]``'s row space, else the direct path is
 taken), so its projection is ``dz_h (W_O[h] W_c)``: ``d_head``-wide instead of ``d``-wide
 (:class:`_NormedProjection`). Gemma-2's head differences, pushed through its post-norm, take
-the direct path. The ``W_O[h] W_c`` products and the head-space solves are kept on the adapter
-between calls (each weight compared with its kept copy once a call), and one workspace a call
-holds the projections, scores and patterns (:class:`_Workspace`).
+the direct path. The folded q/k weights, the ``W_O[h] W_c`` products and the head-space solves
+are kept on the adapter between calls while their weights are unchanged
+(:meth:`Architecture.derived`: the same tensors at the same in-place version, as EAP's own
+folded weights), and one workspace a call holds the projections, scores and patterns
+(:class:`_Workspace`).
 
 Cost. Per layer, for the ``U`` senders upstream of it: the q/k projections of the ``L + 1``
 non-head senders (``N T d (H + G) d_head`` multiply-adds each), of the heads in head space
@@ -58,15 +67,15 @@ References:
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
+from circuitfind.patching.architectures.base import Architecture, HalfSplitRotation
+
 if TYPE_CHECKING:
-    from circuitfind.patching.architectures import Architecture
     from circuitfind.patching.runner import BlockRunner
 
 CHUNK_SCORES = 1 << 24  # pattern entries per chunk of senders (memory: ~64 MiB in float32)
@@ -186,7 +195,6 @@ class QKFix:
                 already pushed through the post-norm's Jacobian).
         """
         g, lay = self.runner.graph, self.runner.arch
-        _products(lay).begin()
         work = _Workspace()
         with lay.backward_rules(None):  # plain values, no tap, while recomputing
             stats = _SenderStats(delta)
@@ -237,15 +245,13 @@ class QKFix:
         gx = grad.view(m, n, groups, rep * p, t)  # x = (r, i)
         q_rows = q0[:, :, rows].reshape(n, groups, rep * p, dh)
         scale = lay.scale(layer)  # folded into the clean sides: the scores come out scaled
-        rot = rotation_matrices(lay, t, dh, q0.dtype, q0.device)
-        if rot is None:  # the clean sides as they are: k^T [G, N, dh, T], q [G, N, rep*P, dh]
+        rot = lay.rotary is not None
+        if not rot:  # the clean sides as they are: k^T [G, N, dh, T], q [G, N, rep*P, dh]
             key_side = (k0 * scale).permute(1, 0, 3, 2)
             query_side = (q_rows * scale).transpose(0, 1)
             grad_k = gx.permute(2, 1, 3, 4, 0).reshape(groups, n, -1, m)  # (x, j)
         else:  # R_i^T k_j [G, N, P, dh, T] and R_j^T q_i [G, N, T, rep*P, dh]
-            # (contiguous once: each head's and group's product would copy its slice)
-            key_side = torch.einsum("iae,ngja->gniej", rot[0][rows] * scale, k0).contiguous()
-            query_side = torch.einsum("jae,ngxa->gnjxe", rot[1] * scale, q_rows).contiguous()
+            key_side, query_side = self._rotated_sides(lay, k0, q_rows, rows, scale, work)
             grad_k = gx.permute(2, 1, 4, 3, 0).reshape(groups, n, -1, m)  # (j, x)
         grad_k = grad_k.contiguous()
         hidden = lay.hidden_keys(layer, t, q0.device)[rows]  # [P, T] (i, j)
@@ -253,29 +259,70 @@ class QKFix:
         sdt = lay.softmax_dtype or q0.dtype  # the patterns' dtype
         proj = _NormedProjection(lay, layer, x, rows, heads_low, stats, work,
                                  self.projected[layer])
+        # without q/k norms (which need each patched projection itself) and in float32 or
+        # float64, 1/sigma and the bias act on the scores: s = 1/sigma (y W_c . K) + b' . K
+        # per-head RMS q/k norms (Qwen3) in float32 without biases likewise: each head's
+        # 1/rms on the scores, its weight folded into the clean sides (see qk_norm_parts)
+        normed = (lay.qk_norm_parts(layer) if x.dtype == torch.float32 and not proj.has_bias
+                  else None)
+        raw = normed is not None or (type(lay).qk_norm is Architecture.qk_norm
+                                     and x.dtype in (torch.float32, torch.float64))
+        if normed is not None:
+            key_side.mul_(normed[0].to(key_side.dtype)[:, None])  # [..., dh, T]
+            query_side.mul_(normed[1].to(query_side.dtype))  # [..., dh]
+        cap = lay.attn_softcap if raw else None
+        if raw:
+            bias_q, bias_k = self._score_offsets(lay, proj, key_side, query_side, hidden,
+                                                 hidden_x, rot, rep, k0, q_rows, rows, scale)
+        if cap is not None:  # soft cap c tanh(s / c): 1/c into the offsets and the scales,
+            # then tanh in place and the mask added with the factor c (one pass)
+            if proj.has_bias:
+                bias_q, bias_k = bias_q / cap, bias_k / cap
+            low = torch.finfo(key_side.dtype).min
+            add_q = key_side.new_zeros(()).masked_fill(hidden, low).view(1, 1, p, 1, t)
+            add_k = key_side.new_zeros(()).masked_fill(
+                hidden_x.T[:, :, None] if rot else hidden_x[:, :, None], low)[None, None]
         val_q = grad.new_empty(m, n, u_up, heads)  # per example (GradDrop's magnitudes)
         val_k = grad.new_empty(m, n, u_up, groups)
         step = max(1, CHUNK_SCORES // (n * heads * p * t))
         for u0 in range(0, u_up, step):
             u1 = min(u_up, u0 + step)
             c = u1 - u0
-            qs, ks = proj(delta, u0, u1, g)  # [N, P, c, H*dh], [N, T, c, G*dh]
-            qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
-                                 ks.view(n, t * c, groups, dh), scratch=True)
+            qs, ks, inv = proj(delta, u0, u1, g, raw)  # [N, P, c, H*dh], [N, T, c, G*dh]
+            if not raw:
+                qs, ks = lay.qk_norm(layer, qs.view(n, p * c, heads, dh),
+                                     ks.view(n, t * c, groups, dh), scratch=True)
             qs, ks = qs.view(n, p, c, heads, dh), ks.view(n, t, c, groups, dh)
+            if inv is not None:  # what multiplies the raw scores: [H|1, N, P, c, 1] and
+                # [G|1, N, T, 1, c] ([G|1, N, 1, T, c] without rotation)
+                inv_q = inv if proj.every_row else inv[:, rows]
+                if normed is None:  # 1/sigma
+                    f_q, f_k = inv_q.reshape(1, n, p, c, 1), inv.view(1, n, t, c)
+                else:  # 1/rms(1/sigma y) of each head = 1/sqrt(ms(y) + eps sigma^2)
+                    f_q = _head_rms(qs, inv_q, normed[2]).permute(3, 0, 1, 2)[..., None]
+                    f_k = _head_rms(ks, inv, normed[2]).permute(3, 0, 1, 2)
+                f_k = f_k[:, :, :, None] if rot else f_k[:, :, None]
+                if cap is not None:
+                    f_q, f_k = f_q / cap, f_k / cap
             s_q = work.take("s", (heads, n, p, c, t), qs)  # patched queries, clean keys
             for h in range(heads):
                 side = key_side[h // rep]
-                if rot is None:
+                if not rot:
                     torch.matmul(qs[:, :, :, h].reshape(n, p * c, dh), side,
                                  out=s_q[h].view(n, p * c, t))
                 else:
                     torch.matmul(qs[:, :, :, h], side, out=s_q[h])
-            a_q = lay.pattern_from_scores(layer, s_q, hidden.view(1, 1, p, 1, t), -1,
+            mask_q: Tensor | None = hidden.view(1, 1, p, 1, t)
+            if inv is not None:  # the scale, bias and mask (and soft cap)
+                torch.addcmul(bias_q, s_q, f_q, out=s_q)
+                if cap is not None:
+                    torch.add(add_q, s_q.tanh_(), alpha=cap, out=s_q)
+                mask_q = None
+            a_q = lay.pattern_from_scores(layer, s_q, mask_q, -1, capped=raw,
                                           out=work.take("a", s_q.shape, s_q, sdt))
             got = torch.matmul(a_q.to(gdt), grad_q).sum(2)  # [H, N, c, m]
             val_q[:, :, u0:u1] = got.permute(3, 1, 2, 0)
-            if rot is None:  # clean queries, patched keys: [G, N, rep*P, T, c]
+            if not rot:  # clean queries, patched keys: [G, N, rep*P, T, c]
                 s_k = work.take("s", (groups, n, rep * p, t, c), ks)
                 key_dim, mask = 3, hidden_x.view(1, 1, rep * p, t, 1)
             else:  # [G, N, T, rep*P, c]
@@ -283,12 +330,17 @@ class QKFix:
                 key_dim, mask = 2, hidden_x.T.reshape(1, 1, t, rep * p, 1)
             for gi in range(groups):
                 kg = ks[:, :, :, gi]  # [N, T, c, dh]
-                if rot is None:
+                if not rot:
                     torch.matmul(query_side[gi], kg.reshape(n, t * c, dh).transpose(1, 2),
                                  out=s_k[gi].view(n, rep * p, t * c))
                 else:
                     torch.matmul(query_side[gi], kg.transpose(-1, -2), out=s_k[gi])
-            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim,
+            if inv is not None:
+                torch.addcmul(bias_k, s_k, f_k, out=s_k)
+                if cap is not None:
+                    torch.add(add_k, s_k.tanh_(), alpha=cap, out=s_k)
+                mask = None
+            a_k = lay.pattern_from_scores(layer, s_k, mask, key_dim, capped=raw,
                                           out=work.take("a", s_k.shape, s_k, sdt))
             got = torch.matmul(a_k.to(gdt).view(groups, n, -1, c).transpose(-1, -2), grad_k)
             val_k[:, :, u0:u1] = got.permute(3, 1, 2, 0)  # [m, N, c, G]
@@ -299,6 +351,86 @@ class QKFix:
             val_k.abs_()
         val_q, val_k = val_q.sum(1), val_k.sum(1)
         return [(val_q[i], val_k[i]) for i in range(m)]
+
+    @staticmethod
+    def _score_offsets(lay: Architecture, proj: _NormedProjection, key_side: Tensor,
+                       query_side: Tensor, hidden: Tensor, hidden_x: Tensor, rot: bool,
+                       rep: int, k0: Tensor, q_rows: Tensor, rows: Tensor, scale: float
+                       ) -> tuple[Tensor, Tensor]:
+        """What the bias ``b'`` of the patched q (k) adds to each score against the clean
+        side ``K`` (``Q``), ``b'_q . K``, with the hidden keys at the dtype's lowest value
+        (unless the family soft-caps its scores, which must come first): ``[H, N, P, 1,
+        T]`` and ``[G, N, T, rep*P, 1]`` (``[G, N, rep*P, T, 1]`` without rotation); the
+        masks alone, broadcast, where there is no bias. ``key_side``, ``query_side``,
+        ``hidden [P, T]``, ``hidden_x [rep*P, T]``, the clean rotated ``k0 [N, G, T, dh]``,
+        ``q_rows [N, G, rep*P, dh]``, the query ``rows [P]`` and ``scale`` as in
+        :meth:`_layer`."""
+        groups = query_side.shape[0]
+        p, t = hidden.shape
+        low = torch.finfo(key_side.dtype).min
+        capped = lay.attn_softcap is not None
+        mask_k = hidden_x.T[:, :, None] if rot else hidden_x[:, :, None]  # [T|X, X|T, 1]
+        if not proj.has_bias:
+            zero = key_side.new_zeros(())
+            return (zero.expand(1, 1, p, 1, t) if capped else
+                    zero.masked_fill(hidden, low).view(1, 1, p, 1, t),
+                    zero.expand(1, 1, *mask_k.shape) if capped else
+                    zero.masked_fill(mask_k, low)[None, None])
+        bq = proj.bq.view(groups, rep, -1).to(key_side.dtype)  # [G, rep, dh]
+        bk = proj.bk.view(groups, -1).to(key_side.dtype)  # [G, dh]
+        fast = lay.half_split_factors(k0) if rot else None
+        if fast is not None:  # (R_i b'_q) . k_j and q_i . (R_j b'_k), the biases turned
+            cos, sin, half = fast  # (a few values) instead of the clean sides read again
+            cos, sin = cos[0, 0] * scale, sin[0, 0] * scale  # [T, dh], [T, r/2]
+            turn = HalfSplitRotation.turn
+            dh = bq.shape[-1]
+            rbq = turn(bq[:, :, None], cos[rows], sin[rows], half,
+                       out=bq.new_empty(groups, rep, p, dh))  # [G, rep, P, dh]
+            rbk = turn(bk[:, None], cos, sin, half, out=bk.new_empty(groups, t, dh))
+            off_q = torch.einsum("grpe,ngte->grnpt", rbq, k0)
+            off_k = torch.einsum("gte,ngxe->gntx", rbk, q_rows)[..., None]
+        elif rot:  # K [G, N, P, dh, T], Q [G, N, T, X, dh]
+            off_q = torch.einsum("gnpet,gre->grnpt", key_side, bq)
+            off_k = torch.einsum("gntxe,ge->gntx", query_side, bk)[..., None]
+        else:  # K [G, N, dh, T], Q [G, N, X, dh]
+            off_q = torch.einsum("gnet,gre->grnt", key_side, bq)[:, :, :, None]
+            off_k = torch.einsum("gnxe,ge->gnx", query_side, bk)[..., None, None]
+            off_k = off_k.expand(-1, -1, -1, t, 1)
+        # [H, N, P, 1, T]; [G, N, T, X, 1] (or [G, N, X, T, 1]), each its own
+        off_q = off_q.reshape(groups * rep, off_q.shape[2], -1, 1, t).expand(-1, -1, p, 1, t)
+        off_q, off_k = off_q.contiguous(), off_k.contiguous()
+        if not capped:
+            off_q.masked_fill_(hidden.view(1, 1, p, 1, t), low)
+            off_k.masked_fill_(mask_k, low)
+        return off_q, off_k
+
+    @staticmethod
+    def _rotated_sides(lay: Architecture, k0: Tensor, q_rows: Tensor, rows: Tensor,
+                       scale: float, work: _Workspace) -> tuple[Tensor, Tensor]:
+        """The clean sides of a rotary layer's patched scores, scaled: ``R_i^T k_j`` ``[G, N,
+        P, dh, T]`` (each clean rotated key ``k0 [N, G, T, dh]`` turned back by each query
+        row's rotation, ``rows [P]``) and ``R_j^T q_i`` ``[G, N, T, rep*P, dh]`` (each clean
+        rotated query ``q_rows [N, G, rep*P, dh]`` turned back by each key position's). For
+        half-split families by :meth:`HalfSplitRotation.turn` with ``scale`` folded into
+        ``cos`` and ``sin`` (three elementwise kernels a side, into the call's buffers; the
+        first as a transposed view of ``[G, N, P, T, dh]``, which the score products read
+        as it is); otherwise through the rotation matrices (:func:`rotation_matrices`)."""
+        n, groups, t, dh = k0.shape
+        fast = lay.half_split_factors(k0)
+        if fast is None:  # (contiguous once: each head's and group's product would copy)
+            rot = rotation_matrices(lay, t, dh, k0.dtype, k0.device)
+            assert rot is not None
+            return (torch.einsum("iae,ngja->gniej", rot[0][rows] * scale, k0).contiguous(),
+                    torch.einsum("jae,ngxa->gnjxe", rot[1] * scale, q_rows).contiguous())
+        cos, sin, half = fast
+        cos, sin = cos[0, 0] * scale, sin[0, 0] * scale  # [T, dh], [T, r/2]
+        p, x = len(rows), q_rows.shape[2]
+        turn = HalfSplitRotation.turn
+        key_side = turn(k0.transpose(0, 1)[:, :, None], cos[rows][:, None], sin[rows][:, None],
+                        half, -1.0, out=work.take("key side", (groups, n, p, t, dh), k0))
+        query_side = turn(q_rows.transpose(0, 1)[:, :, None], cos[:, None], sin[:, None],
+                          half, -1.0, out=work.take("query side", (groups, n, t, x, dh), k0))
+        return key_side.transpose(-1, -2), query_side
 
     def _head_space(self, lay: Architecture, delta: Tensor, stats: _SenderStats
                     ) -> dict[int, HeadSpace]:
@@ -313,19 +445,30 @@ class QKFix:
             return out
         last = max(self.inputs, default=0)
         _, n, t, d = delta.shape
-        cache = _products(lay)
         for m in range(last):  # heads of the last tapped layer feed no q or k
             h0 = g.head_start[m]
-            wd = lay.w_out(m)[0].reshape(g.n_heads, -1, d).to(delta.dtype)  # [H, dh, d]
-            left, gd = cache.solve(m, wd)
+            source = lay.w_out(m)[0]
+            wd, left, gd = lay.derived(("qk_fix head space", m, delta.dtype), (source,),
+                                       lambda w=source: _solve(w, g.n_heads, delta.dtype))
             rows = delta[h0: h0 + g.n_heads].reshape(g.n_heads, n * t, d)
             dz = torch.bmm(rows, left)
             # the part off the row space is orthogonal to it: |miss|^2 = |delta|^2 - |dz W|^2
             whole = stats.square[h0: h0 + g.n_heads].reshape(g.n_heads, n * t)
             miss = whole - (torch.bmm(dz, gd) * dz).sum(-1)
             if bool((miss <= ROW_SPACE_TOL ** 2 * whole.amax(1, keepdim=True)).all()):
-                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd)
+                out[m] = HeadSpace(dz.view(g.n_heads, n, t, -1), wd, source)
         return out
+
+
+def _solve(w_out: Tensor, heads: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w [H, d_head, d], left [H, d, d_head], gram [H, d_head, d_head])`` of a layer's
+    output projection ``w_out [H*d_head, d]`` in ``dtype`` (the solve in float64): ``delta
+    left`` is the least-squares ``dz`` of ``delta = dz w`` and ``gram = w w^T``."""
+    w = w_out.reshape(heads, -1, w_out.shape[-1]).to(dtype)
+    w64 = w.double()
+    gram = w64 @ w64.transpose(1, 2)  # [H, dh, dh]
+    left = torch.linalg.solve(gram, w64).transpose(1, 2)  # [H, d, dh]
+    return w.contiguous(), left.to(dtype).contiguous(), gram.to(dtype)
 
 
 class HeadSpace(NamedTuple):
@@ -333,6 +476,7 @@ class HeadSpace(NamedTuple):
 
     dz: Tensor  # [H, N, T, dh]
     w_out: Tensor  # [H, dh, d]
+    source: Tensor  # the adapter's w_out [H*dh, d] it came from (for Architecture.derived)
 
 
 class _SenderStats:
@@ -345,7 +489,7 @@ class _SenderStats:
         self.dtype = torch.promote_types(delta.dtype, torch.float32)
         self.delta = delta
         wide = delta if delta.dtype == self.dtype else delta.to(self.dtype)
-        self.square = torch.linalg.vecdot(wide, wide)  # [S, N, T]
+        self.square = torch.linalg.vector_norm(wide, dim=-1).square_()  # [S, N, T]
         self._total: Tensor | None = None
 
     @property
@@ -368,105 +512,42 @@ def norm_epsilon(lay: Architecture, layer: int, d: int,
     return float(inv.double().reshape(-1)[0] ** -2 - stat[0]), centred
 
 
-PRODUCT_CACHE_BYTES = 1 << 26  # per model: W_O W_c products kept between calls (64 MiB)
-_PRODUCTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _head_rms(y: Tensor, inv: Tensor, eps: float) -> Tensor:
+    """``1 / rms(inv y)`` of each head's raw projection ``y [N, X, c, heads, dh]`` scaled by
+    ``inv [N, X, c]`` (the input norm's ``1/sigma``), as ``1 / sqrt(mean(y^2) + eps /
+    inv^2)`` (``inv`` itself cancels against the norm's): ``[N, X, c, heads]``."""
+    ms = torch.linalg.vector_norm(y, dim=-1).square_().div_(y.shape[-1])
+    return ms.add_(inv.square().reciprocal_().mul_(eps)[..., None]).rsqrt_()
 
 
-class _WeightProducts:
-    """What the QK fix derives from the weights alone, kept on the adapter (weakly) between
-    calls while it fits in :data:`PRODUCT_CACHE_BYTES`: ``W_O[h] W_c`` ``[H, d_head, out]``
-    for each pair of a sender layer's heads (``w_out [H, d_head, d]``) and a receiving
-    layer's folded q/k weights (``w_c [d, out]``), ``d^2 out`` multiply-adds a pair, and each
-    sender layer's least-squares solve for its head space (:meth:`QKFix._head_space`).
+class _Folded(NamedTuple):
+    """What :class:`_NormedProjection` derives from ``layer``'s norm and q/k weights alone."""
 
-    Every entry is used again only while the weights it came from are equal to copies kept
-    beside it; each weight is compared once a call (:meth:`begin` starts a call), not once
-    per product (one ``d x out`` comparison per layer instead of one per pair of layers).
-    """
-
-    def __init__(self) -> None:
-        self.outs: dict[int, Tensor] = {}  # sender layer -> w_out copy
-        self.folded: dict[int, Tensor] = {}  # receiving layer -> w_c copy
-        self.products: dict[tuple[int, int], Tensor] = {}
-        self.solves: dict[int, tuple[Tensor, Tensor]] = {}
-        self.checked: dict[tuple[str, int], bool] = {}
-
-    def begin(self) -> None:
-        """Start a call: every weight is compared again on its first use."""
-        self.checked = {}
-
-    def _held(self) -> int:
-        tensors = [*self.outs.values(), *self.folded.values(), *self.products.values(),
-                   *(t for pair in self.solves.values() for t in pair)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def _fits(self, *new: Tensor) -> bool:
-        extra = sum(t.numel() * t.element_size() for t in new)
-        return self._held() + extra <= PRODUCT_CACHE_BYTES
-
-    def _same(self, kind: str, key: int, w: Tensor) -> bool:
-        """Whether ``w`` equals the copy kept for ``(kind, key)`` (compared once a call); on
-        a change the entries made from the old copy are dropped and ``w`` kept instead."""
-        if (kind, key) in self.checked:
-            return self.checked[(kind, key)]
-        store = self.outs if kind == "out" else self.folded
-        old = store.get(key)
-        same = (old is not None and old.shape == w.shape and old.dtype == w.dtype
-                and old.device == w.device and _equal(old, w))
-        if not same:
-            store.pop(key, None)
-            self.products = {k: v for k, v in self.products.items()
-                             if k[0 if kind == "out" else 1] != key}
-            if kind == "out":
-                self.solves.pop(key, None)
-            if self._fits(w):
-                store[key] = w.clone()
-        self.checked[(kind, key)] = same
-        return same
-
-    def product(self, sender: int, layer: int, w_out: Tensor, w_c: Tensor) -> Tensor:
-        """``w_out @ w_c`` ``[H, d_head, out]``, reused while both factors are unchanged."""
-        same = self._same("out", sender, w_out) & self._same("c", layer, w_c)
-        hit = self.products.get((sender, layer)) if same else None
-        if hit is not None:
-            return hit
-        out = w_out @ w_c
-        if sender in self.outs and layer in self.folded and self._fits(out):
-            self.products[(sender, layer)] = out
-        return out
-
-    def solve(self, sender: int, w_out: Tensor) -> tuple[Tensor, Tensor]:
-        """``(left [H, d, d_head], gram [H, d_head, d_head])`` of ``w_out [H, d_head, d]`` (in
-        float64, returned in ``w_out``'s dtype): ``delta left`` is the least-squares ``dz``
-        of ``delta = dz w_out`` and ``gram = w_out w_out^T``."""
-        hit = self.solves.get(sender) if self._same("out", sender, w_out) else None
-        if hit is not None:
-            return hit
-        w64 = w_out.double()
-        gram = w64 @ w64.transpose(1, 2)  # [H, dh, dh]
-        left = torch.linalg.solve(gram, w64).transpose(1, 2)  # [H, d, dh]
-        out = left.to(w_out.dtype).contiguous(), gram.to(w_out.dtype)
-        if sender in self.outs and self._fits(*out):
-            self.solves[sender] = out
-        return out
+    wqk: Tensor  # [d, outq + outk]: the norm's weight (and centring) folded into W_q, W_k
+    bqk: Tensor  # [outq + outk]: the norm's bias through them, plus their biases
+    q_out: int  # outq = H * d_head
+    eps: float
+    centred: bool
+    has_bias: bool  # whether bqk is not all zero
 
 
-def _equal(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` (same shape, dtype, device) hold the same bits (compared as
-    64-bit words where both are contiguous: about twice as fast as :func:`torch.equal` on a
-    CPU; bitwise, so ``-0.0`` differs from ``0.0``, which at worst recomputes a product)."""
-    if (a.is_contiguous() and b.is_contiguous() and a.numel() * a.element_size() % 8 == 0
-            and a.numel()):
-        return torch.equal(a.view(-1).view(torch.int64), b.view(-1).view(torch.int64))
-    return torch.equal(a, b)
-
-
-def _products(lay: Architecture) -> _WeightProducts:
-    """The adapter's :class:`_WeightProducts` (made on first use)."""
-    cache = _PRODUCTS.get(lay)
-    if cache is None:
-        cache = _PRODUCTS[lay] = _WeightProducts()
-    return cache
+def _fold_qk(lay: Architecture, layer: int, x: Tensor) -> _Folded:
+    """:class:`_Folded` of ``layer`` for inputs like ``x [N, T, d]`` (its dtype)."""
+    d = x.shape[-1]
+    wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
+    wk, bk = lay.head_weights(layer, "k")
+    _, _, w_norm, centred = lay.norm_parts(layer, x[:1, :1])
+    eps, centred = norm_epsilon(lay, layer, d, x.device)
+    flat = torch.cat([wq, wk]).permute(1, 0, 2).reshape(d, -1)  # [d, outq + outk]
+    wc = flat.to(w_norm.dtype) * w_norm.reshape(d, 1)
+    wqk = (wc - wc.mean(0, keepdim=True) if centred else wc).to(x.dtype).contiguous()
+    zero = lay.ln_attn(layer, x.new_zeros(1, d))[0]  # the norm's bias (0 for RMSNorm)
+    bqk = zero @ flat
+    if bq is not None or bk is not None:
+        bqk = bqk + torch.cat([
+            (b.reshape(-1) if b is not None else bqk.new_zeros(w.shape[0] * w.shape[2]))
+            for b, w in ((bq, wq), (bk, wk))])
+    return _Folded(wqk, bqk, wq.shape[0] * wq.shape[2], eps, centred, bool(bqk.ne(0).any()))
 
 
 class _NormedProjection:
@@ -501,26 +582,16 @@ class _NormedProjection:
         n, t, d = x.shape
         self.work, self.stats = work, stats
         self.lay, self.layer, self.x, self.rows, self.d = lay, layer, x, rows, d
-        wq, bq = lay.head_weights(layer, "q")  # [H, d, dh]
-        wk, bk = lay.head_weights(layer, "k")
-        _, _, w_norm, centred = lay.norm_parts(layer, x[:1, :1])
-        self.eps, self.centred = norm_epsilon(lay, layer, d, x.device)
-        flat = torch.cat([wq, wk]).permute(1, 0, 2).reshape(d, -1)  # [d, outq + outk]
-        wc = flat.to(w_norm.dtype) * w_norm.reshape(d, 1)
-        self.wqk = (wc - wc.mean(0, keepdim=True) if centred else wc).to(x.dtype)
-        self.q_out = wq.shape[0] * wq.shape[2]
+        sources = lay.qkv_sources(layer)
+        fold = lay.derived(("qk_fix folded", layer, x.dtype), sources,
+                           lambda: _fold_qk(lay, layer, x))
+        self.wqk, self.bqk, self.q_out, self.eps, self.centred, self.has_bias = fold
         self.wq, self.wk = self.wqk[:, : self.q_out], self.wqk[:, self.q_out:]
-        zero = lay.ln_attn(layer, x.new_zeros(1, d))[0]  # the norm's bias (0 for RMSNorm)
-        self.bqk = zero @ flat
-        if bq is not None or bk is not None:
-            self.bqk = self.bqk + torch.cat([
-                (b.reshape(-1) if b is not None else self.bqk.new_zeros(w.shape[0] * w.shape[2]))
-                for b, w in ((bq, wq), (bk, wk))])
         self.bq, self.bk = self.bqk[: self.q_out], self.bqk[self.q_out:]
         self.every_row = len(rows) == t  # queries at every position: one product for q and k
         self.sdt = stats.dtype  # the statistics' dtype
         xs = x.to(self.sdt)
-        self.xc = xs - xs.mean(-1, keepdim=True) if centred else xs  # [N, T, d]
+        self.xc = xs - xs.mean(-1, keepdim=True) if self.centred else xs  # [N, T, d]
         self.stat_x = self.xc.pow(2).mean(-1).view(n * t, 1)  # [N*T, 1]
         # x W_c = (q(x) - b') sigma(x) from the forward pass's projections (no product)
         both = torch.cat([clean[0].reshape(n * t, -1), clean[1].reshape(n * t, -1)], 1)
@@ -532,15 +603,19 @@ class _NormedProjection:
         else:
             self.xq = self.xqk.view(n, t, -1)[:, rows, : self.q_out].reshape(n * len(rows), -1)
         self.low = {}
-        products = _products(lay)
-        for m, hs in heads_low.items():
-            mqk = products.product(m, layer, hs.w_out, self.wqk)  # [H, dh, outq + outk]
+        for m, hs in heads_low.items():  # W_O[h] W_c [H, dh, outq + outk]
+            mqk = lay.derived(("qk_fix W_O W_c", m, layer, x.dtype),
+                              None if sources is None else (hs.source, *sources),
+                              lambda hs=hs: hs.w_out @ self.wqk)
             self.low[m] = (hs, mqk)
 
-    def __call__(self, delta: Tensor, u0: int, u1: int, g: object
-                 ) -> tuple[Tensor, Tensor]:
-        """``(q [N, P, c, H*dh], k [N, T, c, G*dh])`` of the senders ``u0:u1`` of ``delta
-        [U, N, T, d]`` (``g`` the compute graph)."""
+    def __call__(self, delta: Tensor, u0: int, u1: int, g: object, raw: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(q [N, P, c, H*dh], k [N, T, c, G*dh], None)`` of the senders ``u0:u1`` of
+        ``delta [U, N, T, d]`` (``g`` the compute graph); with ``raw`` the projections
+        before the norm's ``1/sigma`` and the bias, ``y W_c``, and ``1/sigma(y)`` ``[N, T,
+        c]`` third (``q = 1/sigma (y W_c) + b'``: the caller applies both to the scores,
+        which are fewer than the projections' values)."""
         x, rows, d = self.x, self.rows, self.d
         c = u1 - u0
         n, t, _ = x.shape
@@ -600,12 +675,14 @@ class _NormedProjection:
             stat -= mean * mean / d
         stat.div_(d).add_(self.stat_x + self.eps)
         inv = torch.rsqrt_(stat).to(x.dtype).view(n, t, c, 1)  # [N, T, c, 1]
+        if raw:
+            return qs, ks, inv.view(n, t, c)
         if self.every_row:
             torch.addcmul(self.bqk, both_slots, inv.view(n * t, c, 1), out=both_slots)
         else:
             torch.addcmul(self.bq, qs, inv[:, rows], out=qs)
             torch.addcmul(self.bk, ks, inv, out=ks)
-        return qs, ks
+        return qs, ks, None
 
     def _run(self, u: int, u1: int, g: object) -> tuple[int, int, int] | None:
         """``(sender layer, u, end)`` of the run of low-rank heads starting at sender ``u``

@@ -369,7 +369,17 @@ class Architecture:
         without :attr:`rotary`."""
         if self.rotary is None:
             return q, k
-        t = q.shape[2]
+        cos, sin, fast = self._rotary_for(q)
+        if fast is None:
+            return self.apply_rotary(q, k, cos, sin)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return HalfSplitRotation.apply(q, k, *fast)
+        return HalfSplitRotation.turn(q, *fast), HalfSplitRotation.turn(k, *fast)
+
+    def _rotary_for(self, q: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """``(cos, sin, half-split factors or None)`` for ``q [..., T, dh]``'s ``T``
+        positions, dtype and device (kept for the last such key)."""
+        t = q.shape[-2]
         key = (t, q.dtype, q.device, q.shape[-1])
         if key not in self._rotary:
             pos = torch.arange(t, device=q.device)[None]
@@ -377,12 +387,17 @@ class Architecture:
             fast = (HalfSplitRotation.factors(cos, sin, q.shape[-1])
                     if self.rotary_half_split else None)
             self._rotary = {key: (cos, sin, fast)}
-        cos, sin, fast = self._rotary[key]
-        if fast is None:
-            return self.apply_rotary(q, k, cos, sin)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return HalfSplitRotation.apply(q, k, *fast)
-        return HalfSplitRotation.turn(q, *fast), HalfSplitRotation.turn(k, *fast)
+        return self._rotary[key]
+
+    def half_split_factors(self, q: Tensor) -> tuple[Tensor, Tensor, int] | None:
+        """:meth:`HalfSplitRotation.factors` of :meth:`rotate` for ``q [..., T, dh]``'s
+        positions, dtype and device (``cos [1, 1, T, dh]``, ``sin [1, 1, T, r/2]``, ``r/2``),
+        or ``None`` where :meth:`rotate` does not run the half-split rotation (no rotation, or
+        another one): what AtP*'s QK fix needs to turn clean queries and keys by other
+        positions' rotations."""
+        if self.rotary is None:
+            return None
+        return self._rotary_for(q)[2]
 
     attn_softcap: float | None = None  # soft cap c of the attention scores, c tanh(s / c)
     parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
@@ -427,6 +442,13 @@ class Architecture:
         and no gradient is taken (AtP*'s QK fix): a family may norm them in place, equal to
         the plain norm up to float32 rounding."""
         return q, k
+
+    def qk_norm_parts(self, layer: int) -> tuple[Tensor, Tensor, float] | None:
+        """``(w_q [dh], w_k [dh], eps)`` where :meth:`qk_norm` with ``scratch`` on float32
+        is the per-head RMSNorm ``w x / sqrt(mean(x^2) + eps)`` (AtP*'s QK fix then takes
+        each patched head's ``1/rms`` on its scores and folds ``w`` into the clean sides
+        instead of norming the patched projections); ``None`` here (no norms)."""
+        return None
 
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
@@ -509,15 +531,20 @@ class Architecture:
         return self._hidden(t, None, window if window is not None and window < t else None,
                             device)
 
-    def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor,
-                            dim: int, out: Tensor | None = None) -> Tensor:
+    def pattern_from_scores(self, layer: int, scores: Tensor, hidden: Tensor | None,
+                            dim: int, out: Tensor | None = None,
+                            capped: bool = False) -> Tensor:
         """The plain attention pattern (probability) from scaled scores ``scale q . k`` of
         ``layer`` laid out with the keys along ``dim`` (without autograd: ``scores`` is
-        overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``), softmax
+        overwritten): soft cap, ``hidden`` keys masked (broadcast against ``scores``; ``None``:
+        the caller has already set them to the dtype's lowest value; ``capped``: the caller
+        has already soft-capped the scores), softmax
         in :attr:`softmax_dtype`, as :meth:`attention_pattern` computes it (into ``out``,
         contiguous and of that dtype, when given)."""
-        scores = self._capped(scores)
-        scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+        cap = None if capped else self.attn_softcap  # (in place: as _capped)
+        scores = scores if cap is None else scores.div_(cap).tanh_().mul_(cap)
+        if hidden is not None:
+            scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
         if out is None:
             return torch.softmax(scores, dim, dtype=self.softmax_dtype)
         return torch.ops.aten.softmax.int_out(scores, dim, self.softmax_dtype, out=out)
@@ -662,12 +689,14 @@ class HalfSplitRotation(torch.autograd.Function):
         return padded[:, None], sin[:, None, :, :half].contiguous(), half
 
     @staticmethod
-    def turn(x: Tensor, cos: Tensor, sin: Tensor, half: int, sign: float = 1.0) -> Tensor:
+    def turn(x: Tensor, cos: Tensor, sin: Tensor, half: int, sign: float = 1.0,
+             out: Tensor | None = None) -> Tensor:
         """The rotation of ``x [..., T, dh]`` by the :meth:`factors` ``cos, sin, half``
         (``sign=-1``: its inverse, the transpose), without autograd: a new contiguous tensor
         (as Hugging Face's ``cat`` makes: the small attention kernels then read it without
-        a copy)."""
-        y = torch.mul(x, cos, out=x.new_empty(x.shape))
+        a copy), or ``out`` (the shape ``x``, ``cos`` and ``sin`` broadcast to: each ``x``
+        turned by each position's factors, as AtP*'s QK fix needs)."""
+        y = torch.mul(x, cos, out=x.new_empty(x.shape) if out is None else out)
         y[..., :half].addcmul_(x[..., half: 2 * half], sin, value=-sign)
         y[..., half: 2 * half].addcmul_(x[..., :half], sin, value=sign)
         return y

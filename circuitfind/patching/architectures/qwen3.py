@@ -32,6 +32,15 @@ class Qwen3(Llama):
             return _rms_in_place(attn.q_norm, q), _rms_in_place(attn.k_norm, k)
         return self._rms(attn.q_norm, q), self._rms(attn.k_norm, k)
 
+    def qk_norm_parts(self, layer: int) -> tuple[Tensor, Tensor, float] | None:
+        """The q and k norms' weights and their (shared) epsilon: :meth:`qk_norm`'s scratch
+        path is this per-head RMSNorm."""
+        attn = self.attn[layer]
+        q, k = unwrap(attn.q_norm), unwrap(attn.k_norm)
+        if q.variance_epsilon != k.variance_epsilon:
+            return None
+        return q.weight, k.weight, float(q.variance_epsilon)
+
 
 def _rms_in_place(module: Any, x: Tensor) -> Tensor:
     """``x [..., dh]`` (float32, no gradient) overwritten with ``RMSNorm(x)``: ``x w /
