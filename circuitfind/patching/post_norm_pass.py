@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 
 from circuitfind.patching.architectures import Architecture
-from circuitfind.patching.masked_pass import receiver_changes
+from circuitfind.patching.masked_pass import fully_removed, receiver_changes
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -124,7 +124,8 @@ class PostNormPass:
 
     def __init__(self, runner: BlockRunner, cache: RunCache, ablated: Tensor, removed: Tensor,
                  positions: Tensor, start: int | None = None, frozen: Tensor | None = None,
-                 diff: Tensor | None = None) -> None:
+                 diff: Tensor | None = None,
+                 abl_resid: tuple[Tensor, Tensor] | None = None) -> None:
         g = runner.graph
         self.runner, self.g, self.lay, self.cache = runner, g, runner.arch, cache
         self.ablated, self.removed, self.frozen = ablated, removed, frozen
@@ -137,6 +138,8 @@ class PostNormPass:
         touched = (g.edge_mask.to(weights.device).bool().unsqueeze(0).expand(self.k, -1, -1)
                    if self.grads else weights.detach().ne(0))
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
+        # pairs reading the fully ablated run's residual ``abl`` (see _ablated_rows)
+        self.full, self.abl = fully_removed(g.edge_mask, removed, frozen), abl_resid
         # senders some edge of which is removed or frozen in some mask (every sender with
         # gradients): the only ones whose differences a receiver's input reads
         self.read = (torch.ones(g.n_senders, dtype=torch.bool) if self.grads
@@ -601,7 +604,34 @@ class PostNormPass:
                 if count:
                     pieces.append((r, kk[p: p + count].to(dev), slice(p, p + count)))
                     p += count
-        return inputs.reshape(-1, *x.shape[1:]), pieces
+        return self._ablated_rows(inputs.reshape(-1, *x.shape[1:]), pieces), pieces
+
+    def _ablated_input(self, r: int) -> Tensor:
+        """Receiver ``r``'s input in the fully ablated run ``[n, T|P, d]`` (at the pass's
+        current positions): :meth:`BlockRunner.ablated_residuals`, whose heads enter through
+        each layer's post-norm of their ablated sum."""
+        if self.abl is None:
+            self.abl = self.runner.ablated_residuals(self.ablated, self.n, self.t)
+        pre, mid = self.abl
+        rec = self.g.receivers[r]
+        return self._rows(mid[rec.layer] if rec.kind == "mlp" else pre[rec.layer])
+
+    def _ablated_rows(self, inputs: Tensor, pieces: list[tuple[int, Tensor, slice]]
+                      ) -> Tensor:
+        """``inputs [P', n, T|P, d]`` with the rows of masks that remove every edge into
+        their receiver (:func:`~circuitfind.patching.masked_pass.fully_removed`) set to the
+        fully ablated run's input, in place: the own mixture would read it as a difference of
+        equal sums, rounding noise that the receiver's norm scales up to unit size."""
+        full = self.full
+        if full is None:
+            return inputs
+        for r, ks, rows in pieces:
+            hit = full[:, r][ks.cpu()]
+            if rows.stop - rows.start < len(ks):  # one row serves every mask (same weights)
+                hit = hit[:1]
+            if bool(hit.any()):
+                inputs[rows][hit.to(inputs.device)] = self._ablated_input(r)
+        return inputs
 
     # ------------------------------------------------------------------ the pass
     def _projections(self, layer: int, x: Tensor, last: bool
@@ -684,6 +714,11 @@ class PostNormPass:
             idx = torch.tensor(order[::k] if same else order, device=mix.device)
             st = static[idx].view(n_r, 1 if same else k, x_size, d).permute(1, 2, 0, 3)
             mix.neg_().add_(x.reshape(x.shape[0], x_size, 1, d)).sub_(st)  # the inputs
+            if self.full is not None:  # (see _ablated_rows)
+                for j, r in enumerate(rs):
+                    hit = self.full[:, r]
+                    if bool(hit.any()):
+                        mix[hit.to(mix.device), :, j] = self._ablated_input(r).reshape(-1, d)
             inv = torch.linalg.vector_norm(mix, 2, -1, keepdim=True).square_().div_(d)
             inv = torch.rsqrt(inv.add_(eps))  # [K, X, R', 1]
             ks = torch.arange(k, device=mix.device)
