@@ -140,6 +140,7 @@ class PostNormPass:
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
         # pairs reading the fully ablated run's residual ``abl`` (see _ablated_rows)
         self.full, self.abl = fully_removed(g.edge_mask, removed, frozen), abl_resid
+        self.full_sums: dict[tuple[int, bool], Tensor] = {}  # see _ablated_sums
         # senders some edge of which is removed or frozen in some mask (every sender with
         # gradients): the only ones whose differences a receiver's input reads
         self.read = (torch.ones(g.n_senders, dtype=torch.bool) if self.grads
@@ -234,9 +235,12 @@ class PostNormPass:
                     sel = None
             heads = self._rows(self.diff[h0: h0 + g.n_heads]).reshape(g.n_heads, -1)
             s, normed = self._clean_sum(layer)
-            change = (w if sel is None else w[sel]) @ heads  # [m, X]
-            d_l = normed - lay.post_norm(layer, (s - change).view(-1, *shape)).reshape(
-                change.shape)
+            w_sel = w if sel is None else w[sel]
+            mixed = s - w_sel @ heads  # [m, X]
+            full = self._ablated_sums(layer, w_sel[:, :, None], None)
+            if full is not None:  # mixtures of ablated heads only: S'_l itself
+                mixed[full[0][:, 0]] = full[1]
+            d_l = normed - lay.post_norm(layer, mixed.view(-1, *shape)).reshape(mixed.shape)
             if sel is None:
                 out = out + d_l
             else:
@@ -337,8 +341,12 @@ class PostNormPass:
                     s = s.reshape(s.shape[0], 1, -1)
                     normed = normed.reshape(normed.shape[0], 1, -1)
                     shape = self.sums[heads_of].shape[1:]
+                    mixed = s - change  # [K', R', X]
+                    full = self._ablated_sums(heads_of, w_r, w_f)
+                    if full is not None:  # mixtures of ablated heads only: S'_l itself
+                        mixed[full[0]] = full[1]
                     change = normed - lay.post_norm(
-                        heads_of, (s - change).view(-1, *shape)).view(change.shape)
+                        heads_of, mixed.view(-1, *shape)).view(change.shape)
                 out = change if out is None else out + change
             if out is None:
                 continue
@@ -483,6 +491,8 @@ class PostNormPass:
             self.frozen if every else self.frozen[kd])[:, :, ridx]
         n_cols = self.col_before[n_up]
         coef: Tensor | None = None  # [K', X', R', J]
+        # (masks, receivers, PostNorm_l(S'_l) [X', d]) of mixtures of ablated heads only
+        ablated_norms: list[tuple[Tensor, Tensor, Tensor]] = []
 
         def coefficients(x_size: int) -> Tensor:
             nonlocal coef
@@ -514,6 +524,16 @@ class PostNormPass:
                     out[..., c0] = inv_s - inv
                     out[..., c0 + 1: c0 + w.shape[1] + 1] = (
                         inv.unsqueeze(-1) * w.double().transpose(1, 2)[:, None])
+                    full = self._ablated_sums(
+                        layer, removed[:, h0: h0 + g.n_heads],
+                        None if frozen is None else frozen[:, h0: h0 + g.n_heads])
+                    if full is not None:  # mixtures of ablated heads only: D_l =
+                        # PostNorm_l(S_l) (coefficient inv(S_l)) - PostNorm_l(S'_l) (below)
+                        kf, rf = full[0].nonzero(as_tuple=True)
+                        out[kf, :, rf, c0] = inv_s[kf, :, 0].to(out.dtype)
+                        out[kf, :, rf, c0 + 1: c0 + w.shape[1] + 1] = 0
+                        normed_abl = self.lay.post_norm(layer, full[1].view(self.n, -1, d))
+                        ablated_norms.append((kf, rf, normed_abl.reshape(-1, d)))
             assert u is not None  # post-norm families have MLPs
             if u >= n_up:
                 break
@@ -529,7 +549,10 @@ class PostNormPass:
         self._zero_unwritten(n_cols)
         basis = self.buf[:, :, :n_cols]  # columns of groups never filled have coefficient 0
         out = torch.matmul(coef[..., : basis.shape[2]], basis if every else basis[kd])
-        return kset, out.transpose(1, 2)  # [K', R', X', d]
+        change = out.transpose(1, 2)  # [K', R', X', d]
+        for kf, rf, normed_abl in ablated_norms:
+            change[kf, rf] -= normed_abl
+        return kset, change
 
     def receiver_inputs(self, rs: list[int], x: Tensor
                         ) -> tuple[Tensor, list[tuple[int, Tensor, slice]]] | None:
@@ -615,6 +638,35 @@ class PostNormPass:
         pre, mid = self.abl
         rec = self.g.receivers[r]
         return self._rows(mid[rec.layer] if rec.kind == "mlp" else pre[rec.layer])
+
+    def _ablated_sums(self, layer: int, removed: Tensor, frozen: Tensor | None
+                      ) -> tuple[Tensor, Tensor] | None:
+        """Where a receiver's mixture of layer ``layer`` holds only ablated heads: ``(pairs
+        [...] bool, S'_l [n*T|P*d])``, with ``pairs`` over the leading dimensions of the
+        head weights ``removed [..., H, R']`` (every head's weight exactly 1; none frozen in
+        ``frozen``, same shape) and ``S'_l = sum_h a'_h + b_O`` the ablated heads' sum at the
+        pass's current positions; ``None`` where no pair is such (or with gradients).
+
+        The mixture ``S_l - sum_h (a_h - a'_h)`` is then ``S'_l`` only up to rounding, and
+        where ``S'_l`` is small (zero ablation: 0 without an output bias) that noise is all
+        it holds, which the post-norm scales up to unit size (as :func:`~circuitfind.
+        patching.masked_pass.fully_removed` for whole inputs): such mixtures read
+        ``S'_l`` itself."""
+        if self.grads:
+            return None
+        pairs = removed.eq(1).all(-2)
+        if frozen is not None:
+            pairs &= frozen.eq(0).all(-2)
+        if not bool(pairs.any()):
+            return None
+        key = (layer, self.at_pos)
+        if key not in self.full_sums:
+            h0, h = self.g.head_start[layer], self.g.n_heads
+            t = self.positions.shape[1] if self.at_pos else self.t
+            heads = self._rows(self.ablated[h0: h0 + h]).expand(h, self.n, t, self.d)
+            self.full_sums[key] = Architecture.attn_from_heads(self.lay, layer, heads,
+                                                               0).reshape(-1)
+        return pairs, self.full_sums[key]
 
     def _ablated_rows(self, inputs: Tensor, pieces: list[tuple[int, Tensor, slice]]
                       ) -> Tensor:

@@ -366,7 +366,8 @@ def test_attributions_on_padded_prompts_equal_each_example_alone(setups, name):
 def fully_removed_masks(g, gen, dtype):
     """Masks that remove every edge into some receivers, through every pass strategy: all
     q (then all k) inputs of the layers after the first (the shared path); every receiver of
-    those layers and the logits; a random half circuit with every third receiver removed
+    those layers and the logits; every edge into them but their input's (each post-norm
+    mixture of ablated heads only); a random half circuit with every third receiver removed
     (dense layers); one receiver of layer 1 of each kind per mask (the sparse start layer);
     sparse circuits (kept form) with a quarter of their receivers removed, the start layer's
     (removed form there) among them, one of those in one mask only."""
@@ -378,6 +379,9 @@ def fully_removed_masks(g, gen, dtype):
         m = full.clone()
         m[:, torch.tensor([k in pick for k in kinds]) & (layer_of >= 1)] = 0
         masks.append(m)
+    only_input = full.clone()  # every head of every layer removed (post-norm mixtures)
+    only_input[1:, layer_of >= 1] = 0
+    masks.append(only_input)
     dense = conditioned(g, random_mask(g, 0.5, gen, dtype), gen)
     dense[:, ::3] = 0
     masks.append(dense)
@@ -433,7 +437,7 @@ def test_fully_zero_ablated_receivers_are_exact(setups, tmp_path, name, dtype):
     fast = PatchingEngine(low, ablation="zero")
     runs = [(fast.run(data, masks.to(dt)), want),
             (fast.run(data, masks.to(dt), batch_size=1), want)]
-    runs += [(fast.run(data, masks[i].to(dt)), want[i: i + 1]) for i in (0, 4, 9)]  # alone
+    runs += [(fast.run(data, masks[i].to(dt)), want[i: i + 1]) for i in (0, 3, 5, 10)]  # alone
     runs.append((fast.run(data, masks[-2:].to(dt)), want[-2:]))  # the sparse ones together
     if name not in POST_NORM:  # (the bridge's hooks are no reference for post-norm heads)
         slow = PatchingEngine(low, ablation="zero", use_runner=False)
