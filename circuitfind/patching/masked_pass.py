@@ -909,7 +909,8 @@ class MaskedPass:
         for r, ks, dlt in patches:
             kind = kind_of[r]
             one = out[r].expand(forms[form].k, -1, -1).clone()
-            x = lay.ln_attn(layer, self.ablated_rows(r, ks, torch.add(base, dlt, alpha=sign)))
+            masks = slice(0, forms[form].k) if isinstance(ks, slice) else ks  # (form "...1")
+            x = lay.ln_attn(layer, self.ablated_rows(r, masks, torch.add(base, dlt, alpha=sign)))
             one[ks] = lay.project(layer, kind, r - first[kind], x).view(-1, n * t,
                                                                         one.shape[-1])
             out[r] = one

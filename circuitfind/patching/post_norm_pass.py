@@ -140,7 +140,7 @@ class PostNormPass:
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
         # pairs reading the fully ablated run's residual ``abl`` (see _ablated_rows)
         self.full, self.abl = fully_removed(g.edge_mask, removed, frozen), abl_resid
-        self.full_sums: dict[tuple[int, bool], Tensor] = {}  # see _ablated_sums
+        self.full_sums: dict[tuple[int, bool], tuple[Tensor, bool]] = {}  # see _ablated_sums
         # senders some edge of which is removed or frozen in some mask (every sender with
         # gradients): the only ones whose differences a receiver's input reads
         self.read = (torch.ones(g.n_senders, dtype=torch.bool) if self.grads
@@ -491,8 +491,6 @@ class PostNormPass:
             self.frozen if every else self.frozen[kd])[:, :, ridx]
         n_cols = self.col_before[n_up]
         coef: Tensor | None = None  # [K', X', R', J]
-        # (masks, receivers, PostNorm_l(S'_l) [X', d]) of mixtures of ablated heads only
-        ablated_norms: list[tuple[Tensor, Tensor, Tensor]] = []
 
         def coefficients(x_size: int) -> Tensor:
             nonlocal coef
@@ -513,27 +511,28 @@ class PostNormPass:
                     gram = self.grams[layer] if every else self.grams[layer][kd]
                     us = torch.cat([torch.ones_like(w[:, :1]), -w], 1).double()  # [K', J, R']
                     sq, suspect = mixture_norms(gram, us)  # [K', X', R']: |y|^2
+                    full = self._ablated_sums(
+                        layer, removed[:, h0: h0 + g.n_heads],
+                        None if frozen is None else frozen[:, h0: h0 + g.n_heads])
+                    # mixtures of ablated heads only, with S'_l = 0 (zero ablation): their
+                    # norms are not read (below)
+                    zero = (full[0].to(sq.device)[:, None] if full is not None and full[2]
+                            else None)
+                    if zero is not None:
+                        suspect &= ~zero
                     if self.dtype == torch.float32 and bool(suspect.any()):  # see _gram
                         sq = self._exact_norms(layer, None if every else kd, us, sq, suspect)
                     assert self.rms is not None  # as above
                     eps = self.rms[layer][1]
                     inv = torch.rsqrt(sq / d + eps)
+                    if zero is not None:  # D_l = PostNorm_l(S_l) - PostNorm_l(0)
+                        inv.masked_fill_(zero, 0)
                     inv_s = torch.rsqrt(gram[..., :1, 0] / d + eps)  # [K', X', 1]
                     c0 = self.col_heads[layer]
                     out = coefficients(sq.shape[1])
                     out[..., c0] = inv_s - inv
                     out[..., c0 + 1: c0 + w.shape[1] + 1] = (
                         inv.unsqueeze(-1) * w.double().transpose(1, 2)[:, None])
-                    full = self._ablated_sums(
-                        layer, removed[:, h0: h0 + g.n_heads],
-                        None if frozen is None else frozen[:, h0: h0 + g.n_heads])
-                    if full is not None:  # mixtures of ablated heads only: D_l =
-                        # PostNorm_l(S_l) (coefficient inv(S_l)) - PostNorm_l(S'_l) (below)
-                        kf, rf = full[0].nonzero(as_tuple=True)
-                        out[kf, :, rf, c0] = inv_s[kf, :, 0].to(out.dtype)
-                        out[kf, :, rf, c0 + 1: c0 + w.shape[1] + 1] = 0
-                        normed_abl = self.lay.post_norm(layer, full[1].view(self.n, -1, d))
-                        ablated_norms.append((kf, rf, normed_abl.reshape(-1, d)))
             assert u is not None  # post-norm families have MLPs
             if u >= n_up:
                 break
@@ -549,10 +548,7 @@ class PostNormPass:
         self._zero_unwritten(n_cols)
         basis = self.buf[:, :, :n_cols]  # columns of groups never filled have coefficient 0
         out = torch.matmul(coef[..., : basis.shape[2]], basis if every else basis[kd])
-        change = out.transpose(1, 2)  # [K', R', X', d]
-        for kf, rf, normed_abl in ablated_norms:
-            change[kf, rf] -= normed_abl
-        return kset, change
+        return kset, out.transpose(1, 2)  # [K', R', X', d]
 
     def receiver_inputs(self, rs: list[int], x: Tensor
                         ) -> tuple[Tensor, list[tuple[int, Tensor, slice]]] | None:
@@ -640,18 +636,20 @@ class PostNormPass:
         return self._rows(mid[rec.layer] if rec.kind == "mlp" else pre[rec.layer])
 
     def _ablated_sums(self, layer: int, removed: Tensor, frozen: Tensor | None
-                      ) -> tuple[Tensor, Tensor] | None:
+                      ) -> tuple[Tensor, Tensor, bool] | None:
         """Where a receiver's mixture of layer ``layer`` holds only ablated heads: ``(pairs
-        [...] bool, S'_l [n*T|P*d])``, with ``pairs`` over the leading dimensions of the
-        head weights ``removed [..., H, R']`` (every head's weight exactly 1; none frozen in
-        ``frozen``, same shape) and ``S'_l = sum_h a'_h + b_O`` the ablated heads' sum at the
-        pass's current positions; ``None`` where no pair is such (or with gradients).
+        [...] bool, S'_l [n*T|P*d], whether S'_l is 0)``, with ``pairs`` over the leading
+        dimensions of the head weights ``removed [..., H, R']`` (every head's weight exactly
+        1; none frozen in ``frozen``, same shape) and ``S'_l = sum_h a'_h + b_O`` the ablated
+        heads' sum at the pass's current positions; ``None`` where no pair is such (or with
+        gradients).
 
         The mixture ``S_l - sum_h (a_h - a'_h)`` is then ``S'_l`` only up to rounding, and
         where ``S'_l`` is small (zero ablation: 0 without an output bias) that noise is all
         it holds, which the post-norm scales up to unit size (as :func:`~circuitfind.
-        patching.masked_pass.fully_removed` for whole inputs): such mixtures read
-        ``S'_l`` itself."""
+        patching.masked_pass.fully_removed` for whole inputs): such mixtures read ``S'_l``
+        itself (the static and direct forms; the Gram form where ``S'_l = 0``, see
+        ``docs/decisions.md``). ``S'_l`` is kept in the runner's memo from pass to pass."""
         if self.grads:
             return None
         pairs = removed.eq(1).all(-2)
@@ -661,12 +659,17 @@ class PostNormPass:
             return None
         key = (layer, self.at_pos)
         if key not in self.full_sums:
-            h0, h = self.g.head_start[layer], self.g.n_heads
-            t = self.positions.shape[1] if self.at_pos else self.t
-            heads = self._rows(self.ablated[h0: h0 + h]).expand(h, self.n, t, self.d)
-            self.full_sums[key] = Architecture.attn_from_heads(self.lay, layer, heads,
-                                                               0).reshape(-1)
-        return pairs, self.full_sums[key]
+            memo_key = ("ablated heads' sum",) + key
+            value = self.memo.entries.get(memo_key)
+            if value is None:
+                h0, h = self.g.head_start[layer], self.g.n_heads
+                t = self.positions.shape[1] if self.at_pos else self.t
+                heads = self._rows(self.ablated[h0: h0 + h]).expand(h, self.n, t, self.d)
+                value = Architecture.attn_from_heads(self.lay, layer, heads, 0).reshape(-1)
+            self.fresh[memo_key] = value
+            self.full_sums[key] = (value, not bool(value.any()))
+        value, zero = self.full_sums[key]
+        return pairs, value, zero
 
     def _ablated_rows(self, inputs: Tensor, pieces: list[tuple[int, Tensor, slice]]
                       ) -> Tensor:
