@@ -55,7 +55,7 @@ from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
 from circuitfind.patching.checkpointed import (SenderStore, checkpointed_pass, fill_senders,
                                                subtract_senders)
-from circuitfind.patching.masked_pass import receiver_changes
+from circuitfind.patching.masked_pass import fully_removed, receiver_changes
 from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching import plan as memory_plan
 from circuitfind.patching.plan import MemoryPlan, ModelShape
@@ -354,16 +354,20 @@ class PatchingEngine:
             masks = masks[None]
         return masks.to(device=self.device, dtype=self.dtype)
 
-    def _receiver_hooks(self, buf: Tensor, removed: Tensor, n: int,
-                        active: Tensor) -> list[tuple[str, HookFn]]:
+    def _receiver_hooks(self, buf: Tensor, removed: Tensor, n: int, active: Tensor,
+                        ablated_inputs: dict[str, Tensor] | None = None
+                        ) -> list[tuple[str, HookFn]]:
         """Hooks applying eq. (1) with ``removed = 1 - M`` ``[G, S, R]``.
 
         ``buf [G, A, n, T, d]`` holds ``a - a'`` of the senders ``active`` (sorted indices).
         The q, k and v groups of a layer share their upstream senders and are contiguous
         receivers: the first of their hooks to fire computes the patch for all three with one
         batched matmul (one read of the buffer instead of three) and the others take their
-        slice of it.
+        slice of it. With ``ablated_inputs`` (hook name -> the fully ablated run's value,
+        :meth:`_ablated_inputs`), the (mask, receiver) pairs whose every edge is removed read
+        that value instead (:func:`~circuitfind.patching.masked_pass.fully_removed`).
         """
+        full = None if ablated_inputs is None else fully_removed(self.graph.edge_mask, removed)
         hooks: list[tuple[str, HookFn]] = []
         groups_g = buf.shape[0]
         active_cpu = active.cpu()
@@ -399,7 +403,16 @@ class PatchingEngine:
                         del pending[start]
                     delta = entry[0][:, :, :, grp.start - start: grp.stop - start]
                     delta = delta.reshape(groups_g * n, x.shape[1], grp.stop - grp.start, -1)
-                    return x - (delta if grp.per_head else delta[:, :, 0])
+                    out = x - (delta if grp.per_head else delta[:, :, 0])
+                    hit = None if full is None else full[:, grp.start: grp.stop]  # [G, R_g]
+                    if hit is None or not bool(hit.any()):
+                        return out
+                    assert ablated_inputs is not None  # full is set only with them
+                    value = ablated_inputs[grp.hook]  # [n, T, (R_g,) d]
+                    shape = (groups_g, n, *x.shape[1:])
+                    where = hit.to(x.device).view(groups_g, 1, 1, -1, *(
+                        (1,) if grp.per_head else ()))
+                    return torch.where(where, value, out.view(shape)).view_as(x)
 
                 hooks.append((grp.hook, hook))
         return hooks
@@ -569,8 +582,11 @@ class PatchingEngine:
             g, n = ks.stop - ks.start, es.stop - es.start
             active = removed[ks].ne(0).any(2).any(0).nonzero()[:, 0]  # sorted sender indices
             buf = (-corrupted[active][:, es]).unsqueeze(0).repeat(g, 1, 1, 1, 1)  # [G, A, n, T, d]
+            full = fully_removed(self.graph.edge_mask, removed[ks])
+            ablated = (None if full is None
+                       else self._ablated_inputs(clean[es], corrupted[:, es]))
             hooks = (self._sender_hooks(buf, n, "add", active=active)
-                     + self._receiver_hooks(buf, removed[ks], n, active))
+                     + self._receiver_hooks(buf, removed[ks], n, active, ablated))
             tokens = clean[es].repeat(g, 1)
             with self.hooked(hooks):
                 logits = self.model(tokens)
@@ -578,6 +594,43 @@ class PatchingEngine:
             pos = positions[es]  # [n, P]
             idx = pos[None, :, :, None].expand(g, n, pos.shape[1], logits.shape[-1])
             yield ks, es, logits.gather(2, idx)
+
+    def _ablated_inputs(self, tokens: Tensor, ablated: Tensor) -> dict[str, Tensor]:
+        """Every receiver hook's input in the fully ablated run (each sender's output replaced
+        by its ablated value, the model adding them and its biases as it does): hook name ->
+        ``[n, T, d]`` (``[n, T, heads, d]`` for q/k/v inputs). What a receiver whose every edge
+        is removed reads (:func:`~circuitfind.patching.masked_pass.fully_removed`).
+
+        Args:
+            tokens: ``[n, T]`` token ids (any: every sender is replaced).
+            ablated: ``[S, n, T, d]`` ablated sender values.
+        """
+        g, t = self.graph, self.table
+        captured: dict[str, Tensor] = {}
+
+        def replace(value: Tensor) -> HookFn:
+            return lambda x, hook: value.to(x.dtype).expand_as(x).contiguous()
+
+        def capture(name: str) -> HookFn:
+            def hook(x: Tensor, hook: Any) -> Tensor:
+                captured[name] = x.detach().clone()
+                return x
+
+            return hook
+
+        hooks = [(t.input, replace(ablated[0]))]
+        for layer in range(g.n_layers):
+            h0 = g.head_start[layer]
+            hooks.append((t.head_result(layer),
+                          replace(ablated[h0: h0 + g.n_heads].permute(1, 2, 0, 3))))
+            m = g.mlp_index[layer]
+            if m is not None:
+                hooks.append((t.mlp_out(layer), replace(ablated[m])))
+        hooks += [(name, capture(name))
+                  for name in dict.fromkeys(grp.hook for grp in self.groups)]
+        with self.hooked(hooks):
+            self.model(tokens)
+        return captured
 
     # ------------------------------------------------------------------ attribution
     def edge_attribution(self, data: TaskData, batch_size: int | None = None,

@@ -70,6 +70,38 @@ def receiver_changes(weights: Tensor, values: Tensor, base: Tensor | None = None
     return torch.baddbmm(base.expand(w.shape[0], -1, -1), w, values)
 
 
+def fully_removed(edge_mask: Tensor, removed: Tensor, frozen: Tensor | None = None
+                  ) -> Tensor | None:
+    """The (mask, receiver) pairs whose every incoming edge is removed (weight exactly 1, none
+    frozen): ``[K, R]`` bool on the CPU, or ``None`` where there is none (or where the
+    weights carry gradients, whose derivative eq. (1) defines).
+
+    Such a receiver reads the fully ablated run's residual ``x'_r`` (``sum_u a'_u`` plus the
+    biases; 0 under zero ablation of a bias-free model). Eq. (1) gives it as ``x - sum_u (a_u -
+    a'_u)``, whose two sums agree only to rounding (``eps |x|``): where ``x'_r`` is much
+    smaller than ``x`` (zero ablation), that noise is all the input holds, and the receiver's
+    norm (RMSNorm; Qwen3's q/k norms after the projection) scales it up to unit size
+    (``1/sqrt(eps)`` at most). Every masked pass therefore reads ``x'_r`` itself for these
+    pairs (:meth:`MaskedPass.ablated_rows`, ``PostNormPass._ablated_rows``, the hooked
+    engine's receiver hooks): exact for every ablation, at the cost of this one comparison.
+
+    Args:
+        edge_mask: ``[S, R]`` the graph's real edges (1).
+        removed: ``[K, S, R]`` removal weights ``1 - M`` (0 off real edges).
+        frozen: Optional ``[K, S, R]`` weights of frozen edges (path patching).
+
+    Returns:
+        ``[K, R]`` bool (CPU) or ``None``.
+    """
+    if removed.requires_grad or (frozen is not None and frozen.requires_grad):
+        return None
+    full = (removed == edge_mask.to(removed)).all(1)  # [K, R]
+    if frozen is not None:
+        full &= frozen.eq(0).all(1)
+    full = full.cpu()
+    return full if bool(full.any()) else None
+
+
 @dataclass
 class KeptFormMemo:
     """Outputs of mask-invariant nodes kept from one kept-form pass to the next.
@@ -178,6 +210,7 @@ class MaskedPass:
         self.layers: list[LayerViews] = runner.layers
         self.cache, self.ablated, self.removed, self.frozen = cache, ablated, removed, frozen
         self.abl_resid = abl_resid
+        self._abl = abl_resid  # the fully ablated run's residuals, once read (ablated_rows)
         self.k_masks = removed.shape[0]
         self.n, self.t, self.d = cache.resid.shape[1:]
         self.dev, self.dtype = cache.resid.device, cache.resid.dtype
@@ -192,6 +225,8 @@ class MaskedPass:
         self._abl_pos: Tensor | None = None  # ablated values at the metric positions (put)
         weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S|2S, R]
         self.touched_cpu = weights.ne(0).any(1).cpu()  # [K, R]
+        self.full = fully_removed(self.g.edge_mask, removed, frozen)  # see ablated_rows
+        self.full_any = None if self.full is None else self.full.any(0).tolist()
         self.start = runner.resolve_start(self.touched_cpu.any(0), start)
         self._choose_senders(weights)
         self._forms()
@@ -322,8 +357,8 @@ class MaskedPass:
         assert buf is not None and coef is not None
         buf[:, 0] = x.view(k_masks, -1)
         rows = n_pre + int((dyn_cpu < int(g.n_upstream[rs].max())).sum())
-        return receiver_changes(coef[:, :rows][:, :, torch.tensor(rs, device=dev)],
-                                buf[:, :rows])
+        return self.ablated_block(rs, receiver_changes(
+            coef[:, :rows][:, :, torch.tensor(rs, device=dev)], buf[:, :rows]))
 
     def deltas(self, receivers: list[int], form: str = "removed", at_pos: bool = False
                ) -> list[tuple[int, Tensor | slice, Tensor]]:
@@ -440,6 +475,42 @@ class MaskedPass:
                               + torch.arange(d, device=self.dev)).reshape(-1)
         return values.index_select(-1, self._flat_pos)  # reads a strided slice in place
 
+    def ablated_rows(self, r: int, ks: Tensor | slice, inputs: Tensor, at_pos: bool = False
+                     ) -> Tensor:
+        """Receiver ``r``'s inputs ``inputs [k_r, ...]`` (``n*T*d`` or ``n*P*d`` values per
+        row; rows: the masks ``ks``) with the rows of masks that remove every edge into ``r``
+        set to the fully ablated run's input (:func:`fully_removed`: eq. (1) leaves rounding
+        noise there), at the metric positions with ``at_pos``; written in place (a tensor
+        broadcast over its rows is copied first), returned."""
+        full = self.full
+        if full is None or self.full_any is None or not self.full_any[r]:
+            return inputs
+        rows = full[:, r][ks if isinstance(ks, slice) else ks.cpu()]
+        if not bool(rows.any()):
+            return inputs
+        if self._abl is None:
+            self._abl = self.runner.ablated_residuals(self.ablated, self.n, self.t)
+        pre, mid = self._abl
+        rec = self.g.receivers[r]
+        value = (mid[rec.layer] if rec.kind == "mlp"
+                 else pre[rec.layer if rec.kind in ("q", "k", "v") else self.g.n_layers])
+        if at_pos:
+            value = self.at_positions(value[None])[0]
+        if inputs.shape[0] > 1 and inputs.stride(0) == 0:
+            inputs = inputs.clone()
+        inputs.view(inputs.shape[0], self.n, -1, self.d)[rows.to(self.dev)] = value
+        return inputs
+
+    def ablated_block(self, rs: list[int], inputs: Tensor, ks: slice = slice(None)) -> Tensor:
+        """:meth:`ablated_rows` of each receiver of ``rs`` in ``inputs [k, R', ...]``."""
+        if self.full_any is None or not any(self.full_any[r] for r in rs):
+            return inputs
+        if inputs.shape[0] > 1 and inputs.stride(0) == 0:
+            inputs = inputs.contiguous()
+        for i, r in enumerate(rs):
+            self.ablated_rows(r, ks, inputs[:, i])
+        return inputs
+
     def at_positions(self, values: Tensor) -> Tensor:
         """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions."""
         n, n_pos, pos = self.n, self.n_pos, self.pos
@@ -541,7 +612,8 @@ class MaskedPass:
                     row = rows[r][ks_h]
                     sel = row >= 0
                     if sel.any():
-                        xr = base - patch_of[r][row[sel].to(dev)]
+                        xr = self.ablated_rows(r, ks_h[sel],
+                                               base - patch_of[r][row[sel].to(dev)])
                         out[sel.to(dev)] = lay.project(layer, kind, idx, lay.ln_attn(layer, xr))
                 inputs.append(out.reshape(len(ks_h) * n, t, 1, -1))
             q, k, v = inputs
@@ -576,6 +648,7 @@ class MaskedPass:
             for _, ks, dlt in self.deltas([r]):
                 xm = x.clone()
                 xm.view(k_masks, n, -1, d)[ks] -= self.at_positions(dlt) if last else dlt
+            xm = self.ablated_rows(r, slice(None), xm.view(k_masks, n, -1, d), last).view_as(x)
         m = lay.mlp(layer, lay.ln_mlp(layer, xm))
         if u in dyn_slot:
             self.put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last)
@@ -594,8 +667,8 @@ class MaskedPass:
         forms, g, k_masks, kept_w, lay = self.forms, self.g, self.k_masks, self.kept_w, self.lay
         n, removed, start, t = self.n, self.removed, self.start, self.t
         assert kept_w is not None  # the kept form runs only with kept weights
-        pre, mid = (abl_resid if abl_resid is not None
-                    else self.runner.ablated_residuals(ablated, n, t))
+        pre, mid = self._abl = (abl_resid if abl_resid is not None
+                                else self.runner.ablated_residuals(ablated, n, t))
         rep = g.n_heads // g.n_kv_heads
         for name in list(forms):
             forms[name + "1"] = forms[name].first_mask()
@@ -800,8 +873,8 @@ class MaskedPass:
         if got is not None:  # receivers patched in every mask or in none: batched by kind
             inputs, hit = got  # [kk, R_t, n*T*d]; which of ``rs`` they are
             kk = inputs.shape[0]
-            x_hit = inputs.view(kk, len(hit), n * t, d)
             hit_rs = [rs[i] for i in hit]
+            x_hit = self.ablated_block(hit_rs, inputs, slice(0, kk)).view(kk, len(hit), n * t, d)
             hit_heads = {kind: [r - first[kind] for r in hit_rs if kind_of[r] == kind]
                          for kind in "qkv"}
             projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
@@ -836,7 +909,8 @@ class MaskedPass:
         for r, ks, dlt in patches:
             kind = kind_of[r]
             one = out[r].expand(forms[form].k, -1, -1).clone()
-            x = lay.ln_attn(layer, torch.add(base, dlt, alpha=sign))
+            masks = slice(0, forms[form].k) if isinstance(ks, slice) else ks  # (form "...1")
+            x = lay.ln_attn(layer, self.ablated_rows(r, masks, torch.add(base, dlt, alpha=sign)))
             one[ks] = lay.project(layer, kind, r - first[kind], x).view(-1, n * t,
                                                                         one.shape[-1])
             out[r] = one
@@ -941,7 +1015,8 @@ class MaskedPass:
             for r, ks, dlt in patches:
                 kind = g.receivers[r].kind
                 head = r - first[kind]
-                out = lay.project(layer, kind, head, lay.ln_attn(layer, xk[ks] - dlt))
+                xr = self.ablated_rows(r, ks, xk[ks] - dlt)
+                out = lay.project(layer, kind, head, lay.ln_attn(layer, xr))
                 target = qkv[kind]
                 target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
@@ -964,6 +1039,7 @@ class MaskedPass:
         for _, ks, dlt in self.deltas([g.n_receivers - 1]):
             xf = xf.clone()
             xf[ks] -= self.at_positions(dlt)
+        xf = self.ablated_rows(g.n_receivers - 1, slice(None), xf, at_pos=True)
         return lay.final(xf)
 
     def logits(self) -> Tensor:

@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 
 from circuitfind.patching.architectures import Architecture
-from circuitfind.patching.masked_pass import receiver_changes
+from circuitfind.patching.masked_pass import fully_removed, receiver_changes
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -124,7 +124,8 @@ class PostNormPass:
 
     def __init__(self, runner: BlockRunner, cache: RunCache, ablated: Tensor, removed: Tensor,
                  positions: Tensor, start: int | None = None, frozen: Tensor | None = None,
-                 diff: Tensor | None = None) -> None:
+                 diff: Tensor | None = None,
+                 abl_resid: tuple[Tensor, Tensor] | None = None) -> None:
         g = runner.graph
         self.runner, self.g, self.lay, self.cache = runner, g, runner.arch, cache
         self.ablated, self.removed, self.frozen = ablated, removed, frozen
@@ -137,6 +138,9 @@ class PostNormPass:
         touched = (g.edge_mask.to(weights.device).bool().unsqueeze(0).expand(self.k, -1, -1)
                    if self.grads else weights.detach().ne(0))
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
+        # pairs reading the fully ablated run's residual ``abl`` (see _ablated_rows)
+        self.full, self.abl = fully_removed(g.edge_mask, removed, frozen), abl_resid
+        self.full_sums: dict[tuple[int, bool], tuple[Tensor, bool]] = {}  # see _ablated_sums
         # senders some edge of which is removed or frozen in some mask (every sender with
         # gradients): the only ones whose differences a receiver's input reads
         self.read = (torch.ones(g.n_senders, dtype=torch.bool) if self.grads
@@ -231,9 +235,12 @@ class PostNormPass:
                     sel = None
             heads = self._rows(self.diff[h0: h0 + g.n_heads]).reshape(g.n_heads, -1)
             s, normed = self._clean_sum(layer)
-            change = (w if sel is None else w[sel]) @ heads  # [m, X]
-            d_l = normed - lay.post_norm(layer, (s - change).view(-1, *shape)).reshape(
-                change.shape)
+            w_sel = w if sel is None else w[sel]
+            mixed = s - w_sel @ heads  # [m, X]
+            full = self._ablated_sums(layer, w_sel[:, :, None], None)
+            if full is not None:  # mixtures of ablated heads only: S'_l itself
+                mixed[full[0][:, 0]] = full[1]
+            d_l = normed - lay.post_norm(layer, mixed.view(-1, *shape)).reshape(mixed.shape)
             if sel is None:
                 out = out + d_l
             else:
@@ -334,8 +341,12 @@ class PostNormPass:
                     s = s.reshape(s.shape[0], 1, -1)
                     normed = normed.reshape(normed.shape[0], 1, -1)
                     shape = self.sums[heads_of].shape[1:]
+                    mixed = s - change  # [K', R', X]
+                    full = self._ablated_sums(heads_of, w_r, w_f)
+                    if full is not None:  # mixtures of ablated heads only: S'_l itself
+                        mixed[full[0]] = full[1]
                     change = normed - lay.post_norm(
-                        heads_of, (s - change).view(-1, *shape)).view(change.shape)
+                        heads_of, mixed.view(-1, *shape)).view(change.shape)
                 out = change if out is None else out + change
             if out is None:
                 continue
@@ -500,11 +511,22 @@ class PostNormPass:
                     gram = self.grams[layer] if every else self.grams[layer][kd]
                     us = torch.cat([torch.ones_like(w[:, :1]), -w], 1).double()  # [K', J, R']
                     sq, suspect = mixture_norms(gram, us)  # [K', X', R']: |y|^2
+                    full = self._ablated_sums(
+                        layer, removed[:, h0: h0 + g.n_heads],
+                        None if frozen is None else frozen[:, h0: h0 + g.n_heads])
+                    # mixtures of ablated heads only, with S'_l = 0 (zero ablation): their
+                    # norms are not read (below)
+                    zero = (full[0].to(sq.device)[:, None] if full is not None and full[2]
+                            else None)
+                    if zero is not None:
+                        suspect &= ~zero
                     if self.dtype == torch.float32 and bool(suspect.any()):  # see _gram
                         sq = self._exact_norms(layer, None if every else kd, us, sq, suspect)
                     assert self.rms is not None  # as above
                     eps = self.rms[layer][1]
                     inv = torch.rsqrt(sq / d + eps)
+                    if zero is not None:  # D_l = PostNorm_l(S_l) - PostNorm_l(0)
+                        inv.masked_fill_(zero, 0)
                     inv_s = torch.rsqrt(gram[..., :1, 0] / d + eps)  # [K', X', 1]
                     c0 = self.col_heads[layer]
                     out = coefficients(sq.shape[1])
@@ -601,7 +623,70 @@ class PostNormPass:
                 if count:
                     pieces.append((r, kk[p: p + count].to(dev), slice(p, p + count)))
                     p += count
-        return inputs.reshape(-1, *x.shape[1:]), pieces
+        return self._ablated_rows(inputs.reshape(-1, *x.shape[1:]), pieces), pieces
+
+    def _ablated_input(self, r: int) -> Tensor:
+        """Receiver ``r``'s input in the fully ablated run ``[n, T|P, d]`` (at the pass's
+        current positions): :meth:`BlockRunner.ablated_residuals`, whose heads enter through
+        each layer's post-norm of their ablated sum."""
+        if self.abl is None:
+            self.abl = self.runner.ablated_residuals(self.ablated, self.n, self.t)
+        pre, mid = self.abl
+        rec = self.g.receivers[r]
+        return self._rows(mid[rec.layer] if rec.kind == "mlp" else pre[rec.layer])
+
+    def _ablated_sums(self, layer: int, removed: Tensor, frozen: Tensor | None
+                      ) -> tuple[Tensor, Tensor, bool] | None:
+        """Where a receiver's mixture of layer ``layer`` holds only ablated heads: ``(pairs
+        [...] bool, S'_l [n*T|P*d], whether S'_l is 0)``, with ``pairs`` over the leading
+        dimensions of the head weights ``removed [..., H, R']`` (every head's weight exactly
+        1; none frozen in ``frozen``, same shape) and ``S'_l = sum_h a'_h + b_O`` the ablated
+        heads' sum at the pass's current positions; ``None`` where no pair is such (or with
+        gradients).
+
+        The mixture ``S_l - sum_h (a_h - a'_h)`` is then ``S'_l`` only up to rounding, and
+        where ``S'_l`` is small (zero ablation: 0 without an output bias) that noise is all
+        it holds, which the post-norm scales up to unit size (as :func:`~circuitfind.
+        patching.masked_pass.fully_removed` for whole inputs): such mixtures read ``S'_l``
+        itself (the static and direct forms; the Gram form where ``S'_l = 0``, see
+        ``docs/decisions.md``). ``S'_l`` is kept in the runner's memo from pass to pass."""
+        if self.grads:
+            return None
+        pairs = removed.eq(1).all(-2)
+        if frozen is not None:
+            pairs &= frozen.eq(0).all(-2)
+        if not bool(pairs.any()):
+            return None
+        key = (layer, self.at_pos)
+        if key not in self.full_sums:
+            memo_key = ("ablated heads' sum",) + key
+            value = self.memo.entries.get(memo_key)
+            if value is None:
+                h0, h = self.g.head_start[layer], self.g.n_heads
+                t = self.positions.shape[1] if self.at_pos else self.t
+                heads = self._rows(self.ablated[h0: h0 + h]).expand(h, self.n, t, self.d)
+                value = Architecture.attn_from_heads(self.lay, layer, heads, 0).reshape(-1)
+            self.fresh[memo_key] = value
+            self.full_sums[key] = (value, not bool(value.any()))
+        value, zero = self.full_sums[key]
+        return pairs, value, zero
+
+    def _ablated_rows(self, inputs: Tensor, pieces: list[tuple[int, Tensor, slice]]
+                      ) -> Tensor:
+        """``inputs [P', n, T|P, d]`` with the rows of masks that remove every edge into
+        their receiver (:func:`~circuitfind.patching.masked_pass.fully_removed`) set to the
+        fully ablated run's input, in place: the own mixture would read it as a difference of
+        equal sums, rounding noise that the receiver's norm scales up to unit size."""
+        full = self.full
+        if full is None:
+            return inputs
+        for r, ks, rows in pieces:
+            hit = full[:, r][ks.cpu()]
+            if rows.stop - rows.start < len(ks):  # one row serves every mask (same weights)
+                hit = hit[:1]
+            if bool(hit.any()):
+                inputs[rows][hit.to(inputs.device)] = self._ablated_input(r)
+        return inputs
 
     # ------------------------------------------------------------------ the pass
     def _projections(self, layer: int, x: Tensor, last: bool
@@ -684,6 +769,11 @@ class PostNormPass:
             idx = torch.tensor(order[::k] if same else order, device=mix.device)
             st = static[idx].view(n_r, 1 if same else k, x_size, d).permute(1, 2, 0, 3)
             mix.neg_().add_(x.reshape(x.shape[0], x_size, 1, d)).sub_(st)  # the inputs
+            if self.full is not None:  # (see _ablated_rows)
+                for j, r in enumerate(rs):
+                    hit = self.full[:, r]
+                    if bool(hit.any()):
+                        mix[hit.to(mix.device), :, j] = self._ablated_input(r).reshape(-1, d)
             inv = torch.linalg.vector_norm(mix, 2, -1, keepdim=True).square_().div_(d)
             inv = torch.rsqrt(inv.add_(eps))  # [K, X, R', 1]
             ks = torch.arange(k, device=mix.device)
