@@ -414,6 +414,6 @@ class BlockRunner:
         """
         if self.arch.attn_post_norm:  # receivers read a norm of their own mixture: not eq. (1)
             return PostNormPass(self, cache, ablated, removed, positions, start, frozen,
-                                diff).logits()
+                                diff, abl_resid).logits()
         return MaskedPass(self, cache, ablated, removed, positions, start, frozen, diff,
                           abl_resid).logits()
