@@ -152,7 +152,6 @@ class PostNormPass:
         # where no edge of the group is removed or frozen (never read)
         self.removed_diff: dict[int, Tensor | None] = {}
         self.frozen_diff: dict[int, Tensor | None] = {}
-        self.diff0: dict[int, Tensor] = {}
         # per layer: the summed head outputs S_l [K|1, n, T, d] and PostNorm_l(S_l)
         self.sums: dict[int, Tensor] = {}
         self.normed: dict[int, Tensor] = {}
@@ -259,7 +258,8 @@ class PostNormPass:
                 self.abl_resid = self.runner.ablated_residuals(self.ablated, self.n, self.t)
             pre, mid = self.abl_resid
             x_abl = pre[abl] if abl >= 0 else mid[-1 - abl]
-            base = self.cache.resid[self.start] - pre[self.start] + x_abl
+            base = (self.cache.resid[self.start] if abl == self.start  # (no rounding)
+                    else self.cache.resid[self.start] - pre[self.start] + x_abl)
             self.bases[key] = self._rows(base[None]).reshape(1, -1)
         return self.bases[key]
 
@@ -274,27 +274,44 @@ class PostNormPass:
             self.abl_sums[key] = (s.reshape(1, -1), self.lay.post_norm(layer, s).reshape(1, -1))
         return self.abl_sums[key]
 
-    def _kept_inputs(self, rs: list[int], abl: int) -> Tensor:
-        """Inputs ``[R', n, T|P, d]`` of invariant receivers ``rs`` (one row serves every
-        mask), in kept form: ``x_r = base - static_r + sum_{u computed, plain} k[u, r] (a_u
+    def _sparse(self, r: int) -> bool:
+        """Whether receiver ``r`` (weights equal in every mask) keeps head edges from at
+        most one layer computed in the pass: its kept-form input (:meth:`_kept_inputs`) then
+        costs one norm per mask at most, less than its share of the Gram form's basis."""
+        if not self.kept_ok or not self.same[r]:
+            return False
+        g = self.g
+        hi = int(g.n_upstream[r])
+        layers = [layer for layer in range(self.start, g.n_layers)
+                  if g.head_start[layer] < hi and self.kept_nz[
+                      r, g.head_start[layer]: g.head_start[layer] + g.n_heads].any()]
+        return len(layers) <= 1
+
+    def _kept_inputs(self, rs: list[int], abl: int, per_mask: bool = False) -> Tensor:
+        """Inputs ``[1, R', n, T|P, d]`` of invariant receivers ``rs`` (one row serves every
+        mask; with ``per_mask`` ``[K, R', n, T|P, d]`` of receivers whose weights agree in every
+        mask but whose kept senders vary), in kept form: ``x_r = base - static_r + sum_{u computed, plain} k[u, r] (a_u
         - a'_u) + sum_{l >= start} [PostNorm_l(S'_l + sum_h k[h, r] (a_h - a'_h)) -
         PostNorm_l(S'_l)]`` with ``k = 1 - removed`` on real edges, ``S'_l`` the ablated
         heads' sum (:meth:`_ablated_sum`), ``base`` :meth:`_base` and ``static_r``
         (:meth:`_static_of`) what senders before the start layer change, as in the removed
         form. Equal to the removed form (``S_l - sum_h w_h (a_h - a'_h) = S'_l + sum_h k_h
-        (a_h - a'_h)``) up to rounding; only kept senders are read, each from mask 0."""
+        (a_h - a'_h)``) up to rounding; only kept senders are read (from mask 0 unless
+        ``per_mask``), so the cost follows the kept edges, not the removed ones."""
         g, lay = self.g, self.lay
         base = self._base(abl)
         shape = (self.n, base.shape[1] // (self.n * self.d), self.d)
         static, order = self._static_of(torch.zeros(len(rs), dtype=torch.long),
                                         torch.tensor(rs))
-        out = base - static[torch.tensor(order, device=base.device)]  # [R', X]
+        out = (base - static[torch.tensor(order, device=base.device)])[None]  # [1, R', X]
+        k = self.k if per_mask else 1
         hi = max(int(g.n_upstream[r]) for r in rs)
         ridx = torch.tensor(rs, device=self.kept_w.device)
         kw = self.kept_w[ridx]  # [R', S]
         for u in self.plain:
             if self.n_static <= u < hi and bool(kw[:, u].ne(0).any()):
-                out += kw[:, u: u + 1].to(out.dtype) * self.diff0[u].reshape(1, -1)
+                diff = self._diff(u)[:k, 0].reshape(k, 1, -1)
+                out = out + kw[:, u: u + 1].to(out.dtype) * diff
         for layer in range(self.start, g.n_layers):
             h0 = g.head_start[layer]
             if h0 >= hi:
@@ -304,9 +321,20 @@ class PostNormPass:
             if not bool(sel.any()):
                 continue
             s_abl, n_abl = self._ablated_sum(layer, base.view(*shape))
-            mix = s_abl + w[sel].to(out.dtype) @ self.diff0[h0].reshape(g.n_heads, -1)
-            out[sel] += lay.post_norm(layer, mix.view(-1, *shape)).reshape(mix.shape) - n_abl
-        return out.view(len(rs), *shape)
+            diffs = self._diff(h0)[:k].reshape(k, g.n_heads, -1)
+            mix = s_abl + w[sel].to(out.dtype) @ diffs  # [k, R'', X]
+            d_l = lay.post_norm(layer, mix.view(-1, *shape)).reshape(mix.shape) - n_abl
+            if out.shape[0] < k:
+                out = out.expand(k, -1, -1).clone()
+            out[:, sel] += d_l
+        return out.view(out.shape[0], len(rs), *shape)
+
+    def _diff(self, u: int) -> Tensor:
+        """``a - a'`` ``[K, U, n, T|P, d]`` of the sender group from ``u`` computed in the
+        pass (kept for every group with no frozen edges, :meth:`_computed`)."""
+        diff = self.removed_diff[u]
+        assert diff is not None  # kept_ok: every computed group's differences are kept
+        return diff
 
     # ------------------------------------------------------------------ the receivers' inputs
     def _rows(self, value: Tensor) -> Tensor:
@@ -744,10 +772,15 @@ class PostNormPass:
         kind_of = {first[kind] + i: (kind, i) for kind in "qkv" for i in range(count[kind])}
 
         def own_of(rs: list[int], xs: Tensor) -> None:
-            fixed = [r for r in rs if self._recv_key(r) is not None] if layer > self.start else []
+            later = layer > self.start
+            fixed = [r for r in rs if self._recv_key(r) is not None] if later else []
+            sparse = [r for r in rs if r not in fixed and self._sparse(r)] if later else []
             if fixed:
                 self._kept_projections(layer, fixed, kind_of, own)
-            self._own_projections(layer, [r for r in rs if r not in fixed], kind_of, xs, own)
+            if sparse:
+                self._kept_projections(layer, sparse, kind_of, own, per_mask=True)
+            self._own_projections(layer, [r for r in rs if r not in fixed and r not in sparse],
+                                  kind_of, xs, own)
 
         if last:
             own_of([r for r in kind_of if kind_of[r][0] != "q"], x)
@@ -773,15 +806,23 @@ class PostNormPass:
         return {"q": q, "k": kk, "v": v}, own
 
     def _kept_projections(self, layer: int, rs: list[int], kind_of: dict[int, tuple[str, int]],
-                          own: dict[tuple[str, int], tuple[Tensor, Tensor]]) -> None:
+                          own: dict[tuple[str, int], tuple[Tensor, Tensor]],
+                          per_mask: bool = False) -> None:
         """Add to ``own`` the invariant receivers ``rs`` of block ``layer`` (after the start):
         ``(every mask, projection [1, n, T|P, dh])`` of the input :meth:`_kept_inputs` builds
-        once for all masks, or the memo's (keyed by the receiver's content key)."""
+        once for all masks, or the memo's (keyed by the receiver's content key); with
+        ``per_mask``, receivers in kept form per mask (:meth:`_sparse`), ``[K, n, T|P, dh]``."""
         ks = torch.arange(self.k, device=self.cache.resid.device)
+        if per_mask:
+            normed = self.lay.ln_attn(layer, self._kept_inputs(rs, layer, True))
+            for j, r in enumerate(rs):
+                kind, i = kind_of[r]
+                own[kind, i] = (ks, self.lay.project(layer, kind, i, normed[:, j]))
+            return
         keys = {r: ("pn recv", self._recv_key(r)) for r in rs}
         missing = [r for r in rs if keys[r] not in self.memo.entries]
         if missing:
-            normed = self.lay.ln_attn(layer, self._kept_inputs(missing, layer))
+            normed = self.lay.ln_attn(layer, self._kept_inputs(missing, layer))[0]
             for j, r in enumerate(missing):
                 kind, i = kind_of[r]
                 self.memo.entries[keys[r]] = self.lay.project(layer, kind, i, normed[j: j + 1])
@@ -1013,9 +1054,7 @@ class PostNormPass:
         """Keep the differences of the senders ``u, u+1, ...`` whose values in this pass are
         ``values [K, U, n, T|P, d]`` (at the metric positions in the last block)."""
         sl = slice(u, u + values.shape[1])
-        if self.kept_ok:  # kept-form inputs of invariant receivers read mask 0's
-            self.diff0[u] = values[0] - self._rows(self.ablated[sl])
-        if not bool(self.read[sl].any()):  # no receiver reads these senders' differences
+        if not self.kept_ok and not bool(self.read[sl].any()):  # no receiver reads these senders' differences
             self.removed_diff[u] = self.frozen_diff[u] = None
             return
         self.removed_diff[u] = values - self._rows(self.ablated[sl])
@@ -1034,7 +1073,6 @@ class PostNormPass:
         for diffs in (self.removed_diff, self.frozen_diff):
             for key, value in diffs.items():
                 diffs[key] = None if value is None else self._rows(value)
-        self.diff0 = {u: self._rows(value) for u, value in self.diff0.items()}
         for store in (self.sums, self.normed):
             for key, tensor in store.items():
                 store[key] = self._rows(tensor)
@@ -1070,12 +1108,16 @@ class PostNormPass:
                 found = self.memo.entries.get(("pn mlp", key))
                 if found is None:
                     xm = self._kept_inputs([r_mlp], layer if lay.parallel else -1 - layer)
-                    found = lay.mlp(layer, lay.ln_mlp(layer, xm))
+                    found = lay.mlp(layer, lay.ln_mlp(layer, xm[:, 0]))
                 self.fresh["pn mlp", key] = found
                 m = found.expand(k, -1, -1, -1)
                 self.skeys[u_mlp] = self._intern(("m", key))
             else:
-                xm = self._patched(r_mlp, xm)
+                if self._sparse(r_mlp):
+                    xm = self._kept_inputs([r_mlp], layer if lay.parallel else -1 - layer,
+                                           True)[:, 0].expand(k, -1, -1, -1)
+                else:
+                    xm = self._patched(r_mlp, xm)
                 m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             self._computed(u_mlp, m.unsqueeze(1))
             x = x + m
@@ -1083,8 +1125,8 @@ class PostNormPass:
             self._to_positions()
             x = self._rows(x)
         key = self._recv_key(g.n_receivers - 1)
-        if key is not None:  # the same logits in every mask
-            x = self._kept_inputs([g.n_receivers - 1], g.n_layers)
+        if key is not None or self._sparse(g.n_receivers - 1):  # (the same in every mask)
+            x = self._kept_inputs([g.n_receivers - 1], g.n_layers, key is None)[:, 0]
         else:
             x = self._patched(g.n_receivers - 1, x.expand(k, -1, -1, -1))
         if not self.grads:

@@ -571,8 +571,9 @@ def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, mo
     the start layer removed per mask): receivers after the start layer whose weights agree in
     every mask and whose kept computed senders are invariant are built once in kept form
     (``PostNormPass._kept_inputs``), heads and MLPs reading only them run once, and their
-    outputs come from the memo in the next pass. All of it equals the hooked reference, the
-    removed form (every node per mask) and a fresh runner."""
+    outputs come from the memo in the next pass; receivers keeping head edges from at most one
+    computed layer are built in kept form per mask. All of it equals the hooked reference, the
+    removed form (every node per mask, Gram form) and a fresh runner."""
     from circuitfind.patching.masked_pass import KeptFormMemo
     from circuitfind.patching.post_norm_pass import PostNormPass
 
@@ -589,7 +590,14 @@ def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, mo
                 torch.arange(len(senders)), senders, r]
             passes.append(masks)
     memo, reused, once = engine.runner.memo, 0, 0
-    got = []
+    got, forms = [], set()
+    kept_inputs = PostNormPass._kept_inputs
+
+    def spy(self, rs, abl, per_mask=False):
+        forms.add(per_mask)
+        return kept_inputs(self, rs, abl, per_mask)
+
+    monkeypatch.setattr(PostNormPass, "_kept_inputs", spy)
     for masks in passes:
         had = dict(memo.entries)
         got.append(engine.run(data, masks))
@@ -607,7 +615,9 @@ def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, mo
             torch.testing.assert_close(got[-1][k], want,
                                        atol=64 * 1.2e-7 * float(want.abs().max()), rtol=0)
     assert once > 0 and reused > 0  # invariant nodes ran once and came from the memo
+    assert forms == {False, True}  # and receivers with few kept edges took the kept form
     monkeypatch.setattr(PostNormPass, "_recv_key", lambda self, r: None)  # every node per mask
+    monkeypatch.setattr(PostNormPass, "_sparse", lambda self, r: False)  # in removed form
     for masks, logits in zip(passes, got):
         assert_close(model, logits, engine.run(data, masks))
 
