@@ -275,17 +275,16 @@ class PostNormPass:
         return self.abl_sums[key]
 
     def _sparse(self, r: int) -> bool:
-        """Whether receiver ``r`` (weights equal in every mask) keeps head edges from at
-        most one layer computed in the pass: its kept-form input (:meth:`_kept_inputs`) then
-        costs one norm per mask at most, less than its share of the Gram form's basis."""
+        """Whether receiver ``r`` (weights equal in every mask) keeps no head edge from a
+        layer computed in the pass: its kept-form input (:meth:`_kept_inputs`) then needs no
+        norm at all, only its kept MLP senders' differences (with one kept head layer the
+        Gram form, shared by the layer's receivers, measured cheaper)."""
         if not self.kept_ok or not self.same[r]:
             return False
         g = self.g
         hi = int(g.n_upstream[r])
-        layers = [layer for layer in range(self.start, g.n_layers)
-                  if g.head_start[layer] < hi and self.kept_nz[
-                      r, g.head_start[layer]: g.head_start[layer] + g.n_heads].any()]
-        return len(layers) <= 1
+        return not any(self.kept_nz[r, g.head_start[layer]: g.head_start[layer] + g.n_heads].any()
+                       for layer in range(self.start, g.n_layers) if g.head_start[layer] < hi)
 
     def _kept_inputs(self, rs: list[int], abl: int, per_mask: bool = False) -> Tensor:
         """Inputs ``[1, R', n, T|P, d]`` of invariant receivers ``rs`` (one row serves every

@@ -571,8 +571,8 @@ def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, mo
     the start layer removed per mask): receivers after the start layer whose weights agree in
     every mask and whose kept computed senders are invariant are built once in kept form
     (``PostNormPass._kept_inputs``), heads and MLPs reading only them run once, and their
-    outputs come from the memo in the next pass; receivers keeping head edges from at most one
-    computed layer are built in kept form per mask. All of it equals the hooked reference, the
+    outputs come from the memo in the next pass; receivers keeping only MLP edges from the
+    computed layers are built in kept form per mask. All of it equals the hooked reference, the
     removed form (every node per mask, Gram form) and a fresh runner."""
     from circuitfind.patching.masked_pass import KeptFormMemo
     from circuitfind.patching.post_norm_pass import PostNormPass
@@ -582,7 +582,11 @@ def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, mo
     for first in (0, 1):
         base = (torch.rand(edge.shape, generator=gen, dtype=torch.float64) < 0.08) * edge
         base[:, layer_of < first] = edge[:, layer_of < first]
-        base[:, -1] = edge[:, -1]  # the logits keep every edge: some receivers vary
+        # the layer's MLP keeps every input (it varies with the flipped receivers' heads), and
+        # the logits keep only the MLPs and the input (they vary, reading no head)
+        base[:, g.mlp_receiver[first]] = edge[:, g.mlp_receiver[first]]
+        base[:, -1] = 0
+        base[[0] + [u for u in g.mlp_index if u is not None], -1] = 1
         for r in [r for r, rec in enumerate(g.receivers) if rec.layer == first][:2]:
             senders = edge[:, r].nonzero()[:, 0][-3:]
             masks = base.expand(len(senders), -1, -1).clone()
