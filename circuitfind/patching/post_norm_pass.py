@@ -59,16 +59,31 @@ candidates differ in one receiver); the others keep its cached output. The start
 shared q/k/v (of the clean residual) and the outputs of its heads whose inputs every mask
 shares (ACDC's receivers of that layer tested before the candidate) are kept in the memo from
 pass to pass. The last block builds its queries' own inputs and computes head outputs, MLP and
-logits at the metric positions only (its keys and values need every position). No kept form
-(receivers reading the fully ablated run plus their kept edges): the post-norm of a mixture is
-not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
-so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
+logits at the metric positions only (its keys and values need every position).
+
+Mask-invariant nodes (no gradients, no frozen edges). Since ``S_l - sum_h w_h (a_h - a'_h) =
+S'_l + sum_h k_h (a_h - a'_h)`` (``k = 1 - w`` on real edges, ``S'_l`` the ablated heads' sum),
+a receiver also reads its *kept form*: the residual with every computed sender ablated, minus
+its static part, plus its kept computed MLPs' differences and, per layer with a kept head,
+``PostNorm_l(S'_l + sum_h k_h (a_h - a'_h)) - PostNorm_l(S'_l)``. A receiver after the start
+layer whose weights agree in every mask and whose kept computed senders are all invariant
+therefore reads the same input in every mask: it is built once in kept form and projected
+once; a head whose q, k and v receivers are such, and an MLP whose receiver is, run once; the
+logits too. Each gets a content key (its weights and its kept computed senders' keys), and
+its output is kept in the memo for the next pass (ACDC's sparse circuits: after the tested
+receiver's layer only nodes reached through kept edges from the changed head vary, and what
+does not vary is usually unchanged since the last pass). Varying receivers that keep no head
+edge from a computed layer read their kept form per mask (no norm; a few MLP differences);
+the others keep the removed form above, where a circuit keeping much (ACDC's at tau 1e-3
+keeps 44% of the edges) leaves little to skip. Where every mask's every receiver of a layer
+has its own input, no shared q/k/v projection is computed. On a 6-layer d256 8-head Gemma-2
 (batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``
-and ``acdc_families.md``): ACDC 0.80-0.81 per test (0.87 before the float32 Gram matrices on
-that machine's earlier load, 0.81-0.84 interleaved; 1.1 before the folded projections and the
-start-layer memo; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge; the work
-floor of ACDC per test there is 0.18 (``benchmarks/bench_gemma2_acdc_floor.py``). The pass
-is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
+and ``acdc_families.md``): ACDC 0.80-0.81 per test at tau 1e-3 (0.87 before the float32 Gram
+matrices on that machine's earlier load, 0.81-0.84 interleaved; 1.1 before the folded
+projections and the start-layer memo; per-receiver norms: 1.8-1.9) and SPARSE_FIGURE at the
+sparse tau 0.0178 (1.8% of the edges kept; 0.85-0.91 before the invariant nodes), exact
+patching 0.26-0.28 per edge; the work floor of ACDC per test there is 0.18
+(``benchmarks/bench_gemma2_acdc_floor.py``). The pass is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
 from __future__ import annotations
@@ -275,10 +290,11 @@ class PostNormPass:
         return self.abl_sums[key]
 
     def _sparse(self, r: int) -> bool:
-        """Whether receiver ``r`` (weights equal in every mask) keeps no head edge from a
-        layer computed in the pass: its kept-form input (:meth:`_kept_inputs`) then needs no
-        norm at all, only its kept MLP senders' differences (with one kept head layer the
-        Gram form, shared by the layer's receivers, measured cheaper)."""
+        """Whether the logits receiver ``r`` (weights equal in every mask) keeps no head edge
+        from a layer computed in the pass: its kept-form input (:meth:`_kept_inputs`, at the
+        metric positions) then needs no norm, only its kept MLPs' differences. (Varying q/k/v
+        and MLP receivers keep the Gram form: their kept form per mask, at every position,
+        measured slower at tau 1e-3.)"""
         if not self.kept_ok or not self.same[r]:
             return False
         g = self.g
@@ -773,13 +789,9 @@ class PostNormPass:
         def own_of(rs: list[int], xs: Tensor) -> None:
             later = layer > self.start
             fixed = [r for r in rs if self._recv_key(r) is not None] if later else []
-            sparse = [r for r in rs if r not in fixed and self._sparse(r)] if later else []
             if fixed:
                 self._kept_projections(layer, fixed, kind_of, own)
-            if sparse:
-                self._kept_projections(layer, sparse, kind_of, own, per_mask=True)
-            self._own_projections(layer, [r for r in rs if r not in fixed and r not in sparse],
-                                  kind_of, xs, own)
+            self._own_projections(layer, [r for r in rs if r not in fixed], kind_of, xs, own)
 
         if last:
             own_of([r for r in kind_of if kind_of[r][0] != "q"], x)
@@ -805,19 +817,11 @@ class PostNormPass:
         return {"q": q, "k": kk, "v": v}, own
 
     def _kept_projections(self, layer: int, rs: list[int], kind_of: dict[int, tuple[str, int]],
-                          own: dict[tuple[str, int], tuple[Tensor, Tensor]],
-                          per_mask: bool = False) -> None:
+                          own: dict[tuple[str, int], tuple[Tensor, Tensor]]) -> None:
         """Add to ``own`` the invariant receivers ``rs`` of block ``layer`` (after the start):
         ``(every mask, projection [1, n, T|P, dh])`` of the input :meth:`_kept_inputs` builds
-        once for all masks, or the memo's (keyed by the receiver's content key); with
-        ``per_mask``, receivers in kept form per mask (:meth:`_sparse`), ``[K, n, T|P, dh]``."""
+        once for all masks, or the memo's (keyed by the receiver's content key)."""
         ks = torch.arange(self.k, device=self.cache.resid.device)
-        if per_mask:
-            normed = self.lay.ln_attn(layer, self._kept_inputs(rs, layer, True))
-            for j, r in enumerate(rs):
-                kind, i = kind_of[r]
-                own[kind, i] = (ks, self.lay.project(layer, kind, i, normed[:, j]))
-            return
         keys = {r: ("pn recv", self._recv_key(r)) for r in rs}
         missing = [r for r in rs if keys[r] not in self.memo.entries]
         if missing:
@@ -1112,11 +1116,7 @@ class PostNormPass:
                 m = found.expand(k, -1, -1, -1)
                 self.skeys[u_mlp] = self._intern(("m", key))
             else:
-                if self._sparse(r_mlp):
-                    xm = self._kept_inputs([r_mlp], layer if lay.parallel else -1 - layer,
-                                           True)[:, 0].expand(k, -1, -1, -1)
-                else:
-                    xm = self._patched(r_mlp, xm)
+                xm = self._patched(r_mlp, xm)
                 m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             self._computed(u_mlp, m.unsqueeze(1))
             x = x + m

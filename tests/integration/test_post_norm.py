@@ -571,7 +571,7 @@ def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, mo
     the start layer removed per mask): receivers after the start layer whose weights agree in
     every mask and whose kept computed senders are invariant are built once in kept form
     (``PostNormPass._kept_inputs``), heads and MLPs reading only them run once, and their
-    outputs come from the memo in the next pass; receivers keeping only MLP edges from the
+    outputs come from the memo in the next pass; logits keeping only MLP edges from the
     computed layers are built in kept form per mask. All of it equals the hooked reference, the
     removed form (every node per mask, Gram form) and a fresh runner."""
     from circuitfind.patching.masked_pass import KeptFormMemo
