@@ -72,16 +72,16 @@ once; a head whose q, k and v receivers are such, and an MLP whose receiver is, 
 logits too. Each gets a content key (its weights and its kept computed senders' keys), and
 its output is kept in the memo for the next pass (ACDC's sparse circuits: after the tested
 receiver's layer only nodes reached through kept edges from the changed head vary, and what
-does not vary is usually unchanged since the last pass). Varying receivers that keep no head
-edge from a computed layer read their kept form per mask (no norm; a few MLP differences);
-the others keep the removed form above, where a circuit keeping much (ACDC's at tau 1e-3
+does not vary is usually unchanged since the last pass). Varying logits that keep no head edge
+from a computed layer read their kept form per mask (no norm; a few MLP differences); the
+other varying receivers keep the removed form above, where a circuit keeping much (ACDC's at tau 1e-3
 keeps 44% of the edges) leaves little to skip. Where every mask's every receiver of a layer
 has its own input, no shared q/k/v projection is computed. On a 6-layer d256 8-head Gemma-2
 (batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``
 and ``acdc_families.md``): ACDC 0.80-0.81 per test at tau 1e-3 (0.87 before the float32 Gram
 matrices on that machine's earlier load, 0.81-0.84 interleaved; 1.1 before the folded
-projections and the start-layer memo; per-receiver norms: 1.8-1.9) and SPARSE_FIGURE at the
-sparse tau 0.0178 (1.8% of the edges kept; 0.85-0.91 before the invariant nodes), exact
+projections and the start-layer memo; per-receiver norms: 1.8-1.9) and 0.42-0.47 at the
+sparse tau 0.0178 (1.8% of the edges kept; 0.87-0.97 before the invariant nodes), exact
 patching 0.26-0.28 per edge; the work floor of ACDC per test there is 0.18
 (``benchmarks/bench_gemma2_acdc_floor.py``). The pass is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
