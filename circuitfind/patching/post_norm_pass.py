@@ -59,16 +59,31 @@ candidates differ in one receiver); the others keep its cached output. The start
 shared q/k/v (of the clean residual) and the outputs of its heads whose inputs every mask
 shares (ACDC's receivers of that layer tested before the candidate) are kept in the memo from
 pass to pass. The last block builds its queries' own inputs and computes head outputs, MLP and
-logits at the metric positions only (its keys and values need every position). No kept form
-(receivers reading the fully ablated run plus their kept edges): the post-norm of a mixture is
-not a sum over kept edges, and ACDC's circuits on the benchmark model keep 44% of the edges,
-so computing only what kept edges leave would save little. On a 6-layer d256 8-head Gemma-2
+logits at the metric positions only (its keys and values need every position).
+
+Mask-invariant nodes (no gradients, no frozen edges). Since ``S_l - sum_h w_h (a_h - a'_h) =
+S'_l + sum_h k_h (a_h - a'_h)`` (``k = 1 - w`` on real edges, ``S'_l`` the ablated heads' sum),
+a receiver also reads its *kept form*: the residual with every computed sender ablated, minus
+its static part, plus its kept computed MLPs' differences and, per layer with a kept head,
+``PostNorm_l(S'_l + sum_h k_h (a_h - a'_h)) - PostNorm_l(S'_l)``. A receiver after the start
+layer whose weights agree in every mask and whose kept computed senders are all invariant
+therefore reads the same input in every mask: it is built once in kept form and projected
+once; a head whose q, k and v receivers are such, and an MLP whose receiver is, run once; the
+logits too. Each gets a content key (its weights and its kept computed senders' keys), and
+its output is kept in the memo for the next pass (ACDC's sparse circuits: after the tested
+receiver's layer only nodes reached through kept edges from the changed head vary, and what
+does not vary is usually unchanged since the last pass). Varying logits that keep no head edge
+from a computed layer read their kept form per mask (no norm; a few MLP differences); the
+other varying receivers keep the removed form above, where a circuit keeping much (ACDC's at tau 1e-3
+keeps 44% of the edges) leaves little to skip. Where every mask's every receiver of a layer
+has its own input, no shared q/k/v projection is computed. On a 6-layer d256 8-head Gemma-2
 (batch 8 x 16, one thread, plain Hugging Face forwards, ``benchmarks/results/families.md``
-and ``acdc_families.md``): ACDC 0.80-0.81 per test (0.87 before the float32 Gram matrices on
-that machine's earlier load, 0.81-0.84 interleaved; 1.1 before the folded projections and the
-start-layer memo; per-receiver norms: 1.8-1.9), exact patching 0.26-0.28 per edge; the work
-floor of ACDC per test there is 0.18 (``benchmarks/bench_gemma2_acdc_floor.py``). The pass
-is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
+and ``acdc_families.md``): ACDC 0.80-0.81 per test at tau 1e-3 (0.87 before the float32 Gram
+matrices on that machine's earlier load, 0.81-0.84 interleaved; 1.1 before the folded
+projections and the start-layer memo; per-receiver norms: 1.8-1.9) and 0.42-0.47 at the
+sparse tau 0.0178 (1.8% of the edges kept; 0.87-0.97 before the invariant nodes), exact
+patching 0.26-0.28 per edge; the work floor of ACDC per test there is 0.18
+(``benchmarks/bench_gemma2_acdc_floor.py``). The pass is differentiable in ``removed`` and ``frozen`` (every real edge then counts as touched).
 """
 
 from __future__ import annotations
@@ -187,6 +202,157 @@ class PostNormPass:
             owner = self.diff if self.diff._base is None else self.diff._base
             self.memo.follow(owner, (self.diff.storage_offset(), tuple(self.diff.shape),
                                      self.positions.cpu().numpy().tobytes()))
+        self.abl_resid = abl_resid
+        self._invariants()
+
+    # ------------------------------------------------------------------ mask-invariant nodes
+    def _invariants(self) -> None:
+        """Set up the bookkeeping of mask-invariant nodes (no gradients, no frozen edges): a
+        receiver whose weights are the same in every mask and whose kept edges from senders
+        computed in the pass all leave invariant senders reads the same input in every mask;
+        a head whose q, k and v receivers are invariant, and an MLP whose receiver is, has the
+        same output in every mask. Each gets a content key (interned, as in
+        :meth:`MaskedPass._intern`): its weights and its kept computed senders' keys."""
+        self.kept_ok = not self.grads and self.frozen is None
+        self.ids: dict[Any, int] = {}
+        self.rkeys: dict[int, int | None] = {}  # receiver -> content key, None: varies
+        self.skeys: dict[int, int] = {}  # computed invariant sender -> content key
+        self.bases: dict[Any, Tensor] = {}
+        self.abl_sums: dict[Any, tuple[Tensor, Tensor]] = {}
+        if not self.kept_ok:
+            return
+        w0 = self.removed[0]
+        self.same = (self.removed == w0).all(0).all(0).cpu().tolist()  # [R]
+        kept = self.g.edge_mask.to(w0.device, w0.dtype) - w0  # [S, R] kept weights, mask 0
+        self.kept_w = kept.T.contiguous()  # [R, S]
+        self.kept_nz = kept.T.ne(0).cpu().numpy()
+        w0 = w0.T.contiguous()
+        self.w0 = (w0.float() if w0.dtype == torch.bfloat16 else w0).cpu().numpy()
+
+    def _intern(self, key: tuple[Any, ...]) -> int:
+        """A small stable id for a flat key (ids kept from pass to pass in the memo)."""
+        if key not in self.ids:
+            self.ids[key] = self.memo.ids.get(key) or self.memo.new_id()
+        return self.ids[key]
+
+    def _recv_key(self, r: int) -> int | None:
+        """Receiver ``r``'s content key if its input is the same in every mask, else
+        ``None`` (see :meth:`_invariants`)."""
+        if not self.kept_ok:
+            return None
+        if r not in self.rkeys:
+            key = None
+            if self.same[r]:
+                lo, hi = self.n_static, int(self.g.n_upstream[r])
+                ups = (self.kept_nz[r, lo:hi].nonzero()[0] + lo).tolist() if hi > lo else []
+                senders = [self.skeys.get(u) for u in ups]
+                if all(k is not None for k in senders):
+                    key = self._intern(("r", self.start, r, self.w0[r].tobytes(),
+                                        tuple(senders)))
+            self.rkeys[r] = key
+        return self.rkeys[r]
+
+    def _sender_keys(self, layer: int) -> None:
+        """Content keys of block ``layer``'s invariant heads (once its heads are computed)."""
+        if not self.kept_ok:
+            return
+        g = self.g
+        rep = g.n_heads // g.n_kv_heads
+        for head in range(g.n_heads):
+            keys = (self._recv_key(g.q_start[layer] + head),
+                    self._recv_key(g.k_start[layer] + head // rep),
+                    self._recv_key(g.v_start[layer] + head // rep))
+            if all(k is not None for k in keys):
+                self.skeys[g.head_start[layer] + head] = self._intern(("h", layer, head, keys))
+
+    def _base(self, abl: int) -> Tensor:
+        """``x(clean)_start - x'_start + x'`` ``[1, n*T|P*d]``: the residual stream in which
+        every sender computed in the pass reaching it is ablated, with ``x'`` the ablated
+        run's stream :meth:`BlockRunner.ablated_residuals` ``abl`` (index into ``pre`` for
+        ``abl >= 0``, into ``mid`` as ``-1 - layer``), at the current positions."""
+        key = (abl, self.at_pos)
+        if key not in self.bases:
+            if self.abl_resid is None:
+                self.abl_resid = self.runner.ablated_residuals(self.ablated, self.n, self.t)
+            pre, mid = self.abl_resid
+            x_abl = pre[abl] if abl >= 0 else mid[-1 - abl]
+            base = (self.cache.resid[self.start] if abl == self.start  # (no rounding)
+                    else self.cache.resid[self.start] - pre[self.start] + x_abl)
+            self.bases[key] = self._rows(base[None]).reshape(1, -1)
+        return self.bases[key]
+
+    def _ablated_sum(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``S'_l`` and ``PostNorm_l(S'_l)`` ``[1, n*T|P*d]`` of the ablated heads' sum."""
+        key = (layer, self.at_pos)
+        if key not in self.abl_sums:
+            h0 = self.g.head_start[layer]
+            heads = self._rows(self.ablated[h0: h0 + self.g.n_heads])
+            s = Architecture.attn_from_heads(self.lay, layer, heads, 0)
+            s = s.expand(like.shape).contiguous()
+            self.abl_sums[key] = (s.reshape(1, -1), self.lay.post_norm(layer, s).reshape(1, -1))
+        return self.abl_sums[key]
+
+    def _sparse(self, r: int) -> bool:
+        """Whether the logits receiver ``r`` (weights equal in every mask) keeps no head edge
+        from a layer computed in the pass: its kept-form input (:meth:`_kept_inputs`, at the
+        metric positions) then needs no norm, only its kept MLPs' differences. (Varying q/k/v
+        and MLP receivers keep the Gram form: their kept form per mask, at every position,
+        measured slower at tau 1e-3.)"""
+        if not self.kept_ok or not self.same[r]:
+            return False
+        g = self.g
+        hi = int(g.n_upstream[r])
+        return not any(self.kept_nz[r, g.head_start[layer]: g.head_start[layer] + g.n_heads].any()
+                       for layer in range(self.start, g.n_layers) if g.head_start[layer] < hi)
+
+    def _kept_inputs(self, rs: list[int], abl: int, per_mask: bool = False) -> Tensor:
+        """Inputs ``[1, R', n, T|P, d]`` of invariant receivers ``rs`` (one row serves every
+        mask; with ``per_mask`` ``[K, R', n, T|P, d]`` of receivers whose weights agree in every
+        mask but whose kept senders vary), in kept form: ``x_r = base - static_r + sum_{u computed, plain} k[u, r] (a_u
+        - a'_u) + sum_{l >= start} [PostNorm_l(S'_l + sum_h k[h, r] (a_h - a'_h)) -
+        PostNorm_l(S'_l)]`` with ``k = 1 - removed`` on real edges, ``S'_l`` the ablated
+        heads' sum (:meth:`_ablated_sum`), ``base`` :meth:`_base` and ``static_r``
+        (:meth:`_static_of`) what senders before the start layer change, as in the removed
+        form. Equal to the removed form (``S_l - sum_h w_h (a_h - a'_h) = S'_l + sum_h k_h
+        (a_h - a'_h)``) up to rounding; only kept senders are read (from mask 0 unless
+        ``per_mask``), so the cost follows the kept edges, not the removed ones."""
+        g, lay = self.g, self.lay
+        base = self._base(abl)
+        shape = (self.n, base.shape[1] // (self.n * self.d), self.d)
+        static, order = self._static_of(torch.zeros(len(rs), dtype=torch.long),
+                                        torch.tensor(rs))
+        out = (base - static[torch.tensor(order, device=base.device)])[None]  # [1, R', X]
+        k = self.k if per_mask else 1
+        hi = max(int(g.n_upstream[r]) for r in rs)
+        ridx = torch.tensor(rs, device=self.kept_w.device)
+        kw = self.kept_w[ridx]  # [R', S]
+        for u in self.plain:
+            if self.n_static <= u < hi and bool(kw[:, u].ne(0).any()):
+                diff = self._diff(u)[:k, 0].reshape(k, 1, -1)
+                out = out + kw[:, u: u + 1].to(out.dtype) * diff
+        for layer in range(self.start, g.n_layers):
+            h0 = g.head_start[layer]
+            if h0 >= hi:
+                break
+            w = kw[:, h0: h0 + g.n_heads]
+            sel = w.ne(0).any(1)
+            if not bool(sel.any()):
+                continue
+            s_abl, n_abl = self._ablated_sum(layer, base.view(*shape))
+            diffs = self._diff(h0)[:k].reshape(k, g.n_heads, -1)
+            mix = s_abl + w[sel].to(out.dtype) @ diffs  # [k, R'', X]
+            d_l = lay.post_norm(layer, mix.view(-1, *shape)).reshape(mix.shape) - n_abl
+            if out.shape[0] < k:
+                out = out.expand(k, -1, -1).clone()
+            out[:, sel] += d_l
+        return out.view(out.shape[0], len(rs), *shape)
+
+    def _diff(self, u: int) -> Tensor:
+        """``a - a'`` ``[K, U, n, T|P, d]`` of the sender group from ``u`` computed in the
+        pass (kept for every group with no frozen edges, :meth:`_computed`)."""
+        diff = self.removed_diff[u]
+        assert diff is not None  # kept_ok: every computed group's differences are kept
+        return diff
 
     # ------------------------------------------------------------------ the receivers' inputs
     def _rows(self, value: Tensor) -> Tensor:
@@ -698,28 +864,58 @@ class PostNormPass:
         pass is then at the positions, :meth:`_to_positions`): only those queries are read.
         The start layer's shared projections (of the clean residual, every mask alike) are kept
         in the memo from pass to pass."""
-        g, lay, t = self.g, self.lay, self.t
+        g, lay, t, k = self.g, self.lay, self.t, self.k
+        first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
+        count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
+        own: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+        kind_of = {first[kind] + i: (kind, i) for kind in "qkv" for i in range(count[kind])}
+
+        def own_of(rs: list[int], xs: Tensor) -> None:
+            later = layer > self.start
+            fixed = [r for r in rs if self._recv_key(r) is not None] if later else []
+            if fixed:
+                self._kept_projections(layer, fixed, kind_of, own)
+            self._own_projections(layer, [r for r in rs if r not in fixed], kind_of, xs, own)
+
+        if last:
+            own_of([r for r in kind_of if kind_of[r][0] != "q"], x)
+            self._to_positions()
+            own_of([r for r in kind_of if kind_of[r][0] == "q"], self._rows(x))
+        else:
+            own_of(list(kind_of), x)
         key = ("clean qkv", layer)
         clean = layer == self.start and not self.grads  # x: the clean residual
-        if clean and key in self.memo.entries:
+        covered = layer > self.start and all(
+            len(own.get(kind_of[r], ((),))[0]) == k for r in kind_of)
+        if covered:  # every mask's every receiver has its own input: nothing shared to read
+            rows, dh = k * x.shape[1], lay.head_weights(layer, "q")[0].shape[-1]
+            q = (x.new_zeros if last else x.new_empty)(rows, t, g.n_heads, dh)
+            kk = x.new_empty(rows, t, g.n_kv_heads, dh)
+            v = x.new_empty(rows, t, g.n_kv_heads, dh)
+        elif clean and key in self.memo.entries:
             q, kk, v = self.memo.entries[key].split([g.n_heads, g.n_kv_heads, g.n_kv_heads], 2)
         else:
             q, kk, v = lay.qkv(layer, lay.ln_attn(layer, x.reshape(-1, t, self.d)))
         if clean:  # (read only: the start layer's projections are copied before any write)
             self.fresh[key] = torch.cat([q, kk, v], 2)
-        first = {"q": g.q_start[layer], "k": g.k_start[layer], "v": g.v_start[layer]}
-        count = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-        own: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
-        kind_of = {first[kind] + i: (kind, i) for kind in "qkv" for i in range(count[kind])}
-        if last:
-            self._own_projections(layer, [r for r in kind_of if kind_of[r][0] != "q"], kind_of,
-                                  x, own)
-            self._to_positions()
-            self._own_projections(layer, [r for r in kind_of if kind_of[r][0] == "q"], kind_of,
-                                  self._rows(x), own)
-        else:
-            self._own_projections(layer, list(kind_of), kind_of, x, own)
         return {"q": q, "k": kk, "v": v}, own
+
+    def _kept_projections(self, layer: int, rs: list[int], kind_of: dict[int, tuple[str, int]],
+                          own: dict[tuple[str, int], tuple[Tensor, Tensor]]) -> None:
+        """Add to ``own`` the invariant receivers ``rs`` of block ``layer`` (after the start):
+        ``(every mask, projection [1, n, T|P, dh])`` of the input :meth:`_kept_inputs` builds
+        once for all masks, or the memo's (keyed by the receiver's content key)."""
+        ks = torch.arange(self.k, device=self.cache.resid.device)
+        keys = {r: ("pn recv", self._recv_key(r)) for r in rs}
+        missing = [r for r in rs if keys[r] not in self.memo.entries]
+        if missing:
+            normed = self.lay.ln_attn(layer, self._kept_inputs(missing, layer))[0]
+            for j, r in enumerate(missing):
+                kind, i = kind_of[r]
+                self.memo.entries[keys[r]] = self.lay.project(layer, kind, i, normed[j: j + 1])
+        for r in rs:
+            self.fresh[keys[r]] = projected = self.memo.entries[keys[r]]
+            own[kind_of[r]] = (ks, projected)
 
     def _folded(self, layer: int) -> tuple[dict[str, tuple[Tensor, Tensor | None]], float] | None:
         """Layer ``layer``'s per-head q/k/v weights ``[heads, d, dh]`` with the input norm's
@@ -902,6 +1098,10 @@ class PostNormPass:
             # copies (also for one mask: the start layer's projections may be the memo's)
             shared = {kind: value.repeat(k, *(1,) * (value.dim() - 1))
                       for kind, value in shared.items()}
+        else:
+            once = self._invariant_heads(layer, shared, own, last)
+            if once is not None:
+                return once
         for (kind, i), (ks, projected) in own.items():
             self._put(shared[kind].view(k, n, t, *shared[kind].shape[2:]), ks, projected,
                       kind == "q", i)
@@ -910,11 +1110,43 @@ class PostNormPass:
         res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
         return res.view(k, n, -1, g.n_heads, d).permute(0, 3, 1, 2, 4)
 
+    def _invariant_heads(self, layer: int, shared: dict[str, Tensor],
+                         own: dict[tuple[str, int], tuple[Tensor, Tensor]], last: bool
+                         ) -> Tensor | None:
+        """Block ``layer``'s head outputs ``[K, H, n, T|P, d]`` (one row, expanded) where
+        every q/k/v receiver of the layer is invariant (:meth:`_recv_key`): attention runs
+        once, or the memo's outputs are taken; ``None`` otherwise."""
+        g, lay, k, n = self.g, self.lay, self.k, self.n
+        keys = []
+        for kind, first, count in (("q", g.q_start, g.n_heads), ("k", g.k_start, g.n_kv_heads),
+                                   ("v", g.v_start, g.n_kv_heads)):
+            keys += [self._recv_key(first[layer] + i) for i in range(count)]
+        if any(key is None for key in keys):
+            return None
+        key = ("pn heads", layer, tuple(keys))
+        res = self.memo.entries.get(key)
+        if res is None:
+            one = torch.zeros(1, dtype=torch.long, device=self.positions.device)
+            parts = {}
+            for kind, value in shared.items():
+                value = value[: n].clone()  # one mask's rows, every entry written below
+                for (kind_r, i), (_, projected) in own.items():
+                    if kind_r == kind:
+                        self._put(value.view(1, n, *value.shape[1:]), one, projected,
+                                  kind == "q", i)
+                parts[kind] = value
+            z = lay.attend(layer, parts["q"], parts["k"], parts["v"],
+                           query_pos=self.positions if last else None)
+            res = lay.head_results(layer, z, torch.arange(g.n_heads, device=z.device))
+            res = res.view(1, n, -1, g.n_heads, self.d).permute(0, 3, 1, 2, 4)
+        self.fresh[key] = res
+        return res.expand(k, -1, -1, -1, -1)
+
     def _computed(self, u: int, values: Tensor) -> None:
         """Keep the differences of the senders ``u, u+1, ...`` whose values in this pass are
         ``values [K, U, n, T|P, d]`` (at the metric positions in the last block)."""
         sl = slice(u, u + values.shape[1])
-        if not bool(self.read[sl].any()):  # no receiver reads these senders' differences
+        if not self.kept_ok and not bool(self.read[sl].any()):  # no receiver reads these senders' differences
             self.removed_diff[u] = self.frozen_diff[u] = None
             return
         self.removed_diff[u] = values - self._rows(self.ablated[sl])
@@ -956,24 +1188,39 @@ class PostNormPass:
                 self._to_positions()
                 x = self._rows(x)
             self._computed(g.head_start[layer], heads)
+            self._sender_keys(layer)
             s = Architecture.attn_from_heads(lay, layer, heads, 1)  # pre-norm [K, n, T|P, d]
             self.sums[layer], self.normed[layer] = s, lay.post_norm(layer, s)
             x_in, x = x, x + self.normed[layer]
             xm = (x_in if lay.parallel else x).expand(k, -1, -1, -1)
             r_mlp, u_mlp = g.mlp_receiver[layer], g.mlp_index[layer]
             assert r_mlp is not None and u_mlp is not None  # post-norm families have MLPs
-            xm = self._patched(r_mlp, xm)
-            m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+            key = self._recv_key(r_mlp)
+            if key is not None:  # the same MLP output in every mask: computed once
+                found = self.memo.entries.get(("pn mlp", key))
+                if found is None:
+                    xm = self._kept_inputs([r_mlp], layer if lay.parallel else -1 - layer)
+                    found = lay.mlp(layer, lay.ln_mlp(layer, xm[:, 0]))
+                self.fresh["pn mlp", key] = found
+                m = found.expand(k, -1, -1, -1)
+                self.skeys[u_mlp] = self._intern(("m", key))
+            else:
+                xm = self._patched(r_mlp, xm)
+                m = lay.mlp(layer, lay.ln_mlp(layer, xm))
             self._computed(u_mlp, m.unsqueeze(1))
             x = x + m
         if not self.at_pos:  # no block ran (only the logits' edges are touched)
             self._to_positions()
             x = self._rows(x)
-        x = x.expand(k, -1, -1, -1)
-        x = self._patched(g.n_receivers - 1, x)
+        key = self._recv_key(g.n_receivers - 1)
+        if key is not None or self._sparse(g.n_receivers - 1):  # (the same in every mask)
+            x = self._kept_inputs([g.n_receivers - 1], g.n_layers, key is None)[:, 0]
+        else:
+            x = self._patched(g.n_receivers - 1, x.expand(k, -1, -1, -1))
         if not self.grads:
-            self.memo.entries = self.fresh  # the next pass reuses this pass's static parts
-        return lay.final(x)
+            # the next pass reuses this pass's static parts and invariant nodes
+            self.memo.entries, self.memo.ids = self.fresh, self.ids
+        return lay.final(x).expand(k, -1, -1, -1)
 
     def _patched(self, r: int, x: Tensor) -> Tensor:
         """``x [K, n, T|P, d]`` with receiver ``r``'s own input in the masks touching it."""

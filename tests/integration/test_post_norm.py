@@ -460,19 +460,25 @@ def test_exact_patching_equals_the_reference_on_every_edge(gemma):
     torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
 
 
+def _batch_setup(gemma, data_seed, gen_seed):
+    """Model, HF model, data, engine, graph, the corrupted run's senders, the edge mask, each
+    receiver's layer and a seeded generator, for batches checked against the reference."""
+    model, hf = gemma
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=data_seed)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ablated = _captures(hf, data.corrupted, g)
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    return (model, hf, data, engine, g, ablated, g.edge_mask.double(), layer_of,
+            torch.Generator().manual_seed(gen_seed))
+
+
 @pytest.mark.parametrize("layer, kind", [(1, "q"), (1, "k"), (2, "mlp")])
 def test_acdc_like_batches_equal_the_reference(gemma, layer, kind):
     """ACDC's batches: a sparse base circuit with one edge into one receiver flipped per mask
     (so the start layer's heads are computed once for the masks that agree and per mask where
     the flipped receiver feeds them) equal the hooked reference."""
-    model, hf = gemma
-    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=14)
-    engine = PatchingEngine(model)
-    g = engine.graph
-    ablated = _captures(hf, data.corrupted, g)
-    edge = g.edge_mask.double()
-    layer_of = torch.tensor([rec.layer for rec in g.receivers])
-    gen = torch.Generator().manual_seed(4)
+    model, hf, data, engine, g, ablated, edge, layer_of, gen = _batch_setup(gemma, 14, 4)
     base = (torch.rand(edge.shape, generator=gen, dtype=torch.float64) < 0.3) * edge
     base[:, layer_of < layer] = edge[:, layer_of < layer]
     tested = next(r for r, rec in enumerate(g.receivers)
@@ -558,6 +564,66 @@ def test_a_single_mask_touching_several_layers_equals_the_reference(gemma):
         want = _at(reference_logits(hf, g, data.clean, g.edge_mask.double() - mask
                                     * g.edge_mask.double(), ablated), data)
     torch.testing.assert_close(got, want, atol=64 * 1.2e-7 * float(want.abs().max()), rtol=0)
+
+
+def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, monkeypatch):
+    """Sparse ACDC-like batches (a base circuit keeping few edges, one edge into a receiver of
+    the start layer removed per mask): receivers after the start layer whose weights agree in
+    every mask and whose kept computed senders are invariant are built once in kept form
+    (``PostNormPass._kept_inputs``), heads and MLPs reading only them run once, and their
+    outputs come from the memo in the next pass; logits keeping only MLP edges from the
+    computed layers are built in kept form per mask. All of it equals the hooked reference, the
+    removed form (every node per mask, Gram form) and a fresh runner."""
+    from circuitfind.patching.masked_pass import KeptFormMemo
+    from circuitfind.patching.post_norm_pass import PostNormPass
+
+    model, hf, data, engine, g, ablated, edge, layer_of, gen = _batch_setup(gemma, 17, 6)
+    passes = []
+    for first in (0, 1):
+        base = (torch.rand(edge.shape, generator=gen, dtype=torch.float64) < 0.08) * edge
+        base[:, layer_of < first] = edge[:, layer_of < first]
+        # the layer's MLP keeps every input (it varies with the flipped receivers' heads), and
+        # the logits keep only the MLPs and the input (they vary, reading no head)
+        base[:, g.mlp_receiver[first]] = edge[:, g.mlp_receiver[first]]
+        base[:, -1] = 0
+        base[[0] + [u for u in g.mlp_index if u is not None], -1] = 1
+        for r in [r for r, rec in enumerate(g.receivers) if rec.layer == first][:2]:
+            senders = edge[:, r].nonzero()[:, 0][-3:]
+            masks = base.expand(len(senders), -1, -1).clone()
+            masks[torch.arange(len(senders)), senders, r] = 1 - masks[
+                torch.arange(len(senders)), senders, r]
+            passes.append(masks)
+    memo, reused, once = engine.runner.memo, 0, 0
+    got, forms = [], set()
+    kept_inputs = PostNormPass._kept_inputs
+
+    def spy(self, rs, abl, per_mask=False):
+        forms.add(per_mask)
+        return kept_inputs(self, rs, abl, per_mask)
+
+    monkeypatch.setattr(PostNormPass, "_kept_inputs", spy)
+    for masks in passes:
+        had = dict(memo.entries)
+        got.append(engine.run(data, masks))
+        kinds = [key[0] for key in memo.entries if isinstance(key, tuple)]
+        once += sum(kind in ("pn heads", "pn mlp") for kind in kinds)
+        reused += sum(1 for key, value in memo.entries.items()
+                      if isinstance(key, tuple) and key[0] in ("pn recv", "pn heads", "pn mlp")
+                      and had.get(key) is value)
+        engine.runner.memo = KeptFormMemo()
+        assert_close(model, got[-1], engine.run(data, masks))  # fresh: nothing reused
+        engine.runner.memo = memo
+        for k in range(len(masks)):
+            with torch.no_grad():
+                want = _at(reference_logits(hf, g, data.clean, edge - masks[k], ablated), data)
+            torch.testing.assert_close(got[-1][k], want,
+                                       atol=64 * 1.2e-7 * float(want.abs().max()), rtol=0)
+    assert once > 0 and reused > 0  # invariant nodes ran once and came from the memo
+    assert forms == {False, True}  # and receivers with few kept edges took the kept form
+    monkeypatch.setattr(PostNormPass, "_recv_key", lambda self, r: None)  # every node per mask
+    monkeypatch.setattr(PostNormPass, "_sparse", lambda self, r: False)  # in removed form
+    for masks, logits in zip(passes, got):
+        assert_close(model, logits, engine.run(data, masks))
 
 
 def _acdc_like(g, gen, layers, kinds):
