@@ -345,7 +345,12 @@ class PostNormPass:
             if out.shape[0] < k:
                 out = out.expand(k, -1, -1).clone()
             out[:, sel] += d_l
-        return out.view(out.shape[0], len(rs), *shape)
+        out = out.view(out.shape[0], len(rs), *shape)
+        if self.full is not None:  # fully removed: the ablated run itself (see _ablated_rows)
+            for i, r in enumerate(rs):  # (weights agree in every mask: mask 0 decides)
+                if bool(self.full[0, r]):
+                    out[:, i] = self._ablated_input(r)
+        return out
 
     def _diff(self, u: int) -> Tensor:
         """``a - a'`` ``[K, U, n, T|P, d]`` of the sender group from ``u`` computed in the
