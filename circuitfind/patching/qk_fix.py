@@ -68,6 +68,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Hashable
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -322,6 +323,7 @@ class QKFix:
                                           out=work.take("a", s_q.shape, s_q, sdt))
             got = torch.matmul(a_q.to(gdt), grad_q).sum(2)  # [H, N, c, m]
             val_q[:, :, u0:u1] = got.permute(3, 1, 2, 0)
+            mask: Tensor | None
             if not rot:  # clean queries, patched keys: [G, N, rep*P, T, c]
                 s_k = work.take("s", (groups, n, rep * p, t, c), ks)
                 key_dim, mask = 3, hidden_x.view(1, 1, rep * p, t, 1)
@@ -449,7 +451,7 @@ class QKFix:
             h0 = g.head_start[m]
             source = lay.w_out(m)[0]
             wd, left, gd = lay.derived(("qk_fix head space", m, delta.dtype), (source,),
-                                       lambda w=source: _solve(w, g.n_heads, delta.dtype))
+                                       partial(_solve, source, g.n_heads, delta.dtype))
             rows = delta[h0: h0 + g.n_heads].reshape(g.n_heads, n * t, d)
             dz = torch.bmm(rows, left)
             # the part off the row space is orthogonal to it: |miss|^2 = |delta|^2 - |dz W|^2
@@ -606,7 +608,7 @@ class _NormedProjection:
         for m, hs in heads_low.items():  # W_O[h] W_c [H, dh, outq + outk]
             mqk = lay.derived(("qk_fix W_O W_c", m, layer, x.dtype),
                               None if sources is None else (hs.source, *sources),
-                              lambda hs=hs: hs.w_out @ self.wqk)
+                              partial(torch.matmul, hs.w_out, self.wqk))
             self.low[m] = (hs, mqk)
 
     def __call__(self, delta: Tensor, u0: int, u1: int, g: object, raw: bool = False
