@@ -105,6 +105,16 @@ def fully_removed(edge_mask: Tensor, removed: Tensor, frozen: Tensor | None = No
     return full if bool(full.any()) else None
 
 
+def ablated_input(residuals: tuple[Tensor, Tensor], receiver: Any) -> Tensor:
+    """What ``receiver`` (a :class:`~circuitfind.graphs.graph.Receiver`) reads in the fully
+    ablated run, from :meth:`BlockRunner.ablated_residuals`' ``(pre [L+1, n, T, d], mid [L, n,
+    T, d])``: the stream after its layer's attention for an MLP, before its layer otherwise
+    (q/k/v inputs; the logits at layer ``L``). ``[n, T, d]``, the model's dtype. The value
+    :func:`fully_removed` pairs read in every masked pass."""
+    pre, mid = residuals
+    return mid[receiver.layer] if receiver.kind == "mlp" else pre[receiver.layer]
+
+
 @dataclass
 class KeptFormMemo:
     """Outputs of mask-invariant nodes kept from one kept-form pass to the next.
@@ -493,10 +503,7 @@ class MaskedPass:
             return inputs
         if self._abl is None:
             self._abl = self.runner.ablated_residuals(self.ablated, self.n, self.t)
-        pre, mid = self._abl
-        rec = self.g.receivers[r]
-        value = (mid[rec.layer] if rec.kind == "mlp"
-                 else pre[rec.layer if rec.kind in ("q", "k", "v") else self.g.n_layers])
+        value = ablated_input(self._abl, self.g.receivers[r])
         if at_pos:
             value = self.at_positions(value[None])[0]
         if inputs.shape[0] > 1 and inputs.stride(0) == 0:

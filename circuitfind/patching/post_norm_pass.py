@@ -94,7 +94,7 @@ import torch
 from torch import Tensor
 
 from circuitfind.patching.architectures import Architecture
-from circuitfind.patching.masked_pass import fully_removed, receiver_changes
+from circuitfind.patching.masked_pass import ablated_input, fully_removed, receiver_changes
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -802,9 +802,7 @@ class PostNormPass:
         each layer's post-norm of their ablated sum."""
         if self.abl is None:
             self.abl = self.runner.ablated_residuals(self.ablated, self.n, self.t)
-        pre, mid = self.abl
-        rec = self.g.receivers[r]
-        return self._rows(mid[rec.layer] if rec.kind == "mlp" else pre[rec.layer])
+        return self._rows(ablated_input(self.abl, self.g.receivers[r]))
 
     def _ablated_sums(self, layer: int, removed: Tensor, frozen: Tensor | None
                       ) -> tuple[Tensor, Tensor, bool] | None:
