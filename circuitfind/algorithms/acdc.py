@@ -60,11 +60,16 @@ the logits); K candidates are evaluated in one batched pass, candidate j's mask 
 and every earlier candidate of the batch *predicted* removed. Decisions are then made in
 order from these values, and the batch is cut at the first wrong prediction: later candidates
 assumed a state that did not happen and are re-evaluated from the true state, their measured
-values becoming their predictions (a value under a state that differs by one edge predicts the
-decision well). Candidates without such a value are predicted by the majority decision so far.
-K maximises the expected accepted tests per second given the prediction miss rates and a fit
-of this layer's pass time to ``c0 + c1 K``. Decisions equal the sequential algorithm's (pinned
-edge for edge by the tests, against one full forward per edge); batching only changes the cost.
+effects becoming their predictions (each effect taken against the value of the state its mask
+assumed, i.e. the batch's previous predicted removal: an effect under a state that differs by
+one edge predicts the decision well). Candidates without such a value are predicted by the
+removal rate so far of their category (test kind, receiver kind q/k/v/MLP/logits, sender kind
+head/MLP/input), refined per receiver layer (:class:`_Prior`): on the benchmark's models MLP
+and logits edges are mostly kept and late q/k edges almost never, which one majority over the
+run mispredicted. K maximises the expected accepted tests per second given each candidate's
+own miss probability and a fit of this layer's pass time to ``c0 + c1 K``. Decisions equal the
+sequential algorithm's (pinned edge for edge by the tests, against one full forward per edge,
+and with every prediction forced wrong); speculation only changes the cost.
 
 Faster approximation (``mode="batched"``). All incoming edges of a receiver are tested against
 the same state in one pass and every edge below τ is removed at once; ``cur`` is then
@@ -214,6 +219,45 @@ class _Item:
     sender: int | None
 
 
+class _Prior:
+    """Predicted decisions of candidates tested for the first time (speculation only).
+
+    A candidate's category is its test kind (edge or node test), receiver kind (q, k, v,
+    ``mlp``, ``logits``) and sender kind (``attention``, ``mlp``, ``input``; none for node
+    tests); its probability of removal is the removal rate so far of its category at its
+    receiver's layer, smoothed towards the category's rate over all layers, which is smoothed
+    towards the run's rate, which is smoothed towards 1/2 (each level ``(removed + w p) /
+    (tests + w)`` with ``p`` the coarser level's rate and ``w = 2`` pseudo-tests). Predictions
+    set batch lengths and speculative masks, never a decision.
+    """
+
+    weight = 2.0
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[Any, ...], list[int]] = {}  # key -> [tests, removals]
+
+    @staticmethod
+    def keys(category: tuple[str, str, str | None], layer: int) -> tuple[tuple[Any, ...], ...]:
+        """The levels of one candidate, coarsest first."""
+        return ((), category, (*category, layer))
+
+    def p_removed(self, category: tuple[str, str, str | None], layer: int) -> float:
+        """Probability that a first test of this category at ``layer`` removes it."""
+        p = 0.5
+        for key in self.keys(category, layer):
+            seen = self.counts.get(key)
+            if seen is not None:
+                p = (seen[1] + self.weight * p) / (seen[0] + self.weight)
+        return p
+
+    def learn(self, category: tuple[str, str, str | None], layer: int, removed: bool) -> None:
+        """Count one decision."""
+        for key in self.keys(category, layer):
+            seen = self.counts.setdefault(key, [0, 0])
+            seen[0] += 1
+            seen[1] += removed
+
+
 @ALGORITHMS.register("acdc")
 class ACDC(PruningAlgorithm):
     """Automatic Circuit DisCovery (Conmy et al. 2023), with the reference's decisions.
@@ -347,13 +391,17 @@ class _Run:
         planned = torch.zeros(g.n_receivers, dtype=torch.bool)
         for step in self.plan:
             planned[step.receiver] = True
-        self.planned_edges = int((g.edge_mask & planned[None, :]).sum())
-        self.planned = planned
+        self.planned_mask = g.edge_mask & planned[None, :]
+        self.planned_edges = int(self.planned_mask.sum())
         # speculation only (never decisions): predicted removals from values measured under a
-        # nearly equal state, and (right, total) predictions without / with such a value
+        # nearly equal state, the prior of first tests, and (right, total) predictions
+        # without / with such a value
         self.predictions: dict[_Item, bool] = {}
+        self.prior = _Prior()
         self.pred_stats: dict[bool, tuple[int, int]] = {False: (0, 0), True: (0, 0)}
         self.pass_times: dict[int, list[tuple[int, float]]] = {}  # layer -> (masks, seconds)
+        self.last_fit: tuple[float, float] | None = None  # the latest layer's (c0, c1)
+        self.settings_text = f"ACDC({algo.settings()})"
         # this process's CPU seconds on the CPU, so that other processes on a loaded machine
         # do not skew the batch sizing; wall seconds on an accelerator (its work is not CPU)
         self.clock = time.perf_counter if engine.device.type != "cpu" else time.process_time
@@ -370,7 +418,7 @@ class _Run:
 
     def _save(self, force: bool = False, units: int = 1) -> None:
         self.ctx.save(self.key, self.state, units=units, force=force,
-                      settings=f"ACDC({self.algo.settings()})")
+                      settings=self.settings_text)
 
     # ------------------------------------------------------------------ evaluation
     def _values(self, masks: Tensor) -> Tensor:
@@ -430,84 +478,112 @@ class _Run:
             st["cur"] = value
         return removed
 
-    def _majority(self) -> bool:
-        """The majority decision so far (True: removed), the prediction of a test without a
-        value measured under a nearly equal state."""
-        st = self.state
-        tested = int(st["tested"].sum()) + int(st["node_tested"].sum())
-        kept = int((st["tested"] & st["kept"]).sum())
-        kept += int((st["node_tested"] & st["kept"].any(0)).sum())
-        return 2 * kept <= tested
+    def _category(self, item: _Item) -> tuple[str, str, str | None]:
+        sender = None if item.sender is None else self.g.senders[item.sender].kind
+        return item.kind, self.g.receivers[item.receiver].kind, sender
 
-    def _miss_rate(self, item: _Item) -> float:
-        """Probability that ``item``'s prediction is wrong (rates so far, Laplace-smoothed)."""
-        hits, total = self.pred_stats[item in self.predictions]
-        return (total - hits + 1) / (total + 2)
+    def _guess(self, item: _Item) -> tuple[bool, float]:
+        """The predicted decision of ``item`` (True: removed) and the probability that it is
+        wrong: from a value measured under a nearly equal state where there is one (miss
+        probability: that kind of prediction's rate so far, Laplace-smoothed), else from
+        :class:`_Prior`."""
+        predicted = self.predictions.get(item)
+        if predicted is not None:
+            hits, total = self.pred_stats[True]
+            return predicted, (total - hits + 1) / (total + 2)
+        p = self.prior.p_removed(self._category(item), self.g.receivers[item.receiver].layer)
+        return p >= 0.5, min(p, 1.0 - p)
+
+    def _learn(self, item: _Item, guess: bool, removed: bool) -> None:
+        """Count a decision for the predictions (never read by a decision)."""
+        from_value = self.predictions.pop(item, None) is not None
+        stats = self.pred_stats[from_value]
+        self.pred_stats[from_value] = (stats[0] + (removed == guess), stats[1] + 1)
+        self.prior.learn(self._category(item), self.g.receivers[item.receiver].layer, removed)
+
+    def _relearn(self) -> None:
+        """Rebuild the prior from a resumed state's decisions (a node test kept and all its
+        receiver's edges removed later reads as removed: predictions only)."""
+        st, g = self.state, self.g
+        for s, r in st["tested"].nonzero().tolist():
+            self.prior.learn(self._category(_Item("edge", r, s)), g.receivers[r].layer,
+                             not bool(st["kept"][s, r]))
+        any_kept = st["kept"].any(0)
+        for r in st["node_tested"].nonzero()[:, 0].tolist():
+            self.prior.learn(self._category(_Item("node", r, None)), g.receivers[r].layer,
+                             not bool(any_kept[r]))
 
     def _batch_end(self, items: list[_Item], i: int, layer: int) -> int:
         """End of the next speculative batch from ``items[i]``: the length K maximising the
         expected accepted tests per second, ``sum_{j<K} prod_{i<j} (1 - p_i) / (c0 + c1 K)``
-        (``p_i`` the miss rates; ``c0`` a pass's fixed cost and ``c1`` its cost per mask,
-        fitted to the passes so far at ``layer``, the receiver's)."""
+        (``p_i`` the candidates' miss probabilities, :meth:`_guess`; ``c0`` a pass's fixed
+        cost and ``c1`` its cost per mask, fitted to the passes so far at ``layer``, the
+        receiver's). Candidate ``i + K - 1``'s own prediction costs nothing: the batch
+        preferably ends at an uncertain one."""
         c0, c1 = self._pass_cost(layer)
         best, best_rate, accepted, reach = i + 1, 0.0, 0.0, 1.0
         for end in range(i, min(len(items), i + self.k_max)):
             accepted += reach  # candidate ``end`` is measured under the true state
-            reach *= 1.0 - self._miss_rate(items[end])
             rate = accepted / (c0 + c1 * (end - i + 1))
             if rate > best_rate:
                 best, best_rate = end + 1, rate
+            reach *= 1.0 - self._guess(items[end])[1]
+            if reach < 1e-3:  # later candidates add less than the cost of a mask
+                break
         return best
 
     def _pass_cost(self, layer: int) -> tuple[float, float]:
         """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes
-        (``(1, 1)`` until two batch sizes were seen). Seconds of this process's CPU time on
+        (until two batch sizes were seen, the latest fit of another layer, or ``(1, 1)``). Seconds of this process's CPU time on
         the CPU (wall time on an accelerator), so load from other processes does not skew
         them; they set batch lengths, which change the cost, never a decision."""
         obs = self.pass_times.get(layer, [])
         ks = {k for k, _ in obs}
-        if len(ks) < 2:
-            return 1.0, 1.0
+        if len(ks) < 2:  # the previous layer's fit (layers are visited from the last)
+            return self.last_fit if self.last_fit is not None else (1.0, 1.0)
         n = len(obs)
         mk = sum(k for k, _ in obs) / n
         mt = sum(t for _, t in obs) / n
         var = sum((k - mk) ** 2 for k, _ in obs)
         c1 = max(sum((k - mk) * (t - mt) for k, t in obs) / var, 1e-9)
         c0 = max(mt - c1 * mk, 0.0)
+        self.last_fit = c0, c1
         return c0, c1
 
     def _exact(self, items: list[_Item], bar: Any) -> None:
         """Speculative batches: candidate j's mask removes it and every earlier candidate of
         the batch *predicted* removed; a batch is cut at the first wrong prediction (later
-        candidates assumed a state that did not happen), and their measured values become
-        their predictions for the next batch. Batch lengths follow :meth:`_batch_end` (at most
-        ``masks_per_pass``); they change the cost, never a decision."""
+        candidates assumed a state that did not happen), and their measured effects, each
+        against the value of the state its mask assumed, become their predictions for the
+        next batch. Batch lengths follow :meth:`_batch_end` (at most ``masks_per_pass``); they
+        change the cost, never a decision."""
         i = 0
+        kept = self.state["kept"]
         while i < len(items):
             layer = self.g.receivers[items[i].receiver].layer
             batch = items[i: self._batch_end(items, i, layer)]
-            majority = self._majority()
-            guesses = [self.predictions.get(item, majority) for item in batch]
-            masks = self.state["kept"][None].repeat(len(batch), 1, 1)
+            guesses = [self._guess(item)[0] for item in batch]
+            masks = kept[None].repeat(len(batch), 1, 1)
             for j, (item, guess) in enumerate(zip(batch, guesses)):
                 self._remove(masks[j: j + 1] if not guess else masks[j:], item)
+            base = self.state["cur"]
             started = self.clock()
             values = self._values(masks).tolist()
             self.pass_times.setdefault(layer, []).append((len(batch), self.clock() - started))
+            bases = []  # the value of the state candidate j's mask assumed
+            for guess, value in zip(guesses, values):
+                bases.append(base)
+                base = value if guess else base
             done = 0
             for j, (item, guess, value) in enumerate(zip(batch, guesses, values)):
                 done += 1
-                from_value = item in self.predictions
                 removed = self._decide(item, value)
-                stats = self.pred_stats[from_value]
-                self.pred_stats[from_value] = (stats[0] + (removed == guess), stats[1] + 1)
-                self.predictions.pop(item, None)
+                self._learn(item, guess, removed)
                 if removed != guess:
-                    # later candidates were measured under a state that did not happen; the
-                    # values still predict their decisions well
-                    cur = self.state["cur"]
-                    for later, v in zip(batch[j + 1:], values[j + 1:]):
-                        self.predictions[later] = self._would_remove(v - cur)
+                    # later candidates were measured under a state that differs from the true
+                    # one by this candidate; their effects still predict their decisions well
+                    for later, v, b in zip(batch[j + 1:], values[j + 1:], bases[j + 1:]):
+                        self.predictions[later] = self._would_remove(v - b)
                     break
             i += done
             self._progress(bar, items[i - 1].receiver, done)
@@ -545,11 +621,14 @@ class _Run:
                 st["cur"] = value
             self._progress(bar, r, len(group))
 
-    def _progress(self, bar: Any, r: int, units: int) -> None:
+    def _decided(self) -> int:
+        """Planned edges tested or removed untested (the progress bar's count)."""
         st = self.state
-        decided = (st["tested"] | ~st["kept"]) & self.g.edge_mask & self.planned[None, :]
-        bar.n = int(decided.sum())
-        bar.set_postfix(kept=int((st["kept"] & self.g.edge_mask).sum()),
+        return int(((st["tested"] | ~st["kept"]) & self.planned_mask).sum())
+
+    def _progress(self, bar: Any, r: int, units: int) -> None:
+        bar.n = self._decided()
+        bar.set_postfix(kept=int(self.state["kept"].sum()),  # kept ⊆ edge_mask
                         receiver=self.g.receivers[r].name, refresh=False)
         bar.refresh()
         self._save(units=units)
@@ -572,10 +651,11 @@ class _Run:
             if not groups or groups[-1][0].group != step.group:
                 groups.append([])
             groups[-1].append(step)
-        decided = (st["tested"] | ~st["kept"]) & g.edge_mask & self.planned[None, :]
+        decided = self._decided()
         if saved is not None:
-            self.ctx.resumed("ACDC", int(decided.sum()), self.planned_edges, "edge")
-        bar = self.ctx.bar(total=self.planned_edges, initial=int(decided.sum()),
+            self.ctx.resumed("ACDC", decided, self.planned_edges, "edge")
+            self._relearn()
+        bar = self.ctx.bar(total=self.planned_edges, initial=decided,
                            desc=f"ACDC τ={self.algo.threshold:g}")
         try:
             while st["group"] < len(groups):
