@@ -156,6 +156,69 @@ def test_wide_speculative_batches_change_no_decision(tiny_models, monkeypatch):
     assert_close(model, forced.scores, default.scores, 1e-12)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_every_prediction_wrong_changes_no_decision(tiny_models, monkeypatch, name):
+    """Speculation can only cost: with every candidate's prediction forced to the opposite of
+    its true decision (and declared certain, so batches run to their widest), each pass
+    decides one test and wastes the rest of its masks, yet the same edges are tested and kept
+    with the same scores as the default predictions, which agree with the sequential
+    reference (``test_exact_mode_equals_sequential_acdc``)."""
+    from circuitfind.algorithms import acdc
+
+    model = tiny_models(name)
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = cf.PatchingEngine(model)
+    tau = 3e-5 if name == "gpt2" else 1e-3
+    budget = 12  # receivers: the logits, the last MLP and the last layer's heads
+    default = ACDC(threshold=tau, max_receivers=budget, progress=False).discover(engine, data)
+    assert default.metadata["acdc"]["node_tests"] > 0
+    g = engine.graph
+    node_removed = {g.receiver_index(n): e < tau
+                    for n, e in default.metadata["acdc"]["node_effects"].items()}
+
+    def wrong(self, item):
+        removed = (node_removed[item.receiver] if item.kind == "node"
+                   else not bool(default.kept[item.sender, item.receiver]))
+        return not removed, 0.0
+
+    passes, decided = [], []
+    values, decide = acdc._Run._values, acdc._Run._decide
+    monkeypatch.setattr(acdc._Run, "_guess", wrong)
+    monkeypatch.setattr(acdc._Run, "_values",
+                        lambda self, masks: passes.append(len(masks)) or values(self, masks))
+    monkeypatch.setattr(acdc._Run, "_decide",
+                        lambda self, item, value: decided.append(1) or decide(self, item, value))
+    forced = ACDC(threshold=tau, max_receivers=budget, masks_per_pass=4,
+                  progress=False).discover(engine, data)
+    assert len(passes) == len(decided) + 1 and max(passes) == 4  # one decision per pass
+    assert torch.equal(forced.kept, default.kept)
+    assert torch.equal(forced.scores != 0, default.scores != 0)
+    assert forced.metadata["acdc"]["node_effects"].keys() == default.metadata["acdc"][
+        "node_effects"].keys()
+    # batched differently: equal to the float32 steps' rounding (GPT-2 has none)
+    assert_close(model, forced.scores, default.scores, 1e-12)
+
+
+def test_prior_learns_each_category_per_layer():
+    """First tests are predicted by their category's removal rate at their layer, smoothed
+    towards the category's rate over layers, the run's rate and 1/2."""
+    from circuitfind.algorithms.acdc import _Prior
+
+    prior = _Prior()
+    mlp_edge, q_edge = ("edge", "mlp", "attention"), ("edge", "q", "attention")
+    assert prior.p_removed(mlp_edge, 3) == 0.5
+    for _ in range(6):
+        prior.learn(q_edge, 5, True)
+    for _ in range(2):
+        prior.learn(mlp_edge, 5, False)
+    # the run: 6 of 8 removed -> (6 + 1) / 10; q edges over layers: (6 + 1.4) / 8
+    assert prior.p_removed(q_edge, 4) == pytest.approx((6 + 2 * 0.7) / 8)
+    assert prior.p_removed(q_edge, 5) == pytest.approx((6 + 2 * (7.4 / 8)) / 8)
+    assert prior.p_removed(mlp_edge, 5) < 0.5 < prior.p_removed(q_edge, 4)
+    # an unseen category follows the run's rate
+    assert prior.p_removed(("node", "v", None), 2) == pytest.approx(0.7)
+
+
 def test_batch_sizing_reads_cpu_time_and_no_clock_changes_a_decision(tiny_models, monkeypatch):
     """Speculative batch lengths follow measured pass costs: this process's CPU time on the
     CPU (other processes' load does not count), and whatever a clock says (here one that
