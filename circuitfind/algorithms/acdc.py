@@ -528,18 +528,19 @@ class _Run:
             if rate > best_rate:
                 best, best_rate = end + 1, rate
             reach *= 1.0 - self._guess(items[end])[1]
-            if reach < 1e-3:  # later candidates add less than the cost of a mask
+            if reach < 1e-3:  # a further candidate adds under 1e-3 expected tests
                 break
         return best
 
     def _pass_cost(self, layer: int) -> tuple[float, float]:
         """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes
-        (until two batch sizes were seen, the latest fit of another layer, or ``(1, 1)``). Seconds of this process's CPU time on
-        the CPU (wall time on an accelerator), so load from other processes does not skew
-        them; they set batch lengths, which change the cost, never a decision."""
+        (until two batch sizes were seen: the latest fit of another layer, or ``(1, 1)``).
+        Seconds of this process's CPU time on the CPU (wall time on an accelerator), so load
+        from other processes does not skew them; they set batch lengths, which change the
+        cost, never a decision."""
         obs = self.pass_times.get(layer, [])
         ks = {k for k, _ in obs}
-        if len(ks) < 2:  # the previous layer's fit (layers are visited from the last)
+        if len(ks) < 2:  # layers are visited from the last: the later layer's fit
             return self.last_fit if self.last_fit is not None else (1.0, 1.0)
         n = len(obs)
         mk = sum(k for k, _ in obs) / n
