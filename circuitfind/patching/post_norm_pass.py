@@ -72,7 +72,10 @@ once; a head whose q, k and v receivers are such, and an MLP whose receiver is, 
 logits too. Each gets a content key (its weights and its kept computed senders' keys), and
 its output is kept in the memo for the next pass (ACDC's sparse circuits: after the tested
 receiver's layer only nodes reached through kept edges from the changed head vary, and what
-does not vary is usually unchanged since the last pass). Varying logits that keep no head edge
+does not vary is usually unchanged since the last pass). In a pass of one mask every node is
+invariant: there a receiver missing from the memo that keeps a head edge from a computed layer
+is built in the removed form (Gram basis shared), under its key all the same
+(:meth:`PostNormPass._kept_pays`; dense circuits' keys are new in every pass). Varying logits that keep no head edge
 from a computed layer read their kept form per mask (no norm; a few MLP differences); the
 other varying receivers keep the removed form above, where a circuit keeping much (ACDC's at tau 1e-3
 keeps 44% of the edges) leaves little to skip. Where every mask's every receiver of a layer
