@@ -626,6 +626,61 @@ def test_mask_invariant_nodes_equal_the_removed_form_and_the_reference(gemma, mo
         assert_close(model, logits, engine.run(data, masks))
 
 
+def test_one_mask_dense_passes_build_invariant_receivers_in_the_removed_form(gemma,
+                                                                             monkeypatch):
+    """In a pass of one mask every node is invariant; over a dense circuit the receivers
+    missing from the memo are built in the removed form (``PostNormPass._kept_pays``: q/k/v,
+    MLP and logits receivers keeping head edges from computed layers) and kept in the memo,
+    those keeping none in kept form. Consecutive one-mask passes (ACDC's at tau 1e-3) equal the
+    hooked reference, the kept form for every invariant receiver and a fresh runner, and a
+    repeated pass takes every entry from the memo."""
+    from circuitfind.patching.masked_pass import KeptFormMemo
+    from circuitfind.patching.post_norm_pass import PostNormPass
+
+    model, hf, data, engine, g, ablated, edge, layer_of, gen = _batch_setup(gemma, 19, 9)
+    base = (torch.rand(edge.shape, generator=gen, dtype=torch.float64) < 0.6) * edge
+    base[:, layer_of < 1] = edge[:, layer_of < 1]
+    base[:, g.mlp_receiver[2]] = 0  # the last MLP keeps no head edge: kept form
+    base[[0] + [u for u in g.mlp_index if u is not None], g.mlp_receiver[2]] = 1
+    r = next(r for r, rec in enumerate(g.receivers) if rec.layer == 1 and rec.kind == "q")
+    passes = []
+    for u in base[:, r].nonzero()[:, 0][-3:].tolist():  # kept edges, removed one per pass
+        mask = base.clone()
+        mask[u, r] = 0
+        passes.append(mask[None])
+    passes.append(passes[-1])  # repeated: every node from the memo
+    calls, pays = [], PostNormPass._kept_pays
+
+    def spy(self, r):
+        calls.append((g.receivers[r].kind, pays(self, r)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(PostNormPass, "_kept_pays", spy)
+    memo, got, seen = engine.runner.memo, [], set()
+    for i, masks in enumerate(passes):
+        had, calls[:] = dict(memo.entries), []
+        got.append(engine.run(data, masks))
+        if i == len(passes) - 1:
+            assert [kind for kind, _ in calls] == ["logits"]  # nothing else missing
+            assert all(had.get(key) is value for key, value in memo.entries.items()
+                       if isinstance(key, tuple) and key[0] in ("pn recv", "pn mlp"))
+        seen.update(calls)
+        engine.runner.memo = KeptFormMemo()
+        assert_close(model, got[-1], engine.run(data, masks))  # fresh: nothing reused
+        engine.runner.memo = memo
+        with torch.no_grad():
+            want = _at(reference_logits(hf, g, data.clean, edge - masks[0], ablated), data)
+        torch.testing.assert_close(got[-1][0], want, atol=64 * 1.2e-7 * float(want.abs().max()),
+                                   rtol=0)
+    assert {kind for kind, kept in seen if not kept} == {"q", "k", "v", "mlp", "logits"}
+    assert ("mlp", True) in seen  # the last MLP, keeping no head edge
+    assert float((got[0] - got[1]).abs().max()) > 1e-4  # the flipped edges matter
+    monkeypatch.setattr(PostNormPass, "_kept_pays", lambda self, r: True)  # every one kept
+    engine.runner.memo = KeptFormMemo()
+    for masks, logits in zip(passes, got):
+        assert_close(model, logits, engine.run(data, masks))
+
+
 def _acdc_like(g, gen, layers, kinds):
     """Float32 masks like ACDC's passes: for each layer of ``layers`` a sparse base circuit
     after it (the full graph before it) and, for each receiver kind of ``kinds``, a pass of
