@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -338,7 +339,6 @@ class MaskedPass:
         self.positions = positions
         self.pos = positions.to(self.dev)  # [n, P]
         self.n_pos = self.pos.shape[1]
-        self.row_pos = self.pos.repeat(self.k_masks, 1)  # [K*n, P]
         self.full_reach = 0  # see _position_demand
         self._shared_pos: tuple[Tensor, Tensor] | None = None  # see shared_at_positions
         # values of the data alone (at the metric positions), kept from pass to pass
@@ -407,7 +407,16 @@ class MaskedPass:
             self.memo.entries = {}  # kept-form outputs are only reused by kept-form passes
         self.dynamic = (np.flatnonzero(active[n_static:]) + n_static).tolist()
         self.dyn_slot = {u: i for i, u in enumerate(self.dynamic)}
-        self.dyn_cpu = torch.tensor(self.dynamic, dtype=torch.long)
+
+    @cached_property
+    def dyn_cpu(self) -> Tensor:
+        """The dynamic senders ``[J]`` (int64, CPU)."""
+        return torch.tensor(self.dynamic, dtype=torch.long)
+
+    @cached_property
+    def row_pos(self) -> Tensor:
+        """The metric positions of every (mask, example) row, ``[K*n, P]``."""
+        return self.pos.repeat(self.k_masks, 1)
 
     def upstream_dynamic(self, rs: list[int]) -> int:
         """How many of the dynamic senders (the first rows of the per-mask buffers) lie
@@ -922,21 +931,31 @@ class MaskedPass:
                     if last:
                         xm = self.ablated_at_positions(mid, layer)
                     if patches:
-                        xm = xm.repeat(forms[mform].k, 1, 1, 1)
-                        for _, ks, dlt in patches:
-                            xm[ks] += dlt
+                        xm = self._patched(xm, patches, forms[mform].k)
                         variant[u] = forms[mform].k > 1
                     m = lay.mlp(layer, lay.ln_mlp(layer, xm))
                 if once_m:
                     fresh[key] = m
                     keys[u] = key
                 self.put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1), last)
-        xf = self.ablated_at_positions(pre, g.n_layers).repeat(k_masks, 1, 1, 1)
-        for _, ks, dlt in self.deltas([g.n_receivers - 1], "kept", at_pos=True):
-            xf[ks] += dlt
+        xf = self._patched(self.ablated_at_positions(pre, g.n_layers),
+                           self.deltas([g.n_receivers - 1], "kept", at_pos=True), k_masks)
         # this pass's invariant outputs replace the memo (the next pass reuses them)
         self.memo.entries, self.memo.ids = fresh, ids
         return lay.final(xf)
+
+    @staticmethod
+    def _patched(base: Tensor, patches: list[tuple[int, Tensor | slice, Tensor]], k: int
+                 ) -> Tensor:
+        """``base [1, n, T|P, d]`` repeated over ``k`` masks, plus each patch ``(r, masks,
+        [k_r, n, T|P, d])`` of :meth:`deltas` at its masks (a new tensor): one addition where
+        a single patch covers every mask (ACDC's kept form), else a copy and indexed adds."""
+        if len(patches) == 1 and isinstance(patches[0][1], slice) and patches[0][2].shape[0] == k:
+            return patches[0][2] + base
+        out = base.repeat(k, 1, 1, 1)
+        for _, ks, dlt in patches:
+            out[ks] += dlt
+        return out
 
     def _position_demand(self) -> set[int]:
         """The dynamic senders read at the metric positions only (kept form).
