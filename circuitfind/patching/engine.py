@@ -554,7 +554,9 @@ class PatchingEngine:
         cache = self.clean_cache(data)
         values = self.ablation_values(data, ablation)  # memoised: the key of ``diff``
         ablated = values[:, :, :t] if values.shape[2] > 1 else values
-        positions = data.positions.to(self.device)
+        # on the model's device once (the runner keeps values of the data keyed by it)
+        positions = self._memoised("positions", data.positions,
+                                   lambda positions: positions.to(self.device))
         diff, pre, mid = self._pass_constants(cache, values, ablated)
         for ks, es in self._chunks(masks.shape[0], data.n, t, batch_size, n_dynamic):
             sub = cache.subset(es)
