@@ -25,6 +25,10 @@ from circuitfind.patching.spec import Ablation
 
 OBJECTIVES = ("kl", "metric")
 
+KL_CHUNK_BYTES = 32 << 20
+"""Most bytes of float64 log-probabilities :meth:`Objective.evaluate` holds at once (masks are
+taken in groups that fit; at least one mask per group)."""
+
 
 class Objective:
     """Value of circuits under the task metric or KL divergence to the full model.
@@ -72,9 +76,13 @@ class Objective:
         logits = engine.run(data, masks, ablation=ablation)  # [K, N, P, V]
         ref, p = self._ref.to(logits.device), self._ref_p.to(logits.device)
         kl = torch.empty(logits.shape[0], dtype=torch.float64)
-        for i, one in enumerate(logits):  # one mask at a time: a few float64 [N, P, V]
-            lp = torch.log_softmax(one.double(), -1)  # tensors, not K of them (Gemma-2's
-            kl[i] = (p * ref.sub(lp)).sum(-1).mean()  # vocabulary: 2 MB per row each)
+        # masks in groups of at most KL_CHUNK_BYTES of float64 log-probabilities (Gemma-2's
+        # vocabulary: 2 MB per row), each in a few operations for the whole group
+        per = max(1, KL_CHUNK_BYTES // max(1, 8 * logits[0].numel()))
+        for k0 in range(0, logits.shape[0], per):
+            lp = torch.log_softmax(logits[k0: k0 + per].double(), -1)  # [k, N, P, V]
+            # sum_v p (ref - lp), as -sum_v p (lp - ref) (the same numbers: negation is exact)
+            kl[k0: k0 + per] = lp.sub_(ref).mul_(p).sum(-1).flatten(1).mean(1).neg_().cpu()
         return kl
 
     def worsening(self, change: Tensor | float) -> Any:

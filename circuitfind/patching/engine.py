@@ -55,7 +55,7 @@ from circuitfind.patching.hooks import HookTable
 from circuitfind.patching.attribution import contract_scores
 from circuitfind.patching.checkpointed import (SenderStore, checkpointed_pass, fill_senders,
                                                subtract_senders)
-from circuitfind.patching.masked_pass import fully_removed, receiver_changes
+from circuitfind.patching.masked_pass import fully_removed, host_array, receiver_changes
 from circuitfind.patching.backward_rules import BackwardRules
 from circuitfind.patching import plan as memory_plan
 from circuitfind.patching.plan import MemoryPlan, ModelShape
@@ -326,10 +326,11 @@ class PatchingEngine:
         return self._memoised(key, data.corrupted,
                               lambda _: spec.values(self.corrupted_outputs(data), data))
 
-    @staticmethod
-    def _used_len(data: TaskData) -> int:
-        """Positions a causal model needs to produce the metric positions' logits."""
-        return int(data.positions.max()) + 1
+    def _used_len(self, data: TaskData) -> int:
+        """Positions a causal model needs to produce the metric positions' logits (memoised
+        for the last positions tensor: one host read, not one per pass)."""
+        return self._memoised("used length", data.positions,
+                              lambda positions: int(positions.max()) + 1)
 
     def on_device(self, data: TaskData) -> TaskData:
         """``data`` with its tensors on the model's device (itself when they already are)."""
@@ -348,6 +349,15 @@ class PatchingEngine:
         return tokens.to(self.device)
 
     # ------------------------------------------------------------------ masks
+    def _edge_weights(self, like: Tensor) -> Tensor:
+        """The graph's edge mask ``[S, R]`` as 1/0 in ``like``'s dtype and device, kept for
+        the last dtype and device asked for."""
+        held = self._memo.get("edge weights")
+        if held is None or held[0] != (like.dtype, like.device):
+            held = self._memo["edge weights"] = ((like.dtype, like.device),
+                                                 self.graph.edge_mask.to(like))
+        return held[1]
+
     def _masks(self, masks: Tensor) -> Tensor:
         masks = self.graph.check_edge_matrix(masks, "masks", batched=True)
         if masks.ndim == 2:
@@ -488,6 +498,8 @@ class PatchingEngine:
         out: Tensor | None = None
         for ks, es, logits in self._iter_runs(data, masks, batch_size, start, ablation, frozen):
             if out is None:
+                if (ks.start, ks.stop, es.start, es.stop) == (0, masks.shape[0], 0, data.n):
+                    return logits  # one pass covers every mask and example: no copy
                 out = logits.new_empty(masks.shape[0], data.n, *logits.shape[2:])
             out[ks, es] = logits
         assert out is not None
@@ -524,9 +536,10 @@ class PatchingEngine:
     def _iter_runs(self, data: TaskData, masks: Tensor, batch_size: int | None,
                    start: int | None = None, ablation: Ablation | str | None = None,
                    frozen: Tensor | None = None) -> Iterator[tuple[slice, slice, Tensor]]:
-        removed = (1 - masks) * self.graph.edge_mask.to(masks)
+        edges = self._edge_weights(masks)
+        removed = (1 - masks).mul_(edges)
         if frozen is not None:
-            frozen = self._masks(frozen).expand_as(removed) * self.graph.edge_mask.to(masks)
+            frozen = self._masks(frozen).expand_as(removed) * edges
         if self.runner is None:
             if start is not None or frozen is not None:
                 raise ConfigError("start= and frozen= need the block runner, which this "
@@ -536,12 +549,14 @@ class PatchingEngine:
         t = self._used_len(data)
         weights = removed if frozen is None else removed + frozen
         # rows of a pass hold the current values of senders at or after the start layer
-        n_dynamic = int(weights.ne(0).any(2).any(0).sum())
+        n_dynamic = int(host_array(weights).any((0, 2)).sum())
         self.rows_per_pass(t, n_dynamic, data.n)  # a budget too small is refused before work
         cache = self.clean_cache(data)
         values = self.ablation_values(data, ablation)  # memoised: the key of ``diff``
         ablated = values[:, :, :t] if values.shape[2] > 1 else values
-        positions = data.positions.to(self.device)
+        # on the model's device once (the runner keeps values of the data keyed by it)
+        positions = self._memoised("positions", data.positions,
+                                   lambda positions: positions.to(self.device))
         diff, pre, mid = self._pass_constants(cache, values, ablated)
         for ks, es in self._chunks(masks.shape[0], data.n, t, batch_size, n_dynamic):
             sub = cache.subset(es)

@@ -18,9 +18,12 @@ decides, from the masks, how each layer is computed and fills the buffers of eq.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,6 +76,31 @@ def receiver_changes(weights: Tensor, values: Tensor, base: Tensor | None = None
     return out if base is None else out.add_(base)
 
 
+def host_array(values: Tensor) -> np.ndarray:
+    """``values`` as a numpy array on the host (float32 for floating dtypes numpy lacks, which
+    hold bfloat16 and float16 exactly): where a masked pass inspects its masks (which edges
+    are removed, kept, equal in every mask), once per pass, instead of one small tensor
+    operation per question."""
+    values = values.detach()
+    if values.dtype not in (torch.float32, torch.float64, torch.bool):
+        values = values.float()
+    return values.cpu().numpy()
+
+
+def _any(values: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """``values.any(axis)`` (an array, typed as one)."""
+    return np.asarray(values.any(axis))
+
+
+def _all_removed(edge: np.ndarray, removed: np.ndarray, frozen: np.ndarray | None
+                 ) -> Tensor | None:
+    """:func:`fully_removed` on host arrays (``frozen``: which frozen weights are nonzero)."""
+    full = np.asarray((removed == edge).all(1))  # [K, R]
+    if frozen is not None:
+        full &= ~_any(frozen, 1)
+    return torch.from_numpy(full) if full.any() else None
+
+
 def fully_removed(edge_mask: Tensor, removed: Tensor, frozen: Tensor | None = None
                   ) -> Tensor | None:
     """The (mask, receiver) pairs whose every incoming edge is removed (weight exactly 1, none
@@ -98,11 +126,8 @@ def fully_removed(edge_mask: Tensor, removed: Tensor, frozen: Tensor | None = No
     """
     if removed.requires_grad or (frozen is not None and frozen.requires_grad):
         return None
-    full = (removed == edge_mask.to(removed)).all(1)  # [K, R]
-    if frozen is not None:
-        full &= frozen.eq(0).all(1)
-    full = full.cpu()
-    return full if bool(full.any()) else None
+    return _all_removed(host_array(edge_mask), host_array(removed),
+                        None if frozen is None else host_array(frozen) != 0)
 
 
 def ablated_input(residuals: tuple[Tensor, Tensor], receiver: Any) -> Tensor:
@@ -149,24 +174,106 @@ class KeptFormMemo:
         return self.next_id
 
 
+def _data_key(values: Tensor | None) -> tuple[Any, ...] | None:
+    """What identifies a data tensor from one pass to the next: the tensor it views (held,
+    so that its memory cannot be reused under the same address), where in it, and its
+    version (bumped by every in-place change)."""
+    if values is None:
+        return None
+    owner = values if values._base is None else values._base
+    return (owner, values.storage_offset(), tuple(values.shape), values.stride(),
+            values._version)
+
+
+def _same_key(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    """Whether two :func:`_data_key` tuples name the same data (owners by identity)."""
+    if a is None or b is None:
+        return a is b
+    return a[0] is b[0] and a[1:] == b[1:]
+
+
+@dataclass
+class DataMemo:
+    """Values a masked pass derives from its data alone, never from its masks (the ablated
+    values, the senders' differences and the fully ablated run's residuals gathered at the
+    metric positions, index tensors), kept from one pass to the next while the data stays
+    (:meth:`follow`); ACDC's hundreds of passes over the same examples build them once.
+
+    Attributes:
+        keys: :func:`_data_key` of each data tensor the values belong to.
+        values: name -> value.
+    """
+
+    keys: tuple[tuple[Any, ...] | None, ...] = ()
+    values: dict[Any, Tensor] = field(default_factory=dict)
+
+    def follow(self, *data: Tensor | None) -> None:
+        """Start afresh unless the values belong to these data tensors as they are now."""
+        keys = tuple(_data_key(t) for t in data)
+        if len(keys) != len(self.keys) or not all(
+                _same_key(a, b) for a, b in zip(keys, self.keys)):
+            self.keys, self.values = keys, {}
+
+    def get(self, name: Any, make: Callable[[], Tensor]) -> Tensor:
+        """The value ``name``, made by ``make()`` the first time."""
+        got = self.values.get(name)
+        if got is None:
+            got = self.values[name] = make()
+        return got
+
+
+@dataclass(frozen=True)
+class GraphTables:
+    """A graph's indexing as host lists and arrays, built once per runner (:meth:`of`): what
+    a masked pass's set-up reads for every pass without a tensor operation per question.
+
+    Attributes:
+        n_upstream: Senders before each receiver (``ComputeGraph.n_upstream`` as a list).
+        upstream: The same as an ``[R]`` array.
+        edge: ``[S, R]`` bool, the real edges.
+        receiver_layer: ``[R]`` each receiver's layer.
+        later: Per start layer, ``[R]`` bool: the receivers a kept-form pass reads from the
+            fully ablated run (after the start layer's q/k/v inputs: its MLP and later).
+    """
+
+    n_upstream: list[int]
+    upstream: np.ndarray
+    edge: np.ndarray
+    receiver_layer: np.ndarray
+    later: list[np.ndarray]
+
+    @staticmethod
+    def of(graph: Any) -> GraphTables:
+        """The tables of ``graph`` (a :class:`ComputeGraph`)."""
+        layer = np.array([r.layer for r in graph.receivers])
+        later = []
+        for start in range(graph.n_layers):
+            after = layer > start
+            after[graph.mlp_receiver[start]] = True
+            later.append(after)
+        return GraphTables(graph.n_upstream.tolist(), graph.n_upstream.numpy().copy(),
+                           host_array(graph.edge_mask), layer, later)
+
+
 class _Form:
     """Weights of one form of eq. (1) for a pass: over the senders before the start layer
     (``w_shared [K, A, R]`` with their ``shared [A, X]`` clean - ablated values) and the
     senders computed in the pass (``w_dyn [K, J, R]``), and which receivers they touch
-    (``touched [K, R]``, on the CPU)."""
+    (``touched [K, R]``, a CPU tensor; ``touched_np`` the same memory as a numpy array)."""
 
     def __init__(self, w_shared: Tensor | None, w_dyn: Tensor, shared: Tensor | None,
-                 touched: Tensor) -> None:
+                 touched: np.ndarray) -> None:
         self.w_shared = None if shared is None else w_shared
-        self.touched_any = touched.any(0).tolist()
+        self.touched_any: list[bool] = _any(touched, 0).tolist()
         self.k = int(w_dyn.shape[0])  # masks
         # what the methods read (the arguments and the buffers above)
-        self.w_dyn, self.shared, self.touched = w_dyn, shared, touched
+        self.w_dyn, self.shared, self.touched_np = w_dyn, shared, touched
+        self.touched = torch.from_numpy(touched)
 
     def first_mask(self) -> _Form:
         """The same form for the first mask only (receivers equal in every mask)."""
         return _Form(None if self.w_shared is None else self.w_shared[:1], self.w_dyn[:1],
-                     self.shared, self.touched[:1])
+                     self.shared, self.touched_np[:1])
 
 
 @dataclass(frozen=True)
@@ -221,6 +328,7 @@ class MaskedPass:
                  abl_resid: tuple[Tensor, Tensor] | None = None) -> None:
         self.runner, self.memo, self.g, self.lay = runner, runner.memo, runner.graph, runner.arch
         self.layers: list[LayerViews] = runner.layers
+        self.tables: GraphTables = runner.tables
         self.cache, self.ablated, self.removed, self.frozen = cache, ablated, removed, frozen
         self.abl_resid = abl_resid
         self._abl = abl_resid  # the fully ablated run's residuals, once read (ablated_rows)
@@ -231,24 +339,36 @@ class MaskedPass:
         self.positions = positions
         self.pos = positions.to(self.dev)  # [n, P]
         self.n_pos = self.pos.shape[1]
-        self.row_pos = self.pos.repeat(self.k_masks, 1)  # [K*n, P]
         self.full_reach = 0  # see _position_demand
-        self._shared_pos: tuple[Tensor, Tensor] | None = None  # shared rows at positions
-        self._flat_pos: Tensor | None = None  # see pos_rows
-        self._abl_pos: Tensor | None = None  # ablated values at the metric positions (put)
-        weights = removed if frozen is None else torch.cat([removed, frozen], 1)  # [K, S|2S, R]
-        self.touched_cpu = weights.ne(0).any(1).cpu()  # [K, R]
-        self.full = fully_removed(self.g.edge_mask, removed, frozen)  # see ablated_rows
-        self.full_any = None if self.full is None else self.full.any(0).tolist()
+        self._shared_pos: tuple[Tensor, Tensor] | None = None  # see shared_at_positions
+        # values of the data alone (at the metric positions), kept from pass to pass
+        self.data_memo: DataMemo = runner.data_memo
+        self.data_memo.follow(self.diff, ablated, self.pos,
+                              *(abl_resid if abl_resid is not None else (None, None)))
+        # the masks on the host, inspected there once per pass: removal weights [K, S, R],
+        # which are nonzero, which frozen ones are, the receivers each mask touches [K, R]
+        self.removed_host = host_array(removed)
+        self.removed_nz = self.removed_host != 0
+        self.frozen_nz = None if frozen is None else host_array(frozen) != 0
+        touched = _any(self.removed_nz, 1)
+        if self.frozen_nz is not None:
+            touched |= _any(self.frozen_nz, 1)
+        self.touched_np = touched
+        self.touched_cpu = torch.from_numpy(touched)  # [K, R]
+        self.full = (None if removed.requires_grad or (frozen is not None and frozen.requires_grad)
+                     else _all_removed(self.tables.edge, self.removed_host, self.frozen_nz))
+        self.full_any: list[bool] | None = (None if self.full is None
+                                            else _any(self.full.numpy(), 0).tolist())
         self.start = runner.resolve_start(self.touched_cpu.any(0), start)
-        self._choose_senders(weights)
+        self._choose_senders()
         self._forms()
         self._buffers()
 
-    def _choose_senders(self, weights: Tensor) -> None:
+    def _choose_senders(self) -> None:
         """Set ``static`` (active senders before the start layer, read from the cache),
         ``dynamic`` (senders the pass computes) and ``kept_w`` (the kept edges' weights
-        ``[K, S, R]`` when the pass runs in kept form, else ``None``).
+        ``[K, S, R]`` when the pass runs in kept form, else ``None``; then also
+        ``kept_host``, the same on the host, and ``kept_nz``, which are nonzero).
 
         Kept form: after the start layer, a receiver's input is the ablated run's residual
         plus its kept edges' differences, ``x_r = x'_L + sum_u kept[u, r] (a_u - a'_u)``,
@@ -256,35 +376,53 @@ class MaskedPass:
         (sparse circuits: ACDC, small faithfulness-curve sizes). Senders then only need
         computing if a kept edge leaves them (or a removed edge into a start-layer
         receiver)."""
-        g, removed, start = self.g, self.removed, self.start
-        active = weights.ne(0).any(2).any(0)  # senders with a removed/frozen edge
-        if self.frozen is not None:
-            active = active[: g.n_senders] | active[g.n_senders:]
+        g, removed, start, tables = self.g, self.removed, self.start, self.tables
+        nz = self.removed_nz
+        active = _any(nz, (0, 2))  # senders with a removed/frozen edge
+        if self.frozen_nz is not None:
+            active |= _any(self.frozen_nz, (0, 2))
         n_static = g.head_start[start] if start < g.n_layers else g.n_senders
         self.n_static = n_static
-        self.static = active[:n_static].nonzero()[:, 0].tolist()
+        self.static = np.flatnonzero(active[:n_static]).tolist()
         self.kept_w = None
-        if self.frozen is None and start < g.n_layers:
+        self.kept_host: np.ndarray | None = None
+        self.kept_nz: np.ndarray | None = None
+        if self.frozen_nz is None and start < g.n_layers:
             # receivers after the start layer's q/k/v inputs (those read the clean residual)
-            later = (self.runner.receiver_layer > start).to(self.dev)
-            later[g.mlp_receiver[start]] = True
-            kept_all = g.edge_mask.to(removed) - removed  # [K, S, R]
+            later = tables.later[start]
+            kept_host = tables.edge.astype(self.removed_host.dtype) - self.removed_host
+            kept_nz = kept_host != 0  # [K, S, R]
             # in the last block every later receiver is read at the metric positions only,
             # so the kept form's sums are short whatever the edge counts; it is taken there
             # when the removed form would run the block dense (most of its q/k/v inputs
             # touched: ACDC past the block's first receivers)
-            qkv = self.touched_cpu[:, self.layers[start].qkv]
-            last_dense = start == g.n_layers - 1 and 2 * int(qkv.sum()) >= qkv.numel()
-            if last_dense or (int(kept_all[:, :, later].ne(0).sum())
-                              < int(removed[:, :, later].ne(0).sum())):
-                self.kept_w = kept_all
-                active = (kept_all[:, :, later].ne(0).any(2).any(0)
-                          | removed[:, :, ~later].ne(0).any(2).any(0))
+            qkv = self.touched_np[:, self.layers[start].qkv]
+            last_dense = start == g.n_layers - 1 and 2 * int(qkv.sum()) >= qkv.size
+            if last_dense or (int(kept_nz[:, :, later].sum())
+                              < int(nz[:, :, later].sum())):
+                self.kept_w = g.edge_mask.to(removed) - removed  # [K, S, R]
+                self.kept_host, self.kept_nz = kept_host, kept_nz
+                active = _any(kept_nz[:, :, later], (0, 2)) | _any(nz[:, :, ~later], (0, 2))
         if self.kept_w is None:
             self.memo.entries = {}  # kept-form outputs are only reused by kept-form passes
-        self.dynamic = (active[n_static:].nonzero()[:, 0] + n_static).tolist()
+        self.dynamic = (np.flatnonzero(active[n_static:]) + n_static).tolist()
         self.dyn_slot = {u: i for i, u in enumerate(self.dynamic)}
-        self.dyn_cpu = torch.tensor(self.dynamic, dtype=torch.long)
+
+    @cached_property
+    def dyn_cpu(self) -> Tensor:
+        """The dynamic senders ``[J]`` (int64, CPU)."""
+        return torch.tensor(self.dynamic, dtype=torch.long)
+
+    @cached_property
+    def row_pos(self) -> Tensor:
+        """The metric positions of every (mask, example) row, ``[K*n, P]``."""
+        return self.pos.repeat(self.k_masks, 1)
+
+    def upstream_dynamic(self, rs: list[int]) -> int:
+        """How many of the dynamic senders (the first rows of the per-mask buffers) lie
+        upstream of some receiver of ``rs``."""
+        n_up = self.tables.n_upstream
+        return bisect_left(self.dynamic, max(n_up[r] for r in rs))
 
     def _forms(self) -> None:
         """The weights of eq. (1) (removed form) and, in kept form, of the kept edges
@@ -311,13 +449,14 @@ class MaskedPass:
         self.shared, self.w_shared = shared, w_shared
         self.w_dyn = (removed[:, dynamic] if frozen is None
                       else removed[:, dynamic] + frozen[:, dynamic])  # [K, J, R]
-        self.forms = {"removed": _Form(w_shared, self.w_dyn, shared, self.touched_cpu)}
+        self.forms = {"removed": _Form(w_shared, self.w_dyn, shared, self.touched_np)}
         kept_w = self.kept_w
         if kept_w is not None:
+            assert self.kept_nz is not None  # set with kept_w
             self.forms["kept"] = _Form(
                 kept_w[:, :n_static] if n_static else None, kept_w[:, dynamic],
                 diff[:n_static].reshape(n_static, -1) if n_static else None,
-                kept_w.ne(0).any(1).cpu())
+                _any(self.kept_nz, 1))
 
     def _buffers(self) -> None:
         """The per-mask buffer ``current [K, J, n*T*d]`` of the dynamic senders and, for
@@ -328,17 +467,23 @@ class MaskedPass:
         n*T*d]`` holds the residual stream, the shared rows of eq. (1) and the dynamic
         senders' ``current`` values, so that all of a layer's receiver inputs (x itself where
         a mask touches none) are one batched matmul with the coefficients ``coef [K, 1 + A +
-        J, R] = [1; -w_shared; -w_dyn]``."""
-        g, k_masks, touched = self.g, self.k_masks, self.touched_cpu
+        J, R] = [1; -w_shared; -w_dyn]``.
+
+        The buffers are the runner's scratch memory (:meth:`BlockRunner.scratch`), the same
+        from pass to pass: uninitialised (in the last block only the metric positions are
+        written, and every position of the output depends only on the same position of the
+        buffer), and not mapped and page-faulted anew by every pass."""
+        g, k_masks, touched = self.g, self.k_masks, self.touched_np
         size = self.n * self.t * self.d
         self.dense_layers = set()
         if self.kept_w is None:
             self.dense_layers = {layer for layer in range(self.start, g.n_layers)
                                  if 2 * int(touched[:, self.layers[layer].qkv].sum())
-                                 >= touched[:, self.layers[layer].qkv].numel()}
+                                 >= touched[:, self.layers[layer].qkv].size}
         self.buf = self.coef = None
         self.n_pre = 0  # rows of ``buf`` before the dynamic senders
         n_dyn = len(self.dynamic)
+        like = self.cache.resid
         if self.dense_layers:
             # without frozen edges ``shared`` is a view of every static sender: copy the
             # active ones only
@@ -347,8 +492,8 @@ class MaskedPass:
                              self.removed[:, static])
                             if self.frozen is None else (self.shared, self.w_shared))
             self.n_pre = 1 + (0 if rows is None else rows.shape[0])
-            self.buf = torch.empty(k_masks, self.n_pre + n_dyn, size, device=self.dev,
-                                   dtype=self.dtype)
+            self.buf = self.runner.scratch("masked pass: buf", (k_masks, self.n_pre + n_dyn, size),
+                                           like)
             if rows is not None:
                 self.buf[:, 1:self.n_pre] = rows
             ones = self.removed.new_ones(k_masks, 1, g.n_receivers)
@@ -356,20 +501,20 @@ class MaskedPass:
                                   + [-self.w_dyn], 1)
             self.current = self.buf[:, self.n_pre:]
         else:
-            # uninitialised: in the last block only the metric positions are written, and
-            # every position of the output depends only on the same position of the buffer
-            self.current = torch.empty(k_masks, n_dyn, size, device=self.dev, dtype=self.dtype)
-        self.current_pos = None if self.kept_w is None else torch.empty(
-            k_masks, n_dyn, self.n * self.n_pos * self.d, device=self.dev, dtype=self.dtype)
+            self.current = self.runner.scratch("masked pass: current", (k_masks, n_dyn, size),
+                                               like)
+        self.current_pos = None if self.kept_w is None else self.runner.scratch(
+            "masked pass: current at positions", (k_masks, n_dyn, self.n * self.n_pos * self.d),
+            like)
 
     def dense_inputs(self, rs: list[int], x: Tensor) -> Tensor:
         """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
         senders computed) from the residual stream ``x [K*n, T, d]`` (eq. (1))."""
-        buf, coef, dev, dyn_cpu, g = self.buf, self.coef, self.dev, self.dyn_cpu, self.g
+        buf, coef, dev = self.buf, self.coef, self.dev
         k_masks, n_pre = self.k_masks, self.n_pre
         assert buf is not None and coef is not None
         buf[:, 0] = x.view(k_masks, -1)
-        rows = n_pre + int((dyn_cpu < int(g.n_upstream[rs].max())).sum())
+        rows = n_pre + self.upstream_dynamic(rs)
         return self.ablated_block(rs, receiver_changes(
             coef[:, :rows][:, :, torch.tensor(rs, device=dev)], buf[:, :rows]))
 
@@ -382,17 +527,16 @@ class MaskedPass:
         One matmul over the shared buffer and one batched matmul over the per-mask
         buffer for all of them (each buffer is read once per layer, not once per receiver).
         """
-        current, d, dev, dyn_cpu, g = self.current, self.d, self.dev, self.dyn_cpu, self.g
+        current, d, dev = self.current, self.d, self.dev
         n, t = self.n, self.t
         wf = self.forms[form]
-        w_shared, w_dyn, shared, touched_cpu = wf.w_shared, wf.w_dyn, wf.shared, wf.touched
+        w_shared, w_dyn, shared = wf.w_shared, wf.w_dyn, wf.shared
         k_masks = wf.k
         rs = [r for r in receivers if wf.touched_any[r]]
         if not rs:
             return []
-        sub = touched_cpu[:, rs]  # [K, R']
-        n_up = int(g.n_upstream[rs].max())
-        j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
+        sub = wf.touched_np[:, rs]  # [K, R']
+        j = self.upstream_dynamic(rs)  # dynamic senders upstream of these receivers
         if at_pos:  # the buffers' rows at the metric positions
             t = self.n_pos
             if self.current_pos is not None:  # kept form: written there by put
@@ -400,12 +544,10 @@ class MaskedPass:
             elif j:
                 current = self.pos_rows(current[:, :j])
             if shared is not None:
-                if self._shared_pos is None or self._shared_pos[0] is not shared:
-                    self._shared_pos = (shared, self.pos_rows(shared))
-                shared = self._shared_pos[1]
-        if bool(sub.all()):
+                shared = self.shared_at_positions(shared)
+        if sub.all():
             return self.dense_deltas(rs, j, wf, current, shared, t)
-        jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
+        jj, kk = torch.from_numpy(sub).T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
         kd, rd = kk.to(dev), rr.to(dev)
         out = None
@@ -481,12 +623,28 @@ class MaskedPass:
 
     def pos_rows(self, values: Tensor) -> Tensor:
         """Flat buffer rows ``[..., n*T*d]`` -> ``[..., n*P*d]`` at the metric positions."""
-        if self._flat_pos is None:  # flat indices of the metric positions' values
-            n, t, d = self.n, self.t, self.d
+        n, t, d = self.n, self.t, self.d
+
+        def flat() -> Tensor:  # flat indices of the metric positions' values
             rows = (torch.arange(n, device=self.dev)[:, None] * t + self.pos)  # [n, P]
-            self._flat_pos = (rows[:, :, None] * d
-                              + torch.arange(d, device=self.dev)).reshape(-1)
-        return values.index_select(-1, self._flat_pos)  # reads a strided slice in place
+            return (rows[:, :, None] * d + torch.arange(d, device=self.dev)).reshape(-1)
+
+        index = self.data_memo.get(("flat positions", n, t, d), flat)
+        return values.index_select(-1, index)  # reads a strided slice in place
+
+    def shared_at_positions(self, shared: Tensor) -> Tensor:
+        """The rows ``shared [A, n*T*d]`` at the metric positions, ``[A, n*P*d]``: from the
+        data memo where they are the first senders' clean - ablated values (no frozen edges;
+        kept from pass to pass), else gathered (once per pass)."""
+        diff = self.diff
+        if (self.frozen is None and diff.is_contiguous() and shared.data_ptr() == diff.data_ptr()
+                and shared.shape[1] == self.n * self.t * self.d):
+            every = self.data_memo.get("differences at positions", lambda: self.pos_rows(
+                diff.view(diff.shape[0], -1)))
+            return every[: shared.shape[0]]
+        if self._shared_pos is None or self._shared_pos[0] is not shared:
+            self._shared_pos = (shared, self.pos_rows(shared))
+        return self._shared_pos[1]
 
     def ablated_rows(self, r: int, ks: Tensor | slice, inputs: Tensor, at_pos: bool = False
                      ) -> Tensor:
@@ -527,6 +685,16 @@ class MaskedPass:
         idx = pos[None, :, :, None].expand(values.shape[0], n, n_pos, values.shape[-1])
         return values.gather(2, idx)
 
+    def ablated_at_positions(self, resid: Tensor, layer: int) -> Tensor:
+        """``resid[layer]`` of the fully ablated run's ``pre`` or ``mid`` (``[L|L+1, n, T,
+        d]``) at the metric positions, ``[1, n, P, d]``: kept in the data memo from pass to
+        pass when the caller handed the residuals in (the engine's memoised ones)."""
+        if self.abl_resid is None:
+            return self.at_positions(resid[layer].unsqueeze(0))
+        which = "pre" if resid is self.abl_resid[0] else "mid"
+        return self.data_memo.get(("ablated residual at positions", which, layer),
+                                  lambda: self.at_positions(resid[layer].unsqueeze(0)))
+
     def put(self, slot: int, values: Tensor, at_pos: bool) -> None:
         """Write senders' current values ``[K, h, n, T, d]`` (or ``[K, h, n, P, d]`` at the
         metric positions when ``at_pos``) minus their ablation values into ``current`` from
@@ -543,12 +711,10 @@ class MaskedPass:
         if once:
             values = values[:1]
         if at_pos:
-            if ablated.shape[2] > 1:  # the ablated values at the metric positions, once
-                if self._abl_pos is None:
-                    s_all = ablated.shape[0]
-                    self._abl_pos = ablated.expand(s_all, n, t, d).gather(
-                        2, pos[None, :, :, None].expand(s_all, n, n_pos, d))
-                abl_all = self._abl_pos
+            if ablated.shape[2] > 1:  # the ablated values at the metric positions
+                abl_all = self.data_memo.get("ablated at positions", lambda: ablated.expand(
+                    ablated.shape[0], n, t, d).gather(
+                        2, pos[None, :, :, None].expand(ablated.shape[0], n, n_pos, d)))
             else:
                 abl_all = ablated
             abl = (abl_all[u0: u0 + h] if consecutive
@@ -672,19 +838,24 @@ class MaskedPass:
         whose senders are all mask-invariant (cached, or computed once) is computed once
         and broadcast over the masks; only what depends on a mask's own edges runs K times
         (ACDC's candidates differ in one receiver)."""
-        abl_resid, ablated, cache, dev = self.abl_resid, self.ablated, self.cache, self.dev
+        abl_resid, ablated, cache = self.abl_resid, self.ablated, self.cache
         diff, dyn_slot, dynamic = self.diff, self.dyn_slot, self.dynamic
         forms, g, k_masks, kept_w, lay = self.forms, self.g, self.k_masks, self.kept_w, self.lay
-        n, removed, start, t = self.n, self.removed, self.start, self.t
+        n, start, t = self.n, self.start, self.t
         assert kept_w is not None  # the kept form runs only with kept weights
         pre, mid = self._abl = (abl_resid if abl_resid is not None
                                 else self.runner.ablated_residuals(ablated, n, t))
         rep = g.n_heads // g.n_kv_heads
         for name in list(forms):
             forms[name + "1"] = forms[name].first_mask()
-        form_weights = {"removed": removed, "kept": kept_w}
-        equal = {name: (w == w[:1]).all(0).all(0).cpu() for name, w in form_weights.items()}
-        variant = torch.zeros(g.n_senders, dtype=torch.bool, device=dev)
+        # each form's weights on the host [K, S, R]: which receivers' weights are equal in
+        # every mask [R], and which edges mask 0 keeps [S, R] (see _invariant, _input_key)
+        assert self.kept_host is not None and self.kept_nz is not None  # set with kept_w
+        host = {"removed": self.removed_host, "kept": self.kept_host}
+        equal = {name: np.asarray((w == w[:1]).all((0, 1))) for name, w in host.items()}
+        self.nonzero0 = {"removed": self.removed_nz[0], "kept": self.kept_nz[0]}
+        self.host_weights: dict[str, np.ndarray] = host
+        variant = np.zeros(g.n_senders, dtype=bool)  # senders whose output differs by mask
         # Outputs of invariant nodes are kept across passes (ACDC tests one receiver after
         # another against a circuit that changes only there), keyed by the content of
         # their inputs: the receivers' weights and their senders' own keys, down to the
@@ -698,10 +869,11 @@ class MaskedPass:
         fresh: dict[Any, Tensor] = {}
         ids: dict[Any, int] = {}
         # read by the helpers below (_heads_pass, _invariant, _input_key, _intern)
-        self.pre, self.mid, self.rep, self.form_weights = pre, mid, rep, form_weights
+        self.pre, self.mid, self.rep = pre, mid, rep
         self.equal, self.variant, self.keys, self.ids = equal, variant, keys, ids
         self.fresh = fresh
         self._w0: dict[str, Any] = {}  # see _input_key
+        self._input_keys: dict[tuple[int, str, int], tuple[Any, ...]] = {}  # see _input_key
 
         key: int | None  # memo key of a mask-invariant node's outputs
         pos_only = self._position_demand()
@@ -757,23 +929,33 @@ class MaskedPass:
                     patches = self.deltas([r], mform, at_pos=last)
                     xm = mid[layer].unsqueeze(0)
                     if last:
-                        xm = self.at_positions(xm)
+                        xm = self.ablated_at_positions(mid, layer)
                     if patches:
-                        xm = xm.repeat(forms[mform].k, 1, 1, 1)
-                        for _, ks, dlt in patches:
-                            xm[ks] += dlt
+                        xm = self._patched(xm, patches, forms[mform].k)
                         variant[u] = forms[mform].k > 1
                     m = lay.mlp(layer, lay.ln_mlp(layer, xm))
                 if once_m:
                     fresh[key] = m
                     keys[u] = key
                 self.put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1), last)
-        xf = self.at_positions(pre[g.n_layers].unsqueeze(0)).repeat(k_masks, 1, 1, 1)
-        for _, ks, dlt in self.deltas([g.n_receivers - 1], "kept", at_pos=True):
-            xf[ks] += dlt
+        xf = self._patched(self.ablated_at_positions(pre, g.n_layers),
+                           self.deltas([g.n_receivers - 1], "kept", at_pos=True), k_masks)
         # this pass's invariant outputs replace the memo (the next pass reuses them)
         self.memo.entries, self.memo.ids = fresh, ids
         return lay.final(xf)
+
+    @staticmethod
+    def _patched(base: Tensor, patches: list[tuple[int, Tensor | slice, Tensor]], k: int
+                 ) -> Tensor:
+        """``base [1, n, T|P, d]`` repeated over ``k`` masks, plus each patch ``(r, masks,
+        [k_r, n, T|P, d])`` of :meth:`deltas` at its masks (a new tensor): one addition where
+        a single patch covers every mask (ACDC's kept form), else a copy and indexed adds."""
+        if len(patches) == 1 and isinstance(patches[0][1], slice) and patches[0][2].shape[0] == k:
+            return patches[0][2] + base
+        out = base.repeat(k, 1, 1, 1)
+        for _, ks, dlt in patches:
+            out[ks] += dlt
+        return out
 
     def _position_demand(self) -> set[int]:
         """The dynamic senders read at the metric positions only (kept form).
@@ -787,26 +969,32 @@ class MaskedPass:
         be read, with weight 0, by a receiver needed at every position, so their buffer rows
         are zeroed where they are written at the metric positions only (:meth:`put`)."""
         g, lay = self.g, self.layers
-        assert self.kept_w is not None
-        kept = self.kept_w.ne(0).any(0).cpu().numpy()  # [S, R]: kept in some mask
-        full = [False] * g.n_receivers
+        assert self.kept_nz is not None
+        kept = _any(self.kept_nz, 0)  # [S, R]: kept in some mask
+        full = np.zeros(g.n_receivers, dtype=bool)
         rep = g.n_heads // g.n_kv_heads
+        dyn_slot = self.dyn_slot
         pos_only: set[int] = set()
-        for u in reversed(self.dynamic):
-            node = g.senders[u]
-            needed = bool(kept[u][full].any()) if any(full) else False
-            if not needed:
-                pos_only.add(u)
-            views = lay[node.layer]
-            if node.kind == "mlp":
+        # from the last layer back: a layer's MLP, then its heads (which feed it; no head
+        # feeds a receiver of its own layer's heads, so they are classified together)
+        for layer in reversed(range(self.start, g.n_layers)):
+            views = lay[layer]
+            if views.mlp in dyn_slot:
+                needed = bool(kept[views.mlp, full].any())
+                if not needed:
+                    pos_only.add(views.mlp)
                 full[views.mlp_receiver] = needed
-            elif node.kind == "attention":
-                head = u - views.heads.start
-                full[views.first["q"] + head] = needed
-                full[views.first["k"] + head // rep] = True
-                full[views.first["v"] + head // rep] = True
-        reach = [int(self.g.n_upstream[r]) for r in range(g.n_receivers) if full[r]]
-        self.full_reach = max(reach, default=0)
+            hs = [u for u in views.heads if u in dyn_slot]
+            if not hs:
+                continue
+            needed_h = (_any(kept[hs][:, full], 1) if full.any()
+                        else np.zeros(len(hs), dtype=bool))
+            pos_only.update(u for u, nd in zip(hs, needed_h.tolist()) if not nd)
+            head = np.array(hs) - views.heads.start
+            full[views.first["q"] + head] = needed_h
+            full[views.first["k"] + head // rep] = True
+            full[views.first["v"] + head // rep] = True
+        self.full_reach = int(self.tables.upstream[full].max()) if full.any() else 0
         return pos_only
 
     def _intern(self, key: tuple[Any, ...]) -> int:
@@ -819,9 +1007,8 @@ class MaskedPass:
 
     def _invariant(self, rs: list[int], form: str) -> list[bool]:
         """Whether each receiver's input is the same in every mask."""
-        equal, form_weights, variant = self.equal, self.form_weights, self.variant
-        reads = form_weights[form][0][:, rs].ne(0) & variant[:, None]
-        return (equal[form][rs] & ~reads.any(0).cpu()).tolist()
+        reads = _any(self.nonzero0[form][self.variant][:, rs], 0)  # from variant senders
+        return (self.equal[form][rs] & ~reads).tolist()
 
     def _heads_pass(self, layer: int, subset: list[int], form: str, base: Tensor,
                     sign: float, last: bool, fixed: dict[int, Any] | None = None) -> Tensor:
@@ -946,17 +1133,20 @@ class MaskedPass:
 
     def _input_key(self, r: int, form: str, layer: int) -> tuple[Any, ...]:
         """What an invariant receiver's input is made of: its weights (mask 0), the
-        content keys of its computed senders, and how it is read (start layer or not)."""
+        content keys of its computed senders, and how it is read (start layer or not).
+        Once per receiver and pass (its senders' keys are set before it is read)."""
+        got = self._input_keys.get((r, form, layer))
+        if got is not None:
+            return got
         keys, n_static = self.keys, self.n_static
         w0 = self._w0.get(form)
-        if w0 is None:  # mask 0's weights on the CPU, once per pass: [R, S]
-            w = self.form_weights[form][0].T
-            if w.dtype == torch.bfloat16:  # no numpy type; float32 holds it exactly
-                w = w.float()
-            w0 = self._w0[form] = w.contiguous().cpu().numpy()
+        if w0 is None:  # mask 0's weights by receiver, once per pass: [R, S]
+            w0 = self._w0[form] = np.ascontiguousarray(self.host_weights[form][0].T)
         col = w0[r]
-        return (r, layer == self.start, col.tobytes(),
-                tuple(keys[u] for u in col.nonzero()[0].tolist() if u >= n_static))
+        got = self._input_keys[(r, form, layer)] = (
+            r, layer == self.start, col.tobytes(),
+            tuple(keys[u] for u in np.flatnonzero(col).tolist() if u >= n_static))
+        return got
 
     def removed_form(self) -> Tensor:
         """Blocks ``start..`` and the logits in the removed form of eq. (1): dense layers,

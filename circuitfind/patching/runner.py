@@ -98,7 +98,8 @@ from circuitfind.graphs.graph import ComputeGraph
 from circuitfind.patching.architectures import Architecture, architecture_for, supported, unwrap
 from circuitfind.patching.attribution import attribute
 from circuitfind.patching.backward_rules import BackwardRules
-from circuitfind.patching.masked_pass import KeptFormMemo, LayerViews, MaskedPass
+from circuitfind.patching.masked_pass import (DataMemo, GraphTables, KeptFormMemo, LayerViews,
+                                              MaskedPass)
 from circuitfind.patching.placement import PlacedArchitecture, placed
 from circuitfind.patching.post_norm_pass import PostNormPass
 
@@ -182,7 +183,9 @@ class BlockRunner:
         self.graph = graph
         self.receiver_layer = torch.tensor([r.layer for r in graph.receivers])
         self.memo = KeptFormMemo()  # kept-form outputs from the last pass (see MaskedPass)
+        self.data_memo = DataMemo()  # values of the data alone, from pass to pass (MaskedPass)
         self.layers = LayerViews.of(graph)  # per-layer index views every masked pass reads
+        self.tables = GraphTables.of(graph)  # the graph's indexing on the host (MaskedPass)
         self._scratch: dict[str, Tensor] = {}  # buffers kept between passes (see scratch)
 
     # ------------------------------------------------------------------ plain runs
@@ -199,9 +202,11 @@ class BlockRunner:
         return self._plain(tokens, residuals=True)
 
     def scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """An uninitialised buffer of ``shape`` (``like``'s dtype and device) for ``name``,
-        the same memory from one call to the next while its shape stays (up to
-        :data:`SCRATCH_BYTES` for all names; beyond that a new tensor each call, nothing kept).
+        """An uninitialised contiguous buffer of ``shape`` (``like``'s dtype and device) for
+        ``name``, in the same memory from one call to the next while it fits there (up to
+        :data:`SCRATCH_BYTES` for all names; beyond that a new tensor each call, nothing
+        kept). A larger shape replaces the memory kept under ``name``; a smaller one takes the
+        start of it (a masked pass's buffers, whose mask count changes from pass to pass).
 
         Why: a fresh buffer of a few MiB per pass is mapped from the operating system anew
         each time (glibc's allocator maps allocations at or above its adaptive threshold, which
@@ -210,16 +215,19 @@ class BlockRunner:
         the pass in system time. The caller owns the buffer until its next call with ``name``:
         only for values that do not outlive one pass.
         """
+        numel = 1
+        for size in shape:
+            numel *= size
         held = self._scratch.get(name)
-        if (held is not None and held.shape == shape and held.dtype == like.dtype
+        if (held is not None and held.numel() >= numel and held.dtype == like.dtype
                 and held.device == like.device):
-            return held
+            return held[:numel].view(shape)
         self._scratch.pop(name, None)
-        buf = like.new_empty(shape)
+        buf = like.new_empty(numel)
         used = sum(t.numel() * t.element_size() for t in self._scratch.values())
         if used + buf.numel() * buf.element_size() <= SCRATCH_BYTES:
             self._scratch[name] = buf
-        return buf
+        return buf.view(shape)
 
     @torch.no_grad()
     def sender_outputs(self, tokens: Tensor, positions: Tensor | None = None,
@@ -360,7 +368,7 @@ class BlockRunner:
     def start_layer(self, touched: Tensor) -> int:
         """First layer any of the ``touched [R]`` (bool) receivers belongs to (``n_layers`` if none
         but the logits; ``n_layers + 1`` if none at all)."""
-        layers = self.receiver_layer[touched.cpu()]
+        layers = self.tables.receiver_layer[touched.cpu().numpy()]
         return int(layers.min()) if len(layers) else self.graph.n_layers + 1
 
     def resolve_start(self, touched: Tensor, start: int | None) -> int:

@@ -1,0 +1,106 @@
+"""What the block runner keeps from one masked pass to the next gives exactly the uncached result.
+
+- the data memo (:class:`~circuitfind.patching.masked_pass.DataMemo`: ablated values, sender
+  differences and ablated residuals at the metric positions) and the scratch buffers: a
+  sequence of ACDC-like passes on one engine, the circuit changing between passes, equals
+  each pass on a fresh engine bit for bit; other data (other positions) starts afresh;
+- the masks inspected on the host (:func:`~circuitfind.patching.masked_pass.fully_removed`)
+  agree with the same questions asked with torch operations;
+- :meth:`BlockRunner.scratch` reuses its memory for smaller shapes and replaces it for larger.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitfind.patching import PatchingEngine
+from circuitfind.patching.masked_pass import fully_removed
+from circuitfind.testing import ToyTask
+
+
+def _acdc_like_passes(g, gen, n_passes: int) -> list[torch.Tensor]:
+    """Candidates of ACDC-like passes from the last layer back: a sparse circuit after the
+    tested receiver's layer, each mask removing one more incoming edge of a receiver of that
+    layer, the circuit losing an edge between passes."""
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    kept = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < 0.25).double()
+    out = []
+    for i in range(n_passes):
+        layer = g.n_layers - 1 - (i * g.n_layers) // n_passes
+        base = kept.clone()
+        base[:, layer_of < layer] = 1
+        at_layer = (layer_of == layer).nonzero()[:, 0]
+        k = 1 + i % 3
+        cand = base.expand(k, -1, -1).clone()
+        for j in range(k):
+            r = int(at_layer[torch.randint(len(at_layer), (1,), generator=gen)])
+            cand[j:, int(torch.randint(int(g.n_upstream[r]), (1,), generator=gen)), r] = 0
+        out.append(cand)
+        kept_edges = (kept * g.edge_mask).nonzero()
+        u, r = kept_edges[int(torch.randint(len(kept_edges), (1,), generator=gen))].tolist()
+        kept[u, r] = 0  # the next pass's circuit: one edge fewer
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("ablation", ["resample", "zero"])
+def test_passes_with_kept_values_equal_fresh_engines_bit_for_bit(tiny_models, name, ablation):
+    model = tiny_models(name)
+    data = ToyTask(positions=2).build(model.tokenizer, 3, seed=4)
+    engine = PatchingEngine(model, ablation=ablation)
+    g = engine.graph
+    passes = _acdc_like_passes(g, torch.Generator().manual_seed(1), 8)
+    for masks in passes:
+        warm = engine.run(data, masks)
+        cold = PatchingEngine(model, ablation=ablation).run(data, masks)
+        assert torch.equal(warm, cold)
+    memo = engine.runner.data_memo
+    assert "ablated at positions" in memo.values or ablation == "zero"
+    assert any(isinstance(k, tuple) and k[0] == "ablated residual at positions"
+               for k in memo.values)  # the kept form read them from the memo
+    kept = dict(memo.values)
+    engine.run(data, passes[-1])
+    assert all(memo.values[k] is v for k, v in kept.items())  # the same data: kept
+    # other data (other metric positions) on the same engine: the memo starts afresh
+    other = ToyTask(positions=1).build(model.tokenizer, 3, seed=5)
+    for masks in passes[-3:]:
+        assert torch.equal(engine.run(other, masks),
+                           PatchingEngine(model, ablation=ablation).run(other, masks))
+    assert not any(memo.values.get(k) is v for k, v in kept.items())
+
+
+def test_masks_inspected_on_the_host_agree_with_torch():
+    """Fractional weights, frozen edges, edges off the graph's mask and exact ones."""
+    gen = torch.Generator().manual_seed(0)
+    edge = torch.rand(7, 9, generator=gen) < 0.7
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        removed = torch.rand(5, 7, 9, generator=gen).round().to(dtype) * edge
+        removed[1] = edge.to(dtype)  # every edge removed
+        removed[2, :, 3] = 0.5 * edge[:, 3]
+        frozen = torch.zeros_like(removed)
+        frozen[1, 0, 4] = 1.0
+        for fz in (None, frozen):
+            want = (removed == edge.to(removed)).all(1)
+            if fz is not None:
+                want &= fz.eq(0).all(1)
+            got = fully_removed(edge, removed, fz)
+            if not want.any():
+                assert got is None
+            else:
+                assert got is not None and torch.equal(got, want)
+    grad = torch.ones(1, 7, 9, requires_grad=True) * edge
+    assert fully_removed(edge, grad) is None
+
+
+def test_scratch_reuses_its_memory_for_smaller_shapes(tiny_models):
+    runner = PatchingEngine(tiny_models("gpt2")).runner
+    like = torch.zeros(1)
+    big = runner.scratch("test", (4, 5, 6), like)
+    small = runner.scratch("test", (2, 3, 6), like)
+    assert small.data_ptr() == big.data_ptr() and small.shape == (2, 3, 6)
+    assert small.is_contiguous()
+    larger = runner.scratch("test", (5, 5, 6), like)
+    assert larger.shape == (5, 5, 6) and larger.numel() == 150
+    assert runner.scratch("test", (4, 5, 6), like).data_ptr() == larger.data_ptr()
+    assert runner.scratch("test", (4, 5, 6), like.double()).dtype == torch.float64
