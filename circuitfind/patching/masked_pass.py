@@ -162,6 +162,33 @@ class _Form:
         self.k = int(w_dyn.shape[0])  # masks
         # what the methods read (the arguments and the buffers above)
         self.w_dyn, self.shared, self.touched = w_dyn, shared, touched
+        self._spans: dict[str, tuple[Any, Any]] = {}  # see senders
+
+    def senders(self, part: str, rs: list[int], limit: int) -> tuple[int, int]:
+        """The senders ``[lo, hi)`` of ``part`` (``"shared"``: rows of ``shared``; ``"dyn"``:
+        rows of the per-mask buffer) outside which every weight into the receivers ``rs`` is 0
+        in every mask, cut at ``limit``; ``(0, 0)`` where there is none. Eq. (1)'s sums over
+        ``[lo, hi)`` equal those over every sender (the others add exact zeros) and read far
+        fewer buffer rows: a sparse circuit's receivers have a few kept edges each (ACDC,
+        Llama: 1-2 of 6-25 computed senders). Per-receiver spans are found once per form."""
+        spans = self._spans.get(part)
+        if spans is None:
+            w = self.w_shared if part == "shared" else self.w_dyn
+            if w is None or w.shape[1] == 0:
+                spans = (None, None)
+            else:
+                nz = w.ne(0).any(0).cpu()  # [U, R]
+                u = nz.shape[0]
+                has = nz.any(0)
+                first = torch.where(has, nz.byte().argmax(0), u)
+                last = torch.where(has, u - nz.flip(0).byte().argmax(0), 0)
+                spans = (first.numpy(), last.numpy())
+            self._spans[part] = spans
+        first, last = spans
+        if first is None:
+            return 0, 0
+        lo, hi = int(first[rs].min()), min(int(last[rs].max()), limit)
+        return (lo, hi) if lo < hi else (0, 0)
 
     def first_mask(self) -> _Form:
         """The same form for the first mask only (receivers equal in every mask)."""
@@ -393,39 +420,47 @@ class MaskedPass:
         sub = touched_cpu[:, rs]  # [K, R']
         n_up = int(g.n_upstream[rs].max())
         j = int((dyn_cpu < n_up).sum())  # dynamic senders upstream of these receivers
+        # only the senders with a nonzero weight into ``rs`` (see _Form.senders)
+        a0, a1 = (0, 0) if shared is None else wf.senders("shared", rs, shared.shape[0])
+        j0, j1 = wf.senders("dyn", rs, j)
         if at_pos:  # the buffers' rows at the metric positions
             t = self.n_pos
             if self.current_pos is not None:  # kept form: written there by put
                 current = self.current_pos
-            elif j:
-                current = self.pos_rows(current[:, :j])
+            elif j1:
+                current, j0, j1 = self.pos_rows(current[:, j0:j1]), 0, j1 - j0
             if shared is not None:
                 if self._shared_pos is None or self._shared_pos[0] is not shared:
                     self._shared_pos = (shared, self.pos_rows(shared))
                 shared = self._shared_pos[1]
+        sums = ((None if w_shared is None or not a1 else w_shared[:, a0:a1]),
+                (None if shared is None or not a1 else shared[a0:a1]),
+                (w_dyn[:, j0:j1] if j1 else None), (current[:, j0:j1] if j1 else None))
         if bool(sub.all()):
-            return self.dense_deltas(rs, j, wf, current, shared, t)
+            return self.dense_deltas(rs, wf, sums, t)
+        w_sh, sh, w_d, cur = sums
         jj, kk = sub.T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
         kd, rd = kk.to(dev), rr.to(dev)
         out = None
-        if w_shared is not None:
-            assert shared is not None  # _Form keeps w_shared only with shared
-            weights = w_shared[kd, :, rd]  # [P, A]
+        if w_sh is not None:
+            assert sh is not None  # _Form keeps w_shared only with shared
+            weights = w_sh[kd, :, rd]  # [P, A]
             if k_masks > 1:
                 # Receivers whose weights are the same in every mask (e.g. the base circuit
                 # shared by ACDC's candidates) need one row, not K: matmul the distinct
                 # rows only and gather.
                 rows, index = torch.unique(weights, dim=0, return_inverse=True)
                 if rows.shape[0] < weights.shape[0]:
-                    out = receiver_changes(rows[:, :, None], shared)[index, 0]
+                    out = receiver_changes(rows[:, :, None], sh)[index, 0]
             if out is None:
-                out = receiver_changes(weights[:, :, None], shared)[:, 0].expand(
+                out = receiver_changes(weights[:, :, None], sh)[:, 0].expand(
                     weights.shape[0], -1)  # [P, X]
-        if j:
-            out = receiver_changes(w_dyn[kd, :j, rd][:, :, None], current[kd, :j],
+        if w_d is not None and cur is not None:
+            out = receiver_changes(w_d[kd, :, rd][:, :, None], cur[kd],
                                    None if out is None else out[:, None])[:, 0]
-        assert out is not None
+        if out is None:  # touched by edges that carry nothing here (weight 0 on both sums)
+            out = current.new_zeros(len(kk), n * t * d)
         counts = torch.bincount(jj, minlength=len(rs)).tolist()
         result = []
         for r, ks_cpu, dlt in zip(rs, kk.split(counts), out.split(counts)):
@@ -433,23 +468,27 @@ class MaskedPass:
             result.append((r, ks, dlt.view(-1, n, t, d)))
         return result
 
-    def dense_deltas(self, rs: list[int], j: int, wf: _Form, current: Tensor,
-                     shared: Tensor | None, t: int) -> list[tuple[int, Tensor | slice, Tensor]]:
+    def dense_deltas(self, rs: list[int], wf: _Form,
+                     sums: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+                     t: int) -> list[tuple[int, Tensor | slice, Tensor]]:
         """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
-        one ``[K, R', n*t*d]`` tensor, mask-major, no gathers (``current`` and ``shared``
-        the buffers over ``t`` positions per example)."""
+        one ``[K, R', n*t*d]`` tensor, mask-major, no gathers. ``sums``: the weights and
+        values of eq. (1)'s two sums, ``(w_shared [K, A', R], shared [A', n*t*d], w_dyn [K,
+        J', R], current [K, J', n*t*d])`` over the senders that carry anything (``None``
+        where a sum has none)."""
         d, dev, n = self.d, self.dev, self.n
-        w_shared, w_dyn, k_masks = wf.w_shared, wf.w_dyn, wf.k
-        cur = current[:k_masks]
+        w_sh, sh, w_d, cur = sums
+        k_masks = wf.k
         idx = torch.tensor(rs, device=dev)
         out = None
-        if w_shared is not None:
-            assert shared is not None  # _Form keeps w_shared only with shared
+        if w_sh is not None:
+            assert sh is not None  # _Form keeps w_shared only with shared
             # [1, R', X] where every mask has the same weights (ACDC's base circuit)
-            out = receiver_changes(w_shared[:, :, idx], shared)  # [K|1, R', X]
-        if j:
-            out = receiver_changes(w_dyn[:, :j][:, :, idx], cur[:, :j], out)
-        assert out is not None
+            out = receiver_changes(w_sh[:, :, idx], sh)  # [K|1, R', X]
+        if w_d is not None and cur is not None:
+            out = receiver_changes(w_d[:, :, idx], cur[:k_masks], out)
+        if out is None:  # touched by edges that carry nothing here
+            out = self.current.new_zeros(1, len(rs), n * t * d)
         out = out.expand(k_masks, -1, -1)
         return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
 
@@ -473,10 +512,14 @@ class MaskedPass:
         out = base.reshape(1, 1, -1).expand(1, len(hit_rs), -1)
         if wf.w_shared is not None:
             assert wf.shared is not None  # _Form keeps w_shared only with shared
-            out = receiver_changes(wf.w_shared[:, :, idx] * sign, wf.shared, out)
-        if j:
-            out = receiver_changes(wf.w_dyn[:, :j][:, :, idx] * sign, self.current[:wf.k, :j],
-                                   out)
+            a0, a1 = wf.senders("shared", hit_rs, wf.shared.shape[0])
+            if a1:
+                out = receiver_changes(wf.w_shared[:, a0:a1][:, :, idx] * sign,
+                                       wf.shared[a0:a1], out)
+        j0, j1 = wf.senders("dyn", hit_rs, j)
+        if j1:
+            out = receiver_changes(wf.w_dyn[:, j0:j1][:, :, idx] * sign,
+                                   self.current[:wf.k, j0:j1], out)
         return out.expand(wf.k, -1, -1), hit
 
     def pos_rows(self, values: Tensor) -> Tensor:
