@@ -21,8 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from circuitfind.patching.architectures.base import heads_matmul
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -177,12 +180,11 @@ class _Form:
             if w is None or w.shape[1] == 0:
                 spans = (None, None)
             else:
-                nz = w.ne(0).any(0).cpu()  # [U, R]
+                nz = w.ne(0).any(0).cpu().numpy()  # [U, R]
                 u = nz.shape[0]
                 has = nz.any(0)
-                first = torch.where(has, nz.byte().argmax(0), u)
-                last = torch.where(has, u - nz.flip(0).byte().argmax(0), 0)
-                spans = (first.numpy(), last.numpy())
+                spans = (np.where(has, nz.argmax(0), u),
+                         np.where(has, u - nz[::-1].argmax(0), 0))
             self._spans[part] = spans
         first, last = spans
         if first is None:
@@ -935,14 +937,12 @@ class MaskedPass:
             hit_heads = {kind: [r - first[kind] for r in hit_rs if kind_of[r] == kind]
                          for kind in "qkv"}
             projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
-            if projected is None:
-                normed, projected, i0 = lay.ln_attn(layer, x_hit), [], 0
-                for kind in "qkv":
-                    w, b = lay.head_weights(layer, kind)  # [heads, d, dh]
-                    sel = hit_heads[kind]
-                    part = torch.matmul(normed[:, i0: i0 + len(sel)], w[sel])  # [kk,h,n*T,dh]
-                    projected.append(part if b is None else part + b[sel][:, None])
-                    i0 += len(sel)
+            if projected is None:  # every receiver's own projection, one matmul per mask
+                w, b = lay.qkv_head_weights(layer, hit_heads)  # [R_t, d, dh]
+                part = heads_matmul(lay.ln_attn(layer, x_hit), w)  # [kk, R_t, n*T, dh]
+                if b is not None:
+                    part = part + b[:, None]
+                projected = list(part.split([len(hit_heads[kind]) for kind in "qkv"], 1))
             for kind, part in zip("qkv", projected):
                 for i, r in enumerate(r for r in hit_rs if kind_of[r] == kind):
                     out[r] = part[:, i]
