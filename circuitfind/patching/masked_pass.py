@@ -165,7 +165,7 @@ class _Form:
         self.k = int(w_dyn.shape[0])  # masks
         # what the methods read (the arguments and the buffers above)
         self.w_dyn, self.shared, self.touched = w_dyn, shared, touched
-        self._spans: dict[str, tuple[Any, Any]] = {}  # see senders
+        self._spans: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # see senders
 
     def senders(self, part: str, rs: list[int], limit: int) -> tuple[int, int]:
         """The senders ``[lo, hi)`` of ``part`` (``"shared"``: rows of ``shared``; ``"dyn"``:
@@ -174,21 +174,20 @@ class _Form:
         ``[lo, hi)`` equal those over every sender (the others add exact zeros) and read far
         fewer buffer rows: a sparse circuit's receivers have a few kept edges each (ACDC,
         Llama: 1-2 of 6-25 computed senders). Per-receiver spans are found once per form."""
-        spans = self._spans.get(part)
-        if spans is None:
+        if part not in self._spans:
             w = self.w_shared if part == "shared" else self.w_dyn
-            if w is None or w.shape[1] == 0:
-                spans = (None, None)
-            else:
+            spans: tuple[np.ndarray, np.ndarray] | None = None
+            if w is not None and w.shape[1]:
                 nz = w.ne(0).any(0).cpu().numpy()  # [U, R]
                 u = nz.shape[0]
                 has = nz.any(0)
                 spans = (np.where(has, nz.argmax(0), u),
                          np.where(has, u - nz[::-1].argmax(0), 0))
             self._spans[part] = spans
-        first, last = spans
-        if first is None:
+        found = self._spans[part]
+        if found is None:
             return 0, 0
+        first, last = found
         lo, hi = int(first[rs].min()), min(int(last[rs].max()), limit)
         return (lo, hi) if lo < hi else (0, 0)
 
