@@ -23,7 +23,7 @@ from circuitfind.patching.masked_pass import _Form, receiver_changes
 
 def test_form_senders_span_the_nonzero_weights_and_keep_the_sums():
     gen = torch.Generator().manual_seed(0)
-    k, a, j, r, x = 3, 7, 9, 6, 40
+    k, a, j, r, x = 3, 7, 9, 6, 40  # sums of 16 or more rows: spans are found
     w_shared = (torch.rand(k, a, r, generator=gen) < 0.2).double()
     w_dyn = (torch.rand(k, j, r, generator=gen) < 0.2).double()
     w_dyn[:, :, 4] = 0  # a receiver no computed sender reaches
@@ -34,6 +34,8 @@ def test_form_senders_span_the_nonzero_weights_and_keep_the_sums():
         for part, w, limit in (("shared", w_shared, a), ("dyn", w_dyn, j), ("dyn", w_dyn, 5)):
             used = w[:, :limit][:, :, rs].ne(0).any(2).any(0).nonzero()[:, 0].tolist()
             expected = (used[0], used[-1] + 1) if used else (0, 0)
+            if limit * k < 16:  # short sums are read whole
+                expected = (0, limit)
             assert form.senders(part, rs, limit) == expected
         lo, hi = form.senders("dyn", rs, j)
         full = receiver_changes(w_dyn[:, :, rs], current)
