@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from circuitfind.patching.architectures.base import heads_matmul
+
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
 
@@ -269,6 +271,35 @@ class _Form:
         # what the methods read (the arguments and the buffers above)
         self.w_dyn, self.shared, self.touched_np = w_dyn, shared, touched
         self.touched = torch.from_numpy(touched)
+        self._spans: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # see senders
+
+    def senders(self, part: str, rs: list[int], limit: int) -> tuple[int, int]:
+        """The senders ``[lo, hi)`` of ``part`` (``"shared"``: rows of ``shared``; ``"dyn"``:
+        rows of the per-mask buffer) outside which every weight into the receivers ``rs`` is 0
+        in every mask, cut at ``limit``; ``(0, 0)`` where there is none. Eq. (1)'s sums over
+        ``[lo, hi)`` equal those over every sender (the others add exact zeros) and read far
+        fewer buffer rows: a sparse circuit's receivers have a few kept edges each (ACDC,
+        Llama: 1-2 of 6-25 computed senders). Per-receiver spans are found once per form, and
+        only for sums over 16 or more buffer rows in all (masks x senders): shorter ones read
+        less than finding the span costs (GPT-2's passes, 3% slower otherwise)."""
+        if limit * self.k < 16:  # a short sum: not worth finding its span
+            return (0, limit) if limit else (0, 0)
+        if part not in self._spans:
+            w = self.w_shared if part == "shared" else self.w_dyn
+            spans: tuple[np.ndarray, np.ndarray] | None = None
+            if w is not None and w.shape[1]:
+                nz = w.ne(0).any(0).cpu().numpy()  # [U, R]
+                u = nz.shape[0]
+                has = nz.any(0)
+                spans = (np.where(has, nz.argmax(0), u),
+                         np.where(has, u - nz[::-1].argmax(0), 0))
+            self._spans[part] = spans
+        found = self._spans[part]
+        if found is None:
+            return 0, 0
+        first, last = found
+        lo, hi = int(first[rs].min()), min(int(last[rs].max()), limit)
+        return (lo, hi) if lo < hi else (0, 0)
 
     def first_mask(self) -> _Form:
         """The same form for the first mask only (receivers equal in every mask)."""
@@ -537,37 +568,45 @@ class MaskedPass:
             return []
         sub = wf.touched_np[:, rs]  # [K, R']
         j = self.upstream_dynamic(rs)  # dynamic senders upstream of these receivers
+        # only the senders with a nonzero weight into ``rs`` (see _Form.senders)
+        a0, a1 = (0, 0) if shared is None else wf.senders("shared", rs, shared.shape[0])
+        j0, j1 = wf.senders("dyn", rs, j)
         if at_pos:  # the buffers' rows at the metric positions
             t = self.n_pos
             if self.current_pos is not None:  # kept form: written there by put
                 current = self.current_pos
-            elif j:
-                current = self.pos_rows(current[:, :j])
+            elif j1:
+                current, j0, j1 = self.pos_rows(current[:, j0:j1]), 0, j1 - j0
             if shared is not None:
                 shared = self.shared_at_positions(shared)
+        sums = ((None if w_shared is None or not a1 else w_shared[:, a0:a1]),
+                (None if shared is None or not a1 else shared[a0:a1]),
+                (w_dyn[:, j0:j1] if j1 else None), (current[:, j0:j1] if j1 else None))
         if sub.all():
-            return self.dense_deltas(rs, j, wf, current, shared, t)
+            return self.dense_deltas(rs, wf, sums, t)
+        w_sh, sh, w_d, cur = sums
         jj, kk = torch.from_numpy(sub).T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
         kd, rd = kk.to(dev), rr.to(dev)
         out = None
-        if w_shared is not None:
-            assert shared is not None  # _Form keeps w_shared only with shared
-            weights = w_shared[kd, :, rd]  # [P, A]
+        if w_sh is not None:
+            assert sh is not None  # _Form keeps w_shared only with shared
+            weights = w_sh[kd, :, rd]  # [P, A]
             if k_masks > 1:
                 # Receivers whose weights are the same in every mask (e.g. the base circuit
                 # shared by ACDC's candidates) need one row, not K: matmul the distinct
                 # rows only and gather.
                 rows, index = torch.unique(weights, dim=0, return_inverse=True)
                 if rows.shape[0] < weights.shape[0]:
-                    out = receiver_changes(rows[:, :, None], shared)[index, 0]
+                    out = receiver_changes(rows[:, :, None], sh)[index, 0]
             if out is None:
-                out = receiver_changes(weights[:, :, None], shared)[:, 0].expand(
+                out = receiver_changes(weights[:, :, None], sh)[:, 0].expand(
                     weights.shape[0], -1)  # [P, X]
-        if j:
-            out = receiver_changes(w_dyn[kd, :j, rd][:, :, None], current[kd, :j],
+        if w_d is not None and cur is not None:
+            out = receiver_changes(w_d[kd, :, rd][:, :, None], cur[kd],
                                    None if out is None else out[:, None])[:, 0]
-        assert out is not None
+        if out is None:  # touched by edges that carry nothing here (weight 0 on both sums)
+            out = current.new_zeros(len(kk), n * t * d)
         counts = torch.bincount(jj, minlength=len(rs)).tolist()
         result = []
         for r, ks_cpu, dlt in zip(rs, kk.split(counts), out.split(counts)):
@@ -575,23 +614,27 @@ class MaskedPass:
             result.append((r, ks, dlt.view(-1, n, t, d)))
         return result
 
-    def dense_deltas(self, rs: list[int], j: int, wf: _Form, current: Tensor,
-                     shared: Tensor | None, t: int) -> list[tuple[int, Tensor | slice, Tensor]]:
+    def dense_deltas(self, rs: list[int], wf: _Form,
+                     sums: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+                     t: int) -> list[tuple[int, Tensor | slice, Tensor]]:
         """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
-        one ``[K, R', n*t*d]`` tensor, mask-major, no gathers (``current`` and ``shared``
-        the buffers over ``t`` positions per example)."""
+        one ``[K, R', n*t*d]`` tensor, mask-major, no gathers. ``sums``: the weights and
+        values of eq. (1)'s two sums, ``(w_shared [K, A', R], shared [A', n*t*d], w_dyn [K,
+        J', R], current [K, J', n*t*d])`` over the senders that carry anything (``None``
+        where a sum has none)."""
         d, dev, n = self.d, self.dev, self.n
-        w_shared, w_dyn, k_masks = wf.w_shared, wf.w_dyn, wf.k
-        cur = current[:k_masks]
+        w_sh, sh, w_d, cur = sums
+        k_masks = wf.k
         idx = torch.tensor(rs, device=dev)
         out = None
-        if w_shared is not None:
-            assert shared is not None  # _Form keeps w_shared only with shared
+        if w_sh is not None:
+            assert sh is not None  # _Form keeps w_shared only with shared
             # [1, R', X] where every mask has the same weights (ACDC's base circuit)
-            out = receiver_changes(w_shared[:, :, idx], shared)  # [K|1, R', X]
-        if j:
-            out = receiver_changes(w_dyn[:, :j][:, :, idx], cur[:, :j], out)
-        assert out is not None
+            out = receiver_changes(w_sh[:, :, idx], sh)  # [K|1, R', X]
+        if w_d is not None and cur is not None:
+            out = receiver_changes(w_d[:, :, idx], cur[:k_masks], out)
+        if out is None:  # touched by edges that carry nothing here
+            out = self.current.new_zeros(1, len(rs), n * t * d)
         out = out.expand(k_masks, -1, -1)
         return [(r, slice(None), out[:, i].view(k_masks, n, t, d)) for i, r in enumerate(rs)]
 
@@ -615,10 +658,14 @@ class MaskedPass:
         out = base.reshape(1, 1, -1).expand(1, len(hit_rs), -1)
         if wf.w_shared is not None:
             assert wf.shared is not None  # _Form keeps w_shared only with shared
-            out = receiver_changes(wf.w_shared[:, :, idx] * sign, wf.shared, out)
-        if j:
-            out = receiver_changes(wf.w_dyn[:, :j][:, :, idx] * sign, self.current[:wf.k, :j],
-                                   out)
+            a0, a1 = wf.senders("shared", hit_rs, wf.shared.shape[0])
+            if a1:
+                out = receiver_changes(wf.w_shared[:, a0:a1][:, :, idx] * sign,
+                                       wf.shared[a0:a1], out)
+        j0, j1 = wf.senders("dyn", hit_rs, j)
+        if j1:
+            out = receiver_changes(wf.w_dyn[:, j0:j1][:, :, idx] * sign,
+                                   self.current[:wf.k, j0:j1], out)
         return out.expand(wf.k, -1, -1), hit
 
     def pos_rows(self, values: Tensor) -> Tensor:
@@ -1079,14 +1126,12 @@ class MaskedPass:
             hit_heads = {kind: [r - first[kind] for r in hit_rs if kind_of[r] == kind]
                          for kind in "qkv"}
             projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
-            if projected is None:
-                normed, projected, i0 = lay.ln_attn(layer, x_hit), [], 0
-                for kind in "qkv":
-                    w, b = lay.head_weights(layer, kind)  # [heads, d, dh]
-                    sel = hit_heads[kind]
-                    part = torch.matmul(normed[:, i0: i0 + len(sel)], w[sel])  # [kk,h,n*T,dh]
-                    projected.append(part if b is None else part + b[sel][:, None])
-                    i0 += len(sel)
+            if projected is None:  # every receiver's own projection, one matmul per mask
+                w, b = lay.qkv_head_weights(layer, hit_heads)  # [R_t, d, dh]
+                part = heads_matmul(lay.ln_attn(layer, x_hit), w)  # [kk, R_t, n*T, dh]
+                if b is not None:
+                    part = part + b[:, None]
+                projected = list(part.split([len(hit_heads[kind]) for kind in "qkv"], 1))
             for kind, part in zip("qkv", projected):
                 for i, r in enumerate(r for r in hit_rs if kind_of[r] == kind):
                     out[r] = part[:, i]

@@ -47,7 +47,7 @@ LAYER_METHODS = (
     "mlp", "qkv", "head_weights", "project", "project_some", "project_heads",
     "project_heads_normed", "w_out", "attend", "head_results", "head_results_all",
     "head_outputs", "attn_from_heads", "attn_out", "post_norm", "post_norm_jvp", "post_norm_rms",
-    "qk_norm", "ln_attn_rms",
+    "qk_norm", "ln_attn_rms", "qkv_head_weights",
 )
 """The adapter methods whose first argument is a layer: they run on that layer's device."""
 

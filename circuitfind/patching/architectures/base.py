@@ -328,6 +328,33 @@ class Architecture:
         out = torch.matmul(x, w)
         return out if b is None else out + b[:, None]
 
+    def qkv_head_weights(self, layer: int, heads: dict[str, list[int]] | None = None,
+                         scale: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The q, k and v heads' projections stacked head-major, ``(W [R, d, dh], b [R, dh] |
+        None)``: q heads, then k and v groups (``R = H + 2G``; with ``heads``, only the heads
+        ``heads[kind]`` of each kind, in that order), with ``scale [d]`` (a norm's weight)
+        folded in along ``d`` when given: what :func:`heads_matmul` multiplies each q, k and v
+        receiver's own rows by. The whole stack is kept between calls on unchanged weights
+        (:meth:`derived`), so a pass reads it without rebuilding it."""
+        first = {"q": 0, "k": self.n_heads, "v": self.n_heads + self.n_kv}
+
+        def make() -> tuple[Tensor, Tensor | None]:
+            parts = [self.head_weights(layer, kind) for kind in "qkv"]
+            w = torch.cat([wh if scale is None else scale[:, None] * wh for wh, _ in parts])
+            if all(b is None for _, b in parts):
+                return w, None
+            return w, torch.cat([w.new_zeros(wh.shape[0], wh.shape[2]) if b is None else b
+                                 for wh, b in parts])
+
+        sources = self.qkv_sources(layer)
+        key = ("qkv_head_weights", layer, scale is not None)
+        w, b = self.derived(key, None if sources is None else (*sources, scale), make)
+        if heads is None:
+            return w, b
+        idx = torch.tensor([first[kind] + i for kind in "qkv" for i in heads[kind]],
+                           device=w.device)
+        return w.index_select(0, idx), None if b is None else b.index_select(0, idx)
+
     def project_heads_normed(self, layer: int, x: Tensor,
                              heads: dict[str, list[int]] | None = None) -> list[Tensor] | None:
         """:meth:`project_heads` of :meth:`ln_attn` of each q, k and v receiver's own input
@@ -630,7 +657,7 @@ class Architecture:
         wh = w.view(self.n_heads, dh, -1)
         if heads is not None and len(heads) < self.n_heads:
             wh = wh[heads]
-        return torch.matmul(zh.reshape(k_masks, h, -1, dh), wh)
+        return heads_matmul(zh.reshape(k_masks, h, -1, dh), wh)
 
     def head_outputs(self, layer: int, z: Tensor, out: Tensor) -> Tensor:
         """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [N, T, H, dh]`` ->
@@ -716,6 +743,22 @@ class HalfSplitRotation(torch.autograd.Function):
         turn, half = HalfSplitRotation.turn, ctx.half
         return (None if dq is None else turn(dq, cos, sin, half, -1.0),
                 None if dk is None else turn(dk, cos, sin, half, -1.0), None, None, None)
+
+
+def heads_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """Each of R heads' (or receivers') own product, ``x [K, R, rows, a] @ w [R, a, b]`` ->
+    ``[K, R, rows, b]`` (a new contiguous tensor): one batched matmul per row of ``K``
+    (``torch.matmul`` broadcasting ``w`` over ``K`` copies ``x`` wherever its ``K`` and ``R``
+    axes do not merge, e.g. a slice of the receivers, and copies ``w`` K times otherwise), and
+    one in all where ``x`` is broadcast over ``K`` (stride 0: the product is taken once and
+    broadcast, not materialised)."""
+    k = x.shape[0]
+    if k > 1 and x.stride(0) == 0:
+        return heads_matmul(x[:1], w).expand(k, -1, -1, -1)
+    out = x.new_empty(k, w.shape[0], x.shape[2], w.shape[2])
+    for i in range(k):
+        torch.bmm(x[i], w, out=out[i])
+    return out
 
 
 def unwrap(module: Any) -> Any:

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from circuitfind.patching.architectures.base import Architecture, unwrap, weights
+from circuitfind.patching.architectures.base import (
+    Architecture,
+    heads_matmul,
+    unwrap,
+    weights,
+)
 from circuitfind.patching.architectures.registry import register
 
 
@@ -71,20 +76,20 @@ class Llama(Architecture):
         float32, which only the unfolded norm reproduces)."""
         if x.dtype != torch.float32:
             return None
+        if x.shape[0] > 1 and x.stride(0) == 0:  # the same inputs in every mask: once
+            return [p.expand(x.shape[0], -1, -1, -1)
+                    for p in self.project_heads_normed(layer, x[:1], heads) or ()]
         norm = unwrap(self.blocks[layer].input_layernorm)
         ms = torch.linalg.vector_norm(x, 2, -1, keepdim=True).square_().div_(x.shape[-1])
         inv = torch.rsqrt(ms.add_(norm.variance_epsilon))  # [K, R', rows, 1]
-        outs, s0 = [], 0
-        for kind in "qkv":
-            wh, bh = self.head_weights(layer, kind)  # [h, d, dh]
-            if heads is not None:
-                wh, bh = wh[heads[kind]], None if bh is None else bh[heads[kind]]
-            h = wh.shape[0]
-            out = torch.matmul(x[:, s0: s0 + h], norm.weight[None, :, None] * wh)
-            out = out.mul_(inv[:, s0: s0 + h])
-            outs.append(out if bh is None else out.add_(bh[:, None]))
-            s0 += h
-        return outs
+        # every receiver's own product in one batched matmul per mask (no copies of x)
+        w, b = self.qkv_head_weights(layer, heads, norm.weight)  # [R', d, dh]
+        out = heads_matmul(x, w).mul_(inv)
+        if b is not None:
+            out = out.add_(b[:, None])
+        sizes = ([len(heads[kind]) for kind in "qkv"] if heads is not None
+                 else [self.n_heads, self.n_kv, self.n_kv])
+        return list(out.split(sizes, 1))
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         mlp = self.mlps[layer]
