@@ -350,13 +350,9 @@ class PatchingEngine:
 
     # ------------------------------------------------------------------ masks
     def _edge_weights(self, like: Tensor) -> Tensor:
-        """The graph's edge mask ``[S, R]`` as 1/0 in ``like``'s dtype and device, kept for
-        the last dtype and device asked for."""
-        held = self._memo.get("edge weights")
-        if held is None or held[0] != (like.dtype, like.device):
-            held = self._memo["edge weights"] = ((like.dtype, like.device),
-                                                 self.graph.edge_mask.to(like))
-        return held[1]
+        """The graph's edge mask ``[S, R]`` as 1/0 in ``like``'s dtype and device (made per
+        call: held across passes it would be memory the plan does not count)."""
+        return self.graph.edge_mask.to(like)
 
     def _masks(self, masks: Tensor) -> Tensor:
         masks = self.graph.check_edge_matrix(masks, "masks", batched=True)

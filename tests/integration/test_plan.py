@@ -128,7 +128,8 @@ def test_masked_caches_count_against_the_budget(tiny_models):
             for t in ([value] if isinstance(value, torch.Tensor) else
                       list(value.__dict__.values()) if hasattr(value, "resid") else
                       list(value) if isinstance(value, tuple) else []):
-                if isinstance(t, torch.Tensor) and t is not data.clean and t is not data.corrupted:
+                if isinstance(t, torch.Tensor) and all(t is not x for x in (
+                        data.clean, data.corrupted, data.positions)):
                     held[t.untyped_storage().data_ptr()] = t
     actual = sum(t.untyped_storage().nbytes() for t in held.values())
     assert actual == memory_plan.masked_cache_bytes(engine.shape, data.n, data.seq_len)
