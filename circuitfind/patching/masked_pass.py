@@ -262,7 +262,7 @@ class _Form:
     """Weights of one form of eq. (1) for a pass: over the senders before the start layer
     (``w_shared [K, A, R]`` with their ``shared [A, X]`` clean - ablated values) and the
     senders computed in the pass (``w_dyn [K, J, R]``), and which receivers they touch
-    (``touched [K, R]``, a CPU tensor; ``touched_np`` the same memory as a numpy array)."""
+    (``touched_np [K, R]``, a bool host array)."""
 
     def __init__(self, w_shared: Tensor | None, w_dyn: Tensor, shared: Tensor | None,
                  touched: np.ndarray) -> None:
@@ -271,7 +271,6 @@ class _Form:
         self.k = int(w_dyn.shape[0])  # masks
         # what the methods read (the arguments and the buffers above)
         self.w_dyn, self.shared, self.touched_np = w_dyn, shared, touched
-        self.touched = torch.from_numpy(touched)
         self._spans: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # see senders
 
     def senders(self, part: str, rs: list[int], limit: int) -> tuple[int, int]:
@@ -439,11 +438,6 @@ class MaskedPass:
             self.memo.entries = {}  # kept-form outputs are only reused by kept-form passes
         self.dynamic = (np.flatnonzero(active[n_static:]) + n_static).tolist()
         self.dyn_slot = {u: i for i, u in enumerate(self.dynamic)}
-
-    @cached_property
-    def dyn_cpu(self) -> Tensor:
-        """The dynamic senders ``[J]`` (int64, CPU)."""
-        return torch.tensor(self.dynamic, dtype=torch.long)
 
     @cached_property
     def row_pos(self) -> Tensor:
@@ -647,14 +641,14 @@ class MaskedPass:
         ablated one), and their positions in ``rs``; one batched matmul with the base fused,
         no per-receiver copies. The others read ``base`` alone. ``None`` when some receiver
         is touched by some masks only, or by none of them all."""
-        wf, g = self.forms[form], self.g
-        sub = wf.touched[:, rs]  # [k, R']
+        wf = self.forms[form]
+        sub = wf.touched_np[:, rs]  # [k, R']
         every = sub.all(0)
-        if not bool((every | ~sub.any(0)).all()) or not bool(every.any()):
+        if not (every | ~sub.any(0)).all() or not every.any():
             return None
-        hit = every.nonzero()[:, 0].tolist()
+        hit = np.flatnonzero(every).tolist()
         hit_rs = [rs[i] for i in hit]
-        j = int((self.dyn_cpu < int(g.n_upstream[hit_rs].max())).sum())
+        j = self.upstream_dynamic(hit_rs)
         idx = torch.tensor(hit_rs, device=self.dev)
         out = base.reshape(1, 1, -1).expand(1, len(hit_rs), -1)
         if wf.w_shared is not None:
