@@ -377,6 +377,8 @@ class ACDC(PruningAlgorithm):
 class _Run:
     """State of one ACDC run (see the module docstring)."""
 
+    min_fixed = 0.1  # a pass's fixed cost, at least this many masks' cost (_pass_cost)
+
     def __init__(self, algo: ACDC, engine: PatchingEngine, data: TaskData,
                  context: RunContext | None) -> None:
         self.algo, self.engine, self.data = algo, engine, data
@@ -533,21 +535,28 @@ class _Run:
         return best
 
     def _pass_cost(self, layer: int) -> tuple[float, float]:
-        """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes
-        (until two batch sizes were seen: the latest fit of another layer, or ``(1, 1)``).
+        """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes.
+
+        Until two batch sizes were seen at ``layer``: the cost per mask of the latest fit of
+        another layer (layers are visited from the last), or ``(1, 1)``, with what this layer's
+        passes cost beyond it as the fixed cost. ``c0`` is at least :attr:`min_fixed` ``* c1``: a pass always has a fixed cost, and a
+        fit at zero (noise, or a range of sizes where the cost per mask falls with K) would
+        choose K = 1 for good, since a layer that sees one batch size is never refitted.
         Seconds of this process's CPU time on the CPU (wall time on an accelerator), so load
         from other processes does not skew them; they set batch lengths, which change the
         cost, never a decision."""
         obs = self.pass_times.get(layer, [])
-        ks = {k for k, _ in obs}
-        if len(ks) < 2:  # layers are visited from the last: the later layer's fit
-            return self.last_fit if self.last_fit is not None else (1.0, 1.0)
         n = len(obs)
-        mk = sum(k for k, _ in obs) / n
-        mt = sum(t for _, t in obs) / n
+        mk = sum(k for k, _ in obs) / n if n else 0.0
+        mt = sum(t for _, t in obs) / n if n else 0.0
+        if len({k for k, _ in obs}) < 2:
+            c0, c1 = self.last_fit if self.last_fit is not None else (1.0, 1.0)
+            if n:  # one batch size seen here: the other layer's cost per mask, and the rest
+                c0 = mt - c1 * mk  # of what this layer's passes cost as its fixed cost
+            return max(c0, self.min_fixed * c1), c1
         var = sum((k - mk) ** 2 for k, _ in obs)
         c1 = max(sum((k - mk) * (t - mt) for k, t in obs) / var, 1e-9)
-        c0 = max(mt - c1 * mk, 0.0)
+        c0 = max(mt - c1 * mk, self.min_fixed * c1)
         self.last_fit = c0, c1
         return c0, c1
 

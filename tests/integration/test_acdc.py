@@ -219,6 +219,32 @@ def test_prior_learns_each_category_per_layer():
     assert prior.p_removed(("node", "v", None), 2) == pytest.approx(0.7)
 
 
+def test_pass_cost_fit_never_settles_on_one_mask_per_pass():
+    """A layer's fitted fixed cost stays positive, and a layer that has seen one batch size
+    takes the previous layer's cost per mask and the rest of what its own passes cost as
+    their fixed cost: a zero fixed cost
+    (noise in the first layer's few passes) once made every later pass one mask long."""
+    from types import SimpleNamespace
+
+    from circuitfind.algorithms import acdc
+
+    run = object.__new__(acdc._Run)
+    run.pass_times, run.last_fit = {}, None
+    # the logits' layer: passes of 4 and 8 masks on a line through 0 (or below)
+    run.pass_times[6] = [(4, 0.4), (8, 0.8), (8, 0.79)]
+    c0, c1 = run._pass_cost(6)
+    assert c1 == pytest.approx(0.1, rel=0.05) and c0 == pytest.approx(acdc._Run.min_fixed * c1)
+    # the next layer ran one-mask passes at 0.5 s each: its own cost, not the old line's 0.11
+    run.pass_times[5] = [(1, 0.5), (1, 0.5)]
+    c0, c1 = run._pass_cost(5)
+    assert (c0, c1) == pytest.approx((0.4, 0.1), rel=0.05)
+    # with confident predictions the batch grows past one mask
+    run.k_max = 16
+    run._guess = lambda item: (True, 0.02)
+    items = [SimpleNamespace(receiver=0)] * 20
+    assert acdc._Run._batch_end(run, items, 0, 5) > 1
+
+
 def test_batch_sizing_reads_cpu_time_and_no_clock_changes_a_decision(tiny_models, monkeypatch):
     """Speculative batch lengths follow measured pass costs: this process's CPU time on the
     CPU (other processes' load does not count), and whatever a clock says (here one that
