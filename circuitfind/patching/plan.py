@@ -844,6 +844,22 @@ def checkpointed_plan(shape: ModelShape, n_examples: int, seq_len: int, n_points
                       position_chunk=c, offload=offload, host=n * outputs if offload else 0)
 
 
+# On the CPU a masked pass holds at most this many bytes of its widest activation (the MLP's
+# hidden layer, tokens x d_mlp) so that its working set stays in the caches: a pass beyond
+# them runs at memory speed (docs/decisions.md, "Masked passes sized for the CPU's caches").
+CPU_PASS_BYTES = 8 * 2**20
+
+
+def cache_rows(shape: ModelShape, seq_len: int, device: str = "cpu") -> int:
+    """Model-batch rows of ``seq_len`` tokens one masked pass holds on ``device`` for speed:
+    on the CPU, those whose widest activation fits :data:`CPU_PASS_BYTES` (at least 1);
+    elsewhere unbounded (only the memory budget sizes a pass)."""
+    if not device.startswith("cpu"):
+        return 2**62
+    row = seq_len * max(shape.d_model, shape.d_mlp) * shape.width
+    return max(1, CPU_PASS_BYTES // row)
+
+
 def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
                 n_buffer: int | None = None) -> int:
     """Model-batch rows one masked pass may hold: what ``budget`` leaves after the weights,
@@ -900,8 +916,8 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
     The fixed part is the weights and the caches of all N examples
     (:func:`masked_cache_bytes`); a pass holds ``K n`` model-batch rows of
     :func:`masked_row_bytes` (sized with ``n_buffer`` senders buffered, as the engine sizes
-    them); ``n`` examples per pass is the most that fit (at most ``batch_size``), then ``K``
-    masks (at most ``masks_cap``). The predicted activations use ``pass_buffer`` senders per
+    them) and, on the CPU, within its caches (:func:`cache_rows`); ``n`` examples per pass is
+    the most that fit (at most ``batch_size``), then ``K`` masks (at most ``masks_cap``). The predicted activations use ``pass_buffer`` senders per
     row (what the passes really buffer: ACDC's passes start late; default ``n_buffer``).
 
     Args:
@@ -912,7 +928,8 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
         batch_size, masks_cap: Caps on examples and masks per pass.
         tests: ``(start layer, masks)`` of the passes, for the time.
         pass_buffer: Senders buffered per row in the predicted peak.
-        algorithm, device: For the report.
+        algorithm: For the report.
+        device: For the report, and the CPU's cap on rows per pass (:func:`cache_rows`).
 
     Returns:
         The :class:`MemoryPlan`; where the caches of N examples do not fit it says so
@@ -932,6 +949,7 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
         rows = masked_rows(shape, n_examples, seq_len, budget, n_buffer)
     except ConfigError:
         rows = 1
+    rows = min(rows, cache_rows(shape, seq_len, device))
     n = max(1, min(n_examples, batch_size or n_examples, rows))
     k = max(1, rows // n)
     if masks_cap is not None:
