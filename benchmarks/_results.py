@@ -57,11 +57,26 @@ def load_average() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``"AMD EPYC"``, ``"Intel(R) Xeon(R) ..."``),
+    or the architecture where there is none: speed ratios differ between Intel and AMD."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    """The processor and torch version, ``"x86_64, torch 2.13.0+cpu"``."""
+    """The processor, its model and torch's version, ``"x86_64 (AMD EPYC), torch
+    2.13.0+cpu"``."""
     import torch
 
-    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} ({cpu_model()}), "
+            f"torch {torch.__version__}")
 
 
 def utc_now() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import git, utc_now, write_results  # noqa: E402
+from _results import git, machine, utc_now, write_results  # noqa: E402
 from bench_families import GROUPED, SHAPE  # noqa: E402
 
 LINEAR = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"]
@@ -171,8 +170,7 @@ def main() -> None:
               "date": utc_now(),
               "load_before": load_before,
               "load_after": " ".join(f"{v:.1f}" for v in os.getloadavg()),
-              "machine": f"{platform.processor() or platform.machine()}, torch "
-                         f"{torch.__version__}"}
+              "machine": machine()}
     write_results(args.out, result, markdown)
 
 

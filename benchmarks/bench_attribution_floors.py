@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import git, interleaved_rounds, utc_now  # noqa: E402
+from _results import git, interleaved_rounds, machine, utc_now  # noqa: E402
 from bench_families import FAMILIES, GROUPED, SHAPE, _floors  # noqa: E402
 
 TITLE = "## EAP and EAP-IG(5) against their floors, interleaved"
@@ -148,7 +147,7 @@ def main() -> None:
         "date": utc_now(),
         "commit": git("rev-parse", "--short", "HEAD"),
         "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "machine": machine(),
     }
     print(write(Path(args.out), result))
 

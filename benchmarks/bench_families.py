@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_results  # noqa: E402
+from _results import machine, write_results  # noqa: E402
 from bench_engine import _median_time as _median  # noqa: E402
 
 FAMILIES = ["gpt2", "llama", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma2"]
@@ -202,7 +201,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         families = [measure(f, args.repeats, args.tau, Path(tmp)) for f in args.families]
     result = {"families": families, "repeats": args.repeats, "threads": args.threads,
-              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
+              "machine": machine()}
     write_results(args.out, result, markdown)
 
 
