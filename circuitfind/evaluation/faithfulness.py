@@ -98,7 +98,9 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
              memory_budget: int | str | None = None) -> FaithfulnessReport:
     """Evaluate a circuit's faithfulness and KL divergence on task data.
 
-    The circuit, the full model and the empty circuit run in one batched masked forward pass.
+    The circuit, the full model and the empty circuit run in one batched masked forward pass
+    (a circuit equal to the full model or to the empty circuit is not run again: it reads
+    their logits, so its faithfulness is exactly 1 or 0).
 
     Args:
         model: A ``TransformerBridge`` (from :func:`circuitfind.load_model`) or a
@@ -126,12 +128,18 @@ def evaluate(model: Any, circuit: Circuit, data: TaskData, batch_size: int | Non
     engine, spec = _engine(model, ablation, memory_budget)
     _check_graph(engine, circuit)
     g = engine.graph
-    masks = torch.stack([circuit.kept.to(engine.dtype), g.full_mask(engine.dtype),
-                         torch.zeros(g.n_senders, g.n_receivers, dtype=engine.dtype)])
-    logits = engine.run(data, masks, batch_size=batch_size, ablation=spec)  # [3, N, P, V]
+    # the full model, the empty circuit and, unless it is one of them, the circuit: the full
+    # and empty circuits then read the very same logits (a batch's rows can round apart on
+    # some CPUs' kernels, so faithfulness is exactly 1 and 0 there on every machine)
+    kept = circuit.kept.to(torch.bool) & g.edge_mask
+    same = (0 if torch.equal(kept, g.edge_mask) else 1 if not bool(kept.any()) else 2)
+    masks = torch.stack([g.full_mask(engine.dtype),
+                         torch.zeros(g.n_senders, g.n_receivers, dtype=engine.dtype)]
+                        + ([kept.to(engine.dtype)] if same == 2 else []))
+    logits = engine.run(data, masks, batch_size=batch_size, ablation=spec)  # [2|3, N, P, V]
     metrics = engine.on_device(data).metric(logits).double().mean(-1).cpu()
-    kl = float(kl_div(logits[1], logits[0]).double().mean())
-    m_c, m_full, m_empty = (float(v) for v in metrics)
+    kl = float(kl_div(logits[0], logits[same]).double().mean())
+    m_c, m_full, m_empty = float(metrics[same]), float(metrics[0]), float(metrics[1])
     return FaithfulnessReport(
         faithfulness=normalized_faithfulness(m_c, m_full, m_empty), metric_circuit=m_c,
         metric_full=m_full, metric_empty=m_empty, kl_div=kl, n_edges=circuit.n_edges,
