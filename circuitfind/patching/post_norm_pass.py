@@ -976,12 +976,14 @@ class PostNormPass:
             else:
                 scale, eps = rms
                 heads = {}
+                keep = not torch.is_grad_enabled()  # memo entries carry no autograd graph
                 for kind in "qkv":
                     w, b = self.lay.head_weights(layer, kind)
                     key = ("pn folded", layer, kind)  # kept from pass to pass, as the memo's
-                    found = self.memo.entries.get(key)
-                    self.fresh[key] = folded = (scale.to(w.dtype)[:, None] * w if found is None
-                                                else found)
+                    found = self.memo.entries.get(key) if keep else None
+                    folded = scale.to(w.dtype)[:, None] * w if found is None else found
+                    if keep:
+                        self.fresh[key] = folded
                     heads[kind] = (folded, b)
                 self.folds[layer] = (heads, eps)
         return self.folds[layer]
@@ -1162,10 +1164,11 @@ class PostNormPass:
         """Every head's output ``z_h W_O[h]`` ``[B, T|P, H, d]`` of ``z [B, T|P, H, dh]``:
         :meth:`Architecture.head_results` of every head, whose ``W_O`` ``[H, dh, d]`` (and
         ``z``) it copies per call to index them; here ``W_O``'s contiguous copy is kept in the
-        memo from pass to pass (no gradients; adapters that override ``head_results`` keep
-        theirs). The same product on the same operands: equal to it bit for bit."""
+        memo from pass to pass (with autograd off; adapters that override ``head_results``
+        keep theirs). The same product on the same operands: equal to it bit for bit."""
         lay, h = self.lay, self.g.n_heads
-        if self.grads or type(lay).head_results is not Architecture.head_results:
+        if (self.grads or torch.is_grad_enabled()
+                or type(lay).head_results is not Architecture.head_results):
             return lay.head_results(layer, z, torch.arange(h, device=z.device))
         key = ("pn w_out", layer)
         w = self.memo.entries.get(key)
