@@ -1153,12 +1153,35 @@ class PostNormPass:
             once = self._invariant_heads(layer, shared, own, last)
             if once is not None:
                 return once
-        for (kind, i), (ks, projected) in own.items():
-            self._put(shared[kind].view(k, n, t, *shared[kind].shape[2:]), ks, projected,
-                      kind == "q", i)
+        for kind, value in shared.items():
+            stacked = self._stacked(kind, value.shape[2], own, k)
+            if stacked is not None:
+                shared[kind] = stacked.view(value.shape)
+                continue
+            for (kind_r, i), (ks, projected) in own.items():
+                if kind_r == kind:
+                    self._put(value.view(k, n, t, *value.shape[2:]), ks, projected,
+                              kind == "q", i)
         query_pos = self.positions.repeat(k, 1) if last else None
         z = lay.attend(layer, shared["q"], shared["k"], shared["v"], query_pos=query_pos)
         return self._all_heads(layer, z).view(k, n, -1, g.n_heads, d).permute(0, 3, 1, 2, 4)
+
+    def _stacked(self, kind: str, count: int,
+                 own: dict[tuple[str, int], tuple[Tensor, Tensor]], rows: int) -> Tensor | None:
+        """The ``kind`` projections ``[rows, n, T, count, dh]`` of a layer where each of its
+        ``count`` receivers has its own in every mask (``own``, one row or ``rows``) at every
+        position: stacked in one copy instead of written receiver by receiver into a copy of the
+        shared projection (:meth:`_put`); ``None`` otherwise (and for the last block's queries,
+        which are at the metric positions only)."""
+        if kind == "q" and self.at_pos:
+            return None
+        found = [own.get((kind, i)) for i in range(count)]
+        values = []
+        for got in found:
+            if got is None or len(got[0]) != self.k:
+                return None
+            values.append(got[1].expand(rows, *got[1].shape[1:]))
+        return torch.stack(values, -2)
 
     def _all_heads(self, layer: int, z: Tensor) -> Tensor:
         """Every head's output ``z_h W_O[h]`` ``[B, T|P, H, d]`` of ``z [B, T|P, H, dh]``:
@@ -1197,6 +1220,10 @@ class PostNormPass:
             one = torch.zeros(1, dtype=torch.long, device=self.positions.device)
             parts = {}
             for kind, value in shared.items():
+                stacked = self._stacked(kind, value.shape[2], own, 1)
+                if stacked is not None:
+                    parts[kind] = stacked.view(n, *value.shape[1:])
+                    continue
                 value = value[: n].clone()  # one mask's rows, every entry written below
                 for (kind_r, i), (_, projected) in own.items():
                     if kind_r == kind:
