@@ -156,6 +156,9 @@ class PostNormPass:
         touched = (g.edge_mask.to(weights.device).bool().unsqueeze(0).expand(self.k, -1, -1)
                    if self.grads else weights.detach().ne(0))
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
+        # which weights are nonzero [K, S, R] (no gradients), read on the host (_dynamic_gram)
+        self.nonzero = None if self.grads else (
+            removed.ne(0).cpu().numpy(), None if frozen is None else frozen.ne(0).cpu().numpy())
         # pairs reading the fully ablated run's residual ``abl`` (see _ablated_rows)
         self.full, self.abl = fully_removed(g.edge_mask, removed, frozen), abl_resid
         self.full_sums: dict[tuple[int, bool], tuple[Tensor, bool]] = {}  # see _ablated_sums
@@ -683,6 +686,10 @@ class PostNormPass:
             self.frozen if every else self.frozen[kd])[:, :, ridx]
         n_cols = self.col_before[n_up]
         coef: Tensor | None = None  # [K', X', R', J]
+        assert self.nonzero is not None  # the Gram form runs without gradients
+        nz_all, nzf_all = self.nonzero
+        nz_r = nz_all[kset.numpy()][:, :, rs]  # [K', S, R']
+        nz_f = None if nzf_all is None else nzf_all[kset.numpy()][:, :, rs]
 
         def coefficients(x_size: int) -> Tensor:
             nonlocal coef
@@ -697,7 +704,8 @@ class PostNormPass:
             w = removed[:, h0: h0 + g.n_heads]  # [K', H, R']
             if frozen is not None:
                 w = torch.cat([w, frozen[:, h0: h0 + g.n_heads]], 1)
-            if bool(w.ne(0).any()):
+            if nz_r[:, h0: h0 + g.n_heads].any() or (
+                    nz_f is not None and nz_f[:, h0: h0 + g.n_heads].any()):
                 self._fill(h0)
                 if layer in self.grams:
                     gram = self.grams[layer] if every else self.grams[layer][kd]
@@ -728,8 +736,8 @@ class PostNormPass:
             assert u is not None  # post-norm families have MLPs
             if u >= n_up:
                 break
-            for i, weights in enumerate((removed, frozen)):
-                if weights is None or not bool(weights[:, u].ne(0).any()):
+            for i, (weights, nz) in enumerate(((removed, nz_r), (frozen, nz_f))):
+                if weights is None or nz is None or not nz[:, u].any():
                     continue
                 self._fill(u)
                 if self.removed_diff.get(u) is not None:
@@ -956,7 +964,9 @@ class PostNormPass:
         """Layer ``layer``'s per-head q/k/v weights ``[heads, d, dh]`` with the input norm's
         scale folded in, and biases, and its ``eps``, where its input norm is an RMSNorm
         computed in the model's dtype (:meth:`Architecture.ln_attn_rms`: float32 models) and
-        no gradient is taken; ``None`` otherwise (the inputs are then normalised first)."""
+        no gradient is taken; ``None`` otherwise (the inputs are then normalised first). The
+        folded weights are kept in the memo from pass to pass (three products of ``[heads, d,
+        dh]`` per layer and pass otherwise), the same tensors bit for bit."""
         if self.grads or self.dtype != torch.float32:
             return None
         if layer not in self.folds:
@@ -966,9 +976,15 @@ class PostNormPass:
             else:
                 scale, eps = rms
                 heads = {}
+                keep = not torch.is_grad_enabled()  # memo entries carry no autograd graph
                 for kind in "qkv":
                     w, b = self.lay.head_weights(layer, kind)
-                    heads[kind] = (scale.to(w.dtype)[:, None] * w, b)
+                    key = ("pn folded", layer, kind)  # kept from pass to pass, as the memo's
+                    found = self.memo.entries.get(key) if keep else None
+                    folded = scale.to(w.dtype)[:, None] * w if found is None else found
+                    if keep:
+                        self.fresh[key] = folded
+                    heads[kind] = (folded, b)
                 self.folds[layer] = (heads, eps)
         return self.folds[layer]
 
@@ -1137,13 +1153,53 @@ class PostNormPass:
             once = self._invariant_heads(layer, shared, own, last)
             if once is not None:
                 return once
-        for (kind, i), (ks, projected) in own.items():
-            self._put(shared[kind].view(k, n, t, *shared[kind].shape[2:]), ks, projected,
-                      kind == "q", i)
+        for kind, value in shared.items():
+            stacked = self._stacked(kind, value.shape[2], own, k)
+            if stacked is not None:
+                shared[kind] = stacked.view(value.shape)
+                continue
+            for (kind_r, i), (ks, projected) in own.items():
+                if kind_r == kind:
+                    self._put(value.view(k, n, t, *value.shape[2:]), ks, projected,
+                              kind == "q", i)
         query_pos = self.positions.repeat(k, 1) if last else None
         z = lay.attend(layer, shared["q"], shared["k"], shared["v"], query_pos=query_pos)
-        res = lay.head_results(layer, z, torch.arange(g.n_heads, device=x.device))
-        return res.view(k, n, -1, g.n_heads, d).permute(0, 3, 1, 2, 4)
+        return self._all_heads(layer, z).view(k, n, -1, g.n_heads, d).permute(0, 3, 1, 2, 4)
+
+    def _stacked(self, kind: str, count: int,
+                 own: dict[tuple[str, int], tuple[Tensor, Tensor]], rows: int) -> Tensor | None:
+        """The ``kind`` projections ``[rows, n, T, count, dh]`` of a layer where each of its
+        ``count`` receivers has its own in every mask (``own``, one row or ``rows``) at every
+        position: stacked in one copy instead of written receiver by receiver into a copy of the
+        shared projection (:meth:`_put`); ``None`` otherwise (and for the last block's queries,
+        which are at the metric positions only)."""
+        if kind == "q" and self.at_pos:
+            return None
+        found = [own.get((kind, i)) for i in range(count)]
+        values = []
+        for got in found:
+            if got is None or len(got[0]) != self.k:
+                return None
+            values.append(got[1].expand(rows, *got[1].shape[1:]))
+        return torch.stack(values, -2)
+
+    def _all_heads(self, layer: int, z: Tensor) -> Tensor:
+        """Every head's output ``z_h W_O[h]`` ``[B, T|P, H, d]`` of ``z [B, T|P, H, dh]``:
+        :meth:`Architecture.head_results` of every head, whose ``W_O`` ``[H, dh, d]`` (and
+        ``z``) it copies per call to index them; here ``W_O``'s contiguous copy is kept in the
+        memo from pass to pass (with autograd off; adapters that override ``head_results``
+        keep theirs). The same product on the same operands: equal to it bit for bit."""
+        lay, h = self.lay, self.g.n_heads
+        if (self.grads or torch.is_grad_enabled()
+                or type(lay).head_results is not Architecture.head_results):
+            return lay.head_results(layer, z, torch.arange(h, device=z.device))
+        key = ("pn w_out", layer)
+        w = self.memo.entries.get(key)
+        if w is None:
+            w_o, _ = lay.w_out(layer)  # [H*dh, d]
+            w = w_o.reshape(h, -1, w_o.shape[-1]).contiguous()
+        self.fresh[key] = w
+        return torch.einsum("bthe,hed->bthd", z.contiguous(), w)
 
     def _invariant_heads(self, layer: int, shared: dict[str, Tensor],
                          own: dict[tuple[str, int], tuple[Tensor, Tensor]], last: bool
@@ -1164,6 +1220,10 @@ class PostNormPass:
             one = torch.zeros(1, dtype=torch.long, device=self.positions.device)
             parts = {}
             for kind, value in shared.items():
+                stacked = self._stacked(kind, value.shape[2], own, 1)
+                if stacked is not None:
+                    parts[kind] = stacked.view(n, *value.shape[1:])
+                    continue
                 value = value[: n].clone()  # one mask's rows, every entry written below
                 for (kind_r, i), (_, projected) in own.items():
                     if kind_r == kind:
@@ -1172,8 +1232,8 @@ class PostNormPass:
                 parts[kind] = value
             z = lay.attend(layer, parts["q"], parts["k"], parts["v"],
                            query_pos=self.positions if last else None)
-            res = lay.head_results(layer, z, torch.arange(g.n_heads, device=z.device))
-            res = res.view(1, n, -1, g.n_heads, self.d).permute(0, 3, 1, 2, 4)
+            res = self._all_heads(layer, z).view(1, n, -1, g.n_heads, self.d).permute(
+                0, 3, 1, 2, 4)
         self.fresh[key] = res
         return res.expand(k, -1, -1, -1, -1)
 

@@ -738,6 +738,56 @@ def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkey
     assert spread > 1e-3  # the flipped edges matter
 
 
+def test_folded_and_output_weights_kept_from_pass_to_pass_change_nothing(tmp_path):
+    """Float32 passes keep ``W_O`` and the norm-folded q/k/v weights in the runner's memo
+    (``PostNormPass._all_heads``, ``_folded``): a later pass reads the very tensors an earlier
+    one made, and its logits equal, bit for bit, those of the same pass making them afresh; a
+    pass with autograd on keeps none of them (their graphs would outlive the pass)."""
+    from circuitfind.patching.masked_pass import KeptFormMemo
+    from circuitfind.patching.post_norm_pass import PostNormPass
+    from circuitfind.testing.tiny import tiny_model
+
+    model = tiny_model(tmp_path / "gemma2", dtype=torch.float32, arch="gemma2", n_layers=3,
+                       n_heads=4, n_kv_heads=2, seed=9)
+    data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=17)
+    engine = PatchingEngine(model)
+    g, runner = engine.graph, engine.runner
+    gen = torch.Generator().manual_seed(6)
+    cases = _acdc_like(g, gen, range(g.n_layers), ("q", "mlp"))
+    engine.run(data, cases[0])
+    kept = {key: value for key, value in runner.memo.entries.items()
+            if key[0] in ("pn folded", "pn w_out")}
+    assert {key[0] for key in kept} == {"pn folded", "pn w_out"}
+    read = []
+    original = PostNormPass._folded
+
+    def spy(self, layer):
+        out = original(self, layer)
+        read.extend(out[0][kind][0] for kind in "qkv")
+        return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PostNormPass, "_folded", spy)
+        engine.run(data, cases[0])
+    assert read and all(any(w is v for v in kept.values()) for w in read)
+    assert all(runner.memo.entries[key] is value for key, value in kept.items()
+               if key in runner.memo.entries)
+    mine = ("pn folded", "pn w_out")
+    for masks in cases[1:]:  # the same memo but for these weights: made afresh, same logits
+        memo = runner.memo
+        before = (dict(memo.entries), dict(memo.ids), memo.next_id)
+        carried = engine.run(data, masks)
+        memo.entries = {key: v for key, v in before[0].items() if key[0] not in mine}
+        memo.ids, memo.next_id = before[1], before[2]
+        assert torch.equal(carried, engine.run(data, masks))
+    cache = engine.clean_cache(data)
+    values = engine.ablation_values(data, None)[:, :, : cache.resid.shape[2]]
+    removed = (1 - cases[0][:1]) * g.edge_mask.float()
+    runner.memo = KeptFormMemo()
+    with torch.enable_grad():
+        PostNormPass(runner, cache, values, removed, data.positions).logits()
+    assert not any(key[0] in ("pn folded", "pn w_out") for key in runner.memo.entries)
+
+
 def test_mixture_norms_flag_cancelling_mixtures():
     """``mixture_norms`` reads ``|sum_j u_j v_j|^2`` off the Gram matrix and flags the mixtures
     that cancel (where a float32 Gram matrix's rounding would dominate), not the others."""
