@@ -225,10 +225,13 @@ class _Prior:
     A candidate's category is its test kind (edge or node test), receiver kind (q, k, v,
     ``mlp``, ``logits``) and sender kind (``attention``, ``mlp``, ``input``; none for node
     tests); its probability of removal is the removal rate so far of its category at its
-    receiver's layer, smoothed towards the category's rate over all layers, which is smoothed
-    towards the run's rate, which is smoothed towards 1/2 (each level ``(removed + w p) /
-    (tests + w)`` with ``p`` the coarser level's rate and ``w = 2`` pseudo-tests). Predictions
-    set batch lengths and speculative masks, never a decision.
+    receiver's layer, smoothed towards the category's rate at the layer visited before
+    (``layer + 1``), which is smoothed towards the category's rate over all layers, the run's
+    rate and 1/2 (each level ``(removed + w p) / (tests + w)`` with ``p`` the coarser level's
+    rate and ``w = 2`` pseudo-tests). The previous layer's level carries the trend with depth
+    into a layer's first tests: on the benchmark's models q node tests go from mostly removed
+    late to all kept early, which the rate over all layers mispredicted at each new layer.
+    Predictions set batch lengths and speculative masks, never a decision.
     """
 
     weight = 2.0
@@ -238,8 +241,9 @@ class _Prior:
 
     @staticmethod
     def keys(category: tuple[str, str, str | None], layer: int) -> tuple[tuple[Any, ...], ...]:
-        """The levels of one candidate, coarsest first."""
-        return ((), category, (*category, layer))
+        """The levels of one candidate, coarsest first (the previous layer's level is the same
+        category's count at ``layer + 1``: read here, learned there)."""
+        return ((), category, (*category, layer + 1), (*category, layer))
 
     def p_removed(self, category: tuple[str, str, str | None], layer: int) -> float:
         """Probability that a first test of this category at ``layer`` removes it."""
@@ -252,7 +256,7 @@ class _Prior:
 
     def learn(self, category: tuple[str, str, str | None], layer: int, removed: bool) -> None:
         """Count one decision."""
-        for key in self.keys(category, layer):
+        for key in ((), category, (*category, layer)):
             seen = self.counts.setdefault(key, [0, 0])
             seen[0] += 1
             seen[1] += removed
@@ -399,6 +403,10 @@ class _Run:
         # nearly equal state, the prior of first tests, and (right, total) predictions
         # without / with such a value
         self.predictions: dict[_Item, bool] = {}
+        # values of tests whose mask was already evaluated (:meth:`_sole_edge`), valid while
+        # ``version`` (the count of changes to the kept mask) is the one stored with them
+        self.measured: dict[_Item, tuple[float, int]] = {}
+        self.version = 0
         self.prior = _Prior()
         self.pred_stats: dict[bool, tuple[int, int]] = {False: (0, 0), True: (0, 0)}
         self.pass_times: dict[int, list[tuple[int, float]]] = {}  # layer -> (masks, seconds)
@@ -436,6 +444,7 @@ class _Run:
         for step in steps:
             r = step.receiver
             if not self._connected(r):
+                self.version += bool(st["kept"][:, r].any())
                 st["kept"][:, r] = False  # no path to the logits: removed untested
                 continue
             if step.kind == "node":
@@ -477,6 +486,7 @@ class _Run:
             st["effects"][item.sender, item.receiver] = effect
         if removed:
             self._remove(st["kept"], item)
+            self.version += 1
             st["cur"] = value
         return removed
 
@@ -502,6 +512,19 @@ class _Run:
         stats = self.pred_stats[from_value]
         self.pred_stats[from_value] = (stats[0] + (removed == guess), stats[1] + 1)
         self.prior.learn(self._category(item), self.g.receivers[item.receiver].layer, removed)
+
+    def _sole_edge(self, item: _Item, value: float) -> None:
+        """After a node test that kept a receiver with one kept edge: that edge's test removes
+        every edge of the receiver, so its mask is the node test's own. The edge is predicted
+        kept, and its test reads ``value`` (the objective of that very mask) unless the
+        circuit changed in between (:attr:`version`): the value is a function of the mask
+        alone, so it is a measurement under the true state. The layer-0 receivers, which read
+        only the input, are all such."""
+        senders = self.state["kept"][:, item.receiver].nonzero()[:, 0].tolist()
+        if len(senders) == 1:
+            edge = _Item("edge", item.receiver, senders[0])
+            self.predictions[edge] = False
+            self.measured[edge] = value, self.version
 
     def _relearn(self) -> None:
         """Rebuild the prior from a resumed state's decisions (a node test kept and all its
@@ -570,6 +593,13 @@ class _Run:
         i = 0
         kept = self.state["kept"]
         while i < len(items):
+            known = self.measured.pop(items[i], None)
+            if known is not None and known[1] == self.version:  # this mask's value is known
+                guess = self._guess(items[i])[0]
+                self._learn(items[i], guess, self._decide(items[i], known[0]))
+                i += 1
+                self._progress(bar, items[i - 1].receiver, 1)
+                continue
             layer = self.g.receivers[items[i].receiver].layer
             batch = items[i: self._batch_end(items, i, layer)]
             guesses = [self._guess(item)[0] for item in batch]
@@ -589,6 +619,8 @@ class _Run:
                 done += 1
                 removed = self._decide(item, value)
                 self._learn(item, guess, removed)
+                if item.kind == "node" and not removed:
+                    self._sole_edge(item, value)
                 if removed != guess:
                     # later candidates were measured under a state that differs from the true
                     # one by this candidate; their effects still predict their decisions well
