@@ -526,6 +526,12 @@ class _Run:
             self.predictions[edge] = False
             self.measured[edge] = value, self.version
 
+    def _known(self, item: _Item) -> float | None:
+        """The value of ``item``'s test if its mask was evaluated since the last change to
+        the circuit (:meth:`_sole_edge`), else None."""
+        known = self.measured.get(item)
+        return known[0] if known is not None and known[1] == self.version else None
+
     def _relearn(self) -> None:
         """Rebuild the prior from a resumed state's decisions (a node test kept and all its
         receiver's edges removed later reads as removed: predictions only)."""
@@ -593,15 +599,18 @@ class _Run:
         i = 0
         kept = self.state["kept"]
         while i < len(items):
-            known = self.measured.pop(items[i], None)
-            if known is not None and known[1] == self.version:  # this mask's value is known
+            known = self._known(items[i])
+            if known is not None:  # this test's mask was evaluated under the true state
                 guess = self._guess(items[i])[0]
-                self._learn(items[i], guess, self._decide(items[i], known[0]))
+                self._learn(items[i], guess, self._decide(items[i], known))
                 i += 1
                 self._progress(bar, items[i - 1].receiver, 1)
                 continue
             layer = self.g.receivers[items[i].receiver].layer
-            batch = items[i: self._batch_end(items, i, layer)]
+            end = self._batch_end(items, i, layer)
+            # a batch stops before a known value: read, not evaluated again, if still valid
+            end = next((j for j in range(i + 1, end) if self._known(items[j]) is not None), end)
+            batch = items[i: end]
             guesses = [self._guess(item)[0] for item in batch]
             masks = kept[None].repeat(len(batch), 1, 1)
             for j, (item, guess) in enumerate(zip(batch, guesses)):
