@@ -64,12 +64,16 @@ effects becoming their predictions (each effect taken against the value of the s
 assumed, i.e. the batch's previous predicted removal: an effect under a state that differs by
 one edge predicts the decision well). Candidates without such a value are predicted by the
 removal rate so far of their category (test kind, receiver kind q/k/v/MLP/logits, sender kind
-head/MLP/input), refined per receiver layer (:class:`_Prior`): on the benchmark's models MLP
-and logits edges are mostly kept and late q/k edges almost never, which one majority over the
-run mispredicted. K maximises the expected accepted tests per second given each candidate's
-own miss probability and a fit of this layer's pass time to ``c0 + c1 K``. Decisions equal the
-sequential algorithm's (pinned edge for edge by the tests, against one full forward per edge,
-and with every prediction forced wrong); speculation only changes the cost.
+head/MLP/input), refined per receiver layer through the layer visited before (:class:`_Prior`):
+on the benchmark's models MLP and logits edges are mostly kept and late q/k edges almost never,
+which one majority over the run mispredicted. K maximises the expected accepted tests per
+second given each candidate's own miss probability and a fit of this layer's pass time to
+``c0 + c1 K``. A test whose mask was already evaluated since the circuit last changed reads
+that value instead of a pass: the edge of a receiver with one kept edge (the layer-0 q/k/v
+inputs read only the input) removes every edge of the receiver, which is the kept node test's
+own mask. Decisions equal the sequential algorithm's (pinned edge for edge by the tests,
+against one full forward per edge, and with every prediction forced wrong); speculation only
+changes the cost.
 
 Faster approximation (``mode="batched"``). All incoming edges of a receiver are tested against
 the same state in one pass and every edge below τ is removed at once; ``cur`` is then
