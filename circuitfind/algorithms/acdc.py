@@ -610,6 +610,7 @@ class _Run:
             known = self._known(items[i])
             if known is not None:  # this test's mask was evaluated under the true state
                 guess = self._guess(items[i])[0]
+                del self.measured[items[i]]
                 self._learn(items[i], guess, self._decide(items[i], known))
                 i += 1
                 self._progress(bar, items[i - 1].receiver, 1)
@@ -650,17 +651,16 @@ class _Run:
     def _predict(self, effect: float) -> tuple[bool, bool]:
         """A prediction from an effect measured under a nearly equal state: whether it would
         remove the candidate, and whether the effect was within :attr:`near` τ of τ."""
-        worse = self.objective.worsening(effect)
-        if self.algo.abs_value_threshold:
-            worse = abs(worse)
+        worse = self._worsening(effect)
         return bool(worse < self.algo.threshold), abs(worse - self.algo.threshold) < (
             self.near * self.algo.threshold)
 
-    def _would_remove(self, effect: float) -> bool:
+    def _worsening(self, effect: float) -> float:
         worse = self.objective.worsening(effect)
-        if self.algo.abs_value_threshold:
-            worse = abs(worse)
-        return bool(worse < self.algo.threshold)
+        return abs(worse) if self.algo.abs_value_threshold else worse
+
+    def _would_remove(self, effect: float) -> bool:
+        return bool(self._worsening(effect) < self.algo.threshold)
 
     def _batched(self, items: list[_Item], bar: Any) -> None:
         st, g = self.state, self.g
