@@ -1188,9 +1188,10 @@ class PostNormPass:
         :meth:`Architecture.head_results` of every head, whose ``W_O`` ``[H, dh, d]`` (and
         ``z``) it copies per call to index them; here ``W_O``'s contiguous copy is kept in the
         memo from pass to pass (with autograd off; adapters that override ``head_results``
-        keep theirs). The same product on the same operands: equal to it bit for bit."""
+        keep theirs, and so does a wrapper such as a placement over devices). The same
+        product on the same operands: equal to it bit for bit."""
         lay, h = self.lay, self.g.n_heads
-        if (self.grads or torch.is_grad_enabled()
+        if (self.grads or torch.is_grad_enabled() or not isinstance(lay, Architecture)
                 or type(lay).head_results is not Architecture.head_results):
             return lay.head_results(layer, z, torch.arange(h, device=z.device))
         key = ("pn w_out", layer)
