@@ -576,9 +576,10 @@ class _Run:
 
         Until two batch sizes were seen at ``layer``: the cost per mask of the latest fit of
         another layer (layers are visited from the last), or ``(1, 1)``, with what this layer's
-        passes cost beyond it as the fixed cost. ``c0`` is at least :attr:`min_fixed` ``* c1``: a pass always has a fixed cost, and a
-        fit at zero (noise, or a range of sizes where the cost per mask falls with K) would
-        choose K = 1 for good, since a layer that sees one batch size is never refitted.
+        passes cost beyond it as the fixed cost. ``c0`` is at least :attr:`min_fixed` ``* c1``:
+        a pass always has a fixed cost, and a fit at zero (noise, or a range of sizes where the
+        cost per mask falls with K) would choose K = 1 for good, since a layer that sees one
+        batch size is never refitted.
         Seconds of this process's CPU time on the CPU (wall time on an accelerator), so load
         from other processes does not skew them; they set batch lengths, which change the
         cost, never a decision."""

@@ -917,8 +917,9 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
     (:func:`masked_cache_bytes`); a pass holds ``K n`` model-batch rows of
     :func:`masked_row_bytes` (sized with ``n_buffer`` senders buffered, as the engine sizes
     them) and, on the CPU, within its caches (:func:`cache_rows`); ``n`` examples per pass is
-    the most that fit (at most ``batch_size``), then ``K`` masks (at most ``masks_cap``). The predicted activations use ``pass_buffer`` senders per
-    row (what the passes really buffer: ACDC's passes start late; default ``n_buffer``).
+    the most that fit (at most ``batch_size``), then ``K`` masks (at most ``masks_cap``). The
+    predicted activations use ``pass_buffer`` senders per row (what the passes really buffer:
+    ACDC's passes start late; default ``n_buffer``).
 
     Args:
         shape: The model.
