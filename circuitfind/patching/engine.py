@@ -444,25 +444,29 @@ class PatchingEngine:
                        n_buffer: int | None = None, cap: int | None = None) -> int:
         """How many masks of ``data`` (its examples, or ``batch_size`` of them) one pass holds
         within ``memory_budget`` (:meth:`rows_per_pass`, the caches of all of ``data``'s
-        examples counted) and, on the CPU, within its caches (:meth:`_cache_rows`), at
+        examples counted) and, on the CPU, within its caches (:meth:`_pass_rows`), at
         least 1 and at most ``cap``: the one place algorithms size their batched passes.
 
         Raises:
             ConfigError: the budget cannot hold the caches and a single row.
         """
-        t = self._used_len(data)
-        rows = min(self.rows_per_pass(t, n_buffer, data.n), self._cache_rows(t))
+        rows = self._pass_rows(self._used_len(data), n_buffer, data.n)
         k = max(1, rows // min(data.n, batch_size or data.n))
         return k if cap is None else min(cap, k)
 
-    def _cache_rows(self, seq_len: int) -> int:
-        """Rows of ``seq_len`` tokens a pass holds for speed on this device
-        (:func:`circuitfind.patching.plan.cache_rows`)."""
-        return memory_plan.cache_rows(self.shape, seq_len, self.device.type)
+    def _pass_rows(self, seq_len: int, n_buffer: int | None, n_examples: int) -> int:
+        """Rows a pass holds: :meth:`rows_per_pass` (the budget), on the CPU at most those
+        that stay in its caches (:func:`circuitfind.patching.plan.cache_rows`).
+
+        Raises:
+            ConfigError: as :meth:`rows_per_pass`.
+        """
+        return min(self.rows_per_pass(seq_len, n_buffer, n_examples),
+                   memory_plan.cache_rows(self.shape, seq_len, self.device.type))
 
     def _chunks(self, n_masks: int, n_examples: int, seq_len: int, batch_size: int | None,
                 n_buffer: int | None = None) -> Iterator[tuple[slice, slice]]:
-        rows = min(self.rows_per_pass(seq_len, n_buffer, n_examples), self._cache_rows(seq_len))
+        rows = self._pass_rows(seq_len, n_buffer, n_examples)
         n = min(n_examples, batch_size or n_examples, rows)
         k = max(1, min(n_masks, rows // n))
         for e0 in range(0, n_examples, n):

@@ -97,7 +97,8 @@ import torch
 from torch import Tensor
 
 from circuitfind.patching.architectures import Architecture
-from circuitfind.patching.masked_pass import ablated_input, fully_removed, receiver_changes
+from circuitfind.patching.masked_pass import (ablated_input, fully_removed, host_array,
+                                             receiver_changes)
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -158,7 +159,7 @@ class PostNormPass:
         self.touched = touched.any(1).cpu()  # [K, R]: (mask, receiver) pairs with own inputs
         # which weights are nonzero [K, S, R] (no gradients), read on the host (_dynamic_gram)
         self.nonzero = None if self.grads else (
-            removed.ne(0).cpu().numpy(), None if frozen is None else frozen.ne(0).cpu().numpy())
+            host_array(removed) != 0, None if frozen is None else host_array(frozen) != 0)
         # pairs reading the fully ablated run's residual ``abl`` (see _ablated_rows)
         self.full, self.abl = fully_removed(g.edge_mask, removed, frozen), abl_resid
         self.full_sums: dict[tuple[int, bool], tuple[Tensor, bool]] = {}  # see _ablated_sums
