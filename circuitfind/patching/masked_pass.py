@@ -986,14 +986,15 @@ class MaskedPass:
                     if patches:
                         xm = self._patched(xm, patches, forms[mform].k)
                         variant[u] = forms[mform].k > 1
+                    xm = lay.ln_mlp(layer, xm)
                     if not once_m and not last and xm.shape[0] == k_masks:
-                        # per mask at every position: straight into ``current``
-                        slot = dyn_slot[u]
-                        dst = self.current[:, slot].view(k_masks, n, t, -1)
-                        lay.mlp_into(layer, lay.ln_mlp(layer, xm), out=dst)
-                        self.put(slot, dst.unsqueeze(1), False, written=True)
-                        continue
-                    m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+                        # per mask at every position: straight into ``current`` where the
+                        # family writes its MLP there
+                        dst = self.current[:, dyn_slot[u]].view(k_masks, n, t, -1)
+                        if lay.mlp_into(layer, xm, out=dst) is not None:
+                            self.put(dyn_slot[u], dst.unsqueeze(1), False, written=True)
+                            continue
+                    m = lay.mlp(layer, xm)
                 if once_m:
                     fresh[key] = m
                     keys[u] = key
@@ -1115,9 +1116,9 @@ class MaskedPass:
         qkv = {}
         for kind in "qkv":  # attention layout [kk*n, T, h|groups, dh]
             slots = subset if kind == "q" else (groups if grouped else [hh // rep for hh in subset])
-            parts = [proj[first[kind] + i] for i in slots]
-            qkv[kind] = torch.stack([p.expand(kk, -1, -1).view(kk, n, t, -1) for p in parts],
-                                    3).view(kk * n, t, len(slots), -1)
+            parts = [proj[first[kind] + i] for i in slots]  # [kk|1, n*T, dh] each
+            qkv[kind] = torch.stack([p if p.shape[0] == kk else p.expand(kk, -1, -1)
+                                     for p in parts], 2).view(kk * n, t, len(slots), -1)
         z = lay.attend(layer, qkv["q"], qkv["k"], qkv["v"], grouped=grouped,
                        query_pos=pos.repeat(kk, 1) if last else None, scratch=True)
         # head-major [kk, h, n*(T|P), d], contiguous: written into ``current`` by plain copies

@@ -284,12 +284,13 @@ class Architecture:
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def mlp_into(self, layer: int, x: Tensor, out: Tensor) -> Tensor:
-        """:meth:`mlp` of ``x [K, ..., d]`` written into ``out`` (the same shape; each row of
-        ``K`` contiguous, e.g. a masked pass's per-mask buffer rows) and returned. Here a copy
-        of :meth:`mlp`'s result; families whose last projection can write there directly
-        override it (:class:`~circuitfind.patching.architectures.llama.Llama`)."""
-        return out.copy_(self.mlp(layer, x))
+    def mlp_into(self, layer: int, x: Tensor, out: Tensor) -> Tensor | None:
+        """:meth:`mlp` of ``x [K, ..., d]`` written straight into ``out`` (the same shape; each
+        row of ``K`` contiguous: a masked pass's per-mask buffer rows) and returned, or
+        ``None`` (here: nothing written) where the family's last projection cannot write
+        there directly (the caller then takes :meth:`mlp`'s result). Overridden by
+        :class:`~circuitfind.patching.architectures.llama.Llama`."""
+        return None
 
     def layer_norm(self, x: Tensor, w: Tensor, b: Tensor | None, eps: float) -> Tensor:
         """LayerNorm over the last axis of ``x`` (``F.layer_norm``; with frozen statistics,
