@@ -737,12 +737,14 @@ class MaskedPass:
         return self.data_memo.get(("ablated residual at positions", which, layer),
                                   lambda: self.at_positions(resid[layer].unsqueeze(0)))
 
-    def put(self, slot: int, values: Tensor, at_pos: bool) -> None:
+    def put(self, slot: int, values: Tensor, at_pos: bool, written: bool = False) -> None:
         """Write senders' current values ``[K, h, n, T, d]`` (or ``[K, h, n, P, d]`` at the
         metric positions when ``at_pos``) minus their ablation values into ``current`` from
         ``slot``; in kept form also into ``current_pos``, the same rows at the metric
         positions (what receivers read there only), and values at the metric positions go
-        there alone."""
+        there alone. ``written``: ``values`` are already those rows of ``current`` (every
+        position; :meth:`_heads_pass` computed them there): only the ablation values are
+        subtracted, in place."""
         ablated, current, d, dynamic = self.ablated, self.current, self.d, self.dynamic
         k_masks, n, n_pos, pos, t = self.k_masks, self.n, self.n_pos, self.pos, self.t
         at_p = self.current_pos
@@ -773,8 +775,11 @@ class MaskedPass:
             return
         abl = ablated[u0: u0 + h] if consecutive else ablated[dynamic[slot: slot + h]]
         dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
-        if once:
-            dst.copy_(values - abl)
+        if written:
+            dst.sub_(abl)
+        elif once:  # the first mask's rows, copied to the others (no temporary)
+            torch.sub(values[0], abl, out=dst[0])
+            dst[1:].copy_(dst[:1])
         else:
             torch.sub(values, abl, out=dst)
         if at_p is not None:
@@ -951,8 +956,14 @@ class MaskedPass:
                     # their receivers equal in every mask: projected once (memo keys)
                     fixed = {r: self._intern(("recv", self._input_key(r, form, layer)))
                              for i, r in enumerate(rs) if same[i] and heads[i % nh] in per_mask}
-                    res = self._heads_pass(layer, per_mask, form, base, sign, last, fixed)
-                    self._put_heads(layer, per_mask, res, last)
+                    # per-mask outputs at every position go straight into ``current`` where
+                    # their slots are consecutive (no second copy of ``[K, h, n*T, d]``)
+                    s0 = dyn_slot[h0 + per_mask[0]]
+                    into = (s0 if not last and dyn_slot[h0 + per_mask[-1]] == s0 + len(per_mask) - 1
+                            else None)
+                    res = self._heads_pass(layer, per_mask, form, base, sign, last, fixed, into)
+                    if into is None or res.shape[0] != k_masks:
+                        self._put_heads(layer, per_mask, res, last)
                     for hh in per_mask:
                         if res.shape[0] > 1:
                             variant[h0 + hh] = True
@@ -975,7 +986,15 @@ class MaskedPass:
                     if patches:
                         xm = self._patched(xm, patches, forms[mform].k)
                         variant[u] = forms[mform].k > 1
-                    m = lay.mlp(layer, lay.ln_mlp(layer, xm))
+                    xm = lay.ln_mlp(layer, xm)
+                    if not once_m and not last and xm.shape[0] == k_masks:
+                        # per mask at every position: straight into ``current`` where the
+                        # family writes its MLP there
+                        dst = self.current[:, dyn_slot[u]].view(k_masks, n, t, -1)
+                        if lay.mlp_into(layer, xm, out=dst) is not None:
+                            self.put(dyn_slot[u], dst.unsqueeze(1), False, written=True)
+                            continue
+                    m = lay.mlp(layer, xm)
                 if once_m:
                     fresh[key] = m
                     keys[u] = key
@@ -1053,9 +1072,13 @@ class MaskedPass:
         return (self.equal[form][rs] & ~reads).tolist()
 
     def _heads_pass(self, layer: int, subset: list[int], form: str, base: Tensor,
-                    sign: float, last: bool, fixed: dict[int, Any] | None = None) -> Tensor:
+                    sign: float, last: bool, fixed: dict[int, Any] | None = None,
+                    into: int | None = None) -> Tensor:
         """The outputs ``[kk, h, n, T|P, d]`` of the heads ``subset`` of ``layer``, per mask
-        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``).
+        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``). With ``into``
+        (the first of the heads' consecutive slots in ``current``) per-mask outputs are
+        computed straight into ``current`` and :meth:`put` there (the caller skips its own
+        put when ``kk = K``); the returned tensor then views ``current``.
 
         ``fixed`` maps the q/k/v receivers of ``subset`` whose input is the same in every mask
         (:meth:`_invariant`) to their memo key: those are projected once for all masks (or
@@ -1093,12 +1116,17 @@ class MaskedPass:
         qkv = {}
         for kind in "qkv":  # attention layout [kk*n, T, h|groups, dh]
             slots = subset if kind == "q" else (groups if grouped else [hh // rep for hh in subset])
-            parts = [proj[first[kind] + i] for i in slots]
-            qkv[kind] = torch.stack([p.expand(kk, -1, -1).view(kk, n, t, -1) for p in parts],
-                                    3).view(kk * n, t, len(slots), -1)
+            parts = [proj[first[kind] + i] for i in slots]  # [kk|1, n*T, dh] each
+            qkv[kind] = torch.stack([p if p.shape[0] == kk else p.expand(kk, -1, -1)
+                                     for p in parts], 2).view(kk * n, t, len(slots), -1)
         z = lay.attend(layer, qkv["q"], qkv["k"], qkv["v"], grouped=grouped,
-                       query_pos=pos.repeat(kk, 1) if last else None)
+                       query_pos=pos.repeat(kk, 1) if last else None, scratch=True)
         # head-major [kk, h, n*(T|P), d], contiguous: written into ``current`` by plain copies
+        if into is not None and kk == self.k_masks:
+            out = self.current[:, into: into + h].view(kk, h, n * t, self.d)
+            res = lay.head_results_all(layer, z, kk, heads=subset, out=out)
+            self.put(into, res.view(kk, h, n, t, self.d), False, written=True)
+            return res.view(kk, h, n, t, self.d)
         res = lay.head_results_all(layer, z, kk, heads=subset)
         return res.view(kk, h, n, -1, self.d)
 

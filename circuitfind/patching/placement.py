@@ -44,7 +44,7 @@ from circuitfind.patching.architectures.base import Architecture, unwrap, weight
 
 LAYER_METHODS = (
     "ln_attn", "ln_mlp", "norm_parts", "qkv_offsets", "qkv_input_weights", "qkv_input_grads",
-    "mlp", "qkv", "head_weights", "project", "project_some", "project_heads",
+    "mlp", "mlp_into", "qkv", "head_weights", "project", "project_some", "project_heads",
     "project_heads_normed", "w_out", "attend", "head_results", "head_results_all",
     "head_outputs", "attn_from_heads", "attn_out", "post_norm", "post_norm_jvp", "post_norm_rms",
     "qk_norm", "ln_attn_rms", "qkv_head_weights",

@@ -284,6 +284,14 @@ class Architecture:
     def mlp(self, layer: int, x: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def mlp_into(self, layer: int, x: Tensor, out: Tensor) -> Tensor | None:
+        """:meth:`mlp` of ``x [K, ..., d]`` written straight into ``out`` (the same shape; each
+        row of ``K`` contiguous: a masked pass's per-mask buffer rows) and returned, or
+        ``None`` (here: nothing written) where the family's last projection cannot write
+        there directly (the caller then takes :meth:`mlp`'s result). Overridden by
+        :class:`~circuitfind.patching.architectures.llama.Llama`."""
+        return None
+
     def layer_norm(self, x: Tensor, w: Tensor, b: Tensor | None, eps: float) -> Tensor:
         """LayerNorm over the last axis of ``x`` (``F.layer_norm``; with frozen statistics,
         :attr:`BackwardRules.freeze_norm`, written out with ``1/sigma`` detached)."""
@@ -480,7 +488,7 @@ class Architecture:
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                query_pos: Tensor | None = None, grouped: bool = True,
-               prefer_fused: bool = False) -> Tensor:
+               prefer_fused: bool = False, scratch: bool = False) -> Tensor:
         """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
 
         With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
@@ -490,11 +498,13 @@ class Architecture:
         backward rules (:attr:`rules`) or with an :attr:`attention_tap` the eager path runs
         with the rules' softmax and q/k/v gradient scales. Short sequences on a CPU take
         :meth:`_attend_small` unless the fused kernel applies and either a backward pass will
-        read the result or the caller asks for it (``prefer_fused``: the plain runs).
+        read the result or the caller asks for it (``prefer_fused``: the plain runs). With
+        ``scratch`` ``q`` and ``k`` are the caller's to overwrite (fresh tensors, no gradient
+        taken): :meth:`qk_norm` may norm them in place (the masked passes' stacked inputs).
         """
         if self.attention_tap is not None or not self.rules.plain_attention:
             return self._attend_with_rules(layer, q, k, v, query_pos, grouped)
-        q, k = self.qk_norm(layer, q, k)
+        q, k = self.qk_norm(layer, q, k, scratch=scratch and not torch.is_grad_enabled())
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rotate(q, k)
         rep = self.n_heads // self.n_kv if grouped else 1
@@ -648,16 +658,17 @@ class Architecture:
                             w.reshape(self.n_heads, dh, -1)[heads])
 
     def head_results_all(self, layer: int, z: Tensor, k_masks: int,
-                         heads: list[int] | None = None) -> Tensor:
+                         heads: list[int] | None = None, out: Tensor | None = None) -> Tensor:
         """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [K*n, T, H, dh]`` ->
-        ``[K, H, n*T, d]``; with ``heads``, ``z``'s H slots are those model heads."""
+        ``[K, H, n*T, d]``; with ``heads``, ``z``'s H slots are those model heads; written into
+        ``out`` (``[K, H, n*T, d]``, each mask's ``[H, n*T, d]`` contiguous) when given."""
         w, _ = self.w_out(layer)  # [H*dh, d]
         b, t, h, dh = z.shape
         zh = z.reshape(k_masks, b // k_masks, t, h, dh).permute(0, 3, 1, 2, 4)
         wh = w.view(self.n_heads, dh, -1)
         if heads is not None and len(heads) < self.n_heads:
             wh = wh[heads]
-        return heads_matmul(zh.reshape(k_masks, h, -1, dh), wh)
+        return heads_matmul(zh.reshape(k_masks, h, -1, dh), wh, out)
 
     def head_outputs(self, layer: int, z: Tensor, out: Tensor) -> Tensor:
         """Every head's output ``z_h W_O[h]`` (no bias), head-major: ``z [N, T, H, dh]`` ->
@@ -745,17 +756,19 @@ class HalfSplitRotation(torch.autograd.Function):
                 None if dk is None else turn(dk, cos, sin, half, -1.0), None, None, None)
 
 
-def heads_matmul(x: Tensor, w: Tensor) -> Tensor:
+def heads_matmul(x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
     """Each of R heads' (or receivers') own product, ``x [K, R, rows, a] @ w [R, a, b]`` ->
-    ``[K, R, rows, b]`` (a new contiguous tensor): one batched matmul per row of ``K``
+    ``[K, R, rows, b]`` (a new contiguous tensor, or ``out``, each of whose rows of ``K`` must
+    be contiguous): one batched matmul per row of ``K``
     (``torch.matmul`` broadcasting ``w`` over ``K`` copies ``x`` wherever its ``K`` and ``R``
     axes do not merge, e.g. a slice of the receivers, and copies ``w`` K times otherwise), and
     one in all where ``x`` is broadcast over ``K`` (stride 0: the product is taken once and
-    broadcast, not materialised)."""
+    broadcast, not materialised; not with ``out``)."""
     k = x.shape[0]
-    if k > 1 and x.stride(0) == 0:
+    if k > 1 and x.stride(0) == 0 and out is None:
         return heads_matmul(x[:1], w).expand(k, -1, -1, -1)
-    out = x.new_empty(k, w.shape[0], x.shape[2], w.shape[2])
+    if out is None:
+        out = x.new_empty(k, w.shape[0], x.shape[2], w.shape[2])
     for i in range(k):
         torch.bmm(x[i], w, out=out[i])
     return out

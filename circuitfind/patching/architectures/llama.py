@@ -95,8 +95,26 @@ class Llama(Architecture):
         mlp = self.mlps[layer]
         gate, up, down = (weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
         r = self.rules
+        if not torch.is_grad_enabled() and r.activation == "gradient":
+            # no autograd (the masked passes): the gate's product in place, one buffer less
+            return F.linear(self.act(F.linear(x, *gate)).mul_(F.linear(x, *up)), *down)
         return F.linear(r.gate(r.activation_fn(self.act, F.linear(x, *gate)), F.linear(x, *up)),
                         *down)
+
+    def mlp_into(self, layer: int, x: Tensor, out: Tensor) -> Tensor | None:
+        """:meth:`mlp` with the down projection written straight into ``out``: one matrix
+        product per row of ``K`` (``None``, nothing written, with gradients, another
+        activation rule or a down-projection bias)."""
+        mlp = self.mlps[layer]
+        gate, up, down = (weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
+        if torch.is_grad_enabled() or self.rules.activation != "gradient" or down[1] is not None:
+            return None
+        h = self.act(F.linear(x, *gate)).mul_(F.linear(x, *up))
+        k = x.shape[0]
+        hk, ok, wt = h.view(k, -1, h.shape[-1]), out.view(k, -1, out.shape[-1]), down[0].t()
+        for i in range(k):
+            torch.mm(hk[i], wt, out=ok[i])
+        return out
 
     def qkv(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a = self.attn[layer]
