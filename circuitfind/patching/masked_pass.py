@@ -737,14 +737,17 @@ class MaskedPass:
         return self.data_memo.get(("ablated residual at positions", which, layer),
                                   lambda: self.at_positions(resid[layer].unsqueeze(0)))
 
-    def put(self, slot: int, values: Tensor, at_pos: bool, written: bool = False) -> None:
-        """Write senders' current values ``[K, h, n, T, d]`` (or ``[K, h, n, P, d]`` at the
-        metric positions when ``at_pos``) minus their ablation values into ``current`` from
-        ``slot``; in kept form also into ``current_pos``, the same rows at the metric
-        positions (what receivers read there only), and values at the metric positions go
-        there alone. ``written``: ``values`` are already those rows of ``current`` (every
-        position; :meth:`_heads_pass` computed them there): only the ablation values are
-        subtracted, in place."""
+    def put(self, slot: int, values: Tensor, at_pos: bool, written: bool = False,
+            lo: int = 0) -> None:
+        """Write senders' current values ``[K, h, n, T', d]`` at the positions ``lo..lo+T'``
+        (or ``[K, h, n, P, d]`` at the metric positions when ``at_pos``) minus their ablation
+        values into ``current`` from ``slot``; in kept form also into ``current_pos``, the
+        same rows at the metric positions (what receivers read there only), and values at
+        the metric positions go there alone. ``written``: ``values`` are already those rows
+        of ``current`` (every position; :meth:`_heads_pass` computed them there): only the
+        ablation values are subtracted, in place. Rows written from ``lo > 0`` have their
+        earlier positions zeroed where a receiver may read them with weight 0 (before
+        :attr:`full_reach`)."""
         ablated, current, d, dynamic = self.ablated, self.current, self.d, self.dynamic
         k_masks, n, n_pos, pos, t = self.k_masks, self.n, self.n_pos, self.pos, self.t
         at_p = self.current_pos
@@ -774,7 +777,14 @@ class MaskedPass:
                 at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(change)
             return
         abl = ablated[u0: u0 + h] if consecutive else ablated[dynamic[slot: slot + h]]
-        dst = current[:, slot: slot + h].view(k_masks, h, n, t, d)
+        rows = current[:, slot: slot + h].view(k_masks, h, n, t, d)
+        dst = rows
+        if values.shape[3] != t or lo:  # the positions [lo, lo + T') only
+            dst = rows[:, :, :, lo: lo + values.shape[3]]
+            if abl.shape[2] > 1:
+                abl = abl[:, :, lo: lo + values.shape[3]]
+            if lo and u0 < self.full_reach:  # read with weight 0 before ``lo``
+                rows[:, :, :, :lo].zero_()
         if written:
             dst.sub_(abl)
         elif once:  # the first mask's rows, copied to the others (no temporary)
@@ -783,7 +793,7 @@ class MaskedPass:
         else:
             torch.sub(values, abl, out=dst)
         if at_p is not None:
-            src = dst[:1] if once else dst
+            src = rows[:1] if once else rows
             idx = pos[None, None, :, :, None].expand(src.shape[0], h, n, n_pos, d)
             at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(src.gather(3, idx))
 
@@ -933,6 +943,7 @@ class MaskedPass:
                 heads = [hh for hh in layer_heads if (h0 + hh in pos_only) == last]
                 if not heads:
                     continue
+                span = self.spans[(layer, last)]
                 q0, k0, v0 = g.q_start[layer], g.k_start[layer], g.v_start[layer]
                 rs = [q0 + hh for hh in heads] + [k0 + hh // rep for hh in heads] + [
                     v0 + hh // rep for hh in heads]
@@ -942,28 +953,29 @@ class MaskedPass:
                         if same[i] and same[nh + i] and same[2 * nh + i]]
                 per_mask = [hh for hh in heads if hh not in once]
                 if once:
-                    key = self._intern(("heads", layer, last, tuple(once), tuple(
+                    key = self._intern(("heads", layer, last, span, self.hi, tuple(once), tuple(
                         self._input_key(r, form, layer) for i, r in enumerate(rs)
                         if heads[i % nh] in once)))
                     res = self.memo.entries.get(key)
                     if res is None:
-                        res = self._heads_pass(layer, once, form + "1", base, sign, last)
+                        res = self._heads_pass(layer, once, form + "1", base, sign, last, span)
                     fresh[key] = res
-                    self._put_heads(layer, once, res, last)
+                    self._put_heads(layer, once, res, last, span[0])
                     for i, hh in enumerate(once):
                         keys[h0 + hh] = (key, i)
                 if per_mask:
                     # their receivers equal in every mask: projected once (memo keys)
-                    fixed = {r: self._intern(("recv", self._input_key(r, form, layer)))
+                    fixed = {r: self._intern(("recv", span[1], self.hi, self._input_key(r, form, layer)))
                              for i, r in enumerate(rs) if same[i] and heads[i % nh] in per_mask}
                     # per-mask outputs at every position go straight into ``current`` where
                     # their slots are consecutive (no second copy of ``[K, h, n*T, d]``)
                     s0 = dyn_slot[h0 + per_mask[0]]
-                    into = (s0 if not last and dyn_slot[h0 + per_mask[-1]] == s0 + len(per_mask) - 1
-                            else None)
-                    res = self._heads_pass(layer, per_mask, form, base, sign, last, fixed, into)
+                    into = (s0 if not last and span[0] == 0 and self.hi == t
+                            and dyn_slot[h0 + per_mask[-1]] == s0 + len(per_mask) - 1 else None)
+                    res = self._heads_pass(layer, per_mask, form, base, sign, last, span,
+                                           fixed, into)
                     if into is None or res.shape[0] != k_masks:
-                        self._put_heads(layer, per_mask, res, last)
+                        self._put_heads(layer, per_mask, res, last, span[0])
                     for hh in per_mask:
                         if res.shape[0] > 1:
                             variant[h0 + hh] = True
@@ -973,8 +985,10 @@ class MaskedPass:
             assert u is not None and r is not None  # the block runner has no attention-only graphs
             if u in dyn_slot:
                 last = u in pos_only  # the MLP's output is read at the metric positions only
+                lo = 0 if last else self.lo[u]  # else its first position needed
+                whole = not last and lo == 0 and self.hi == t
                 once_m = self._invariant([r], "kept")[0]
-                key = self._intern(("mlp", last, self._input_key(r, "kept", layer))
+                key = self._intern(("mlp", last, lo, self.hi, self._input_key(r, "kept", layer))
                                    ) if once_m else None
                 m = self.memo.entries.get(key) if once_m else None
                 if m is None:
@@ -983,11 +997,14 @@ class MaskedPass:
                     xm = mid[layer].unsqueeze(0)
                     if last:
                         xm = self.ablated_at_positions(mid, layer)
+                    elif not whole:  # the positions [lo, hi) only
+                        xm = xm[:, :, lo: self.hi]
+                        patches = [(rr, ks, dlt[:, :, lo: self.hi]) for rr, ks, dlt in patches]
                     if patches:
                         xm = self._patched(xm, patches, forms[mform].k)
                         variant[u] = forms[mform].k > 1
                     xm = lay.ln_mlp(layer, xm)
-                    if not once_m and not last and xm.shape[0] == k_masks:
+                    if not once_m and whole and xm.shape[0] == k_masks:
                         # per mask at every position: straight into ``current`` where the
                         # family writes its MLP there
                         dst = self.current[:, dyn_slot[u]].view(k_masks, n, t, -1)
@@ -998,7 +1015,8 @@ class MaskedPass:
                 if once_m:
                     fresh[key] = m
                     keys[u] = key
-                self.put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1), last)
+                self.put(dyn_slot[u], m.unsqueeze(1).expand(k_masks, -1, -1, -1, -1), last,
+                         lo=lo)
         xf = self._patched(self.ablated_at_positions(pre, g.n_layers),
                            self.deltas([g.n_receivers - 1], "kept", at_pos=True), k_masks)
         # this pass's invariant outputs replace the memo (the next pass reuses them)
@@ -1019,42 +1037,75 @@ class MaskedPass:
         return out
 
     def _position_demand(self) -> set[int]:
-        """The dynamic senders read at the metric positions only (kept form).
+        """The dynamic senders read at the metric positions only (kept form), and the
+        positions every other computed node needs (the metric's dependency cone).
 
-        Attention at a query position reads keys and values at every position, but queries,
-        MLPs and the logits act position by position. So a node is needed at every position
-        only if one of its kept edges (in any mask) enters a k/v input of a computed head, or
-        the q input of a head, or the MLP input of an MLP, that is itself needed at every
-        position; otherwise it is computed at the metric positions alone, exactly (what
-        the last block does in every pass). Sets :attr:`full_reach`: senders before it may
-        be read, with weight 0, by a receiver needed at every position, so their buffer rows
-        are zeroed where they are written at the metric positions only (:meth:`put`)."""
+        Attention at a query position reads keys and values at earlier positions only, and
+        with a sliding window ``w`` (:meth:`Architecture.window`) at the ``w`` positions up to
+        it; queries, MLPs and the logits act position by position. So, from the logits back,
+        a node is needed at the metric positions only unless one of its kept edges (in any
+        mask) enters a receiver needed at a range of positions: the k/v inputs of a computed
+        head, or the q input of a head, or the MLP input of an MLP, that is itself needed at a
+        range. Every range ends after the last metric position of the batch (``hi``: later
+        positions never reach the metric in a causal model) and starts at ``lo``, the least
+        start of its readers' ranges; a head's keys and values start ``w - 1`` positions
+        before its queries (at 0 without a window). The rest is computed at the metric
+        positions alone, exactly (what the last block does in every pass).
+
+        Sets :attr:`hi`, :attr:`lo` (sender -> first position computed, for senders needed at
+        a range), :attr:`spans` (``(layer, at metric positions only)`` -> ``(q0, k0)``: the
+        first position of the heads' outputs and of their keys and values; their q/k/v
+        inputs are projected from ``k0``, the queries before ``q0`` dropped) and
+        :attr:`full_reach`: senders before it may be read, with weight 0, by a receiver
+        needed at a range, so their buffer rows are zeroed where they are not written
+        (:meth:`put`)."""
         g, lay = self.g, self.layers
         assert self.kept_nz is not None
         kept = _any(self.kept_nz, 0)  # [S, R]: kept in some mask
-        full = np.zeros(g.n_receivers, dtype=bool)
+        pos_host = self.positions.detach().cpu()
+        self.hi = hi = int(pos_host.max()) + 1
+        p_lo = int(pos_host.min())
+        none = hi  # "not read at a range"
+        need = np.full(g.n_receivers, none, dtype=np.int64)  # each receiver's range start
         rep = g.n_heads // g.n_kv_heads
         dyn_slot = self.dyn_slot
         pos_only: set[int] = set()
+        self.lo: dict[int, int] = {}
+        self.spans: dict[tuple[int, bool], tuple[int, int]] = {}
         # from the last layer back: a layer's MLP, then its heads (which feed it; no head
         # feeds a receiver of its own layer's heads, so they are classified together)
         for layer in reversed(range(self.start, g.n_layers)):
             views = lay[layer]
             if views.mlp in dyn_slot:
-                needed = bool(kept[views.mlp, full].any())
-                if not needed:
+                lo = int(need[kept[views.mlp]].min(initial=none))
+                if lo < none:
+                    self.lo[views.mlp] = lo
+                else:
                     pos_only.add(views.mlp)
-                full[views.mlp_receiver] = needed
+                need[views.mlp_receiver] = lo
             hs = [u for u in views.heads if u in dyn_slot]
             if not hs:
                 continue
-            needed_h = (_any(kept[hs][:, full], 1) if full.any()
-                        else np.zeros(len(hs), dtype=bool))
-            pos_only.update(u for u, nd in zip(hs, needed_h.tolist()) if not nd)
+            window = self.lay.window(layer)
+            los = [int(need[kept[u]].min(initial=none)) for u in hs]
             head = np.array(hs) - views.heads.start
-            full[views.first["q"] + head] = needed_h
-            full[views.first["k"] + head // rep] = True
-            full[views.first["v"] + head // rep] = True
+            for last in (False, True):
+                sel = [i for i, lo in enumerate(los) if (lo == none) == last]
+                if not sel:
+                    continue
+                q0 = p_lo if last else min(los[i] for i in sel)
+                k0 = 0 if window is None else max(0, q0 - window + 1)
+                self.spans[(layer, last)] = (q0, k0)
+                for i in sel:
+                    if last:
+                        pos_only.add(hs[i])
+                    else:
+                        self.lo[hs[i]] = q0
+                        need[views.first["q"] + head[i]] = q0
+                    for kind in "kv":
+                        r = views.first[kind] + head[i] // rep
+                        need[r] = min(int(need[r]), k0)
+        full = need < none
         self.full_reach = int(self.tables.upstream[full].max()) if full.any() else 0
         return pos_only
 
@@ -1072,10 +1123,13 @@ class MaskedPass:
         return (self.equal[form][rs] & ~reads).tolist()
 
     def _heads_pass(self, layer: int, subset: list[int], form: str, base: Tensor,
-                    sign: float, last: bool, fixed: dict[int, Any] | None = None,
-                    into: int | None = None) -> Tensor:
-        """The outputs ``[kk, h, n, T|P, d]`` of the heads ``subset`` of ``layer``, per mask
-        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``). With ``into``
+                    sign: float, last: bool, span: tuple[int, int],
+                    fixed: dict[int, Any] | None = None, into: int | None = None) -> Tensor:
+        """The outputs ``[kk, h, n, T'|P, d]`` of the heads ``subset`` of ``layer``, per mask
+        (``kk = K``) where the masks patch their inputs, else once (``kk = 1``): at the
+        positions ``[q0, hi)`` (``T' = hi - q0``) or at the metric positions (``last``), from
+        q/k/v inputs projected at ``[k0, hi)`` (``span = (q0, k0)``, see
+        :meth:`_position_demand`; the queries before ``q0`` are dropped). With ``into``
         (the first of the heads' consecutive slots in ``current``) per-mask outputs are
         computed straight into ``current`` and :meth:`put` there (the caller skips its own
         put when ``kk = K``); the returned tensor then views ``current``.
@@ -1102,12 +1156,14 @@ class MaskedPass:
                     once.append(r)
                 else:
                     proj[r] = got
+        q0, k0 = span
+        tk = self.hi - k0
         if once:
-            proj.update(self._project(layer, once, form + "1", base, sign))
+            proj.update(self._project(layer, once, form + "1", base, sign, k0))
         for r, key in fixed.items():
             self.fresh[key] = proj[r]
         if todo:
-            proj.update(self._project(layer, todo, form, base, sign))
+            proj.update(self._project(layer, todo, form, base, sign, k0))
         kk = max(v.shape[0] for v in proj.values())
         h = len(subset)
         # whole key/value groups (every query head of each group, in order): keys and values
@@ -1118,10 +1174,15 @@ class MaskedPass:
             slots = subset if kind == "q" else (groups if grouped else [hh // rep for hh in subset])
             parts = [proj[first[kind] + i] for i in slots]  # [kk|1, n*T, dh] each
             qkv[kind] = torch.stack([p if p.shape[0] == kk else p.expand(kk, -1, -1)
-                                     for p in parts], 2).view(kk * n, t, len(slots), -1)
-        z = lay.attend(layer, qkv["q"], qkv["k"], qkv["v"], grouped=grouped,
-                       query_pos=pos.repeat(kk, 1) if last else None, scratch=True)
-        # head-major [kk, h, n*(T|P), d], contiguous: written into ``current`` by plain copies
+                                     for p in parts], 2).view(kk * n, tk, len(slots), -1)
+        if last:
+            z = lay.attend(layer, qkv["q"], qkv["k"], qkv["v"], grouped=grouped,
+                           query_pos=pos.repeat(kk, 1), scratch=True,
+                           spans=(k0, k0))
+        else:
+            z = lay.attend(layer, qkv["q"][:, q0 - k0:], qkv["k"], qkv["v"], grouped=grouped,
+                           scratch=True, spans=span)
+        # head-major [kk, h, n*(T'|P), d], contiguous: written into ``current`` by plain copies
         if into is not None and kk == self.k_masks:
             out = self.current[:, into: into + h].view(kk, h, n * t, self.d)
             res = lay.head_results_all(layer, z, kk, heads=subset, out=out)
@@ -1130,13 +1191,17 @@ class MaskedPass:
         res = lay.head_results_all(layer, z, kk, heads=subset)
         return res.view(kk, h, n, -1, self.d)
 
-    def _project(self, layer: int, rs: list[int], form: str, base: Tensor, sign: float
-                 ) -> dict[int, Tensor]:
+    def _project(self, layer: int, rs: list[int], form: str, base: Tensor, sign: float,
+                 k0: int = 0) -> dict[int, Tensor]:
         """The q/k/v projections of receivers ``rs`` of ``layer`` (ordered q, k, v) of their
-        inputs ``base + sign * sum_u w[u, r] (a_u - a'_u)`` in ``form``: receiver ->
-        ``[kk, n*T, dh]`` (``kk = 1`` where no mask patches it, else the form's masks), before
-        positions and q/k norms (:meth:`Architecture.attend` applies those)."""
+        inputs ``base + sign * sum_u w[u, r] (a_u - a'_u)`` in ``form`` at the positions
+        ``[k0, hi)`` (``T' = hi - k0``): receiver -> ``[kk, n*T', dh]`` (``kk = 1`` where no
+        mask patches it, else the form's masks), before positions and q/k norms
+        (:meth:`Architecture.attend` applies those)."""
         d, forms, g, lay, n, t = self.d, self.forms, self.g, self.lay, self.n, self.t
+        hi = self.hi
+        cut = k0 > 0 or hi < t  # inputs at the positions [k0, hi) only
+        tk = hi - k0
         first = self.layers[layer].first
         kind_of = {r: g.receivers[r].kind for r in rs}
         out: dict[int, Tensor] = {}
@@ -1145,7 +1210,9 @@ class MaskedPass:
             inputs, hit = got  # [kk, R_t, n*T*d]; which of ``rs`` they are
             kk = inputs.shape[0]
             hit_rs = [rs[i] for i in hit]
-            x_hit = self.ablated_block(hit_rs, inputs, slice(0, kk)).view(kk, len(hit), n * t, d)
+            x_hit = self.ablated_block(hit_rs, inputs, slice(0, kk))
+            x_hit = (x_hit.view(kk, len(hit), n, t, d)[:, :, :, k0:hi].reshape(
+                kk, len(hit), n * tk, d) if cut else x_hit.view(kk, len(hit), n * t, d))
             hit_heads = {kind: [r - first[kind] for r in hit_rs if kind_of[r] == kind]
                          for kind in "qkv"}
             projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
@@ -1163,7 +1230,7 @@ class MaskedPass:
             patches = self.deltas(rs, form)
         rest = [r for r in rs if r not in out]  # the base alone (patches start from it)
         if rest:
-            base_in = lay.ln_attn(layer, base).view(n * t, d)
+            base_in = lay.ln_attn(layer, base[:, k0:hi] if cut else base).reshape(n * tk, d)
             for kind in "qkv":
                 sel = [r for r in rest if kind_of[r] == kind]
                 if not sel:
@@ -1179,15 +1246,18 @@ class MaskedPass:
             kind = kind_of[r]
             one = out[r].expand(forms[form].k, -1, -1).clone()
             masks = slice(0, forms[form].k) if isinstance(ks, slice) else ks  # (form "...1")
-            x = lay.ln_attn(layer, self.ablated_rows(r, masks, torch.add(base, dlt, alpha=sign)))
-            one[ks] = lay.project(layer, kind, r - first[kind], x).view(-1, n * t,
-                                                                        one.shape[-1])
+            x = self.ablated_rows(r, masks, torch.add(base, dlt, alpha=sign))
+            x = lay.ln_attn(layer, x[:, :, k0:hi] if cut else x)
+            one[ks] = lay.project(layer, kind, r - first[kind], x).reshape(-1, n * tk,
+                                                                           one.shape[-1])
             out[r] = one
         return out
 
-    def _put_heads(self, layer: int, subset: list[int], res: Tensor, last: bool) -> None:
-        """Write heads ``subset``'s outputs ``[kk, h, n, T, d]`` (``[kk, h, n, P, d]``
-        in the last block) into ``current``, one write per run of consecutive slots."""
+    def _put_heads(self, layer: int, subset: list[int], res: Tensor, last: bool,
+                   lo: int = 0) -> None:
+        """Write heads ``subset``'s outputs ``[kk, h, n, T', d]`` at the positions ``lo..``
+        (``[kk, h, n, P, d]`` at the metric positions with ``last``) into ``current``, one
+        write per run of consecutive slots."""
         dyn_slot, g, k_masks = self.dyn_slot, self.g, self.k_masks
         h0 = g.head_start[layer]
         slots = [dyn_slot[h0 + hh] for hh in subset]
@@ -1196,7 +1266,7 @@ class MaskedPass:
             j = i + 1
             while j < len(slots) and slots[j] == slots[j - 1] + 1:
                 j += 1
-            self.put(slots[i], res[:, i: j].expand(k_masks, -1, -1, -1, -1), last)
+            self.put(slots[i], res[:, i: j].expand(k_masks, -1, -1, -1, -1), last, lo=lo)
             i = j
 
     def _input_key(self, r: int, form: str, layer: int) -> tuple[Any, ...]:

@@ -395,15 +395,20 @@ class Architecture:
         ``apply_rotary_pos_emb``); families with :attr:`rotary` override it."""
         raise NotImplementedError  # pragma: no cover
 
-    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def rotate(self, q: Tensor, k: Tensor, spans: tuple[int, int] | None = None
+               ) -> tuple[Tensor, Tensor]:
         """Positional rotation of ``q [B, H, T, dh]`` and ``k [B, G, T, dh]``: the model's
         rotary module's ``cos``/``sin`` for ``T`` positions (kept for the last ``T``, dtype and
         device) through :meth:`apply_rotary`, or, for :attr:`rotary_half_split` families whose
         ``cos``/``sin`` repeat their first half (every rope type of Hugging Face's rotary
         modules), through :class:`HalfSplitRotation` (equal up to float rounding); none
-        without :attr:`rotary`."""
+        without :attr:`rotary`. With ``spans = (q0, k0)`` ``q [B, H, Tq, dh]`` and ``k [B, G,
+        Tk, dh]`` hold the absolute positions ``q0..q0+Tq-1`` and ``k0..k0+Tk-1`` (a masked
+        pass's position cone): each is turned by its own positions' rows of the table."""
         if self.rotary is None:
             return q, k
+        if spans is not None and (spans != (0, 0) or q.shape[-2] != k.shape[-2]):
+            return self._rotate_spans(q, k, spans)
         cos, sin, fast = self._rotary_for(q)
         if fast is None:
             return self.apply_rotary(q, k, cos, sin)
@@ -411,10 +416,27 @@ class Architecture:
             return HalfSplitRotation.apply(q, k, *fast)
         return HalfSplitRotation.turn(q, *fast), HalfSplitRotation.turn(k, *fast)
 
-    def _rotary_for(self, q: Tensor) -> tuple[Tensor, Tensor, Any]:
-        """``(cos, sin, half-split factors or None)`` for ``q [..., T, dh]``'s ``T``
-        positions, dtype and device (kept for the last such key)."""
-        t = q.shape[-2]
+    def _rotate_spans(self, q: Tensor, k: Tensor, spans: tuple[int, int]
+                      ) -> tuple[Tensor, Tensor]:
+        """:meth:`rotate` of ``q`` and ``k`` at the absolute positions ``spans = (q0, k0)``
+        onwards: the rows of the table for the first ``max(q0 + Tq, k0 + Tk)`` positions
+        (each position's row is the same whatever the table's length)."""
+        (q0, k0), tq, tk = spans, q.shape[-2], k.shape[-2]
+        cos, sin, fast = self._rotary_for(q, max(q0 + tq, k0 + tk))
+        if fast is None:
+            return (self.apply_rotary(q, q, cos[:, q0: q0 + tq], sin[:, q0: q0 + tq])[0],
+                    self.apply_rotary(k, k, cos[:, k0: k0 + tk], sin[:, k0: k0 + tk])[1])
+        c, s, half = fast
+        qf = (c[:, :, q0: q0 + tq], s[:, :, q0: q0 + tq], half)
+        kf = (c[:, :, k0: k0 + tk], s[:, :, k0: k0 + tk], half)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return HalfSplitRotation.apply(q, q, *qf)[0], HalfSplitRotation.apply(k, k, *kf)[1]
+        return HalfSplitRotation.turn(q, *qf), HalfSplitRotation.turn(k, *kf)
+
+    def _rotary_for(self, q: Tensor, t: int | None = None) -> tuple[Tensor, Tensor, Any]:
+        """``(cos, sin, half-split factors or None)`` for ``t`` positions (default: ``q [...,
+        T, dh]``'s ``T``), ``q``'s dtype and device (kept for the last such key)."""
+        t = q.shape[-2] if t is None else t
         key = (t, q.dtype, q.device, q.shape[-1])
         if key not in self._rotary:
             pos = torch.arange(t, device=q.device)[None]
@@ -488,10 +510,15 @@ class Architecture:
     # shared ------------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                query_pos: Tensor | None = None, grouped: bool = True,
-               prefer_fused: bool = False, scratch: bool = False) -> Tensor:
+               prefer_fused: bool = False, scratch: bool = False,
+               spans: tuple[int, int] | None = None) -> Tensor:
         """Causal attention: ``q [B,T,H,dh]``, ``k, v [B,T,G,dh]`` -> ``z [B,T,H,dh]``.
 
         With ``query_pos [B, P]`` only those query positions are computed: ``z [B,P,H,dh]``.
+        With ``spans = (q0, k0)`` the queries ``q [B,Tq,H,dh]`` and the keys and values
+        ``[B,Tk,G,dh]`` hold the absolute positions ``q0..`` and ``k0..`` (a masked pass's
+        position cone; ``query_pos`` then absolute too, within the queries' span): rotation,
+        causal and window masks at those positions.
         With ``grouped=False`` key/value head i serves query head i (the caller has already
         matched them). The family's extras apply here: :meth:`qk_norm` before the rotation,
         :attr:`attn_softcap` on the scores and :meth:`window` on the keys. Under modified
@@ -503,14 +530,16 @@ class Architecture:
         taken): :meth:`qk_norm` may norm them in place (the masked passes' stacked inputs).
         """
         if self.attention_tap is not None or not self.rules.plain_attention:
-            return self._attend_with_rules(layer, q, k, v, query_pos, grouped)
+            return self._attend_with_rules(layer, q, k, v, query_pos, grouped, spans)
         q, k = self.qk_norm(layer, q, k, scratch=scratch and not torch.is_grad_enabled())
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = self.rotate(q, k)
+        q, k = self.rotate(q, k, spans)
         rep = self.n_heads // self.n_kv if grouped else 1
         t = k.shape[2]
         window = self.window(layer)
         window = window if window is not None and window < t else None
+        if spans is not None and (spans != (0, 0) or q.shape[2] != t):
+            return self._attend_spans(layer, q, k, v, rep, query_pos, window, spans)
         n_scores = q.shape[0] * q.shape[1] * t * (t if query_pos is None else query_pos.shape[1])
         softmax_ok = not self.eager or self.softmax_dtype in (None, q.dtype)
         fused = self.attn_softcap is None and softmax_ok
@@ -586,10 +615,47 @@ class Architecture:
             return torch.softmax(scores, dim, dtype=self.softmax_dtype)
         return torch.ops.aten.softmax.int_out(scores, dim, self.softmax_dtype, out=out)
 
+    def _attend_spans(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
+                      query_pos: Tensor | None, window: int | None,
+                      spans: tuple[int, int]) -> Tensor:
+        """:meth:`attend` of rotated ``q [B,H,Tq,dh]`` at the absolute positions ``q0..``
+        over ``k, v [B,G,Tk,dh]`` at ``k0..`` (``spans = (q0, k0)``; the queries
+        ``query_pos [B, P]`` of them only, absolute, where given): eager scores with the
+        causal and window masks at those positions (a query may see the keys ``(p - window,
+        p]``). ``z [B,Tq|P,H,dh]``."""
+        q0, k0 = spans
+        b, h, tq, dh = q.shape
+        g, tk = k.shape[1], k.shape[2]
+        keys = torch.arange(k0, k0 + tk, device=q.device)
+        if query_pos is None:
+            queries = torch.arange(q0, q0 + tq, device=q.device)[:, None]  # [P, 1]
+            p = tq
+        else:
+            p = query_pos.shape[1]
+            q = q.gather(2, (query_pos - q0)[:, None, :, None].expand(-1, h, -1, dh))
+            queries = query_pos[:, None, :, None]  # [B, 1, P, 1]
+        hidden = keys > queries
+        if window is not None:
+            hidden = hidden | (keys <= queries - window)
+        mask = (hidden.repeat(rep, 1) if query_pos is None
+                else hidden.expand(b, rep, p, tk).reshape(b, 1, rep * p, tk))
+        scores = torch.matmul(q.reshape(b, g, rep * p, dh), k.transpose(-1, -2))
+        scores = self._capped(scores.mul_(self.scale(layer))).masked_fill_(mask, float("-inf"))
+        pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
+        z = torch.matmul(pattern, v)  # [B, G, rep*P, dh]
+        return z.view(b, h, p, dh).transpose(1, 2)
+
     def _attend_with_rules(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-                           query_pos: Tensor | None, grouped: bool) -> Tensor:
+                           query_pos: Tensor | None, grouped: bool,
+                           spans: tuple[int, int] | None = None) -> Tensor:
         """:meth:`attend` on the eager path under :attr:`rules` (q/k/v gradient scales, the
-        rules' softmax), reporting each pattern to :attr:`attention_tap`."""
+        rules' softmax), reporting each pattern to :attr:`attention_tap`.
+
+        Raises:
+            ConfigError: with position ``spans`` (the masked passes' cone runs plain
+                attention only)."""
+        if spans is not None and spans != (0, 0):
+            raise ConfigError("attention under backward rules or a tap takes every position")
         r = self.rules
         q, k, v = r.scale(q, r.q_scale), r.scale(k, r.k_scale), r.scale(v, r.v_scale)
         q, k = self.qk_norm(layer, q, k)
