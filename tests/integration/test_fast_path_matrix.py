@@ -555,3 +555,50 @@ def test_checkpointed_attribution_on_padded_prompts_equals_the_plain_pass(setups
                                        store, 3, points)
             assert float(want.abs().max()) > 1e-2
             assert_close(model, got, want, 1e-12)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "llama", "qwen3", "gpt_neox"])
+def test_kept_form_position_cone_equals_the_slow_reference(setups, name, monkeypatch):
+    """The kept form computes each node at the positions the metric depends on only (the
+    dependency cone, :meth:`MaskedPass._position_demand`): with sliding windows (Mistral,
+    Qwen2) a layer's keys start ``window - 1`` positions before its queries, and no position
+    after the batch's last metric position is computed (every family). Metric positions here
+    are ragged (two per example, none at the end of the padded prompts, which the corrupted
+    prompts outrun), so that the cone cuts on both sides; sparse circuits and an ACDC-like
+    sequence of one-edge changes (kept form, memo hits) against the slow reference."""
+    from circuitfind.patching import masked_pass
+
+    spans: list[tuple[int, tuple[int, int]]] = []
+    demand = masked_pass.MaskedPass._position_demand
+
+    def recorded(self):
+        out = demand(self)
+        spans.extend((self.hi, span) for span in self.spans.values())
+        return out
+
+    monkeypatch.setattr(masked_pass.MaskedPass, "_position_demand", recorded)
+    model, hf = setups(name, torch.float64)
+    data = padded_data([14, 12, 13], [17, 12, 15], seed=3)  # metric positions 9..13 of 17
+    engine = PatchingEngine(model)
+    g = engine.graph
+    ref = Reference(name, model, hf, g, data, "resample")
+    gen = torch.Generator().manual_seed(7)
+    full = g.edge_mask.double()
+    layer_of = torch.tensor([rec.layer for rec in g.receivers])
+    sparse = torch.stack([conditioned(g, random_mask(g, p, gen, torch.float64), gen)
+                          for p in (0.1, 0.2, 0.3)])
+    check(model, engine.run(data, sparse), torch.stack([ref(m) for m in sparse]))
+    base = full.clone()
+    for layer in range(g.n_layers, -1, -1):
+        r = int((layer_of == layer).nonzero()[-1 if layer in (0, g.n_layers) else 0])
+        ups = list(range(int(g.n_upstream[r])))[-3:]
+        cands = base.expand(len(ups), -1, -1).clone()
+        for i, u in enumerate(ups):
+            cands[i, u, r] = 0
+        want = torch.stack([ref(c) for c in cands])
+        check(model, engine.run(data, cands), want)
+        check(model, engine.run(data, cands), want)  # memo hits
+        base[:, layer_of == layer] = sparse[0][:, layer_of == layer]
+    # the cone cut: nothing after position 13, and with windows keys from later than 0
+    assert spans and all(hi == 14 for hi, _ in spans)
+    assert any(k0 > 0 for _, (_, k0) in spans) == (name in ("mistral", "qwen2"))
