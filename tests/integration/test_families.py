@@ -348,7 +348,7 @@ def test_dropping_a_family_feature_from_its_adapter_is_caught(family_models, nam
     engine = PatchingEngine(model)
     arch = engine.runner.arch
     dropped = {"qk_norm": lambda layer, q, k, scratch=False: (q, k), "window": lambda layer: None,
-               "parallel": False, "rotate": lambda q, k: (q, k), "attn_softcap": None,
+               "parallel": False, "rotate": lambda q, k, spans=None: (q, k), "attn_softcap": None,
                "final_softcap": None, "embed_scale": 1.0,
                "post_norm": lambda layer, x: x}[feature]
     setattr(arch, feature, dropped)

@@ -457,9 +457,9 @@ def test_receivers_equal_in_every_mask_projected_once_equal_the_hooked_engine(ti
     calls: list[tuple[int, list[str], str]] = []
     project = masked_pass.MaskedPass._project
 
-    def spy(self, layer, rs, form, base, sign):
+    def spy(self, layer, rs, form, base, sign, *rest):
         calls.append((layer, [g.receivers[r].name for r in rs], form))
-        return project(self, layer, rs, form, base, sign)
+        return project(self, layer, rs, form, base, sign, *rest)
 
     monkeypatch.setattr(masked_pass.MaskedPass, "_project", spy)
     once = {"a2.h0<q>", "a2.kv0<k>"}  # read a1.h0 only, the same in both masks
