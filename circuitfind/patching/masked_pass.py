@@ -370,6 +370,10 @@ class MaskedPass:
         self.positions = positions
         self.pos = positions.to(self.dev)  # [n, P]
         self.n_pos = self.pos.shape[1]
+        pos_host = positions.detach().cpu()
+        # one past the last metric position (no later position reaches the metric) and the
+        # first metric position of the batch: the ends of the position cone
+        self.hi, self.p_lo = int(pos_host.max()) + 1, int(pos_host.min())
         self.full_reach = 0  # see _position_demand
         self._shared_pos: tuple[Tensor, Tensor] | None = None  # see shared_at_positions
         # values of the data alone (at the metric positions), kept from pass to pass
@@ -533,13 +537,19 @@ class MaskedPass:
             "masked pass: current at positions", (k_masks, n_dyn, self.n * self.n_pos * self.d),
             like)
 
-    def dense_inputs(self, rs: list[int], x: Tensor) -> Tensor:
+    def dense_inputs(self, rs: list[int], x: Tensor, lo: int = 0) -> Tensor:
         """Inputs ``[K, R', n*T*d]`` of receivers ``rs`` (of a dense layer, all their
-        senders computed) from the residual stream ``x [K*n, T, d]`` (eq. (1))."""
+        senders computed) from the residual stream ``x [K*n, T', d]`` at the positions
+        ``lo..lo+T'`` (eq. (1); the inputs at other positions are stale: every position of
+        the output depends only on the same position of the buffers)."""
         buf, coef, dev = self.buf, self.coef, self.dev
-        k_masks, n_pre = self.k_masks, self.n_pre
+        k_masks, n, n_pre, t, d = self.k_masks, self.n, self.n_pre, self.t, self.d
         assert buf is not None and coef is not None
-        buf[:, 0] = x.view(k_masks, -1)
+        tx = x.shape[1]
+        if tx == t:
+            buf[:, 0] = x.reshape(k_masks, -1)
+        else:
+            buf[:, 0].view(k_masks, n, t, d)[:, :, lo: lo + tx] = x.view(k_masks, n, tx, d)
         rows = n_pre + self.upstream_dynamic(rs)
         return self.ablated_block(rs, receiver_changes(
             coef[:, :rows][:, :, torch.tensor(rs, device=dev)], buf[:, :rows]))
@@ -688,12 +698,13 @@ class MaskedPass:
             self._shared_pos = (shared, self.pos_rows(shared))
         return self._shared_pos[1]
 
-    def ablated_rows(self, r: int, ks: Tensor | slice, inputs: Tensor, at_pos: bool = False
-                     ) -> Tensor:
+    def ablated_rows(self, r: int, ks: Tensor | slice, inputs: Tensor, at_pos: bool = False,
+                     lo: int = 0) -> Tensor:
         """Receiver ``r``'s inputs ``inputs [k_r, ...]`` (``n*T*d`` or ``n*P*d`` values per
         row; rows: the masks ``ks``) with the rows of masks that remove every edge into ``r``
         set to the fully ablated run's input (:func:`fully_removed`: eq. (1) leaves rounding
-        noise there), at the metric positions with ``at_pos``; written in place (a tensor
+        noise there), at the metric positions with ``at_pos`` (else at the positions
+        ``lo..``: ``inputs`` may hold fewer than ``T``); written in place (a tensor
         broadcast over its rows is copied first), returned."""
         full = self.full
         if full is None or self.full_any is None or not self.full_any[r]:
@@ -704,11 +715,14 @@ class MaskedPass:
         if self._abl is None:
             self._abl = self.runner.ablated_residuals(self.ablated, self.n, self.t)
         value = ablated_input(self._abl, self.g.receivers[r])
-        if at_pos:
-            value = self.at_positions(value[None])[0]
         if inputs.shape[0] > 1 and inputs.stride(0) == 0:
             inputs = inputs.clone()
-        inputs.view(inputs.shape[0], self.n, -1, self.d)[rows.to(self.dev)] = value
+        dst = inputs.view(inputs.shape[0], self.n, -1, self.d)
+        if at_pos:
+            value = self.at_positions(value[None])[0]
+        elif lo or dst.shape[2] != self.t:
+            value = value[:, lo: lo + dst.shape[2]]
+        dst[rows.to(self.dev)] = value
         return inputs
 
     def ablated_block(self, rs: list[int], inputs: Tensor, ks: slice = slice(None)) -> Tensor:
@@ -721,9 +735,12 @@ class MaskedPass:
             self.ablated_rows(r, ks, inputs[:, i])
         return inputs
 
-    def at_positions(self, values: Tensor) -> Tensor:
-        """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions."""
+    def at_positions(self, values: Tensor, lo: int = 0) -> Tensor:
+        """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions (``values`` holding
+        the positions ``lo..`` with ``lo``)."""
         n, n_pos, pos = self.n, self.n_pos, self.pos
+        if lo:
+            pos = self.data_memo.get(("metric positions from", lo), lambda: self.pos - lo)
         idx = pos[None, :, :, None].expand(values.shape[0], n, n_pos, values.shape[-1])
         return values.gather(2, idx)
 
@@ -865,26 +882,34 @@ class MaskedPass:
                 current[:, dyn_slot[u]] = self.clean_minus_ablated(u)
         return x_mid.view(k_masks * n, t, d)
 
-    def mlp_block(self, layer: int, x: Tensor, last: bool, x_in: Tensor) -> Tensor:
-        """The MLP of ``layer`` added to the residual after attention ``x [K*n, T|P, d]``; in
-        a parallel block the MLP reads the block's input ``x_in`` (same shape) instead."""
+    def mlp_block(self, layer: int, x: Tensor, last: bool, x_in: Tensor, lo: int = 0
+                  ) -> Tensor:
+        """The MLP of ``layer`` added to the residual after attention ``x [K*n, T'|P, d]``
+        (the positions ``lo..lo+T'``, or the metric positions with ``last``); in a parallel
+        block the MLP reads the block's input ``x_in`` (same shape) instead."""
         d, dense_layers, dyn_slot, g = self.d, self.dense_layers, self.dyn_slot, self.g
-        k_masks, lay, n, touched_cpu = self.k_masks, self.lay, self.n, self.touched_cpu
+        k_masks, lay, n, t, touched_cpu = self.k_masks, self.lay, self.n, self.t, self.touched_cpu
         out, x = x, (x_in if lay.parallel else x)
         r, u = g.mlp_receiver[layer], g.mlp_index[layer]
         assert r is not None and u is not None  # the block runner has no attention-only graphs
+        tx = x.shape[1]
+        cut = not last and tx != t  # positions [lo, lo + tx) only
         if (layer in dense_layers and not last
                 and 2 * int(touched_cpu[:, r].sum()) >= k_masks):
-            xm = self.dense_inputs([r], x).view_as(x)
+            xm = self.dense_inputs([r], x, lo)
+            xm = (xm.view(k_masks, n, t, d)[:, :, lo: lo + tx].reshape(x.shape) if cut
+                  else xm.view_as(x))
         else:
             xm = x
             for _, ks, dlt in self.deltas([r]):
-                xm = x.clone()
-                xm.view(k_masks, n, -1, d)[ks] -= self.at_positions(dlt) if last else dlt
-            xm = self.ablated_rows(r, slice(None), xm.view(k_masks, n, -1, d), last).view_as(x)
+                xm = x.clone() if x.is_contiguous() else x.contiguous()
+                xm.view(k_masks, n, -1, d)[ks] -= (self.at_positions(dlt) if last else
+                                                   dlt[:, :, lo: lo + tx] if cut else dlt)
+            xm = self.ablated_rows(r, slice(None), xm.reshape(k_masks, n, -1, d), last,
+                                   lo=lo).view(x.shape)
         m = lay.mlp(layer, lay.ln_mlp(layer, xm))
         if u in dyn_slot:
-            self.put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last)
+            self.put(dyn_slot[u], m.view(k_masks, 1, n, -1, d), last, lo=0 if last else lo)
         return out + m
 
     def kept_form(self) -> Tensor:
@@ -1062,9 +1087,7 @@ class MaskedPass:
         g, lay = self.g, self.layers
         assert self.kept_nz is not None
         kept = _any(self.kept_nz, 0)  # [S, R]: kept in some mask
-        pos_host = self.positions.detach().cpu()
-        self.hi = hi = int(pos_host.max()) + 1
-        p_lo = int(pos_host.min())
+        hi, p_lo = self.hi, self.p_lo
         none = hi  # "not read at a range"
         need = np.full(g.n_receivers, none, dtype=np.int64)  # each receiver's range start
         rep = g.n_heads // g.n_kv_heads
@@ -1286,25 +1309,58 @@ class MaskedPass:
             tuple(keys[u] for u in np.flatnonzero(col).tolist() if u >= n_static))
         return got
 
+    def removed_spans(self) -> dict[int, tuple[int, int]]:
+        """The removed form's position cone: per layer from the start one ``(q0, k0)``, its
+        heads' and MLP's outputs computed at ``[q0, hi)`` (the last layer's at the metric
+        positions; its ``q0`` is the first of them) from a residual stream and q/k/v inputs
+        at ``[k0, hi)``, ``k0`` the start of ``q0``'s sliding window (0 without one). Every
+        node of a layer feeds every later receiver, so the demand is the same for all of a
+        layer's nodes: ``q0`` of a layer is ``k0`` of the next, and a sender's rows are
+        valid wherever a later receiver reads them (:meth:`_position_demand` for the kept
+        form's per-node demand)."""
+        spans: dict[int, tuple[int, int]] = {}
+        q0 = self.p_lo
+        for layer in reversed(range(self.start, self.g.n_layers)):
+            window = self.lay.window(layer)
+            k0 = 0 if window is None else max(0, q0 - window + 1)
+            spans[layer] = (q0, k0)
+            q0 = k0
+        return spans
+
     def removed_form(self) -> Tensor:
         """Blocks ``start..`` and the logits in the removed form of eq. (1): dense layers,
-        the sparse start layer or the shared path (see the module docstring)."""
+        the sparse start layer or the shared path (see the module docstring), each layer at
+        its positions of :meth:`removed_spans` only."""
         ablated, cache, current, d = self.ablated, self.cache, self.current, self.d
         dense_layers, dev, dyn_slot = self.dense_layers, self.dev, self.dyn_slot
         dynamic, g, k_masks = self.dynamic, self.g, self.k_masks
         lay, n, n_pos, row_pos = self.lay, self.n, self.n_pos, self.row_pos
-        start, t = self.start, self.t
+        start, t, hi = self.start, self.t, self.hi
 
-        x = cache.resid[start].unsqueeze(0).expand(k_masks, n, t, d).reshape(k_masks * n, t, d)
+        spans = self.removed_spans()
+        x0 = spans[start][1] if start < g.n_layers else 0  # x holds the positions x0..hi
+        tx = hi - x0 if start < g.n_layers else t
+        x = cache.resid[start][:, x0: x0 + tx].unsqueeze(0).expand(k_masks, n, tx, d).reshape(
+            k_masks * n, tx, d)
         for layer in range(start, g.n_layers):
-            xk = x.view(k_masks, n, t, d)
+            q0, k0 = spans[layer]  # x holds the positions k0..hi (x0 == k0)
+            tk = hi - k0
+            cut = tk != t
+            xk = x.view(k_masks, n, tk, d)
             last = layer == g.n_layers - 1
+            # the last block: queries, head outputs and residual at the metric positions;
+            # else queries from q0 (the keys from k0 before them dropped)
+            attend_at: dict[str, Any] = ({"query_pos": row_pos, "spans": (k0, k0)} if last
+                                         else {"spans": (q0, k0)})
             if layer in dense_layers:
                 sizes = {"q": g.n_heads, "k": g.n_kv_heads, "v": g.n_kv_heads}
-                # receiver-major inputs [K, R', n*T, d]: one norm, one batched projection
+                # receiver-major inputs [K, R', n*T', d]: one norm, one batched projection
                 # per kind
                 qkv_rs = self.layers[layer].qkv
-                inputs = self.dense_inputs(qkv_rs, x).view(k_masks, len(qkv_rs), n * t, d)
+                nr = len(qkv_rs)
+                inputs = self.dense_inputs(qkv_rs, x, k0)
+                inputs = (inputs.view(k_masks, nr, n, t, d)[:, :, :, k0:hi].reshape(
+                    k_masks, nr, n * tk, d) if cut else inputs.view(k_masks, nr, n * t, d))
                 projected = lay.project_heads_normed(layer, inputs)
                 if projected is None:
                     normed, projected, s0 = lay.ln_attn(layer, inputs), [], 0
@@ -1314,40 +1370,41 @@ class MaskedPass:
                         s0 += sizes[kind]
                 qkv = {}
                 for kind, out in zip("qkv", projected):
-                    # attention layout [K*n, T, heads, dh] as a view of [K*n, heads, T, dh]
-                    qkv[kind] = (out.view(k_masks, sizes[kind], n, t, -1).transpose(1, 2)
-                                 .reshape(k_masks * n, sizes[kind], t, -1).transpose(1, 2))
+                    # attention layout [K*n, T', heads, dh] as a view of [K*n, heads, T', dh]
+                    qkv[kind] = (out.view(k_masks, sizes[kind], n, tk, -1).transpose(1, 2)
+                                 .reshape(k_masks * n, sizes[kind], tk, -1).transpose(1, 2))
                 q, k, v = qkv["q"], qkv["k"], qkv["v"]
-                # the last block: queries, head outputs and residual at the metric positions
-                z = lay.attend(layer, q, k, v, query_pos=row_pos if last else None)
+                z = lay.attend(layer, q if last else q[:, q0 - k0:], k, v, **attend_at)
                 h0 = g.head_start[layer]
-                res = lay.head_results_all(layer, z, k_masks)  # [K, H, n*(T|P), d]
+                res = lay.head_results_all(layer, z, k_masks)  # [K, H, n*(T'|P), d]
                 heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
                 if heads:  # consecutive slots of ``current``
                     i0, nh = dyn_slot[h0 + heads[0]], len(heads)
                     values = (res if nh == g.n_heads else res[:, heads]).view(
                         k_masks, nh, n, -1, d)
-                    if last:
-                        self.put(i0, values, True)
+                    if last or q0 or hi < t:
+                        self.put(i0, values, last, lo=q0)
                     else:
                         torch.sub(values, ablated[h0 + heads[0]: h0 + heads[-1] + 1]
                                   if nh == g.n_heads else ablated[[h0 + h for h in heads]],
                                   out=current[:, i0: i0 + nh].view(k_masks, nh, n, t, d))
-                if last:
-                    x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+                x = (self.at_positions(xk, k0).view(k_masks * n, n_pos, d) if last
+                     else x[:, q0 - k0:])
                 x_in, x = x, x + lay.attn_from_heads(layer, res, 1).view(k_masks * n, -1, d)
-                x = self.mlp_block(layer, x, last, x_in)
+                x = self.mlp_block(layer, x, last, x_in, q0)
                 continue
             patches = self.deltas(self.layers[layer].qkv)
             if layer == start:
-                x_mid = self.sparse_attention(layer, patches)
+                x_mid = self.sparse_attention(layer, patches)  # [K*n, T, d]
                 if x_mid is not None:
-                    x_in, x = x, x_mid  # the block's input: the clean residual, per mask
+                    x_in = x  # the block's input: the clean residual, per mask
                     if last:
-                        x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
-                        x_in = self.at_positions(x_in.view(k_masks, n, t, d)).view(
+                        x = self.at_positions(x_mid.view(k_masks, n, t, d)).view(
                             k_masks * n, n_pos, d)
-                    x = self.mlp_block(layer, x, last, x_in)
+                        x_in = self.at_positions(xk, k0).view(k_masks * n, n_pos, d)
+                    else:
+                        x, x_in = x_mid[:, q0:hi], x_in[:, q0 - k0:]
+                    x = self.mlp_block(layer, x, last, x_in, q0)
                     continue
             # the shared path: one norm and projection for all heads; the touched receivers
             # of each mask recomputed from their own inputs
@@ -1357,25 +1414,24 @@ class MaskedPass:
             for r, ks, dlt in patches:
                 kind = g.receivers[r].kind
                 head = r - first[kind]
-                xr = self.ablated_rows(r, ks, xk[ks] - dlt)
+                xr = self.ablated_rows(r, ks, xk[ks] - (dlt[:, :, k0:hi] if cut else dlt),
+                                       lo=k0)
                 out = lay.project(layer, kind, head, lay.ln_attn(layer, xr))
                 target = qkv[kind]
-                target.view(k_masks, n, t, *target.shape[2:])[ks, :, :, head] = out
+                target.view(k_masks, n, tk, *target.shape[2:])[ks, :, :, head] = out
             q, k, v = qkv["q"], qkv["k"], qkv["v"]
-            # the last block only has to produce the metric positions: queries, attention
-            # output, MLP and residual there only (keys and values still cover every position)
-            z = lay.attend(layer, q, k, v, query_pos=row_pos if last else None)
+            z = lay.attend(layer, q if last else q[:, q0 - k0:], k, v, **attend_at)
             h0 = g.head_start[layer]
             heads = [u - h0 for u in dynamic if h0 <= u < h0 + g.n_heads]
             if heads:
-                res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T|P,h,d]
+                res = lay.head_results(layer, z, torch.tensor(heads, device=dev))  # [B,T'|P,h,d]
                 res = res.view(k_masks, n, -1, len(heads), d).permute(0, 3, 1, 2, 4)
                 i0 = dyn_slot[h0 + heads[0]]
-                self.put(i0, res, last)
-            if last:
-                x = self.at_positions(x.view(k_masks, n, t, d)).view(k_masks * n, n_pos, d)
+                self.put(i0, res, last, lo=q0)
+            x = (self.at_positions(xk, k0).view(k_masks * n, n_pos, d) if last
+                 else x[:, q0 - k0:])
             x_in, x = x, x + lay.attn_out(layer, z)
-            x = self.mlp_block(layer, x, last, x_in)
+            x = self.mlp_block(layer, x, last, x_in, q0)
         x = x.view(k_masks, n, -1, d)
         xf = x if start < g.n_layers else self.at_positions(x)  # [K, n, P, d]
         for _, ks, dlt in self.deltas([g.n_receivers - 1]):

@@ -558,25 +558,36 @@ def test_checkpointed_attribution_on_padded_prompts_equals_the_plain_pass(setups
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "llama", "qwen3", "gpt_neox"])
-def test_kept_form_position_cone_equals_the_slow_reference(setups, name, monkeypatch):
-    """The kept form computes each node at the positions the metric depends on only (the
-    dependency cone, :meth:`MaskedPass._position_demand`): with sliding windows (Mistral,
-    Qwen2) a layer's keys start ``window - 1`` positions before its queries, and no position
-    after the batch's last metric position is computed (every family). Metric positions here
-    are ragged (two per example, none at the end of the padded prompts, which the corrupted
-    prompts outrun), so that the cone cuts on both sides; sparse circuits and an ACDC-like
-    sequence of one-edge changes (kept form, memo hits) against the slow reference."""
+def test_position_cone_equals_the_slow_reference(setups, name, monkeypatch):
+    """Both forms compute each node at the positions the metric depends on only (the
+    dependency cone: :meth:`MaskedPass._position_demand` per node in the kept form,
+    :meth:`MaskedPass.removed_spans` per layer in the removed form): with sliding windows
+    (Mistral, Qwen2) a layer's keys start ``window - 1`` positions before its queries, and no
+    position after the batch's last metric position is computed (every family). Metric
+    positions here are ragged (two per example, none at the end of the padded prompts, which
+    the corrupted prompts outrun), so that the cone cuts on both sides; dense masks (dense
+    layers, the shared path, the sparse start layer; batched and one example at a time),
+    sparse circuits and an ACDC-like sequence of one-edge changes (kept form, memo hits)
+    against the slow reference."""
     from circuitfind.patching import masked_pass
 
     spans: list[tuple[int, tuple[int, int]]] = []
     demand = masked_pass.MaskedPass._position_demand
+    removed_spans = masked_pass.MaskedPass.removed_spans
 
     def recorded(self):
         out = demand(self)
         spans.extend((self.hi, span) for span in self.spans.values())
         return out
 
+    def recorded_removed(self):
+        out = removed_spans(self)
+        removed.extend((self.hi, span) for span in out.values())
+        return out
+
+    removed: list[tuple[int, tuple[int, int]]] = []
     monkeypatch.setattr(masked_pass.MaskedPass, "_position_demand", recorded)
+    monkeypatch.setattr(masked_pass.MaskedPass, "removed_spans", recorded_removed)
     model, hf = setups(name, torch.float64)
     data = padded_data([14, 12, 13], [17, 12, 15], seed=3)  # metric positions 9..13 of 17
     engine = PatchingEngine(model)
@@ -588,6 +599,13 @@ def test_kept_form_position_cone_equals_the_slow_reference(setups, name, monkeyp
     sparse = torch.stack([conditioned(g, random_mask(g, p, gen, torch.float64), gen)
                           for p in (0.1, 0.2, 0.3)])
     check(model, engine.run(data, sparse), torch.stack([ref(m) for m in sparse]))
+    dense = torch.stack([conditioned(g, random_mask(g, p, gen, torch.float64), gen)
+                         for p in (0.5, 0.9)] + [acdc_like(g, layer, torch.float64)
+                                                 for layer in range(g.n_layers + 1)])
+    want = torch.stack([ref(m) for m in dense])
+    check(model, engine.run(data, dense), want)
+    check(model, engine.run(data, dense, batch_size=1), want)
+    check(model, engine.run(data, dense[0])[0], want[0])
     base = full.clone()
     for layer in range(g.n_layers, -1, -1):
         r = int((layer_of == layer).nonzero()[-1 if layer in (0, g.n_layers) else 0])
@@ -599,6 +617,8 @@ def test_kept_form_position_cone_equals_the_slow_reference(setups, name, monkeyp
         check(model, engine.run(data, cands), want)
         check(model, engine.run(data, cands), want)  # memo hits
         base[:, layer_of == layer] = sparse[0][:, layer_of == layer]
-    # the cone cut: nothing after position 13, and with windows keys from later than 0
-    assert spans and all(hi == 14 for hi, _ in spans)
-    assert any(k0 > 0 for _, (_, k0) in spans) == (name in ("mistral", "qwen2"))
+    # the cone cut: nothing after position 13 (of 17), and with windows keys from after 0
+    # (one example at a time: up to that example's last metric position)
+    for cut in (spans, removed):
+        assert cut and max(hi for hi, _ in cut) == 14
+        assert any(k0 > 0 for _, (_, k0) in cut) == (name in ("mistral", "qwen2"))
