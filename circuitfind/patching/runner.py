@@ -27,8 +27,10 @@ norm and one batched projection per kind. Senders before ``start`` are clean by 
 their differences are shared by all K masks; senders at or after ``start`` are recomputed per
 mask. What a pass skips: blocks before ``start`` (cached clean residuals), positions after the
 last metric position (causal model), everything but the metric positions' queries, attention
-output and MLP in the last block, and, at the start layer, every head a mask does not touch
-(its output is the cached clean one).
+output and MLP in the last block, with sliding windows every position outside the metric's
+dependency cone (a layer's queries from where the next layer's keys start, its keys from
+``window - 1`` before: ``MaskedPass.removed_spans``, per node in the kept form), and, at the
+start layer, every head a mask does not touch (its output is the cached clean one).
 
 Kept form. Since the residual stream is the sum of its upstream senders' outputs (plus biases),
 eq. (1) also reads ``x_r = x'_L + sum_u kept[u, r] (a_u(current run) - a'_u)``, with ``x'_L``
