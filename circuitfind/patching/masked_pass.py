@@ -990,7 +990,8 @@ class MaskedPass:
                         keys[h0 + hh] = (key, i)
                 if per_mask:
                     # their receivers equal in every mask: projected once (memo keys)
-                    fixed = {r: self._intern(("recv", span[1], self.hi, self._input_key(r, form, layer)))
+                    fixed = {r: self._intern(("recv", span[1], self.hi,
+                                              self._input_key(r, form, layer)))
                              for i, r in enumerate(rs) if same[i] and heads[i % nh] in per_mask}
                     # per-mask outputs at every position go straight into ``current`` where
                     # their slots are consecutive (no second copy of ``[K, h, n*T, d]``)
