@@ -370,16 +370,18 @@ class MaskedPass:
         self.positions = positions
         self.pos = positions.to(self.dev)  # [n, P]
         self.n_pos = self.pos.shape[1]
-        pos_host = positions.detach().cpu()
-        # one past the last metric position (no later position reaches the metric) and the
-        # first metric position of the batch: the ends of the position cone
-        self.hi, self.p_lo = int(pos_host.max()) + 1, int(pos_host.min())
         self.full_reach = 0  # see _position_demand
         self._shared_pos: tuple[Tensor, Tensor] | None = None  # see shared_at_positions
         # values of the data alone (at the metric positions), kept from pass to pass
         self.data_memo: DataMemo = runner.data_memo
         self.data_memo.follow(self.diff, ablated, self.pos,
                               *(abl_resid if abl_resid is not None else (None, None)))
+        # one past the last metric position (no later position reaches the metric) and the
+        # first metric position of the batch: the ends of the position cone (read on the
+        # host once per data)
+        ends = self.data_memo.get("position cone ends", lambda: torch.stack(
+            [self.pos.max() + 1, self.pos.min()]).cpu())
+        self.hi, self.p_lo = int(ends[0]), int(ends[1])
         # the masks on the host, inspected there once per pass: removal weights [K, S, R],
         # which are nonzero, which frozen ones are, the receivers each mask touches [K, R]
         self.removed_host = host_array(removed)
