@@ -721,11 +721,63 @@ class MaskedPass:
             self.ablated_rows(r, ks, inputs[:, i])
         return inputs
 
+    @cached_property
+    def common_pos(self) -> Tensor | slice | None:
+        """The metric positions where every example has the same ones (kept in the data
+        memo): a slice where they are consecutive, else ``[P]`` indices; ``None`` where the
+        examples' positions differ. Then values are selected at them along ``T`` by a
+        strided copy (``narrow``, ``index_select``, ``index_copy_``) instead of an
+        element-wise ``gather``/``scatter_`` (about 4-12x faster at ``[K, h, n, T, d]``)."""
+        pos = self.pos
+
+        def make() -> Tensor:  # [3]: (shared, consecutive, first) as integers
+            row = pos[:1]
+            shared = bool((pos == row).all()) and pos.shape[1] > 0
+            steps = row[0, 1:] - row[0, :-1]
+            run = shared and bool((steps == 1).all())
+            return torch.tensor([shared, run, int(row[0, 0]) if shared else 0])
+
+        shared, run, first = self.data_memo.get("common positions", make).tolist()
+        if not shared:
+            return None
+        return slice(first, first + self.n_pos) if run else pos[0]
+
+    def select_pos(self, values: Tensor, dim: int, fresh: bool = True) -> Tensor:
+        """``values`` at the metric positions along ``dim`` (the ``T`` axis, the examples'
+        axis just before it): ``[..., n, T, ...]`` -> ``[..., n, P, ...]``, a new
+        contiguous tensor (without ``fresh`` possibly a view of ``values``, for a caller
+        that copies it)."""
+        common = self.common_pos
+        if isinstance(common, slice):
+            view = values.narrow(dim, common.start, self.n_pos)
+            return view.clone(memory_format=torch.contiguous_format) if fresh else view
+        if common is not None:
+            return values.index_select(dim, common)
+        shape = [1] * values.dim()
+        shape[dim - 1], shape[dim] = self.n, self.n_pos
+        idx = self.pos.reshape(shape).expand(*values.shape[:dim], self.n_pos,
+                                          *values.shape[dim + 1:])
+        return values.gather(dim, idx)
+
+    def write_pos(self, target: Tensor, values: Tensor, dim: int) -> None:
+        """``target [..., n, T, ...]`` at the metric positions along ``dim`` set to
+        ``values [..., n, P, ...]`` (in place; the inverse of :meth:`select_pos`)."""
+        common = self.common_pos
+        if isinstance(common, slice):
+            target.narrow(dim, common.start, self.n_pos).copy_(values)
+        elif common is not None:
+            target.index_copy_(dim, common, values.expand(
+                *target.shape[:dim], self.n_pos, *target.shape[dim + 1:]))
+        else:
+            shape = [1] * target.dim()
+            shape[dim - 1], shape[dim] = self.n, self.n_pos
+            idx = self.pos.reshape(shape).expand(*target.shape[:dim], self.n_pos,
+                                              *target.shape[dim + 1:])
+            target.scatter_(dim, idx, values.expand(idx.shape))
+
     def at_positions(self, values: Tensor) -> Tensor:
         """``[k, n, T, d]`` -> ``[k, n, P, d]`` at the metric positions."""
-        n, n_pos, pos = self.n, self.n_pos, self.pos
-        idx = pos[None, :, :, None].expand(values.shape[0], n, n_pos, values.shape[-1])
-        return values.gather(2, idx)
+        return self.select_pos(values, 2)
 
     def ablated_at_positions(self, resid: Tensor, layer: int) -> Tensor:
         """``resid[layer]`` of the fully ablated run's ``pre`` or ``mid`` (``[L|L+1, n, T,
@@ -746,7 +798,7 @@ class MaskedPass:
         position; :meth:`_heads_pass` computed them there): only the ablation values are
         subtracted, in place."""
         ablated, current, d, dynamic = self.ablated, self.current, self.d, self.dynamic
-        k_masks, n, n_pos, pos, t = self.k_masks, self.n, self.n_pos, self.pos, self.t
+        k_masks, n, n_pos, t = self.k_masks, self.n, self.n_pos, self.t
         at_p = self.current_pos
         h = values.shape[1]
         u0 = dynamic[slot]
@@ -756,9 +808,8 @@ class MaskedPass:
             values = values[:1]
         if at_pos:
             if ablated.shape[2] > 1:  # the ablated values at the metric positions
-                abl_all = self.data_memo.get("ablated at positions", lambda: ablated.expand(
-                    ablated.shape[0], n, t, d).gather(
-                        2, pos[None, :, :, None].expand(ablated.shape[0], n, n_pos, d)))
+                abl_all = self.data_memo.get("ablated at positions", lambda: self.select_pos(
+                    ablated.expand(ablated.shape[0], n, t, d), 2))
             else:
                 abl_all = ablated
             abl = (abl_all[u0: u0 + h] if consecutive
@@ -768,8 +819,7 @@ class MaskedPass:
             if at_p is not None and u0 < self.full_reach:  # read with weight 0
                 current[:, slot: slot + h].zero_()
             change = (values - abl).expand(k_masks, h, n, n_pos, d)
-            idx = pos[None, None, :, :, None].expand(k_masks, h, n, n_pos, d)
-            current[:, slot: slot + h].view(k_masks, h, n, t, d).scatter_(3, idx, change)
+            self.write_pos(current[:, slot: slot + h].view(k_masks, h, n, t, d), change, 3)
             if at_p is not None:
                 at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(change)
             return
@@ -784,8 +834,8 @@ class MaskedPass:
             torch.sub(values, abl, out=dst)
         if at_p is not None:
             src = dst[:1] if once else dst
-            idx = pos[None, None, :, :, None].expand(src.shape[0], h, n, n_pos, d)
-            at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(src.gather(3, idx))
+            at_p[:, slot: slot + h].view(k_masks, h, n, n_pos, d).copy_(
+                self.select_pos(src, 3, fresh=False))
 
     def clean_minus_ablated(self, u: int) -> Tensor:
         """``a_u(clean) - a'_u`` flattened to ``[n*T*d]``."""
