@@ -158,18 +158,21 @@ class KeptFormMemo:
         data: ``(owner tensor, slice key)`` the entries belong to, or ``None``.
         ids: flat key -> small stable id (see :meth:`MaskedPass._intern`).
         next_id: The last id handed out.
+        sums: ``(form, receiver, weights)`` -> eq. (1)'s sum over the static senders ``[X]``
+            read in the last kept-form pass (see :meth:`MaskedPass.static_sums`).
     """
 
     entries: dict[Any, Tensor] = field(default_factory=dict)
     data: tuple[Tensor, Any] | None = None
     ids: dict[Any, int] = field(default_factory=dict)
     next_id: int = 0
+    sums: dict[Any, Tensor] = field(default_factory=dict)
 
     def follow(self, owner: Tensor, key: Any) -> None:
         """Start afresh unless the entries belong to ``owner`` (held, so that its memory cannot
         be reused under the same address) at the slice ``key``."""
         if self.data is None or self.data[0] is not owner or self.data[1] != key:
-            self.entries, self.data, self.ids = {}, (owner, key), {}
+            self.entries, self.data, self.ids, self.sums = {}, (owner, key), {}, {}
 
     def new_id(self) -> int:
         """A fresh id for an interned key."""
@@ -578,7 +581,7 @@ class MaskedPass:
                 (None if shared is None or not a1 else shared[a0:a1]),
                 (w_dyn[:, j0:j1] if j1 else None), (current[:, j0:j1] if j1 else None))
         if sub.all():
-            return self.dense_deltas(rs, wf, sums, t)
+            return self.dense_deltas(rs, wf, sums, t, form)
         w_sh, sh, w_d, cur = sums
         jj, kk = torch.from_numpy(sub).T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
@@ -611,18 +614,20 @@ class MaskedPass:
 
     def dense_deltas(self, rs: list[int], wf: _Form,
                      sums: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
-                     t: int) -> list[tuple[int, Tensor | slice, Tensor]]:
+                     t: int, form: str | None = None) -> list[tuple[int, Tensor | slice, Tensor]]:
         """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
         one ``[K, R', n*t*d]`` tensor, mask-major, no gathers. ``sums``: the weights and
         values of eq. (1)'s two sums, ``(w_shared [K, A', R], shared [A', n*t*d], w_dyn [K,
         J', R], current [K, J', n*t*d])`` over the senders that carry anything (``None``
-        where a sum has none)."""
+        where a sum has none); ``form``: their form's name, for :meth:`static_sums`."""
         d, dev, n = self.d, self.dev, self.n
         w_sh, sh, w_d, cur = sums
         k_masks = wf.k
         idx = torch.tensor(rs, device=dev)
         out = None
-        if w_sh is not None:
+        if w_sh is not None and t == self.t and form is not None:
+            out = self.static_sums(form, rs)
+        if w_sh is not None and out is None:
             assert sh is not None  # _Form keeps w_shared only with shared
             # [1, R', X] where every mask has the same weights (ACDC's base circuit)
             out = receiver_changes(w_sh[:, :, idx], sh)  # [K|1, R', X]
@@ -651,7 +656,10 @@ class MaskedPass:
         j = self.upstream_dynamic(hit_rs)
         idx = torch.tensor(hit_rs, device=self.dev)
         out = base.reshape(1, 1, -1).expand(1, len(hit_rs), -1)
-        if wf.w_shared is not None:
+        static = self.static_sums(form, hit_rs)
+        if static is not None:
+            out = torch.add(out, static, alpha=sign)
+        elif wf.w_shared is not None:
             assert wf.shared is not None  # _Form keeps w_shared only with shared
             a0, a1 = wf.senders("shared", hit_rs, wf.shared.shape[0])
             if a1:
@@ -662,6 +670,43 @@ class MaskedPass:
             out = receiver_changes(wf.w_dyn[:, j0:j1][:, :, idx] * sign,
                                    self.current[:wf.k, j0:j1], out)
         return out.expand(wf.k, -1, -1), hit
+
+    def static_sums(self, form: str, rs: list[int]) -> Tensor | None:
+        """Eq. (1)'s sum over the static senders (before the start layer), ``sum_u w[u, r]
+        (a_u - a'_u)`` with the weights of ``form``, for the receivers ``rs`` whose weights from
+        them are the same in every mask: ``[1, R', n*T*d]``, or ``None`` (the caller sums them
+        batched) outside the kept form or where some receiver's weights differ between masks.
+
+        Each receiver's row is summed over its own senders alone and kept in the kept-form
+        memo (:attr:`KeptFormMemo.sums`) by its weights: ACDC's consecutive passes recompute
+        the same receivers downstream of the tested one, whose edges from before the start
+        layer rarely change, so most rows are read from there, not summed again."""
+        host: dict[str, np.ndarray] | None = getattr(self, "host_weights", None)
+        wf = self.forms[form]
+        if host is None or wf.shared is None or wf.w_shared is None:
+            return None
+        name = form.removesuffix("1")
+        w = host[name][:wf.k, :self.n_static][:, :, rs]  # [k, A, R']
+        if wf.k > 1 and not (w == w[:1]).all():
+            return None
+        memo, fresh, shared = self.memo.sums, self.fresh_sums, wf.shared
+        rows = []
+        for i, r in enumerate(rs):
+            col = w[0, :, i]
+            key = (name, r, col.tobytes())
+            got = fresh.get(key)
+            if got is None:
+                got = memo.get(key)
+            if got is None:
+                nz = np.flatnonzero(col)
+                if len(nz):
+                    a0, a1 = int(nz[0]), int(nz[-1]) + 1
+                    got = wf.w_shared[0, a0:a1, r] @ shared[a0:a1]  # [X]
+                else:
+                    got = shared.new_zeros(shared.shape[1])
+            fresh[key] = got
+            rows.append(got)
+        return torch.stack(rows)[None]
 
     def pos_rows(self, values: Tensor) -> Tensor:
         """Flat buffer rows ``[..., n*T*d]`` -> ``[..., n*P*d]`` at the metric positions."""
@@ -969,6 +1014,7 @@ class MaskedPass:
         self.pre, self.mid, self.rep = pre, mid, rep
         self.equal, self.variant, self.keys, self.ids = equal, variant, keys, ids
         self.fresh = fresh
+        self.fresh_sums: dict[Any, Tensor] = {}  # this pass's static sums (static_sums)
         self._w0: dict[str, Any] = {}  # see _input_key
         self._input_keys: dict[tuple[int, str, int], tuple[Any, ...]] = {}  # see _input_key
 
@@ -1052,7 +1098,7 @@ class MaskedPass:
         xf = self._patched(self.ablated_at_positions(pre, g.n_layers),
                            self.deltas([g.n_receivers - 1], "kept", at_pos=True), k_masks)
         # this pass's invariant outputs replace the memo (the next pass reuses them)
-        self.memo.entries, self.memo.ids = fresh, ids
+        self.memo.entries, self.memo.ids, self.memo.sums = fresh, ids, self.fresh_sums
         return lay.final(xf)
 
     @staticmethod
