@@ -569,19 +569,21 @@ class MaskedPass:
         # only the senders with a nonzero weight into ``rs`` (see _Form.senders)
         a0, a1 = (0, 0) if shared is None else wf.senders("shared", rs, shared.shape[0])
         j0, j1 = wf.senders("dyn", rs, j)
+        rows_at: int | None = j0  # the buffer row ``current[:, j0]`` holds (dense_deltas)
         if at_pos:  # the buffers' rows at the metric positions
             t = self.n_pos
             if self.current_pos is not None:  # kept form: written there by put
                 current = self.current_pos
             elif j1:
                 current, j0, j1 = self.pos_rows(current[:, j0:j1]), 0, j1 - j0
+                rows_at = None
             if shared is not None:
                 shared = self.shared_at_positions(shared)
         sums = ((None if w_shared is None or not a1 else w_shared[:, a0:a1]),
                 (None if shared is None or not a1 else shared[a0:a1]),
                 (w_dyn[:, j0:j1] if j1 else None), (current[:, j0:j1] if j1 else None))
         if sub.all():
-            return self.dense_deltas(rs, wf, sums, t, form)
+            return self.dense_deltas(rs, wf, sums, t, form, rows_at)
         w_sh, sh, w_d, cur = sums
         jj, kk = torch.from_numpy(sub).T.nonzero(as_tuple=True)  # pairs grouped by receiver
         rr = torch.tensor(rs)[jj]
@@ -614,12 +616,15 @@ class MaskedPass:
 
     def dense_deltas(self, rs: list[int], wf: _Form,
                      sums: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
-                     t: int, form: str | None = None) -> list[tuple[int, Tensor | slice, Tensor]]:
+                     t: int, form: str | None = None, j0: int | None = None
+                     ) -> list[tuple[int, Tensor | slice, Tensor]]:
         """:func:`deltas` when every mask touches every receiver in ``rs``: the patches as
         one ``[K, R', n*t*d]`` tensor, mask-major, no gathers. ``sums``: the weights and
         values of eq. (1)'s two sums, ``(w_shared [K, A', R], shared [A', n*t*d], w_dyn [K,
         J', R], current [K, J', n*t*d])`` over the senders that carry anything (``None``
-        where a sum has none); ``form``: their form's name, for :meth:`static_sums`."""
+        where a sum has none); ``form``: their form's name, for :meth:`static_sums`; ``j0``:
+        the first per-mask buffer row ``current`` starts at, for :meth:`dynamic_sums`
+        (``None``: summed as one product)."""
         d, dev, n = self.d, self.dev, self.n
         w_sh, sh, w_d, cur = sums
         k_masks = wf.k
@@ -632,7 +637,8 @@ class MaskedPass:
             # [1, R', X] where every mask has the same weights (ACDC's base circuit)
             out = receiver_changes(w_sh[:, :, idx], sh)  # [K|1, R', X]
         if w_d is not None and cur is not None:
-            out = receiver_changes(w_d[:, :, idx], cur[:k_masks], out)
+            out = (receiver_changes(w_d[:, :, idx], cur[:k_masks], out) if j0 is None
+                   else self.dynamic_sums(w_d[:, :, idx], cur[:k_masks], j0, out))
         if out is None:  # touched by edges that carry nothing here
             out = self.current.new_zeros(1, len(rs), n * t * d)
         out = out.expand(k_masks, -1, -1)
@@ -667,9 +673,34 @@ class MaskedPass:
                                        wf.shared[a0:a1], out)
         j0, j1 = wf.senders("dyn", hit_rs, j)
         if j1:
-            out = receiver_changes(wf.w_dyn[:, j0:j1][:, :, idx] * sign,
-                                   self.current[:wf.k, j0:j1], out)
+            out = self.dynamic_sums(wf.w_dyn[:, j0:j1][:, :, idx] * sign,
+                                    self.current[:wf.k, j0:j1], j0, out)
         return out.expand(wf.k, -1, -1), hit
+
+    def dynamic_sums(self, weights: Tensor, values: Tensor, j0: int, base: Tensor | None
+                     ) -> Tensor:
+        """:func:`receiver_changes` over the per-mask buffer's rows ``j0..`` (``weights [K,
+        J', R']``, ``values [K, J', X]``, ``base``). In a kept-form pass of several masks the
+        rows of mask-invariant senders (written once and copied to every mask, see
+        :meth:`put`) outside the span of the variant ones are read from the first mask only
+        (one matmul for every mask), and only the variant span per mask: a skinny product
+        that reads its buffer rows, so about a quarter less memory traffic in ACDC's passes."""
+        variant = getattr(self, "variant", None)
+        k, j = values.shape[0], values.shape[1]
+        if variant is None or k < 2:
+            return receiver_changes(weights, values, base)
+        var = np.flatnonzero(variant[self.dynamic[j0: j0 + j]])
+        v0, v1 = (int(var[0]), int(var[-1]) + 1) if len(var) else (0, 0)
+        if v1 - v0 == j:
+            return receiver_changes(weights, values, base)
+        out = base
+        for a, b in ((0, v0), (v1, j)):  # invariant runs: the first mask's rows
+            if b > a:
+                out = receiver_changes(weights[:, a:b], values[0, a:b], out)
+        if v1 > v0:
+            out = receiver_changes(weights[:, v0:v1], values[:, v0:v1], out)
+        assert out is not None  # some run is nonempty (j > 0)
+        return out
 
     def static_sums(self, form: str, rs: list[int]) -> Tensor | None:
         """Eq. (1)'s sum over the static senders (before the start layer), ``sum_u w[u, r]
