@@ -706,7 +706,8 @@ class MaskedPass:
         """Eq. (1)'s sum over the static senders (before the start layer), ``sum_u w[u, r]
         (a_u - a'_u)`` with the weights of ``form``, for the receivers ``rs`` whose weights from
         them are the same in every mask: ``[1, R', n*T*d]``, or ``None`` (the caller sums them
-        batched) outside the kept form or where some receiver's weights differ between masks.
+        batched) outside the kept form, where some receiver's weights differ between masks,
+        or where the weights carry gradients (a kept row would hold another pass's graph).
 
         Each receiver's row is summed over its own senders alone and kept in the kept-form
         memo (:attr:`KeptFormMemo.sums`) by its weights: ACDC's consecutive passes recompute
@@ -714,7 +715,7 @@ class MaskedPass:
         layer rarely change, so most rows are read from there, not summed again."""
         host: dict[str, np.ndarray] | None = getattr(self, "host_weights", None)
         wf = self.forms[form]
-        if host is None or wf.shared is None or wf.w_shared is None:
+        if host is None or wf.shared is None or wf.w_shared is None or wf.w_shared.requires_grad:
             return None
         name = form.removesuffix("1")
         w = host[name][:wf.k, :self.n_static][:, :, rs]  # [k, A, R']
