@@ -106,10 +106,13 @@ from circuitfind.patching.placement import PlacedArchitecture, placed
 from circuitfind.patching.post_norm_pass import PostNormPass
 
 
-SCRATCH_BYTES = 64 << 20
+SCRATCH_BYTES = 256 << 20
 """Bytes of buffers a runner keeps between passes (:meth:`BlockRunner.scratch`): EAP's sender
 differences and receiver-gradient group of small models (bench_families' shape: 7.2 + 3.3
-MiB); larger ones are allocated per pass as before."""
+MiB) and the masked passes' per-mask buffers (``[K, J, n*T*d]``: up to ~190 MiB in ACDC's
+passes of 32 masks at that shape, whose fresh pages cost ~6% of its run in page faults under
+a 64 MiB cap); larger ones are allocated per pass as before. Held between passes, never
+beyond one pass's buffers, which the engine's memory budget already counts."""
 
 
 @dataclass(frozen=True)

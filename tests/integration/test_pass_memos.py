@@ -104,3 +104,28 @@ def test_scratch_reuses_its_memory_for_smaller_shapes(tiny_models):
     assert larger.shape == (5, 5, 6) and larger.numel() == 150
     assert runner.scratch("test", (4, 5, 6), like).data_ptr() == larger.data_ptr()
     assert runner.scratch("test", (4, 5, 6), like.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("positions", [[[5, 6]] * 3, [[2, 6]] * 3, [[1, 6], [3, 4], [0, 7]]])
+def test_metric_positions_selected_and_written_as_by_gather_and_scatter(positions):
+    """``select_pos``/``write_pos`` (strided copies where every example has the same metric
+    positions, consecutive or not; gather/scatter where they differ) equal ``gather`` and
+    ``scatter_`` along the position axis."""
+    from circuitfind.patching.masked_pass import DataMemo, MaskedPass
+
+    mp = MaskedPass.__new__(MaskedPass)
+    mp.pos = torch.tensor(positions)
+    mp.n, mp.n_pos = mp.pos.shape
+    mp.data_memo = DataMemo()
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 4, mp.n, 8, 5, generator=gen)  # [K, h, n, T, d]
+    idx = mp.pos[None, None, :, :, None].expand(2, 4, mp.n, mp.n_pos, 5)
+    assert torch.equal(mp.select_pos(values, 3), values.gather(3, idx))
+    assert torch.equal(mp.select_pos(values, 3, fresh=False), values.gather(3, idx))
+    assert torch.equal(mp.at_positions(values[:, 0]), values[:, 0].gather(2, idx[:, 0]))
+    change = torch.randn(1, 4, mp.n, mp.n_pos, 5, generator=gen)
+    got, want = values.clone(), values.clone()
+    mp.write_pos(got, change.expand(2, -1, -1, -1, -1), 3)
+    want.scatter_(3, idx, change.expand(2, -1, -1, -1, -1))
+    assert torch.equal(got, want)
+    assert (mp.common_pos is None) == (positions[0] != positions[1])
