@@ -374,6 +374,10 @@ class MaskedPass:
         self.pos = positions.to(self.dev)  # [n, P]
         self.n_pos = self.pos.shape[1]
         self.full_reach = 0  # see _position_demand
+        # set by kept_form: each form's weights on the host, and the senders whose output
+        # differs by mask (read by static_sums and dynamic_sums; None in the removed form)
+        self.host_weights: dict[str, np.ndarray] | None = None
+        self.variant: np.ndarray | None = None
         self._shared_pos: tuple[Tensor, Tensor] | None = None  # see shared_at_positions
         # values of the data alone (at the metric positions), kept from pass to pass
         self.data_memo: DataMemo = runner.data_memo
@@ -697,7 +701,7 @@ class MaskedPass:
         :meth:`put`) outside the span of the variant ones are read from the first mask only
         (one matmul for every mask), and only the variant span per mask: a skinny product
         that reads its buffer rows, so about a quarter less memory traffic in ACDC's passes."""
-        variant = getattr(self, "variant", None)
+        variant = self.variant
         k, j = values.shape[0], values.shape[1]
         if variant is None or k < 2:
             return receiver_changes(weights, values, base)
@@ -725,7 +729,7 @@ class MaskedPass:
         memo (:attr:`KeptFormMemo.sums`) by its weights: ACDC's consecutive passes recompute
         the same receivers downstream of the tested one, whose edges from before the start
         layer rarely change, so most rows are read from there, not summed again."""
-        host: dict[str, np.ndarray] | None = getattr(self, "host_weights", None)
+        host = self.host_weights
         wf = self.forms[form]
         if host is None or wf.shared is None or wf.w_shared is None or wf.w_shared.requires_grad:
             return None
@@ -1025,18 +1029,16 @@ class MaskedPass:
         r, u = g.mlp_receiver[layer], g.mlp_index[layer]
         assert r is not None and u is not None  # the block runner has no attention-only graphs
         tx = x.shape[1]
-        cut = not last and tx != t  # positions [lo, lo + tx) only
         if (layer in dense_layers and not last
                 and 2 * int(touched_cpu[:, r].sum()) >= k_masks):
             xm = self.dense_inputs([r], x, lo)
-            xm = (xm.view(k_masks, n, t, d)[:, :, lo: lo + tx].reshape(x.shape) if cut
-                  else xm.view_as(x))
+            xm = xm.view(k_masks, n, t, d)[:, :, lo: lo + tx].reshape(x.shape)
         else:
             xm = x
             for _, ks, dlt in self.deltas([r]):
                 xm = x.clone() if x.is_contiguous() else x.contiguous()
-                xm.view(k_masks, n, -1, d)[ks] -= (self.at_positions(dlt) if last else
-                                                   dlt[:, :, lo: lo + tx] if cut else dlt)
+                xm.view(k_masks, n, -1, d)[ks] -= (self.at_positions(dlt) if last
+                                                   else dlt[:, :, lo: lo + tx])
             xm = self.ablated_rows(r, slice(None), xm.reshape(k_masks, n, -1, d), last,
                                    lo=lo).view(x.shape)
         m = lay.mlp(layer, lay.ln_mlp(layer, xm))
@@ -1068,7 +1070,7 @@ class MaskedPass:
         host = {"removed": self.removed_host, "kept": self.kept_host}
         equal = {name: np.asarray((w == w[:1]).all((0, 1))) for name, w in host.items()}
         self.nonzero0 = {"removed": self.removed_nz[0], "kept": self.kept_nz[0]}
-        self.host_weights: dict[str, np.ndarray] = host
+        self.host_weights = host
         variant = np.zeros(g.n_senders, dtype=bool)  # senders whose output differs by mask
         # Outputs of invariant nodes are kept across passes (ACDC tests one receiver after
         # another against a circuit that changes only there), keyed by the content of
@@ -1357,8 +1359,7 @@ class MaskedPass:
         (:meth:`Architecture.attend` applies those)."""
         d, forms, g, lay, n, t = self.d, self.forms, self.g, self.lay, self.n, self.t
         hi = self.hi
-        cut = k0 > 0 or hi < t  # inputs at the positions [k0, hi) only
-        tk = hi - k0
+        tk = hi - k0  # inputs at the positions [k0, hi) only
         first = self.layers[layer].first
         kind_of = {r: g.receivers[r].kind for r in rs}
         out: dict[int, Tensor] = {}
@@ -1368,8 +1369,8 @@ class MaskedPass:
             kk = inputs.shape[0]
             hit_rs = [rs[i] for i in hit]
             x_hit = self.ablated_block(hit_rs, inputs, slice(0, kk))
-            x_hit = (x_hit.view(kk, len(hit), n, t, d)[:, :, :, k0:hi].reshape(
-                kk, len(hit), n * tk, d) if cut else x_hit.view(kk, len(hit), n * t, d))
+            x_hit = x_hit.view(kk, len(hit), n, t, d)[:, :, :, k0:hi].reshape(
+                kk, len(hit), n * tk, d)
             hit_heads = {kind: [r - first[kind] for r in hit_rs if kind_of[r] == kind]
                          for kind in "qkv"}
             projected = lay.project_heads_normed(layer, x_hit, heads=hit_heads)
@@ -1387,7 +1388,7 @@ class MaskedPass:
             patches = self.deltas(rs, form)
         rest = [r for r in rs if r not in out]  # the base alone (patches start from it)
         if rest:
-            base_in = lay.ln_attn(layer, base[:, k0:hi] if cut else base).reshape(n * tk, d)
+            base_in = lay.ln_attn(layer, base[:, k0:hi]).reshape(n * tk, d)
             for kind in "qkv":
                 sel = [r for r in rest if kind_of[r] == kind]
                 if not sel:
@@ -1404,7 +1405,7 @@ class MaskedPass:
             one = out[r].expand(forms[form].k, -1, -1).clone()
             masks = slice(0, forms[form].k) if isinstance(ks, slice) else ks  # (form "...1")
             x = self.ablated_rows(r, masks, torch.add(base, dlt, alpha=sign))
-            x = lay.ln_attn(layer, x[:, :, k0:hi] if cut else x)
+            x = lay.ln_attn(layer, x[:, :, k0:hi])
             one[ks] = lay.project(layer, kind, r - first[kind], x).reshape(-1, n * tk,
                                                                            one.shape[-1])
             out[r] = one
@@ -1436,6 +1437,7 @@ class MaskedPass:
         keys, n_static = self.keys, self.n_static
         w0 = self._w0.get(form)
         if w0 is None:  # mask 0's weights by receiver, once per pass: [R, S]
+            assert self.host_weights is not None  # set by kept_form, the only caller
             w0 = self._w0[form] = np.ascontiguousarray(self.host_weights[form][0].T)
         col = w0[r]
         got = self._input_keys[(r, form, layer)] = (
@@ -1479,7 +1481,6 @@ class MaskedPass:
         for layer in range(start, g.n_layers):
             q0, k0 = spans[layer]  # x holds the positions k0..hi (x0 == k0)
             tk = hi - k0
-            cut = tk != t
             xk = x.view(k_masks, n, tk, d)
             last = layer == g.n_layers - 1
             # the last block: queries, head outputs and residual at the metric positions;
@@ -1493,8 +1494,8 @@ class MaskedPass:
                 qkv_rs = self.layers[layer].qkv
                 nr = len(qkv_rs)
                 inputs = self.dense_inputs(qkv_rs, x, k0)
-                inputs = (inputs.view(k_masks, nr, n, t, d)[:, :, :, k0:hi].reshape(
-                    k_masks, nr, n * tk, d) if cut else inputs.view(k_masks, nr, n * t, d))
+                inputs = inputs.view(k_masks, nr, n, t, d)[:, :, :, k0:hi].reshape(
+                    k_masks, nr, n * tk, d)
                 projected = lay.project_heads_normed(layer, inputs)
                 if projected is None:
                     normed, projected, s0 = lay.ln_attn(layer, inputs), [], 0
@@ -1548,8 +1549,7 @@ class MaskedPass:
             for r, ks, dlt in patches:
                 kind = g.receivers[r].kind
                 head = r - first[kind]
-                xr = self.ablated_rows(r, ks, xk[ks] - (dlt[:, :, k0:hi] if cut else dlt),
-                                       lo=k0)
+                xr = self.ablated_rows(r, ks, xk[ks] - dlt[:, :, k0:hi], lo=k0)
                 out = lay.project(layer, kind, head, lay.ln_attn(layer, xr))
                 target = qkv[kind]
                 target.view(k_masks, n, tk, *target.shape[2:])[ks, :, :, head] = out

@@ -571,7 +571,8 @@ def test_position_cone_equals_the_slow_reference(setups, name, monkeypatch):
     against the slow reference."""
     from circuitfind.patching import masked_pass
 
-    spans: list[tuple[int, tuple[int, int]]] = []
+    spans: list[tuple[int, tuple[int, int]]] = []  # (hi, (q0, k0)) per kept-form layer
+    removed: list[tuple[int, tuple[int, int]]] = []  # the same per removed-form layer
     demand = masked_pass.MaskedPass._position_demand
     removed_spans = masked_pass.MaskedPass.removed_spans
 
@@ -585,7 +586,6 @@ def test_position_cone_equals_the_slow_reference(setups, name, monkeypatch):
         removed.extend((self.hi, span) for span in out.values())
         return out
 
-    removed: list[tuple[int, tuple[int, int]]] = []
     monkeypatch.setattr(masked_pass.MaskedPass, "_position_demand", recorded)
     monkeypatch.setattr(masked_pass.MaskedPass, "removed_spans", recorded_removed)
     model, hf = setups(name, torch.float64)

@@ -539,7 +539,7 @@ class Architecture:
         window = self.window(layer)
         window = window if window is not None and window < t else None
         if spans is not None and (spans != (0, 0) or q.shape[2] != t):
-            return self._attend_spans(layer, q, k, v, rep, query_pos, window, spans)
+            return self._attend_small(layer, q, k, v, rep, query_pos, window, spans)
         n_scores = q.shape[0] * q.shape[1] * t * (t if query_pos is None else query_pos.shape[1])
         softmax_ok = not self.eager or self.softmax_dtype in (None, q.dtype)
         fused = self.attn_softcap is None and softmax_ok
@@ -615,36 +615,6 @@ class Architecture:
             return torch.softmax(scores, dim, dtype=self.softmax_dtype)
         return torch.ops.aten.softmax.int_out(scores, dim, self.softmax_dtype, out=out)
 
-    def _attend_spans(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
-                      query_pos: Tensor | None, window: int | None,
-                      spans: tuple[int, int]) -> Tensor:
-        """:meth:`attend` of rotated ``q [B,H,Tq,dh]`` at the absolute positions ``q0..``
-        over ``k, v [B,G,Tk,dh]`` at ``k0..`` (``spans = (q0, k0)``; the queries
-        ``query_pos [B, P]`` of them only, absolute, where given): eager scores with the
-        causal and window masks at those positions (a query may see the keys ``(p - window,
-        p]``). ``z [B,Tq|P,H,dh]``."""
-        q0, k0 = spans
-        b, h, tq, dh = q.shape
-        g, tk = k.shape[1], k.shape[2]
-        keys = torch.arange(k0, k0 + tk, device=q.device)
-        if query_pos is None:
-            queries = torch.arange(q0, q0 + tq, device=q.device)[:, None]  # [P, 1]
-            p = tq
-        else:
-            p = query_pos.shape[1]
-            q = q.gather(2, (query_pos - q0)[:, None, :, None].expand(-1, h, -1, dh))
-            queries = query_pos[:, None, :, None]  # [B, 1, P, 1]
-        hidden = keys > queries
-        if window is not None:
-            hidden = hidden | (keys <= queries - window)
-        mask = (hidden.repeat(rep, 1) if query_pos is None
-                else hidden.expand(b, rep, p, tk).reshape(b, 1, rep * p, tk))
-        scores = torch.matmul(q.reshape(b, g, rep * p, dh), k.transpose(-1, -2))
-        scores = self._capped(scores.mul_(self.scale(layer))).masked_fill_(mask, float("-inf"))
-        pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype).to(v.dtype)
-        z = torch.matmul(pattern, v)  # [B, G, rep*P, dh]
-        return z.view(b, h, p, dh).transpose(1, 2)
-
     def _attend_with_rules(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
                            query_pos: Tensor | None, grouped: bool,
                            spans: tuple[int, int] | None = None) -> Tensor:
@@ -678,39 +648,57 @@ class Architecture:
 
     @staticmethod
     def _hidden(t: int, query_pos: Tensor | None, window: int | None,
-                device: torch.device) -> Tensor:
+                device: torch.device, q0: int = 0, k0: int = 0,
+                t_q: int | None = None) -> Tensor:
         """Keys a query may not see: later ones, and with a sliding ``window`` those ``window``
-        or more positions back (Hugging Face's ``kv_idx > q_idx - window``). ``[T, T]`` for
-        every query, ``[B, 1, P, T]`` for the queries ``query_pos [B, P]``."""
-        keys = torch.arange(t, device=device)
-        queries = (keys[:, None] if query_pos is None else query_pos[:, None, :, None])
+        or more positions back (Hugging Face's ``kv_idx > q_idx - window``). ``[Tq, T]`` for
+        every query, ``[B, 1, P, T]`` for the queries ``query_pos [B, P]``: ``T`` keys at the
+        positions ``k0..``, ``Tq`` queries (default ``T``) at ``q0..`` (a masked pass's
+        position cone; default both from 0)."""
+        keys = torch.arange(k0, k0 + t, device=device)
+        if query_pos is not None:
+            queries = query_pos[:, None, :, None]
+        elif q0 == k0 and t_q in (None, t):
+            queries = keys[:, None]
+        else:
+            queries = torch.arange(q0, q0 + (t if t_q is None else t_q), device=device)[:, None]
         hidden = keys > queries
         if window is not None:
             hidden = hidden | (keys <= queries - window)
         return hidden
 
     def _attend_small(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rep: int,
-                      query_pos: Tensor | None, window: int | None = None) -> Tensor:
-        """:meth:`attend` for short sequences on a CPU: ``q [B,H,T,dh]``, ``k, v [B,G,T,dh]``.
+                      query_pos: Tensor | None, window: int | None = None,
+                      spans: tuple[int, int] | None = None) -> Tensor:
+        """:meth:`attend` for short sequences on a CPU: rotated ``q [B,H,Tq,dh]``, ``k, v
+        [B,G,Tk,dh]`` -> ``z [B,Tq|P,H,dh]``; with ``spans = (q0, k0)`` the queries and keys
+        hold the absolute positions ``q0..`` and ``k0..`` (a masked pass's position cone;
+        ``query_pos [B, P]`` then absolute too), else both ``0..T-1``.
 
-        Scores, softmax and values as three batched kernels, each query head's rows stacked
-        under its key/value head (no repeated keys and values). On a CPU this beats the fused
-        kernel by about a quarter while the scores stay small (up to 2^20 of them, the limit
-        :meth:`attend` applies) and loses by up to half beyond, where materialising them costs
-        more than the kernel's overhead (measured on stories260k's shapes, ``d_head`` 8)."""
-        b, h, t, dh = q.shape
-        g = k.shape[1]
-        hidden = self._hidden(t, query_pos, window, q.device)
+        Scores, softmax and values as three batched kernels, each
+        query head's rows stacked under its key/value head (no repeated keys and values). On a
+        CPU this beats the fused kernel by about a quarter while the scores stay small (up to
+        2^20 of them, the limit :meth:`attend` applies) and loses by up to half beyond, where
+        materialising them costs more than the kernel's overhead (measured on stories260k's
+        shapes, ``d_head`` 8); the masked passes' position cone takes it at any size."""
+        b, h, tq, dh = q.shape
+        g, tk = k.shape[1], k.shape[2]
+        q0, k0 = spans if spans is not None else (0, 0)
+        hidden = self._hidden(tk, query_pos, window, q.device, q0, k0, tq)
         if query_pos is None:
-            mask = hidden.repeat(rep, 1)  # [rep*T, T]
-            p = t
+            mask = hidden.repeat(rep, 1)  # [rep*Tq, Tk]
+            p = tq
         else:
             p = query_pos.shape[1]
-            q = q.gather(2, query_pos[:, None, :, None].expand(-1, h, -1, dh))
-            mask = hidden.expand(b, rep, p, t).reshape(b, 1, rep * p, t)
+            rows = query_pos - q0 if q0 else query_pos  # within the queries held
+            q = q.gather(2, rows[:, None, :, None].expand(-1, h, -1, dh))
+            mask = hidden.expand(b, rep, p, tk).reshape(b, 1, rep * p, tk)
         scores = torch.matmul(q.reshape(b, g, rep * p, dh), k.transpose(-1, -2))
         scores = self._capped(scores.mul_(self.scale(layer))).masked_fill_(mask, float("-inf"))
-        z = torch.matmul(torch.softmax(scores, -1), v)  # [B, G, rep*P, dh]
+        # the softmax's dtype as the model computes it (Hugging Face's eager attention in
+        # softmax_dtype, its fused kernels in the inputs' own)
+        pattern = torch.softmax(scores, -1, dtype=self.softmax_dtype if self.eager else None)
+        z = torch.matmul(pattern.to(v.dtype), v)  # [B, G, rep*P, dh]
         return z.view(b, h, p, dh).transpose(1, 2)
 
     def head_results(self, layer: int, z: Tensor, slots: Tensor,

@@ -91,13 +91,22 @@ class Llama(Architecture):
                  else [self.n_heads, self.n_kv, self.n_kv])
         return list(out.split(sizes, 1))
 
-    def mlp(self, layer: int, x: Tensor) -> Tensor:
+    def _mlp_weights(self, layer: int) -> tuple[tuple[Tensor, Tensor | None], ...]:
+        """``(gate, up, down)`` projections' ``(weight, bias)`` of ``layer``'s MLP."""
         mlp = self.mlps[layer]
-        gate, up, down = (weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
+        return tuple(weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
+
+    def _gated_in_place(self, x: Tensor, gate: tuple[Tensor, Tensor | None],
+                        up: tuple[Tensor, Tensor | None]) -> Tensor:
+        """``act(gate(x)) * up(x)`` ``[..., d_ff]`` with the product in place (no autograd:
+        the masked passes; one buffer less)."""
+        return self.act(F.linear(x, *gate)).mul_(F.linear(x, *up))
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        gate, up, down = self._mlp_weights(layer)
         r = self.rules
         if not torch.is_grad_enabled() and r.activation == "gradient":
-            # no autograd (the masked passes): the gate's product in place, one buffer less
-            return F.linear(self.act(F.linear(x, *gate)).mul_(F.linear(x, *up)), *down)
+            return F.linear(self._gated_in_place(x, gate, up), *down)
         return F.linear(r.gate(r.activation_fn(self.act, F.linear(x, *gate)), F.linear(x, *up)),
                         *down)
 
@@ -105,11 +114,10 @@ class Llama(Architecture):
         """:meth:`mlp` with the down projection written straight into ``out``: one matrix
         product per row of ``K`` (``None``, nothing written, with gradients, another
         activation rule or a down-projection bias)."""
-        mlp = self.mlps[layer]
-        gate, up, down = (weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
+        gate, up, down = self._mlp_weights(layer)
         if torch.is_grad_enabled() or self.rules.activation != "gradient" or down[1] is not None:
             return None
-        h = self.act(F.linear(x, *gate)).mul_(F.linear(x, *up))
+        h = self._gated_in_place(x, gate, up)
         k = x.shape[0]
         hk, ok, wt = h.view(k, -1, h.shape[-1]), out.view(k, -1, out.shape[-1]), down[0].t()
         for i in range(k):
