@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,14 +51,12 @@ def _forward_median(plain: Any, tokens: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> dict[str, Any]:
-    """ACDC per test in forwards, ``rounds`` times, and the last round's pass breakdown."""
+def setup(family: str, tmp: Path) -> tuple[Any, Any, Any]:
+    """The family's benchmark model under ``tmp``: ``(engine, plain HF model, data)``, the
+    engine's caches built (as at the start of a search)."""
     from transformers import AutoModelForCausalLM
 
     import circuitfind as cf
-    import circuitfind.patching.masked_pass as masked_pass
-    import circuitfind.patching.post_norm_pass as post_norm_pass
-    from circuitfind.algorithms import ACDC
     from circuitfind.testing import ToyTask
     from circuitfind.testing.tiny import make_tiny_model_dir
 
@@ -67,7 +66,33 @@ def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> d
     engine = cf.PatchingEngine(model)
     plain = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     data = ToyTask(seq_len=15).build(model.tokenizer, 8, seed=0)
-    engine.evaluate(data, engine.graph.full_mask())  # caches, as at the start of a search
+    engine.evaluate(data, engine.graph.full_mask())
+    return engine, plain, data
+
+
+def timed_acdc(engine: Any, plain: Any, data: Any, tau: float, forwards: int
+               ) -> tuple[Any, float, float, int]:
+    """One whole ACDC exact-mode run (KL, ``tau``) between two medians of ``forwards`` plain
+    HF forwards: ``(circuit, CPU seconds, forward seconds (the mean of the two medians),
+    tests (tested edges plus q/k/v node tests))``."""
+    from circuitfind.algorithms import ACDC
+
+    hf_before = _forward_median(plain, data.clean, forwards)
+    start = time.process_time()
+    circuit = ACDC(threshold=tau, progress=False).discover(engine, data)
+    seconds = time.process_time() - start
+    hf_after = _forward_median(plain, data.clean, forwards)
+    meta = circuit.metadata["acdc"]
+    tests = int(meta["tested_edges"]) + int(meta["node_tests"])
+    return circuit, seconds, (hf_before + hf_after) / 2, tests
+
+
+def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> dict[str, Any]:
+    """ACDC per test in forwards, ``rounds`` times, and the last round's pass breakdown."""
+    import circuitfind.patching.masked_pass as masked_pass
+    import circuitfind.patching.post_norm_pass as post_norm_pass
+
+    engine, plain, data = setup(family, tmp)
 
     passes: dict[str, list[float]] = {}
     # the pass class the runner uses for this family (post-norm families: PostNormPass)
@@ -89,16 +114,9 @@ def measure(family: str, rounds: int, forwards: int, tau: float, tmp: Path) -> d
         passes.clear()
         cls.logits = timed  # type: ignore[method-assign]
         try:
-            hf_before = _forward_median(plain, data.clean, forwards)
-            start = time.process_time()
-            circuit = ACDC(threshold=tau, progress=False).discover(engine, data)
-            seconds = time.process_time() - start
-            hf_after = _forward_median(plain, data.clean, forwards)
+            circuit, seconds, hf, tests = timed_acdc(engine, plain, data, tau, forwards)
         finally:
             cls.logits = logits  # type: ignore[method-assign]
-        meta = circuit.metadata["acdc"]
-        tests = int(meta["tested_edges"]) + int(meta["node_tests"])
-        hf = (hf_before + hf_after) / 2
         per_test.append(seconds / tests / hf)
         runs.append({"round": r, "acdc_s": seconds, "hf_forward_s": hf, "tests": tests,
                      "kept": circuit.n_edges, "per_test_hf": seconds / tests / hf})
@@ -150,20 +168,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_families(doc: str, measure_one: Callable[..., dict[str, Any]],
+                 markdown_of: Callable[[dict[str, Any]], str], rounds: int, out: str) -> None:
+    """The command line of the per-family ACDC benchmarks: ``measure_one(family, rounds,
+    forwards, tau, tmp)`` for each ``--families`` family, written with ``markdown_of`` to
+    ``--out`` (defaults ``rounds`` and ``out``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--forwards", type=int, default=7)
     parser.add_argument("--tau", type=float, default=1e-3)
-    parser.add_argument("--out", default="benchmarks/results/acdc_families")
+    parser.add_argument("--out", default=out)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     commit = git("rev-parse", "--short", "HEAD")
     load_before = " ".join(f"{v:.1f}" for v in os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
-        families = [measure(f, args.rounds, args.forwards, args.tau, Path(tmp))
+        families = [measure_one(f, args.rounds, args.forwards, args.tau, Path(tmp))
                     for f in args.families]
     result = {"families": families, "rounds": args.rounds, "forwards": args.forwards,
               "tau": args.tau, "commit": commit,
@@ -171,7 +193,11 @@ def main() -> None:
               "load_before": load_before,
               "load_after": " ".join(f"{v:.1f}" for v in os.getloadavg()),
               "machine": machine()}
-    write_results(args.out, result, markdown)
+    write_results(args.out, result, markdown_of)
+
+
+def main() -> None:
+    run_families(__doc__, measure, markdown, 3, "benchmarks/results/acdc_families")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ patching 0.26-0.28 per edge; the work floor of ACDC per test there is 0.18
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -966,8 +967,10 @@ class PostNormPass:
         scale folded in, and biases, and its ``eps``, where its input norm is an RMSNorm
         computed in the model's dtype (:meth:`Architecture.ln_attn_rms`: float32 models) and
         no gradient is taken; ``None`` otherwise (the inputs are then normalised first). The
-        folded weights are kept in the memo from pass to pass (three products of ``[heads, d,
-        dh]`` per layer and pass otherwise), the same tensors bit for bit."""
+        folded weights are kept from pass to pass by :meth:`Architecture.derived` (three
+        products of ``[heads, d, dh]`` per layer and pass otherwise), within its cap
+        (``DERIVED_BYTES``; beyond it they are made anew per pass), the same tensors bit for
+        bit."""
         if self.grads or self.dtype != torch.float32:
             return None
         if layer not in self.folds:
@@ -977,14 +980,16 @@ class PostNormPass:
             else:
                 scale, eps = rms
                 heads = {}
-                keep = not torch.is_grad_enabled()  # memo entries carry no autograd graph
+                # kept from pass to pass among the adapter's weight-derived values, within its
+                # cap (:meth:`Architecture.derived`), not in the memo: copies of a large model's
+                # weights would hold memory that the memory plan does not count; never with
+                # autograd on (a kept value would carry its graph)
+                sources = None if torch.is_grad_enabled() else self.lay.qkv_sources(layer)
                 for kind in "qkv":
                     w, b = self.lay.head_weights(layer, kind)
-                    key = ("pn folded", layer, kind)  # kept from pass to pass, as the memo's
-                    found = self.memo.entries.get(key) if keep else None
-                    folded = scale.to(w.dtype)[:, None] * w if found is None else found
-                    if keep:
-                        self.fresh[key] = folded
+                    folded = self.lay.derived(
+                        ("pn folded", layer, kind), sources,
+                        partial(torch.mul, scale.to(w.dtype)[:, None], w))
                     heads[kind] = (folded, b)
                 self.folds[layer] = (heads, eps)
         return self.folds[layer]
@@ -1187,20 +1192,18 @@ class PostNormPass:
     def _all_heads(self, layer: int, z: Tensor) -> Tensor:
         """Every head's output ``z_h W_O[h]`` ``[B, T|P, H, d]`` of ``z [B, T|P, H, dh]``:
         :meth:`Architecture.head_results` of every head, whose ``W_O`` ``[H, dh, d]`` (and
-        ``z``) it copies per call to index them; here ``W_O``'s contiguous copy is kept in the
-        memo from pass to pass (with autograd off; adapters that override ``head_results``
-        keep theirs, and so does a wrapper such as a placement over devices). The same
-        product on the same operands: equal to it bit for bit."""
+        ``z``) it copies per call to index them; here ``W_O``'s contiguous copy is kept from
+        pass to pass by :meth:`Architecture.derived`, within its cap (with autograd off;
+        adapters that override ``head_results`` keep theirs, and so does a wrapper such as a
+        placement over devices). The same product on the same operands: equal to it bit for
+        bit."""
         lay, h = self.lay, self.g.n_heads
         if (self.grads or torch.is_grad_enabled() or not isinstance(lay, Architecture)
                 or type(lay).head_results is not Architecture.head_results):
             return lay.head_results(layer, z, torch.arange(h, device=z.device))
-        key = ("pn w_out", layer)
-        w = self.memo.entries.get(key)
-        if w is None:
-            w_o, _ = lay.w_out(layer)  # [H*dh, d]
-            w = w_o.reshape(h, -1, w_o.shape[-1]).contiguous()
-        self.fresh[key] = w
+        w_o, _ = lay.w_out(layer)  # [H*dh, d]
+        w = lay.derived(("pn w_out", layer), (w_o,),
+                        lambda: w_o.reshape(h, -1, w_o.shape[-1]).contiguous())
         return torch.einsum("bthe,hed->bthd", z.contiguous(), w)
 
     def _invariant_heads(self, layer: int, shared: dict[str, Tensor],

@@ -738,11 +738,16 @@ def test_float32_folded_projections_equal_the_normalised_inputs(tmp_path, monkey
     assert spread > 1e-3  # the flipped edges matter
 
 
-def test_folded_and_output_weights_kept_from_pass_to_pass_change_nothing(tmp_path):
-    """Float32 passes keep ``W_O`` and the norm-folded q/k/v weights in the runner's memo
-    (``PostNormPass._all_heads``, ``_folded``): a later pass reads the very tensors an earlier
-    one made, and its logits equal, bit for bit, those of the same pass making them afresh; a
-    pass with autograd on keeps none of them (their graphs would outlive the pass)."""
+def test_folded_and_output_weights_kept_from_pass_to_pass_change_nothing(tmp_path,
+                                                                          monkeypatch):
+    """Float32 passes keep ``W_O`` and the norm-folded q/k/v weights among the adapter's
+    weight-derived values (``PostNormPass._all_heads``, ``_folded``; ``Architecture.derived``,
+    capped by ``DERIVED_BYTES``), never in the runner's memo, whose size the memory plan does
+    not bound by the weights: a later pass reads the very tensors an earlier one made; with no
+    room for derived values nothing is held and the logits equal, bit for bit, those of passes
+    reading the kept tensors; a pass with autograd on keeps none of them (their graphs would
+    outlive the pass)."""
+    from circuitfind.patching.architectures import base
     from circuitfind.patching.masked_pass import KeptFormMemo
     from circuitfind.patching.post_norm_pass import PostNormPass
     from circuitfind.testing.tiny import tiny_model
@@ -752,12 +757,15 @@ def test_folded_and_output_weights_kept_from_pass_to_pass_change_nothing(tmp_pat
     data = ToyTask(seq_len=8, positions=2).build(model.tokenizer, 3, seed=17)
     engine = PatchingEngine(model)
     g, runner = engine.graph, engine.runner
+    mine = ("pn folded", "pn w_out")
     gen = torch.Generator().manual_seed(6)
     cases = _acdc_like(g, gen, range(g.n_layers), ("q", "mlp"))
-    engine.run(data, cases[0])
-    kept = {key: value for key, value in runner.memo.entries.items()
-            if key[0] in ("pn folded", "pn w_out")}
-    assert {key[0] for key in kept} == {"pn folded", "pn w_out"}
+    expected = [engine.run(data, masks) for masks in cases]
+    kept = {key: held[2] for key, held in runner.arch._derived.items() if key[0] in mine}
+    assert {key[0] for key in kept} == set(mine)
+    assert len(kept) == g.n_layers * 4  # q, k, v folded and W_O, per layer
+    assert not any(isinstance(key, tuple) and key and key[0] in mine
+                   for key in runner.memo.entries)
     read = []
     original = PostNormPass._folded
 
@@ -769,23 +777,19 @@ def test_folded_and_output_weights_kept_from_pass_to_pass_change_nothing(tmp_pat
         patch.setattr(PostNormPass, "_folded", spy)
         engine.run(data, cases[0])
     assert read and all(any(w is v for v in kept.values()) for w in read)
-    assert all(runner.memo.entries[key] is value for key, value in kept.items()
-               if key in runner.memo.entries)
-    mine = ("pn folded", "pn w_out")
-    for masks in cases[1:]:  # the same memo but for these weights: made afresh, same logits
-        memo = runner.memo
-        before = (dict(memo.entries), dict(memo.ids), memo.next_id)
-        carried = engine.run(data, masks)
-        memo.entries = {key: v for key, v in before[0].items() if key[0] not in mine}
-        memo.ids, memo.next_id = before[1], before[2]
-        assert torch.equal(carried, engine.run(data, masks))
+    monkeypatch.setattr(base, "DERIVED_BYTES", 0)
+    fresh = PatchingEngine(model)
+    for masks, logits in zip(cases, expected):  # made afresh in every pass: the same logits
+        assert torch.equal(fresh.run(data, masks), logits)
+    assert not any(key[0] in mine for key in fresh.runner.arch._derived)
+    monkeypatch.undo()
     cache = engine.clean_cache(data)
     values = engine.ablation_values(data, None)[:, :, : cache.resid.shape[2]]
     removed = (1 - cases[0][:1]) * g.edge_mask.float()
-    runner.memo = KeptFormMemo()
+    runner.memo, runner.arch._derived, runner.arch._derived_bytes = KeptFormMemo(), {}, 0
     with torch.enable_grad():
         PostNormPass(runner, cache, values, removed, data.positions).logits()
-    assert not any(key[0] in ("pn folded", "pn w_out") for key in runner.memo.entries)
+    assert not any(key[0] in mine for key in runner.arch._derived)
 
 
 def test_mixture_norms_flag_cancelling_mixtures():
