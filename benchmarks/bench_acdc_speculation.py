@@ -7,9 +7,10 @@ that waste. This benchmark bounds what better predictions could buy. Per family 
 data and settings of ``bench_acdc_families.py``) it records one run's decisions, then runs, in
 interleaved rounds, ACDC as shipped and ACDC whose predictions are those decisions with zero
 miss probability (an *oracle*: batches run to the pass's mask limit or the group's end and are
-never cut). Decisions, tests and kept edges are the same in both (checked). Reported: per test
-in plain Hugging Face forwards (median over rounds, each bracketed by the forward's median),
-passes and masks per test, and how many first predictions (from the category priors) missed.
+never cut). Decisions are the same in both (the counts of tests and kept edges are compared).
+Reported: per test in plain Hugging Face forwards (median over rounds, each bracketed by the
+forward's median), passes and masks per test, and how many first predictions (from the
+category priors) missed.
 
 Usage::
 
