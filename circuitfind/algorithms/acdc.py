@@ -572,7 +572,13 @@ class _Run:
         return best
 
     def _pass_cost(self, layer: int) -> tuple[float, float]:
-        """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes.
+        """Least-squares ``(c0, c1)`` of ``seconds = c0 + c1 K`` over this layer's passes,
+        each weighted by ``1 / K^2`` (relative errors). Unweighted, the few long passes set
+        the line: on Gemma-2 a post-norm pass costs more per mask past about 8 masks, which
+        read as a fixed cost of a third of the short passes' and made K = 1 the choice for
+        uncertain candidates, where two masks per pass cost less per test (ACDC 0.469 ->
+        0.431 forwards per test there, Qwen3 0.300 -> 0.290; in-process A/B, 2026-12-05,
+        ``benchmarks/results/acdc_families.md``).
 
         Until two batch sizes were seen at ``layer``: the cost per mask of the latest fit of
         another layer (layers are visited from the last), or ``(1, 1)``, with what this layer's
@@ -585,15 +591,17 @@ class _Run:
         cost, never a decision."""
         obs = self.pass_times.get(layer, [])
         n = len(obs)
-        mk = sum(k for k, _ in obs) / n if n else 0.0
-        mt = sum(t for _, t in obs) / n if n else 0.0
+        ws = [1.0 / (k * k) for k, _ in obs]
+        total = sum(ws)
+        mk = sum(w * k for w, (k, _) in zip(ws, obs)) / total if n else 0.0
+        mt = sum(w * t for w, (_, t) in zip(ws, obs)) / total if n else 0.0
         if len({k for k, _ in obs}) < 2:
             c0, c1 = self.last_fit if self.last_fit is not None else (1.0, 1.0)
             if n:  # one batch size seen here: the other layer's cost per mask, and the rest
                 c0 = mt - c1 * mk  # of what this layer's passes cost as its fixed cost
             return max(c0, self.min_fixed * c1), c1
-        var = sum((k - mk) ** 2 for k, _ in obs)
-        c1 = max(sum((k - mk) * (t - mt) for k, t in obs) / var, 1e-9)
+        var = sum(w * (k - mk) ** 2 for w, (k, _) in zip(ws, obs))
+        c1 = max(sum(w * (k - mk) * (t - mt) for w, (k, t) in zip(ws, obs)) / var, 1e-9)
         c0 = max(mt - c1 * mk, self.min_fixed * c1)
         self.last_fit = c0, c1
         return c0, c1

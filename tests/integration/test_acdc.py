@@ -486,3 +486,18 @@ def test_acdc_prunes_under_the_engines_ablation(tiny_models):
     assert torch.equal(found.kept, zero.kept)
     with pytest.raises(ConfigError, match="engine's ablation"):
         cf.get_algorithm("acdc", ablation="zero")
+
+
+def test_pass_cost_fit_is_not_set_by_the_long_passes():
+    """Each pass weighs ``1 / K^2`` in the fit (relative errors): passes of 1-3 masks on the
+    line ``10 + 10 K`` ms and one long pass dearer per mask (a post-norm pass past about 8
+    masks) give a fixed cost near the short passes' (unweighted: below zero, clamped to the
+    minimum, and one-mask batches for uncertain candidates)."""
+    from circuitfind.algorithms import acdc
+
+    run = object.__new__(acdc._Run)
+    run.pass_times, run.last_fit = {}, None
+    run.pass_times[3] = [(1, 0.02)] * 5 + [(2, 0.03)] * 5 + [(3, 0.04)] * 5 + [(18, 0.3)]
+    c0, c1 = run._pass_cost(3)
+    assert 0.006 < c0 < 0.011 and 0.009 < c1 < 0.013
+    assert c0 > 3 * acdc._Run.min_fixed * c1
