@@ -656,12 +656,8 @@ class Architecture:
         positions ``k0..``, ``Tq`` queries (default ``T``) at ``q0..`` (a masked pass's
         position cone; default both from 0)."""
         keys = torch.arange(k0, k0 + t, device=device)
-        if query_pos is not None:
-            queries = query_pos[:, None, :, None]
-        elif q0 == k0 and t_q in (None, t):
-            queries = keys[:, None]
-        else:
-            queries = torch.arange(q0, q0 + (t if t_q is None else t_q), device=device)[:, None]
+        queries = (query_pos[:, None, :, None] if query_pos is not None else
+                   torch.arange(q0, q0 + (t if t_q is None else t_q), device=device)[:, None])
         hidden = keys > queries
         if window is not None:
             hidden = hidden | (keys <= queries - window)
