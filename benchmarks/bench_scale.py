@@ -107,9 +107,9 @@ BATCH, SEQ_LEN = 8, 32
 
 
 def shape_dtype(shape: str, dtype: str | None = None) -> str:
-    """The dtype ``shape`` runs in: ``dtype`` if given, else :data:`SHAPE_DTYPES`' or
-    float32."""
-    return dtype or SHAPE_DTYPES.get(shape, "float32")
+    """The dtype ``shape`` (or a :func:`cut_shape` of it) runs in: ``dtype`` if given, else
+    :data:`SHAPE_DTYPES`' or float32."""
+    return dtype or SHAPE_DTYPES.get(SHAPES.get(shape, {}).get("cut_from", shape), "float32")
 
 
 def model_dir(root: Path, shape: str, dtype: str = "float32", weights: bool = True) -> Path:
@@ -124,7 +124,7 @@ def model_dir(root: Path, shape: str, dtype: str = "float32", weights: bool = Tr
     if (path / "config.json").exists() and (not weights or any(path.glob("*.safetensors"))):
         return path
     config = AutoConfig.for_model(**{k: v for k, v in SHAPES[shape].items()
-                                     if k != "architectures"})
+                                     if k not in ("architectures", "cut_from")})
     config.architectures = SHAPES[shape]["architectures"]
     if not weights:
         config.save_pretrained(path)
@@ -156,7 +156,13 @@ def cut_shape(shape: str, layers: int) -> str:
     name = f"{shape}-{layers}l"
     SHAPES[name] = {**SHAPES[shape], **{k: layers for k in ("num_hidden_layers", "n_layer")
                                         if k in SHAPES[shape]}}
+    SHAPES[name]["cut_from"] = shape
     return name
+
+
+def whole_run(row: dict[str, Any]) -> bool:
+    """Whether a result row is an ACDC run over every receiver."""
+    return row["algorithm"] == "acdc" and row["params"].get("max_receivers", 0) is None
 
 
 def one_layer(config: dict[str, Any]) -> int:
@@ -217,15 +223,17 @@ def child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def run_one(shape: str, algorithm: str, root: Path, threads: int,
-            budget: str | None, dtype: str | None = None) -> dict[str, Any]:
-    """Plan, then measure in a fresh process."""
+            budget: str | None, dtype: str | None = None,
+            every_receiver: bool = False) -> dict[str, Any]:
+    """Plan, then measure in a fresh process (ACDC over one receiver layer, or every
+    receiver with ``every_receiver``)."""
     import circuitfind as cf
 
     dtype = shape_dtype(shape, dtype)
     path = model_dir(root, shape, dtype)
     params = dict(ALGORITHMS[algorithm])
     if algorithm == "acdc":
-        params["max_receivers"] = one_layer(SHAPES[shape])
+        params["max_receivers"] = None if every_receiver else one_layer(SHAPES[shape])
     plan = cf.plan(str(path), None, algorithm, examples=BATCH, seq_len=SEQ_LEN,
                    algorithm_params=params, memory=budget, dtype=dtype)
     if not plan.fits and budget is None:  # the default (weights + 2 GiB) is too small: the
@@ -264,7 +272,8 @@ def markdown(result: dict[str, Any]) -> str:
         "which other jobs on the machine do not inflate; rows without `cpu_s` in the JSON "
         "used wall time). EAP-IG: 5 steps on the "
         "inputs; ACDC: τ = 0.001 nats, one receiver layer (logits, the last MLP, the last "
-        "layer's q/k/v).",
+        "layer's q/k/v), or every receiver (*acdc, every receiver*: a whole run; on shapes cut "
+        "to their first layers, *SHAPE-Nl*, `--layers N --every-receiver`).",
         "",
         "| shape | dtype | algorithm | budget (GiB) | peak (GiB) | plan (GiB) | peak/plan "
         "| in budget | time (fwd) | plan (fwd) | time/plan | plan: batch × points |",
@@ -274,7 +283,8 @@ def markdown(result: dict[str, Any]) -> str:
         p = r["plan"]
         bound = r["algorithm"] == "acdc"  # an upper bound: see below
         lines.append(
-            f"| {r['shape']} | {r.get('dtype', 'float32')} | {r['algorithm']} | "
+            f"| {r['shape']} | {r.get('dtype', 'float32')} | "
+            f"{'acdc, every receiver' if whole_run(r) else r['algorithm']} | "
             f"{r['budget'] / GiB:.2f} | "
             f"{r['peak'] / GiB:.2f} | {p['peak'] / GiB:.2f} | {r['peak'] / p['peak']:.2f} | "
             f"{'yes' if r['peak'] <= r['budget'] else 'NO'} | {r['wall_hf']:.1f} | "
@@ -361,6 +371,10 @@ def main() -> None:
     parser.add_argument("--model-root", default=None, help="Keep the random models here.")
     parser.add_argument("--out", default="benchmarks/results/scale")
     parser.add_argument("--quick", action="store_true", help="The tiny shape only.")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="Cut every shape to its first N layers (rows named SHAPE-Nl).")
+    parser.add_argument("--every-receiver", action="store_true",
+                        help="ACDC over every receiver (a whole run), not one receiver layer.")
     parser.add_argument("--report-only", action="store_true",
                         help="Rewrite the report from the JSON results (no runs).")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -370,19 +384,25 @@ def main() -> None:
         return
     root = Path(args.model_root or tempfile.mkdtemp(prefix="cf-scale-"))
     shapes = ["tiny"] if args.quick else args.shapes
+    if args.layers:
+        shapes = [cut_shape(shape, args.layers) for shape in shapes]
     result: dict[str, Any] = {"machine": machine(), "rows": []}
     out = Path(args.out)
     if out.with_suffix(".json").exists() and not args.quick:  # add to earlier rows
         old = json.loads(out.with_suffix(".json").read_text())
         result["rows"] = [r for r in old["rows"]
-                          if args.report_only or (r["shape"], r["algorithm"]) not in
-                          {(s, a) for s in shapes for a in args.algorithms}]
+                          if args.report_only or (r["shape"], r["algorithm"], whole_run(r))
+                          not in {(s, a, args.every_receiver and a == "acdc")
+                                  for s in shapes for a in args.algorithms}]
         result["notes"] = old.get("notes", NOTES)
         if args.report_only:  # the plans again, with this checkout's model, same budgets
             result["machine"] = old["machine"]
             import circuitfind as cf
 
             for row in result["rows"]:
+                if row["shape"] not in SHAPES:  # a cut shape, SHAPE-Nl
+                    base, layers = row["shape"].rsplit("-", 1)
+                    cut_shape(base, int(layers.rstrip("l")))
                 dtype = row.get("dtype", "float32")
                 config = model_dir(root, row["shape"], dtype, weights=False)
                 row["plan"] = cf.plan(str(config), None, row["algorithm"], examples=BATCH,
@@ -391,7 +411,8 @@ def main() -> None:
     for shape in [] if args.report_only else shapes:
         for algorithm in args.algorithms:
             try:
-                row = run_one(shape, algorithm, root, args.threads, args.memory, args.dtype)
+                row = run_one(shape, algorithm, root, args.threads, args.memory, args.dtype,
+                              args.every_receiver)
             except RuntimeError as err:  # report it, go on with the others
                 print(err, flush=True)
                 continue

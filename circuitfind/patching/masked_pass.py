@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 
 from circuitfind.patching.architectures.base import heads_matmul
+from circuitfind.patching.plan import memo_rows
 
 if TYPE_CHECKING:
+    from circuitfind.graphs.graph import ComputeGraph
     from circuitfind.patching.runner import BlockRunner, RunCache
 
 
@@ -160,6 +162,7 @@ class KeptFormMemo:
         next_id: The last id handed out.
         sums: ``(form, receiver, weights)`` -> eq. (1)'s sum over the static senders ``[X]``
             read in the last kept-form pass (see :meth:`MaskedPass.static_sums`).
+        nbytes: Bytes of the tensors the entries and sums hold (each storage once).
     """
 
     entries: dict[Any, Tensor] = field(default_factory=dict)
@@ -167,17 +170,60 @@ class KeptFormMemo:
     ids: dict[Any, int] = field(default_factory=dict)
     next_id: int = 0
     sums: dict[Any, Tensor] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def keep(self, entries: dict[Any, Tensor], ids: dict[Any, int],
+             sums: dict[Any, Tensor] | None, cap: int) -> None:
+        """Make a pass's entries (and static sums) the memo, in the order they were made, as
+        far as ``cap`` bytes allow; the rest are dropped, to be computed anew when a later
+        pass needs them. The cap is what the memory plan allows (:func:`memo_cap`), so that a
+        long run's memo cannot outgrow its budget. A view of a larger buffer is kept as a
+        copy of its own values (a view holds its whole buffer: rows of a batch of static parts
+        would otherwise keep the batch alive after the others are dropped); storages shared
+        by several entries count once."""
+        held: set[int] = set()
+        total = 0
+
+        def kept(items: dict[Any, Tensor]) -> dict[Any, Tensor]:
+            nonlocal total
+            out = {}
+            for key, value in items.items():
+                ptr = value.untyped_storage().data_ptr()
+                if ptr not in held:
+                    size = value.untyped_storage().nbytes()
+                    own = value.numel() * value.element_size()
+                    if total + min(size, own) > cap:
+                        continue
+                    if size > own:
+                        value = value.clone()
+                        ptr, size = value.untyped_storage().data_ptr(), own
+                    held.add(ptr)
+                    total += size
+                out[key] = value
+            return out
+
+        self.entries = kept(entries)
+        self.sums = {} if sums is None else kept(sums)
+        self.ids, self.nbytes = ids, total
 
     def follow(self, owner: Tensor, key: Any) -> None:
         """Start afresh unless the entries belong to ``owner`` (held, so that its memory cannot
         be reused under the same address) at the slice ``key``."""
         if self.data is None or self.data[0] is not owner or self.data[1] != key:
             self.entries, self.data, self.ids, self.sums = {}, (owner, key), {}, {}
+            self.nbytes = 0
 
     def new_id(self) -> int:
         """A fresh id for an interned key."""
         self.next_id += 1
         return self.next_id
+
+
+def memo_cap(graph: ComputeGraph, start: int, rows: Tensor) -> int:
+    """Bytes the kept-form memo may keep after a pass from layer ``start``: the memory plan's
+    allowance (:func:`~circuitfind.patching.plan.memo_rows`) for the pass's examples, ``rows
+    [n, T, d]`` (one example-batch's residual stream, in the model's dtype)."""
+    return memo_rows(graph, start) * rows.numel() * rows.element_size()
 
 
 def _data_key(values: Tensor | None) -> tuple[Any, ...] | None:
@@ -448,7 +494,8 @@ class MaskedPass:
                 self.kept_host, self.kept_nz = kept_host, kept_nz
                 active = _any(kept_nz[:, :, later], (0, 2)) | _any(nz[:, :, ~later], (0, 2))
         if self.kept_w is None:
-            self.memo.entries = {}  # kept-form outputs are only reused by kept-form passes
+            # kept-form outputs are only reused by kept-form passes (the static sums stay)
+            self.memo.keep({}, self.memo.ids, self.memo.sums, self.memo.nbytes)
         self.dynamic = (np.flatnonzero(active[n_static:]) + n_static).tolist()
         self.dyn_slot = {u: i for i, u in enumerate(self.dynamic)}
 
@@ -1181,7 +1228,7 @@ class MaskedPass:
         xf = self._patched(self.ablated_at_positions(pre, g.n_layers),
                            self.deltas([g.n_receivers - 1], "kept", at_pos=True), k_masks)
         # this pass's invariant outputs replace the memo (the next pass reuses them)
-        self.memo.entries, self.memo.ids, self.memo.sums = fresh, ids, self.fresh_sums
+        self.memo.keep(fresh, ids, self.fresh_sums, memo_cap(g, start, self.cache.resid[0]))
         return lay.final(xf)
 
     @staticmethod

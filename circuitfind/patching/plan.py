@@ -25,7 +25,10 @@ layers, ``d`` = d_model, ``N`` examples of ``T`` tokens):
 - *activations*: per example of a chunk its sender buffers (``a' - a``, the corrupted outputs
   unless cached, ``S T d w`` each) and per model-batch row of a pass what the pass keeps:
   for a gradient pass the activations autograd saves (:func:`gradient_row_bytes`), for a
-  no-grad masked pass the buffered senders and one layer's working set (:func:`masked_row_bytes`).
+  no-grad masked pass the buffered senders and one layer's working set (:func:`masked_row_bytes`);
+  passes that test edges (ACDC, exact patching) also hold the kept-form memo, capped at
+  :func:`memo_rows` rows per example, the KL objective's float64 vocabulary rows and the
+  adapter's derived weights.
 - *gradients*: the receivers' gradients of one layer in the backward pass (contracted with the
   sender differences as they arrive, never held for the whole model).
 - *workspace*: the transient of building a cache (one run's residual streams beside its sender
@@ -65,6 +68,7 @@ import torch
 
 from circuitfind.errors import ConfigError
 from circuitfind.graphs.graph import ComputeGraph
+from circuitfind.patching.architectures.base import DERIVED_BYTES
 from circuitfind.patching.spec import DEFAULT_MEMORY_BUDGET, parse_memory
 
 #: Smallest budget any engine accepts (bytes).
@@ -82,7 +86,9 @@ _VOCAB_AT_POSITION = 4  # logits, log-softmax and their gradients at a metric po
 _MASKED_PER_TOKEN_D = 10  # residual-sized tensors of a masked pass's layer
 _MASKED_SPLIT = 2  # per-head q/k/v inputs and their patches, when every receiver is touched
 _MASKED_PER_TOKEN_MLP = 4
-_TESTS_SENDER_BUFFERS = 1  # a sender-sized buffer per example of passes testing edges (ACDC)
+#: Float64 vocabulary rows per example and metric position that ACDC's KL objective holds:
+#: the full model's log-probabilities and one chunk of the masks' (at least one mask).
+_TESTS_VOCAB_F64 = 2
 # checkpointed attribution (long prompts; circuitfind.patching.checkpointed), per token
 _CKPT_RECEIVERS = 1  # a layer's q/k/v receiver gradients [H + 2G, N T, d] (float32 at least)
 _CKPT_PATTERN = 2  # scores and pattern of one chunk of queries (float32; eager attention)
@@ -383,6 +389,36 @@ def masked_row_bytes(shape: ModelShape, seq_len: int, n_buffer: int | None = Non
 def sender_bytes(shape: ModelShape, seq_len: int) -> int:
     """Bytes of one example's sender outputs ``[S, T, d]``."""
     return shape.graph.n_senders * seq_len * shape.d_model * shape.width
+
+
+def memo_rows(graph: ComputeGraph, start: int) -> int:
+    """The kept-form memo's cap after a masked pass from layer ``start``, in residual-stream
+    rows ``[T, d]`` per example (:class:`~circuitfind.patching.masked_pass.KeptFormMemo`): one
+    per sender the pass computes (a mask-invariant node's output) and one per receiver at or
+    after ``start`` (its static part; a head receiver's projected input is smaller). What the
+    memory plan counts for the memo, and what the runner lets it keep.
+
+    Raises:
+        ConfigError: ``start`` is not a layer from 0 to ``L``.
+    """
+    receivers = sum(1 for r in graph.receivers if r.layer >= start)
+    return senders_from(graph, start) + receivers
+
+
+def senders_from(graph: ComputeGraph, start: int) -> int:
+    """How many senders are at or after layer ``start`` (``L``: none; the input is layer 0's).
+
+    Raises:
+        ConfigError: ``start`` is not a layer from 0 to ``L``.
+    """
+    if not 0 <= start <= graph.n_layers:
+        raise ConfigError(f"No layer {start} in a model of {graph.n_layers} layers; a masked "
+                          f"pass starts at a layer from 0 to {graph.n_layers}.")
+    if start == 0:
+        return graph.n_senders
+    if start == graph.n_layers:
+        return 0
+    return graph.n_senders - graph.head_start[start]
 
 
 def cache_workspace(shape: ModelShape, n: int, seq_len: int) -> int:
@@ -886,10 +922,10 @@ def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
 def masked_fixed_bytes(shape: ModelShape, n: int, seq_len: int) -> int:
     """Bytes of masked passes over ``n`` examples that do not depend on the pass's rows: the
     caches (:func:`masked_cache_bytes`), their workspace (:func:`masked_workspace`) and the
-    sender-sized buffer per example that passes testing edges hold (ACDC's kept-form memo,
-    the pass's sender differences)."""
+    kept-form memo's cap per example (:func:`memo_rows` from layer 0: ACDC's mask-invariant
+    nodes and static sums, held from pass to pass)."""
     return (masked_cache_bytes(shape, n, seq_len) + masked_workspace(shape, n, seq_len)
-            + _TESTS_SENDER_BUFFERS * n * sender_bytes(shape, seq_len))
+            + memo_rows(shape.graph, 0) * n * seq_len * shape.d_model * shape.width)
 
 
 def masked_workspace(shape: ModelShape, n: int, seq_len: int) -> int:
@@ -966,12 +1002,18 @@ def masked_plan(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
             masked += count
         units = round((2 * hf + total) / hf, 2)  # + the clean and corrupted caches
     if tests:
-        # passes that test one receiver group at a time (ACDC, exact patching) hold per
-        # example about one sender-sized buffer (the kept form's memo of mask-invariant nodes
-        # and the pass's sender differences; fitted to measured peaks) and per row the keys
-        # and values of the layer they start at
-        activations = _TESTS_SENDER_BUFFERS * n_examples * sender_bytes(shape, seq_len) + \
-            k * n * seq_len * (2 * shape.n_kv_heads * shape.d_head + shape.d_model) * shape.width
+        # passes that test one receiver group at a time (ACDC, exact patching) hold the
+        # kept-form memo (at most its cap, memo_rows per example), per row the senders
+        # computed from the earliest start (their differences; the post-norm pass's basis)
+        # and one layer's working set, the KL objective's float64 vocabulary rows and the
+        # adapter's derived weights
+        first = min(start for start, _ in tests)
+        later = senders_from(shape.graph, first)
+        activations = (memo_rows(shape.graph, first) * n * seq_len * shape.d_model
+                       * shape.width
+                       + k * n * masked_row_bytes(shape, seq_len, later, dense=False)
+                       + _TESTS_VOCAB_F64 * n * positions * shape.d_vocab * 8
+                       + DERIVED_BYTES)
     else:
         activations = k * n * masked_row_bytes(
             shape, seq_len, pass_buffer if pass_buffer is not None else n_buffer)

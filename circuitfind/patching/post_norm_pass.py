@@ -99,7 +99,7 @@ from torch import Tensor
 
 from circuitfind.patching.architectures import Architecture
 from circuitfind.patching.masked_pass import (ablated_input, fully_removed, host_array,
-                                             receiver_changes)
+                                             memo_cap, receiver_changes)
 
 if TYPE_CHECKING:
     from circuitfind.patching.runner import BlockRunner, RunCache
@@ -1322,7 +1322,8 @@ class PostNormPass:
             x = self._patched(g.n_receivers - 1, x.expand(k, -1, -1, -1))
         if not self.grads:
             # the next pass reuses this pass's static parts and invariant nodes
-            self.memo.entries, self.memo.ids = self.fresh, self.ids
+            self.memo.keep(self.fresh, self.ids, None,
+                           memo_cap(g, self.start, self.cache.resid[0]))
         return lay.final(x).expand(k, -1, -1, -1)
 
     def _patched(self, r: int, x: Tensor) -> Tensor:

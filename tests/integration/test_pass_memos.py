@@ -6,7 +6,10 @@
   each pass on a fresh engine bit for bit; other data (other positions) starts afresh;
 - the masks inspected on the host (:func:`~circuitfind.patching.masked_pass.fully_removed`)
   agree with the same questions asked with torch operations;
-- :meth:`BlockRunner.scratch` reuses its memory for smaller shapes and replaces it for larger.
+- :meth:`BlockRunner.scratch` reuses its memory for smaller shapes and replaces it for larger;
+- the kept-form memo (:class:`~circuitfind.patching.masked_pass.KeptFormMemo`) stays within
+  the memory plan's cap (:func:`~circuitfind.patching.plan.memo_rows`) after every pass of a
+  whole ACDC run, counts what it really holds, and a smaller cap changes no decision or score.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitfind.patching import PatchingEngine
-from circuitfind.patching.masked_pass import fully_removed
+from circuitfind.algorithms import ACDC
+from circuitfind.patching import PatchingEngine, masked_pass
+from circuitfind.patching.masked_pass import KeptFormMemo, fully_removed, memo_cap
+from circuitfind.patching.plan import memo_rows, senders_from
 from circuitfind.testing import ToyTask
 
 
@@ -129,3 +134,66 @@ def test_metric_positions_selected_and_written_as_by_gather_and_scatter(position
     want.scatter_(3, idx, change.expand(2, -1, -1, -1, -1))
     assert torch.equal(got, want)
     assert (mp.common_pos is None) == (positions[0] != positions[1])
+
+
+def _held_bytes(memo: KeptFormMemo) -> int:
+    """Bytes of the distinct storages the memo's tensors keep alive."""
+    storages = {}
+    for value in [*memo.entries.values(), *memo.sums.values()]:
+        storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma2"])
+def test_kept_form_memo_stays_within_the_plans_cap_and_changes_no_decision(tiny_models, name,
+                                                                           monkeypatch):
+    """A whole ACDC run (the pre-norm pass and the post-norm pass): after every pass the memo
+    holds at most its cap, and no more than it counts (a row kept from a batch of static
+    parts must not keep the batch alive); capped to one row per example, or to nothing, it
+    keeps the same edges with the same scores (up to float64 rounding)."""
+    model = tiny_models(name)
+    data = ToyTask().build(model.tokenizer, 3, seed=1)
+    engine = PatchingEngine(model)
+    g = engine.graph
+    seen: list[tuple[int, int, int]] = []
+    keep = KeptFormMemo.keep
+
+    def spy(self, entries, ids, sums, cap):
+        keep(self, entries, ids, sums, cap)
+        seen.append((_held_bytes(self), self.nbytes, cap))
+
+    monkeypatch.setattr(KeptFormMemo, "keep", spy)
+    full = ACDC(threshold=1e-4, progress=False).discover(engine, data)
+    assert 0 < int(full.kept.sum()) < g.n_edges
+    assert seen and max(nbytes for _, nbytes, _ in seen) > 0
+    for held, nbytes, cap in seen:
+        assert held == nbytes <= cap
+    row = data.clean.shape[0] * data.clean.shape[1] * g.n_layers  # not a cap a pass reaches
+    assert row < max(cap for _, _, cap in seen)
+    for rows in (1, 0):
+        monkeypatch.setattr(masked_pass, "memo_rows", lambda graph, start, rows=rows: rows)
+        seen.clear()
+        capped = ACDC(threshold=1e-4, progress=False).discover(PatchingEngine(model), data)
+        assert all(nbytes <= cap for _, nbytes, cap in seen)
+        assert torch.equal(capped.kept, full.kept)
+        # a node missing from the memo may be built in the other (removed or kept) form: the
+        # same effect up to the rounding of Gemma-2's float32 attention softmax (float64 else)
+        torch.testing.assert_close(capped.scores, full.scores, rtol=1e-5, atol=1e-9)
+
+
+def test_memo_rows_count_the_senders_and_receivers_a_pass_reaches(tiny_models):
+    """One row per sender at or after the start layer and one per receiver there; the cap in
+    bytes is that many ``[T, d]`` rows per example; a start outside the model is refused."""
+    from circuitfind.errors import ConfigError
+
+    g = PatchingEngine(tiny_models("llama_gqa")).graph
+    per_layer_senders, per_layer_receivers = g.n_heads + 1, g.n_heads + 2 * g.n_kv_heads + 1
+    assert senders_from(g, 0) == g.n_senders
+    assert senders_from(g, g.n_layers) == 0
+    for start in range(1, g.n_layers + 1):
+        later = g.n_layers - start
+        assert memo_rows(g, start) == later * (per_layer_senders + per_layer_receivers) + 1
+    rows = torch.zeros(3, 5, 7, dtype=torch.float32)
+    assert memo_cap(g, 2, rows) == memo_rows(g, 2) * 3 * 5 * 7 * 4
+    with pytest.raises(ConfigError, match="starts at a layer from 0"):
+        senders_from(g, g.n_layers + 1)
