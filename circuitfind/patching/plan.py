@@ -922,10 +922,12 @@ def masked_rows(shape: ModelShape, n_examples: int, seq_len: int, budget: int,
 def masked_fixed_bytes(shape: ModelShape, n: int, seq_len: int) -> int:
     """Bytes of masked passes over ``n`` examples that do not depend on the pass's rows: the
     caches (:func:`masked_cache_bytes`), their workspace (:func:`masked_workspace`) and the
-    kept-form memo's cap per example (:func:`memo_rows` from layer 0: ACDC's mask-invariant
-    nodes and static sums, held from pass to pass)."""
+    kept-form memo's share per example, one sender-sized buffer (for sizing passes: the memo's
+    cap, :func:`memo_rows`, depends on the start layers, which a pass's sizing does not know;
+    the rows beside it, sized with every sender buffered, leave room for the rest, and the
+    plan's predicted peak counts the cap)."""
     return (masked_cache_bytes(shape, n, seq_len) + masked_workspace(shape, n, seq_len)
-            + memo_rows(shape.graph, 0) * n * seq_len * shape.d_model * shape.width)
+            + n * sender_bytes(shape, seq_len))
 
 
 def masked_workspace(shape: ModelShape, n: int, seq_len: int) -> int:
