@@ -222,7 +222,11 @@ class KeptFormMemo:
 def memo_cap(graph: ComputeGraph, start: int, rows: Tensor) -> int:
     """Bytes the kept-form memo may keep after a pass from layer ``start``: the memory plan's
     allowance (:func:`~circuitfind.patching.plan.memo_rows`) for the pass's examples, ``rows
-    [n, T, d]`` (one example-batch's residual stream, in the model's dtype)."""
+    [n, T, d]`` (one example-batch's residual stream, in the model's dtype).
+
+    Raises:
+        ConfigError: ``start`` is not a layer from 0 to ``L``.
+    """
     return memo_rows(graph, start) * rows.numel() * rows.element_size()
 
 

@@ -401,8 +401,11 @@ def memo_rows(graph: ComputeGraph, start: int) -> int:
     Raises:
         ConfigError: ``start`` is not a layer from 0 to ``L``.
     """
-    receivers = sum(1 for r in graph.receivers if r.layer >= start)
-    return senders_from(graph, start) + receivers
+    senders = senders_from(graph, start)  # checks start
+    # receivers are laid out by layer, the logits last
+    receivers = graph.n_receivers - (graph.q_start[start] if start < graph.n_layers
+                                     else graph.n_receivers - 1)
+    return senders + receivers
 
 
 def senders_from(graph: ComputeGraph, start: int) -> int:
@@ -414,11 +417,9 @@ def senders_from(graph: ComputeGraph, start: int) -> int:
     if not 0 <= start <= graph.n_layers:
         raise ConfigError(f"No layer {start} in a model of {graph.n_layers} layers; a masked "
                           f"pass starts at a layer from 0 to {graph.n_layers}.")
-    if start == 0:
-        return graph.n_senders
     if start == graph.n_layers:
         return 0
-    return graph.n_senders - graph.head_start[start]
+    return graph.n_senders - (graph.head_start[start] if start else 0)  # layer 0: the input too
 
 
 def cache_workspace(shape: ModelShape, n: int, seq_len: int) -> int:
