@@ -34,8 +34,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
 from circuitfind.algorithms.base import ALGORITHMS, PruningAlgorithm
 from circuitfind.algorithms.lifecycle import RunContext
 from circuitfind.errors import ConfigError

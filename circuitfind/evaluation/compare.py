@@ -25,6 +25,7 @@ correlation is Spearman's ρ of these keys on the edges both circuits keep.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -153,7 +154,7 @@ def compare(a: Circuit, b: Circuit, ks: Sequence[int] = DEFAULT_KS) -> Compariso
             from scipy.stats import spearmanr
 
             value = spearmanr(ka[shared].double().numpy(), kb[shared].double().numpy())[0]
-            rho = None if value != value else float(value)  # NaN: constant keys
+            rho = None if math.isnan(value) else float(value)  # NaN: constant keys
     return ComparisonResult(
         n_edges_a=len(ea), n_edges_b=len(eb), shared_edges=len(ea & eb),
         edge_jaccard=_jaccard(ea, eb), node_jaccard=_jaccard(set(a.nodes), set(b.nodes)),
