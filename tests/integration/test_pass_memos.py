@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from circuitfind.algorithms import ACDC
+from circuitfind.errors import ConfigError
 from circuitfind.patching import PatchingEngine, masked_pass
 from circuitfind.patching.masked_pass import KeptFormMemo, fully_removed, memo_cap
 from circuitfind.patching.plan import memo_rows, senders_from
@@ -187,8 +188,6 @@ def test_kept_form_memo_stays_within_the_plans_cap_and_changes_no_decision(tiny_
 def test_memo_rows_count_the_senders_and_receivers_a_pass_reaches(tiny_models):
     """One row per sender at or after the start layer and one per receiver there; the cap in
     bytes is that many ``[T, d]`` rows per example; a start outside the model is refused."""
-    from circuitfind.errors import ConfigError
-
     g = PatchingEngine(tiny_models("llama_gqa")).graph
     per_layer_senders, per_layer_receivers = g.n_heads + 1, g.n_heads + 2 * g.n_kv_heads + 1
     assert senders_from(g, 0) == g.n_senders
